@@ -1,0 +1,31 @@
+# Two commands for a new user: `make demo` and `make test`. Both create the same
+# environment (idempotent: a stamp file skips the install when nothing changed).
+PYTHON ?= python3
+VENV   ?= .venv
+# torch goes first so the package's loose `torch>=2.3` never pulls a multi-GB CUDA build on
+# CPU machines. On a CUDA box: make demo TORCH=torch  (or TORCH="torch==2.5.1 --index-url ...")
+TORCH  ?= torch==2.13.0
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.ryzlab-installed
+JOBS   ?= 2
+
+.PHONY: env demo test clean-env
+env: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[test,peers]'
+	$(PY) -m ipykernel install --sys-prefix --name ryzlab --display-name "ryzlab (.venv)" >/dev/null
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ryzlab sweep specs/demo.yaml --jobs $(JOBS)
+	$(VENV)/bin/ryzlab report results/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean-env:
+	rm -rf $(VENV)

@@ -1,0 +1,239 @@
+"""Typed, frozen configuration for every part of ryzlab, validated before any work starts.
+
+Every config is a keyword-only frozen dataclass. ``from_dict`` builds one from plain values
+(a sweep point, a notebook's parameters) and reports *every* problem at once: unknown keys
+(with the valid ones), wrong types, and invalid values (with the valid choices). No I/O here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+__all__ = [
+    "ConfigError", "from_dict", "check_choice", "field_names",
+    "Codec", "Granularity", "CODECS", "GRANULARITIES",
+    "ModelConfig", "CacheConfig", "ParallelConfig", "Strategy", "STRATEGIES", "Backend", "BACKENDS",
+]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """One error that lists every problem found in a config (or in a whole sweep)."""
+
+    def __init__(self, problems: list[str], where: str = ""):
+        self.problems = list(problems)
+        head = f"invalid config{' for ' + where if where else ''}: {len(self.problems)} problem(s)"
+        super().__init__(head + "\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def check_choice(name: str, value: Any, choices: typing.Iterable[Any]) -> None:
+    """Raise ``ValueError`` naming the valid choices when ``value`` is not one of them."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def _type_problem(name: str, value: Any, tp: Any) -> str | None:
+    """Return a message if ``value`` does not fit the annotation ``tp`` (a small, strict subset)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return None
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            return f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}"
+        return None
+    if origin in (typing.Union, types.UnionType):
+        msgs = [_type_problem(name, value, a) for a in get_args(tp)]
+        if all(m is not None for m in msgs):
+            return next((m for m in msgs if "choose one of" in m), None) or (
+                f"{name}={value!r} has type {type(value).__name__}; expected {_type_name(tp)}")
+        return None
+    if tp is type(None):
+        return None if value is None else f"{name}={value!r}: expected None"
+    if origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return f"{name}={value!r} has type {type(value).__name__}; expected {_type_name(tp)}"
+        args = [a for a in get_args(tp) if a is not Ellipsis]
+        for i, v in enumerate(value):
+            if args and (m := _type_problem(f"{name}[{i}]", v, args[0])):
+                return m
+        return None
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(tp, type):
+        ok = isinstance(value, tp)
+    else:
+        ok = True
+    return None if ok else f"{name}={value!r} has type {type(value).__name__}; expected {_type_name(tp)}"
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", str(tp))
+
+
+def from_dict(cls: type[T], values: dict[str, Any], *, where: str = "", ignore: typing.Iterable[str] = ()) -> T:
+    """Build ``cls`` from ``values``, collecting every problem into one :class:`ConfigError`.
+
+    Lists coming from YAML/JSON are turned into tuples (configs are frozen and hashable).
+    ``ignore`` names keys that belong to the caller (e.g. a notebook's ``run_dir``).
+    """
+    hints = typing.get_type_hints(cls)
+    valid = field_names(cls)
+    ignore = set(ignore)
+    problems: list[str] = []
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in ignore:
+            continue
+        if key not in valid:
+            problems.append(f"unknown parameter {key!r}; valid parameters: {', '.join(valid)}")
+            continue
+        if isinstance(value, list):
+            value = tuple(value)
+        if (msg := _type_problem(key, value, hints[key])) is not None:
+            problems.append(msg)
+            continue
+        if hints[key] is float and isinstance(value, int):
+            value = float(value)
+        kwargs[key] = value
+    if problems:
+        raise ConfigError(problems, where)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:  # __post_init__ validation: value-level problems
+        raise ConfigError([str(e)], where) from e
+
+
+# ----------------------------------------------------------------------------- choices
+Codec = Literal["none", "fp8_e4m3", "fp8_e5m2", "int8", "int4"]
+CODECS: tuple[str, ...] = get_args(Codec)
+# Scale granularity: one scale for the whole tensor, per KV head, per (token, head), per
+# channel (per head_dim column, KIVI's choice for keys) or per group of head_dim values.
+Granularity = Literal["tensor", "head", "token_head", "channel", "group"]
+GRANULARITIES: tuple[str, ...] = get_args(Granularity)
+Strategy = Literal["replicated", "heads", "sequence"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+Backend = Literal["auto", "gloo", "nccl"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Shape of the reference Llama-style model (GQA, RoPE, RMSNorm, SwiGLU)."""
+
+    vocab_size: int = 256
+    """Byte-level vocabulary: text every machine has needs no tokenizer download."""
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    """Fewer KV heads than query heads (GQA) is what makes KV memory the bottleneck."""
+    ffn_dim: int = 0
+    """0 means derived: the Llama rule, 8/3 * dim rounded up to a multiple of 64."""
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+        if self.ffn_dim == 0:
+            object.__setattr__(self, "ffn_dim", -(-int(8 * self.dim / 3) // 64) * 64)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    """How the paged KV cache stores keys and values."""
+
+    codec: Codec = "none"
+    """Storage format; ``none`` keeps the model dtype."""
+    key_granularity: Granularity = "token_head"
+    """Scale layout for keys (KIVI: ``channel``)."""
+    value_granularity: Granularity = "token_head"
+    """Scale layout for values (KIVI: ``token_head``)."""
+    group_size: int = 32
+    """head_dim values sharing a scale when a granularity is ``group``; must divide head_dim."""
+    residual: int = 0
+    """Most recent tokens kept in full precision (0 = none)."""
+    block_size: int = 16
+    """Tokens per page."""
+    num_blocks: int | None = None
+    """Pool capacity in blocks; None = grow as needed (no capacity limit)."""
+
+    def __post_init__(self) -> None:
+        check_choice("codec", self.codec, CODECS)
+        check_choice("key_granularity", self.key_granularity, GRANULARITIES)
+        check_choice("value_granularity", self.value_granularity, GRANULARITIES)
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be a positive number of tokens, got {self.block_size}")
+        if self.group_size <= 0:
+            raise ValueError(f"group_size must be > 0, got {self.group_size}")
+        if self.residual < 0:
+            raise ValueError(f"residual must be >= 0 tokens, got {self.residual}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ValueError(f"num_blocks must be > 0 or None, got {self.num_blocks}")
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise if the scale layout does not fit ``head_dim`` (called once the model is known)."""
+        uses_group = "group" in (self.key_granularity, self.value_granularity)
+        if uses_group and head_dim % self.group_size:
+            divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
+            raise ValueError(f"group_size={self.group_size} does not divide head_dim={head_dim}; "
+                             f"valid group sizes: {divisors}")
+        if self.codec == "int4" and head_dim % 2:
+            raise ValueError(f"int4 packs two values per byte: head_dim={head_dim} must be even")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """How work is spread over ranks; validated before any process group exists."""
+
+    world_size: int = 1
+    strategy: Strategy = "replicated"
+    """KV-cache sharding: ``heads`` (tensor parallel), ``sequence`` (blocks spread), ``replicated``."""
+    backend: Backend = "auto"
+    """``auto``: nccl when every rank has a CUDA device, gloo otherwise."""
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_choice("backend", self.backend, BACKENDS)
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Raise with every factor printed if the layout does not fit the model."""
+        if self.strategy == "heads":
+            kv, ws = model.n_kv_heads, self.world_size
+            if not (kv % ws == 0 or ws % kv == 0):
+                raise ValueError(
+                    f"strategy='heads' needs n_kv_heads ({kv}) divisible by world_size ({ws}) or "
+                    f"world_size divisible by n_kv_heads (heads are then replicated); "
+                    f"valid world sizes: {sorted({d for d in range(1, 65) if kv % d == 0 or d % kv == 0})[:12]}")
+            if model.n_heads % ws:
+                raise ValueError(f"strategy='heads' needs n_heads ({model.n_heads}) divisible by "
+                                 f"world_size ({ws})")

@@ -1,0 +1,68 @@
+"""One pure function per experiment: typed config in, tidy DataFrame out.
+
+Each experiment is a module ``ryzlab.experiments.<name>`` exposing ``Config`` (a frozen,
+keyword-only dataclass whose fields are exactly the notebook's parameters) and
+``run(config) -> pandas.DataFrame``. The notebook ``notebooks/<name>.ipynb`` has a cell tagged
+``parameters`` holding those fields plus ``run_dir = None``, and calls :func:`run_experiment`.
+Adding an experiment is one module, one notebook and one line in ``EXPERIMENTS``.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pandas as pd
+
+from ..config import ConfigError, field_names, from_dict
+
+log = logging.getLogger(__name__)
+
+# notebook stem -> module; modules are imported lazily so `ryzlab --help` stays fast.
+EXPERIMENTS: dict[str, str] = {
+    "attention_bench": "ryzlab.experiments.attention_bench",
+}
+RESERVED = ("run_dir",)
+"""Notebook parameters that belong to the sweep machinery, not to the experiment config."""
+
+
+def experiment_module(name: str) -> ModuleType:
+    if name not in EXPERIMENTS:
+        raise ConfigError([f"unknown experiment {name!r}; valid experiments: {', '.join(sorted(EXPERIMENTS))}"])
+    return importlib.import_module(EXPERIMENTS[name])
+
+
+def make_config(name: str, params: dict[str, Any]) -> Any:
+    """Validate ``params`` against the experiment's typed config (every problem in one error)."""
+    return from_dict(experiment_module(name).Config, params, where=name, ignore=RESERVED)
+
+
+def notebook_params(name: str, namespace: dict[str, Any]) -> dict[str, Any]:
+    """Pick the experiment's parameters out of a notebook's globals (after papermill injection)."""
+    cfg_cls = experiment_module(name).Config
+    return {k: namespace[k] for k in field_names(cfg_cls) if k in namespace}
+
+
+def run_experiment(name: str, params: dict[str, Any], run_dir: str | Path | None = None) -> pd.DataFrame:
+    """Validate, run, label the rows with the parameters, and save ``metrics.parquet`` if asked.
+
+    Every row gets the experiment's parameters as columns (tidy: filter/group by them in the
+    report) unless the experiment already set a column of that name.
+    """
+    from ..io import write_parquet
+
+    config = make_config(name, params)
+    df = experiment_module(name).run(config)
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"experiment {name!r} returned {type(df).__name__}, not a DataFrame")
+    for key in field_names(type(config)):
+        if key not in df.columns:
+            value = getattr(config, key)
+            df[key] = str(value) if isinstance(value, (tuple, list, dict)) else value
+    df.insert(0, "experiment", name) if "experiment" not in df.columns else None
+    if run_dir is not None:
+        write_parquet(Path(run_dir) / "metrics.parquet", df)
+        log.info("wrote %d rows to %s", len(df), Path(run_dir) / "metrics.parquet")
+    return df

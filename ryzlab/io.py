@@ -1,0 +1,64 @@
+"""Atomic writes for results: a reader (or a resumed sweep) never sees a half-written file."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+def _atomic(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    data = json.dumps(obj, indent=1, sort_keys=True, default=str).encode()
+    return _atomic(Path(path), lambda f: f.write(data))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return _atomic(Path(path), lambda f: f.write(data))
+
+
+def write_parquet(path: str | os.PathLike, df: pd.DataFrame) -> Path:
+    return _atomic(Path(path), lambda f: df.to_parquet(f, index=False))
+
+
+def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
+    """Append one line in a single write(), so concurrent writers never interleave a line."""
+    line = (json.dumps(obj, sort_keys=True, default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSONL file, skipping a torn last line (a writer killed mid-append)."""
+    rows = []
+    p = Path(path)
+    if not p.exists():
+        return rows
+    for line in p.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
