@@ -1,0 +1,129 @@
+"""Collectives for the sharded KV cache, each one counted as it is issued.
+
+:class:`Comm` wraps the ``torch.distributed`` calls the sharded cache makes (``all_gather_into_tensor``,
+``all_reduce``, ``send``/``recv``). Every call records, per rank and per step label, the bytes of
+the tensors this rank actually handed to the call and the number of calls: a *measurement* of
+what the code sends, read off the real tensors at the call site, which the report then compares
+with the closed-form formula in :mod:`ryzlab.kv.sharded`.
+
+With ``world_size == 1`` (or no process group) every collective is a no-op that returns the
+local answer, so world size 1 runs the same code path and records zero bytes.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["CommRecord", "CommLedger", "Comm"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CommRecord:
+    """Totals for one step label on one rank."""
+
+    bytes_sent: int = 0
+    """Bytes of the tensors this rank handed to collectives / sends (its contribution)."""
+    bytes_received: int = 0
+    """Bytes this rank got from other ranks."""
+    collectives: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class CommLedger:
+    """Per-step-label communication totals of one rank, plus how many steps each label saw."""
+
+    records: dict[str, CommRecord] = field(default_factory=lambda: defaultdict(CommRecord))
+    steps: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def per_step(self, label: str) -> dict[str, float]:
+        """Average bytes and collectives per step of ``label`` (0 when the label never ran)."""
+        n = max(self.steps.get(label, 0), 1)
+        r = self.records.get(label, CommRecord())
+        return {"bytes_sent": r.bytes_sent / n, "bytes_received": r.bytes_received / n,
+                "collectives": r.collectives / n, "seconds": r.seconds / n}
+
+    def reset(self) -> None:
+        self.records.clear()
+        self.steps.clear()
+
+
+class Comm:
+    """The process group seen by one rank, with a :class:`CommLedger` of what it sent."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        self.group = group
+        active = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank(group) if active else 0
+        self.world_size = dist.get_world_size(group) if active else 1
+        self.ledger = CommLedger()
+        self._label = "untracked"
+
+    @contextlib.contextmanager
+    def step(self, label: str) -> Iterator[None]:
+        """Attribute collectives inside the block to one step of ``label``."""
+        prev, self._label = self._label, label
+        self.ledger.steps[label] += 1
+        try:
+            yield
+        finally:
+            self._label = prev
+
+    def _record(self, sent: int, received: int, t0: float) -> None:
+        r = self.ledger.records[self._label]
+        r.bytes_sent += sent
+        r.bytes_received += received
+        r.collectives += 1
+        r.seconds += time.perf_counter() - t0
+
+    @staticmethod
+    def _nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Stack every rank's ``t`` (same shape everywhere): ``[world_size, *t.shape]``."""
+        if self.world_size == 1:
+            return t.unsqueeze(0)
+        t = t.contiguous()
+        out = torch.empty((self.world_size, *t.shape), dtype=t.dtype, device=t.device)
+        t0 = time.perf_counter()
+        dist.all_gather_into_tensor(out, t, group=self.group)
+        self._record(self._nbytes(t), self._nbytes(t) * (self.world_size - 1), t0)
+        return out
+
+    def all_reduce(self, t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+        """In-place all-reduce of ``t``; returns it."""
+        if self.world_size == 1:
+            return t
+        t0 = time.perf_counter()
+        dist.all_reduce(t, op=op, group=self.group)
+        self._record(self._nbytes(t), self._nbytes(t), t0)
+        return t
+
+    def send(self, t: torch.Tensor, dst: int) -> None:
+        if dst == self.rank:
+            raise ValueError(f"rank {self.rank} cannot send to itself")
+        t0 = time.perf_counter()
+        dist.send(t.contiguous(), dst, group=self.group)
+        self._record(self._nbytes(t), 0, t0)
+
+    def recv(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        if src == self.rank:
+            raise ValueError(f"rank {self.rank} cannot receive from itself")
+        t0 = time.perf_counter()
+        dist.recv(t, src, group=self.group)
+        self._record(0, self._nbytes(t), t0)
+        return t
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
