@@ -1,0 +1,281 @@
+"""Reference Llama-style decoder (GQA, RoPE, RMSNorm, SwiGLU), gpt-fast style.
+
+The model knows nothing about processes or parallelism. One entry point::
+
+    logits = model(tokens)                                  # [B, T] -> [B, T, V], dense causal
+    logits = model(tokens, cache=DenseKVCache(...))         # [B, T] incremental, contiguous KV
+    logits = model(tokens, cache=paged, seq_ids=[...])      # [B, T] on a ryzlab PagedKVCache
+
+* ``cache=None``: training / full recompute; causal ``scaled_dot_product_attention``.
+* :class:`DenseKVCache`: the "no paging, no compression" incremental reference, used by
+  tests as ground truth (keys/values kept in contiguous ``[B, Hkv, S, D]`` tensors).
+* a :class:`ryzlab.kv.cache.PagedKVCache`: the tokens of row ``b`` are appended to sequence
+  ``seq_ids[b]`` (prefill of many sequences when ``T > 1``, batched decode when ``T == 1``);
+  keys/values are written into the pages (through the cache's codec) and attention reads
+  them back from the pages. ``seq_ids`` must be registered in the cache beforehand
+  (``cache.add_sequence``) or are added on first use.
+
+Positions come from the cache (tokens already stored for that sequence), so RoPE is
+computed on the fly from integer positions: no ``max_seq_len`` buffer limits the context.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Transformer", "DenseKVCache", "load_reference_model", "save_checkpoint", "load_checkpoint",
+           "REFERENCE_CHECKPOINT"]
+
+REFERENCE_CHECKPOINT = Path(__file__).parent / "checkpoints" / "reference.safetensors"
+
+
+# ----------------------------------------------------------------------------- building blocks
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for integer ``positions`` [...] -> two tensors [..., head_dim] (HF "rotate_half" layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.to(torch.float32)[..., None] * inv_freq  # [..., D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)                     # [..., D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D]; cos/sin [B, T, D] (or broadcastable)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: "_Context") -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)      # [B, T, H, D]
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)   # [B, T, Hkv, D]
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)   # [B, T, Hkv, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = ctx.attend(self.layer_idx, q, k, v)                    # [B, T, H, D]
+        return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attention = Attention(cfg, layer_idx)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, ctx):
+        h = x + self.attention(self.attention_norm(x), cos, sin, ctx)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# ----------------------------------------------------------------------------- attention contexts
+def _sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal_offset: int | None) -> torch.Tensor:
+    """q [B, T, H, D], k/v [B, S, Hkv, D] -> [B, T, H, D]; query t sees keys <= causal_offset + t."""
+    H, Hkv = q.shape[2], k.shape[2]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D], [B, Hkv, S, D]
+    if Hkv != H:
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    T, S = q.shape[2], k.shape[2]
+    if causal_offset is None or T == 1 and causal_offset == S - 1:
+        mask = None
+    elif causal_offset == 0 and T == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    else:
+        mask = torch.arange(S, device=q.device)[None, :] <= (causal_offset + torch.arange(T, device=q.device))[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+
+
+class _Context:
+    """Per-forward attention backend: where K/V go and what attention reads."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _Causal(_Context):
+    def attend(self, layer, q, k, v):
+        return _sdpa_gqa(q, k, v, causal_offset=0)
+
+
+class DenseKVCache:
+    """Contiguous, uncompressed incremental cache: the ground truth for paged/compressed paths.
+
+    Keys/values per layer are ``[B, S, Hkv, D]`` tensors grown by concatenation; every row of
+    the batch has the same length (the simple case tests need).
+    """
+
+    def __init__(self, n_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.length = 0
+
+    def positions(self, B: int, T: int, device: torch.device) -> torch.Tensor:
+        return (self.length + torch.arange(T, device=device)).expand(B, T)
+
+    def _context(self) -> _Context:
+        return _DenseContext(self)
+
+
+class _DenseContext(_Context):
+    def __init__(self, cache: DenseKVCache):
+        self.cache = cache
+
+    def attend(self, layer, q, k, v):
+        c = self.cache
+        past = c.length
+        c.keys[layer] = k if c.keys[layer] is None else torch.cat([c.keys[layer], k], dim=1)
+        c.values[layer] = v if c.values[layer] is None else torch.cat([c.values[layer], v], dim=1)
+        return _sdpa_gqa(q, c.keys[layer], c.values[layer], causal_offset=past)
+
+
+# ----------------------------------------------------------------------------- the model
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
+            if name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def forward(self, tokens: torch.Tensor, cache: Any = None, seq_ids: Sequence[int] | None = None
+                ) -> torch.Tensor:
+        """tokens [B, T] (or [T], treated as B=1) -> logits [B, T, vocab] (float32).
+
+        ``cache``: None (dense causal), a :class:`DenseKVCache`, or a ryzlab ``PagedKVCache``
+        (then ``seq_ids`` [B] names the sequence each row extends; default ``range(B)``).
+        """
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        B, T = tokens.shape
+        if cache is None:
+            if seq_ids is not None:
+                raise ValueError("seq_ids is only meaningful with a paged cache (cache=PagedKVCache)")
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+            ctx: _Context = _Causal()
+        elif isinstance(cache, DenseKVCache):
+            positions, ctx = cache.positions(B, T, tokens.device), cache._context()
+        else:
+            from .kv.paged_attention import paged_context
+            positions, ctx = paged_context(cache, B, T, seq_ids, tokens.device)
+        x = self.tok_embeddings(tokens)                                   # [B, T, dim]
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)  # [B, T, D]
+        for layer in self.layers:
+            x = layer(x, cos, sin, ctx)
+        if isinstance(cache, DenseKVCache):
+            cache.length += T
+        elif cache is not None:
+            ctx.finish()
+        return self.output(self.norm(x)).float()                          # [B, T, V]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, cache: Any = None,
+                 seq_ids: Sequence[int] | None = None) -> torch.Tensor:
+        """Greedy decoding: prompt [B, T] -> [B, max_new_tokens]. Without a cache: DenseKVCache."""
+        cache = DenseKVCache(self.config.n_layers) if cache is None else cache
+        kw = {} if isinstance(cache, DenseKVCache) else {"seq_ids": seq_ids}
+        logits = self(prompt, cache=cache, **kw)
+        out = []
+        for _ in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)                 # [B, 1]
+            out.append(nxt)
+            logits = self(nxt, cache=cache, **kw)
+        return torch.cat(out, dim=1)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(model: Transformer, path: str | Path, meta: dict[str, Any],
+                    dtype: torch.dtype = torch.bfloat16) -> None:
+    """Weights as safetensors (``dtype``, bf16 by default to stay small) + ``<stem>.json`` metadata."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    meta = {"config": dataclasses.asdict(model.config), "weights_dtype": str(dtype).removeprefix("torch."), **meta}
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> tuple[Transformer, dict[str, Any]]:
+    """Load a checkpoint written by :func:`save_checkpoint` -> (model in eval mode, metadata)."""
+    from safetensors.torch import load_file
+
+    from .config import from_dict
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}; train one with `python -m ryzlab.train`")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    model = Transformer(from_dict(ModelConfig, meta["config"], where=str(path)))
+    state = {k: v.to(dtype) for k, v in load_file(str(path), device=str(device)).items()}
+    model.load_state_dict(state)
+    return model.to(device=device, dtype=dtype).eval(), meta
+
+
+def load_reference_model(dtype: torch.dtype = torch.float32,
+                         device: str | torch.device = "cpu") -> tuple[Transformer, dict[str, Any]]:
+    """The shipped byte-level reference model (trained by ``python -m ryzlab.train``) + its metadata."""
+    return load_checkpoint(REFERENCE_CHECKPOINT, dtype=dtype, device=device)
