@@ -1,0 +1,178 @@
+"""Serving metrics named as in the field: TTFT, TPOT, ITL, E2EL, throughput, goodput.
+
+Every latency is measured from the request's *scheduled* send time (the load generator's
+arrival time), not from when the client managed to send it: a client that falls behind
+shows up as latency instead of silently lowering the offered load.
+
+Definitions (those of vLLM's ``benchmark_serving``):
+
+- ``ttft``: first output token time - scheduled time.
+- ``tpot``: (e2el - ttft) / (output_tokens - 1), per request (needs >= 2 output tokens).
+- ``itl``: every gap between consecutive output tokens, pooled over requests.
+- ``e2el``: last output token time - scheduled time.
+- ``goodput``: requests per second that completed *and* met every SLO given.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["RequestRecord", "SLO", "parse_slo", "summarize", "PERCENTILES", "LATENCY_METRICS"]
+
+PERCENTILES = (50, 90, 99)
+LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
+SLO_KEYS = ("ttft", "tpot", "itl", "e2el")
+
+
+@dataclass(kw_only=True)
+class RequestRecord:
+    """What one request did, in seconds on the client's monotonic clock."""
+
+    index: int
+    scheduled_s: float
+    """When the load generator meant to send it (latencies start here)."""
+    sent_s: float | None = None
+    """When it was actually sent (>= scheduled_s; the gap is client-side queueing)."""
+    prompt_tokens: int = 0
+    token_times_s: list[float] = field(default_factory=list)
+    """Arrival time of every output token (a chunk of k tokens counts k times)."""
+    finish_s: float | None = None
+    error: str | None = None
+    """None when the request completed; the error text (HTTP status, worker death, ...) otherwise."""
+    worker: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.finish_s is not None
+
+    @property
+    def output_tokens(self) -> int:
+        return len(self.token_times_s)
+
+    @property
+    def ttft_s(self) -> float | None:
+        return self.token_times_s[0] - self.scheduled_s if self.token_times_s else None
+
+    @property
+    def e2el_s(self) -> float | None:
+        if not self.ok:
+            return None
+        end = self.token_times_s[-1] if self.token_times_s else self.finish_s
+        return end - self.scheduled_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        n = self.output_tokens
+        if not self.ok or n < 2:
+            return None
+        return (self.token_times_s[-1] - self.token_times_s[0]) / (n - 1)
+
+    @property
+    def itl_s(self) -> list[float]:
+        t = self.token_times_s
+        return [b - a for a, b in zip(t, t[1:])]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SLO:
+    """Latency service-level objectives in milliseconds; None = not constrained."""
+
+    ttft: float | None = None
+    tpot: float | None = None
+    itl: float | None = None
+    e2el: float | None = None
+
+    def met_by(self, r: RequestRecord) -> bool:
+        if not r.ok:
+            return False
+        checks = {"ttft": r.ttft_s, "tpot": r.tpot_s, "e2el": r.e2el_s,
+                  "itl": max(r.itl_s) if r.itl_s else None}
+        for key in SLO_KEYS:
+            limit = getattr(self, key)
+            if limit is None:
+                continue
+            value = checks[key]
+            if value is not None and value * 1000.0 > limit:
+                return False
+        return True
+
+    def __str__(self) -> str:
+        return ",".join(f"{k}:{getattr(self, k):g}" for k in SLO_KEYS if getattr(self, k) is not None)
+
+
+def parse_slo(text: str | None) -> SLO:
+    """Parse ``"ttft:200,tpot:50"`` (milliseconds) into an :class:`SLO`.
+
+    Raises ``ValueError`` naming the valid keys for an unknown key or a non-positive value.
+    """
+    if not text:
+        return SLO()
+    values: dict[str, float] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, sep, val = part.partition(":")
+        key = key.strip().lower()
+        if not sep or key not in SLO_KEYS:
+            raise ValueError(f"bad SLO item {part!r}: expected KEY:MILLISECONDS with KEY one of "
+                             f"{', '.join(SLO_KEYS)} (e.g. 'ttft:200,tpot:50')")
+        try:
+            ms = float(val)
+        except ValueError:
+            raise ValueError(f"bad SLO value in {part!r}: {val!r} is not a number of milliseconds") from None
+        if not ms > 0:
+            raise ValueError(f"bad SLO value in {part!r}: must be > 0 ms")
+        values[key] = ms
+    return SLO(**values)
+
+
+def _stats(name: str, values_s: list[float]) -> dict[str, float]:
+    """mean / p50 / p90 / p99 in milliseconds (NaN when there is no sample)."""
+    arr = np.asarray(values_s, dtype=float) * 1000.0
+    out = {f"{name}_ms_mean": float(arr.mean()) if arr.size else math.nan}
+    for p in PERCENTILES:
+        out[f"{name}_ms_p{p}"] = float(np.percentile(arr, p)) if arr.size else math.nan
+    return out
+
+
+def summarize(records: list[RequestRecord], *, duration_s: float | None = None,
+              slo: SLO | str | None = None) -> dict[str, Any]:
+    """Aggregate request records into one flat dict of field-named metrics.
+
+    ``duration_s`` defaults to first scheduled time -> last finish. Throughputs count only
+    completed requests; ``requests_failed`` counts the others (nothing is dropped silently).
+    """
+    slo = parse_slo(slo) if isinstance(slo, str) or slo is None else slo
+    ok = [r for r in records if r.ok]
+    if duration_s is None:
+        starts = [r.scheduled_s for r in records]
+        ends = [r.finish_s for r in records if r.finish_s is not None]
+        duration_s = (max(ends) - min(starts)) if starts and ends else 0.0
+    dur = max(duration_s, 1e-9)
+    out: dict[str, Any] = {
+        "requests": len(records),
+        "requests_completed": len(ok),
+        "requests_failed": len(records) - len(ok),
+        "duration_s": duration_s,
+        "request_throughput": len(ok) / dur,
+        "output_token_throughput": sum(r.output_tokens for r in ok) / dur,
+        "total_token_throughput": sum(r.output_tokens + r.prompt_tokens for r in ok) / dur,
+        "output_tokens": sum(r.output_tokens for r in ok),
+        "prompt_tokens": sum(r.prompt_tokens for r in ok),
+    }
+    out.update(_stats("ttft", [r.ttft_s for r in ok if r.ttft_s is not None]))
+    out.update(_stats("tpot", [r.tpot_s for r in ok if r.tpot_s is not None]))
+    out.update(_stats("itl", [g for r in ok for g in r.itl_s]))
+    out.update(_stats("e2el", [r.e2el_s for r in ok if r.e2el_s is not None]))
+    good = sum(slo.met_by(r) for r in ok)
+    out["slo"] = str(slo)
+    out["goodput"] = good / dur
+    out["slo_attainment"] = good / len(records) if records else math.nan
+    sent = [r.sent_s for r in records if r.sent_s is not None]
+    out["client_lag_ms_p99"] = (float(np.percentile([(r.sent_s - r.scheduled_s) * 1000 for r in records
+                                                     if r.sent_s is not None], 99)) if sent else math.nan)
+    return out
