@@ -12,8 +12,8 @@ The model knows nothing about processes or parallelism. One entry point::
 * a :class:`ryzlab.kv.cache.PagedKVCache`: the tokens of row ``b`` are appended to sequence
   ``seq_ids[b]`` (prefill of many sequences when ``T > 1``, batched decode when ``T == 1``);
   keys/values are written into the pages (through the cache's codec) and attention reads
-  them back from the pages. ``seq_ids`` must be registered in the cache beforehand
-  (``cache.add_sequence``) or are added on first use.
+  them back from the pages. Unknown ``seq_ids`` are registered on first use
+  (``cache.add_sequence``); the caller frees them (``cache.free``).
 
 Positions come from the cache (tokens already stored for that sequence), so RoPE is
 computed on the fly from integer positions: no ``max_seq_len`` buffer limits the context.
@@ -34,7 +34,7 @@ from .config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Transformer", "DenseKVCache", "load_reference_model", "save_checkpoint", "load_checkpoint",
+__all__ = ["Transformer", "DenseKVCache", "paged_step", "load_reference_model", "save_checkpoint", "load_checkpoint",
            "REFERENCE_CHECKPOINT"]
 
 REFERENCE_CHECKPOINT = Path(__file__).parent / "checkpoints" / "reference.safetensors"
@@ -175,6 +175,39 @@ class _DenseContext(_Context):
         return _sdpa_gqa(q, c.keys[layer], c.values[layer], causal_offset=past)
 
 
+class _PagedContext(_Context):
+    """Writes each layer's new K/V into a ryzlab ``PagedKVCache`` and attends over its pages."""
+
+    def __init__(self, cache: Any, step: Any):
+        self.cache, self.step = cache, step
+
+    def attend(self, layer, q, k, v):
+        # q [B, T, Hq, D], k/v [B, T, Hkv, D]: the cache accepts [B, T, H, D] when every row writes T
+        self.cache.write(layer, k, v, step=self.step)
+        return self.cache.attend(layer, q, step=self.step)
+
+
+def paged_step(cache: Any, tokens: torch.Tensor, seq_ids: Sequence[Any] | None) -> tuple[torch.Tensor, Any]:
+    """Plan one forward step of ``tokens [B, T]`` on a ``PagedKVCache`` -> (positions [B, T], step).
+
+    Unknown ``seq_ids`` are registered first. Token ids are passed to the cache, so full blocks
+    get prefix hashes (another sequence added later with the same prompt can share them).
+    """
+    B, T = tokens.shape
+    seq_ids = list(range(B)) if seq_ids is None else list(seq_ids)
+    if len(seq_ids) != B:
+        raise ValueError(f"seq_ids has {len(seq_ids)} entries for a batch of {B} rows")
+    for s in seq_ids:
+        if s not in cache and cache.add_sequence(s, []) is None:
+            raise RuntimeError(f"paged KV cache is out of blocks: cannot add sequence {s!r}; "
+                               f"free or evict sequences, or raise CacheConfig.num_blocks")
+    step = cache.extend(seq_ids, tokens.tolist())
+    if step is None:
+        raise RuntimeError(f"paged KV cache is out of blocks for {B} x {T} new tokens "
+                           f"(stats: {cache.stats()}); free or evict sequences, or raise num_blocks")
+    return step.positions.view(B, T), step
+
+
 # ----------------------------------------------------------------------------- the model
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -212,16 +245,14 @@ class Transformer(nn.Module):
         elif isinstance(cache, DenseKVCache):
             positions, ctx = cache.positions(B, T, tokens.device), cache._context()
         else:
-            from .kv.paged_attention import paged_context
-            positions, ctx = paged_context(cache, B, T, seq_ids, tokens.device)
+            positions, step = paged_step(cache, tokens, seq_ids)
+            ctx = _PagedContext(cache, step)
         x = self.tok_embeddings(tokens)                                   # [B, T, dim]
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)  # [B, T, D]
         for layer in self.layers:
             x = layer(x, cos, sin, ctx)
         if isinstance(cache, DenseKVCache):
             cache.length += T
-        elif cache is not None:
-            ctx.finish()
         return self.output(self.norm(x)).float()                          # [B, T, V]
 
     def num_params(self) -> int:
