@@ -1,0 +1,82 @@
+"""``ryzlab serve``: the HTTP API over one in-process engine or a router over worker processes."""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from ..config import CODECS
+from .engine import PREEMPTIONS
+
+__all__ = ["add_parser", "cmd_serve", "make_backend"]
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``serve`` subcommand to ``ryzlab``'s subparsers."""
+    from ..orchestrator.balance import POLICY_NAMES
+
+    s = subparsers.add_parser(
+        "serve", help="serve a model over HTTP (OpenAI-style /v1/completions, /health, /metrics)",
+        description="Continuous-batching engine(s) over the paged, compressed KV cache behind a FastAPI "
+                    "server. --workers N > 1 starts N engine processes behind a load-balancing router "
+                    "(one per GPU where there are GPUs).")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    s.add_argument("--model", default="reference",
+                   help="'reference' (the shipped checkpoint) or a checkpoint path (default reference)")
+    s.add_argument("--codec", default="none", choices=CODECS, help="KV-cache storage format (default none)")
+    s.add_argument("--workers", type=int, default=1, help="engine replicas (default 1: in-process)")
+    s.add_argument("--policy", default="least_outstanding", choices=POLICY_NAMES,
+                   help="load-balancing policy across workers (default least_outstanding)")
+    s.add_argument("--block-size", type=int, default=16, help="tokens per KV page (default 16)")
+    s.add_argument("--num-blocks", type=int, default=1024, help="KV pages per engine (default 1024)")
+    s.add_argument("--max-num-seqs", type=int, default=16, help="sequences batched together (default 16)")
+    s.add_argument("--max-model-len", type=int, default=1024, help="prompt + output tokens at most (default 1024)")
+    s.add_argument("--preemption", default="recompute", choices=PREEMPTIONS,
+                   help="what a full cache does to a victim sequence (default recompute)")
+    s.add_argument("--threads", type=int, default=None, help="torch threads per engine (default: torch's)")
+    s.set_defaults(fn=cmd_serve)
+    return s
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"model": args.model, "codec": args.codec, "block_size": args.block_size,
+            "num_blocks": args.num_blocks,
+            "config": {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
+                       "preemption": args.preemption, "max_num_batched_tokens": max(256, args.max_num_seqs)}}
+
+
+def make_backend(args: argparse.Namespace) -> Any:
+    """An :class:`AsyncEngine` (``--workers 1``) or a started :class:`Router`; validated first."""
+    from .engine import AsyncEngine, EngineConfig, build_engine
+    from .router import Router
+
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    kw = engine_kwargs(args)
+    EngineConfig(**kw["config"])  # bad knobs fail here, before any process starts
+    if args.workers == 1:
+        k = dict(kw)
+        k["config"] = EngineConfig(**k["config"])
+        return AsyncEngine(build_engine(threads=args.threads, **k))
+    return Router(workers=args.workers, policy=args.policy, engine_kwargs=kw,
+                  threads_per_worker=args.threads or 1).start()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .api import create_app
+
+    backend = make_backend(args)
+    print(f"ryzlab serve: http://{args.host}:{args.port}  model={args.model} codec={args.codec} "
+          f"workers={args.workers}" + (f" policy={args.policy}" if args.workers > 1 else ""))
+    try:
+        uvicorn.run(create_app(backend), host=args.host, port=args.port, log_level="warning")
+    finally:
+        backend.shutdown()
+    return 0
