@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # notebook stem -> module; modules are imported lazily so `ryzlab --help` stays fast.
 EXPERIMENTS: dict[str, str] = {
     "attention_bench": "ryzlab.experiments.attention_bench",
+    "serving": "ryzlab.experiments.serving",
 }
 RESERVED = ("run_dir",)
 """Notebook parameters that belong to the sweep machinery, not to the experiment config."""
@@ -51,18 +52,25 @@ def run_experiment(name: str, params: dict[str, Any], run_dir: str | Path | None
     Every row gets the experiment's parameters as columns (tidy: filter/group by them in the
     report) unless the experiment already set a column of that name.
     """
-    from ..io import write_parquet
+    import time
+
+    from ..io import write_json, write_parquet
 
     config = make_config(name, params)
+    t0 = time.perf_counter()
     df = experiment_module(name).run(config)
+    compute_s = time.perf_counter() - t0
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"experiment {name!r} returned {type(df).__name__}, not a DataFrame")
     for key in field_names(type(config)):
         if key not in df.columns:
             value = getattr(config, key)
             df[key] = str(value) if isinstance(value, (tuple, list, dict)) else value
-    df.insert(0, "experiment", name) if "experiment" not in df.columns else None
+    if "experiment" not in df.columns:
+        df.insert(0, "experiment", name)
     if run_dir is not None:
+        # timing.json lets the sweep separate the experiment's own time from its overhead
+        write_json(Path(run_dir) / "timing.json", {"compute_s": compute_s})
         write_parquet(Path(run_dir) / "metrics.parquet", df)
         log.info("wrote %d rows to %s", len(df), Path(run_dir) / "metrics.parquet")
     return df

@@ -1,0 +1,111 @@
+"""``ryzlab``: run sweeps of notebooks, build reports, describe this machine, serve a model."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError
+
+EPILOG = """examples:
+  ryzlab info                                  what this machine offers (python, torch, devices, health)
+  ryzlab sweep specs/demo.yaml --jobs 2        run every point of a spec (resumes: ok points are skipped)
+  ryzlab report results/demo                   aggregate ok runs into results/demo/report.html
+"""
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    summary = run_sweep(args.spec, jobs=args.jobs, out=args.out, timeout=args.timeout,
+                        kernel_name=args.kernel, progress=not args.no_progress)
+    for line in summary.lines():
+        print(line)
+    return 0 if summary.failed + summary.timeout == 0 else 1
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    out = build_report(args.sweep_dir, kernel_name=args.kernel)
+    print(f"report: {out}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .provenance import collect_env, nvidia_devices
+
+    env = collect_env()
+    print(f"ryzlab      {Path(__file__).resolve().parent}")
+    print(f"python      {env['python']}   torch {env['torch']}   CUDA {env['cuda']}")
+    print(f"git         {env['git_sha']}{' (dirty)' if env['git_dirty'] else ''}")
+    print(f"host        {env['host']}   {env['platform']}")
+    print(f"cpu         {env['cpu_model']} x{env['cpu_count']}")
+    if nvidia_devices():
+        print(f"devices     {env['gpu_count']} CUDA device(s): {', '.join(env['device_names'])}")
+    else:
+        print("devices     no NVIDIA device: CPU ranks (gloo)")
+    try:
+        from .orchestrator.health import describe_health
+    except ImportError:
+        return 0
+    for line in describe_health():
+        print(f"health      {line}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ryzlab", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Research and benchmarking workbench for distributed LLM inference: "
+                    "KV-cache compression, paging, sharding, scaling and serving, measured.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("sweep", help="run a parameter grid of notebooks (papermill), one process + kernel per point",
+                       description="Expand SPEC's grid, validate every point before anything runs, execute the "
+                                   "missing points and record each in results/<sweep>/manifest.jsonl.")
+    s.add_argument("spec", help="sweep spec (YAML), e.g. specs/demo.yaml")
+    s.add_argument("--jobs", "-j", type=int, default=1, help="points run at once, each in its own process (default 1)")
+    s.add_argument("--out", help="sweep directory (default results/<spec name>)")
+    s.add_argument("--timeout", type=float, help="seconds a point may run before it is killed and marked timeout")
+    s.add_argument("--kernel", default="ryzlab", help="Jupyter kernel to run notebooks in (default ryzlab)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(fn=_cmd_sweep)
+
+    r = sub.add_parser("report", help="aggregate a sweep's ok runs into an offline report.html",
+                       description="Aggregate every ok run of SWEEP_DIR, execute notebooks/report.ipynb on it "
+                                   "and export SWEEP_DIR/report.html (no code, images embedded, no network).")
+    r.add_argument("sweep_dir", help="a folder written by `ryzlab sweep`, e.g. results/demo")
+    r.add_argument("--kernel", default="ryzlab", help="Jupyter kernel (default ryzlab)")
+    r.set_defaults(fn=_cmd_report)
+
+    i = sub.add_parser("info", help="python/torch versions, devices and their health readings")
+    i.set_defaults(fn=_cmd_info)
+
+    try:  # the serving subcommand lives with the serving engine
+        from .serve.cli import add_parser as add_serve_parser
+    except ImportError:
+        pass
+    else:
+        add_serve_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"ryzlab {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished points are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
