@@ -18,6 +18,9 @@ import logging
 import time
 from typing import Any, AsyncIterator, Protocol
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
 from ..config import check_choice
 
 __all__ = ["create_app", "Backend", "CompletionParams", "RequestError", "validate_completion"]
@@ -138,9 +141,6 @@ def _text(ids: list[int], vocab_size: int) -> str:
 
 def create_app(backend: Backend):
     """A FastAPI app over ``backend``. Run it with uvicorn (see :func:`ryzlab.serve.cli`)."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-
     app = FastAPI(title="ryzlab serve", version="0.1.0")
     counter = itertools.count()
     stats = {"http_requests": 0, "http_errors_4xx": 0, "http_errors_5xx": 0}
