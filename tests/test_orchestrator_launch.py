@@ -1,0 +1,96 @@
+"""launch(): real gloo processes, results in rank order, failures named by rank, no orphans."""
+import os
+import time
+
+import psutil
+import pytest
+import torch
+import torch.distributed as dist
+
+from ryzlab.orchestrator import RankFailedError, choose_backend, launch
+from ryzlab.orchestrator.launch import LaunchTimeoutError
+
+
+def _allreduce(rank, world, scale):
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t)
+    return {"rank": rank, "world": world, "sum": t.item() * scale, "env_rank": int(os.environ["RANK"]),
+            "backend": dist.get_backend(), "pid": os.getpid()}
+
+
+def _raise_on_1(rank, world):
+    if rank == 1:
+        raise RuntimeError("boom from the test")
+    dist.barrier()  # the others wait in a collective the failing rank never joins
+    return rank
+
+
+def _die_on_0(rank, world):
+    if rank == 0:
+        os._exit(7)
+    time.sleep(60)
+    return rank
+
+
+def _sleep_forever(rank, world):
+    time.sleep(120)
+
+
+def _children():
+    """Live child processes, minus multiprocessing's own resource tracker (one per parent)."""
+    out = []
+    for c in psutil.Process().children(recursive=True):
+        try:
+            if c.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(c.cmdline()):
+                out.append(c)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_results_in_rank_order_and_allreduce(world):
+    out = launch(_allreduce, world, args=(2.0,), backend="gloo", init_timeout_s=60)
+    assert [o["rank"] for o in out] == list(range(world))
+    assert all(o["env_rank"] == o["rank"] and o["world"] == world for o in out)
+    assert all(o["sum"] == 2.0 * world * (world + 1) / 2 for o in out)
+    assert {o["backend"] for o in out} == {"gloo"}
+    assert not any(psutil.pid_exists(o["pid"]) and psutil.Process(o["pid"]).status() != psutil.STATUS_ZOMBIE
+                   for o in out)
+
+
+def test_raising_rank_named_with_traceback_and_ends_fast():
+    t0 = time.monotonic()
+    with pytest.raises(RankFailedError) as e:
+        launch(_raise_on_1, 2, backend="gloo", collective_timeout_s=60)
+    assert e.value.rank == 1
+    assert "boom from the test" in e.value.remote_traceback and "[rank 1]" in str(e.value)
+    assert time.monotonic() - t0 < 30  # spawn of 3 ranks included; the stop itself is checked in the bench
+    assert _children() == []
+
+
+def test_killed_rank_is_reported():
+    with pytest.raises(RankFailedError) as e:
+        launch(_die_on_0, 2, backend="gloo")
+    assert e.value.rank == 0 and e.value.exitcode == 7
+    assert _children() == []
+
+
+def test_timeout_tears_down():
+    t0 = time.monotonic()
+    with pytest.raises(LaunchTimeoutError) as e:
+        launch(_sleep_forever, 1, backend="gloo", timeout_s=6, init_timeout_s=6)
+    assert e.value.ranks == [0]
+    assert time.monotonic() - t0 < 15
+    assert _children() == []
+
+
+def test_bad_input_before_any_process():
+    with pytest.raises(ValueError, match="gloo"):
+        launch(_allreduce, 2, backend="mpi")
+    with pytest.raises(ValueError, match="world_size"):
+        launch(_allreduce, 0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="nccl"):
+            choose_backend("nccl", 2)
+        assert choose_backend("auto", 4) == "gloo"
