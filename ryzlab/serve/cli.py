@@ -42,7 +42,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {"model": args.model, "codec": args.codec, "block_size": args.block_size,
+    import torch
+
+    # GPUs where present (one worker per GPU), CPU otherwise
+    return {"model": args.model, "device": "cuda" if torch.cuda.is_available() else "cpu", "codec": args.codec, "block_size": args.block_size,
             "num_blocks": args.num_blocks,
             "config": {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
                        "preemption": args.preemption, "max_num_batched_tokens": max(256, args.max_num_seqs)}}
@@ -62,6 +65,8 @@ def make_backend(args: argparse.Namespace) -> Any:
     if args.workers == 1:
         k = dict(kw)
         k["config"] = EngineConfig(**k["config"])
+        if k["device"] == "cuda":
+            k["device"] = "cuda:0"
         return AsyncEngine(build_engine(threads=args.threads, **k))
     return Router(workers=args.workers, policy=args.policy, engine_kwargs=kw,
                   threads_per_worker=args.threads or 1).start()

@@ -126,6 +126,10 @@ class Router:
     def _spawn(self, w: WorkerHandle) -> None:
         parent, child = self._ctx.Pipe()
         kwargs = dict(self.engine_kwargs)
+        if kwargs.get("device") == "cuda":  # one replica per GPU: worker i on device i (mod count)
+            import torch
+
+            kwargs["device"] = f"cuda:{w.index % max(1, torch.cuda.device_count())}"
         w.generation += 1
         proc = self._ctx.Process(target=worker_main, args=(w.index, kwargs, child, self.threads_per_worker),
                                  name=f"ryzlab-worker-{w.index}", daemon=True)

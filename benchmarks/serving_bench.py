@@ -1,0 +1,188 @@
+"""Serving benchmark: continuous batching vs sequential, max rate under a p99 TPOT SLO, worker kill.
+
+    .venv/bin/python benchmarks/serving_bench.py            # all three parts (~3-5 min on 2 cores)
+    .venv/bin/python benchmarks/serving_bench.py --parts batching
+
+1. **batching**: the same engine and model generate 16 requests (a) together, continuous
+   batching, and (b) one at a time; token throughput ratio (target >= 4x on this CPU).
+2. **maxrate**: per config (workers x codec), the highest offered Poisson rate whose p99
+   TPOT stays under 50 ms: doubling from ``--start-rate`` until the SLO breaks, then
+   bisection between the last good and the first bad rate.
+3. **fault**: 2 workers under open-loop load, worker 0 SIGKILLed mid-run: requests lost (must
+   be 0), time to detect, goodput dip and time to recover (the timeline is saved as parquet
+   for the serving notebook's plot).
+
+Every number printed is measured on the device named in the header; nothing is projected.
+Results go to ``results/serving_bench/`` (JSON + parquet).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ryzlab.io import write_json, write_parquet  # noqa: E402
+from ryzlab.model import REFERENCE_CHECKPOINT  # noqa: E402
+from ryzlab.provenance import collect_env  # noqa: E402
+from ryzlab.serve.client import backend_client  # noqa: E402
+from ryzlab.serve.engine import EngineConfig, SamplingParams, build_engine  # noqa: E402
+from ryzlab.serve.loadgen import LoadSpec, run_load  # noqa: E402
+from ryzlab.serve.router import Router  # noqa: E402
+
+PARTS = ("batching", "maxrate", "fault")
+SLO_MS = 50.0
+
+
+def pick_model(name: str) -> str:
+    if name != "auto":
+        return name
+    if REFERENCE_CHECKPOINT.exists():
+        return "reference"
+    print("  (no reference checkpoint yet: a randomly initialised model of the same shape; timing only)")
+    return "random"
+
+
+def part_batching(args: argparse.Namespace, model: str) -> dict:
+    torch.set_num_threads(args.threads)
+    eng = build_engine(model=model, block_size=16, num_blocks=1024,
+                       config=EngineConfig(max_num_seqs=16, max_model_len=1024))
+    g = torch.Generator().manual_seed(0)
+    vocab = eng.vocab_size
+    prompts = [torch.randint(0, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(16)]
+    sp = SamplingParams(max_tokens=args.output_len)
+    eng.generate(prompts[:2], SamplingParams(max_tokens=4))  # warm-up
+    t = time.perf_counter()
+    seq_out = [eng.generate([p], sp)[0] for p in prompts]
+    seq_s = time.perf_counter() - t
+    t = time.perf_counter()
+    bat_out = eng.generate(prompts, sp)
+    bat_s = time.perf_counter() - t
+    ntok = sum(map(len, bat_out))
+    res = {"requests": 16, "prompt_len": args.prompt_len, "output_len": args.output_len, "threads": args.threads,
+           "sequential_tok_s": ntok / seq_s, "batched_tok_s": ntok / bat_s, "ratio": seq_s / bat_s,
+           "same_tokens": seq_out == bat_out}
+    print(f"  sequential one-at-a-time : {res['sequential_tok_s']:8.1f} output tok/s ({seq_s:.2f} s)")
+    print(f"  continuous batching (16) : {res['batched_tok_s']:8.1f} output tok/s ({bat_s:.2f} s)")
+    print(f"  ratio                    : {res['ratio']:.2f}x  (target >= 4x)  greedy tokens identical: "
+          f"{res['same_tokens']}")
+    return res
+
+
+async def _trial(router: Router, rate: float, args: argparse.Namespace, seed: int) -> dict:
+    spec = LoadSpec(arrival="poisson", rate=rate, num_requests=max(args.trial_requests, int(rate * 3)),
+                    prompt_len=args.prompt_len, output_len=args.output_len, seed=seed,
+                    vocab_size=router.vocab_size)
+    res = await run_load(spec, backend_client(router), timeout_s=args.trial_timeout)
+    return res.summary(f"tpot:{SLO_MS}")
+
+
+def part_maxrate(args: argparse.Namespace, model: str) -> list[dict]:
+    rows = []
+    for workers in args.workers:
+        for codec in args.codecs:
+            kw = {"model": model, "codec": codec, "block_size": 16, "num_blocks": 512,
+                  "config": {"max_num_seqs": 16, "max_model_len": 1024}}
+            with Router(workers=workers, policy=args.policy, engine_kwargs=kw,
+                        threads_per_worker=args.threads) as router:
+                asyncio.run(_trial(router, 2.0, argparse.Namespace(**{**vars(args), "trial_requests": 4}), 99))
+                good, bad, trials = None, None, []
+                rate = args.start_rate
+                while rate <= args.max_rate:
+                    s = asyncio.run(_trial(router, rate, args, len(trials)))
+                    ok = s["tpot_ms_p99"] < SLO_MS and s["requests_failed"] == 0
+                    trials.append((rate, s["tpot_ms_p99"], s["achieved_rate"], ok))
+                    if ok:
+                        good = rate
+                        rate *= 2
+                    else:
+                        bad = rate
+                        break
+                for _ in range(args.bisect if good is not None and bad is not None else 0):
+                    mid = (good + bad) / 2
+                    s = asyncio.run(_trial(router, mid, args, len(trials)))
+                    ok = s["tpot_ms_p99"] < SLO_MS and s["requests_failed"] == 0
+                    trials.append((mid, s["tpot_ms_p99"], s["achieved_rate"], ok))
+                    good, bad = (mid, bad) if ok else (good, mid)
+            trail = "  ".join(f"{r:g}/s->{p:.1f}ms{'' if ok else '!'}" for r, p, _, ok in trials)
+            print(f"  workers={workers} codec={codec:8s} max rate with p99 TPOT < {SLO_MS:g} ms: "
+                  f"{'none' if good is None else f'{good:g} req/s'}   [{trail}]")
+            rows.append({"workers": workers, "codec": codec, "policy": args.policy,
+                         "max_rate_p99_tpot_under_50ms": good if good is not None else math.nan,
+                         "first_failing_rate": bad if bad is not None else math.nan,
+                         "trials": [{"rate": r, "tpot_ms_p99": p, "achieved_rate": a, "ok": ok}
+                                    for r, p, a, ok in trials]})
+    return rows
+
+
+def part_fault(args: argparse.Namespace, model: str, out: Path) -> dict:
+    from ryzlab.experiments.serving import Config, run
+
+    cfg = Config(workers=2, policy=args.policy, rate=args.fault_rate, num_requests=int(args.fault_rate * 8),
+                 prompt_len=args.prompt_len, output_len=args.output_len, model=model, fault="kill",
+                 fault_at_s=2.5, bin_s=0.5, slo=f"ttft:1000,tpot:{SLO_MS:g}")
+    df = run(cfg)
+    write_parquet(out / "fault_timeline.parquet", df)
+    s = df[df["kind"] == "summary"].iloc[0].to_dict()
+    lost = int(s["requests_lost"])
+    print(f"  requests {int(s['requests'])}: completed {int(s['requests_completed'])}, answered with an error "
+          f"{int(s['requests_failed'])}, re-routed {int(s['requests_rerouted'])}, LOST {lost} (must be 0)")
+    print(f"  time to detect {s['time_to_detect_s']:.2f} s, worker restarted after {s['worker_restart_s']:.1f} s")
+    print(f"  goodput before the kill {s.get('goodput_before_fault', math.nan):.2f} req/s, dip to "
+          f"{s.get('goodput_dip', math.nan):.2f} req/s, recovered (>= 80%) after "
+          f"{s.get('time_to_recover_s', math.nan):.2f} s")
+    print(f"  timeline: {out / 'fault_timeline.parquet'}")
+    return {k: (v if not isinstance(v, float) or not math.isnan(v) else None) for k, v in s.items()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument("--model", default="auto", help="auto (reference if shipped, else random of the same shape), "
+                                                   "reference, random, or a checkpoint path")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per engine (default 1)")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--codecs", nargs="+", default=["none", "int8"])
+    p.add_argument("--policy", default="least_outstanding")
+    p.add_argument("--start-rate", type=float, default=2.0)
+    p.add_argument("--max-rate", type=float, default=256.0)
+    p.add_argument("--bisect", type=int, default=2)
+    p.add_argument("--trial-requests", type=int, default=24)
+    p.add_argument("--trial-timeout", type=float, default=60.0)
+    p.add_argument("--fault-rate", type=float, default=4.0)
+    p.add_argument("--out", default=str(ROOT / "results" / "serving_bench"))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    env = collect_env()
+    out = Path(args.out)
+    model = pick_model(args.model)
+    print(f"device={env['device']} ({', '.join(env['device_names'])}, {env['cpu_count']} cores), "
+          f"torch {env['torch']}, model={model}, threads/engine={args.threads}")
+    results: dict = {"env": env, "model": model, "args": vars(args)}
+    if "batching" in args.parts:
+        print(f"[1] continuous batching vs sequential: 16 requests, prompt {args.prompt_len}, "
+              f"output {args.output_len} tokens")
+        results["batching"] = part_batching(args, model)
+    if "maxrate" in args.parts:
+        print(f"[2] highest Poisson rate with p99 TPOT < {SLO_MS:g} ms (policy {args.policy})")
+        results["maxrate"] = part_maxrate(args, model)
+    if "fault" in args.parts:
+        print(f"[3] kill 1 of 2 workers under {args.fault_rate:g} req/s")
+        results["fault"] = part_fault(args, model, out)
+    write_json(out / "serving_bench.json", results)
+    print(f"results: {out / 'serving_bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
