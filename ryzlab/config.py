@@ -184,6 +184,11 @@ class CacheConfig:
     """Tokens per page."""
     num_blocks: int | None = None
     """Pool capacity in blocks; None = grow as needed (no capacity limit)."""
+    symmetric: bool = True
+    """int8/int4: True = scale only (q = round(x / s)); False = scale + fp16 minimum per scale
+    (asymmetric, one more 2-byte value per scale). fp8 is always symmetric."""
+    enable_prefix_caching: bool = True
+    """Share full blocks between sequences with the same prefix (chained block hashes)."""
 
     def __post_init__(self) -> None:
         check_choice("codec", self.codec, CODECS)

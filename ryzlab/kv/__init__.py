@@ -1,0 +1,15 @@
+"""Paged, compressed KV cache: block bookkeeping, codecs, paged storage + attention.
+
+Public API (see each module's docstring):
+
+* :class:`BlockPool` — plain-Python blocks, LRU free queue, ref counts, prefix hashes, CoW.
+* :class:`KVFormat` — codec + scale granularity: ``encode`` / ``decode`` / ``bytes_per_token``.
+* :class:`PagedKVCache` — per-layer pages, ``add_sequence`` / ``extend`` / ``write`` /
+  ``attend`` / ``attend_partial`` (with log-sum-exp) / ``read_kv`` / ``ledger`` / ``stats``.
+"""
+from ryzlab.kv.blocks import AppendResult, Block, BlockPool, FreeBlockQueue, hash_block
+from ryzlab.kv.cache import PagedKVCache, Step
+from ryzlab.kv.codecs import Encoded, KVFormat, TokenBytes, bytes_per_token, decode, encode
+
+__all__ = ["AppendResult", "Block", "BlockPool", "FreeBlockQueue", "hash_block", "PagedKVCache", "Step",
+           "Encoded", "KVFormat", "TokenBytes", "bytes_per_token", "decode", "encode"]

@@ -1,0 +1,432 @@
+"""Block bookkeeping for the paged KV cache, in plain Python (no tensors), vLLM-v1 style.
+
+A sequence's KV lives in fixed-size blocks of ``block_size`` tokens; its *block table* lists
+their ids in token order. Blocks are reference counted so sequences can share them:
+
+* **prefix caching**: every FULL block gets a hash chained over all tokens before it
+  (``hash(parent_hash, block_tokens)``), so two prompts with the same first ``k * block_size``
+  tokens share the same ``k`` blocks. Partial blocks are never hashed: their content still
+  changes.
+* **fork** (beam search, parallel sampling): a child shares all of its parent's blocks;
+  appending to a shared, partially filled last block triggers **copy-on-write** — the pool
+  hands out a fresh block and reports ``(src, dst)`` so the tensor side copies the contents.
+
+Freed blocks keep their hash and stay reusable until they are popped for a new allocation
+(least recently used first); only then is the cached prefix evicted.
+
+Three error tiers, as in vLLM: an *expected shortage* (not enough free blocks) returns
+``None`` and changes nothing, so the caller can preempt or evict; *caller misuse* (unknown
+sequence, duplicate id, negative counts) raises ``ValueError`` with the values; a *broken
+invariant* fails an ``assert`` naming the bug (see :meth:`BlockPool.check_invariants`).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+__all__ = ["Block", "BlockHash", "FreeBlockQueue", "AppendResult", "BlockPool", "SeqId", "hash_block"]
+
+log = logging.getLogger(__name__)
+
+SeqId = Hashable
+BlockHash = bytes
+_UNKNOWN = -1  # placeholder for tokens appended by count only: such blocks are never hashed
+
+
+def hash_block(parent: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
+    """Chained hash of one full block: it identifies the block AND everything before it.
+
+    blake2b-128 rather than Python's ``hash``: a collision would silently attend to another
+    prompt's keys, so the probability must be negligible (2^-64 at 2^32 blocks), and the
+    value must be stable across processes (ranks compare hashes).
+    """
+    h = hashlib.blake2b(parent or b"root", digest_size=16)
+    h.update(b",".join(str(t).encode() for t in token_ids))
+    return h.digest()
+
+
+@dataclass(eq=False)
+class Block:
+    """One page of ``block_size`` token slots. ``ref_cnt`` sequences point at it."""
+
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: BlockHash | None = None
+    """Set while the block is registered in the prefix cache (full blocks only)."""
+    prev_free: Block | None = field(default=None, repr=False)
+    next_free: Block | None = field(default=None, repr=False)
+
+
+class FreeBlockQueue:
+    """Free blocks as a doubly linked list, least recently freed first (eviction order).
+
+    Not a ``collections.deque``: when a new prompt hits a cached block that is free
+    (``ref_cnt == 0``), that block must leave the queue from the *middle*. The links live in
+    the blocks themselves, so ``remove`` is O(1); a deque would need O(n) ``remove``.
+    """
+
+    def __init__(self, blocks: Sequence[Block] = ()):
+        self._head = Block(-1)  # sentinels: no special cases for the ends
+        self._tail = Block(-1)
+        self._head.next_free, self._tail.prev_free = self._tail, self._head
+        self._len = 0
+        for b in blocks:
+            self.append(b)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[Block]:
+        b = self._head.next_free
+        while b is not self._tail:
+            assert b is not None, "free queue broken: dangling link"
+            yield b
+            b = b.next_free
+
+    def __contains__(self, block: Block) -> bool:
+        return block.prev_free is not None
+
+    def append(self, block: Block) -> None:
+        assert block.prev_free is None and block.next_free is None, \
+            f"block {block.block_id} appended to the free queue twice"
+        last = self._tail.prev_free
+        assert last is not None
+        last.next_free, block.prev_free = block, last
+        block.next_free, self._tail.prev_free = self._tail, block
+        self._len += 1
+
+    def popleft(self) -> Block:
+        if not self._len:
+            raise IndexError("free queue is empty")
+        b = self._head.next_free
+        assert b is not None
+        self.remove(b)
+        return b
+
+    def remove(self, block: Block) -> None:
+        prev, nxt = block.prev_free, block.next_free
+        assert prev is not None and nxt is not None, f"block {block.block_id} is not in the free queue"
+        prev.next_free, nxt.prev_free = nxt, prev
+        block.prev_free = block.next_free = None
+        self._len -= 1
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """What the tensor side must do after :meth:`BlockPool.append`."""
+
+    new_blocks: list[int]
+    """Block ids appended to the table (in order)."""
+    copies: list[tuple[int, int]]
+    """Copy-on-write: copy the contents of block ``src`` into ``dst`` (``dst`` replaced ``src``)."""
+
+
+@dataclass
+class _Seq:
+    blocks: list[Block] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    hashes: list[BlockHash | None] = field(default_factory=list)
+    """Chained hash per full block (None once a block holds unknown tokens)."""
+    num_cached_tokens: int = 0
+
+
+class BlockPool:
+    """Fixed-size blocks, an LRU free queue, reference counts and a prefix cache.
+
+    ``num_blocks=None`` means unbounded: new block ids are created when the free queue is
+    empty (the tensor side grows its storage). Sequence ids are any hashable values.
+    """
+
+    def __init__(self, num_blocks: int | None, block_size: int, enable_prefix_caching: bool = True):
+        if block_size <= 0:
+            raise ValueError(f"block_size must be a positive number of tokens, got {block_size}")
+        if num_blocks is not None and num_blocks <= 0:
+            raise ValueError(f"num_blocks must be > 0 or None (unbounded), got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks: list[Block] = [Block(i) for i in range(num_blocks or 0)]
+        self.free_queue = FreeBlockQueue(self.blocks)
+        self.cached: dict[BlockHash, Block] = {}
+        self._seqs: dict[SeqId, _Seq] = {}
+        self._queried_tokens = 0
+        self._hit_tokens = 0
+
+    # ------------------------------------------------------------------ capacity
+    @property
+    def bounded(self) -> bool:
+        return self.num_blocks is not None
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks with ``ref_cnt == 0`` (cached or not); unbounded pools can always grow beyond."""
+        return len(self.free_queue)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return len(self.blocks) - len(self.free_queue)
+
+    def _can_take(self, n: int) -> bool:
+        return not self.bounded or n <= len(self.free_queue)
+
+    def _take(self) -> Block:
+        """Pop the least recently used free block (evicting its cached hash), or grow."""
+        if self.free_queue:
+            b = self.free_queue.popleft()
+            if b.block_hash is not None:
+                self._uncache(b)
+        else:
+            assert not self.bounded, "pool exhausted after a capacity check said it was not"
+            b = Block(len(self.blocks))
+            self.blocks.append(b)
+        assert b.ref_cnt == 0, f"block {b.block_id} taken from the free queue with ref_cnt {b.ref_cnt}"
+        b.ref_cnt = 1
+        return b
+
+    def _release(self, b: Block) -> None:
+        assert b.ref_cnt > 0, f"block {b.block_id} released with ref_cnt {b.ref_cnt}"
+        b.ref_cnt -= 1
+        if b.ref_cnt == 0:
+            self.free_queue.append(b)
+
+    def _uncache(self, b: Block) -> None:
+        assert b.block_hash is not None and self.cached.get(b.block_hash) is b, \
+            f"block {b.block_id} has hash but is not the cached block for it"
+        del self.cached[b.block_hash]
+        b.block_hash = None
+
+    # ------------------------------------------------------------------ sequences
+    def _seq(self, seq_id: SeqId) -> _Seq:
+        try:
+            return self._seqs[seq_id]
+        except KeyError:
+            raise ValueError(f"unknown sequence {seq_id!r}; live sequences: {list(self._seqs)[:20]}") from None
+
+    def __contains__(self, seq_id: SeqId) -> bool:
+        return seq_id in self._seqs
+
+    def seq_ids(self) -> list[SeqId]:
+        return list(self._seqs)
+
+    def _blocks_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.block_size)
+
+    @staticmethod
+    def _tokens(token_ids: Sequence[int] | int) -> list[int]:
+        if isinstance(token_ids, int):
+            if token_ids < 0:
+                raise ValueError(f"token count must be >= 0, got {token_ids}")
+            return [_UNKNOWN] * token_ids
+        toks = list(token_ids)
+        if any(t < 0 for t in toks):
+            raise ValueError("token ids must be >= 0 (negative ids are reserved for unknown tokens)")
+        return toks
+
+    def allocate(self, seq_id: SeqId, token_ids: Sequence[int] | int, *, cache: bool = True) -> list[int] | None:
+        """Create sequence ``seq_id`` holding ``token_ids``; return its block table, or None.
+
+        The longest chain of cached full blocks matching the prompt is reused (their tokens
+        need no prefill, see :meth:`num_cached_tokens`). If the whole prompt is cached, the
+        last block is recomputed anyway so the model still runs at least one token (vLLM does
+        the same). ``token_ids`` may be a count when the ids are unknown (never hashed).
+        ``cache=False`` defers registering the new full blocks in the prefix cache until
+        :meth:`cache_blocks` says their KV is written. None = not enough free blocks.
+        """
+        if seq_id in self._seqs:
+            raise ValueError(f"sequence {seq_id!r} already exists")
+        toks = self._tokens(token_ids)
+        bs = self.block_size
+        hashes = self._chain(None, toks, 0)
+        hits: list[Block] = []
+        if self.enable_prefix_caching:
+            for h in hashes:
+                b = self.cached.get(h) if h is not None else None
+                if b is None:
+                    break
+                hits.append(b)
+            if hits and len(hits) * bs >= len(toks):
+                hits.pop()  # everything cached: recompute the last block to get logits
+        need = self._blocks_for(len(toks)) - len(hits)
+        revived = sum(1 for b in hits if b.ref_cnt == 0)
+        if not self._can_take(need + revived):
+            return None
+        for b in hits:
+            if b.ref_cnt == 0:
+                self.free_queue.remove(b)
+            b.ref_cnt += 1
+        s = _Seq(blocks=list(hits), tokens=toks, hashes=hashes, num_cached_tokens=len(hits) * bs)
+        s.blocks += [self._take() for _ in range(need)]
+        self._seqs[seq_id] = s
+        if self.enable_prefix_caching and toks and toks[0] != _UNKNOWN:
+            self._queried_tokens += len(toks)
+            self._hit_tokens += s.num_cached_tokens
+        if cache:
+            self.cache_blocks(seq_id, len(toks))
+        return [b.block_id for b in s.blocks]
+
+    def _chain(self, parent: BlockHash | None, toks: list[int], first_block: int) -> list[BlockHash | None]:
+        """Hashes of the full blocks of ``toks`` from block ``first_block`` on."""
+        if not self.enable_prefix_caching:
+            return [None] * (len(toks) // self.block_size - first_block)
+        out: list[BlockHash | None] = []
+        bs = self.block_size
+        for i in range(first_block, len(toks) // bs):
+            chunk = toks[i * bs:(i + 1) * bs]
+            parent = None if (parent is None and i > 0) or _UNKNOWN in chunk else hash_block(parent, chunk)
+            out.append(parent)
+        return out
+
+    def cache_blocks(self, seq_id: SeqId, num_tokens: int) -> None:
+        """Register the full blocks within the first ``num_tokens`` tokens in the prefix cache.
+
+        Call once their KV is written (or is written in the same step before anyone reads it).
+        A block whose hash is already cached by another block stays private (a duplicate).
+        """
+        if not self.enable_prefix_caching:
+            return
+        s = self._seq(seq_id)
+        for i in range(min(num_tokens, len(s.tokens)) // self.block_size):
+            h, b = s.hashes[i], s.blocks[i]
+            if h is not None and b.block_hash is None and h not in self.cached:
+                b.block_hash = h
+                self.cached[h] = b
+
+    def blocks_needed(self, seq_id: SeqId, num_new_tokens: int) -> int:
+        """Free blocks an :meth:`append` of ``num_new_tokens`` would take (copy-on-write included)."""
+        s = self._seq(seq_id)
+        n = len(s.tokens)
+        need = self._blocks_for(n + num_new_tokens) - len(s.blocks)
+        if num_new_tokens and n % self.block_size and s.blocks[-1].ref_cnt > 1:
+            need += 1
+        return need
+
+    def append(self, seq_id: SeqId, token_ids: Sequence[int] | int, *, cache: bool = True) -> AppendResult | None:
+        """Append tokens to a sequence, growing it one block at a time; None on shortage.
+
+        If the partially filled last block is shared (after :meth:`fork`), it is replaced by a
+        private copy first: ``copies`` tells the tensor side to copy ``src -> dst``.
+        """
+        s = self._seq(seq_id)
+        toks = self._tokens(token_ids)
+        if not self._can_take(self.blocks_needed(seq_id, len(toks))):
+            return None
+        copies: list[tuple[int, int]] = []
+        n, bs = len(s.tokens), self.block_size
+        if toks and n % bs and s.blocks[-1].ref_cnt > 1:
+            old = s.blocks[-1]
+            new = self._take()
+            self._release(old)
+            s.blocks[-1] = new
+            copies.append((old.block_id, new.block_id))
+        before = len(s.blocks)
+        s.blocks += [self._take() for _ in range(self._blocks_for(n + len(toks)) - before)]
+        s.tokens += toks
+        parent = s.hashes[-1] if s.hashes else None
+        if s.hashes and parent is None:  # chain already broken by unknown tokens
+            s.hashes += [None] * (len(s.tokens) // bs - len(s.hashes))
+        else:
+            s.hashes += self._chain(parent, s.tokens, len(s.hashes))
+        if cache:
+            self.cache_blocks(seq_id, len(s.tokens))
+        return AppendResult([b.block_id for b in s.blocks[before:]], copies)
+
+    def fork(self, parent_seq: SeqId, child_seq: SeqId) -> list[int]:
+        """Create ``child_seq`` sharing every block of ``parent_seq``; return its table.
+
+        Never needs a free block (sharing only); the first append to a shared partial block
+        pays the copy. The child inherits ``num_cached_tokens``.
+        """
+        p = self._seq(parent_seq)
+        if child_seq in self._seqs:
+            raise ValueError(f"sequence {child_seq!r} already exists")
+        for b in p.blocks:
+            b.ref_cnt += 1
+        self._seqs[child_seq] = _Seq(list(p.blocks), list(p.tokens), list(p.hashes), p.num_cached_tokens)
+        return [b.block_id for b in p.blocks]
+
+    def free(self, seq_id: SeqId) -> None:
+        """Drop a sequence. Its blocks keep their hashes (reusable until evicted).
+
+        Released in reverse order so the tail of a prompt is evicted before its head: a later
+        prompt can only hit a prefix, and the head is shared by more prompts.
+        """
+        s = self._seq(seq_id)
+        for b in reversed(s.blocks):
+            self._release(b)
+        del self._seqs[seq_id]
+
+    def evict(self, num_blocks: int | None = None) -> int:
+        """Forget the cached hashes of up to ``num_blocks`` free blocks (LRU first; None = all).
+
+        Frees no memory by itself (free blocks are reusable anyway); use it to drop a stale
+        prefix cache, e.g. after the model weights change. Returns how many were evicted.
+        """
+        if num_blocks is not None and num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0 or None, got {num_blocks}")
+        n = 0
+        for b in list(self.free_queue):
+            if num_blocks is not None and n >= num_blocks:
+                break
+            if b.block_hash is not None:
+                self._uncache(b)
+                n += 1
+        return n
+
+    # ------------------------------------------------------------------ queries
+    def block_table(self, seq_id: SeqId) -> list[int]:
+        return [b.block_id for b in self._seq(seq_id).blocks]
+
+    def num_tokens(self, seq_id: SeqId) -> int:
+        return len(self._seq(seq_id).tokens)
+
+    def token_ids(self, seq_id: SeqId) -> list[int]:
+        """Token ids of a sequence (-1 where only a count was appended)."""
+        return list(self._seq(seq_id).tokens)
+
+    def num_cached_tokens(self, seq_id: SeqId) -> int:
+        """Prompt tokens found in the prefix cache at :meth:`allocate` (no prefill needed)."""
+        return self._seq(seq_id).num_cached_tokens
+
+    def stats(self) -> dict[str, float]:
+        """Usage as the serving field names it; ``kv_cache_usage_perc`` is a fraction (1.0 = full)."""
+        cap = self.num_blocks if self.bounded else len(self.blocks)
+        used = self.num_used_blocks
+        return {
+            "kv_cache_usage_perc": used / cap if cap else 0.0,
+            "num_free_blocks": float(self.num_free_blocks),
+            "num_used_blocks": float(used),
+            "num_cached_blocks": float(len(self.cached)),
+            "num_blocks": float(cap),
+            "prefix_cache_queries": float(self._queried_tokens),
+            "prefix_cache_hits": float(self._hit_tokens),
+            "prefix_cache_hit_rate": self._hit_tokens / self._queried_tokens if self._queried_tokens else 0.0,
+        }
+
+    def check_invariants(self) -> None:
+        """Assert every bookkeeping invariant; each message names the broken one."""
+        refs = {b.block_id: 0 for b in self.blocks}
+        for sid, s in self._seqs.items():
+            assert len(s.blocks) == self._blocks_for(len(s.tokens)), \
+                f"seq {sid!r}: {len(s.blocks)} blocks for {len(s.tokens)} tokens (block_size {self.block_size})"
+            assert len(s.hashes) == len(s.tokens) // self.block_size, f"seq {sid!r}: hash chain length wrong"
+            for b in s.blocks:
+                refs[b.block_id] += 1
+        free_ids = set()
+        for b in self.free_queue:
+            assert b.block_id not in free_ids, f"block {b.block_id} twice in the free queue"
+            free_ids.add(b.block_id)
+        assert len(free_ids) == len(self.free_queue), "free queue length counter is wrong"
+        for b in self.blocks:
+            assert b.ref_cnt == refs[b.block_id], \
+                f"block {b.block_id}: ref_cnt {b.ref_cnt} but {refs[b.block_id]} block tables point at it"
+            in_free = b.block_id in free_ids
+            assert not (in_free and b.ref_cnt > 0), f"block {b.block_id} is both free and used (ref_cnt {b.ref_cnt})"
+            assert in_free or b.ref_cnt > 0, f"block {b.block_id} leaked: ref_cnt 0 but not in the free queue"
+            if b.block_hash is not None:
+                assert self.cached.get(b.block_hash) is b, f"block {b.block_id} hash not registered"
+        for h, b in self.cached.items():
+            assert b.block_hash == h, f"cached hash maps to block {b.block_id} with another hash"
+        if self.bounded:
+            assert len(self.blocks) == self.num_blocks, "bounded pool changed size"

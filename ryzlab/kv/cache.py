@@ -1,0 +1,621 @@
+"""Paged, optionally compressed KV cache with attention over the pages (pure torch, CPU/CUDA).
+
+The model-facing flow: one :meth:`PagedKVCache.extend` per forward step plans the step
+(positions, slot mapping, what to quantise), then per layer ``write`` + ``attend``::
+
+    cache = PagedKVCache(ModelConfig(), CacheConfig(codec="int8", block_size=16))
+    cached = cache.add_sequence("a", prompt_ids)   # prefix tokens already cached: skip them
+    step = cache.extend(["a"])                      # this step writes prompt_ids[cached:]
+    h = embed(prompt_ids[cached:])                  # [N, dim]; step.positions [N] for RoPE
+    for layer in range(model.n_layers):
+        q, k, v = qkv(layer, h, step.positions)     # [N, Hq, D], [N, Hkv, D], [N, Hkv, D]
+        cache.write(layer, k, v)                    # stores (quantises) the new tokens
+        h = block_rest(layer, cache.attend(layer, q))   # [N, Hq, D], causal over the pages
+    step = cache.extend(["a"], [[next_id]])         # decode: append one token, same loop
+    cache.free("a")
+
+A batch is ragged and flat (vLLM style): the ``N`` new tokens of every sequence in
+``step.seq_ids`` order. A ``[B, T, H, D]`` tensor is accepted when every sequence writes T.
+
+Storage and precision. Per layer, K and V pages hold ``[num_blocks, block_size, H, Dp]``
+payload plus scales (see :mod:`ryzlab.kv.codecs`). Attention always reads what the cache
+stores (prefill included), so paged attention equals dense attention on the decoded K/V.
+Token-local scales (``token_head``, ``group``) are written as tokens arrive. Token-spanning
+scales (``tensor``, ``head``, ``channel``) are computed over one *full block* when it fills
+(KIVI-style): until then that block's tokens live only in a per-sequence full-precision
+*tail*. The tail also holds the ``residual`` most recent tokens (read in full precision
+instead of the quantised copy), so it has ``max(residual, block_size - 1)`` rows (or
+``residual`` rows with token-local scales). Codec ``none`` has no tail. The ledger counts
+the tail as ``residual`` bytes: the staging cost of token-spanning scales is not hidden.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ryzlab.config import CacheConfig, ModelConfig
+from ryzlab.kv.blocks import BlockPool, SeqId
+from ryzlab.kv.codecs import Encoded, KVFormat
+
+__all__ = ["PagedKVCache", "Step", "merge_partials"]
+
+log = logging.getLogger(__name__)
+
+_INITIAL_BLOCKS = 16  # unbounded caches start here and double: amortised O(1) growth
+_INITIAL_SLOTS = 4
+
+
+@dataclass(frozen=True, eq=False)
+class Step:
+    """Plan of one forward step, made by :meth:`PagedKVCache.extend`; valid until the next one.
+
+    Public fields are what a model or engine needs; ``_``-fields are index tensors the cache
+    precomputes once per step so that ``write``/``attend`` run no Python loop per sequence.
+    """
+
+    seq_ids: tuple[SeqId, ...]
+    query_lens: tuple[int, ...]
+    """New tokens written per sequence in this step."""
+    context_lens: tuple[int, ...]
+    """Tokens each sequence attends to after this step (cached prefix + new)."""
+    positions: torch.Tensor
+    """``[N]`` absolute position of every new token (for RoPE)."""
+    slot_mapping: torch.Tensor
+    """``[N]`` page slot ``block_id * block_size + offset`` of every new token."""
+    _q_b: torch.Tensor            # [N] batch row of each new token
+    _q_t: torch.Tensor            # [N] column in the padded [B, Tq] query layout
+    _q_pos: torch.Tensor          # [B, Tq] position of each padded query (0 for padding)
+    _tables: torch.Tensor         # [B, nb] block tables, padded with block 0 (masked out)
+    _ov_b: torch.Tensor           # tail overlay: batch row,
+    _ov_pos: torch.Tensor         #   key position,
+    _ov_row: torch.Tensor         #   row in the flattened tail
+    _commit_blocks: torch.Tensor  # [nc] blocks that fill in this step (token-spanning scales)
+    _commit_src: torch.Tensor     # [nc, bs] rows in cat(tail rows, new tokens)
+    _tail_rows: int               # tail rows at planning time (offset of new tokens above)
+    _tail_src: torch.Tensor       # [nt] new-token index copied into the tail
+    _tail_dst: torch.Tensor       # [nt] tail row it lands in
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.numel())
+
+
+@dataclass
+class _SeqState:
+    slot: int
+    """Row of this sequence's tail in the tail tensors."""
+    num_written: int
+    """Tokens whose KV is planned/written (the rest of the pool's tokens are pending)."""
+    tail_start: int
+    """First position that was ever written by this sequence (earlier ones are prefix hits:
+    only their quantised copy exists, so they are never read from the tail)."""
+
+
+class _PagedTensor:
+    """Pages of K or V for all layers: payload ``[L, cap, bs, H, Dp]`` + scales/zero points."""
+
+    def __init__(self, fmt: KVFormat, layers: int, cap: int, bs: int, heads: int, head_dim: int,
+                 device: torch.device):
+        self.fmt, self.bs, self.heads, self.head_dim = fmt, bs, heads, head_dim
+        self.dp = fmt.packed_dim(head_dim)
+        self.scale_shape = fmt.scale_shape(bs, heads, head_dim)
+        self.payload = torch.zeros(layers, cap, bs, heads, self.dp, dtype=fmt.storage_dtype, device=device)
+        self.scale = self.zero = None
+        if fmt.quantized:
+            self.scale = torch.ones(layers, cap, *self.scale_shape, dtype=fmt.scale_dtype, device=device)
+        if fmt.has_zero:
+            self.zero = torch.zeros(layers, cap, *self.scale_shape, dtype=torch.float16, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.payload.shape[1]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.payload, self.scale, self.zero) if t is not None]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def grow(self, cap: int) -> None:
+        def g(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            extra = t.new_zeros(t.shape[0], cap - t.shape[1], *t.shape[2:])
+            return torch.cat([t, extra], dim=1)
+        self.payload, self.scale, self.zero = g(self.payload), g(self.scale), g(self.zero)
+
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        for t in self.tensors():
+            t[:, dst] = t[:, src]
+
+    def write_slots(self, layer: int, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """Encode ``x [N, H, D]`` token by token (token-local scales) into ``slots``."""
+        enc = self.fmt.encode(x)
+        self.payload[layer].view(-1, self.heads, self.dp)[slots] = enc.payload
+        if enc.scale is not None:
+            assert self.scale is not None
+            self.scale[layer].view(-1, *self.scale_shape[1:])[slots] = enc.scale
+        if enc.zero is not None:
+            assert self.zero is not None
+            self.zero[layer].view(-1, *self.scale_shape[1:])[slots] = enc.zero
+
+    def write_blocks(self, layer: int, blocks: torch.Tensor, x: torch.Tensor) -> None:
+        """Encode whole blocks ``x [nc, bs, H, D]``: token-spanning scales cover one block."""
+        enc = self.fmt.encode(x)
+        self.payload[layer][blocks] = enc.payload
+        if enc.scale is not None:
+            assert self.scale is not None
+            self.scale[layer][blocks] = enc.scale
+        if enc.zero is not None:
+            assert self.zero is not None
+            self.zero[layer][blocks] = enc.zero
+
+    def gather(self, layer: int, tables: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Decode the pages of ``tables [B, nb]`` -> ``[B, nb * bs, H, D]`` in a few vector ops."""
+        b, nb = tables.shape
+        enc = Encoded(self.payload[layer][tables],
+                      None if self.scale is None else self.scale[layer][tables],
+                      None if self.zero is None else self.zero[layer][tables])
+        return self.fmt.decode(enc, dtype).reshape(b, nb * self.bs, self.heads, self.head_dim)
+
+
+class PagedKVCache:
+    """Per-layer paged K/V storage owning a :class:`BlockPool`, with attention over the pages.
+
+    ``dtype`` is the model's compute dtype (what ``none`` stores, what the tail holds and what
+    attention returns); ``device`` holds every tensor. Raises ``ValueError`` if the cache
+    layout does not fit the model (e.g. a group size that does not divide head_dim).
+    """
+
+    def __init__(self, model: ModelConfig, cache: CacheConfig, *, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
+        cache.check_head_dim(model.head_dim)
+        self.model, self.config = model, cache
+        self.dtype, self.device = dtype, torch.device(device)
+        self.n_layers, self.n_kv_heads, self.head_dim = model.n_layers, model.n_kv_heads, model.head_dim
+        self.block_size = bs = cache.block_size
+        self.key_format = KVFormat(cache.codec, cache.key_granularity, cache.group_size, cache.symmetric, dtype)
+        self.value_format = KVFormat(cache.codec, cache.value_granularity, cache.group_size, cache.symmetric, dtype)
+        quantized = cache.codec != "none"
+        # One commit unit for K and V: a block if either needs block-wide scales, else a token.
+        self.commit_unit = bs if (self.key_format.spans_tokens or self.value_format.spans_tokens) else 1
+        self.residual = cache.residual if quantized else 0  # full precision == the stored copy
+        self.tail_len = max(self.residual, self.commit_unit - 1) if quantized else 0
+        self.pool = BlockPool(cache.num_blocks, bs, cache.enable_prefix_caching)
+        cap = cache.num_blocks or _INITIAL_BLOCKS
+        L, H, D = self.n_layers, self.n_kv_heads, self.head_dim
+        self.k = _PagedTensor(self.key_format, L, cap, bs, H, D, self.device)
+        self.v = _PagedTensor(self.value_format, L, cap, bs, H, D, self.device)
+        self._tail_k = torch.zeros(L, _INITIAL_SLOTS, self.tail_len, H, D, dtype=dtype, device=self.device)
+        self._tail_v = torch.zeros_like(self._tail_k)
+        self._free_slots = list(range(_INITIAL_SLOTS))
+        self._seqs: dict[SeqId, _SeqState] = {}
+        self._step: Step | None = None
+        log.debug("PagedKVCache: %s, commit unit %d, tail %d rows", cache, self.commit_unit, self.tail_len)
+
+    # ------------------------------------------------------------------ capacity
+    def _ensure_capacity(self) -> None:
+        need = len(self.pool.blocks)
+        if need > self.k.capacity:
+            cap = max(need, 2 * self.k.capacity)
+            self.k.grow(cap)
+            self.v.grow(cap)
+
+    def _take_slot(self) -> int:
+        if not self._free_slots:
+            n = self._tail_k.shape[1]
+            self._tail_k = torch.cat([self._tail_k, torch.zeros_like(self._tail_k)], dim=1)
+            self._tail_v = torch.cat([self._tail_v, torch.zeros_like(self._tail_v)], dim=1)
+            self._free_slots = list(range(n, 2 * n))
+        return self._free_slots.pop()
+
+    def _state(self, seq_id: SeqId) -> _SeqState:
+        try:
+            return self._seqs[seq_id]
+        except KeyError:
+            raise ValueError(f"unknown sequence {seq_id!r}; live sequences: {list(self._seqs)[:20]}") from None
+
+    # ------------------------------------------------------------------ sequences
+    def add_sequence(self, seq_id: SeqId, token_ids: Sequence[int] | int) -> int | None:
+        """Register a prompt (ids, or a count when ids are unknown: no prefix caching).
+
+        Returns how many leading tokens are already cached (their KV is reused; the next
+        :meth:`extend` writes only the rest), or None when the pool is short of blocks
+        (nothing changed: preempt or evict, then retry).
+        """
+        if seq_id in self._seqs:
+            raise ValueError(f"sequence {seq_id!r} already exists")
+        if self.pool.allocate(seq_id, token_ids, cache=False) is None:
+            return None
+        self._ensure_capacity()
+        cached = self.pool.num_cached_tokens(seq_id)
+        self._seqs[seq_id] = _SeqState(self._take_slot(), cached, cached)
+        return cached
+
+    def fork(self, parent: SeqId, child: SeqId) -> None:
+        """``child`` shares every block of ``parent`` (copy-on-write on its first append)."""
+        p = self._state(parent)
+        self.pool.fork(parent, child)
+        slot = self._take_slot()
+        self._tail_k[:, slot] = self._tail_k[:, p.slot]
+        self._tail_v[:, slot] = self._tail_v[:, p.slot]
+        self._seqs[child] = _SeqState(slot, p.num_written, p.tail_start)
+
+    def free(self, seq_id: SeqId) -> None:
+        """Drop a sequence; its written full blocks stay in the prefix cache until reused."""
+        st = self._state(seq_id)
+        self.pool.free(seq_id)
+        self._free_slots.append(st.slot)
+        del self._seqs[seq_id]
+
+    def seq_ids(self) -> list[SeqId]:
+        return list(self._seqs)
+
+    def __contains__(self, seq_id: SeqId) -> bool:
+        return seq_id in self._seqs
+
+    def num_tokens(self, seq_id: SeqId) -> int:
+        """Tokens of a sequence, written or pending."""
+        self._state(seq_id)
+        return self.pool.num_tokens(seq_id)
+
+    def num_written(self, seq_id: SeqId) -> int:
+        """Tokens whose KV has been planned by :meth:`extend` (and written by ``write``)."""
+        return self._state(seq_id).num_written
+
+    def num_cached_tokens(self, seq_id: SeqId) -> int:
+        self._state(seq_id)
+        return self.pool.num_cached_tokens(seq_id)
+
+    def block_table(self, seq_id: SeqId) -> list[int]:
+        self._state(seq_id)
+        return self.pool.block_table(seq_id)
+
+    def extend(self, seq_ids: Sequence[SeqId], new_tokens: Sequence[Sequence[int] | int] | None = None, *,
+               num_write: Sequence[int] | None = None) -> Step | None:
+        """Append ``new_tokens`` (ids or counts) per sequence and plan the step that writes them.
+
+        The step writes every pending token of each sequence (prompt tokens after
+        :meth:`add_sequence`, plus the new ones), or at most ``num_write[i]`` of them (chunked
+        prefill). Returns None if the pool cannot hold the new tokens: nothing changed.
+        Copy-on-write copies are applied to the tensors here. The caller must then call
+        :meth:`write` for every layer before the next ``extend``.
+        """
+        seq_ids = list(seq_ids)
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"duplicate sequence ids in one step: {seq_ids}")
+        states = [self._state(s) for s in seq_ids]
+        toks: list[Sequence[int] | int] = list(new_tokens) if new_tokens is not None else [0] * len(seq_ids)
+        if len(toks) != len(seq_ids):
+            raise ValueError(f"{len(seq_ids)} sequences but {len(toks)} token lists")
+        if num_write is not None and len(num_write) != len(seq_ids):
+            raise ValueError(f"{len(seq_ids)} sequences but {len(num_write)} num_write values")
+        counts = [t if isinstance(t, int) else len(t) for t in toks]
+        if self.pool.bounded:
+            # conservative for forks sharing a block: each counts its own copy-on-write
+            need = sum(self.pool.blocks_needed(s, c) for s, c in zip(seq_ids, counts))
+            if need > self.pool.num_free_blocks:
+                return None
+        copies: list[tuple[int, int]] = []
+        for s, t in zip(seq_ids, toks):
+            res = self.pool.append(s, t, cache=False)
+            assert res is not None, f"append of {s!r} failed after the capacity check passed"
+            copies += res.copies
+        self._ensure_capacity()
+        if copies:
+            src = torch.tensor([c[0] for c in copies], device=self.device)
+            dst = torch.tensor([c[1] for c in copies], device=self.device)
+            self.k.copy_blocks(src, dst)
+            self.v.copy_blocks(src, dst)
+        starts, writes = [], []
+        for i, (s, st) in enumerate(zip(seq_ids, states)):
+            pending = self.pool.num_tokens(s) - st.num_written
+            w = pending if num_write is None else num_write[i]
+            if not 0 <= w <= pending:
+                raise ValueError(f"num_write[{i}]={w} for {s!r}, which has {pending} pending tokens")
+            starts.append(st.num_written)
+            writes.append(w)
+        step = self._plan(seq_ids, starts, writes)
+        for s, st, w in zip(seq_ids, states, writes):
+            st.num_written += w
+            self.pool.cache_blocks(s, st.num_written)
+        self._step = step
+        return step
+
+    # ------------------------------------------------------------------ planning
+    def _written_end(self, n: int) -> int:
+        """Positions < this are read from the pages, the rest of ``[0, n)`` from the tail."""
+        return min(max(n - self.residual, 0), (n // self.commit_unit) * self.commit_unit)
+
+    def _overlay(self, states: list[_SeqState], ends: list[int]) -> tuple[torch.Tensor, ...]:
+        bs_, pos_, row_ = [], [], []
+        if self.tail_len:
+            for b, (st, n) in enumerate(zip(states, ends)):
+                lo = max(self._written_end(n), st.tail_start)
+                assert n - lo <= self.tail_len, f"tail window {n - lo} exceeds {self.tail_len} rows"
+                p = torch.arange(lo, n)
+                bs_.append(torch.full_like(p, b))
+                pos_.append(p)
+                row_.append(st.slot * self.tail_len + p % self.tail_len)
+        cat = (lambda xs: torch.cat(xs).to(self.device)) if bs_ else (lambda xs: torch.zeros(0, dtype=torch.long, device=self.device))
+        return cat(bs_), cat(pos_), cat(row_)
+
+    def _tables(self, seq_ids: list[SeqId], ends: list[int]) -> torch.Tensor:
+        nb = max(1, max((-(-n // self.block_size) for n in ends), default=1))
+        rows = [(self.pool.block_table(s)[:-(-n // self.block_size)] + [0] * nb)[:nb] for s, n in zip(seq_ids, ends)]
+        return torch.tensor(rows, dtype=torch.long, device=self.device).view(len(seq_ids), nb)
+
+    def _plan(self, seq_ids: list[SeqId], starts: list[int], writes: list[int]) -> Step:
+        bs, tl, dev = self.block_size, self.tail_len, self.device
+        states = [self._seqs[s] for s in seq_ids]
+        ends = [a + w for a, w in zip(starts, writes)]
+        B, tq = len(seq_ids), max(writes, default=0)
+        positions, slots, q_t = [], [], []
+        commit_blocks, commit_src, tail_src, tail_dst = [], [], [], []
+        tail_rows = self._tail_k.shape[1] * tl
+        off = 0
+        for st, s, a, w, n in zip(states, seq_ids, starts, writes, ends):
+            table = torch.tensor(self.pool.block_table(s), dtype=torch.long)
+            p = torch.arange(a, n)
+            positions.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+            q_t.append(torch.arange(w))
+            if self.commit_unit > 1:
+                for i in range(a // bs, n // bs):  # blocks that become full in this step
+                    bp = torch.arange(i * bs, (i + 1) * bs)
+                    assert int(bp[0]) >= st.tail_start or a >= (i + 1) * bs, "commit reads a prefix hit"
+                    from_tail = st.slot * tl + bp % tl if tl else bp
+                    commit_src.append(torch.where(bp >= a, tail_rows + off + bp - a, from_tail))
+                    commit_blocks.append(int(table[i]))
+            if tl:
+                tp = torch.arange(max(a, n - tl), n)
+                tail_src.append(off + tp - a)
+                tail_dst.append(st.slot * tl + tp % tl)
+            off += w
+        long0 = torch.zeros(0, dtype=torch.long)
+        cat = lambda xs: torch.cat(xs) if xs else long0
+        pos = cat(positions)
+        q_b = torch.repeat_interleave(torch.arange(B), torch.tensor(writes, dtype=torch.long)) if B else long0
+        q_t_ = cat(q_t)
+        q_pos = torch.zeros(B, max(tq, 1), dtype=torch.long)
+        q_pos[q_b, q_t_] = pos
+        ov = self._overlay(states, ends)
+        return Step(
+            seq_ids=tuple(seq_ids), query_lens=tuple(writes), context_lens=tuple(ends),
+            positions=pos.to(dev), slot_mapping=cat(slots).to(dev),
+            _q_b=q_b.to(dev), _q_t=q_t_.to(dev), _q_pos=q_pos.to(dev),
+            _tables=self._tables(seq_ids, ends) if B else torch.zeros(0, 1, dtype=torch.long, device=dev),
+            _ov_b=ov[0], _ov_pos=ov[1], _ov_row=ov[2],
+            _commit_blocks=torch.tensor(commit_blocks, dtype=torch.long, device=dev),
+            _commit_src=(torch.stack(commit_src) if commit_src else torch.zeros(0, bs, dtype=torch.long)).to(dev),
+            _tail_rows=tail_rows, _tail_src=cat(tail_src).to(dev), _tail_dst=cat(tail_dst).to(dev))
+
+    # ------------------------------------------------------------------ per layer
+    def _flat(self, x: torch.Tensor, step: Step, name: str, heads: int) -> tuple[torch.Tensor, bool]:
+        """Accept ``[N, H, D]`` or ``[B, T, H, D]`` (every sequence writing T tokens)."""
+        if x.dim() == 4:
+            if x.shape[0] != len(step.seq_ids) or any(t != x.shape[1] for t in step.query_lens):
+                raise ValueError(f"{name} has shape {tuple(x.shape)} but the step writes {step.query_lens} "
+                                 f"tokens for {len(step.seq_ids)} sequences; pass [N, H, D] for ragged batches")
+            x = x.reshape(-1, *x.shape[2:])
+            four_d = True
+        else:
+            four_d = False
+        if x.dim() != 3 or x.shape[0] != step.num_tokens or x.shape[1] != heads or x.shape[2] != self.head_dim:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected [{step.num_tokens}, {heads}, "
+                             f"{self.head_dim}] (N new tokens, heads, head_dim)")
+        return x, four_d
+
+    def _current(self, step: Step | None) -> Step:
+        step = step or self._step
+        if step is None:
+            raise ValueError("no step planned: call extend() before write()/attend()")
+        return step
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, *, step: Step | None = None) -> None:
+        """Store the step's new keys/values ``[N, Hkv, D]`` for ``layer`` (quantising them)."""
+        step = self._current(step)
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer={layer} out of range [0, {self.n_layers})")
+        k, _ = self._flat(k, step, "k", self.n_kv_heads)
+        v, _ = self._flat(v, step, "v", self.n_kv_heads)
+        k, v = k.to(self.dtype), v.to(self.dtype)
+        for pages, tail, x in ((self.k, self._tail_k, k), (self.v, self._tail_v, v)):
+            flat_tail = tail[layer].view(-1, self.n_kv_heads, self.head_dim)
+            if self.commit_unit == 1:
+                if step.num_tokens:
+                    pages.write_slots(layer, step.slot_mapping, x)
+            elif step._commit_blocks.numel():
+                assert flat_tail.shape[0] == step._tail_rows, "tail grew after the step was planned"
+                # read the old tail BEFORE this step's tokens overwrite its ring rows
+                src = torch.cat([flat_tail, x])[step._commit_src]  # [nc, bs, H, D]
+                pages.write_blocks(layer, step._commit_blocks, src)
+            if step._tail_dst.numel():
+                flat_tail[step._tail_dst] = x[step._tail_src]
+
+    def _gather(self, layer: int, pages: _PagedTensor, tail: torch.Tensor, tables: torch.Tensor,
+                ov: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = pages.gather(layer, tables, self.dtype)  # [B, S, H, D]
+        if ov[0].numel():
+            x[ov[0], ov[1]] = tail[layer].view(-1, self.n_kv_heads, self.head_dim)[ov[2]]
+        return x
+
+    def gather(self, layer: int, *, step: Step | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded keys and values the step attends to: ``[B, S, Hkv, D]`` each, position-aligned.
+
+        ``S`` is the longest context rounded up to whole blocks; positions ``>= context_lens[b]``
+        are padding.
+        """
+        step = self._current(step)
+        ov = (step._ov_b, step._ov_pos, step._ov_row)
+        return (self._gather(layer, self.k, self._tail_k, step._tables, ov),
+                self._gather(layer, self.v, self._tail_v, step._tables, ov))
+
+    def attend(self, layer: int, q: torch.Tensor, *, step: Step | None = None,
+               scale: float | None = None) -> torch.Tensor:
+        """Causal attention of the step's queries ``[N, Hq, D]`` over the cache -> ``[N, Hq, D]``.
+
+        Each query at position ``p`` sees keys ``0..p`` of its own sequence (cached prefix plus
+        this step's tokens), GQA included. Uses ``scaled_dot_product_attention`` on the decoded
+        pages (memory-efficient on CPU and CUDA).
+        """
+        step = self._current(step)
+        q, four_d = self._flat(q, step, "q", self.model.n_heads)
+        if not step.num_tokens:
+            return q.new_zeros(q.shape)
+        k, v = self.gather(layer, step=step)
+        qp, mask = self._pad_queries(q, step, k.shape[1])
+        out = F.scaled_dot_product_attention(qp.transpose(1, 2), k.transpose(1, 2).to(q.dtype),
+                                             v.transpose(1, 2).to(q.dtype), attn_mask=mask[:, None],
+                                             scale=scale, enable_gqa=True)  # [B, Hq, Tq, D]
+        out = out.transpose(1, 2)[step._q_b, step._q_t]
+        return out.view(len(step.seq_ids), -1, *out.shape[1:]) if four_d else out
+
+    def _pad_queries(self, q: torch.Tensor, step: Step, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        qp = q.new_zeros(len(step.seq_ids), step._q_pos.shape[1], *q.shape[1:])  # [B, Tq, Hq, D]
+        qp[step._q_b, step._q_t] = q
+        kpos = torch.arange(s, device=q.device)
+        return qp, kpos[None, None, :] <= step._q_pos[:, :, None]  # [B, Tq, S] causal = in-context
+
+    def attend_partial(self, layer: int, q: torch.Tensor, *, step: Step | None = None,
+                       blocks: Sequence[Sequence[int] | None] | None = None, key_mask: torch.Tensor | None = None,
+                       scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over a subset of the keys, with log-sum-exp, for an exact cross-rank merge.
+
+        ``blocks[b]`` lists the *logical* block indices (0 = first ``block_size`` tokens) of
+        sequence ``b`` to include (None = all); or ``key_mask [B, S]`` (True = include) picks
+        key positions directly. Returns ``out [N, Hq, D]`` (normalised over the included keys,
+        0 where none) and ``lse [N, Hq]`` = logsumexp of the scaled scores (-inf where none);
+        :func:`ryzlab.kv.merge.merge_partials` over disjoint subsets gives :meth:`attend`.
+        """
+        step = self._current(step)
+        q, _ = self._flat(q, step, "q", self.model.n_heads)
+        k, v = self.gather(layer, step=step)  # [B, S, H, D]
+        B, S, H, D = k.shape
+        hq = q.shape[1]
+        g = hq // H
+        if blocks is not None:
+            if len(blocks) != B:
+                raise ValueError(f"blocks has {len(blocks)} entries for {B} sequences")
+            key_mask = torch.zeros(B, S // self.block_size, dtype=torch.bool, device=k.device)
+            for b, sel in enumerate(blocks):
+                if sel is None:
+                    key_mask[b] = True
+                elif len(sel):
+                    key_mask[b, torch.tensor(list(sel), dtype=torch.long, device=k.device)] = True
+            key_mask = key_mask.repeat_interleave(self.block_size, dim=1)
+        if key_mask is not None and tuple(key_mask.shape) != (B, S):
+            raise ValueError(f"key_mask has shape {tuple(key_mask.shape)}; expected [{B}, {S}]")
+        scale = scale if scale is not None else 1.0 / math.sqrt(D)
+        qp, mask = self._pad_queries(q, step, S)
+        if key_mask is not None:
+            mask = mask & key_mask[:, None, :]
+        tq = qp.shape[1]
+        kt = k.to(torch.float32).permute(0, 2, 3, 1)  # [B, H, D, S]
+        vt = v.to(torch.float32).permute(0, 2, 1, 3)  # [B, H, S, D]
+        outs, lses = [], []
+        # chunk queries so the score tensor stays ~64 MB however long the prefill is
+        chunk = max(1, (1 << 24) // max(1, B * hq * S))
+        for c0 in range(0, tq, chunk):
+            qc = qp[:, c0:c0 + chunk].to(torch.float32)  # [B, c, Hq, D]
+            c = qc.shape[1]
+            qg = qc.view(B, c, H, g, D).permute(0, 2, 3, 1, 4).reshape(B, H, g * c, D)
+            sc = (qg @ kt).view(B, H, g, c, S) * scale
+            sc = sc.masked_fill(~mask[:, None, None, c0:c0 + c], float("-inf"))
+            lse = torch.logsumexp(sc, dim=-1)  # [B, H, g, c]
+            p = torch.exp(sc - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+            o = (p.view(B, H, g * c, S) @ vt).view(B, H, g, c, D)
+            outs.append(o.permute(0, 3, 1, 2, 4).reshape(B, c, hq, D))
+            lses.append(lse.permute(0, 3, 1, 2).reshape(B, c, hq))
+        out = torch.cat(outs, 1)[step._q_b, step._q_t].to(q.dtype)
+        lse = torch.cat(lses, 1)[step._q_b, step._q_t]
+        return out, lse
+
+    # ------------------------------------------------------------------ inspection
+    def read_kv(self, seq_id: SeqId, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded K and V of the written tokens, exactly as attention sees them.
+
+        ``[n, Hkv, D]`` each for one layer, ``[L, n, Hkv, D]`` for ``layer=None``. For the
+        accuracy harness (reconstruction error against the unquantised K/V).
+        """
+        st = self._state(seq_id)
+        n = st.num_written
+        tables = self._tables([seq_id], [n])
+        ov = self._overlay([st], [n])
+        layers = range(self.n_layers) if layer is None else [layer]
+        ks = [self._gather(i, self.k, self._tail_k, tables, ov)[0, :n] for i in layers]
+        vs = [self._gather(i, self.v, self._tail_v, tables, ov)[0, :n] for i in layers]
+        return (torch.stack(ks), torch.stack(vs)) if layer is None else (ks[0], vs[0])
+
+    def stats(self) -> dict[str, float]:
+        """The pool's stats plus the number of live sequences."""
+        return {**self.pool.stats(), "num_seqs": float(len(self._seqs))}
+
+    def bytes_per_token_codec(self) -> float:
+        """Asymptotic bytes per token, all layers, K + V: payload + amortised scales only."""
+        kb = self.key_format.bytes_per_token(self.n_kv_heads, self.head_dim, self.block_size)
+        vb = self.value_format.bytes_per_token(self.n_kv_heads, self.head_dim, self.block_size)
+        return self.n_layers * (kb.total + vb.total)
+
+    def ledger(self) -> dict[str, float]:
+        """Exact bytes held for the live sequences, by kind (all layers, K + V).
+
+        * ``payload``: quantised (or model-dtype) values of the filled token slots;
+        * ``scales``: scales and zero points (token-local ones per filled slot, block-wide
+          ones per used block);
+        * ``padding``: empty slots of partially filled blocks (payload + token-local scales);
+        * ``residual``: the full-precision tail rows of every live sequence (residual window
+          and, for token-spanning scales, the not-yet-full block);
+        * ``metadata``: what a device would hold to address them: an int32 block-table entry
+          per block per sequence and an int32 length per sequence (host-side Python
+          bookkeeping is not counted);
+        * ``bytes_per_token``: total / tokens of the live sequences (shared prefix blocks are
+          counted once, so sharing lowers it); ``ratio_vs_bf16`` divides it by
+          ``bf16_bytes_per_token`` = ``2 * L * Hkv * D * 2``;
+        * ``allocated``: bytes of every storage tensor (pool capacity, cached free blocks
+          and spare tail slots included).
+        """
+        L, H, D, bs = self.n_layers, self.n_kv_heads, self.head_dim, self.block_size
+        payload_slot = scale_slot = scale_block = 0.0
+        for fmt in (self.key_format, self.value_format):
+            tb = fmt.bytes_per_token(H, D, bs)
+            payload_slot += L * tb.payload
+            if fmt.spans_tokens:
+                scale_block += L * tb.scales * bs
+            else:
+                scale_slot += L * tb.scales
+        fill: dict[int, int] = {}
+        tokens = table_entries = 0
+        for s in self._seqs:
+            n = self.pool.num_tokens(s)
+            tokens += n
+            table = self.pool.block_table(s)
+            table_entries += len(table)
+            for j, b in enumerate(table):
+                fill[b] = max(fill.get(b, 0), min(bs, n - j * bs))
+        filled = sum(fill.values())
+        used = len(fill)
+        payload = filled * payload_slot
+        scales = filled * scale_slot + used * scale_block
+        padding = (used * bs - filled) * (payload_slot + scale_slot)
+        residual = float(len(self._seqs) * self.tail_len * H * D * self.dtype.itemsize * 2 * L)
+        metadata = float(4 * table_entries + 4 * len(self._seqs))
+        total = payload + scales + padding + residual + metadata
+        bf16 = 2.0 * L * H * D * 2
+        bpt = total / tokens if tokens else self.bytes_per_token_codec()
+        allocated = self.k.nbytes() + self.v.nbytes() + 2 * self._tail_k.numel() * self._tail_k.element_size()
+        return {"payload": payload, "scales": scales, "residual": residual, "padding": padding,
+                "metadata": metadata, "total": total, "tokens": float(tokens), "bytes_per_token": bpt,
+                "bytes_per_token_codec": self.bytes_per_token_codec(), "bf16_bytes_per_token": bf16,
+                "ratio_vs_bf16": bpt / bf16, "allocated": float(allocated)}
+
+
+def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-export of :func:`ryzlab.kv.merge.merge_partials` (exact LSE merge of partial attention)."""
+    from ryzlab.kv.merge import merge_partials as _merge
+    return _merge(outs, lses)

@@ -1,0 +1,313 @@
+"""PagedKVCache: paged vs dense attention, stored values vs the codec, sharing, CoW, shortage, ledger."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ryzlab.config import CacheConfig, ModelConfig
+from ryzlab.kv.cache import PagedKVCache
+from ryzlab.kv.codecs import KVFormat
+from ryzlab.kv.merge import merge_partials
+
+MODEL = ModelConfig(vocab_size=32, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256)  # GQA 2:1, D=8
+HQ, HKV, D = MODEL.n_heads, MODEL.n_kv_heads, MODEL.head_dim
+
+
+def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
+    """Reference: SDPA over one sequence's full K/V ``[S, Hkv, D]``, causal by position."""
+    mask = torch.arange(k.shape[0])[None, :] <= qpos[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                         v.transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+class Driver:
+    """Runs steps on a cache with random q/k/v and keeps the original K/V per sequence."""
+
+    def __init__(self, cache: PagedKVCache, seed: int = 0):
+        self.cache = cache
+        self.gen = torch.Generator().manual_seed(seed)
+        self.kv: dict[object, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per layer: [n, H, D]
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.gen)
+
+    def step(self, step) -> list[torch.Tensor]:
+        """Write + attend every layer; check attend == dense over what the cache stores."""
+        outs = []
+        for layer in range(MODEL.n_layers):
+            n = step.num_tokens
+            q, k, v = self.rand(n, HQ, D), self.rand(n, HKV, D), self.rand(n, HKV, D)
+            self.cache.write(layer, k, v)
+            out = self.cache.attend(layer, q)
+            off = 0
+            for sid, w, end in zip(step.seq_ids, step.query_lens, step.context_lens):
+                ks, vs = self.kv.setdefault(sid, [(torch.zeros(0, HKV, D), torch.zeros(0, HKV, D))] * MODEL.n_layers)[layer]
+                self.kv[sid][layer] = (torch.cat([ks, k[off:off + w]]), torch.cat([vs, v[off:off + w]]))
+                kk, vv = self.cache.read_kv(sid, layer)
+                assert kk.shape == (end, HKV, D)
+                ref = dense(q[off:off + w], kk, vv, step.positions[off:off + w])
+                torch.testing.assert_close(out[off:off + w], ref, atol=2e-5, rtol=1e-4)
+                off += w
+            outs.append(out)
+        return outs
+
+    def expected_kv(self, sid, layer: int, residual: int, unit: int, fmt_k: KVFormat, fmt_v: KVFormat,
+                    bs: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cache must store: codec round trip per token / per full block, tail exact."""
+        res = []
+        for orig, fmt in zip(self.kv[sid][layer], (fmt_k, fmt_v)):
+            n = orig.shape[0]
+            exp = orig.clone()
+            n_t = min(max(n - residual, 0), n // unit * unit) if fmt.quantized else n
+            if fmt.quantized:
+                if unit == 1:
+                    exp[:n_t] = fmt.decode(fmt.encode(orig[:n_t]))
+                else:
+                    full = orig[:n // bs * bs].view(-1, bs, HKV, D)
+                    exp[:n // bs * bs] = fmt.decode(fmt.encode(full)).reshape(-1, HKV, D)
+                    exp[n_t:] = orig[n_t:]
+            res.append(exp)
+        return res[0], res[1]
+
+
+CONFIGS = [
+    dict(codec="none", block_size=4),
+    dict(codec="int8", block_size=4),
+    dict(codec="int8", block_size=3, residual=5),
+    dict(codec="int4", key_granularity="group", value_granularity="group", group_size=4, block_size=5),
+    dict(codec="int4", key_granularity="channel", value_granularity="token_head", block_size=4, residual=2, symmetric=False),
+    dict(codec="fp8_e4m3", key_granularity="head", value_granularity="tensor", block_size=2),
+    dict(codec="fp8_e5m2", block_size=1, residual=3),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_paged_attention_equals_dense_prefill_then_decode(cfg):
+    cache = PagedKVCache(MODEL, CacheConfig(**cfg))
+    drv = Driver(cache)
+    prompts = {"a": list(range(11)), "b": list(range(20, 27)), "c": [5]}
+    for sid, toks in prompts.items():
+        assert cache.add_sequence(sid, toks) == 0
+    drv.step(cache.extend(list(prompts)))          # ragged prefill, 3 sequences at once
+    for t in range(6):                             # decode; "c" joins late with a 2-token chunk
+        ids = ["a", "b"] + (["c"] if t >= 2 else [])
+        drv.step(cache.extend(ids, [[t]] * 2 + ([[1, 2]] if t >= 2 else [])))
+    fk, fv = cache.key_format, cache.value_format
+    for sid in prompts:
+        for layer in range(MODEL.n_layers):
+            ek, ev = drv.expected_kv(sid, layer, cache.residual, cache.commit_unit, fk, fv, cache.block_size)
+            kk, vv = cache.read_kv(sid, layer)
+            torch.testing.assert_close(kk, ek, atol=1e-6, rtol=0)
+            torch.testing.assert_close(vv, ev, atol=1e-6, rtol=0)
+    cache.pool.check_invariants()
+
+
+def test_codec_none_stores_inputs_exactly_and_four_d_inputs():
+    cache = PagedKVCache(MODEL, CacheConfig(block_size=4))
+    for s in (0, 1):
+        cache.add_sequence(s, 3)
+    step = cache.extend([0, 1])
+    k = torch.randn(2, 3, HKV, D)
+    for layer in range(2):
+        cache.write(layer, k, k)
+        out = cache.attend(layer, torch.randn(2, 3, HQ, D))
+        assert out.shape == (2, 3, HQ, D)
+    assert torch.equal(cache.read_kv(1, 0)[0], k[1])
+    assert step.slot_mapping.tolist() == [b * 4 + i for b in (cache.block_table(0)[0], cache.block_table(1)[0]) for i in range(3)]
+
+
+def test_chunked_prefill_equals_one_shot():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(9, HQ, D, generator=g), torch.randn(9, HKV, D, generator=g), torch.randn(9, HKV, D, generator=g)
+    results = []
+    for chunks in ([9], [4, 3, 2]):
+        cache = PagedKVCache(MODEL, CacheConfig(codec="int8", key_granularity="channel", block_size=4, residual=1))
+        cache.add_sequence("s", list(range(9)))
+        outs = []
+        for c in chunks:
+            a = cache.num_written("s")
+            step = cache.extend(["s"], num_write=[c])
+            assert step.positions.tolist() == list(range(a, a + c))
+            for layer in range(MODEL.n_layers):
+                cache.write(layer, k[a:a + c], v[a:a + c])
+                outs.append(cache.attend(layer, q[a:a + c])) if layer == 1 else None
+        assert cache.num_written("s") == 9
+        results.append((torch.cat(outs), cache.read_kv("s")))
+    torch.testing.assert_close(results[0][1][0], results[1][1][0], atol=0, rtol=0)
+    torch.testing.assert_close(results[0][1][1], results[1][1][1], atol=0, rtol=0)
+    # earlier chunks attend before later blocks are quantised (tail): equal up to codec error
+    torch.testing.assert_close(results[0][0][4:], results[1][0][4:], atol=0.05, rtol=0)
+
+
+def test_prefix_hit_skips_cached_tokens_and_reads_shared_blocks():
+    cache = PagedKVCache(MODEL, CacheConfig(codec="int8", key_granularity="channel", block_size=4, residual=3))
+    drv = Driver(cache)
+    assert cache.add_sequence("a", list(range(10))) == 0
+    drv.step(cache.extend(["a"]))
+    cached = cache.add_sequence("b", list(range(8)) + [50, 51, 52])
+    assert cached == 8 and cache.block_table("b")[:2] == cache.block_table("a")[:2]
+    step = cache.extend(["b"])
+    assert step.positions.tolist() == [8, 9, 10]
+    drv.step(step)  # attention over the 8 shared tokens matches dense over what b reads
+    ka, _ = cache.read_kv("a", 0)
+    kb, _ = cache.read_kv("b", 0)
+    # same quantised blocks; position 7 is in a's full-precision residual window but b only
+    # has the quantised copy of it (b never wrote it)
+    torch.testing.assert_close(kb[:7], ka[:7], atol=0, rtol=0)
+    assert not torch.equal(kb[7], ka[7]) and torch.allclose(kb[7], ka[7], atol=0.05)
+    assert cache.stats()["prefix_cache_hit_rate"] == pytest.approx(8 / 21)
+    cache.free("a")
+    cache.free("b")
+    assert cache.add_sequence("c", list(range(9))) == 8  # freed blocks stay cached
+    cache.pool.check_invariants()
+
+
+def test_unwritten_blocks_are_not_prefix_hits():
+    cache = PagedKVCache(MODEL, CacheConfig(block_size=2))
+    cache.add_sequence("a", [1, 2, 3, 4])
+    assert cache.add_sequence("b", [1, 2, 3, 4, 5]) == 0  # a has not written anything yet
+    cache.extend(["a"], num_write=[2])
+    assert cache.add_sequence("c", [1, 2, 3, 4, 5]) == 2
+
+
+def test_fork_copy_on_write_keeps_both_histories():
+    cache = PagedKVCache(MODEL, CacheConfig(codec="int4", key_granularity="channel", value_granularity="group",
+                                            group_size=4, block_size=4, residual=2))
+    drv = Driver(cache)
+    cache.add_sequence("p", list(range(6)))
+    drv.step(cache.extend(["p"]))
+    cache.fork("p", "c")
+    drv.kv["c"] = list(drv.kv["p"])
+    shared_last = cache.block_table("p")[-1]
+    drv.step(cache.extend(["p", "c"], [[1], [2]]))  # both append into the shared partial block
+    assert cache.block_table("c")[-1] != cache.block_table("p")[-1]
+    assert shared_last in (cache.block_table("p")[-1], cache.block_table("c")[-1]) or cache.pool.blocks[shared_last].ref_cnt == 0
+    for _ in range(3):
+        drv.step(cache.extend(["p", "c"], [[3], [4]]))
+    for sid in ("p", "c"):
+        ek, ev = drv.expected_kv(sid, 0, cache.residual, cache.commit_unit, cache.key_format, cache.value_format, 4)
+        kk, vv = cache.read_kv(sid, 0)
+        torch.testing.assert_close(kk, ek, atol=1e-6, rtol=0)
+        torch.testing.assert_close(vv, ev, atol=1e-6, rtol=0)
+    cache.pool.check_invariants()
+
+
+def test_attend_partial_lse_merge_equals_attend():
+    cache = PagedKVCache(MODEL, CacheConfig(codec="int8", block_size=4, residual=3))
+    drv = Driver(cache)
+    cache.add_sequence(0, 13)
+    cache.add_sequence(1, 6)
+    drv.step(cache.extend([0, 1]))
+    step = cache.extend([0, 1], [2, 1])
+    q = torch.randn(step.num_tokens, HQ, D)
+    k, v = torch.randn(step.num_tokens, HKV, D), torch.randn(step.num_tokens, HKV, D)
+    cache.write(0, k, v)
+    full = cache.attend(0, q)
+    out_all, lse_all = cache.attend_partial(0, q)
+    torch.testing.assert_close(out_all, full, atol=2e-5, rtol=1e-4)
+    even = cache.attend_partial(0, q, blocks=[[0, 2], [0]])   # "rank 0": even logical blocks
+    odd = cache.attend_partial(0, q, blocks=[[1, 3], [1]])    # "rank 1": odd logical blocks
+    out, lse = merge_partials(torch.stack([even[0], odd[0]]), torch.stack([even[1], odd[1]]))
+    torch.testing.assert_close(out, full, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, lse_all, atol=1e-5, rtol=1e-5)
+    none = cache.attend_partial(0, q, blocks=[[], []])
+    assert torch.isneginf(none[1]).all() and (none[0] == 0).all()
+
+
+def test_capacity_exhaustion_returns_none_and_never_corrupts():
+    cache = PagedKVCache(MODEL, CacheConfig(codec="int8", block_size=4, num_blocks=4, residual=2))
+    drv = Driver(cache)
+    assert cache.add_sequence("a", list(range(7))) == 0
+    drv.step(cache.extend(["a"]))
+    assert cache.add_sequence("b", list(range(100, 112))) is None  # needs 3 blocks, 2 free
+    assert "b" not in cache
+    assert cache.add_sequence("b", list(range(100, 105))) == 0
+    drv.step(cache.extend(["b"]))
+    before = (cache.read_kv("a"), cache.read_kv("b"), cache.ledger(), cache.stats())
+    assert cache.extend(["a", "b"], [[1, 2], [3, 4, 5, 6]]) is None  # a fits, b does not: neither
+    after = (cache.read_kv("a"), cache.read_kv("b"), cache.ledger(), cache.stats())
+    for x, y in zip(before[0] + before[1], after[0] + after[1]):
+        assert torch.equal(x, y)
+    assert before[2:] == after[2:] and cache.num_tokens("a") == 7
+    cache.free("b")
+    drv.step(cache.extend(["a"], [[1, 2]]))
+    cache.pool.check_invariants()
+
+
+def test_unbounded_cache_grows_storage():
+    cache = PagedKVCache(MODEL, CacheConfig(codec="int4", group_size=4, key_granularity="group", block_size=2))
+    drv = Driver(cache)
+    for s in range(5):
+        cache.add_sequence(s, 9)
+    drv.step(cache.extend(list(range(5))))
+    assert cache.k.capacity >= len(cache.pool.blocks) == 25
+
+
+@pytest.mark.parametrize("codec,kg,vg,limit", [
+    ("fp8_e4m3", "token_head", "token_head", 0.51),
+    ("fp8_e5m2", "head", "tensor", 0.51),
+    ("int8", "token_head", "token_head", 0.52),
+    ("int4", "group", "group", 0.27),
+])
+def test_ledger_meets_issue_ratios_at_head_dim_64(codec, kg, vg, limit):
+    model = ModelConfig(dim=128, n_layers=2, n_heads=2, n_kv_heads=1)  # head_dim 64
+    cache = PagedKVCache(model, CacheConfig(codec=codec, key_granularity=kg, value_granularity=vg,
+                                            group_size=64, block_size=16), dtype=torch.bfloat16)
+    cache.add_sequence("s", 4096)  # the issue's context: block-scale staging amortised over it
+    step = cache.extend(["s"])
+    x = torch.randn(4096, 1, 64, dtype=torch.bfloat16)
+    for layer in range(2):
+        cache.write(layer, x, x)
+    led = cache.ledger()
+    parts = sum(led[k] for k in ("payload", "scales", "residual", "padding", "metadata"))
+    assert led["total"] == pytest.approx(parts) and led["tokens"] == 4096
+    assert led["ratio_vs_bf16"] <= limit, led
+    # the ledger's payload + scales is what the storage tensors hold for the used blocks
+    used = cache.block_table("s")
+    held = sum(t[:, used].numel() * t.element_size() for p in (cache.k, cache.v) for t in p.tensors())
+    assert led["payload"] + led["scales"] + led["padding"] == held
+    assert step.num_tokens == 4096
+
+
+def test_ledger_counts_padding_residual_and_sharing():
+    cache = PagedKVCache(MODEL, CacheConfig(codec="int8", block_size=4, residual=3))
+    cache.add_sequence("a", list(range(6)))
+    led = cache.ledger()
+    per_slot = 2 * 2 * (HKV * D + HKV * 2)  # layers * (K, V) * (payload + fp16 scale per head)
+    assert led["payload"] == 6 * 2 * 2 * HKV * D and led["padding"] == 2 * per_slot
+    assert led["residual"] == 3 * HKV * D * 4 * 2 * 2
+    cache.fork("a", "b")  # shares both blocks: payload unchanged, one more tail and table
+    led2 = cache.ledger()
+    assert led2["payload"] == led["payload"] and led2["residual"] == 2 * led["residual"]
+    assert led2["bytes_per_token"] < led["bytes_per_token"] * 1.5
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(codec="int3"), "choose one of 'none', 'fp8_e4m3', 'fp8_e5m2', 'int8', 'int4'"),
+    (dict(codec="int4", key_granularity="group", group_size=3), r"valid group sizes: \[1, 2, 4, 8\]"),
+    (dict(block_size=0), "block_size must be a positive"),
+    (dict(key_granularity="rows"), "choose one of 'tensor', 'head', 'token_head', 'channel', 'group'"),
+])
+def test_invalid_configs_name_valid_choices(bad, match):
+    with pytest.raises(ValueError, match=match):
+        PagedKVCache(MODEL, CacheConfig(**bad))
+
+
+def test_misuse_raises_value_error():
+    cache = PagedKVCache(MODEL, CacheConfig(block_size=4))
+    with pytest.raises(ValueError, match="no step planned"):
+        cache.attend(0, torch.zeros(1, HQ, D))
+    cache.add_sequence("a", 3)
+    with pytest.raises(ValueError, match="already exists"):
+        cache.add_sequence("a", 3)
+    with pytest.raises(ValueError, match="unknown sequence 'x'"):
+        cache.extend(["x"])
+    with pytest.raises(ValueError, match="num_write"):
+        cache.extend(["a"], num_write=[5])
+    cache.extend(["a"])
+    with pytest.raises(ValueError, match=r"expected \[3, 2, 8\]"):
+        cache.write(0, torch.zeros(2, HKV, D), torch.zeros(2, HKV, D))
+    with pytest.raises(ValueError, match="layer=7"):
+        cache.write(7, torch.zeros(3, HKV, D), torch.zeros(3, HKV, D))
