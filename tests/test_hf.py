@@ -1,0 +1,96 @@
+"""RyzlabCache on a tiny random HF Llama: equality with DynamicCache (codec none), generate, ledger."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from ryzlab.config import ConfigError  # noqa: E402
+from ryzlab.kv.hf import LEDGER_KEYS, RyzlabCache  # noqa: E402
+
+CFG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(CFG).eval()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, CFG.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+
+
+def greedy(model, ids, cache, n=10):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                          pad_token_id=0, cache=cache)
+
+
+def test_codec_none_greedy_equals_dynamic_cache(model, ids):
+    ref = greedy(model, ids, DynamicCache(config=CFG))
+    for bs in (4, 16):
+        assert torch.equal(greedy(model, ids, RyzlabCache(CFG, codec="none", block_size=bs)), ref)
+
+
+@torch.no_grad()
+def test_codec_none_forward_logits_equal(model, ids):
+    d, r = DynamicCache(config=CFG), RyzlabCache(CFG, codec="none", block_size=4)
+    for sl in (slice(0, 7), slice(7, 8), slice(8, 11)):  # prefill, decode, chunk
+        a = model(ids[:, sl], cache=d).logits
+        b = model(ids[:, sl], cache=r).logits
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert r.get_seq_length() == 11
+
+
+@pytest.mark.parametrize("codec,opts", [("int4", {"key_granularity": "channel", "residual": 8}),
+                                        ("int4", {"value_granularity": "group", "group_size": 8}),
+                                        ("fp8_e4m3", {}), ("int8", {"block_size": 4})])
+def test_generate_with_compressed_codecs(model, ids, codec, opts):
+    cache = RyzlabCache(CFG, codec=codec, **opts)
+    out = greedy(model, ids, cache, n=6)
+    assert out.shape == (2, 17)
+    led = cache.ledger()
+    assert set(LEDGER_KEYS) <= set(led)
+    assert led["total"] == pytest.approx(sum(led[k] for k in LEDGER_KEYS if k != "total"))
+    assert led["tokens"] == 2 * 16  # the last generated token is never fed back
+
+
+@torch.no_grad()
+def test_compressed_logits_close_and_smaller(model, ids):
+    base = model(ids, cache=DynamicCache(config=CFG)).logits.log_softmax(-1)
+    errs, totals = {}, {}
+    for codec in ("int8", "fp8_e4m3", "int4"):
+        c = RyzlabCache(CFG, codec=codec, block_size=4)
+        lp = model(ids, cache=c).logits.log_softmax(-1)
+        errs[codec] = torch.nn.functional.kl_div(lp, base, log_target=True, reduction="none").sum(-1).mean().item()
+        totals[codec] = c.ledger()["payload"]
+    assert errs["int8"] < 1e-3 and errs["int4"] < 0.05
+    assert totals["int4"] < totals["int8"] == totals["fp8_e4m3"]
+
+
+def test_beam_search_codec_none_matches_default(model, ids):
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kw), model.generate(ids, cache=RyzlabCache(CFG, codec="none"), **kw))
+
+
+def test_invalid_options_name_valid_choices():
+    with pytest.raises(ConfigError, match="choose one of"):
+        RyzlabCache(CFG, codec="int3")
+    with pytest.raises(ConfigError, match="valid parameters"):
+        RyzlabCache(CFG, codec="int8", blocksize=4)
+    with pytest.raises(ValueError, match="valid group sizes"):
+        RyzlabCache(CFG, codec="int4", key_granularity="group", group_size=5)
+
+
+def test_empty_ledger_and_reset(model, ids):
+    c = RyzlabCache(CFG, codec="int8")
+    assert c.ledger()["total"] == 0.0
+    with torch.no_grad():
+        model(ids, cache=c)
+    assert c.ledger()["total"] > 0
+    c.reset()
+    assert c.get_seq_length() == 0 and c.ledger()["tokens"] == 0
