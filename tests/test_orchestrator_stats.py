@@ -1,0 +1,50 @@
+"""Statistics against numpy: exact percentiles, reservoir bounds, rates, in-flight, export."""
+import numpy as np
+import pytest
+
+from ryzlab.orchestrator.stats import LatencyStats, StatsCollector
+
+
+def test_exact_percentiles_match_numpy():
+    rng = np.random.default_rng(0)
+    xs = rng.lognormal(2, 1, 5000)
+    s = LatencyStats()
+    for x in xs:
+        s.record(float(x))
+    got = s.percentiles()
+    for key, q in (("p50_ms", 50), ("p90_ms", 90), ("p99_ms", 99), ("p99_9_ms", 99.9)):
+        assert got[key] == pytest.approx(np.percentile(xs, q), rel=1e-12)
+    assert s.exact and s.mean_ms == pytest.approx(xs.mean())
+
+
+def test_reservoir_is_bounded_and_unbiased():
+    rng = np.random.default_rng(1)
+    xs = rng.exponential(10, 50_000)
+    s = LatencyStats(reservoir=4000, seed=2)
+    for x in xs:
+        s.record(float(x))
+    assert len(s._samples) == 4000 and not s.exact
+    got = s.percentiles()
+    assert got["p50_ms"] == pytest.approx(np.percentile(xs, 50), rel=0.06)
+    assert got["p90_ms"] == pytest.approx(np.percentile(xs, 90), rel=0.06)
+    # the reservoir must hold samples from the whole stream, not just the first 4000
+    assert got["p99_ms"] == pytest.approx(np.percentile(xs, 99), rel=0.15)
+
+
+def test_collector_errors_in_flight_and_frame():
+    c = StatsCollector()
+    for dev, lat, ok in [(0, 10.0, True), (0, 20.0, True), (1, 30.0, False), (1, 40.0, True)]:
+        c.start(dev)
+        assert c.in_flight() == 1
+        c.finish(dev, lat, ok)
+    c.start(1)
+    df = c.to_frame(window_s=2.0)
+    row = df.set_index("scope").loc["all"]
+    assert row["requests"] == 4 and row["errors"] == 1 and row["error_rate"] == 0.25
+    assert row["in_flight"] == 1 and row["throughput_rps"] == 2.0
+    assert row["p50_ms"] == pytest.approx(np.percentile([10, 20, 40], 50))
+    assert df.set_index("scope").loc["1", "p50_ms"] == 40.0
+    with pytest.raises(ValueError, match="start"):
+        c.finish(7, 1.0)
+    with pytest.raises(ValueError, match=">= 1"):
+        LatencyStats(reservoir=0)
