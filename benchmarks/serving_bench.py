@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -166,9 +167,10 @@ def main() -> int:
     env = collect_env()
     out = Path(args.out)
     model = pick_model(args.model)
-    print(f"device={env['device']} ({', '.join(env['device_names'])}, {env['cpu_count']} cores), "
-          f"torch {env['torch']}, model={model}, threads/engine={args.threads}")
-    results: dict = {"env": env, "model": model, "args": vars(args)}
+    load = os.getloadavg()
+    print(f"device={env['device']} ({', '.join(env['device_names'])}, {env['cpu_count']} cores, load average "
+          f"{load[0]:.1f} at start: shared machine), torch {env['torch']}, model={model}, threads/engine={args.threads}")
+    results: dict = {"env": env, "model": model, "args": vars(args), "loadavg_start": load}
     if "batching" in args.parts:
         print(f"[1] continuous batching vs sequential: 16 requests, prompt {args.prompt_len}, "
               f"output {args.output_len} tokens")
@@ -179,6 +181,8 @@ def main() -> int:
     if "fault" in args.parts:
         print(f"[3] kill 1 of 2 workers under {args.fault_rate:g} req/s")
         results["fault"] = part_fault(args, model, out)
+    results["loadavg_end"] = os.getloadavg()
+    print(f"load average at the end: {results['loadavg_end'][0]:.1f} (other jobs share these cores)")
     write_json(out / "serving_bench.json", results)
     print(f"results: {out / 'serving_bench.json'}")
     return 0

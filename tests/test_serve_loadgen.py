@@ -111,3 +111,13 @@ def test_metrics_definitions():
     assert parse_slo("ttft:200, tpot:50").tpot == 50
     with pytest.raises(ValueError, match="ttft, tpot"):
         parse_slo("latency:3")
+
+
+def test_unanswered_requests_are_reported_lost():
+    async def client(req):
+        await asyncio.sleep(10 if req.index == 0 else 0.001)
+        yield 1
+
+    res = asyncio.run(run_load(LoadSpec(arrival="closed", concurrency=2, num_requests=4), client, timeout_s=0.5))
+    s = res.summary()
+    assert s["requests_lost"] == 1 and s["requests_completed"] == 3

@@ -260,8 +260,9 @@ async def run_load(spec: LoadSpec, client: Client, *, requests: list[RequestSpec
     except asyncio.TimeoutError:
         log.warning("load run hit its %.1f s deadline; open requests are recorded as failed", timeout_s)
     for rec in records:
-        if rec.finish_s is None and rec.error is None:
-            rec.error = "not finished before the run deadline"
+        if rec.finish_s is None and rec.error in (None, "cancelled: run deadline reached"):
+            rec.error = "no answer before the run deadline"
+            rec.lost = True
         if math.isnan(rec.scheduled_s):  # never scheduled (deadline): charged from the deadline
             rec.scheduled_s = time.monotonic()
     sent = sorted(r.sent_s for r in records if r.sent_s is not None)

@@ -43,6 +43,8 @@ class RequestRecord:
     error: str | None = None
     """None when the request completed; the error text (HTTP status, worker death, ...) otherwise."""
     worker: int | None = None
+    lost: bool = False
+    """True when no answer at all came back (neither completion nor error) before the deadline."""
 
     @property
     def ok(self) -> bool:
@@ -157,6 +159,7 @@ def summarize(records: list[RequestRecord], *, duration_s: float | None = None,
         "requests": len(records),
         "requests_completed": len(ok),
         "requests_failed": len(records) - len(ok),
+        "requests_lost": sum(r.lost for r in records),
         "duration_s": duration_s,
         "request_throughput": len(ok) / dur,
         "output_token_throughput": sum(r.output_tokens for r in ok) / dur,
