@@ -20,10 +20,12 @@ import heapq
 import itertools
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 import numpy as np
-import pandas as pd
 
 from .balance import POLICY_NAMES, Request, make_policy
 from .workload import SIZE_DISTS, make_requests
@@ -83,8 +85,10 @@ class _Server:
         return len(self.queue) + (self.busy is not None)
 
 
-def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, dict]:
+def simulate(cfg: SimConfig) -> tuple["pd.DataFrame", dict]:
     """Run one simulation; returns (one row per request, run-level events and counters)."""
+    import pandas as pd
+
     mean_s = cfg.mean_service_ms / 1000.0
     rate = cfg.load * cfg.workers / mean_s
     arrivals = make_requests(cfg.n_requests, rate, cfg.size_dist, prefixes=cfg.prefixes, seed=cfg.seed)

@@ -12,10 +12,12 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Hashable
+from typing import TYPE_CHECKING, Hashable
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 import numpy as np
-import pandas as pd
 
 __all__ = ["LatencyStats", "StatsCollector", "PERCENTILES", "percentile_columns"]
 
@@ -145,9 +147,11 @@ class StatsCollector:
     def overall(self) -> LatencyStats:
         return self._scopes[self.ALL]
 
-    def to_frame(self, window_s: float | None = None) -> pd.DataFrame:
+    def to_frame(self, window_s: float | None = None) -> "pd.DataFrame":
         """One row per scope (``all`` first, then each device): counts, rates, percentiles."""
         window = window_s if window_s is not None else time.monotonic() - self._t0
+        import pandas as pd
+
         rows = []
         with self._lock:
             for scope, s in self._scopes.items():

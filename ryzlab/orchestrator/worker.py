@@ -1,0 +1,70 @@
+"""Body of one live worker process: real CPU compute sized by the request, plus a heartbeat.
+
+Kept apart from the pool so a spawned worker imports little (numpy, no pandas/torch) and a
+restart is quick. The work is a chain of small float32 matrix products whose count is
+``size * mean_work_ms`` divided by the per-product time this worker measured at start, so a
+size-1 request costs about ``mean_work_ms`` of one core. Nothing sleeps: a worker that is
+paused (SIGSTOP) or starved really stops making progress, which is what the watchdog watches.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+__all__ = ["worker_main", "MATMUL_DIM"]
+
+MATMUL_DIM = 48
+"""Small enough that one product is ~10-50 us, so request sizes are resolved finely."""
+
+
+def _calibrate(np: Any, a: Any, b: Any, reps: int = 200) -> float:
+    """Seconds per product, best of three short runs (the least disturbed by other processes)."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a = np.tanh(a @ b)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def worker_main(index: int, incarnation: int, mean_work_ms: float, heartbeat_interval_s: float,
+                tasks: Any, results: Connection, heartbeats: Any) -> None:
+    """Serve ``(unit_id, size)`` tasks until ``None``; report ``(unit_id, start, end, checksum)``.
+
+    ``heartbeats[index]`` (shared memory) gets the wall-clock time every
+    ``heartbeat_interval_s`` from a side thread: it stops when the process is killed or paused.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(index)
+    a = rng.standard_normal((MATMUL_DIM, MATMUL_DIM)).astype(np.float32) * 0.1
+    b = rng.standard_normal((MATMUL_DIM, MATMUL_DIM)).astype(np.float32) * 0.1
+    per_product_s = _calibrate(np, a, b)
+    products_per_unit = max(1.0, mean_work_ms / 1000.0 / per_product_s)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            heartbeats[index] = time.time()
+            stop.wait(heartbeat_interval_s)
+
+    threading.Thread(target=beat, daemon=True).start()
+    results.send(("ready", index, incarnation, per_product_s, os.getpid()))
+    try:
+        while True:
+            task = tasks.get()
+            if task is None:
+                break
+            unit_id, size = task
+            start = time.time()
+            x = a
+            for _ in range(max(1, round(size * products_per_unit))):
+                x = np.tanh(x @ b)
+            results.send(("done", index, incarnation, unit_id, start, time.time(), float(x[0, 0])))
+    finally:
+        stop.set()
+        results.close()
