@@ -111,12 +111,13 @@ def from_dict(cls: type[T], values: dict[str, Any], *, where: str = "", ignore: 
         if hints[key] is float and isinstance(value, int):
             value = float(value)
         kwargs[key] = value
+    try:  # __post_init__ validation: value-level problems (bad-typed fields left at defaults)
+        obj = cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        problems.append(str(e))
     if problems:
         raise ConfigError(problems, where)
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as e:  # __post_init__ validation: value-level problems
-        raise ConfigError([str(e)], where) from e
+    return obj
 
 
 # ----------------------------------------------------------------------------- choices

@@ -69,6 +69,8 @@ def load_sweep(sweep_dir: str | Path) -> SweepData:
             continue
         df = pd.read_parquet(run_dir / "metrics.parquet")
         df.insert(0, "run_id", run_id)
+        if "experiment" not in df.columns:  # a notebook that is not a registered experiment
+            df.insert(1, "experiment", row.get("experiment"))
         frames.append(df)
         if (run_dir / "env.json").is_file():
             e = json.loads((run_dir / "env.json").read_text())

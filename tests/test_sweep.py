@@ -1,0 +1,172 @@
+"""Sweeps end to end with real notebooks, real kernels and real papermill (no mocks)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from ryzlab.config import ConfigError
+from ryzlab.io import read_jsonl
+from ryzlab.report import build_report, load_sweep
+from ryzlab.sweep import expand, load_spec, run_sweep
+
+FIXTURES = Path(__file__).parent / "fixtures"
+POINTS = str(FIXTURES / "points.ipynb")
+TINY_ATTN = {"iters": 2, "warmup": 0, "copy_mib": 1, "batch": 1, "threads": 1}
+
+
+def write_spec(tmp_path: Path, spec: dict, name: str = "spec.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(spec))
+    return p
+
+
+@pytest.fixture(scope="module")
+def mixed_sweep(tmp_path_factory):
+    """Two real attention_bench points and three fixture points, one of which raises."""
+    tmp = tmp_path_factory.mktemp("mixed")
+    spec = write_spec(tmp, {"name": "mixed", "experiments": [
+        {"notebook": "attention_bench", "grid": {"context": [16, 32]}, "fixed": TINY_ATTN},
+        {"notebook": POINTS, "grid": {"x": [1, 2, 3]}, "fixed": {"fail_at": 2}},
+    ]})
+    out = tmp / "results"
+    summary = run_sweep(spec, jobs=2, out=out, progress=False)
+    return spec, out, summary
+
+
+def test_two_point_grid_end_to_end(mixed_sweep):
+    spec, out, summary = mixed_sweep
+    assert (summary.total, summary.ok, summary.failed) == (5, 4, 1)
+    attn = [p for p in expand(load_spec(spec)) if p.experiment == "attention_bench"]
+    for p in attn:
+        run = out / p.run_id
+        assert {"run.ipynb", "params.json", "metrics.parquet", "env.json"} <= {f.name for f in run.iterdir()}
+        df = pd.read_parquet(run / "metrics.parquet")
+        assert len(df) == 2 and set(df["context"]) == {p.params["context"]}
+        assert (df["device"] == "cpu").all() and (df["attn_us"] > 0).all()
+        env = json.loads((run / "env.json").read_text())
+        assert {"git_sha", "git_dirty", "python", "torch", "cuda", "device_names", "host", "start", "end"} <= set(env)
+        assert json.loads((run / "params.json").read_text())["params"] == p.params
+    assert not list(out.glob(".tmp-*")), "no temporary run directory may survive a finished sweep"
+    assert summary.overheads_s and all(o > 0 for o in summary.overheads_s)
+
+
+def test_failing_point_is_recorded_and_others_finish(mixed_sweep):
+    _, out, _ = mixed_sweep
+    rows = {json.dumps(r["params"], sort_keys=True): r for r in read_jsonl(out / "manifest.jsonl")}
+    failed = [r for r in rows.values() if r["status"] == "failed"]
+    assert len(failed) == 1
+    f = failed[0]
+    assert f["params"]["x"] == 2 and f["error"] == "ValueError" and "boom at x=2" in f["message"]
+    assert f["cell"] is not None
+    assert (out / f["run_id"] / "run.ipynb").is_file(), "the failed notebook is kept for inspection"
+    ok_x = sorted(r["params"]["x"] for r in rows.values() if r["status"] == "ok" and "x" in r["params"])
+    assert ok_x == [1, 3]
+
+
+def test_run_id_is_stable_and_depends_on_params(tmp_path):
+    spec = load_spec(write_spec(tmp_path, {"notebook": POINTS, "grid": {"x": [1, 2]}}))
+    a, b = expand(spec), expand(spec)
+    assert [p.run_id for p in a] == [p.run_id for p in b]
+    assert a[0].run_id != a[1].run_id
+
+
+def test_zip_axes_vary_together(tmp_path):
+    spec = load_spec(write_spec(tmp_path, {"notebook": POINTS, "grid": {"fail_at": [7, 8]},
+                                           "zip": {"x": [1, 2, 3], "sleep_s": [0.0, 0.1, 0.2]}}))
+    pts = expand(spec)
+    assert len(pts) == 6
+    assert {(p.params["x"], p.params["sleep_s"]) for p in pts} == {(1, 0.0), (2, 0.1), (3, 0.2)}
+
+
+def test_report_html_is_offline_with_images_and_failures(mixed_sweep):
+    _, out, _ = mixed_sweep
+    html_path = build_report(out)
+    page = html_path.read_text()
+    assert "data:image/png;base64," in page, "plots must be embedded"
+    assert "<script src=http" not in page.replace('"', "").replace("'", "")
+    assert "cdnjs" not in page and "unpkg" not in page
+    assert "boom at x=2" in page and "/run.ipynb" in page, "failed points are listed with a link"
+    assert "load_sweep(" not in page and "report_section(" not in page, "no code cells in the report"
+    data = load_sweep(out)
+    assert set(data.metrics["experiment"]) == {"attention_bench", "points"}
+    assert (out / "aggregate.parquet").is_file()
+
+
+def test_validation_lists_every_problem_and_runs_nothing(tmp_path):
+    spec = write_spec(tmp_path, {"name": "bad", "experiments": [
+        {"notebook": "attention_bench", "grid": {"context": [16, -5]}, "fixed": {"dtype": "int3", "nonsense": 1}},
+        {"notebook": POINTS, "grid": {"x": [1]}, "fixed": {"colour": "red"}},
+    ]})
+    out = tmp_path / "results"
+    with pytest.raises(ConfigError) as e:
+        run_sweep(spec, out=out, progress=False)
+    msg = str(e.value)
+    assert "unknown parameter 'nonsense'" in msg and "valid parameters:" in msg and "context" in msg
+    assert "unknown parameter 'colour'" in msg
+    assert "dtype='int3' is not valid; choose one of 'float32', 'bfloat16', 'float16'" in msg
+    assert "context must be > 0" in msg
+    assert not out.exists(), "nothing may be written when validation fails"
+
+
+def test_spec_structure_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'gird'.*valid keys"):
+        load_spec(write_spec(tmp_path, {"notebook": POINTS, "gird": {"x": [1]}}))
+    with pytest.raises(ConfigError, match="zip axes must have equal lengths"):
+        load_spec(write_spec(tmp_path, {"notebook": POINTS, "zip": {"x": [1, 2], "sleep_s": [0.0]}}))
+    with pytest.raises(ConfigError, match="notebook 'nope' not found; notebooks in .*attention_bench"):
+        load_spec(write_spec(tmp_path, {"notebook": "nope"}))
+    with pytest.raises(ConfigError, match="no code cell tagged 'parameters'"):
+        run_sweep(write_spec(tmp_path, {"notebook": str(FIXTURES / "noparams.ipynb")}), out=tmp_path / "r",
+                  progress=False)
+
+
+def test_timeout_kills_point_and_records_it(tmp_path):
+    spec = write_spec(tmp_path, {"notebook": POINTS, "grid": {"x": [1]}, "fixed": {"sleep_s": 120.0}})
+    t0 = time.monotonic()
+    summary = run_sweep(spec, out=tmp_path / "r", timeout=8, progress=False)
+    assert summary.timeout == 1 and time.monotonic() - t0 < 60
+    (row,) = read_jsonl(tmp_path / "r" / "manifest.jsonl")
+    assert row["status"] == "timeout" and row["error"] == "Timeout"
+    assert not list((tmp_path / "r").glob(".tmp-*"))
+
+
+def test_resume_after_kill_runs_only_missing_points(tmp_path):
+    spec = write_spec(tmp_path, {"name": "resume", "notebook": POINTS, "grid": {"x": [1, 2, 3, 4]},
+                                 "fixed": {"sleep_s": 1.0}})
+    out = tmp_path / "r"
+    cmd = [sys.executable, "-m", "ryzlab.cli", "sweep", str(spec), "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if sum(r["status"] == "ok" for r in read_jsonl(out / "manifest.jsonl")) >= 1:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # kill -9 the sweep and everything it started
+    proc.wait()
+    first = {r["run_id"] for r in read_jsonl(out / "manifest.jsonl") if r["status"] == "ok"}
+    assert 1 <= len(first) < 4
+    summary = run_sweep(spec, out=out, progress=False)
+    assert summary.skipped == len(first) and summary.ok == 4 - len(first)
+    rows = read_jsonl(out / "manifest.jsonl")
+    for run_id in first:
+        assert sum(r["run_id"] == run_id for r in rows) == 1, "a finished point must not run again"
+    assert not list(out.glob(".tmp-*")) and not list(out.glob(".old-*"))
+    assert len(load_sweep(out).metrics) == 4 * 3
+
+
+def test_bad_jobs_and_timeout_values(tmp_path):
+    spec = write_spec(tmp_path, {"notebook": POINTS, "grid": {"x": [1]}})
+    with pytest.raises(ConfigError, match="--jobs must be >= 1"):
+        run_sweep(spec, jobs=0, out=tmp_path / "r", progress=False)
+    with pytest.raises(ConfigError, match="--timeout must be > 0"):
+        run_sweep(spec, timeout=-1, out=tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
