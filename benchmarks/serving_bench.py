@@ -6,8 +6,8 @@
 1. **batching**: the same engine and model generate 16 requests (a) together, continuous
    batching, and (b) one at a time; token throughput ratio (target >= 4x on this CPU).
 2. **maxrate**: per config (workers x codec), the highest offered Poisson rate whose p99
-   TPOT stays under 50 ms: doubling from ``--start-rate`` until the SLO breaks, then
-   bisection between the last good and the first bad rate.
+   TPOT stays under 50 ms: doubling from ``--start-rate`` until the SLO breaks (halving
+   when the start rate already breaks it), then bisection between the good and bad rates.
 3. **fault**: 2 workers under open-loop load, worker 0 SIGKILLed mid-run: requests lost (must
    be 0), time to detect, goodput dip and time to recover (the timeline is saved as parquet
    for the serving notebook's plot).
@@ -103,10 +103,16 @@ def part_maxrate(args: argparse.Namespace, model: str) -> list[dict]:
                     trials.append((rate, s["tpot_ms_p99"], s["achieved_rate"], ok))
                     if ok:
                         good = rate
+                        if bad is not None:
+                            break
                         rate *= 2
                     else:
                         bad = rate
-                        break
+                        if good is not None:
+                            break
+                        rate /= 2  # the start rate already fails: search downwards
+                        if rate < args.min_rate:
+                            break
                 for _ in range(args.bisect if good is not None and bad is not None else 0):
                     mid = (good + bad) / 2
                     s = asyncio.run(_trial(router, mid, args, len(trials)))
@@ -127,9 +133,10 @@ def part_maxrate(args: argparse.Namespace, model: str) -> list[dict]:
 def part_fault(args: argparse.Namespace, model: str, out: Path) -> dict:
     from ryzlab.experiments.serving import Config, run
 
-    cfg = Config(workers=2, policy=args.policy, rate=args.fault_rate, num_requests=int(args.fault_rate * 8),
-                 prompt_len=args.prompt_len, output_len=args.output_len, model=model, fault="kill",
-                 fault_at_s=2.5, bin_s=0.5, slo=f"ttft:1000,tpot:{SLO_MS:g}")
+    # short outputs and a kill well into the run, so there is a steady state before and after
+    cfg = Config(workers=2, policy=args.policy, rate=args.fault_rate, num_requests=int(args.fault_rate * 14),
+                 prompt_len=args.prompt_len, output_len=16, model=model, fault="kill",
+                 fault_at_s=5.0, bin_s=1.0, slo=args.fault_slo)
     df = run(cfg)
     write_parquet(out / "fault_timeline.parquet", df)
     s = df[df["kind"] == "summary"].iloc[0].to_dict()
@@ -157,10 +164,13 @@ def main() -> int:
     p.add_argument("--policy", default="least_outstanding")
     p.add_argument("--start-rate", type=float, default=2.0)
     p.add_argument("--max-rate", type=float, default=256.0)
+    p.add_argument("--min-rate", type=float, default=0.25)
     p.add_argument("--bisect", type=int, default=2)
     p.add_argument("--trial-requests", type=int, default=24)
     p.add_argument("--trial-timeout", type=float, default=60.0)
     p.add_argument("--fault-rate", type=float, default=4.0)
+    p.add_argument("--fault-slo", default="ttft:2000,tpot:250",
+                   help="SLO of the goodput plotted around the kill (one the healthy pair meets here)")
     p.add_argument("--out", default=str(ROOT / "results" / "serving_bench"))
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -179,7 +189,7 @@ def main() -> int:
         print(f"[2] highest Poisson rate with p99 TPOT < {SLO_MS:g} ms (policy {args.policy})")
         results["maxrate"] = part_maxrate(args, model)
     if "fault" in args.parts:
-        print(f"[3] kill 1 of 2 workers under {args.fault_rate:g} req/s")
+        print(f"[3] kill 1 of 2 workers under {args.fault_rate:g} req/s (goodput SLO {args.fault_slo})")
         results["fault"] = part_fault(args, model, out)
     results["loadavg_end"] = os.getloadavg()
     print(f"load average at the end: {results['loadavg_end'][0]:.1f} (other jobs share these cores)")

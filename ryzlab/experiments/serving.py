@@ -143,6 +143,10 @@ def run(config: Config) -> pd.DataFrame:
         result = asyncio.run(main())
         stop.set()
         sampler.join()
+        if c.fault == "kill":  # measure the restart too (bounded): wait for worker 0 to be back
+            deadline = time.monotonic() + 60.0
+            while not router.workers[0].healthy and time.monotonic() < deadline:
+                time.sleep(0.05)
         metrics = router.metrics()
         events = list(router.events)
     slo = parse_slo(c.slo)

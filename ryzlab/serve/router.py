@@ -189,6 +189,15 @@ class Router:
                 log.error("worker %d could not start:\n%s", w.index, msg[1])
                 self._closing_fatal = msg[1]
                 return
+            elif kind == "step":
+                for rid, toks, finished, err in msg[1]:
+                    if err:
+                        self._on_output(w, "err", ("err", rid, err))
+                        continue
+                    if toks:
+                        self._on_output(w, "tok", ("tok", rid, toks))
+                    if finished:
+                        self._on_output(w, "done", ("done", rid))
             else:
                 self._on_output(w, kind, msg)
 

@@ -4,8 +4,8 @@ One worker per GPU where there are GPUs (``CUDA_VISIBLE_DEVICES`` is set per wor
 router), CPU processes otherwise. The protocol is a few tuples on a ``multiprocessing`` pipe:
 
 parent -> worker: ``("add", rid, prompt, sampling_kwargs)``, ``("abort", rid)``, ``("stop",)``
-worker -> parent: ``("ready", info)``, ``("tok", rid, [ids])``, ``("done", rid)``,
-``("err", rid, message)``, ``("hb", monotonic_time, stats)`` (heartbeat, also sent while
+worker -> parent: ``("ready", info)``, ``("step", [(rid, [ids], finished, error), ...])`` (all
+outputs of one engine step), ``("err", rid, message)``, ``("hb", monotonic_time, stats)`` (heartbeat, also sent while
 busy so a hung forward shows up as a stale heartbeat), ``("fatal", message)``.
 """
 from __future__ import annotations
@@ -74,11 +74,6 @@ def worker_main(index: int, engine_kwargs: dict[str, Any], conn: Any, threads: i
                 engine.abort(rid)
                 conn.send(("err", rid, f"engine step failed: {e}"))
             continue
-        for o in outputs:
-            if o.error:
-                conn.send(("err", o.request_id, o.error))
-                continue
-            if o.new_tokens:
-                conn.send(("tok", o.request_id, o.new_tokens))
-            if o.finished:
-                conn.send(("done", o.request_id))
+        # one message per step (not per request): fewer pickles and syscalls per token
+        if outputs:
+            conn.send(("step", [(o.request_id, o.new_tokens, o.finished, o.error) for o in outputs]))
