@@ -7,13 +7,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ryzlab.orchestrator import RankFailedError, choose_backend, launch
+from ryzlab.orchestrator import DistributedOrchestrator, RankFailedError, choose_backend, launch
 from ryzlab.orchestrator.launch import LaunchTimeoutError
 
 
 def _allreduce(rank, world, scale):
     t = torch.tensor([float(rank + 1)])
     dist.all_reduce(t)
+    ctx = DistributedOrchestrator(world).initialize(rank)  # seed API: joins the existing group
+    assert (ctx.rank, ctx.world_size, ctx.device) == (rank, world, "cpu")
     return {"rank": rank, "world": world, "sum": t.item() * scale, "env_rank": int(os.environ["RANK"]),
             "backend": dist.get_backend(), "pid": os.getpid()}
 

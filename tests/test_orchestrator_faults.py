@@ -1,0 +1,69 @@
+"""Fault tolerance with real worker processes: kill and pause are detected, work re-routed,
+nothing lost, the worker restarted; units that keep failing are reported, not dropped."""
+import time
+
+import pytest
+
+from ryzlab.orchestrator import LiveConfig, Request, WorkerPool, make_policy, run_live
+
+
+def _wait(pred, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("kind", ["kill", "pause"])
+def test_fault_detected_rerouted_restarted(kind):
+    with WorkerPool(3, make_policy("round_robin"), mean_work_ms=20.0, heartbeat_timeout_s=0.6) as pool:
+        for i in range(12):
+            pool.submit(Request(i, size=2.0))
+        assert pool._held[0], "worker 0 should hold work when the fault hits"
+        pool.inject(0, kind)
+        assert _wait(lambda: pool.faults, 5.0)
+        f = pool.faults[0]
+        assert f.kind == kind and f.worker == 0 and f.rerouted
+        ttd = f.detect_t - f.fault_t
+        assert ttd < (0.5 if kind == "kill" else 2.0)
+        if kind == "pause":
+            assert ttd >= 0.6 - 0.1 - 0.05 and "heartbeat" in f.reason  # last beat was <= 1 interval before
+        for i in range(12, 20):
+            pool.submit(Request(i, size=0.5))
+        assert pool.wait_all(60.0)
+        rows = pool.unit_rows()
+        assert len(rows) == 20 and all(r["state"] == "done" for r in rows)
+        rerouted = {r["request_id"]: r for r in rows if r["request_id"] in f.rerouted}
+        assert all(r["attempts"] == 2 and r["worker"] != 0 for r in rerouted.values())
+        assert f.ready_t is not None and f.recover_t >= f.ready_t > f.detect_t
+        assert pool.views[0].healthy and pool._procs[0].is_alive()  # restarted
+
+
+def test_unit_failing_every_attempt_is_reported_not_lost():
+    with WorkerPool(2, make_policy("least_outstanding"), mean_work_ms=5.0, max_attempts=1,
+                    restart=False) as pool:
+        pool.submit(Request(0, size=200.0))  # ~1 s of work on one worker
+        w = pool.units[0].worker
+        pool.inject(w, "kill")
+        assert pool.wait_all(30.0)
+        assert pool.units[0].state == "failed" and pool.units[0].attempts == 1
+        pool.submit(Request(1, size=1.0))  # the survivor still serves
+        assert pool.wait_all(30.0) and pool.units[1].state == "done" and pool.units[1].served_by != w
+
+
+def test_live_run_with_kill_loses_nothing():
+    df, info = run_live(LiveConfig(policy="power_of_two", workers=3, load=0.3, n_requests=150,
+                                   mean_work_ms=4.0, fault="kill", fault_at=0.3))
+    assert info["completed"] + info["failed"] == info["submitted"] == 150
+    assert info["failed"] == 0 and df["request_id"].is_unique
+    assert info["detect_t"] - info["fault_t"] < 1.0
+    assert info["recover_t"] is not None and info["recover_t"] >= info["detect_t"]
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="kill"):
+        LiveConfig(fault="explode")
+    with pytest.raises(ValueError, match="heartbeat"):
+        WorkerPool(2, make_policy("round_robin"), heartbeat_interval_s=2.0, heartbeat_timeout_s=1.0)
