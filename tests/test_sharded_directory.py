@@ -21,24 +21,18 @@ def test_sequence_spreads_round_robin_and_fills_blocks():
 
 
 def test_full_rank_spills_instead_of_failing():
-    d = BlockDirectory(2, 2, blocks_per_rank=4)
+    d = BlockDirectory(2, 2, blocks_per_rank=2)
     d.add_sequence(0)
-    d.add_sequence(1)
-    assert d.append(0, 2 * 3) is not None            # 3 blocks: ranks 0,1,0
-    for b in d.blocks(0, rank=1):                    # force rank 1 full with another sequence
-        d.migrate(b, 0)
-    assert d.used(0) == 3 and d.used(1) == 0
-    slots = d.append(1, 2 * 4)                       # 4 more blocks go where the room is: rank 1
-    assert slots is not None and {s.owner for s in slots} == {1}
-    assert d.used(0) == 3 and d.used(1) == 4
+    assert [s.owner for s in d.append(0, 2 * 2)] == [0, 0, 1, 1]    # blocks 0, 1 on their homes
+    d.migrate(d.blocks(0)[1], 0)                                    # rank 0 full, rank 1 empty
+    assert [s.owner for s in d.append(0, 2)] == [1, 1]              # block 2's home (0) is full: spill
+    assert d.stats["spills"] == 1
+    assert [s.owner for s in d.append(0, 2)] == [1, 1]              # block 3's home is rank 1: no spill
+    assert d.stats["spills"] == 1 and d.num_tokens(0) == 8
     d.check()
     before = d.digest()
-    assert d.append(1, 2 * 2) is None                # 2 blocks but only 1 free in total: nothing changes
+    assert d.append(0, 1) is None                                   # every rank full: nothing changes
     assert d.digest() == before
-    spills = d.stats["spills"]
-    slots = d.append(1, 2)                           # home of block 4 is full rank 1: spills to rank 0
-    assert slots is not None and slots[0].owner == 0 and d.stats["spills"] == spills + 1
-    assert d.used(0) == 4
     d.check()
 
 

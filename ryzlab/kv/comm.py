@@ -57,12 +57,18 @@ class CommLedger:
         self.steps.clear()
 
 
+# torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class Comm:
     """The process group seen by one rank, with a :class:`CommLedger` of what it sent."""
 
-    def __init__(self, group: dist.ProcessGroup | None = None):
+    def __init__(self, group: dist.ProcessGroup | None = None, *, local: bool = False):
+        """``group``: the process group (default: the global one); ``local=True``: a one-rank
+        group even inside a launch (a single-rank reference next to the sharded cache)."""
         self.group = group
-        active = dist.is_available() and dist.is_initialized()
+        active = not local and dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank(group) if active else 0
         self.world_size = dist.get_world_size(group) if active else 1
         self.ledger = CommLedger()
@@ -93,12 +99,12 @@ class Comm:
         """Stack every rank's ``t`` (same shape everywhere): ``[world_size, *t.shape]``."""
         if self.world_size == 1:
             return t.unsqueeze(0)
-        t = t.contiguous()
-        out = torch.empty((self.world_size, *t.shape), dtype=t.dtype, device=t.device)
+        flat = t.contiguous().reshape(-1)
+        out = torch.empty(self.world_size * flat.numel(), dtype=t.dtype, device=t.device)
         t0 = time.perf_counter()
-        dist.all_gather_into_tensor(out, t, group=self.group)
+        _all_gather_single(out, flat, group=self.group)
         self._record(self._nbytes(t), self._nbytes(t) * (self.world_size - 1), t0)
-        return out
+        return out.view(self.world_size, *t.shape)
 
     def all_reduce(self, t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
         """In-place all-reduce of ``t``; returns it."""

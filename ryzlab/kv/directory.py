@@ -177,8 +177,8 @@ class BlockDirectory:
         room_in_last = self.block_size - self._entries[ids[-1]].num_tokens if ids else 0
         new_blocks = -(-max(0, n_tokens - room_in_last) // self.block_size)
         created: list[int] = []
-        for i in range(new_blocks):
-            owner = self._choose_rank(seq_id, (self._entries[ids[-1]].index + 1 if ids else 0) + i)
+        for _ in range(new_blocks):
+            owner = self._choose_rank(seq_id, self._entries[ids[-1]].index + 1 if ids else 0)
             if owner is None:  # roll back: expected shortage leaves the directory untouched
                 for b in created:
                     e = self._entries.pop(b)

@@ -36,7 +36,9 @@ class _Pages:
         self.dp = fmt.packed_dim(head_dim)
         self.scale_shape = fmt.scale_shape(bs, heads, head_dim)
         self.payload = torch.zeros(layers, cap, bs, heads, self.dp, dtype=fmt.storage_dtype)
-        self.scale = torch.ones(layers, cap, *self.scale_shape, dtype=torch.float16) if fmt.quantized else None
+        # scale dtype is the codec's choice (float16, or E8M0 exponent bytes for fp8)
+        sdt = getattr(fmt, "scale_dtype", torch.float16)
+        self.scale = torch.ones(layers, cap, *self.scale_shape, dtype=sdt) if fmt.quantized else None
         self.zero = torch.zeros(layers, cap, *self.scale_shape, dtype=torch.float16) if fmt.has_zero else None
 
     def tensors(self) -> list[torch.Tensor]:
