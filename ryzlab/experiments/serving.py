@@ -105,7 +105,7 @@ def _device() -> str:
 
 
 def run(config: Config) -> pd.DataFrame:
-    from ..serve.loadgen import run_load
+    from ..serve.loadgen import run_load, run_sync
     from ..serve.client import backend_client
     from ..serve.metrics import parse_slo
     from ..serve.router import Router
@@ -140,7 +140,7 @@ def run(config: Config) -> pd.DataFrame:
             return await run_load(_load_spec(c), backend_client(router), timeout_s=c.timeout_s)
 
         t0 = time.monotonic()
-        result = asyncio.run(main())
+        result = run_sync(main)
         stop.set()
         sampler.join()
         if c.fault == "kill":  # measure the restart too (bounded): wait for worker 0 to be back

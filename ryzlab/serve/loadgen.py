@@ -27,7 +27,7 @@ from ..config import check_choice
 from .metrics import RequestRecord, SLO, summarize
 
 __all__ = ["Arrival", "ARRIVALS", "LengthDist", "LENGTH_DISTS", "LoadSpec", "RequestSpec",
-           "make_requests", "load_trace", "write_trace", "run_load", "LoadResult", "Client"]
+           "make_requests", "load_trace", "write_trace", "run_load", "LoadResult", "Client", "run_sync"]
 
 log = logging.getLogger(__name__)
 
@@ -273,3 +273,31 @@ async def run_load(spec: LoadSpec, client: Client, *, requests: list[RequestSpec
         spec.rate if spec.arrival != "trace" else
         ((len(reqs) - 1) / reqs[-1].arrival_s if len(reqs) > 1 and reqs[-1].arrival_s else math.nan))
     return LoadResult(spec, records, target, achieved, duration)
+
+
+def run_sync(make_coro: Callable[[], Any]) -> Any:
+    """Run the coroutine ``make_coro()`` to completion from synchronous code.
+
+    Inside Jupyter an event loop is already running in this thread (``asyncio.run`` refuses
+    to nest), so the coroutine then runs on a fresh loop in a helper thread.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make_coro())
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(make_coro())
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="ryzlab-loadgen")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
