@@ -233,6 +233,16 @@ class WorkerPool:
             self._done_cv.wait(min(left, 0.2))
         return True
 
+    def reset(self) -> None:
+        """Forget finished units and fault records so the started workers serve another run."""
+        with self._lock:
+            busy = [uid for uid, u in self.units.items() if u.state in ("pending", "running")]
+            if busy or self._waiting:
+                raise ValueError(f"reset() with {len(busy)} unit(s) still in flight; call wait_all first")
+            self.units.clear()
+            self.faults.clear()
+            self.duplicates = 0
+
     # -- fault injection ------------------------------------------------------------------------
     def inject(self, worker: int, kind: str) -> None:
         """``kill`` (SIGKILL) or ``pause`` (SIGSTOP: alive but silent) worker ``worker`` now."""

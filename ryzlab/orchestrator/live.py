@@ -80,6 +80,7 @@ def run_live(cfg: LiveConfig, pool: WorkerPool | None = None) -> tuple["object",
     else:
         if pool.n != cfg.workers:
             raise ValueError(f"pool has {pool.n} workers, config asks for {cfg.workers}")
+        pool.reset()
         pool.policy = policy
     try:
         fault_i = int(cfg.fault_at * (len(arrivals) - 1)) if cfg.fault != "none" else -1

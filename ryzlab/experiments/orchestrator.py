@@ -1,0 +1,118 @@
+"""Orchestrator experiment: balancing policy x offered load x workers x fault -> tail latency,
+throughput, errors, time-to-detect, time-to-recover and work lost.
+
+``mode="live"`` runs real CPU worker processes (matrix products sized by each request) with
+heartbeats and the watchdog of :mod:`ryzlab.orchestrator.faults`; ``mode="simulated"`` runs
+the same policy objects in the discrete-event simulator, to reach worker counts and loads this
+machine cannot. Every row says which (``mode``) and where it ran (``device``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from ..orchestrator.balance import PolicyName
+from ..orchestrator.live import LiveConfig, run_live
+from ..orchestrator.sim import Fault, SimConfig, simulate
+from ..orchestrator.stats import percentile_columns
+from ..orchestrator.workload import SizeDist
+
+__all__ = ["Config", "run", "summarize"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    mode: Literal["live", "simulated"] = "simulated"
+    policies: tuple[PolicyName, ...] = ("round_robin", "least_outstanding", "power_of_two", "prefix_affinity")
+    loads: tuple[float, ...] = (0.5, 0.9)
+    """Offered load as a fraction of nominal capacity (live: min(workers, cores) / mean work)."""
+    worker_counts: tuple[int, ...] = (4,)
+    faults: tuple[Fault, ...] = ("none", "kill", "pause")
+    """Worker 0 is killed (SIGKILL) or paused (SIGSTOP) at ``fault_at`` of the arrival horizon."""
+    n_requests: int = 2000
+    size_dist: SizeDist = "bimodal"
+    mean_work_ms: float = 5.0
+    """Mean request cost: live, compute on one core; simulated, service time."""
+    prefixes: int = 0
+    """Distinct prefix keys carried by requests (0: none); prefix_affinity uses them."""
+    fault_at: float = 0.4
+    heartbeat_timeout_s: float = 1.0
+    sim_restart_s: float = 1.0
+    """Simulated restart time (live runs measure theirs)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("policies", "loads", "worker_counts", "faults"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must list at least one value")
+        if any(l <= 0 for l in self.loads) or any(w < 1 for w in self.worker_counts):
+            raise ValueError(f"loads must be > 0 and worker_counts >= 1, got {self.loads}, {self.worker_counts}")
+        if any(f != "none" for f in self.faults) and min(self.worker_counts) < 2:
+            raise ValueError("kill/pause faults need worker_counts >= 2 (someone must take the re-routed work)")
+        if self.n_requests < 10 or self.mean_work_ms <= 0 or not 0 < self.fault_at < 1:
+            raise ValueError(f"need n_requests >= 10, mean_work_ms > 0, 0 < fault_at < 1; got "
+                             f"{self.n_requests}, {self.mean_work_ms}, {self.fault_at}")
+
+
+def summarize(df: pd.DataFrame, info: dict) -> dict:
+    """One result row from a run's per-request rows and run-level info (live and simulated alike)."""
+    ok = df[df["state"] == "done"] if "state" in df.columns else df
+    lat = ok["e2el_ms"].to_numpy(dtype=float)
+    span = info["duration_s"] - float(df["arrival_s"].min())
+    fault_t = info.get("fault_t")
+    return {
+        **percentile_columns(lat, prefix="e2el_"),
+        "e2el_mean_ms": float(lat.mean()) if lat.size else np.nan,
+        "throughput_rps": len(ok) / span if span > 0 else np.nan,
+        "offered_rps": info["offered_rps"], "capacity_rps": info["capacity_rps"],
+        "submitted": info["submitted"], "completed": info["completed"], "failed": info["failed"],
+        "error_rate": info["failed"] / info["submitted"],
+        "work_lost": info["submitted"] - info["completed"] - info["failed"],
+        "rerouted": info["rerouted"],
+        "time_to_detect_s": (info["detect_t"] - fault_t) if fault_t is not None and info.get("detect_t") is not None else np.nan,
+        "time_to_recover_s": (info["recover_t"] - fault_t) if fault_t is not None and info.get("recover_t") is not None else np.nan,
+        "prefix_cache_hit_rate": float(df["prefix_hit"].mean()) if "prefix_hit" in df.columns else np.nan,
+    }
+
+
+def run(config: Config) -> pd.DataFrame:
+    """One row per (policy, load, workers, fault): latency percentiles, rates, fault timings."""
+    from ..orchestrator import WorkerPool, make_policy
+    from ..provenance import device_summary
+
+    device = device_summary()["device"]
+    rows = []
+    for workers in config.worker_counts:
+        pool = None
+        if config.mode == "live":  # one pool per worker count, reused: start-up is not the subject
+            pool = WorkerPool(workers, make_policy("round_robin"), mean_work_ms=config.mean_work_ms,
+                              heartbeat_timeout_s=config.heartbeat_timeout_s)
+            pool.start()
+        try:
+            for fault in config.faults:
+                for load in config.loads:
+                    for policy in config.policies:
+                        common = dict(policy=policy, workers=workers, load=load, n_requests=config.n_requests,
+                                      size_dist=config.size_dist, prefixes=config.prefixes, fault=fault,
+                                      fault_at=config.fault_at, heartbeat_timeout_s=config.heartbeat_timeout_s,
+                                      seed=config.seed)
+                        if config.mode == "live":
+                            df, info = run_live(LiveConfig(mean_work_ms=config.mean_work_ms, **common), pool=pool)
+                        else:
+                            df, info = simulate(SimConfig(mean_service_ms=config.mean_work_ms,
+                                                          restart_s=config.sim_restart_s, **common))
+                        row = {"mode": config.mode, "device": device, "policy": policy, "load": load,
+                               "workers": workers, "fault": fault, **summarize(df, info)}
+                        log.info("%s %s load=%.2f workers=%d fault=%s: p99 %.1f ms, lost %d", config.mode, policy,
+                                 load, workers, fault, row["e2el_p99_ms"], row["work_lost"])
+                        rows.append(row)
+        finally:
+            if pool is not None:
+                pool.close()
+    return pd.DataFrame(rows)

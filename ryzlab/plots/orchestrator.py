@@ -1,0 +1,67 @@
+"""Report section for the orchestrator: p99 vs load per policy, the fault table, the sim/live split.
+
+Rows with ``mode="simulated"`` and ``mode="live"`` are never drawn on the same axes: each mode
+gets its own figure, titled with the mode and device.
+"""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from . import show_table, show_text
+
+KEYS = ["mode", "device", "workers", "fault", "policy", "load"]
+FAULT_COLS = ["time_to_detect_s", "time_to_recover_s", "rerouted", "work_lost", "error_rate"]
+
+
+def _mean(df: pd.DataFrame) -> pd.DataFrame:
+    keys = [k for k in KEYS if k in df.columns]
+    return df.groupby(keys, dropna=False).mean(numeric_only=True).reset_index()
+
+
+def p99_vs_load(df: pd.DataFrame) -> None:
+    """One figure per (mode, device): a panel per (workers, fault), a line per policy."""
+    s = _mean(df)
+    for (mode, device), part in s.groupby(["mode", "device"]):
+        panels = list(part.groupby(["workers", "fault"]))
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+        for ax, ((workers, fault), g) in zip(axes[0], panels):
+            for policy, line in g.groupby("policy"):
+                line = line.sort_values("load")
+                ax.plot(line["load"], line["e2el_p99_ms"], marker="o", label=policy)
+            ax.set_title(f"{workers} workers, fault={fault}")
+            ax.set_xlabel("offered load (fraction of capacity)")
+            ax.set_ylabel("p99 end-to-end latency (ms)")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"p99 latency vs load — mode={mode}, device={device}")
+        fig.tight_layout()
+        plt.show()
+
+
+def policy_ratio(df: pd.DataFrame) -> pd.DataFrame:
+    """p99 of each policy divided by round-robin's at the same (mode, device, workers, fault, load)."""
+    s = _mean(df)
+    base = s[s["policy"] == "round_robin"].set_index(["mode", "device", "workers", "fault", "load"])["e2el_p99_ms"]
+    out = s.join(base.rename("rr_p99_ms"), on=["mode", "device", "workers", "fault", "load"])
+    out["p99_vs_round_robin"] = out["e2el_p99_ms"] / out["rr_p99_ms"]
+    return out[["mode", "device", "workers", "fault", "load", "policy", "e2el_p50_ms", "e2el_p99_ms",
+                "p99_vs_round_robin", "throughput_rps"]]
+
+
+def report(df: pd.DataFrame) -> None:
+    if df.empty:
+        show_text("no orchestrator rows")
+        return
+    show_text("Tail latency per balancing policy. Simulated and live rows are shown apart; "
+              "'device' is where the run executed.")
+    p99_vs_load(df)
+    show_table(policy_ratio(df), "p99 relative to round-robin (same mode, workers, fault, load)")
+    faulty = _mean(df[df["fault"] != "none"])
+    if not faulty.empty:
+        cols = [c for c in KEYS + ["e2el_p99_ms"] + FAULT_COLS if c in faulty.columns]
+        show_table(faulty[cols], "Faults: detection, recovery (replacement serving and re-routed work "
+                                 "finished), work lost (must be 0)")
+        lost = int(faulty["work_lost"].sum())
+        show_text(f"work lost across all fault runs: {lost}" + ("" if lost == 0 else "  <-- NOT ZERO"))
