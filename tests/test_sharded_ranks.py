@@ -246,7 +246,7 @@ def _must_not_run(rank, world):
 @pytest.mark.parametrize("values, needle", [
     ({"world_size": 3, "strategy": "heads"}, "valid world sizes"),
     ({"world_size": 2, "strategy": "pipeline"}, "choose one of 'replicated', 'heads', 'sequence'"),
-    ({"world_size": 4, "strategy": "heads", "n_heads": 6, "n_kv_heads": 2, "dim": 96}, "n_heads (6) divisible"),
+    ({"world_size": 4, "strategy": "heads", "n_heads": 6, "n_kv_heads": 2}, "n_heads (6) divisible"),
 ])
 def test_invalid_layouts_fail_before_any_process_group(values, needle, monkeypatch):
     import ryzlab.experiments.scaling as scaling

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 EXPERIMENTS: dict[str, str] = {
     "attention_bench": "ryzlab.experiments.attention_bench",
     "serving": "ryzlab.experiments.serving",
+    "scaling": "ryzlab.experiments.scaling",
     "orchestrator": "ryzlab.experiments.orchestrator",
 }
 RESERVED = ("run_dir",)
