@@ -1,11 +1,13 @@
 """Router over real worker processes: policies place requests, a killed worker's requests are
 re-routed (streams continue) or answered with an error -- never lost."""
 import asyncio
+import json
 import time
 
 import pytest
 
 from ryzlab.config import ModelConfig
+from ryzlab.serve.api import json_safe
 from ryzlab.serve.client import backend_client
 from ryzlab.serve.engine import SamplingParams
 from ryzlab.serve.loadgen import LoadSpec, run_load
@@ -64,3 +66,5 @@ def test_kill_one_of_two_workers_under_load_loses_nothing():
         assert asyncio.run(again()) == probe
         h = router.health()
         assert h["healthy"] and h["healthy_workers"] == 2
+        m = json.loads(json.dumps(json_safe(router.metrics()), allow_nan=False))  # what /metrics serves
+        assert m["completed"] >= 30 and m["latency"][0]["scope"] == "all" and m["latency"][0]["requests"] >= 40

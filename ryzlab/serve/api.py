@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import logging
 import time
 from typing import Any, AsyncIterator, Protocol
@@ -135,6 +136,19 @@ def validate_completion(body: Any, *, vocab_size: int, max_model_len: int
                                  stop_token_ids=tuple(stop), ignore_eos=ignore_eos), stream
 
 
+def json_safe(x: Any) -> Any:
+    """NaN/inf -> None, recursively (strict JSON has no NaN; an empty percentile is NaN)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if hasattr(x, "item") and callable(x.item):  # numpy scalars
+        return json_safe(x.item())
+    return x
+
+
 def _text(ids: list[int], vocab_size: int) -> str:
     return bytes(t for t in ids if t < 256).decode("utf-8", errors="replace") if vocab_size <= 256 else ""
 
@@ -152,11 +166,11 @@ def create_app(backend: Backend):
     @app.get("/health")
     async def health() -> JSONResponse:
         h = backend.health()
-        return JSONResponse(h, status_code=200 if h.get("healthy") else 503)
+        return JSONResponse(json_safe(h), status_code=200 if h.get("healthy") else 503)
 
     @app.get("/metrics")
     async def metrics() -> JSONResponse:
-        return JSONResponse({**backend.metrics(), **stats})
+        return JSONResponse(json_safe({**backend.metrics(), **stats}))
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:

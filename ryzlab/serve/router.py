@@ -71,6 +71,7 @@ class _Req:
     worker: int = -1
     emitted: list[int] = field(default_factory=list)
     reroutes: int = 0
+    t0: float = field(default_factory=time.monotonic)
 
 
 class Router:
@@ -82,6 +83,7 @@ class Router:
                  affinity_tokens: int = 32, model_name: str = "ryzlab-reference", seed: int = 0,
                  start_timeout_s: float = 120.0):
         from ..orchestrator.balance import make_policy
+        from ..orchestrator.stats import StatsCollector
 
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -107,6 +109,8 @@ class Router:
         self._closing = False
         self.events: list[dict[str, Any]] = []
         """Fault timeline: kill / detected / rerouted / failed / restarted, with monotonic times."""
+        self.latency = StatsCollector(reservoir=100_000, seed=seed)
+        """End-to-end request latency per worker and overall (the orchestrator's statistics)."""
         self.counters = {"requests": 0, "completed": 0, "failed": 0, "rerouted": 0, "worker_deaths": 0}
         self._watchdog = threading.Thread(target=self._watch, name="ryzlab-router-watchdog", daemon=True)
 
@@ -212,11 +216,13 @@ class Router:
                 self._put(req, msg[2])
             elif kind == "done":
                 self._release(req)
+                self.latency.record(w.index, (time.monotonic() - req.t0) * 1000.0, True)
                 self.counters["completed"] += 1
                 w.served += 1
                 self._put(req, None)
             elif kind == "err":
                 self._release(req)
+                self.latency.record(w.index, (time.monotonic() - req.t0) * 1000.0, False)
                 self.counters["failed"] += 1
                 self._put(req, EngineError(msg[2]))
 
@@ -236,6 +242,7 @@ class Router:
 
     def _fail(self, req: _Req, message: str) -> None:
         self._release(req)
+        self.latency.record("router", (time.monotonic() - req.t0) * 1000.0, False)
         self.counters["failed"] += 1
         self.events.append({"t": time.monotonic(), "event": "failed", "request": req.rid})
         self._put(req, EngineError(message))
@@ -381,6 +388,7 @@ class Router:
             if vals:
                 out[key] = sum(vals) / len(vals)
         out["preemptions"] = sum(s.get("preemptions", 0) for s in stats)
+        out["latency"] = self.latency.to_frame().to_dict(orient="records")
         out["per_worker"] = [{"worker": w.index, "outstanding": w.outstanding, "served": w.served,
                               **{k: w.stats.get(k) for k in ("kv_cache_usage_perc", "preemptions",
                                                             "num_running", "num_waiting")}}
