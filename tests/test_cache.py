@@ -115,6 +115,10 @@ def test_codec_none_stores_inputs_exactly_and_four_d_inputs():
         out = cache.attend(layer, torch.randn(2, 3, HQ, D))
         assert out.shape == (2, 3, HQ, D)
     assert torch.equal(cache.read_kv(1, 0)[0], k[1])
+    kh, _ = cache.gather(1, heads_first=True)
+    kb, _ = cache.gather(1)
+    assert kh.shape == (2, HKV, 4, D) and kh.is_contiguous() and torch.equal(kh.transpose(1, 2), kb)
+    assert torch.equal(kb[:, :3], k)
     assert step.slot_mapping.tolist() == [b * 4 + i for b in (cache.block_table(0)[0], cache.block_table(1)[0]) for i in range(3)]
 
 
