@@ -9,8 +9,11 @@
 decoder layer) all write into ONE :class:`ryzlab.kv.cache.PagedKVCache`: batch row ``b`` is
 a paged sequence, each forward is one ``extend`` step (planned when the first layer of the
 forward calls ``update``), ``update`` quantises the new keys/values into the pages through
-the ryzlab codecs and returns the decoded keys/values the model's own attention then uses
-(``[B, Hkv, S, D]``, as ``DynamicCache`` does). With codec ``none`` the pages hold the model
+the ryzlab codecs and returns the keys/values the model's own attention then uses
+(``[B, Hkv, S, D]``, as ``DynamicCache`` does): every earlier token decoded from the pages,
+this step's own tokens at full precision (they are at hand; vLLM's prefill and HF's
+``QuantizedCache`` do the same, so a prefill's hidden states are exact and the error is
+what the compressed cache adds to later steps). With codec ``none`` the pages hold the model
 dtype, so logits and greedy tokens equal ``DynamicCache``'s.
 
 Rows of a batch always have the same length here (HF pads; the attention mask hides the
@@ -149,8 +152,12 @@ class RyzlabCache(Cache):
         self._written.add(layer)
         # [B, Hkv, T, D] -> [B, T, Hkv, D]: the pages' token-major layout
         self.paged.write(layer, k.transpose(1, 2), v.transpose(1, 2), step=self._step)
-        keys, values = self.paged.gather(layer, step=self._step)  # [B, S_pad, Hkv, D]
+        keys, values = self.paged.gather(layer, step=self._step)  # [B, S_pad, Hkv, D] decoded
         S = self._step.context_lens[0]
+        # This step's own tokens are attended at full precision (their K/V are at hand), as in
+        # vLLM's prefill and HF's QuantizedCache; everything cached before is read back decoded.
+        keys[:, S - T:S] = k.transpose(1, 2)
+        values[:, S - T:S] = v.transpose(1, 2)
         return keys[:, :S].transpose(1, 2), values[:, :S].transpose(1, 2)
 
     # ------------------------------------------------------------------ row bookkeeping

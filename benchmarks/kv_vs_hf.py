@@ -1,0 +1,170 @@
+"""ryzlab KV codecs vs Hugging Face transformers caches, same model and tokens, one run.
+
+Peer: ``../shared/peers/hf_cache_baseline.py`` (DynamicCache and optimum-quanto
+QuantizedCache int4/int2). This script uses the same random Llama config (REFERENCE), batch,
+context, tokens (``torch.manual_seed(0)`` then the same ``randint``) and teacher forcing:
+every cache is prefilled with the same ``context`` tokens, then fed the same next tokens one
+at a time, so logit errors vs DynamicCache do not compound through different generations.
+
+Differences from the peer, all in the direction of a fairer comparison:
+* decode steps are timed round-robin (step i of every cache, then step i+1), so a burst of
+  load from other processes on a shared machine hits every cache alike; ``step_ms`` is the
+  median over steps (``step_ms_mean`` is there too);
+* prefill asks for the last position's logits only (``logits_to_keep=1``): the cache
+  contents are identical, without a ``[B, context, vocab]`` float32 tensor;
+* quanto is warmed up on a short context (its kernels are built on first use).
+
+Bytes: HF caches with the peer's own counter (packed data + scales + shifts + residual
+window); ryzlab caches with ``RyzlabCache.ledger()["total"]`` (payload + scales + residual +
+block padding + metadata). Ratios: vs DynamicCache (float32 model -> ``bytes_vs_fp32``) and
+vs the same tokens in bf16/fp16 (``bytes_vs_bf16`` = bytes / (fp32 bytes / 2)).
+
+    .venv/bin/python benchmarks/kv_vs_hf.py --context 4096 --steps 16 --json kv_vs_hf.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers.cache_utils import QuantizedCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ryzlab.kv.hf import RyzlabCache  # noqa: E402
+from ryzlab.provenance import cpu_model  # noqa: E402
+
+# Same as the peer's REFERENCE (checked against the peer file when it is present).
+REFERENCE = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                 num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=32768)
+PEER = Path(__file__).resolve().parents[2] / "shared" / "peers" / "hf_cache_baseline.py"
+
+# name -> RyzlabCache options. int4 variants: plain token_head (fewest bytes), asymmetric
+# (a zero point, as quanto), group-wise scales, and KIVI-like (keys per channel per block,
+# values per token, a full-precision residual window like quanto's 128 tokens).
+RYZLAB = {
+    "ryzlab_none": dict(codec="none"),
+    "ryzlab_fp8_e4m3": dict(codec="fp8_e4m3", key_granularity="head", value_granularity="head"),
+    "ryzlab_fp8_e4m3_tokhead": dict(codec="fp8_e4m3"),
+    "ryzlab_int8": dict(codec="int8"),
+    "ryzlab_int4": dict(codec="int4"),
+    "ryzlab_int4_asym": dict(codec="int4", symmetric=False),
+    "ryzlab_int4_g32": dict(codec="int4", key_granularity="group", value_granularity="group", group_size=32),
+    "ryzlab_int4_asym_r128": dict(codec="int4", symmetric=False, residual=128),
+}
+
+
+def tensor_bytes(t) -> int:
+    """The peer's counter: optimum-quanto packed tensors count data + scale + shift."""
+    if hasattr(t, "_data") and hasattr(t, "_scale"):
+        d = getattr(t._data, "_data", t._data)
+        return d.numel() * d.element_size() + sum(x.numel() * x.element_size() for x in (t._scale, t._shift))
+    return t.numel() * t.element_size()
+
+
+def hf_cache_bytes(cache) -> int:
+    return sum(tensor_bytes(t) for layer in cache.layers for t in vars(layer).values() if torch.is_tensor(t))
+
+
+def cache_bytes(cache) -> float:
+    return cache.ledger()["total"] if isinstance(cache, RyzlabCache) else float(hf_cache_bytes(cache))
+
+
+def quanto(cfg, nbits: int):
+    return QuantizedCache(backend="quanto", config=cfg, nbits=nbits, axis_key=0, axis_value=0,
+                          q_group_size=64, residual_length=128)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="local HF checkpoint dir (default: random reference Llama)")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--caches", default="all",
+                    help=f"comma list of {', '.join(['hf_dynamic', 'hf_quanto_int4', 'hf_quanto_int2', *RYZLAB])}")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch default)")
+    ap.add_argument("--json", help="write the rows here")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if PEER.exists():
+        src = PEER.read_text()
+        assert "hidden_size=512, intermediate_size=1408, num_hidden_layers=8" in src, \
+            f"{PEER} changed its REFERENCE config; update REFERENCE here"
+    all_names = ["hf_dynamic", "hf_quanto_int4", "hf_quanto_int2", *RYZLAB]
+    names = all_names if a.caches == "all" else ["hf_dynamic"] + [n for n in a.caches.split(",") if n != "hf_dynamic"]
+    if bad := [n for n in names if n not in all_names]:
+        ap.error(f"unknown caches {bad}; valid: {', '.join(all_names)}")
+
+    torch.manual_seed(0)  # same model and tokens as the peer
+    if a.model:
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**REFERENCE)).eval()
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (a.batch, a.context + a.steps))
+
+    def make(name: str):
+        if name == "hf_dynamic":
+            return DynamicCache(config=cfg)
+        if name.startswith("hf_quanto_int"):
+            return quanto(cfg, int(name[-1]))
+        return RyzlabCache(cfg, **{"block_size": a.block_size, **RYZLAB[name]})
+
+    with torch.no_grad():
+        for n in names:  # warm-up on a short context: kernels, allocator, first-call paths
+            c = make(n)
+            model(ids[:, :64], cache=c, use_cache=True, logits_to_keep=1)
+            model(ids[:, 64:65], cache=c, use_cache=True)
+        caches, prefill_s = {}, {}
+        for n in names:
+            t0 = time.perf_counter()
+            caches[n] = make(n)
+            model(ids[:, :a.context], cache=caches[n], use_cache=True, logits_to_keep=1)
+            prefill_s[n] = time.perf_counter() - t0
+            print(f"prefill {n:24s} {prefill_s[n]:7.1f} s", flush=True)
+        times = {n: [] for n in names}
+        logits = {n: [] for n in names}
+        for i in range(a.steps):
+            tok = ids[:, a.context + i:a.context + i + 1]
+            for n in names:
+                t0 = time.perf_counter()
+                out = model(tok, cache=caches[n], use_cache=True)
+                times[n].append(time.perf_counter() - t0)
+                logits[n].append(out.logits[:, -1].float())
+    base = torch.stack(logits["hf_dynamic"], 1)  # [B, steps, V]
+    rows = []
+    for n in names:
+        lg = torch.stack(logits[n], 1)
+        kl = torch.nn.functional.kl_div(lg.log_softmax(-1), base.log_softmax(-1), log_target=True,
+                                        reduction="none").sum(-1).mean().item()
+        rows.append(dict(cache=n, step_ms=statistics.median(times[n]) * 1e3,
+                         step_ms_mean=statistics.fmean(times[n]) * 1e3, prefill_s=prefill_s[n],
+                         bytes=cache_bytes(caches[n]), rel_logit_err=((lg - base).norm() / base.norm()).item(),
+                         kl_per_token=kl, options=json.dumps(RYZLAB.get(n, {}))))
+    fp32 = rows[0]["bytes"]
+    for r in rows:
+        r.update(context=a.context, batch=a.batch, steps=a.steps, threads=torch.get_num_threads(),
+                 bytes_vs_fp32=r["bytes"] / fp32, bytes_vs_bf16=r["bytes"] / (fp32 / 2),
+                 step_vs_dynamic=r["step_ms"] / rows[0]["step_ms"], device="cpu", device_name=cpu_model())
+    print(f"\ncontext={a.context} batch={a.batch} steps={a.steps} threads={torch.get_num_threads()} "
+          f"device=cpu ({cpu_model()})")
+    print(f"{'cache':24s} {'ms/step':>8s} {'x dyn':>6s} {'MB':>8s} {'x bf16':>7s} {'x fp32':>7s} "
+          f"{'rel err':>8s} {'KL/tok':>9s}")
+    for r in rows:
+        print(f"{r['cache']:24s} {r['step_ms']:8.1f} {r['step_vs_dynamic']:6.2f} {r['bytes'] / 1e6:8.2f} "
+              f"{r['bytes_vs_bf16']:7.3f} {r['bytes_vs_fp32']:7.3f} {r['rel_logit_err']:8.4f} "
+              f"{r['kl_per_token']:9.2e}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
