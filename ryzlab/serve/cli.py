@@ -25,7 +25,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     s.add_argument("--model", default="reference",
-                   help="'reference' (the shipped checkpoint) or a checkpoint path (default reference)")
+                   help="'reference' (the shipped checkpoint), a checkpoint path, or 'random' (untrained weights of the reference shape: timing only) (default reference)")
     s.add_argument("--codec", default="none", choices=CODECS, help="KV-cache storage format (default none)")
     s.add_argument("--workers", type=int, default=1, help="engine replicas (default 1: in-process)")
     s.add_argument("--policy", default="least_outstanding", choices=POLICY_NAMES,
@@ -67,9 +67,16 @@ def make_backend(args: argparse.Namespace) -> Any:
         k["config"] = EngineConfig(**k["config"])
         if k["device"] == "cuda":
             k["device"] = "cuda:0"
-        return AsyncEngine(build_engine(threads=args.threads, **k))
-    return Router(workers=args.workers, policy=args.policy, engine_kwargs=kw,
+        return AsyncEngine(build_engine(threads=args.threads, **k), model_name=model_name(args.model))
+    return Router(workers=args.workers, policy=args.policy, engine_kwargs=kw, model_name=model_name(args.model),
                   threads_per_worker=args.threads or 1).start()
+
+
+def model_name(model: str) -> str:
+    """The ``model`` id the API reports: ryzlab-reference, ryzlab-random, or the checkpoint's stem."""
+    from pathlib import Path
+
+    return f"ryzlab-{model}" if model in ("reference", "random") else Path(model).stem
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

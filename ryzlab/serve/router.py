@@ -89,7 +89,11 @@ class Router:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if not heartbeat_timeout_s > 0:
             raise ValueError(f"heartbeat_timeout_s must be > 0, got {heartbeat_timeout_s}")
+        from .engine import EngineConfig, check_engine_args
+
         self.policy = make_policy(policy, seed=seed)
+        check_engine_args(**(engine_kwargs or {}))  # bad model/codec fails here, before any process
+        EngineConfig(**(engine_kwargs or {}).get("config", {}))
         self.policy_name = policy
         self.engine_kwargs = dict(engine_kwargs or {})
         self.threads_per_worker = threads_per_worker
@@ -107,6 +111,7 @@ class Router:
         self._reqs: dict[str, _Req] = {}
         self._ready = [threading.Event() for _ in range(workers)]
         self._closing = False
+        self._fatal: dict[int, str] = {}
         self.events: list[dict[str, Any]] = []
         """Fault timeline: kill / detected / rerouted / failed / restarted, with monotonic times."""
         self.latency = StatsCollector(reservoir=100_000, seed=seed)
@@ -124,6 +129,10 @@ class Router:
             if not ev.wait(max(0.0, deadline - time.monotonic())):
                 self.shutdown()
                 raise RuntimeError(f"worker {i} did not become ready within {self.start_timeout_s:.0f} s")
+            if i in self._fatal:
+                self.shutdown()
+                last = self._fatal[i].strip().splitlines()[-1]
+                raise RuntimeError(f"worker {i} could not start: {last}")
         self._watchdog.start()
         return self
 
@@ -191,7 +200,8 @@ class Router:
                 self._ready[w.index].set()
             elif kind == "fatal":
                 log.error("worker %d could not start:\n%s", w.index, msg[1])
-                self._closing_fatal = msg[1]
+                self._fatal[w.index] = msg[1]
+                self._ready[w.index].set()  # wake start(): it raises with the reason
                 return
             elif kind == "step":
                 for rid, toks, finished, err in msg[1]:
