@@ -1,0 +1,19 @@
+"""Serving: continuous-batching engine, workers + router, load generator, metrics, HTTP API.
+
+Modules (import what you need; nothing heavy is imported here):
+
+* :mod:`.engine`   ``Engine`` (scheduler: admission while blocks are free, chunked prefill,
+  batched decode, recompute/swap preemption, prefix reuse), ``AsyncEngine`` (background
+  thread, async token streams, progress-based health), ``build_engine``, ``EngineConfig``.
+* :mod:`.runner`   ``ModelRunner``: one ragged forward of the reference model over a paged step.
+* :mod:`.worker` / :mod:`.router`  one engine per process (per GPU where present) behind the
+  orchestrator's load-balancing policies; heartbeats, re-routing of a dead worker's requests,
+  restart. ``Router`` has the same ``generate/abort/health/metrics`` interface as ``AsyncEngine``.
+* :mod:`.loadgen`  ``LoadSpec`` (Poisson / gamma / closed loop / JSONL trace, length
+  distributions), ``run_load`` (latency from each request's scheduled time), ``run_sync``.
+* :mod:`.metrics`  ``summarize`` -> TTFT/TPOT/ITL/E2EL mean/p50/p90/p99, throughput, goodput
+  under ``parse_slo("ttft:200,tpot:50")``.
+* :mod:`.api`      ``create_app(backend)``: ``/v1/completions`` (SSE streaming), ``/health``, ``/metrics``.
+* :mod:`.client`   ``backend_client``, ``http_client``, ``serve_in_thread``.
+* :mod:`.cli`      ``ryzlab serve``.
+"""
