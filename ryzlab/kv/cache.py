@@ -376,13 +376,13 @@ class PagedKVCache:
             positions.append(p)
             slots.append(table[p // bs] * bs + p % bs)
             q_t.append(torch.arange(w))
-            if self.commit_unit > 1:
-                for i in range(a // bs, n // bs):  # blocks that become full in this step
-                    bp = torch.arange(i * bs, (i + 1) * bs)
-                    assert int(bp[0]) >= st.tail_start or a >= (i + 1) * bs, "commit reads a prefix hit"
-                    from_tail = st.slot * tl + bp % tl if tl else bp
-                    commit_src.append(torch.where(bp >= a, tail_rows + off + bp - a, from_tail))
-                    commit_blocks.append(int(table[i]))
+            if self.commit_unit > 1 and n // bs > a // bs:
+                # blocks that become full in this step: their older tokens come from the tail
+                i0, i1 = a // bs, n // bs
+                assert i0 * bs >= st.tail_start, f"seq {s!r}: block {i0} would be re-quantised from a prefix hit"
+                bp = torch.arange(i0 * bs, i1 * bs).view(-1, bs)
+                commit_src.append(torch.where(bp >= a, tail_rows + off + bp - a, st.slot * tl + bp % tl))
+                commit_blocks.append(table[i0:i1])
             if tl:
                 tp = torch.arange(max(a, n - tl), n)
                 tail_src.append(off + tp - a)
@@ -402,8 +402,8 @@ class PagedKVCache:
             _q_b=q_b.to(dev), _q_t=q_t_.to(dev), _q_pos=q_pos.to(dev),
             _tables=self._tables(seq_ids, ends) if B else torch.zeros(0, 1, dtype=torch.long, device=dev),
             _ov_b=ov[0], _ov_pos=ov[1], _ov_row=ov[2],
-            _commit_blocks=torch.tensor(commit_blocks, dtype=torch.long, device=dev),
-            _commit_src=(torch.stack(commit_src) if commit_src else torch.zeros(0, bs, dtype=torch.long)).to(dev),
+            _commit_blocks=cat(commit_blocks).to(dev),
+            _commit_src=(torch.cat(commit_src) if commit_src else torch.zeros(0, bs, dtype=torch.long)).to(dev),
             _tail_rows=tail_rows, _tail_src=cat(tail_src).to(dev), _tail_dst=cat(tail_dst).to(dev))
 
     # ------------------------------------------------------------------ per layer
