@@ -142,3 +142,17 @@ def test_failing_request_does_not_take_the_server_down(served):
     eng.runner.forward = real
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=30)
     assert r.status_code == 200 and eng.pool.num_free_blocks == NUM_BLOCKS
+
+
+def test_load_generator_over_http(served):
+    import asyncio
+
+    from ryzlab.serve.client import http_client
+    from ryzlab.serve.loadgen import LoadSpec, run_load
+
+    url, backend = served
+    spec = LoadSpec(arrival="poisson", rate=20.0, num_requests=8, prompt_len=6, output_len=5, seed=2)
+    res = asyncio.run(run_load(spec, http_client(url), timeout_s=60))
+    s = res.summary("tpot:10000")
+    assert s["requests_completed"] == 8 and s["output_tokens"] == 40 and s["goodput"] > 0
+    assert backend.engine.pool.num_free_blocks == NUM_BLOCKS
