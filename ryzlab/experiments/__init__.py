@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # notebook stem -> module; modules are imported lazily so `ryzlab --help` stays fast.
 EXPERIMENTS: dict[str, str] = {
     "attention_bench": "ryzlab.experiments.attention_bench",
+    "kv_compression": "ryzlab.experiments.kv_compression",
     "serving": "ryzlab.experiments.serving",
     "scaling": "ryzlab.experiments.scaling",
     "orchestrator": "ryzlab.experiments.orchestrator",
