@@ -208,11 +208,21 @@ def test_two_ranks_match_single_rank_stay_coherent_and_spill():
     sp = results[0]["spill"]
     assert sp["owners"] == [0, 0, 1, 1] and sp["spills"] == 1 and sp["full"] and sp["tokens"] == 8, sp
     assert sp["err"] <= 1e-5
-    # sequence sharding halves each rank's KV bytes; heads keeps one of two KV heads per rank
-    eq = {(r["strategy"], r["codec"], r["kg"]): r["kv_total"] for r in results[0]["equivalence"]}
+    _assert_bytes(results, replication=1)
+
+
+def _assert_bytes(results, replication):
+    """Summed over ranks, ``heads`` holds ``replication`` copies of the KV, ``sequence`` one copy."""
+    one = {(r["strategy"], r["codec"], r["kg"]): r["kv_total"] for r in results[0]["equivalence"]}
     tot = {(r["strategy"], r["codec"], r["kg"]): sum(x["equivalence"][i]["kv_total"] for x in results)
            for i, r in enumerate(results[0]["equivalence"])}
-    assert tot[("heads", "none", "token_head")] == eq[("replicated", "none", "token_head")]
+    full = one[("replicated", "none", "token_head")]
+    assert tot[("heads", "none", "token_head")] == replication * full
+    assert tot[("replicated", "none", "token_head")] == len(results) * full
+    # sequence: blocks spread, so the ranks together hold one copy (up to per-rank partial blocks)
+    assert full <= tot[("sequence", "none", "token_head")] <= full * 1.5
+    assert max(x["equivalence"][[k for k in one].index(("sequence", "none", "token_head"))]["kv_total"]
+               for x in results) < full
 
 
 def test_world_size_one_runs_the_same_code_without_collectives():

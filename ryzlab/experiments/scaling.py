@@ -11,6 +11,8 @@ write the new token's K/V, attend one query per sequence). Tidy rows, one per ti
 * ``comm_bytes_per_step`` and ``comm_bytes_per_layer``: bytes this rank handed to collectives,
   *measured* by :class:`ryzlab.kv.comm.Comm` at the call sites, with ``collectives_per_step``;
   ``comm_bytes_formula_per_layer`` from :func:`ryzlab.kv.layout.comm_bytes_formula` beside it;
+  ``comm_wire_bytes_per_layer``: bytes the rank process wrote to its sockets during those calls
+  (``/proc/self/io``; backend headers and ring forwarding included) vs ``comm_wire_formula_per_layer``;
 * ``largest_context``: longest sequence whose KV fits ``budget_mib`` per rank (grown through
   the cache's own placement), and ``largest_context_ws1`` for the same cache at one rank;
 * ``device`` (``cpu``: every rank ran on CPU, gloo), ``device_name``, ``backend``.
@@ -30,7 +32,7 @@ import torch
 
 from ..config import CacheConfig, Codec, ConfigError, Granularity, ModelConfig, ParallelConfig, Strategy, from_dict
 from ..kv.comm import Comm
-from ..kv.layout import collectives_formula, comm_bytes_formula, validate_layout
+from ..kv.layout import collectives_formula, comm_bytes_formula, validate_layout, wire_bytes_formula
 from ..kv.sharded import ShardedKVCache, largest_context
 from ..orchestrator import launch
 from ..provenance import cpu_model
@@ -147,6 +149,7 @@ def _rank_main(rank: int, world_size: int, cfg: Config) -> dict:
     per = comm.ledger.per_step("decode")
     return {"times": times, "kv": cache.kv_bytes(), "comm_bytes_per_step": per["bytes_sent"],
             "comm_received_per_step": per["bytes_received"], "collectives_per_step": per["collectives"],
+            "wire_bytes_per_step": per["wire_bytes_sent"],
             "threads": torch.get_num_threads(), "backend": torch.distributed.get_backend()}
 
 
@@ -181,6 +184,9 @@ def run(cfg: Config) -> pd.DataFrame:
         "comm_bytes_per_layer": comm_step / cfg.n_layers,
         "comm_bytes_formula_per_layer": formula,
         "comm_received_per_step": max(r["comm_received_per_step"] for r in res),
+        "comm_wire_bytes_per_layer": max(r["wire_bytes_per_step"] for r in res) / cfg.n_layers,
+        "comm_wire_formula_per_layer": wire_bytes_formula(cfg.strategy, world_size=cfg.world_size, batch=cfg.batch,
+                                                          n_heads=cfg.n_heads, head_dim=cfg.head_dim),
         "collectives_per_step": max(r["collectives_per_step"] for r in res),
         "collectives_formula_per_step": collectives_formula(cfg.strategy, world_size=cfg.world_size) * cfg.n_layers,
         "largest_context": fits,

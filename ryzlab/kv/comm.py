@@ -36,6 +36,10 @@ class CommRecord:
     """Bytes this rank got from other ranks."""
     collectives: int = 0
     seconds: float = 0.0
+    wire_bytes_sent: int = 0
+    """Bytes the rank process passed to write/send syscalls during the calls (Linux
+    ``/proc/self/io`` ``wchar``): what the backend really put on the wire, its headers and
+    algorithm (a ring all-gather forwards ``world_size - 1`` chunks) included. 0 where unreadable."""
 
 
 @dataclass
@@ -50,11 +54,23 @@ class CommLedger:
         n = max(self.steps.get(label, 0), 1)
         r = self.records.get(label, CommRecord())
         return {"bytes_sent": r.bytes_sent / n, "bytes_received": r.bytes_received / n,
-                "collectives": r.collectives / n, "seconds": r.seconds / n}
+                "collectives": r.collectives / n, "seconds": r.seconds / n, "wire_bytes_sent": r.wire_bytes_sent / n}
 
     def reset(self) -> None:
         self.records.clear()
         self.steps.clear()
+
+
+def _wchar() -> int:
+    """Bytes this process has passed to write/send syscalls so far (0 where /proc is absent)."""
+    try:
+        with open("/proc/self/io", "rb") as f:
+            for line in f:
+                if line.startswith(b"wchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 # torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there)
@@ -84,12 +100,13 @@ class Comm:
         finally:
             self._label = prev
 
-    def _record(self, sent: int, received: int, t0: float) -> None:
+    def _record(self, sent: int, received: int, t0: float, w0: int) -> None:
         r = self.ledger.records[self._label]
         r.bytes_sent += sent
         r.bytes_received += received
         r.collectives += 1
         r.seconds += time.perf_counter() - t0
+        r.wire_bytes_sent += _wchar() - w0
 
     @staticmethod
     def _nbytes(t: torch.Tensor) -> int:
@@ -101,33 +118,33 @@ class Comm:
             return t.unsqueeze(0)
         flat = t.contiguous().reshape(-1)
         out = torch.empty(self.world_size * flat.numel(), dtype=t.dtype, device=t.device)
-        t0 = time.perf_counter()
+        w0, t0 = _wchar(), time.perf_counter()
         _all_gather_single(out, flat, group=self.group)
-        self._record(self._nbytes(t), self._nbytes(t) * (self.world_size - 1), t0)
+        self._record(self._nbytes(t), self._nbytes(t) * (self.world_size - 1), t0, w0)
         return out.view(self.world_size, *t.shape)
 
     def all_reduce(self, t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
         """In-place all-reduce of ``t``; returns it."""
         if self.world_size == 1:
             return t
-        t0 = time.perf_counter()
+        w0, t0 = _wchar(), time.perf_counter()
         dist.all_reduce(t, op=op, group=self.group)
-        self._record(self._nbytes(t), self._nbytes(t), t0)
+        self._record(self._nbytes(t), self._nbytes(t), t0, w0)
         return t
 
     def send(self, t: torch.Tensor, dst: int) -> None:
         if dst == self.rank:
             raise ValueError(f"rank {self.rank} cannot send to itself")
-        t0 = time.perf_counter()
+        w0, t0 = _wchar(), time.perf_counter()
         dist.send(t.contiguous(), dst, group=self.group)
-        self._record(self._nbytes(t), 0, t0)
+        self._record(self._nbytes(t), 0, t0, w0)
 
     def recv(self, t: torch.Tensor, src: int) -> torch.Tensor:
         if src == self.rank:
             raise ValueError(f"rank {self.rank} cannot receive from itself")
-        t0 = time.perf_counter()
+        w0, t0 = _wchar(), time.perf_counter()
         dist.recv(t, src, group=self.group)
-        self._record(0, self._nbytes(t), t0)
+        self._record(0, self._nbytes(t), t0, w0)
         return t
 
     def barrier(self) -> None:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from ..config import STRATEGIES, CacheConfig, ConfigError, ModelConfig, ParallelConfig
 
-__all__ = ["HeadLayout", "head_layout", "validate_layout", "comm_bytes_formula", "collectives_formula"]
+__all__ = ["HeadLayout", "head_layout", "validate_layout", "comm_bytes_formula", "wire_bytes_formula",
+           "collectives_formula"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,18 @@ def comm_bytes_formula(strategy: str, *, world_size: int, batch: int, n_heads: i
     if strategy == "heads":
         return batch * (n_heads // world_size) * head_dim * element_size
     raise ValueError(f"strategy={strategy!r} is not valid; choose one of {', '.join(map(repr, STRATEGIES))}")
+
+
+def wire_bytes_formula(strategy: str, *, world_size: int, batch: int, n_heads: int, head_dim: int,
+                       element_size: int = 4) -> int:
+    """Bytes one rank *sends on the wire* per layer per decode step with a ring all-gather.
+
+    A ring all-gather forwards ``world_size - 1`` chunks per rank, so this is
+    ``(world_size - 1) * comm_bytes_formula(...)`` (the backend's message headers come on top;
+    the measured ``wire_bytes_sent`` includes them).
+    """
+    return (world_size - 1) * comm_bytes_formula(strategy, world_size=world_size, batch=batch, n_heads=n_heads,
+                                                 head_dim=head_dim, element_size=element_size)
 
 
 def collectives_formula(strategy: str, *, world_size: int) -> int:
