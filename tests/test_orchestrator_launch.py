@@ -39,20 +39,22 @@ def _sleep_forever(rank, world):
 
 
 def _children():
-    """Live child processes, minus multiprocessing's own resource tracker (one per parent)."""
+    """Live descendants (ranks are forked by the fork server, our child), minus multiprocessing's
+    own long-lived helpers: the resource tracker and the fork server itself."""
     out = []
     for c in psutil.Process().children(recursive=True):
         try:
-            if c.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(c.cmdline()):
+            cmd = " ".join(c.cmdline())
+            if c.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in cmd and "forkserver" not in cmd:
                 out.append(c)
         except psutil.NoSuchProcess:
             pass
     return out
 
 
-@pytest.mark.parametrize("world", [1, 4])
-def test_results_in_rank_order_and_allreduce(world):
-    out = launch(_allreduce, world, args=(2.0,), backend="gloo", init_timeout_s=60)
+@pytest.mark.parametrize("world,start_method", [(1, "forkserver"), (2, "spawn"), (4, "forkserver")])
+def test_results_in_rank_order_and_allreduce(world, start_method):
+    out = launch(_allreduce, world, args=(2.0,), backend="gloo", init_timeout_s=60, start_method=start_method)
     assert [o["rank"] for o in out] == list(range(world))
     assert all(o["env_rank"] == o["rank"] and o["world"] == world for o in out)
     assert all(o["sum"] == 2.0 * world * (world + 1) / 2 for o in out)
@@ -92,6 +94,8 @@ def test_bad_input_before_any_process():
         launch(_allreduce, 2, backend="mpi")
     with pytest.raises(ValueError, match="world_size"):
         launch(_allreduce, 0)
+    with pytest.raises(ValueError, match="forkserver"):
+        launch(_allreduce, 2, backend="gloo", start_method="fork")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="nccl"):
             choose_backend("nccl", 2)

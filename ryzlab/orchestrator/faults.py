@@ -92,9 +92,9 @@ class WorkerPool:
                              f"{heartbeat_interval_s}, {heartbeat_timeout_s}")
         if mean_work_ms <= 0 or max_attempts < 1:
             raise ValueError(f"need mean_work_ms > 0 and max_attempts >= 1, got {mean_work_ms}, {max_attempts}")
-        import multiprocessing as mp
+        from .launch import mp_context
 
-        self._ctx = mp.get_context("spawn")
+        self._ctx = mp_context("forkserver")  # a restart forks in ms instead of re-importing
         self.n = n_workers
         self.policy = policy
         self.mean_work_ms = mean_work_ms
