@@ -76,6 +76,7 @@ def test_sim_known_result_jsq_and_p2_beat_round_robin_at_high_load():
     for name in ("round_robin", "least_outstanding", "power_of_two"):
         df, info = simulate(SimConfig(policy=name, workers=8, load=0.9, n_requests=8000, size_dist="bimodal"))
         assert info["completed"] == info["submitted"] == 8000
+        assert info["mode"] == "simulated" and set(df["mode"]) == {"simulated"}
         p99[name] = np.percentile(df["e2el_ms"], 99)
     assert p99["least_outstanding"] <= 0.5 * p99["round_robin"]
     assert p99["power_of_two"] <= 0.6 * p99["round_robin"]

@@ -58,6 +58,7 @@ def test_live_run_with_kill_loses_nothing():
                                    mean_work_ms=4.0, fault="kill", fault_at=0.3))
     assert info["completed"] + info["failed"] == info["submitted"] == 150
     assert info["failed"] == 0 and df["request_id"].is_unique
+    assert info["mode"] == "live" and set(df["mode"]) == {"live"}
     assert info["detect_t"] - info["fault_t"] < 1.0
     assert info["recover_t"] is not None and info["recover_t"] >= info["detect_t"]
 

@@ -107,7 +107,8 @@ def run(config: Config) -> pd.DataFrame:
                         else:
                             df, info = simulate(SimConfig(mean_service_ms=config.mean_work_ms,
                                                           restart_s=config.sim_restart_s, **common))
-                        row = {"mode": config.mode, "device": device, "policy": policy, "load": load,
+                        assert info["mode"] == config.mode, "a run must say what it was"
+                        row = {"mode": info["mode"], "device": device, "policy": policy, "load": load,
                                "workers": workers, "fault": fault, **summarize(df, info)}
                         log.info("%s %s load=%.2f workers=%d fault=%s: p99 %.1f ms, lost %d", config.mode, policy,
                                  load, workers, fault, row["e2el_p99_ms"], row["work_lost"])

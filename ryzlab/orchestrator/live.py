@@ -105,11 +105,12 @@ def run_live(cfg: LiveConfig, pool: WorkerPool | None = None) -> tuple["object",
     for col in ("submit_t", "start_t", "end_t"):
         df[col.replace("_t", "_s")] = df[col] - t_start
     df = df.drop(columns=["submit_t", "start_t", "end_t"]).rename(columns={"submit_s": "arrival_s"})
+    df["mode"] = "live"
     done = df["state"] == "done"
     injected = [f for f in faults if f.kind in ("kill", "pause")]
     f0 = injected[0] if injected else None
     info = {
-        "submitted": len(arrivals), "completed": int(done.sum()), "failed": int((df["state"] == "failed").sum()),
+        "mode": "live", "submitted": len(arrivals), "completed": int(done.sum()), "failed": int((df["state"] == "failed").sum()),
         "finished_in_time": finished, "offered_rps": rate, "capacity_rps": capacity,
         "duration_s": float(df.loc[done, "end_s"].max()) if done.any() else float("nan"),
         "rerouted": sum(len(f.rerouted) for f in faults), "duplicates": dup, "faults_detected": len(faults),

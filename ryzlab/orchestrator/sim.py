@@ -178,7 +178,8 @@ def simulate(cfg: SimConfig) -> tuple["pd.DataFrame", dict]:
     df = pd.DataFrame(rows, columns=["request_id", "worker", "size", "prefix_hit", "arrival_s",
                                      "start_s", "end_s", "attempts"])
     df["e2el_ms"] = (df["end_s"] - df["arrival_s"]) * 1000.0
-    info.update(submitted=len(arrivals), completed=int(df["request_id"].nunique()), failed=0,
+    df["mode"] = "simulated"
+    info.update(mode="simulated", submitted=len(arrivals), completed=int(df["request_id"].nunique()), failed=0,
                 offered_rps=rate, capacity_rps=cfg.workers / mean_s, duration_s=float(df["end_s"].max()))
     assert info["completed"] == len(arrivals), "simulator lost a request"
     return df, info
