@@ -423,3 +423,27 @@ class CacheMachine(RuleBasedStateMachine):
 CacheMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=20, deadline=None,
                                           suppress_health_check=[HealthCheck.too_slow])
 TestCacheMachine = CacheMachine.TestCase
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cfg", CONFIGS[:5], ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_cuda_matches_cpu(cfg):
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        cache = PagedKVCache(MODEL, CacheConfig(**cfg), device=dev)
+        g = torch.Generator().manual_seed(0)
+        cache.add_sequence("a", list(range(9)))
+        cache.add_sequence("b", list(range(5)))
+        res = []
+        for new in (None, [[1], [2]], [[3], [4]]):
+            step = cache.extend(["a", "b"], new)
+            for layer in range(MODEL.n_layers):
+                q, k, v = (torch.randn(step.num_tokens, h, D, generator=g).to(dev) for h in (HQ, HKV, HKV))
+                cache.write(layer, k, v)
+                res.append(cache.attend(layer, q).cpu())
+                res.append(cache.attend_partial(layer, q, blocks=[[0], [0, 1]])[1].cpu())
+        res += [x.cpu() for x in cache.read_kv("a")]
+        outs[dev] = res
+    for x, y in zip(outs["cpu"], outs["cuda"]):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)

@@ -10,6 +10,8 @@ Public API (see each module's docstring):
 from ryzlab.kv.blocks import AppendResult, Block, BlockPool, FreeBlockQueue, hash_block
 from ryzlab.kv.cache import PagedKVCache, Step
 from ryzlab.kv.codecs import Encoded, KVFormat, TokenBytes, bytes_per_token, decode, encode
+from ryzlab.kv.pages import PagedTensor, attention_with_lse
 
 __all__ = ["AppendResult", "Block", "BlockPool", "FreeBlockQueue", "hash_block", "PagedKVCache", "Step",
-           "Encoded", "KVFormat", "TokenBytes", "bytes_per_token", "decode", "encode"]
+           "Encoded", "KVFormat", "TokenBytes", "bytes_per_token", "decode", "encode", "PagedTensor",
+           "attention_with_lse"]

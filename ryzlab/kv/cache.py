@@ -27,11 +27,20 @@ scales (``tensor``, ``head``, ``channel``) are computed over one *full block* wh
 instead of the quantised copy), so it has ``max(residual, block_size - 1)`` rows (or
 ``residual`` rows with token-local scales). Codec ``none`` has no tail. The ledger counts
 the tail as ``residual`` bytes: the staging cost of token-spanning scales is not hidden.
+
+Contract. ``extend`` commits the bookkeeping at once (``num_written`` advances, full blocks
+enter the prefix cache), so the caller must ``write`` every layer of a step before planning
+the next one; a sequence whose prompt hits cached blocks reads their quantised copy (it never
+wrote them, so they are not in its tail). Shortage (bounded ``num_blocks``) returns None from
+``add_sequence`` / ``extend`` with nothing changed; misuse raises ``ValueError``.
+
+Sharding: :meth:`PagedKVCache.attend_partial` attends to a subset of logical blocks and
+returns the log-sum-exp, so partial results from several ranks merge exactly
+(:func:`ryzlab.kv.merge.merge_partials`).
 """
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,7 +49,8 @@ import torch.nn.functional as F
 
 from ryzlab.config import CacheConfig, ModelConfig
 from ryzlab.kv.blocks import BlockPool, SeqId
-from ryzlab.kv.codecs import Encoded, KVFormat
+from ryzlab.kv.codecs import KVFormat
+from ryzlab.kv.pages import MATH_SCORES, PagedTensor, attention_with_lse
 
 __all__ = ["PagedKVCache", "Step", "merge_partials"]
 
@@ -48,7 +58,6 @@ log = logging.getLogger(__name__)
 
 _INITIAL_BLOCKS = 16  # unbounded caches start here and double: amortised O(1) growth
 _INITIAL_SLOTS = 4
-_MATH_SCORES = 1 << 24  # score elements per chunk of the matmul attention path (64 MB fp32)
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,84 +106,6 @@ class _SeqState:
     only their quantised copy exists, so they are never read from the tail)."""
 
 
-class _PagedTensor:
-    """Pages of K or V for all layers: payload ``[L, cap, bs, H, Dp]`` + scales/zero points."""
-
-    def __init__(self, fmt: KVFormat, layers: int, cap: int, bs: int, heads: int, head_dim: int,
-                 device: torch.device):
-        self.fmt, self.bs, self.heads, self.head_dim = fmt, bs, heads, head_dim
-        self.dp = fmt.packed_dim(head_dim)
-        self.scale_shape = fmt.scale_shape(bs, heads, head_dim)
-        self.payload = torch.zeros(layers, cap, bs, heads, self.dp, dtype=fmt.storage_dtype, device=device)
-        self.scale = self.zero = None
-        if fmt.quantized:
-            self.scale = torch.ones(layers, cap, *self.scale_shape, dtype=fmt.scale_dtype, device=device)
-        if fmt.has_zero:
-            self.zero = torch.zeros(layers, cap, *self.scale_shape, dtype=torch.float16, device=device)
-
-    @property
-    def capacity(self) -> int:
-        return self.payload.shape[1]
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.payload, self.scale, self.zero) if t is not None]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
-    def grow(self, cap: int) -> None:
-        def g(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None:
-                return None
-            extra = t.new_zeros(t.shape[0], cap - t.shape[1], *t.shape[2:])
-            return torch.cat([t, extra], dim=1)
-        self.payload, self.scale, self.zero = g(self.payload), g(self.scale), g(self.zero)
-
-    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        for t in self.tensors():
-            t[:, dst] = t[:, src]
-
-    def write_slots(self, layer: int, slots: torch.Tensor, x: torch.Tensor) -> None:
-        """Encode ``x [N, H, D]`` token by token (token-local scales) into ``slots``."""
-        enc = self.fmt.encode(x)
-        self.payload[layer].view(-1, self.heads, self.dp)[slots] = enc.payload
-        if enc.scale is not None:
-            assert self.scale is not None
-            self.scale[layer].view(-1, *self.scale_shape[1:])[slots] = enc.scale
-        if enc.zero is not None:
-            assert self.zero is not None
-            self.zero[layer].view(-1, *self.scale_shape[1:])[slots] = enc.zero
-
-    def write_blocks(self, layer: int, blocks: torch.Tensor, x: torch.Tensor) -> None:
-        """Encode whole blocks ``x [nc, bs, H, D]``: token-spanning scales cover one block."""
-        enc = self.fmt.encode(x)
-        self.payload[layer][blocks] = enc.payload
-        if enc.scale is not None:
-            assert self.scale is not None
-            self.scale[layer][blocks] = enc.scale
-        if enc.zero is not None:
-            assert self.zero is not None
-            self.zero[layer][blocks] = enc.zero
-
-    def gather(self, layer: int, tables: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Decode the pages of ``tables [B, nb]`` -> contiguous ``[B, H, nb * bs, D]``.
-
-        index_select copies whole blocks (~10x faster than advanced indexing on CPU); the
-        permute to heads-first is free because decoding writes a fresh tensor anyway.
-        """
-        b, nb = tables.shape
-        flat = tables.reshape(-1)
-
-        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None:
-                return None
-            g = t[layer].index_select(0, flat)  # [B * nb, bs or 1, H or 1, Dp or nG]
-            return g.view(b, nb, *g.shape[1:]).permute(0, 3, 1, 2, 4)  # [B, H, nb, bs, .]
-
-        enc = Encoded(pick(self.payload), pick(self.scale), pick(self.zero))
-        return self.fmt.decode(enc, dtype).view(b, self.heads, nb * self.bs, self.head_dim)
-
-
 class PagedKVCache:
     """Per-layer paged K/V storage owning a :class:`BlockPool`, with attention over the pages.
 
@@ -200,8 +131,8 @@ class PagedKVCache:
         self.pool = BlockPool(cache.num_blocks, bs, cache.enable_prefix_caching)
         cap = cache.num_blocks or _INITIAL_BLOCKS
         L, H, D = self.n_layers, self.n_kv_heads, self.head_dim
-        self.k = _PagedTensor(self.key_format, L, cap, bs, H, D, self.device)
-        self.v = _PagedTensor(self.value_format, L, cap, bs, H, D, self.device)
+        self.k = PagedTensor(self.key_format, L, cap, bs, H, D, self.device)
+        self.v = PagedTensor(self.value_format, L, cap, bs, H, D, self.device)
         self._tail_k = torch.zeros(L, _INITIAL_SLOTS, self.tail_len, H, D, dtype=dtype, device=self.device)
         self._tail_v = torch.zeros_like(self._tail_k)
         self._free_slots = list(range(_INITIAL_SLOTS))
@@ -449,7 +380,7 @@ class PagedKVCache:
             if step._tail_dst.numel():
                 flat_tail[step._tail_dst] = x[step._tail_src]
 
-    def _gather(self, layer: int, pages: _PagedTensor, tail: torch.Tensor, tables: torch.Tensor,
+    def _gather(self, layer: int, pages: PagedTensor, tail: torch.Tensor, tables: torch.Tensor,
                 ov: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x = pages.gather(layer, tables, self.dtype)  # [B, H, S, D]
         if ov[0].numel():
@@ -487,9 +418,9 @@ class PagedKVCache:
         k, v = self._gather_heads(layer, step)  # [B, H, S, D]
         qp, mask = self._pad_queries(q, step, k.shape[2])
         b, tq, hq, d = qp.shape
-        if b * hq * tq * k.shape[2] <= _MATH_SCORES:
+        if b * hq * tq * k.shape[2] <= MATH_SCORES:
             # decode and short chunks: two batched matmuls beat SDPA's CPU kernel here
-            out = _attention_math(qp, k, v, mask, scale)[0]
+            out = attention_with_lse(qp, k, v, mask, scale)[0]
         else:
             out = F.scaled_dot_product_attention(qp.transpose(1, 2), k.to(q.dtype), v.to(q.dtype),
                                                  attn_mask=mask[:, None], scale=scale,
@@ -533,7 +464,7 @@ class PagedKVCache:
         qp, mask = self._pad_queries(q, step, S)
         if key_mask is not None:
             mask = mask & key_mask[:, None, :]
-        out, lse = _attention_math(qp, k, v, mask, scale)
+        out, lse = attention_with_lse(qp, k, v, mask, scale)
         return out[step._q_b, step._q_t].to(q.dtype), lse[step._q_b, step._q_t]
 
     # ------------------------------------------------------------------ inspection
@@ -613,36 +544,6 @@ class PagedKVCache:
                 "metadata": metadata, "total": total, "tokens": float(tokens), "bytes_per_token": bpt,
                 "bytes_per_token_codec": self.bytes_per_token_codec(), "bf16_bytes_per_token": bf16,
                 "ratio_vs_bf16": bpt / bf16, "allocated": float(allocated)}
-
-
-def _attention_math(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                    scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked GQA attention with log-sum-exp, in float32, chunked over queries.
-
-    ``qp [B, Tq, Hq, D]``, ``k, v [B, H, S, D]``, ``mask [B, Tq, S]`` (True = attend) ->
-    ``out [B, Tq, Hq, D]`` (0 where a query sees no key) and ``lse [B, Tq, Hq]`` (-inf there).
-    Query heads are grouped onto their KV head by a reshape, so K/V are never repeated.
-    """
-    B, tq, hq, D = qp.shape
-    H, S = k.shape[1], k.shape[2]
-    g = hq // H
-    scale = scale if scale is not None else 1.0 / math.sqrt(D)
-    kt = k.to(torch.float32).transpose(-1, -2)  # [B, H, D, S]
-    vf = v.to(torch.float32)
-    outs, lses = [], []
-    chunk = max(1, _MATH_SCORES // max(1, B * hq * S))  # bound the score tensor (~64 MB)
-    for c0 in range(0, tq, chunk):
-        qc = qp[:, c0:c0 + chunk].to(torch.float32)  # [B, c, Hq, D]
-        c = qc.shape[1]
-        qg = qc.view(B, c, H, g, D).permute(0, 2, 3, 1, 4).reshape(B, H, g * c, D)
-        sc = (qg @ kt).view(B, H, g, c, S).mul_(scale)
-        sc = sc.masked_fill_(~mask[:, None, None, c0:c0 + c], float("-inf"))
-        lse = torch.logsumexp(sc, dim=-1)  # [B, H, g, c]
-        p = sc.sub_(torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None]).exp_()
-        o = (p.view(B, H, g * c, S) @ vf).view(B, H, g, c, D)
-        outs.append(o.permute(0, 3, 1, 2, 4).reshape(B, c, hq, D))
-        lses.append(lse.permute(0, 3, 1, 2).reshape(B, c, hq))
-    return torch.cat(outs, 1), torch.cat(lses, 1)
 
 
 def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,127 @@
+"""Paged K or V storage for all layers (payload + scales per block) and the attention math.
+
+:class:`PagedTensor` knows blocks but not sequences: it writes encoded tokens into slots or
+whole blocks, copies blocks (copy-on-write) and decodes a gather of block tables into the
+heads-first layout attention wants. :func:`attention_with_lse` is masked GQA attention that
+also returns the log-sum-exp, so partial results over disjoint key sets merge exactly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ryzlab.kv.codecs import Encoded, KVFormat
+
+__all__ = ["PagedTensor", "attention_with_lse", "MATH_SCORES"]
+
+MATH_SCORES = 1 << 24
+"""Score elements per query chunk of :func:`attention_with_lse` (64 MB in float32)."""
+
+
+class PagedTensor:
+    """Pages of K or V for all layers: payload ``[L, cap, bs, H, Dp]`` + scales/zero points."""
+
+    def __init__(self, fmt: KVFormat, layers: int, cap: int, bs: int, heads: int, head_dim: int,
+                 device: torch.device):
+        self.fmt, self.bs, self.heads, self.head_dim = fmt, bs, heads, head_dim
+        self.dp = fmt.packed_dim(head_dim)
+        self.scale_shape = fmt.scale_shape(bs, heads, head_dim)
+        self.payload = torch.zeros(layers, cap, bs, heads, self.dp, dtype=fmt.storage_dtype, device=device)
+        self.scale = self.zero = None
+        if fmt.quantized:
+            self.scale = torch.ones(layers, cap, *self.scale_shape, dtype=fmt.scale_dtype, device=device)
+        if fmt.has_zero:
+            self.zero = torch.zeros(layers, cap, *self.scale_shape, dtype=torch.float16, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.payload.shape[1]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.payload, self.scale, self.zero) if t is not None]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def grow(self, cap: int) -> None:
+        def g(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            extra = t.new_zeros(t.shape[0], cap - t.shape[1], *t.shape[2:])
+            return torch.cat([t, extra], dim=1)
+        self.payload, self.scale, self.zero = g(self.payload), g(self.scale), g(self.zero)
+
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        for t in self.tensors():
+            t[:, dst] = t[:, src]
+
+    def write_slots(self, layer: int, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """Encode ``x [N, H, D]`` token by token (token-local scales) into ``slots``."""
+        enc = self.fmt.encode(x)
+        self.payload[layer].view(-1, self.heads, self.dp)[slots] = enc.payload
+        if enc.scale is not None:
+            assert self.scale is not None
+            self.scale[layer].view(-1, *self.scale_shape[1:])[slots] = enc.scale
+        if enc.zero is not None:
+            assert self.zero is not None
+            self.zero[layer].view(-1, *self.scale_shape[1:])[slots] = enc.zero
+
+    def write_blocks(self, layer: int, blocks: torch.Tensor, x: torch.Tensor) -> None:
+        """Encode whole blocks ``x [nc, bs, H, D]``: token-spanning scales cover one block."""
+        enc = self.fmt.encode(x)
+        self.payload[layer][blocks] = enc.payload
+        if enc.scale is not None:
+            assert self.scale is not None
+            self.scale[layer][blocks] = enc.scale
+        if enc.zero is not None:
+            assert self.zero is not None
+            self.zero[layer][blocks] = enc.zero
+
+    def gather(self, layer: int, tables: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Decode the pages of ``tables [B, nb]`` -> contiguous ``[B, H, nb * bs, D]``.
+
+        index_select copies whole blocks (~10x faster than advanced indexing on CPU); the
+        permute to heads-first is free because decoding writes a fresh tensor anyway.
+        """
+        b, nb = tables.shape
+        flat = tables.reshape(-1)
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            g = t[layer].index_select(0, flat)  # [B * nb, bs or 1, H or 1, Dp or nG]
+            return g.view(b, nb, *g.shape[1:]).permute(0, 3, 1, 2, 4)  # [B, H, nb, bs, .]
+
+        enc = Encoded(pick(self.payload), pick(self.scale), pick(self.zero))
+        return self.fmt.decode(enc, dtype).view(b, self.heads, nb * self.bs, self.head_dim)
+
+
+def attention_with_lse(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                    scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked GQA attention with log-sum-exp, in float32, chunked over queries.
+
+    ``qp [B, Tq, Hq, D]``, ``k, v [B, H, S, D]``, ``mask [B, Tq, S]`` (True = attend) ->
+    ``out [B, Tq, Hq, D]`` (0 where a query sees no key) and ``lse [B, Tq, Hq]`` (-inf there).
+    Query heads are grouped onto their KV head by a reshape, so K/V are never repeated.
+    """
+    B, tq, hq, D = qp.shape
+    H, S = k.shape[1], k.shape[2]
+    g = hq // H
+    scale = scale if scale is not None else 1.0 / math.sqrt(D)
+    kt = k.to(torch.float32).transpose(-1, -2)  # [B, H, D, S]
+    vf = v.to(torch.float32)
+    outs, lses = [], []
+    chunk = max(1, MATH_SCORES // max(1, B * hq * S))  # bound the score tensor (~64 MB)
+    for c0 in range(0, tq, chunk):
+        qc = qp[:, c0:c0 + chunk].to(torch.float32)  # [B, c, Hq, D]
+        c = qc.shape[1]
+        qg = qc.view(B, c, H, g, D).permute(0, 2, 3, 1, 4).reshape(B, H, g * c, D)
+        sc = (qg @ kt).view(B, H, g, c, S).mul_(scale)
+        sc = sc.masked_fill_(~mask[:, None, None, c0:c0 + c], float("-inf"))
+        lse = torch.logsumexp(sc, dim=-1)  # [B, H, g, c]
+        p = sc.sub_(torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None]).exp_()
+        o = (p.view(B, H, g * c, S) @ vf).view(B, H, g, c, D)
+        outs.append(o.permute(0, 3, 1, 2, 4).reshape(B, c, hq, D))
+        lses.append(lse.permute(0, 3, 1, 2).reshape(B, c, hq))
+    return torch.cat(outs, 1), torch.cat(lses, 1)
