@@ -34,7 +34,11 @@ from ryzlab.provenance import cpu_model
 MODEL = ModelConfig(vocab_size=256, dim=512, n_layers=2, n_heads=8, n_kv_heads=2, max_seq_len=32768)
 BATCH = 2
 CODECS = [("none", "token_head", "token_head"), ("fp8_e4m3", "token_head", "token_head"),
-          ("int8", "token_head", "token_head"), ("int4", "channel", "token_head"), ("int4", "group", "group")]
+          ("int8", "token_head", "token_head"), ("int4", "channel", "token_head"), ("int4", "group", "group"),
+          ("fp8_e4m3", "tensor", "tensor")]
+# A scale shared by all KV heads ("tensor") is computed per shard under "heads": by design a
+# codec applies per shard, so that row is shown but not held to the single-rank equality.
+PER_SHARD_SCALE = {("heads", "tensor/tensor")}
 
 
 def _comm(ws: int, contexts: list[int], steps: int) -> list[dict]:
@@ -177,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     keys = [(r["strategy"], r["codec"], r["granularity"]) for r in results[args.world_sizes[0]][0]["errors"]]
     for i, (strategy, codec, gran) in enumerate(keys):
         errs = [max(res["errors"][i]["rel_err"] for res in results[ws]) for ws in args.world_sizes]
-        ok &= max(errs) <= 1e-5
-        print(f"{strategy:<10} {codec:<9} {gran:<22} " + " ".join(f"{e:>9.1e}" for e in errs))
+        exempt = (strategy, gran) in PER_SHARD_SCALE
+        ok &= exempt or max(errs) <= 1e-5
+        print(f"{strategy:<10} {codec:<9} {gran:<22} " + " ".join(f"{e:>9.1e}" for e in errs)
+              + ("   (scale per shard of heads: not expected equal)" if exempt else ""))
     print(f"\nall targets met: {ok}")
     return 0 if ok else 1
 

@@ -15,7 +15,8 @@ write the new token's K/V, attend one query per sequence). Tidy rows, one per ti
   (``/proc/self/io``; backend headers and ring forwarding included) vs ``comm_wire_formula_per_layer``;
 * ``largest_context``: longest sequence whose KV fits ``budget_mib`` per rank (grown through
   the cache's own placement), and ``largest_context_ws1`` for the same cache at one rank;
-* ``device`` (``cpu``: every rank ran on CPU, gloo), ``device_name``, ``backend``.
+* ``device`` (``cpu`` under gloo, ``cuda`` under nccl: where the ranks' caches lived),
+  ``device_name``, ``backend``.
 
 Scaling efficiency vs world_size 1 needs the world_size 1 point of the same sweep:
 :func:`scaling_efficiency` (used by the report) divides the measured speedup by world_size.
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from ..config import CacheConfig, Codec, ConfigError, Granularity, ModelConfig, ParallelConfig, Strategy, from_dict
+from ..config import Backend, CacheConfig, Codec, Granularity, ModelConfig, ParallelConfig, Strategy, from_dict
 from ..kv.comm import Comm
 from ..kv.layout import collectives_formula, comm_bytes_formula, validate_layout, wire_bytes_formula
 from ..kv.sharded import ShardedKVCache, largest_context
@@ -65,6 +66,8 @@ class Config:
     budget_mib: float = 4.0
     """Per-rank KV memory budget for ``largest_context``."""
     seed: int = 0
+    backend: Backend = "auto"
+    """auto: nccl when every rank has a CUDA device (the cache then lives on cuda:<rank>), else gloo."""
     threads: int = 1
     """torch threads per rank: 1 keeps points comparable across world sizes on a shared CPU
     (ranks beyond the core count still oversubscribe it: the report shows it)."""
@@ -88,7 +91,7 @@ class Config:
                            value_granularity=self.value_granularity, block_size=self.block_size)
 
     def parallel(self) -> ParallelConfig:
-        return ParallelConfig(world_size=self.world_size, strategy=self.strategy, backend="gloo")
+        return ParallelConfig(world_size=self.world_size, strategy=self.strategy, backend=self.backend)
 
 
 def make_config(values: dict) -> Config:
@@ -132,7 +135,9 @@ def decode_step(cache: ShardedKVCache, seq_ids: list[int], gen: torch.Generator)
 
 def _rank_main(rank: int, world_size: int, cfg: Config) -> dict:
     comm = Comm()
-    cache = ShardedKVCache(cfg.model(), cfg.cache(), cfg.parallel(), comm=comm)
+    backend = torch.distributed.get_backend()
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu")
+    cache = ShardedKVCache(cfg.model(), cfg.cache(), cfg.parallel(), comm=comm, device=device)
     gen = torch.Generator().manual_seed(cfg.seed)
     seqs = list(range(cfg.batch))
     prefill(cache, seqs, cfg.context, gen)
@@ -140,17 +145,21 @@ def _rank_main(rank: int, world_size: int, cfg: Config) -> dict:
         decode_step(cache, seqs, gen)
     comm.ledger.reset()
     times = []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(cfg.decode_steps):
         comm.barrier()  # steps start together: the slowest rank sets the step time
+        sync()
         t0 = time.perf_counter()
         decode_step(cache, seqs, gen)
+        sync()
         times.append(time.perf_counter() - t0)
     cache.check(cross_rank=True)
     per = comm.ledger.per_step("decode")
     return {"times": times, "kv": cache.kv_bytes(), "comm_bytes_per_step": per["bytes_sent"],
             "comm_received_per_step": per["bytes_received"], "collectives_per_step": per["collectives"],
             "wire_bytes_per_step": per["wire_bytes_sent"],
-            "threads": torch.get_num_threads(), "backend": torch.distributed.get_backend()}
+            "threads": torch.get_num_threads(), "backend": backend, "device": device.type,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()}
 
 
 def run(cfg: Config) -> pd.DataFrame:
@@ -161,7 +170,7 @@ def run(cfg: Config) -> pd.DataFrame:
     fits = largest_context(model, cache, parallel, budget)
     fits1 = largest_context(model, cache, ParallelConfig(world_size=1, strategy=cfg.strategy), budget)
     t0 = time.perf_counter()
-    res = launch(_rank_main, cfg.world_size, args=(cfg,), backend="gloo", timeout_s=cfg.timeout_s,
+    res = launch(_rank_main, cfg.world_size, args=(cfg,), backend=cfg.backend, timeout_s=cfg.timeout_s,
                  threads_per_rank=cfg.threads)
     log.info("scaling point %s ran in %.1f s", cfg, time.perf_counter() - t0)
     steps = [max(r["times"][i] for r in res) for i in range(cfg.decode_steps)]
@@ -192,8 +201,8 @@ def run(cfg: Config) -> pd.DataFrame:
         "largest_context": fits,
         "largest_context_ws1": fits1,
         "context_gain": fits / fits1 if fits1 else float("nan"),
-        "device": "cpu",
-        "device_name": cpu_model(),
+        "device": res[0]["device"],
+        "device_name": res[0]["device_name"],
         "backend": res[0]["backend"],
         "torch_threads": res[0]["threads"],
     })

@@ -31,15 +31,17 @@ _INITIAL_BLOCKS = 16  # unbounded stores start here and double
 class _Pages:
     """K or V pages: payload ``[L, cap, bs, H, Dp]`` + scales/zero points ``[L, cap, sT, sH, nG]``."""
 
-    def __init__(self, fmt: KVFormat, layers: int, cap: int, bs: int, heads: int, head_dim: int):
+    def __init__(self, fmt: KVFormat, layers: int, cap: int, bs: int, heads: int, head_dim: int,
+                 device: torch.device):
         self.fmt, self.bs, self.heads, self.head_dim = fmt, bs, heads, head_dim
         self.dp = fmt.packed_dim(head_dim)
         self.scale_shape = fmt.scale_shape(bs, heads, head_dim)
-        self.payload = torch.zeros(layers, cap, bs, heads, self.dp, dtype=fmt.storage_dtype)
+        self.payload = torch.zeros(layers, cap, bs, heads, self.dp, dtype=fmt.storage_dtype, device=device)
         # scale dtype is the codec's choice (float16, or E8M0 exponent bytes for fp8)
         sdt = getattr(fmt, "scale_dtype", torch.float16)
-        self.scale = torch.ones(layers, cap, *self.scale_shape, dtype=sdt) if fmt.quantized else None
-        self.zero = torch.zeros(layers, cap, *self.scale_shape, dtype=torch.float16) if fmt.has_zero else None
+        self.scale = torch.ones(layers, cap, *self.scale_shape, dtype=sdt, device=device) if fmt.quantized else None
+        self.zero = (torch.zeros(layers, cap, *self.scale_shape, dtype=torch.float16, device=device)
+                     if fmt.has_zero else None)
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.payload, self.scale, self.zero) if t is not None]
@@ -93,13 +95,15 @@ class ShardStore:
     """Encoded K/V pages of one rank for ``heads`` KV heads, addressed by directory block id."""
 
     def __init__(self, *, n_layers: int, heads: int, head_dim: int, block_size: int, key_format: KVFormat,
-                 value_format: KVFormat, dtype: torch.dtype = torch.float32, capacity: int | None = None):
+                 value_format: KVFormat, dtype: torch.dtype = torch.float32, capacity: int | None = None,
+                 device: str | torch.device = "cpu"):
         self.n_layers, self.heads, self.head_dim, self.block_size = n_layers, heads, head_dim, block_size
         self.dtype = dtype
+        self.device = torch.device(device)
         self.capacity = capacity
         cap = capacity or _INITIAL_BLOCKS
-        self.k = _Pages(key_format, n_layers, cap, block_size, heads, head_dim)
-        self.v = _Pages(value_format, n_layers, cap, block_size, heads, head_dim)
+        self.k = _Pages(key_format, n_layers, cap, block_size, heads, head_dim, self.device)
+        self.v = _Pages(value_format, n_layers, cap, block_size, heads, head_dim, self.device)
         # one commit unit for K and V, as PagedKVCache: stage both if either needs block-wide scales
         self.spans = key_format.spans_tokens or value_format.spans_tokens
         self._phys: dict[int, int] = {}
@@ -135,7 +139,8 @@ class ShardStore:
         p = self._free.pop()
         self._phys[block_id] = p
         if self.spans:
-            z = torch.zeros(self.n_layers, self.block_size, self.heads, self.head_dim, dtype=self.dtype)
+            z = torch.zeros(self.n_layers, self.block_size, self.heads, self.head_dim, dtype=self.dtype,
+                            device=self.device)
             self._staged[block_id] = _Staged(z, z.clone(), set())
         return p
 
@@ -171,8 +176,8 @@ class ShardStore:
                     if len(st.committed) == self.n_layers:
                         del self._staged[b]
         elif block_ids:
-            phys = torch.tensor([self._phys[b] for b in block_ids], dtype=torch.long)
-            offs = torch.tensor(offsets, dtype=torch.long)
+            phys = torch.tensor([self._phys[b] for b in block_ids], dtype=torch.long, device=self.device)
+            offs = torch.tensor(offsets, dtype=torch.long, device=self.device)
             self.k.write_tokens(layer, phys, offs, x_k)
             self.v.write_tokens(layer, phys, offs, x_v)
         for b in dict.fromkeys(block_ids):
@@ -184,10 +189,8 @@ class ShardStore:
         Shorter tables are padded with this rank's first page (mask it out by token count).
         """
         nb = max([len(t) for t in tables] + [1])
-        phys = torch.zeros(len(tables), nb, dtype=torch.long)
-        for i, t in enumerate(tables):
-            if t:
-                phys[i, :len(t)] = torch.tensor([self._phys[b] for b in t], dtype=torch.long)
+        rows = [[self._phys[b] for b in t] + [0] * (nb - len(t)) for t in tables]
+        phys = torch.tensor(rows, dtype=torch.long, device=self.device).reshape(len(tables), nb)
         k = self.k.gather(layer, phys, self.dtype)
         v = self.v.gather(layer, phys, self.dtype)
         bs = self.block_size

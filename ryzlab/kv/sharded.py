@@ -79,7 +79,8 @@ class ShardedKVCache:
     """
 
     def __init__(self, model: ModelConfig, cache: CacheConfig, parallel: ParallelConfig, *,
-                 comm: Comm | None = None, blocks_per_rank: int | None = None, dtype: torch.dtype = torch.float32):
+                 comm: Comm | None = None, blocks_per_rank: int | None = None, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
         validate_layout(model, parallel, cache)
         if cache.residual:
             raise ValueError(f"residual={cache.residual}: the sharded cache has no full-precision residual "
@@ -93,15 +94,16 @@ class ShardedKVCache:
         self.rank, self.world_size = self.comm.rank, parallel.world_size
         self.layout: HeadLayout = head_layout(model, parallel, self.rank)
         self.dtype = dtype
+        self.device = torch.device(device)  # cuda:<local_rank> under nccl, cpu under gloo
         placement = "spread" if self.strategy == "sequence" else "everywhere"
         self.directory = BlockDirectory(self.world_size, cache.block_size, blocks_per_rank=blocks_per_rank,
                                         placement=placement)
         kf, vf = _formats(cache, dtype)
         self.store = ShardStore(n_layers=model.n_layers, heads=len(self.layout.kv_heads), head_dim=model.head_dim,
                                 block_size=cache.block_size, key_format=kf, value_format=vf, dtype=dtype,
-                                capacity=blocks_per_rank)
-        self._kv_idx = torch.tensor(self.layout.kv_heads, dtype=torch.long)
-        self._q_idx = torch.tensor(self.layout.q_heads, dtype=torch.long)
+                                capacity=blocks_per_rank, device=self.device)
+        self._kv_idx = torch.tensor(self.layout.kv_heads, dtype=torch.long, device=self.device)
+        self._q_idx = torch.tensor(self.layout.q_heads, dtype=torch.long, device=self.device)
         self._step: ShardedStep | None = None
         self.scale = 1.0 / math.sqrt(model.head_dim)
 
@@ -145,7 +147,7 @@ class ShardedKVCache:
                     versions[sl.block_id] = sl.version
             base += n
         full = {b for b in versions if d.entry(b).num_tokens == self.config.block_size}
-        self._step = ShardedStep(tuple(seq_ids), tuple(counts), torch.tensor(rows, dtype=torch.long),
+        self._step = ShardedStep(tuple(seq_ids), tuple(counts), torch.tensor(rows, dtype=torch.long, device=self.device),
                                  block_ids, offsets, versions, full)
         return self._step
 
@@ -166,8 +168,8 @@ class ShardedKVCache:
         if tuple(k.shape) != want or tuple(v.shape) != want:
             raise ValueError(f"k/v have shapes {tuple(k.shape)}, {tuple(v.shape)}; expected {list(want)} "
                              f"(new tokens, n_kv_heads, head_dim)")
-        xk = k[step.rows][:, self._kv_idx].to(self.dtype)
-        xv = v[step.rows][:, self._kv_idx].to(self.dtype)
+        xk = k.to(self.device)[step.rows][:, self._kv_idx].to(self.dtype)
+        xv = v.to(self.device)[step.rows][:, self._kv_idx].to(self.dtype)
         self.store.write(layer, step.block_ids, step.offsets, xk, xv, step.versions, step.full)
 
     def _local_tables(self, layer: int, seq_ids: Sequence[int]) -> tuple[list[list[int]], torch.Tensor]:
@@ -176,7 +178,7 @@ class ShardedKVCache:
         tables = [d.blocks(s, rank=self.rank) for s in seq_ids]
         stamps = self.store.stamps[layer]
         nb = max([len(t) for t in tables] + [1])
-        mask = torch.zeros(len(seq_ids), nb * bs, dtype=torch.bool)
+        lens = torch.zeros(len(seq_ids), nb, dtype=torch.long)
         for i, t in enumerate(tables):
             for j, b in enumerate(t):
                 e = d.entry(b)
@@ -185,8 +187,9 @@ class ShardedKVCache:
                     raise CoherencyError(f"rank {self.rank} layer {layer}: block {b} of sequence {e.seq_id} is "
                                          f"{'missing' if got is None else f'stale (v{got})'}; directory "
                                          f"says v{e.version} on rank {e.owner}")
-                mask[i, j * bs:j * bs + e.num_tokens] = True
-        return tables, mask
+                lens[i, j] = e.num_tokens
+        mask = torch.arange(bs)[None, None, :] < lens[:, :, None]            # [B, nb, bs]
+        return tables, mask.reshape(len(seq_ids), nb * bs).to(self.device)
 
     def attend(self, layer: int, q: torch.Tensor, seq_ids: Sequence[int] | None = None) -> torch.Tensor:
         """Decode attention: ``q [B, Hq, D]`` (one query per sequence) over all its cached tokens.
@@ -199,7 +202,7 @@ class ShardedKVCache:
                              f"{self.model.head_dim}] (one decode query per sequence)")
         tables, mask = self._local_tables(layer, seq_ids)
         k, v = self.store.gather(layer, tables)
-        out, lse = partial_attention(q[:, self._q_idx], k, v, mask, self.scale)  # local heads/blocks
+        out, lse = partial_attention(q.to(self.device)[:, self._q_idx], k, v, mask, self.scale)  # local part
         if self.strategy == "sequence":
             parts = self.comm.all_gather(pack_partial(out, lse))               # [ws, B, Hq, D + 1]
             out, _ = merge_partials(*unpack_partials(parts))
@@ -231,7 +234,7 @@ class ShardedKVCache:
                 self.comm.send(self.store.export(mv.block_id), mv.dst)
                 self.store.release(mv.block_id)
             elif self.rank == mv.dst:
-                buf = torch.empty(self.store.export_nbytes(staged), dtype=torch.uint8)
+                buf = torch.empty(self.store.export_nbytes(staged), dtype=torch.uint8, device=self.device)
                 self.comm.recv(buf, mv.src)
                 self.store.load(mv.block_id, buf, mv.version, staged)
 
@@ -275,7 +278,7 @@ class ShardedKVCache:
                 raise CoherencyError(f"rank {self.rank} layer {layer}: stale blocks {stale[:10]}")
         if cross_rank:
             with self.comm.step("check"):
-                digests = self.comm.all_gather(torch.tensor([d.digest()], dtype=torch.int64))
+                digests = self.comm.all_gather(torch.tensor([d.digest()], dtype=torch.int64, device=self.device))
             if not bool((digests == digests[0]).all()):
                 raise CoherencyError(f"directories differ across ranks: digests {digests.flatten().tolist()}")
 
