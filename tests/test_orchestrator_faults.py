@@ -68,3 +68,17 @@ def test_bad_input():
         LiveConfig(fault="explode")
     with pytest.raises(ValueError, match="heartbeat"):
         WorkerPool(2, make_policy("round_robin"), heartbeat_interval_s=2.0, heartbeat_timeout_s=1.0)
+
+
+def test_progress_watchdog_catches_a_stuck_unit_and_reports_it_failed():
+    """Heartbeats keep coming (the beat thread runs beside numpy), but the unit never finishes
+    within progress_timeout_s: the watchdog re-routes it, then reports it failed."""
+    t0 = time.monotonic()
+    with WorkerPool(2, make_policy("least_outstanding"), mean_work_ms=5.0, progress_timeout_s=0.5,
+                    max_attempts=2) as pool:
+        pool.submit(Request(0, size=4000.0))  # ~20 s of compute
+        assert pool.wait_all(30.0)
+        assert pool.units[0].state == "failed" and pool.units[0].attempts == 2
+        assert len(pool.faults) == 2 and all("no progress" in f.reason for f in pool.faults)
+        assert {f.worker for f in pool.faults} == {0, 1}
+    assert time.monotonic() - t0 < 15

@@ -1,0 +1,39 @@
+"""Code written for launch() runs unchanged under torchrun (env:// rendezvous)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+from ryzlab.orchestrator.launch import free_port
+
+SCRIPT = textwrap.dedent("""
+    import json, torch, torch.distributed as dist
+    from ryzlab.orchestrator import init_from_env
+    ctx = init_from_env("auto")
+    t = torch.tensor([float(ctx.rank + 1)])
+    dist.all_reduce(t)
+    print(json.dumps({"rank": ctx.rank, "world": ctx.world_size, "backend": ctx.backend, "sum": t.item()}))
+    dist.destroy_process_group()
+""")
+
+
+def test_init_from_env_under_torchrun(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script)]
+    # own process group, so a timeout can take torchrun's workers down too (no orphans)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-2000:]
+    rows = sorted((json.loads(line) for line in stdout.splitlines() if line.startswith("{")),
+                  key=lambda r: r["rank"])
+    assert [r["rank"] for r in rows] == [0, 1]
+    assert all(r["world"] == 2 and r["backend"] == "gloo" and r["sum"] == 3.0 for r in rows)
