@@ -94,3 +94,23 @@ def test_empty_ledger_and_reset(model, ids):
     assert c.ledger()["total"] > 0
     c.reset()
     assert c.get_seq_length() == 0 and c.ledger()["tokens"] == 0
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("codec", ["int4", "fp8_e4m3"])
+def test_fill_from_dynamic_equals_model_prefill(model, ids, codec):
+    """benchmarks/kv_vs_hf.py stores a DynamicCache prefill into the other caches: same result."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("kv_vs_hf", Path(__file__).parents[1] / "benchmarks" / "kv_vs_hf.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    dyn = DynamicCache(config=CFG)
+    model(ids[:, :9], cache=dyn)
+    a, b = RyzlabCache(CFG, codec=codec, block_size=4), RyzlabCache(CFG, codec=codec, block_size=4)
+    model(ids[:, :9], cache=a)
+    bench.fill_from(b, dyn)
+    assert a.ledger() == b.ledger()
+    torch.testing.assert_close(model(ids[:, 9:10], cache=a).logits, model(ids[:, 9:10], cache=b).logits,
+                               atol=0, rtol=0)

@@ -152,13 +152,13 @@ class RyzlabCache(Cache):
         self._written.add(layer)
         # [B, Hkv, T, D] -> [B, T, Hkv, D]: the pages' token-major layout
         self.paged.write(layer, k.transpose(1, 2), v.transpose(1, 2), step=self._step)
-        keys, values = self.paged.gather(layer, step=self._step)  # [B, S_pad, Hkv, D] decoded
+        keys, values = self.paged.gather(layer, step=self._step, heads_first=True)  # [B, Hkv, S_pad, D]
         S = self._step.context_lens[0]
         # This step's own tokens are attended at full precision (their K/V are at hand), as in
         # vLLM's prefill and HF's QuantizedCache; everything cached before is read back decoded.
-        keys[:, S - T:S] = k.transpose(1, 2)
-        values[:, S - T:S] = v.transpose(1, 2)
-        return keys[:, :S].transpose(1, 2), values[:, :S].transpose(1, 2)
+        keys[:, :, S - T:S] = k
+        values[:, :, S - T:S] = v
+        return keys[:, :, :S], values[:, :, :S]
 
     # ------------------------------------------------------------------ row bookkeeping
     def _remap(self, rows: list[int]) -> None:

@@ -1,0 +1,78 @@
+"""Report section for kv_compression: memory vs accuracy (Pareto) and decode time vs context."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from . import show_table
+
+LAYOUT = ["codec", "key_granularity", "value_granularity", "group_size", "symmetric", "residual", "block_size"]
+
+
+def _label(r: pd.Series) -> str:
+    if r["codec"] == "none":
+        return "none"
+    k, v = r["key_granularity"], r["value_granularity"]
+    gran = k if k == v else f"K:{k}/V:{v}"
+    extra = "" if r.get("symmetric", True) in (True, "True") else " asym"
+    return f"{r['codec']} {gran}{extra} r{r['residual']} bs{r['block_size']}"
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per point: medians over the timed decode steps, the point's memory/accuracy."""
+    keys = [c for c in ("device", *LAYOUT, "context", "batch") if c in df.columns]
+    firsts = [c for c in ("prefill_ms", "kv_bytes_per_token", "ratio_vs_bf16", "cache_bytes",
+                          "max_tokens_in_budget", "kl_per_token", "ppl", "ppl_ref", "ppl_delta", "rel_logit_err",
+                          "k_rel_err", "v_rel_err", "attn_rel_err") if c in df.columns]
+    g = df.groupby(keys, dropna=False)
+    out = g.agg(tpot_ms_p50=("tpot_ms", "median"), tpot_ms_p90=("tpot_ms", lambda s: s.quantile(0.9)),
+                **{c: (c, "first") for c in firsts}).reset_index()
+    out.insert(0, "layout", out.apply(_label, axis=1))
+    return out.sort_values(["context", "batch", "kv_bytes_per_token"] if "batch" in out else keys)
+
+
+def pareto(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """Points not dominated in (lower x, lower y)."""
+    pts = points.sort_values([x, y])
+    best, keep = float("inf"), []
+    for i, r in pts.iterrows():
+        if r[y] < best:
+            keep.append(i)
+            best = r[y]
+    return pts.loc[keep]
+
+
+def report(df: pd.DataFrame) -> None:
+    s = summarize(df)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    acc = "kl_per_token" if "kl_per_token" in s else None
+    if acc is not None:
+        # accuracy does not depend on the timing context/batch: one point per layout
+        pts = s.groupby("layout", as_index=False).agg(ratio_vs_bf16=("ratio_vs_bf16", "median"),
+                                                      kl_per_token=("kl_per_token", "first"),
+                                                      ppl_delta=("ppl_delta", "first"))
+        ax = axes[0]
+        floor = pts.loc[pts.kl_per_token > 0, "kl_per_token"].min() if (pts.kl_per_token > 0).any() else 1e-9
+        yv = pts.kl_per_token.clip(lower=floor / 10)
+        ax.scatter(pts.ratio_vs_bf16, yv)
+        for _, r in pts.assign(y=yv).iterrows():
+            ax.annotate(r["layout"], (r["ratio_vs_bf16"], r["y"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        front = pareto(pts.assign(kl_per_token=yv), "ratio_vs_bf16", "kl_per_token")
+        ax.plot(front.ratio_vs_bf16, front.kl_per_token, "r--", lw=1, label="Pareto front")
+        ax.set(yscale="log", xlabel="KV bytes per token / bf16 (scales, residual, padding included)",
+               ylabel="KL per token vs uncompressed (teacher forcing)",
+               title=f"Memory vs accuracy ({', '.join(sorted(s.device.unique()))}, measured)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    for (layout, batch), g in s.groupby(["layout", "batch"]):
+        g = g.sort_values("context")
+        axes[1].plot(g["context"], g["tpot_ms_p50"], marker="o", label=f"{layout} batch={batch}")
+    axes[1].set(xscale="log", xlabel="context (tokens)", ylabel="decode step p50 (ms)",
+                title="Decode time vs context (measured)")
+    axes[1].grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    plt.show()
+    show_table(s, "KV compression per point (device=" + ", ".join(sorted(s.device.unique())) + "; medians over "
+               "timed decode steps; accuracy on held-out stdlib text, teacher forcing)")

@@ -1,0 +1,53 @@
+"""kv_compression experiment: a tiny config runs and returns the tidy columns the report uses."""
+from __future__ import annotations
+
+import pytest
+
+from ryzlab.config import ConfigError
+from ryzlab.experiments import make_config, run_experiment
+
+TINY = dict(model="random", context=32, batch=2, decode_steps=3, warmup=1, eval_windows=2, eval_len=48,
+            eval_prefill=40, block_size=8, group_size=8)
+
+COLUMNS = {"experiment", "sample", "tpot_ms", "prefill_ms", "kv_bytes_per_token", "ratio_vs_bf16", "cache_bytes",
+           "max_tokens_in_budget", "kl_per_token", "ppl", "ppl_ref", "ppl_delta", "k_rel_err", "v_rel_err",
+           "attn_rel_err", "device", "codec", "key_granularity", "residual", "block_size", "context", "batch"}
+
+
+@pytest.mark.parametrize("codec", ["none", "int4"])
+def test_tiny_run_tidy_columns(codec, tmp_path):
+    df = run_experiment("kv_compression", {**TINY, "codec": codec}, tmp_path)
+    assert COLUMNS <= set(df.columns), COLUMNS - set(df.columns)
+    assert len(df) == 3 and (df.device == "cpu").all()
+    assert (tmp_path / "metrics.parquet").exists()
+    r = df.iloc[0]
+    if codec == "none":
+        assert r.kl_per_token < 1e-6 and abs(r.ppl_delta) < 1e-3 * r.ppl_ref  # float rounding only
+        assert r.ratio_vs_bf16 > 2.0  # float32 model dtype, plus block padding
+    else:
+        assert r.kl_per_token > 0 and r.ratio_vs_bf16 < 0.5
+    assert r.max_tokens_in_budget == int(1024 * 2**20 // r.kv_bytes_per_token)
+
+
+def test_report_runs_headless(monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from ryzlab.plots import kv_compression as plots
+
+    shown = []
+    monkeypatch.setattr(plots, "show_table", lambda df, caption=None: shown.append(df))
+    df = run_experiment("kv_compression", {**TINY, "codec": "int8"})
+    plots.report(df)
+    assert shown and "tpot_ms_p50" in shown[0].columns
+
+
+def test_invalid_config_names_choices():
+    with pytest.raises(ConfigError, match="choose one of"):
+        make_config("kv_compression", {"codec": "int3"})
+    from ryzlab.experiments.kv_compression import Config, run
+
+    with pytest.raises(ValueError, match="valid group sizes"):  # checked once the model is known
+        run(Config(model="random", codec="int4", key_granularity="group", group_size=5))
+    with pytest.raises(ConfigError, match="eval_prefill"):
+        make_config("kv_compression", {"eval_prefill": 300, "eval_len": 256})
