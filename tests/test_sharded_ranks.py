@@ -266,3 +266,20 @@ def test_invalid_layouts_fail_before_any_process_group(values, needle, monkeypat
         scaling.run(scaling.make_config(values))
     assert needle in str(e.value)
     assert not torch.distributed.is_initialized()
+
+
+def test_scaling_experiment_rows_on_two_ranks():
+    import ryzlab.experiments.scaling as scaling
+    from ryzlab.experiments import run_experiment
+
+    df = run_experiment("scaling", {"world_size": 2, "strategy": "sequence", "codec": "int8", "context": 64,
+                                    "n_heads": 4, "head_dim": 16, "decode_steps": 2, "warmup": 1,
+                                    "budget_mib": 0.25})
+    assert len(df) == 2 and set(df["device"]) == {"cpu"} and set(df["backend"]) == {"gloo"}
+    row = df.iloc[0]
+    assert row["comm_bytes_per_layer"] == row["comm_bytes_formula_per_layer"] == 1 * 4 * 17 * 4
+    assert row["collectives_per_step"] == row["collectives_formula_per_step"] == 2
+    assert row["largest_context"] == 2 * row["largest_context_ws1"] > 0
+    assert row["kv_bytes_per_rank"] < row["kv_bytes_total"] and row["kv_replication"] == 1
+    eff = scaling.scaling_efficiency(df)
+    assert eff["scaling_efficiency"].isna().all()  # no world_size 1 point in this frame

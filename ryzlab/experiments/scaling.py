@@ -7,7 +7,8 @@ write the new token's K/V, attend one query per sequence). Tidy rows, one per ti
 
 * ``step_ms`` / ``tpot_ms`` (decode step latency, slowest rank), ``tokens_per_s`` (batch / step);
 * ``kv_bytes_per_rank`` (largest rank) and ``kv_bytes_total`` (all ranks: counts ``heads``
-  replication when n_kv_heads < world_size), ``kv_bytes_per_token`` (total / cached tokens);
+  replication when n_kv_heads < world_size, and ``replicated``'s full copies), ``kv_replication``
+  (copies of each KV head across ranks), ``kv_bytes_per_token`` (total / cached tokens);
 * ``comm_bytes_per_step`` and ``comm_bytes_per_layer``: bytes this rank handed to collectives,
   *measured* by :class:`ryzlab.kv.comm.Comm` at the call sites, with ``collectives_per_step``;
   ``comm_bytes_formula_per_layer`` from :func:`ryzlab.kv.layout.comm_bytes_formula` beside it;
@@ -33,7 +34,7 @@ import torch
 
 from ..config import Backend, CacheConfig, Codec, Granularity, ModelConfig, ParallelConfig, Strategy, from_dict
 from ..kv.comm import Comm
-from ..kv.layout import collectives_formula, comm_bytes_formula, validate_layout, wire_bytes_formula
+from ..kv.layout import collectives_formula, comm_bytes_formula, head_layout, validate_layout, wire_bytes_formula
 from ..kv.sharded import ShardedKVCache, largest_context
 from ..orchestrator import launch
 from ..provenance import cpu_model
@@ -188,6 +189,7 @@ def run(cfg: Config) -> pd.DataFrame:
         "median_step_ms": statistics.median(steps) * 1e3,
         "kv_bytes_per_rank": kv_rank,
         "kv_bytes_total": kv_total,
+        "kv_replication": head_layout(model, parallel, 0).replication,
         "kv_bytes_per_token": kv_total / tokens,
         "comm_bytes_per_step": comm_step,
         "comm_bytes_per_layer": comm_step / cfg.n_layers,
