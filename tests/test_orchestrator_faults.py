@@ -39,6 +39,12 @@ def test_fault_detected_rerouted_restarted(kind):
         assert all(r["attempts"] == 2 and r["worker"] != 0 for r in rerouted.values())
         assert f.ready_t is not None and f.recover_t >= f.ready_t > f.detect_t
         assert pool.views[0].healthy and pool._procs[0].is_alive()  # restarted
+        st = pool.stats.to_frame().set_index("scope")
+        assert st.loc["all", "requests"] == 20 + len(f.rerouted)  # attempts: re-routed ones count twice
+        assert st.loc["0", "errors"] == len(f.rerouted) and st.loc["all", "in_flight"] == 0
+        with pytest.raises(ValueError, match="serving"):
+            pool.views[1].healthy = False
+            pool.inject(1, "kill")
 
 
 def test_unit_failing_every_attempt_is_reported_not_lost():

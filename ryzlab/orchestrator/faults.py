@@ -32,6 +32,7 @@ from multiprocessing.connection import wait
 from typing import Any, Iterator, Literal, get_args
 
 from .balance import Request, WorkerView
+from .stats import StatsCollector
 
 __all__ = ["WorkerPool", "FaultRecord", "UnitRecord", "InjectKind", "INJECT_KINDS"]
 
@@ -49,6 +50,7 @@ class UnitRecord:
     worker: int | None = None
     start_t: float | None = None
     end_t: float | None = None
+    dispatch_t: float | None = None
     state: Literal["pending", "running", "done", "failed"] = "pending"
     served_by: int | None = None
 
@@ -84,7 +86,7 @@ class WorkerPool:
     def __init__(self, n_workers: int, policy: Any, *, mean_work_ms: float = 5.0,
                  heartbeat_interval_s: float = 0.1, heartbeat_timeout_s: float = 1.0,
                  progress_timeout_s: float = 10.0, watch_interval_s: float = 0.05, max_attempts: int = 3,
-                 restart: bool = True, start_timeout_s: float = 60.0):
+                 restart: bool = True, start_timeout_s: float = 60.0, reservoir: int | None = 100_000):
         if n_workers < 1:
             raise ValueError(f"n_workers must be >= 1, got {n_workers}")
         if not 0 < heartbeat_interval_s < heartbeat_timeout_s:
@@ -105,6 +107,8 @@ class WorkerPool:
         self.units: dict[int, UnitRecord] = {}
         self.faults: list[FaultRecord] = []
         self.duplicates = 0
+        self.stats = StatsCollector(reservoir=reservoir)
+        """Per-worker *attempt* statistics (an attempt on a failed worker counts as an error there)."""
         self.per_product_s: list[float] = [float("nan")] * n_workers
         self._heartbeats = self._ctx.Array("d", n_workers, lock=False)
         self._procs: list[Any] = [None] * n_workers
@@ -212,6 +216,8 @@ class WorkerPool:
             self._last_progress[w] = time.time()  # the progress clock runs only while holding work
         self._held[w].add(uid)
         self.views[w].outstanding += 1
+        self.stats.start(w)
+        u.dispatch_t = time.time()
         self._tasks[w].put((uid, u.request.size))
 
     def wait_all(self, timeout_s: float) -> bool:
@@ -242,6 +248,7 @@ class WorkerPool:
             self.units.clear()
             self.faults.clear()
             self.duplicates = 0
+            self.stats = StatsCollector(reservoir=self.stats.reservoir)
 
     # -- fault injection ------------------------------------------------------------------------
     def inject(self, worker: int, kind: str) -> None:
@@ -251,6 +258,9 @@ class WorkerPool:
         if not 0 <= worker < self.n:
             raise ValueError(f"worker={worker} out of range; valid: 0..{self.n - 1}")
         with self._lock:
+            if not self.views[worker].healthy:
+                raise ValueError(f"worker {worker} is not serving (starting or restarting); serving: "
+                                 f"{[i for i, v in enumerate(self.views) if v.healthy]}")
             rec = FaultRecord(worker, kind, time.time())
             self._pending_injection[worker] = rec
             os.kill(self._procs[worker].pid, signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
@@ -293,6 +303,7 @@ class WorkerPool:
                 if uid in self._held[w] and inc == self._incarnation[w]:
                     self._held[w].discard(uid)
                     self.views[w].outstanding -= 1
+                    self.stats.finish(w, (end - u.dispatch_t) * 1000.0, True)
                 if u.state == "done":
                     self.duplicates += 1
                     return
@@ -345,6 +356,8 @@ class WorkerPool:
         if hasattr(self.policy, "forget_worker"):
             self.policy.forget_worker(w)
         held, self._held[w] = sorted(self._held[w]), set()
+        for uid in held:
+            self.stats.finish(w, (now - self.units[uid].dispatch_t) * 1000.0, False)
         rec.rerouted = held
         for uid in held:
             self._dispatch(uid)
