@@ -79,10 +79,12 @@ def part_batching(args: argparse.Namespace, model: str) -> dict:
 
 
 async def _trial(router: Router, rate: float, args: argparse.Namespace, seed: int) -> dict:
-    spec = LoadSpec(arrival="poisson", rate=rate, num_requests=max(args.trial_requests, int(rate * 3)),
+    # about 3 s of arrivals at high rates, at least 8 requests (and at most ~8/rate s) at low ones
+    n = max(min(args.trial_requests, max(8, int(rate * 8))), int(rate * 3))
+    spec = LoadSpec(arrival="poisson", rate=rate, num_requests=n,
                     prompt_len=args.prompt_len, output_len=args.output_len, seed=seed,
                     vocab_size=router.vocab_size)
-    res = await run_load(spec, backend_client(router), timeout_s=args.trial_timeout)
+    res = await run_load(spec, backend_client(router), timeout_s=n / rate + args.trial_timeout)
     return res.summary(f"tpot:{SLO_MS}")
 
 
@@ -167,7 +169,8 @@ def main() -> int:
     p.add_argument("--min-rate", type=float, default=0.25)
     p.add_argument("--bisect", type=int, default=2)
     p.add_argument("--trial-requests", type=int, default=24)
-    p.add_argument("--trial-timeout", type=float, default=60.0)
+    p.add_argument("--trial-timeout", type=float, default=60.0,
+                   help="seconds a trial may run past its last scheduled arrival")
     p.add_argument("--fault-rate", type=float, default=4.0)
     p.add_argument("--fault-slo", default="ttft:2000,tpot:250",
                    help="SLO of the goodput plotted around the kill (one the healthy pair meets here)")

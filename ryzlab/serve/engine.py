@@ -491,13 +491,13 @@ class AsyncEngine:
             with self._lock:
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
-            for rid in aborts:
-                eng.abort(rid)
-            for rid, prompt, params in inbox:
+            for rid, prompt, params in inbox:  # adds before aborts: an instant disconnect still aborts
                 try:
                     eng.add_request(rid, prompt, params)
                 except ValueError as e:
                     self._deliver(rid, EngineError(str(e)))
+            for rid in aborts:
+                eng.abort(rid)
             if not eng.has_work():
                 self._busy_since = None
                 self._wake.wait(0.05)
