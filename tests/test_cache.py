@@ -447,3 +447,17 @@ def test_cuda_matches_cpu(cfg):
         outs[dev] = res
     for x, y in zip(outs["cpu"], outs["cuda"]):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+def test_adding_sequences_between_extend_and_write_is_safe():
+    """Storage may grow between planning and writing (an engine admits a request mid-step)."""
+    cache = PagedKVCache(MODEL, CacheConfig(codec="int8", key_granularity="channel", block_size=4))
+    drv = Driver(cache)
+    cache.add_sequence("a", 3)
+    drv.step(cache.extend(["a"]))
+    step = cache.extend(["a"], [2])  # fills block 0 from the tail + 1 new token
+    for s in range(8):               # tail slots and pages grow now
+        cache.add_sequence(s, 9)
+    drv.step(step)
+    ek, _ = drv.expected_kv("a", 0, 0, 4, cache.key_format, cache.value_format, 4)
+    torch.testing.assert_close(cache.read_kv("a", 0)[0], ek, atol=1e-6, rtol=0)

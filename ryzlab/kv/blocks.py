@@ -130,6 +130,8 @@ class _Seq:
     hashes: list[BlockHash | None] = field(default_factory=list)
     """Chained hash per full block (None once a block holds unknown tokens)."""
     num_cached_tokens: int = 0
+    num_registered: int = 0
+    """Leading full blocks already offered to the prefix cache (in-use blocks stay cached)."""
 
 
 class BlockPool:
@@ -256,7 +258,8 @@ class BlockPool:
             if b.ref_cnt == 0:
                 self.free_queue.remove(b)
             b.ref_cnt += 1
-        s = _Seq(blocks=list(hits), tokens=toks, hashes=hashes, num_cached_tokens=len(hits) * bs)
+        s = _Seq(blocks=list(hits), tokens=toks, hashes=hashes, num_cached_tokens=len(hits) * bs,
+                 num_registered=len(hits))
         s.blocks += [self._take() for _ in range(need)]
         self._seqs[seq_id] = s
         if self.enable_prefix_caching and toks and toks[0] != _UNKNOWN:
@@ -287,11 +290,13 @@ class BlockPool:
         if not self.enable_prefix_caching:
             return
         s = self._seq(seq_id)
-        for i in range(min(num_tokens, len(s.tokens)) // self.block_size):
+        end = min(num_tokens, len(s.tokens)) // self.block_size
+        for i in range(s.num_registered, end):  # incremental: O(new blocks) per decode step
             h, b = s.hashes[i], s.blocks[i]
             if h is not None and b.block_hash is None and h not in self.cached:
                 b.block_hash = h
                 self.cached[h] = b
+        s.num_registered = max(s.num_registered, end)
 
     def blocks_needed(self, seq_id: SeqId, num_new_tokens: int) -> int:
         """Free blocks an :meth:`append` of ``num_new_tokens`` would take (copy-on-write included)."""
@@ -343,7 +348,8 @@ class BlockPool:
             raise ValueError(f"sequence {child_seq!r} already exists")
         for b in p.blocks:
             b.ref_cnt += 1
-        self._seqs[child_seq] = _Seq(list(p.blocks), list(p.tokens), list(p.hashes), p.num_cached_tokens)
+        self._seqs[child_seq] = _Seq(list(p.blocks), list(p.tokens), list(p.hashes), p.num_cached_tokens,
+                                     p.num_registered)
         return [b.block_id for b in p.blocks]
 
     def free(self, seq_id: SeqId) -> None:

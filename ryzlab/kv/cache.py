@@ -85,8 +85,7 @@ class Step:
     _ov_pos: torch.Tensor         #   key position,
     _ov_row: torch.Tensor         #   row in the flattened tail
     _commit_blocks: torch.Tensor  # [nc] blocks that fill in this step (token-spanning scales)
-    _commit_src: torch.Tensor     # [nc, bs] rows in cat(tail rows, new tokens)
-    _tail_rows: int               # tail rows at planning time (offset of new tokens above)
+    _commit_src: torch.Tensor     # [nc, bs] tail row (>= 0) or new token j (encoded -1 - j)
     _tail_src: torch.Tensor       # [nt] new-token index copied into the tail
     _tail_dst: torch.Tensor       # [nt] tail row it lands in
 
@@ -299,7 +298,6 @@ class PagedKVCache:
         B, tq = len(seq_ids), max(writes, default=0)
         positions, slots, q_t = [], [], []
         commit_blocks, commit_src, tail_src, tail_dst = [], [], [], []
-        tail_rows = self._tail_k.shape[1] * tl
         off = 0
         for st, s, a, w, n in zip(states, seq_ids, starts, writes, ends):
             table = torch.tensor(self.pool.block_table(s), dtype=torch.long)
@@ -312,7 +310,7 @@ class PagedKVCache:
                 i0, i1 = a // bs, n // bs
                 assert i0 * bs >= st.tail_start, f"seq {s!r}: block {i0} would be re-quantised from a prefix hit"
                 bp = torch.arange(i0 * bs, i1 * bs).view(-1, bs)
-                commit_src.append(torch.where(bp >= a, tail_rows + off + bp - a, st.slot * tl + bp % tl))
+                commit_src.append(torch.where(bp >= a, -1 - (off + bp - a), st.slot * tl + bp % tl))
                 commit_blocks.append(table[i0:i1])
             if tl:
                 tp = torch.arange(max(a, n - tl), n)
@@ -335,7 +333,7 @@ class PagedKVCache:
             _ov_b=ov[0], _ov_pos=ov[1], _ov_row=ov[2],
             _commit_blocks=cat(commit_blocks).to(dev),
             _commit_src=(torch.cat(commit_src) if commit_src else torch.zeros(0, bs, dtype=torch.long)).to(dev),
-            _tail_rows=tail_rows, _tail_src=cat(tail_src).to(dev), _tail_dst=cat(tail_dst).to(dev))
+            _tail_src=cat(tail_src).to(dev), _tail_dst=cat(tail_dst).to(dev))
 
     # ------------------------------------------------------------------ per layer
     def _flat(self, x: torch.Tensor, step: Step, name: str, heads: int) -> tuple[torch.Tensor, bool]:
@@ -373,9 +371,11 @@ class PagedKVCache:
                 if step.num_tokens:
                     pages.write_slots(layer, step.slot_mapping, x)
             elif step._commit_blocks.numel():
-                assert flat_tail.shape[0] == step._tail_rows, "tail grew after the step was planned"
-                # read the old tail BEFORE this step's tokens overwrite its ring rows
-                src = torch.cat([flat_tail, x])[step._commit_src]  # [nc, bs, H, D]
+                # read the old tail BEFORE this step's tokens overwrite its ring rows; new tokens
+                # are indexed after the tail rows (counted now: slots may have grown since)
+                rows = flat_tail.shape[0]
+                idx = torch.where(step._commit_src < 0, rows - 1 - step._commit_src, step._commit_src)
+                src = torch.cat([flat_tail, x])[idx]  # [nc, bs, H, D]
                 pages.write_blocks(layer, step._commit_blocks, src)
             if step._tail_dst.numel():
                 flat_tail[step._tail_dst] = x[step._tail_src]
