@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from ryzlab.orchestrator.health import describe_health
 from ryzlab.orchestrator import (DistributedOrchestrator, GPUHealthMonitor, GPUStats, Thresholds, classify,
                                  device_for_rank, device_score)
 
@@ -187,3 +188,10 @@ def test_seed_api_names_work():
         orch.get_device_for_rank(4)
     with pytest.raises(ValueError, match="gloo"):
         DistributedOrchestrator(2, backend="mpi")
+
+
+def test_describe_health_lines():
+    nvml = FakeNVML([_dev(), _dev(ecc=(0, 3))])
+    lines = describe_health(GPUHealthMonitor(nvml=nvml))
+    assert len(lines) == 2 and lines[0].startswith("cuda:0 Fake H100: healthy; util 30%")
+    assert "unhealthy (3 uncorrected ECC error(s))" in lines[1]

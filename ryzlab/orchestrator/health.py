@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = ["GPUStats", "Thresholds", "DeviceHealth", "HealthStatus", "GPUHealthMonitor", "classify",
-           "read_nvml_device", "read_host", "drain_xid_events", "THROTTLE_REASONS"]
+           "read_nvml_device", "read_host", "drain_xid_events", "describe_health", "THROTTLE_REASONS"]
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,9 @@ def read_nvml_device(nvml: Any, index: int, handle: Any, xids: list[int] | None 
         source="nvml", name=name.decode() if isinstance(name, bytes) else name)
 
 
+_CPU_PRIMED = False
+
+
 def read_host(device_id: int = 0) -> GPUStats:
     """Host CPU/RAM readings through psutil, labelled ``source="host"`` (there is no GPU)."""
     import psutil
@@ -189,7 +192,11 @@ def read_host(device_id: int = 0) -> GPUStats:
         temp = max(values) if values else None
     except (AttributeError, OSError):
         pass
-    return GPUStats(device_id=device_id, utilization_pct=psutil.cpu_percent(interval=None),
+    global _CPU_PRIMED
+    # psutil measures CPU use since its previous call; the very first call has no baseline
+    util = psutil.cpu_percent(interval=None if _CPU_PRIMED else 0.1)
+    _CPU_PRIMED = True
+    return GPUStats(device_id=device_id, utilization_pct=util,
                     memory_used_mb=(vm.total - vm.available) / 2**20, memory_total_mb=vm.total / 2**20,
                     temperature_c=temp, source="host", name=f"host: {cpu_model()}")
 
@@ -347,3 +354,32 @@ class GPUHealthMonitor:
             rows.append({**(s.__dict__ if s else {"device_id": d, "source": self.source}),
                          "status": h.status, "reasons": "; ".join(h.reasons)})
         return pd.DataFrame(rows)
+
+
+def describe_health(monitor: GPUHealthMonitor | None = None) -> list[str]:
+    """One human-readable line per device from a fresh sample (``ryzlab info``)."""
+    mon = monitor if monitor is not None else GPUHealthMonitor()
+    try:
+        lines = []
+        for r in mon.sample():
+            h = mon.health(r.device_id)
+            where = f"cuda:{r.device_id} {r.name}" if r.source == "nvml" else f"{r.name} (source=host, no GPU)"
+            parts = []
+            if r.utilization_pct is not None:
+                parts.append(f"util {r.utilization_pct:.0f}%")
+            if r.memory_used_mb is not None and r.memory_total_mb:
+                parts.append(f"mem {r.memory_used_mb / 1024:.1f}/{r.memory_total_mb / 1024:.1f} GiB")
+            if r.temperature_c is not None:
+                parts.append(f"{r.temperature_c:.0f} C")
+            if r.power_w is not None:
+                parts.append(f"{r.power_w:.0f}" + (f"/{r.power_limit_w:.0f}" if r.power_limit_w else "") + " W")
+            if r.ecc_uncorrected is not None:
+                parts.append(f"ECC {r.ecc_corrected or 0}/{r.ecc_uncorrected} (corr/uncorr)")
+            status = h.status + (f" ({'; '.join(h.reasons)})" if h.reasons else "")
+            lines.append(f"{where}: {status}; {', '.join(parts) or 'no readings'}")
+            if r.source == "host":
+                break  # the same host reading stands for every device id: print it once
+        return lines
+    finally:
+        if monitor is None:
+            mon.close()
