@@ -211,18 +211,27 @@ def run(cfg: Config) -> pd.DataFrame:
 
 
 def scaling_efficiency(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (strategy, codec, context, batch, world_size): median tokens/s, speedup and efficiency vs
-    the world_size 1 point of the same strategy/codec/context/batch (NaN when that point is absent)."""
+    """Per (strategy, codec, context, batch, world_size): median tokens/s, speedup and efficiency.
+
+    The baseline is the world_size 1 point with the same device, codec, granularity, context and
+    batch; at one rank every strategy is the same single shard, so a world_size 1 point of any
+    strategy serves (the same strategy's is preferred). NaN when the sweep has no such point.
+    """
     keys = [c for c in ("device", "strategy", "codec", "key_granularity", "context", "batch") if c in df.columns]
+    base_keys = [k for k in keys if k != "strategy"]
     med = (df.groupby(keys + ["world_size"], dropna=False)
            .agg(tokens_per_s=("tokens_per_s", "median"), step_ms=("step_ms", "median"),
                 largest_context=("largest_context", "first"), kv_bytes_per_rank=("kv_bytes_per_rank", "first"),
                 comm_bytes_per_layer=("comm_bytes_per_layer", "first"),
                 comm_bytes_formula_per_layer=("comm_bytes_formula_per_layer", "first"))
            .reset_index())
-    base = med[med["world_size"] == 1].set_index(keys)[["tokens_per_s", "largest_context"]]
-    base = base.rename(columns={"tokens_per_s": "tokens_per_s_ws1", "largest_context": "largest_context_ws1_run"})
-    out = med.join(base, on=keys)
-    out["speedup"] = out["tokens_per_s"] / out["tokens_per_s_ws1"]
-    out["scaling_efficiency"] = out["speedup"] / out["world_size"]
-    return out
+    ws1 = med[med["world_size"] == 1]
+    same = ws1.set_index(keys)["tokens_per_s"]
+    any_strategy = ws1.groupby(base_keys, dropna=False)["tokens_per_s"].median()
+    med["tokens_per_s_ws1"] = [
+        same.get(tuple(r[k] for k in keys), any_strategy.get(tuple(r[k] for k in base_keys) if len(base_keys) > 1
+                                                               else r[base_keys[0]], float("nan")))
+        for _, r in med.iterrows()]
+    med["speedup"] = med["tokens_per_s"] / med["tokens_per_s_ws1"]
+    med["scaling_efficiency"] = med["speedup"] / med["world_size"]
+    return med
