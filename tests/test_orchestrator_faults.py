@@ -60,11 +60,12 @@ def test_unit_failing_every_attempt_is_reported_not_lost():
 
 
 def test_live_run_with_kill_loses_nothing():
-    df, info = run_live(LiveConfig(policy="power_of_two", workers=3, load=0.3, n_requests=150,
-                                   mean_work_ms=4.0, fault="kill", fault_at=0.3))
+    df, info = run_live(LiveConfig(policy="prefix_affinity", workers=3, load=0.3, n_requests=150,
+                                   mean_work_ms=4.0, fault="kill", fault_at=0.3, prefixes=6))
     assert info["completed"] + info["failed"] == info["submitted"] == 150
     assert info["failed"] == 0 and df["request_id"].is_unique
     assert info["mode"] == "live" and set(df["mode"]) == {"live"}
+    assert df["prefix_hit"].mean() > 0.5  # workers keep the prefixes the policy sends them
     assert info["detect_t"] - info["fault_t"] < 1.0
     assert info["recover_t"] is not None and info["recover_t"] >= info["detect_t"]
 

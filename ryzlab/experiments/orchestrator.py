@@ -110,6 +110,8 @@ def run(config: Config) -> pd.DataFrame:
                         assert info["mode"] == config.mode, "a run must say what it was"
                         row = {"mode": info["mode"], "device": device, "policy": policy, "load": load,
                                "workers": workers, "fault": fault, **summarize(df, info)}
+                        if not config.prefixes:
+                            row["prefix_cache_hit_rate"] = np.nan  # requests carried no prefix
                         log.info("%s %s load=%.2f workers=%d fault=%s: p99 %.1f ms, lost %d", config.mode, policy,
                                  load, workers, fault, row["e2el_p99_ms"], row["work_lost"])
                         rows.append(row)

@@ -53,6 +53,7 @@ class UnitRecord:
     dispatch_t: float | None = None
     state: Literal["pending", "running", "done", "failed"] = "pending"
     served_by: int | None = None
+    prefix_hit: bool = False
 
 
 @dataclass
@@ -218,7 +219,7 @@ class WorkerPool:
         self.views[w].outstanding += 1
         self.stats.start(w)
         u.dispatch_t = time.time()
-        self._tasks[w].put((uid, u.request.size))
+        self._tasks[w].put((uid, u.request.size, u.request.prefix_key))
 
     def wait_all(self, timeout_s: float) -> bool:
         """Block until every submitted unit is done or failed; False on timeout."""
@@ -297,7 +298,7 @@ class WorkerPool:
                         f.ready_t = time.time()
                 self._drain_waiting()
             else:
-                _, _, _, uid, start, end, _checksum = msg
+                _, _, _, uid, start, end, hit, _checksum = msg
                 u = self.units[uid]
                 self._last_progress[w] = time.time()
                 if uid in self._held[w] and inc == self._incarnation[w]:
@@ -307,7 +308,7 @@ class WorkerPool:
                 if u.state == "done":
                     self.duplicates += 1
                     return
-                u.state, u.start_t, u.end_t, u.served_by = "done", start, end, w
+                u.state, u.start_t, u.end_t, u.served_by, u.prefix_hit = "done", start, end, w, hit
             self._check_recovered()
             self._done_cv.notify_all()
 
@@ -373,6 +374,6 @@ class WorkerPool:
     def unit_rows(self) -> list[dict]:
         with self._lock:
             return [{"request_id": uid, "size": u.request.size, "state": u.state, "attempts": u.attempts,
-                     "worker": u.served_by, "submit_t": u.submit_t, "start_t": u.start_t, "end_t": u.end_t,
+                     "worker": u.served_by, "prefix_hit": u.prefix_hit, "submit_t": u.submit_t, "start_t": u.start_t, "end_t": u.end_t,
                      "e2el_ms": (u.end_t - u.submit_t) * 1000.0 if u.end_t and u.state == "done" else None}
                     for uid, u in self.units.items()]

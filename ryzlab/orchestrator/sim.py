@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 import numpy as np
 
 from .balance import POLICY_NAMES, Request, make_policy
-from .workload import SIZE_DISTS, make_requests
+from .workload import PREFIX_CACHE_SIZE, PREFIX_HIT_COST, SIZE_DISTS, make_requests
 
 __all__ = ["SimConfig", "simulate", "Fault", "FAULTS"]
 
@@ -47,9 +47,9 @@ class SimConfig:
     mean_service_ms: float = 10.0
     prefixes: int = 0
     """Distinct prefix keys (0: requests carry none)."""
-    prefix_hit_cost: float = 0.5
+    prefix_hit_cost: float = PREFIX_HIT_COST
     """Service-time factor when the worker still caches the request's prefix (skipped prefill)."""
-    prefix_cache_size: int = 16
+    prefix_cache_size: int = PREFIX_CACHE_SIZE
     fault: Fault = "none"
     fault_at: float = 0.5
     watch_interval_s: float = 0.05

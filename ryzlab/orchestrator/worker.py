@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import OrderedDict
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -33,12 +34,18 @@ def _calibrate(np: Any, a: Any, b: Any, reps: int = 200) -> float:
 
 def worker_main(index: int, incarnation: int, mean_work_ms: float, heartbeat_interval_s: float,
                 tasks: Any, results: Connection, heartbeats: Any) -> None:
-    """Serve ``(unit_id, size)`` tasks until ``None``; report ``(unit_id, start, end, checksum)``.
+    """Serve ``(unit_id, size, prefix_key)`` tasks until ``None``; report each unit's start, end,
+    whether its prefix was cached here, and a checksum of the result.
+
+    Prefix caching is modelled as in the simulator: a small LRU of prefix keys; a hit costs
+    ``PREFIX_HIT_COST`` of the work (the shared part of the prompt is not recomputed).
 
     ``heartbeats[index]`` (shared memory) gets the wall-clock time every
     ``heartbeat_interval_s`` from a side thread: it stops when the process is killed or paused.
     """
     import numpy as np
+
+    from .workload import PREFIX_CACHE_SIZE, PREFIX_HIT_COST
 
     rng = np.random.default_rng(index)
     a = rng.standard_normal((MATMUL_DIM, MATMUL_DIM)).astype(np.float32) * 0.1
@@ -46,6 +53,7 @@ def worker_main(index: int, incarnation: int, mean_work_ms: float, heartbeat_int
     per_product_s = _calibrate(np, a, b)
     products_per_unit = max(1.0, mean_work_ms / 1000.0 / per_product_s)
     stop = threading.Event()
+    cache: OrderedDict = OrderedDict()
 
     def beat() -> None:
         while not stop.is_set():
@@ -59,12 +67,18 @@ def worker_main(index: int, incarnation: int, mean_work_ms: float, heartbeat_int
             task = tasks.get()
             if task is None:
                 break
-            unit_id, size = task
+            unit_id, size, prefix = task
             start = time.time()
+            hit = prefix is not None and prefix in cache
+            if prefix is not None:
+                cache[prefix] = True
+                cache.move_to_end(prefix)
+                if len(cache) > PREFIX_CACHE_SIZE:
+                    cache.popitem(last=False)
             x = a
-            for _ in range(max(1, round(size * products_per_unit))):
+            for _ in range(max(1, round(size * products_per_unit * (PREFIX_HIT_COST if hit else 1.0)))):
                 x = np.tanh(x @ b)
-            results.send(("done", index, incarnation, unit_id, start, time.time(), float(x[0, 0])))
+            results.send(("done", index, incarnation, unit_id, start, time.time(), hit, float(x[0, 0])))
     finally:
         stop.set()
         results.close()

@@ -14,7 +14,7 @@ import numpy as np
 
 from .balance import Request
 
-__all__ = ["SizeDist", "SIZE_DISTS", "sample_sizes", "make_requests", "Arrival"]
+__all__ = ["SizeDist", "SIZE_DISTS", "sample_sizes", "make_requests", "Arrival", "PREFIX_HIT_COST", "PREFIX_CACHE_SIZE"]
 
 SizeDist = Literal["constant", "exponential", "bimodal", "lognormal"]
 SIZE_DISTS: tuple[str, ...] = get_args(SizeDist)
@@ -23,6 +23,10 @@ BIMODAL_LARGE_P = 0.1
 BIMODAL_RATIO = 20.0
 """bimodal: 10% of requests are 20x the others (long prompts among chat turns); SCV ~ 3.5."""
 LOGNORMAL_SIGMA = 1.2
+PREFIX_HIT_COST = 0.5
+"""Work factor when a worker still caches the request's prefix (prefill of the shared part skipped)."""
+PREFIX_CACHE_SIZE = 16
+"""Prefixes a worker keeps (LRU): small, so placement decides whether a prefix stays cached."""
 
 
 def sample_sizes(dist: str, n: int, rng: np.random.Generator) -> np.ndarray:
