@@ -1,5 +1,4 @@
 """Block directory: placement, spill, migration, rebalance and coherency invariants (plain Python)."""
-import random
 
 import pytest
 import torch

@@ -36,7 +36,7 @@ import torch
 from ..config import CacheConfig, ModelConfig, ParallelConfig
 from .codecs import KVFormat
 from .comm import Comm
-from .directory import ALL_RANKS, BlockDirectory, Move, Slot
+from .directory import ALL_RANKS, BlockDirectory, Move
 from .layout import HeadLayout, head_layout, validate_layout
 from .merge import merge_partials, pack_partial, unpack_partials
 from .shard_store import ShardStore, partial_attention
