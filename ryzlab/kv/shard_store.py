@@ -19,66 +19,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .codecs import Encoded, KVFormat
+from .codecs import KVFormat
+from .pages import PagedTensor
 
-__all__ = ["ShardStore", "partial_attention"]
+__all__ = ["ShardStore"]
 
 log = logging.getLogger(__name__)
 
 _INITIAL_BLOCKS = 16  # unbounded stores start here and double
 
 
-class _Pages:
-    """K or V pages: payload ``[L, cap, bs, H, Dp]`` + scales/zero points ``[L, cap, sT, sH, nG]``."""
-
-    def __init__(self, fmt: KVFormat, layers: int, cap: int, bs: int, heads: int, head_dim: int,
-                 device: torch.device):
-        self.fmt, self.bs, self.heads, self.head_dim = fmt, bs, heads, head_dim
-        self.dp = fmt.packed_dim(head_dim)
-        self.scale_shape = fmt.scale_shape(bs, heads, head_dim)
-        self.payload = torch.zeros(layers, cap, bs, heads, self.dp, dtype=fmt.storage_dtype, device=device)
-        # scale dtype is the codec's choice (float16, or E8M0 exponent bytes for fp8)
-        sdt = getattr(fmt, "scale_dtype", torch.float16)
-        self.scale = torch.ones(layers, cap, *self.scale_shape, dtype=sdt, device=device) if fmt.quantized else None
-        self.zero = (torch.zeros(layers, cap, *self.scale_shape, dtype=torch.float16, device=device)
-                     if fmt.has_zero else None)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.payload, self.scale, self.zero) if t is not None]
-
-    def block_nbytes(self) -> int:
-        """Bytes of one block, all layers: payload + scales (+ zero points)."""
-        return sum(t[:, 0].numel() * t.element_size() for t in self.tensors())
-
-    def grow(self, cap: int) -> None:
-        def g(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else torch.cat([t, t.new_zeros(t.shape[0], cap - t.shape[1], *t.shape[2:])], 1)
-        self.payload, self.scale, self.zero = g(self.payload), g(self.scale), g(self.zero)
-
-    def write_tokens(self, layer: int, phys: torch.Tensor, offs: torch.Tensor, x: torch.Tensor) -> None:
-        """Token-local scales: encode ``x [N, H, D]`` and scatter to ``(phys, offs)``."""
-        enc = self.fmt.encode(x)
-        self.payload[layer, phys, offs] = enc.payload
-        if enc.scale is not None:
-            self.scale[layer, phys, offs] = enc.scale
-        if enc.zero is not None:
-            self.zero[layer, phys, offs] = enc.zero
-
-    def write_block(self, layer: int, phys: int, x: torch.Tensor) -> None:
-        """Encode one full block ``x [bs, H, D]`` (block-wide scales for spanning formats)."""
-        enc = self.fmt.encode(x)
-        self.payload[layer, phys] = enc.payload
-        if enc.scale is not None:
-            self.scale[layer, phys] = enc.scale
-        if enc.zero is not None:
-            self.zero[layer, phys] = enc.zero
-
-    def gather(self, layer: int, phys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Decode ``phys [B, nb]`` -> ``[B, nb * bs, H, D]``."""
-        b, nb = phys.shape
-        enc = Encoded(self.payload[layer][phys], None if self.scale is None else self.scale[layer][phys],
-                      None if self.zero is None else self.zero[layer][phys])
-        return self.fmt.decode(enc, dtype).reshape(b, nb * self.bs, self.heads, self.head_dim)
+def _block_nbytes(pages: PagedTensor) -> int:
+    """Bytes of one block of ``pages``, all layers: payload + scales (+ zero points)."""
+    return sum(t[:, 0].numel() * t.element_size() for t in pages.tensors())
 
 
 @dataclass
@@ -102,8 +55,8 @@ class ShardStore:
         self.device = torch.device(device)
         self.capacity = capacity
         cap = capacity or _INITIAL_BLOCKS
-        self.k = _Pages(key_format, n_layers, cap, block_size, heads, head_dim, self.device)
-        self.v = _Pages(value_format, n_layers, cap, block_size, heads, head_dim, self.device)
+        self.k = PagedTensor(key_format, n_layers, cap, block_size, heads, head_dim, self.device)
+        self.v = PagedTensor(value_format, n_layers, cap, block_size, heads, head_dim, self.device)
         # one commit unit for K and V, as PagedKVCache: stage both if either needs block-wide scales
         self.spans = key_format.spans_tokens or value_format.spans_tokens
         self._phys: dict[int, int] = {}
@@ -120,7 +73,7 @@ class ShardStore:
 
     def block_nbytes(self) -> int:
         """Encoded bytes of one block on this rank, all layers, K + V."""
-        return self.k.block_nbytes() + self.v.block_nbytes()
+        return _block_nbytes(self.k) + _block_nbytes(self.v)
 
     def staging_nbytes(self) -> int:
         """Bytes of one block's full-precision staging (0 when scales are token-local)."""
@@ -170,21 +123,22 @@ class ShardStore:
             for b in dict.fromkeys(block_ids):
                 if b in full:
                     st = self._staged[b]
-                    self.k.write_block(layer, self._phys[b], st.k[layer])
-                    self.v.write_block(layer, self._phys[b], st.v[layer])
+                    blk = torch.tensor([self._phys[b]], dtype=torch.long, device=self.device)
+                    self.k.write_blocks(layer, blk, st.k[layer][None])
+                    self.v.write_blocks(layer, blk, st.v[layer][None])
                     st.committed.add(layer)
                     if len(st.committed) == self.n_layers:
                         del self._staged[b]
         elif block_ids:
-            phys = torch.tensor([self._phys[b] for b in block_ids], dtype=torch.long, device=self.device)
-            offs = torch.tensor(offsets, dtype=torch.long, device=self.device)
-            self.k.write_tokens(layer, phys, offs, x_k)
-            self.v.write_tokens(layer, phys, offs, x_v)
+            slots = torch.tensor([self._phys[b] * self.block_size + o for b, o in zip(block_ids, offsets)],
+                                 dtype=torch.long, device=self.device)
+            self.k.write_slots(layer, slots, x_k)
+            self.v.write_slots(layer, slots, x_v)
         for b in dict.fromkeys(block_ids):
             self.stamps[layer][b] = versions[b]
 
     def gather(self, layer: int, tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoded K and V of ``tables`` (block ids per sequence): ``[B, nb * bs, H, D]`` each.
+        """Decoded K and V of ``tables`` (block ids per sequence): ``[B, H, nb * bs, D]`` each.
 
         Shorter tables are padded with this rank's first page (mask it out by token count).
         """
@@ -198,8 +152,8 @@ class ShardStore:
             for j, b in enumerate(t):
                 st = self._staged.get(b)
                 if st is not None and layer not in st.committed:  # partial block: full precision
-                    k[i, j * bs:(j + 1) * bs] = st.k[layer]
-                    v[i, j * bs:(j + 1) * bs] = st.v[layer]
+                    k[i, :, j * bs:(j + 1) * bs] = st.k[layer].transpose(0, 1)
+                    v[i, :, j * bs:(j + 1) * bs] = st.v[layer].transpose(0, 1)
         return k, v
 
     # ------------------------------------------------------------------ migration
@@ -257,21 +211,3 @@ class ShardStore:
                 "total": payload + scales + padding + staging, "blocks": float(blocks), "tokens": float(tokens),
                 "allocated": float(sum(t.numel() * t.element_size() for t in self.k.tensors() + self.v.tensors()))}
 
-
-def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode attention over a subset of keys, with its log-sum-exp, in float32.
-
-    ``q [B, Hq, D]``, ``k``/``v [B, S, Hkv, D]`` (GQA: query head ``j`` reads KV head
-    ``j // (Hq / Hkv)``), ``mask [B, S]`` (True = key included) -> ``out [B, Hq, D]`` normalised
-    over the included keys (0 where none) and ``lse [B, Hq]`` (-inf where none).
-    """
-    b, hq, d = q.shape
-    hkv = k.shape[2]
-    qg = q.float().view(b, hkv, hq // hkv, d)                            # [B, Hkv, g, D]
-    s = torch.einsum("bhgd,bshd->bhgs", qg, k.float()) * scale           # [B, Hkv, g, S]
-    s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)                                     # [B, Hkv, g]
-    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1))
-    out = torch.einsum("bhgs,bshd->bhgd", p, v.float())                  # [B, Hkv, g, D]
-    return out.reshape(b, hq, d), lse.reshape(b, hq)

@@ -39,7 +39,8 @@ from .comm import Comm
 from .directory import ALL_RANKS, BlockDirectory, Move
 from .layout import HeadLayout, head_layout, validate_layout
 from .merge import merge_partials, pack_partial, unpack_partials
-from .shard_store import ShardStore, partial_attention
+from .pages import attention_with_lse
+from .shard_store import ShardStore
 
 __all__ = ["ShardedKVCache", "ShardedStep", "CoherencyError", "largest_context", "per_rank_block_bytes"]
 
@@ -201,8 +202,10 @@ class ShardedKVCache:
             raise ValueError(f"q has shape {tuple(q.shape)}; expected [{len(seq_ids)}, {self.model.n_heads}, "
                              f"{self.model.head_dim}] (one decode query per sequence)")
         tables, mask = self._local_tables(layer, seq_ids)
-        k, v = self.store.gather(layer, tables)
-        out, lse = partial_attention(q.to(self.device)[:, self._q_idx], k, v, mask, self.scale)  # local part
+        k, v = self.store.gather(layer, tables)                                  # [B, Hkv_local, S, D]
+        q_local = q.to(self.device)[:, self._q_idx].unsqueeze(1)                  # [B, 1, Hq_local, D]
+        out, lse = attention_with_lse(q_local, k, v, mask.unsqueeze(1), self.scale)
+        out, lse = out.squeeze(1), lse.squeeze(1)                                # [B, Hq_local, (D)]
         if self.strategy == "sequence":
             parts = self.comm.all_gather(pack_partial(out, lse))               # [ws, B, Hq, D + 1]
             out, _ = merge_partials(*unpack_partials(parts))
