@@ -1,8 +1,11 @@
 """One rank's share of a sharded KV cache: encoded pages addressed by directory block id.
 
 Each rank keeps, per layer, the K and V pages of the blocks it owns (``sequence``) or of every
-block for its KV heads (``heads`` / ``replicated``), encoded with the cache's codec through
-:class:`ryzlab.kv.codecs.KVFormat`, so a codec applies per shard. The precision policy is the
+block for its KV heads (``heads`` / ``replicated``) in :class:`ryzlab.kv.pages.PagedTensor` pages
+encoded with the cache's codec (:class:`ryzlab.kv.codecs.KVFormat`), so a codec applies per
+shard. Pages are addressed by directory block id: blocks arrive and leave in any order
+(migration, eviction), which the sequence-oriented ``PagedKVCache`` pool does not offer.
+The precision policy is the
 one of :class:`ryzlab.kv.cache.PagedKVCache`: token-local scales are written as tokens arrive;
 token-spanning scales (``tensor``/``head``/``channel``) are computed over a *full* block, so
 until a block fills its tokens are staged in full precision (for K and V alike, one commit
