@@ -542,6 +542,7 @@ class PagedKVCache:
         allocated = self.k.nbytes() + self.v.nbytes() + 2 * self._tail_k.numel() * self._tail_k.element_size()
         return {"payload": payload, "scales": scales, "residual": residual, "padding": padding,
                 "metadata": metadata, "total": total, "tokens": float(tokens), "bytes_per_token": bpt,
+                "kv_bytes_per_token": bpt,  # the field's metric name (DESIGN.md)
                 "bytes_per_token_codec": self.bytes_per_token_codec(), "bf16_bytes_per_token": bf16,
                 "ratio_vs_bf16": bpt / bf16, "allocated": float(allocated)}
 
