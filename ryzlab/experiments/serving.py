@@ -66,6 +66,9 @@ class Config:
     """``kill``: SIGKILL worker 0 at ``fault_at_s`` into the run (needs workers >= 2)."""
     fault_at_s: float = 2.0
     bin_s: float = 0.5
+    restart_wait_s: float = 30.0
+    """With ``fault='kill'``: wait up to this long after the load for the killed worker's restart
+    (measures ``worker_restart_s``; 0 = do not wait)."""
     seed: int = 0
     timeout_s: float = 120.0
 
@@ -144,7 +147,7 @@ def run(config: Config) -> pd.DataFrame:
         stop.set()
         sampler.join()
         if c.fault == "kill":  # measure the restart too (bounded): wait for worker 0 to be back
-            deadline = time.monotonic() + 60.0
+            deadline = time.monotonic() + c.restart_wait_s
             while not router.workers[0].healthy and time.monotonic() < deadline:
                 time.sleep(0.05)
         metrics = router.metrics()
