@@ -105,3 +105,19 @@ def test_checkpoint_roundtrip(model, tmp_path):
 def test_seq_ids_without_cache_is_an_error(model):
     with pytest.raises(ValueError, match="seq_ids"):
         model(tokens(1, 3), seq_ids=[0])
+
+
+def test_shipped_reference_checkpoint():
+    """The checkpoint in the package loads, is small, and predicts held-out bytes as recorded."""
+    from ryzlab.corpus import stdlib_corpus
+    from ryzlab.model import REFERENCE_CHECKPOINT, load_reference_model
+    from ryzlab.train import evaluate_perplexity
+
+    assert REFERENCE_CHECKPOINT.stat().st_size < 10 * 2**20
+    model, meta = load_reference_model()
+    assert meta["config"]["vocab_size"] == 256 and meta["seed"] == 0 and "heldout_perplexity" in meta
+    corpus = stdlib_corpus()
+    if corpus.description["sha256"] != meta["data"]["sha256"]:
+        pytest.skip("this interpreter's stdlib differs from the one the checkpoint was evaluated on")
+    ppl = evaluate_perplexity(model, corpus.heldout, n_windows=4, length=256)
+    assert ppl < 2 * meta["heldout_perplexity"]  # 4 short windows: same ballpark, far below uniform (256)
