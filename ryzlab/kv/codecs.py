@@ -28,10 +28,16 @@ what a reader sees. fp8 scales are powers of two stored as one biased-exponent b
 the OCP Microscaling formats): in a floating format the scale only sets the *range*, relative
 precision is the mantissa's wherever the value lands, so rounding the scale up to a power of
 two costs no precision, halves the scale bytes and makes fp8 ``token_head`` 0.508 of bf16 at
-head_dim 64 instead of 0.516. Multiplying by a power of two is exact. Integer codecs are symmetric by default (``q = round(x / s)``, int8 in [-127, 127],
-int4 in [-7, 7]); ``symmetric=False`` stores a float16 minimum per scale as well
-(``x = q * s + min``, int8 in [0, 255], int4 in [0, 15]) at 2 more bytes per scale. fp8 is
-always symmetric (a float format gains little from an offset).
+head_dim 64 instead of 0.516. Multiplying by a power of two is exact.
+
+Integer codecs are symmetric by default (``q = round(x / s)``, int8 in [-127, 127], int4 in
+[-7, 7], stored as the nibble ``q + 8``); ``symmetric=False`` stores a float16 minimum per
+scale as well (``x = q * s + min``, int8 in [0, 255], int4 in [0, 15]) at 2 more bytes per
+scale. fp8 is always symmetric (a float format gains little from an offset).
+
+Bytes per token at head_dim 64 vs bf16 (scales included): fp8 ``token_head`` 0.508, int8
+``token_head`` 0.516, int4 ``token_head`` or ``group`` 64 0.266 (asymmetric: 0.281); the
+paged cache adds padding, residual rows and block tables on top (see its ``ledger``).
 """
 from __future__ import annotations
 
