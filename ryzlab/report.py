@@ -40,6 +40,9 @@ class SweepData:
     """One row per point: run_id, experiment, status, error, message, cell, wall_s, overhead_s."""
     env: dict
     """env.json of the most recent run (python/torch/CUDA, devices, git sha)."""
+    by_experiment: dict[str, pd.DataFrame]
+    """The ok rows of each experiment on their own: columns and dtypes as the experiment wrote
+    them (no NaN-filled columns of other experiments, integers stay integers)."""
 
     @property
     def failed(self) -> pd.DataFrame:
@@ -77,7 +80,12 @@ def load_sweep(sweep_dir: str | Path) -> SweepData:
             if e.get("end", "") >= env.get("end", ""):
                 env = e
     metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    return SweepData(sweep_dir=sweep_dir, metrics=metrics, runs=pd.DataFrame(runs), env=env)
+    groups: dict[str, list[pd.DataFrame]] = {}
+    for df in frames:
+        groups.setdefault(str(df["experiment"].iloc[0]), []).append(df)
+    by_experiment = {k: pd.concat(v, ignore_index=True) for k, v in groups.items()}
+    return SweepData(sweep_dir=sweep_dir, metrics=metrics, runs=pd.DataFrame(runs), env=env,
+                     by_experiment=by_experiment)
 
 
 def failures_html(data: SweepData) -> str:

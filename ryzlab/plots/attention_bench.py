@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import NullLocator
 import pandas as pd
 
 from . import show_table
@@ -24,11 +25,14 @@ def report(df: pd.DataFrame) -> None:
         label = f"{dev} {dtype} batch={batch}"
         axes[0].plot(g["context"], g["attn_us_p50"], marker="o", label=label)
         axes[1].plot(g["context"], g["frac_of_copy_bw"], marker="o", label=label)
-    axes[0].set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode attention p50 (µs)",
+    axes[0].set(xscale="log", xlabel="context (tokens)", ylabel="decode attention p50 (µs)",
                 title="Decode attention time (measured)")
     axes[1].set(xscale="log", xlabel="context (tokens)", ylabel="KV read bandwidth / copy bandwidth",
                 title="Achieved fraction of measured copy bandwidth")
+    contexts = sorted(s["context"].unique())
     for ax in axes:
+        ax.set_xticks(contexts, [str(c) for c in contexts])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
