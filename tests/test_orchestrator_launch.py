@@ -34,6 +34,12 @@ def _die_on_0(rank, world):
     return rank
 
 
+def _hang_in_collective(rank, world):
+    if rank == 1:
+        time.sleep(120)  # never joins the barrier
+    dist.barrier()
+
+
 def _sleep_forever(rank, world):
     time.sleep(120)
 
@@ -52,7 +58,7 @@ def _children():
     return out
 
 
-@pytest.mark.parametrize("world,start_method", [(1, "forkserver"), (2, "spawn"), (4, "forkserver")])
+@pytest.mark.parametrize("world,start_method", [(2, "forkserver"), (4, "forkserver"), (1, "spawn")])
 def test_results_in_rank_order_and_allreduce(world, start_method):
     out = launch(_allreduce, world, args=(2.0,), backend="gloo", init_timeout_s=60, start_method=start_method)
     assert [o["rank"] for o in out] == list(range(world))
@@ -80,10 +86,19 @@ def test_killed_rank_is_reported():
     assert _children() == []
 
 
+def test_collective_timeout_fails_the_waiting_rank():
+    t0 = time.monotonic()
+    with pytest.raises(RankFailedError) as e:
+        launch(_hang_in_collective, 2, backend="gloo", collective_timeout_s=3)
+    assert e.value.rank == 0 and "barrier" in e.value.remote_traceback.lower()
+    assert time.monotonic() - t0 < 30
+    assert _children() == []
+
+
 def test_timeout_tears_down():
     t0 = time.monotonic()
     with pytest.raises(LaunchTimeoutError) as e:
-        launch(_sleep_forever, 1, backend="gloo", timeout_s=6, init_timeout_s=6)
+        launch(_sleep_forever, 1, backend="gloo", timeout_s=4, init_timeout_s=4)
     assert e.value.ranks == [0]
     assert time.monotonic() - t0 < 15
     assert _children() == []

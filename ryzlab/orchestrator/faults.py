@@ -153,12 +153,15 @@ class WorkerPool:
     def _spawn(self, i: int) -> None:
         self._incarnation[i] += 1
         recv, send = self._ctx.Pipe(duplex=False)
-        tasks = self._ctx.SimpleQueue()
+        # a Queue, not a SimpleQueue: put() hands off to a feeder thread and never blocks, so the
+        # router cannot stall (holding the lock) on the full pipe of a paused worker
+        tasks = self._ctx.Queue()
+        tasks.cancel_join_thread()  # tasks left for a dead worker must not block interpreter exit
         from .worker import worker_main
 
         p = self._ctx.Process(target=worker_main, daemon=True, name=f"ryzlab-worker{i}",
                               args=(i, self._incarnation[i], self.mean_work_ms, self.hb_interval, tasks,
-                                    send, self._heartbeats))
+                                    send, self._heartbeats, os.getpid()))
         with _single_threaded_children():
             p.start()
         send.close()
@@ -272,17 +275,23 @@ class WorkerPool:
         while not self._stop.is_set():
             with self._lock:
                 conns = list(self._conns)
-            for c in wait(conns, timeout=0.05) if conns else ():
-                try:
-                    msg = c.recv()
-                except (EOFError, OSError):
-                    with self._lock:
-                        self._conns.pop(c, None)
-                    c.close()
-                    continue
-                self._on_message(msg)
             if not conns:
                 time.sleep(0.05)
+                continue
+            for c in wait(conns, timeout=0.05):
+                with self._lock:  # recv under the lock: _fail_worker may drain the same pipe
+                    self._drain(c)
+
+    def _drain(self, c: Any) -> None:
+        """Handle every message already waiting on ``c``; close it at EOF. Caller holds the lock."""
+        while c in self._conns and c.poll(0):
+            try:
+                msg = c.recv()
+            except (EOFError, OSError):
+                self._conns.pop(c, None)
+                c.close()
+                return
+            self._on_message(msg)
 
     def _on_message(self, msg: tuple) -> None:
         kind, w, inc = msg[0], msg[1], msg[2]
@@ -345,6 +354,10 @@ class WorkerPool:
                 self._check_recovered()
 
     def _fail_worker(self, w: int, reason: str, now: float) -> None:
+        # results the worker sent before it died are not lost work: take them before re-routing
+        for c, (cw, inc) in list(self._conns.items()):
+            if cw == w and inc == self._incarnation[w]:
+                self._drain(c)
         rec = self._pending_injection.pop(w, None) or FaultRecord(w, "detected", now)
         rec.detect_t, rec.reason = now, reason
         self.faults.append(rec)

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -133,8 +134,27 @@ def init_from_env(backend: str = "auto", *, collective_timeout_s: float = 120.0)
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, backend=chosen, device=device)
 
 
+def exit_with_parent(launcher_pid: int, interval_s: float = 0.5) -> None:
+    """Exit this process once ``launcher_pid`` is gone (even by SIGKILL): no orphaned ranks/workers.
+
+    Watching ``getppid()`` is not enough: under the fork server the parent is the server, which
+    itself stays up while any child it forked is alive.
+    """
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            try:
+                os.kill(launcher_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # pid reused by another user's process: ours is gone
+                os._exit(1)
+
+    threading.Thread(target=watch, name="ryzlab-parent-watch", daemon=True).start()
+
+
 def _rank_main(rank: int, world_size: int, port: int, backend: str, collective_timeout_s: float,
-               threads: int, fn: Callable[..., Any], args: tuple, conn: Connection) -> None:
+               threads: int, fn: Callable[..., Any], args: tuple, conn: Connection, launcher_pid: int) -> None:
     """Body of one spawned rank: env, process group, ``fn``, report, tear down.
 
     A failure is reported *before* anything else happens (no group teardown first), with its
@@ -143,6 +163,7 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, collective_t
     """
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    exit_with_parent(launcher_pid)
     try:
         import torch
         import torch.distributed as dist
@@ -233,7 +254,7 @@ def launch(fn: Callable[..., Any], world_size: int, *, args: tuple = (), backend
             recv, send = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_rank_main, name=f"ryzlab-rank{rank}", daemon=True,
                             args=(rank, world_size, port, chosen, collective_timeout_s, threads, fn,
-                                  tuple(args), send))
+                                  tuple(args), send, os.getpid()))
             p.start()
             send.close()  # the child holds the only write end: EOF on recv means it is gone
             procs.append(p)

@@ -33,7 +33,7 @@ def _calibrate(np: Any, a: Any, b: Any, reps: int = 200) -> float:
 
 
 def worker_main(index: int, incarnation: int, mean_work_ms: float, heartbeat_interval_s: float,
-                tasks: Any, results: Connection, heartbeats: Any) -> None:
+                tasks: Any, results: Connection, heartbeats: Any, pool_pid: int) -> None:
     """Serve ``(unit_id, size, prefix_key)`` tasks until ``None``; report each unit's start, end,
     whether its prefix was cached here, and a checksum of the result.
 
@@ -45,8 +45,10 @@ def worker_main(index: int, incarnation: int, mean_work_ms: float, heartbeat_int
     """
     import numpy as np
 
+    from .launch import exit_with_parent
     from .workload import PREFIX_CACHE_SIZE, PREFIX_HIT_COST
 
+    exit_with_parent(pool_pid)
     rng = np.random.default_rng(index)
     a = rng.standard_normal((MATMUL_DIM, MATMUL_DIM)).astype(np.float32) * 0.1
     b = rng.standard_normal((MATMUL_DIM, MATMUL_DIM)).astype(np.float32) * 0.1
