@@ -89,3 +89,17 @@ def test_progress_watchdog_catches_a_stuck_unit_and_reports_it_failed():
         assert len(pool.faults) == 2 and all("no progress" in f.reason for f in pool.faults)
         assert {f.worker for f in pool.faults} == {0, 1}
     assert time.monotonic() - t0 < 15
+
+
+def test_paused_worker_with_a_deep_backlog_does_not_stall_the_router():
+    """Thousands of tasks queued for a paused worker (more than a pipe buffer holds): submit()
+    must not block, the pause is detected and every unit still completes."""
+    with WorkerPool(2, make_policy("round_robin"), mean_work_ms=0.2, heartbeat_timeout_s=0.5) as pool:
+        pool.inject(0, "pause")
+        t0 = time.monotonic()
+        for i in range(4000):
+            pool.submit(Request(i, 1.0))
+        assert time.monotonic() - t0 < 5.0
+        assert pool.wait_all(60.0)
+        assert len(pool.faults) == 1 and len(pool.faults[0].rerouted) == 2000
+        assert all(r["state"] == "done" for r in pool.unit_rows())
