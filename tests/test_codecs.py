@@ -125,3 +125,18 @@ def test_invalid_choices_name_the_valid_ones():
         CacheConfig(codec="int3")
     with pytest.raises(ValueError, match="valid group sizes"):
         CacheConfig(codec="int4", key_granularity="group", group_size=48).check_head_dim(64)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_unpack_then_decode_equals_decode(symmetric):
+    fmt = KVFormat("int4", "group", 8, symmetric=symmetric)
+    enc = fmt.encode(_x())
+    vals = fmt.unpack(enc.payload)
+    assert vals.shape == (3, 12, H, D) and vals.dtype == (torch.int8 if symmetric else torch.uint8)
+    lo, hi = (-7, 7) if symmetric else (0, 15)
+    assert lo <= int(vals.min()) and int(vals.max()) <= hi
+    from ryzlab.kv.codecs import Encoded
+    torch.testing.assert_close(fmt.decode(Encoded(vals, enc.scale, enc.zero), unpacked=True), fmt.decode(enc),
+                               atol=0, rtol=0)
+    with pytest.raises(ValueError, match="int4"):
+        KVFormat("int8").unpack(enc.payload)

@@ -227,13 +227,27 @@ class KVFormat:
             q = q.to(self.storage_dtype)
         return Encoded(q, scale.squeeze(-1), zero)
 
-    def decode(self, enc: Encoded, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def unpack(self, payload: torch.Tensor) -> torch.Tensor:
+        """int4 only: ``[..., D/2]`` bytes -> ``[..., D]`` integers (int8 ``q`` when symmetric,
+        uint8 ``q`` otherwise), element ``2i`` from the low nibble. Layout-preserving per element,
+        and fastest on a contiguous payload (do it before any permute, then decode with
+        ``unpacked=True``)."""
+        if self.codec != "int4":
+            raise ValueError(f"unpack is for int4 payloads, not codec {self.codec!r}")
+        lo, hi = payload & 15, payload >> 4
+        if self.symmetric:  # stored q + 8: subtract in uint8 (wraps) and read back as int8,
+            lo, hi = lo - 8, hi - 8  # which saves a float pass (measured ~15% on CPU)
+        v = torch.stack((lo, hi), dim=-1).flatten(-2)
+        return v.view(torch.int8) if self.symmetric else v
+
+    def decode(self, enc: Encoded, dtype: torch.dtype | None = None, *, unpacked: bool = False) -> torch.Tensor:
         """Decode to ``[..., T, H, D]`` in ``dtype`` (default ``model_dtype``): a few vectorised ops.
 
         Layout-agnostic: the payload may be any (e.g. permuted) view ``[..., Dp]`` as long as
         ``enc.scale`` / ``enc.zero`` ``[..., nG]`` broadcast against its leading dims; the result
         is contiguous in the payload's logical order. The cache uses this to decode gathered
         pages straight into the ``[B, H, S, D]`` layout attention wants, with no extra pass.
+        ``unpacked=True``: an int4 payload was already expanded by :meth:`unpack`.
         """
         dtype = dtype or self.model_dtype
         p = enc.payload
@@ -249,11 +263,7 @@ class KVFormat:
         if self.codec == "int4":
             # low nibble = even element, high nibble = odd element (measured faster than a
             # 256-entry lookup table on CPU)
-            lo, hi = p & 15, p >> 4
-            if self.symmetric:  # stored q + 8: subtract in uint8 (wraps) and read back as int8,
-                lo, hi = lo - 8, hi - 8  # which saves a float pass (measured ~15% on CPU)
-            v = torch.stack((lo, hi), dim=-1).flatten(-2)
-            v = (v.view(torch.int8) if self.symmetric else v).to(work, memory_format=contiguous)
+            v = (p if unpacked else self.unpack(p)).to(work, memory_format=contiguous)
         elif self.codec in _FP8:
             v = _fp8_as_half(p, self.codec).to(work, memory_format=contiguous)
         else:

@@ -83,18 +83,24 @@ class PagedTensor:
 
         index_select copies whole blocks (~10x faster than advanced indexing on CPU); the
         permute to heads-first is free because decoding writes a fresh tensor anyway.
+
+        int4 nibbles are unpacked before the permute: byte ops on contiguous memory measured
+        ~25% faster than on the permuted view.
         """
         b, nb = tables.shape
         flat = tables.reshape(-1)
+        unpack = self.fmt.codec == "int4"
 
-        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        def pick(t: torch.Tensor | None, payload: bool = False) -> torch.Tensor | None:
             if t is None:
                 return None
             g = t[layer].index_select(0, flat)  # [B * nb, bs or 1, H or 1, Dp or nG]
+            if payload and unpack:
+                g = self.fmt.unpack(g)
             return g.view(b, nb, *g.shape[1:]).permute(0, 3, 1, 2, 4)  # [B, H, nb, bs, .]
 
-        enc = Encoded(pick(self.payload), pick(self.scale), pick(self.zero))
-        return self.fmt.decode(enc, dtype).view(b, self.heads, nb * self.bs, self.head_dim)
+        enc = Encoded(pick(self.payload, True), pick(self.scale), pick(self.zero))
+        return self.fmt.decode(enc, dtype, unpacked=unpack).view(b, self.heads, nb * self.bs, self.head_dim)
 
 
 def attention_with_lse(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
