@@ -123,9 +123,10 @@ def main() -> None:
     if pause:
         print(f"  time to detect, pause: median {statistics.median(pause):.3f} s, max {max(pause):.3f} s  "
               f"(heartbeat timeout 1.0 s)")
-    allr = f["ttr"]["kill"] + f["ttr"]["pause"]
-    print(f"  time to recover (replacement serving + re-routed work done): median "
-          f"{statistics.median(allr):.2f} s, max {max(allr):.2f} s")
+    for kind, r in f["ttr"].items():
+        if r:
+            print(f"  time to recover, {kind:5s} (replacement serving + re-routed work done): median "
+                  f"{statistics.median(r):.2f} s, max {max(r):.2f} s")
     print(f"  units: {f['submitted']} submitted, {f['done']} done, {f['failed']} failed, {f['rerouted']} re-routed, "
           f"lost {f['lost']}  (target 0: {'met' if f['lost'] == 0 else 'NOT met'})")
 
