@@ -280,21 +280,85 @@ def _place(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def _run_point(point: Point, sweep_dir: Path, env: dict, kernel_name: str,
-               conn: multiprocessing.connection.Connection) -> None:
-    """Child process: execute one point's notebook in a fresh kernel and record the outcome."""
+# Modules every experiment notebook imports; a point's kernel imports them while it waits for
+# its point (during the previous point's run), so that cost leaves the per-point critical path.
+WARM_MODULES = ("torch", "pandas", "pyarrow.parquet", "matplotlib.pyplot", "ryzlab.experiments", "ryzlab.plots")
+
+
+def _start_warm_kernel(kernel_name: str):
+    """Start a fresh kernel and import :data:`WARM_MODULES` in it without touching its namespace."""
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.utils import run_sync
+
+    km = AsyncKernelManager(kernel_name=kernel_name)
+    run_sync(km.start_kernel)()
+    kc = km.client()
+    kc.start_channels()
+    code = ("import importlib as _ryz_i\n"
+            f"for _ryz_m in {WARM_MODULES!r}:\n    _ryz_i.import_module(_ryz_m)\n"
+            "del _ryz_i, _ryz_m")
+
+    async def warm() -> None:
+        await kc.wait_for_ready(timeout=120)
+        msg_id = kc.execute(code, silent=True, store_history=False)
+        while (await kc.get_shell_msg(timeout=300))["parent_header"].get("msg_id") != msg_id:
+            pass
+
+    try:
+        run_sync(warm)()
+    finally:
+        kc.stop_channels()
+    return km
+
+
+def _point_worker(sweep_dir: Path, env: dict, kernel_name: str,
+                  conn: multiprocessing.connection.Connection) -> None:
+    """Child process: start and warm a kernel, wait for a point, run it, record the outcome.
+
+    Started before its point is known, so kernel start-up and imports overlap the previous
+    point's run. Every point still gets its own process and its own fresh kernel.
+    """
     os.setsid()  # own process group: a timeout kills this process and its kernel together
     _die_with_parent()
+    # the kernel's own chatter goes to the run's log, not over the progress bar
+    log_path = sweep_dir / f".tmp-worker-{os.getpid()}.log"
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    km = None
+    try:
+        try:
+            km = _start_warm_kernel(kernel_name)
+        except Exception:  # noqa: BLE001 - papermill will start a kernel itself and report its failure
+            logging.getLogger(__name__).exception("warm kernel failed to start; the point starts its own")
+        msg = conn.recv()
+        if msg is not None:
+            point, assigned_at = msg
+            _run_point(point, assigned_at, sweep_dir, env, kernel_name, conn, km, log_path)
+    finally:
+        if km is not None:
+            from jupyter_core.utils import run_sync
+
+            try:
+                run_sync(km.shutdown_kernel)(now=True)
+            except Exception:  # noqa: BLE001 - the process group is killed anyway
+                pass
+        log_path.unlink(missing_ok=True)
+
+
+def _run_point(point: Point, assigned_at: float, sweep_dir: Path, env: dict, kernel_name: str,
+               conn: multiprocessing.connection.Connection, km: Any, log_path: Path) -> None:
+    """Execute one point's notebook (papermill) in a temporary run directory, then move it into place.
+
+    ``wall_s`` counts from ``assigned_at`` (when the sweep handed the point out, wall clock), so
+    a kernel still warming up when its point arrives is counted as overhead, not hidden.
+    """
     import papermill as pm
 
-    t0 = time.perf_counter()
     started = datetime.now(timezone.utc).isoformat()
     tmp = sweep_dir / f".tmp-{point.run_id}-{os.getpid()}"
     tmp.mkdir(parents=True)
-    # the kernel's own chatter goes to the run's log, not over the progress bar
-    log_fd = os.open(tmp / "kernel.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
+    os.link(log_path, tmp / "kernel.log")
     write_json(tmp / "params.json", {"experiment": point.experiment, "notebook": str(point.notebook),
                                      "run_id": point.run_id, "params": point.params})
     entry: dict[str, Any] = {"run_id": point.run_id, "experiment": point.experiment,
@@ -303,7 +367,7 @@ def _run_point(point: Point, sweep_dir: Path, env: dict, kernel_name: str,
         pm.execute_notebook(str(point.notebook), str(tmp / "run.ipynb"),
                             parameters={**point.params, "run_dir": str(tmp)}, kernel_name=kernel_name,
                             progress_bar=False, cwd=str(point.notebook.parent),
-                            request_save_on_cell_execute=False)
+                            request_save_on_cell_execute=False, km=km)
         if not (tmp / "metrics.parquet").is_file():
             raise RuntimeError(f"{point.notebook.name} finished without writing metrics.parquet "
                                "(does it call run_experiment(..., run_dir)?)")
@@ -313,7 +377,7 @@ def _run_point(point: Point, sweep_dir: Path, env: dict, kernel_name: str,
                      cell_index=e.cell_index)
     except Exception as e:  # noqa: BLE001 - kernel died, missing output...: record, never lose the point
         entry.update(status="failed", error=type(e).__name__, message=str(e)[:2000], cell=None)
-    wall = time.perf_counter() - t0
+    wall = time.time() - assigned_at
     timing = {}
     if (tmp / "timing.json").is_file():
         timing = json.loads((tmp / "timing.json").read_text())
@@ -327,12 +391,14 @@ def _run_point(point: Point, sweep_dir: Path, env: dict, kernel_name: str,
     conn.close()
 
 
-def _kill_group(proc: mp.process.BaseProcess) -> None:
+def _kill_group(proc: mp.process.BaseProcess, sweep_dir: Path) -> None:
+    """SIGKILL a point worker with its kernel, and drop its log (its point is recorded elsewhere)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     proc.join(5)
+    (sweep_dir / f".tmp-worker-{proc.pid}.log").unlink(missing_ok=True)
 
 
 def _static_env(world_size: int | None = None) -> dict:
@@ -358,7 +424,10 @@ def run_sweep(spec: Spec | str | os.PathLike, *, jobs: int = 1, out: str | os.Pa
     sweep_dir = Path(out) if out else REPO_ROOT / "results" / spec.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     for stale in sweep_dir.glob(".tmp-*"):  # leftovers of a killed sweep: never counted as done
-        shutil.rmtree(stale, ignore_errors=True)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     latest = manifest_status(sweep_dir)
     todo = deque(p for p in points if not is_done(sweep_dir, p.run_id, latest))
     summary = SweepSummary(name=spec.name, out_dir=sweep_dir, total=len(points),
@@ -368,7 +437,7 @@ def run_sweep(spec: Spec | str | os.PathLike, *, jobs: int = 1, out: str | os.Pa
         os.replace(sweep_dir / ".spec.yaml.tmp", sweep_dir / "spec.yaml")
     env = _static_env()
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["papermill", "ryzlab.sweep"])
+    ctx.set_forkserver_preload(["papermill", "jupyter_client", "ryzlab.sweep"])
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -382,17 +451,27 @@ def run_sweep(spec: Spec | str | os.PathLike, *, jobs: int = 1, out: str | os.Pa
             bar.update(1)
 
     running: dict[int, tuple[mp.process.BaseProcess, Point, float, Any]] = {}
+    spares: deque[tuple[mp.process.BaseProcess, Any]] = deque()  # warming workers without a point
+
+    def spawn() -> None:
+        parent_conn, child_conn = ctx.Pipe(duplex=True)
+        proc = ctx.Process(target=_point_worker, args=(sweep_dir, env, kernel_name, child_conn),
+                           name="ryzlab-sweep-point")
+        proc.start()
+        child_conn.close()
+        spares.append((proc, parent_conn))
+
     t_start = time.perf_counter()
     try:
         while todo or running:
-            while todo and len(running) < jobs:
+            # `jobs` points run; one more worker warms its kernel for the next point
+            while len(spares) + len(running) < jobs + 1 and len(spares) < len(todo):
+                spawn()
+            while todo and spares and len(running) < jobs:
                 point = todo.popleft()
-                parent_conn, child_conn = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_run_point, args=(point, sweep_dir, env, kernel_name, child_conn),
-                                   name=f"ryzlab-sweep-{point.run_id}")
-                proc.start()
-                child_conn.close()
-                running[proc.sentinel] = (proc, point, time.monotonic(), parent_conn)
+                proc, conn = spares.popleft()
+                conn.send((point, time.time()))
+                running[proc.sentinel] = (proc, point, time.monotonic(), conn)
             multiprocessing.connection.wait(list(running), timeout=0.5)
             now = time.monotonic()
             for sentinel, (proc, point, t0, conn) in list(running.items()):
@@ -402,7 +481,7 @@ def run_sweep(spec: Spec | str | os.PathLike, *, jobs: int = 1, out: str | os.Pa
                 del running[sentinel]
                 entry = None
                 if timed_out:
-                    _kill_group(proc)
+                    _kill_group(proc, sweep_dir)
                 else:
                     proc.join()
                     entry = conn.recv() if conn.poll() else None
@@ -427,12 +506,17 @@ def run_sweep(spec: Spec | str | os.PathLike, *, jobs: int = 1, out: str | os.Pa
                                 entry.get("message", "")[:300])
                 post()
     except BaseException:
+        while spares:
+            _kill_group(spares.popleft()[0], sweep_dir)
         for proc, point, _, _ in running.values():
-            _kill_group(proc)
+            _kill_group(proc, sweep_dir)
             for stale in sweep_dir.glob(f".tmp-{point.run_id}-*"):
                 shutil.rmtree(stale, ignore_errors=True)
         raise
     finally:
+        for proc, conn in spares:  # normally none are left: spares never outnumber the points to do
+            conn.send(None)
+            proc.join(10)
         if bar is not None:
             bar.close()
     summary.wall_s = time.perf_counter() - t_start
