@@ -20,9 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m ipykernel install --sys-prefix --name ryzlab --display-name "ryzlab (.venv)" >/dev/null
 	touch $(STAMP)
 
+# The report is written even when some points failed (it lists them); the exit status is the sweep's.
 demo: $(STAMP)
-	$(VENV)/bin/ryzlab sweep specs/demo.yaml --jobs $(JOBS)
-	$(VENV)/bin/ryzlab report results/demo
+	$(VENV)/bin/ryzlab sweep specs/demo.yaml --jobs $(JOBS); rc=$$?; \
+	$(VENV)/bin/ryzlab report results/demo && exit $$rc
 
 test: $(STAMP)
 	$(PY) -m pytest -q
