@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
+
+# Tiny tensors on a shared 2-core machine: extra threads only spin.
+torch.set_num_threads(1)
 
 from ryzlab.config import ConfigError
 from ryzlab.experiments import make_config, run_experiment
