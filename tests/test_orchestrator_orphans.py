@@ -1,5 +1,6 @@
 """kill -9 of the launching process leaves no rank behind (ranks watch their launcher)."""
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -24,16 +25,20 @@ SCRIPT = textwrap.dedent("""
 def test_ranks_exit_when_launcher_is_killed(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+    err = open(tmp_path / "stderr.txt", "w")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=err,
                             start_new_session=True)
-    pids = []
+    pids: list[int] = []
+    out = ""
     try:
-        deadline = time.monotonic() + 90
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + 60
         while len(pids) < 2 and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if line.startswith("PID"):
-                pids.append(int(line.split()[1]))
-        assert len(pids) == 2, "ranks did not start"
+            if sel.select(timeout=0.5):
+                out += os.read(proc.stdout.fileno(), 4096).decode()  # raw fd: no hidden buffering
+                pids = [int(x.split()[1]) for x in out.split("\n")[:-1] if x.startswith("PID ")]  # whole lines
+        assert len(pids) == 2, "ranks did not start: " + (tmp_path / "stderr.txt").read_text()[-3000:]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         deadline = time.monotonic() + 10
