@@ -340,7 +340,9 @@ class GPUHealthMonitor:
     def close(self) -> None:
         self.stop()
         if self._nvml is not None:
-            _maybe(self._nvml.nvmlEventSetFree, self._event_set) if self._event_set is not None else None
+            if self._event_set is not None:
+                _maybe(self._nvml.nvmlEventSetFree, self._event_set)
+                self._event_set = None
             _maybe(self._nvml.nvmlShutdown)
             self._nvml = None
 

@@ -48,7 +48,8 @@ class DistributedOrchestrator:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank={rank} out of range; valid: 0..{self.world_size - 1}")
         env_rank, env_world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
-        if env_rank is not None and int(env_rank) != rank or env_world is not None and int(env_world) != self.world_size:
+        if (env_rank is not None and int(env_rank) != rank) or (
+                env_world is not None and int(env_world) != self.world_size):
             raise ValueError(f"rank={rank}, world_size={self.world_size} disagree with the environment "
                              f"RANK={env_rank}, WORLD_SIZE={env_world}")
         os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(self.world_size)
