@@ -13,10 +13,10 @@ import os
 import time
 from dataclasses import dataclass
 
-from .balance import POLICY_NAMES, make_policy
+from .balance import make_policy
 from .faults import WorkerPool
-from .sim import FAULTS, Fault
-from .workload import SIZE_DISTS, make_requests
+from .sim import Fault, check_run_choices
+from .workload import make_requests
 
 __all__ = ["LiveConfig", "run_live", "nominal_capacity_rps"]
 
@@ -42,12 +42,7 @@ class LiveConfig:
     timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICY_NAMES:
-            raise ValueError(f"unknown policy {self.policy!r}; valid policies: {', '.join(POLICY_NAMES)}")
-        if self.size_dist not in SIZE_DISTS:
-            raise ValueError(f"unknown size_dist {self.size_dist!r}; valid: {', '.join(SIZE_DISTS)}")
-        if self.fault not in FAULTS:
-            raise ValueError(f"unknown fault {self.fault!r}; valid faults: {', '.join(FAULTS)}")
+        check_run_choices(self.policy, self.size_dist, self.fault)
         if self.workers < 1 or self.n_requests < 1 or self.load <= 0 or self.mean_work_ms <= 0:
             raise ValueError(f"need workers >= 1, n_requests >= 1, load > 0, mean_work_ms > 0; got "
                              f"{self.workers}, {self.n_requests}, {self.load}, {self.mean_work_ms}")

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 import numpy as np
 
+from ..config import check_choice
 from .balance import POLICY_NAMES, Request, make_policy
 from .workload import PREFIX_CACHE_SIZE, PREFIX_HIT_COST, SIZE_DISTS, make_requests
 
@@ -34,6 +35,13 @@ __all__ = ["SimConfig", "simulate", "Fault", "FAULTS"]
 
 Fault = Literal["none", "kill", "pause"]
 FAULTS: tuple[str, ...] = get_args(Fault)
+
+
+def check_run_choices(policy: str, size_dist: str, fault: str) -> None:
+    """The choices a simulated and a live run share; each error names the valid values."""
+    check_choice("policy", policy, POLICY_NAMES)
+    check_choice("size_dist", size_dist, SIZE_DISTS)
+    check_choice("fault", fault, FAULTS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,12 +66,7 @@ class SimConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICY_NAMES:
-            raise ValueError(f"unknown policy {self.policy!r}; valid policies: {', '.join(POLICY_NAMES)}")
-        if self.size_dist not in SIZE_DISTS:
-            raise ValueError(f"unknown size_dist {self.size_dist!r}; valid: {', '.join(SIZE_DISTS)}")
-        if self.fault not in FAULTS:
-            raise ValueError(f"unknown fault {self.fault!r}; valid faults: {', '.join(FAULTS)}")
+        check_run_choices(self.policy, self.size_dist, self.fault)
         if self.workers < 1 or self.n_requests < 1 or not 0 < self.load or self.mean_service_ms <= 0:
             raise ValueError(f"need workers >= 1, n_requests >= 1, load > 0, mean_service_ms > 0; got "
                              f"{self.workers}, {self.n_requests}, {self.load}, {self.mean_service_ms}")
