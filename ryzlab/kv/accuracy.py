@@ -225,3 +225,47 @@ def evaluate_hf(model: Any, cache_options: Sequence[dict[str, Any]], tokens: tor
         rows.append(row)
     return pd.DataFrame(rows)
 
+
+
+def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
+    """``python -m ryzlab.kv.accuracy [--hf PATH] [--codecs ...]``: print the accuracy table."""
+    import argparse
+
+    from ..config import CODECS
+    from ..corpus import heldout_windows
+    from ..model import load_reference_model
+
+    ap = argparse.ArgumentParser(description="KV-cache accuracy vs uncompressed on held-out stdlib text "
+                                             "(teacher forcing)")
+    ap.add_argument("--hf", help="local Hugging Face checkpoint dir (default: the ryzlab reference model)")
+    ap.add_argument("--codecs", default="fp8_e4m3,int8,int4", help=f"comma list of {', '.join(CODECS)}")
+    ap.add_argument("--key-granularity", default="token_head")
+    ap.add_argument("--value-granularity", default="token_head")
+    ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--residual", type=int, default=0)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--prefill", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    opts = [dict(codec=c, key_granularity=a.key_granularity, value_granularity=a.value_granularity,
+                 group_size=a.group_size, residual=a.residual, block_size=a.block_size)
+            for c in a.codecs.split(",")]
+    if a.hf:
+        df = evaluate_hf(a.hf, opts, hf_heldout_tokens(a.hf, a.windows, a.length), a.prefill)
+    else:
+        from ..config import from_dict
+
+        model, _ = load_reference_model()
+        df = evaluate(model, [from_dict(CacheConfig, o, where="--codecs") for o in opts],
+                      heldout_windows(a.windows, a.length), a.prefill)
+    cols = ["codec", "key_granularity", "value_granularity", "residual", "k_rel_err", "v_rel_err", "attn_rel_err",
+            "kl_per_token", "ppl", "ppl_ref", "ppl_delta", "rel_logit_err", "cache_ratio_vs_bf16"]
+    print(df[[c for c in cols if c in df]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return df
+
+
+if __name__ == "__main__":
+    main()
