@@ -152,8 +152,9 @@ def main(argv: list[str] | None = None) -> None:
                             n_kv_heads=a.pop("n_kv_heads"))
     out = a.pop("out")
     _, meta = train(model_cfg, TrainConfig(**a), out=out)
-    print(f"wrote {out}: held-out perplexity {meta['heldout_perplexity']:.3f} "
-          f"(train {meta['train_perplexity']:.3f}) after {meta['steps']} steps, {meta['train_seconds']} s")
+    logging.getLogger(__name__).info(
+        "wrote %s: held-out perplexity %.3f (train %.3f) after %d steps, %s s", out,
+        meta["heldout_perplexity"], meta["train_perplexity"], meta["steps"], meta["train_seconds"])
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import NullLocator
 import pandas as pd
 
-from . import show_table
+from . import show_table, show_text
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
@@ -38,3 +38,5 @@ def report(df: pd.DataFrame) -> None:
     fig.tight_layout()
     plt.show()
     show_table(s, "Decode attention (sdpa) per point: medians over timed steps")
+    show_text("Copy bandwidth is measured on a buffer of copy_mib MiB (main memory); KV that fits in the "
+              "CPU caches can be read faster than that, so a fraction above 1 means cache-resident KV.")
