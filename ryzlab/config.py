@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 __all__ = [
     "ConfigError", "from_dict", "check_choice", "field_names",
     "Codec", "Granularity", "CODECS", "GRANULARITIES",
-    "ModelConfig", "CacheConfig", "ParallelConfig", "Strategy", "STRATEGIES", "Backend", "BACKENDS",
+    "ModelConfig", "RopeScaling", "ROPE_SCALINGS", "CacheConfig", "ParallelConfig", "Strategy", "STRATEGIES", "Backend", "BACKENDS",
 ]
 
 T = TypeVar("T")
@@ -134,9 +134,17 @@ BACKENDS: tuple[str, ...] = get_args(Backend)
 DType = Literal["float32", "bfloat16", "float16"]
 
 
+RopeScaling = Literal["none", "llama3", "linear"]
+ROPE_SCALINGS: tuple[str, ...] = get_args(RopeScaling)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Shape of the reference Llama-style model (GQA, RoPE, RMSNorm, SwiGLU)."""
+    """Shape of a Llama-family decoder (GQA, RoPE, RMSNorm, SwiGLU; optional biases, tied embeddings).
+
+    The defaults are the shipped byte-level reference model; a loaded checkpoint (Llama, Mistral,
+    Qwen2, SmolLM, ...) fills every field from its own config.
+    """
 
     vocab_size: int = 256
     """Byte-level vocabulary: text every machine has needs no tokenizer download."""
@@ -145,26 +153,46 @@ class ModelConfig:
     n_heads: int = 8
     n_kv_heads: int = 2
     """Fewer KV heads than query heads (GQA) is what makes KV memory the bottleneck."""
+    head_dim: int = 0
+    """0 means derived: dim // n_heads. Set when a checkpoint's heads do not tile ``dim``; tensor
+    parallelism also keeps the global head_dim while it divides the heads."""
     ffn_dim: int = 0
     """0 means derived: the Llama rule, 8/3 * dim rounded up to a multiple of 64."""
     max_seq_len: int = 4096
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = "none"
+    """Frequency rescaling of RoPE: ``llama3`` (Llama 3.1+, the four fields below) or ``linear``."""
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
     norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    """Biases on the q/k/v projections (Qwen2)."""
+    o_bias: bool = False
+    """Bias on the output projection (Llama ``attention_bias=True``)."""
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    """The output head reuses the token embedding matrix (SmolLM, small Qwen2 / Llama 3.2)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        if self.head_dim < 0:
+            raise ValueError(f"head_dim must be > 0 (or 0 = dim // n_heads), got {self.head_dim}")
+        if self.head_dim == 0:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads} "
+                                 f"(or set head_dim explicitly)")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+        check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+        if self.rope_factor <= 0:
+            raise ValueError(f"rope_factor must be > 0, got {self.rope_factor}")
         if self.ffn_dim == 0:
             object.__setattr__(self, "ffn_dim", -(-int(8 * self.dim / 3) // 64) * 64)
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -35,7 +35,7 @@ from .config import ModelConfig
 log = logging.getLogger(__name__)
 
 __all__ = ["Transformer", "DenseKVCache", "paged_step", "load_reference_model", "save_checkpoint", "load_checkpoint",
-           "REFERENCE_CHECKPOINT"]
+           "REFERENCE_CHECKPOINT", "rope_inv_freq", "rope_cos_sin", "apply_rope"]
 
 REFERENCE_CHECKPOINT = Path(__file__).parent / "checkpoints" / "reference.safetensors"
 
@@ -52,12 +52,39 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """RoPE inverse frequencies ``[head_dim / 2]`` (float32), with the config's frequency scaling.
+
+    ``llama3``: wavelengths longer than ``original_max / low_freq_factor`` are divided by
+    ``factor``, shorter than ``original_max / high_freq_factor`` kept, and the band between
+    interpolated smoothly (Llama 3.1's rule, as transformers' ``_compute_llama3_parameters``).
+    ``linear``: every frequency divided by ``factor`` (position interpolation).
+    """
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.int64).float() / d))
+    if cfg.rope_scaling == "linear":
+        return inv / cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        low_wavelen = cfg.rope_original_max_seq_len / cfg.rope_low_freq_factor
+        high_wavelen = cfg.rope_original_max_seq_len / cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / cfg.rope_factor, inv)
+        smooth = (cfg.rope_original_max_seq_len / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for integer ``positions`` [...] -> two tensors [..., head_dim] (HF "rotate_half" layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.to(torch.float32)[..., None] * inv_freq  # [..., D/2]
-    emb = torch.cat([freqs, freqs], dim=-1)                     # [..., D]
+    """cos/sin for integer ``positions`` [...] -> two tensors [..., head_dim] (HF "rotate_half" layout).
+
+    ``inv_freq`` [head_dim / 2] from :func:`rope_inv_freq` (the model keeps it as a buffer).
+    """
+    freqs = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)  # [..., D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)                                           # [..., D]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -73,9 +100,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -86,10 +113,12 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # n_heads / n_kv_heads are attributes (not read from cfg in forward) so that tensor
+        # parallelism can shrink them to the rank's share after the model is built (apply_tp)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: "_Context") -> torch.Tensor:
         B, T, _ = x.shape
@@ -216,15 +245,23 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
-            if name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        # A plain float32 attribute, not a buffer: model.to(bfloat16) must not round the
+        # frequencies (transformers keeps them in float32 too); moved lazily by rope().
+        self.inv_freq = rope_inv_freq(cfg)
+        if self.inv_freq.device.type != "meta":  # a meta-device skeleton is filled by a loader
+            self.apply(self._init_weights)
+            for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
+                if name.endswith(("wo.weight", "w2.weight")):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
     def forward(self, tokens: torch.Tensor, cache: Any = None, seq_ids: Sequence[int] | None = None
                 ) -> torch.Tensor:
@@ -247,12 +284,18 @@ class Transformer(nn.Module):
             positions, step = paged_step(cache, tokens, seq_ids)
             ctx = _PagedContext(cache, step)
         x = self.tok_embeddings(tokens)                                   # [B, T, dim]
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)  # [B, T, D]
+        cos, sin = self.rope(positions, x.dtype)                          # [B, T, D]
         for layer in self.layers:
             x = layer(x, cos, sin, ctx)
         if isinstance(cache, DenseKVCache):
             cache.length += T
         return self.output(self.norm(x)).float()                          # [B, T, V]
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[..., head_dim]`` for integer ``positions`` (frequencies kept in float32)."""
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = rope_inv_freq(self.config, positions.device)
+        return rope_cos_sin(positions, self.inv_freq, dtype)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -282,7 +325,10 @@ def save_checkpoint(model: Transformer, path: str | Path, meta: dict[str, Any],
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    if model.config.tie_embeddings:  # one tensor on disk (safetensors refuses shared storage)
+        state.pop("output.weight", None)
+    tensors = {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
     save_file(tensors, str(path), metadata={"format": "pt"})
     meta = {"config": dataclasses.asdict(model.config), "weights_dtype": str(dtype).removeprefix("torch."), **meta}
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
@@ -301,7 +347,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
     meta = json.loads(path.with_suffix(".json").read_text())
     model = Transformer(from_dict(ModelConfig, meta["config"], where=str(path)))
     state = {k: v.to(dtype) for k, v in load_file(str(path), device=str(device)).items()}
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=not model.config.tie_embeddings)
     return model.to(device=device, dtype=dtype).eval(), meta
 
 

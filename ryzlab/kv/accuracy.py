@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import CacheConfig
-from ..model import Transformer, apply_rope, rope_cos_sin
+from ..model import Transformer, apply_rope
 from .cache import PagedKVCache
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,7 @@ def capture_qkv(model: Transformer, tokens: torch.Tensor) -> list[tuple[torch.Te
     """Exact per-layer (q, k, v) of a dense forward: q [B, T, Hq, D], k/v [B, T, Hkv, D], RoPE applied."""
     cfg = model.config
     B, T = tokens.shape
-    cos, sin = rope_cos_sin(torch.arange(T, device=tokens.device).expand(B, T), cfg.head_dim, cfg.rope_theta,
-                            model.tok_embeddings.weight.dtype)
+    cos, sin = model.rope(torch.arange(T, device=tokens.device).expand(B, T), model.tok_embeddings.weight.dtype)
     grabbed: dict[tuple[int, str], torch.Tensor] = {}
     hooks = []
     for i, layer in enumerate(model.layers):

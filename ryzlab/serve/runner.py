@@ -34,10 +34,7 @@ class ModelRunner:
     """Runs ``model`` (a :class:`ryzlab.model.Transformer`) over a :class:`PagedKVCache`."""
 
     def __init__(self, model: torch.nn.Module, cache: Any):
-        from ..model import rope_cos_sin
-
         self.model, self.cache = model, cache
-        self._rope = rope_cos_sin
         self.device = next(model.parameters()).device
 
     @torch.inference_mode()
@@ -50,13 +47,13 @@ class ModelRunner:
         writes (``num_write = len(inputs[b])``), in order, ending at the newest one.
         Raises ``RuntimeError`` when the cache is short of blocks (the scheduler checks first).
         """
-        m, cfg = self.model, self.model.config
+        m = self.model
         step = self.cache.extend(list(seq_ids), [list(t) for t in new_tokens], num_write=[len(x) for x in inputs])
         if step is None:
             raise RuntimeError("KV cache short of blocks for a step the scheduler planned")
         flat = torch.tensor([t for x in inputs for t in x], dtype=torch.long, device=self.device)  # [N]
         x = m.tok_embeddings(flat)[None]                                                     # [1, N, dim]
-        cos, sin = self._rope(step.positions[None].to(self.device), cfg.head_dim, cfg.rope_theta, x.dtype)
+        cos, sin = m.rope(step.positions[None].to(self.device), x.dtype)
         ctx = _StepContext(self.cache, step)
         for layer in m.layers:
             x = layer(x, cos, sin, ctx)
