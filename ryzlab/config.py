@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 __all__ = [
     "ConfigError", "from_dict", "check_choice", "field_names",
     "Codec", "Granularity", "CODECS", "GRANULARITIES",
-    "ModelConfig", "RopeScaling", "ROPE_SCALINGS", "CacheConfig", "ParallelConfig", "Strategy", "STRATEGIES", "Backend", "BACKENDS",
+    "ModelConfig", "RopeScaling", "ROPE_SCALINGS", "CacheConfig", "ParallelConfig", "Backend", "BACKENDS",
 ]
 
 T = TypeVar("T")
@@ -127,8 +127,6 @@ CODECS: tuple[str, ...] = get_args(Codec)
 # channel (per head_dim column, KIVI's choice for keys) or per group of head_dim values.
 Granularity = Literal["tensor", "head", "token_head", "channel", "group"]
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
-Strategy = Literal["replicated", "heads", "sequence"]
-STRATEGIES: tuple[str, ...] = get_args(Strategy)
 Backend = Literal["auto", "gloo", "nccl"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 DType = Literal["float32", "bfloat16", "float16"]
@@ -245,29 +243,23 @@ class CacheConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
-    """How work is spread over ranks; validated before any process group exists."""
+    """A tp x cp layout of ranks; validated against a model by
+    :func:`ryzlab.parallel.layout.validate_parallel` before any process group exists."""
 
-    world_size: int = 1
-    strategy: Strategy = "replicated"
-    """KV-cache sharding: ``heads`` (tensor parallel), ``sequence`` (blocks spread), ``replicated``."""
+    tp: int = 1
+    """Tensor-parallel ranks: attention heads and MLP columns split, two all-reduces per layer."""
+    cp: int = 1
+    """Context-parallel ranks: each sequence's KV blocks spread over them, one all-gather of
+    attention partials per layer."""
     backend: Backend = "auto"
     """``auto``: nccl when every rank has a CUDA device, gloo otherwise."""
 
     def __post_init__(self) -> None:
-        if self.world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
-        check_choice("strategy", self.strategy, STRATEGIES)
+        for name in ("tp", "cp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_choice("backend", self.backend, BACKENDS)
 
-    def check_model(self, model: ModelConfig) -> None:
-        """Raise with every factor printed if the layout does not fit the model."""
-        if self.strategy == "heads":
-            kv, ws = model.n_kv_heads, self.world_size
-            if not (kv % ws == 0 or ws % kv == 0):
-                raise ValueError(
-                    f"strategy='heads' needs n_kv_heads ({kv}) divisible by world_size ({ws}) or "
-                    f"world_size divisible by n_kv_heads (heads are then replicated); "
-                    f"valid world sizes: {sorted({d for d in range(1, 65) if kv % d == 0 or d % kv == 0})[:12]}")
-            if model.n_heads % ws:
-                raise ValueError(f"strategy='heads' needs n_heads ({model.n_heads}) divisible by "
-                                 f"world_size ({ws})")
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.cp

@@ -12,13 +12,15 @@ rank order. The parent watches one result pipe and one process sentinel per rank
   collectives get ``collective_timeout_s`` so a rank stuck in a collective raises too;
 * world_size 1 runs the same code path (one spawned rank, a one-member process group).
 
-Results travel through pipes (pickled in memory, never on disk), so they must be picklable,
-and ``fn`` must be importable (a module-level function), as for any spawn-based launcher.
+``fn`` and ``args`` are serialized *by value* with cloudpickle (as Ray and loky do), so a function
+defined in a notebook cell or in ``python -`` launches; a rank that cannot load or run it reports
+why, naming itself. Results travel back through pipes (pickled in memory, never on disk).
 """
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import signal
 import socket
 import threading
@@ -154,7 +156,7 @@ def exit_with_parent(launcher_pid: int, interval_s: float = 0.5) -> None:
 
 
 def _rank_main(rank: int, world_size: int, port: int, backend: str, collective_timeout_s: float,
-               threads: int, fn: Callable[..., Any], args: tuple, conn: Connection, launcher_pid: int) -> None:
+               threads: int, payload: bytes, conn: Connection, launcher_pid: int) -> None:
     """Body of one spawned rank: env, process group, ``fn``, report, tear down.
 
     A failure is reported *before* anything else happens (no group teardown first), with its
@@ -168,12 +170,17 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, collective_t
         import torch
         import torch.distributed as dist
 
+        import cloudpickle
+
         torch.set_num_threads(threads)
+        fn, args = cloudpickle.loads(payload)  # before the group: a bad payload fails alone, at once
         init_from_env(backend, collective_timeout_s=collective_timeout_s)
         conn.send(("ready", None))
         result = fn(rank, world_size, *args)
         dist.destroy_process_group()
-        conn.send(("ok", result))
+        # plain pickle bytes: a Connection would share tensor storage through file descriptors
+        # (torch.multiprocessing's reductions), which dies with this process
+        conn.send(("ok", pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)))
     except BaseException:  # noqa: BLE001 - everything a rank raises goes to the parent
         try:
             conn.send(("error", (time.time(), f"[rank {rank}] " + traceback.format_exc())))
@@ -243,6 +250,12 @@ def launch(fn: Callable[..., Any], world_size: int, *, args: tuple = (), backend
             raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
     if not callable(fn):
         raise ValueError(f"fn must be callable, got {type(fn).__name__}")
+    import cloudpickle
+
+    try:
+        payload = cloudpickle.dumps((fn, tuple(args)))
+    except Exception as e:  # noqa: BLE001 - any pickling failure is the caller's input
+        raise ValueError(f"cannot serialize fn / args for the ranks: {type(e).__name__}: {e}") from e
     chosen = choose_backend(backend, world_size)
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
     ctx = mp_context(start_method)
@@ -253,8 +266,8 @@ def launch(fn: Callable[..., Any], world_size: int, *, args: tuple = (), backend
         for rank in range(world_size):
             recv, send = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_rank_main, name=f"ryzlab-rank{rank}", daemon=True,
-                            args=(rank, world_size, port, chosen, collective_timeout_s, threads, fn,
-                                  tuple(args), send, os.getpid()))
+                            args=(rank, world_size, port, chosen, collective_timeout_s, threads, payload,
+                                  send, os.getpid()))
             p.start()
             send.close()  # the child holds the only write end: EOF on recv means it is gone
             procs.append(p)
@@ -320,7 +333,7 @@ def _collect(procs: list, conns: list[Connection], t0: float, timeout_s: float,
                 if kind == "ready":
                     ready.add(rank)
                 elif kind == "ok":
-                    results[rank] = payload
+                    results[rank] = pickle.loads(payload)
                 else:
                     raise fail(rank, *payload)
             else:
@@ -334,7 +347,7 @@ def _collect(procs: list, conns: list[Connection], t0: float, timeout_s: float,
                     except (EOFError, OSError):
                         break
                     if kind == "ok":
-                        results[rank] = payload
+                        results[rank] = pickle.loads(payload)
                     elif kind == "error":
                         raise fail(rank, *payload)
                 if rank not in results:

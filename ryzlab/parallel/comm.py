@@ -1,10 +1,12 @@
-"""Collectives for the sharded KV cache, each one counted as it is issued.
+"""Collectives of one process group (a mesh dimension), each one counted as it is issued.
 
-:class:`Comm` wraps the ``torch.distributed`` calls the sharded cache makes (``all_gather_into_tensor``,
-``all_reduce``, ``send``/``recv``). Every call records, per rank and per step label, the bytes of
-the tensors this rank actually handed to the call and the number of calls: a *measurement* of
-what the code sends, read off the real tensors at the call site, which the report then compares
-with the closed-form formula in :mod:`ryzlab.kv.sharded`.
+:class:`Comm` wraps the ``torch.distributed`` calls tensor and context parallelism make
+(``all_reduce`` after row-parallel layers, ``all_gather`` of attention partials, ``send``/``recv``
+of migrated blocks, ``broadcast`` of an engine step's plan). Every call records, per rank and
+per step label, the bytes of the tensors this rank actually handed to the call and the number
+of calls: a *measurement* of what the code sends, read off the real tensors at the call site,
+which the scaling experiment compares with the closed-form formulas in
+:mod:`ryzlab.parallel.layout`.
 
 With ``world_size == 1`` (or no process group) every collective is a no-op that returns the
 local answer, so world size 1 runs the same code path and records zero bytes.
@@ -13,10 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -146,6 +149,29 @@ class Comm:
         dist.recv(t, src, group=self.group)
         self._record(0, self._nbytes(t), t0, w0)
         return t
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """``obj`` from group rank ``src`` on every rank (pickled; the ranks trust each other).
+
+        Two collectives (length, then bytes) so the payload size is known and counted. Used by
+        the engine's driver rank to hand each step's plan to the ranks that execute it.
+        """
+        if self.world_size == 1:
+            return obj
+        gsrc = src if self.group is None else dist.get_global_rank(self.group, src)
+        w0, t0 = _wchar(), time.perf_counter()
+        if self.rank == src:
+            data = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
+            n = torch.tensor([data.numel()], dtype=torch.int64)
+        else:
+            n = torch.zeros(1, dtype=torch.int64)
+        dist.broadcast(n, gsrc, group=self.group)
+        if self.rank != src:
+            data = torch.empty(int(n.item()), dtype=torch.uint8)
+        dist.broadcast(data, gsrc, group=self.group)
+        sent = self._nbytes(data) + 8 if self.rank == src else 0
+        self._record(sent, 0 if self.rank == src else self._nbytes(data) + 8, t0, w0)
+        return obj if self.rank == src else pickle.loads(data.numpy().tobytes())
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -1,0 +1,91 @@
+"""The tp x cp device mesh of one model replica, with a counted :class:`Comm` per dimension.
+
+``init_parallel(ParallelConfig(tp=2, cp=2))`` inside a process group of ``tp * cp`` ranks (started
+by :func:`ryzlab.orchestrator.launch` or ``torchrun``) builds torch's ``DeviceMesh``
+(``init_device_mesh``, dims ``("cp", "tp")``: gloo on CPU, nccl on CUDA) and returns
+:class:`ParallelGroups`. Without a process group, or at world size 1, every group is a one-rank
+no-op, so world size 1 runs the same code. The control group (a gloo group even under nccl,
+vLLM's "CPU group") carries the engine's per-step plan as pickled bytes.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..config import ParallelConfig
+from .comm import Comm
+
+__all__ = ["ParallelGroups", "init_parallel"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ParallelGroups:
+    """This rank's place in the mesh and one counted communicator per dimension."""
+
+    parallel: ParallelConfig
+    rank: int
+    tp: Comm
+    cp: Comm
+    control: Comm
+    """All ranks of the replica, gloo: step plans (CPU objects) go through it."""
+    device: torch.device
+    mesh: Any = None
+    """torch ``DeviceMesh`` (None at world size 1)."""
+
+    @property
+    def tp_rank(self) -> int:
+        return self.tp.rank
+
+    @property
+    def cp_rank(self) -> int:
+        return self.cp.rank
+
+    @property
+    def is_driver(self) -> bool:
+        """Rank 0 schedules; every rank executes."""
+        return self.rank == 0
+
+    def comms(self) -> list[Comm]:
+        return [self.tp, self.cp, self.control]
+
+    def reset_ledgers(self) -> None:
+        for c in self.comms():
+            c.ledger.reset()
+
+
+def init_parallel(parallel: ParallelConfig, device: str | torch.device | None = None) -> ParallelGroups:
+    """Build the ``cp x tp`` mesh over the current process group (which must have ``tp * cp`` ranks).
+
+    ``device``: where this rank computes (default ``cuda:<current>`` under nccl, else ``cpu``).
+    """
+    ws = parallel.world_size
+    if not (dist.is_available() and dist.is_initialized()):
+        if ws != 1:
+            raise ValueError(f"tp={parallel.tp} x cp={parallel.cp} needs a process group of {ws} ranks; "
+                             f"start the ranks with ryzlab.orchestrator.launch or torchrun")
+        local = Comm(local=True)
+        return ParallelGroups(parallel, 0, local, Comm(local=True), Comm(local=True),
+                              torch.device(device or "cpu"))
+    if dist.get_world_size() != ws:
+        raise ValueError(f"tp={parallel.tp} x cp={parallel.cp} = {ws} ranks, but the process group has "
+                         f"{dist.get_world_size()}")
+    backend = dist.get_backend()
+    dev = torch.device(device) if device is not None else (
+        torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu"))
+    if ws == 1:
+        return ParallelGroups(parallel, 0, Comm(local=True), Comm(local=True), Comm(local=True), dev)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(dev.type, (parallel.cp, parallel.tp), mesh_dim_names=("cp", "tp"))
+    control = Comm(dist.new_group(list(range(ws)), backend="gloo")) if backend != "gloo" else Comm()
+    groups = ParallelGroups(parallel, dist.get_rank(), Comm(mesh.get_group("tp")), Comm(mesh.get_group("cp")),
+                            control, dev, mesh)
+    log.debug("rank %d: tp rank %d/%d, cp rank %d/%d on %s", groups.rank, groups.tp_rank, parallel.tp,
+              groups.cp_rank, parallel.cp, dev)
+    return groups
