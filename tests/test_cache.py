@@ -198,25 +198,21 @@ def test_fork_copy_on_write_keeps_both_histories():
     cache.pool.check_invariants()
 
 
-def test_attend_partial_lse_merge_equals_attend():
-    cache = PagedKVCache(MODEL, CacheConfig(codec="int8", block_size=4, residual=3))
-    drv = Driver(cache)
-    cache.add_sequence(0, 13)
-    cache.add_sequence(1, 6)
-    drv.step(cache.extend([0, 1]))
-    step = cache.extend([0, 1], [2, 1])
-    q = torch.randn(step.num_tokens, HQ, D)
-    k, v = torch.randn(step.num_tokens, HKV, D), torch.randn(step.num_tokens, HKV, D)
-    cache.write(0, k, v)
-    full = cache.attend(0, q)
-    out_all, lse_all = cache.attend_partial(0, q)
-    torch.testing.assert_close(out_all, full, atol=2e-5, rtol=1e-4)
-    even = cache.attend_partial(0, q, blocks=[[0, 2], [0]])   # "rank 0": even logical blocks
-    odd = cache.attend_partial(0, q, blocks=[[1, 3], [1]])    # "rank 1": odd logical blocks
-    out, lse = merge_partials(torch.stack([even[0], odd[0]]), torch.stack([even[1], odd[1]]))
-    torch.testing.assert_close(out, full, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(lse, lse_all, atol=1e-5, rtol=1e-5)
-    none = cache.attend_partial(0, q, blocks=[[], []])
+def test_lse_merge_of_disjoint_key_sets_equals_full_attention():
+    """What each cp rank computes (attention over its keys, with log-sum-exp) merges exactly."""
+    from ryzlab.kv.pages import attention_with_lse
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 3, HQ, D, generator=g), torch.randn(2, HKV, 20, D, generator=g), torch.randn(2, HKV, 20, D, generator=g)
+    causal = torch.arange(20)[None, None, :] <= torch.tensor([[7, 12, 19]])[:, :, None]   # [1, 3, 20]
+    causal = causal.expand(2, 3, 20)
+    full, lse_all = attention_with_lse(q, k, v, causal, None)
+    block = torch.arange(20) // 4
+    parts = [attention_with_lse(q, k, v, causal & (block % 2 == r)[None, None, :], None) for r in (0, 1)]
+    out, lse = merge_partials(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+    torch.testing.assert_close(out, full, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, lse_all, atol=1e-6, rtol=1e-6)
+    none = attention_with_lse(q, k, v, torch.zeros_like(causal), None)
     assert torch.isneginf(none[1]).all() and (none[0] == 0).all()
 
 
@@ -442,7 +438,6 @@ def test_cuda_matches_cpu(cfg):
                 q, k, v = (torch.randn(step.num_tokens, h, D, generator=g).to(dev) for h in (HQ, HKV, HKV))
                 cache.write(layer, k, v)
                 res.append(cache.attend(layer, q).cpu())
-                res.append(cache.attend_partial(layer, q, blocks=[[0], [0, 1]])[1].cpu())
         res += [x.cpu() for x in cache.read_kv("a")]
         outs[dev] = res
     for x, y in zip(outs["cpu"], outs["cuda"]):

@@ -14,6 +14,15 @@ their ids in token order. Blocks are reference counted so sequences can share th
 Freed blocks keep their hash and stay reusable until they are popped for a new allocation
 (least recently used first); only then is the cached prefix evicted.
 
+**Shards** (context parallelism): with ``shards=cp`` block ``b`` is stored by cp rank
+``b % cp`` (at local slot ``b // cp``), so this one pool, replicated identically on every rank
+(every rank makes the same calls in the same order), is also the *block directory*: it says
+which rank holds each block of each sequence. A sequence's ``j``-th block goes to its home
+shard ``(home + j) % cp`` (``home`` rotates with each new sequence, so short sequences spread
+too) and spills to the shard with most free blocks when the home shard is full; ``migrate``
+and ``rebalance`` move blocks between shards; ``digest`` lets ranks prove their replicas agree.
+With ``shards=1`` all of this is the plain single-device pool.
+
 Three error tiers, as in vLLM: an *expected shortage* (not enough free blocks) returns
 ``None`` and changes nothing, so the caller can preempt or evict; *caller misuse* (unknown
 sequence, duplicate id, negative counts) raises ``ValueError`` with the values; a *broken
@@ -125,6 +134,8 @@ class AppendResult:
 
 @dataclass
 class _Seq:
+    home: int = 0
+    """Shard of this sequence's first block (block j prefers shard ``(home + j) % shards``)."""
     blocks: list[Block] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     hashes: list[BlockHash | None] = field(default_factory=list)
@@ -141,20 +152,27 @@ class BlockPool:
     empty (the tensor side grows its storage). Sequence ids are any hashable values.
     """
 
-    def __init__(self, num_blocks: int | None, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int | None, block_size: int, enable_prefix_caching: bool = True, *,
+                 shards: int = 1):
         if block_size <= 0:
             raise ValueError(f"block_size must be a positive number of tokens, got {block_size}")
         if num_blocks is not None and num_blocks <= 0:
             raise ValueError(f"num_blocks must be > 0 or None (unbounded), got {num_blocks}")
+        if shards < 1 or (num_blocks is not None and num_blocks % shards):
+            raise ValueError(f"shards={shards} must be >= 1 and divide num_blocks={num_blocks} "
+                             f"(every shard holds num_blocks / shards blocks)")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.shards = shards
         self.blocks: list[Block] = [Block(i) for i in range(num_blocks or 0)]
-        self.free_queue = FreeBlockQueue(self.blocks)
+        self.free_queues = [FreeBlockQueue(self.blocks[s::shards]) for s in range(shards)]
         self.cached: dict[BlockHash, Block] = {}
         self._seqs: dict[SeqId, _Seq] = {}
+        self._next_home = 0
         self._queried_tokens = 0
         self._hit_tokens = 0
+        self.counters = {"spills": 0, "migrations": 0}
 
     # ------------------------------------------------------------------ capacity
     @property
@@ -164,25 +182,45 @@ class BlockPool:
     @property
     def num_free_blocks(self) -> int:
         """Blocks with ``ref_cnt == 0`` (cached or not); unbounded pools can always grow beyond."""
-        return len(self.free_queue)
+        return sum(len(q) for q in self.free_queues)
 
     @property
     def num_used_blocks(self) -> int:
-        return len(self.blocks) - len(self.free_queue)
+        return len(self.blocks) - self.num_free_blocks
+
+    def shard_of(self, block_id: int) -> int:
+        """The shard (cp rank) that stores ``block_id``."""
+        return block_id % self.shards
+
+    def used_per_shard(self) -> list[int]:
+        total = [len(self.blocks[s::self.shards]) for s in range(self.shards)]
+        return [t - len(q) for t, q in zip(total, self.free_queues)]
 
     def _can_take(self, n: int) -> bool:
-        return not self.bounded or n <= len(self.free_queue)
+        return not self.bounded or n <= self.num_free_blocks
 
-    def _take(self) -> Block:
-        """Pop the least recently used free block (evicting its cached hash), or grow."""
-        if self.free_queue:
-            b = self.free_queue.popleft()
-            if b.block_hash is not None:
-                self._uncache(b)
-        else:
-            assert not self.bounded, "pool exhausted after a capacity check said it was not"
-            b = Block(len(self.blocks))
+    def _grow(self) -> None:
+        """Unbounded pools: one new block per shard (ids stay dense, shards stay equal)."""
+        n = len(self.blocks)
+        for i in range(n, n + self.shards):
+            b = Block(i)
             self.blocks.append(b)
+            self.free_queues[i % self.shards].append(b)
+
+    def _take(self, prefer: int = 0) -> Block:
+        """Pop the least recently used free block of shard ``prefer`` (evicting its cached hash);
+        a full shard spills to the one with most free blocks; an unbounded pool grows instead."""
+        q = self.free_queues[prefer]
+        if not q:
+            if not self.bounded:
+                self._grow()
+            else:
+                q = max(self.free_queues, key=len)
+                assert q, "pool exhausted after a capacity check said it was not"
+                self.counters["spills"] += 1
+        b = q.popleft()
+        if b.block_hash is not None:
+            self._uncache(b)
         assert b.ref_cnt == 0, f"block {b.block_id} taken from the free queue with ref_cnt {b.ref_cnt}"
         b.ref_cnt = 1
         return b
@@ -191,7 +229,7 @@ class BlockPool:
         assert b.ref_cnt > 0, f"block {b.block_id} released with ref_cnt {b.ref_cnt}"
         b.ref_cnt -= 1
         if b.ref_cnt == 0:
-            self.free_queue.append(b)
+            self.free_queues[self.shard_of(b.block_id)].append(b)
 
     def _uncache(self, b: Block) -> None:
         assert b.block_hash is not None and self.cached.get(b.block_hash) is b, \
@@ -256,11 +294,12 @@ class BlockPool:
             return None
         for b in hits:
             if b.ref_cnt == 0:
-                self.free_queue.remove(b)
+                self.free_queues[self.shard_of(b.block_id)].remove(b)
             b.ref_cnt += 1
-        s = _Seq(blocks=list(hits), tokens=toks, hashes=hashes, num_cached_tokens=len(hits) * bs,
-                 num_registered=len(hits))
-        s.blocks += [self._take() for _ in range(need)]
+        s = _Seq(home=self._next_home % self.shards, blocks=list(hits), tokens=toks, hashes=hashes,
+                 num_cached_tokens=len(hits) * bs, num_registered=len(hits))
+        self._next_home += 1
+        s.blocks += [self._take((s.home + j) % self.shards) for j in range(len(hits), len(hits) + need)]
         self._seqs[seq_id] = s
         if self.enable_prefix_caching and toks and toks[0] != _UNKNOWN:
             self._queried_tokens += len(toks)
@@ -321,12 +360,12 @@ class BlockPool:
         n, bs = len(s.tokens), self.block_size
         if toks and n % bs and s.blocks[-1].ref_cnt > 1:
             old = s.blocks[-1]
-            new = self._take()
+            new = self._take(self.shard_of(old.block_id))  # same shard: the copy stays on one rank
             self._release(old)
             s.blocks[-1] = new
             copies.append((old.block_id, new.block_id))
         before = len(s.blocks)
-        s.blocks += [self._take() for _ in range(self._blocks_for(n + len(toks)) - before)]
+        s.blocks += [self._take((s.home + j) % self.shards) for j in range(before, self._blocks_for(n + len(toks)))]
         s.tokens += toks
         parent = s.hashes[-1] if s.hashes else None
         if s.hashes and parent is None:  # chain already broken by unknown tokens
@@ -348,7 +387,7 @@ class BlockPool:
             raise ValueError(f"sequence {child_seq!r} already exists")
         for b in p.blocks:
             b.ref_cnt += 1
-        self._seqs[child_seq] = _Seq(list(p.blocks), list(p.tokens), list(p.hashes), p.num_cached_tokens,
+        self._seqs[child_seq] = _Seq(p.home, list(p.blocks), list(p.tokens), list(p.hashes), p.num_cached_tokens,
                                      p.num_registered)
         return [b.block_id for b in p.blocks]
 
@@ -372,13 +411,70 @@ class BlockPool:
         if num_blocks is not None and num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0 or None, got {num_blocks}")
         n = 0
-        for b in list(self.free_queue):
+        for b in [b for q in self.free_queues for b in q]:
             if num_blocks is not None and n >= num_blocks:
                 break
             if b.block_hash is not None:
                 self._uncache(b)
                 n += 1
         return n
+
+    # ------------------------------------------------------------------ shards
+    def migrate(self, block_id: int, dst: int) -> tuple[int, int] | None:
+        """Move a used block to shard ``dst``: every table pointing at it now points at a fresh
+        block of ``dst`` (ref count and prefix hash move along). Returns ``(old, new)`` for the
+        tensor side to copy, or None when ``dst`` has no free block (nothing changed)."""
+        if not 0 <= dst < self.shards:
+            raise ValueError(f"dst={dst} is not a shard; valid shards: 0..{self.shards - 1}")
+        if not 0 <= block_id < len(self.blocks) or self.blocks[block_id].ref_cnt == 0:
+            raise ValueError(f"block {block_id} is not in use; only used blocks migrate")
+        old = self.blocks[block_id]
+        if self.shard_of(block_id) == dst:
+            raise ValueError(f"block {block_id} already lives on shard {dst}")
+        q = self.free_queues[dst]
+        if not q:
+            if self.bounded:
+                return None
+            self._grow()
+        new = q.popleft()
+        if new.block_hash is not None:
+            self._uncache(new)
+        new.ref_cnt, old.ref_cnt = old.ref_cnt, 0
+        for s in self._seqs.values():
+            s.blocks = [new if b is old else b for b in s.blocks]
+        if old.block_hash is not None:
+            h = old.block_hash
+            self._uncache(old)
+            new.block_hash, self.cached[h] = h, new
+        self.free_queues[self.shard_of(block_id)].append(old)
+        self.counters["migrations"] += 1
+        return old.block_id, new.block_id
+
+    def rebalance(self, max_moves: int | None = None) -> list[tuple[int, int]]:
+        """Migrate used blocks from the fullest to the emptiest shard until they differ by <= 1.
+
+        Deterministic (every rank plans the same moves): the lowest used block id of the fullest
+        shard moves first. Returns the ``(old, new)`` copies the tensor side must make."""
+        moves: list[tuple[int, int]] = []
+        while max_moves is None or len(moves) < max_moves:
+            used = self.used_per_shard()
+            hi = max(range(self.shards), key=lambda r: (used[r], -r))
+            lo = min(range(self.shards), key=lambda r: (used[r], r))
+            if used[hi] - used[lo] <= 1:
+                break
+            block = next(b.block_id for b in self.blocks[hi::self.shards] if b.ref_cnt > 0)
+            mv = self.migrate(block, lo)
+            if mv is None:
+                break
+            moves.append(mv)
+        return moves
+
+    def digest(self) -> int:
+        """63-bit hash of the whole bookkeeping: equal on every rank when the replicas agree."""
+        state = (sorted((repr(k), s.home, [b.block_id for b in s.blocks], len(s.tokens)) for k, s in self._seqs.items()),
+                 [[b.block_id for b in q] for q in self.free_queues],
+                 sorted((b.block_id, b.ref_cnt, b.block_hash or b"") for b in self.blocks))
+        return int.from_bytes(hashlib.blake2b(repr(state).encode(), digest_size=8).digest(), "little") >> 1
 
     # ------------------------------------------------------------------ queries
     def block_table(self, seq_id: SeqId) -> list[int]:
@@ -404,6 +500,8 @@ class BlockPool:
             "num_free_blocks": float(self.num_free_blocks),
             "num_used_blocks": float(used),
             "num_cached_blocks": float(len(self.cached)),
+            "spills": float(self.counters["spills"]),
+            "migrations": float(self.counters["migrations"]),
             "num_blocks": float(cap),
             "prefix_cache_queries": float(self._queried_tokens),
             "prefix_cache_hits": float(self._hit_tokens),
@@ -420,10 +518,14 @@ class BlockPool:
             for b in s.blocks:
                 refs[b.block_id] += 1
         free_ids = set()
-        for b in self.free_queue:
-            assert b.block_id not in free_ids, f"block {b.block_id} twice in the free queue"
-            free_ids.add(b.block_id)
-        assert len(free_ids) == len(self.free_queue), "free queue length counter is wrong"
+        for shard, q in enumerate(self.free_queues):
+            n = 0
+            for b in q:
+                assert b.block_id not in free_ids, f"block {b.block_id} twice in the free queues"
+                assert self.shard_of(b.block_id) == shard, f"block {b.block_id} in shard {shard}'s free queue"
+                free_ids.add(b.block_id)
+                n += 1
+            assert n == len(q), f"shard {shard}: free queue length counter is wrong"
         for b in self.blocks:
             assert b.ref_cnt == refs[b.block_id], \
                 f"block {b.block_id}: ref_cnt {b.ref_cnt} but {refs[b.block_id]} block tables point at it"

@@ -34,9 +34,14 @@ the next one; a sequence whose prompt hits cached blocks reads their quantised c
 wrote them, so they are not in its tail). Shortage (bounded ``num_blocks``) returns None from
 ``add_sequence`` / ``extend`` with nothing changed; misuse raises ``ValueError``.
 
-Sharding: :meth:`PagedKVCache.attend_partial` attends to a subset of logical blocks and
-returns the log-sum-exp, so partial results from several ranks merge exactly
-(:func:`ryzlab.kv.merge.merge_partials`).
+Context parallelism: built with ``cp=`` (the :class:`ryzlab.parallel.comm.Comm` of the cp
+group), the cache's :class:`BlockPool` is sharded (block ``b`` lives on cp rank ``b % cp``) and
+replicated: every rank plans the same steps, stores only its own blocks (``num_blocks / cp``
+pages), attends over them with log-sum-exp, and one all-gather of the packed partials
+``[N, Hq, D + 1]`` per layer is merged exactly (:func:`ryzlab.kv.merge.merge_partials`) into
+what one rank holding everything computes. The full-precision tail (residual window, open
+block) is small and kept by every cp rank; each reads only the positions of its own blocks.
+Migration, rebalancing and cross-rank coherency checks: :mod:`ryzlab.kv.context`.
 """
 from __future__ import annotations
 
@@ -50,9 +55,11 @@ import torch.nn.functional as F
 from ryzlab.config import CacheConfig, ModelConfig
 from ryzlab.kv.blocks import BlockPool, SeqId
 from ryzlab.kv.codecs import KVFormat
+from ryzlab.kv.merge import merge_partials, pack_partial, unpack_partials
 from ryzlab.kv.pages import MATH_SCORES, PagedTensor, attention_with_lse
+from ryzlab.parallel.comm import Comm
 
-__all__ = ["PagedKVCache", "Step", "merge_partials"]
+__all__ = ["PagedKVCache", "Step"]
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +83,18 @@ class Step:
     positions: torch.Tensor
     """``[N]`` absolute position of every new token (for RoPE)."""
     slot_mapping: torch.Tensor
-    """``[N]`` page slot ``block_id * block_size + offset`` of every new token."""
+    """``[N]`` slot ``block_id * block_size + offset`` of every new token (global block ids)."""
     _q_b: torch.Tensor            # [N] batch row of each new token
     _q_t: torch.Tensor            # [N] column in the padded [B, Tq] query layout
     _q_pos: torch.Tensor          # [B, Tq] position of each padded query (0 for padding)
-    _tables: torch.Tensor         # [B, nb] block tables, padded with block 0 (masked out)
+    _tables: torch.Tensor         # [B, nb] this rank's page slots per row, padded with slot 0
+    _kpos: torch.Tensor           # [B or 1, nb * bs] position of each gathered key (huge = padding)
+    _own_tok: torch.Tensor | None  # new tokens whose block this rank stores (None = all)
+    _own_slots: torch.Tensor      # [n_own] their page slots on this rank
     _ov_b: torch.Tensor           # tail overlay: batch row,
-    _ov_pos: torch.Tensor         #   key position,
+    _ov_idx: torch.Tensor         #   index in the gathered keys,
     _ov_row: torch.Tensor         #   row in the flattened tail
-    _commit_blocks: torch.Tensor  # [nc] blocks that fill in this step (token-spanning scales)
+    _commit_blocks: torch.Tensor  # [nc] page slots that fill in this step (token-spanning scales)
     _commit_src: torch.Tensor     # [nc, bs] tail row (>= 0) or new token j (encoded -1 - j)
     _tail_src: torch.Tensor       # [nt] new-token index copied into the tail
     _tail_dst: torch.Tensor       # [nt] tail row it lands in
@@ -109,12 +119,14 @@ class PagedKVCache:
     """Per-layer paged K/V storage owning a :class:`BlockPool`, with attention over the pages.
 
     ``dtype`` is the model's compute dtype (what ``none`` stores, what the tail holds and what
-    attention returns); ``device`` holds every tensor. Raises ``ValueError`` if the cache
-    layout does not fit the model (e.g. a group size that does not divide head_dim).
+    attention returns); ``device`` holds every tensor. ``model`` is the shape this rank computes
+    (under tensor parallelism: :func:`ryzlab.parallel.tp.local_config`, its own heads); ``cp``
+    the context-parallel group (None: one rank holds every block). Raises ``ValueError`` if the
+    cache layout does not fit the model (e.g. a group size that does not divide head_dim).
     """
 
     def __init__(self, model: ModelConfig, cache: CacheConfig, *, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", cp: Comm | None = None):
         cache.check_head_dim(model.head_dim)
         self.model, self.config = model, cache
         self.dtype, self.device = dtype, torch.device(device)
@@ -127,8 +139,10 @@ class PagedKVCache:
         self.commit_unit = bs if (self.key_format.spans_tokens or self.value_format.spans_tokens) else 1
         self.residual = cache.residual if quantized else 0  # full precision == the stored copy
         self.tail_len = max(self.residual, self.commit_unit - 1) if quantized else 0
-        self.pool = BlockPool(cache.num_blocks, bs, cache.enable_prefix_caching)
-        cap = cache.num_blocks or _INITIAL_BLOCKS
+        self.cp = cp if cp is not None else Comm(local=True)
+        self.cp_rank, self.cp_size = self.cp.rank, self.cp.world_size
+        self.pool = BlockPool(cache.num_blocks, bs, cache.enable_prefix_caching, shards=self.cp_size)
+        cap = -(-(cache.num_blocks or _INITIAL_BLOCKS) // self.cp_size)  # this rank's pages
         L, H, D = self.n_layers, self.n_kv_heads, self.head_dim
         self.k = PagedTensor(self.key_format, L, cap, bs, H, D, self.device)
         self.v = PagedTensor(self.value_format, L, cap, bs, H, D, self.device)
@@ -141,7 +155,7 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------ capacity
     def _ensure_capacity(self) -> None:
-        need = len(self.pool.blocks)
+        need = -(-len(self.pool.blocks) // self.cp_size)
         if need > self.k.capacity:
             cap = max(need, 2 * self.k.capacity)
             self.k.grow(cap)
@@ -177,6 +191,29 @@ class PagedKVCache:
         cached = self.pool.num_cached_tokens(seq_id)
         self._seqs[seq_id] = _SeqState(self._take_slot(), cached, cached)
         return cached
+
+    def allocate_slots(self, seq_id: SeqId, token_ids: Sequence[int]) -> list[int] | None:
+        """The scheduler's one call (vLLM's ``allocate_slots``): room for ``token_ids`` or None.
+
+        A new ``seq_id`` is registered with ``token_ids`` as its prompt (prefix-cache hits are
+        reused: :meth:`num_cached_tokens` tells how many); a live one gets them appended. Returns
+        the block ids this call added (possibly none), or None when the pool is short of blocks
+        (nothing changed: preempt or wait). The next :meth:`extend` (with ``num_write``) writes
+        their K/V. Under context parallelism every rank makes the same calls in the same order.
+        """
+        if seq_id not in self._seqs:
+            before = 0
+            if self.add_sequence(seq_id, token_ids) is None:
+                return None
+        else:
+            before = len(self.pool.block_table(seq_id))
+            if self.pool.bounded and self.pool.blocks_needed(seq_id, len(token_ids)) > self.pool.num_free_blocks:
+                return None
+            res = self.pool.append(seq_id, token_ids, cache=False)
+            assert res is not None, "append failed after the capacity check passed"
+            self._ensure_capacity()
+            self._copy_blocks(res.copies)
+        return self.pool.block_table(seq_id)[before:]
 
     def fork(self, parent: SeqId, child: SeqId) -> None:
         """``child`` shares every block of ``parent`` (copy-on-write on its first append)."""
@@ -248,11 +285,7 @@ class PagedKVCache:
             assert res is not None, f"append of {s!r} failed after the capacity check passed"
             copies += res.copies
         self._ensure_capacity()
-        if copies:
-            src = torch.tensor([c[0] for c in copies], device=self.device)
-            dst = torch.tensor([c[1] for c in copies], device=self.device)
-            self.k.copy_blocks(src, dst)
-            self.v.copy_blocks(src, dst)
+        self._copy_blocks(copies)
         starts, writes = [], []
         for i, (s, st) in enumerate(zip(seq_ids, states)):
             pending = self.pool.num_tokens(s) - st.num_written
@@ -268,50 +301,113 @@ class PagedKVCache:
         self._step = step
         return step
 
+    def _copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
+        """Copy block ``src``'s pages into ``dst`` for each pair (copy-on-write, migration).
+
+        With cp > 1 a pair whose blocks live on two ranks is a point-to-point transfer; every
+        rank walks the same list in the same order, so sends and receives pair up.
+        """
+        if not copies:
+            return
+        if self.cp_size == 1:
+            src = torch.tensor([c[0] for c in copies], device=self.device)
+            dst = torch.tensor([c[1] for c in copies], device=self.device)
+            self.k.copy_blocks(src, dst)
+            self.v.copy_blocks(src, dst)
+            return
+        cp, me = self.cp_size, self.cp_rank
+        for a, b in copies:
+            so, do = a % cp, b % cp
+            if so == do == me:
+                idx = (torch.tensor([a // cp], device=self.device), torch.tensor([b // cp], device=self.device))
+                self.k.copy_blocks(*idx)
+                self.v.copy_blocks(*idx)
+            elif so == me:
+                for t in self.k.block_tensors(a // cp) + self.v.block_tensors(a // cp):
+                    self.cp.send(t, do)
+            elif do == me:
+                for pages in (self.k, self.v):
+                    bufs = [torch.empty_like(t) for t in pages.block_tensors(b // cp)]
+                    for t in bufs:
+                        self.cp.recv(t, so)
+                    pages.load_block(b // cp, bufs)
+
     # ------------------------------------------------------------------ planning
     def _written_end(self, n: int) -> int:
         """Positions < this are read from the pages, the rest of ``[0, n)`` from the tail."""
         return min(max(n - self.residual, 0), (n // self.commit_unit) * self.commit_unit)
 
-    def _overlay(self, states: list[_SeqState], ends: list[int]) -> tuple[torch.Tensor, ...]:
-        bs_, pos_, row_ = [], [], []
-        if self.tail_len:
-            for b, (st, n) in enumerate(zip(states, ends)):
-                lo = max(self._written_end(n), st.tail_start)
-                assert n - lo <= self.tail_len, f"tail window {n - lo} exceeds {self.tail_len} rows"
-                p = torch.arange(lo, n)
-                bs_.append(torch.full_like(p, b))
-                pos_.append(p)
-                row_.append(st.slot * self.tail_len + p % self.tail_len)
-        cat = (lambda xs: torch.cat(xs).to(self.device)) if bs_ else (lambda xs: torch.zeros(0, dtype=torch.long, device=self.device))
-        return cat(bs_), cat(pos_), cat(row_)
+    def _gather_plan(self, seq_ids: list[SeqId], states: list[_SeqState], ends: list[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What attention gathers for sequences attending to their first ``ends[b]`` tokens.
 
-    def _tables(self, seq_ids: list[SeqId], ends: list[int]) -> torch.Tensor:
-        nb = max(1, max((-(-n // self.block_size) for n in ends), default=1))
-        rows = [(self.pool.block_table(s)[:-(-n // self.block_size)] + [0] * nb)[:nb] for s, n in zip(seq_ids, ends)]
-        return torch.tensor(rows, dtype=torch.long, device=self.device).view(len(seq_ids), nb)
+        Returns ``tables [B, nb]`` (this rank's page slots per row, padded with slot 0),
+        ``kpos [B or 1, nb * bs]`` (position of each gathered key; padding gets a position no
+        query reaches), and the tail overlay ``(row b, gathered index, tail row)`` of the
+        positions read in full precision (residual window, block not yet committed). With one
+        cp rank every block is local and ``kpos`` is simply ``arange``.
+        """
+        bs, cp, me, tl = self.block_size, self.cp_size, self.cp_rank, self.tail_len
+        rows, starts, ov_b, ov_idx, ov_row = [], [], [], [], []
+        for b, (s, st, n) in enumerate(zip(seq_ids, states, ends)):
+            table = self.pool.block_table(s)[:-(-n // bs)]
+            own = list(range(len(table))) if cp == 1 else [j for j, blk in enumerate(table) if blk % cp == me]
+            rows.append([table[j] // cp for j in own])
+            starts.append([j * bs for j in own])
+            if tl:
+                lo = max(self._written_end(n), st.tail_start)
+                assert n - lo <= tl, f"tail window {n - lo} exceeds {tl} rows"
+                p = torch.arange(lo, n)
+                if cp == 1:
+                    idx = p
+                else:  # keep the tail positions whose block is ours; index = our block's rank * bs
+                    where = {j: i for i, j in enumerate(own)}
+                    keep = torch.tensor([int(x) // bs in where for x in p], dtype=torch.bool)
+                    p = p[keep]
+                    idx = torch.tensor([where[int(x) // bs] * bs + int(x) % bs for x in p], dtype=torch.long)
+                ov_b.append(torch.full_like(p, b))
+                ov_idx.append(idx)
+                ov_row.append(st.slot * tl + p % tl)
+        dev = self.device
+        nb = max([len(r) for r in rows] + [1])
+        tables = torch.tensor([r + [0] * (nb - len(r)) for r in rows], dtype=torch.long).view(len(rows), nb)
+        if cp == 1:
+            kpos = torch.arange(nb * bs).view(1, -1)
+        else:
+            big = 1 << 62  # beyond every query: padding is masked by causality alone
+            kst = torch.tensor([x + [big] * (nb - len(x)) for x in starts], dtype=torch.long).view(len(rows), nb)
+            kpos = (kst[:, :, None] + torch.arange(bs)).view(len(rows), nb * bs)
+        cat = lambda xs: torch.cat(xs).to(dev) if xs else torch.zeros(0, dtype=torch.long, device=dev)
+        return tables.to(dev), kpos.to(dev), cat(ov_b), cat(ov_idx), cat(ov_row)
 
     def _plan(self, seq_ids: list[SeqId], starts: list[int], writes: list[int]) -> Step:
-        bs, tl, dev = self.block_size, self.tail_len, self.device
+        bs, tl, dev, cp, me = self.block_size, self.tail_len, self.device, self.cp_size, self.cp_rank
         states = [self._seqs[s] for s in seq_ids]
         ends = [a + w for a, w in zip(starts, writes)]
         B, tq = len(seq_ids), max(writes, default=0)
-        positions, slots, q_t = [], [], []
+        positions, slots, q_t, own_tok, own_slots = [], [], [], [], []
         commit_blocks, commit_src, tail_src, tail_dst = [], [], [], []
         off = 0
         for st, s, a, w, n in zip(states, seq_ids, starts, writes, ends):
             table = torch.tensor(self.pool.block_table(s), dtype=torch.long)
             p = torch.arange(a, n)
             positions.append(p)
-            slots.append(table[p // bs] * bs + p % bs)
+            blk = table[p // bs]
+            slots.append(blk * bs + p % bs)
+            mine = blk % cp == me
+            own_tok.append(off + torch.nonzero(mine).flatten())
+            own_slots.append((blk[mine] // cp) * bs + p[mine] % bs)
             q_t.append(torch.arange(w))
             if self.commit_unit > 1 and n // bs > a // bs:
                 # blocks that become full in this step: their older tokens come from the tail
                 i0, i1 = a // bs, n // bs
                 assert i0 * bs >= st.tail_start, f"seq {s!r}: block {i0} would be re-quantised from a prefix hit"
                 bp = torch.arange(i0 * bs, i1 * bs).view(-1, bs)
-                commit_src.append(torch.where(bp >= a, -1 - (off + bp - a), st.slot * tl + bp % tl))
-                commit_blocks.append(table[i0:i1])
+                src = torch.where(bp >= a, -1 - (off + bp - a), st.slot * tl + bp % tl)
+                cb = table[i0:i1]
+                keep = cb % cp == me
+                commit_src.append(src[keep])
+                commit_blocks.append(cb[keep] // cp)
             if tl:
                 tp = torch.arange(max(a, n - tl), n)
                 tail_src.append(off + tp - a)
@@ -324,13 +420,18 @@ class PagedKVCache:
         q_t_ = cat(q_t)
         q_pos = torch.zeros(B, max(tq, 1), dtype=torch.long)
         q_pos[q_b, q_t_] = pos
-        ov = self._overlay(states, ends)
+        if B:
+            tables, kpos, ov_b, ov_idx, ov_row = self._gather_plan(seq_ids, states, ends)
+        else:
+            tables, kpos = torch.zeros(0, 1, dtype=torch.long, device=dev), torch.zeros(1, bs, dtype=torch.long, device=dev)
+            ov_b = ov_idx = ov_row = long0.to(dev)
         return Step(
             seq_ids=tuple(seq_ids), query_lens=tuple(writes), context_lens=tuple(ends),
             positions=pos.to(dev), slot_mapping=cat(slots).to(dev),
             _q_b=q_b.to(dev), _q_t=q_t_.to(dev), _q_pos=q_pos.to(dev),
-            _tables=self._tables(seq_ids, ends) if B else torch.zeros(0, 1, dtype=torch.long, device=dev),
-            _ov_b=ov[0], _ov_pos=ov[1], _ov_row=ov[2],
+            _tables=tables, _kpos=kpos,
+            _own_tok=None if cp == 1 else cat(own_tok).to(dev), _own_slots=cat(own_slots).to(dev),
+            _ov_b=ov_b, _ov_idx=ov_idx, _ov_row=ov_row,
             _commit_blocks=cat(commit_blocks).to(dev),
             _commit_src=(torch.cat(commit_src) if commit_src else torch.zeros(0, bs, dtype=torch.long)).to(dev),
             _tail_src=cat(tail_src).to(dev), _tail_dst=cat(tail_dst).to(dev))
@@ -368,8 +469,8 @@ class PagedKVCache:
         for pages, tail, x in ((self.k, self._tail_k, k), (self.v, self._tail_v, v)):
             flat_tail = tail[layer].view(-1, self.n_kv_heads, self.head_dim)
             if self.commit_unit == 1:
-                if step.num_tokens:
-                    pages.write_slots(layer, step.slot_mapping, x)
+                if step._own_slots.numel():
+                    pages.write_slots(layer, step._own_slots, x if step._own_tok is None else x[step._own_tok])
             elif step._commit_blocks.numel():
                 # read the old tail BEFORE this step's tokens overwrite its ring rows; new tokens
                 # are indexed after the tail rows (counted now: slots may have grown since)
@@ -388,7 +489,7 @@ class PagedKVCache:
         return x
 
     def _gather_heads(self, layer: int, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
-        ov = (step._ov_b, step._ov_pos, step._ov_row)
+        ov = (step._ov_b, step._ov_idx, step._ov_row)
         return (self._gather(layer, self.k, self._tail_k, step._tables, ov),
                 self._gather(layer, self.v, self._tail_v, step._tables, ov))
 
@@ -398,8 +499,10 @@ class PagedKVCache:
 
         ``[B, S, Hkv, D]`` each, or contiguous ``[B, Hkv, S, D]`` with ``heads_first`` (what a
         Hugging Face attention layer wants back from its cache). ``S`` is the longest context
-        rounded up to whole blocks; positions ``>= context_lens[b]`` are padding.
+        rounded up to whole blocks; positions ``>= context_lens[b]`` are padding. One cp rank only
+        (with cp > 1 no rank holds every position).
         """
+        self._single_rank("gather")
         k, v = self._gather_heads(layer, self._current(step))
         return (k, v) if heads_first else (k.transpose(1, 2), v.transpose(1, 2))
 
@@ -409,15 +512,21 @@ class PagedKVCache:
 
         Each query at position ``p`` sees keys ``0..p`` of its own sequence (cached prefix plus
         this step's tokens), GQA included. Uses ``scaled_dot_product_attention`` on the decoded
-        pages (memory-efficient on CPU and CUDA).
+        pages (memory-efficient on CPU and CUDA). With cp > 1: attention over this rank's blocks
+        with log-sum-exp, one all-gather of the packed partials ``[N, Hq, D + 1]``, exact merge.
         """
         step = self._current(step)
         q, four_d = self._flat(q, step, "q", self.model.n_heads)
         if not step.num_tokens:
             return q.new_zeros(q.shape)
         k, v = self._gather_heads(layer, step)  # [B, H, S, D]
-        qp, mask = self._pad_queries(q, step, k.shape[2])
+        qp, mask = self._pad_queries(q, step)
         b, tq, hq, d = qp.shape
+        if self.cp_size > 1:
+            out, lse = attention_with_lse(qp, k, v, mask, scale)             # this rank's keys only
+            part = pack_partial(out[step._q_b, step._q_t], lse[step._q_b, step._q_t])  # [N, Hq, D + 1]
+            out = merge_partials(*unpack_partials(self.cp.all_gather(part)))[0].to(q.dtype)  # [N, Hq, D]
+            return out.view(len(step.seq_ids), -1, *out.shape[1:]) if four_d else out
         if b * hq * tq * k.shape[2] <= MATH_SCORES:
             # decode and short chunks: two batched matmuls beat SDPA's CPU kernel here
             out = attention_with_lse(qp, k, v, mask, scale)[0]
@@ -428,56 +537,27 @@ class PagedKVCache:
         out = out[step._q_b, step._q_t].to(q.dtype)
         return out.view(len(step.seq_ids), -1, *out.shape[1:]) if four_d else out
 
-    def _pad_queries(self, q: torch.Tensor, step: Step, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pad_queries(self, q: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
         qp = q.new_zeros(len(step.seq_ids), step._q_pos.shape[1], *q.shape[1:])  # [B, Tq, Hq, D]
         qp[step._q_b, step._q_t] = q
-        kpos = torch.arange(s, device=q.device)
-        return qp, kpos[None, None, :] <= step._q_pos[:, :, None]  # [B, Tq, S] causal = in-context
+        return qp, step._kpos[:, None, :] <= step._q_pos[:, :, None]  # [B, Tq, S] causal = in-context
 
-    def attend_partial(self, layer: int, q: torch.Tensor, *, step: Step | None = None,
-                       blocks: Sequence[Sequence[int] | None] | None = None, key_mask: torch.Tensor | None = None,
-                       scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention over a subset of the keys, with log-sum-exp, for an exact cross-rank merge.
-
-        ``blocks[b]`` lists the *logical* block indices (0 = first ``block_size`` tokens) of
-        sequence ``b`` to include (None = all); or ``key_mask [B, S]`` (True = include) picks
-        key positions directly. Returns ``out [N, Hq, D]`` (normalised over the included keys,
-        0 where none) and ``lse [N, Hq]`` = logsumexp of the scaled scores (-inf where none);
-        :func:`ryzlab.kv.merge.merge_partials` over disjoint subsets gives :meth:`attend`.
-        """
-        step = self._current(step)
-        q, _ = self._flat(q, step, "q", self.model.n_heads)
-        k, v = self._gather_heads(layer, step)  # [B, H, S, D]
-        B, S = k.shape[0], k.shape[2]
-        if blocks is not None:
-            if len(blocks) != B:
-                raise ValueError(f"blocks has {len(blocks)} entries for {B} sequences")
-            key_mask = torch.zeros(B, S // self.block_size, dtype=torch.bool, device=k.device)
-            for b, sel in enumerate(blocks):
-                if sel is None:
-                    key_mask[b] = True
-                elif len(sel):
-                    key_mask[b, torch.tensor(list(sel), dtype=torch.long, device=k.device)] = True
-            key_mask = key_mask.repeat_interleave(self.block_size, dim=1)
-        if key_mask is not None and tuple(key_mask.shape) != (B, S):
-            raise ValueError(f"key_mask has shape {tuple(key_mask.shape)}; expected [{B}, {S}]")
-        qp, mask = self._pad_queries(q, step, S)
-        if key_mask is not None:
-            mask = mask & key_mask[:, None, :]
-        out, lse = attention_with_lse(qp, k, v, mask, scale)
-        return out[step._q_b, step._q_t].to(q.dtype), lse[step._q_b, step._q_t]
+    def _single_rank(self, what: str) -> None:
+        if self.cp_size > 1:
+            raise ValueError(f"{what} reads every position of a sequence, which no rank holds under context "
+                             f"parallelism (cp={self.cp_size}); use attend()")
 
     # ------------------------------------------------------------------ inspection
     def read_kv(self, seq_id: SeqId, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded K and V of the written tokens, exactly as attention sees them.
 
         ``[n, Hkv, D]`` each for one layer, ``[L, n, Hkv, D]`` for ``layer=None``. For the
-        accuracy harness (reconstruction error against the unquantised K/V).
+        accuracy harness (reconstruction error against the unquantised K/V). One cp rank only.
         """
+        self._single_rank("read_kv")
         st = self._state(seq_id)
         n = st.num_written
-        tables = self._tables([seq_id], [n])
-        ov = self._overlay([st], [n])
+        tables, _, *ov = self._gather_plan([seq_id], [st], [n])
         layers = range(self.n_layers) if layer is None else [layer]
         ks = [self._gather(i, self.k, self._tail_k, tables, ov)[0, :, :n].transpose(0, 1) for i in layers]
         vs = [self._gather(i, self.v, self._tail_v, tables, ov)[0, :, :n].transpose(0, 1) for i in layers]
@@ -494,7 +574,11 @@ class PagedKVCache:
         return self.n_layers * (kb.total + vb.total)
 
     def ledger(self) -> dict[str, float]:
-        """Exact bytes held for the live sequences, by kind (all layers, K + V).
+        """Exact bytes this rank holds for the live sequences, by kind (all layers, K + V).
+
+        Under context parallelism only this rank's blocks count (its share of every sequence);
+        the tail is held by every cp rank and counted on each. Under tensor parallelism the
+        cache holds the rank's own KV heads (a replicated KV head is counted on every copy).
 
         * ``payload``: quantised (or model-dtype) values of the filled token slots;
         * ``scales``: scales and zero points (token-local ones per filled slot, block-wide
@@ -506,7 +590,8 @@ class PagedKVCache:
           per block per sequence and an int32 length per sequence (host-side Python
           bookkeeping is not counted);
         * ``bytes_per_token``: total / tokens of the live sequences (shared prefix blocks are
-          counted once, so sharing lowers it); ``ratio_vs_bf16`` divides it by
+          counted once, so sharing lowers it; under cp the tokens are the whole sequences, so
+          this is the rank's share); ``ratio_vs_bf16`` divides it by
           ``bf16_bytes_per_token`` = ``2 * L * Hkv * D * 2``;
         * ``allocated``: bytes of every storage tensor (pool capacity, cached free blocks
           and spare tail slots included).
@@ -522,13 +607,14 @@ class PagedKVCache:
                 scale_slot += L * tb.scales
         fill: dict[int, int] = {}
         tokens = table_entries = 0
+        cp, me = self.cp_size, self.cp_rank
         for s in self._seqs:
             n = self.pool.num_tokens(s)
             tokens += n
-            table = self.pool.block_table(s)
-            table_entries += len(table)
-            for j, b in enumerate(table):
-                fill[b] = max(fill.get(b, 0), min(bs, n - j * bs))
+            for j, b in enumerate(self.pool.block_table(s)):
+                if b % cp == me:
+                    table_entries += 1
+                    fill[b] = max(fill.get(b, 0), min(bs, n - j * bs))
         filled = sum(fill.values())
         used = len(fill)
         payload = filled * payload_slot
@@ -544,10 +630,6 @@ class PagedKVCache:
                 "metadata": metadata, "total": total, "tokens": float(tokens), "bytes_per_token": bpt,
                 "kv_bytes_per_token": bpt,  # the field's metric name (DESIGN.md)
                 "bytes_per_token_codec": self.bytes_per_token_codec(), "bf16_bytes_per_token": bf16,
-                "ratio_vs_bf16": bpt / bf16, "allocated": float(allocated)}
+                "ratio_vs_bf16": bpt / bf16, "allocated": float(allocated), "blocks": float(used),
+                "cp": float(cp)}
 
-
-def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Re-export of :func:`ryzlab.kv.merge.merge_partials` (exact LSE merge of partial attention)."""
-    from ryzlab.kv.merge import merge_partials as _merge
-    return _merge(outs, lses)

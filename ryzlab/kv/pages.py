@@ -56,6 +56,15 @@ class PagedTensor:
         for t in self.tensors():
             t[:, dst] = t[:, src]
 
+    def block_tensors(self, block: int) -> list[torch.Tensor]:
+        """Everything page ``block`` holds, all layers (payload, scales, zero points), contiguous."""
+        return [t[:, block].contiguous() for t in self.tensors()]
+
+    def load_block(self, block: int, tensors: list[torch.Tensor]) -> None:
+        """Inverse of :meth:`block_tensors` (a block received from another rank)."""
+        for t, x in zip(self.tensors(), tensors, strict=True):
+            t[:, block] = x
+
     def write_slots(self, layer: int, slots: torch.Tensor, x: torch.Tensor) -> None:
         """Encode ``x [N, H, D]`` token by token (token-local scales) into ``slots``."""
         enc = self.fmt.encode(x)

@@ -135,18 +135,23 @@ class Comm:
         self._record(self._nbytes(t), self._nbytes(t), t0, w0)
         return t
 
+    def _global(self, group_rank: int) -> int:
+        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
+
     def send(self, t: torch.Tensor, dst: int) -> None:
+        """Point-to-point send to group rank ``dst``."""
         if dst == self.rank:
             raise ValueError(f"rank {self.rank} cannot send to itself")
         w0, t0 = _wchar(), time.perf_counter()
-        dist.send(t.contiguous(), dst, group=self.group)
+        dist.send(t.contiguous(), self._global(dst), group=self.group)
         self._record(self._nbytes(t), 0, t0, w0)
 
     def recv(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        """Receive into ``t`` from group rank ``src``."""
         if src == self.rank:
             raise ValueError(f"rank {self.rank} cannot receive from itself")
         w0, t0 = _wchar(), time.perf_counter()
-        dist.recv(t, src, group=self.group)
+        dist.recv(t, self._global(src), group=self.group)
         self._record(0, self._nbytes(t), t0, w0)
         return t
 
@@ -158,7 +163,7 @@ class Comm:
         """
         if self.world_size == 1:
             return obj
-        gsrc = src if self.group is None else dist.get_global_rank(self.group, src)
+        gsrc = self._global(src)
         w0, t0 = _wchar(), time.perf_counter()
         if self.rank == src:
             data = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
