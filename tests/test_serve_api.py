@@ -96,9 +96,9 @@ def test_client_disconnect_mid_stream_frees_blocks(served):
                 seen += 1
             if seen >= 3:
                 break
-        assert eng.pool.num_free_blocks < NUM_BLOCKS  # it holds blocks while streaming
+        assert eng.cache.pool.num_free_blocks < NUM_BLOCKS  # it holds blocks while streaming
     # the client is gone: the request is aborted and every block is free again
-    assert _wait(lambda: eng.pool.num_free_blocks == NUM_BLOCKS and not eng.has_work())
+    assert _wait(lambda: eng.cache.pool.num_free_blocks == NUM_BLOCKS and not eng.has_work())
     assert eng.counters["aborted"] == 1 and eng.counters["generated_tokens"] < 400
 
 
@@ -141,7 +141,7 @@ def test_failing_request_does_not_take_the_server_down(served):
     assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"]
     eng.runner.forward = real
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=30)
-    assert r.status_code == 200 and eng.pool.num_free_blocks == NUM_BLOCKS
+    assert r.status_code == 200 and eng.cache.pool.num_free_blocks == NUM_BLOCKS
 
 
 def test_load_generator_over_http(served):
@@ -155,4 +155,4 @@ def test_load_generator_over_http(served):
     res = asyncio.run(run_load(spec, http_client(url), timeout_s=60))
     s = res.summary("tpot:10000")
     assert s["requests_completed"] == 8 and s["output_tokens"] == 40 and s["goodput"] > 0
-    assert backend.engine.pool.num_free_blocks == NUM_BLOCKS
+    assert backend.engine.cache.pool.num_free_blocks == NUM_BLOCKS

@@ -51,8 +51,8 @@ def test_preemption_and_resume_give_the_same_tokens(preemption, codec):
     out = small.generate(prompts, SamplingParams(max_tokens=16))
     assert small.counters["preemptions"] > 0, "the cache was meant to be too small for everybody"
     assert out == ref
-    small.pool.check_invariants()
-    assert small.pool.num_free_blocks == 14
+    small.cache.pool.check_invariants()
+    assert small.cache.pool.num_free_blocks == 14
 
 
 def test_prefix_cache_reuse_between_requests():
@@ -94,6 +94,6 @@ def test_abort_frees_blocks():
     eng = _engine(num_blocks=32)
     eng.add_request("x", list(range(20)), SamplingParams(max_tokens=50))
     eng.step()
-    assert eng.pool.num_free_blocks < 32
+    assert eng.cache.pool.num_free_blocks < 32
     assert eng.abort("x")
-    assert eng.pool.num_free_blocks == 32 and not eng.has_work()
+    assert eng.cache.pool.num_free_blocks == 32 and not eng.has_work()

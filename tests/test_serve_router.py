@@ -39,11 +39,19 @@ def test_kill_one_of_two_workers_under_load_loses_nothing():
 
         probe = asyncio.run(one())
 
+        async def kill_mid_stream():
+            # the event is made, not timed: kill worker 0 once one of its streams is under way
+            while not any(r.worker == 0 and len(r.emitted) >= 5 for r in list(router._reqs.values())):
+                await asyncio.sleep(0.002)
+            router.kill_worker(0)
+
         async def main():
-            asyncio.get_running_loop().call_later(0.6, router.kill_worker, 0)
+            killer = asyncio.create_task(kill_mid_stream())
             spec = LoadSpec(arrival="closed", concurrency=8, num_requests=40, prompt_len=8, output_len=60,
                             vocab_size=64, seed=0)
-            return await run_load(spec, backend_client(router), timeout_s=60)
+            res = await run_load(spec, backend_client(router), timeout_s=60)
+            await asyncio.wait_for(killer, 30)  # fails loudly if no stream of worker 0 ever started
+            return res
 
         res = asyncio.run(main())
         events = [e["event"] for e in router.events]

@@ -15,6 +15,16 @@ One :meth:`Engine.step` is one scheduling round (vLLM's v1 scheduler, simplified
    forward per prefill chunk; the last position's logits give the next token (greedy or
    temperature sampling with a per-request seed).
 
+The scheduler reaches the cache through one call, :meth:`PagedKVCache.allocate_slots`
+(vLLM's ``allocate_slots``): blocks for a sequence's next tokens, or None (then it preempts or
+waits); it never counts the pool itself.
+
+**One engine per rank** (a tp x cp group, :mod:`ryzlab.parallel`): every rank holds the model
+shard and its cache; the driver (rank 0) schedules and samples, and hands each step's plan
+(the cache calls it made, in order, and the forward's inputs) to the other ranks, which replay
+the calls on their replica and run the same forward (vLLM's executor pattern). At one rank the
+plan is not sent, and the same code runs.
+
 The engine is synchronous and single-threaded; :class:`AsyncEngine` runs it in a
 background thread for the HTTP API and the workers.
 """
@@ -143,14 +153,21 @@ class Engine:
     only through its public API (add_sequence / extend / write / attend / free / read_kv).
     """
 
-    def __init__(self, model: torch.nn.Module, cache: Any, config: EngineConfig = EngineConfig()):
+    def __init__(self, model: torch.nn.Module, cache: Any, config: EngineConfig = EngineConfig(), *,
+                 control: Any = None):
         from .runner import ModelRunner
 
         self.model = model
         self.cache = cache
-        self.pool = cache.pool
         self.config = config
         self.runner = ModelRunner(model, cache)
+        self.control = control
+        """The group's control :class:`ryzlab.parallel.comm.Comm` (None or one rank: no plan is sent)."""
+        self.grouped = control is not None and control.world_size > 1
+        if self.grouped and config.preemption == "swap":
+            raise ValueError("preemption='swap' copies a sequence's K/V through one rank; a tp x cp group "
+                             "holds it spread over ranks: use preemption='recompute'")
+        self._ops: list[tuple] = []
         self.vocab_size: int = model.config.vocab_size
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
@@ -162,7 +179,8 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def capacity_tokens(self) -> int | None:
         """Tokens the whole cache holds (None = unbounded)."""
-        return None if self.pool.num_blocks is None else self.pool.num_blocks * self.pool.block_size
+        n = self.cache.config.num_blocks
+        return None if n is None else n * self.cache.block_size
 
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         """Queue a request; raises ``ValueError`` for bad input (nothing is queued then)."""
@@ -209,9 +227,20 @@ class Engine:
         return len(self.running) + len(self.waiting)
 
     # ------------------------------------------------------------------ cache bookkeeping
+    def _alloc(self, seq: Sequence, tokens: list[int]) -> bool:
+        """The scheduler's one cache call: room for ``tokens`` (registering ``seq`` if new)."""
+        if self.cache.allocate_slots(seq.seq_id, tokens) is None:
+            return False
+        if self.grouped:
+            self._ops.append(("alloc", seq.seq_id, list(tokens)))
+        seq.in_pool += len(tokens)
+        return True
+
     def _release(self, seq: Sequence) -> None:
         if seq.in_pool:
             self.cache.free(seq.seq_id)
+            if self.grouped:
+                self._ops.append(("free", seq.seq_id))
         seq.in_pool = 0
 
     def _swap_out(self, seq: Sequence) -> None:
@@ -224,20 +253,16 @@ class Engine:
         self._release(seq)
         self.counters["swapped_out_tokens"] += n
 
-    def _swap_in(self, seq: Sequence, reserved: int) -> bool:
+    def _swap_in(self, seq: Sequence) -> bool:
         """Restore a swapped sequence's K/V into fresh blocks; False when there is no room."""
         n = seq.num_computed
         if not n:
-            return self._admit(seq, reserved)
-        cached = self.cache.add_sequence(seq.seq_id, seq.tokens[:n])
-        if cached is None:
+            return self._admit(seq)
+        if not self._alloc(seq, seq.tokens[:n]):
             return False
-        if self.pool.bounded and self.pool.num_free_blocks < reserved:
-            self.cache.free(seq.seq_id)
-            return False
-        seq.in_pool = n
+        cached = self.cache.num_cached_tokens(seq.seq_id)
         k, v = seq.swapped
-        self.cache.extend([seq.seq_id], [[]], num_write=[n - cached])
+        self.cache.extend([seq.seq_id], None, num_write=[n - cached])
         dev = self.cache.device
         for layer in range(self.cache.n_layers):
             self.cache.write(layer, k[layer, cached:n].to(dev), v[layer, cached:n].to(dev))
@@ -245,16 +270,11 @@ class Engine:
         self.counters["swapped_in_tokens"] += n
         return True
 
-    def _admit(self, seq: Sequence, reserved: int) -> bool:
-        """Register a waiting sequence's tokens in the pool (prefix hits are not recomputed)."""
-        toks = seq.tokens
-        cached = self.cache.add_sequence(seq.seq_id, toks)
-        if cached is None:
+    def _admit(self, seq: Sequence) -> bool:
+        """Register a waiting sequence's tokens in the cache (prefix hits are not recomputed)."""
+        if not self._alloc(seq, seq.tokens):
             return False
-        if self.pool.bounded and self.pool.num_free_blocks < reserved:
-            self.cache.free(seq.seq_id)  # would starve a running sequence: wait
-            return False
-        seq.in_pool = len(toks)
+        cached = self.cache.num_cached_tokens(seq.seq_id)
         seq.num_computed = cached
         seq.cached_tokens += cached
         self.counters["prefix_hit_tokens"] += cached
@@ -275,24 +295,18 @@ class Engine:
         self.waiting.appendleft(victim)
         log.debug("preempted %s (%s)", victim.request_id, self.config.preemption)
 
-    def _need(self, seq: Sequence, n: int) -> int:
-        """Free blocks appending this step's new tokens (up to num_computed + n) takes."""
-        new = max(0, seq.num_computed + n - seq.in_pool)
-        return self.pool.blocks_needed(seq.seq_id, new) if new and self.pool.bounded else 0
-
     def _schedule(self) -> list[tuple[Sequence, int]]:
         """Pick (sequence, tokens to write) for this step, preempting when the cache is full."""
         budget = self.config.max_num_batched_tokens
         plan: list[tuple[Sequence, int]] = []
-        reserved = 0
         for seq in list(self.running):
             if seq not in self.running:  # preempted as a victim earlier in this loop
                 continue
             n = min(seq.pending, self.config.prefill_chunk, budget)
             if n <= 0:
                 continue
-            need = self._need(seq, n)
-            while self.pool.bounded and need > self.pool.num_free_blocks - reserved:
+            new = seq.tokens[seq.in_pool:seq.num_computed + n]  # decode: the token sampled last step
+            while new and not self._alloc(seq, new):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
@@ -300,27 +314,24 @@ class Engine:
             if seq not in self.running:
                 continue
             plan.append((seq, n))
-            reserved += need
             budget -= n
             if budget <= 0:
                 break
         # Admit waiting sequences (preempted ones first) while there is room for them.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            ok = self._swap_in(seq, reserved) if seq.status is Status.SWAPPED else self._admit(seq, reserved)
+            ok = self._swap_in(seq) if seq.status is Status.SWAPPED else self._admit(seq)
             if not ok:
                 break
             n = min(seq.pending, self.config.prefill_chunk, budget)
-            need = self._need(seq, n)
-            if self.pool.bounded and need > self.pool.num_free_blocks - reserved:
-                # only when restoring a swapped sequence whose next token opens a block
+            new = seq.tokens[seq.in_pool:seq.num_computed + n]  # a restored swap: its last sampled token
+            if new and not self._alloc(seq, new):
                 self._swap_out(seq) if seq.status is Status.SWAPPED else self._release(seq)
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
             plan.append((seq, n))
-            reserved += need
             budget -= n
         return plan
 
@@ -337,17 +348,19 @@ class Engine:
         """One scheduling round + one ragged forward; returns new tokens and finished requests.
 
         A failing forward fails the requests of this step (error outputs, blocks freed); the
-        engine itself keeps going.
+        engine itself keeps going. In a tp x cp group a failed forward is raised instead: the
+        other ranks may be mid-collective, so the group must restart.
         """
         plan = self._schedule()
         outputs: list[StepOutput] = []
         if plan:
             seqs = [s for s, _ in plan]
-            new = [s.tokens[s.in_pool:s.num_computed + n] for s, n in plan]
             inputs = [s.tokens[s.num_computed:s.num_computed + n] for s, n in plan]
             try:
-                logits = self.runner.forward([s.seq_id for s in seqs], new, inputs)  # [B, V]
+                logits = self._forward([s.seq_id for s in seqs], inputs)  # [B, V]
             except Exception as e:  # noqa: BLE001 - fail these requests, keep the engine alive
+                if self.grouped:
+                    raise
                 log.exception("forward failed for %d sequences", len(seqs))
                 for s in seqs:
                     self._finish(s)
@@ -356,7 +369,6 @@ class Engine:
                 self.last_step_s = time.monotonic()
                 return outputs
             for i, (s, n) in enumerate(plan):
-                s.in_pool = max(s.in_pool, s.num_computed + n)
                 s.num_computed += n
                 if n > 1 or s.pending > 0:
                     self.counters["prefill_tokens"] += n
@@ -376,6 +388,44 @@ class Engine:
         self.counters["batch_size_sum"] += len(plan)
         self.last_step_s = time.monotonic()
         return outputs
+
+    def _forward(self, seq_ids: list[int], inputs: list[list[int]]) -> torch.Tensor:
+        """Run the step on every rank of the group: send the plan first (the cache calls made
+        since the last plan, then the forward's inputs), then compute here."""
+        if self.grouped:
+            self.control.broadcast_object(("step", self._ops, seq_ids, inputs))
+            self._ops = []
+        return self.runner.forward(seq_ids, inputs)
+
+    @torch.inference_mode()
+    def follow(self) -> int:
+        """A non-driver rank's loop: replay each plan from the driver until it says stop.
+
+        The cache calls must give the same answers as on the driver (the replicas are equal);
+        a disagreement is a bug and raises. Returns the number of steps run.
+        """
+        if not self.grouped or self.control.rank == 0:
+            raise ValueError("follow() runs on the non-driver ranks of a tp x cp group")
+        steps = 0
+        while True:
+            msg = self.control.broadcast_object(None)
+            if msg[0] == "stop":
+                return steps
+            _, ops, seq_ids, inputs = msg
+            for op in ops:
+                if op[0] == "alloc":
+                    if self.cache.allocate_slots(op[1], op[2]) is None:
+                        raise RuntimeError(f"rank {self.control.rank}: cache replica has no room for sequence "
+                                           f"{op[1]} where the driver had (replicas diverged)")
+                else:
+                    self.cache.free(op[1])
+            self.runner.forward(seq_ids, inputs)
+            steps += 1
+
+    def close(self) -> None:
+        """Driver: tell the other ranks of the group to leave :meth:`follow` (no-op at one rank)."""
+        if self.grouped and self.control.rank == 0:
+            self.control.broadcast_object(("stop",))
 
     def _finish(self, seq: Sequence) -> None:
         if seq in self.running:

@@ -38,19 +38,15 @@ class ModelRunner:
         self.device = next(model.parameters()).device
 
     @torch.inference_mode()
-    def forward(self, seq_ids: Sequence[Hashable], new_tokens: Sequence[Sequence[int]],
-                inputs: Sequence[Sequence[int]]) -> torch.Tensor:
+    def forward(self, seq_ids: Sequence[Hashable], inputs: Sequence[Sequence[int]]) -> torch.Tensor:
         """One step -> logits ``[B, vocab]`` (float32) at the last input token of each sequence.
 
-        ``new_tokens[b]``: ids appended to sequence b's pool entry this step (may be empty when
-        they were registered by ``add_sequence``); ``inputs[b]``: the ids whose K/V this step
-        writes (``num_write = len(inputs[b])``), in order, ending at the newest one.
-        Raises ``RuntimeError`` when the cache is short of blocks (the scheduler checks first).
+        ``inputs[b]``: the ids whose K/V this step writes, in order, ending at the newest one;
+        the scheduler already gave them slots (``allocate_slots``), so planning cannot fail.
         """
         m = self.model
-        step = self.cache.extend(list(seq_ids), [list(t) for t in new_tokens], num_write=[len(x) for x in inputs])
-        if step is None:
-            raise RuntimeError("KV cache short of blocks for a step the scheduler planned")
+        step = self.cache.extend(list(seq_ids), None, num_write=[len(x) for x in inputs])
+        assert step is not None, "extend() of tokens that already hold slots allocates nothing"
         flat = torch.tensor([t for x in inputs for t in x], dtype=torch.long, device=self.device)  # [N]
         x = m.tok_embeddings(flat)[None]                                                     # [1, N, dim]
         cos, sin = m.rope(step.positions[None].to(self.device), x.dtype)
