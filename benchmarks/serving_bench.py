@@ -39,7 +39,8 @@ from ryzlab.io import write_json, write_parquet  # noqa: E402
 from ryzlab.model import REFERENCE_CHECKPOINT  # noqa: E402
 from ryzlab.provenance import collect_env  # noqa: E402
 from ryzlab.serve.client import backend_client  # noqa: E402
-from ryzlab.serve.engine import EngineConfig, SamplingParams, build_engine  # noqa: E402
+from ryzlab.serve.engine import EngineConfig, SamplingParams  # noqa: E402
+from ryzlab.serve.replica import build_engine
 from ryzlab.serve.loadgen import LoadSpec, run_load  # noqa: E402
 from ryzlab.serve.router import Router  # noqa: E402
 

@@ -11,7 +11,8 @@ import torch
 from ryzlab.config import ModelConfig
 from ryzlab.serve.api import create_app
 from ryzlab.serve.client import serve_in_thread
-from ryzlab.serve.engine import AsyncEngine, EngineConfig, build_engine
+from ryzlab.serve.engine import AsyncEngine, EngineConfig
+from ryzlab.serve.replica import build_engine
 
 MC = ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=1024)
 NUM_BLOCKS = 64

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ryzlab.config import ModelConfig
-from ryzlab.serve.engine import EngineConfig, SamplingParams, build_engine
+from ryzlab.serve.engine import EngineConfig, SamplingParams
+from ryzlab.serve.replica import build_engine
 
 MC = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256)
 

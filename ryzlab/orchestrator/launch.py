@@ -35,8 +35,8 @@ from ..config import BACKENDS, check_choice
 
 log = logging.getLogger(__name__)
 
-__all__ = ["launch", "init_from_env", "choose_backend", "free_port", "DistContext", "LaunchError",
-           "RankFailedError", "LaunchTimeoutError"]
+__all__ = ["launch", "start_ranks", "join_group", "RankProcesses", "init_from_env", "choose_backend", "free_port",
+           "DistContext", "LaunchError", "RankFailedError", "LaunchTimeoutError"]
 
 TERMINATE_GRACE_S = 1.0
 """SIGTERM -> SIGKILL grace: short, so a failing launch ends well inside its 5 s budget."""
@@ -228,6 +228,81 @@ def mp_context(start_method: str = "forkserver") -> Any:
     return mp.get_context("spawn")
 
 
+@dataclass
+class RankProcesses:
+    """Ranks started by :func:`start_ranks`: their processes, result pipes and rendezvous port."""
+
+    ranks: list[int]
+    procs: list[Any]
+    conns: list[Connection]
+    port: int
+    backend: str
+
+    def dead(self) -> list[int]:
+        """Ranks whose process has exited (for a driver rank that must not outlive its group)."""
+        return [r for r, p in zip(self.ranks, self.procs) if not p.is_alive()]
+
+    def stop(self) -> None:
+        _stop(self.procs)
+        for c in self.conns:
+            c.close()
+
+
+def _check_launch_args(fn: Callable[..., Any], world_size: int, **timeouts: float) -> None:
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    for name, value in timeouts.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+    if not callable(fn):
+        raise ValueError(f"fn must be callable, got {type(fn).__name__}")
+
+
+def start_ranks(fn: Callable[..., Any], world_size: int, ranks: range | list[int], *, args: tuple = (),
+                backend: str = "auto", collective_timeout_s: float = 120.0, threads_per_rank: int | None = None,
+                start_method: str = "forkserver", port: int | None = None) -> RankProcesses:
+    """Start ``fn(rank, world_size, *args)`` in one process per rank of ``ranks`` (not waiting).
+
+    :func:`launch` starts every rank this way; a serving driver starts ranks ``1..world_size-1``
+    and joins the group itself as rank 0 (:func:`join_group`). ``fn`` and ``args`` travel by
+    value (cloudpickle). Raises ``ValueError`` for bad arguments before any process starts.
+    """
+    _check_launch_args(fn, world_size, collective_timeout_s=collective_timeout_s)
+    import cloudpickle
+
+    try:
+        payload = cloudpickle.dumps((fn, tuple(args)))
+    except Exception as e:  # noqa: BLE001 - any pickling failure is the caller's input
+        raise ValueError(f"cannot serialize fn / args for the ranks: {type(e).__name__}: {e}") from e
+    chosen = choose_backend(backend, world_size)
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
+    ctx = mp_context(start_method)
+    group = RankProcesses(list(ranks), [], [], port or free_port(), chosen)
+    try:
+        for rank in group.ranks:
+            recv, send = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_rank_main, name=f"ryzlab-rank{rank}", daemon=True,
+                            args=(rank, world_size, group.port, chosen, collective_timeout_s, threads, payload,
+                                  send, os.getpid()))
+            p.start()
+            send.close()  # the child holds the only write end: EOF on recv means it is gone
+            group.procs.append(p)
+            group.conns.append(recv)
+    except BaseException:
+        group.stop()
+        raise
+    log.info("started rank(s) %s of %d on %s, port %d", group.ranks, world_size, chosen, group.port)
+    return group
+
+
+def join_group(rank: int, world_size: int, port: int, backend: str, *, collective_timeout_s: float = 120.0
+               ) -> DistContext:
+    """Join the process group of ranks started by :func:`start_ranks` from this process."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    return init_from_env(backend, collective_timeout_s=collective_timeout_s)
+
+
 def launch(fn: Callable[..., Any], world_size: int, *, args: tuple = (), backend: str = "auto",
            timeout_s: float = 600.0, init_timeout_s: float = 60.0, collective_timeout_s: float = 120.0,
            threads_per_rank: int | None = None, start_method: str = "forkserver") -> list[Any]:
@@ -242,42 +317,16 @@ def launch(fn: Callable[..., Any], world_size: int, *, args: tuple = (), backend
     :class:`LaunchTimeoutError` on a timeout, ``ValueError`` for bad arguments (before any
     process starts).
     """
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-    for name, value in (("timeout_s", timeout_s), ("init_timeout_s", init_timeout_s),
-                        ("collective_timeout_s", collective_timeout_s)):
-        if not value > 0:
-            raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
-    if not callable(fn):
-        raise ValueError(f"fn must be callable, got {type(fn).__name__}")
-    import cloudpickle
-
-    try:
-        payload = cloudpickle.dumps((fn, tuple(args)))
-    except Exception as e:  # noqa: BLE001 - any pickling failure is the caller's input
-        raise ValueError(f"cannot serialize fn / args for the ranks: {type(e).__name__}: {e}") from e
-    chosen = choose_backend(backend, world_size)
-    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
-    ctx = mp_context(start_method)
-    port = free_port()
-    procs, conns = [], []
+    _check_launch_args(fn, world_size, timeout_s=timeout_s, init_timeout_s=init_timeout_s,
+                       collective_timeout_s=collective_timeout_s)
     t0 = time.monotonic()
+    group = start_ranks(fn, world_size, range(world_size), args=args, backend=backend,
+                        collective_timeout_s=collective_timeout_s, threads_per_rank=threads_per_rank,
+                        start_method=start_method)
     try:
-        for rank in range(world_size):
-            recv, send = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_rank_main, name=f"ryzlab-rank{rank}", daemon=True,
-                            args=(rank, world_size, port, chosen, collective_timeout_s, threads, payload,
-                                  send, os.getpid()))
-            p.start()
-            send.close()  # the child holds the only write end: EOF on recv means it is gone
-            procs.append(p)
-            conns.append(recv)
-        log.info("launched %d rank(s) on %s, port %d", world_size, chosen, port)
-        return _collect(procs, conns, t0, timeout_s, init_timeout_s)
+        return _collect(group.procs, group.conns, t0, timeout_s, init_timeout_s)
     finally:
-        _stop(procs)
-        for c in conns:
-            c.close()
+        group.stop()
 
 
 FIRST_FAILURE_WINDOW_S = 0.3

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -19,9 +20,13 @@ import torch.distributed as dist
 from ..config import ParallelConfig
 from .comm import Comm
 
-__all__ = ["ParallelGroups", "init_parallel"]
+__all__ = ["ParallelGroups", "init_parallel", "CONTROL_TIMEOUT_S"]
 
 log = logging.getLogger(__name__)
+
+CONTROL_TIMEOUT_S = 7 * 24 * 3600.0
+"""How long a rank waits in the control group for the next plan (an idle server); a dead driver
+is noticed at once anyway (its sockets close, and ranks exit with their launcher)."""
 
 
 @dataclass
@@ -83,7 +88,9 @@ def init_parallel(parallel: ParallelConfig, device: str | torch.device | None = 
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(dev.type, (parallel.cp, parallel.tp), mesh_dim_names=("cp", "tp"))
-    control = Comm(dist.new_group(list(range(ws)), backend="gloo")) if backend != "gloo" else Comm()
+    # its own gloo group: CPU objects even under nccl, and a long timeout because the other
+    # ranks wait in it for the driver's next plan while a server is idle
+    control = Comm(dist.new_group(list(range(ws)), backend="gloo", timeout=timedelta(seconds=CONTROL_TIMEOUT_S)))
     groups = ParallelGroups(parallel, dist.get_rank(), Comm(mesh.get_group("tp")), Comm(mesh.get_group("cp")),
                             control, dev, mesh)
     log.debug("rank %d: tp rank %d/%d, cp rank %d/%d on %s", groups.rank, groups.tp_rank, parallel.tp,

@@ -53,7 +53,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def make_backend(args: argparse.Namespace) -> Any:
     """An :class:`AsyncEngine` (``--workers 1``) or a started :class:`Router`; validated first."""
-    from .engine import AsyncEngine, EngineConfig, build_engine
+    from .engine import AsyncEngine, EngineConfig
+    from .replica import build_engine
     from .router import Router
 
     if args.workers < 1:

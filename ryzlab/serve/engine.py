@@ -42,10 +42,10 @@ from typing import Any, AsyncIterator, Literal, get_args
 
 import torch
 
-from ..config import CacheConfig, ModelConfig, check_choice
+from ..config import check_choice
 
-__all__ = ["EngineConfig", "Engine", "AsyncEngine", "check_engine_args", "Preemption", "PREEMPTIONS", "SamplingParams",
-           "StepOutput", "build_engine", "EngineError"]
+__all__ = ["EngineConfig", "Engine", "AsyncEngine", "Preemption", "PREEMPTIONS", "SamplingParams",
+           "StepOutput", "EngineError"]
 
 log = logging.getLogger(__name__)
 
@@ -457,49 +457,6 @@ class Engine:
                 "num_free_blocks": st["num_free_blocks"], "num_blocks": st["num_blocks"],
                 "num_running": len(self.running), "num_waiting": len(self.waiting),
                 "preemptions": self.counters["preemptions"], **dict(self.counters)}
-
-
-def check_engine_args(*, model: str = "reference", codec: str = "none", device: str = "cpu", **_: Any) -> None:
-    """Raise ``ValueError`` naming the valid choices for a bad model / codec / device (no loading)."""
-    from pathlib import Path
-
-    from ..config import CODECS
-    from ..model import REFERENCE_CHECKPOINT
-
-    check_choice("codec", codec, CODECS)
-    if not (model in ("reference", "random") or Path(model).is_file()):
-        raise ValueError(f"model={model!r} is not valid; choose 'reference', 'random' or a checkpoint path")
-    if model == "reference" and not REFERENCE_CHECKPOINT.exists():
-        raise ValueError(f"model='reference' needs the shipped checkpoint {REFERENCE_CHECKPOINT}, which is "
-                         f"missing; train it (python -m ryzlab.train) or choose 'random' or a checkpoint path")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise ValueError(f"device={device!r} is not valid; choose 'cpu' or 'cuda[:N]'")
-
-
-def build_engine(*, model: str = "reference", codec: str = "none", block_size: int = 16,
-                 num_blocks: int | None = 512, config: EngineConfig = EngineConfig(),
-                 model_config: ModelConfig | None = None, seed: int = 0, threads: int | None = None,
-                 device: str = "cpu") -> Engine:
-    """An engine over the shipped reference checkpoint (``model='reference'``), a checkpoint
-    path, or a randomly initialised model of ``model_config`` (``model='random'``, for tests
-    and for timing where weights do not matter). Bad choices raise before anything loads."""
-    from ..kv.cache import PagedKVCache
-    from ..model import Transformer, load_checkpoint, load_reference_model
-
-    check_engine_args(model=model, codec=codec, device=device)
-    cache_config = CacheConfig(codec=codec, block_size=block_size, num_blocks=num_blocks,
-                               enable_prefix_caching=config.enable_prefix_caching)
-    if threads:
-        torch.set_num_threads(threads)
-    if model == "reference":
-        net, _ = load_reference_model(device=device)
-    elif model == "random":
-        torch.manual_seed(seed)
-        net = Transformer(model_config or ModelConfig()).to(device).eval()
-    else:
-        net, _ = load_checkpoint(model, device=device)
-    cache = PagedKVCache(net.config, cache_config, dtype=next(net.parameters()).dtype, device=device)
-    return Engine(net, cache, config)
 
 
 class AsyncEngine:

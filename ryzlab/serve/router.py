@@ -89,7 +89,8 @@ class Router:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if not heartbeat_timeout_s > 0:
             raise ValueError(f"heartbeat_timeout_s must be > 0, got {heartbeat_timeout_s}")
-        from .engine import EngineConfig, check_engine_args
+        from .engine import EngineConfig
+        from .replica import check_engine_args
 
         self.policy = make_policy(policy, seed=seed)
         check_engine_args(**(engine_kwargs or {}))  # bad model/codec fails here, before any process
@@ -139,14 +140,31 @@ class Router:
     def _spawn(self, w: WorkerHandle) -> None:
         parent, child = self._ctx.Pipe()
         kwargs = dict(self.engine_kwargs)
-        if kwargs.get("device") == "cuda":  # one replica per GPU: worker i on device i (mod count)
+        ranks = kwargs.get("tp", 1) * kwargs.get("cp", 1)
+        env = {}
+        if kwargs.get("device") == "cuda":
             import torch
 
-            kwargs["device"] = f"cuda:{w.index % max(1, torch.cuda.device_count())}"
+            n = max(1, torch.cuda.device_count())
+            if ranks == 1:  # one replica per GPU: worker i on device i (mod count)
+                kwargs["device"] = f"cuda:{w.index % n}"
+            else:  # a replica of tp x cp ranks on its own GPUs (rank r on cuda:r of them)
+                first = (w.index * ranks) % n
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(str((first + r) % n) for r in range(ranks))
         w.generation += 1
+        # a replica's driver starts its other ranks itself: daemonic processes may not have children
         proc = self._ctx.Process(target=worker_main, args=(w.index, kwargs, child, self.threads_per_worker),
-                                 name=f"ryzlab-worker-{w.index}", daemon=True)
-        proc.start()
+                                 name=f"ryzlab-worker-{w.index}", daemon=ranks == 1)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # spawn copies the environment at start()
+        try:
+            proc.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         child.close()
         w.process, w.conn, w.pid = proc, parent, proc.pid
         w.last_heartbeat_s = time.monotonic()

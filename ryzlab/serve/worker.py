@@ -1,7 +1,8 @@
 """A worker process: one engine (one data-parallel replica) driven over a pipe.
 
-One worker per GPU where there are GPUs (``CUDA_VISIBLE_DEVICES`` is set per worker by the
-router), CPU processes otherwise. The protocol is a few tuples on a ``multiprocessing`` pipe:
+One worker per GPU where there are GPUs, or per ``tp x cp`` GPUs for a replica of several ranks
+(the worker is the replica's driver rank and starts the others: :func:`ryzlab.serve.replica.start_replica`);
+CPU processes otherwise. The protocol is a few tuples on a ``multiprocessing`` pipe:
 
 parent -> worker: ``("add", rid, prompt, sampling_kwargs)``, ``("abort", rid)``, ``("stop",)``
 worker -> parent: ``("ready", info)``, ``("step", [(rid, [ids], finished, error), ...])`` (all
@@ -28,13 +29,14 @@ def worker_main(index: int, engine_kwargs: dict[str, Any], conn: Any, threads: i
     """Process entry point: build the engine, then loop (receive commands, step, send outputs)."""
     import torch
 
-    from .engine import EngineConfig, SamplingParams, build_engine
+    from ..orchestrator.launch import exit_with_parent
+    from .engine import SamplingParams
+    from .replica import start_replica
 
+    exit_with_parent(os.getppid())  # no orphaned replica if the router is killed
     torch.set_num_threads(threads)
     try:
-        kw = dict(engine_kwargs)
-        kw["config"] = EngineConfig(**kw.get("config", {}))
-        engine = build_engine(**kw)
+        engine = start_replica(engine_kwargs, threads=threads)
     except Exception:  # noqa: BLE001 - report why we cannot start, then exit
         conn.send(("fatal", traceback.format_exc()))
         return
@@ -57,8 +59,10 @@ def worker_main(index: int, engine_kwargs: dict[str, Any], conn: Any, threads: i
                 elif msg[0] == "abort":
                     engine.abort(msg[1])
                 elif msg[0] == "stop":
+                    engine.close()  # the replica's other ranks leave their loop too
                     return
         except (EOFError, OSError):  # parent went away
+            engine.close()
             return
         now = time.monotonic()
         if now - last_hb >= HEARTBEAT_S:
