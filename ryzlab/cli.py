@@ -12,6 +12,8 @@ EPILOG = """examples:
   ryzlab info                                  what this machine offers (python, torch, devices, health)
   ryzlab sweep specs/demo.yaml --jobs 2        run every point of a spec (resumes: ok points are skipped)
   ryzlab report results/demo                   aggregate ok runs into results/demo/report.html
+  ryzlab generate --prompt "def f(" --tp 2     complete a prompt with the model split over 2 ranks
+  ryzlab serve --tp 2 --workers 2              2 replicas of 2 tensor-parallel ranks behind the router
 """
 
 
@@ -84,12 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="python/torch versions, devices and their health readings")
     i.set_defaults(fn=_cmd_info)
 
-    try:  # the serving subcommand lives with the serving engine
-        from .serve.cli import add_parser as add_serve_parser
-    except ImportError:
-        pass
-    else:
-        add_serve_parser(sub)
+    from .generate import add_parser as add_generate_parser
+    from .serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
+    add_generate_parser(sub)
     return p
 
 
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:  # bad input: one clear message, no traceback
         print(f"ryzlab {args.command}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -20,14 +20,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s = subparsers.add_parser(
         "serve", help="serve a model over HTTP (OpenAI-style /v1/completions, /health, /metrics)",
         description="Continuous-batching engine(s) over the paged, compressed KV cache behind a FastAPI "
-                    "server. --workers N > 1 starts N engine processes behind a load-balancing router "
-                    "(one per GPU where there are GPUs).")
+                    "server. --tp/--cp split one model replica over tp x cp ranks (tensor and context "
+                    "parallelism); --workers N > 1 starts N replicas behind a load-balancing router "
+                    "(data parallelism; one replica per GPU, or per tp x cp GPUs, where there are GPUs).")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     s.add_argument("--model", default="reference",
                    help="'reference' (the shipped checkpoint), a checkpoint path, or 'random' (untrained weights of the reference shape: timing only) (default reference)")
     s.add_argument("--codec", default="none", choices=CODECS, help="KV-cache storage format (default none)")
-    s.add_argument("--workers", type=int, default=1, help="engine replicas (default 1: in-process)")
+    s.add_argument("--workers", type=int, default=1, help="engine replicas (default 1: in-process when tp x cp = 1)")
+    s.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica (default 1)")
+    s.add_argument("--cp", type=int, default=1, help="context-parallel ranks per replica (default 1)")
     s.add_argument("--policy", default="least_outstanding", choices=POLICY_NAMES,
                    help="load-balancing policy across workers (default least_outstanding)")
     s.add_argument("--block-size", type=int, default=16, help="tokens per KV page (default 16)")
@@ -45,8 +48,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     # GPUs where present (one worker per GPU), CPU otherwise
-    return {"model": args.model, "device": "cuda" if torch.cuda.is_available() else "cpu", "codec": args.codec, "block_size": args.block_size,
-            "num_blocks": args.num_blocks,
+    return {"model": args.model, "device": "cuda" if torch.cuda.is_available() else "cpu", "codec": args.codec,
+            "block_size": args.block_size, "num_blocks": args.num_blocks, "tp": args.tp, "cp": args.cp,
             "config": {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
                        "preemption": args.preemption, "max_num_batched_tokens": max(256, args.max_num_seqs)}}
 
@@ -54,16 +57,18 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def make_backend(args: argparse.Namespace) -> Any:
     """An :class:`AsyncEngine` (``--workers 1``) or a started :class:`Router`; validated first."""
     from .engine import AsyncEngine, EngineConfig
-    from .replica import build_engine
+    from .replica import build_engine, check_engine_args
     from .router import Router
 
-    if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    for name in ("workers", "tp", "cp"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     kw = engine_kwargs(args)
     EngineConfig(**kw["config"])  # bad knobs fail here, before any process starts
-    if args.workers == 1:
+    check_engine_args(**kw)       # and a bad model / codec / tp x cp layout
+    if args.workers == 1 and args.tp * args.cp == 1:
         k = dict(kw)
         k["config"] = EngineConfig(**k["config"])
         if k["device"] == "cuda":
@@ -87,7 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     backend = make_backend(args)
     print(f"ryzlab serve: http://{args.host}:{args.port}  model={args.model} codec={args.codec} "
-          f"workers={args.workers}" + (f" policy={args.policy}" if args.workers > 1 else ""))
+          f"workers={args.workers} tp={args.tp} cp={args.cp}" + (f" policy={args.policy}" if args.workers > 1 else ""))
     try:
         uvicorn.run(create_app(backend), host=args.host, port=args.port, log_level="warning")
     finally:

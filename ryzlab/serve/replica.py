@@ -22,7 +22,7 @@ import torch
 from ..config import CODECS, CacheConfig, ConfigError, ModelConfig, ParallelConfig, check_choice
 from .engine import Engine, EngineConfig
 
-__all__ = ["check_engine_args", "build_engine", "start_replica", "replica_rank_main", "load_net"]
+__all__ = ["check_engine_args", "build_engine", "start_replica", "replica_rank_main", "load_net", "tokenizer_for"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,23 @@ def _checkpoint_config(path: Path) -> ModelConfig:
     if not meta.exists():
         raise ValueError(f"model={str(path)!r}: no {meta.name} beside it (ryzlab checkpoints carry their config)")
     return from_dict(ModelConfig, json.loads(meta.read_text())["config"], where=str(path))
+
+
+class _Bytes:
+    """UTF-8 bytes: the reference model's (and random models') tokenizer."""
+
+    eos_token_ids: tuple[int, ...] = ()
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Any) -> str:
+        return bytes(t for t in ids if 0 <= t < 256).decode("utf-8", errors="replace")
+
+
+def tokenizer_for(model: str) -> Any:
+    """The tokenizer of ``model`` (``encode``, ``decode``, ``eos_token_ids``)."""
+    return _Bytes()
 
 
 def load_net(model: str, *, device: str | torch.device = "cpu", seed: int = 0,
