@@ -18,10 +18,12 @@ why, naming itself. Results travel back through pipes (pickled in memory, never 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import signal
+import sys
 import socket
 import threading
 import time
@@ -29,7 +31,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable, Literal, get_args
+from typing import Any, Callable, Iterator, Literal, get_args
 
 from ..config import BACKENDS, check_choice
 
@@ -279,20 +281,44 @@ def start_ranks(fn: Callable[..., Any], world_size: int, ranks: range | list[int
     ctx = mp_context(start_method)
     group = RankProcesses(list(ranks), [], [], port or free_port(), chosen)
     try:
-        for rank in group.ranks:
-            recv, send = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_rank_main, name=f"ryzlab-rank{rank}", daemon=True,
-                            args=(rank, world_size, group.port, chosen, collective_timeout_s, threads, payload,
-                                  send, os.getpid()))
-            p.start()
-            send.close()  # the child holds the only write end: EOF on recv means it is gone
-            group.procs.append(p)
-            group.conns.append(recv)
+        with _main_not_rerun():
+            _start_each(ctx, group, world_size, collective_timeout_s, threads, payload)
     except BaseException:
         group.stop()
         raise
     log.info("started rank(s) %s of %d on %s, port %d", group.ranks, world_size, chosen, group.port)
     return group
+
+
+def _start_each(ctx: Any, group: RankProcesses, world_size: int, collective_timeout_s: float, threads: int,
+                payload: bytes) -> None:
+    for rank in group.ranks:
+        recv, send = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_rank_main, name=f"ryzlab-rank{rank}", daemon=True,
+                        args=(rank, world_size, group.port, group.backend, collective_timeout_s, threads, payload,
+                              send, os.getpid()))
+        p.start()
+        send.close()  # the child holds the only write end: EOF on recv means it is gone
+        group.procs.append(p)
+        group.conns.append(recv)
+
+
+@contextlib.contextmanager
+def _main_not_rerun() -> Iterator[None]:
+    """Start ranks without multiprocessing re-running the launcher's ``__main__`` in them.
+
+    ``fn`` travels by value, so the ranks never need the launcher's script; re-running it would
+    fail for ``python -`` (no file) and run unguarded top-level code of a script twice.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is not None and getattr(main, "__spec__", None) is None:
+        del main.__file__
+    try:
+        yield
+    finally:
+        if path is not None and getattr(main, "__spec__", None) is None:
+            main.__file__ = path
 
 
 def join_group(rank: int, world_size: int, port: int, backend: str, *, collective_timeout_s: float = 120.0
