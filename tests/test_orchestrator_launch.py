@@ -7,6 +7,7 @@ import time
 
 import psutil
 import pytest
+from procs import live_descendants
 import torch
 import torch.distributed as dist
 
@@ -48,17 +49,8 @@ def _sleep_forever(rank, world):
 
 
 def _children():
-    """Live descendants (ranks are forked by the fork server, our child), minus multiprocessing's
-    own long-lived helpers: the resource tracker and the fork server itself."""
-    out = []
-    for c in psutil.Process().children(recursive=True):
-        try:
-            cmd = " ".join(c.cmdline())
-            if c.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in cmd and "forkserver" not in cmd:
-                out.append(c)
-        except psutil.NoSuchProcess:
-            pass
-    return out
+    """Live descendants: ranks forked by the fork server included, the server itself not."""
+    return live_descendants()
 
 
 @pytest.mark.parametrize("world,start_method", [(2, "forkserver"), (4, "forkserver"), (1, "spawn")])
