@@ -1,26 +1,28 @@
-"""Distributed KV cache scaling: world_size x strategy x codec x context on real ranks.
+"""Distributed inference of the model itself: tp x cp layout x codec x context x batch on real ranks.
 
-One run launches ``world_size`` ranks (gloo CPU processes here; the same code at world_size 1),
-fills a :class:`ryzlab.kv.sharded.ShardedKVCache` with ``batch`` sequences of ``context`` tokens
-(random K/V, the same on every rank), then times ``decode_steps`` decode steps (every layer:
-write the new token's K/V, attend one query per sequence). Tidy rows, one per timed step:
+One point launches ``tp * cp`` ranks (gloo CPU processes here, nccl on GPUs; the same code at one
+rank). Every rank loads its shard of the model (:func:`ryzlab.parallel.apply_tp`) and its share
+of the KV cache (:class:`ryzlab.kv.cache.PagedKVCache` with ``cp=``), then:
 
-* ``step_ms`` / ``tpot_ms`` (decode step latency, slowest rank), ``tokens_per_s`` (batch / step);
-* ``kv_bytes_per_rank`` (largest rank) and ``kv_bytes_total`` (all ranks: counts ``heads``
-  replication when n_kv_heads < world_size, and ``replicated``'s full copies), ``kv_replication``
-  (copies of each KV head across ranks), ``kv_bytes_per_token`` (total / cached tokens);
-* ``comm_bytes_per_step`` and ``comm_bytes_per_layer``: bytes this rank handed to collectives,
-  *measured* by :class:`ryzlab.kv.comm.Comm` at the call sites, with ``collectives_per_step``;
-  ``comm_bytes_formula_per_layer`` from :func:`ryzlab.kv.layout.comm_bytes_formula` beside it;
-  ``comm_wire_bytes_per_layer``: bytes the rank process wrote to its sockets during those calls
-  (``/proc/self/io``; backend headers and ring forwarding included) vs ``comm_wire_formula_per_layer``;
-* ``largest_context``: longest sequence whose KV fits ``budget_mib`` per rank (grown through
-  the cache's own placement), and ``largest_context_ws1`` for the same cache at one rank;
-* ``device`` (``cpu`` under gloo, ``cuda`` under nccl: where the ranks' caches lived),
-  ``device_name``, ``backend``.
+1. **prefill**: ``batch`` sequences of ``context`` held-out tokens, in chunks of ``prefill_chunk``
+   (``prefill_ms``, ``prefill_tokens_per_s``, communication per prefill token);
+2. **decode**: ``warmup`` then ``decode_steps`` timed steps, teacher-forced on the next held-out
+   tokens (the same inputs at every layout), one row per step: ``step_ms`` / ``tpot_ms`` (slowest
+   rank), ``tokens_per_s`` (batch / step);
+3. **largest context**: a fresh cache bounded to ``budget_mib`` of KV pages per rank, one sequence
+   prefilled chunk by chunk through the model until the cache says no room (found by allocating
+   and running, not computed): ``largest_context``.
 
-Scaling efficiency vs world_size 1 needs the world_size 1 point of the same sweep:
-:func:`scaling_efficiency` (used by the report) divides the measured speedup by world_size.
+Communication per decode step is measured at the call sites (:class:`ryzlab.parallel.comm.Comm`)
+and on the wire (bytes the rank wrote to its sockets), beside the formulas
+(:mod:`ryzlab.parallel.layout`): tp = two all-reduces of ``batch x dim`` per layer, cp = one
+all-gather of ``[batch, heads / tp, head_dim + 1]`` per layer. Weights and KV bytes are read off
+each rank (``weight_bytes_per_rank`` = 1/tp of the sharded weights + the replicated ones, named
+in ``weights_replicated``). ``logits_rel_err_vs_ws1``: the decode logits against the same codec
+on one rank, computed in this process. Prefill under cp: every cp rank computes the chunk's
+q/k/v (the linear layers are replicated across cp, as in vLLM's decode context parallelism),
+stores its own blocks, and the attention partials of the chunk's queries are all-gathered and
+merged exactly -- the same collective as decode, ``chunk x heads x (head_dim + 1)`` per layer.
 """
 from __future__ import annotations
 
@@ -28,71 +30,72 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import pandas as pd
 import torch
 
-from ..config import Backend, CacheConfig, Codec, Granularity, ModelConfig, ParallelConfig, Strategy, from_dict
-from ..kv.comm import Comm
-from ..kv.layout import collectives_formula, comm_bytes_formula, head_layout, validate_layout, wire_bytes_formula
-from ..kv.sharded import ShardedKVCache, largest_context
+from ..config import Backend, CacheConfig, Codec, Granularity, ParallelConfig, from_dict
 from ..orchestrator import launch
+from ..parallel.layout import cp_comm_bytes_formula, tp_comm_bytes_formula, tp_layout, validate_parallel, \
+    wire_bytes_formula
 from ..provenance import cpu_model
 
-__all__ = ["Config", "run", "make_config", "scaling_efficiency", "prefill", "decode_step"]
+__all__ = ["Config", "run", "make_config", "scaling_efficiency"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    world_size: int = 2
-    """Ranks (CPU processes on gloo here; one per GPU where there are GPUs)."""
-    strategy: Strategy = "sequence"
-    """replicated, heads or sequence."""
+    tp: int = 1
+    """Tensor-parallel ranks (heads and MLP columns split; two all-reduces per layer)."""
+    cp: int = 1
+    """Context-parallel ranks (KV blocks spread; one all-gather of attention partials per layer)."""
+    model: str = "reference"
+    """'reference' (the shipped checkpoint), 'random' or a checkpoint path."""
     codec: Codec = "none"
     key_granularity: Granularity = "token_head"
     value_granularity: Granularity = "token_head"
     context: int = 1024
-    """Cached tokens per sequence before the timed decode steps."""
+    """Prompt tokens per sequence prefilled before the timed decode steps."""
     batch: int = 1
-    n_layers: int = 2
-    """Small model shape: enough to measure the cache, cheap on 2 cores."""
-    n_heads: int = 8
-    n_kv_heads: int = 2
-    head_dim: int = 64
     block_size: int = 16
+    prefill_chunk: int = 512
+    """Tokens per prefill forward (bounds the activations of a long prompt)."""
     decode_steps: int = 8
     warmup: int = 2
-    budget_mib: float = 4.0
-    """Per-rank KV memory budget for ``largest_context``."""
+    budget_mib: float = 1.0
+    """Per-rank KV page budget for ``largest_context`` (0 = skip that phase)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    check_error: bool = True
+    """Compare the decode logits with one rank (computed in the launching process)."""
     seed: int = 0
     backend: Backend = "auto"
-    """auto: nccl when every rank has a CUDA device (the cache then lives on cuda:<rank>), else gloo."""
+    """auto: nccl when every rank has a CUDA device, else gloo."""
     threads: int = 1
-    """torch threads per rank: 1 keeps points comparable across world sizes on a shared CPU
-    (ranks beyond the core count still oversubscribe it: the report shows it)."""
-    timeout_s: float = 300.0
+    """torch threads per rank: 1 keeps points comparable across layouts on a shared CPU (ranks
+    beyond the core count still oversubscribe it: the report says so)."""
+    timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        for name in ("world_size", "context", "batch", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                     "block_size", "decode_steps", "threads"):
+        for name in ("tp", "cp", "context", "batch", "block_size", "prefill_chunk", "decode_steps", "threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.warmup < 0 or self.budget_mib <= 0 or self.timeout_s <= 0:
-            raise ValueError("warmup must be >= 0, budget_mib and timeout_s > 0")
+        if self.warmup < 0 or self.budget_mib < 0 or self.timeout_s <= 0:
+            raise ValueError("warmup and budget_mib must be >= 0, timeout_s > 0")
 
-    def model(self) -> ModelConfig:
-        return ModelConfig(vocab_size=256, dim=self.n_heads * self.head_dim, n_layers=self.n_layers,
-                           n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
-                           max_seq_len=max(4096, self.context + self.warmup + self.decode_steps))
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.cp
 
-    def cache(self) -> CacheConfig:
+    def cache(self, num_blocks: int | None = None) -> CacheConfig:
         return CacheConfig(codec=self.codec, key_granularity=self.key_granularity,
-                           value_granularity=self.value_granularity, block_size=self.block_size)
+                           value_granularity=self.value_granularity, block_size=self.block_size,
+                           num_blocks=num_blocks, enable_prefix_caching=False)
 
     def parallel(self) -> ParallelConfig:
-        return ParallelConfig(world_size=self.world_size, strategy=self.strategy, backend=self.backend)
+        return ParallelConfig(tp=self.tp, cp=self.cp, backend=self.backend)
 
 
 def make_config(values: dict) -> Config:
@@ -100,109 +103,210 @@ def make_config(values: dict) -> Config:
     return from_dict(Config, values, where="scaling")
 
 
-def prefill(cache: ShardedKVCache, seq_ids: list[int], context: int, gen: torch.Generator,
-            chunk: int = 4096) -> None:
-    """Fill ``seq_ids`` with ``context`` tokens of random K/V (same on every rank: same generator)."""
-    m = cache.model
-    for s in seq_ids:
-        cache.add_sequence(s)
-    done = 0
-    while done < context:
-        n = min(chunk, context - done)
-        if cache.extend(seq_ids, n) is None:
-            raise RuntimeError(f"prefill of {context} tokens does not fit the cache")
-        for layer in range(m.n_layers):
-            shape = (len(seq_ids) * n, m.n_kv_heads, m.head_dim)
-            cache.write(layer, torch.randn(shape, generator=gen), torch.randn(shape, generator=gen))
-        done += n
+def _tokens(n: int, length: int) -> torch.Tensor:
+    """``n`` rows of ``length`` held-out stdlib bytes (wrapping): the same inputs at every layout."""
+    from ..corpus import stdlib_corpus
+
+    data = stdlib_corpus().heldout
+    return data[torch.arange(n * length) % data.numel()].long().view(n, length)
 
 
-def decode_step(cache: ShardedKVCache, seq_ids: list[int], gen: torch.Generator) -> torch.Tensor:
-    """One decode step over every layer; returns the last layer's attention output ``[B, Hq, D]``."""
-    m = cache.model
-    b = len(seq_ids)
-    if cache.extend(seq_ids, 1) is None:
-        raise RuntimeError("decode step does not fit the cache")
-    out = None
-    with cache.comm.step("decode"):
-        for layer in range(m.n_layers):
-            k = torch.randn(b, 1, m.n_kv_heads, m.head_dim, generator=gen)
-            v = torch.randn(b, 1, m.n_kv_heads, m.head_dim, generator=gen)
-            q = torch.randn(b, m.n_heads, m.head_dim, generator=gen)
-            cache.write(layer, k, v)
-            out = cache.attend(layer, q)
-    return out
+def _net(cfg: Config, groups) -> torch.nn.Module:
+    from ..serve.replica import load_net
+
+    return load_net(cfg.model, device=groups.device, seed=cfg.seed, tp=groups.tp).to(getattr(torch, cfg.dtype))
 
 
-def _rank_main(rank: int, world_size: int, cfg: Config) -> dict:
-    comm = Comm()
-    backend = torch.distributed.get_backend()
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu")
-    cache = ShardedKVCache(cfg.model(), cfg.cache(), cfg.parallel(), comm=comm, device=device)
-    gen = torch.Generator().manual_seed(cfg.seed)
+def _cache(cfg: Config, net: torch.nn.Module, groups, num_blocks: int | None = None):
+    from ..kv.cache import PagedKVCache
+
+    return PagedKVCache(net.local_config, cfg.cache(num_blocks), dtype=getattr(torch, cfg.dtype),
+                        device=groups.device, cp=groups.cp)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def _decode(net, cache, tokens: torch.Tensor, cfg: Config, groups=None, barrier=None
+            ) -> tuple[torch.Tensor, list[float], float, dict]:
+    """Prefill ``tokens[:, :context]`` then teacher-forced decode.
+
+    Returns (logits [B, steps, V], decode step seconds, prefill seconds, prefill communication
+    per chunk {"tp": ..., "cp": ...})."""
     seqs = list(range(cfg.batch))
-    prefill(cache, seqs, cfg.context, gen)
-    for _ in range(cfg.warmup):
-        decode_step(cache, seqs, gen)
-    comm.ledger.reset()
-    times = []
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(cfg.decode_steps):
-        comm.barrier()  # steps start together: the slowest rank sets the step time
-        sync()
+    dev = groups.device if groups is not None else torch.device("cpu")
+    x = tokens.to(dev)
+    barrier and barrier()
+    _sync(dev)
+    t0 = time.perf_counter()
+    for a in range(0, cfg.context, cfg.prefill_chunk):
+        with _label(groups, "prefill"):
+            net(x[:, a:min(cfg.context, a + cfg.prefill_chunk)], cache=cache, seq_ids=seqs)
+    _sync(dev)
+    prefill_s = time.perf_counter() - t0
+    pre = {} if groups is None else {n: c.ledger.per_step("prefill") for n, c in (("tp", groups.tp), ("cp", groups.cp))}
+    logits, times = [], []
+    for i in range(cfg.warmup + cfg.decode_steps):
+        tok = x[:, cfg.context + i:cfg.context + i + 1]
+        timed = i >= cfg.warmup
+        if timed and i == cfg.warmup and groups is not None:
+            groups.reset_ledgers()
+        barrier and barrier()
+        _sync(dev)
         t0 = time.perf_counter()
-        decode_step(cache, seqs, gen)
-        sync()
-        times.append(time.perf_counter() - t0)
-    cache.check(cross_rank=True)
-    per = comm.ledger.per_step("decode")
-    return {"times": times, "kv": cache.kv_bytes(), "comm_bytes_per_step": per["bytes_sent"],
-            "comm_received_per_step": per["bytes_received"], "collectives_per_step": per["collectives"],
-            "wire_bytes_per_step": per["wire_bytes_sent"],
-            "threads": torch.get_num_threads(), "backend": backend, "device": device.type,
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()}
+        with _label(groups if timed else None, "decode"):
+            out = net(tok, cache=cache, seq_ids=seqs)
+        _sync(dev)
+        if timed:
+            times.append(time.perf_counter() - t0)
+            logits.append(out[:, -1].float().cpu())
+    return torch.stack(logits, 1), times, prefill_s, pre
+
+
+class _label:
+    """Attribute the collectives inside to one step of ``label`` on the tp and cp communicators."""
+
+    def __init__(self, groups, label: str):
+        self.groups, self.label, self.ctx = groups, label, []
+
+    def __enter__(self):
+        if self.groups is not None:
+            self.ctx = [self.groups.tp.step(self.label), self.groups.cp.step(self.label)]
+            for c in self.ctx:
+                c.__enter__()
+
+    def __exit__(self, *exc):
+        for c in reversed(self.ctx):
+            c.__exit__(*exc)
+
+
+@torch.inference_mode()
+def _largest_context(cfg: Config, net: torch.nn.Module, groups) -> tuple[int, float]:
+    """Grow one sequence through the model until the per-rank page budget is full.
+
+    The pool gets as many pages per rank as ``budget_mib`` holds (a page weighed on a real one-page
+    cache); then prefill chunks run until ``allocate_slots`` says no room, halving the chunk down to
+    one token. Returns (tokens held, bytes of this rank's pages)."""
+    from ..serve.runner import ModelRunner
+
+    probe = _cache(cfg, net, groups, num_blocks=cfg.cp)   # one page per rank
+    page = (probe.k.nbytes() + probe.v.nbytes()) / probe.k.capacity
+    per_rank = int(cfg.budget_mib * 2**20 // page)
+    if per_rank < 1:
+        return 0, 0.0
+    cache = _cache(cfg, net, groups, num_blocks=per_rank * cfg.cp)
+    runner = ModelRunner(net, cache)
+    src = _tokens(1, per_rank * cfg.cp * cfg.block_size + 1)[0].tolist()
+    held, chunk = 0, cfg.prefill_chunk
+    while chunk:
+        toks = src[held:held + chunk]
+        if cache.allocate_slots(0, toks) is None:   # no room for this chunk: try a smaller one
+            chunk //= 2
+            continue
+        runner.forward([0], [toks])
+        held += len(toks)
+    return held, float(cache.k.nbytes() + cache.v.nbytes())
+
+
+def _rank_main(rank: int, world_size: int, cfg: Config, tokens: torch.Tensor) -> dict:
+    from ..parallel.mesh import init_parallel
+    from ..parallel.tp import weight_bytes
+
+    groups = init_parallel(cfg.parallel())
+    net = _net(cfg, groups)
+    cache = _cache(cfg, net, groups)
+    barrier = torch.distributed.barrier if world_size > 1 else None
+    logits, times, prefill_s, pre = _decode(net, cache, tokens, cfg, groups, barrier)
+    per = {n: c.ledger.per_step("decode") for n, c in (("tp", groups.tp), ("cp", groups.cp))}
+    led = cache.ledger()
+    del cache
+    fits, fit_bytes = _largest_context(cfg, net, groups) if cfg.budget_mib > 0 else (0, 0.0)
+    dev = groups.device
+    return {"times": times, "prefill_s": prefill_s, "logits": logits if rank == 0 else None,
+            "kv": led["total"], "weights": weight_bytes(net), "comm": per, "prefill_comm": pre,
+            "largest_context": fits, "largest_context_page_bytes": fit_bytes,
+            "threads": torch.get_num_threads(), "backend": torch.distributed.get_backend(),
+            "device": dev.type, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()}
+
+
+def _reference_logits(cfg: Config, tokens: torch.Tensor) -> torch.Tensor:
+    """The same decode at one rank, in this process (no process group: every collective a no-op)."""
+    from ..parallel.mesh import init_parallel
+
+    one = Config(**{**cfg.__dict__, "tp": 1, "cp": 1})
+    groups = init_parallel(ParallelConfig())
+    net = _net(one, groups)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _decode(net, _cache(one, net, groups), tokens, one)[0]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run(cfg: Config) -> pd.DataFrame:
-    """Launch the ranks, time decode steps, and return one tidy row per timed step."""
-    model, cache, parallel = cfg.model(), cfg.cache(), cfg.parallel()
-    validate_layout(model, parallel, cache)  # a bad layout fails here, before any process starts
-    budget = cfg.budget_mib * 2**20
-    fits = largest_context(model, cache, parallel, budget)
-    fits1 = largest_context(model, cache, ParallelConfig(world_size=1, strategy=cfg.strategy), budget)
+    """Launch the ranks, measure prefill, decode, memory and communication; one row per decode step."""
+    from ..serve.replica import check_engine_args
+
+    shape = check_engine_args(model=cfg.model, codec=cfg.codec, tp=cfg.tp, cp=cfg.cp)
+    validate_parallel(shape, cfg.parallel(), cfg.cache())  # a bad layout fails here, before any process
+    tokens = _tokens(cfg.batch, cfg.context + cfg.warmup + cfg.decode_steps)
     t0 = time.perf_counter()
-    res = launch(_rank_main, cfg.world_size, args=(cfg,), backend=cfg.backend, timeout_s=cfg.timeout_s,
+    # world size 1 too: one launched rank, the same code path and thread count as every layout
+    res = launch(_rank_main, cfg.world_size, args=(cfg, tokens), backend=cfg.backend, timeout_s=cfg.timeout_s,
                  threads_per_rank=cfg.threads)
     log.info("scaling point %s ran in %.1f s", cfg, time.perf_counter() - t0)
+    err = float("nan")
+    if cfg.check_error:
+        ref = _reference_logits(cfg, tokens) if cfg.world_size > 1 else res[0]["logits"]
+        err = ((res[0]["logits"] - ref).norm() / ref.norm()).item()
     steps = [max(r["times"][i] for r in res) for i in range(cfg.decode_steps)]
-    formula = comm_bytes_formula(cfg.strategy, world_size=cfg.world_size, batch=cfg.batch,
-                                 n_heads=cfg.n_heads, head_dim=cfg.head_dim)
-    comm_step = max(r["comm_bytes_per_step"] for r in res)
-    kv_rank = max(r["kv"]["total"] for r in res)
-    kv_total = sum(r["kv"]["total"] for r in res)
-    tokens = cfg.batch * (cfg.context + cfg.warmup + cfg.decode_steps)
+    B, L, esz = cfg.batch, shape.n_layers, torch.tensor([], dtype=getattr(torch, cfg.dtype)).element_size()
+    tp_f = L * tp_comm_bytes_formula(shape, tp=cfg.tp, tokens=B, element_size=esz)
+    cp_f = L * cp_comm_bytes_formula(shape, cp=cfg.cp, tp=cfg.tp, tokens=B)
+    comm = {k: max(r["comm"][k]["bytes_sent"] for r in res) for k in ("tp", "cp")}
+    wire = {k: max(r["comm"][k]["wire_bytes_sent"] for r in res) for k in ("tp", "cp")}
+    colls = {k: max(r["comm"][k]["collectives"] for r in res) for k in ("tp", "cp")}
+    prefill_tokens = B * cfg.context
+    n_chunks = -(-cfg.context // cfg.prefill_chunk)
+    pre_bytes = sum(max(r["prefill_comm"][k]["bytes_sent"] for r in res) for k in ("tp", "cp")) * n_chunks
+    w = [r["weights"] for r in res]
+    prefill_s = max(r["prefill_s"] for r in res)
     return pd.DataFrame({
         "sample": range(cfg.decode_steps),
+        "world_size": cfg.world_size,
+        "layout": f"tp{cfg.tp}xcp{cfg.cp}",
         "step_ms": [t * 1e3 for t in steps],
         "tpot_ms": [t * 1e3 for t in steps],
-        "tokens_per_s": [cfg.batch / t for t in steps],
+        "tokens_per_s": [B / t for t in steps],
         "median_step_ms": statistics.median(steps) * 1e3,
-        "kv_bytes_per_rank": kv_rank,
-        "kv_bytes_total": kv_total,
-        "kv_replication": head_layout(model, parallel, 0).replication,
-        "kv_bytes_per_token": kv_total / tokens,
-        "comm_bytes_per_step": comm_step,
-        "comm_bytes_per_layer": comm_step / cfg.n_layers,
-        "comm_bytes_formula_per_layer": formula,
-        "comm_received_per_step": max(r["comm_received_per_step"] for r in res),
-        "comm_wire_bytes_per_layer": max(r["wire_bytes_per_step"] for r in res) / cfg.n_layers,
-        "comm_wire_formula_per_layer": wire_bytes_formula(cfg.strategy, world_size=cfg.world_size, batch=cfg.batch,
-                                                          n_heads=cfg.n_heads, head_dim=cfg.head_dim),
-        "collectives_per_step": max(r["collectives_per_step"] for r in res),
-        "collectives_formula_per_step": collectives_formula(cfg.strategy, world_size=cfg.world_size) * cfg.n_layers,
-        "largest_context": fits,
-        "largest_context_ws1": fits1,
-        "context_gain": fits / fits1 if fits1 else float("nan"),
+        "prefill_ms": prefill_s * 1e3,
+        "prefill_tokens_per_s": prefill_tokens / prefill_s,
+        "weight_bytes_per_rank": max(x["total"] for x in w),
+        "weight_bytes_sharded_per_rank": max(x["sharded"] for x in w),
+        "weight_bytes_replicated_per_rank": max(x["replicated"] for x in w),
+        "weight_bytes_total": sum(x["total"] for x in w),
+        "weights_replicated": w[0]["replicated_names"],
+        "kv_bytes_per_rank": max(r["kv"] for r in res),
+        "kv_bytes_total": sum(r["kv"] for r in res),
+        "kv_replication": tp_layout(shape, cfg.tp, 0).kv_replication,
+        "comm_bytes_per_step_tp": comm["tp"],
+        "comm_bytes_per_step_cp": comm["cp"],
+        "comm_bytes_per_step": comm["tp"] + comm["cp"],
+        "comm_formula_per_step_tp": tp_f,
+        "comm_formula_per_step_cp": cp_f,
+        "comm_formula_per_step": tp_f + cp_f,
+        "comm_wire_bytes_per_step": wire["tp"] + wire["cp"],
+        "comm_wire_formula_per_step": (wire_bytes_formula(tp_f, cfg.tp, "all_reduce")
+                                       + wire_bytes_formula(cp_f, cfg.cp, "all_gather")),
+        "collectives_per_step": colls["tp"] + colls["cp"],
+        "prefill_comm_bytes_per_token": pre_bytes / prefill_tokens,
+        "largest_context": res[0]["largest_context"],
+        "largest_context_page_bytes_per_rank": max(r["largest_context_page_bytes"] for r in res),
+        "logits_rel_err_vs_ws1": err,
         "device": res[0]["device"],
         "device_name": res[0]["device_name"],
         "backend": res[0]["backend"],
@@ -211,27 +315,25 @@ def run(cfg: Config) -> pd.DataFrame:
 
 
 def scaling_efficiency(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (strategy, codec, context, batch, world_size): median tokens/s, speedup and efficiency.
-
-    The baseline is the world_size 1 point with the same device, codec, granularity, context and
-    batch; at one rank every strategy is the same single shard, so a world_size 1 point of any
-    strategy serves (the same strategy's is preferred). NaN when the sweep has no such point.
-    """
-    keys = [c for c in ("device", "strategy", "codec", "key_granularity", "context", "batch") if c in df.columns]
-    base_keys = [k for k in keys if k != "strategy"]
-    med = (df.groupby(keys + ["world_size"], dropna=False)
+    """Per point (layout, codec, context, batch, model): median tokens/s, speedup and efficiency
+    against the world size 1 point of the same sweep (NaN without one), and ``context_gain``
+    (largest context over world size 1's, same budget)."""
+    keys = [c for c in ("device", "model", "codec", "key_granularity", "context", "batch", "budget_mib")
+            if c in df.columns]
+    med = (df.groupby(keys + ["layout", "tp", "cp", "world_size"], dropna=False)
            .agg(tokens_per_s=("tokens_per_s", "median"), step_ms=("step_ms", "median"),
-                largest_context=("largest_context", "first"), kv_bytes_per_rank=("kv_bytes_per_rank", "first"),
-                comm_bytes_per_layer=("comm_bytes_per_layer", "first"),
-                comm_bytes_formula_per_layer=("comm_bytes_formula_per_layer", "first"))
+                prefill_ms=("prefill_ms", "first"), largest_context=("largest_context", "first"),
+                kv_bytes_per_rank=("kv_bytes_per_rank", "first"),
+                weight_bytes_per_rank=("weight_bytes_per_rank", "first"),
+                comm_bytes_per_step=("comm_bytes_per_step", "first"),
+                comm_formula_per_step=("comm_formula_per_step", "first"),
+                logits_rel_err_vs_ws1=("logits_rel_err_vs_ws1", "first"))
            .reset_index())
-    ws1 = med[med["world_size"] == 1]
-    same = ws1.set_index(keys)["tokens_per_s"]
-    any_strategy = ws1.groupby(base_keys, dropna=False)["tokens_per_s"].median()
-    med["tokens_per_s_ws1"] = [
-        same.get(tuple(r[k] for k in keys), any_strategy.get(tuple(r[k] for k in base_keys) if len(base_keys) > 1
-                                                               else r[base_keys[0]], float("nan")))
-        for _, r in med.iterrows()]
+    base = med[med["world_size"] == 1].set_index(keys)
+    look = lambda col: [base[col].get(tuple(r[k] for k in keys) if len(keys) > 1 else r[keys[0]], float("nan"))
+                        for _, r in med.iterrows()]
+    med["tokens_per_s_ws1"] = look("tokens_per_s")
     med["speedup"] = med["tokens_per_s"] / med["tokens_per_s_ws1"]
     med["scaling_efficiency"] = med["speedup"] / med["world_size"]
+    med["context_gain"] = med["largest_context"] / pd.Series(look("largest_context"), index=med.index)
     return med

@@ -1,4 +1,4 @@
-"""Report section for the scaling experiment: KV sharding across ranks (device named on every point)."""
+"""Report section for the scaling experiment: the model split over tp x cp ranks (device named)."""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
@@ -9,35 +9,47 @@ from . import show_table, show_text
 
 
 def report(df: pd.DataFrame) -> None:
-    """Decode step time and capacity vs world_size, measured vs formula communication, and a table."""
+    """Decode step and prefill per layout, largest context per layout, communication measured vs
+    formula, and one table row per point."""
     s = scaling_efficiency(df)
     devices = ", ".join(sorted(map(str, df["device"].unique()))) if "device" in df.columns else "unknown"
-    show_text(f"Every point measured on device={devices} (ranks are processes; on CPU they share the "
-              f"machine's cores, so speedups here are not GPU projections).")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for (strategy, codec, context), g in s.groupby(["strategy", "codec", "context"]):
-        g = g.sort_values("world_size")
-        label = f"{strategy} {codec} ctx={context}"
-        axes[0].plot(g["world_size"], g["step_ms"], marker="o", label=label)
-        axes[1].plot(g["world_size"], g["largest_context"], marker="o", label=label)
-    sharded = s[s["comm_bytes_formula_per_layer"] > 0]
-    for strategy, g in sharded.groupby("strategy"):
+    cpu = "cpu" in devices
+    show_text(f"Every figure measured on device={devices}. " + (
+        "On a CPU machine the ranks are processes sharing its cores: tensor parallelism cannot speed "
+        "anything up there (every rank still waits for two all-reduces per layer, and ranks beyond the "
+        "core count oversubscribe it), so the step times below are not a projection of GPU scaling; "
+        "memory per rank, communication bytes and exactness are device-independent." if cpu else
+        "Speedup and efficiency are against the world size 1 point of the same sweep."))
+    s = s.sort_values(["world_size", "tp", "context"])
+    s["point"] = [f"{r.layout} {r.codec} ctx={r.context} b={r.batch}" for r in s.itertuples()]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    layouts = list(dict.fromkeys(s["layout"]))
+    for (codec, context, batch), g in s.groupby(["codec", "context", "batch"]):
+        g = g.set_index("layout").reindex(layouts)
+        axes[0].plot(layouts, g["step_ms"], marker="o", label=f"{codec} ctx={context} b={batch}")
+        axes[1].plot(layouts, g["largest_context"], marker="o", label=f"{codec} ctx={context} b={batch}")
+    axes[0].set(xlabel="layout (tp x cp)", ylabel="decode step p50 (ms)", title=f"Decode step ({devices}, measured)")
+    axes[1].set(xlabel="layout (tp x cp)", ylabel="tokens",
+                title="Largest context under the per-rank KV budget (allocated and run)")
+    cp = s[(s["cp"] > 1) & (s["tp"] == 1)]
+    for (layout, batch), g in cp.groupby(["layout", "batch"]):
         g = g.sort_values("context")
-        axes[2].plot(g["context"], g["comm_bytes_per_layer"], marker="o", label=f"{strategy} measured")
-        axes[2].plot(g["context"], g["comm_bytes_formula_per_layer"], ls="--", label=f"{strategy} formula")
-    axes[0].set(xlabel="world_size", ylabel="decode step p50 (ms)", title=f"Decode step latency ({devices})")
-    axes[1].set(xlabel="world_size", ylabel="tokens", title="Largest context under the per-rank budget")
-    axes[2].set(xscale="log", xlabel="context (tokens)", ylabel="bytes / layer / step / rank",
-                title="Communication: measured vs formula")
+        axes[2].plot(g["context"], g["comm_bytes_per_step"], marker="o", label=f"{layout} b={batch} measured")
+        axes[2].plot(g["context"], g["comm_formula_per_step"], ls="--", marker="x", label=f"{layout} b={batch} formula")
+    if len(cp["context"].unique()) > 1:
+        axes[2].set_xscale("log", base=2)
+    axes[2].set_ylim(bottom=0)
+    axes[2].set(xlabel="context (tokens)", ylabel="bytes / decode step / rank (call sites)",
+                title="Context parallel decode communication")
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
     plt.show()
-    cols = [c for c in ("device", "strategy", "codec", "context", "batch", "world_size", "step_ms", "tokens_per_s",
-                        "speedup", "scaling_efficiency", "largest_context", "kv_bytes_per_rank",
-                        "comm_bytes_per_layer", "comm_bytes_formula_per_layer") if c in s.columns]
-    show_table(s[cols].sort_values(["strategy", "codec", "context", "world_size"]),
-               "Scaling per point (medians over timed decode steps; efficiency = speedup / world_size vs "
-               "the world_size 1 point of the same sweep)")
+    cols = [c for c in ("device", "model", "layout", "codec", "context", "batch", "step_ms", "tokens_per_s",
+                        "speedup", "scaling_efficiency", "prefill_ms", "weight_bytes_per_rank", "kv_bytes_per_rank",
+                        "comm_bytes_per_step", "comm_formula_per_step", "largest_context", "context_gain",
+                        "logits_rel_err_vs_ws1") if c in s.columns]
+    show_table(s[cols], "Per point: medians over timed decode steps (slowest rank); speedup, efficiency and "
+                        "context gain against the world size 1 point of the same sweep (NaN without one)")

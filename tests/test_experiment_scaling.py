@@ -1,0 +1,70 @@
+"""The scaling experiment runs the model over tp x cp ranks: rows, formulas, capacity, exactness."""
+import pytest
+import torch
+
+from ryzlab.config import ConfigError
+from ryzlab.experiments import run_experiment
+
+SMALL = {"codec": "int8", "context": 96, "batch": 2, "decode_steps": 2, "warmup": 1, "budget_mib": 0.06,
+         "prefill_chunk": 64}
+
+
+@pytest.fixture(scope="module")
+def points():
+    return {(tp, cp): run_experiment("scaling", {**SMALL, "tp": tp, "cp": cp}) for tp, cp in ((1, 1), (2, 1), (1, 2))}
+
+
+def test_rows_measure_what_the_formulas_say(points):
+    for (tp, cp), df in points.items():
+        assert len(df) == 2 and set(df["device"]) == {"cpu"} and set(df["backend"]) == {"gloo"}
+        r = df.iloc[0]
+        assert r["layout"] == f"tp{tp}xcp{cp}" and r["world_size"] == tp * cp
+        assert r["comm_bytes_per_step_tp"] == r["comm_formula_per_step_tp"] == (4 * 2 * 2 * 256 * 4 if tp > 1 else 0)
+        assert r["comm_bytes_per_step_cp"] == r["comm_formula_per_step_cp"] == (4 * 2 * 8 * 33 * 4 if cp > 1 else 0)
+        assert r["collectives_per_step"] == 4 * (2 * (tp > 1) + (cp > 1))
+        assert r["logits_rel_err_vs_ws1"] <= (0.0 if tp * cp == 1 else 1e-5)
+        assert r["prefill_ms"] > 0 and (df["step_ms"] > 0).all()
+
+
+def test_memory_per_rank_splits_and_capacity_grows(points):
+    one, tp2, cp2 = points[(1, 1)].iloc[0], points[(2, 1)].iloc[0], points[(1, 2)].iloc[0]
+    assert tp2["weight_bytes_sharded_per_rank"] == one["weight_bytes_sharded_per_rank"] / 2
+    assert tp2["weight_bytes_replicated_per_rank"] == one["weight_bytes_replicated_per_rank"] > 0
+    assert "tok_embeddings.weight" in tp2["weights_replicated"]
+    assert cp2["weight_bytes_per_rank"] == one["weight_bytes_per_rank"]
+    meta = 4 * (2 * 7) + 4 * 2  # int32 block-table entries (2 sequences x 7 blocks) + lengths: on every rank
+    assert tp2["kv_bytes_per_rank"] == (one["kv_bytes_per_rank"] - meta) / 2 + meta   # half the KV heads each
+    assert cp2["kv_bytes_per_rank"] < one["kv_bytes_per_rank"]       # a share of the blocks each
+    assert one["largest_context"] > 0
+    assert cp2["largest_context"] >= 1.9 * one["largest_context"]
+    assert tp2["largest_context"] >= 1.9 * one["largest_context"]
+
+
+def test_efficiency_uses_the_world_size_one_point(points):
+    import pandas as pd
+
+    from ryzlab.experiments.scaling import scaling_efficiency
+
+    s = scaling_efficiency(pd.concat(points.values()))
+    assert s.set_index("layout").loc["tp1xcp1", "speedup"] == 1.0
+    assert s["context_gain"].notna().all() and s.set_index("layout").loc["tp1xcp2", "context_gain"] >= 1.9
+
+
+def _must_not_run(*a, **k):
+    raise AssertionError("a process group started for an invalid layout")
+
+
+@pytest.mark.parametrize("values, needle", [
+    ({"tp": 3}, "valid tp sizes: [1, 2, 4, 8]"),
+    ({"tp": 2, "codec": "int9"}, "'int8'"),
+    ({"cp": 0}, "cp must be > 0"),
+    ({"model": "/nonexistent/model.safetensors"}, "'reference'"),
+])
+def test_invalid_points_fail_before_any_process(values, needle, monkeypatch):
+    import ryzlab.experiments.scaling as scaling
+
+    monkeypatch.setattr(scaling, "launch", _must_not_run)
+    with pytest.raises((ConfigError, ValueError)) as e:
+        run_experiment("scaling", values)
+    assert needle in str(e.value)
+    assert not torch.distributed.is_initialized()
