@@ -41,7 +41,11 @@ Preemption = Literal["recompute", "swap"]
 @dataclass(frozen=True, kw_only=True)
 class Config:
     workers: int = 1
-    """Engine replicas (processes; one per GPU where there are GPUs)."""
+    """Engine replicas (data parallelism; processes, one per GPU or per tp x cp GPUs where there are GPUs)."""
+    tp: int = 1
+    """Tensor-parallel ranks per replica."""
+    cp: int = 1
+    """Context-parallel ranks per replica."""
     policy: PolicyName = "least_outstanding"
     """round_robin, least_outstanding, power_of_two or prefix_affinity."""
     rate: float = 8.0
@@ -85,8 +89,9 @@ class Config:
         check_choice("preemption", self.preemption, PREEMPTIONS)
         check_choice("fault", self.fault, ("none", "kill"))
         parse_slo(self.slo)
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        for name in ("workers", "tp", "cp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.fault == "kill" and self.workers < 2:
             raise ValueError("fault='kill' needs workers >= 2 (someone must take over the work)")
         if not self.bin_s > 0 or not self.timeout_s > 0:
@@ -116,7 +121,7 @@ def run(config: Config) -> pd.DataFrame:
     c = config
     device = _device()
     engine_kwargs = {"model": c.model, "codec": c.codec, "block_size": c.block_size, "num_blocks": c.num_blocks,
-                     "device": device,
+                     "device": device, "tp": c.tp, "cp": c.cp,
                      "config": {"max_num_seqs": c.max_num_seqs, "preemption": c.preemption,
                                 "max_model_len": max(1024, c.shared_prefix_len + 4 * (c.prompt_len + c.output_len)),
                                 "max_num_batched_tokens": max(256, c.max_num_seqs)}}
