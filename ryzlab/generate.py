@@ -90,10 +90,17 @@ def generate(req: GenerateRequest) -> dict[str, Any]:
     if _under_torchrun():
         from .orchestrator.launch import init_from_env
 
+        import torch.distributed as dist
+
         ctx = init_from_env(req.backend)
-        if ctx.world_size != world:
-            raise ValueError(f"torchrun started {ctx.world_size} ranks but --tp {req.tp} x --cp {req.cp} = {world}")
-        return generate_rank(ctx.rank, ctx.world_size, req) or {}
+        try:
+            if ctx.world_size != world:
+                raise ValueError(f"torchrun started {ctx.world_size} ranks but --tp {req.tp} x --cp {req.cp} = {world}")
+            out = generate_rank(ctx.rank, ctx.world_size, req) or {}
+            dist.barrier()
+            return out
+        finally:  # tear the groups down before exit: gloo's threads must not outlive the interpreter
+            dist.destroy_process_group()
     if world == 1:
         return generate_rank(0, 1, req) or {}
     from .orchestrator import launch

@@ -153,3 +153,22 @@ def test_rank_that_cannot_load_its_function_is_named_fast(tmp_path, monkeypatch)
     assert "cannot be imported inside a rank" in e.value.remote_traceback
     assert f"[rank {e.value.rank}]" in str(e.value)
     assert _children() == []
+
+
+def test_function_defined_in_a_jupyter_cell_launches():
+    """The workbench's main way in: a function typed into a notebook cell, run on gloo ranks."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import torch, torch.distributed as dist\n"
+                                          "from ryzlab.orchestrator import launch\n"
+                                          "OFFSET = 10"),
+                nbformat.v4.new_code_cell("def work(rank, world):\n"
+                                          "    t = torch.tensor([float(rank)])\n"
+                                          "    dist.all_reduce(t)\n"
+                                          "    return t.item() + OFFSET\n"
+                                          "print('RESULT', launch(work, 2, backend='gloo'))")]
+    NotebookClient(nb, kernel_name="ryzlab", timeout=120).execute()
+    text = "".join(o.get("text", "") for o in nb.cells[1].outputs)
+    assert "RESULT [11.0, 11.0]" in text, nb.cells[1].outputs

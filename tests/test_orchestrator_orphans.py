@@ -1,6 +1,5 @@
 """kill -9 of the launching process leaves no rank behind (ranks watch their launcher)."""
 import os
-import selectors
 import signal
 import subprocess
 import sys
@@ -10,15 +9,18 @@ import time
 import psutil
 
 SCRIPT = textwrap.dedent("""
-    import os, sys, time
+    import os, pathlib, sys, time
     from ryzlab.orchestrator import launch
 
-    def rank_fn(rank, world):
-        print("PID", os.getpid(), flush=True)
+    def rank_fn(rank, world, out):
+        # one file per rank, renamed into place: ranks sharing a stdout pipe interleave their writes
+        tmp = pathlib.Path(out) / f"rank{rank}.tmp"
+        tmp.write_text(str(os.getpid()))
+        tmp.rename(pathlib.Path(out) / f"rank{rank}.pid")
         time.sleep(300)
 
     if __name__ == "__main__":
-        launch(rank_fn, 2, backend="gloo")
+        launch(rank_fn, 2, args=(sys.argv[1],), backend="gloo")
 """)
 
 
@@ -26,18 +28,14 @@ def test_ranks_exit_when_launcher_is_killed(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(SCRIPT)
     err = open(tmp_path / "stderr.txt", "w")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=err,
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.DEVNULL, stderr=err,
                             start_new_session=True)
     pids: list[int] = []
-    out = ""
     try:
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + 60
-        while len(pids) < 2 and time.monotonic() < deadline:
-            if sel.select(timeout=0.5):
-                out += os.read(proc.stdout.fileno(), 4096).decode()  # raw fd: no hidden buffering
-                pids = [int(x.split()[1]) for x in out.split("\n")[:-1] if x.startswith("PID ")]  # whole lines
+        deadline = time.monotonic() + 120  # waits for the files (the event), bounded only against a hang
+        while len(pids) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            pids = [int(p.read_text()) for p in sorted(tmp_path.glob("rank*.pid"))]
+            time.sleep(0.05)
         assert len(pids) == 2, "ranks did not start: " + (tmp_path / "stderr.txt").read_text()[-3000:]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
