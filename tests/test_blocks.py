@@ -190,3 +190,53 @@ class PoolMachine(RuleBasedStateMachine):
 PoolMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
                                           suppress_health_check=[HealthCheck.too_slow])
 TestPoolMachine = PoolMachine.TestCase
+
+
+class ShardedPoolMachine(PoolMachine):
+    """The same program on a pool sharded over 3 cp ranks, plus migrate / rebalance: every
+    invariant holds, blocks stay on their shard's free queue, and a migration keeps the tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = BlockPool(12, 3, shards=3)
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def migrate(self, data):
+        sid = data.draw(st.sampled_from(sorted(self.model)))
+        table = self.pool.block_table(sid)
+        if not table:
+            return
+        b = data.draw(st.sampled_from(table))
+        dst = (self.pool.shard_of(b) + data.draw(st.integers(1, 2))) % 3
+        free_before = self.pool.num_free_blocks
+        mv = self.pool.migrate(b, dst)
+        if mv is None:
+            assert self.pool.block_table(sid) == table
+        else:
+            assert mv[0] == b and self.pool.shard_of(mv[1]) == dst and b not in self.pool.block_table(sid)
+            assert self.pool.num_free_blocks == free_before
+
+    @rule()
+    def rebalance(self):
+        self.pool.rebalance()
+        used = self.pool.used_per_shard()
+        # balanced to within one, unless the emptiest shard ran out of free blocks
+        assert max(used) - min(used) <= 1 or not self.pool.free_queues[used.index(min(used))]
+
+
+ShardedPoolMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
+                                                suppress_health_check=[HealthCheck.too_slow])
+TestShardedPoolMachine = ShardedPoolMachine.TestCase
+
+
+def test_sharded_placement_spreads_a_sequence_and_spills_when_its_home_is_full():
+    p = BlockPool(6, 2, shards=3)
+    p.allocate("a", list(range(6)))                       # 3 blocks: homes 0, 1, 2
+    assert [p.shard_of(b) for b in p.block_table("a")] == [0, 1, 2]
+    p.allocate("b", list(range(100, 104)))                # next sequence starts one shard further
+    assert [p.shard_of(b) for b in p.block_table("b")] == [1, 2]
+    p.allocate("c", list(range(200, 202)))                # home shard 2 is full: spills to shard 0
+    assert [p.shard_of(b) for b in p.block_table("c")] == [0] and p.stats()["spills"] == 1
+    with pytest.raises(ValueError, match="divide"):
+        BlockPool(7, 2, shards=2)

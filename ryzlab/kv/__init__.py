@@ -5,7 +5,8 @@ Public API (see each module's docstring):
 * :class:`BlockPool` — plain-Python blocks, LRU free queue, ref counts, prefix hashes, CoW.
 * :class:`KVFormat` — codec + scale granularity: ``encode`` / ``decode`` / ``bytes_per_token``.
 * :class:`PagedKVCache` — per-layer pages, ``add_sequence`` / ``extend`` / ``write`` /
-  ``attend`` / ``attend_partial`` (with log-sum-exp) / ``read_kv`` / ``ledger`` / ``stats``.
+  ``allocate_slots`` / ``attend`` (context-parallel with ``cp=``: log-sum-exp partials merged) / ``read_kv`` /
+  ``ledger`` / ``stats``; :mod:`ryzlab.kv.context` migrates and checks blocks across cp ranks.
 """
 from ryzlab.kv.blocks import AppendResult, Block, BlockPool, FreeBlockQueue, hash_block
 from ryzlab.kv.cache import PagedKVCache, Step

@@ -5,7 +5,7 @@ normalised output ``o_i`` and log-sum-exp ``l_i = log sum_j exp(s_j)`` of its sc
 
     l = logsumexp_i l_i,    o = sum_i exp(l_i - l) * o_i
 
-This is what lets the ``sequence`` strategy attend locally on each rank's blocks and exchange
+This is what lets context parallelism attend locally on each rank's blocks and exchange
 only ``O(batch * heads * head_dim)`` numbers per layer. An empty part has ``l_i = -inf`` and
 weight 0; if every part is empty the output is 0 (no keys) and ``l = -inf``.
 """
