@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import re
 import struct
 from collections import Counter
@@ -35,6 +36,8 @@ HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _ROPE_TYPES = ("default", "llama3", "linear")
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+_BLOCK_BYTES = 16 * 2**20
+"""Rows per mapped block: ~16 MiB of float32 (the transient on top of the materialized weights)."""
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # a buffer old transformers versions saved
 
 
@@ -189,26 +192,52 @@ class HFCheckpoint:
     def read_into(self, name: str, out: torch.Tensor, spec: tuple[int, torch.Tensor] | None) -> None:
         """Copy tensor ``name`` (a file name), or its rows/columns ``spec = (dim, indices)``, into ``out``.
 
-        Only the slice is touched in the memory map; ``copy_`` converts to ``out``'s dtype in one pass.
+        Rows are read through safetensors' memory map in blocks of about 16 MiB, the file mapped
+        afresh for each block: a mapped page counts as resident until it is unmapped, so holding
+        one mapping for a whole tensor (an embedding matrix is the largest) would add that tensor
+        to the peak. ``copy_`` converts to ``out``'s dtype in the same pass.
         """
         from safetensors import safe_open
 
-        file = self.tensors[name][0]
-        with safe_open(str(self.folder / file), framework="pt") as f:
-            # the views into the map die when _copy_slice returns, before the file is unmapped
-            _copy_slice(f.get_slice(name), out, spec, name)
+        file, _, shape = self.tensors[name]
+        path = str(self.folder / file)
+        row_bytes = 4 * (math.prod(shape[1:]) if len(shape) > 1 else 1)
+        step = max(1, _BLOCK_BYTES // row_bytes)
+        if spec is None or spec[0] == 1 or len(shape) == 1:
+            runs = [(0, shape[0])] if len(shape) > 1 else [(0, 1)]
+        else:
+            runs = _runs(spec[1])
+        pos = 0
+        for a, b in runs:
+            for s in range(a, b, step):
+                e = min(b, s + step)
+                with safe_open(path, framework="pt") as f:
+                    # the views into the map die inside _copy_block, before the file is unmapped
+                    pos += _copy_block(f.get_slice(name), out, pos, s, e, spec, len(shape), name)
+        if pos != (out.shape[0] if len(shape) > 1 else 1):
+            raise AssertionError(f"{name}: filled {pos} rows of {tuple(out.shape)} (shard spec bug)")
 
 
-def _copy_slice(sl: Any, out: torch.Tensor, spec: tuple[int, torch.Tensor] | None, name: str) -> None:
-    if spec is None:
+def _copy_block(sl: Any, out: torch.Tensor, pos: int, a: int, b: int, spec: tuple[int, torch.Tensor] | None,
+                ndim: int, name: str) -> int:
+    """Rows ``[a, b)`` of the file tensor (only ``spec``'s columns for a row-parallel shard) -> ``out[pos:]``."""
+    if ndim == 1:  # a bias or a norm: small, read whole, indexed for a shard
         src = sl[:]
+        src = src if spec is None else src.index_select(0, spec[1])
+        if tuple(src.shape) != tuple(out.shape):
+            raise AssertionError(f"{name}: read {tuple(src.shape)} into {tuple(out.shape)} (shard spec bug)")
+        out.copy_(src)
+        return 1
+    if spec is not None and spec[0] == 1:
+        parts = [sl[a:b, c0:c1] for c0, c1 in _runs(spec[1])]
+        src = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     else:
-        dim, idx = spec
-        parts = [sl[a:b] if dim == 0 else sl[:, a:b] for a, b in _runs(idx)]
-        src = parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
-    if tuple(src.shape) != tuple(out.shape):
-        raise AssertionError(f"{name}: read {tuple(src.shape)} into {tuple(out.shape)} (shard spec bug)")
-    out.copy_(src)
+        src = sl[a:b]
+    if tuple(src.shape) != tuple(out[pos:pos + b - a].shape):
+        raise AssertionError(f"{name}: read {tuple(src.shape)} into {tuple(out[pos:pos + b - a].shape)} "
+                             f"(shard spec bug)")
+    out[pos:pos + b - a].copy_(src)
+    return b - a
 
 
 def _runs(idx: torch.Tensor) -> list[tuple[int, int]]:

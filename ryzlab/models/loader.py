@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import ModelConfig, ParallelConfig
 from ..model import Transformer, rope_inv_freq
-from .source import ModelSource, check_model, resolve_dtype
+from .source import ModelSource, check_model, meta_skeleton, resolve_dtype
 from .tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_folder, tokenizer_from_gguf
 
 log = logging.getLogger(__name__)
@@ -126,8 +126,7 @@ def _from_checkpoint(src: ModelSource, dtype: torch.dtype, device: torch.device,
             perm = cfg.head_dim if (".attn_q." in name or ".attn_k." in name) else 0
             ckpt.read_into(name, out, spec, unpermute_head_dim=perm)
 
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    model = meta_skeleton(cfg)
     if tp is not None:
         apply_tp(model, tp)
     layout = getattr(model, "tp_layout", None) or tp_layout(cfg, 1, 0)

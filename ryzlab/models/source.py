@@ -8,6 +8,7 @@ naming what is supported, so a sweep rejects a bad point before any process star
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -15,7 +16,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Iterator, Literal, get_args
 
 import torch
 
@@ -24,7 +25,7 @@ from ..config import ModelConfig
 log = logging.getLogger(__name__)
 
 __all__ = ["MODEL_CHOICES", "ModelKind", "ModelSource", "check_model", "DTYPES", "resolve_dtype",
-           "expected_shapes", "check_shapes", "smollm2_gguf_path", "SMOLLM2_GGUF"]
+           "expected_shapes", "check_shapes", "meta_skeleton", "smollm2_gguf_path", "SMOLLM2_GGUF"]
 
 MODEL_CHOICES = "'reference', 'random', a Hugging Face folder (config.json + *.safetensors) or a .gguf file"
 ModelKind = Literal["reference", "random", "hf", "gguf"]
@@ -65,14 +66,43 @@ def _bad(spec: object, why: str) -> ValueError:
     return ValueError(f"model {spec!r}: {why}; expected {MODEL_CHOICES}")
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Parameter name -> shape of a :class:`~ryzlab.model.Transformer` of ``cfg`` (tied output omitted),
-    from a meta-device skeleton (no memory)."""
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """Build a skeleton without computing anything (transformers' ``no_init_weights`` idea).
+
+    Under ``torch.device("meta")`` the random fills of ``torch.nn.init`` and the RoPE table's
+    ``arange`` compute nothing, yet they go through torch's Python reference implementations,
+    whose first use imports ~800 modules (sympy included): ~70 MiB of resident memory that has
+    nothing to do with the weights. Both are skipped while the skeleton is built; the loader sets
+    the real RoPE frequencies afterwards.
+    """
+    from .. import model as model_module
+
+    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    rope = model_module.rope_inv_freq
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *a, **k: tensor)
+    model_module.rope_inv_freq = lambda cfg, device=None: torch.empty(cfg.head_dim // 2, device="meta")
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+        model_module.rope_inv_freq = rope
+
+
+def meta_skeleton(cfg: ModelConfig) -> Any:
+    """A :class:`~ryzlab.model.Transformer` of ``cfg`` on the meta device: shapes, no memory, no init."""
     from ..model import Transformer
 
-    with torch.device("meta"):
-        m = Transformer(cfg)
-    return {n: tuple(p.shape) for n, p in m.named_parameters()}
+    with _no_init(), torch.device("meta"):
+        return Transformer(cfg)
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of a :class:`~ryzlab.model.Transformer` of ``cfg`` (tied output omitted)."""
+    return {n: tuple(p.shape) for n, p in meta_skeleton(cfg).named_parameters()}
 
 
 def check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],
