@@ -1,5 +1,8 @@
 """Byte-level text every machine has offline: the Python standard library's own source.
 
+:func:`token_stream` / :func:`text_windows` tokenize it (or any text file) with a model's
+tokenizer, so a loaded checkpoint is scored on the same held-out text as the reference model.
+
 No tokenizer and no download: tokens are bytes (vocab 256). The file list is fixed and
 sorted (``*.py`` under ``sysconfig.get_paths()["stdlib"]``, without ``site-packages`` and
 test suites), and the held-out split is decided per file by a hash of its relative path,
@@ -15,12 +18,13 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Corpus", "stdlib_corpus", "heldout_windows"]
+__all__ = ["Corpus", "stdlib_corpus", "heldout_windows", "token_stream", "text_windows"]
 
 HELDOUT_PERCENT = 5
 """Files whose path hash falls in the lowest 5 % are held out (~30 of ~670 files)."""
@@ -93,3 +97,41 @@ def heldout_windows(n: int, length: int, *, offset: int = 0, corpus: Corpus | No
         raise ValueError(f"held-out text has {data.numel()} bytes; {n} windows of {length} from offset "
                          f"{offset} need {need}")
     return data[offset:need].view(n, length).long()
+
+
+def token_stream(tokenizer: Any, n_tokens: int, *, text: str | Path | None = None) -> torch.Tensor:
+    """The first ``n_tokens`` tokens (or all, if fewer) of ``text`` -> int64 [<= n_tokens].
+
+    ``text``: a file path (read as UTF-8); ``None``/empty = the held-out stdlib text. The byte
+    tokenizer on the default text takes the held-out bytes as they are (identical to
+    :func:`heldout_windows`); any other tokenizer encodes the text without special tokens (no BOS
+    in the middle of a document), growing the encoded prefix until it has enough tokens.
+    """
+    from .models.tokenizer import ByteTokenizer
+
+    if not text:
+        if isinstance(tokenizer, ByteTokenizer):
+            return stdlib_corpus().heldout[:n_tokens].long()
+        raw = bytes(stdlib_corpus().heldout.tolist()).decode("utf-8", errors="replace")
+    else:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise ValueError(f"text file {str(path)!r} does not exist (empty = the held-out stdlib text)")
+        raw = path.read_text(encoding="utf-8", errors="replace")
+    chars = min(len(raw), max(4096, 6 * n_tokens))
+    while True:  # BPE merges cross any cut, so encode a growing prefix and keep the first n_tokens
+        ids = tokenizer.encode(raw[:chars], add_special_tokens=False)
+        if len(ids) > n_tokens or chars >= len(raw):
+            return torch.tensor(ids[:n_tokens], dtype=torch.long)
+        chars = min(len(raw), 2 * chars)
+
+
+def text_windows(tokenizer: Any, n: int, length: int, *, text: str | Path | None = None, offset: int = 0
+                 ) -> torch.Tensor:
+    """``n`` consecutive, non-overlapping windows of ``length`` tokens from ``offset`` -> int64 [n, length]."""
+    need = offset + n * length
+    ids = token_stream(tokenizer, need, text=text)
+    if ids.numel() < need:
+        raise ValueError(f"{'held-out stdlib text' if not text else text} gives {ids.numel()} tokens; {n} windows of "
+                         f"{length} from offset {offset} need {need}")
+    return ids[offset:need].view(n, length)

@@ -26,7 +26,8 @@ def test_tiny_run_tidy_columns(codec, tmp_path):
     assert (tmp_path / "metrics.parquet").exists()
     r = df.iloc[0]
     if codec == "none":
-        assert r.kl_per_token < 1e-6 and abs(r.ppl_delta) < 1e-3 * r.ppl_ref  # float rounding only
+        assert r.kl_per_token == 0.0 and r.ppl_delta == 0.0 and r.top1_agree == 1.0  # it is the reference
+        assert r.ppl_ref == pytest.approx(r.ppl_dense, rel=1e-5)  # and the reference is the model
         assert r.ratio_vs_bf16 > 2.0  # float32 model dtype, plus block padding
     else:
         assert r.kl_per_token > 0 and r.ratio_vs_bf16 < 0.5
@@ -46,6 +47,26 @@ def test_report_runs_headless(monkeypatch):
     assert shown and "tpot_ms_p50" in shown[0].columns
 
 
+@pytest.mark.parametrize("codec", ["none", "int4"])
+def test_loaded_checkpoint_as_model(codec, tmp_path):
+    """``model`` = a Hugging Face folder, ``text`` = a file: tokenized with the checkpoint's tokenizer."""
+    import tiny_checkpoints as tc
+
+    tc.save_hf(tmp_path / "m", "llama")
+    text = tmp_path / "t.txt"
+    text.write_text("".join(tc.TEXT) * 40)
+    df = run_experiment("kv_compression", {**TINY, "model": str(tmp_path / "m"), "text": str(text), "codec": codec})
+    r = df.iloc[0]
+    assert r.model == str(tmp_path / "m") and r.model_name == "m" and r.model_dtype == "float32"
+    assert r.model_params == 82240 and r.tokens_scored == 2 * 8
+    assert (r.kl_per_token == 0.0) == (codec == "none") and 0 < r.top1_agree <= 1
+    bf16 = run_experiment("kv_compression", {**TINY, "model": str(tmp_path / "m"), "codec": codec, "dtype": "bfloat16",
+                                             "eval_windows": 0})
+    assert bf16.model_dtype.iloc[0] == "bfloat16"
+    if codec == "none":  # the uncompressed cache stores the model dtype: half the float32 bytes
+        assert bf16.kv_bytes_per_token.iloc[0] == pytest.approx(r.kv_bytes_per_token / 2, rel=0.05)
+
+
 def test_invalid_config_names_choices():
     with pytest.raises(ConfigError, match="choose one of"):
         make_config("kv_compression", {"codec": "int3"})
@@ -55,3 +76,10 @@ def test_invalid_config_names_choices():
         run(Config(model="random", codec="int4", key_granularity="group", group_size=5))
     with pytest.raises(ConfigError, match="eval_prefill"):
         make_config("kv_compression", {"eval_prefill": 300, "eval_len": 256})
+    with pytest.raises(ConfigError, match="no such file or folder") as e:  # before any work
+        make_config("kv_compression", {"model": "/no/such/checkpoint"})
+    assert "'reference', 'random', a Hugging Face folder" in str(e.value)
+    with pytest.raises(ConfigError, match="text='/no/such.txt': no such file"):
+        make_config("kv_compression", {"text": "/no/such.txt"})
+    with pytest.raises(ConfigError, match="choose one of 'auto', 'float32', 'bfloat16', 'float16'"):
+        make_config("kv_compression", {"dtype": "int8"})

@@ -1,25 +1,29 @@
-"""KV-cache compression: memory, accuracy and speed of one cache layout on the reference model.
+"""KV-cache compression: memory, accuracy and speed of one cache layout on one model.
 
-One point = codec x scale granularity x block size x residual window x context x batch.
+One point = model x codec x scale granularity x block size x residual window x context x batch.
 Measured on the device present (``device`` column), with the shipped byte-level reference
-model (``model="reference"``, :func:`ryzlab.model.load_reference_model`) or a tiny random one
-(``model="random"``, for tests):
+model (``model="reference"``), a tiny random one (``model="random"``, for tests) or any
+checkpoint :func:`ryzlab.models.load_model` reads (a Hugging Face folder or a ``.gguf`` file:
+``model`` is a sweep axis like any other). Text is tokenized with the model's own tokenizer:
+``text`` names a UTF-8 file, empty = the held-out stdlib text.
 
 * memory: ``kv_bytes_per_token`` (ledger total / tokens held, scales, residual window, block
   padding and block tables included), ``cache_bytes``, ``ratio_vs_bf16``, and
   ``max_tokens_in_budget`` = how many tokens fit ``memory_budget_mib`` at that rate;
 * speed: ``prefill_ms`` (``batch`` sequences of ``context`` tokens) and, one row per timed
   step, ``tpot_ms`` = one decode step of the whole batch (time per output token);
-* accuracy (:mod:`ryzlab.kv.accuracy`, held-out stdlib text, teacher forcing):
-  ``kl_per_token``, ``ppl``, ``ppl_ref``, ``ppl_delta``, ``rel_logit_err``, ``k_rel_err``,
-  ``v_rel_err``, ``attn_rel_err``.
+* accuracy (:mod:`ryzlab.kv.accuracy`, teacher-forced decode through the compressed cache vs the
+  uncompressed one): ``kl_per_token``, ``ppl``, ``ppl_ref``, ``ppl_delta``, ``top1_agree``,
+  ``ppl_dense``, ``rel_logit_err``, ``k_rel_err``, ``v_rel_err``, ``attn_rel_err``.
 """
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -54,8 +58,13 @@ class Config:
     eval_len: int = 256
     eval_prefill: int = 128
     """Tokens prefilled per window; the rest is decoded teacher-forced and scored."""
-    model: Literal["reference", "random"] = "reference"
-    """``reference``: the shipped checkpoint; ``random``: a tiny random model (tests)."""
+    model: str = "reference"
+    """``reference`` (the shipped checkpoint), ``random`` (a tiny random model, for tests), a Hugging Face
+    folder or a ``.gguf`` file (:data:`ryzlab.models.MODEL_CHOICES`)."""
+    text: str = ""
+    """UTF-8 text file for accuracy and timing tokens; empty = the held-out stdlib text."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and uncompressed-cache dtype; ``auto``: float32 on CPU, the checkpoint's dtype on CUDA."""
     threads: int = 1
     """CPU threads (0 = torch default); 1 keeps points fair when run side by side."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -77,7 +86,16 @@ class Config:
             raise ValueError(f"eval_prefill={self.eval_prefill} must be in [1, eval_len - 1 = {self.eval_len - 1}]")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA device is available; choose 'auto' or 'cpu'")
-        self.cache_config()  # validates the cache fields together
+        check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        if self.text and not Path(self.text).expanduser().is_file():
+            raise ValueError(f"text={self.text!r}: no such file (empty = the held-out stdlib text)")
+        self.cache_config().check_head_dim(self.model_config().head_dim)  # the cache fields together, and vs the model
+
+    def model_config(self) -> ModelConfig:
+        """The model's shape from its metadata alone (raises naming the valid model specs)."""
+        from ..models import check_model
+
+        return TINY if self.model == "random" else check_model(self.model).config
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(codec=self.codec, key_granularity=self.key_granularity,
@@ -88,23 +106,23 @@ class Config:
 TINY = ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
 
 
-def _model(cfg: Config, device: torch.device):
-    from ..model import Transformer, load_reference_model
+def _model(cfg: Config, device: torch.device) -> tuple[Any, Any, float | None, str]:
+    """(model, tokenizer, recorded held-out perplexity or None, model name)."""
+    from ..models import check_model, load_model
 
-    if cfg.model == "reference":
-        model, meta = load_reference_model(device=device)
-        return model, meta.get("heldout_perplexity")
-    torch.manual_seed(cfg.seed)
-    return Transformer(TINY).to(device).eval(), None
+    src = check_model(cfg.model)
+    model, tok = load_model(cfg.model, dtype=None if cfg.dtype == "auto" else cfg.dtype, device=device,
+                            model_config=TINY if cfg.model == "random" else None, seed=cfg.seed)
+    ref_ppl = None
+    if src.kind == "reference":
+        ref_ppl = json.loads(src.path.with_suffix(".json").read_text()).get("heldout_perplexity")
+    return model, tok, ref_ppl, src.name
 
 
-def _tokens(n: int, length: int, offset: int, device: torch.device) -> torch.Tensor:
-    """Held-out stdlib bytes, wrapping around when more is asked than there is."""
-    from ..corpus import stdlib_corpus
-
-    data = stdlib_corpus().heldout
-    idx = (offset + torch.arange(n * length)) % data.numel()
-    return data[idx].long().view(n, length).to(device)
+def _tokens(stream: torch.Tensor, n: int, length: int, offset: int, device: torch.device) -> torch.Tensor:
+    """``n`` windows of ``length`` tokens of ``stream`` from ``offset``, wrapping around when more is asked."""
+    idx = (offset + torch.arange(n * length)) % stream.numel()
+    return stream[idx].long().view(n, length).to(device)
 
 
 def _sync(device: torch.device) -> None:
@@ -122,14 +140,19 @@ def run(cfg: Config) -> pd.DataFrame:
                           ("cpu" if cfg.device == "auto" else cfg.device))
     if cfg.threads and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
-    model, ref_ppl = _model(cfg, device)
+    from ..corpus import token_stream
+
     cache_cfg = cfg.cache_config()
-    cache_cfg.check_head_dim(model.config.head_dim)
+    cache_cfg.check_head_dim(cfg.model_config().head_dim)
+    model, tok, ref_ppl, model_name = _model(cfg, device)
+    dtype = model.tok_embeddings.weight.dtype
     seqs = list(range(cfg.batch))
     # Timing tokens start after the accuracy windows, so the two never overlap.
-    tokens = _tokens(cfg.batch, cfg.context + cfg.warmup + cfg.decode_steps, cfg.eval_windows * cfg.eval_len, device)
+    timed = cfg.context + cfg.warmup + cfg.decode_steps
+    stream = token_stream(tok, cfg.eval_windows * cfg.eval_len + cfg.batch * timed, text=cfg.text or None)
+    tokens = _tokens(stream, cfg.batch, timed, cfg.eval_windows * cfg.eval_len, device)
 
-    paged = PagedKVCache(model.config, cache_cfg, dtype=torch.float32, device=device)
+    paged = PagedKVCache(model.config, cache_cfg, dtype=dtype, device=device)
     _sync(device)
     t0 = time.perf_counter()
     model(tokens[:, :cfg.context], cache=paged, seq_ids=seqs)
@@ -147,10 +170,10 @@ def run(cfg: Config) -> pd.DataFrame:
 
     acc: dict = {}
     if cfg.eval_windows:
-        windows = _tokens(cfg.eval_windows, cfg.eval_len, 0, device)
-        row = evaluate(model, [cache_cfg], windows, cfg.eval_prefill).iloc[0]
-        acc = {k: row[k] for k in ("kl_per_token", "kl_max", "ppl", "ppl_ref", "ppl_delta", "rel_logit_err",
-                                   "k_rel_err", "v_rel_err", "attn_rel_err", "tokens_scored")}
+        windows = _tokens(stream, cfg.eval_windows, cfg.eval_len, 0, device)
+        row = evaluate(model, [cache_cfg], windows, cfg.eval_prefill, model_name=model_name).iloc[0]
+        acc = {k: row[k] for k in ("kl_per_token", "kl_max", "ppl", "ppl_ref", "ppl_delta", "top1_agree", "ppl_dense",
+                                   "rel_logit_err", "k_rel_err", "v_rel_err", "attn_rel_err", "tokens_scored")}
     budget = cfg.memory_budget_mib * 2**20
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     return pd.DataFrame({
@@ -168,6 +191,8 @@ def run(cfg: Config) -> pd.DataFrame:
         "max_tokens_in_budget": int(budget // led["bytes_per_token"]),
         **acc,
         "model_heldout_ppl": ref_ppl,
+        "model_name": model_name,
+        "model_dtype": str(dtype).removeprefix("torch."),
         "model_params": sum(p.numel() for p in model.parameters()),
         "device": device.type,
         "device_name": name,

@@ -8,17 +8,30 @@ Per cache layout (codec x granularity x residual x block size), on held-out text
   residual window and not-yet-full blocks in full precision, exactly as attention sees them);
 * ``attn_rel_err``: relative error of the causal attention output, per layer, with the exact
   queries over K_hat/V_hat instead of K/V (reference model only: it needs the queries);
-* ``kl_per_token``: mean KL(p_exact || p_cache) of the next-token distributions, and
-  ``ppl`` / ``ppl_ref`` / ``ppl_delta``: perplexity with the cache, without, and the difference,
-  under **teacher forcing**: every sequence is prefilled with its first ``prefill`` tokens,
-  then fed its own next tokens one at a time (decode steps that read the cache); the metrics
-  cover the ``L - prefill`` predicted positions. Both runs see the same tokens, so errors
-  do not compound through different generations.
+* under **teacher forcing**, every window is prefilled with its first ``prefill`` tokens, then
+  fed its own next tokens one at a time — decode steps that really read the compressed cache —
+  and the ``L - prefill`` predicted positions are compared with the same run through the
+  **uncompressed** paged cache (codec ``none``, same block size): ``ppl`` / ``ppl_ref`` /
+  ``ppl_delta`` (perplexity with the cache, uncompressed, and the difference), ``kl_per_token``
+  (mean KL(p_uncompressed || p_cache) of the next-token distributions), ``top1_agree`` (fraction
+  of positions whose argmax equals the uncompressed cache's), ``rel_logit_err``; ``ppl_dense``
+  is the dense forward's (no cache at all) perplexity on the same positions, a check that the
+  uncompressed paged path is the model. Both runs see the same tokens, so errors do not
+  compound through different generations;
+* memory: ``kv_bytes_per_token`` and ``ratio_vs_bf16`` from the cache's byte ledger after the
+  run (scales, residual window, block padding and tables included), ``cache_total``.
 
-Semantics differ only where the two code paths differ, and are documented there: the
-reference model's paged attention reads every token from the cache, its own step included
-(``PagedKVCache.attend``); the HF path (:class:`ryzlab.kv.hf.RyzlabCache`) attends a step's
-own tokens at full precision, as HF's ``QuantizedCache`` does.
+Any model ryzlab loads (:func:`ryzlab.models.load_model`: the reference model, a Hugging Face
+folder, a GGUF file) runs through ryzlab's own Transformer and :class:`PagedKVCache`; windows
+come from the model's tokenizer on a text file (:func:`ryzlab.corpus.text_windows`; default the
+held-out stdlib text). ``python -m ryzlab.kv.accuracy --model PATH --preset standard`` prints
+the table.
+
+Semantics differ only where the two code paths differ, and are documented there: ryzlab's
+Transformer reads every token from the paged cache, its own step included
+(``PagedKVCache.attend``); :func:`evaluate_hf` (a transformers model on
+:class:`ryzlab.kv.hf.RyzlabCache`) attends a step's own tokens at full precision, as HF's
+``QuantizedCache`` does.
 """
 from __future__ import annotations
 
@@ -38,7 +51,8 @@ from .cache import PagedKVCache
 
 log = logging.getLogger(__name__)
 
-__all__ = ["capture_qkv", "reconstruction_error", "teacher_forced", "evaluate", "evaluate_hf",
+__all__ = ["capture_qkv", "reconstruction_error", "decode_logits", "teacher_forced", "evaluate", "evaluate_hf",
+           "dense_perplexity", "layout_label", "parse_layout", "STANDARD_LAYOUTS", "uncompressed",
            "hf_heldout_tokens", "layout_columns"]
 
 
@@ -119,72 +133,155 @@ def reconstruction_error(model_cfg: Any, cache_cfg: CacheConfig, qkv: Sequence[t
 
 
 # ----------------------------------------------------------------------------- logits
-def _compare_logits(logits: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """logits/ref [B, n, V] predicting targets [B, n] -> KL, perplexities, relative logit error."""
-    lp, lr = logits.float().log_softmax(-1), ref.float().log_softmax(-1)
-    kl = F.kl_div(lp, lr, log_target=True, reduction="none").sum(-1)  # [B, n] KL(ref || cache)
-    ce = F.cross_entropy(lp.flatten(0, 1), targets.flatten(), reduction="mean").item()
-    ce_ref = F.cross_entropy(lr.flatten(0, 1), targets.flatten(), reduction="mean").item()
-    return {"kl_per_token": kl.mean().item(), "kl_max": kl.max().item(), "ppl": math.exp(ce),
-            "ppl_ref": math.exp(ce_ref), "ppl_delta": math.exp(ce) - math.exp(ce_ref),
-            "rel_logit_err": _rel(logits, ref), "tokens_scored": int(targets.numel())}
+def _compare_logits(logits: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor, chunk: int = 64
+                    ) -> dict[str, float]:
+    """logits/ref [B, n, V] predicting targets [B, n] -> KL, perplexities, top-1 agreement, relative logit error.
+
+    Accumulated over ``chunk`` positions at a time: with a 50k-token vocabulary the log-softmax
+    copies of whole ``[B, n, V]`` tensors would be gigabytes.
+    """
+    kl_sum = kl_max = ce = ce_ref = agree = diff2 = ref2 = 0.0
+    n = logits.shape[1]
+    for a in range(0, n, chunk):
+        lg, rf, tg = logits[:, a:a + chunk].float(), ref[:, a:a + chunk].float(), targets[:, a:a + chunk]
+        lp, lr = lg.log_softmax(-1), rf.log_softmax(-1)
+        kl = F.kl_div(lp, lr, log_target=True, reduction="none").sum(-1)  # [B, c] KL(ref || cache)
+        kl_sum += kl.sum().item()
+        kl_max = max(kl_max, kl.max().item())
+        ce += F.cross_entropy(lp.flatten(0, 1), tg.flatten(), reduction="sum").item()
+        ce_ref += F.cross_entropy(lr.flatten(0, 1), tg.flatten(), reduction="sum").item()
+        agree += (lp.argmax(-1) == lr.argmax(-1)).sum().item()
+        diff2 += (lg - rf).pow(2).sum().item()
+        ref2 += rf.pow(2).sum().item()
+    count = targets.numel()
+    ppl, ppl_ref = math.exp(ce / count), math.exp(ce_ref / count)
+    return {"kl_per_token": kl_sum / count, "kl_max": kl_max, "ppl": ppl, "ppl_ref": ppl_ref,
+            "ppl_delta": ppl - ppl_ref, "top1_agree": agree / count,
+            "rel_logit_err": math.sqrt(diff2 / max(ref2, 1e-30)), "tokens_scored": int(count)}
+
+
+@torch.no_grad()
+def decode_logits(model: Transformer, tokens: torch.Tensor, cache_cfg: CacheConfig, prefill: int
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Prefill ``tokens[:, :prefill]`` into a fresh paged cache, then decode the rest teacher-forced.
+
+    tokens [B, L] -> (logits [B, L - prefill, V] float32 predicting ``tokens[:, prefill:]``, the
+    cache's byte ledger at the end). Every decode step reads the (compressed) cache.
+    """
+    B, L = tokens.shape
+    if not 0 < prefill < L:
+        raise ValueError(f"prefill={prefill} must be in [1, {L - 1}] for sequences of {L} tokens")
+    paged = PagedKVCache(model.config if not hasattr(model, "local_config") else model.local_config, cache_cfg,
+                         dtype=model.tok_embeddings.weight.dtype, device=tokens.device)
+    seqs = list(range(B))
+    out = torch.empty(B, L - prefill, model.config.vocab_size, dtype=torch.float32, device=tokens.device)
+    out[:, 0] = model(tokens[:, :prefill], cache=paged, seq_ids=seqs)[:, -1]
+    for t in range(prefill, L - 1):
+        out[:, t - prefill + 1] = model(tokens[:, t:t + 1], cache=paged, seq_ids=seqs)[:, 0]
+    return out, paged.ledger()
+
+
+def _ledger_columns(led: dict[str, float]) -> dict[str, float]:
+    return {"kv_bytes_per_token": led["bytes_per_token"], "ratio_vs_bf16": led["ratio_vs_bf16"],
+            "cache_total": led["total"], "cache_bytes_per_token": led["bytes_per_token"],
+            "cache_ratio_vs_bf16": led["ratio_vs_bf16"]}
+
+
+def uncompressed(cfg: CacheConfig) -> CacheConfig:
+    """The reference layout for ``cfg``: the same pages (block size), codec ``none``."""
+    return CacheConfig(codec="none", block_size=cfg.block_size)
 
 
 @torch.no_grad()
 def teacher_forced(model: Transformer, tokens: torch.Tensor, cache_cfg: CacheConfig, prefill: int,
                    ref_logits: torch.Tensor | None = None) -> dict[str, float]:
-    """Prefill ``tokens[:, :prefill]`` into a paged cache, decode the rest teacher-forced; compare.
+    """Teacher-forced decode through ``cache_cfg``, compared with the uncompressed cache.
 
     tokens [B, L]; the scored predictions are positions ``prefill-1 .. L-2`` (targets
-    ``tokens[:, prefill:]``). ``ref_logits`` [B, L, V]: the dense forward's (computed if None).
+    ``tokens[:, prefill:]``). ``ref_logits`` [B, L - prefill, V]: the uncompressed cache's
+    (:func:`decode_logits` with :func:`uncompressed`; computed if None).
     """
     B, L = tokens.shape
     if not 0 < prefill < L:
         raise ValueError(f"prefill={prefill} must be in [1, {L - 1}] for sequences of {L} tokens")
-    ref = model(tokens) if ref_logits is None else ref_logits
-    paged = PagedKVCache(model.config, cache_cfg, dtype=model.tok_embeddings.weight.dtype,
-                         device=tokens.device)
-    seqs = list(range(B))
-    steps = [model(tokens[:, :prefill], cache=paged, seq_ids=seqs)[:, -1:]]
-    for t in range(prefill, L - 1):
-        steps.append(model(tokens[:, t:t + 1], cache=paged, seq_ids=seqs))
-    logits = torch.cat(steps, dim=1)  # [B, L - prefill, V]
-    out = _compare_logits(logits, ref[:, prefill - 1:L - 1], tokens[:, prefill:])
-    out.update({f"cache_{k}": v for k, v in paged.ledger().items()
-                if k in ("total", "bytes_per_token", "ratio_vs_bf16")})
-    return out
+    ref = decode_logits(model, tokens, uncompressed(cache_cfg), prefill)[0] if ref_logits is None else ref_logits
+    logits, led = decode_logits(model, tokens, cache_cfg, prefill)
+    return {**_compare_logits(logits, ref, tokens[:, prefill:]), **_ledger_columns(led)}
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, cache_configs: Sequence[CacheConfig], tokens: torch.Tensor,
-             prefill: int) -> pd.DataFrame:
-    """Reference-model accuracy per cache layout: one row per layout (see the module docstring)."""
-    qkv = capture_qkv(model, tokens)
-    ref = model(tokens)
+def dense_perplexity(model: Transformer, tokens: torch.Tensor, prefill: int) -> float:
+    """Perplexity of a dense forward (no cache) on the positions teacher forcing scores; one window at a time."""
+    nll, n = 0.0, 0
+    for row in tokens:
+        logits = model(row[None])[0, prefill - 1:-1]                       # [L - prefill, V]
+        nll += F.cross_entropy(logits.float(), row[prefill:], reduction="sum").item()
+        n += row.numel() - prefill
+    return math.exp(nll / n)
+
+
+def layout_label(cfg: CacheConfig) -> str:
+    """A short name for a layout: ``int4 k=channel g32 r128`` (defaults left out)."""
+    parts = [cfg.codec]
+    if cfg.codec != "none":
+        if cfg.key_granularity != "token_head":
+            parts.append(f"k={cfg.key_granularity}")
+        if cfg.value_granularity != "token_head":
+            parts.append(f"v={cfg.value_granularity}")
+        if "group" in (cfg.key_granularity, cfg.value_granularity):
+            parts.append(f"g{cfg.group_size}")
+        if cfg.residual:
+            parts.append(f"r{cfg.residual}")
+        if not cfg.symmetric:
+            parts.append("asym")
+    return " ".join(parts)
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, cache_configs: Sequence[CacheConfig], tokens: torch.Tensor, prefill: int, *,
+             model_name: str = "reference", reconstruction: bool = True) -> pd.DataFrame:
+    """Accuracy and bytes per token of each cache layout on ``model``: one row per layout.
+
+    ``tokens`` [B, L] (windows of the model's tokens). The uncompressed reference run is made
+    once per block size; a layout equal to it reuses it. ``reconstruction``: also the K/V and
+    attention reconstruction errors (holds every layer's q/k/v of the windows in memory).
+    """
+    for cfg in cache_configs:
+        cfg.check_head_dim(model.config.head_dim)
+    qkv = capture_qkv(model, tokens) if reconstruction else None
+    dense = dense_perplexity(model, tokens, prefill)
+    runs: dict[CacheConfig, tuple[torch.Tensor, dict[str, float]]] = {}
+
+    def run(cfg: CacheConfig) -> tuple[torch.Tensor, dict[str, float]]:
+        if cfg not in runs:
+            runs[cfg] = decode_logits(model, tokens, cfg, prefill)
+        return runs[cfg]
+
     rows = []
     for cfg in cache_configs:
-        row = {**layout_columns(cfg), "model": "reference", "batch": tokens.shape[0], "seq_len": tokens.shape[1],
-               "prefill": prefill}
-        row.update(reconstruction_error(model.config, cfg, qkv))
-        row.update(teacher_forced(model, tokens, cfg, prefill, ref_logits=ref))
+        ref, _ = run(uncompressed(cfg))
+        logits, led = run(cfg)
+        row = {**layout_columns(cfg), "layout": layout_label(cfg), "model": model_name, "batch": tokens.shape[0],
+               "seq_len": tokens.shape[1], "prefill": prefill}
+        if qkv is not None:
+            row.update(reconstruction_error(model.config, cfg, qkv))
+        row.update(_compare_logits(logits, ref, tokens[:, prefill:]))
+        row.update(_ledger_columns(led), ppl_dense=dense)
         rows.append(row)
-        log.info("accuracy %s: KL %.2e ppl delta %.4f", cfg.codec, row["kl_per_token"], row["ppl_delta"])
+        log.info("accuracy %s: ppl %.4f (delta %+.4f) KL %.2e top1 %.4f, %.1f B/token", row["layout"], row["ppl"],
+                 row["ppl_delta"], row["kl_per_token"], row["top1_agree"], row["kv_bytes_per_token"])
+        for key in [k for k in runs if k not in (uncompressed(c) for c in cache_configs)]:
+            del runs[key]  # keep only the references (their logits are [B, L - prefill, V])
     return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------- any HF checkpoint
 def hf_heldout_tokens(path: str | Path, n: int, length: int) -> torch.Tensor:
-    """``n`` windows of ``length`` tokens of the stdlib held-out text, with the checkpoint's tokenizer."""
-    from transformers import AutoTokenizer
+    """``n`` windows of ``length`` tokens of the stdlib held-out text, with the folder's tokenizer.json."""
+    from ..corpus import text_windows
+    from ..models.tokenizer import tokenizer_from_folder
 
-    from ..corpus import stdlib_corpus
-
-    tok = AutoTokenizer.from_pretrained(str(path))
-    text = bytes(stdlib_corpus().heldout.tolist()).decode("utf-8", errors="replace")
-    ids = torch.tensor(tok(text[: n * length * 8])["input_ids"], dtype=torch.long)
-    if ids.numel() < n * length:
-        raise ValueError(f"held-out text gives {ids.numel()} tokens; {n} x {length} needed")
-    return ids[: n * length].view(n, length)
+    return text_windows(tokenizer_from_folder(path), n, length)
 
 
 @torch.no_grad()
@@ -226,18 +323,46 @@ def evaluate_hf(model: Any, cache_options: Sequence[dict[str, Any]], tokens: tor
 
 
 
+STANDARD_LAYOUTS: tuple[dict[str, Any], ...] = (
+    {"codec": "none"}, {"codec": "fp8_e4m3"}, {"codec": "fp8_e5m2"}, {"codec": "int8"}, {"codec": "int4"},
+    {"codec": "int4", "key_granularity": "group", "value_granularity": "group", "group_size": 32},
+    {"codec": "int4", "key_granularity": "channel"}, {"codec": "int4", "residual": 128},
+)
+"""``--preset standard``: the uncompressed cache, both fp8s, int8, int4 (per token and head), int4 with
+groups of 32, int4 with per-channel keys (KIVI), int4 with a 128-token full-precision window."""
+
+
+def parse_layout(text: str, defaults: dict[str, Any]) -> CacheConfig:
+    """``codec[,field=value...]`` (e.g. ``int4,key_granularity=channel,residual=128``) -> CacheConfig."""
+    from ..config import field_names, from_dict
+
+    codec, *rest = [p.strip() for p in text.split(",") if p.strip()]
+    values: dict[str, Any] = {**defaults, "codec": codec}
+    for item in rest:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"layout {text!r}: {item!r} is not field=value; fields: {', '.join(field_names(CacheConfig))}")
+        values[key] = raw.lower() == "true" if raw.lower() in ("true", "false") else (int(raw) if raw.isdigit() else raw)
+    return from_dict(CacheConfig, values, where=f"layout {text!r}")
+
+
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
-    """``python -m ryzlab.kv.accuracy [--hf PATH] [--codecs ...]``: print the accuracy table."""
+    """``python -m ryzlab.kv.accuracy [--model SPEC] [--text FILE] [--codecs ...|--layout ...|--preset standard]``."""
     import argparse
 
     from ..config import CODECS
-    from ..corpus import heldout_windows
-    from ..model import load_reference_model
+    from ..corpus import text_windows
+    from ..models import MODEL_CHOICES, check_model, load_model
 
-    ap = argparse.ArgumentParser(description="KV-cache accuracy vs uncompressed on held-out stdlib text "
-                                             "(teacher forcing)")
-    ap.add_argument("--hf", help="local Hugging Face checkpoint dir (default: the ryzlab reference model)")
+    ap = argparse.ArgumentParser(description="KV-cache accuracy vs the uncompressed cache (teacher-forced decode "
+                                             "through ryzlab's paged cache) on held-out text")
+    ap.add_argument("--model", "--hf", dest="model", default="reference",
+                    help=f"{MODEL_CHOICES} (--hf is the old name; default: reference)")
+    ap.add_argument("--text", default="", help="UTF-8 text file to score (default: the held-out stdlib text)")
     ap.add_argument("--codecs", default="fp8_e4m3,int8,int4", help=f"comma list of {', '.join(CODECS)}")
+    ap.add_argument("--layout", action="append", default=[],
+                    help="codec[,field=value...], repeatable (e.g. int4,key_granularity=channel); replaces --codecs")
+    ap.add_argument("--preset", choices=["standard"], help="the 8 layouts of STANDARD_LAYOUTS; replaces --codecs")
     ap.add_argument("--key-granularity", default="token_head")
     ap.add_argument("--value-granularity", default="token_head")
     ap.add_argument("--group-size", type=int, default=32)
@@ -246,23 +371,43 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--prefill", type=int, default=256)
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-reconstruction", action="store_true", help="skip the K/V / attention reconstruction errors")
+    ap.add_argument("--out", help="also write the table (.parquet or .csv)")
     a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    opts = [dict(codec=c, key_granularity=a.key_granularity, value_granularity=a.value_granularity,
-                 group_size=a.group_size, residual=a.residual, block_size=a.block_size)
-            for c in a.codecs.split(",")]
-    if a.hf:
-        df = evaluate_hf(a.hf, opts, hf_heldout_tokens(a.hf, a.windows, a.length), a.prefill)
-    else:
-        from ..config import from_dict
-
-        model, _ = load_reference_model()
-        df = evaluate(model, [from_dict(CacheConfig, o, where="--codecs") for o in opts],
-                      heldout_windows(a.windows, a.length), a.prefill)
-    cols = ["codec", "key_granularity", "value_granularity", "residual", "k_rel_err", "v_rel_err", "attn_rel_err",
-            "kl_per_token", "ppl", "ppl_ref", "ppl_delta", "rel_logit_err", "cache_ratio_vs_bf16"]
+    defaults = dict(key_granularity=a.key_granularity, value_granularity=a.value_granularity,
+                    group_size=a.group_size, residual=a.residual, block_size=a.block_size)
+    try:  # every input checked before the model is loaded
+        src = check_model(a.model)
+        if a.preset:
+            layouts = [CacheConfig(**o, block_size=a.block_size) for o in STANDARD_LAYOUTS]
+        else:
+            layouts = [parse_layout(t, defaults) for t in (a.layout or a.codecs.split(","))]
+        for cfg in layouts:
+            cfg.check_head_dim(src.config.head_dim)
+        if not 0 < a.prefill < a.length:
+            raise ValueError(f"--prefill {a.prefill} must be in [1, --length - 1 = {a.length - 1}]")
+    except ValueError as e:
+        ap.error(str(e))
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model, tok = load_model(a.model, dtype=a.dtype, device=a.device)
+    windows = text_windows(tok, a.windows, a.length, text=a.text or None).to(a.device)
+    df = evaluate(model, layouts, windows, a.prefill, model_name=src.name, reconstruction=not a.no_reconstruction)
+    df["text"] = a.text or "heldout-stdlib"
+    df["device"] = torch.device(a.device).type
+    cols = ["layout", "ppl", "ppl_delta", "kl_per_token", "top1_agree", "kv_bytes_per_token", "ratio_vs_bf16",
+            "k_rel_err", "v_rel_err", "attn_rel_err", "rel_logit_err"]
+    print(f"model={src.name} ({src.kind}, {src.architecture}, {src.n_params / 1e6:.1f} M params) "
+          f"dtype={str(model.tok_embeddings.weight.dtype).split('.')[-1]} device={df['device'].iloc[0]} "
+          f"text={df['text'].iloc[0]}: {a.windows} windows x {a.length} tokens, prefill {a.prefill}, "
+          f"{int(df['tokens_scored'].iloc[0])} positions scored; ppl_ref (uncompressed cache) "
+          f"{df['ppl_ref'].iloc[0]:.4f}, ppl_dense (no cache) {df['ppl_dense'].iloc[0]:.4f}")
     print(df[[c for c in cols if c in df]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if a.out:
+        (df.to_parquet if a.out.endswith(".parquet") else df.to_csv)(a.out)
     return df
 
 

@@ -1,0 +1,145 @@
+"""``load_model(spec)``: any supported checkpoint -> ryzlab's own :class:`~ryzlab.model.Transformer` + tokenizer.
+
+One path for every checkpoint format and every tensor-parallel size:
+
+1. :func:`~ryzlab.models.source.check_model` validates the spec from metadata alone;
+2. the model is built as a skeleton on the ``meta`` device (shapes, no memory);
+3. with a tensor-parallel group, :func:`ryzlab.parallel.apply_tp` shards the skeleton (slices the
+   meta tensors, sets the rank's head counts);
+4. each parameter is allocated on ``device`` in the target dtype and filled by reading only the
+   rows/columns :func:`ryzlab.parallel.shard_spec` says the rank keeps.
+
+So the weights are never materialized twice (no random init to overwrite, no full copy before
+sharding): peak memory is about the rank's final weight bytes plus one tensor in flight.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig, ParallelConfig
+from ..model import Transformer, rope_inv_freq
+from .source import ModelSource, check_model, meta_skeleton, resolve_dtype
+from .tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_folder, tokenizer_from_gguf
+
+log = logging.getLogger(__name__)
+
+__all__ = ["load_model", "load_tokenizer"]
+
+
+def load_tokenizer(spec: str | ModelSource) -> Tokenizer:
+    """The tokenizer of a model spec (reads tokenizer files / GGUF metadata only, no weights)."""
+    src = spec if isinstance(spec, ModelSource) else check_model(spec)
+    if src.kind in ("reference", "random"):
+        return ByteTokenizer()
+    if src.kind == "hf":
+        return tokenizer_from_folder(src.path)
+    from .gguf import open_gguf_file
+    from .source import _file_key
+
+    _, ckpt = open_gguf_file(src.path, _file_key(src.path))
+    return tokenizer_from_gguf(ckpt.meta, name=src.name)
+
+
+def load_model(spec: str, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+               tp: Any = None, model_config: ModelConfig | None = None, seed: int = 0
+               ) -> tuple[Transformer, Tokenizer]:
+    """Load ``spec`` (see :data:`~ryzlab.models.MODEL_CHOICES`) as a ryzlab Transformer in eval mode.
+
+    * ``reference``: the shipped byte-level checkpoint; ``random``: ``Transformer(model_config or
+      ModelConfig())`` initialised under ``torch.manual_seed(seed)`` (the global RNG is left as it was);
+      both come with a :class:`ByteTokenizer`.
+    * a Hugging Face folder / ``.gguf`` file: weights in ``dtype`` (default float32 on CPU, the
+      checkpoint's ``torch_dtype`` on an accelerator; ``'float32' | 'bfloat16' | 'float16'``).
+    * ``tp``: the tensor-parallel :class:`ryzlab.parallel.Comm` (None = tp 1). Each rank
+      materializes only its shard; ``model.tp_layout`` / ``model.local_config`` are set whenever
+      ``tp`` is given.
+
+    Every check (spec, dtype, tp size against the heads) runs before any weight is read.
+    """
+    device = torch.device(device)
+    src = check_model(spec)
+    if model_config is not None and src.kind != "random":
+        raise ValueError(f"model_config only shapes the 'random' model; {spec!r} brings its own config")
+    cfg = model_config if (src.kind == "random" and model_config is not None) else src.config
+    torch_dtype = resolve_dtype(dtype, src, device)
+    ws = 1 if tp is None else tp.world_size
+    if ws > 1:
+        from ..parallel import validate_parallel
+
+        validate_parallel(cfg, ParallelConfig(tp=ws))
+    t0 = time.perf_counter()
+    if src.kind in ("reference", "random"):
+        model = _builtin(src, cfg, torch_dtype, device, seed)
+        if tp is not None:
+            from ..parallel import apply_tp
+
+            apply_tp(model, tp)
+        tok: Tokenizer = ByteTokenizer()
+    else:
+        model = _from_checkpoint(src, torch_dtype, device, tp)
+        tok = load_tokenizer(src)
+    if tok.vocab_size > cfg.vocab_size:
+        log.warning("%s: tokenizer has %d ids but the model only %d rows of embeddings", src.name, tok.vocab_size,
+                    cfg.vocab_size)
+    log.info("loaded %s (%s, %s) in %.2f s: %.1f M params on %s, %s, tp rank %d/%d", src.name, src.kind,
+             src.architecture, time.perf_counter() - t0, src.n_params / 1e6, device, str(torch_dtype).split(".")[-1],
+             0 if tp is None else tp.rank, ws)
+    return model, tok
+
+
+def _builtin(src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int) -> Transformer:
+    if src.kind == "reference":
+        from ..model import load_reference_model
+
+        return load_reference_model(dtype=dtype, device=device)[0]
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model = Transformer(cfg)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _from_checkpoint(src: ModelSource, dtype: torch.dtype, device: torch.device, tp: Any) -> Transformer:
+    from ..parallel import apply_tp, shard_spec
+    from ..parallel.layout import tp_layout
+    from .source import _file_key
+
+    cfg = src.config
+    if src.kind == "hf":
+        from .hf import hf_name, open_hf_folder
+
+        _, ckpt = open_hf_folder(src.path, _file_key(src.path / "config.json"))
+        to_file, read = hf_name, ckpt.read_into
+    else:
+        from .gguf import gguf_name, open_gguf_file
+
+        _, ckpt = open_gguf_file(src.path, _file_key(src.path))
+        to_file = gguf_name
+
+        def read(name: str, out: torch.Tensor, spec: Any) -> None:
+            # llama.cpp permuted the rows of Q and K (and their biases) per head for its RoPE layout
+            perm = cfg.head_dim if (".attn_q." in name or ".attn_k." in name) else 0
+            ckpt.read_into(name, out, spec, unpermute_head_dim=perm)
+
+    model = meta_skeleton(cfg)
+    if tp is not None:
+        apply_tp(model, tp)
+    layout = getattr(model, "tp_layout", None) or tp_layout(cfg, 1, 0)
+    for name, p in list(model.named_parameters()):  # tied output.weight is the embedding: listed once
+        spec = shard_spec(name, cfg, layout)
+        out = torch.empty(p.shape, dtype=dtype, device=device)
+        with torch.no_grad():
+            read(to_file(name), out, spec)
+        mod_name, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(mod_name), attr, nn.Parameter(out, requires_grad=False))
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.inv_freq = rope_inv_freq(cfg, device)
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    assert not left, f"parameters left on the meta device after loading: {left}"
+    return model.eval()
