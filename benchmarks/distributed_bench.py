@@ -53,7 +53,7 @@ def _greedy(rank, world, tp, cp, codecs, n_prompts, prompt_len, new):
     from ryzlab.serve.replica import load_net
 
     g = init_parallel(ParallelConfig(tp=tp, cp=cp))
-    net = load_net("reference", tp=g.tp)
+    net = load_net("reference", tp=g.tp)[0]
     x = _prompts(n_prompts, prompt_len)
     out = []
     for c in codecs:
@@ -96,7 +96,7 @@ def _comm(rank, world, context, batch, steps):
     from ryzlab.serve.replica import load_net
 
     g = init_parallel(ParallelConfig(cp=world))
-    net = load_net("reference", tp=g.tp)
+    net = load_net("reference", tp=g.tp)[0]
     cache = PagedKVCache(net.local_config, CacheConfig(codec="none", block_size=16), cp=g.cp)
     runner = ModelRunner(net, cache)
     prompt = _prompts(1, context)[0].tolist()

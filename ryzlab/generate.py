@@ -34,6 +34,9 @@ class GenerateRequest:
     """0 = greedy."""
     seed: int = 0
     model: str = "reference"
+    """'reference', 'random', a Hugging Face folder or a .gguf file (:data:`ryzlab.models.MODEL_CHOICES`)."""
+    dtype: str | None = None
+    """float32 / bfloat16 / float16 (default: float32 on CPU, the checkpoint's on a GPU)."""
     block_size: int = 16
     threads: int | None = None
     backend: str = "auto"
@@ -64,10 +67,10 @@ def generate_rank(rank: int, world_size: int, req: GenerateRequest) -> dict[str,
 
     groups = init_parallel(ParallelConfig(tp=req.tp, cp=req.cp))
     tok = _tokenizer(req.model)
-    ids = tok.encode(req.prompt)
+    ids = tok.encode(req.prompt)  # special tokens as the tokenizer adds them (a BOS for Llama models)
     cfg = EngineConfig(max_model_len=len(ids) + req.max_tokens, max_num_seqs=1)
     engine = build_engine(model=req.model, codec=req.codec, block_size=req.block_size, num_blocks=None,
-                          config=cfg, groups=groups, tp=req.tp, cp=req.cp, threads=req.threads)
+                          config=cfg, groups=groups, tp=req.tp, cp=req.cp, threads=req.threads, dtype=req.dtype)
     if not groups.is_driver:
         engine.follow()
         return None
@@ -85,7 +88,7 @@ def generate(req: GenerateRequest) -> dict[str, Any]:
     """Validate, then run on ``tp * cp`` ranks (in this process at one rank, or under torchrun)."""
     from .serve.replica import check_engine_args
 
-    check_engine_args(model=req.model, codec=req.codec, tp=req.tp, cp=req.cp)  # before any process starts
+    check_engine_args(model=req.model, codec=req.codec, tp=req.tp, cp=req.cp, dtype=req.dtype)  # before any process
     world = req.tp * req.cp
     if _under_torchrun():
         from .orchestrator.launch import init_from_env
@@ -126,7 +129,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--codec", default="none", choices=CODECS, help="KV-cache storage format (default none)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    g.add_argument("--model", default="reference", help="'reference' (default), 'random' or a checkpoint path")
+    g.add_argument("--model", default="reference",
+                   help="'reference' (default), 'random', a Hugging Face folder or a .gguf file")
+    g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="weights' dtype (default float32 on CPU, the checkpoint's on a GPU)")
     g.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)")
     g.add_argument("--json", action="store_true", help="print one JSON line with text and token_ids")
     g.set_defaults(fn=cmd_generate)
@@ -135,7 +141,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     req = GenerateRequest(prompt=args.prompt, max_tokens=args.max_tokens, tp=args.tp, cp=args.cp, codec=args.codec,
-                          temperature=args.temperature, seed=args.seed, model=args.model, threads=args.threads)
+                          temperature=args.temperature, seed=args.seed, model=args.model, threads=args.threads,
+                          dtype=args.dtype)
     out = generate(req)
     if not out:  # a torchrun rank other than 0
         return 0

@@ -21,7 +21,7 @@ KW = {"model": "random", "model_config": MC, "block_size": 8, "num_blocks": 128,
 def test_unknown_policy_names_valid_ones():
     with pytest.raises(ValueError, match="least_outstanding"):
         Router(workers=2, policy="fastest", engine_kwargs=KW)
-    with pytest.raises(ValueError, match="checkpoint path"):  # before any process starts
+    with pytest.raises(ValueError, match="a .gguf file"):  # names what is supported, before any process starts
         Router(workers=2, engine_kwargs={**KW, "model": "no/such/file.safetensors"})
     with pytest.raises(ValueError, match="int8"):
         Router(workers=2, engine_kwargs={**KW, "codec": "int9"})

@@ -103,18 +103,20 @@ def make_config(values: dict) -> Config:
     return from_dict(Config, values, where="scaling")
 
 
-def _tokens(n: int, length: int) -> torch.Tensor:
-    """``n`` rows of ``length`` held-out stdlib bytes (wrapping): the same inputs at every layout."""
-    from ..corpus import stdlib_corpus
+def _tokens(model: str, n: int, length: int) -> torch.Tensor:
+    """``n`` rows of ``length`` held-out stdlib tokens of ``model``'s tokenizer (wrapping): the
+    same inputs at every layout."""
+    from ..corpus import token_stream
+    from ..serve.replica import tokenizer_for
 
-    data = stdlib_corpus().heldout
-    return data[torch.arange(n * length) % data.numel()].long().view(n, length)
+    ids = token_stream(tokenizer_for(model), n * length)
+    return ids[torch.arange(n * length) % ids.numel()].view(n, length)
 
 
 def _net(cfg: Config, groups) -> torch.nn.Module:
     from ..serve.replica import load_net
 
-    return load_net(cfg.model, device=groups.device, seed=cfg.seed, tp=groups.tp).to(getattr(torch, cfg.dtype))
+    return load_net(cfg.model, device=groups.device, seed=cfg.seed, tp=groups.tp, dtype=cfg.dtype)[0]
 
 
 def _cache(cfg: Config, net: torch.nn.Module, groups, num_blocks: int | None = None):
@@ -199,7 +201,7 @@ def _largest_context(cfg: Config, net: torch.nn.Module, groups) -> tuple[int, fl
         return 0, 0.0
     cache = _cache(cfg, net, groups, num_blocks=per_rank * cfg.cp)
     runner = ModelRunner(net, cache)
-    src = _tokens(1, per_rank * cfg.cp * cfg.block_size + 1)[0].tolist()
+    src = _tokens(cfg.model, 1, per_rank * cfg.cp * cfg.block_size + 1)[0].tolist()
     held, chunk = 0, cfg.prefill_chunk
     while chunk:
         toks = src[held:held + chunk]
@@ -251,9 +253,9 @@ def run(cfg: Config) -> pd.DataFrame:
     """Launch the ranks, measure prefill, decode, memory and communication; one row per decode step."""
     from ..serve.replica import check_engine_args
 
-    shape = check_engine_args(model=cfg.model, codec=cfg.codec, tp=cfg.tp, cp=cfg.cp)
+    shape = check_engine_args(model=cfg.model, codec=cfg.codec, tp=cfg.tp, cp=cfg.cp, dtype=cfg.dtype)
     validate_parallel(shape, cfg.parallel(), cfg.cache())  # a bad layout fails here, before any process
-    tokens = _tokens(cfg.batch, cfg.context + cfg.warmup + cfg.decode_steps)
+    tokens = _tokens(cfg.model, cfg.batch, cfg.context + cfg.warmup + cfg.decode_steps)
     t0 = time.perf_counter()
     # world size 1 too: one launched rank, the same code path and thread count as every layout
     res = launch(_rank_main, cfg.world_size, args=(cfg, tokens), backend=cfg.backend, timeout_s=cfg.timeout_s,

@@ -79,12 +79,13 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def validate_completion(body: Any, *, vocab_size: int, max_model_len: int
+def validate_completion(body: Any, *, vocab_size: int, max_model_len: int, tokenizer: Any = None
                         ) -> tuple[list[int], CompletionParams, bool]:
     """Check a ``/v1/completions`` body -> (prompt token ids, params, stream).
 
-    ``prompt`` is a string (encoded as UTF-8 bytes: the reference model is byte-level) or a
-    list of token ids. Raises :class:`RequestError` (400) naming the field and what is valid.
+    ``prompt`` is a string (encoded by the model's ``tokenizer``; UTF-8 bytes without one: the
+    reference model is byte-level) or a list of token ids. Raises :class:`RequestError` (400)
+    naming the field and what is valid.
     """
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
@@ -94,7 +95,9 @@ def validate_completion(body: Any, *, vocab_size: int, max_model_len: int
     if "prompt" not in body:
         raise RequestError("missing field 'prompt' (a string or a list of token ids)")
     prompt = body["prompt"]
-    if isinstance(prompt, str):
+    if isinstance(prompt, str) and tokenizer is not None:
+        ids = list(tokenizer.encode(prompt))
+    elif isinstance(prompt, str):
         ids = list(prompt.encode("utf-8"))
         if vocab_size < 256:
             raise RequestError(f"string prompts need a byte-level vocabulary (256); this model has "
@@ -132,6 +135,8 @@ def validate_completion(body: Any, *, vocab_size: int, max_model_len: int
     ignore_eos = body.get("ignore_eos", True)
     if not isinstance(ignore_eos, bool):
         raise RequestError(f"'ignore_eos' must be true or false, got {ignore_eos!r}")
+    if not ignore_eos and tokenizer is not None:  # stop at the model's end-of-sequence tokens too
+        stop = list(stop) + [t for t in getattr(tokenizer, "eos_token_ids", ()) if t not in stop]
     return ids, CompletionParams(max_tokens=max_tokens, temperature=float(temperature), seed=seed,
                                  stop_token_ids=tuple(stop), ignore_eos=ignore_eos), stream
 
@@ -149,8 +154,11 @@ def json_safe(x: Any) -> Any:
     return x
 
 
-def _text(ids: list[int], vocab_size: int) -> str:
-    return bytes(t for t in ids if t < 256).decode("utf-8", errors="replace") if vocab_size <= 256 else ""
+def _text(ids: list[int], backend: Any) -> str:
+    tok = getattr(backend, "tokenizer", None)
+    if tok is not None:
+        return tok.decode(ids)
+    return bytes(t for t in ids if t < 256).decode("utf-8", errors="replace") if backend.vocab_size <= 256 else ""
 
 
 def create_app(backend: Backend):
@@ -186,7 +194,8 @@ def create_app(backend: Backend):
             return error(400, f"request body is not valid JSON: {e}", "invalid_request_error")
         try:
             ids, params, stream = validate_completion(body, vocab_size=backend.vocab_size,
-                                                      max_model_len=backend.max_model_len)
+                                                      max_model_len=backend.max_model_len,
+                                                      tokenizer=getattr(backend, "tokenizer", None))
             check_choice("model", body.get("model", backend.model_name), (backend.model_name,))
         except ValueError as e:
             return error(getattr(e, "status", 400), str(e), "invalid_request_error")
@@ -195,7 +204,7 @@ def create_app(backend: Backend):
 
         def chunk(tokens: list[int], finish: str | None) -> dict[str, Any]:
             return {"id": rid, "object": "text_completion", "created": created, "model": backend.model_name,
-                    "choices": [{"index": 0, "text": _text(tokens, backend.vocab_size), "token_ids": tokens,
+                    "choices": [{"index": 0, "text": _text(tokens, backend), "token_ids": tokens,
                                  "finish_reason": finish}]}
 
         if not stream:

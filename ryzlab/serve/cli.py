@@ -26,7 +26,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     s.add_argument("--model", default="reference",
-                   help="'reference' (the shipped checkpoint), a checkpoint path, or 'random' (untrained weights of the reference shape: timing only) (default reference)")
+                   help="'reference' (the shipped checkpoint; default), 'random' (untrained weights of the reference "
+                        "shape: timing only), a Hugging Face folder (config.json + *.safetensors) or a .gguf file")
+    s.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="weights' dtype (default float32 on CPU, the checkpoint's on a GPU)")
     s.add_argument("--codec", default="none", choices=CODECS, help="KV-cache storage format (default none)")
     s.add_argument("--workers", type=int, default=1, help="engine replicas (default 1: in-process when tp x cp = 1)")
     s.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica (default 1)")
@@ -50,6 +53,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     # GPUs where present (one worker per GPU), CPU otherwise
     return {"model": args.model, "device": "cuda" if torch.cuda.is_available() else "cpu", "codec": args.codec,
             "block_size": args.block_size, "num_blocks": args.num_blocks, "tp": args.tp, "cp": args.cp,
+            "dtype": args.dtype,
             "config": {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
                        "preemption": args.preemption, "max_num_batched_tokens": max(256, args.max_num_seqs)}}
 
@@ -79,10 +83,10 @@ def make_backend(args: argparse.Namespace) -> Any:
 
 
 def model_name(model: str) -> str:
-    """The ``model`` id the API reports: ryzlab-reference, ryzlab-random, or the checkpoint's stem."""
+    """The ``model`` id the API reports: ryzlab-reference, ryzlab-random, or the checkpoint's name."""
     from pathlib import Path
 
-    return f"ryzlab-{model}" if model in ("reference", "random") else Path(model).stem
+    return f"ryzlab-{model}" if model in ("reference", "random") else Path(model).expanduser().resolve().stem
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -469,6 +469,7 @@ class AsyncEngine:
     def __init__(self, engine: Engine, *, model_name: str = "ryzlab-reference"):
         self.engine = engine
         self.model_name = model_name
+        self.tokenizer = getattr(engine, "tokenizer", None)
         self.vocab_size = engine.vocab_size
         self.max_model_len = engine.config.max_model_len
         self._lock = threading.Lock()

@@ -14,7 +14,6 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,33 +25,23 @@ __all__ = ["check_engine_args", "build_engine", "start_replica", "replica_rank_m
 
 log = logging.getLogger(__name__)
 
-MODEL_HELP = "'reference' (the shipped checkpoint), 'random' (untrained, reference shape: timing only) or a checkpoint path"
-
-
 def check_engine_args(*, model: str = "reference", codec: str = "none", device: str = "cpu", tp: int = 1,
                       cp: int = 1, num_blocks: int | None = None, model_config: ModelConfig | None = None,
-                      **_: Any) -> ModelConfig:
+                      dtype: str | None = None, **_: Any) -> ModelConfig:
     """Raise ``ValueError`` naming the valid choices for a bad model / codec / device / layout.
 
-    Reads no weights; returns the model's shape (for callers that size things from it).
+    Reads no weights (a checkpoint's metadata only); returns the model's shape.
     """
-    from ..model import REFERENCE_CHECKPOINT
+    from ..models import DTYPES, check_model
     from ..parallel.layout import validate_parallel
 
     check_choice("codec", codec, CODECS)
     if not (device == "cpu" or str(device).startswith("cuda")):
         raise ValueError(f"device={device!r} is not valid; choose 'cpu' or 'cuda[:N]'")
-    if model == "random":
-        shape = model_config or ModelConfig()
-    elif model == "reference":
-        if not REFERENCE_CHECKPOINT.exists():
-            raise ValueError(f"model='reference' needs the shipped checkpoint {REFERENCE_CHECKPOINT}, which is "
-                             f"missing; train it (python -m ryzlab.train) or choose 'random' or a checkpoint path")
-        shape = _checkpoint_config(REFERENCE_CHECKPOINT)
-    elif Path(model).is_file():
-        shape = _checkpoint_config(Path(model))
-    else:
-        raise ValueError(f"model={model!r} is not valid; choose {MODEL_HELP}")
+    if dtype is not None:
+        check_choice("dtype", dtype, tuple(DTYPES))
+    src = check_model(model)
+    shape = model_config if (src.kind == "random" and model_config is not None) else src.config
     try:
         validate_parallel(shape, ParallelConfig(tp=tp, cp=cp), CacheConfig(codec=codec, num_blocks=num_blocks))
     except ConfigError as e:
@@ -60,61 +49,34 @@ def check_engine_args(*, model: str = "reference", codec: str = "none", device: 
     return shape
 
 
-def _checkpoint_config(path: Path) -> ModelConfig:
-    import json
-
-    from ..config import from_dict
-
-    meta = path.with_suffix(".json")
-    if not meta.exists():
-        raise ValueError(f"model={str(path)!r}: no {meta.name} beside it (ryzlab checkpoints carry their config)")
-    return from_dict(ModelConfig, json.loads(meta.read_text())["config"], where=str(path))
-
-
-class _Bytes:
-    """UTF-8 bytes: the reference model's (and random models') tokenizer."""
-
-    eos_token_ids: tuple[int, ...] = ()
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: Any) -> str:
-        return bytes(t for t in ids if 0 <= t < 256).decode("utf-8", errors="replace")
-
-
 def tokenizer_for(model: str) -> Any:
-    """The tokenizer of ``model`` (``encode``, ``decode``, ``eos_token_ids``)."""
-    return _Bytes()
+    """The tokenizer of ``model`` (tokenizer files or GGUF metadata only; the reference model's bytes)."""
+    from ..models import load_tokenizer
+
+    return load_tokenizer(model)
 
 
 def load_net(model: str, *, device: str | torch.device = "cpu", seed: int = 0,
-             model_config: ModelConfig | None = None, tp: Any = None) -> torch.nn.Module:
-    """The model of one rank: loaded (or random), then sharded over ``tp`` (a Comm) if given."""
-    from ..model import Transformer, load_checkpoint, load_reference_model
-    from ..parallel.tp import apply_tp
+             model_config: ModelConfig | None = None, tp: Any = None, dtype: str | None = None
+             ) -> tuple[torch.nn.Module, Any]:
+    """The model of one rank and its tokenizer: loaded (only this rank's shard under ``tp``, a
+    Comm) or random. See :func:`ryzlab.models.load_model`."""
+    from ..models import load_model
 
-    if model == "reference":
-        net, _ = load_reference_model(device=device)
-    elif model == "random":
-        torch.manual_seed(seed)
-        net = Transformer(model_config or ModelConfig()).to(device).eval()
-    else:
-        net, _ = load_checkpoint(model, device=device)
-    if tp is not None:
-        apply_tp(net, tp)
-    return net
+    return load_model(model, dtype=dtype, device=device, tp=tp, model_config=model_config, seed=seed)
 
 
 def build_engine(*, model: str = "reference", codec: str = "none", block_size: int = 16,
                  num_blocks: int | None = 512, config: EngineConfig = EngineConfig(),
                  model_config: ModelConfig | None = None, seed: int = 0, threads: int | None = None,
-                 device: str = "cpu", groups: Any = None, tp: int = 1, cp: int = 1) -> Engine:
-    """The engine of one rank over ``model`` (see :data:`MODEL_HELP`); bad choices raise before
-    anything loads. ``groups``: this rank's :class:`ryzlab.parallel.ParallelGroups` in a tp x cp
-    replica (None: one rank; ``tp``/``cp`` must then be 1)."""
+                 device: str = "cpu", groups: Any = None, tp: int = 1, cp: int = 1,
+                 dtype: str | None = None) -> Engine:
+    """The engine of one rank over ``model`` (:data:`ryzlab.models.MODEL_CHOICES`); bad choices
+    raise before anything loads. ``groups``: this rank's :class:`ryzlab.parallel.ParallelGroups`
+    in a tp x cp replica (None: one rank; ``tp``/``cp`` must then be 1). The engine's
+    ``tokenizer`` is the model's."""
     check_engine_args(model=model, codec=codec, device=device, tp=tp, cp=cp, num_blocks=num_blocks,
-                      model_config=model_config)
+                      model_config=model_config, dtype=dtype)
     if groups is None and tp * cp != 1:
         raise ValueError(f"tp={tp} x cp={cp} needs the replica's process groups (start_replica / launch)")
     from ..kv.cache import PagedKVCache
@@ -125,12 +87,14 @@ def build_engine(*, model: str = "reference", codec: str = "none", block_size: i
         torch.set_num_threads(threads)
     if groups is not None:
         device = str(groups.device)
-    net = load_net(model, device=device, seed=seed, model_config=model_config,
-                   tp=groups.tp if groups is not None else None)
+    net, tok = load_net(model, device=device, seed=seed, model_config=model_config,
+                        tp=groups.tp if groups is not None else None, dtype=dtype)
     local = getattr(net, "local_config", net.config)
     cache = PagedKVCache(local, cache_config, dtype=next(net.parameters()).dtype, device=device,
                          cp=groups.cp if groups is not None else None)
-    return Engine(net, cache, config, control=groups.control if groups is not None else None)
+    engine = Engine(net, cache, config, control=groups.control if groups is not None else None)
+    engine.tokenizer = tok
+    return engine
 
 
 def _engine_kwargs(kw: dict[str, Any]) -> dict[str, Any]:

@@ -103,6 +103,10 @@ class Router:
         self.max_reroutes = max_reroutes
         self.affinity_tokens = affinity_tokens
         self.model_name = model_name
+        from .replica import tokenizer_for
+
+        self.tokenizer = tokenizer_for((engine_kwargs or {}).get("model", "reference"))
+        """The model's tokenizer, for the API's string prompts (files / metadata only, no weights)."""
         self.start_timeout_s = start_timeout_s
         self.workers = [WorkerHandle(i) for i in range(workers)]
         self.vocab_size = 0
