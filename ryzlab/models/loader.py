@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from ..config import ModelConfig, ParallelConfig
 from ..model import Transformer, rope_inv_freq
 from .source import ModelSource, check_model, meta_skeleton, resolve_dtype
 from .tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_folder, tokenizer_from_gguf
+
+if TYPE_CHECKING:
+    from ..parallel import Comm
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ def load_tokenizer(spec: str | ModelSource) -> Tokenizer:
 
 
 def load_model(spec: str, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-               tp: Any = None, model_config: ModelConfig | None = None, seed: int = 0
+               tp: Comm | None = None, model_config: ModelConfig | None = None, seed: int = 0
                ) -> tuple[Transformer, Tokenizer]:
     """Load ``spec`` (see :data:`~ryzlab.models.MODEL_CHOICES`) as a ryzlab Transformer in eval mode.
 
@@ -104,7 +107,7 @@ def _builtin(src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device: tor
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _from_checkpoint(src: ModelSource, dtype: torch.dtype, device: torch.device, tp: Any) -> Transformer:
+def _from_checkpoint(src: ModelSource, dtype: torch.dtype, device: torch.device, tp: Comm | None) -> Transformer:
     from ..parallel import apply_tp, shard_spec
     from ..parallel.layout import tp_layout
     from .source import _file_key
