@@ -212,8 +212,26 @@ def test_missing_paths_name_the_choices(tmp_path, no_weight_reads):
             load_model(spec)
         assert MODEL_CHOICES in str(e.value)
     (tmp_path / "w.bin").write_bytes(b"x")
-    with pytest.raises(ValueError, match="not a .gguf"):
+    with pytest.raises(ValueError, match="neither a .gguf file nor a ryzlab .safetensors checkpoint"):
         check_model(str(tmp_path / "w.bin"))
+    (tmp_path / "w.safetensors").write_bytes(b"x")  # no .json beside it
+    with pytest.raises(ValueError, match="without a readable ryzlab w.json"):
+        check_model(str(tmp_path / "w.safetensors"))
+
+
+def test_a_ryzlab_checkpoint_loads_with_the_byte_tokenizer(tmp_path):
+    """What `python -m ryzlab.train --out` writes stays a valid --model."""
+    from ryzlab.config import ModelConfig
+    from ryzlab.model import Transformer, save_checkpoint
+
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=256, dim=32, n_layers=1, n_heads=2, n_kv_heads=1)).eval()
+    save_checkpoint(m, tmp_path / "mine.safetensors", {"seed": 0}, dtype=torch.float32)
+    src = check_model(str(tmp_path / "mine.safetensors"))
+    assert (src.kind, src.name, src.config.dim) == ("checkpoint", "mine", 32)
+    loaded, tok = load_model(str(tmp_path / "mine.safetensors"))
+    x = torch.tensor([tok.encode("def f():")])
+    assert torch.equal(loaded(x), m(x))
 
 
 def test_unsupported_architecture_names_supported(folders, tmp_path, no_weight_reads):
