@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
-from .config import ConfigError
+from .config import CODECS, ConfigError
 
 EPILOG = """examples:
   ryzlab info                                  what this machine offers (python, torch, devices, health)
@@ -57,6 +60,44 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    g = subparsers.add_parser(
+        "generate", help="complete one prompt with a model split over tp x cp ranks",
+        description="Greedy (or sampled) completion of --prompt. Starts tp x cp ranks itself, or runs as the "
+                    "rank torchrun made it: torchrun --nproc-per-node 2 -m ryzlab generate --tp 2 --prompt ...")
+    g.add_argument("--prompt", required=True, help="text to complete")
+    g.add_argument("--max-tokens", type=int, default=32, help="tokens to generate at most (default 32)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (default 1)")
+    g.add_argument("--cp", type=int, default=1, help="context-parallel ranks (default 1)")
+    g.add_argument("--codec", default="none", choices=CODECS, help="KV-cache storage format (default none)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--model", default="reference",
+                   help="'reference' (default), 'random', a Hugging Face folder or a .gguf file")
+    g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="weights' dtype (default float32 on CPU, the checkpoint's on a GPU)")
+    g.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)")
+    g.add_argument("--json", action="store_true", help="print one JSON line with text and token_ids")
+    g.set_defaults(fn=cmd_generate)
+    return g
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import GenerateRequest, generate
+
+    req = GenerateRequest(prompt=args.prompt, max_tokens=args.max_tokens, tp=args.tp, cp=args.cp, codec=args.codec,
+                          temperature=args.temperature, seed=args.seed, model=args.model, threads=args.threads,
+                          dtype=args.dtype)
+    out = generate(req)
+    if not out:  # a torchrun rank other than 0
+        return 0
+    if args.json:
+        print(json.dumps({"text": out["text"], "token_ids": out["token_ids"], "request": dataclasses.asdict(req)}))
+    else:
+        print(out["text"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ryzlab", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -86,11 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="python/torch versions, devices and their health readings")
     i.set_defaults(fn=_cmd_info)
 
-    from .generate import add_parser as add_generate_parser
     from .serve.cli import add_parser as add_serve_parser
 
     add_serve_parser(sub)
-    add_generate_parser(sub)
+    _add_generate_parser(sub)
     return p
 
 

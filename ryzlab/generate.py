@@ -8,17 +8,13 @@ its plans. At tp = cp = 1 the same code runs in this process, every collective a
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from .config import CODECS
-
-__all__ = ["GenerateRequest", "generate", "generate_rank", "add_parser"]
+__all__ = ["GenerateRequest", "generate", "generate_rank"]
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +84,11 @@ def generate(req: GenerateRequest) -> dict[str, Any]:
     """Validate, then run on ``tp * cp`` ranks (in this process at one rank, or under torchrun)."""
     from .serve.replica import check_engine_args
 
-    check_engine_args(model=req.model, codec=req.codec, tp=req.tp, cp=req.cp, dtype=req.dtype)  # before any process
+    shape = check_engine_args(model=req.model, codec=req.codec, tp=req.tp, cp=req.cp, dtype=req.dtype)
+    n_prompt = len(_tokenizer(req.model).encode(req.prompt))
+    if n_prompt + req.max_tokens > shape.max_seq_len:  # before any process starts
+        raise ValueError(f"prompt ({n_prompt} tokens) + max_tokens ({req.max_tokens}) exceeds the model's maximum "
+                         f"length {shape.max_seq_len}; lower --max-tokens to at most {max(0, shape.max_seq_len - n_prompt)}")
     world = req.tp * req.cp
     if _under_torchrun():
         from .orchestrator.launch import init_from_env
@@ -115,39 +115,3 @@ def generate(req: GenerateRequest) -> dict[str, Any]:
 def _under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ
                                                   and "MASTER_ADDR" in os.environ)
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    g = subparsers.add_parser(
-        "generate", help="complete one prompt with a model split over tp x cp ranks",
-        description="Greedy (or sampled) completion of --prompt. Starts tp x cp ranks itself, or runs as the "
-                    "rank torchrun made it: torchrun --nproc-per-node 2 -m ryzlab generate --tp 2 --prompt ...")
-    g.add_argument("--prompt", required=True, help="text to complete")
-    g.add_argument("--max-tokens", type=int, default=32, help="tokens to generate at most (default 32)")
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (default 1)")
-    g.add_argument("--cp", type=int, default=1, help="context-parallel ranks (default 1)")
-    g.add_argument("--codec", default="none", choices=CODECS, help="KV-cache storage format (default none)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    g.add_argument("--model", default="reference",
-                   help="'reference' (default), 'random', a Hugging Face folder or a .gguf file")
-    g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="weights' dtype (default float32 on CPU, the checkpoint's on a GPU)")
-    g.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)")
-    g.add_argument("--json", action="store_true", help="print one JSON line with text and token_ids")
-    g.set_defaults(fn=cmd_generate)
-    return g
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    req = GenerateRequest(prompt=args.prompt, max_tokens=args.max_tokens, tp=args.tp, cp=args.cp, codec=args.codec,
-                          temperature=args.temperature, seed=args.seed, model=args.model, threads=args.threads,
-                          dtype=args.dtype)
-    out = generate(req)
-    if not out:  # a torchrun rank other than 0
-        return 0
-    if args.json:
-        print(json.dumps({"text": out["text"], "token_ids": out["token_ids"], "request": asdict(req)}))
-    else:
-        print(out["text"])
-    return 0

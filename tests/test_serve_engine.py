@@ -98,3 +98,14 @@ def test_abort_frees_blocks():
     assert eng.cache.pool.num_free_blocks < 32
     assert eng.abort("x")
     assert eng.cache.pool.num_free_blocks == 32 and not eng.has_work()
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 1e300])
+def test_extreme_temperatures_sample_without_failing(temperature):
+    """A tiny temperature is greedy (a one-hot, never NaN); a huge one is uniform but valid."""
+    eng = _engine()
+    prompts = _prompts([5, 9], seed=3)
+    out = eng.generate(prompts, SamplingParams(max_tokens=6, temperature=temperature, seed=1))
+    assert [len(o) for o in out] == [6, 6]
+    if temperature < 1:
+        assert out == eng.generate(prompts, SamplingParams(max_tokens=6))

@@ -337,10 +337,16 @@ class Engine:
 
     # ------------------------------------------------------------------ execution
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
-        """logits [V] -> next token id."""
+        """logits [V] -> next token id.
+
+        The logits are shifted to a maximum of 0 before dividing by the temperature, so a tiny
+        temperature gives ``-inf`` elsewhere and 0 at the argmax (a one-hot, not NaN), and a huge
+        one gives ~0 everywhere (uniform): no temperature can make ``multinomial`` fail.
+        """
         if seq.params.temperature <= 0:
             return int(logits.argmax())
-        probs = torch.softmax(logits / seq.params.temperature, dim=-1)
+        z = (logits.double() - logits.max()) / seq.params.temperature
+        probs = torch.softmax(z.nan_to_num(nan=float("-inf")), dim=-1)
         return int(torch.multinomial(probs, 1, generator=seq.generator))
 
     @torch.inference_mode()
