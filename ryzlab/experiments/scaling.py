@@ -26,11 +26,12 @@ merged exactly -- the same collective as decode, ``chunk x heads x (head_dim + 1
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal
 
 import pandas as pd
 import torch
@@ -168,21 +169,14 @@ def _decode(net, cache, tokens: torch.Tensor, cfg: Config, groups=None, barrier=
     return torch.stack(logits, 1), times, prefill_s, pre
 
 
-class _label:
+@contextlib.contextmanager
+def _label(groups, label: str) -> Iterator[None]:
     """Attribute the collectives inside to one step of ``label`` on the tp and cp communicators."""
-
-    def __init__(self, groups, label: str):
-        self.groups, self.label, self.ctx = groups, label, []
-
-    def __enter__(self):
-        if self.groups is not None:
-            self.ctx = [self.groups.tp.step(self.label), self.groups.cp.step(self.label)]
-            for c in self.ctx:
-                c.__enter__()
-
-    def __exit__(self, *exc):
-        for c in reversed(self.ctx):
-            c.__exit__(*exc)
+    if groups is None:
+        yield
+        return
+    with groups.tp.step(label), groups.cp.step(label):
+        yield
 
 
 @torch.inference_mode()

@@ -143,5 +143,4 @@ def start_replica(engine_kwargs: dict[str, Any], *, threads: int | None = None,
                 os._exit(1)
 
     threading.Thread(target=watch, name="ryzlab-replica-watch", daemon=True).start()
-    engine.ranks = ranks
     return engine
