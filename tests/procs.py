@@ -29,3 +29,21 @@ def live_descendants(pid: int | None = None) -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+def run_in_own_session(cmd: list[str], *, timeout: float, cwd=None) -> tuple[int, str, str]:
+    """Run ``cmd`` in its own process group -> (returncode, stdout, stderr); on a timeout the whole
+    group (torchrun and its workers) is killed, so nothing is orphaned, and the timeout re-raised."""
+    import os
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            cwd=cwd)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return proc.returncode, stdout, stderr

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 
 import psutil
 import pytest
-from procs import live_descendants
+from procs import live_descendants, run_in_own_session
 
 from ryzlab.cli import main
 from ryzlab.config import ModelConfig
@@ -49,15 +46,8 @@ def test_torchrun_ranks_give_the_one_rank_tokens(one_rank, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", "ryzlab", "generate", "--tp", "2", "--prompt", PROMPT,
            "--max-tokens", "24", "--codec", "int8", "--json"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            cwd=tmp_path)
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-2000:]
+    rc, stdout, stderr = run_in_own_session(cmd, timeout=120, cwd=tmp_path)
+    assert rc == 0, stderr[-2000:]
     lines = [json.loads(x) for x in stdout.splitlines() if x.startswith("{")]
     assert len(lines) == 1, stdout  # rank 0 prints, rank 1 does not
     assert lines[0]["token_ids"] == one_rank["token_ids"]

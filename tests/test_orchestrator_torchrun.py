@@ -1,10 +1,9 @@
 """Code written for launch() runs unchanged under torchrun (env:// rendezvous)."""
 import json
-import os
-import signal
-import subprocess
 import sys
 import textwrap
+
+from procs import run_in_own_session
 
 from ryzlab.orchestrator.launch import free_port
 
@@ -26,15 +25,8 @@ def test_init_from_env_under_torchrun(tmp_path):
     script.write_text(SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), str(tmp_path)]
-    # own process group, so a timeout can take torchrun's workers down too (no orphans)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-2000:]
+    rc, stdout, stderr = run_in_own_session(cmd, timeout=90)
+    assert rc == 0, stderr[-2000:]
     rows = sorted((json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")), key=lambda r: r["rank"])
     assert [r["rank"] for r in rows] == [0, 1]
     assert all(r["world"] == 2 and r["backend"] == "gloo" and r["sum"] == 3.0 for r in rows)
