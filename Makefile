@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[test,peers]'
+	$(PY) -m pip install --quiet -e '.[test,peers,cluster]'
 	$(PY) -m ipykernel install --sys-prefix --name ryzlab --display-name "ryzlab (.venv)" >/dev/null
 	touch $(STAMP)
 
