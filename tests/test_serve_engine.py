@@ -109,3 +109,100 @@ def test_extreme_temperatures_sample_without_failing(temperature):
     assert [len(o) for o in out] == [6, 6]
     if temperature < 1:
         assert out == eng.generate(prompts, SamplingParams(max_tokens=6))
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy_and_sampling_is_seeded():
+    eng = _engine()
+    prompts = _prompts([5, 9], seed=4)
+    greedy = eng.generate(prompts, SamplingParams(max_tokens=6))
+    assert eng.generate(prompts, SamplingParams(max_tokens=6, temperature=1.0, top_k=1, seed=3)) == greedy
+    assert eng.generate(prompts, SamplingParams(max_tokens=6, temperature=1.0, top_p=1e-6, seed=3)) == greedy
+    a = eng.generate(prompts, SamplingParams(max_tokens=6, temperature=1.5, seed=7))
+    assert a == eng.generate(prompts, SamplingParams(max_tokens=6, temperature=1.5, seed=7))
+    assert a != greedy  # a random model at temperature 1.5 does not follow its argmax for 12 tokens
+
+
+def test_logprobs_are_the_models_log_softmax():
+    eng = _engine()
+    prompt = _prompts([7], seed=5)[0]
+    eng.add_request("r", prompt, SamplingParams(max_tokens=3, logprobs=4))
+    chunks = []
+    while eng.has_work():
+        chunks += [o.new_tokens for o in eng.step() if o.new_tokens]
+    toks = [c[0] for c in chunks]
+    with torch.no_grad():
+        ref = torch.log_softmax(eng.model(torch.tensor([prompt + toks]))[0].float(), -1)  # [T, V]
+    for i, c in enumerate(chunks):
+        lp, top = c.logprobs[0]
+        row = ref[len(prompt) - 1 + i]
+        assert lp == pytest.approx(float(row[toks[i]]), abs=1e-4)
+        assert [t for t, _ in top] == row.topk(4).indices.tolist()
+        assert top[0][0] == toks[i]  # greedy picks the most likely token
+
+
+@pytest.mark.parametrize("params,needle", [
+    (SamplingParams(seed=2 ** 63), "64-bit"), (SamplingParams(top_p=0.0), "top_p"),
+    (SamplingParams(top_k=65), "top_k"), (SamplingParams(logprobs=21), "logprobs"),
+    (SamplingParams(temperature=float("nan")), "temperature"), (SamplingParams(stop_token_ids=(64,)), "stop_token_ids"),
+])
+def test_bad_sampling_params_raise_before_queueing(params, needle):
+    eng = _engine()
+    with pytest.raises(ValueError, match=needle):
+        eng.add_request("x", [1, 2], params)
+    assert not eng.has_work()
+
+
+def test_a_failing_sequence_fails_alone():
+    """A forward that fails whenever one poisoned request is in the batch: the engine reruns the
+    batch's sequences one at a time, fails the culprit alone and the others finish unchanged."""
+    prompts = _prompts([5, 13, 3, 20], seed=6)
+    ref = _engine().generate(prompts, SamplingParams(max_tokens=8))
+    eng = _engine()
+    poison = 63
+    real = eng.runner.forward
+
+    def forward(seq_ids, inputs):
+        if any(poison in x for x in inputs):
+            raise RuntimeError("injected failure")
+        return real(seq_ids, inputs)
+
+    eng.runner.forward = forward
+    for i, p in enumerate(prompts):
+        eng.add_request(f"ok{i}", p, SamplingParams(max_tokens=8))
+    eng.add_request("bad", [1, 2, poison], SamplingParams(max_tokens=8))
+    out, errors = {f"ok{i}": [] for i in range(4)}, {}
+    while eng.has_work():
+        for o in eng.step():
+            if o.error:
+                errors[o.request_id] = o.error
+            else:
+                out[o.request_id] += o.new_tokens
+    assert list(errors) == ["bad"] and "injected failure" in errors["bad"]
+    assert [out[f"ok{i}"] for i in range(4)] == ref
+    assert eng.counters["isolated"] == 5 and eng.counters["failed"] == 1
+    assert eng.cache.pool.num_free_blocks == 200
+
+
+def test_a_failing_sampler_fails_its_request_alone():
+    eng = _engine()
+    prompts = _prompts([5, 9], seed=8)
+    ref = eng.generate(prompts, SamplingParams(max_tokens=4))
+    real = eng._sample
+
+    def sample(seq, logits):
+        if seq.request_id == "bad":
+            raise RuntimeError("probability tensor contains nan")
+        return real(seq, logits)
+
+    eng._sample = sample
+    eng.add_request("a", prompts[0], SamplingParams(max_tokens=4))
+    eng.add_request("bad", prompts[1], SamplingParams(max_tokens=4, temperature=1.0))
+    eng.add_request("b", prompts[1], SamplingParams(max_tokens=4))
+    out, errors = {"a": [], "b": []}, []
+    while eng.has_work():
+        for o in eng.step():
+            if o.error:
+                errors.append(o.request_id)
+            else:
+                out[o.request_id] += o.new_tokens
+    assert errors == ["bad"] and [out["a"], out["b"]] == ref

@@ -45,7 +45,7 @@ import torch
 from ..config import check_choice
 
 __all__ = ["EngineConfig", "Engine", "AsyncEngine", "Preemption", "PREEMPTIONS", "SamplingParams",
-           "StepOutput", "EngineError"]
+           "StepOutput", "EngineError", "TokenChunk", "MAX_LOGPROBS", "INT64"]
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +87,57 @@ class EngineConfig:
             raise ValueError(f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
 
 
+MAX_LOGPROBS = 20
+"""Most alternatives a request may ask for per token (vLLM's default ``max_logprobs``)."""
+INT64 = (-(2 ** 63), 2 ** 63 - 1)
+"""Seeds must fit a signed 64-bit integer (what every framework's generator takes)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
+    """What one request asks of the sampler; a plain frozen dataclass (it is pickled to workers)."""
+
     max_tokens: int = 16
     temperature: float = 0.0
     """0 = greedy."""
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1 = off)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = off)."""
+    logprobs: int | None = None
+    """None: no logprobs; k >= 0: the chosen token's logprob and the k most likely alternatives."""
+
+    def check(self, vocab_size: int) -> None:
+        """Raise ``ValueError`` naming the field and its valid range (nothing queued then)."""
+        import math
+
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_k <= vocab_size:
+            raise ValueError(f"top_k must be in [0, {vocab_size}] (0 = off), got {self.top_k}")
+        if self.seed is not None and not INT64[0] <= self.seed <= INT64[1]:
+            raise ValueError(f"seed must fit a signed 64-bit integer, got {self.seed}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if any(not 0 <= t < vocab_size for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab_size})")
+
+
+class TokenChunk(list):
+    """New token ids of one step (a plain ``list`` of ints to every caller) and, when the
+    request asked for them, ``logprobs``: per token ``(logprob, ((id, logprob), ...))``, the
+    chosen token's log-probability under the model and its most likely alternatives.
+
+    A list subclass so the Backend interface (``generate`` yields lists of ids) is unchanged;
+    it pickles with its attribute (worker -> router)."""
+
+    logprobs: list[tuple[float, tuple[tuple[int, float], ...]]] | None = None
 
 
 class Status(enum.Enum):
@@ -121,6 +165,8 @@ class Sequence:
     generator: torch.Generator | None = None
     swapped: tuple[torch.Tensor, torch.Tensor] | None = None
     """Host copy of the decoded K/V [L, n, Hkv, D] while swapped out."""
+    suspect: bool = False
+    """In a batch whose forward failed: runs alone until it produces a token (or fails alone)."""
 
     @property
     def tokens(self) -> list[int]:
@@ -142,6 +188,7 @@ class StepOutput:
 
     request_id: str
     new_tokens: list[int]
+    """A :class:`TokenChunk` (carries the logprobs when the request asked for them)."""
     finished: bool
     error: str | None = None
 
@@ -190,8 +237,7 @@ class Engine:
             raise ValueError("prompt must have at least one token")
         if any(not 0 <= t < self.vocab_size for t in prompt):
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        if params.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
+        params.check(self.vocab_size)
         total = len(prompt) + params.max_tokens
         if total > self.config.max_model_len:
             raise ValueError(f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) = {total} exceeds "
@@ -295,8 +341,49 @@ class Engine:
         self.waiting.appendleft(victim)
         log.debug("preempted %s (%s)", victim.request_id, self.config.preemption)
 
+    def _schedule_suspect(self) -> list[tuple[Sequence, int]] | None:
+        """After a failed batched forward, its sequences run one at a time (each alone in its
+        step) until each produced a token or failed alone: one bad request fails alone. None
+        when there is no suspect (normal scheduling)."""
+        seq = next((s for s in self.running if s.suspect), None)
+        if seq is None:
+            seq = next((s for s in self.waiting if s.suspect), None)
+            if seq is None:
+                return None
+            while not self._admit(seq):
+                victims = [s for s in self.running if s is not seq]
+                if not victims:
+                    return []
+                self._preempt(victims[-1])
+            self.waiting.remove(seq)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+        n = min(seq.pending, self.config.prefill_chunk, self.config.max_num_batched_tokens)
+        new = seq.tokens[seq.in_pool:seq.num_computed + n]
+        while new and not self._alloc(seq, new):
+            victims = [s for s in self.running if s is not seq]
+            if not victims:
+                return []
+            self._preempt(victims[-1])
+        return [(seq, n)]
+
+    def _isolate(self, seqs: list[Sequence]) -> None:
+        """A batched forward failed: recompute these sequences later, each alone (suspects)."""
+        for s in reversed(seqs):
+            if s in self.running:
+                self.running.remove(s)
+            self._release(s)
+            s.num_computed = 0
+            s.status = Status.WAITING
+            s.suspect = True
+            self.waiting.appendleft(s)
+        self.counters["isolated"] += len(seqs)
+
     def _schedule(self) -> list[tuple[Sequence, int]]:
         """Pick (sequence, tokens to write) for this step, preempting when the cache is full."""
+        alone = self._schedule_suspect()
+        if alone is not None:
+            return alone
         budget = self.config.max_num_batched_tokens
         plan: list[tuple[Sequence, int]] = []
         for seq in list(self.running):
@@ -336,18 +423,39 @@ class Engine:
         return plan
 
     # ------------------------------------------------------------------ execution
-    def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
-        """logits [V] -> next token id.
+    def _sample(self, seq: Sequence, logits: torch.Tensor
+                ) -> tuple[int, tuple[float, tuple[tuple[int, float], ...]] | None]:
+        """logits [V] -> (next token id, its logprob and the top alternatives, or None).
 
         The logits are shifted to a maximum of 0 before dividing by the temperature, so a tiny
         temperature gives ``-inf`` elsewhere and 0 at the argmax (a one-hot, not NaN), and a huge
         one gives ~0 everywhere (uniform): no temperature can make ``multinomial`` fail.
+        ``top_k`` then ``top_p`` restrict the candidates (vLLM's order). Logprobs are those of
+        the model's own distribution (before temperature and filtering), as vLLM returns them.
         """
-        if seq.params.temperature <= 0:
-            return int(logits.argmax())
-        z = (logits.double() - logits.max()) / seq.params.temperature
-        probs = torch.softmax(z.nan_to_num(nan=float("-inf")), dim=-1)
-        return int(torch.multinomial(probs, 1, generator=seq.generator))
+        p = seq.params
+        if p.temperature <= 0:
+            tok = int(logits.argmax())
+        else:
+            z = ((logits.double() - logits.max()) / p.temperature).nan_to_num(nan=float("-inf"))  # [V]
+            if 0 < p.top_k < z.numel():
+                kth = torch.topk(z, p.top_k).values[-1]
+                z = z.masked_fill(z < kth, float("-inf"))
+            probs = torch.softmax(z, dim=-1)
+            if p.top_p < 1:
+                sorted_p, order = probs.sort(descending=True)
+                drop = (sorted_p.cumsum(0) - sorted_p) >= p.top_p  # mass before it already reaches top_p
+                drop[0] = False                                   # the most likely token always stays
+                probs = probs.index_fill(0, order[drop], 0.0)
+            tok = int(torch.multinomial(probs, 1, generator=seq.generator))
+        if p.logprobs is None:
+            return tok, None
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        top: tuple[tuple[int, float], ...] = ()
+        if p.logprobs:
+            vals, idx = torch.topk(logp, min(p.logprobs, logp.numel()))
+            top = tuple(zip(idx.tolist(), vals.tolist()))
+        return tok, (float(logp[tok]), top)
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
@@ -364,14 +472,18 @@ class Engine:
             inputs = [s.tokens[s.num_computed:s.num_computed + n] for s, n in plan]
             try:
                 logits = self._forward([s.seq_id for s in seqs], inputs)  # [B, V]
-            except Exception as e:  # noqa: BLE001 - fail these requests, keep the engine alive
+            except Exception as e:  # noqa: BLE001 - fail the culprit alone, keep the engine alive
                 if self.grouped:
                     raise
-                log.exception("forward failed for %d sequences", len(seqs))
-                for s in seqs:
-                    self._finish(s)
+                log.exception("forward failed for %d sequence(s)", len(seqs))
+                if len(seqs) > 1:   # whose fault? each reruns alone (recompute) to find out
+                    self._isolate(seqs)
+                else:
+                    self._finish(seqs[0])
                     self.counters["failed"] += 1
-                    outputs.append(StepOutput(s.request_id, [], True, f"{type(e).__name__}: {e}"))
+                    outputs.append(StepOutput(seqs[0].request_id, TokenChunk(), True, f"{type(e).__name__}: {e}"))
+                # extend() registered the prefix hashes of blocks this forward never wrote
+                self.cache.pool.evict()
                 self.last_step_s = time.monotonic()
                 return outputs
             for i, (s, n) in enumerate(plan):
@@ -382,14 +494,26 @@ class Engine:
                     self.counters["decode_tokens"] += 1
                 if s.pending > 0:  # mid-prefill chunk: no token yet
                     continue
-                tok = self._sample(s, logits[i])
+                try:
+                    tok, lp = self._sample(s, logits[i])
+                except Exception as e:  # noqa: BLE001 - this request's sampling failed: it fails alone
+                    log.exception("sampling failed for %s", s.request_id)
+                    self._finish(s)
+                    self.counters["failed"] += 1
+                    outputs.append(StepOutput(s.request_id, TokenChunk(), True,
+                                              f"sampling failed: {type(e).__name__}: {e}"))
+                    continue
+                s.suspect = False
                 s.output.append(tok)
                 self.counters["generated_tokens"] += 1
                 done = s.done
                 if done:
                     self._finish(s)
                     self.counters["finished"] += 1
-                outputs.append(StepOutput(s.request_id, [tok], done))
+                chunk = TokenChunk([tok])
+                if lp is not None:
+                    chunk.logprobs = [lp]
+                outputs.append(StepOutput(s.request_id, chunk, done))
         self.counters["steps"] += 1
         self.counters["batch_size_sum"] += len(plan)
         self.last_step_s = time.monotonic()
