@@ -1,136 +1,164 @@
-"""HTTP API on a real uvicorn server (127.0.0.1, free port): validation (4xx), streaming,
-client disconnect frees the blocks, /health turns 503 when the engine stalls."""
+"""HTTP API on a real uvicorn server (127.0.0.1, free port): completions and streaming, bounded
+admission (429/503 with Retry-After), per-request timeout, client disconnects (streaming or
+not) free the blocks, /health turns 503 when the engine stalls, one failing request fails alone."""
 import json
+import socket
 import threading
-import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 
-from ryzlab.config import ModelConfig
-from ryzlab.serve.api import create_app
-from ryzlab.serve.client import serve_in_thread
-from ryzlab.serve.engine import AsyncEngine, EngineConfig
-from ryzlab.serve.replica import build_engine
-
-MC = ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=1024)
-NUM_BLOCKS = 64
+from serving import MAX_MODEL_LEN, NUM_BLOCKS, PausedForward, serve_app, wait_for
 
 
 @pytest.fixture
 def served():
-    torch.set_num_threads(1)
-    eng = build_engine(model="random", model_config=MC, block_size=8, num_blocks=NUM_BLOCKS,
-                       config=EngineConfig(max_model_len=500, stall_timeout_s=0.5))
-    backend = AsyncEngine(eng)
-    with serve_in_thread(create_app(backend)) as url:
-        yield url, backend
-    backend.shutdown()
+    with serve_app(stall_timeout_s=0.5) as (url, backend, app):
+        yield url, backend, app
 
 
-def _wait(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def test_completion_and_stream(served):
-    url, backend = served
-    r = httpx.post(f"{url}/v1/completions", json={"prompt": "def f(x):", "max_tokens": 5}, timeout=30)
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert len(body["choices"][0]["token_ids"]) == 5 and body["usage"]["prompt_tokens"] == 9
-    n, done = 0, False
-    with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 7, "stream": True},
-                      timeout=30) as resp:
+def _stream_tokens(url, body):
+    ids, done, finish = [], False, None
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as resp:
+        assert resp.status_code == 200
         for line in resp.iter_lines():
             if line == "data: [DONE]":
                 done = True
             elif line.startswith("data: "):
-                n += len(json.loads(line[6:])["choices"][0]["token_ids"])
-    assert n == 7 and done
-    m = httpx.get(f"{url}/metrics").json()
-    assert m["kv_cache_usage_perc"] == 0.0 and "preemptions" in m and "prefix_cache_hit_rate" in m
+                ev = json.loads(line[6:])
+                if ev["choices"]:
+                    ids += ev["choices"][0]["token_ids"]
+                    finish = ev["choices"][0]["finish_reason"] or finish
+    return ids, done, finish
 
 
-@pytest.mark.parametrize("body,needle", [
-    ({"max_tokens": 3}, "missing field 'prompt'"),
-    ({"prompt": "", "max_tokens": 3}, "empty"),
-    ({"prompt": [1, 999], "max_tokens": 3}, "[0, 256)"),
-    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
-    ({"prompt": "x" * 490, "max_tokens": 20}, "maximum length 500"),
-    ({"prompt": "hi", "temperature": 9}, "temperature"),
-    ({"prompt": "hi", "stream": "yes"}, "stream"),
-    ({"prompt": "hi", "frobnicate": 1}, "valid fields"),
-    ({"prompt": "hi", "model": "gpt-9"}, "choose one of"),
-    ({"prompt": 12}, "string or a list"),
-])
-def test_bad_requests_get_4xx_and_server_stays_up(served, body, needle):
-    url, _ = served
-    r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
-    assert 400 <= r.status_code < 500
-    assert needle in r.json()["error"]["message"]
-    assert httpx.post(f"{url}/v1/completions", content=b"{not json", timeout=30).status_code == 400
-    assert httpx.get(f"{url}/health").status_code == 200
+def test_completion_and_stream_agree(served):
+    url, backend, _ = served
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "def f(x):", "max_tokens": 5}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ids = body["choices"][0]["token_ids"]
+    assert len(ids) == 5 and body["usage"] == {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
+    assert body["choices"][0]["text"] == bytes(ids).decode("utf-8", errors="replace")
+    assert body["choices"][0]["finish_reason"] == "length"
+    streamed, done, finish = _stream_tokens(url, {"prompt": list(b"def f(x):"), "max_tokens": 5})
+    assert streamed == ids and done and finish == "length"  # greedy: the same tokens either way
+    s = httpx.get(f"{url}/stats").json()  # the backend's numbers as JSON
+    assert s["kv_cache_usage_perc"] == 0.0 and s["preemptions"] == 0 and s["pending"] == 0
+    assert backend.engine.cache.pool.num_free_blocks == NUM_BLOCKS
+
+
+def test_list_prompts_and_n_give_one_choice_each(served):
+    url, _, _ = served
+    single = [httpx.post(f"{url}/v1/completions", json={"prompt": p, "max_tokens": 4}, timeout=60).json()
+              for p in ("ab", "xyz")]
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": ["ab", "xyz"], "max_tokens": 4, "n": 2}, timeout=60)
+    assert r.status_code == 200, r.text
+    ch = r.json()["choices"]
+    assert [c["index"] for c in ch] == [0, 1, 2, 3]
+    # greedy: both samples of a prompt equal that prompt alone
+    assert [c["token_ids"] for c in ch] == [single[0]["choices"][0]["token_ids"]] * 2 + \
+        [single[1]["choices"][0]["token_ids"]] * 2
+    assert r.json()["usage"] == {"prompt_tokens": 5, "completion_tokens": 16, "total_tokens": 21}
+    ids = httpx.post(f"{url}/v1/completions", json={"prompt": [[1, 2], [3]], "max_tokens": 2}, timeout=60).json()
+    assert len(ids["choices"]) == 2
+
+
+def test_seeded_sampling_repeats_and_n_samples_differ(served):
+    url, _, _ = served
+    body = {"prompt": "hello", "max_tokens": 12, "temperature": 1.0, "seed": 5, "n": 2}
+    a = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"]
+    b = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"]
+    assert [c["token_ids"] for c in a] == [c["token_ids"] for c in b]
+    assert a[0]["token_ids"] != a[1]["token_ids"]
+
+
+def test_queue_full_gets_429_with_retry_after_then_recovers():
+    with serve_app(max_pending=2) as (url, backend, app), PausedForward(backend.engine) as paused:
+        streams = []
+        with httpx.Client(timeout=60) as c:
+            for _ in range(2):  # admitted: their response headers came back
+                s = c.stream("POST", f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3, "stream": True})
+                streams.append((s, s.__enter__()))
+            assert app.state.pending == 2
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["type"] == "rate_limit_error"
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 1}, timeout=60)
+            assert r.status_code == 429  # three sequences do not fit either
+            paused.release.set()
+            for s, resp in streams:
+                assert sum(1 for line in resp.iter_lines() if line.startswith("data: {")) == 4  # 3 tokens + finish
+                s.__exit__(None, None, None)
+        assert wait_for(lambda: app.state.pending == 0)
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60).status_code == 200
+
+
+def test_request_timeout_answers_504_and_frees_blocks():
+    with serve_app(request_timeout_s=0.5) as (url, backend, app), PausedForward(backend.engine) as paused:
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+        assert app.state.pending == 0
+        paused.release.set()
+        eng = backend.engine
+        assert wait_for(lambda: eng.cache.pool.num_free_blocks == NUM_BLOCKS and not eng.has_work())
+        assert eng.counters["aborted"] == 1
 
 
 def test_client_disconnect_mid_stream_frees_blocks(served):
-    url, backend = served
+    url, backend, app = served
     eng = backend.engine
-    real = eng.runner.forward
-
-    def slow(*a, **k):  # test-only slowdown so the stream is surely still running when we leave
-        time.sleep(0.01)
-        return real(*a, **k)
-
-    eng.runner.forward = slow
-    with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": [5] * 40, "max_tokens": 400, "stream": True},
-                      timeout=30) as resp:
-        seen = 0
-        for line in resp.iter_lines():
-            if line.startswith("data: "):
-                seen += 1
-            if seen >= 3:
-                break
-        assert eng.cache.pool.num_free_blocks < NUM_BLOCKS  # it holds blocks while streaming
-    # the client is gone: the request is aborted and every block is free again
-    assert _wait(lambda: eng.cache.pool.num_free_blocks == NUM_BLOCKS and not eng.has_work())
-    assert eng.counters["aborted"] == 1 and eng.counters["generated_tokens"] < 400
+    with PausedForward(eng) as paused:
+        with httpx.stream("POST", f"{url}/v1/completions",
+                          json={"prompt": [5] * 40, "max_tokens": 400, "stream": True}, timeout=60) as resp:
+            assert resp.status_code == 200
+            assert paused.entered.wait(30)
+            assert eng.cache.pool.num_free_blocks < NUM_BLOCKS  # it holds blocks while running
+        # the client is gone: the API notices without waiting for a token, and aborts
+        assert wait_for(lambda: app.state.pending == 0)
+    assert wait_for(lambda: eng.cache.pool.num_free_blocks == NUM_BLOCKS and not eng.has_work())
+    assert eng.counters["aborted"] == 1 and eng.counters["generated_tokens"] <= 1
 
 
-def test_health_turns_unhealthy_when_engine_stalls(served):
-    url, backend = served
+def test_client_disconnect_without_streaming_frees_blocks(served):
+    url, backend, app = served
     eng = backend.engine
-    release = threading.Event()
-    real = eng.runner.forward
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": [5] * 40, "max_tokens": 400}).encode()
+    with PausedForward(eng) as paused:
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: " + f"{host}:{port}".encode() +
+                     b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() +
+                     b"\r\n\r\n" + body)
+        assert paused.entered.wait(30) and app.state.pending == 1
+        sock.close()
+        assert wait_for(lambda: app.state.pending == 0)  # noticed while the engine is still paused
+    assert wait_for(lambda: eng.cache.pool.num_free_blocks == NUM_BLOCKS and not eng.has_work())
+    assert eng.counters["aborted"] == 1 and eng.counters["generated_tokens"] <= 1
 
-    def stuck(*a, **k):  # a hung forward (test-only)
-        release.wait(20)
-        return real(*a, **k)
 
-    assert httpx.get(f"{url}/health").status_code == 200
-    eng.runner.forward = stuck
+def test_health_turns_unhealthy_when_engine_stalls_and_new_requests_get_503(served):
+    url, backend, _ = served
     result = {}
-    t = threading.Thread(target=lambda: result.setdefault(
-        "r", httpx.post(f"{url}/v1/completions", json={"prompt": "hello", "max_tokens": 3}, timeout=30)))
-    t.start()
-    assert _wait(lambda: httpx.get(f"{url}/health").status_code == 503, timeout=10)
-    h = httpx.get(f"{url}/health").json()
-    assert not h["healthy"] and "no engine step" in h["reason"]
-    eng.runner.forward = real
-    release.set()
-    t.join(30)
+    assert httpx.get(f"{url}/health").status_code == 200
+    with PausedForward(backend.engine) as paused:
+        t = threading.Thread(target=lambda: result.setdefault(
+            "r", httpx.post(f"{url}/v1/completions", json={"prompt": "hello", "max_tokens": 3}, timeout=60)))
+        t.start()
+        assert wait_for(lambda: httpx.get(f"{url}/health").status_code == 503)
+        h = httpx.get(f"{url}/health").json()
+        assert not h["healthy"] and "no engine step" in h["reason"]
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=60)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "unhealthy"
+        paused.release.set()
+        t.join(60)
     assert result["r"].status_code == 200
-    assert _wait(lambda: httpx.get(f"{url}/health").status_code == 200)
+    assert wait_for(lambda: httpx.get(f"{url}/health").status_code == 200)
 
 
 def test_failing_request_does_not_take_the_server_down(served):
-    url, backend = served
+    url, backend, _ = served
     eng = backend.engine
     real = eng.runner.forward
 
@@ -138,11 +166,28 @@ def test_failing_request_does_not_take_the_server_down(served):
         raise RuntimeError("injected failure")
 
     eng.runner.forward = boom
-    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=30)
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
     assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"]
+    with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3, "stream": True},
+                      timeout=60) as resp:
+        events = [line for line in resp.iter_lines() if line.startswith("data: ")]
+    assert "injected failure" in json.loads(events[-2][6:])["error"]["message"] and events[-1] == "data: [DONE]"
     eng.runner.forward = real
-    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=30)
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
     assert r.status_code == 200 and eng.cache.pool.num_free_blocks == NUM_BLOCKS
+    s = httpx.get(f"{url}/stats").json()
+    assert s["http_errors_5xx"] == 2  # the 500 and the stream that failed after its 200
+
+
+def test_tiny_temperature_poisons_nobody(served):
+    """The reported defect: temperature 1e-40 beside 4 innocent requests -> all 5 answer 200."""
+    url, _, _ = served
+    bodies = [{"prompt": f"req {i}", "max_tokens": 6} for i in range(4)] + \
+        [{"prompt": "req 0", "max_tokens": 6, "temperature": 1e-40}]
+    with ThreadPoolExecutor(5) as ex:
+        rs = list(ex.map(lambda b: httpx.post(f"{url}/v1/completions", json=b, timeout=60), bodies))
+    assert [r.status_code for r in rs] == [200] * 5
+    assert rs[4].json()["choices"][0]["token_ids"] == rs[0].json()["choices"][0]["token_ids"]  # ~greedy
 
 
 def test_load_generator_over_http(served):
@@ -151,9 +196,15 @@ def test_load_generator_over_http(served):
     from ryzlab.serve.client import http_client
     from ryzlab.serve.loadgen import LoadSpec, run_load
 
-    url, backend = served
+    url, backend, _ = served
     spec = LoadSpec(arrival="poisson", rate=20.0, num_requests=8, prompt_len=6, output_len=5, seed=2)
     res = asyncio.run(run_load(spec, http_client(url), timeout_s=60))
     s = res.summary("tpot:10000")
     assert s["requests_completed"] == 8 and s["output_tokens"] == 40 and s["goodput"] > 0
     assert backend.engine.cache.pool.num_free_blocks == NUM_BLOCKS
+
+
+def test_max_model_len_is_reported(served):
+    url, _, _ = served
+    m = httpx.get(f"{url}/v1/models").json()["data"][0]
+    assert m["max_model_len"] == MAX_MODEL_LEN and m["id"] == "ryzlab-random"

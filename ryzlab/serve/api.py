@@ -1,10 +1,17 @@
-"""HTTP API: OpenAI-style ``/v1/completions`` (streaming via SSE), ``/health``, ``/metrics``.
+"""HTTP API, OpenAI-compatible: ``/v1/completions``, ``/v1/chat/completions`` (SSE streaming),
+``/v1/models``; ``/health``, Prometheus ``/metrics``, the backend's numbers as JSON at ``/stats``.
 
 The app serves any *backend* with the small interface below: an in-process
 :class:`~ryzlab.serve.engine.AsyncEngine` (one worker) or a :class:`~ryzlab.serve.router.Router`
-over worker processes. Input is validated before any work starts (4xx with the reason); a
-request that fails inside the engine gets an error answer and never takes the server down;
-a client that disconnects mid-stream has its request aborted, which frees its KV blocks.
+over worker processes. The official ``openai`` client works against it (tests run it).
+
+Hostile input is answered with a 4xx and OpenAI's error body before any work starts
+(:mod:`.guard`: Host, API key, content type, body size and time; :mod:`.protocol`: JSON and
+every field). Admission is bounded: past ``max_pending`` sequences in flight the answer is 429
+with ``Retry-After`` (503 while the backend is unhealthy), never an unbounded queue. Every
+request has a deadline (``request_timeout_s``). A client that disconnects, streaming or not,
+has its sequences aborted at once, which frees their KV blocks. A request that fails inside the
+engine fails alone (500, or an error event on its stream); the server stays up.
 
 ``/health`` reports real progress: it is 503 when the engine has work but has not finished a
 step within its stall timeout (a hung model, a dead worker), not merely when the process
@@ -12,29 +19,32 @@ stops answering.
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
-import math
 import logging
+import math
 import time
 from typing import Any, AsyncIterator, Protocol
 
+import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import check_choice
+from .guard import Guard, allowed_hosts_for, error_body
+from .output import ChoiceText, Delta, Formatter, usage
+from .prom import CONTENT_TYPE, ServeMetrics
+from .protocol import CompletionParams, GenerationRequest, ModelInfo, RequestError, parse_chat, parse_completion, \
+    parse_json
 
-__all__ = ["create_app", "Backend", "CompletionParams", "RequestError", "validate_completion"]
+__all__ = ["create_app", "Backend", "CompletionParams", "RequestError", "json_safe", "ServeLimits"]
 
 log = logging.getLogger(__name__)
 
-
-class RequestError(ValueError):
-    """A client error: answered with ``status`` (4xx) and the message."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+CREATED = int(time.time())
+"""``created`` of the model in ``/v1/models``: when this server process loaded it."""
 
 
 class Backend(Protocol):
@@ -43,9 +53,11 @@ class Backend(Protocol):
     vocab_size: int
     max_model_len: int
     model_name: str
+    tokenizer: Any
 
-    def generate(self, request_id: str, prompt: list[int], params: "CompletionParams") -> AsyncIterator[list[int]]:
-        """Yield lists of new token ids as they are produced; raise on failure."""
+    def generate(self, request_id: str, prompt: list[int], params: CompletionParams) -> AsyncIterator[list[int]]:
+        """Yield lists of new token ids as they are produced (a :class:`TokenChunk` carries
+        logprobs); raise on failure."""
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks (idempotent)."""
@@ -54,91 +66,25 @@ class Backend(Protocol):
         """``{"healthy": bool, "reason": str, ...}``."""
 
     def metrics(self) -> dict[str, Any]:
-        """Flat dict of numbers (kv_cache_usage_perc, preemptions, prefix_cache_hit_rate, ...)."""
+        """Flat dict of numbers (kv_cache_usage_perc, preemptions, num_running, num_waiting, ...)."""
 
 
-class CompletionParams:
-    """Validated sampling parameters of one request."""
+class ServeLimits:
+    """Admission and hygiene limits of one app (the ``ryzlab serve`` flags)."""
 
-    __slots__ = ("max_tokens", "temperature", "seed", "stop_token_ids", "ignore_eos")
-
-    def __init__(self, *, max_tokens: int, temperature: float = 0.0, seed: int | None = None,
-                 stop_token_ids: tuple[int, ...] = (), ignore_eos: bool = True):
-        self.max_tokens = max_tokens
-        self.temperature = temperature
-        self.seed = seed
-        self.stop_token_ids = stop_token_ids
-        self.ignore_eos = ignore_eos
-
-
-COMPLETION_FIELDS = ("model", "prompt", "max_tokens", "temperature", "stream", "seed", "stop_token_ids",
-                     "ignore_eos", "n", "stream_options", "user")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def validate_completion(body: Any, *, vocab_size: int, max_model_len: int, tokenizer: Any = None
-                        ) -> tuple[list[int], CompletionParams, bool]:
-    """Check a ``/v1/completions`` body -> (prompt token ids, params, stream).
-
-    ``prompt`` is a string (encoded by the model's ``tokenizer``; UTF-8 bytes without one: the
-    reference model is byte-level) or a list of token ids. Raises :class:`RequestError` (400)
-    naming the field and what is valid.
-    """
-    if not isinstance(body, dict):
-        raise RequestError("request body must be a JSON object")
-    unknown = sorted(set(body) - set(COMPLETION_FIELDS))
-    if unknown:
-        raise RequestError(f"unknown field(s) {unknown}; valid fields: {', '.join(COMPLETION_FIELDS)}")
-    if "prompt" not in body:
-        raise RequestError("missing field 'prompt' (a string or a list of token ids)")
-    prompt = body["prompt"]
-    if isinstance(prompt, str) and tokenizer is not None:
-        ids = list(tokenizer.encode(prompt))
-    elif isinstance(prompt, str):
-        ids = list(prompt.encode("utf-8"))
-        if vocab_size < 256:
-            raise RequestError(f"string prompts need a byte-level vocabulary (256); this model has "
-                               f"{vocab_size}: send a list of token ids")
-    elif isinstance(prompt, list) and all(_is_int(t) for t in prompt):
-        ids = list(prompt)
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise RequestError(f"prompt token ids must be in [0, {vocab_size}); got {bad[:5]}")
-    else:
-        raise RequestError("'prompt' must be a string or a list of integer token ids")
-    if not ids:
-        raise RequestError("'prompt' is empty; it needs at least one token")
-    max_tokens = body.get("max_tokens", 16)
-    if not _is_int(max_tokens) or max_tokens < 1:
-        raise RequestError(f"'max_tokens' must be an integer >= 1, got {max_tokens!r}")
-    if len(ids) + max_tokens > max_model_len:
-        raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                           f"maximum length {max_model_len}")
-    temperature = body.get("temperature", 0.0)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-        raise RequestError(f"'temperature' must be a number in [0, 2], got {temperature!r}")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError(f"'stream' must be true or false, got {stream!r}")
-    seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise RequestError(f"'seed' must be an integer or null, got {seed!r}")
-    n = body.get("n", 1)
-    if n != 1:
-        raise RequestError(f"'n' must be 1 (one completion per request), got {n!r}")
-    stop = body.get("stop_token_ids", [])
-    if not isinstance(stop, list) or not all(_is_int(t) and 0 <= t < vocab_size for t in stop):
-        raise RequestError(f"'stop_token_ids' must be a list of token ids in [0, {vocab_size})")
-    ignore_eos = body.get("ignore_eos", True)
-    if not isinstance(ignore_eos, bool):
-        raise RequestError(f"'ignore_eos' must be true or false, got {ignore_eos!r}")
-    if not ignore_eos and tokenizer is not None:  # stop at the model's end-of-sequence tokens too
-        stop = list(stop) + [t for t in getattr(tokenizer, "eos_token_ids", ()) if t not in stop]
-    return ids, CompletionParams(max_tokens=max_tokens, temperature=float(temperature), seed=seed,
-                                 stop_token_ids=tuple(stop), ignore_eos=ignore_eos), stream
+    def __init__(self, *, max_pending: int = 256, request_timeout_s: float = 600.0, max_body_bytes: int = 1 << 20,
+                 body_timeout_s: float = 30.0, retry_after_s: int = 1):
+        for name, v in (("max_pending", max_pending), ("request_timeout_s", request_timeout_s),
+                        ("max_body_bytes", max_body_bytes), ("body_timeout_s", body_timeout_s),
+                        ("retry_after_s", retry_after_s)):
+            if not (isinstance(v, (int, float)) and v > 0):
+                raise ValueError(f"{name} must be > 0, got {v!r}")
+        self.max_pending = max_pending
+        """Sequences (prompts x n) in flight at most; more are refused with 429."""
+        self.request_timeout_s = request_timeout_s
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+        self.retry_after_s = retry_after_s
 
 
 def json_safe(x: Any) -> Any:
@@ -154,22 +100,165 @@ def json_safe(x: Any) -> Any:
     return x
 
 
-def _text(ids: list[int], backend: Any) -> str:
-    tok = getattr(backend, "tokenizer", None)
-    if tok is not None:
-        return tok.decode(ids)
-    return bytes(t for t in ids if t < 256).decode("utf-8", errors="replace") if backend.vocab_size <= 256 else ""
+def _error(status: int, message: str, kind: str, *, param: str | None = None, code: Any = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, status, param=param, code=code), status_code=status,
+                        headers=headers)
 
 
-def create_app(backend: Backend):
-    """A FastAPI app over ``backend``. Run it with uvicorn (see :func:`ryzlab.serve.cli`)."""
-    app = FastAPI(title="ryzlab serve", version="0.1.0")
+def _sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+class _Stream(StreamingResponse):
+    """SSE that notices a disconnect at once (not only at its next write) and always runs
+    ``on_close`` (abort the sequences, release the admission slots), even when the stream never
+    started because the client was already gone."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Any):
+        super().__init__(content, media_type="text/event-stream")
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                async def stream() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:
+                        pass  # the client went away mid-write
+                    tg.cancel_scope.cancel()
+
+                async def listen() -> None:
+                    await self.listen_for_disconnect(receive)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                tg.start_soon(listen)
+        finally:
+            await self.on_close()
+
+
+class _Job:
+    """The engine sequences of one request (one per choice), merged into one event stream."""
+
+    def __init__(self, backend: Any, rid: str, req: GenerationRequest, tokenizer: Any, metrics: ServeMetrics,
+                 timeout_s: float):
+        self.backend, self.rid, self.req, self.metrics = backend, rid, req, metrics
+        k = req.num_choices
+        self.choices = [ChoiceText(i, tokenizer, req.stop, req.params.logprobs is not None,
+                                   req.choice(i)[1].max_tokens) for i in range(k)]
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.tasks: dict[int, asyncio.Task] = {}
+        self.t0 = time.monotonic()
+        self.timeout_s = timeout_s
+        self.first: dict[int, float] = {}
+        self.done: set[int] = set()
+        self.closed = False
+
+    def sub_id(self, i: int) -> str:
+        return f"{self.rid}-{i}"
+
+    def start(self) -> None:
+        for i in range(self.req.num_choices):
+            self.tasks[i] = asyncio.create_task(self._pump(i))
+
+    async def _pump(self, i: int) -> None:
+        prompt, params = self.req.choice(i)
+        try:
+            async for toks in self.backend.generate(self.sub_id(i), list(prompt), params):
+                self.queue.put_nowait((i, toks))
+            self.queue.put_nowait((i, None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - delivered to the request's consumer, which answers it
+            self.queue.put_nowait((i, e))
+
+    def _finished(self, i: int, reason: str | None) -> None:
+        self.done.add(i)
+        c = self.choices[i]
+        t = time.monotonic()
+        first = self.first.get(i)
+        self.metrics.sequence_done(prompt_tokens=len(self.req.choice(i)[0]), output_tokens=len(c.ids),
+                                   ttft_s=None if first is None else first - self.t0, e2e_s=t - self.t0,
+                                   finished_reason=reason)
+
+    async def events(self) -> AsyncIterator[tuple[int, Delta]]:
+        """(choice, delta) as tokens arrive; the last delta of a choice has its finish_reason.
+        Raises the first failure of any choice, or TimeoutError past the request's deadline
+        (the caller closes the job)."""
+        k = self.req.num_choices
+        deadline = self.t0 + self.timeout_s
+        while len(self.done) < k:
+            try:
+                i, item = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise TimeoutError(f"request did not finish within {self.timeout_s:g} s") from None
+            if i in self.done:
+                continue  # tokens that raced a stop string
+            c = self.choices[i]
+            if isinstance(item, Exception):
+                self._finished(i, None)
+                raise item
+            if item is None:
+                delta = c.finish()
+            else:
+                self.first.setdefault(i, time.monotonic())
+                delta = c.add(item)
+                if delta.finish_reason is not None:  # a stop string: the engine need not go on
+                    self.tasks[i].cancel()
+                    self.backend.abort(self.sub_id(i))
+            if delta.finish_reason is not None:
+                self._finished(i, delta.finish_reason)
+            yield i, delta
+
+    def usage(self) -> dict[str, int]:
+        return usage(sum(len(p) for p in self.req.prompts), sum(len(c.ids) for c in self.choices))
+
+    async def close(self) -> None:
+        """Abort every unfinished sequence (frees its blocks); idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for i, t in self.tasks.items():
+            if i not in self.done:
+                t.cancel()
+                self.backend.abort(self.sub_id(i))
+                self._finished(i, None)
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+
+def create_app(backend: Backend, *, host: str = "127.0.0.1", allowed_hosts: tuple[str, ...] = (),
+               api_key: str | None = None, limits: ServeLimits | None = None) -> FastAPI:
+    """A FastAPI app over ``backend``. Run it with uvicorn (see :func:`ryzlab.serve.cli`).
+
+    ``host`` is the address the server binds (the Host header must name it; see :mod:`.guard`),
+    ``allowed_hosts`` more names it answers to, ``api_key`` the Bearer key ``/v1/*`` needs.
+    """
+    limits = limits or ServeLimits()
+    app = FastAPI(title="ryzlab serve", version="0.2.0", docs_url=None, redoc_url=None, openapi_url=None)
+    info = ModelInfo.of(backend)
+    metrics = ServeMetrics(backend, backend.model_name)
+    app.state.metrics = metrics
+    app.state.pending = 0
     counter = itertools.count()
-    stats = {"http_requests": 0, "http_errors_4xx": 0, "http_errors_5xx": 0}
 
-    def error(status: int, message: str, kind: str) -> JSONResponse:
-        stats["http_errors_4xx" if status < 500 else "http_errors_5xx"] += 1
-        return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        return _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path[:200]}", kind,
+                      headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, str(exc.errors())[:500], "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        # Answered outside the guard (Starlette's outermost layer): counted here.
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+        metrics.answered(500)
+        return _error(500, f"internal error: {type(exc).__name__}", "server_error")
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -177,67 +266,111 @@ def create_app(backend: Backend):
         return JSONResponse(json_safe(h), status_code=200 if h.get("healthy") else 503)
 
     @app.get("/metrics")
-    async def metrics() -> JSONResponse:
-        return JSONResponse(json_safe({**backend.metrics(), **stats}))
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/stats")
+    async def stats() -> JSONResponse:
+        return JSONResponse(json_safe({**backend.metrics(), **metrics.counts, "pending": app.state.pending}))
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [{"id": backend.model_name, "object": "model",
-                                                          "max_model_len": backend.max_model_len}]})
+        return JSONResponse({"object": "list", "data": [{
+            "id": backend.model_name, "object": "model", "created": CREATED, "owned_by": "ryzlab",
+            "root": backend.model_name, "max_model_len": backend.max_model_len}]})
 
     @app.post("/v1/completions")
-    async def completions(request: Request):
-        stats["http_requests"] += 1
+    async def completions(request: Request) -> Response:
+        return await serve(request, parse_completion, "cmpl")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await serve(request, parse_chat, "chatcmpl")
+
+    async def serve(request: Request, parse: Any, prefix: str) -> Response:
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error(400, f"request body is not valid JSON: {e}", "invalid_request_error")
+            req = parse(parse_json(await request.body()), info)
+        except RequestError as e:
+            return _error(e.status, str(e), e.kind, param=e.param, code=e.code)
+        retry = {"Retry-After": str(limits.retry_after_s)}
+        h = backend.health()
+        if not h.get("healthy"):
+            return _error(503, f"the engine cannot take requests now: {h.get('reason', 'unhealthy')}",
+                          "service_unavailable", code="unhealthy", headers=retry)
+        k = req.num_choices
+        if app.state.pending + k > limits.max_pending:
+            return _error(429, f"server busy: {app.state.pending} sequences in flight, limit {limits.max_pending}; "
+                               f"retry later", "rate_limit_error", code="queue_full", headers=retry)
+        app.state.pending += k
+        rid = f"{prefix}-{next(counter)}"
+        job = _Job(backend, rid, req, info.tokenizer, metrics, limits.request_timeout_s)
+        fmt = Formatter(req.kind, rid, int(time.time()), backend.model_name, info.tokenizer)
+        released = False
+
+        async def release() -> None:
+            nonlocal released
+            await job.close()
+            if not released:
+                released = True
+                app.state.pending -= k
+
+        job.start()
+        if req.stream:
+            return _Stream(stream(job, fmt, req), release)
         try:
-            ids, params, stream = validate_completion(body, vocab_size=backend.vocab_size,
-                                                      max_model_len=backend.max_model_len,
-                                                      tokenizer=getattr(backend, "tokenizer", None))
-            check_choice("model", body.get("model", backend.model_name), (backend.model_name,))
-        except ValueError as e:
-            return error(getattr(e, "status", 400), str(e), "invalid_request_error")
-        rid = f"cmpl-{next(counter)}"
-        created = int(time.time())
+            return await whole(request, job, fmt)
+        finally:
+            await release()
 
-        def chunk(tokens: list[int], finish: str | None) -> dict[str, Any]:
-            return {"id": rid, "object": "text_completion", "created": created, "model": backend.model_name,
-                    "choices": [{"index": 0, "text": _text(tokens, backend), "token_ids": tokens,
-                                 "finish_reason": finish}]}
+    async def whole(request: Request, job: _Job, fmt: Formatter) -> Response:
+        async def collect() -> None:
+            async for _ in job.events():
+                pass
 
-        if not stream:
-            out: list[int] = []
-            try:
-                async for toks in backend.generate(rid, ids, params):
-                    out.extend(toks)
-            except Exception as e:  # noqa: BLE001 - one failed request answers 500; the server stays up
-                log.warning("request %s failed: %s", rid, e)
-                return error(500, f"generation failed: {e}", "server_error")
-            finally:
-                backend.abort(rid)  # no-op when finished; frees blocks if the client went away
-            body = chunk(out, "length" if len(out) >= params.max_tokens else "stop")
-            body["usage"] = {"prompt_tokens": len(ids), "completion_tokens": len(out),
-                             "total_tokens": len(ids) + len(out)}
-            return JSONResponse(body)
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
 
-        async def events() -> AsyncIterator[bytes]:
-            n = 0
-            try:
-                async for toks in backend.generate(rid, ids, params):
-                    n += len(toks)
-                    yield f"data: {json.dumps(chunk(toks, None))}\n\n".encode()
-                yield f"data: {json.dumps(chunk([], 'length' if n >= params.max_tokens else 'stop'))}\n\n".encode()
-            except Exception as e:  # noqa: BLE001 - the stream ends with an error event, server stays up
-                log.warning("streaming request %s failed: %s", rid, e)
-                stats["http_errors_5xx"] += 1
-                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n".encode()
-            finally:
-                # Runs on normal end and when the client disconnects (the generator is closed).
-                backend.abort(rid)
-            yield b"data: [DONE]\n\n"
+        work = asyncio.create_task(collect())
+        watch = asyncio.create_task(disconnected())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if not work.done():  # the client left: abort (the caller's release) and answer nobody
+            work.cancel()
+            log.info("%s: client disconnected; sequences aborted", job.rid)
+            return Response(status_code=499)
+        err = work.exception()
+        if err is None:
+            return JSONResponse(fmt.body(job.choices, job.usage()))
+        if isinstance(err, TimeoutError):
+            return _error(504, str(err), "timeout_error", code="request_timeout")
+        if isinstance(err, ValueError):  # the engine refused the request's input
+            return _error(400, str(err), "invalid_request_error")
+        log.warning("request %s failed: %s", job.rid, err)
+        return _error(500, f"generation failed: {err}", "server_error")
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+    async def stream(job: _Job, fmt: Formatter, req: GenerationRequest) -> AsyncIterator[bytes]:
+        try:
+            if req.kind == "chat":  # the role first, as OpenAI does
+                for i in range(req.num_choices):
+                    yield _sse(fmt.chunk(i, Delta("", [], None), first=True, with_usage=req.include_usage))
+            async for i, delta in job.events():
+                # chat chunks carry no token ids: one with nothing new (text held back) is not sent
+                if delta.text or delta.finish_reason or delta.logprobs or (req.kind == "completion" and delta.token_ids):
+                    yield _sse(fmt.chunk(i, delta, with_usage=req.include_usage))
+            if req.include_usage:
+                yield _sse(fmt.usage_chunk(job.usage()))
+        except Exception as e:  # noqa: BLE001 - the stream ends with an error event; the server stays up
+            metrics.stream_failed()
+            status, kind = (504, "timeout_error") if isinstance(e, TimeoutError) else (500, "server_error")
+            msg = str(e) if status == 504 else f"generation failed: {e}"
+            log.warning("streaming request %s failed: %s", job.rid, msg)
+            yield _sse(error_body(msg, kind, status))
+        yield b"data: [DONE]\n\n"
 
+    app.add_middleware(Guard, allowed_hosts=allowed_hosts_for(host, allowed_hosts), api_key=api_key,
+                       max_body_bytes=limits.max_body_bytes, body_timeout_s=limits.body_timeout_s,
+                       on_answer=metrics.answered)
     return app

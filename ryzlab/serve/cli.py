@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from typing import Any
 
 from ..config import CODECS
 from .engine import PREEMPTIONS
 
-__all__ = ["add_parser", "cmd_serve", "make_backend"]
+__all__ = ["add_parser", "cmd_serve", "make_backend", "serve_limits", "check_exposure"]
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +19,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from ..orchestrator.balance import POLICY_NAMES
 
     s = subparsers.add_parser(
-        "serve", help="serve a model over HTTP (OpenAI-style /v1/completions, /health, /metrics)",
+        "serve", help="serve a model over HTTP (OpenAI-compatible /v1/completions, /v1/chat/completions, "
+             "/v1/models; /health, Prometheus /metrics)",
         description="Continuous-batching engine(s) over the paged, compressed KV cache behind a FastAPI "
                     "server. --tp/--cp split one model replica over tp x cp ranks (tensor and context "
                     "parallelism); --workers N > 1 starts N replicas behind a load-balancing router "
@@ -43,6 +45,23 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--preemption", default="recompute", choices=PREEMPTIONS,
                    help="what a full cache does to a victim sequence (default recompute)")
     s.add_argument("--threads", type=int, default=None, help="torch threads per engine (default: torch's)")
+    s.add_argument("--api-key", default=os.environ.get("RYZLAB_API_KEY"),
+                   help="clients of /v1/* must send 'Authorization: Bearer KEY' (default: $RYZLAB_API_KEY); "
+                        "required to bind beyond loopback unless --no-auth")
+    s.add_argument("--no-auth", action="store_true",
+                   help="allow binding beyond loopback without an API key (anyone who reaches the port may use it)")
+    s.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="another name clients may send in the Host header (repeatable; default: the bound address, "
+                        "and localhost names for a loopback bind)")
+    s.add_argument("--max-pending", type=int, default=None,
+                   help="sequences in flight (running + queued) before new requests get 429 "
+                        "(default 4 x --max-num-seqs x --workers)")
+    s.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may run before it is aborted (504; default 600)")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body, checked before reading it (413; default 1 MiB)")
+    s.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive (408; default 30)")
     s.set_defaults(fn=cmd_serve)
     return s
 
@@ -69,6 +88,8 @@ def make_backend(args: argparse.Namespace) -> Any:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    check_exposure(args)
+    serve_limits(args)
     kw = engine_kwargs(args)
     EngineConfig(**kw["config"])  # bad knobs fail here, before any process starts
     check_engine_args(**kw)       # and a bad model / codec / tp x cp layout
@@ -80,6 +101,26 @@ def make_backend(args: argparse.Namespace) -> Any:
         return AsyncEngine(build_engine(threads=args.threads, **k), model_name=model_name(args.model))
     return Router(workers=args.workers, policy=args.policy, engine_kwargs=kw, model_name=model_name(args.model),
                   threads_per_worker=args.threads or 1).start()
+
+
+def check_exposure(args: argparse.Namespace) -> None:
+    """Binding beyond loopback needs ``--api-key`` or an explicit ``--no-auth`` (raises otherwise)."""
+    from .guard import is_loopback
+
+    if getattr(args, "api_key", None) is not None and not args.api_key.strip():
+        raise ValueError("--api-key is empty")
+    if not is_loopback(args.host) and not getattr(args, "api_key", None) and not getattr(args, "no_auth", False):
+        raise ValueError(f"--host {args.host} makes the server reachable from other machines: give --api-key KEY "
+                         f"(or set RYZLAB_API_KEY), or --no-auth to serve without one")
+
+
+def serve_limits(args: argparse.Namespace) -> Any:
+    """The API's :class:`ServeLimits` from the flags (raises ``ValueError`` for bad values)."""
+    from .api import ServeLimits
+
+    pending = args.max_pending if args.max_pending is not None else 4 * args.max_num_seqs * args.workers
+    return ServeLimits(max_pending=pending, request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
+                       body_timeout_s=args.body_timeout)
 
 
 def model_name(model: str) -> str:
@@ -95,10 +136,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .api import create_app
 
     backend = make_backend(args)
-    print(f"ryzlab serve: http://{args.host}:{args.port}  model={args.model} codec={args.codec} "
-          f"workers={args.workers} tp={args.tp} cp={args.cp}" + (f" policy={args.policy}" if args.workers > 1 else ""))
+    app = create_app(backend, host=args.host, allowed_hosts=tuple(args.allowed_host), api_key=args.api_key,
+                     limits=serve_limits(args))
+    print(f"ryzlab serve: http://{args.host}:{args.port}/v1  model={model_name(args.model)} codec={args.codec} "
+          f"workers={args.workers} tp={args.tp} cp={args.cp}" + (f" policy={args.policy}" if args.workers > 1 else "")
+          + (" auth=api-key" if args.api_key else " auth=none"))
     try:
-        uvicorn.run(create_app(backend), host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         backend.shutdown()
     return 0

@@ -45,7 +45,7 @@ import torch
 from ..config import check_choice
 
 __all__ = ["EngineConfig", "Engine", "AsyncEngine", "Preemption", "PREEMPTIONS", "SamplingParams",
-           "StepOutput", "EngineError", "TokenChunk", "MAX_LOGPROBS", "INT64"]
+           "StepOutput", "EngineError", "RequestRejected", "TokenChunk", "MAX_LOGPROBS", "INT64"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,10 @@ PREEMPTIONS: tuple[str, ...] = get_args(Preemption)
 
 class EngineError(RuntimeError):
     """A request could not be served (failed forward, request larger than the whole cache)."""
+
+
+class RequestRejected(EngineError, ValueError):
+    """The engine refused a request's input (checked when it is queued): a client error."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -633,7 +637,7 @@ class AsyncEngine:
                 try:
                     eng.add_request(rid, prompt, params)
                 except ValueError as e:
-                    self._deliver(rid, EngineError(str(e)))
+                    self._deliver(rid, RequestRejected(str(e)))
             for rid in aborts:
                 eng.abort(rid)
             if not eng.has_work():
