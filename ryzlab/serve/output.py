@@ -113,8 +113,14 @@ class Formatter:
             offsets.append(off)
             off += len(s)
         self._offsets[index] = off
-        return {"tokens": tokens, "token_logprobs": [lp for lp, _ in lps],
-                "top_logprobs": [{self._token(a): b for a, b in top} for _, top in lps], "text_offset": offsets}
+        tops = []
+        for _, top in lps:  # keyed by text: tokens with the same text keep the best logprob
+            d: dict[str, float] = {}
+            for a, b in top:
+                d.setdefault(self._token(a), b)
+            tops.append(d)
+        return {"tokens": tokens, "token_logprobs": [lp for lp, _ in lps], "top_logprobs": tops,
+                "text_offset": offsets}
 
     def _head(self, chunk: bool) -> dict[str, Any]:
         obj = self.object + (".chunk" if chunk and self.kind == "chat" else "")
