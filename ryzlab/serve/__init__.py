@@ -13,7 +13,12 @@ Modules (import what you need; nothing heavy is imported here):
   distributions), ``run_load`` (latency from each request's scheduled time), ``run_sync``.
 * :mod:`.metrics`  ``summarize`` -> TTFT/TPOT/ITL/E2EL mean/p50/p90/p99, throughput, goodput
   under ``parse_slo("ttft:200,tpot:50")``.
-* :mod:`.api`      ``create_app(backend)``: ``/v1/completions`` (SSE streaming), ``/health``, ``/metrics``.
+* :mod:`.api`      ``create_app(backend)``: OpenAI-compatible ``/v1/completions``,
+  ``/v1/chat/completions``, ``/v1/models`` (SSE streaming), bounded admission, ``/health``,
+  ``/metrics`` (Prometheus), ``/stats`` (JSON).
+* :mod:`.protocol` OpenAI request bodies checked -> ``GenerationRequest``; :mod:`.output` text,
+  stop strings, logprobs and OpenAI's response shapes; :mod:`.guard` Host / API key / content
+  type / body size and time; :mod:`.prom` the Prometheus registry (vLLM's names, ``ryzlab:``).
 * :mod:`.client`   ``backend_client``, ``http_client``, ``serve_in_thread``.
 * :mod:`.cli`      ``ryzlab serve``.
 """
