@@ -208,3 +208,15 @@ def test_max_model_len_is_reported(served):
     url, _, _ = served
     m = httpx.get(f"{url}/v1/models").json()["data"][0]
     assert m["max_model_len"] == MAX_MODEL_LEN and m["id"] == "ryzlab-random"
+
+
+def test_an_unexpected_server_error_uses_the_openai_body_and_is_counted(served):
+    url, backend, app = served
+
+    def broken():
+        raise KeyError("injected")
+
+    backend.health = broken  # test-only: a bug inside the app
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=60)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert app.state.metrics.counts["http_errors_5xx"] == 1
