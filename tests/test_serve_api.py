@@ -14,7 +14,7 @@ from serving import MAX_MODEL_LEN, NUM_BLOCKS, PausedForward, serve_app, wait_fo
 
 @pytest.fixture
 def served():
-    with serve_app(stall_timeout_s=0.5) as (url, backend, app):
+    with serve_app() as (url, backend, app):
         yield url, backend, app
 
 
@@ -138,11 +138,10 @@ def test_client_disconnect_without_streaming_frees_blocks(served):
     assert eng.counters["aborted"] == 1 and eng.counters["generated_tokens"] <= 1
 
 
-def test_health_turns_unhealthy_when_engine_stalls_and_new_requests_get_503(served):
-    url, backend, _ = served
+def test_health_turns_unhealthy_when_engine_stalls_and_new_requests_get_503():
     result = {}
-    assert httpx.get(f"{url}/health").status_code == 200
-    with PausedForward(backend.engine) as paused:
+    with serve_app(stall_timeout_s=0.5) as (url, backend, _), PausedForward(backend.engine) as paused:
+        assert httpx.get(f"{url}/health").status_code == 200
         t = threading.Thread(target=lambda: result.setdefault(
             "r", httpx.post(f"{url}/v1/completions", json={"prompt": "hello", "max_tokens": 3}, timeout=60)))
         t.start()
@@ -153,8 +152,8 @@ def test_health_turns_unhealthy_when_engine_stalls_and_new_requests_get_503(serv
         assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "unhealthy"
         paused.release.set()
         t.join(60)
-    assert result["r"].status_code == 200
-    assert wait_for(lambda: httpx.get(f"{url}/health").status_code == 200)
+        assert result["r"].status_code == 200
+        assert wait_for(lambda: httpx.get(f"{url}/health").status_code == 200)
 
 
 def test_failing_request_does_not_take_the_server_down(served):
