@@ -67,7 +67,10 @@ class ChoiceText:
         new = list(chunk)
         self.ids += new
         lps = getattr(chunk, "logprobs", None)
-        if self.want_logprobs and lps:
+        if self.want_logprobs:
+            if lps is None or len(lps) != len(new):  # never answer logprobs that do not match the tokens
+                raise RuntimeError("the backend returned no logprobs for these tokens (it must pass "
+                                   "SamplingParams.logprobs to the engine and its TokenChunk back)")
             self.logprobs += lps
         return self._advance(new, lps, final=False)
 
