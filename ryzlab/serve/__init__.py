@@ -5,6 +5,8 @@ Modules (import what you need; nothing heavy is imported here):
 * :mod:`.engine`   ``Engine`` (scheduler: admission while blocks are free, chunked prefill,
   batched decode, recompute/swap preemption, prefix reuse), ``AsyncEngine`` (background
   thread, async token streams, progress-based health), ``build_engine``, ``EngineConfig``.
+* :mod:`.sampling` ``SamplingParams`` (temperature, top-k, top-p, seed, logprobs), ``sample``,
+  ``TokenChunk`` (token ids + their logprobs).
 * :mod:`.runner`   ``ModelRunner``: one ragged forward of the reference model over a paged step.
 * :mod:`.worker` / :mod:`.router`  one engine per process (per GPU where present) behind the
   orchestrator's load-balancing policies; heartbeats, re-routing of a dead worker's requests,

@@ -43,6 +43,7 @@ from typing import Any, AsyncIterator, Literal, get_args
 import torch
 
 from ..config import check_choice
+from .sampling import INT64, MAX_LOGPROBS, Logprob, SamplingParams, TokenChunk, sample
 
 __all__ = ["EngineConfig", "Engine", "AsyncEngine", "Preemption", "PREEMPTIONS", "SamplingParams",
            "StepOutput", "EngineError", "RequestRejected", "TokenChunk", "MAX_LOGPROBS", "INT64"]
@@ -89,59 +90,6 @@ class EngineConfig:
                              f"max_num_seqs ({self.max_num_seqs}): every running sequence needs a token per step")
         if not self.stall_timeout_s > 0:
             raise ValueError(f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
-
-
-MAX_LOGPROBS = 20
-"""Most alternatives a request may ask for per token (vLLM's default ``max_logprobs``)."""
-INT64 = (-(2 ** 63), 2 ** 63 - 1)
-"""Seeds must fit a signed 64-bit integer (what every framework's generator takes)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class SamplingParams:
-    """What one request asks of the sampler; a plain frozen dataclass (it is pickled to workers)."""
-
-    max_tokens: int = 16
-    temperature: float = 0.0
-    """0 = greedy."""
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1 = off)."""
-    top_k: int = 0
-    """Keep the k most likely tokens (0 = off)."""
-    logprobs: int | None = None
-    """None: no logprobs; k >= 0: the chosen token's logprob and the k most likely alternatives."""
-
-    def check(self, vocab_size: int) -> None:
-        """Raise ``ValueError`` naming the field and its valid range (nothing queued then)."""
-        import math
-
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.top_k <= vocab_size:
-            raise ValueError(f"top_k must be in [0, {vocab_size}] (0 = off), got {self.top_k}")
-        if self.seed is not None and not INT64[0] <= self.seed <= INT64[1]:
-            raise ValueError(f"seed must fit a signed 64-bit integer, got {self.seed}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
-        if any(not 0 <= t < vocab_size for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be in [0, {vocab_size})")
-
-
-class TokenChunk(list):
-    """New token ids of one step (a plain ``list`` of ints to every caller) and, when the
-    request asked for them, ``logprobs``: per token ``(logprob, ((id, logprob), ...))``, the
-    chosen token's log-probability under the model and its most likely alternatives.
-
-    A list subclass so the Backend interface (``generate`` yields lists of ids) is unchanged;
-    it pickles with its attribute (worker -> router)."""
-
-    logprobs: list[tuple[float, tuple[tuple[int, float], ...]]] | None = None
 
 
 class Status(enum.Enum):
@@ -427,39 +375,9 @@ class Engine:
         return plan
 
     # ------------------------------------------------------------------ execution
-    def _sample(self, seq: Sequence, logits: torch.Tensor
-                ) -> tuple[int, tuple[float, tuple[tuple[int, float], ...]] | None]:
-        """logits [V] -> (next token id, its logprob and the top alternatives, or None).
-
-        The logits are shifted to a maximum of 0 before dividing by the temperature, so a tiny
-        temperature gives ``-inf`` elsewhere and 0 at the argmax (a one-hot, not NaN), and a huge
-        one gives ~0 everywhere (uniform): no temperature can make ``multinomial`` fail.
-        ``top_k`` then ``top_p`` restrict the candidates (vLLM's order). Logprobs are those of
-        the model's own distribution (before temperature and filtering), as vLLM returns them.
-        """
-        p = seq.params
-        if p.temperature <= 0:
-            tok = int(logits.argmax())
-        else:
-            z = ((logits.double() - logits.max()) / p.temperature).nan_to_num(nan=float("-inf"))  # [V]
-            if 0 < p.top_k < z.numel():
-                kth = torch.topk(z, p.top_k).values[-1]
-                z = z.masked_fill(z < kth, float("-inf"))
-            probs = torch.softmax(z, dim=-1)
-            if p.top_p < 1:
-                sorted_p, order = probs.sort(descending=True)
-                drop = (sorted_p.cumsum(0) - sorted_p) >= p.top_p  # mass before it already reaches top_p
-                drop[0] = False                                   # the most likely token always stays
-                probs = probs.index_fill(0, order[drop], 0.0)
-            tok = int(torch.multinomial(probs, 1, generator=seq.generator))
-        if p.logprobs is None:
-            return tok, None
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        top: tuple[tuple[int, float], ...] = ()
-        if p.logprobs:
-            vals, idx = torch.topk(logp, min(p.logprobs, logp.numel()))
-            top = tuple(zip(idx.tolist(), vals.tolist()))
-        return tok, (float(logp[tok]), top)
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> tuple[int, Logprob | None]:
+        """logits [V] -> (next token id, its logprob and top alternatives or None): :func:`sample`."""
+        return sample(logits, seq.params, seq.generator)
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from .engine import INT64, MAX_LOGPROBS, SamplingParams
+from .sampling import INT64, MAX_LOGPROBS, SamplingParams
 
 __all__ = ["RequestError", "CompletionParams", "GenerationRequest", "ModelInfo", "parse_json", "parse_completion",
            "parse_chat", "MAX_CHOICES", "MAX_STOP"]
