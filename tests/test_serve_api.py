@@ -219,3 +219,15 @@ def test_an_unexpected_server_error_uses_the_openai_body_and_is_counted(served):
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=60)
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     assert app.state.metrics.counts["http_errors_5xx"] == 1
+
+
+def test_stream_past_its_deadline_ends_with_an_error_event_and_frees_blocks():
+    with serve_app(request_timeout_s=0.5) as (url, backend, app), PausedForward(backend.engine) as paused:
+        with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3, "stream": True},
+                          timeout=60) as resp:
+            events = [line for line in resp.iter_lines() if line.startswith("data: ")]
+        assert json.loads(events[-2][6:])["error"]["code"] == 504 and events[-1] == "data: [DONE]"
+        assert wait_for(lambda: app.state.pending == 0)
+        paused.release.set()
+        eng = backend.engine
+        assert wait_for(lambda: eng.cache.pool.num_free_blocks == NUM_BLOCKS and not eng.has_work())

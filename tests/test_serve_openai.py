@@ -169,3 +169,18 @@ def test_chat_with_smollm2_uses_its_template_and_stops_at_end_of_turn():
             assert s.choices[0].message.content == text[:text.find("Paris")]
     finally:
         backend.shutdown()
+
+
+def test_chat_stream_with_n_interleaves_choices(served):
+    client, *_ = served
+    msgs = [{"role": "user", "content": "n"}]
+    whole = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=5, n=2)
+    assert [c.index for c in whole.choices] == [0, 1] and whole.usage.completion_tokens == 10
+    text = {0: "", 1: ""}
+    finish = {}
+    for ch in client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=5, n=2, stream=True):
+        for c in ch.choices:
+            text[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+    assert text == {c.index: c.message.content for c in whole.choices} and finish == {0: "length", 1: "length"}
