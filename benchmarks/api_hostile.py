@@ -145,6 +145,22 @@ def hostile(base: str) -> Counter:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: " + f"{host}:{port}".encode() +
                   b"\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n")
         out[f"100 MB announced: {s.recv(100).split(b' ')[1].decode()}"] += 1
+    with socket.create_connection((host, int(port)), timeout=60) as s:  # 100 MB really sent, chunked
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: " + f"{host}:{port}".encode() +
+                  b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b"x" * 2**20
+        sent = 0
+        try:
+            for _ in range(100):
+                s.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+                sent += 1
+        except OSError:
+            pass  # the server answered and closed: the rest is not read
+        try:
+            status = s.recv(100).split(b" ")[1].decode()
+        except (OSError, IndexError):
+            status = "connection closed"
+        out[f"100 MB chunked (client got {sent} MiB out before the close): {status}"] += 1
     return out
 
 
@@ -185,9 +201,10 @@ def main() -> None:
             print(f"   round {rnd + 1}: {seen}/{args.streams} streamed a token then dropped; aborted so far "
                   f"{s.get('aborted', 0)}; in flight 0, KV usage {s['kv_cache_usage_perc']:.0%}; "
                   f"server RSS {rss[-1] / 2**20:.1f} MiB")
-        growth = (rss[-1] - rss[1]) / 2**20
-        print(f"   RSS after round 1 -> after round {args.rounds}: {rss[1] / 2**20:.1f} -> {rss[-1] / 2**20:.1f} MiB "
-              f"({growth:+.1f} MiB; before any round {rss[0] / 2**20:.1f} MiB)")
+        if args.rounds:
+            growth = (rss[-1] - rss[1]) / 2**20
+            print(f"   RSS after round 1 -> after round {args.rounds}: {rss[1] / 2**20:.1f} -> "
+                  f"{rss[-1] / 2**20:.1f} MiB ({growth:+.1f} MiB; before any round {rss[0] / 2**20:.1f} MiB)")
 
         print("\n3. hostile bodies")
         before = server.memory_info().rss
