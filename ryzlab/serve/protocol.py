@@ -290,7 +290,7 @@ def _chat_prompt(body: dict[str, Any], info: ModelInfo) -> list[int]:
 
 
 def _common(body: dict[str, Any], info: ModelInfo, prompts: list[list[int]], *, max_tokens: Any,
-            logprobs: int | None, where: str) -> tuple[SamplingParams, int, bool, bool, tuple[str, ...]]:
+            logprobs: int | None) -> tuple[SamplingParams, int, bool, bool, tuple[str, ...]]:
     model = body.get("model", info.model_name)
     if model != info.model_name:
         raise RequestError(f"The model {_short(model)} does not exist; choose one of: {info.model_name}",
@@ -349,8 +349,9 @@ def parse_completion(body: dict[str, Any], info: ModelInfo) -> GenerationRequest
     _unsupported(body, "echo", (False,))
     _unsupported(body, "suffix", ("",))
     logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
-    params, n, stream, usage, stop = _common(body, info, prompts, max_tokens=body.get("max_tokens", 16),
-                                             logprobs=logprobs, where="/v1/completions")
+    max_tokens = body.get("max_tokens")
+    params, n, stream, usage, stop = _common(body, info, prompts, max_tokens=16 if max_tokens is None else max_tokens,
+                                             logprobs=logprobs)
     best_of = body.get("best_of")
     if best_of is not None and best_of != n:
         raise RequestError(f"'best_of' is not supported by ryzlab serve (omit it or set it to n={n})",
@@ -372,5 +373,5 @@ def parse_chat(body: dict[str, Any], info: ModelInfo) -> GenerationRequest:
         raise RequestError("'top_logprobs' needs logprobs: true", param="top_logprobs")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     params, n, stream, usage, stop = _common(body, info, [prompt], max_tokens=max_tokens,
-                                             logprobs=top if want else None, where="/v1/chat/completions")
+                                             logprobs=top if want else None)
     return GenerationRequest("chat", (tuple(prompt),), params, n, stream, usage, stop, info.model_name)
