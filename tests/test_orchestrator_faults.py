@@ -21,7 +21,7 @@ def test_fault_detected_rerouted_restarted(kind):
     with WorkerPool(3, make_policy("round_robin"), mean_work_ms=20.0, heartbeat_timeout_s=0.6) as pool:
         for i in range(12):
             pool.submit(Request(i, size=2.0))
-        assert pool._held[0], "worker 0 should hold work when the fault hits"
+        assert pool.workers[0].held, "worker 0 should hold work when the fault hits"
         pool.inject(0, kind)
         assert _wait(lambda: pool.faults, 5.0)
         f = pool.faults[0]
@@ -38,12 +38,12 @@ def test_fault_detected_rerouted_restarted(kind):
         rerouted = {r["request_id"]: r for r in rows if r["request_id"] in f.rerouted}
         assert all(r["attempts"] == 2 and r["worker"] != 0 for r in rerouted.values())
         assert f.ready_t is not None and f.recover_t >= f.ready_t > f.detect_t
-        assert pool.views[0].healthy and pool._procs[0].is_alive()  # restarted
+        assert pool.views[0].healthy and pool.workers[0].process.is_alive()  # restarted
         st = pool.stats.to_frame().set_index("scope")
         assert st.loc["all", "requests"] == 20 + len(f.rerouted)  # attempts: re-routed ones count twice
         assert st.loc["0", "errors"] == len(f.rerouted) and st.loc["all", "in_flight"] == 0
         with pytest.raises(ValueError, match="serving"):
-            pool.views[1].healthy = False
+            pool.workers[1].state = "starting"
             pool.inject(1, "kill")
 
 
