@@ -538,6 +538,7 @@ class ProcessPool:
                      "outstanding": s.outstanding, "heartbeat_age_s": round(now - s.last_beat, 3),
                      "restarts": s.restarts, "incarnation": s.incarnation} for s in self.workers]
 
+    @property
     def events(self) -> list[dict[str, Any]]:
         """The fault timeline from the fault records: injection, detection, replacement ready."""
         out = []
