@@ -1,10 +1,16 @@
 """Fault tolerance with real worker processes: kill and pause are detected, work re-routed,
 nothing lost, the worker restarted; units that keep failing are reported, not dropped."""
+import logging
+import os
+import signal
+import threading
 import time
 
+import numpy as np
 import pytest
 
 from ryzlab.orchestrator import LiveConfig, Request, WorkerPool, make_policy, run_live
+from ryzlab.orchestrator.pool import BeatGaps
 
 
 def _wait(pred, timeout):
@@ -103,3 +109,124 @@ def test_paused_worker_with_a_deep_backlog_does_not_stall_the_router():
         assert pool.wait_all(60.0)
         assert len(pool.faults) == 1 and len(pool.faults[0].rerouted) == 2000
         assert all(r["state"] == "done" for r in pool.unit_rows())
+
+
+class _FirstHealthy:
+    """A policy (test fake) that always picks the first healthy worker: the race needs worker 0."""
+
+    def choose(self, request, workers):
+        return next((i for i, w in enumerate(workers) if w.healthy), None)
+
+
+def test_unit_dispatched_while_the_watchdog_reads_the_clock_gets_no_negative_latency(caplog):
+    """Defect (a), the race injected: the watchdog's clock read is held open until a unit is
+    dispatched to the worker it is about to fail (or, as it must be now, the dispatch waits for
+    the watchdog's lock). Before the fix the unit got a negative latency, the stats raised and
+    the watchdog thread died; now the dispatch lands after the failure, on the healthy worker."""
+    with WorkerPool(2, _FirstHealthy(), mean_work_ms=1.0, heartbeat_timeout_s=0.5) as pool:
+        watch = next(t for t in pool._threads if t.name == "ryzlab-pool-watch")
+        real, armed, read, submitted = pool.clock, threading.Event(), threading.Event(), threading.Event()
+
+        def clock():
+            if threading.current_thread() is watch and armed.is_set() and not read.is_set():
+                read.set()
+                submitted.wait(5.0)  # the fixed pool holds its lock here, so this runs out; either way passes
+            return real()
+
+        pool.clock = clock
+        with caplog.at_level(logging.ERROR, logger="ryzlab.orchestrator.pool"):
+            with pool._lock:  # the watchdog cannot judge until worker 0 is certainly stale
+                pool.inject(0, "pause")
+                s0 = pool.workers[0]
+                while real() - s0.last_beat <= pool.beats.timeout():
+                    pool._cv.wait(0.05)
+                armed.set()
+            assert read.wait(30.0)
+            pool.submit(Request(0, size=1.0))
+            submitted.set()
+            assert pool.wait_all(60.0)
+        assert watch.is_alive() and pool.error is None and "tick failed" not in caplog.text
+        assert [f.worker for f in pool.faults] == [0] and pool.faults[0].rerouted == []
+        assert pool.units[0].state == "done" and pool.units[0].served_by == 1 and pool.units[0].attempts == 1
+        st = pool.stats.to_frame().set_index("scope")
+        assert st.loc["all", "requests"] == 1 and st.loc["all", "errors"] == 0
+
+
+def test_a_worker_that_dies_while_restarting_is_restarted_again():
+    """Defect (b): the replacement's "ready" is held back (the pool sees it restarting), then it
+    is killed. The pool must fail that incarnation too and start a third one."""
+    with WorkerPool(2, make_policy("round_robin"), mean_work_ms=1.0) as pool:
+        handle, s0 = pool._handle, pool.workers[0]
+
+        def hold_second_ready(s, msg):
+            if msg[0] == "ready" and s is s0 and s.incarnation == 2:
+                return
+            handle(s, msg)
+
+        pool._handle = hold_second_ready
+        pool.inject(0, "kill")
+        assert pool.wait_until(lambda: s0.incarnation == 2 and s0.pid is not None, 60.0)
+        assert s0.state == "starting"
+        os.kill(s0.pid, signal.SIGKILL)
+        assert pool.wait_until(lambda: s0.incarnation == 3 and s0.healthy, 60.0)
+        assert [(f.worker, f.incarnation, f.kind) for f in pool.faults] == [(0, 1, "kill"), (0, 2, "detected")]
+        assert s0.restarts == 2 and pool.faults[1].ready_t is not None
+        for i in range(6):
+            pool.submit(Request(i, size=1.0))
+        assert pool.wait_all(60.0)
+        assert {r["worker"] for r in pool.unit_rows()} == {0, 1}  # round-robin: the third incarnation serves
+
+
+def test_heartbeat_timeout_follows_the_measured_gaps():
+    """Defect (c): a fixed 1 s timeout against 0.2 s beats fails a healthy worker whose beats a
+    loaded machine delays past 1 s; the measured timeout grows with the gaps."""
+    g = BeatGaps(1.0, 0.2)
+    assert g.timeout() == 1.0 and g.count == 0
+    for _ in range(500):
+        g.add(0.2)
+    assert g.timeout() == 1.0  # idle: 4 x 0.2 s is under the floor
+    gaps = [0.2] * 500 + [1.1 if i % 10 == 0 else 0.2 for i in range(500)]  # load: every 10th beat 0.9 s late
+    for x in gaps[500:]:
+        g.add(x)
+    assert g.p99() == pytest.approx(np.percentile(gaps, 99))
+    assert g.timeout() == pytest.approx(4 * g.p99()) and g.timeout() > 1.1 * 3  # a 1.1 s gap is no fault
+    with pytest.raises(ValueError, match="interval"):
+        BeatGaps(0.2, 0.2)
+
+
+def test_pool_times_out_missed_beats_from_its_measured_gaps():
+    with WorkerPool(2, make_policy("round_robin"), mean_work_ms=1.0, heartbeat_timeout_s=0.5) as pool:
+        assert pool.wait_until(lambda: pool.beats.count >= 10, 30.0)
+        pool.inject(1, "pause")
+        assert pool.wait_until(lambda: pool.faults, 30.0)
+        f = pool.faults[0]
+        assert f.kind == "pause" and "heartbeat" in f.reason and f.timeout_s >= 0.5
+        assert f.timeout_s == pytest.approx(max(0.5, 4 * max(0.1, np.percentile(list(pool.beats._gaps), 99))),
+                                            rel=0.5)  # gaps keep coming from worker 0 after detection
+        assert f.detect_t - f.fault_t >= f.timeout_s - 0.1 - 0.05  # its last beat came <= 1 interval before
+
+
+def test_watchdog_survives_a_failing_tick_and_fails_loudly_when_it_keeps_failing(caplog):
+    with WorkerPool(2, make_policy("round_robin"), mean_work_ms=1.0) as pool:
+        diagnose, calls = pool._diagnose, []
+
+        def once_bad(s, now, timeout):
+            if not calls:
+                calls.append(1)
+                raise RuntimeError("injected tick failure")
+            return diagnose(s, now, timeout)
+
+        with caplog.at_level(logging.ERROR, logger="ryzlab.orchestrator.pool"):
+            pool._diagnose = once_bad
+            pool.inject(1, "kill")
+            assert pool.wait_until(lambda: pool.faults and pool.workers[1].healthy, 60.0)
+        assert calls and "injected tick failure" in caplog.text and pool.error is None
+
+        def always_bad(s, now, timeout):
+            raise RuntimeError("broken for good")
+
+        pool._diagnose = always_bad
+        assert pool.wait_until(lambda: pool.error is not None, 60.0)
+        assert "watchdog" in pool.error
+        with pytest.raises(RuntimeError, match="watchdog"):
+            pool.submit(Request(0, 1.0))

@@ -76,10 +76,12 @@ class Router(ProcessPool):
         pol = make_policy(policy, seed=seed)
         check_engine_args(**(engine_kwargs or {}))  # bad model/codec fails here, before any process
         EngineConfig(**(engine_kwargs or {}).get("config", {}))
-        cuda = str((engine_kwargs or {}).get("device", "cpu")).startswith("cuda")
-        # CUDA workers get their devices through the environment, which only a spawned child copies;
-        # CPU workers fork from the fork server (torch imported once: a restart takes far less)
-        super().__init__(workers, pol, ctx=mp_context("spawn" if cuda else "forkserver"),
+        kw = engine_kwargs or {}
+        simple = not str(kw.get("device", "cpu")).startswith("cuda") and kw.get("tp", 1) * kw.get("cp", 1) == 1
+        # one-rank CPU workers fork from the fork server (torch imported once: a restart takes far
+        # less); CUDA workers get their devices through the environment, which only a spawned child
+        # copies, and a replica's driver starts its own fork server for its ranks
+        super().__init__(workers, pol, ctx=mp_context("forkserver" if simple else "spawn"),
                          heartbeat_interval_s=HEARTBEAT_S, heartbeat_timeout_s=heartbeat_timeout_s,
                          progress_timeout_s=progress_timeout_s, max_attempts=max_reroutes + 1,
                          restart=restart, start_timeout_s=start_timeout_s)
