@@ -64,6 +64,7 @@ class SimConfig:
     fault_at: float = 0.5
     watch_interval_s: float = 0.05
     heartbeat_timeout_s: float = 1.0
+    """Time to detect a pause (the live pool's timeout is at least this, more when beats come late)."""
     restart_s: float = 1.0
     max_attempts: int = 3
     """Tries per request, as in the live pool (a request still held at its last try's fault fails)."""
