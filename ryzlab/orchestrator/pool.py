@@ -502,6 +502,10 @@ class ProcessPool:
             s.state = "failed"
             if s.conn is not None:
                 self._unregister(s.conn)
+            try:
+                s.tasks.close()  # its feeder thread ends instead of idling for good
+            except (AttributeError, OSError, ValueError):
+                pass
             p = s.process
             if p is not None and p.is_alive():
                 p.kill()  # a paused or hung worker is not trusted again: its replacement starts clean
