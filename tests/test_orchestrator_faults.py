@@ -241,3 +241,25 @@ def test_simulator_reroutes_with_the_pools_function_and_cap():
     assert df["attempts"].max() == 2
     with pytest.raises(ValueError, match="max_attempts"):
         SimConfig(max_attempts=0)
+
+
+def test_a_collector_that_falls_behind_is_no_missed_beat():
+    """Beats waiting in the pipe (the parent's collector stalled, as when a huge request body holds
+    the GIL) are read before a worker is judged: no false positive."""
+    with WorkerPool(2, make_policy("round_robin"), mean_work_ms=1.0, heartbeat_timeout_s=0.3) as pool:
+        collect, diagnose, release, stale = pool._collect_once, pool._diagnose, threading.Event(), []
+
+        def stalled():
+            release.wait(120.0)
+            collect()
+
+        def counting(s, now, timeout):
+            if s.healthy and now - s.last_beat > timeout:
+                stale.append(s.index)
+            return diagnose(s, now, timeout)
+
+        pool._diagnose = counting
+        pool._collect_once = stalled
+        assert pool.wait_until(lambda: len(stale) >= 6 and {0, 1} <= set(stale), 120.0)
+        release.set()
+        assert pool.faults == [] and all(s.healthy and s.incarnation == 1 for s in pool.workers)

@@ -227,10 +227,10 @@ class ProcessPool:
         """Start every worker and wait until all are serving; raise (after cleaning up) if not."""
         for s in self.workers:
             self._spawn(s)
-        self._threads = [threading.Thread(target=self._loop, args=(self._collect_once, "collector"),
-                                          name="ryzlab-pool-collect", daemon=True),
-                         threading.Thread(target=self._loop, args=(self._watch_once, "watchdog"),
-                                          name="ryzlab-pool-watch", daemon=True)]
+        self._threads = [threading.Thread(target=self._loop, args=("collector",), name="ryzlab-pool-collect",
+                                          daemon=True),
+                         threading.Thread(target=self._loop, args=("watchdog",), name="ryzlab-pool-watch",
+                                          daemon=True)]
         for t in self._threads:
             t.start()
         deadline = self.clock() + self.start_timeout
@@ -370,12 +370,13 @@ class ProcessPool:
             return self.beats.timeout()
 
     # -- threads ----------------------------------------------------------------------------------
-    def _loop(self, tick: Callable[[], None], name: str) -> None:
-        """Run ``tick`` until close; an exception is logged and the loop goes on, never silently dies."""
+    def _loop(self, name: str) -> None:
+        """Run the ``collector`` or ``watchdog`` tick until close; an exception is logged and the
+        loop goes on (it never dies silently); too many in a row fail the pool loudly."""
         failures = 0
         while not self._stop.is_set():
             try:
-                tick()
+                self._collect_once() if name == "collector" else self._watch_once()
                 failures = 0
             except Exception:  # noqa: BLE001 - a bad tick must not end fault detection
                 failures += 1
