@@ -43,6 +43,8 @@ class Config:
     """Distinct prefix keys carried by requests (0: none); prefix_affinity uses them."""
     fault_at: float = 0.4
     heartbeat_timeout_s: float = 1.0
+    """Live: the floor of the missed-beat timeout (the pool raises it with the measured beat gaps);
+    simulated: the time a pause takes to detect."""
     sim_restart_s: float = 1.0
     """Simulated restart time (live runs measure theirs)."""
     seed: int = 0

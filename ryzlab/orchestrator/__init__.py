@@ -1,7 +1,8 @@
 """Multi-device orchestration: launch + process groups, health, placement, balancing, stats, faults.
 
 Public names (the seed's included): ``launch``, ``init_from_env``, ``DistributedOrchestrator``,
-``GPUHealthMonitor``, ``GPUStats``, ``make_policy``, ``StatsCollector``, ``WorkerPool``,
+``GPUHealthMonitor``, ``GPUStats``, ``make_policy``, ``StatsCollector``, ``WorkerPool`` (compute
+workers on ``ProcessPool``, the one worker pool the serving router runs on too),
 ``simulate``/``SimConfig`` and ``run_live``/``LiveConfig`` (same policy code, ``mode`` says which).
 """
 from .balance import (POLICY_NAMES, LeastOutstanding, PolicyName, PowerOfTwo, PrefixAffinity, Request,
@@ -12,6 +13,7 @@ from .launch import (DistContext, LaunchError, LaunchTimeoutError, RankFailedErr
                      init_from_env, launch)
 from .live import LiveConfig, run_live
 from .orchestrator import DistributedOrchestrator
+from .pool import ProcessPool, reroute
 from .placement import device_for_rank, device_score, optimal_device
 from .sim import FAULTS, SimConfig, simulate
 from .stats import LatencyStats, StatsCollector
@@ -23,6 +25,6 @@ __all__ = [
     "LeastOutstanding", "PowerOfTwo", "PrefixAffinity",
     "DistributedOrchestrator", "GPUHealthMonitor", "GPUStats", "Thresholds", "DeviceHealth", "classify",
     "device_for_rank", "device_score", "optimal_device",
-    "LatencyStats", "StatsCollector", "WorkerPool", "FaultRecord",
+    "LatencyStats", "StatsCollector", "WorkerPool", "FaultRecord", "ProcessPool", "reroute",
     "SimConfig", "simulate", "FAULTS", "LiveConfig", "run_live",
 ]

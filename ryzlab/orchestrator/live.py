@@ -37,6 +37,7 @@ class LiveConfig:
     """Fraction of the arrival horizon at which worker 0 is killed / paused."""
     heartbeat_interval_s: float = 0.1
     heartbeat_timeout_s: float = 1.0
+    """Floor of the missed-beat timeout (raised by the pool from the measured beat gaps)."""
     restart: bool = True
     seed: int = 0
     timeout_s: float = 120.0

@@ -10,9 +10,10 @@ Model: each worker serves one request at a time, first come first served; a requ
 prefix in a small LRU cache). Fault injection mirrors the live pool: at ``fault_at`` (fraction
 of the arrival horizon) worker 0 stops (``kill`` or ``pause``); the router keeps sending to
 it until detection (``kill``: the supervisor's poll interval; ``pause``: the heartbeat
-timeout), then its queued and in-service requests are re-routed and a replacement starts after
-``restart_s``. Nothing is dropped: every request completes, re-routed ones keep their original
-arrival time, so their latency includes the outage.
+timeout), then its queued and in-service requests are re-routed with the live pool's
+:func:`~ryzlab.orchestrator.pool.reroute` (at most ``max_attempts`` tries each) and a replacement
+starts after ``restart_s``. Nothing is dropped: every request completes or is counted failed;
+re-routed ones keep their original arrival time, so their latency includes the outage.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import numpy as np
 
 from ..config import check_choice
 from .balance import POLICY_NAMES, Request, make_policy
+from .pool import reroute
 from .workload import PREFIX_CACHE_SIZE, PREFIX_HIT_COST, SIZE_DISTS, make_requests
 
 __all__ = ["SimConfig", "simulate", "Fault", "FAULTS"]
@@ -62,14 +64,19 @@ class SimConfig:
     fault_at: float = 0.5
     watch_interval_s: float = 0.05
     heartbeat_timeout_s: float = 1.0
+    """Time to detect a pause (the live pool's timeout is at least this, more when beats come late)."""
     restart_s: float = 1.0
+    max_attempts: int = 3
+    """Tries per request, as in the live pool (a request still held at its last try's fault fails)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_run_choices(self.policy, self.size_dist, self.fault)
-        if self.workers < 1 or self.n_requests < 1 or not 0 < self.load or self.mean_service_ms <= 0:
-            raise ValueError(f"need workers >= 1, n_requests >= 1, load > 0, mean_service_ms > 0; got "
-                             f"{self.workers}, {self.n_requests}, {self.load}, {self.mean_service_ms}")
+        if (self.workers < 1 or self.n_requests < 1 or not 0 < self.load or self.mean_service_ms <= 0
+                or self.max_attempts < 1):
+            raise ValueError(f"need workers >= 1, n_requests >= 1, load > 0, mean_service_ms > 0, max_attempts >= 1; "
+                             f"got {self.workers}, {self.n_requests}, {self.load}, {self.mean_service_ms}, "
+                             f"{self.max_attempts}")
         if self.fault != "none" and self.workers < 2:
             raise ValueError("fault injection needs workers >= 2 (someone must take the re-routed work)")
 
@@ -100,6 +107,7 @@ def simulate(cfg: SimConfig) -> tuple["pd.DataFrame", dict]:
     arrived: dict[int, float] = {}
     attempts: dict[int, int] = {}
     rows: list[tuple] = []
+    failed: list[Request] = []
     events: list[tuple] = []
     seq = itertools.count()
     info = {"fault_t": None, "detect_t": None, "recover_t": None, "rerouted": 0}
@@ -167,11 +175,9 @@ def simulate(cfg: SimConfig) -> tuple["pd.DataFrame", dict]:
             info["detect_t"] = t
             stranded = ([s.busy] if s.busy is not None else []) + list(s.queue)
             s.busy, s.queue, s.cache = None, deque(), OrderedDict()
-            if hasattr(policy, "forget_worker"):
-                policy.forget_worker(w)
             info["rerouted"] += len(stranded)
-            for req in stranded:
-                dispatch(t, req)
+            reroute(policy, w, stranded, attempts=lambda r: attempts[r.id], max_attempts=cfg.max_attempts,
+                    send=lambda r: dispatch(t, r), give_up=failed.append)
             push(t + cfg.restart_s, "restart", w)
         elif kind == "restart":
             s = servers[payload[0]]
@@ -182,7 +188,7 @@ def simulate(cfg: SimConfig) -> tuple["pd.DataFrame", dict]:
                                      "start_s", "end_s", "attempts"])
     df["e2el_ms"] = (df["end_s"] - df["arrival_s"]) * 1000.0
     df["mode"] = "simulated"
-    info.update(mode="simulated", submitted=len(arrivals), completed=int(df["request_id"].nunique()), failed=0,
+    info.update(mode="simulated", submitted=len(arrivals), completed=int(df["request_id"].nunique()), failed=len(failed),
                 offered_rps=rate, capacity_rps=cfg.workers / mean_s, duration_s=float(df["end_s"].max()))
-    assert info["completed"] == len(arrivals), "simulator lost a request"
+    assert info["completed"] + info["failed"] == len(arrivals), "simulator lost a request"
     return df, info
