@@ -100,3 +100,28 @@ def test_worker_that_dies_while_restarting_is_restarted_again():
         assert router.wait_until(lambda: w0.incarnation == 3 and w0.healthy, 120)
         assert [(f.incarnation, f.kind) for f in router.faults] == [(1, "kill"), (2, "detected")]
         assert w0.restarts == 2 and _probe(router, "b") == probe
+
+
+def test_openai_client_through_two_workers_keeps_every_sampling_field():
+    """top_p / top_k / seed / logprobs reach the worker processes and logprobs come back (the
+    router forwards the params object and each step's TokenChunk unchanged)."""
+    import openai
+
+    from ryzlab.serve.api import create_app
+    from ryzlab.serve.client import serve_in_thread
+
+    with Router(workers=2, engine_kwargs=KW) as router, serve_in_thread(create_app(router)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        greedy = client.completions.create(model=router.model_name, prompt=[5, 6, 7], max_tokens=5, logprobs=2)
+        lp = greedy.choices[0].logprobs
+        assert len(lp.token_logprobs) == 5 and all(1 <= len(t) <= 2 for t in lp.top_logprobs)  # keyed by text
+        assert all(v <= 0.0 for v in lp.token_logprobs)
+        assert all(lp.token_logprobs[i] == pytest.approx(max(lp.top_logprobs[i].values()), abs=1e-5)
+                   for i in range(5))  # greedy picks the most likely token
+        kw = dict(model=router.model_name, prompt=[5, 6, 7], max_tokens=8, temperature=1.5, seed=7)
+        a = client.completions.create(top_p=0.5, extra_body={"top_k": 4}, **kw).choices[0].model_extra["token_ids"]
+        b = client.completions.create(top_p=0.5, extra_body={"top_k": 4}, **kw).choices[0].model_extra["token_ids"]
+        assert a == b  # the seed reached the engine
+        # top_k=1 is greedy whatever the temperature: the worker really applied top_k
+        one = client.completions.create(extra_body={"top_k": 1}, **kw).choices[0].model_extra["token_ids"]
+        assert one == greedy.choices[0].model_extra["token_ids"] + one[5:]
