@@ -575,7 +575,7 @@ class PagedKVCache:
                                     step._ov_b, step._ov_idx, step._ov_row)
             self._kernel_plan = (step, plan)
         tail = lambda t: t[layer].view(-1, self.n_kv_heads, self.head_dim)  # noqa: E731
-        out, lse = paged_attention(q.to(self.dtype), self.k, self.v, layer, self._kernel_plan[1],
+        out, lse = paged_attention(q, self.k, self.v, layer, self._kernel_plan[1],
                                    tail(self._tail_k), tail(self._tail_v), scale=scale)  # [N, Hq, D], [N, Hq]
         if self.cp_size > 1:
             out = merge_partials(*unpack_partials(self.cp.all_gather(pack_partial(out, lse))))[0]

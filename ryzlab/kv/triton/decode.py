@@ -227,7 +227,8 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, stride_on, stride_oh, stride_
                 mask=s_ok[:, None] & (offs_d < D)[None, :], other=0)
     out = tl.sum(w[:, None] * o, 0) / tl.maximum(denom, 1e-38)
     tl.store(OUT + i * stride_n + h * stride_h + offs_d, out.to(OUT.dtype.element_ty), mask=offs_d < D)
-    tl.store(LSE + i * stride_lse + h, m_safe + tl.log(denom))
+    lse_out = tl.where(denom > 0, m_safe + tl.log(tl.maximum(denom, 1e-38)), float("-inf"))
+    tl.store(LSE + i * stride_lse + h, lse_out)
 
 
 def _strides(pages: PagedTensor) -> tuple[tuple[int, int, int], tuple[int, int, int]]:

@@ -1,6 +1,6 @@
 """Quantize new K/V tokens straight into their page slots (token-local scales).
 
-One program per (token, KV head): it loads the head's ``D`` values as ``[groups, group_size]``,
+One program per (16 tokens, KV head): it loads each token's ``D`` values as ``[groups, group_size]``,
 computes each group's scale (fp16, or an E8M0 exponent byte for fp8) and zero point, rounds and
 stores payload bytes and scales, as :meth:`ryzlab.kv.codecs.KVFormat.encode` does. Rounding
 follows torch: scales are rounded to fp16 before dividing by them, divisions are correctly
@@ -50,28 +50,30 @@ def _floor_log2(x):
 
 
 @triton.jit
-def _write_slots_kernel(X, SLOTS, P, S, Z, stride_xn, stride_xh, p_slot, p_h, s_slot, s_h,
-                        D: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr, NG_PAD: tl.constexpr,
+def _write_slots_kernel(X, SLOTS, P, S, Z, n_tok, stride_xn, stride_xh, p_slot, p_h, s_slot, s_h,
+                        BLOCK_T: tl.constexpr, D: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr, NG_PAD: tl.constexpr,
                         GS_PAD: tl.constexpr, CODEC: tl.constexpr, HAS_ZERO: tl.constexpr,
                         QMAX: tl.constexpr, FMAX: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr):
-    i = tl.program_id(0)
     h = tl.program_id(1)
-    slot = tl.load(SLOTS + i).to(tl.int64)
+    i = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [T] tokens of this program
+    t_ok = i < n_tok
+    slot = tl.load(SLOTS + i, mask=t_ok, other=0).to(tl.int64)
     offs_g = tl.arange(0, NG_PAD)
     offs_e = tl.arange(0, GS_PAD)
-    d = offs_g[:, None] * GS + offs_e[None, :]  # [NG_PAD, GS_PAD] element index
-    ok = (offs_g < NG)[:, None] & (offs_e < GS)[None, :]
-    x = tl.load(X + i * stride_xn + h * stride_xh + d, mask=ok, other=0).to(tl.float32)
-    sidx = slot * s_slot + h * s_h + offs_g
-    g_ok = offs_g < NG
+    d = (offs_g[:, None] * GS + offs_e[None, :])[None, :, :]  # [1, NG_PAD, GS_PAD] element index
+    ok = t_ok[:, None, None] & ((offs_g < NG)[:, None] & (offs_e < GS)[None, :])[None, :, :]
+    x = tl.load(X + i[:, None, None] * stride_xn + h * stride_xh + d, mask=ok, other=0).to(tl.float32)
+    sidx = slot[:, None] * s_slot + h * s_h + offs_g[None, :]  # [T, NG_PAD]
+    g_ok = t_ok[:, None] & (offs_g < NG)[None, :]
+    pbase = slot[:, None, None] * p_slot + h * p_h  # [T, 1, 1]
     if CODEC == 1 or CODEC == 2:
-        amax = tl.max(tl.where(ok, tl.abs(x), 0.0), 1)
+        amax = tl.max(tl.where(ok, tl.abs(x), 0.0), 2)
         r = tl.math.div_rn(amax, FMAX)
         e = _floor_log2(r)
         e = tl.where((r.to(tl.int32, bitcast=True) & 0x7FFFFF) != 0, e + 1, e)  # ceil for non powers of 2
         e = tl.where(r == 0.0, -127, tl.minimum(tl.maximum(e, -127), 127))
         tl.store(S + sidx, (e + 127).to(tl.uint8), mask=g_ok)
-        y = x * _exp2i(-e)[:, None]
+        y = x * _exp2i(-e)[:, :, None]
         y = tl.minimum(tl.maximum(y, -FMAX), FMAX)
         ulp_e = tl.maximum(_floor_log2(y), EMIN) - MBITS  # spacing of the fp8 grid around y
         v = _rint(y * _exp2i(-ulp_e)) * _exp2i(ulp_e)    # exact power-of-two scalings
@@ -82,36 +84,39 @@ def _write_slots_kernel(X, SLOTS, P, S, Z, stride_xn, stride_xh, p_slot, p_h, s_
         else:  # e4m3: value / 256 as fp16 holds the e4m3 bits at 7..13 (inverse of codecs._fp8_as_half)
             bits = (v * 0.00390625).to(tl.float16).to(tl.int16, bitcast=True)
             q = ((bits >> 7) & 127) | sign
-        tl.store(P + slot * p_slot + h * p_h + d, q.to(tl.uint8), mask=ok)
+        tl.store(P + pbase + d, q.to(tl.uint8), mask=ok)
     else:
         if HAS_ZERO:
-            lo = tl.min(tl.where(ok, x, float("inf")), 1)
-            hi = tl.max(tl.where(ok, x, float("-inf")), 1)
+            lo = tl.min(tl.where(ok, x, float("inf")), 2)
+            hi = tl.max(tl.where(ok, x, float("-inf")), 2)
+            lo = tl.where(g_ok, lo, 0.0)  # padding rows: keep the arithmetic finite (never stored)
+            hi = tl.where(g_ok, hi, 0.0)
             zero = lo.to(tl.float16)
             s = tl.math.div_rn(hi - zero.to(tl.float32), QMAX)
             s = tl.minimum(tl.maximum(s, 6.103515625e-05), 65504.0).to(tl.float16)  # codecs' scale range
             tl.store(Z + sidx, zero, mask=g_ok)
-            q = _rint(tl.math.div_rn(x - zero.to(tl.float32)[:, None], s.to(tl.float32)[:, None]))
+            q = _rint(tl.math.div_rn(x - zero.to(tl.float32)[:, :, None], s.to(tl.float32)[:, :, None]))
             q = tl.minimum(tl.maximum(q, 0.0), QMAX)
         else:
-            amax = tl.max(tl.where(ok, tl.abs(x), 0.0), 1)
+            amax = tl.max(tl.where(ok, tl.abs(x), 0.0), 2)
             s = tl.math.div_rn(amax, QMAX)
             s = tl.minimum(tl.maximum(s, 6.103515625e-05), 65504.0).to(tl.float16)  # codecs' scale range
-            q = _rint(tl.math.div_rn(x, s.to(tl.float32)[:, None]))
+            q = _rint(tl.math.div_rn(x, s.to(tl.float32)[:, :, None]))
             q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
             if CODEC == 4:
                 q = q + 8.0
         tl.store(S + sidx, s, mask=g_ok)
         if CODEC == 4:  # pairs (2i, 2i+1) lie in one group (even group size): one byte each
-            lo_q, hi_q = tl.split(tl.reshape(q.to(tl.int32), (NG_PAD, GS_PAD // 2, 2)))
-            byte = (lo_q | (hi_q << 4)).to(tl.uint8)
-            pidx = offs_g[:, None] * (GS // 2) + tl.arange(0, GS_PAD // 2)[None, :]
-            pok = (offs_g < NG)[:, None] & (tl.arange(0, GS_PAD // 2) < GS // 2)[None, :]
-            tl.store(P + slot * p_slot + h * p_h + pidx, byte, mask=pok)
+            lo_q, hi_q = tl.split(tl.reshape(q.to(tl.int32), (BLOCK_T, NG_PAD, GS_PAD // 2, 2)))
+            byte = (lo_q | (hi_q << 4)).to(tl.uint8)  # [T, NG_PAD, GS_PAD / 2]
+            offs_b = tl.arange(0, GS_PAD // 2)
+            pidx = (offs_g[:, None] * (GS // 2) + offs_b[None, :])[None, :, :]
+            pok = t_ok[:, None, None] & ((offs_g < NG)[:, None] & (offs_b < GS // 2)[None, :])[None, :, :]
+            tl.store(P + pbase + pidx, byte, mask=pok)
         elif HAS_ZERO:
-            tl.store(P + slot * p_slot + h * p_h + d, q.to(tl.uint8), mask=ok)
+            tl.store(P + pbase + d, q.to(tl.uint8), mask=ok)
         else:
-            tl.store(P + slot * p_slot + h * p_h + d, q.to(tl.int8), mask=ok)
+            tl.store(P + pbase + d, q.to(tl.int8), mask=ok)
 
 
 def write_slots(pages: PagedTensor, layer: int, slots: torch.Tensor, x: torch.Tensor) -> None:
@@ -136,8 +141,9 @@ def write_slots(pages: PagedTensor, layer: int, slots: torch.Tensor, x: torch.Te
     fmax, emin, mbits = _FP8.get(codec, (0.0, 0, 0))
     # integer range: symmetric [-qmax, qmax], with a zero point [0, qmax] (as ryzlab.kv.codecs)
     qmax = {(3, False): 127.0, (4, False): 7.0, (3, True): 255.0, (4, True): 15.0}.get((codec, has_zero), 0.0)
-    _write_slots_kernel[(n, h)](
-        x, slots.contiguous(), p, s, z, x.stride(0), x.stride(1),
+    block_t = 16  # tokens per program: one program per (16 tokens, KV head)
+    _write_slots_kernel[(triton.cdiv(n, block_t), h)](
+        x, slots.contiguous(), p, s, z, n, x.stride(0), x.stride(1),
         h * pages.dp, pages.dp, h * ng, ng,
-        D=d, GS=gs, NG=ng, NG_PAD=triton.next_power_of_2(ng), GS_PAD=max(2, triton.next_power_of_2(gs)),
+        BLOCK_T=block_t, D=d, GS=gs, NG=ng, NG_PAD=triton.next_power_of_2(ng), GS_PAD=max(2, triton.next_power_of_2(gs)),
         CODEC=codec, HAS_ZERO=has_zero, QMAX=qmax, FMAX=fmax, EMIN=emin, MBITS=mbits)
