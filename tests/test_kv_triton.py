@@ -190,3 +190,15 @@ def test_kernel_choice_is_validated(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="TRITON_INTERPRET"):
             PagedKVCache(model, CacheConfig(), kernel="triton")
+
+
+def test_kv_compression_rows_record_the_triton_path(tmp_path):
+    """The experiment runs a model through the Triton path and says so in every row."""
+    from ryzlab.experiments import run_experiment
+
+    tiny = dict(model="random", context=20, batch=2, decode_steps=2, warmup=0, eval_windows=0, block_size=8,
+                codec="int8", kernel="triton", device=DEV.type)
+    df = run_experiment("kv_compression", tiny, tmp_path)
+    assert len(df) == 2 and (df.kernel == "triton").all()
+    ref = run_experiment("kv_compression", {**tiny, "kernel": "torch"}, tmp_path / "torch")
+    assert (ref.kernel == "torch").all() and ref.kv_bytes_per_token.iloc[0] == df.kv_bytes_per_token.iloc[0]
