@@ -202,3 +202,35 @@ def test_kv_compression_rows_record_the_triton_path(tmp_path):
     assert len(df) == 2 and (df.kernel == "triton").all()
     ref = run_experiment("kv_compression", {**tiny, "kernel": "torch"}, tmp_path / "torch")
     assert (ref.kernel == "torch").all() and ref.kv_bytes_per_token.iloc[0] == df.kv_bytes_per_token.iloc[0]
+
+
+def _gpu_decode():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_decode.py"
+    spec = importlib.util.spec_from_file_location("gpu_decode", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU behaviour")
+def test_gpu_benchmark_says_no_gpu_and_its_body_runs_in_the_interpreter(capsys, tmp_path):
+    bench = _gpu_decode()
+    assert bench.main([]) == 0
+    assert capsys.readouterr().out.startswith("no GPU")
+    out = tmp_path / "rows.json"
+    assert bench.main(["--interpreter", "--contexts", "40", "--batches", "2", "--heads", "4", "--kv-heads", "2",
+                       "--head-dim", "16", "--iters", "2", "--warmup", "0", "--copy-mib", "1", "--codecs",
+                       "none,int4_kivi", "--json", str(out)]) == 0
+    import json
+
+    rows = json.loads(out.read_text())
+    assert {(r["codec"], r["kernel"]) for r in rows} == {(c, k) for c in ("none", "int4_kivi") for k in ("triton", "torch")}
+    # bytes read: bf16 K+V of 3 pages x 2 sequences; int4 KIVI: half-bytes + per-token fp16 value scales +
+    # per-channel fp16 key scales and zero points per page
+    by = {r["codec"]: r["kv_bytes"] for r in rows}
+    assert by["none"] == 2 * 3 * 16 * 2 * 16 * 2 * 2
+    assert by["int4_kivi"] == 2 * 3 * (2 * 16 * 2 * 8 + 16 * 2 * 2 * 2 + 2 * 16 * 2 * 2)
+    assert "not GPU figures" in rows[0]["device_name"]
