@@ -234,3 +234,55 @@ def test_gpu_benchmark_says_no_gpu_and_its_body_runs_in_the_interpreter(capsys, 
     assert by["none"] == 2 * 3 * 16 * 2 * 16 * 2 * 2
     assert by["int4_kivi"] == 2 * 3 * (2 * 16 * 2 * 8 + 16 * 2 * 2 * 2 + 2 * 16 * 2 * 2)
     assert "not GPU figures" in rows[0]["device_name"]
+
+
+_COMPILE = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ryzlab.kv.triton import decode, write
+
+k_codec, v_codec, lowp = map(int, sys.argv[1:4])
+target = GPUTarget("cuda", 90, 32)
+
+
+def build(fn, ptrs, consts, floats=()):
+    sig = {a: "constexpr" if a in consts else ptrs.get(a, "fp32" if a in floats else "i32") for a in fn.arg_names}
+    assert triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target).asm["cubin"]
+
+
+byte = {0: "*bf16", 1: "*u8", 2: "*u8", 3: "*i8", 4: "*u8"}
+scale = {0: "*fp16", 1: "*u8", 2: "*u8", 3: "*fp16", 4: "*fp16"}
+ptrs = {"Q": "*bf16", "O_PART": "*fp32", "L_PART": "*fp32", "KP": byte[k_codec], "KS": scale[k_codec], "KZ": "*fp16",
+        "VP": byte[v_codec], "VS": scale[v_codec], "VZ": "*fp16", "TAIL_K": "*bf16", "TAIL_V": "*bf16",
+        **{n: "*i32" for n in ("Q_ROW", "Q_POS", "TABLES", "KSTART", "PEND", "TAIL_PTR", "TAIL_ROW", "TAIL_POS")}}
+build(decode._paged_attention_kernel, ptrs,
+      dict(BS=16, G=4, G_PAD=16, D=128, D_PAD=128, BLOCK_N=64, LOWP=lowp, K_CODEC=k_codec,
+           K_BITS=4 if k_codec == 4 else 0, K_GROUP=1 if k_codec == 4 else 128, K_ZERO=k_codec == 4,
+           V_CODEC=v_codec, V_BITS=0, V_GROUP=128, V_ZERO=False), floats=("qk_scale",))
+build(decode._merge_splits_kernel, {"O_PART": "*fp32", "L_PART": "*fp32", "OUT": "*bf16", "LSE": "*fp32"},
+      dict(SPLITS=5, S_PAD=8, D=128, D_PAD=128))
+build(write._write_slots_kernel, {"X": "*bf16", "SLOTS": "*i64", "P": byte[k_codec], "S": scale[k_codec], "Z": "*fp16"},
+      dict(BLOCK_T=16, D=128, GS=32, NG=4, NG_PAD=4, GS_PAD=32, CODEC=k_codec, HAS_ZERO=k_codec == 4,
+           QMAX=15.0, FMAX=448.0, EMIN=-6, MBITS=3))
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k_codec,v_codec,lowp", [(4, 3, 2), (1, 2, 1)])
+def test_kernels_compile_for_hopper_without_a_gpu(k_codec, v_codec, lowp, tmp_path):
+    """The interpreter does not type-check like the compiler: build real sm_90 cubins (ptxas; no GPU
+    needed), in a process without TRITON_INTERPRET (there the kernels are compiled JIT functions)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a fresh cache: really compile
+    res = subprocess.run([sys.executable, "-c", _COMPILE, str(k_codec), str(v_codec), str(lowp)], env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]

@@ -18,11 +18,13 @@ scales, int8, int4 packed; symmetric or with a zero point) and every scale granu
 compile-time constants (:func:`format_constants`) and the scale strides (0 along a dimension the
 scale does not vary over).
 
-Adding a codec (e.g. int2/int3): give it a code in ``CODE``, a branch in
-``decode._load_dequant`` that turns the stored bytes of element ``d`` into its integer (int4
-reads byte ``d // 2`` and shifts by ``4 * (d % 2)``; int2 would read ``d // 4`` and shift by
-``2 * (d % 4)``; a 3-bit layout needs its own offset rule) and its zero offset; the scale and
-zero-point handling is shared.
+Adding a codec (e.g. int2/int3) to the read side: a packed integer format whose width divides 8,
+stored like int4 (element ``k*i + j`` in bits ``[j*b, (j+1)*b)`` of byte ``i``, symmetric values
+offset by ``2**(b-1)``), is two table entries: ``CODE[name] = 4`` (packed) and ``BITS[name] = b``.
+A width that does not divide 8 (int3) needs its own branch in ``decode._load_dequant`` turning
+the stored bytes of element ``d`` into its integer; scales and zero points are shared code. The
+write kernel packs pairs only (int4); other widths keep the torch write path
+(:func:`supports_write` says False) until ``write.py`` packs them.
 
 The kernels run on CUDA tensors; with ``TRITON_INTERPRET=1`` set before this package is
 imported they run on CPU tensors in Triton's interpreter (slow; used by the tests).
@@ -36,11 +38,13 @@ import torch
 
 from ryzlab.kv.codecs import KVFormat
 
-__all__ = ["CODE", "available", "interpreting", "supports_write", "format_constants", "paged_attention",
+__all__ = ["CODE", "BITS", "available", "interpreting", "supports_write", "format_constants", "paged_attention",
            "write_slots", "unavailable_reason"]
 
 CODE = {"none": 0, "fp8_e4m3": 1, "fp8_e5m2": 2, "int8": 3, "int4": 4}
-"""Codec -> the kernels' compile-time codec id."""
+"""Codec -> the kernels' compile-time codec id (4: packed integers of ``BITS`` bits)."""
+BITS = {"int4": 4}
+"""Packed integer codecs -> bits per value."""
 
 
 def interpreting() -> bool:
@@ -64,16 +68,16 @@ def available(device: torch.device) -> bool:
     return unavailable_reason(device) is None
 
 
-def format_constants(fmt: KVFormat, head_dim: int) -> tuple[int, int, bool]:
-    """``(codec id, head_dim elements per scale, has zero point)`` of a format."""
+def format_constants(fmt: KVFormat, head_dim: int) -> tuple[int, int, int, bool]:
+    """``(codec id, bits per packed value or 0, head_dim elements per scale, has zero point)``."""
     if fmt.codec not in CODE:
         raise ValueError(f"the Triton kernels do not read codec {fmt.codec!r}; they read {', '.join(CODE)}")
-    return CODE[fmt.codec], head_dim // fmt.groups(head_dim), fmt.has_zero
+    return CODE[fmt.codec], BITS.get(fmt.codec, 0), head_dim // fmt.groups(head_dim), fmt.has_zero
 
 
 def supports_write(fmt: KVFormat, head_dim: int) -> bool:
     """Whether :func:`write_slots` encodes this format (token-local scales; int4 groups of even size)."""
-    if not fmt.quantized or fmt.spans_tokens or fmt.codec not in CODE:
+    if not fmt.quantized or fmt.spans_tokens or fmt.codec not in CODE or BITS.get(fmt.codec, 4) != 4:
         return False
     per_scale = head_dim // fmt.groups(head_dim)
     return not (fmt.codec == "int4" and per_scale % 2)

@@ -80,15 +80,18 @@ def plan_from_gather(q_row: torch.Tensor, q_pos: torch.Tensor, tables: torch.Ten
 
 
 @triton.jit
-def _load_dequant(P, S, Z, page, tok, h, offs_d, mask, sp_b, sp_t, sp_h, ss_b, ss_t, ss_h,
-                  CODEC: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr):
-    """Tile ``[BLOCK_N, D_PAD]`` of keys or values in float32, as KVFormat.decode computes them."""
+def _load_dequant(P, S, Z, page, tok, h, offs_d, valid, sp_b, sp_t, sp_h, ss_b, ss_t, ss_h,
+                  CODEC: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                  D: tl.constexpr):
+    """Tile ``[BLOCK_N, D_PAD]`` of keys or values in float32, as KVFormat.decode computes them
+    (0 where ``valid [BLOCK_N]`` is false or beyond head_dim)."""
+    mask = valid[:, None] & (offs_d < D)[None, :]
     base = page[:, None] * sp_b + tok[:, None] * sp_t + h * sp_h
-    if CODEC == 4:  # int4: element 2i in the low nibble of byte i, 2i+1 in the high one
-        byte = tl.load(P + base + offs_d[None, :] // 2, mask=mask, other=0).to(tl.int32)
-        x = ((byte >> ((offs_d[None, :] % 2) * 4)) & 15).to(tl.float32)
+    if CODEC == 4:  # packed integers, 8 / BITS per byte: element per*i + j in bits [j*BITS, (j+1)*BITS) of byte i
+        byte = tl.load(P + base + offs_d[None, :] // (8 // BITS), mask=mask, other=0).to(tl.int32)
+        x = ((byte >> ((offs_d[None, :] % (8 // BITS)) * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
         if not HAS_ZERO:
-            x = x - 8.0  # symmetric nibbles are stored as q + 8
+            x = x - (1 << (BITS - 1))  # symmetric values are stored as q + 2**(BITS-1) (int4: q + 8)
     elif CODEC == 1 or CODEC == 2:  # fp8 bytes -> fp16 bits (as codecs._fp8_as_half): exact
         hbits = tl.load(P + base + offs_d[None, :], mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.int16)
         if CODEC == 2:
@@ -98,8 +101,12 @@ def _load_dequant(P, S, Z, page, tok, h, offs_d, mask, sp_b, sp_t, sp_h, ss_b, s
     else:  # none (model dtype), int8 (int8 symmetric, uint8 with a zero point)
         x = tl.load(P + base + offs_d[None, :], mask=mask, other=0).to(tl.float32)
     if CODEC != 0:
-        sidx = page[:, None] * ss_b + tok[:, None] * ss_t + h * ss_h + offs_d[None, :] // GROUP
-        s = tl.load(S + sidx, mask=mask, other=0)
+        if GROUP >= D:  # one scale per (token, head): one load per key, broadcast over head_dim
+            sidx = (page * ss_b + tok * ss_t + h * ss_h)[:, None]
+            s = tl.load(S + sidx, mask=valid[:, None], other=0)
+        else:
+            sidx = page[:, None] * ss_b + tok[:, None] * ss_t + h * ss_h + offs_d[None, :] // GROUP
+            s = tl.load(S + sidx, mask=mask, other=0)
         if CODEC == 1 or CODEC == 2:  # E8M0 byte e -> 2 ** (e - 127), built from its bits (exact)
             e = s.to(tl.int32)
             s = tl.where(e == 0, (1 << 22), e << 23).to(tl.float32, bitcast=True)
@@ -107,7 +114,7 @@ def _load_dequant(P, S, Z, page, tok, h, offs_d, mask, sp_b, sp_t, sp_h, ss_b, s
             s = s.to(tl.float32)
         x = x * s
         if HAS_ZERO:
-            x = x + tl.load(Z + sidx, mask=mask, other=0).to(tl.float32)
+            x = x + tl.load(Z + sidx, mask=valid[:, None] if GROUP >= D else mask, other=0).to(tl.float32)
     return x
 
 
@@ -150,8 +157,8 @@ def _paged_attention_kernel(
         stride_tail_r, stride_tail_h, stride_tab, nb,
         BS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
-        K_CODEC: tl.constexpr, K_GROUP: tl.constexpr, K_ZERO: tl.constexpr,
-        V_CODEC: tl.constexpr, V_GROUP: tl.constexpr, V_ZERO: tl.constexpr):
+        K_CODEC: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_ZERO: tl.constexpr,
+        V_CODEC: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_ZERO: tl.constexpr):
     i = tl.program_id(0)
     hk = tl.program_id(1)
     split = tl.program_id(2)
@@ -180,11 +187,10 @@ def _paged_attention_kernel(
         page = tl.load(TABLES + b * stride_tab + j, mask=n_ok, other=0).to(tl.int64)
         kpos = tl.load(KSTART + b * stride_tab + j, mask=n_ok, other=0) + tok
         valid = n_ok & (kpos <= qpos) & (kpos < pend)
-        mask = valid[:, None] & d_ok[None, :]
-        k = _load_dequant(KP, KS, KZ, page, tok, hk, offs_d, mask, kp_b, kp_t, kp_h, ks_b, ks_t, ks_h,
-                          K_CODEC, K_GROUP, K_ZERO)
-        v = _load_dequant(VP, VS, VZ, page, tok, hk, offs_d, mask, vp_b, vp_t, vp_h, vs_b, vs_t, vs_h,
-                          V_CODEC, V_GROUP, V_ZERO)
+        k = _load_dequant(KP, KS, KZ, page, tok, hk, offs_d, valid, kp_b, kp_t, kp_h, ks_b, ks_t, ks_h,
+                          K_CODEC, K_BITS, K_GROUP, K_ZERO, D)
+        v = _load_dequant(VP, VS, VZ, page, tok, hk, offs_d, valid, vp_b, vp_t, vp_h, vs_b, vs_t, vs_h,
+                          V_CODEC, V_BITS, V_GROUP, V_ZERO, D)
         m_i, l_i, acc = _softmax_update(q, k, v, valid, m_i, l_i, acc, qk_scale, LOWP)
     if split == 0:  # the full-precision tail rows of this sequence (at most the tail length)
         t_lo = tl.load(TAIL_PTR + b)
@@ -306,7 +312,8 @@ def paged_attention(q: torch.Tensor, k: PagedTensor, v: PagedTensor, layer: int,
             l_part.stride(0), l_part.stride(1), *kpb, *ksb, *vpb, *vsb,
             tail_k.stride(0), tail_k.stride(1), plan.tables.stride(0), nb,
             BS=k.bs, G=g, G_PAD=_pow2(g), D=d, D_PAD=_pow2(d), BLOCK_N=block_n, LOWP=lowp,
-            K_CODEC=kc[0], K_GROUP=kc[1], K_ZERO=kc[2], V_CODEC=vc[0], V_GROUP=vc[1], V_ZERO=vc[2])
+            K_CODEC=kc[0], K_BITS=kc[1], K_GROUP=kc[2], K_ZERO=kc[3],
+            V_CODEC=vc[0], V_BITS=vc[1], V_GROUP=vc[2], V_ZERO=vc[3])
     if splits == 1:
         return o_part[:, :, 0].to(q.dtype), l_part[:, :, 0]
     out = torch.empty_like(q)

@@ -130,7 +130,7 @@ def write_slots(pages: PagedTensor, layer: int, slots: torch.Tensor, x: torch.Te
     n, h, _ = x.shape
     if not n:
         return
-    codec, gs, has_zero = format_constants(fmt, d)
+    codec, _, gs, has_zero = format_constants(fmt, d)
     ng = d // gs
     x = x.contiguous()
     p = pages.payload[layer]
