@@ -204,6 +204,41 @@ def test_kv_compression_rows_record_the_triton_path(tmp_path):
     assert (ref.kernel == "torch").all() and ref.kv_bytes_per_token.iloc[0] == df.kv_bytes_per_token.iloc[0]
 
 
+
+def _cp_rank(rank: int, world: int) -> float:
+    """cp rank: a context-parallel Triton cache (each rank its own blocks, lse partials merged) and a
+    one-rank torch cache get the same writes; returns the largest relative attention difference."""
+    from ryzlab.config import ParallelConfig
+    from ryzlab.parallel import init_parallel
+
+    g = init_parallel(ParallelConfig(cp=world))
+    model = ModelConfig(dim=4 * D, n_heads=4, n_kv_heads=2, n_layers=1, head_dim=D)
+    cfg = CacheConfig(codec="int4", key_granularity="channel", symmetric=False, block_size=4, residual=3)
+    cache = PagedKVCache(model, cfg, cp=g.cp, kernel="triton")
+    ref = PagedKVCache(model, cfg, kernel="torch")
+    gen = torch.Generator().manual_seed(0)  # the same draws on every rank
+    for sid, n in ((0, 11), (1, 6)):
+        cache.add_sequence(sid, n)
+        ref.add_sequence(sid, n)
+    errs = []
+    for s in range(3):
+        new = None if s == 0 else [1, 1]
+        steps = [c.extend([0, 1], new) for c in (cache, ref)]
+        n = steps[0].num_tokens
+        k, v, q = (torch.randn(n, h, D, generator=gen) for h in (2, 2, 4))
+        for c in (cache, ref):
+            c.write(0, k, v)
+        errs.append(rel_err(cache.attend(0, q), ref.attend(0, q)))
+    return max(errs)
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter run on CPU ranks (gloo)")
+def test_context_parallel_triton_cache_matches_one_torch_rank():
+    from ryzlab.orchestrator import launch
+
+    errs = launch(_cp_rank, 2, backend="gloo", timeout_s=300)
+    assert len(errs) == 2 and max(errs) <= 1e-5
+
 def _gpu_decode():
     import importlib.util
     from pathlib import Path
