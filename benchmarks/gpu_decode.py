@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                 del k, v, tables
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    base = {(r["context"], r["batch"]): r["decode_us"] for r in rows if r["codec"] == "none" and r["kernel"] == "triton"}
+    base = {(r["context"], r["batch"]): r["decode_us"] for r in rows
+            if r["codec"] == "none" and r["kernel"] == "triton"}
     for r in rows:
         b = base.get((r["context"], r["batch"]))
         r["speedup_vs_bf16_triton"] = b / r["decode_us"] if b else None

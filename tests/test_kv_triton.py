@@ -61,6 +61,7 @@ def run_pair(cache_cfg: CacheConfig, hq: int, hkv: int, dtype: torch.dtype, lens
         steps = [c.extend(ids, None if s == 0 else [1] * len(ids)) for c in caches]
         n = steps[0].num_tokens
         k, v, q = (torch.randn(n, h, D, generator=gen).to(DEV) for h in (hkv, hkv, hq))
+        q = q.to(dtype).float()  # float32 holding model-dtype values: a GPU's low-precision dot is exact on it
         outs = []
         for c in caches:
             c.write(0, k, v)
@@ -81,8 +82,9 @@ def test_decode_matches_torch_path(codec, dtype, bs, gqa):
     for ref, out in pairs:
         assert out.shape == ref.shape == (len(LENS), hkv * gqa, D)
         assert rel_err(out, ref) <= bound(codec)
-        # float32 work on both sides over identical dequantized values: far inside the bound
-        assert rel_err(out, ref) <= 1e-5
+        # float32 work on both sides over identical dequantized values: far inside the bound (on a
+        # GPU a bf16/fp16 model's P @ V takes two rounded parts of P: ~2**-16)
+        assert rel_err(out, ref) <= (1e-4 if CUDA and dtype != torch.float32 else 1e-5)
 
 
 GRANULAR = [  # (codec, key granularity, value granularity, symmetric, residual)
@@ -262,7 +264,8 @@ def test_gpu_benchmark_says_no_gpu_and_its_body_runs_in_the_interpreter(capsys, 
     import json
 
     rows = json.loads(out.read_text())
-    assert {(r["codec"], r["kernel"]) for r in rows} == {(c, k) for c in ("none", "int4_kivi") for k in ("triton", "torch")}
+    assert {(r["codec"], r["kernel"]) for r in rows} == {(c, k) for c in ("none", "int4_kivi")
+                                                         for k in ("triton", "torch")}
     # bytes read: bf16 K+V of 3 pages x 2 sequences; int4 KIVI: half-bytes + per-token fp16 value scales +
     # per-channel fp16 key scales and zero points per page
     by = {r["codec"]: r["kv_bytes"] for r in rows}

@@ -10,7 +10,8 @@ checkpoint :func:`ryzlab.models.load_model` reads (a Hugging Face folder or a ``
 * memory: ``kv_bytes_per_token`` (ledger total / tokens held, scales, residual window, block
   padding and block tables included), ``cache_bytes``, ``ratio_vs_bf16``, and
   ``max_tokens_in_budget`` = how many tokens fit ``memory_budget_mib`` at that rate;
-* speed (attention path in ``kernel``: ``torch`` or ``triton``): ``prefill_ms`` (``batch`` sequences of ``context`` tokens) and, one row per timed
+* speed (attention path in ``kernel``: ``torch`` or ``triton``): ``prefill_ms`` (``batch``
+  sequences of ``context`` tokens) and, one row per timed
   step, ``tpot_ms`` = one decode step of the whole batch (time per output token);
 * accuracy (:mod:`ryzlab.kv.accuracy`, teacher-forced decode through the compressed cache vs the
   uncompressed one): ``kl_per_token``, ``ppl``, ``ppl_ref``, ``ppl_delta``, ``top1_agree``,

@@ -51,7 +51,8 @@ def _floor_log2(x):
 
 @triton.jit
 def _write_slots_kernel(X, SLOTS, P, S, Z, n_tok, stride_xn, stride_xh, p_slot, p_h, s_slot, s_h,
-                        BLOCK_T: tl.constexpr, D: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr, NG_PAD: tl.constexpr,
+                        BLOCK_T: tl.constexpr, D: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr,
+                        NG_PAD: tl.constexpr,
                         GS_PAD: tl.constexpr, CODEC: tl.constexpr, HAS_ZERO: tl.constexpr,
                         QMAX: tl.constexpr, FMAX: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr):
     h = tl.program_id(1)
@@ -145,5 +146,6 @@ def write_slots(pages: PagedTensor, layer: int, slots: torch.Tensor, x: torch.Te
     _write_slots_kernel[(triton.cdiv(n, block_t), h)](
         x, slots.contiguous(), p, s, z, n, x.stride(0), x.stride(1),
         h * pages.dp, pages.dp, h * ng, ng,
-        BLOCK_T=block_t, D=d, GS=gs, NG=ng, NG_PAD=triton.next_power_of_2(ng), GS_PAD=max(2, triton.next_power_of_2(gs)),
+        BLOCK_T=block_t, D=d, GS=gs, NG=ng, NG_PAD=triton.next_power_of_2(ng),
+        GS_PAD=max(2, triton.next_power_of_2(gs)),
         CODEC=codec, HAS_ZERO=has_zero, QMAX=qmax, FMAX=fmax, EMIN=emin, MBITS=mbits)
