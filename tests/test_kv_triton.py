@@ -324,3 +324,15 @@ def test_kernels_compile_for_hopper_without_a_gpu(k_codec, v_codec, lowp, tmp_pa
     res = subprocess.run([sys.executable, "-c", _COMPILE, str(k_codec), str(v_codec), str(lowp)], env=env,
                          capture_output=True, text=True)
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+
+
+def test_a_format_without_a_reader_falls_back_or_fails_clearly(monkeypatch):
+    """A codec the kernels cannot read (say a new int2) is refused for kernel='triton' and runs the
+    torch path under 'auto' (logged), instead of failing at the first attend."""
+    monkeypatch.delitem(kv_triton.CODE, "int8")
+    model = ModelConfig(dim=64, n_heads=2, n_kv_heads=1, n_layers=1)
+    with pytest.raises(ValueError, match="codec 'int8' has no Triton reader"):
+        PagedKVCache(model, CacheConfig(codec="int8"), device=DEV, kernel="triton")
+    assert PagedKVCache(model, CacheConfig(codec="int4"), device=DEV, kernel="triton").kernel == "triton"
+    if CUDA:
+        assert PagedKVCache(model, CacheConfig(codec="int8"), device=DEV).kernel == "torch"

@@ -558,7 +558,8 @@ class PagedKVCache:
     # ------------------------------------------------------------------ Triton dispatch
     # Everything the Triton path needs from the cache lives here (kernels: ryzlab.kv.triton).
     def _pick_kernel(self, kernel: Kernel) -> str:
-        why = kv_triton.unavailable_reason(self.device)
+        why = kv_triton.unavailable_reason(self.device) or kv_triton.unreadable_reason(self.key_format) \
+            or kv_triton.unreadable_reason(self.value_format)
         if kernel == "triton" and why:
             raise ValueError(f"kernel='triton' cannot run here: {why}; choose 'torch' or 'auto'")
         if kernel == "auto":

@@ -39,7 +39,7 @@ import torch
 from ryzlab.kv.codecs import KVFormat
 
 __all__ = ["CODE", "BITS", "available", "interpreting", "supports_write", "format_constants", "paged_attention",
-           "write_slots", "unavailable_reason"]
+           "write_slots", "unavailable_reason", "unreadable_reason"]
 
 CODE = {"none": 0, "fp8_e4m3": 1, "fp8_e5m2": 2, "int8": 3, "int4": 4}
 """Codec -> the kernels' compile-time codec id (4: packed integers of ``BITS`` bits)."""
@@ -62,6 +62,13 @@ def unavailable_reason(device: torch.device) -> str | None:
         return None
     return (f"device {device.type!r}: the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 "
             f"(Triton's interpreter, CPU tensors)")
+
+
+def unreadable_reason(fmt: KVFormat) -> str | None:
+    """Why :func:`paged_attention` cannot read pages of this format (None if it can)."""
+    if fmt.codec not in CODE:
+        return f"codec {fmt.codec!r} has no Triton reader (readable: {', '.join(CODE)})"
+    return None
 
 
 def available(device: torch.device) -> bool:
