@@ -15,14 +15,14 @@ TINY = dict(model="random", context=32, batch=2, decode_steps=3, warmup=1, eval_
 
 COLUMNS = {"experiment", "sample", "tpot_ms", "prefill_ms", "kv_bytes_per_token", "ratio_vs_bf16", "cache_bytes",
            "max_tokens_in_budget", "kl_per_token", "ppl", "ppl_ref", "ppl_delta", "k_rel_err", "v_rel_err",
-           "attn_rel_err", "device", "codec", "key_granularity", "residual", "block_size", "context", "batch"}
+           "attn_rel_err", "device", "kernel", "codec", "key_granularity", "residual", "block_size", "context", "batch"}
 
 
 @pytest.mark.parametrize("codec", ["none", "int4"])
 def test_tiny_run_tidy_columns(codec, tmp_path):
     df = run_experiment("kv_compression", {**TINY, "codec": codec}, tmp_path)
     assert COLUMNS <= set(df.columns), COLUMNS - set(df.columns)
-    assert len(df) == 3 and (df.device == "cpu").all()
+    assert len(df) == 3 and (df.device == "cpu").all() and (df.kernel == "torch").all()
     assert (tmp_path / "metrics.parquet").exists()
     r = df.iloc[0]
     if codec == "none":
@@ -83,3 +83,5 @@ def test_invalid_config_names_choices():
         make_config("kv_compression", {"text": "/no/such.txt"})
     with pytest.raises(ConfigError, match="choose one of 'auto', 'float32', 'bfloat16', 'float16'"):
         make_config("kv_compression", {"dtype": "int8"})
+    with pytest.raises(ConfigError, match="choose one of 'auto', 'torch', 'triton'"):
+        make_config("kv_compression", {"kernel": "cuda"})

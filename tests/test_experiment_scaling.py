@@ -17,6 +17,7 @@ def points():
 def test_rows_measure_what_the_formulas_say(points):
     for (tp, cp), df in points.items():
         assert len(df) == 2 and set(df["device"]) == {"cpu"} and set(df["backend"]) == {"gloo"}
+        assert set(df["kernel"]) == {"torch"}  # the attention path that ran (CPU: torch)
         r = df.iloc[0]
         assert r["layout"] == f"tp{tp}xcp{cp}" and r["world_size"] == tp * cp
         assert r["comm_bytes_per_step_tp"] == r["comm_formula_per_step_tp"] == (4 * 2 * 2 * 256 * 4 if tp > 1 else 0)

@@ -122,6 +122,7 @@ def run(cfg: Config) -> pd.DataFrame:
         "median_attn_us": med * 1e6,
         "copy_gbps": copy_bps / 1e9,
         "frac_of_copy_bw": [kv_bytes / t / copy_bps for t in times],
+        "kernel": "torch",  # SDPA over dense K/V; compressed pages: kv_compression / benchmarks/gpu_decode.py
         "device": device.type,
         "device_name": name,
         "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,

@@ -10,7 +10,8 @@ checkpoint :func:`ryzlab.models.load_model` reads (a Hugging Face folder or a ``
 * memory: ``kv_bytes_per_token`` (ledger total / tokens held, scales, residual window, block
   padding and block tables included), ``cache_bytes``, ``ratio_vs_bf16``, and
   ``max_tokens_in_budget`` = how many tokens fit ``memory_budget_mib`` at that rate;
-* speed: ``prefill_ms`` (``batch`` sequences of ``context`` tokens) and, one row per timed
+* speed (attention path in ``kernel``: ``torch`` or ``triton``): ``prefill_ms`` (``batch``
+  sequences of ``context`` tokens) and, one row per timed
   step, ``tpot_ms`` = one decode step of the whole batch (time per output token);
 * accuracy (:mod:`ryzlab.kv.accuracy`, teacher-forced decode through the compressed cache vs the
   uncompressed one): ``kl_per_token``, ``ppl``, ``ppl_ref``, ``ppl_delta``, ``top1_agree``,
@@ -68,6 +69,9 @@ class Config:
     threads: int = 1
     """CPU threads (0 = torch default); 1 keeps points fair when run side by side."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    kernel: Literal["auto", "torch", "triton"] = "auto"
+    """Attention path of the paged cache: ``triton`` reads compressed pages in Triton kernels (CUDA),
+    ``torch`` decodes pages then attends; ``auto``: triton on CUDA when installed. Recorded per row."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -87,6 +91,14 @@ class Config:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA device is available; choose 'auto' or 'cpu'")
         check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        check_choice("kernel", self.kernel, ("auto", "torch", "triton"))
+        if self.kernel == "triton":
+            from ..kv.triton import unavailable_reason
+
+            cuda = self.device != "cpu" and torch.cuda.is_available()
+            why = unavailable_reason(torch.device("cuda" if cuda else "cpu"))
+            if why:
+                raise ValueError(f"kernel='triton' cannot run here: {why}; choose 'auto' or 'torch'")
         if self.text and not Path(self.text).expanduser().is_file():
             raise ValueError(f"text={self.text!r}: no such file (empty = the held-out stdlib text)")
         self.cache_config().check_head_dim(self.model_config().head_dim)  # the cache fields together, and vs the model
@@ -152,7 +164,7 @@ def run(cfg: Config) -> pd.DataFrame:
     stream = token_stream(tok, cfg.eval_windows * cfg.eval_len + cfg.batch * timed, text=cfg.text or None)
     tokens = _tokens(stream, cfg.batch, timed, cfg.eval_windows * cfg.eval_len, device)
 
-    paged = PagedKVCache(model.config, cache_cfg, dtype=dtype, device=device)
+    paged = PagedKVCache(model.config, cache_cfg, dtype=dtype, device=device, kernel=cfg.kernel)
     _sync(device)
     t0 = time.perf_counter()
     model(tokens[:, :cfg.context], cache=paged, seq_ids=seqs)
@@ -194,6 +206,7 @@ def run(cfg: Config) -> pd.DataFrame:
         "model_name": model_name,
         "model_dtype": str(dtype).removeprefix("torch."),
         "model_params": sum(p.numel() for p in model.parameters()),
+        "kernel": paged.kernel,
         "device": device.type,
         "device_name": name,
         "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,

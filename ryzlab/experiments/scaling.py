@@ -218,13 +218,14 @@ def _rank_main(rank: int, world_size: int, cfg: Config, tokens: torch.Tensor) ->
     logits, times, prefill_s, pre = _decode(net, cache, tokens, cfg, groups, barrier)
     per = {n: c.ledger.per_step("decode") for n, c in (("tp", groups.tp), ("cp", groups.cp))}
     led = cache.ledger()
+    kernel = cache.kernel
     del cache
     fits, fit_bytes = _largest_context(cfg, net, groups) if cfg.budget_mib > 0 else (0, 0.0)
     dev = groups.device
     return {"times": times, "prefill_s": prefill_s, "logits": logits if rank == 0 else None,
             "kv": led["total"], "weights": weight_bytes(net), "comm": per, "prefill_comm": pre,
             "largest_context": fits, "largest_context_page_bytes": fit_bytes,
-            "threads": torch.get_num_threads(), "backend": torch.distributed.get_backend(),
+            "threads": torch.get_num_threads(), "kernel": kernel, "backend": torch.distributed.get_backend(),
             "device": dev.type, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()}
 
 
@@ -303,6 +304,7 @@ def run(cfg: Config) -> pd.DataFrame:
         "largest_context": res[0]["largest_context"],
         "largest_context_page_bytes_per_rank": max(r["largest_context_page_bytes"] for r in res),
         "logits_rel_err_vs_ws1": err,
+        "kernel": res[0]["kernel"],
         "device": res[0]["device"],
         "device_name": res[0]["device_name"],
         "backend": res[0]["backend"],

@@ -7,6 +7,8 @@ Public API (see each module's docstring):
 * :class:`PagedKVCache` — per-layer pages, ``add_sequence`` / ``extend`` / ``write`` /
   ``allocate_slots`` / ``attend`` (context-parallel with ``cp=``: log-sum-exp partials merged) / ``read_kv`` /
   ``ledger`` / ``stats``; :mod:`ryzlab.kv.context` migrates and checks blocks across cp ranks.
+  ``kernel=`` picks its attention path: ``torch`` (reference, CPU) or ``triton``
+  (:mod:`ryzlab.kv.triton`: reads the compressed pages in registers; the default on CUDA).
 """
 from ryzlab.kv.blocks import AppendResult, Block, BlockPool, FreeBlockQueue, hash_block
 from ryzlab.kv.cache import PagedKVCache, Step

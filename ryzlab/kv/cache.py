@@ -48,11 +48,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 from ryzlab.config import CacheConfig, ModelConfig
+from ryzlab.kv import triton as kv_triton
 from ryzlab.kv.blocks import BlockPool, SeqId
 from ryzlab.kv.codecs import KVFormat
 from ryzlab.kv.merge import merge_partials, pack_partial, unpack_partials
@@ -63,6 +65,8 @@ __all__ = ["PagedKVCache", "Step"]
 
 log = logging.getLogger(__name__)
 
+Kernel = Literal["auto", "torch", "triton"]
+KERNELS: tuple[str, ...] = get_args(Kernel)
 _INITIAL_BLOCKS = 16  # unbounded caches start here and double: amortised O(1) growth
 _INITIAL_SLOTS = 4
 
@@ -123,10 +127,18 @@ class PagedKVCache:
     (under tensor parallelism: :func:`ryzlab.parallel.tp.local_config`, its own heads); ``cp``
     the context-parallel group (None: one rank holds every block). Raises ``ValueError`` if the
     cache layout does not fit the model (e.g. a group size that does not divide head_dim).
+
+    ``kernel`` picks the attention path: ``torch`` decodes pages then runs matmuls/SDPA (the
+    reference, and the CPU path); ``triton`` reads the compressed pages in
+    :mod:`ryzlab.kv.triton` kernels (CUDA, or CPU under ``TRITON_INTERPRET=1`` for tests);
+    ``auto`` is ``triton`` on CUDA when Triton is installed, else ``torch``. The attribute
+    ``kernel`` says which one runs; experiments record it in every row.
     """
 
     def __init__(self, model: ModelConfig, cache: CacheConfig, *, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", cp: Comm | None = None):
+                 device: str | torch.device = "cpu", cp: Comm | None = None, kernel: Kernel = "auto"):
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel={kernel!r} is not valid; choose one of {', '.join(KERNELS)}")
         cache.check_head_dim(model.head_dim)
         self.model, self.config = model, cache
         self.dtype, self.device = dtype, torch.device(device)
@@ -151,6 +163,9 @@ class PagedKVCache:
         self._free_slots = list(range(_INITIAL_SLOTS))
         self._seqs: dict[SeqId, _SeqState] = {}
         self._step: Step | None = None
+        self.kernel = self._pick_kernel(kernel)
+        self.k.kernel = self.v.kernel = self.kernel
+        self._kernel_plan: tuple[Step, object] | None = None
         log.debug("PagedKVCache: %s, commit unit %d, tail %d rows", cache, self.commit_unit, self.tail_len)
 
     # ------------------------------------------------------------------ capacity
@@ -519,6 +534,9 @@ class PagedKVCache:
         q, four_d = self._flat(q, step, "q", self.model.n_heads)
         if not step.num_tokens:
             return q.new_zeros(q.shape)
+        if self.kernel == "triton":
+            out = self._attend_triton(layer, q, step, scale)
+            return out.view(len(step.seq_ids), -1, *out.shape[1:]) if four_d else out
         k, v = self._gather_heads(layer, step)  # [B, H, S, D]
         qp, mask = self._pad_queries(q, step)
         b, tq, hq, d = qp.shape
@@ -536,6 +554,33 @@ class PagedKVCache:
                                                  enable_gqa=True).transpose(1, 2)  # [B, Tq, Hq, D]
         out = out[step._q_b, step._q_t].to(q.dtype)
         return out.view(len(step.seq_ids), -1, *out.shape[1:]) if four_d else out
+
+    # ------------------------------------------------------------------ Triton dispatch
+    # Everything the Triton path needs from the cache lives here (kernels: ryzlab.kv.triton).
+    def _pick_kernel(self, kernel: Kernel) -> str:
+        why = kv_triton.unavailable_reason(self.device) or kv_triton.unreadable_reason(self.key_format) \
+            or kv_triton.unreadable_reason(self.value_format)
+        if kernel == "triton" and why:
+            raise ValueError(f"kernel='triton' cannot run here: {why}; choose 'torch' or 'auto'")
+        if kernel == "auto":
+            if self.device.type == "cuda" and why:
+                log.warning("PagedKVCache on %s falls back to the torch attention path: %s", self.device, why)
+            return "triton" if self.device.type == "cuda" and not why else "torch"
+        return kernel
+
+    def _attend_triton(self, layer: int, q: torch.Tensor, step: Step, scale: float | None) -> torch.Tensor:
+        """:meth:`attend` in the Triton kernels: ``q [N, Hq, D]`` -> ``[N, Hq, D]`` (cp partials merged)."""
+        from ryzlab.kv.triton.decode import paged_attention, plan_from_gather
+        if self._kernel_plan is None or self._kernel_plan[0] is not step:  # once per step, not per layer
+            plan = plan_from_gather(step._q_b, step.positions, step._tables, step._kpos, self.block_size,
+                                    step._ov_b, step._ov_idx, step._ov_row)
+            self._kernel_plan = (step, plan)
+        tail = lambda t: t[layer].view(-1, self.n_kv_heads, self.head_dim)  # noqa: E731
+        out, lse = paged_attention(q, self.k, self.v, layer, self._kernel_plan[1],
+                                   tail(self._tail_k), tail(self._tail_v), scale=scale)  # [N, Hq, D], [N, Hq]
+        if self.cp_size > 1:
+            out = merge_partials(*unpack_partials(self.cp.all_gather(pack_partial(out, lse))))[0]
+        return out.to(q.dtype)
 
     def _pad_queries(self, q: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
         qp = q.new_zeros(len(step.seq_ids), step._q_pos.shape[1], *q.shape[1:])  # [B, Tq, Hq, D]

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ryzlab.kv import triton as kv_triton
 from ryzlab.kv.codecs import Encoded, KVFormat
 
 __all__ = ["PagedTensor", "attention_with_lse", "MATH_SCORES"]
@@ -25,6 +26,9 @@ class PagedTensor:
     def __init__(self, fmt: KVFormat, layers: int, cap: int, bs: int, heads: int, head_dim: int,
                  device: torch.device):
         self.fmt, self.bs, self.heads, self.head_dim = fmt, bs, heads, head_dim
+        self.kernel = "torch"
+        """``triton``: :meth:`write_slots` quantizes with :func:`ryzlab.kv.triton.write_slots` where it
+        supports the format (set by the cache that owns these pages)."""
         self.dp = fmt.packed_dim(head_dim)
         self.scale_shape = fmt.scale_shape(bs, heads, head_dim)
         self.payload = torch.zeros(layers, cap, bs, heads, self.dp, dtype=fmt.storage_dtype, device=device)
@@ -67,6 +71,9 @@ class PagedTensor:
 
     def write_slots(self, layer: int, slots: torch.Tensor, x: torch.Tensor) -> None:
         """Encode ``x [N, H, D]`` token by token (token-local scales) into ``slots``."""
+        if self.kernel == "triton" and kv_triton.supports_write(self.fmt, self.head_dim):
+            kv_triton.write_slots(self, layer, slots, x)
+            return
         enc = self.fmt.encode(x)
         self.payload[layer].view(-1, self.heads, self.dp)[slots] = enc.payload
         if enc.scale is not None:
