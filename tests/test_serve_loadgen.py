@@ -101,7 +101,7 @@ def test_trace_round_trip(tmp_path):
 
 def test_metrics_definitions():
     r = RequestRecord(index=0, scheduled_s=10.0, sent_s=10.5, prompt_tokens=4,
-                      token_times_s=[11.0, 11.1, 11.3], finish_s=11.3)
+                      token_times_s=[11.0, 11.1, 11.3], chunks=3, finish_s=11.3)
     s = summarize([r], duration_s=2.0, slo="ttft:500")
     assert s["ttft_ms_p50"] == pytest.approx(1000.0)   # from the scheduled time, not the send
     assert s["tpot_ms_p50"] == pytest.approx(150.0)

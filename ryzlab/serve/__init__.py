@@ -14,6 +14,8 @@ Modules (import what you need; nothing heavy is imported here):
 * :mod:`.metrics`  ``summarize`` -> TTFT/TPOT/ITL/E2EL mean/p50/p90/p99, throughput, goodput
   under ``parse_slo("ttft:200,tpot:50")``.
 * :mod:`.api`      ``create_app(backend)``: ``/v1/completions`` (SSE streaming), ``/health``, ``/metrics``.
-* :mod:`.client`   ``backend_client``, ``http_client``, ``serve_in_thread``.
+* :mod:`.client`   ``backend_client``, ``openai_client`` + ``probe_endpoint`` (any OpenAI-compatible
+  endpoint, text prompts, server-counted tokens), ``serve_in_thread``.
+* :mod:`.peer`     transformers' continuous batching behind the same OpenAI surface (the peer engine).
 * :mod:`.cli`      ``ryzlab serve``.
 """

@@ -1,0 +1,198 @@
+"""The load generator against a scripted OpenAI-compatible server with known delays and chunking.
+
+The fake server (allowed here: it lives in tests/) sends token i of a stream at *absolute*
+time start + ttft + i * tpot (sleeping to deadlines, so scheduling noise never accumulates),
+in chunks of ``chunk`` tokens, and counts prompt tokens as ``overhead + tokens_per_word *
+words``. Delays are large (1 s, 250 ms) against the noise of a loaded 2-core machine.
+"""
+import asyncio
+import json
+import logging
+
+import pandas as pd
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+
+from ryzlab.serve.client import openai_client, probe_endpoint, prompt_text, serve_in_thread  # noqa: E402
+from ryzlab.serve.loadgen import LoadSpec, run_load  # noqa: E402
+from ryzlab.serve.metrics import REQUEST_COLUMNS  # noqa: E402
+
+
+def fake_app(*, ttft_s: float, tpot_s: float, chunk: int = 1, usage: bool = True, token_ids: bool = False,
+             reject: tuple[str, ...] = (), tokens_per_word: int = 2, overhead: int = 1) -> tuple[FastAPI, list]:
+    app = FastAPI()
+    bodies: list[dict] = []
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "fake", "object": "model", "created": 0, "owned_by": "tests"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        bodies.append(body)
+        bad = [k for k in reject if k in body]
+        if bad:
+            return JSONResponse({"error": {"message": f"unknown field(s) {bad}", "type": "invalid_request_error",
+                                           "param": bad[0], "code": None}}, status_code=400)
+        n_prompt = overhead + tokens_per_word * len(body["prompt"].split())
+        n = body["max_tokens"]
+        use = {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
+        if not body.get("stream"):
+            return {"choices": [{"index": 0, "text": "t" * n, "finish_reason": "length"}],
+                    **({"usage": use} if usage else {})}
+
+        async def sse():
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            for first in range(0, n, chunk):
+                last = min(n, first + chunk) - 1
+                await asyncio.sleep(max(0.0, start + ttft_s + last * tpot_s - loop.time()))
+                choice = {"index": 0, "text": "t " * (last - first + 1), "finish_reason": None}
+                if token_ids:
+                    choice["token_ids"] = list(range(first, last + 1))
+                yield f"data: {json.dumps({'choices': [choice]})}\n\n"
+            if usage and (body.get("stream_options") or {}).get("include_usage"):
+                yield f"data: {json.dumps({'choices': [], 'usage': use})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    return app, bodies
+
+
+def _run(url: str, spec: LoadSpec):
+    profile = probe_endpoint(url, "fake")
+    return profile, asyncio.run(run_load(spec, openai_client(profile), timeout_s=120))
+
+
+SPEC = LoadSpec(arrival="closed", concurrency=4, num_requests=8, prompt_len=21, output_len=6, seed=0)
+
+
+def test_ttft_and_tpot_within_5_percent_of_the_scripted_delays():
+    app, bodies = fake_app(ttft_s=1.0, tpot_s=0.25)
+    with serve_in_thread(app) as root:
+        profile, res = _run(root + "/v1", SPEC)
+    s = res.summary()
+    assert s["requests_completed"] == 8
+    assert s["ttft_ms_p50"] == pytest.approx(1000.0, rel=0.05)
+    assert s["tpot_ms_p50"] == pytest.approx(250.0, rel=0.05)
+    assert s["itl_ms_p50"] == pytest.approx(250.0, rel=0.05) and s["itl_measurable_frac"] == 1.0
+    assert s["count_source"] == "usage" and s["output_len_match_frac"] == 1.0
+    # prompt sizing from usage: 2 tokens/word + 1 -> 10 words make the 21 tokens asked for
+    assert profile.tokens_per_word == 2.0 and profile.prompt_overhead_tokens == 1.0
+    assert profile.stream_usage and profile.length_fields == ("ignore_eos", "min_tokens")
+    assert [r.prompt_tokens for r in res.records] == [21] * 8
+    load = [b for b in bodies if b.get("stream") and b["max_tokens"] == 6]
+    assert len(load) == 8 and all(b["ignore_eos"] is True and b["min_tokens"] == 6 for b in load)
+    assert all(b["stream_options"] == {"include_usage": True} for b in load)
+
+
+def test_chunked_stream_counts_tokens_from_usage_and_says_itl_is_unmeasurable():
+    app, _ = fake_app(ttft_s=1.0, tpot_s=0.25, chunk=3)
+    with serve_in_thread(app) as root:
+        _, res = _run(root + "/v1", SPEC)
+    s = res.summary()
+    df = res.frame()
+    assert list(df["output_tokens"]) == [6] * 8 and list(df["chunks"]) == [2] * 8
+    assert not df["itl_measurable"].any() and s["itl_measurable_frac"] == 0.0
+    assert pd.isna(s["itl_ms_p50"])
+    # first chunk at ttft + 2 tpot, last at ttft + 5 tpot: TPOT over the usage count = 3 * 250 / 5
+    assert s["ttft_ms_p50"] == pytest.approx(1500.0, rel=0.05)
+    assert s["tpot_ms_p50"] == pytest.approx(150.0, rel=0.05)
+
+
+def test_no_usage_falls_back_to_chunks_and_says_so(caplog):
+    app, _ = fake_app(ttft_s=0.05, tpot_s=0.02, usage=False)
+    with caplog.at_level(logging.WARNING, logger="ryzlab.serve.client"), serve_in_thread(app) as root:
+        profile, res = _run(root + "/v1", SPEC)
+    assert profile.prompt_count == "assumed" and not profile.stream_usage
+    df = res.frame()
+    assert set(df["count_source"]) == {"chunks"} and list(df["output_tokens"]) == [6] * 8
+    assert list(df["prompt_tokens"]) == [21] * 8  # the target: the server never said
+    assert "one per chunk" in caplog.text and "no usage" in caplog.text
+
+
+def test_token_ids_in_chunks_are_exact_counts():
+    app, _ = fake_app(ttft_s=0.05, tpot_s=0.02, chunk=2, usage=False, token_ids=True)
+    with serve_in_thread(app) as root:
+        _, res = _run(root + "/v1", SPEC)
+    df = res.frame()
+    assert set(df["count_source"]) == {"token_ids"} and list(df["output_tokens"]) == [6] * 8
+    assert list(df["chunks"]) == [3] * 8 and not df["itl_measurable"].any()
+
+
+def test_refused_length_controls_are_dropped_and_recorded():
+    app, bodies = fake_app(ttft_s=0.01, tpot_s=0.01, reject=("min_tokens",))
+    with serve_in_thread(app) as root:
+        profile, res = _run(root + "/v1", SPEC)
+    assert profile.length_fields == ("ignore_eos",) and profile.length_controlled
+    load = [b for b in bodies if b.get("stream") and b["max_tokens"] == 6]
+    assert len(load) == 8 and all("min_tokens" not in b and b["ignore_eos"] for b in load)
+    assert res.summary()["requests_completed"] == 8
+
+
+def test_prompt_text_shares_prefix_words():
+    class P:
+        tokens_per_word, prompt_overhead_tokens = 2.0, 1.0
+    a = prompt_text((5, 6, 7, 8, 9, 10, 11), 7, P)
+    b = prompt_text((5, 6, 7, 1, 2, 3, 4), 7, P)
+    assert len(a.split()) == 3 and a.split()[:3] == b.split()[:3]
+
+
+def test_loadgen_cli_writes_requests_parquet_and_tidy_metrics(tmp_path):
+    from ryzlab.cli import main
+
+    app, _ = fake_app(ttft_s=0.02, tpot_s=0.01)
+    out = tmp_path / "lg"
+    with serve_in_thread(app) as root:
+        rc = main(["loadgen", "--url", root + "/v1", "--model", "fake", "--arrival", "poisson", "--rate", "20",
+                   "--num-requests", "6", "--prompt-len", "9", "--output-len", "4", "--slo", "ttft:5000,tpot:1000",
+                   "--out", str(out)])
+    assert rc == 0
+    req = pd.read_parquet(out / "requests.parquet")
+    assert tuple(req.columns) == REQUEST_COLUMNS and len(req) == 6
+    assert req["ok"].dtype == bool and req["ttft_ms"].dtype == "float64" and req["output_tokens"].dtype == "int64"
+    assert req["ok"].all() and (req["output_tokens"] == 4).all() and (req["prompt_tokens"] == 9).all()
+    assert (req["ttft_ms"] >= 20).all() and (req["e2el_ms"] >= req["ttft_ms"]).all()
+    tidy = pd.read_parquet(out / "metrics.parquet")
+    summ = tidy[tidy["kind"] == "summary"]
+    assert len(summ) == 1 and (tidy["kind"] == "timeline").sum() >= 1
+    assert summ["requests_completed"].iloc[0] == 6 and summ["engine"].iloc[0] == "endpoint:fake"
+    slo = pd.read_parquet(out / "slo.parquet")
+    assert list(slo["metric"]) == ["ttft_ms", "tpot_ms"] and slo["p99_met"].all()
+    data = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert data["summary"]["requests"] == 6 and data["summary"]["tokens_per_word"] == 2.0
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--arrival", "uniform"], "poisson"),
+    (["--prompt-dist", "zipf"], "lognormal"),
+    (["--api", "embeddings"], "chat"),
+    (["--slo", "latency:3"], "ttft, tpot, itl, e2el"),
+    (["--rate", "0"], "rate must be > 0"),
+    (["--arrival", "trace"], "trace=<path"),
+])
+def test_bad_flags_fail_before_any_request_naming_the_choices(flags, needle, capsys):
+    from ryzlab.cli import main
+
+    app, bodies = fake_app(ttft_s=0.01, tpot_s=0.01)
+    with serve_in_thread(app) as root:
+        try:
+            rc = main(["loadgen", "--url", root + "/v1", "--model", "fake", *flags])
+        except SystemExit as e:  # argparse choices
+            rc = e.code
+    assert rc == 2 and needle in capsys.readouterr().err
+    assert bodies == []
+
+
+def test_bad_url_is_rejected_with_the_expected_form(capsys):
+    from ryzlab.cli import main
+
+    assert main(["loadgen", "--url", "ftp://127.0.0.1/v1"]) == 2
+    assert "http(s)://HOST:PORT/v1" in capsys.readouterr().err
