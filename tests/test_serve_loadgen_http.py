@@ -196,3 +196,51 @@ def test_bad_url_is_rejected_with_the_expected_form(capsys):
 
     assert main(["loadgen", "--url", "ftp://127.0.0.1/v1"]) == 2
     assert "http(s)://HOST:PORT/v1" in capsys.readouterr().err
+
+
+def test_serving_experiment_measures_an_endpoint():
+    from ryzlab.experiments.serving import Config, run
+
+    app, bodies = fake_app(ttft_s=0.02, tpot_s=0.01)
+    with serve_in_thread(app) as root:
+        df = run(Config(endpoint=root + "/v1", rate=20.0, num_requests=5, prompt_len=9, output_len=3,
+                        slo="ttft:5000,tpot:1000"))
+    s = df[df["kind"] == "summary"].iloc[0]
+    assert s["engine"] == "endpoint:fake" and s["via"] == "http" and s["device"] == "remote"
+    assert s["requests_completed"] == 5 and s["output_tokens"] == 15 and s["tokens_per_word"] == 2.0
+    assert (df["kind"] == "timeline").any()
+    assert len([b for b in bodies if b.get("stream") and b["max_tokens"] == 3]) == 5
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(endpoint="http://127.0.0.1:9/v1", workers=2), "workers=2"),
+    (dict(endpoint="http://127.0.0.1:9/v1", engine="transformers"), "nothing is started"),
+    (dict(engine="transformers", codec="int8"), "codec='int8'"),
+    (dict(engine="vllm"), "transformers"),
+    (dict(endpoint="localhost:8000"), "http(s)://HOST:PORT/v1"),
+    (dict(api="embeddings"), "chat"),
+])
+def test_serving_experiment_rejects_what_an_endpoint_cannot_do(kw, needle):
+    from ryzlab.experiments.serving import Config
+
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        Config(**kw)
+
+
+def test_report_puts_engines_side_by_side_with_ratios():
+    from ryzlab.plots.serving import engines_side_by_side, slo_table
+
+    def row(engine, rate, tpot, ttft, tput):
+        return {"kind": "summary", "device": "cpu", "engine": engine, "workers": 1, "policy": "-", "codec": "none",
+                "rate": rate, "tpot_ms_p99": tpot, "ttft_ms_p99": ttft, "output_token_throughput": tput,
+                "request_throughput": tput / 10, "requests_failed": 0}
+
+    df = pd.DataFrame([row("ryzlab", 4, 20, 100, 120), row("ryzlab", 8, 40, 300, 240), row("ryzlab", 16, 90, 900, 300),
+                       row("transformers", 4, 30, 200, 110), row("transformers", 8, 45, 1500, 200)])
+    side = engines_side_by_side(df).set_index("engine")
+    assert side.loc["ryzlab", "max_rate_under_slo"] == 8 and side.loc["transformers", "max_rate_under_slo"] == 4
+    assert side.loc["transformers", "max_rate_under_slo_vs_ryzlab"] == 0.5
+    assert side.loc["transformers", "output_token_throughput_there_vs_ryzlab"] == pytest.approx(110 / 240)
+    assert engines_side_by_side(df[df.engine == "ryzlab"]).empty
+    t = slo_table(df)  # scaling baselines do not mix engines
+    assert set(t["engine"]) == {"ryzlab", "transformers"} and (t["scaling_vs_1_worker"] == 1.0).all()

@@ -38,12 +38,13 @@ Engine = Literal["ryzlab", "transformers"]
 ENGINES: tuple[str, ...] = get_args(Engine)
 """Engines a benchmark can start: ryzlab's, or transformers' continuous batching (the peer)."""
 
-# Common English words: one token each in the BPE vocabularies of Llama, SmolLM, Qwen, GPT-2
-# (with the leading space), several in a byte-level one; the probe measures which.
-WORDS = tuple("""the of and to in is was for on that with as by at from his it an were are which this be
-or has had first one their its new after but who not they have her she two been other when there all
-during into school time may years more most only over city some world would where later up such used
-many can state about national out known university united then made""".split())
+# Common three-letter English words: one token each (with the leading space) in the BPE
+# vocabularies of Llama, SmolLM, Qwen and GPT-2, and exactly four in a byte-level one, so a
+# prompt's token count is linear in its word count with a constant slope; the probe measures it.
+WORDS = tuple("""the and for are but not you all any can had her was one our out day get has him his how man new
+now old see two way who boy did its let put say she too use end far few got run sun top yes big
+red cat dog car box sea air art bad bed job law war age act arm eye leg map oil key fun set ask
+try own why win men buy cut lot low hot""".split())
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ class EndpointProfile:
     tokens_per_word: float
     """Server tokens per prompt word (slope of usage.prompt_tokens over two prompt sizes)."""
     prompt_overhead_tokens: float
-    """Tokens a prompt costs beyond its words (BOS, chat template)."""
+    """Tokens a prompt costs beyond its words (BOS, chat template; -1 for a byte-level vocabulary:
+    the first word has no leading space)."""
     prompt_count: str
     """``usage``: prompt sizes fitted to the server's counts; ``assumed``: no usage, 1 token/word."""
     stream_usage: bool
@@ -175,7 +177,7 @@ def probe_endpoint(url: str, model: str, *, api: str = "completions", timeout_s:
             p80 = (ans80.get("usage") or {}).get("prompt_tokens") if status == 200 and isinstance(ans80, dict) else None
         if p16 is not None and p80 is not None and p80 > p16:
             tpw = (p80 - p16) / 64.0
-            over = max(0.0, p16 - 16 * tpw)
+            over = p16 - 16 * tpw  # may be < 0: the first word has no leading space
             count = "usage"
         else:
             log.warning("endpoint %s reports no usage.prompt_tokens: prompt sizes assume 1 token per word "
@@ -284,7 +286,8 @@ def served_models(url: str, *, timeout_s: float = 30.0, api_key: str | None = No
         r = httpx.get(url.rstrip("/") + "/models", timeout=timeout_s, headers=headers)
         ids = [m["id"] for m in r.json()["data"]] if r.status_code == 200 else []
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"endpoint {url!r}: GET /models failed ({type(e).__name__}: {e}); pass the model name") from None
+        raise ValueError(f"endpoint {url!r}: GET /models failed ({type(e).__name__}: {e}); "
+                         f"pass the model name") from None
     if not ids:
         raise ValueError(f"endpoint {url!r}: GET /models listed no model ({r.status_code}); pass the model name")
     return ids

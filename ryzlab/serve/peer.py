@@ -29,6 +29,8 @@ import time
 from typing import Any
 
 import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 __all__ = ["hf_model", "create_peer_app", "PeerEngine", "main"]
 
@@ -115,9 +117,6 @@ class PeerEngine:
 
 def create_peer_app(engine: PeerEngine, tokenizer: Any, *, model_name: str, max_model_len: int) -> Any:
     """A minimal OpenAI ``/v1/completions`` (text or token-id prompts) over :class:`PeerEngine`."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-
     app = FastAPI(title="transformers continuous batching (ryzlab peer)")
     created = int(time.time())
 
@@ -186,7 +185,8 @@ def create_peer_app(engine: PeerEngine, tokenizer: Any, *, model_name: str, max_
                                   "finish_reason": "length" if n >= max_tokens else "stop"}]}
             yield f"data: {json.dumps(final)}\n\n"
             if usage_opt:
-                yield f"data: {json.dumps({'id': cid, 'object': 'text_completion', 'choices': [], 'usage': usage(n)})}\n\n"
+                last = {"id": cid, "object": "text_completion", "choices": [], "usage": usage(n)}
+                yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream")
