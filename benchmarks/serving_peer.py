@@ -141,8 +141,8 @@ def main() -> int:
         a, b = ours[col].median(), peer[col].median()
         per = [x / y for x, y in zip(ours.sort_values("repeat")[col], peer.sort_values("repeat")[col]) if y > 0]
         ratios[col] = {"ratio_of_medians": a / b if b > 0 else math.nan, "per_repeat": per}
-        print(f"  ratio ryzlab/peer {col:24s}: {ratios[col]['ratio_of_medians']:.2f}x  "
-              f"(per repeat {spread(per)})")
+        print(f"  ratio ryzlab/peer {col:24s}: {spread(per)}x per repeat (median [min, max]; "
+              f"ratio of the medians {ratios[col]['ratio_of_medians']:.2f}x)")
     out = Path(args.out)
     write_parquet(out / "peer_maxrate.parquet", df)
     write_parquet(out / "peer_trials.parquet", pd.DataFrame(trials).assign(device=env["device"]))

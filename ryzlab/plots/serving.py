@@ -82,7 +82,9 @@ def engines_side_by_side(df: pd.DataFrame, tpot_ms: float = P99_TARGET_MS,
     for (dev, eng), g in s.groupby(["device", "engine"]):
         ok = g[held.loc[g.index]]
         best = ok.loc[ok["rate"].idxmax()] if len(ok) else None
-        rows.append({"device": dev, "engine": eng, "rates_tried": len(g),
+        via = ",".join(sorted(map(str, df.loc[df.get("engine") == eng, "via"].dropna().unique()))) \
+            if "via" in df.columns else ""
+        rows.append({"device": dev, "engine": eng, "via": via, "rates_tried": len(g),
                      "max_rate_under_slo": best["rate"] if best is not None else np.nan,
                      "output_token_throughput_there": best["output_token_throughput"] if best is not None else np.nan,
                      "tpot_ms_p99_there": best["tpot_ms_p99"] if best is not None else np.nan,
