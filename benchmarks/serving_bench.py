@@ -46,6 +46,7 @@ from ryzlab.provenance import collect_env  # noqa: E402
 from ryzlab.serve.client import backend_client  # noqa: E402
 from ryzlab.serve.engine import EngineConfig, SamplingParams  # noqa: E402
 from ryzlab.serve.replica import build_engine  # noqa: E402
+from ryzlab.serve.metrics import median_range as spread  # noqa: E402
 from ryzlab.serve.loadgen import LoadSpec, max_rate_search, run_load  # noqa: E402
 from ryzlab.serve.router import Router  # noqa: E402
 
@@ -60,12 +61,6 @@ def pick_model(name: str) -> str:
         return "reference"
     print("  (no reference checkpoint yet: a randomly initialised model of the same shape; timing only)")
     return "random"
-
-
-def spread(xs: list[float]) -> str:
-    """'median [min, max]' of the finite values."""
-    xs = sorted(x for x in xs if not math.isnan(x))
-    return f"{statistics.median(xs):.3g} [{xs[0]:.3g}, {xs[-1]:.3g}]" if xs else "none"
 
 
 def _batching_side(model: str, prompts: list[list[int]], sp: SamplingParams, batched: bool) -> tuple[float, list]:

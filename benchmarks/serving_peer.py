@@ -25,7 +25,6 @@ import asyncio
 import logging
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from ryzlab.io import write_json, write_parquet  # noqa: E402
 from ryzlab.provenance import collect_env  # noqa: E402
 from ryzlab.serve.client import (ENGINES, free_port, openai_client, probe_endpoint, serve_subprocess,  # noqa: E402
                                  served_models, server_argv)
+from ryzlab.serve.metrics import median_range as spread  # noqa: E402
 from ryzlab.serve.loadgen import LoadSpec, max_rate_search, run_load  # noqa: E402
 
 
@@ -85,13 +85,6 @@ def one_side(engine: str, repeat: int, args: argparse.Namespace) -> tuple[dict, 
     rows = [{**s, "kind": "summary", "engine": engine, "repeat": repeat, "rate": r, "held": ok, "via": "http",
              "workers": 1, "policy": "-", "codec": "none"} for r, s, ok in trials]
     return row, rows
-
-
-def spread(xs: list[float]) -> str:
-    xs = [x for x in xs if not math.isnan(x)]
-    if not xs:
-        return "none"
-    return f"{statistics.median(xs):.3g} [{min(xs):.3g}, {max(xs):.3g}]"
 
 
 def main() -> int:

@@ -121,3 +121,25 @@ def test_unanswered_requests_are_reported_lost():
     res = asyncio.run(run_load(LoadSpec(arrival="closed", concurrency=2, num_requests=4), client, timeout_s=0.5))
     s = res.summary()
     assert s["requests_lost"] == 1 and s["requests_completed"] == 3
+
+
+def test_max_rate_search_doubles_then_bisects():
+    from ryzlab.serve.loadgen import max_rate_search
+
+    seen = []
+
+    def trial(rate):
+        seen.append(rate)
+        return {"rate": rate}
+
+    good, bad, trials = max_rate_search(trial, lambda s: s["rate"] <= 11, start_rate=2, max_rate=256, min_rate=0.25,
+                                        bisect=2)
+    assert seen == [2, 4, 8, 16, 12, 10] and (good, bad) == (10, 12)
+    assert [ok for _, _, ok in trials] == [True, True, True, False, False, True]
+    # the start rate already fails: search downwards; nothing holds at all: None
+    good, bad, _ = max_rate_search(trial, lambda s: s["rate"] <= 1, start_rate=4, max_rate=8, min_rate=0.25, bisect=1)
+    assert (good, bad) == (1, 1.5)
+    good, bad, trials = max_rate_search(trial, lambda s: False, start_rate=1, max_rate=8, min_rate=0.25)
+    assert good is None and bad == 0.25 and len(trials) == 3
+    with pytest.raises(ValueError, match="min_rate <= start_rate"):
+        max_rate_search(trial, bool, start_rate=0, max_rate=8, min_rate=0.25)

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RequestRecord", "Usage", "COUNT_SOURCES", "SLO", "parse_slo", "summarize", "slo_table",
+__all__ = ["RequestRecord", "Usage", "COUNT_SOURCES", "SLO", "parse_slo", "summarize", "slo_table", "median_range",
            "records_frame", "REQUEST_COLUMNS", "PERCENTILES", "LATENCY_METRICS"]
 
 PERCENTILES = (50, 90, 99)
@@ -166,6 +166,12 @@ def parse_slo(text: str | None) -> SLO:
             raise ValueError(f"bad SLO value in {part!r}: must be > 0 ms")
         values[key] = ms
     return SLO(**values)
+
+
+def median_range(xs: list[float]) -> str:
+    """``'median [min, max]'`` of the finite values of repeated measurements (``'none'`` if none)."""
+    v = sorted(x for x in xs if x is not None and math.isfinite(x))
+    return f"{float(np.median(v)):.3g} [{v[0]:.3g}, {v[-1]:.3g}]" if v else "none"
 
 
 def _stats(name: str, values_s: list[float]) -> dict[str, float]:

@@ -35,6 +35,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 __all__ = ["hf_model", "create_peer_app", "PeerEngine", "main"]
 
 log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 4 << 20
+"""A benchmark server's requests are small; anything larger is refused before parsing."""
 
 
 def hf_model(spec: str, *, dtype: torch.dtype = torch.float32) -> Any:
@@ -136,8 +138,11 @@ def create_peer_app(engine: PeerEngine, tokenizer: Any, *, model_name: str, max_
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            return error(f"body over {MAX_BODY_BYTES} bytes", 413)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (ValueError, RecursionError):
             return error("body is not JSON")
         if not isinstance(body, dict):
@@ -205,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-tokens", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=1024)
     a = p.parse_args(argv)
+    if a.host not in ("127.0.0.1", "localhost", "::1"):
+        p.error(f"--host {a.host!r}: the peer has no authentication; it binds loopback only (127.0.0.1, ::1)")
     import uvicorn
 
     from ..models import load_tokenizer
