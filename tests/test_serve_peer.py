@@ -63,3 +63,51 @@ def test_peer_app_speaks_openai_to_the_load_generator(models):
     df = res.frame()
     assert df["ok"].all() and (df["output_tokens"] == 5).all() and (df["prompt_tokens"] == 31).all()
     assert set(df["count_source"]) == {"usage"}
+
+
+def test_serving_experiment_runs_the_peer_in_its_own_process():
+    import os
+
+    from ryzlab.experiments.serving import Config, run
+
+    df = run(Config(engine="transformers", model="random", rate=10.0, num_requests=4, prompt_len=17, output_len=3,
+                    slo="ttft:60000,tpot:60000", num_blocks=64))
+    s = df[df["kind"] == "summary"].iloc[0]
+    assert s["engine"] == "transformers" and s["via"] == "http" and s["device"] == "cpu"
+    # byte-level: 4 tokens per 3-letter word (+ space), -1 for the first: 17 asked -> 4 words -> 15 tokens
+    assert s["requests_completed"] == 4 and s["output_tokens"] == 12 and s["prompt_tokens"] == 4 * 15
+    assert s["count_source"] == "usage" and s["itl_measurable_frac"] == 1.0
+    assert [p for p in _children(os.getpid()) if "ryzlab.serve.peer" in _cmd(p)] == []  # the server is gone
+
+
+def _cmd(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _children(ppid: int) -> list[str]:
+    import os
+
+    out = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == ppid:
+                    out.append(p)
+        except (OSError, IndexError, ValueError):
+            pass  # gone meanwhile
+    return out
+
+
+def test_a_server_that_dies_at_start_is_reported_with_its_output():
+    import sys
+
+    from ryzlab.serve.client import free_port, serve_subprocess
+
+    argv = [sys.executable, "-c", "import sys; print('no such model: boom'); sys.exit(3)"]
+    with pytest.raises(RuntimeError, match="exited with 3(.|\n)*no such model: boom"):
+        with serve_subprocess(argv, port=free_port()):
+            pass

@@ -368,8 +368,13 @@ def serve_subprocess(argv: list[str], *, port: int, host: str = "127.0.0.1", sta
 
     url = f"http://{host}:{port}/v1"
     log_file = tempfile.TemporaryFile()
+    from pathlib import Path
+
+    # the child imports this very ryzlab, whether or not it is installed
+    root = str(Path(__file__).resolve().parents[2])
+    pypath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, "PYTHONPATH": pypath, **(env or {})})
     try:
         deadline = time.monotonic() + startup_timeout_s
         while True:
