@@ -78,6 +78,9 @@ def one_side(engine: str, repeat: int, args: argparse.Namespace) -> tuple[dict, 
            "startup_s": startup, "count_source": at["count_source"] if at else "",
            "output_len_match_frac": at["output_len_match_frac"] if at else math.nan,
            "tokens_per_word": profile.tokens_per_word}
+    low_rate, low, _ = min(trials, key=lambda t: t[0])  # latency where load matters least (also when none held)
+    row.update(lowest_rate=low_rate, tpot_ms_p99_lowest_rate=low["tpot_ms_p99"],
+               ttft_ms_p99_lowest_rate=low["ttft_ms_p99"])
     trail = "  ".join(f"{r:.3g}/s:tpot {s['tpot_ms_p99']:.0f}/ttft {s['ttft_ms_p99']:.0f}{'' if ok else '!'}"
                       for r, s, ok in trials)
     print(f"  {engine:12s} repeat {repeat}: max rate {row['max_rate']:.3g} req/s, "
@@ -128,9 +131,10 @@ def main() -> int:
     print("results (median [min, max] over repeats):")
     for name, g in (("ryzlab", ours), ("transformers", peer)):
         print(f"  {name:12s} max rate {spread(list(g.max_rate))} req/s   output tok/s there "
-              f"{spread(list(g.output_token_throughput))}")
+              f"{spread(list(g.output_token_throughput))}   p99 TPOT at the lowest rate tried "
+              f"({spread(list(g.lowest_rate))} req/s) {spread(list(g.tpot_ms_p99_lowest_rate))} ms")
     ratios = {}
-    for col in ("max_rate", "output_token_throughput"):
+    for col in ("max_rate", "output_token_throughput", "tpot_ms_p99_lowest_rate"):
         a, b = ours[col].median(), peer[col].median()
         per = [x / y for x, y in zip(ours.sort_values("repeat")[col], peer.sort_values("repeat")[col]) if y > 0]
         ratios[col] = {"ratio_of_medians": a / b if b > 0 else math.nan, "per_repeat": per}
