@@ -101,7 +101,7 @@ def cmd_loadgen(args: argparse.Namespace) -> int:
     model = args.model or served_models(url, api_key=key)[0]
     profile = probe_endpoint(url, model, api=args.api, timeout_s=args.request_timeout, api_key=key)
     print(f"endpoint {url} model={model} api={args.api}: {profile.tokens_per_word:.2f} tokens/word "
-          f"(+{profile.prompt_overhead_tokens:.0f}; {profile.prompt_count}), stream usage: {profile.stream_usage}, "
+          f"({profile.prompt_overhead_tokens:+.0f} per prompt; {profile.prompt_count}), stream usage: {profile.stream_usage}, "
           f"length controls: {', '.join(profile.length_fields) or 'none'} "
           f"({'exact' if profile.length_controlled else 'NOT exact: see output_len_match_frac'})")
     client = openai_client(profile, timeout_s=args.request_timeout, api_key=key)
@@ -115,8 +115,8 @@ def cmd_loadgen(args: argparse.Namespace) -> int:
         v = summary.get(k)
         return "n/a" if v is None else f"{v:.1f}"
 
-    print(f"requests {summary['requests']}: completed {summary['requests_completed']}, failed "
-          f"{summary['requests_failed']}; {summary['request_throughput']:.2f} req/s, "
+    print(f"requests {summary['requests']:.0f}: completed {summary['requests_completed']:.0f}, failed "
+          f"{summary['requests_failed']:.0f}; {summary['request_throughput']:.2f} req/s, "
           f"{summary['output_token_throughput']:.1f} output tok/s (achieved send rate "
           f"{summary['achieved_rate']:.2f}/s)")
     for m in ("ttft", "tpot", "itl", "e2el"):
