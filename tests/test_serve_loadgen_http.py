@@ -127,13 +127,15 @@ def test_token_ids_in_chunks_are_exact_counts():
     assert list(df["chunks"]) == [3] * 8 and not df["itl_measurable"].any()
 
 
-def test_refused_length_controls_are_dropped_and_recorded():
-    app, bodies = fake_app(ttft_s=0.01, tpot_s=0.01, reject=("min_tokens",))
+@pytest.mark.parametrize("reject,kept", [(("min_tokens",), ("ignore_eos",)), (("ignore_eos",), ("min_tokens",)),
+                                         (("ignore_eos", "min_tokens"), ())])
+def test_refused_length_controls_are_dropped_and_recorded(reject, kept):
+    app, bodies = fake_app(ttft_s=0.01, tpot_s=0.01, reject=reject)
     with serve_in_thread(app) as root:
         profile, res = _run(root + "/v1", SPEC)
-    assert profile.length_fields == ("ignore_eos",) and profile.length_controlled
+    assert profile.length_fields == kept and profile.length_controlled
     load = [b for b in bodies if b.get("stream") and b["max_tokens"] == 6]
-    assert len(load) == 8 and all("min_tokens" not in b and b["ignore_eos"] for b in load)
+    assert len(load) == 8 and all(set(b) & {"ignore_eos", "min_tokens"} == set(kept) for b in load)
     assert res.summary()["requests_completed"] == 8
 
 

@@ -162,8 +162,10 @@ def probe_endpoint(url: str, model: str, *, api: str = "completions", timeout_s:
             status, ans = post(_body(api, model, words16, 4, _length_extra(fields, 4)))
             if status == 200 or not fields or status >= 500:
                 break
-            log.info("endpoint refused %s (%s); retrying without %s", fields, status, fields[-1])
-            fields = fields[:-1]
+            said = json.dumps(ans) if isinstance(ans, (dict, list)) else ans.decode(errors="replace")
+            named = [f for f in fields if f in said]  # the fields the error names, else the last one
+            log.info("endpoint refused %s (HTTP %s); retrying without %s", fields, status, named or fields[-1:])
+            fields = tuple(f for f in fields if f not in named) if named else fields[:-1]
         if status != 200:
             raise ValueError(f"endpoint {url!r} rejected a plain {api} request for model {model!r}: "
                              f"{_error_text(status, ans if isinstance(ans, bytes) else json.dumps(ans).encode())}")
