@@ -96,21 +96,28 @@ class PeerEngine:
         q: asyncio.Queue = asyncio.Queue()
         self.manager.register_result_handler(rid, q.put_nowait)
         eos = -1 if ignore_eos or not self.eos_token_ids else list(self.eos_token_ids)
-        self.manager.add_request(prompt, request_id=rid, max_new_tokens=max_tokens, streaming=True, eos_token_id=eos)
-        seen = 0
+        if self.manager.add_request(prompt, request_id=rid, max_new_tokens=max_tokens, streaming=True,
+                                    eos_token_id=eos) is None:
+            raise RuntimeError("transformers continuous batching refused the request (manager stopping)")
+        seen, finished = 0, False
         try:
-            while True:
-                out = await q.get()
-                if getattr(out, "error", None):
+            while not finished:
+                try:
+                    out = await asyncio.wait_for(q.get(), timeout=1.0)
+                except asyncio.TimeoutError:  # a dead generation thread delivers nothing: say so
+                    fatal = self.manager.background_thread_status.fatal_error
+                    if fatal is not None or not self.manager.is_running():
+                        raise RuntimeError(f"transformers generation thread stopped: {fatal!r}") from None
+                    continue
+                if out.error:
                     raise RuntimeError(f"transformers continuous batching: {out.error}")
                 toks = list(out.generated_tokens)
                 if len(toks) > seen:
                     yield toks[seen:]
                     seen = len(toks)
-                if out.is_finished():
-                    return
+                finished = out.is_finished()
         finally:
-            if seen < max_tokens:  # client gone or error: free its blocks
+            if not finished:  # client gone or error: free its blocks
                 self.manager.cancel_request(rid)
 
     def shutdown(self) -> None:
