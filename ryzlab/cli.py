@@ -17,6 +17,7 @@ EPILOG = """examples:
   ryzlab report results/demo                   aggregate ok runs into results/demo/report.html
   ryzlab generate --prompt "def f(" --tp 2     complete a prompt with the model split over 2 ranks
   ryzlab serve --tp 2 --workers 2              2 replicas of 2 tensor-parallel ranks behind the router
+  ryzlab loadgen --url http://127.0.0.1:8000/v1 --rate 4 --out results/lg   benchmark any OpenAI endpoint
 """
 
 
@@ -128,8 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=_cmd_info)
 
     from .serve.cli import add_parser as add_serve_parser
+    from .serve.loadgen_cli import add_parser as add_loadgen_parser
 
     add_serve_parser(sub)
+    add_loadgen_parser(sub)
     _add_generate_parser(sub)
     return p
 

@@ -101,7 +101,7 @@ def test_trace_round_trip(tmp_path):
 
 def test_metrics_definitions():
     r = RequestRecord(index=0, scheduled_s=10.0, sent_s=10.5, prompt_tokens=4,
-                      token_times_s=[11.0, 11.1, 11.3], finish_s=11.3)
+                      token_times_s=[11.0, 11.1, 11.3], chunks=3, finish_s=11.3)
     s = summarize([r], duration_s=2.0, slo="ttft:500")
     assert s["ttft_ms_p50"] == pytest.approx(1000.0)   # from the scheduled time, not the send
     assert s["tpot_ms_p50"] == pytest.approx(150.0)
@@ -121,3 +121,25 @@ def test_unanswered_requests_are_reported_lost():
     res = asyncio.run(run_load(LoadSpec(arrival="closed", concurrency=2, num_requests=4), client, timeout_s=0.5))
     s = res.summary()
     assert s["requests_lost"] == 1 and s["requests_completed"] == 3
+
+
+def test_max_rate_search_doubles_then_bisects():
+    from ryzlab.serve.loadgen import max_rate_search
+
+    seen = []
+
+    def trial(rate):
+        seen.append(rate)
+        return {"rate": rate}
+
+    good, bad, trials = max_rate_search(trial, lambda s: s["rate"] <= 11, start_rate=2, max_rate=256, min_rate=0.25,
+                                        bisect=2)
+    assert seen == [2, 4, 8, 16, 12, 10] and (good, bad) == (10, 12)
+    assert [ok for _, _, ok in trials] == [True, True, True, False, False, True]
+    # the start rate already fails: search downwards; nothing holds at all: None
+    good, bad, _ = max_rate_search(trial, lambda s: s["rate"] <= 1, start_rate=4, max_rate=8, min_rate=0.25, bisect=1)
+    assert (good, bad) == (1, 1.5)
+    good, bad, trials = max_rate_search(trial, lambda s: False, start_rate=1, max_rate=8, min_rate=0.25)
+    assert good is None and bad == 0.25 and len(trials) == 3
+    with pytest.raises(ValueError, match="min_rate <= start_rate"):
+        max_rate_search(trial, bool, start_rate=0, max_rate=8, min_rate=0.25)

@@ -12,6 +12,17 @@ worker), offers an open-loop load from the load generator, and returns tidy rows
 
 ``device`` is where the engines ran (``cpu`` here); the seed's targets are judged on it in
 :mod:`ryzlab.plots.serving`, never projected.
+
+What is measured (the ``engine`` and ``via`` columns say which):
+
+* default: ryzlab's router and engines, driven in-process (``via='in-process'``);
+* ``engine='transformers'``: the peer, transformers' continuous batching on the same weights
+  (:mod:`ryzlab.serve.peer`), started as a server process and driven over HTTP;
+* ``endpoint='http://host:port/v1'``: any OpenAI-compatible server already running (vLLM,
+  SGLang, llama.cpp, ``ryzlab serve``); nothing is started, ``device='remote'``.
+
+Over HTTP, prompts are text sized from the server's own token counts and TPOT uses the
+server's ``usage`` (see :mod:`ryzlab.serve.client`); the probe's findings are columns too.
 """
 from __future__ import annotations
 
@@ -34,6 +45,7 @@ __all__ = ["Config", "run"]
 log = logging.getLogger(__name__)
 
 Fault = Literal["none", "kill"]
+EngineName = Literal["ryzlab", "transformers"]
 OpenArrival = Literal["poisson", "gamma", "closed"]
 Preemption = Literal["recompute", "swap"]
 
@@ -75,6 +87,16 @@ class Config:
     (measures ``worker_restart_s``; 0 = do not wait)."""
     seed: int = 0
     timeout_s: float = 120.0
+    engine: EngineName = "ryzlab"
+    """Which engine to start: ryzlab's (router, in-process load) or ``transformers`` (the peer:
+    its continuous batching on the same checkpoint, a server process measured over HTTP)."""
+    endpoint: str = ""
+    """An OpenAI-compatible base URL (``http://host:port/v1``) to measure instead of starting an
+    engine; empty = start one (``engine``)."""
+    served_model: str = ""
+    """Model name at ``endpoint`` (empty: the first of its ``GET /models``)."""
+    api: str = "completions"
+    """``completions`` or ``chat`` (over HTTP only)."""
 
     def __post_init__(self) -> None:
         from ..config import CODECS
@@ -88,7 +110,24 @@ class Config:
         check_choice("arrival", self.arrival, tuple(a for a in ARRIVALS if a != "trace"))
         check_choice("preemption", self.preemption, PREEMPTIONS)
         check_choice("fault", self.fault, ("none", "kill"))
+        check_choice("engine", self.engine, ("ryzlab", "transformers"))
+        from ..serve.client import APIS
+
+        check_choice("api", self.api, APIS)
         parse_slo(self.slo)
+        if self.endpoint:
+            from ..serve.loadgen_cli import check_url
+
+            check_url(self.endpoint)
+        if self.endpoint or self.engine == "transformers":
+            what = f"endpoint={self.endpoint!r}" if self.endpoint else "engine='transformers'"
+            bad = [f"{k}={getattr(self, k)!r}" for k, ok in (("workers", 1), ("tp", 1), ("cp", 1), ("codec", "none"),
+                                                              ("fault", "none")) if getattr(self, k) != ok]
+            if self.endpoint and self.engine != "ryzlab":
+                bad.append(f"engine={self.engine!r} (an endpoint is measured, nothing is started)")
+            if bad:
+                raise ValueError(f"{what} measures one server as it is: {', '.join(bad)} cannot apply "
+                                 f"(leave workers=1, tp=1, cp=1, codec='none', fault='none')")
         for name in ("workers", "tp", "cp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -106,13 +145,49 @@ def _load_spec(c: Config):
                     shared_prefix_len=c.shared_prefix_len, seed=c.seed)
 
 
+def _max_model_len(c: Config) -> int:
+    return max(1024, c.shared_prefix_len + 4 * (c.prompt_len + c.output_len))
+
+
 def _device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _run_http(c: Config) -> pd.DataFrame:
+    """Measure an endpoint (or the transformers peer, started here) over HTTP."""
+    import contextlib
+
+    from ..serve.client import free_port, openai_client, probe_endpoint, serve_subprocess, served_models, server_argv
+    from ..serve.loadgen import run_load, run_sync
+
+    if c.endpoint:
+        server = contextlib.nullcontext(c.endpoint.rstrip("/"))
+        device = "remote"
+    else:
+        port = free_port()
+        server = serve_subprocess(server_argv(
+            "transformers", model=c.model, port=port, block_size=c.block_size, num_blocks=c.num_blocks,
+            max_num_seqs=c.max_num_seqs, max_model_len=_max_model_len(c), threads=1), port=port)
+        device = _device()
+    t_start = time.monotonic()
+    with server as url:
+        startup_s = time.monotonic() - t_start
+        model = c.served_model or served_models(url)[0]
+        profile = probe_endpoint(url, model, api=c.api)
+        result = run_sync(lambda: run_load(_load_spec(c), openai_client(profile), timeout_s=c.timeout_s))
+    engine = "transformers" if not c.endpoint else f"endpoint:{model}"
+    df = result.tidy(c.slo, bin_s=c.bin_s, device=device, engine=engine, via="http")
+    for k, v in profile.as_dict().items():
+        df.loc[df["kind"] == "summary", k] = v
+    df.loc[df["kind"] == "summary", "startup_s"] = startup_s
+    return df
+
+
 def run(config: Config) -> pd.DataFrame:
+    if config.endpoint or config.engine == "transformers":
+        return _run_http(config)
     from ..serve.loadgen import run_load, run_sync
     from ..serve.client import backend_client
     from ..serve.metrics import parse_slo
@@ -123,7 +198,7 @@ def run(config: Config) -> pd.DataFrame:
     engine_kwargs = {"model": c.model, "codec": c.codec, "block_size": c.block_size, "num_blocks": c.num_blocks,
                      "device": device, "tp": c.tp, "cp": c.cp,
                      "config": {"max_num_seqs": c.max_num_seqs, "preemption": c.preemption,
-                                "max_model_len": max(1024, c.shared_prefix_len + 4 * (c.prompt_len + c.output_len)),
+                                "max_model_len": _max_model_len(c),
                                 "max_num_batched_tokens": max(256, c.max_num_seqs)}}
     router = Router(workers=c.workers, policy=c.policy, engine_kwargs=engine_kwargs,
                     affinity_tokens=max(1, min(c.shared_prefix_len, 4 * c.block_size)) if c.shared_prefix_len
@@ -147,7 +222,6 @@ def run(config: Config) -> pd.DataFrame:
                 asyncio.get_running_loop().call_later(c.fault_at_s, router.kill_worker, 0)
             return await run_load(_load_spec(c), backend_client(router), timeout_s=c.timeout_s)
 
-        t0 = time.monotonic()
         result = run_sync(main)
         stop.set()
         sampler.join()
@@ -158,38 +232,26 @@ def run(config: Config) -> pd.DataFrame:
         metrics = router.metrics()
         events = list(router.events)
     slo = parse_slo(c.slo)
-    s = result.summary(slo)
-    s.update(kind="summary", device=device, startup_s=startup_s,
-             kv_cache_usage_perc=peak["kv_cache_usage_perc"],
-             preemptions=metrics.get("preemptions", 0),
-             prefix_cache_hit_rate=metrics.get("prefix_cache_hit_rate", math.nan),
-             requests_rerouted=metrics.get("rerouted", 0))
     kill_t = next((e["t"] for e in events if e["event"] == "kill"), None)
     det_t = next((e["t"] for e in events if e["event"] == "detected"), None)
     res_t = next((e["t"] for e in events if e["event"] == "restarted"), None)
-    s["time_to_detect_s"] = det_t - kill_t if kill_t is not None and det_t is not None else math.nan
-    s["worker_restart_s"] = res_t - kill_t if kill_t is not None and res_t is not None else math.nan
-    rows = [s]
-    # timeline of completions and goodput, relative to the start of the load
-    ends = np.array([r.finish_s - t0 for r in result.records if r.ok])
-    good = np.array([r.finish_s - t0 for r in result.records if slo.met_by(r)])
-    span = max([e for e in ends] + [0.0]) if ends.size else 0.0
-    nbins = max(1, int(math.ceil(span / c.bin_s)))
-    edges = np.arange(nbins + 1) * c.bin_s
-    done_hist = np.histogram(ends, edges)[0] if ends.size else np.zeros(nbins)
-    good_hist = np.histogram(good, edges)[0] if good.size else np.zeros(nbins)
-    kill_rel = kill_t - t0 if kill_t is not None else math.nan
-    for i in range(nbins):
-        rows.append({"kind": "timeline", "device": device, "t_s": float(edges[i]),
-                     "completed_per_s": done_hist[i] / c.bin_s, "goodput": good_hist[i] / c.bin_s,
-                     "fault_at_s": kill_rel})
+    df = result.tidy(slo, bin_s=c.bin_s, fault_t=kill_t, device=device, engine="ryzlab", via="in-process")
+    s = {"startup_s": startup_s, "kv_cache_usage_perc": peak["kv_cache_usage_perc"],
+         "preemptions": metrics.get("preemptions", 0),
+         "prefix_cache_hit_rate": metrics.get("prefix_cache_hit_rate", math.nan),
+         "requests_rerouted": metrics.get("rerouted", 0),
+         "time_to_detect_s": det_t - kill_t if kill_t is not None and det_t is not None else math.nan,
+         "worker_restart_s": res_t - kill_t if kill_t is not None and res_t is not None else math.nan}
+    rows = df[df["kind"] == "timeline"].to_dict("records")
+    kill_rel = kill_t - result.t0 if kill_t is not None else math.nan
     # recovery: first bin after the kill whose goodput is back to >= 80% of the pre-kill mean
     if kill_t is not None:
-        pre = [r["goodput"] for r in rows[1:] if r["t_s"] + c.bin_s <= kill_rel]
+        pre = [r["goodput"] for r in rows if r["t_s"] + c.bin_s <= kill_rel]
         base = float(np.mean(pre)) if pre else math.nan
-        after = [r for r in rows[1:] if r["t_s"] >= kill_rel]
+        after = [r for r in rows if r["t_s"] >= kill_rel]
         dip = min((r["goodput"] for r in after), default=math.nan)
         rec = next((r["t_s"] + c.bin_s - kill_rel for r in after if base > 0 and r["goodput"] >= 0.8 * base), math.nan)
         s.update(goodput_before_fault=base, goodput_dip=dip, time_to_recover_s=rec)
-    df = pd.DataFrame(rows)
+    for k, v in s.items():
+        df.loc[df["kind"] == "summary", k] = v
     return df

@@ -21,6 +21,8 @@ Modules (import what you need; nothing heavy is imported here):
 * :mod:`.protocol` OpenAI request bodies checked -> ``GenerationRequest``; :mod:`.output` text,
   stop strings, logprobs and OpenAI's response shapes; :mod:`.guard` Host / API key / content
   type / body size and time; :mod:`.prom` the Prometheus registry (vLLM's names, ``ryzlab:``).
-* :mod:`.client`   ``backend_client``, ``http_client``, ``serve_in_thread``.
+* :mod:`.client`   ``backend_client``, ``openai_client`` + ``probe_endpoint`` (any OpenAI-compatible
+  endpoint, text prompts, server-counted tokens), ``serve_in_thread``.
+* :mod:`.peer`     transformers' continuous batching behind the same OpenAI surface (the peer engine).
 * :mod:`.cli`      ``ryzlab serve``.
 """

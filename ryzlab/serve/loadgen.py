@@ -24,10 +24,11 @@ from typing import Any, AsyncIterator, Callable, Literal, get_args
 import numpy as np
 
 from ..config import check_choice
-from .metrics import RequestRecord, SLO, summarize
+from .metrics import COUNT_SOURCES, RequestRecord, SLO, Usage, records_frame, summarize
 
 __all__ = ["Arrival", "ARRIVALS", "LengthDist", "LENGTH_DISTS", "LoadSpec", "RequestSpec",
-           "make_requests", "load_trace", "write_trace", "run_load", "LoadResult", "Client", "run_sync"]
+           "make_requests", "load_trace", "write_trace", "run_load", "LoadResult", "Client", "run_sync",
+           "max_rate_search"]
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,10 @@ class RequestSpec:
     max_tokens: int
 
 
-Client = Callable[[RequestSpec], AsyncIterator[int]]
-"""Sends one request and yields the number of output tokens in each chunk as they arrive;
-raises to report a failed request (the error text is recorded, the run goes on)."""
+Client = Callable[[RequestSpec], AsyncIterator["int | Usage"]]
+"""Sends one request and yields the number of output tokens in each chunk as they arrive (1 per
+chunk when the stream carries text only), then optionally one :class:`~ryzlab.serve.metrics.Usage`
+with the server's counts; raises to report a failed request (the error is recorded, the run goes on)."""
 
 
 def _lengths(rng: np.random.Generator, dist: str, mean: int, n: int) -> np.ndarray:
@@ -199,6 +201,8 @@ class LoadResult:
     """Requests/s actually sent: (n - 1) / (last send - first send)."""
     duration_s: float
     extra: dict[str, Any] = field(default_factory=dict)
+    t0: float = 0.0
+    """Monotonic time the load started (request times in :meth:`frame` are relative to it)."""
 
     def summary(self, slo: SLO | str | None = None) -> dict[str, Any]:
         out = summarize(self.records, duration_s=self.duration_s, slo=slo)
@@ -207,13 +211,51 @@ class LoadResult:
         out.update(self.extra)
         return out
 
+    def frame(self) -> Any:
+        """One row per request (:func:`~ryzlab.serve.metrics.records_frame`)."""
+        return records_frame(self.records, self.t0)
+
+    def tidy(self, slo: SLO | str | None, *, bin_s: float = 0.5, fault_t: float | None = None,
+             **columns: Any) -> Any:
+        """The serving experiment's tidy rows: ``kind='summary'`` (one row: :meth:`summary` plus
+        ``columns``) and ``kind='timeline'`` (completed requests and goodput per ``bin_s`` seconds
+        since the load started; ``fault_at_s`` marks ``fault_t``, a monotonic time, when given)."""
+        import pandas as pd
+
+        from .metrics import parse_slo
+
+        slo = parse_slo(slo) if isinstance(slo, str) or slo is None else slo
+        s = {**self.summary(slo), "kind": "summary", **columns}
+        ends = np.array([r.finish_s - self.t0 for r in self.records if r.ok])
+        good = np.array([r.finish_s - self.t0 for r in self.records if slo.met_by(r)])
+        span = float(ends.max()) if ends.size else 0.0
+        nbins = max(1, int(math.ceil(span / bin_s)))
+        edges = np.arange(nbins + 1) * bin_s
+        done_hist = np.histogram(ends, edges)[0] if ends.size else np.zeros(nbins)
+        good_hist = np.histogram(good, edges)[0] if good.size else np.zeros(nbins)
+        fault_rel = fault_t - self.t0 if fault_t is not None else math.nan
+        rows = [s] + [{"kind": "timeline", **columns, "t_s": float(edges[i]), "completed_per_s": done_hist[i] / bin_s,
+                       "goodput": good_hist[i] / bin_s, "fault_at_s": fault_rel} for i in range(nbins)]
+        return pd.DataFrame(rows)
+
 
 async def _one(client: Client, req: RequestSpec, rec: RequestRecord) -> None:
     rec.sent_s = time.monotonic()
     try:
-        async for n in client(req):
+        async for item in client(req):
             now = time.monotonic()
-            rec.token_times_s.extend([now] * int(n))
+            if isinstance(item, Usage):
+                if item.source not in COUNT_SOURCES:
+                    raise AssertionError(f"client bug: count source {item.source!r} not in {COUNT_SOURCES}")
+                rec.count_source = item.source
+                if item.prompt_tokens is not None:
+                    rec.prompt_tokens = int(item.prompt_tokens)
+                if item.completion_tokens is not None and item.source == "usage":
+                    rec.usage_output_tokens = int(item.completion_tokens)
+                continue
+            if int(item) > 0:
+                rec.token_times_s.extend([now] * int(item))
+                rec.chunks += 1
         rec.finish_s = time.monotonic()
     except asyncio.CancelledError:
         rec.error = "cancelled: run deadline reached"
@@ -231,7 +273,8 @@ async def run_load(spec: LoadSpec, client: Client, *, requests: list[RequestSpec
     ``timeout_s`` bounds the whole run; requests still open then are recorded as failed.
     """
     reqs = requests if requests is not None else make_requests(spec)
-    records = [RequestRecord(index=r.index, scheduled_s=math.nan, prompt_tokens=len(r.prompt)) for r in reqs]
+    records = [RequestRecord(index=r.index, scheduled_s=math.nan, prompt_tokens=len(r.prompt),
+                             prompt_tokens_target=len(r.prompt), output_tokens_target=r.max_tokens) for r in reqs]
     t0 = time.monotonic()
 
     async def open_loop() -> None:
@@ -272,7 +315,7 @@ async def run_load(spec: LoadSpec, client: Client, *, requests: list[RequestSpec
     target = None if spec.arrival in ("closed",) else (
         spec.rate if spec.arrival != "trace" else
         ((len(reqs) - 1) / reqs[-1].arrival_s if len(reqs) > 1 and reqs[-1].arrival_s else math.nan))
-    return LoadResult(spec, records, target, achieved, duration)
+    return LoadResult(spec, records, target, achieved, duration, t0=t0)
 
 
 def run_sync(make_coro: Callable[[], Any]) -> Any:
@@ -301,3 +344,41 @@ def run_sync(make_coro: Callable[[], Any]) -> Any:
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def max_rate_search(trial: Callable[[float], dict[str, Any]], holds: Callable[[dict[str, Any]], bool], *,
+                    start_rate: float, max_rate: float, min_rate: float, bisect: int = 2
+                    ) -> tuple[float | None, float | None, list[tuple[float, dict[str, Any], bool]]]:
+    """Highest offered rate at which ``holds(trial(rate))``: doubling from ``start_rate`` until it
+    breaks (halving while the start rate already breaks, down to ``min_rate``), then ``bisect``
+    bisection steps between the last good and first bad rate.
+
+    Returns (highest good rate or None, first bad rate or None, every trial as (rate, summary, held)).
+    """
+    if not 0 < min_rate <= start_rate <= max_rate:
+        raise ValueError(f"need 0 < min_rate <= start_rate <= max_rate, got {min_rate}, {start_rate}, {max_rate}")
+    good: float | None = None
+    bad: float | None = None
+    trials: list[tuple[float, dict[str, Any], bool]] = []
+    rate = start_rate
+    while min_rate <= rate <= max_rate:
+        s = trial(rate)
+        ok = holds(s)
+        trials.append((rate, s, ok))
+        if ok:
+            good = rate
+            if bad is not None:
+                break
+            rate *= 2
+        else:
+            bad = rate
+            if good is not None:
+                break
+            rate /= 2
+    for _ in range(bisect if good is not None and bad is not None else 0):
+        mid = (good + bad) / 2
+        s = trial(mid)
+        ok = holds(s)
+        trials.append((mid, s, ok))
+        good, bad = (mid, bad) if ok else (good, mid)
+    return good, bad, trials

@@ -7,8 +7,13 @@ shows up as latency instead of silently lowering the offered load.
 Definitions (those of vLLM's ``benchmark_serving``):
 
 - ``ttft``: first output token time - scheduled time.
-- ``tpot``: (e2el - ttft) / (output_tokens - 1), per request (needs >= 2 output tokens).
-- ``itl``: every gap between consecutive output tokens, pooled over requests.
+- ``tpot``: (last token time - first token time) / (output_tokens - 1), per request (needs >= 2
+  output tokens). ``output_tokens`` is the server's count (``usage.completion_tokens``) when it
+  reports one, not the number of streamed chunks: a server that sends several tokens per chunk
+  still gets the right TPOT.
+- ``itl``: every gap between consecutive output tokens, pooled over requests -- only from
+  requests whose stream carried exactly one token per chunk (``itl_measurable``); a server whose
+  chunking hides token boundaries has no ITL, and the summary says so (``itl_measurable_frac``).
 - ``e2el``: last output token time - scheduled time.
 - ``goodput``: requests per second that completed *and* met every SLO given.
 """
@@ -20,11 +25,25 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RequestRecord", "SLO", "parse_slo", "summarize", "PERCENTILES", "LATENCY_METRICS"]
+__all__ = ["RequestRecord", "Usage", "COUNT_SOURCES", "SLO", "parse_slo", "summarize", "slo_table", "median_range",
+           "records_frame", "REQUEST_COLUMNS", "PERCENTILES", "LATENCY_METRICS"]
 
 PERCENTILES = (50, 90, 99)
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
 SLO_KEYS = ("ttft", "tpot", "itl", "e2el")
+COUNT_SOURCES = ("token_ids", "usage", "chunks")
+"""How a request's output tokens were counted: token ids in every chunk (exact), the server's
+``usage`` (exact), or one token per streamed chunk (a fallback: logged, and said in the rows)."""
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts a client learnt at the end of a request (a client yields it after its chunks)."""
+
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    source: str = "usage"
+    """One of :data:`COUNT_SOURCES`: where ``completion_tokens`` came from."""
 
 
 @dataclass(kw_only=True)
@@ -37,8 +56,19 @@ class RequestRecord:
     sent_s: float | None = None
     """When it was actually sent (>= scheduled_s; the gap is client-side queueing)."""
     prompt_tokens: int = 0
+    """Prompt tokens as the server counted them (``usage``) when it said; else the target below."""
+    prompt_tokens_target: int = 0
+    """Prompt tokens the load generator asked for."""
+    output_tokens_target: int = 0
+    """``max_tokens`` of the request."""
     token_times_s: list[float] = field(default_factory=list)
-    """Arrival time of every output token (a chunk of k tokens counts k times)."""
+    """Arrival time of every streamed output token (a chunk of k tokens counts k times)."""
+    chunks: int = 0
+    """Streamed chunks that carried output."""
+    usage_output_tokens: int | None = None
+    """The server's ``completion_tokens`` (None when it reported none)."""
+    count_source: str = "token_ids"
+    """How output tokens were counted (:data:`COUNT_SOURCES`)."""
     finish_s: float | None = None
     error: str | None = None
     """None when the request completed; the error text (HTTP status, worker death, ...) otherwise."""
@@ -52,7 +82,12 @@ class RequestRecord:
 
     @property
     def output_tokens(self) -> int:
-        return len(self.token_times_s)
+        return self.usage_output_tokens if self.usage_output_tokens is not None else len(self.token_times_s)
+
+    @property
+    def itl_measurable(self) -> bool:
+        """True when every streamed chunk carried exactly one token (gaps are inter-token latencies)."""
+        return self.ok and self.output_tokens >= 2 and self.chunks == self.output_tokens == len(self.token_times_s)
 
     @property
     def ttft_s(self) -> float | None:
@@ -74,8 +109,9 @@ class RequestRecord:
 
     @property
     def itl_s(self) -> list[float]:
+        """Inter-token gaps; empty unless :attr:`itl_measurable` (chunk gaps are not token gaps)."""
         t = self.token_times_s
-        return [b - a for a, b in zip(t, t[1:])]
+        return [b - a for a, b in zip(t, t[1:])] if self.itl_measurable else []
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,6 +168,12 @@ def parse_slo(text: str | None) -> SLO:
     return SLO(**values)
 
 
+def median_range(xs: list[float]) -> str:
+    """``'median [min, max]'`` of the finite values of repeated measurements (``'none'`` if none)."""
+    v = sorted(x for x in xs if x is not None and math.isfinite(x))
+    return f"{float(np.median(v)):.3g} [{v[0]:.3g}, {v[-1]:.3g}]" if v else "none"
+
+
 def _stats(name: str, values_s: list[float]) -> dict[str, float]:
     """mean / p50 / p90 / p99 in milliseconds (NaN when there is no sample)."""
     arr = np.asarray(values_s, dtype=float) * 1000.0
@@ -175,7 +217,68 @@ def summarize(records: list[RequestRecord], *, duration_s: float | None = None,
     out["slo"] = str(slo)
     out["goodput"] = good / dur
     out["slo_attainment"] = good / len(records) if records else math.nan
+    multi = [r for r in ok if r.output_tokens >= 2]
+    out["itl_measurable_frac"] = sum(r.itl_measurable for r in multi) / len(multi) if multi else math.nan
+    targeted = [r for r in ok if r.output_tokens_target > 0]
+    out["output_len_match_frac"] = (sum(r.output_tokens == r.output_tokens_target for r in targeted) / len(targeted)
+                                    if targeted else math.nan)
+    sources = sorted({r.count_source for r in ok})
+    out["count_source"] = "+".join(sources) if sources else ""
     sent = [r.sent_s for r in records if r.sent_s is not None]
     out["client_lag_ms_p99"] = (float(np.percentile([(r.sent_s - r.scheduled_s) * 1000 for r in records
                                                      if r.sent_s is not None], 99)) if sent else math.nan)
     return out
+
+
+def records_frame(records: list[RequestRecord], t0: float | None = None) -> "Any":
+    """One row per request (the ``requests.parquet`` of ``ryzlab loadgen --out``).
+
+    Latencies in ms (NaN where undefined: a failed request, TPOT of a one-token answer); times in
+    seconds since ``t0`` (default: the first scheduled time).
+    """
+    import pandas as pd
+
+    nan = math.nan
+    t0 = min((r.scheduled_s for r in records), default=0.0) if t0 is None else t0
+
+    def ms(x: float | None) -> float:
+        return x * 1000.0 if x is not None else nan
+
+    rows = [{
+        "index": r.index, "ok": r.ok, "error": r.error or "", "lost": r.lost,
+        "ttft_ms": ms(r.ttft_s if r.ok else None), "tpot_ms": ms(r.tpot_s), "e2el_ms": ms(r.e2el_s),
+        "itl_ms_max": ms(max(r.itl_s)) if r.itl_s else nan, "itl_measurable": r.itl_measurable,
+        "prompt_tokens": r.prompt_tokens, "prompt_tokens_target": r.prompt_tokens_target,
+        "output_tokens": r.output_tokens, "output_tokens_target": r.output_tokens_target,
+        "chunks": r.chunks, "count_source": r.count_source,
+        "scheduled_s": r.scheduled_s - t0,
+        "send_lag_ms": ms(r.sent_s - r.scheduled_s) if r.sent_s is not None else nan,
+        "finish_s": r.finish_s - t0 if r.finish_s is not None else nan,
+        "worker": r.worker if r.worker is not None else -1,
+    } for r in records]
+    return pd.DataFrame(rows, columns=list(REQUEST_COLUMNS))
+
+
+REQUEST_COLUMNS = ("index", "ok", "error", "lost", "ttft_ms", "tpot_ms", "e2el_ms", "itl_ms_max", "itl_measurable",
+                   "prompt_tokens", "prompt_tokens_target", "output_tokens", "output_tokens_target", "chunks",
+                   "count_source", "scheduled_s", "send_lag_ms", "finish_s", "worker")
+"""Columns of :func:`records_frame`, in order."""
+
+
+def slo_table(summary: dict[str, Any], slo: SLO | str | None) -> "Any":
+    """One row per SLO item: the p99 measured against the limit, met or not, and the share of
+    requests that met *every* item (``slo_attainment``); p99 is the field's usual SLO statistic."""
+    import pandas as pd
+
+    slo = parse_slo(slo) if isinstance(slo, str) or slo is None else slo
+    rows = []
+    for key in SLO_KEYS:
+        limit = getattr(slo, key)
+        if limit is None:
+            continue
+        p99 = summary.get(f"{key}_ms_p99", math.nan)
+        rows.append({"metric": f"{key}_ms", "limit_ms": limit, "p99_ms": p99,
+                     "p99_met": bool(p99 < limit) if not math.isnan(p99) else False,
+                     "slo_attainment": summary.get("slo_attainment", math.nan),
+                     "goodput": summary.get("goodput", math.nan)})
+    return pd.DataFrame(rows, columns=["metric", "limit_ms", "p99_ms", "p99_met", "slo_attainment", "goodput"])
