@@ -61,7 +61,7 @@ def kv_compression(df: pd.DataFrame) -> list[dict]:
     best = ok.sort_values("ratio_vs_bf16").iloc[0]
     return [_row(f"smallest KV cache within {budget}",
                  f"{best['layout']}: {sig3(best['ratio_vs_bf16'])}× the bf16 bytes "
-                 f"({human_bytes(best['kv_bytes_per_token'])}/token), perplexity {100 * best["rel_ppl"]:+.3g}%"
+                 f"({human_bytes(best['kv_bytes_per_token'])}/token), perplexity {100 * best['rel_ppl']:+.3g}%"
                  + (f", KL {sig3(best['kl_per_token'])} nats/token" if "kl_per_token" in best else ""),
                  f"bytes computed from the ledger; accuracy measured, device={dev}")]
 
