@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fail-on-regression", action="store_true", help="exit 1 when a regression is flagged (for CI)")
     c.add_argument("--min-change", type=float, default=0.05,
                    help="smallest relative change worth flagging (default 0.05 = 5%%)")
-    c.add_argument("--confidence", type=float, default=0.95, help="confidence of the interval (default 0.95)")
+    c.add_argument("--confidence", type=float, default=0.99, help="confidence of the interval (default 0.99)")
     c.add_argument("--html", help="where to write the HTML table (default B/compare-<A name>.html)")
     c.set_defaults(fn=_cmd_compare)
 

@@ -8,7 +8,7 @@ repeats of a point are pooled) plus the label columns of their samples (layout, 
 the experiment. For each metric the statistic is median(B) / median(A); its confidence interval
 comes from resampling the steps of A and of B independently with replacement (percentile
 bootstrap, as pyperf and asv do). A metric is flagged when the interval excludes 1 *and* the
-change is at least ``min_change`` (asv's ``--factor`` idea: a real but tiny shift on a busy
+change is at least ``min_change`` (default: 99% interval, 5% change; asv's ``--factor`` idea: a real but tiny shift on a busy
 machine is not worth a red light). Whether a flagged change is a regression depends on the
 metric's direction (times and errors: lower is better; rates and throughput: higher is better);
 a metric whose direction is unknown counts as a regression when flagged, so CI never misses it.
@@ -82,7 +82,7 @@ def _label(params: dict, labels: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in {**params, **labels}.items())
 
 
-def bootstrap_ratio(a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, confidence: float = 0.95,
+def bootstrap_ratio(a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, confidence: float = 0.99,
                     seed: int = 0) -> tuple[float, float, float]:
     """median(b)/median(a) and its percentile-bootstrap interval (steps resampled with replacement)."""
     rng = np.random.default_rng(seed)
@@ -113,7 +113,7 @@ class Comparison:
         return self.table[self.table["verdict"] != "within noise"]
 
 
-def compare(a: str | Path, b: str | Path, *, min_change: float = 0.05, confidence: float = 0.95,
+def compare(a: str | Path, b: str | Path, *, min_change: float = 0.05, confidence: float = 0.99,
             n_boot: int = 2000) -> Comparison:
     """Match the points of sweeps ``a`` and ``b`` and judge every sampled metric (see module doc)."""
     if not 0 < confidence < 1:
@@ -148,7 +148,7 @@ def compare(a: str | Path, b: str | Path, *, min_change: float = 0.05, confidenc
                       only_a=only(ga, gb), only_b=only(gb, ga))
 
 
-def terminal_table(c: Comparison, confidence: float = 0.95) -> str:
+def terminal_table(c: Comparison, confidence: float = 0.99) -> str:
     """Fixed-width text for the terminal: one line per metric, flagged ones marked."""
     from .plots import sig3
 

@@ -16,9 +16,11 @@ import html
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +103,8 @@ def load_sweep(sweep_dir: str | Path) -> SweepData:
         status = row.get("status")
         if run_dir is None:
             status, row = "failed", {**row, "error": "BadRunId",
-                                     "message": "the manifest names a run folder that is not a plain folder name"}
+                                     "message": "the manifest names a run folder that is not a plain folder name "
+                                                f"(its status: {row.get('status')}; its message: {row.get('message')})"}
         elif status == "ok" and not (run_dir / "metrics.parquet").is_file():
             status, row = "failed", {**row, "error": "MissingMetrics", "message": "metrics.parquet is missing"}
         notebook = f"{run_id}/run.ipynb" if run_dir is not None and (run_dir / "run.ipynb").is_file() else None
@@ -182,6 +185,23 @@ def ensure_alt(page: str) -> str:
     return _IMG_NO_ALT.sub('<img alt="figure of this section (no description given by its plot code)" ', page)
 
 
+@contextmanager
+def _kernel_imports_this_ryzlab():
+    """The kernel imports the ryzlab this process runs (and PYTHONPATH entries as absolute
+    paths): relative entries would otherwise resolve against the kernel's working directory."""
+    old = os.environ.get("PYTHONPATH")
+    here = str(Path(__file__).resolve().parent.parent)
+    entries = [str(Path(e).resolve()) for e in (old or "").split(os.pathsep) if e]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([here, *entries]))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
 def build_report(sweep_dir: str | Path, *, kernel_name: str = KERNEL_NAME,
                  notebook: str | Path = NOTEBOOK_DIR / "report.ipynb") -> Path:
     """Aggregate, execute the report notebook, export offline HTML; returns the HTML path."""
@@ -196,8 +216,9 @@ def build_report(sweep_dir: str | Path, *, kernel_name: str = KERNEL_NAME,
     # the kernel's working directory is on its sys.path: an empty folder, never the results
     work = Path(tempfile.mkdtemp(prefix="ryzlab-report-"))
     try:
-        pm.execute_notebook(str(notebook), str(executed), parameters={"sweep_dir": str(sweep_dir)},
-                            kernel_name=kernel_name, progress_bar=False, cwd=str(work))
+        with _kernel_imports_this_ryzlab():
+            pm.execute_notebook(str(notebook), str(executed), parameters={"sweep_dir": str(sweep_dir)},
+                                kernel_name=kernel_name, progress_bar=False, cwd=str(work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     nb = nbformat.read(executed, as_version=4)

@@ -73,7 +73,10 @@ def human(value: Any, column: str = "") -> str:
 
 def format_frame(df: pd.DataFrame) -> pd.DataFrame:
     """Every cell formatted by :func:`human` (a copy; strings)."""
-    return pd.DataFrame({c: [human(v, str(c)) for v in df[c]] for c in df.columns}, index=df.index)
+    out = df.copy()
+    for i, c in enumerate(df.columns):
+        out.isetitem(i, [human(v, str(c)) for v in df.iloc[:, i]])
+    return out
 
 
 # ----------------------------------------------------------------------------- HTML
