@@ -33,12 +33,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="folder for the two sweeps (default: a temp dir)")
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--reuse", action="store_true", help="compare the sweeps already in --out (no new runs)")
     args = ap.parse_args()
     root = Path(args.out or tempfile.mkdtemp(prefix="compare-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     spec = root / "cmp.yaml"
     spec.write_text(yaml.safe_dump(SPEC))
-    for side in ("A", "B"):
+    for side in ("A", "B") if not args.reuse else ():
         s = run_sweep(spec, jobs=args.jobs, out=root / side, progress=False)
         print(*s.lines(), sep="\n")
 

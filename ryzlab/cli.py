@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="B vs A per metric with bootstrap intervals; flags changes beyond noise",
                        description="Match the points of two sweeps by parameters; per metric with per-step samples, "
                                    "median(B)/median(A) with a bootstrap confidence interval. A change is flagged when "
-                                   "the interval excludes 1 and it is at least --min-change.")
+                                   "the whole interval lies beyond --min-change.")
     c.add_argument("a", help="baseline sweep folder, e.g. results/A")
     c.add_argument("b", help="sweep folder to judge against it, e.g. results/B")
     c.add_argument("--fail-on-regression", action="store_true", help="exit 1 when a regression is flagged (for CI)")

@@ -7,9 +7,9 @@ Points are matched by their parameters (the manifest's ``params``, without ``rep
 repeats of a point are pooled) plus the label columns of their samples (layout, dtype...), and
 the experiment. For each metric the statistic is median(B) / median(A); its confidence interval
 comes from resampling the steps of A and of B independently with replacement (percentile
-bootstrap, as pyperf and asv do). A metric is flagged when the interval excludes 1 *and* the
-change is at least ``min_change`` (default: 99% interval, 5% change; asv's ``--factor`` idea: a real but tiny shift on a busy
-machine is not worth a red light). Whether a flagged change is a regression depends on the
+bootstrap, as pyperf and asv do). A metric is flagged when the whole interval lies beyond
+``min_change`` (B/A above 1 + min_change or below 1 / (1 + min_change); defaults: 99% interval,
+5%): the change is real *and* big enough to matter (asv's ``--factor`` idea). Whether a flagged change is a regression depends on the
 metric's direction (times and errors: lower is better; rates and throughput: higher is better);
 a metric whose direction is unknown counts as a regression when flagged, so CI never misses it.
 
@@ -129,7 +129,8 @@ def compare(a: str | Path, b: str | Path, *, min_change: float = 0.05, confidenc
         va, vb = ga[k]["value"].to_numpy(), gb[k]["value"].to_numpy()
         ratio, lo, hi = bootstrap_ratio(va, vb, n_boot=n_boot, confidence=confidence)
         d = direction(k[2])
-        beyond = (lo > 1 or hi < 1) and abs(ratio - 1) >= min_change
+        # confident that the change is at least min_change: the whole interval lies beyond it
+        beyond = lo > 1 + min_change or hi < 1 / (1 + min_change)
         if not beyond:
             verdict = "within noise"
         elif d == 0:
@@ -187,5 +188,5 @@ def html_page(c: Comparison, *, min_change: float, confidence: float) -> str:
             "border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}</style></head><body>"
             f"<h1>ryzlab compare</h1><p>A = {esc(str(c.a))}<br>B = {esc(str(c.b))}</p>"
             f"<p>{len(c.table)} metrics with samples in both; {len(c.regressions)} regressions. A metric is "
-            f"flagged when its {confidence:.0%} percentile-bootstrap interval of median(B)/median(A) excludes 1 "
-            f"and the change is at least {min_change:.0%}.</p>{body}{extra}</body></html>")
+            f"flagged when its {confidence:.0%} percentile-bootstrap interval of median(B)/median(A) lies wholly "
+            f"beyond a {min_change:.0%} change.</p>{body}{extra}</body></html>")

@@ -18,6 +18,7 @@ import pandas as pd
 from .config import ConfigError
 from .plots import figure_alt, plot_series, sig3, table_html, wide_range
 from .report import load_sweep
+from .sweep import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ MAX_FILTER_VALUES = 30
 def find_sweeps(results_dir: str | Path) -> dict[str, Path]:
     """name -> folder: ``results_dir`` itself when it is a sweep, else every sweep directly in it."""
     root = Path(results_dir)
+    if not root.is_absolute() and not root.is_dir() and (REPO_ROOT / root).is_dir():
+        root = REPO_ROOT / root  # a notebook run from notebooks/ with results_dir="results"
     if (root / "manifest.jsonl").is_file():
         return {root.resolve().name: root}
     found = {p.parent.name: p.parent for p in sorted(root.glob("*/manifest.jsonl"))}

@@ -139,6 +139,33 @@ def appendix_html(data: SweepData) -> str:
     return "\n".join(parts)
 
 
+def repeat_spread(df: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Points run ``repeat: N`` times: per point (its parameters without ``repeat``) and timing
+    metric, the median of each repeat's median, the lowest and highest of them, and
+    (highest - lowest) / median."""
+    from .samples import TIMING
+
+    if "repeat" not in df.columns or df["repeat"].nunique() < 2:
+        return pd.DataFrame()
+    def point(params: str) -> str:
+        p = {k: v for k, v in json.loads(params).items() if k != "repeat"}
+        return ", ".join(f"{k}={v}" for k, v in sorted(p.items()))
+    labels = {r.run_id: point(r.params) for r in runs.itertuples()}
+    df = df.assign(point=df["run_id"].map(labels))
+    timings = [c for c in df.select_dtypes("number").columns if TIMING.search(c)]
+    rows = []
+    for metric in timings:
+        per = df.groupby(["point", "repeat"], dropna=False)[metric].median().reset_index()
+        agg = per.groupby("point", dropna=False)[metric].agg(["median", "min", "max", "count"]).reset_index()
+        agg.insert(1, "metric", metric)
+        rows.append(agg.rename(columns={"count": "repeats"}))
+    if not rows:
+        return pd.DataFrame()
+    out = pd.concat(rows, ignore_index=True)
+    out["spread"] = (out["max"] - out["min"]) / out["median"]
+    return out[out["repeats"] > 1].reset_index(drop=True)
+
+
 def render(sweep_dir: str | Path) -> SweepData:
     """Display the whole report in the running notebook; returns the loaded sweep."""
     data = load_sweep(sweep_dir)
@@ -147,6 +174,10 @@ def render(sweep_dir: str | Path) -> SweepData:
         show_html(f"<h2 id='{section_id(experiment)}'>{_esc(experiment)}</h2>")
         try:
             report_section(experiment, df)
+            spread = repeat_spread(df, data.runs)
+            if len(spread):
+                show_html(table_html(spread, "Spread over repeats: each repeat's median, then their median, lowest, "
+                                             "highest and (highest - lowest) / median"))
         except Exception as e:  # noqa: BLE001 - one section's plot bug must not cost the whole report
             log.exception("section %s failed", experiment)
             show_html(f"<p><b>This section could not be drawn</b>: {_esc(type(e).__name__)}: {_esc(e)}. "

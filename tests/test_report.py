@@ -214,3 +214,50 @@ def test_explorer_builds_and_follows_widget_changes(tmp_path):
     assert "achieved_gbps" in ex.data.columns and "achieved_gbps (max)" in ex.alt
     with pytest.raises(Exception, match="not a sweep folder"):
         ryzlab.explore(tmp_path / "empty-nothing")
+
+
+# ----------------------------------------------------------------------------- a real sweep
+@pytest.mark.timeout(600)
+def test_real_sweep_with_failed_and_timed_out_points_reports(tmp_path):
+    """ryzlab sweep with a point that raises and one killed by --timeout, then ryzlab report:
+    the report is built, lists both, and links the timed-out point's partial notebook."""
+    import yaml
+
+    from ryzlab.sweep import run_sweep
+
+    fixtures = Path(__file__).parent / "fixtures"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"name": "rough", "experiments": [
+        {"notebook": "attention_bench", "grid": {"context": [16, 32]},
+         "fixed": {"iters": 3, "warmup": 0, "copy_mib": 1, "batch": 1, "threads": 1}},
+        {"notebook": str(fixtures / "points.ipynb"), "zip": {"x": [1, 2, 3], "sleep_s": [0.0, 0.0, 600.0]},
+         "fixed": {"fail_at": 2}}]}))
+    out = tmp_path / "rough"
+    summary = run_sweep(spec, jobs=2, out=out, timeout=60, progress=False)
+    assert (summary.ok, summary.failed, summary.timeout) == (3, 1, 1)
+    data = load_sweep(out)
+    timed_out = data.runs[data.runs["status"] == "timeout"].iloc[0]
+    assert timed_out["notebook"] == f"{timed_out['run_id']}/run.ipynb", "the partial notebook is kept"
+    assert not (out / timed_out["run_id"] / "metrics.parquet").exists()
+    assert (out / timed_out["run_id"] / "samples.parquet").exists() is False
+    for run_id in data.runs.loc[data.runs["experiment"] == "attention_bench", "run_id"]:
+        s = pd.read_parquet(out / run_id / "samples.parquet")
+        assert set(s["metric"]) == {"attn_us"} and len(s) == 3 and {"context", "dtype"} <= set(s.columns)
+    page = build_report(out).read_text()
+    assert f'href="{timed_out["run_id"]}/run.ipynb"' in page and "partial" in page
+    assert "boom at x=2" in page and "1 failed, 1 timed out" in page
+
+
+def test_repeat_spread_per_point():
+    from ryzlab.report_page import repeat_spread
+
+    df = pd.DataFrame({"run_id": ["a"] * 3 + ["a2"] * 3 + ["b"] * 3 + ["b2"] * 3, "context": [64] * 6 + [128] * 6,
+                       "repeat": [0] * 3 + [1] * 3 + [0] * 3 + [1] * 3, "sample": [0, 1, 2] * 4,
+                       "attn_us": [10, 11, 12, 20, 21, 22, 5, 5, 5, 6, 6, 6.0], "kv_bytes": 1})
+    runs = pd.DataFrame({"run_id": ["a", "a2", "b", "b2"],
+                         "params": [json.dumps({"context": c, "repeat": r}) for c in (64, 128) for r in (0, 1)]})
+    s = repeat_spread(df, runs).set_index("point")
+    assert list(s["metric"]) == ["attn_us", "attn_us"]  # kv_bytes is not a timing
+    assert s.loc["context=64", ["median", "min", "max", "repeats"]].tolist() == [16.0, 11.0, 21.0, 2]
+    assert s.loc["context=128", "spread"] == pytest.approx(1 / 5.5)
+    assert repeat_spread(df.drop(columns="repeat"), runs).empty
