@@ -145,7 +145,12 @@ def compare(a: str | Path, b: str | Path, *, min_change: float = 0.05, confidenc
                                 ((k, g["label"].iloc[0]) for k, g in x.items()) if (e, p, m) not in y})
     cols = ["experiment", "point", "metric", "a_median", "b_median", "b_over_a", "ci_low", "ci_high", "n_a", "n_b",
             "better", "verdict"]
-    return Comparison(a=Path(a), b=Path(b), table=pd.DataFrame(rows, columns=cols),
+    table = pd.DataFrame(rows, columns=cols)
+    for exp, idx in table.groupby("experiment").groups.items():  # show only what tells points apart
+        parts = [lab.split(", ") for lab in table.loc[idx, "point"]]
+        common = set.intersection(*map(set, parts)) if len(parts) > 1 else set()
+        table.loc[idx, "point"] = [", ".join(p for p in ps if p not in common) or "(one point)" for ps in parts]
+    return Comparison(a=Path(a), b=Path(b), table=table,
                       only_a=only(ga, gb), only_b=only(gb, ga))
 
 
@@ -185,7 +190,8 @@ def html_page(c: Comparison, *, min_change: float, confidence: float) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>ryzlab compare: {esc(c.b.name)} vs "
             f"{esc(c.a.name)}</title><style>body{{font-family:sans-serif;margin:24px}}"
             ".ryz-table{border-collapse:collapse;font-size:13px}.ryz-table td,.ryz-table th{padding:3px 8px;"
-            "border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}</style></head><body>"
+            "border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}.ryz-table td:nth-child(-n+3),"
+            ".ryz-table th:nth-child(-n+3){text-align:left}</style></head><body>"
             f"<h1>ryzlab compare</h1><p>A = {esc(str(c.a))}<br>B = {esc(str(c.b))}</p>"
             f"<p>{len(c.table)} metrics with samples in both; {len(c.regressions)} regressions. A metric is "
             f"flagged when its {confidence:.0%} percentile-bootstrap interval of median(B)/median(A) lies wholly "

@@ -160,7 +160,7 @@ def failures_html(data: SweepData) -> str:
                     f'<br><small>{"partial " if r.status == "timeout" else ""}notebook</small>')
         else:
             link = f"{_text(r.run_id)}<br><small>no notebook saved</small>"
-        cell = "" if missing(r.cell) else r.cell
+        cell = "" if missing(r.cell) else int(r.cell) if float(r.cell).is_integer() else r.cell
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in (
             link, _text(r.experiment), _text(r.status), _text(r.error), _text(r.message, 500), _text(cell),
             _text(r.params))) + "</tr>")

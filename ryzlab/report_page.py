@@ -25,6 +25,7 @@ CSS = """<style>
 .ryz-table th,.ryz-table td{vertical-align:top;border-bottom:1px solid #ddd;padding:3px 8px;text-align:right;white-space:nowrap}
 .ryz-table th{background:#f3f3f3}
 .ryz-table td:first-child,.ryz-table th:first-child{text-align:left}
+.ryz-table.ryz-left td,.ryz-table.ryz-left th{text-align:left !important}
 .ryz-table.ryz-summary td,.ryz-table.ryz-summary th{white-space:normal;text-align:left !important;max-width:560px}
 .ryz-banner{border-left:4px solid #2a6;background:#f4faf6;padding:6px 12px;margin:8px 0}
 .ryz-banner.sim{border-color:#c80;background:#fff8ec}
@@ -106,7 +107,8 @@ def environment(data: SweepData) -> pd.DataFrame:
             "torch_threads", "jobs", "python", "torch", "platform", "host", "git_sha", "git_dirty"]
     rows = []
     for k in keys + sorted({k for e in envs for k in e} - set(keys) - {"packages", "start", "end", "run_id"}):
-        vals = list(dict.fromkeys(json.dumps(e[k], default=str) if not isinstance(e[k], str) else e[k]
+        vals = list(dict.fromkeys("none" if e[k] is None else e[k] if isinstance(e[k], str) else
+                                  ", ".join(map(str, e[k])) if isinstance(e[k], list) else json.dumps(e[k], default=str)
                                   for e in envs if k in e))
         if vals:
             rows.append({"item": k, "value": "; ".join(vals)})
@@ -130,7 +132,7 @@ def appendix_html(data: SweepData) -> str:
     spec = data.spec_text
     parts = ["<h2 id='appendix'>Appendix: spec and environment</h2>", "<h3>Spec</h3>",
              f"<pre class='ryz-spec'>{html.escape(spec)}</pre>" if spec else "<p>no spec.yaml in this sweep folder</p>",
-             "<h3>Environment (every distinct value recorded by the runs)</h3>", table_html(environment(data))]
+             "<h3>Environment (every distinct value recorded by the runs)</h3>", table_html(environment(data), left=True)]
     o = data.runs.dropna(subset=["overhead_s"]) if len(data.runs) else data.runs
     if len(o):
         parts.append(f"<p>Per-point sweep overhead (kernel start, parameter injection, imports, saving): mean "

@@ -80,10 +80,10 @@ def format_frame(df: pd.DataFrame) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- HTML
-def table_html(df: pd.DataFrame, caption: str | None = None, *, escape_cells: bool = True) -> str:
-    """Escaped HTML table in a sideways-scrolling box; ``escape_cells=False`` only for cells the
-    caller built and escaped itself (links)."""
-    body = format_frame(df).to_html(index=False, escape=escape_cells, border=0, classes="ryz-table")
+def table_html(df: pd.DataFrame, caption: str | None = None, *, left: bool = False) -> str:
+    """Escaped HTML table in a sideways-scrolling box; ``left`` aligns every column left (text)."""
+    body = format_frame(df).to_html(index=False, escape=True, border=0,
+                                    classes="ryz-table ryz-left" if left else "ryz-table")
     cap = f"<p class='ryz-caption'><b>{html.escape(caption)}</b></p>" if caption else ""
     return f"{cap}<div class='ryz-scroll' style='overflow-x:auto;max-width:100%'>{body}</div>"
 

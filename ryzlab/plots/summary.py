@@ -128,7 +128,8 @@ def key_results(experiment: str, df: pd.DataFrame) -> list[dict]:
     row saying so when the experiment's rows lack what its summary needs."""
     fn = KEY_RESULTS.get(experiment)
     if fn is None:
-        return [_row("rows", f"{len(df)} rows from {df['run_id'].nunique() if 'run_id' in df else '?'} points",
+        n = df["run_id"].nunique() if "run_id" in df else 0
+        return [_row("rows", f"{len(df)} rows from {n} point{'s' if n != 1 else ''}",
                      "as written by the notebook")]
     try:
         return fn(df)
