@@ -261,3 +261,35 @@ def test_repeat_spread_per_point():
     assert s.loc["context=64", ["median", "min", "max", "repeats"]].tolist() == [16.0, 11.0, 21.0, 2]
     assert s.loc["context=128", "spread"] == pytest.approx(1 / 5.5)
     assert repeat_spread(df.drop(columns="repeat"), runs).empty
+
+
+@pytest.mark.timeout(300)
+def test_explore_notebook_opens_the_explorer(tmp_path):
+    """notebooks/explore.ipynb, run by a real kernel, outputs the widget (a widget view)."""
+    import nbformat
+    import papermill as pm
+
+    make_sweep(tmp_path / "results" / "A", grid(1, n_points=2))
+    nb_path = Path(__file__).resolve().parent.parent / "notebooks" / "explore.ipynb"
+    out = tmp_path / "explore.ipynb"
+    pm.execute_notebook(str(nb_path), str(out), parameters={"results_dir": str(tmp_path / "results")},
+                        kernel_name="ryzlab", progress_bar=False, cwd=str(tmp_path))
+    outputs = [o for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+    assert not any(o.get("output_type") == "error" for o in outputs)
+
+
+def test_page_of_a_sweep_where_every_point_failed(tmp_path, monkeypatch):
+    import ryzlab.report_page as page
+
+    root = tmp_path / "allbad"
+    root.mkdir()
+    append_jsonl(root / "manifest.jsonl", {"run_id": "points-1", "experiment": "points", "status": "timeout",
+                                           "error": "Timeout", "message": "killed", "params": {"x": 1}})
+    shown: list[str] = []
+    monkeypatch.setattr(page, "show_html", shown.append)
+    data = page.render(root)
+    text = "".join(shown)
+    assert data.metrics.empty and "no ok points" in text and "points-1" in text and "0 ok, 0 failed, 1 timed out" in text
+    assert "no spec.yaml" in text and "not recorded by this sweep" in text
+    write_parquet(tmp_path / "aggregate.parquet", data.metrics)  # what build_report writes first

@@ -153,7 +153,7 @@ def plot_series(ax: Any, x: Any, y: Any, label: str, *, simulated: bool = False,
 def from_zero(ax: Any) -> None:
     """Ratio and throughput axes start at zero so a flat result looks flat."""
     top = ax.get_ylim()[1]
-    ax.set_ylim(0, top if top > 0 else 1)
+    ax.set_ylim(0, top * 1.12 if top > 0 else 1)  # headroom for value labels and the legend
 
 
 def wide_range(values: Any, factor: float = 20.0) -> bool:

@@ -83,6 +83,7 @@ def report(df: pd.DataFrame) -> None:
         bars = axes[1].barh(list(g.index), g.values)
         axes[1].bar_label(bars, labels=[sig3(v) for v in g.values], fontsize=8)
         axes[1].set_ylabel("layout")
+        axes[1].margins(x=0.15)  # room for the value labels
         axes[1].set(title=f"Decode step at context {int(s['context'].iloc[0])}, batch "
                           f"{', '.join(map(str, sorted(s['batch'].unique())))} (measured, device={dev})")
     axes[1].set(**{("ylabel" if s["context"].nunique() > 1 else "xlabel"): "decode step, median (ms)"})
