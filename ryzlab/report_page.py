@@ -64,7 +64,8 @@ def header_html(data: SweepData) -> str:
     lines = [f"<h1>ryzlab report: {_esc(data.sweep_dir.name)}</h1>",
              f"<p>{n} points: {n_ok} ok, {n_fail} failed, {n_to} timed out. Ran on device={_esc(dev)} "
              f"({_esc(names)}); git {_esc(str(env.get('git_sha'))[:10])}{' (dirty)' if env.get('git_dirty') else ''}; "
-             f"python {_esc(env.get('python'))}, torch {_esc(env.get('torch'))}; host {_esc(env.get('host'))}.</p>"]
+             f"python {_esc(env.get('python'))}, torch {_esc(env.get('torch'))}; host {_esc(env.get('host'))}"
+             + "".join(f"; {k} {_esc(env[k])}" for k in ("jobs", "threads") if k in env) + ".</p>"]
     sims = simulated_rows(data)
     measured = (f"Every figure and table is measured on device={_esc(dev)}"
                 + (" (no GPU on this machine: ranks and workers were CPU processes)" if dev == "cpu" else ""))
@@ -116,8 +117,8 @@ def environment(data: SweepData) -> pd.DataFrame:
     if thr and not any(r["item"] == "torch_threads" for r in rows):
         vals = sorted({int(v) for s in thr for v in s.dropna()})
         rows.append({"item": "torch_threads (per point, from the metrics)", "value": ", ".join(map(str, vals))})
-    for item in ("threads", "jobs"):
-        if not any(r["item"] == item for r in rows):
+    for item, word in (("threads", "thread"), ("jobs", "job")):
+        if not any(word in r["item"] for r in rows):
             rows.append({"item": item, "value": "not recorded by this sweep's version"})
     pkgs: dict[str, set] = {}
     for e in envs:

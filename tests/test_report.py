@@ -293,3 +293,18 @@ def test_page_of_a_sweep_where_every_point_failed(tmp_path, monkeypatch):
     assert data.metrics.empty and "no ok points" in text and "points-1" in text and "0 ok, 0 failed, 1 timed out" in text
     assert "no spec.yaml" in text and "not recorded by this sweep" in text
     write_parquet(tmp_path / "aggregate.parquet", data.metrics)  # what build_report writes first
+
+
+def test_default_paths_resolve_from_the_repository_when_run_from_notebooks(tmp_path, monkeypatch):
+    """report.ipynb's sweep_dir="results/demo" and explore.ipynb's "results" work from notebooks/."""
+    import ryzlab.explorer as explorer
+    import ryzlab.report as report
+
+    repo = tmp_path / "repo"
+    make_sweep(repo / "results" / "demo", grid(1, n_points=1))
+    (repo / "notebooks").mkdir()
+    monkeypatch.chdir(repo / "notebooks")
+    monkeypatch.setattr(report, "REPO_ROOT", repo)
+    monkeypatch.setattr(explorer, "REPO_ROOT", repo)
+    assert load_sweep("results/demo").sweep_dir == repo / "results" / "demo"
+    assert explorer.find_sweeps("results") == {"demo": repo / "results" / "demo"}

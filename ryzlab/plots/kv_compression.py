@@ -15,7 +15,7 @@ def _label(r: pd.Series) -> str:
     k, v = r["key_granularity"], r["value_granularity"]
     gran = k if k == v else f"K:{k}/V:{v}"
     extra = "" if r.get("symmetric", True) in (True, "True") else " asym"
-    return f"{r['codec']} {gran}{extra} r{r['residual']} bs{r['block_size']}"
+    return f"{r['codec']} {gran}{extra}, residual {r['residual']}, block {r['block_size']}"
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
