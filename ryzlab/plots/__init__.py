@@ -156,6 +156,13 @@ def from_zero(ax: Any) -> None:
     ax.set_ylim(0, top * 1.12 if top > 0 else 1)  # headroom for value labels and the legend
 
 
+def bytes_axis(ax: Any, axis: str = "y") -> None:
+    """Tick labels in B/KiB/MiB instead of raw byte counts."""
+    from matplotlib.ticker import FuncFormatter
+
+    getattr(ax, f"{axis}axis").set_major_formatter(FuncFormatter(lambda v, _pos: human_bytes(v)))
+
+
 def wide_range(values: Any, factor: float = 20.0) -> bool:
     """Log axes only when the data spans ``factor`` or more (else the ticks lie about the range)."""
     v = [float(a) for a in values if a is not None and float(a) > 0]

@@ -5,7 +5,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from ..experiments.scaling import scaling_efficiency
-from . import human_bytes, plot_series, show_figure, show_table, show_text, sig3
+from . import bytes_axis, human_bytes, plot_series, show_figure, show_table, show_text, sig3
 
 
 def report(df: pd.DataFrame) -> None:
@@ -61,7 +61,8 @@ def report(df: pd.DataFrame) -> None:
         axes[2].set_xticks(list(xs), list(g.index))
         axes[2].set(xlabel="layout (tp x cp)")
     axes[2].set_ylim(bottom=0)
-    axes[2].set(ylabel="bytes per decode step per rank", title=f"Communication per decode step ({devices})")
+    bytes_axis(axes[2])
+    axes[2].set(ylabel="bytes sent per decode step per rank", title=f"Communication per decode step ({devices})")
     for ax in axes:
         ax.grid(alpha=0.3, axis="y")
         if ax.get_legend_handles_labels()[0]:
