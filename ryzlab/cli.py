@@ -50,6 +50,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print(f"html: {out}")
     if len(c.table) == 0:
         print("no metric with per-step samples is present in both sweeps: nothing was judged", file=sys.stderr)
+        return 1 if args.fail_on_regression else 0  # CI must not pass a comparison that compared nothing
     return 1 if args.fail_on_regression and len(c.regressions) else 0
 
 

@@ -110,6 +110,10 @@ def test_compare_flags_one_metric_scaled_by_1_3(tmp_path):
     assert main(["compare", str(a), str(a), "--html", str(html_out), "--fail-on-regression"]) == 0
     assert "REGRESSION" not in html_out.read_text() and "regression</td>" not in html_out.read_text()  # A vs A
     assert main(["compare", str(a), str(tmp_path / "nope")]) == 2
+    empty = make_sweep(tmp_path / "E", {}, extra=[{"run_id": "attention_bench-x", "experiment": "attention_bench",
+                                                   "status": "failed", "params": {"context": 64}}])
+    assert main(["compare", str(a), str(empty), "--html", str(html_out)]) == 0
+    assert main(["compare", str(a), str(empty), "--html", str(html_out), "--fail-on-regression"]) == 1
 
 
 def test_compare_reads_old_runs_without_samples_and_matches_by_parameters(tmp_path):
