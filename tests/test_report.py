@@ -216,6 +216,10 @@ def test_explorer_builds_and_follows_widget_changes(tmp_path):
     c["agg"].value = "max"
     c["metric"].value = "achieved_gbps"
     assert "achieved_gbps" in ex.data.columns and "achieved_gbps (max)" in ex.alt
+    from ipywidgets.embed import embed_data  # the widget tree serializes as JupyterLab receives it
+
+    state = embed_data(views=[ui])["manager_state"]["state"]
+    assert any(w["state"].get("description") == "metric" for w in state.values())
     with pytest.raises(Exception, match="not a sweep folder"):
         ryzlab.explore(tmp_path / "empty-nothing")
 
