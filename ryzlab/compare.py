@@ -72,9 +72,9 @@ def sweep_samples(sweep_dir: str | Path) -> pd.DataFrame:
             "point": [f"{base}|{i}" for i in ident],
             "label": [_label(params, dict(zip(labels, vals))) for vals in s[labels].itertuples(index=False)]
             if labels else _label(params, {}),
-            "metric": s["metric"].astype(str), "value": s["value"].astype(float),
+            "metric": s["metric"].astype(str), "value": s["value"].astype(float), "run_id": str(run_id),
         }))
-    cols = ["experiment", "point", "label", "metric", "value"]
+    cols = ["experiment", "point", "label", "metric", "value", "run_id"]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
 
 
@@ -82,15 +82,31 @@ def _label(params: dict, labels: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in {**params, **labels}.items())
 
 
-def bootstrap_ratio(a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, confidence: float = 0.99,
-                    seed: int = 0) -> tuple[float, float, float]:
-    """median(b)/median(a) and its percentile-bootstrap interval (steps resampled with replacement)."""
+def _boot_medians(runs: list[np.ndarray], n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Bootstrap distribution of the median: steps resampled with replacement; with several runs
+    of the point (``repeat: N``), the runs are resampled first, so drift between processes
+    widens the interval as it should (a two-level bootstrap)."""
+    if len(runs) == 1:
+        a = runs[0]
+        return np.median(a[rng.integers(0, len(a), (n_boot, len(a)))], axis=1)
+    out = np.empty(n_boot)
+    for i in range(n_boot):
+        picked = [runs[j] for j in rng.integers(0, len(runs), len(runs))]
+        out[i] = np.median(np.concatenate([r[rng.integers(0, len(r), len(r))] for r in picked]))
+    return out
+
+
+def bootstrap_ratio(a: np.ndarray | list[np.ndarray], b: np.ndarray | list[np.ndarray], *, n_boot: int = 2000,
+                    confidence: float = 0.99, seed: int = 0) -> tuple[float, float, float]:
+    """median(b)/median(a) and its percentile-bootstrap interval; ``a``/``b`` are the steps of
+    one run, or a list with the steps of each run (repeat) of the point."""
+    ra = a if isinstance(a, list) else [np.asarray(a)]
+    rb = b if isinstance(b, list) else [np.asarray(b)]
     rng = np.random.default_rng(seed)
-    ma = np.median(a[rng.integers(0, len(a), (n_boot, len(a)))], axis=1)
-    mb = np.median(b[rng.integers(0, len(b), (n_boot, len(b)))], axis=1)
+    ma, mb = _boot_medians(ra, n_boot, rng), _boot_medians(rb, n_boot, rng)
     with np.errstate(divide="ignore", invalid="ignore"):
         boots = mb / ma
-        ratio = float(np.median(b) / np.median(a))
+        ratio = float(np.median(np.concatenate(rb)) / np.median(np.concatenate(ra)))
     lo, hi = np.nanpercentile(boots, [50 * (1 - confidence), 100 - 50 * (1 - confidence)])
     return ratio, float(lo), float(hi)
 
@@ -127,7 +143,9 @@ def compare(a: str | Path, b: str | Path, *, min_change: float = 0.05, confidenc
     rows = []
     for k in sorted(set(ga) & set(gb)):
         va, vb = ga[k]["value"].to_numpy(), gb[k]["value"].to_numpy()
-        ratio, lo, hi = bootstrap_ratio(va, vb, n_boot=n_boot, confidence=confidence)
+        runs_a = [g["value"].to_numpy() for _, g in ga[k].groupby("run_id", sort=True)]
+        runs_b = [g["value"].to_numpy() for _, g in gb[k].groupby("run_id", sort=True)]
+        ratio, lo, hi = bootstrap_ratio(runs_a, runs_b, n_boot=n_boot, confidence=confidence)
         d = direction(k[2])
         # confident that the change is at least min_change: the whole interval lies beyond it
         beyond = lo > 1 + min_change or hi < 1 / (1 + min_change)
@@ -139,12 +157,13 @@ def compare(a: str | Path, b: str | Path, *, min_change: float = 0.05, confidenc
             verdict = "improvement" if (ratio > 1) == (d > 0) else "regression"
         rows.append({"experiment": k[0], "point": ga[k]["label"].iloc[0], "metric": k[2],
                      "a_median": float(np.median(va)), "b_median": float(np.median(vb)), "b_over_a": ratio,
-                     "ci_low": lo, "ci_high": hi, "n_a": len(va), "n_b": len(vb),
+                     "ci_low": lo, "ci_high": hi, "n_a": len(va), "n_b": len(vb), "runs_a": len(runs_a),
+                     "runs_b": len(runs_b),
                      "better": {-1: "lower", 1: "higher", 0: "unknown"}[d], "verdict": verdict})
     only = lambda x, y: sorted({f"{e}: {ga_lab}" for (e, p, m), ga_lab in
                                 ((k, g["label"].iloc[0]) for k, g in x.items()) if (e, p, m) not in y})
     cols = ["experiment", "point", "metric", "a_median", "b_median", "b_over_a", "ci_low", "ci_high", "n_a", "n_b",
-            "better", "verdict"]
+            "runs_a", "runs_b", "better", "verdict"]
     table = pd.DataFrame(rows, columns=cols)
     for exp, idx in table.groupby("experiment").groups.items():  # show only what tells points apart
         parts = [lab.split(", ") for lab in table.loc[idx, "point"]]

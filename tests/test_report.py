@@ -40,6 +40,8 @@ def make_sweep(root: Path, points: dict[str, pd.DataFrame], extra: list[dict] = 
     (root / "spec.yaml").write_text(SPEC)
     for run_id, df in points.items():
         params = {"context": int(df["context"].iloc[0]), "dtype": str(df["dtype"].iloc[0])}
+        if "repeat" in df.columns:
+            params["repeat"] = int(df["repeat"].iloc[0])
         write_parquet(root / run_id / "metrics.parquet", df)
         if store_samples:
             write_parquet(root / run_id / "samples.parquet", samples_from_metrics(df, list(params)))
@@ -114,6 +116,39 @@ def test_compare_flags_one_metric_scaled_by_1_3(tmp_path):
                                                    "status": "failed", "params": {"context": 64}}])
     assert main(["compare", str(a), str(empty), "--html", str(html_out)]) == 0
     assert main(["compare", str(a), str(empty), "--html", str(html_out), "--fail-on-regression"]) == 1
+
+
+def repeated_grid(seed: int, repeats: int = 3) -> dict[str, pd.DataFrame]:
+    """Like :func:`grid`, each point run ``repeats`` times; every run (process) has its own
+    level, drawn around the point's (between-process drift 15%, step noise 5%)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(10):
+        for dtype in ("float32", "bfloat16"):
+            for r in range(repeats):
+                level = 50.0 * (i + 1) * (2 if dtype == "bfloat16" else 1) * rng.lognormal(0.0, 0.15)
+                df = attn_rows(64 * (i + 1), dtype, level * rng.lognormal(0.0, 0.05, size=30))
+                out[f"attention_bench-{i:02d}{dtype[:2]}r{r}"] = df.assign(repeat=r)
+    return out
+
+
+def test_compare_resamples_repeats_so_drift_between_processes_is_not_flagged(tmp_path, monkeypatch):
+    import ryzlab.compare as cmp
+
+    a = make_sweep(tmp_path / "A", repeated_grid(1, repeats=5))
+    b = make_sweep(tmp_path / "B", repeated_grid(2, repeats=5))
+    c = compare(a, b)
+    assert len(c.table) == 20 and (c.table["runs_a"] == 5).all() and (c.table["n_a"] == 150).all()
+    assert len(c.flagged) <= 1, c.table[["point", "b_over_a", "ci_low", "ci_high"]]
+    # the same data with all steps of a side pooled as if from one process: false alarms
+    one_level = cmp.bootstrap_ratio
+    monkeypatch.setattr(cmp, "bootstrap_ratio", lambda ra, rb, **kw: one_level(np.concatenate(ra), np.concatenate(rb), **kw))
+    assert len(compare(a, b).flagged) >= 4
+    monkeypatch.undo()
+    slower = {k: df.assign(attn_us=df["attn_us"] * 1.5) if k.startswith("attention_bench-03fl") else df
+              for k, df in repeated_grid(2, repeats=5).items()}
+    c2 = compare(a, make_sweep(tmp_path / "B2", slower))
+    assert "context=256, dtype=float32" in list(c2.flagged["point"]) and len(c2.flagged) <= 2
 
 
 def test_compare_reads_old_runs_without_samples_and_matches_by_parameters(tmp_path):
