@@ -169,17 +169,6 @@ def wide_range(values: Any, factor: float = 20.0) -> bool:
     return len(v) > 1 and max(v) / min(v) >= factor
 
 
-def words(**parts: Any) -> str:
-    """A legend entry that reads as words: words(workers=2, policy='least_outstanding') ->
-    '2 workers, least outstanding'."""
-    out = []
-    for k, v in parts.items():
-        v = sig3(v) if isinstance(v, float) else str(v).replace("_", " ")
-        noun = k.replace("_", " ")
-        out.append(f"{v} {noun}" if k in ("workers", "ranks", "req/s") else f"{noun} {v}")
-    return ", ".join(out)
-
-
 def section_id(experiment: str) -> str:
     """HTML id of an experiment's report section (summary rows and the contents link to it)."""
     return "exp-" + re.sub(r"[^A-Za-z0-9_-]", "-", str(experiment))
