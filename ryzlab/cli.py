@@ -15,6 +15,7 @@ EPILOG = """examples:
   ryzlab info                                  what this machine offers (python, torch, devices, health)
   ryzlab sweep specs/demo.yaml --jobs 2        run every point of a spec (resumes: ok points are skipped)
   ryzlab report results/demo                   aggregate ok runs into results/demo/report.html
+  ryzlab compare results/A results/B           B/A per metric with bootstrap intervals (--fail-on-regression for CI)
   ryzlab generate --prompt "def f(" --tp 2     complete a prompt with the model split over 2 ranks
   ryzlab serve --tp 2 --workers 2              2 replicas of 2 tensor-parallel ranks behind the router
   ryzlab loadgen --url http://127.0.0.1:8000/v1 --rate 4 --out results/lg   benchmark any OpenAI endpoint
@@ -37,6 +38,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
     out = build_report(args.sweep_dir, kernel_name=args.kernel)
     print(f"report: {out}")
     return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare, html_page, terminal_table
+    from .io import write_bytes
+
+    c = compare(args.a, args.b, min_change=args.min_change, confidence=args.confidence)
+    print(terminal_table(c, args.confidence))
+    out = Path(args.html) if args.html else Path(args.b) / f"compare-{Path(args.a).resolve().name}.html"
+    write_bytes(out, html_page(c, min_change=args.min_change, confidence=args.confidence).encode())
+    print(f"html: {out}")
+    if len(c.table) == 0:
+        print("no metric with per-step samples is present in both sweeps: nothing was judged", file=sys.stderr)
+        return 1 if args.fail_on_regression else 0  # CI must not pass a comparison that compared nothing
+    return 1 if args.fail_on_regression and len(c.regressions) else 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -124,6 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("sweep_dir", help="a folder written by `ryzlab sweep`, e.g. results/demo")
     r.add_argument("--kernel", default="ryzlab", help="Jupyter kernel (default ryzlab)")
     r.set_defaults(fn=_cmd_report)
+
+    c = sub.add_parser("compare", help="B vs A per metric with bootstrap intervals; flags changes beyond noise",
+                       description="Match the points of two sweeps by parameters; per metric with per-step samples, "
+                                   "median(B)/median(A) with a bootstrap confidence interval. A change is flagged when "
+                                   "the whole interval lies beyond --min-change.")
+    c.add_argument("a", help="baseline sweep folder, e.g. results/A")
+    c.add_argument("b", help="sweep folder to judge against it, e.g. results/B")
+    c.add_argument("--fail-on-regression", action="store_true", help="exit 1 when a regression is flagged (for CI)")
+    c.add_argument("--min-change", type=float, default=0.05,
+                   help="smallest relative change worth flagging (default 0.05 = 5%%)")
+    c.add_argument("--confidence", type=float, default=0.99, help="confidence of the interval (default 0.99)")
+    c.add_argument("--html", help="where to write the HTML table (default B/compare-<A name>.html)")
+    c.set_defaults(fn=_cmd_compare)
 
     i = sub.add_parser("info", help="python/torch versions, devices and their health readings")
     i.set_defaults(fn=_cmd_info)

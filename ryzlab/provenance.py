@@ -51,6 +51,39 @@ def nvidia_devices() -> list[str]:
         pynvml.nvmlShutdown()
 
 
+PACKAGES = ("torch", "numpy", "pandas", "pyarrow", "transformers", "triton", "matplotlib", "papermill", "nbconvert",
+            "ipykernel", "ipywidgets", "ray", "nvidia-ml-py")
+"""Versions recorded with every run (the report's appendix lists them)."""
+
+
+def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
+    """Installed versions of ``names`` (absent ones are left out)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver version through NVML; None without a driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - any NVML failure means "no NVIDIA driver here"
+        return None
+    try:
+        v = pynvml.nvmlSystemGetDriverVersion()
+        return v.decode() if isinstance(v, bytes) else str(v)
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def device_summary() -> dict[str, Any]:
     """``device`` is ``cuda`` or ``cpu``: what the experiments actually ran on."""
     import torch
@@ -63,6 +96,7 @@ def device_summary() -> dict[str, Any]:
         "gpu_count": torch.cuda.device_count() if cuda else 0,
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "gpu_driver": nvidia_driver() if gpus else None,
     }
 
 
@@ -78,6 +112,7 @@ def collect_env(**extra: Any) -> dict[str, Any]:
         "time_utc": datetime.now(timezone.utc).isoformat(),
         **git_state(),
         **device_summary(),
+        "packages": package_versions(),
     }
     env.update(extra)
     return env

@@ -4,13 +4,23 @@
       -> results/demo/aggregate.parquet      every ok run's rows, params as columns
       -> notebooks/report.ipynb (papermill)  -> results/demo/report.ipynb
       -> nbconvert HTML, inputs hidden, external <script>/<link> removed -> results/demo/report.html
+
+A results folder is data, never code: the report kernel runs in an empty temporary directory
+(so a ``pandas/`` or ``ryzlab/`` folder dropped into the results cannot shadow the installed
+package), run ids from the manifest are used as paths only when they are plain folder names of
+that sweep, and every string from the results is escaped.
 """
 from __future__ import annotations
 
 import html
 import json
 import logging
+import math
+import os
 import re
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +28,7 @@ import pandas as pd
 
 from .config import ConfigError
 from .io import write_bytes, write_parquet
-from .sweep import KERNEL_NAME, NOTEBOOK_DIR, manifest_status
+from .sweep import KERNEL_NAME, NOTEBOOK_DIR, REPO_ROOT, manifest_status
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +39,21 @@ _EXTERNAL = [
     # inline scripts that import from a CDN (nbconvert's mermaid loader): reports need no JS
     re.compile(r"<script\b[^>]*>(?:(?!</script>).)*?https?://(?:(?!</script>).)*</script>", re.I | re.S),
 ]
+_RUN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
+"""What a run id written by ``ryzlab sweep`` looks like (``<notebook>-<hash>``): a plain folder name."""
+
+
+def safe_run_dir(sweep_dir: Path, run_id: object) -> Path | None:
+    """``sweep_dir/run_id`` when ``run_id`` is a plain folder name of this sweep, else None
+    (``../x``, ``javascript:...``, absolute paths and hidden names are never followed)."""
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id) or ".." in run_id:
+        return None
+    return sweep_dir / run_id
+
+
+def missing(value: object) -> bool:
+    """None, NaN and pandas' NA (a missing string is NaN under pandas 3)."""
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 @dataclass
@@ -43,31 +68,60 @@ class SweepData:
     by_experiment: dict[str, pd.DataFrame]
     """The ok rows of each experiment on their own: columns and dtypes as the experiment wrote
     them (no NaN-filled columns of other experiments, integers stay integers)."""
+    envs: list[dict] | None = None
+    """env.json of every run that has one (threads and jobs may differ between points)."""
 
     @property
     def failed(self) -> pd.DataFrame:
-        return self.runs[self.runs["status"] != "ok"]
+        return self.runs[self.runs["status"] != "ok"] if len(self.runs) else self.runs
+
+    @property
+    def spec_text(self) -> str | None:
+        p = self.sweep_dir / "spec.yaml"
+        return p.read_text(errors="replace") if p.is_file() else None
+
+
+def resolve_sweep_dir(sweep_dir: str | Path) -> Path:
+    """``sweep_dir`` as given, else relative to the repository (a notebook run from notebooks/)."""
+    p = Path(sweep_dir)
+    if not p.is_absolute() and not (p / "manifest.jsonl").is_file() and (REPO_ROOT / p / "manifest.jsonl").is_file():
+        return REPO_ROOT / p
+    return p
 
 
 def load_sweep(sweep_dir: str | Path) -> SweepData:
     """Read the manifest and every ok run of a sweep directory."""
-    sweep_dir = Path(sweep_dir)
+    sweep_dir = resolve_sweep_dir(sweep_dir)
     if not (sweep_dir / "manifest.jsonl").is_file():
         have = sorted(p.parent.name for p in sweep_dir.parent.glob("*/manifest.jsonl"))
         raise ConfigError([f"{sweep_dir} holds no manifest.jsonl (not a sweep directory); "
                            f"sweeps in {sweep_dir.parent}: {', '.join(have) or 'none'}"])
     latest = manifest_status(sweep_dir)
-    frames, runs, env = [], [], {}
+    frames, runs, env, envs = [], [], {}, []
     for run_id, row in latest.items():
-        run_dir = sweep_dir / run_id
+        run_dir = safe_run_dir(sweep_dir, run_id)
         status = row.get("status")
-        if status == "ok" and not (run_dir / "metrics.parquet").is_file():
+        if run_dir is None:
+            status, row = "failed", {**row, "error": "BadRunId",
+                                     "message": "the manifest names a run folder that is not a plain folder name "
+                                                f"(its status: {row.get('status')}; its message: {row.get('message')})"}
+        elif status == "ok" and not (run_dir / "metrics.parquet").is_file():
             status, row = "failed", {**row, "error": "MissingMetrics", "message": "metrics.parquet is missing"}
-        runs.append({"run_id": run_id, "experiment": row.get("experiment"), "status": status,
+        notebook = f"{run_id}/run.ipynb" if run_dir is not None and (run_dir / "run.ipynb").is_file() else None
+        runs.append({"run_id": str(run_id), "experiment": row.get("experiment"), "status": status,
                      "error": row.get("error"), "message": row.get("message"), "cell": row.get("cell"),
                      "wall_s": row.get("wall_s"), "overhead_s": row.get("overhead_s"),
                      "params": json.dumps(row.get("params", {}), sort_keys=True, default=str),
-                     "notebook": f"{run_id}/run.ipynb" if (run_dir / "run.ipynb").is_file() else None})
+                     "notebook": notebook})
+        if run_dir is not None and (run_dir / "env.json").is_file():
+            try:
+                e = json.loads((run_dir / "env.json").read_text())
+            except (ValueError, OSError):
+                e = None
+            if isinstance(e, dict):
+                envs.append(e)
+                if status == "ok" and str(e.get("end", "")) >= str(env.get("end", "")):
+                    env = e
         if status != "ok":
             continue
         df = pd.read_parquet(run_dir / "metrics.parquet")
@@ -75,32 +129,44 @@ def load_sweep(sweep_dir: str | Path) -> SweepData:
         if "experiment" not in df.columns:  # a notebook that is not a registered experiment
             df.insert(1, "experiment", row.get("experiment"))
         frames.append(df)
-        if (run_dir / "env.json").is_file():
-            e = json.loads((run_dir / "env.json").read_text())
-            if e.get("end", "") >= env.get("end", ""):
-                env = e
     metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     groups: dict[str, list[pd.DataFrame]] = {}
     for df in frames:
         groups.setdefault(str(df["experiment"].iloc[0]), []).append(df)
     by_experiment = {k: pd.concat(v, ignore_index=True) for k, v in groups.items()}
-    return SweepData(sweep_dir=sweep_dir, metrics=metrics, runs=pd.DataFrame(runs), env=env,
-                     by_experiment=by_experiment)
+    cols = ["run_id", "experiment", "status", "error", "message", "cell", "wall_s", "overhead_s", "params", "notebook"]
+    return SweepData(sweep_dir=sweep_dir, metrics=metrics, runs=pd.DataFrame(runs, columns=cols), env=env,
+                     by_experiment=by_experiment, envs=envs)
+
+
+def _text(value: object, limit: int | None = None) -> str:
+    s = "" if missing(value) else str(value)
+    return html.escape(s[:limit] if limit else s)
 
 
 def failures_html(data: SweepData) -> str:
-    """Escaped HTML table of failed points, each linked to its executed notebook."""
+    """Escaped HTML table of failed and timed-out points, each linked to its (partial) notebook.
+
+    Links only ever point at ``<run folder>/run.ipynb`` inside this sweep; a point without a
+    notebook (killed before one was saved) says so instead."""
     if data.failed.empty:
-        return "<p>No failed points.</p>"
+        return "<p>No failed or timed-out points.</p>"
     rows = []
     for r in data.failed.itertuples():
-        link = (f'<a href="{html.escape(r.notebook, quote=True)}">{html.escape(r.run_id)}</a>'
-                if r.notebook else html.escape(r.run_id))
+        nb = None if missing(r.notebook) else str(r.notebook)
+        run_dir = safe_run_dir(data.sweep_dir, r.run_id)
+        if nb and run_dir is not None and nb == f"{r.run_id}/run.ipynb":
+            link = (f'<a href="{html.escape(nb, quote=True)}">{_text(r.run_id)}</a>'
+                    f'<br><small>{"partial " if r.status == "timeout" else ""}notebook</small>')
+        else:
+            link = f"{_text(r.run_id)}<br><small>no notebook saved</small>"
+        cell = "" if missing(r.cell) else int(r.cell) if float(r.cell).is_integer() else r.cell
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in (
-            link, html.escape(str(r.experiment)), html.escape(str(r.status)), html.escape(str(r.error)),
-            html.escape(str(r.message or ""))[:500], html.escape(str(r.cell)), html.escape(r.params))) + "</tr>")
+            link, _text(r.experiment), _text(r.status), _text(r.error), _text(r.message, 500), _text(cell),
+            _text(r.params))) + "</tr>")
     head = "".join(f"<th>{h}</th>" for h in ("run", "experiment", "status", "error", "message", "cell", "params"))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return (f"<div class='ryz-scroll' style='overflow-x:auto;max-width:100%'><table class='ryz-table'>"
+            f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
 
 
 def strip_external(page: str) -> str:
@@ -110,6 +176,32 @@ def strip_external(page: str) -> str:
     return page
 
 
+_IMG_NO_ALT = re.compile(r"<img\b(?![^>]*\balt=)", re.I)
+
+
+def ensure_alt(page: str) -> str:
+    """Safety net for images a section displayed without :func:`ryzlab.plots.show_figure`:
+    give them alt text that says what they are (sections normally write their own)."""
+    return _IMG_NO_ALT.sub('<img alt="figure of this section (no description given by its plot code)" ', page)
+
+
+@contextmanager
+def _kernel_imports_this_ryzlab():
+    """The kernel imports the ryzlab this process runs (and PYTHONPATH entries as absolute
+    paths): relative entries would otherwise resolve against the kernel's working directory."""
+    old = os.environ.get("PYTHONPATH")
+    here = str(Path(__file__).resolve().parent.parent)
+    entries = [str(Path(e).resolve()) for e in (old or "").split(os.pathsep) if e]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([here, *entries]))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
 def build_report(sweep_dir: str | Path, *, kernel_name: str = KERNEL_NAME,
                  notebook: str | Path = NOTEBOOK_DIR / "report.ipynb") -> Path:
     """Aggregate, execute the report notebook, export offline HTML; returns the HTML path."""
@@ -117,15 +209,24 @@ def build_report(sweep_dir: str | Path, *, kernel_name: str = KERNEL_NAME,
     import papermill as pm
     from nbconvert import HTMLExporter
 
-    sweep_dir = Path(sweep_dir).resolve()
+    sweep_dir = resolve_sweep_dir(sweep_dir).resolve()
     data = load_sweep(sweep_dir)  # raises before anything is written if this is not a sweep
     write_parquet(sweep_dir / "aggregate.parquet", data.metrics)
     executed = sweep_dir / "report.ipynb"
-    pm.execute_notebook(str(notebook), str(executed), parameters={"sweep_dir": str(sweep_dir)},
-                        kernel_name=kernel_name, progress_bar=False, cwd=str(sweep_dir))
+    # the kernel's working directory is on its sys.path: an empty folder, never the results
+    work = Path(tempfile.mkdtemp(prefix="ryzlab-report-"))
+    try:
+        with _kernel_imports_this_ryzlab():
+            pm.execute_notebook(str(notebook), str(executed), parameters={"sweep_dir": str(sweep_dir)},
+                                kernel_name=kernel_name, progress_bar=False, cwd=str(work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    nb = nbformat.read(executed, as_version=4)
+    title = f"ryzlab report: {sweep_dir.name}"
+    nb.metadata["title"] = title
     exporter = HTMLExporter(template_name="lab", exclude_input=True, exclude_input_prompt=True,
                             exclude_output_prompt=True, embed_images=True)
-    body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
-    out = write_bytes(sweep_dir / "report.html", strip_external(body).encode())
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
+    out = write_bytes(sweep_dir / "report.html", ensure_alt(strip_external(body)).encode())
     log.info("report written to %s", out)
     return out

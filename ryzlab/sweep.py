@@ -367,7 +367,7 @@ def _run_point(point: Point, assigned_at: float, sweep_dir: Path, env: dict, ker
         pm.execute_notebook(str(point.notebook), str(tmp / "run.ipynb"),
                             parameters={**point.params, "run_dir": str(tmp)}, kernel_name=kernel_name,
                             progress_bar=False, cwd=str(point.notebook.parent),
-                            request_save_on_cell_execute=False, km=km)
+                            request_save_on_cell_execute=True, km=km)  # a killed point keeps its partial notebook
         if not (tmp / "metrics.parquet").is_file():
             raise RuntimeError(f"{point.notebook.name} finished without writing metrics.parquet "
                                "(does it call run_experiment(..., run_dir)?)")
@@ -399,6 +399,16 @@ def _kill_group(proc: mp.process.BaseProcess, sweep_dir: Path) -> None:
         pass
     proc.join(5)
     (sweep_dir / f".tmp-worker-{proc.pid}.log").unlink(missing_ok=True)
+
+
+def _keep_partial(sweep_dir: Path, run_id: str) -> None:
+    """A point killed by --timeout (or whose worker died) keeps its folder: papermill saved
+    run.ipynb at every cell start and end (and kernel.log has the kernel's output), so the report
+    can link to where it stopped. Its metrics, if any, are dropped: never half a result."""
+    for stale in sorted(sweep_dir.glob(f".tmp-{run_id}-*")):
+        for partial in ("metrics.parquet", "samples.parquet"):
+            (stale / partial).unlink(missing_ok=True)
+        _place(stale, sweep_dir / run_id)
 
 
 def _static_env(world_size: int | None = None) -> dict:
@@ -493,8 +503,7 @@ def run_sweep(spec: Spec | str | os.PathLike, *, jobs: int = 1, out: str | os.Pa
                              "message": (f"point exceeded --timeout {timeout} s" if timed_out
                                          else f"sweep worker exited with code {proc.exitcode}"),
                              "cell": None, "wall_s": round(now - t0, 3)}
-                    for stale in sweep_dir.glob(f".tmp-{point.run_id}-*"):
-                        shutil.rmtree(stale, ignore_errors=True)
+                    _keep_partial(sweep_dir, point.run_id)
                     append_jsonl(sweep_dir / "manifest.jsonl", entry)
                 summary.ok += entry["status"] == "ok"
                 summary.failed += entry["status"] == "failed"

@@ -58,6 +58,7 @@ def run_experiment(name: str, params: dict[str, Any], run_dir: str | Path | None
     import time
 
     from ..io import write_json, write_parquet
+    from ..samples import samples_from_metrics
 
     config = make_config(name, params)
     t0 = time.perf_counter()
@@ -75,5 +76,7 @@ def run_experiment(name: str, params: dict[str, Any], run_dir: str | Path | None
         # timing.json lets the sweep separate the experiment's own time from its overhead
         write_json(Path(run_dir) / "timing.json", {"compute_s": compute_s})
         write_parquet(Path(run_dir) / "metrics.parquet", df)
+        # raw per-step timings beside the medians: what `ryzlab compare` bootstraps over
+        write_parquet(Path(run_dir) / "samples.parquet", samples_from_metrics(df, field_names(type(config))))
         log.info("wrote %d rows to %s", len(df), Path(run_dir) / "metrics.parquet")
     return df

@@ -5,7 +5,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import NullLocator
 import pandas as pd
 
-from . import show_table, show_text
+from . import from_zero, plot_series, show_figure, show_table, show_text, wide_range
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
@@ -20,23 +20,31 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
 def report(df: pd.DataFrame) -> None:
     s = summarize(df)
+    dev = ", ".join(sorted(map(str, s["device"].unique())))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for (dev, dtype, batch), g in s.groupby(["device", "dtype", "batch"]):
-        label = f"{dev} {dtype} batch={batch}"
-        axes[0].plot(g["context"], g["attn_us_p50"], marker="o", label=label)
-        axes[1].plot(g["context"], g["frac_of_copy_bw"], marker="o", label=label)
-    axes[0].set(xscale="log", xlabel="context (tokens)", ylabel="decode attention p50 (µs)",
-                title="Decode attention time (measured)")
-    axes[1].set(xscale="log", xlabel="context (tokens)", ylabel="KV read bandwidth / copy bandwidth",
-                title="Achieved fraction of measured copy bandwidth")
+    for (device, dtype, batch), g in s.groupby(["device", "dtype", "batch"]):
+        label = f"{dtype}, batch {batch}" + (f" ({device})" if s["device"].nunique() > 1 else "")
+        plot_series(axes[0], g["context"], g["attn_us_p50"], label)
+        plot_series(axes[1], g["context"], g["frac_of_copy_bw"], label)
+    axes[0].set(xlabel="context (tokens)", ylabel="decode attention, median (µs)",
+                title=f"Decode attention time (measured, device={dev})")
+    axes[1].set(xlabel="context (tokens)", ylabel="KV read bandwidth / copy bandwidth",
+                title=f"Achieved fraction of copy bandwidth (measured, device={dev})")
+    if wide_range(s["attn_us_p50"]):
+        axes[0].set_yscale("log")
+    else:
+        from_zero(axes[0])
+    from_zero(axes[1])
     contexts = sorted(s["context"].unique())
     for ax in axes:
+        if wide_range(contexts, 8):
+            ax.set_xscale("log", base=2)
         ax.set_xticks(contexts, [str(c) for c in contexts])
         ax.xaxis.set_minor_locator(NullLocator())
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, title="dtype, batch", title_fontsize=8)
     fig.tight_layout()
-    plt.show()
+    show_figure(fig)
     show_table(s, "Decode attention (sdpa) per point: medians over timed steps")
     show_text("Copy bandwidth is measured on a buffer of copy_mib MiB (main memory); KV that fits in the "
               "CPU caches can be read faster than that, so a fraction above 1 means cache-resident KV.")

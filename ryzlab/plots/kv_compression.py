@@ -4,7 +4,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from . import show_table
+from . import from_zero, plot_series, show_figure, show_table, sig3, wide_range
 
 LAYOUT = ["codec", "key_granularity", "value_granularity", "group_size", "symmetric", "residual", "block_size"]
 
@@ -15,7 +15,7 @@ def _label(r: pd.Series) -> str:
     k, v = r["key_granularity"], r["value_granularity"]
     gran = k if k == v else f"K:{k}/V:{v}"
     extra = "" if r.get("symmetric", True) in (True, "True") else " asym"
-    return f"{r['codec']} {gran}{extra} r{r['residual']} bs{r['block_size']}"
+    return f"{r['codec']} {gran}{extra}, residual {r['residual']}, block {r['block_size']}"
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
@@ -65,17 +65,32 @@ def report(df: pd.DataFrame) -> None:
         ax.plot(front.ratio_vs_bf16, front.kl_per_token, "r--", lw=1, label="Pareto front")
         ax.set(yscale="log", xlabel="KV bytes per token / bf16 (scales, residual, padding included)",
                ylabel="KL per token vs uncompressed (teacher forcing)",
-               title=f"Memory vs accuracy ({', '.join(sorted(s.device.unique()))}, measured)")
+               title=f"Memory vs accuracy (device={', '.join(sorted(s.device.unique()))}, measured)")
+        ax.set_xlim(left=0)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    for (layout, batch), g in s.groupby(["layout", "batch"]):
-        g = g.sort_values("context")
-        axes[1].plot(g["context"], g["tpot_ms_p50"], marker="o", label=f"{layout} batch={batch}")
-    axes[1].set(xscale="log", xlabel="context (tokens)", ylabel="decode step p50 (ms)",
-                title="Decode time vs context (measured)")
+    dev = ", ".join(sorted(map(str, s.device.unique())))
+    if s["context"].nunique() > 1:
+        for (layout, batch), g in s.groupby(["layout", "batch"]):
+            g = g.sort_values("context")
+            plot_series(axes[1], g["context"], g["tpot_ms_p50"], f"{layout}, batch {batch}")
+        if wide_range(s["context"], 8):
+            axes[1].set_xscale("log", base=2)
+        axes[1].set(xlabel="context (tokens)", title=f"Decode step vs context (measured, device={dev})")
+        axes[1].legend(fontsize=7, title="layout, batch", title_fontsize=7)
+    else:  # one context: one bar per layout with its value, not lines through single points
+        g = s.groupby("layout", sort=False)["tpot_ms_p50"].median()
+        bars = axes[1].barh(list(g.index), g.values)
+        axes[1].bar_label(bars, labels=[sig3(v) for v in g.values], fontsize=8)
+        axes[1].set_ylabel("layout")
+        axes[1].margins(x=0.15)  # room for the value labels
+        axes[1].set(title=f"Decode step at context {int(s['context'].iloc[0])}, batch "
+                          f"{', '.join(map(str, sorted(s['batch'].unique())))} (measured, device={dev})")
+    axes[1].set(**{("ylabel" if s["context"].nunique() > 1 else "xlabel"): "decode step, median (ms)"})
+    if s["context"].nunique() > 1:
+        from_zero(axes[1])
     axes[1].grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
     fig.tight_layout()
-    plt.show()
+    show_figure(fig)
     show_table(s, "KV compression per point (device=" + ", ".join(sorted(s.device.unique())) + "; medians over "
                "timed decode steps; accuracy on held-out stdlib text, teacher forcing)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from . import show_table, show_text
+from . import from_zero, plot_series, show_figure, show_table, show_text, sig3, wide_range
 
 KEYS = ["mode", "device", "workers", "fault", "policy", "load"]
 FAULT_COLS = ["time_to_detect_s", "time_to_recover_s", "rerouted", "work_lost", "error_rate"]
@@ -20,24 +20,39 @@ def _mean(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def p99_vs_load(df: pd.DataFrame) -> None:
-    """One figure per (mode, device): a panel per (workers, fault), a line per policy."""
+    """One figure per (mode, device): a panel per (workers, fault), a line per policy (bars with
+    their values when the sweep tried one load). Simulated figures are dashed/hatched and say so."""
     s = _mean(df)
     for (mode, device), part in s.groupby(["mode", "device"]):
+        sim = mode == "simulated"
         panels = list(part.groupby(["workers", "fault"]))
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
         for ax, ((workers, fault), g) in zip(axes[0], panels):
-            for policy, line in g.groupby("policy"):
-                line = line.sort_values("load")
-                ax.plot(line["load"], line["e2el_p99_ms"], marker="o", label=policy)
-            ax.set_title(f"{workers} workers, fault={fault}")
-            ax.set_xlabel("offered load (fraction of capacity)")
+            if g["load"].nunique() == 1:
+                g = g.sort_values("policy")
+                names = [str(p).replace("_", " ") for p in g["policy"]]
+                bars = ax.bar(names, g["e2el_p99_ms"], color="none" if sim else "C0", edgecolor="C0",
+                              hatch="//" if sim else None, label="simulated" if sim else "measured")
+                ax.bar_label(bars, labels=[sig3(v) for v in g["e2el_p99_ms"]], fontsize=8)
+                ax.set_xlabel(f"policy (offered load {sig3(g['load'].iloc[0])} of capacity)")
+                from_zero(ax)
+            else:
+                for policy, line in g.groupby("policy"):
+                    line = line.sort_values("load")
+                    plot_series(ax, line["load"], line["e2el_p99_ms"], str(policy).replace("_", " "), simulated=sim)
+                ax.set_xlabel("offered load (fraction of capacity)")
+                if wide_range(g["e2el_p99_ms"]):
+                    ax.set_yscale("log")
+                else:
+                    from_zero(ax)
+                ax.legend(fontsize=8, title="policy", title_fontsize=8)
+            ax.set_title(f"{workers} workers, fault: {fault}")
             ax.set_ylabel("p99 end-to-end latency (ms)")
-            ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=8)
-        fig.suptitle(f"p99 latency vs load — mode={mode}, device={device}")
+            ax.grid(alpha=0.3, axis="y")
+        what = "SIMULATED (a model of the workers, not a measurement)" if sim else f"measured, device={device}"
+        fig.suptitle(f"p99 latency per balancing policy — {what}")
         fig.tight_layout()
-        plt.show()
+        show_figure(fig)
 
 
 def policy_ratio(df: pd.DataFrame) -> pd.DataFrame:

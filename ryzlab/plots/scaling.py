@@ -5,7 +5,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from ..experiments.scaling import scaling_efficiency
-from . import show_table, show_text
+from . import bytes_axis, human_bytes, plot_series, show_figure, show_table, show_text, sig3
 
 
 def report(df: pd.DataFrame) -> None:
@@ -29,8 +29,10 @@ def report(df: pd.DataFrame) -> None:
         g = g.set_index("layout").reindex(layouts)
         xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(layouts))]
         label = f"{codec}, context {int(context)}, batch {int(batch)}"
-        axes[0].bar(xs, g["step_ms"], width, label=label)
-        axes[1].bar(xs, g["largest_context"], width, label=label)
+        b0 = axes[0].bar(xs, g["step_ms"], width, label=label)
+        b1 = axes[1].bar(xs, g["largest_context"], width, label=label)
+        axes[0].bar_label(b0, labels=[sig3(v) for v in g["step_ms"]], fontsize=7)
+        axes[1].bar_label(b1, labels=[sig3(v) for v in g["largest_context"]], fontsize=7)
     for ax in axes[:2]:
         ax.set_xticks(range(len(layouts)), layouts)
     axes[0].set(xlabel="layout (tp x cp)", ylabel="decode step, median (ms)", title=f"Decode step ({devices}, measured)")
@@ -40,26 +42,33 @@ def report(df: pd.DataFrame) -> None:
     if sharded["context"].nunique() > 1:  # bytes per step against context: flat is the claim
         for (layout, batch), g in sharded.groupby(["layout", "batch"]):
             g = g.sort_values("context")
-            axes[2].plot(g["context"], g["comm_bytes_per_step"], marker="o", label=f"{layout} b={batch} measured")
-            axes[2].plot(g["context"], g["comm_formula_per_step"], ls="--", marker="x", label=f"{layout} b={batch} formula")
+            # measured thick and solid, formula thin and dotted on top: both stay visible when equal
+            plot_series(axes[2], g["context"], g["comm_bytes_per_step"], f"{layout}, batch {batch}: measured",
+                        lw=4, alpha=0.5, value_fmt=human_bytes)
+            plot_series(axes[2], g["context"], g["comm_formula_per_step"], f"{layout}, batch {batch}: formula",
+                        ls=":", marker="x", color="black", value_fmt=human_bytes)
         axes[2].set_xscale("log", base=2)
         axes[2].set(xlabel="context (tokens)")
     else:
         g = sharded.groupby("layout")[["comm_bytes_per_step", "comm_formula_per_step"]].median().reindex(
             [x for x in layouts if x in set(sharded["layout"])])
         xs = range(len(g))
-        axes[2].bar([x - 0.2 for x in xs], g["comm_bytes_per_step"], 0.4, label="measured at the call sites")
-        axes[2].bar([x + 0.2 for x in xs], g["comm_formula_per_step"], 0.4, label="formula")
+        bm = axes[2].bar([x - 0.2 for x in xs], g["comm_bytes_per_step"], 0.4, label="measured at the call sites")
+        bf = axes[2].bar([x + 0.2 for x in xs], g["comm_formula_per_step"], 0.4, label="formula (computed)",
+                         color="none", edgecolor="black", hatch="..")
+        axes[2].bar_label(bm, labels=[human_bytes(v) for v in g["comm_bytes_per_step"]], fontsize=7)
+        axes[2].bar_label(bf, labels=[human_bytes(v) for v in g["comm_formula_per_step"]], fontsize=7)
         axes[2].set_xticks(list(xs), list(g.index))
         axes[2].set(xlabel="layout (tp x cp)")
     axes[2].set_ylim(bottom=0)
-    axes[2].set(ylabel="bytes per decode step per rank", title="Communication per decode step")
+    bytes_axis(axes[2])
+    axes[2].set(ylabel="bytes sent per decode step per rank", title=f"Communication per decode step ({devices})")
     for ax in axes:
         ax.grid(alpha=0.3, axis="y")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    plt.show()
+    show_figure(fig)
     cols = [c for c in ("device", "model", "layout", "codec", "context", "batch", "step_ms", "tokens_per_s",
                         "speedup", "scaling_efficiency", "prefill_ms", "weight_bytes_per_rank", "kv_bytes_per_rank",
                         "comm_bytes_per_step", "comm_formula_per_step", "largest_context", "context_gain",

@@ -1,0 +1,353 @@
+"""Report, compare and explorer on sweep folders written here by hand (hostile ones included).
+
+Only the tests that build the HTML start a kernel; the rest read folders directly."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ryzlab.cli import main
+from ryzlab.compare import bootstrap_ratio, compare, direction
+from ryzlab.io import append_jsonl, write_json, write_parquet
+from ryzlab.plots import human, human_bytes, sig3
+from ryzlab.report import build_report, failures_html, load_sweep
+from ryzlab.samples import samples_from_metrics
+
+SPEC = "name: hand\nnotebook: attention_bench\ngrid:\n  context: [64, 128]\n"
+
+
+def attn_rows(context: int, dtype: str, times: np.ndarray) -> pd.DataFrame:
+    n = len(times)
+    kv = 2 * 2 * context * 64 * (4 if dtype == "float32" else 2)
+    return pd.DataFrame({
+        "experiment": "attention_bench", "sample": range(n), "attn_us": times, "kv_bytes": kv,
+        "achieved_gbps": kv / times / 1e3, "median_attn_us": float(np.median(times)), "copy_gbps": 10.0,
+        "frac_of_copy_bw": kv / times / 1e3 / 10.0, "device": "cpu", "device_name": "Test CPU", "torch_threads": 1,
+        "context": context, "batch": 2, "dtype": dtype, "n_heads": 8, "n_kv_heads": 2, "head_dim": 64,
+    })
+
+
+def make_sweep(root: Path, points: dict[str, pd.DataFrame], extra: list[dict] = (), *,
+               store_samples: bool = True) -> Path:
+    """A sweep folder as `ryzlab sweep` writes it: manifest, run folders, env.json, spec.yaml."""
+    root.mkdir(parents=True)
+    (root / "spec.yaml").write_text(SPEC)
+    for run_id, df in points.items():
+        params = {"context": int(df["context"].iloc[0]), "dtype": str(df["dtype"].iloc[0])}
+        if "repeat" in df.columns:
+            params["repeat"] = int(df["repeat"].iloc[0])
+        write_parquet(root / run_id / "metrics.parquet", df)
+        if store_samples:
+            write_parquet(root / run_id / "samples.parquet", samples_from_metrics(df, list(params)))
+        write_json(root / run_id / "env.json", {"device": "cpu", "device_names": ["Test CPU"], "python": "3.x",
+                                                "torch": "2.x", "cpu_model": "Test CPU", "end": "2026-01-01",
+                                                "packages": {"pandas": pd.__version__}, "threads": 1, "jobs": 2})
+        append_jsonl(root / "manifest.jsonl", {"run_id": run_id, "experiment": "attention_bench", "status": "ok",
+                                               "params": params, "wall_s": 1.0, "overhead_s": 0.5})
+    for row in extra:
+        append_jsonl(root / "manifest.jsonl", row)
+    return root
+
+
+def grid(seed: int, scale: dict[str, float] | None = None, n_points: int = 10) -> dict[str, pd.DataFrame]:
+    """``n_points`` x 2 dtypes; attn_us per step lognormal around a per-point level (same levels
+    for every seed: a second run of the same sweep)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(n_points):
+        for dtype in ("float32", "bfloat16"):
+            run_id = f"attention_bench-{i:02d}{dtype[:2]}"
+            level = 50.0 * (i + 1) * (2 if dtype == "bfloat16" else 1)
+            times = level * rng.lognormal(0.0, 0.1, size=30) * (scale or {}).get(run_id, 1.0)
+            out[run_id] = attn_rows(64 * (i + 1), dtype, times)
+    return out
+
+
+# ----------------------------------------------------------------------------- formats
+def test_human_numbers():
+    assert sig3(80925.3) == "80,900" and sig3(0.012345) == "0.0123" and sig3(1.5) == "1.5" and sig3(0.5) == "0.5"
+    assert sig3(12.34) == "12.3" and sig3(2.5e-5) == "2.5e-05" and sig3(3.2e7) == "3.2e+07"
+    assert human_bytes(512) == "512 B" and human_bytes(1536) == "1.5 KiB" and human_bytes(3 * 2**20) == "3 MiB"
+    assert human(1536, "kv_bytes") == "1.5 KiB" and human(float("nan"), "x") == "–" and human(True) == "yes"
+    assert human(123456, "tokens") == "123,456" and human(0.333333, "ratio") == "0.333"
+
+
+# ----------------------------------------------------------------------------- samples
+def test_samples_keep_timings_that_vary_per_step_only():
+    df = attn_rows(64, "float32", np.array([10.0, 12.0, 11.0]))
+    s = samples_from_metrics(df, ["context", "dtype", "batch"])
+    assert set(s["metric"]) == {"attn_us"}, "derived and constant columns are not samples"
+    assert list(s["value"]) == [10.0, 12.0, 11.0] and list(s["sample"]) == [0, 1, 2]
+    assert {"context", "dtype", "batch", "device"} <= set(s.columns)
+    assert samples_from_metrics(df.drop(columns="sample")).empty
+
+
+# ----------------------------------------------------------------------------- compare
+def test_compare_same_sweep_twice_flags_at_most_one_of_20(tmp_path):
+    a = make_sweep(tmp_path / "A", grid(1))
+    b = make_sweep(tmp_path / "B", grid(2))
+    c = compare(a, b)
+    assert len(c.table) == 20 and set(c.table["metric"]) == {"attn_us"}
+    assert len(c.flagged) <= 1, c.table[["point", "b_over_a", "ci_low", "ci_high"]]
+    assert c.only_a == [] and c.only_b == []
+
+
+def test_compare_flags_one_metric_scaled_by_1_3(tmp_path):
+    a = make_sweep(tmp_path / "A", grid(1))
+    b = make_sweep(tmp_path / "B", grid(2, {"attention_bench-03fl": 1.3}))
+    c = compare(a, b)
+    flagged = c.flagged
+    assert list(flagged["point"].str.contains("context=256, dtype=float32")) == [True]
+    (row,) = flagged.itertuples()
+    assert row.verdict == "regression" and 1.2 < row.b_over_a < 1.4 and row.ci_low > 1.0
+    html_out = tmp_path / "cmp.html"
+    assert main(["compare", str(a), str(b), "--html", str(html_out)]) == 0
+    assert main(["compare", str(a), str(b), "--html", str(html_out), "--fail-on-regression"]) == 1
+    assert main(["compare", str(a), str(a), "--html", str(html_out), "--fail-on-regression"]) == 0
+    assert "REGRESSION" not in html_out.read_text() and "regression</td>" not in html_out.read_text()  # A vs A
+    assert main(["compare", str(a), str(tmp_path / "nope")]) == 2
+    empty = make_sweep(tmp_path / "E", {}, extra=[{"run_id": "attention_bench-x", "experiment": "attention_bench",
+                                                   "status": "failed", "params": {"context": 64}}])
+    assert main(["compare", str(a), str(empty), "--html", str(html_out)]) == 0
+    assert main(["compare", str(a), str(empty), "--html", str(html_out), "--fail-on-regression"]) == 1
+
+
+def repeated_grid(seed: int, repeats: int = 3) -> dict[str, pd.DataFrame]:
+    """Like :func:`grid`, each point run ``repeats`` times; every run (process) has its own
+    level, drawn around the point's (between-process drift 15%, step noise 5%)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(10):
+        for dtype in ("float32", "bfloat16"):
+            for r in range(repeats):
+                level = 50.0 * (i + 1) * (2 if dtype == "bfloat16" else 1) * rng.lognormal(0.0, 0.15)
+                df = attn_rows(64 * (i + 1), dtype, level * rng.lognormal(0.0, 0.05, size=30))
+                out[f"attention_bench-{i:02d}{dtype[:2]}r{r}"] = df.assign(repeat=r)
+    return out
+
+
+def test_compare_resamples_repeats_so_drift_between_processes_is_not_flagged(tmp_path, monkeypatch):
+    import ryzlab.compare as cmp
+
+    a = make_sweep(tmp_path / "A", repeated_grid(1, repeats=5))
+    b = make_sweep(tmp_path / "B", repeated_grid(2, repeats=5))
+    c = compare(a, b)
+    assert len(c.table) == 20 and (c.table["runs_a"] == 5).all() and (c.table["n_a"] == 150).all()
+    assert len(c.flagged) <= 1, c.table[["point", "b_over_a", "ci_low", "ci_high"]]
+    # the same data with all steps of a side pooled as if from one process: false alarms
+    one_level = cmp.bootstrap_ratio
+    monkeypatch.setattr(cmp, "bootstrap_ratio", lambda ra, rb, **kw: one_level(np.concatenate(ra), np.concatenate(rb), **kw))
+    assert len(compare(a, b).flagged) >= 4
+    monkeypatch.undo()
+    slower = {k: df.assign(attn_us=df["attn_us"] * 1.5) if k.startswith("attention_bench-03fl") else df
+              for k, df in repeated_grid(2, repeats=5).items()}
+    c2 = compare(a, make_sweep(tmp_path / "B2", slower))
+    assert "context=256, dtype=float32" in list(c2.flagged["point"]) and len(c2.flagged) <= 2
+
+
+def test_compare_reads_old_runs_without_samples_and_matches_by_parameters(tmp_path):
+    a = make_sweep(tmp_path / "A", grid(1, n_points=2), store_samples=False)
+    pts = grid(2, n_points=3)
+    b = make_sweep(tmp_path / "B", pts)
+    c = compare(a, b)
+    assert len(c.table) == 4 and len(c.only_b) == 2  # context 192 (2 dtypes) exists only in B
+    assert all("context=192" in p for p in c.only_b)
+
+
+def test_bootstrap_interval_and_direction():
+    rng = np.random.default_rng(0)
+    a = rng.normal(100, 5, 50)
+    r, lo, hi = bootstrap_ratio(a, a * 2)
+    assert r == pytest.approx(2.0) and 1.85 < lo < 2.0 < hi < 2.15  # A and B resampled independently
+    r, lo, hi = bootstrap_ratio(a, rng.normal(100, 5, 50))
+    assert lo < 1 < hi
+    assert direction("attn_us") == -1 and direction("tpot_ms_p99") == -1 and direction("achieved_gbps") == 1
+    assert direction("request_throughput") == 1 and direction("mystery") == 0
+
+
+# ----------------------------------------------------------------------------- report pieces
+def hostile_sweep(tmp_path: Path) -> Path:
+    root = make_sweep(tmp_path / "hostile", grid(1, n_points=2), extra=[
+        {"run_id": "javascript:alert(1)", "experiment": "attention_bench", "status": "failed", "error": "X",
+         "message": "<script>alert(2)</script>", "params": {"context": 1}},
+        {"run_id": "attention_bench-timeout", "experiment": "attention_bench", "status": "timeout",
+         "error": "Timeout", "message": "point exceeded --timeout 5 s", "cell": None, "params": {"context": 2}},
+        {"run_id": "attention_bench-failed", "experiment": "attention_bench", "status": "failed",
+         "error": "ValueError", "message": "boom", "cell": 3, "params": {"context": 3}},
+        {"run_id": "../outside", "experiment": "attention_bench", "status": "ok", "params": {"context": 4}},
+    ])
+    (root / "attention_bench-failed").mkdir()
+    (root / "attention_bench-failed" / "run.ipynb").write_text("{}")
+    marker = tmp_path / "HOSTILE_CODE_RAN"
+    for pkg in ("pandas", "ryzlab", "matplotlib", "IPython"):
+        (root / pkg).mkdir()
+        (root / pkg / "__init__.py").write_text(f"open({str(marker)!r}, 'a').write({pkg!r})\nraise SystemExit(3)\n")
+    return root
+
+
+def test_failures_table_survives_timeouts_and_links_only_run_folders(tmp_path):
+    root = hostile_sweep(tmp_path)
+    data = load_sweep(root)
+    assert data.runs["notebook"].isna().sum() >= 2  # NaN under pandas 3: must not reach html.escape
+    page = failures_html(data)
+    hrefs = re.findall(r'href="([^"]*)"', page)
+    assert hrefs == ["attention_bench-failed/run.ipynb"]
+    assert "javascript:alert(1)" in page and "<script>" not in page and "&lt;script&gt;" in page
+    assert "attention_bench-timeout" in page and "no notebook saved" in page
+    bad = data.runs.set_index("run_id").loc["../outside"]
+    assert bad["status"] == "failed" and bad["error"] == "BadRunId"
+
+
+@pytest.mark.timeout(300)
+def test_report_of_hostile_sweep_with_failed_and_timed_out_points(tmp_path):
+    root = hostile_sweep(tmp_path)
+    out = build_report(root)
+    page = out.read_text()
+    assert not (tmp_path / "HOSTILE_CODE_RAN").exists(), "a package in the results folder was imported"
+    assert "<title>ryzlab report: hostile</title>" in page
+    imgs = re.findall(r"<img\b[^>]*>", page)
+    assert imgs and all(re.search(r'\balt="[^"]{10,}"', i) for i in imgs)
+    assert not re.search(r"""href\s*=\s*["']?\s*javascript:""", page, re.I)
+    for text in ("Key results", "Contents", "Appendix: spec and environment", "notebook: attention_bench",
+                 "attention_bench-timeout", "timeout", "boom", "package pandas", "overflow-x:auto"):
+        assert text in page, text
+    # the key results row links to its section, and the section exists
+    assert 'href="#exp-attention_bench"' in page and 'id="exp-attention_bench"' in page
+
+
+# ----------------------------------------------------------------------------- explorer
+def test_explorer_builds_and_follows_widget_changes(tmp_path):
+    pytest.importorskip("ipywidgets")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import ryzlab
+
+    results = tmp_path / "results"
+    make_sweep(results / "A", grid(1, n_points=3))
+    make_sweep(results / "B", grid(2, n_points=3, scale={"attention_bench-00fl": 2.0}))
+    ui = ryzlab.explore(results)
+    ex = ui.explorer
+    c = ex.controls
+    assert c["experiment"].value == "attention_bench" and c["metric"].value == "attn_us" and c["x"].value == "context"
+    assert set(ex.data["context"]) == {64, 128, 192} and "sweep" not in ex.data.columns
+    c["sweeps"].value = ("A", "B")  # overlay: one series per sweep
+    assert set(ex.data["sweep"]) == {"A", "B"} and "series: sweep A" in ex.alt and "sweep B" in ex.alt
+    a64 = ex.data[(ex.data.sweep == "A") & (ex.data.context == 64)]["attn_us"]
+    b64 = ex.data[(ex.data.sweep == "B") & (ex.data.context == 64)]["attn_us"]
+    assert len(a64) == 1 and float(b64.iloc[0]) > 1.3 * float(a64.iloc[0])  # bfloat16 + float32 x2 median
+    c["hue"].value = "dtype"
+    assert {"dtype", "sweep"} <= set(ex.data.columns) and len(ex.data) == 12
+    ex.filters["dtype"].value = ("float32",)
+    assert set(ex.data["dtype"]) == {"float32"} and len(ex.data) == 6
+    assert "bfloat16" not in ex.table.value
+    c["facet"].value = "dtype"
+    c["agg"].value = "max"
+    c["metric"].value = "achieved_gbps"
+    assert "achieved_gbps" in ex.data.columns and "achieved_gbps (max)" in ex.alt
+    from ipywidgets.embed import embed_data  # the widget tree serializes as JupyterLab receives it
+
+    state = embed_data(views=[ui])["manager_state"]["state"]
+    assert any(w["state"].get("description") == "metric" for w in state.values())
+    with pytest.raises(Exception, match="not a sweep folder"):
+        ryzlab.explore(tmp_path / "empty-nothing")
+
+
+# ----------------------------------------------------------------------------- a real sweep
+@pytest.mark.timeout(600)
+def test_real_sweep_with_failed_and_timed_out_points_reports(tmp_path):
+    """ryzlab sweep with a point that raises and one killed by --timeout, then ryzlab report:
+    the report is built, lists both, and links the timed-out point's partial notebook."""
+    import yaml
+
+    from ryzlab.sweep import run_sweep
+
+    fixtures = Path(__file__).parent / "fixtures"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"name": "rough", "experiments": [
+        {"notebook": "attention_bench", "grid": {"context": [16, 32]},
+         "fixed": {"iters": 3, "warmup": 0, "copy_mib": 1, "batch": 1, "threads": 1}},
+        {"notebook": str(fixtures / "points.ipynb"), "zip": {"x": [1, 2, 3], "sleep_s": [0.0, 0.0, 600.0]},
+         "fixed": {"fail_at": 2}}]}))
+    out = tmp_path / "rough"
+    summary = run_sweep(spec, jobs=2, out=out, timeout=60, progress=False)
+    assert (summary.ok, summary.failed, summary.timeout) == (3, 1, 1)
+    data = load_sweep(out)
+    timed_out = data.runs[data.runs["status"] == "timeout"].iloc[0]
+    assert timed_out["notebook"] == f"{timed_out['run_id']}/run.ipynb", "the partial notebook is kept"
+    assert not (out / timed_out["run_id"] / "metrics.parquet").exists()
+    assert (out / timed_out["run_id"] / "samples.parquet").exists() is False
+    for run_id in data.runs.loc[data.runs["experiment"] == "attention_bench", "run_id"]:
+        s = pd.read_parquet(out / run_id / "samples.parquet")
+        assert set(s["metric"]) == {"attn_us"} and len(s) == 3 and {"context", "dtype"} <= set(s.columns)
+    page = build_report(out).read_text()
+    assert f'href="{timed_out["run_id"]}/run.ipynb"' in page and "partial" in page
+    assert "boom at x=2" in page and "1 failed, 1 timed out" in page
+
+
+def test_repeat_spread_per_point():
+    from ryzlab.report_page import repeat_spread
+
+    df = pd.DataFrame({"run_id": ["a"] * 3 + ["a2"] * 3 + ["b"] * 3 + ["b2"] * 3, "context": [64] * 6 + [128] * 6,
+                       "repeat": [0] * 3 + [1] * 3 + [0] * 3 + [1] * 3, "sample": [0, 1, 2] * 4,
+                       "attn_us": [10, 11, 12, 20, 21, 22, 5, 5, 5, 6, 6, 6.0], "kv_bytes": 1})
+    runs = pd.DataFrame({"run_id": ["a", "a2", "b", "b2"],
+                         "params": [json.dumps({"context": c, "repeat": r}) for c in (64, 128) for r in (0, 1)]})
+    s = repeat_spread(df, runs).set_index("point")
+    assert list(s["metric"]) == ["attn_us", "attn_us"]  # kv_bytes is not a timing
+    assert s.loc["context=64", ["median", "min", "max", "repeats"]].tolist() == [16.0, 11.0, 21.0, 2]
+    assert s.loc["context=128", "spread"] == pytest.approx(1 / 5.5)
+    assert repeat_spread(df.drop(columns="repeat"), runs).empty
+
+
+@pytest.mark.timeout(300)
+def test_explore_notebook_opens_the_explorer(tmp_path):
+    """notebooks/explore.ipynb, run by a real kernel, outputs the widget (a widget view)."""
+    import nbformat
+    import papermill as pm
+
+    make_sweep(tmp_path / "results" / "A", grid(1, n_points=2))
+    nb_path = Path(__file__).resolve().parent.parent / "notebooks" / "explore.ipynb"
+    out = tmp_path / "explore.ipynb"
+    pm.execute_notebook(str(nb_path), str(out), parameters={"results_dir": str(tmp_path / "results")},
+                        kernel_name="ryzlab", progress_bar=False, cwd=str(tmp_path))
+    outputs = [o for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+    assert not any(o.get("output_type") == "error" for o in outputs)
+
+
+def test_page_of_a_sweep_where_every_point_failed(tmp_path, monkeypatch):
+    import ryzlab.report_page as page
+
+    root = tmp_path / "allbad"
+    root.mkdir()
+    append_jsonl(root / "manifest.jsonl", {"run_id": "points-1", "experiment": "points", "status": "timeout",
+                                           "error": "Timeout", "message": "killed", "params": {"x": 1}})
+    shown: list[str] = []
+    monkeypatch.setattr(page, "show_html", shown.append)
+    data = page.render(root)
+    text = "".join(shown)
+    assert data.metrics.empty and "no ok points" in text and "points-1" in text and "0 ok, 0 failed, 1 timed out" in text
+    assert "no spec.yaml" in text and "not recorded by this sweep" in text
+    write_parquet(tmp_path / "aggregate.parquet", data.metrics)  # what build_report writes first
+
+
+def test_default_paths_resolve_from_the_repository_when_run_from_notebooks(tmp_path, monkeypatch):
+    """report.ipynb's sweep_dir="results/demo" and explore.ipynb's "results" work from notebooks/."""
+    import ryzlab.explorer as explorer
+    import ryzlab.report as report
+
+    repo = tmp_path / "repo"
+    make_sweep(repo / "results" / "demo", grid(1, n_points=1))
+    (repo / "notebooks").mkdir()
+    monkeypatch.chdir(repo / "notebooks")
+    monkeypatch.setattr(report, "REPO_ROOT", repo)
+    monkeypatch.setattr(explorer, "REPO_ROOT", repo)
+    assert load_sweep("results/demo").sweep_dir == repo / "results" / "demo"
+    assert explorer.find_sweeps("results") == {"demo": repo / "results" / "demo"}
