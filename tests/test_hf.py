@@ -83,7 +83,7 @@ def test_beam_search_codec_none_matches_default(model, ids):
 
 def test_invalid_options_name_valid_choices():
     with pytest.raises(ConfigError, match="choose one of"):
-        RyzlabCache(CFG, codec="int3")
+        RyzlabCache(CFG, codec="int5")
     with pytest.raises(ConfigError, match="valid parameters"):
         RyzlabCache(CFG, codec="int8", blocksize=4)
     with pytest.raises(ValueError, match="valid group sizes"):

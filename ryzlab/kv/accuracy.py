@@ -276,12 +276,13 @@ def evaluate(model: Transformer, cache_configs: Sequence[CacheConfig], tokens: t
 
 
 # ----------------------------------------------------------------------------- any HF checkpoint
-def hf_heldout_tokens(path: str | Path, n: int, length: int) -> torch.Tensor:
-    """``n`` windows of ``length`` tokens of the stdlib held-out text, with the folder's tokenizer.json."""
+def hf_heldout_tokens(path: str | Path, n: int, length: int, text: str | Path | None = None) -> torch.Tensor:
+    """``n`` windows of ``length`` tokens of ``text`` (default: the stdlib held-out text), with the
+    tokenizer of a Hugging Face folder or a ``.gguf`` file."""
     from ..corpus import text_windows
-    from ..models.tokenizer import tokenizer_from_folder
+    from ..models import load_tokenizer
 
-    return text_windows(tokenizer_from_folder(path), n, length)
+    return text_windows(load_tokenizer(str(path)), n, length, text=text)
 
 
 @torch.no_grad()
@@ -293,12 +294,12 @@ def evaluate_hf(model: Any, cache_options: Sequence[dict[str, Any]], tokens: tor
     CacheConfig fields). Same metrics as :func:`evaluate` except ``attn_rel_err`` (NaN: the
     HF attention's queries are not captured); exact K/V come from a ``DynamicCache`` prefill.
     """
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import DynamicCache
 
-    from .hf import RyzlabCache, model_config_from_hf
+    from .hf import RyzlabCache, load_hf_causal_lm, model_config_from_hf
 
     if isinstance(model, (str, Path)):
-        model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+        model = load_hf_causal_lm(model)
     B, L = tokens.shape
     ref = model(tokens).logits.float()
     dyn = DynamicCache(config=model.config)
@@ -333,7 +334,9 @@ groups of 32, int4 with per-channel keys (KIVI), int4 with a 128-token full-prec
 
 
 def parse_layout(text: str, defaults: dict[str, Any]) -> CacheConfig:
-    """``codec[,field=value...]`` (e.g. ``int4,key_granularity=channel,residual=128``) -> CacheConfig."""
+    """``codec[,field=value...]`` (e.g. ``int4,key_granularity=channel,residual=128``) -> CacheConfig.
+
+    ``layer_codecs`` takes one codec per layer separated by ``/`` (``layer_codecs=int8/int4/int4``)."""
     from ..config import field_names, from_dict
 
     codec, *rest = [p.strip() for p in text.split(",") if p.strip()]
@@ -342,6 +345,9 @@ def parse_layout(text: str, defaults: dict[str, Any]) -> CacheConfig:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ValueError(f"layout {text!r}: {item!r} is not field=value; fields: {', '.join(field_names(CacheConfig))}")
+        if key == "layer_codecs":  # one codec per layer, separated by "/": int8/int4/int4/...
+            values[key] = tuple(c for c in raw.split("/") if c)
+            continue
         values[key] = raw.lower() == "true" if raw.lower() in ("true", "false") else (int(raw) if raw.isdigit() else raw)
     return from_dict(CacheConfig, values, where=f"layout {text!r}")
 
@@ -350,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     """``python -m ryzlab.kv.accuracy [--model SPEC] [--text FILE] [--codecs ...|--layout ...|--preset standard]``."""
     import argparse
 
-    from ..config import CODECS
+    from ..config import CODECS, ROTATIONS, from_dict
     from ..corpus import text_windows
     from ..models import MODEL_CHOICES, check_model, load_model
 
@@ -366,6 +372,9 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--key-granularity", default="token_head")
     ap.add_argument("--value-granularity", default="token_head")
     ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--asymmetric", action="store_true",
+                    help="integer codecs store a zero point per scale (symmetric=False) unless a layout says otherwise")
+    ap.add_argument("--rotation", default="none", help=f"{', '.join(ROTATIONS)} (default none)")
     ap.add_argument("--residual", type=int, default=0)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--windows", type=int, default=8)
@@ -378,15 +387,18 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--out", help="also write the table (.parquet or .csv)")
     a = ap.parse_args(argv)
     defaults = dict(key_granularity=a.key_granularity, value_granularity=a.value_granularity,
-                    group_size=a.group_size, residual=a.residual, block_size=a.block_size)
+                    group_size=a.group_size, residual=a.residual, block_size=a.block_size,
+                    symmetric=not a.asymmetric, rotation=a.rotation)
     try:  # every input checked before the model is loaded
         src = check_model(a.model)
         if a.preset:
-            layouts = [CacheConfig(**o, block_size=a.block_size) for o in STANDARD_LAYOUTS]
+            layouts = [from_dict(CacheConfig, {**defaults, **o}, where=f"--preset standard {o}")
+                       for o in STANDARD_LAYOUTS]
         else:
             layouts = [parse_layout(t, defaults) for t in (a.layout or a.codecs.split(","))]
         for cfg in layouts:
             cfg.check_head_dim(src.config.head_dim)
+            cfg.check_layers(src.config.n_layers)
         if not 0 < a.prefill < a.length:
             raise ValueError(f"--prefill {a.prefill} must be in [1, --length - 1 = {a.length - 1}]")
     except ValueError as e:

@@ -34,6 +34,13 @@ the next one; a sequence whose prompt hits cached blocks reads their quantised c
 wrote them, so they are not in its tail). Shortage (bounded ``num_blocks``) returns None from
 ``add_sequence`` / ``extend`` with nothing changed; misuse raises ``ValueError``.
 
+Mixed precision and rotation. ``CacheConfig.layer_codecs`` gives each layer its own codec
+(the pages of layers sharing a format share one allocation: :class:`LayerPages`). With
+``CacheConfig.rotation`` every K/V head vector is rotated (:mod:`ryzlab.kv.rotation`) before it
+is stored — pages and tail alike; :meth:`attend` rotates the queries the same way and its output
+back, so only this step's ``[N, Hq, D]`` queries are touched; :meth:`gather` and
+:meth:`read_kv` return K/V in the model's basis unless asked for the rotated one.
+
 Context parallelism: built with ``cp=`` (the :class:`ryzlab.parallel.comm.Comm` of the cp
 group), the cache's :class:`BlockPool` is sharded (block ``b`` lives on cp rank ``b % cp``) and
 replicated: every rank plans the same steps, stores only its own blocks (``num_blocks / cp``
@@ -55,8 +62,10 @@ import torch.nn.functional as F
 from ryzlab.config import CacheConfig, ModelConfig
 from ryzlab.kv.blocks import BlockPool, SeqId
 from ryzlab.kv.codecs import KVFormat
+from ryzlab.kv.ledger import codec_bytes_per_token, paged_ledger
 from ryzlab.kv.merge import merge_partials, pack_partial, unpack_partials
-from ryzlab.kv.pages import MATH_SCORES, PagedTensor, attention_with_lse
+from ryzlab.kv.pages import MATH_SCORES, LayerPages, attention_with_lse
+from ryzlab.kv.rotation import HeadRotation
 from ryzlab.parallel.comm import Comm
 
 __all__ = ["PagedKVCache", "Step"]
@@ -128,15 +137,22 @@ class PagedKVCache:
     def __init__(self, model: ModelConfig, cache: CacheConfig, *, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", cp: Comm | None = None):
         cache.check_head_dim(model.head_dim)
+        cache.check_layers(model.n_layers)
         self.model, self.config = model, cache
         self.dtype, self.device = dtype, torch.device(device)
         self.n_layers, self.n_kv_heads, self.head_dim = model.n_layers, model.n_kv_heads, model.head_dim
         self.block_size = bs = cache.block_size
-        self.key_format = KVFormat(cache.codec, cache.key_granularity, cache.group_size, cache.symmetric, dtype)
-        self.value_format = KVFormat(cache.codec, cache.value_granularity, cache.group_size, cache.symmetric, dtype)
-        quantized = cache.codec != "none"
-        # One commit unit for K and V: a block if either needs block-wide scales, else a token.
-        self.commit_unit = bs if (self.key_format.spans_tokens or self.value_format.spans_tokens) else 1
+        self.key_formats = [KVFormat(cache.codec_of(i), cache.key_granularity, cache.group_size, cache.symmetric,
+                                     dtype) for i in range(model.n_layers)]
+        self.value_formats = [KVFormat(cache.codec_of(i), cache.value_granularity, cache.group_size,
+                                       cache.symmetric, dtype) for i in range(model.n_layers)]
+        self.key_format, self.value_format = self.key_formats[0], self.value_formats[0]  # layer 0's
+        quantized = cache.any_quantized
+        # One commit unit for K and V: a block if any layer needs block-wide scales, else a token.
+        spans = any(f.spans_tokens for f in self.key_formats + self.value_formats)
+        self.commit_unit = bs if spans else 1
+        self.rotation = (HeadRotation(cache.rotation, model.head_dim, cache.rotation_seed, self.device)
+                         if cache.rotation != "none" else None)
         self.residual = cache.residual if quantized else 0  # full precision == the stored copy
         self.tail_len = max(self.residual, self.commit_unit - 1) if quantized else 0
         self.cp = cp if cp is not None else Comm(local=True)
@@ -144,8 +160,8 @@ class PagedKVCache:
         self.pool = BlockPool(cache.num_blocks, bs, cache.enable_prefix_caching, shards=self.cp_size)
         cap = -(-(cache.num_blocks or _INITIAL_BLOCKS) // self.cp_size)  # this rank's pages
         L, H, D = self.n_layers, self.n_kv_heads, self.head_dim
-        self.k = PagedTensor(self.key_format, L, cap, bs, H, D, self.device)
-        self.v = PagedTensor(self.value_format, L, cap, bs, H, D, self.device)
+        self.k = LayerPages(self.key_formats, cap, bs, H, D, self.device)
+        self.v = LayerPages(self.value_formats, cap, bs, H, D, self.device)
         self._tail_k = torch.zeros(L, _INITIAL_SLOTS, self.tail_len, H, D, dtype=dtype, device=self.device)
         self._tail_v = torch.zeros_like(self._tail_k)
         self._free_slots = list(range(_INITIAL_SLOTS))
@@ -466,6 +482,8 @@ class PagedKVCache:
         k, _ = self._flat(k, step, "k", self.n_kv_heads)
         v, _ = self._flat(v, step, "v", self.n_kv_heads)
         k, v = k.to(self.dtype), v.to(self.dtype)
+        if self.rotation is not None:  # stored rotated, pages and tail alike
+            k, v = self.rotation.apply(k), self.rotation.apply(v)
         for pages, tail, x in ((self.k, self._tail_k, k), (self.v, self._tail_v, v)):
             flat_tail = tail[layer].view(-1, self.n_kv_heads, self.head_dim)
             if self.commit_unit == 1:
@@ -481,7 +499,7 @@ class PagedKVCache:
             if step._tail_dst.numel():
                 flat_tail[step._tail_dst] = x[step._tail_src]
 
-    def _gather(self, layer: int, pages: PagedTensor, tail: torch.Tensor, tables: torch.Tensor,
+    def _gather(self, layer: int, pages: LayerPages, tail: torch.Tensor, tables: torch.Tensor,
                 ov: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x = pages.gather(layer, tables, self.dtype)  # [B, H, S, D]
         if ov[0].numel():
@@ -493,17 +511,21 @@ class PagedKVCache:
         return (self._gather(layer, self.k, self._tail_k, step._tables, ov),
                 self._gather(layer, self.v, self._tail_v, step._tables, ov))
 
-    def gather(self, layer: int, *, step: Step | None = None,
-               heads_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, layer: int, *, step: Step | None = None, heads_first: bool = False,
+               rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded keys and values the step attends to, position-aligned, in ``dtype``.
 
         ``[B, S, Hkv, D]`` each, or contiguous ``[B, Hkv, S, D]`` with ``heads_first`` (what a
         Hugging Face attention layer wants back from its cache). ``S`` is the longest context
         rounded up to whole blocks; positions ``>= context_lens[b]`` are padding. One cp rank only
-        (with cp > 1 no rank holds every position).
+        (with cp > 1 no rank holds every position). With a rotation, K/V come back in the model's
+        basis (one ``[D, D]`` product per cached vector) unless ``rotated=True``: then the caller
+        rotates its queries with :meth:`rotate` and its output back with :meth:`unrotate`.
         """
         self._single_rank("gather")
         k, v = self._gather_heads(layer, self._current(step))
+        if self.rotation is not None and not rotated:
+            k, v = self.rotation.invert(k), self.rotation.invert(v)
         return (k, v) if heads_first else (k.transpose(1, 2), v.transpose(1, 2))
 
     def attend(self, layer: int, q: torch.Tensor, *, step: Step | None = None,
@@ -519,6 +541,19 @@ class PagedKVCache:
         q, four_d = self._flat(q, step, "q", self.model.n_heads)
         if not step.num_tokens:
             return q.new_zeros(q.shape)
+        if self.rotation is not None:  # scores need q in the keys' basis; the output is rotated back
+            return self.rotation.invert(self._attend(layer, self.rotation.apply(q), step, scale, four_d))
+        return self._attend(layer, q, step, scale, four_d)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries ``[..., D]`` into the basis of the stored keys (identity without a rotation)."""
+        return x if self.rotation is None else self.rotation.apply(x)
+
+    def unrotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention output ``[..., D]`` over stored values back to the model's basis."""
+        return x if self.rotation is None else self.rotation.invert(x)
+
+    def _attend(self, layer: int, q: torch.Tensor, step: Step, scale: float | None, four_d: bool) -> torch.Tensor:
         k, v = self._gather_heads(layer, step)  # [B, H, S, D]
         qp, mask = self._pad_queries(q, step)
         b, tq, hq, d = qp.shape
@@ -559,8 +594,10 @@ class PagedKVCache:
         n = st.num_written
         tables, _, *ov = self._gather_plan([seq_id], [st], [n])
         layers = range(self.n_layers) if layer is None else [layer]
-        ks = [self._gather(i, self.k, self._tail_k, tables, ov)[0, :, :n].transpose(0, 1) for i in layers]
-        vs = [self._gather(i, self.v, self._tail_v, tables, ov)[0, :, :n].transpose(0, 1) for i in layers]
+        ks = [self.unrotate(self._gather(i, self.k, self._tail_k, tables, ov)[0, :, :n].transpose(0, 1))
+              for i in layers]
+        vs = [self.unrotate(self._gather(i, self.v, self._tail_v, tables, ov)[0, :, :n].transpose(0, 1))
+              for i in layers]
         return (torch.stack(ks), torch.stack(vs)) if layer is None else (ks[0], vs[0])
 
     def stats(self) -> dict[str, float]:
@@ -569,67 +606,9 @@ class PagedKVCache:
 
     def bytes_per_token_codec(self) -> float:
         """Asymptotic bytes per token, all layers, K + V: payload + amortised scales only."""
-        kb = self.key_format.bytes_per_token(self.n_kv_heads, self.head_dim, self.block_size)
-        vb = self.value_format.bytes_per_token(self.n_kv_heads, self.head_dim, self.block_size)
-        return self.n_layers * (kb.total + vb.total)
+        return codec_bytes_per_token(self.key_formats, self.value_formats, self.n_kv_heads, self.head_dim,
+                                     self.block_size)
 
     def ledger(self) -> dict[str, float]:
-        """Exact bytes this rank holds for the live sequences, by kind (all layers, K + V).
-
-        Under context parallelism only this rank's blocks count (its share of every sequence);
-        the tail is held by every cp rank and counted on each. Under tensor parallelism the
-        cache holds the rank's own KV heads (a replicated KV head is counted on every copy).
-
-        * ``payload``: quantised (or model-dtype) values of the filled token slots;
-        * ``scales``: scales and zero points (token-local ones per filled slot, block-wide
-          ones per used block);
-        * ``padding``: empty slots of partially filled blocks (payload + token-local scales);
-        * ``residual``: the full-precision tail rows of every live sequence (residual window
-          and, for token-spanning scales, the not-yet-full block);
-        * ``metadata``: what a device would hold to address them: an int32 block-table entry
-          per block per sequence and an int32 length per sequence (host-side Python
-          bookkeeping is not counted);
-        * ``bytes_per_token``: total / tokens of the live sequences (shared prefix blocks are
-          counted once, so sharing lowers it; under cp the tokens are the whole sequences, so
-          this is the rank's share); ``ratio_vs_bf16`` divides it by
-          ``bf16_bytes_per_token`` = ``2 * L * Hkv * D * 2``;
-        * ``allocated``: bytes of every storage tensor (pool capacity, cached free blocks
-          and spare tail slots included).
-        """
-        L, H, D, bs = self.n_layers, self.n_kv_heads, self.head_dim, self.block_size
-        payload_slot = scale_slot = scale_block = 0.0
-        for fmt in (self.key_format, self.value_format):
-            tb = fmt.bytes_per_token(H, D, bs)
-            payload_slot += L * tb.payload
-            if fmt.spans_tokens:
-                scale_block += L * tb.scales * bs
-            else:
-                scale_slot += L * tb.scales
-        fill: dict[int, int] = {}
-        tokens = table_entries = 0
-        cp, me = self.cp_size, self.cp_rank
-        for s in self._seqs:
-            n = self.pool.num_tokens(s)
-            tokens += n
-            for j, b in enumerate(self.pool.block_table(s)):
-                if b % cp == me:
-                    table_entries += 1
-                    fill[b] = max(fill.get(b, 0), min(bs, n - j * bs))
-        filled = sum(fill.values())
-        used = len(fill)
-        payload = filled * payload_slot
-        scales = filled * scale_slot + used * scale_block
-        padding = (used * bs - filled) * (payload_slot + scale_slot)
-        residual = float(len(self._seqs) * self.tail_len * H * D * self.dtype.itemsize * 2 * L)
-        metadata = float(4 * table_entries + 4 * len(self._seqs))
-        total = payload + scales + padding + residual + metadata
-        bf16 = 2.0 * L * H * D * 2
-        bpt = total / tokens if tokens else self.bytes_per_token_codec()
-        allocated = self.k.nbytes() + self.v.nbytes() + 2 * self._tail_k.numel() * self._tail_k.element_size()
-        return {"payload": payload, "scales": scales, "residual": residual, "padding": padding,
-                "metadata": metadata, "total": total, "tokens": float(tokens), "bytes_per_token": bpt,
-                "kv_bytes_per_token": bpt,  # the field's metric name (DESIGN.md)
-                "bytes_per_token_codec": self.bytes_per_token_codec(), "bf16_bytes_per_token": bf16,
-                "ratio_vs_bf16": bpt / bf16, "allocated": float(allocated), "blocks": float(used),
-                "cp": float(cp)}
-
+        """Exact bytes this rank holds for the live sequences, by kind: :func:`ryzlab.kv.ledger.paged_ledger`."""
+        return paged_ledger(self)
