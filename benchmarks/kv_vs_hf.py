@@ -45,11 +45,11 @@ from pathlib import Path
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
-from transformers.cache_utils import QuantizedCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ryzlab.kv.accuracy import hf_heldout_tokens  # noqa: E402
 from ryzlab.kv.hf import RyzlabCache, load_hf_causal_lm, use_rotated_attention  # noqa: E402
+from ryzlab.kv.peers import hf_cache_bytes, peer_cache  # noqa: E402
 from ryzlab.provenance import cpu_model  # noqa: E402
 
 # Same as the peer's REFERENCE (checked against the peer file when it is present).
@@ -84,32 +84,8 @@ ROTATION_PAIRS = (("ryzlab_int4_rot", "ryzlab_int4"), ("ryzlab_int4_rot_kivi", "
                   ("ryzlab_int2_rot_asym_r128", "ryzlab_int2_asym_r128"))
 
 
-def tensor_bytes(t) -> int:
-    """The peer's counter: optimum-quanto packed tensors count data + scale + shift; containers
-    (tuples, lists, dicts of tensors, as some caches keep) are walked."""
-    if isinstance(t, (tuple, list)):
-        return sum(tensor_bytes(x) for x in t)
-    if isinstance(t, dict):
-        return sum(tensor_bytes(x) for x in t.values())
-    if not torch.is_tensor(t):
-        return 0
-    if hasattr(t, "_data") and hasattr(t, "_scale"):
-        d = getattr(t._data, "_data", t._data)
-        return d.numel() * d.element_size() + sum(x.numel() * x.element_size() for x in (t._scale, t._shift))
-    return t.numel() * t.element_size()
-
-
-def hf_cache_bytes(cache) -> int:
-    return sum(tensor_bytes(v) for layer in cache.layers for v in vars(layer).values())
-
-
 def cache_bytes(cache) -> float:
     return cache.ledger()["total"] if isinstance(cache, RyzlabCache) else float(hf_cache_bytes(cache))
-
-
-def quanto(cfg, nbits: int):
-    return QuantizedCache(backend="quanto", config=cfg, nbits=nbits, axis_key=0, axis_value=0,
-                          q_group_size=64, residual_length=128)
 
 
 def fill_from(cache, dynamic: DynamicCache) -> None:
@@ -175,7 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if name == "hf_dynamic":
             return DynamicCache(config=cfg)
         if name.startswith("hf_quanto_int"):
-            return quanto(cfg, int(name[-1]))
+            return peer_cache(cfg, name.removeprefix("hf_"))
         return RyzlabCache(cfg, **{"block_size": a.block_size, **RYZLAB[name]})
 
     with torch.no_grad():

@@ -69,7 +69,11 @@ def test_loaded_checkpoint_as_model(codec, tmp_path):
 
 def test_invalid_config_names_choices():
     with pytest.raises(ConfigError, match="choose one of"):
-        make_config("kv_compression", {"codec": "int3"})
+        make_config("kv_compression", {"codec": "int5"})
+    with pytest.raises(ConfigError, match="peer='quanto_int4' runs on a transformers model"):
+        make_config("kv_compression", {"peer": "quanto_int4"})
+    with pytest.raises(ConfigError, match="layer_codecs has 1 entries"):
+        make_config("kv_compression", {"layer_codecs": ["int4"]})
     from ryzlab.experiments.kv_compression import Config, run
 
     with pytest.raises(ValueError, match="valid group sizes"):  # checked once the model is known

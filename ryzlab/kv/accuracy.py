@@ -51,15 +51,16 @@ from .cache import PagedKVCache
 
 log = logging.getLogger(__name__)
 
-__all__ = ["capture_qkv", "reconstruction_error", "decode_logits", "teacher_forced", "evaluate", "evaluate_hf",
+__all__ = ["capture_qkv", "reconstruction_error", "decode_logits", "compare_logits", "teacher_forced", "evaluate", "evaluate_hf",
            "dense_perplexity", "layout_label", "parse_layout", "STANDARD_LAYOUTS", "uncompressed",
            "hf_heldout_tokens", "layout_columns"]
 
 
 def layout_columns(cfg: CacheConfig) -> dict[str, Any]:
     """The swept cache fields as flat columns."""
-    return {k: getattr(cfg, k) for k in ("codec", "key_granularity", "value_granularity", "group_size",
-                                         "residual", "block_size", "symmetric")}
+    cols = {k: getattr(cfg, k) for k in ("codec", "key_granularity", "value_granularity", "group_size",
+                                         "residual", "block_size", "symmetric", "rotation")}
+    return cols | {"layer_codecs": "/".join(cfg.layer_codecs)}
 
 
 # ----------------------------------------------------------------------------- K/V and attention
@@ -133,7 +134,7 @@ def reconstruction_error(model_cfg: Any, cache_cfg: CacheConfig, qkv: Sequence[t
 
 
 # ----------------------------------------------------------------------------- logits
-def _compare_logits(logits: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor, chunk: int = 64
+def compare_logits(logits: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor, chunk: int = 64
                     ) -> dict[str, float]:
     """logits/ref [B, n, V] predicting targets [B, n] -> KL, perplexities, top-1 agreement, relative logit error.
 
@@ -206,7 +207,7 @@ def teacher_forced(model: Transformer, tokens: torch.Tensor, cache_cfg: CacheCon
         raise ValueError(f"prefill={prefill} must be in [1, {L - 1}] for sequences of {L} tokens")
     ref = decode_logits(model, tokens, uncompressed(cache_cfg), prefill)[0] if ref_logits is None else ref_logits
     logits, led = decode_logits(model, tokens, cache_cfg, prefill)
-    return {**_compare_logits(logits, ref, tokens[:, prefill:]), **_ledger_columns(led)}
+    return {**compare_logits(logits, ref, tokens[:, prefill:]), **_ledger_columns(led)}
 
 
 @torch.no_grad()
@@ -221,9 +222,11 @@ def dense_perplexity(model: Transformer, tokens: torch.Tensor, prefill: int) -> 
 
 
 def layout_label(cfg: CacheConfig) -> str:
-    """A short name for a layout: ``int4 k=channel g32 r128`` (defaults left out)."""
+    """A short name for a layout: ``int4 k=channel g32 r128 rot bs32`` (defaults left out).
+
+    ``rot`` / ``rot±``: Hadamard rotation (with random signs); ``mixed 8xint4+22xint2``: per-layer codecs."""
     parts = [cfg.codec]
-    if cfg.codec != "none":
+    if cfg.any_quantized:
         if cfg.key_granularity != "token_head":
             parts.append(f"k={cfg.key_granularity}")
         if cfg.value_granularity != "token_head":
@@ -234,6 +237,13 @@ def layout_label(cfg: CacheConfig) -> str:
             parts.append(f"r{cfg.residual}")
         if not cfg.symmetric:
             parts.append("asym")
+        if cfg.rotation != "none":
+            parts.append("rot" if cfg.rotation == "hadamard" else "rot±")
+        if cfg.block_size != 16:
+            parts.append(f"bs{cfg.block_size}")
+        if cfg.layer_codecs:
+            counts = {k: cfg.layer_codecs.count(k) for k in dict.fromkeys(cfg.layer_codecs)}
+            parts[0] = "mixed " + "+".join(f"{n}x{k}" for k, n in counts.items())
     return " ".join(parts)
 
 
@@ -265,7 +275,7 @@ def evaluate(model: Transformer, cache_configs: Sequence[CacheConfig], tokens: t
                "seq_len": tokens.shape[1], "prefill": prefill}
         if qkv is not None:
             row.update(reconstruction_error(model.config, cfg, qkv))
-        row.update(_compare_logits(logits, ref, tokens[:, prefill:]))
+        row.update(compare_logits(logits, ref, tokens[:, prefill:]))
         row.update(_ledger_columns(led), ppl_dense=dense)
         rows.append(row)
         log.info("accuracy %s: ppl %.4f (delta %+.4f) KL %.2e top1 %.4f, %.1f B/token", row["layout"], row["ppl"],
@@ -315,7 +325,7 @@ def evaluate_hf(model: Any, cache_options: Sequence[dict[str, Any]], tokens: tor
         row = {**layout_columns(cache.cache_config), "model": getattr(model.config, "_name_or_path", "") or
                type(model).__name__, "batch": B, "seq_len": L, "prefill": prefill}
         row.update(reconstruction_error(mcfg, cache.cache_config, qkv))
-        row.update(_compare_logits(torch.cat(steps, 1), ref[:, prefill - 1:L - 1], tokens[:, prefill:]))
+        row.update(compare_logits(torch.cat(steps, 1), ref[:, prefill - 1:L - 1], tokens[:, prefill:]))
         led = cache.ledger()
         row.update(cache_total=led["total"], cache_bytes_per_token=led["bytes_per_token"],
                    cache_ratio_vs_bf16=led["ratio_vs_bf16"])
