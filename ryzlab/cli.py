@@ -157,7 +157,7 @@ def cmd_kv_plan(args: argparse.Namespace) -> int:
     print(res.summary())
     if args.out:
         out = t.drop(columns=["cache_config"])
-        (out.to_parquet if args.out.endswith(".parquet") else out.to_csv)(args.out)
+        out.to_parquet(args.out) if args.out.endswith(".parquet") else out.to_csv(args.out, index=False)
     if args.plot:
         from .plots.kv_compression import plan_figure
 
