@@ -71,6 +71,7 @@ RYZLAB: dict[str, dict] = {
     "ryzlab_int4_g32": dict(codec="int4", key_granularity="group", value_granularity="group", group_size=32),
     "ryzlab_int4_asym_r128": dict(codec="int4", symmetric=False, residual=128),
     "ryzlab_int4_kivi": dict(codec="int4", key_granularity="channel", block_size=32),
+    "ryzlab_int4_kivi_r128": dict(codec="int4", key_granularity="channel", block_size=32, residual=128),
     "ryzlab_int4_rot": dict(codec="int4", rotation="hadamard"),
     "ryzlab_int4_rot_kivi": dict(codec="int4", key_granularity="channel", block_size=32, rotation="hadamard"),
     "ryzlab_int4_rot_r128": dict(codec="int4", rotation="hadamard", residual=128),
@@ -78,6 +79,10 @@ RYZLAB: dict[str, dict] = {
     "ryzlab_int3_rot_asym_r128": dict(codec="int3", symmetric=False, rotation="hadamard", residual=128),
     "ryzlab_int2_asym_r128": dict(codec="int2", symmetric=False, residual=128),
     "ryzlab_int2_rot_asym_r128": dict(codec="int2", symmetric=False, rotation="hadamard", residual=128),
+    "ryzlab_int2_kivi_asym_r128": dict(codec="int2", symmetric=False, key_granularity="channel", block_size=32,
+                                       residual=128),
+    "ryzlab_int2_rot_kivi_asym_r128": dict(codec="int2", symmetric=False, key_granularity="channel", block_size=32,
+                                           rotation="hadamard", residual=128),
 }
 # (rotated layout, the same layout without rotation): the rotation's share of a decode step
 ROTATION_PAIRS = (("ryzlab_int4_rot", "ryzlab_int4"), ("ryzlab_int4_rot_kivi", "ryzlab_int4_kivi"),

@@ -232,6 +232,10 @@ class CacheConfig:
     output back, so scores and outputs are unchanged up to float rounding."""
     rotation_seed: int = 0
     """Seed of the random signs of ``hadamard_signs``."""
+    pre_rope_keys: bool = False
+    """Store keys before RoPE (KVQuant): each key is rotated back by its position's RoPE angle
+    before quantising and RoPE is re-applied to the decoded keys at every read. Pre-RoPE, an
+    outlier channel stays in the same channel at every position, which per-channel scales fit."""
     layer_codecs: tuple[Codec, ...] = ()
     """Per-layer codec (mixed precision), one per decoder layer; empty = ``codec`` for every
     layer. Granularities, symmetry and rotation are shared."""

@@ -152,6 +152,9 @@ def test_rotation_keeps_the_uncompressed_path_and_rotated_attention_is_exact(ids
     torch.testing.assert_close(_teacher_forced(m, ids, RyzlabCache(CFG, codec="int4", **rot)), q_fallback,
                                atol=1e-4, rtol=1e-4)
     assert _PENDING_ROTATION.get() is None  # every rotation asked for was consumed by its attention call
+    # keys stored before RoPE (the model's RoPE undone, then redone at every read): still the model
+    pre = _teacher_forced(m, ids, RyzlabCache(CFG, codec="none", pre_rope_keys=True, **rot))
+    torch.testing.assert_close(pre, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_peer_byte_counter_walks_tuples_lists_and_dicts():

@@ -113,3 +113,29 @@ def test_mixed_precision_ledger_sums_each_layers_format():
                for t in p.tensors())
     assert held == led["payload"] + led["scales"]
     assert [f.codec for f in cache.key_formats] == ["int8", "int2"]
+
+
+def test_pre_rope_keys_leave_the_uncompressed_path_unchanged_and_quantise_before_rope():
+    from ryzlab.model import apply_rope, rope_cos_sin, rope_inv_freq
+
+    plain, c0 = _run(CacheConfig(block_size=4))
+    for kind in ("none", "hadamard"):
+        pre, c1 = _run(CacheConfig(block_size=4, pre_rope_keys=True, rotation=kind))
+        for a, b in zip(plain, pre):
+            torch.testing.assert_close(b, a, atol=5e-5, rtol=1e-4)
+        torch.testing.assert_close(c1.read_kv("a")[0], c0.read_kv("a")[0], atol=5e-5, rtol=0)
+        for row, n in enumerate(c1._step.context_lens):  # positions past a row's context are padding
+            torch.testing.assert_close(c1.gather(0)[0][row, :n], c0.gather(0)[0][row, :n], atol=5e-5, rtol=0)
+    # compressed: what is stored is the pre-RoPE key, quantised per channel over a block
+    _, q = _run(CacheConfig(codec="int4", key_granularity="channel", block_size=4, pre_rope_keys=True))
+    k = c0.read_kv("a", 0)[0]  # [n, H, D] post-RoPE, exact
+    n = k.shape[0]
+    cos, sin = rope_cos_sin(torch.arange(n), rope_inv_freq(MODEL), torch.float32)
+    pre_k = apply_rope(k, cos, -sin)
+    fmt = q.key_formats[0]
+    full = n // 4 * 4
+    exp = pre_k.clone()
+    exp[:full] = fmt.decode(fmt.encode(pre_k[:full].view(-1, 4, 2, 16))).reshape(full, 2, 16)
+    torch.testing.assert_close(q.read_kv("a", 0)[0], apply_rope(exp, cos, sin), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="pre_rope_keys"):
+        q.gather(0, rotated=True)

@@ -66,6 +66,7 @@ from ryzlab.kv.ledger import codec_bytes_per_token, paged_ledger
 from ryzlab.kv.merge import merge_partials, pack_partial, unpack_partials
 from ryzlab.kv.pages import MATH_SCORES, LayerPages, attention_with_lse
 from ryzlab.kv.rotation import HeadRotation
+from ryzlab.model import apply_rope, rope_cos_sin, rope_inv_freq
 from ryzlab.parallel.comm import Comm
 
 __all__ = ["PagedKVCache", "Step"]
@@ -153,6 +154,8 @@ class PagedKVCache:
         self.commit_unit = bs if spans else 1
         self.rotation = (HeadRotation(cache.rotation, model.head_dim, cache.rotation_seed, self.device)
                          if cache.rotation != "none" else None)
+        # keys stored before RoPE: the model's RoPE frequencies (from its config) undo / redo it
+        self._inv_freq = rope_inv_freq(model, self.device) if cache.pre_rope_keys else None
         self.residual = cache.residual if quantized else 0  # full precision == the stored copy
         self.tail_len = max(self.residual, self.commit_unit - 1) if quantized else 0
         self.cp = cp if cp is not None else Comm(local=True)
@@ -482,6 +485,8 @@ class PagedKVCache:
         k, _ = self._flat(k, step, "k", self.n_kv_heads)
         v, _ = self._flat(v, step, "v", self.n_kv_heads)
         k, v = k.to(self.dtype), v.to(self.dtype)
+        if self._inv_freq is not None:  # RoPE undone: the key as the projection made it
+            k = self._rope(k, step.positions, inverse=True)
         if self.rotation is not None:  # stored rotated, pages and tail alike
             k, v = self.rotation.apply(k), self.rotation.apply(v)
         for pages, tail, x in ((self.k, self._tail_k, k), (self.v, self._tail_v, v)):
@@ -507,9 +512,24 @@ class PagedKVCache:
         return x
 
     def _gather_heads(self, layer: int, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V ``[B, H, S, D]`` in the stored basis; pre-RoPE keys come back post-RoPE in the model's basis."""
         ov = (step._ov_b, step._ov_idx, step._ov_row)
-        return (self._gather(layer, self.k, self._tail_k, step._tables, ov),
-                self._gather(layer, self.v, self._tail_v, step._tables, ov))
+        k = self._gather(layer, self.k, self._tail_k, step._tables, ov)
+        if self._inv_freq is not None:
+            k = self._keys_at(k, step._kpos)
+        return k, self._gather(layer, self.v, self._tail_v, step._tables, ov)
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """RoPE (or its inverse: the angle negated) of ``x [..., T, H, D]`` at ``positions [..., T]``."""
+        assert self._inv_freq is not None
+        cos, sin = rope_cos_sin(positions, self._inv_freq, torch.float32)
+        return apply_rope(x.float(), cos, -sin if inverse else sin).to(x.dtype)
+
+    def _keys_at(self, k: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        """Stored pre-RoPE keys ``[B, H, S, D]`` -> the model's basis with RoPE at ``kpos [B or 1, S]``."""
+        if self.rotation is not None:  # RoPE and the rotation do not commute: rotate back first
+            k = self.rotation.invert(k)
+        return self._rope(k.transpose(1, 2), kpos).transpose(1, 2).contiguous()
 
     def gather(self, layer: int, *, step: Step | None = None, heads_first: bool = False,
                rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -523,9 +543,12 @@ class PagedKVCache:
         rotates its queries with :meth:`rotate` and its output back with :meth:`unrotate`.
         """
         self._single_rank("gather")
+        if rotated and self._inv_freq is not None:
+            raise ValueError("pre_rope_keys: keys come back post-RoPE in the model's basis; use rotated=False")
         k, v = self._gather_heads(layer, self._current(step))
         if self.rotation is not None and not rotated:
-            k, v = self.rotation.invert(k), self.rotation.invert(v)
+            v = self.rotation.invert(v)
+            k = k if self._inv_freq is not None else self.rotation.invert(k)
         return (k, v) if heads_first else (k.transpose(1, 2), v.transpose(1, 2))
 
     def attend(self, layer: int, q: torch.Tensor, *, step: Step | None = None,
@@ -542,7 +565,8 @@ class PagedKVCache:
         if not step.num_tokens:
             return q.new_zeros(q.shape)
         if self.rotation is not None:  # scores need q in the keys' basis; the output is rotated back
-            return self.rotation.invert(self._attend(layer, self.rotation.apply(q), step, scale, four_d))
+            qk = q if self._inv_freq is not None else self.rotation.apply(q)  # pre-RoPE keys: model basis
+            return self.rotation.invert(self._attend(layer, qk, step, scale, four_d))
         return self._attend(layer, q, step, scale, four_d)
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
@@ -592,10 +616,15 @@ class PagedKVCache:
         self._single_rank("read_kv")
         st = self._state(seq_id)
         n = st.num_written
-        tables, _, *ov = self._gather_plan([seq_id], [st], [n])
+        tables, kpos, *ov = self._gather_plan([seq_id], [st], [n])
         layers = range(self.n_layers) if layer is None else [layer]
-        ks = [self.unrotate(self._gather(i, self.k, self._tail_k, tables, ov)[0, :, :n].transpose(0, 1))
-              for i in layers]
+
+        def keys(i: int) -> torch.Tensor:
+            k = self._gather(i, self.k, self._tail_k, tables, ov)
+            k = self._keys_at(k, kpos) if self._inv_freq is not None else self.unrotate(k)
+            return k[0, :, :n].transpose(0, 1)
+
+        ks = [keys(i) for i in layers]
         vs = [self.unrotate(self._gather(i, self.v, self._tail_v, tables, ov)[0, :, :n].transpose(0, 1))
               for i in layers]
         return (torch.stack(ks), torch.stack(vs)) if layer is None else (ks[0], vs[0])

@@ -90,8 +90,13 @@ def model_config_from_hf(config: Any) -> ModelConfig:
     n_heads = text.num_attention_heads
     n_kv = getattr(text, "num_key_value_heads", None) or n_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_heads
+    from ..models.hf import _rope
+
+    # RoPE too: a cache that stores keys before RoPE (pre_rope_keys) redoes the model's rotation
+    rope = _rope(text.to_dict() if hasattr(text, "to_dict") else vars(text), "Hugging Face config")
     return ModelConfig(vocab_size=text.vocab_size, dim=n_heads * head_dim, n_layers=text.num_hidden_layers,
-                       n_heads=n_heads, n_kv_heads=n_kv, ffn_dim=getattr(text, "intermediate_size", 0) or 0)
+                       n_heads=n_heads, n_kv_heads=n_kv, ffn_dim=getattr(text, "intermediate_size", 0) or 0,
+                       max_seq_len=getattr(text, "max_position_embeddings", 4096) or 4096, **rope)
 
 
 class RyzlabLayer(CacheLayerMixin):
@@ -199,7 +204,9 @@ class RyzlabCache(Cache):
         self._written.add(layer)
         # [B, Hkv, T, D] -> [B, T, Hkv, D]: the pages' token-major layout
         self.paged.write(layer, k.transpose(1, 2), v.transpose(1, 2), step=self._step)
-        rotated = self.paged.rotation is not None and self._rotated_attention()
+        # pre-RoPE keys come back in the model's basis, so only the values would stay rotated: the
+        # rotated attention (q and output) does not apply there
+        rotated = self.paged.rotation is not None and not self.cache_config.pre_rope_keys and self._rotated_attention()
         keys, values = self.paged.gather(layer, step=self._step, heads_first=True,
                                          rotated=rotated)  # [B, Hkv, S_pad, D]
         S = self._step.context_lens[0]
