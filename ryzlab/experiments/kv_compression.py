@@ -45,7 +45,8 @@ __all__ = ["Config", "run"]
 @dataclass(frozen=True, kw_only=True)
 class Config:
     codec: Codec = "int8"
-    key_granularity: Granularity = "token_head"
+    key_granularity: Granularity | Literal["auto"] = "auto"
+    """``auto``: per channel (KIVI) for int4/int3/int2, per token and head otherwise (CacheConfig)."""
     value_granularity: Granularity = "token_head"
     group_size: int = 32
     """head_dim values per scale with ``group`` granularity (reference model: head_dim 32)."""
@@ -86,7 +87,7 @@ class Config:
 
     def __post_init__(self) -> None:
         check_choice("codec", self.codec, CODECS)
-        check_choice("key_granularity", self.key_granularity, GRANULARITIES)
+        check_choice("key_granularity", self.key_granularity, ("auto", *GRANULARITIES))
         check_choice("value_granularity", self.value_granularity, GRANULARITIES)
         for name in ("context", "batch", "decode_steps", "block_size", "group_size", "eval_len"):
             if getattr(self, name) <= 0:

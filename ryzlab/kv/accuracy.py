@@ -335,12 +335,18 @@ def evaluate_hf(model: Any, cache_options: Sequence[dict[str, Any]], tokens: tor
 
 
 STANDARD_LAYOUTS: tuple[dict[str, Any], ...] = (
-    {"codec": "none"}, {"codec": "fp8_e4m3"}, {"codec": "fp8_e5m2"}, {"codec": "int8"}, {"codec": "int4"},
+    {"codec": "none"}, {"codec": "fp8_e4m3"}, {"codec": "fp8_e5m2"}, {"codec": "int8"},
+    {"codec": "int4", "key_granularity": "token_head"},
     {"codec": "int4", "key_granularity": "group", "value_granularity": "group", "group_size": 32},
-    {"codec": "int4", "key_granularity": "channel"}, {"codec": "int4", "residual": 128},
+    {"codec": "int4", "key_granularity": "channel"}, {"codec": "int4", "key_granularity": "channel", "residual": 128},
+    {"codec": "int4", "key_granularity": "token_head", "rotation": "hadamard"},
+    {"codec": "int3", "symmetric": False, "rotation": "hadamard", "residual": 128},
+    {"codec": "int2", "symmetric": False, "rotation": "hadamard", "residual": 128},
 )
-"""``--preset standard``: the uncompressed cache, both fp8s, int8, int4 (per token and head), int4 with
-groups of 32, int4 with per-channel keys (KIVI), int4 with a 128-token full-precision window."""
+"""``--preset standard``: the uncompressed cache, both fp8s, int8, int4 per token and head, int4 with
+groups of 32, int4 with per-channel keys (KIVI, the int4 default) without and with a 128-token
+full-precision window, int4 per token after a Hadamard rotation, int3 and int2 (asymmetric,
+rotated, 128-token window). Rotation needs a power-of-two head_dim."""
 
 
 def parse_layout(text: str, defaults: dict[str, Any]) -> CacheConfig:
@@ -366,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     """``python -m ryzlab.kv.accuracy [--model SPEC] [--text FILE] [--codecs ...|--layout ...|--preset standard]``."""
     import argparse
 
-    from ..config import CODECS, ROTATIONS, from_dict
+    from ..config import CODECS, GRANULARITIES, ROTATIONS, from_dict
     from ..corpus import text_windows
     from ..models import MODEL_CHOICES, check_model, load_model
 
@@ -379,7 +385,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--layout", action="append", default=[],
                     help="codec[,field=value...], repeatable (e.g. int4,key_granularity=channel); replaces --codecs")
     ap.add_argument("--preset", choices=["standard"], help="the 8 layouts of STANDARD_LAYOUTS; replaces --codecs")
-    ap.add_argument("--key-granularity", default="token_head")
+    ap.add_argument("--key-granularity", default="auto",
+                    help="auto (default: channel for int4/int3/int2, token_head otherwise) | " + ", ".join(GRANULARITIES))
     ap.add_argument("--value-granularity", default="token_head")
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--asymmetric", action="store_true",

@@ -37,14 +37,14 @@ __all__ = ["CANDIDATES", "PlanResult", "layer_sensitivity", "mixed_layout", "par
 CANDIDATES: tuple[dict[str, Any], ...] = (
     {"codec": "int8"},
     {"codec": "fp8_e4m3"},
-    {"codec": "int4"},
-    {"codec": "int4", "rotation": "hadamard"},
+    {"codec": "int4", "key_granularity": "token_head"},
+    {"codec": "int4", "key_granularity": "token_head", "rotation": "hadamard"},
     {"codec": "int4", "key_granularity": "channel", "block_size": 32},
     {"codec": "int4", "key_granularity": "channel", "block_size": 32, "rotation": "hadamard"},
-    {"codec": "int4", "rotation": "hadamard", "residual": 64},
-    {"codec": "int3", "symmetric": False, "rotation": "hadamard"},
-    {"codec": "int3", "symmetric": False, "rotation": "hadamard", "residual": 64},
-    {"codec": "int2", "symmetric": False, "rotation": "hadamard", "residual": 64},
+    {"codec": "int4", "key_granularity": "token_head", "rotation": "hadamard", "residual": 64},
+    {"codec": "int3", "key_granularity": "token_head", "symmetric": False, "rotation": "hadamard"},
+    {"codec": "int3", "key_granularity": "token_head", "symmetric": False, "rotation": "hadamard", "residual": 64},
+    {"codec": "int2", "key_granularity": "token_head", "symmetric": False, "rotation": "hadamard", "residual": 64},
     {"codec": "int2", "symmetric": False, "key_granularity": "channel", "block_size": 32, "residual": 64},
 )
 
