@@ -74,6 +74,12 @@ RYZLAB: dict[str, dict] = {
     "ryzlab_int4_kivi_r128": dict(codec="int4", key_granularity="channel", block_size=32, residual=128),
     "ryzlab_int4_rot": dict(codec="int4", key_granularity="token_head", rotation="hadamard"),
     "ryzlab_int4_rot_kivi": dict(codec="int4", key_granularity="channel", block_size=32, rotation="hadamard"),
+    "ryzlab_int4_prerope_kivi": dict(codec="int4", key_granularity="channel", block_size=32, pre_rope_keys=True),
+    "ryzlab_int4_rot_r64": dict(codec="int4", key_granularity="token_head", rotation="hadamard", residual=64),
+    "ryzlab_int4_rot_kivi_r48": dict(codec="int4", key_granularity="channel", block_size=32, rotation="hadamard",
+                                     residual=48),
+    "ryzlab_int2_rot_kivi_asym_r48": dict(codec="int2", symmetric=False, key_granularity="channel", block_size=32,
+                                          rotation="hadamard", residual=48),
     "ryzlab_int4_rot_r128": dict(codec="int4", key_granularity="token_head", rotation="hadamard", residual=128),
     "ryzlab_int4_rot_asym_r128": dict(codec="int4", key_granularity="token_head", symmetric=False,
                                       rotation="hadamard", residual=128),
@@ -124,6 +130,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="run the model's prefill for every cache (default: prefill once with DynamicCache "
                          "and store its K/V into the others: the same cache contents, see fill_from)")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--sensitivity", help="per-layer KL JSON (ryzlab.kv.plan.layer_sensitivity, columns layer and "
+                                          "kl_per_token): adds ryzlab_int2_mixed, the int2 KIVI layout with the "
+                                          "--mixed-layers most sensitive layers in int4")
+    ap.add_argument("--mixed-layers", type=int, default=6)
+    ap.add_argument("--mixed-residual", type=int, default=32)
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -131,6 +142,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         src = PEER.read_text()
         assert "hidden_size=512, intermediate_size=1408, num_hidden_layers=8" in src, \
             f"{PEER} changed its REFERENCE config; update REFERENCE here"
+    if a.sensitivity:
+        import pandas as pd
+
+        from ryzlab.config import CacheConfig
+        from ryzlab.kv.plan import mixed_layout
+
+        base = CacheConfig(codec="int2", symmetric=False, key_granularity="channel", block_size=32,
+                           rotation="hadamard", residual=a.mixed_residual)
+        mixed = mixed_layout(base, pd.read_json(a.sensitivity), "int4", a.mixed_layers)
+        RYZLAB["ryzlab_int2_mixed"] = dict(codec="int2", symmetric=False, key_granularity="channel", block_size=32,
+                                           rotation="hadamard", residual=a.mixed_residual,
+                                           layer_codecs=mixed.layer_codecs)
     all_names = ["hf_dynamic", "hf_quanto_int4", "hf_quanto_int2", *RYZLAB]
     names = all_names if a.caches == "all" else ["hf_dynamic"] + [n for n in a.caches.split(",") if n != "hf_dynamic"]
     if bad := [n for n in names if n not in all_names]:
