@@ -131,3 +131,17 @@ def test_cli_rejects_bad_input_before_loading(capsys):
             main(argv)
         assert e.value.code == 2
         assert msg in capsys.readouterr().err
+
+
+def test_hf_path_takes_a_gguf_file(tmp_path):
+    """evaluate_hf(path.gguf): transformers loads it with gguf_file= (it used to call from_pretrained(path))."""
+    import tiny_checkpoints as tc
+
+    from ryzlab.kv.accuracy import hf_heldout_tokens
+
+    hf = tc.hf_model("llama")
+    path = tc.write_gguf(tmp_path / "tiny.gguf", hf, tc.bpe_tokenizer(), {"": "F32"})
+    toks = hf_heldout_tokens(path, 1, 20)
+    assert toks.shape == (1, 20) and int(toks.max()) < hf.config.vocab_size
+    df = evaluate_hf(path, [{"codec": "none"}, {"codec": "int8"}], toks, prefill=12).set_index("codec")
+    assert df.loc["none", "kl_per_token"] < 1e-6 and df.loc["int8", "kl_per_token"] > 0

@@ -121,3 +121,18 @@ def test_report_draws_peers_on_the_pareto_axes_and_names_model_and_text(monkeypa
     front = [line for line in ax.lines if line.get_label() == "ryzlab Pareto front"][0]
     assert list(front.get_xdata()) == [0.2, 0.27, 0.52]  # the peer is not part of ryzlab's front
     assert "model=smollm2" in captions[0]
+
+
+def test_peer_point_on_a_checkpoint(tmp_path):
+    """peer=quanto_int4: optimum-quanto's QuantizedCache on the transformers model of the same folder."""
+    pytest.importorskip("optimum.quanto")
+    import tiny_checkpoints as tc
+
+    tc.save_hf(tmp_path / "m", "llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)  # head_dim 64
+    df = run_experiment("kv_compression", {**TINY, "model": str(tmp_path / "m"), "peer": "quanto_int4",
+                                           "context": 16, "eval_len": 24, "eval_prefill": 16})
+    r = df.iloc[0]
+    assert r.peer == "quanto_int4" and r.model_name == "m" and r.text == "heldout-stdlib" and len(df) == 3
+    assert r.kl_per_token > 0 and 0 < r.top1_agree <= 1 and r.tokens_scored == 2 * 8
+    # the prefill is quantised (4-bit + scale/shift per 64 values), the decoded tokens stay float32 (2x bf16)
+    assert 0.3 < r.ratio_vs_bf16 < 1.0
