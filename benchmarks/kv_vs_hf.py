@@ -76,6 +76,8 @@ RYZLAB: dict[str, dict] = {
     "ryzlab_int4_rot_kivi": dict(codec="int4", key_granularity="channel", block_size=32, rotation="hadamard"),
     "ryzlab_int4_prerope_kivi": dict(codec="int4", key_granularity="channel", block_size=32, pre_rope_keys=True),
     "ryzlab_int4_rot_r64": dict(codec="int4", key_granularity="token_head", rotation="hadamard", residual=64),
+    "ryzlab_int4_rot_kivi_r64": dict(codec="int4", key_granularity="channel", block_size=32, rotation="hadamard",
+                                     residual=64),
     "ryzlab_int4_rot_kivi_r48": dict(codec="int4", key_granularity="channel", block_size=32, rotation="hadamard",
                                      residual=48),
     "ryzlab_int2_rot_kivi_asym_r48": dict(codec="int2", symmetric=False, key_granularity="channel", block_size=32,
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--sensitivity", help="per-layer KL JSON (ryzlab.kv.plan.layer_sensitivity, columns layer and "
                                           "kl_per_token): adds ryzlab_int2_mixed, the int2 KIVI layout with the "
-                                          "--mixed-layers most sensitive layers in int4")
+                                          "--mixed-layers most sensitive layers in int4, and ryzlab_int4_rot_r64_mixed "
+                                          "(the 3 most sensitive layers in int8)")
     ap.add_argument("--mixed-layers", type=int, default=6)
     ap.add_argument("--mixed-residual", type=int, default=32)
     a = ap.parse_args(argv)
@@ -154,6 +157,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         RYZLAB["ryzlab_int2_mixed"] = dict(codec="int2", symmetric=False, key_granularity="channel", block_size=32,
                                            rotation="hadamard", residual=a.mixed_residual,
                                            layer_codecs=mixed.layer_codecs)
+        # int4 rotated with a 64-token window, its 3 most sensitive layers in int8 (same ranking)
+        int8_layers = mixed_layout(CacheConfig(codec="int4", key_granularity="token_head"),
+                                   pd.read_json(a.sensitivity), "int8", 3).layer_codecs
+        RYZLAB["ryzlab_int4_rot_r64_mixed"] = dict(codec="int4", key_granularity="token_head", rotation="hadamard",
+                                                   residual=64, layer_codecs=int8_layers)
     all_names = ["hf_dynamic", "hf_quanto_int4", "hf_quanto_int2", *RYZLAB]
     names = all_names if a.caches == "all" else ["hf_dynamic"] + [n for n in a.caches.split(",") if n != "hf_dynamic"]
     if bad := [n for n in names if n not in all_names]:

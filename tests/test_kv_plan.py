@@ -34,7 +34,7 @@ def test_kv_plan_cli_on_the_reference_model(tmp_path, capsys):
     t = pd.read_csv(out)
     assert len(t) == 4 and plot.stat().st_size > 0
     assert list(t.kv_bytes_per_token) == sorted(t.kv_bytes_per_token)
-    assert "mixed 3xint2+1xint8 asym" in set(t.layout) and "int4 rot" in set(t.layout)
+    assert "mixed 3xint2+1xint8 k=channel asym" in set(t.layout) and "int4 k=channel rot" in set(t.layout)
     assert "layer sensitivity" in text and "model=ryzlab-reference text=heldout-stdlib" in text
     ok = t[t.kl_per_token <= 0.05]
     assert (t.within_budget == (t.kl_per_token <= 0.05)).all()

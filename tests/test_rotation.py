@@ -86,8 +86,8 @@ def test_uncompressed_path_is_unchanged_by_rotation(kind):
 def test_rotation_spreads_an_outlier_channel():
     """int4 per (token, head) on keys with one outlier channel: rotating first cuts the error."""
     _, ref = _run(CacheConfig(block_size=4))
-    _, plain = _run(CacheConfig(codec="int4", block_size=4))
-    _, rot = _run(CacheConfig(codec="int4", block_size=4, rotation="hadamard"))
+    _, plain = _run(CacheConfig(codec="int4", key_granularity="token_head", block_size=4))
+    _, rot = _run(CacheConfig(codec="int4", key_granularity="token_head", block_size=4, rotation="hadamard"))
     normal = [i for i in range(16) if i != 3]
     k = ref.read_kv("a")[0][..., normal]
     err = lambda c: ((c.read_kv("a")[0][..., normal] - k).norm() / k.norm()).item()
@@ -97,7 +97,8 @@ def test_rotation_spreads_an_outlier_channel():
 
 
 def test_mixed_precision_ledger_sums_each_layers_format():
-    cfg = CacheConfig(codec="int4", layer_codecs=("int8", "int2"), block_size=4, symmetric=False)
+    cfg = CacheConfig(codec="int4", layer_codecs=("int8", "int2"), key_granularity="token_head", block_size=4,
+                      symmetric=False)
     cache = PagedKVCache(MODEL, cfg)
     cache.add_sequence("a", 8)  # two full blocks: no padding, no tail (token-local scales, no residual)
     cache.extend(["a"])
