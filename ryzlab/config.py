@@ -219,6 +219,10 @@ class CacheConfig:
     """head_dim values sharing a scale when a granularity is ``group``; must divide head_dim."""
     residual: int = 0
     """Most recent tokens kept in full precision (0 = none)."""
+    residual_dtype: Literal["model", "float16", "bfloat16"] = "model"
+    """Storage of the full-precision tail (residual window, not-yet-full block): the model's dtype,
+    or a 2-byte float that halves its bytes under a float32 model (rounding ~1e-3 relative, far
+    below any quantiser's step)."""
     block_size: int = 16
     """Tokens per page."""
     num_blocks: int | None = None

@@ -140,3 +140,16 @@ def test_pre_rope_keys_leave_the_uncompressed_path_unchanged_and_quantise_before
     torch.testing.assert_close(q.read_kv("a", 0)[0], apply_rope(exp, cos, sin), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="pre_rope_keys"):
         q.gather(0, rotated=True)
+
+
+def test_half_precision_tail_halves_the_residual_bytes():
+    cfg = dict(codec="int8", block_size=4, residual=6)
+    _, c32 = _run(CacheConfig(**cfg))
+    _, c16 = _run(CacheConfig(**cfg, residual_dtype="float16"))
+    l32, l16 = c32.ledger(), c16.ledger()
+    assert l16["residual"] * 2 == l32["residual"] == 2 * 6 * 2 * 16 * 4 * 2 * 2  # seqs, rows, H, D, fp32, K+V, L
+    assert l16["payload"] == l32["payload"] and l16["scales"] == l32["scales"]
+    # the window reads the fp16-rounded vectors; older tokens are the same int8 codes
+    k32, k16 = c32.read_kv("a", 1)[0], c16.read_kv("a", 1)[0]
+    torch.testing.assert_close(k16[-6:], k32[-6:].half().float(), atol=0, rtol=0)
+    torch.testing.assert_close(k16[:-6], k32[:-6], atol=0, rtol=0)

@@ -235,6 +235,8 @@ def layout_label(cfg: CacheConfig) -> str:
             parts.append(f"g{cfg.group_size}")
         if cfg.residual:
             parts.append(f"r{cfg.residual}")
+        if cfg.residual_dtype != "model":
+            parts.append({"float16": "tail16", "bfloat16": "tailbf16"}[cfg.residual_dtype])
         if not cfg.symmetric:
             parts.append("asym")
         if cfg.rotation != "none":

@@ -165,7 +165,8 @@ class PagedKVCache:
         L, H, D = self.n_layers, self.n_kv_heads, self.head_dim
         self.k = LayerPages(self.key_formats, cap, bs, H, D, self.device)
         self.v = LayerPages(self.value_formats, cap, bs, H, D, self.device)
-        self._tail_k = torch.zeros(L, _INITIAL_SLOTS, self.tail_len, H, D, dtype=dtype, device=self.device)
+        tail_dtype = dtype if cache.residual_dtype == "model" else getattr(torch, cache.residual_dtype)
+        self._tail_k = torch.zeros(L, _INITIAL_SLOTS, self.tail_len, H, D, dtype=tail_dtype, device=self.device)
         self._tail_v = torch.zeros_like(self._tail_k)
         self._free_slots = list(range(_INITIAL_SLOTS))
         self._seqs: dict[SeqId, _SeqState] = {}
@@ -499,16 +500,16 @@ class PagedKVCache:
                 # are indexed after the tail rows (counted now: slots may have grown since)
                 rows = flat_tail.shape[0]
                 idx = torch.where(step._commit_src < 0, rows - 1 - step._commit_src, step._commit_src)
-                src = torch.cat([flat_tail, x])[idx]  # [nc, bs, H, D]
+                src = torch.cat([flat_tail.to(x.dtype), x])[idx]  # [nc, bs, H, D]
                 pages.write_blocks(layer, step._commit_blocks, src)
             if step._tail_dst.numel():
-                flat_tail[step._tail_dst] = x[step._tail_src]
+                flat_tail[step._tail_dst] = x[step._tail_src].to(flat_tail.dtype)
 
     def _gather(self, layer: int, pages: LayerPages, tail: torch.Tensor, tables: torch.Tensor,
                 ov: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x = pages.gather(layer, tables, self.dtype)  # [B, H, S, D]
         if ov[0].numel():
-            x[ov[0], :, ov[1]] = tail[layer].view(-1, self.n_kv_heads, self.head_dim)[ov[2]]
+            x[ov[0], :, ov[1]] = tail[layer].view(-1, self.n_kv_heads, self.head_dim)[ov[2]].to(x.dtype)
         return x
 
     def _gather_heads(self, layer: int, step: Step) -> tuple[torch.Tensor, torch.Tensor]:

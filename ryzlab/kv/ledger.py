@@ -72,7 +72,7 @@ def paged_ledger(cache: "PagedKVCache") -> dict[str, float]:
     payload = filled * payload_slot
     scales = filled * scale_slot + used * scale_block
     padding = (used * bs - filled) * (payload_slot + scale_slot)
-    residual = float(len(c._seqs) * c.tail_len * H * D * c.dtype.itemsize * 2 * L)
+    residual = float(len(c._seqs) * c.tail_len * H * D * c._tail_k.element_size() * 2 * L)
     metadata = float(4 * table_entries + 4 * len(c._seqs))
     total = payload + scales + padding + residual + metadata
     bf16 = 2.0 * L * H * D * 2
