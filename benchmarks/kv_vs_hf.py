@@ -83,6 +83,8 @@ RYZLAB: dict[str, dict] = {
                                         residual_dtype="float16"),
     "ryzlab_int4_rot_kivi_r128_tail16": dict(codec="int4", key_granularity="channel", block_size=32,
                                              rotation="hadamard", residual=128, residual_dtype="float16"),
+    "ryzlab_int4_rot_g32_r128_tail16": dict(codec="int4", key_granularity="group", value_granularity="group",
+                                            group_size=32, rotation="hadamard", residual=128, residual_dtype="float16"),
     "ryzlab_int4_rot_kivi_r64": dict(codec="int4", key_granularity="channel", block_size=32, rotation="hadamard",
                                      residual=64),
     "ryzlab_int4_rot_kivi_r48": dict(codec="int4", key_granularity="channel", block_size=32, rotation="hadamard",
