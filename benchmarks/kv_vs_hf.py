@@ -32,6 +32,14 @@ block padding + metadata). Ratios: vs DynamicCache (float32 model -> ``bytes_vs_
 vs the same tokens in bf16/fp16 (``bytes_vs_bf16`` = bytes / (fp32 bytes / 2)).
 
     .venv/bin/python benchmarks/kv_vs_hf.py --context 4096 --steps 16 --json kv_vs_hf.json
+
+The real-model table of issue 15 (SmolLM2-135M GGUF, 2 windows of held-out text, 1024-token
+prefill, 64 teacher-forced decode steps, 126 scored tokens), with the per-layer ranking from
+``ryzlab.kv.plan.layer_sensitivity`` (1 window of 192 tokens, prefill 128, int2 rotated KIVI
+asymmetric, block 32) saved as JSON (``sens.to_json("sens.json")``)::
+
+    .venv/bin/python benchmarks/kv_vs_hf.py --model $GGUF --context 1024 --batch 2 --steps 64 \
+        --sensitivity sens.json --mixed-layers 8 --mixed-residual 32 --caches hf_quanto_int4,hf_quanto_int2,...
 """
 from __future__ import annotations
 
