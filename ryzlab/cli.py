@@ -19,6 +19,7 @@ EPILOG = """examples:
   ryzlab generate --prompt "def f(" --tp 2     complete a prompt with the model split over 2 ranks
   ryzlab serve --tp 2 --workers 2              2 replicas of 2 tensor-parallel ranks behind the router
   ryzlab loadgen --url http://127.0.0.1:8000/v1 --rate 4 --out results/lg   benchmark any OpenAI endpoint
+  ryzlab kv-plan --model M.gguf --text t.txt --max-kl 0.02   smallest KV layout within an accuracy budget
 """
 
 
@@ -115,6 +116,73 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_kv_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
+    k = subparsers.add_parser(
+        "kv-plan", help="measure KV-cache layouts on a model and pick the smallest within a KL budget",
+        description="Teacher-forced decode of --text through each candidate KV layout (and a per-layer mixed-"
+                    "precision layout from a sensitivity scan) vs the uncompressed cache; prints the table, the "
+                    "Pareto front (bytes vs KL) and the fewest bytes/token whose KL per token is <= --max-kl. "
+                    "Exit status 1 when no layout is within the budget.")
+    k.add_argument("--model", required=True, help="'reference', a Hugging Face folder or a .gguf file")
+    k.add_argument("--text", default="", help="UTF-8 text file to score (default: the held-out stdlib text)")
+    k.add_argument("--max-kl", type=float, required=True, help="budget: KL per token vs the uncompressed cache")
+    k.add_argument("--layout", action="append", default=[],
+                   help="codec[,field=value...], repeatable; replaces the built-in candidates "
+                        "(e.g. int4,rotation=hadamard or int2,symmetric=false,residual=64)")
+    k.add_argument("--mixed", default="int4,int2,8",
+                   help="HIGH,LOW,N: scan per-layer sensitivity with LOW and measure the layout that keeps the N "
+                        "most sensitive layers in HIGH; 'none' skips it (default int4,int2,8)")
+    k.add_argument("--windows", type=int, default=4, help="text windows (default 4)")
+    k.add_argument("--length", type=int, default=512, help="tokens per window (default 512)")
+    k.add_argument("--prefill", type=int, default=256, help="tokens prefilled per window; the rest is scored")
+    k.add_argument("--plot", help="write the Pareto plot here (.png)")
+    k.add_argument("--out", help="write the table here (.parquet or .csv)")
+    k.add_argument("--device", default="cpu")
+    k.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch default)")
+    k.set_defaults(fn=cmd_kv_plan)
+    return k
+
+
+def cmd_kv_plan(args: argparse.Namespace) -> int:
+    from .kv.accuracy import parse_layout
+    from .kv.plan import plan_candidates, plan_kv
+
+    cands = [parse_layout(t, {}) for t in args.layout] if args.layout else plan_candidates()
+    mixed = None
+    if args.mixed != "none":
+        parts = args.mixed.split(",")
+        if len(parts) != 3 or not parts[2].isdigit():
+            raise ValueError(f"--mixed {args.mixed!r}: expected HIGH,LOW,N (e.g. int4,int2,8) or 'none'")
+        mixed = (parts[0], parts[1], int(parts[2]))
+    for name, v in (("--plot", args.plot), ("--out", args.out)):
+        if v and not Path(v).expanduser().resolve().parent.is_dir():
+            raise ValueError(f"{name} {v}: its folder does not exist")
+    if args.out and not args.out.endswith((".parquet", ".csv")):
+        raise ValueError(f"--out {args.out}: use a .parquet or .csv file")
+    res = plan_kv(args.model, args.text or None, args.max_kl, candidates=cands, windows=args.windows,
+                  length=args.length, prefill=args.prefill, mixed=mixed, device=args.device, threads=args.threads)
+    t = res.table
+    cols = ["layout", "kv_bytes_per_token", "bytes_vs_fp32", "kl_per_token", "ppl_delta", "top1_agree",
+            "within_budget", "pareto"]
+    print(f"model={res.model} text={res.text} device={t['device'].iloc[0]}: {args.windows} windows x {args.length} "
+          f"tokens, prefill {args.prefill}, {int(t['tokens_scored'].iloc[0])} positions scored")
+    print(t[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if len(res.sensitivity):
+        s = res.sensitivity.sort_values("kl_per_token", ascending=False)
+        print("layer sensitivity (KL/token, that layer alone in " + mixed[1] + "): " +  # type: ignore[index]
+              ", ".join(f"L{int(r.layer)} {r.kl_per_token:.3g}" for r in s.itertuples()))
+    print(res.summary())
+    if args.out:
+        out = t.drop(columns=["cache_config"])
+        out.to_parquet(args.out) if args.out.endswith(".parquet") else out.to_csv(args.out, index=False)
+    if args.plot:
+        from .plots.kv_compression import plan_figure
+
+        plan_figure(res).savefig(args.plot, dpi=120, bbox_inches="tight")
+        print(f"plot: {args.plot}")
+    return 0 if res.best is not None else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ryzlab", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -163,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_loadgen_parser(sub)
     _add_generate_parser(sub)
+    _add_kv_plan_parser(sub)
     return p
 
 

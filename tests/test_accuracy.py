@@ -40,7 +40,8 @@ def test_capture_qkv_matches_dense_cache(model, tokens):
 
 
 def test_metrics_zero_for_none_and_ordered_by_bits(model, tokens):
-    cfgs = [CacheConfig(codec=c, block_size=4) for c in ("none", "int8", "fp8_e4m3", "int4")]
+    # per token and head for every codec (int4's default, per-channel keys, would stage a block in full precision)
+    cfgs = [CacheConfig(codec=c, block_size=4, key_granularity="token_head") for c in ("none", "int8", "fp8_e4m3", "int4")]
     df = evaluate(model, cfgs, tokens, prefill=16).set_index("codec")
     for col in ("k_rel_err", "v_rel_err", "attn_rel_err"):  # storage is exact
         assert df.loc["none", col] == 0.0, col
@@ -85,7 +86,8 @@ def test_hf_model(tmp_path):
     hf.save_pretrained(tmp_path)  # a local checkpoint path, as a user would pass
     toks = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(2))
     df = evaluate_hf(tmp_path, [{"codec": "none"}, {"codec": "int8", "block_size": 4},
-                                {"codec": "int4", "block_size": 4}], toks, prefill=12).set_index("codec")
+                                {"codec": "int4", "block_size": 4, "key_granularity": "token_head"}], toks,
+                       prefill=12).set_index("codec")
     # full forward vs incremental decode: float rounding only
     assert df.loc["none", "kl_per_token"] < 1e-6 and df.loc["none", "k_rel_err"] == 0.0
     assert 0 < df.loc["int8", "kl_per_token"] < df.loc["int4", "kl_per_token"]
@@ -107,11 +109,11 @@ def test_cli_any_model_on_a_text_file(tmp_path, capsys):
                "--prefill", "24"]).set_index("layout")
     out = capsys.readouterr().out
     assert "model=m (hf, Qwen2ForCausalLM" in out and "text=" + str(text) in out
-    assert list(df.index) == ["none", "int4 k=channel", "int8"] and (df.tokens_scored == 2 * 16).all()
+    assert list(df.index) == ["none", "int4 k=channel", "int8 bs4"] and (df.tokens_scored == 2 * 16).all()
     assert df.loc["none", "kl_per_token"] == 0.0 and df.loc["none", "ppl_ref"] == pytest.approx(
         df.loc["none", "ppl_dense"], rel=1e-5)
-    assert df.loc["int8", "kl_per_token"] < df.loc["int4 k=channel", "kl_per_token"]
-    assert df.loc["int8", "ratio_vs_bf16"] < 1.0 < df.loc["none", "ratio_vs_bf16"]  # float32 model: none is 2x bf16
+    assert df.loc["int8 bs4", "kl_per_token"] < df.loc["int4 k=channel", "kl_per_token"]
+    assert df.loc["int8 bs4", "ratio_vs_bf16"] < 1.0 < df.loc["none", "ratio_vs_bf16"]  # float32 model: none is 2x bf16
     hf = main(["--hf", str(tmp_path / "m"), "--text", str(text), "--codecs", "int8", "--windows", "1", "--length", "32",
                "--prefill", "16", "--no-reconstruction"])
     assert hf.model.iloc[0] == "m" and "k_rel_err" not in hf
@@ -120,10 +122,26 @@ def test_cli_any_model_on_a_text_file(tmp_path, capsys):
 def test_cli_rejects_bad_input_before_loading(capsys):
     from ryzlab.kv.accuracy import main
 
-    for argv, msg in ((["--model", "/no/such/model"], "no such file"), (["--layout", "int3"], "choose one of"),
+    for argv, msg in ((["--model", "/no/such/model"], "no such file"), (["--layout", "int5"], "choose one of"),
+                      (["--layout", "int4,layer_codecs=int4"], "layer_codecs has 1 entries"),
+                      (["--rotation", "bogus", "--layout", "int4"], "'none', 'hadamard', 'hadamard_signs'"),
                       (["--layout", "int4,group=8"], "unknown parameter 'group'"),
                       (["--prefill", "600"], "--prefill 600")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
         assert msg in capsys.readouterr().err
+
+
+def test_hf_path_takes_a_gguf_file(tmp_path):
+    """evaluate_hf(path.gguf): transformers loads it with gguf_file= (it used to call from_pretrained(path))."""
+    import tiny_checkpoints as tc
+
+    from ryzlab.kv.accuracy import hf_heldout_tokens
+
+    hf = tc.hf_model("llama")
+    path = tc.write_gguf(tmp_path / "tiny.gguf", hf, tc.bpe_tokenizer(), {"": "F32"})
+    toks = hf_heldout_tokens(path, 1, 20)
+    assert toks.shape == (1, 20) and int(toks.max()) < hf.config.vocab_size
+    df = evaluate_hf(path, [{"codec": "none"}, {"codec": "int8"}], toks, prefill=12).set_index("codec")
+    assert df.loc["none", "kl_per_token"] < 1e-6 and df.loc["int8", "kl_per_token"] > 0

@@ -54,10 +54,13 @@ class Driver:
         return outs
 
     def expected_kv(self, sid, layer: int, residual: int, unit: int, fmt_k: KVFormat, fmt_v: KVFormat,
-                    bs: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the cache must store: codec round trip per token / per full block, tail exact."""
+                    bs: int, start: int = 0, rotation=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cache must store: codec round trip per token / per full block, tail exact
+        (with a rotation: the round trip of the rotated vectors, rotated back)."""
         res = []
         for orig, fmt in zip(self.kv[sid][layer], (fmt_k, fmt_v)):
+            if rotation is not None:
+                orig = rotation.apply(orig)
             n = orig.shape[0]
             exp = orig.clone()
             n_t = min(max(n - residual, 0), n // unit * unit) if fmt.quantized else n
@@ -68,7 +71,7 @@ class Driver:
                     full = orig[:n // bs * bs].view(-1, bs, HKV, D)
                     exp[:n // bs * bs] = fmt.decode(fmt.encode(full)).reshape(-1, HKV, D)
                     exp[n_t:] = orig[n_t:]
-            res.append(exp)
+            res.append(exp if rotation is None else rotation.invert(exp))
         return res[0], res[1]
 
 
@@ -80,6 +83,10 @@ CONFIGS = [
     dict(codec="int4", key_granularity="channel", value_granularity="token_head", block_size=4, residual=2, symmetric=False),
     dict(codec="fp8_e4m3", key_granularity="head", value_granularity="tensor", block_size=2),
     dict(codec="fp8_e5m2", block_size=1, residual=3),
+    dict(codec="int4", rotation="hadamard", block_size=4),
+    dict(codec="int3", symmetric=False, rotation="hadamard_signs", rotation_seed=3, block_size=3, residual=2),
+    dict(codec="int2", symmetric=False, key_granularity="channel", layer_codecs=("int8", "int2"), block_size=4,
+         residual=2),
 ]
 
 
@@ -94,10 +101,11 @@ def test_paged_attention_equals_dense_prefill_then_decode(cfg):
     for t in range(6):                             # decode; "c" joins late with a 2-token chunk
         ids = ["a", "b"] + (["c"] if t >= 2 else [])
         drv.step(cache.extend(ids, [[t]] * 2 + ([[1, 2]] if t >= 2 else [])))
-    fk, fv = cache.key_format, cache.value_format
     for sid in prompts:
         for layer in range(MODEL.n_layers):
-            ek, ev = drv.expected_kv(sid, layer, cache.residual, cache.commit_unit, fk, fv, cache.block_size)
+            fk, fv = cache.key_formats[layer], cache.value_formats[layer]
+            ek, ev = drv.expected_kv(sid, layer, cache.residual, cache.commit_unit, fk, fv, cache.block_size,
+                                     rotation=cache.rotation)
             kk, vv = cache.read_kv(sid, layer)
             torch.testing.assert_close(kk, ek, atol=1e-6, rtol=0)
             torch.testing.assert_close(vv, ev, atol=1e-6, rtol=0)
@@ -285,7 +293,9 @@ def test_ledger_counts_padding_residual_and_sharing():
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(codec="int3"), "choose one of 'none', 'fp8_e4m3', 'fp8_e5m2', 'int8', 'int4'"),
+    (dict(codec="int5"), "choose one of 'none', 'fp8_e4m3', 'fp8_e5m2', 'int8', 'int4', 'int3', 'int2'"),
+    (dict(layer_codecs=("int4",)), "layer_codecs has 1 entries but the model has 2 layers"),
+    (dict(codec="int3", rotation="hadamard", layer_codecs=("int4", "int9")), r"layer_codecs\[1\]='int9'"),
     (dict(codec="int4", key_granularity="group", group_size=3), r"valid group sizes: \[1, 2, 4, 8\]"),
     (dict(block_size=0), "block_size must be a positive"),
     (dict(key_granularity="rows"), "choose one of 'tensor', 'head', 'token_head', 'channel', 'group'"),

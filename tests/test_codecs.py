@@ -21,7 +21,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # Relative Frobenius error bounds on Gaussian data (measured values are ~2/3 of these):
 # int8 step = absmax/127, int4 = absmax/7; fp8 e4m3 has 3 mantissa bits (2^-4 relative), e5m2 2.
-BOUNDS = {"none": 0.0, "int8": 0.012, "fp8_e4m3": 0.04, "fp8_e5m2": 0.08, "int4": 0.2}
+# int3 = absmax/3; int2 symmetric has three levels (-s, 0, s) with s = absmax, so only the
+# per-element half-step check below bounds it (a tensor-wide scale zeroes most values).
+BOUNDS = {"none": 0.0, "int8": 0.012, "fp8_e4m3": 0.04, "fp8_e5m2": 0.08, "int4": 0.2, "int3": 0.4, "int2": 1.0}
 
 
 @pytest.mark.parametrize("codec", CODECS)
@@ -52,6 +54,40 @@ def test_int4_packs_two_values_per_byte_low_nibble_first():
     assert enc.payload.dtype == torch.uint8 and enc.payload.shape == (1, 1, 2)
     assert enc.payload.flatten().tolist() == [(7 + 8) | ((-7 + 8) << 4), (0 + 8) | ((1 + 8) << 4)]
     assert torch.equal(fmt.decode(enc), x)
+
+
+def test_int2_packs_four_values_per_byte_lowest_bits_first():
+    fmt = KVFormat("int2", "token_head")
+    x = torch.tensor([[[1.0, -1.0, 0.0, 1.0, 0.0, 0.0, -1.0, 1.0]]])  # scale 1, codes q + 2
+    enc = fmt.encode(x)
+    assert enc.payload.dtype == torch.uint8 and enc.payload.shape == (1, 1, 2)
+    assert enc.payload.flatten().tolist() == [3 | (1 << 2) | (2 << 4) | (3 << 6), 2 | (2 << 2) | (1 << 4) | (3 << 6)]
+    assert torch.equal(fmt.decode(enc), x)
+
+
+def test_int3_packs_eight_values_in_a_little_endian_24_bit_word():
+    fmt = KVFormat("int3", "token_head", symmetric=False)
+    x = torch.arange(8.0).view(1, 1, 8)  # min 0, scale 1: codes 0..7
+    enc = fmt.encode(x)
+    assert enc.payload.shape == (1, 1, 3)
+    w = sum(i << (3 * i) for i in range(8))
+    assert enc.payload.flatten().tolist() == [w & 0xFF, (w >> 8) & 0xFF, w >> 16]
+    assert torch.equal(fmt.decode(enc), x)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        fmt.encode(torch.zeros(1, 1, 12))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        CacheConfig(codec="int2").check_head_dim(6)
+
+
+@pytest.mark.parametrize("codec", ["int4", "int3", "int2"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_sub_byte_round_trip_of_codes_is_exact(codec, symmetric):
+    """decode(encode(decode(encode(x)))) == decode(encode(x)): the grid is a fixed point."""
+    fmt = KVFormat(codec, "token_head", symmetric=symmetric)
+    y = fmt.decode(fmt.encode(_x(3)))
+    levels = 2 ** int(codec[-1]) - (1 if symmetric else 0)
+    assert int(fmt.unpack(fmt.encode(_x(3)).payload).unique().numel()) <= levels
+    torch.testing.assert_close(fmt.decode(fmt.encode(y)), y, rtol=0, atol=2e-3 * y.abs().max().item())
 
 
 def test_token_spanning_scale_covers_all_tokens_passed():
@@ -115,25 +151,33 @@ def test_payload_bytes_match_the_ledger():
 
 
 def test_invalid_choices_name_the_valid_ones():
-    with pytest.raises(ValueError, match="choose one of 'none', 'fp8_e4m3'"):
-        KVFormat("int3")
+    with pytest.raises(ValueError, match="choose one of 'none', 'fp8_e4m3'.*'int3', 'int2'"):
+        KVFormat("int5")
     with pytest.raises(ValueError, match="'token_head', 'channel'"):
         KVFormat("int8", "row")
     with pytest.raises(ValueError, match=r"valid group sizes: \[1, 2, 4, 8, 16\]"):
         KVFormat("int4", "group", 6).encode(torch.zeros(1, 1, 16))
     with pytest.raises(ValueError, match="choose one of"):
-        CacheConfig(codec="int3")
+        CacheConfig(codec="int5")
+    with pytest.raises(ValueError, match="'none', 'hadamard', 'hadamard_signs'"):
+        CacheConfig(rotation="random")
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        CacheConfig(rotation="hadamard").check_head_dim(48)
+    with pytest.raises(ValueError, match="layer_codecs has 2 entries but the model has 3"):
+        CacheConfig(layer_codecs=("int8", "int4")).check_layers(3)
     with pytest.raises(ValueError, match="valid group sizes"):
         CacheConfig(codec="int4", key_granularity="group", group_size=48).check_head_dim(64)
 
 
+@pytest.mark.parametrize("codec", ["int4", "int3", "int2"])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_int4_unpack_then_decode_equals_decode(symmetric):
-    fmt = KVFormat("int4", "group", 8, symmetric=symmetric)
+def test_unpack_then_decode_equals_decode(codec, symmetric):
+    fmt = KVFormat(codec, "group", 8, symmetric=symmetric)
     enc = fmt.encode(_x())
     vals = fmt.unpack(enc.payload)
     assert vals.shape == (3, 12, H, D) and vals.dtype == (torch.int8 if symmetric else torch.uint8)
-    lo, hi = (-7, 7) if symmetric else (0, 15)
+    bits = int(codec[-1])
+    lo, hi = (1 - 2 ** (bits - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
     assert lo <= int(vals.min()) and int(vals.max()) <= hi
     from ryzlab.kv.codecs import Encoded
     torch.testing.assert_close(fmt.decode(Encoded(vals, enc.scale, enc.zero), unpacked=True), fmt.decode(enc),

@@ -20,7 +20,9 @@ COLUMNS = {"experiment", "sample", "tpot_ms", "prefill_ms", "kv_bytes_per_token"
 
 @pytest.mark.parametrize("codec", ["none", "int4"])
 def test_tiny_run_tidy_columns(codec, tmp_path):
-    df = run_experiment("kv_compression", {**TINY, "codec": codec}, tmp_path)
+    # per token and head: int4's default per-channel keys stage a block in full precision, which
+    # dominates the bytes at this tiny context
+    df = run_experiment("kv_compression", {**TINY, "codec": codec, "key_granularity": "token_head"}, tmp_path)
     assert COLUMNS <= set(df.columns), COLUMNS - set(df.columns)
     assert len(df) == 3 and (df.device == "cpu").all() and (df.kernel == "torch").all()
     assert (tmp_path / "metrics.parquet").exists()
@@ -69,7 +71,11 @@ def test_loaded_checkpoint_as_model(codec, tmp_path):
 
 def test_invalid_config_names_choices():
     with pytest.raises(ConfigError, match="choose one of"):
-        make_config("kv_compression", {"codec": "int3"})
+        make_config("kv_compression", {"codec": "int5"})
+    with pytest.raises(ConfigError, match="peer='quanto_int4' runs on a transformers model"):
+        make_config("kv_compression", {"peer": "quanto_int4"})
+    with pytest.raises(ConfigError, match="layer_codecs has 1 entries"):
+        make_config("kv_compression", {"layer_codecs": ["int4"]})
     from ryzlab.experiments.kv_compression import Config, run
 
     with pytest.raises(ValueError, match="valid group sizes"):  # checked once the model is known
@@ -85,3 +91,50 @@ def test_invalid_config_names_choices():
         make_config("kv_compression", {"dtype": "int8"})
     with pytest.raises(ConfigError, match="choose one of 'auto', 'torch', 'triton'"):
         make_config("kv_compression", {"kernel": "cuda"})
+
+
+def test_report_draws_peers_on_the_pareto_axes_and_names_model_and_text(monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from ryzlab.plots import kv_compression as plots
+
+    captions, figs = [], []
+    monkeypatch.setattr(plots, "show_table", lambda df, caption=None: captions.append(caption))
+    monkeypatch.setattr(plots, "show_figure", lambda fig, alt=None: figs.append(fig))
+    base = dict(device="cpu", key_granularity="channel", value_granularity="token_head", group_size=32,
+                symmetric=True, residual=0, block_size=16, rotation="none", layer_codecs=(), model_name="smollm2",
+                text="t.txt", context=512, batch=2, tpot_ms=1.0, kv_bytes_per_token=1.0)
+    rows = [dict(base, codec="int8", peer="", ratio_vs_bf16=0.52, kl_per_token=0.001, ppl_delta=0.0),
+            dict(base, codec="int4", peer="", ratio_vs_bf16=0.27, kl_per_token=0.02, ppl_delta=0.1, rotation="hadamard"),
+            dict(base, codec="int2", peer="", ratio_vs_bf16=0.2, kl_per_token=0.1, ppl_delta=0.5,
+                 layer_codecs=("int4", "int2")),
+            dict(base, codec="int8", peer="quanto_int4", ratio_vs_bf16=0.3, kl_per_token=0.03, ppl_delta=0.3)]
+    plots.report(pd.DataFrame(rows))
+    ax = figs[0].axes[0]
+    assert "model=smollm2" in ax.get_title() and "text=t.txt" in ax.get_title()
+    labels = {t.get_text() for t in ax.texts}
+    assert "HF quanto int4 (peer)" in labels and any("rot" in x for x in labels)
+    assert any(x.startswith("mixed 1xint4+1xint2") for x in labels)
+    assert {"ryzlab layouts", "peer caches", "ryzlab Pareto front"} <= {t.get_text() for t in ax.get_legend().texts}
+    front = [line for line in ax.lines if line.get_label() == "ryzlab Pareto front"][0]
+    assert list(front.get_xdata()) == [0.2, 0.27, 0.52]  # the peer is not part of ryzlab's front
+    assert "model=smollm2" in captions[0]
+
+
+def test_peer_point_on_a_checkpoint(tmp_path):
+    """peer=quanto_int4: optimum-quanto's QuantizedCache on the transformers model of the same folder."""
+    pytest.importorskip("optimum.quanto")
+    import tiny_checkpoints as tc
+
+    tc.save_hf(tmp_path / "m", "llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)  # head_dim 64
+    df = run_experiment("kv_compression", {**TINY, "model": str(tmp_path / "m"), "peer": "quanto_int4",
+                                           "context": 16, "eval_len": 24, "eval_prefill": 16})
+    r = df.iloc[0]
+    assert r.peer == "quanto_int4" and r.model_name == "m" and r.text == "heldout-stdlib" and len(df) == 3
+    assert r.kl_per_token > 0 and 0 < r.top1_agree <= 1 and r.tokens_scored == 2 * 8
+    # the prefill is quantised (4-bit + scale/shift per 64 values), the decoded tokens stay float32 (2x bf16)
+    assert 0.3 < r.ratio_vs_bf16 < 1.0

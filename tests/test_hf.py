@@ -83,7 +83,7 @@ def test_beam_search_codec_none_matches_default(model, ids):
 
 def test_invalid_options_name_valid_choices():
     with pytest.raises(ConfigError, match="choose one of"):
-        RyzlabCache(CFG, codec="int3")
+        RyzlabCache(CFG, codec="int5")
     with pytest.raises(ConfigError, match="valid parameters"):
         RyzlabCache(CFG, codec="int8", blocksize=4)
     with pytest.raises(ValueError, match="valid group sizes"):
@@ -118,3 +118,59 @@ def test_fill_from_dynamic_equals_model_prefill(model, ids, codec):
     assert a.ledger() == b.ledger()
     torch.testing.assert_close(model(ids[:, 9:10], cache=a).logits, model(ids[:, 9:10], cache=b).logits,
                                atol=0, rtol=0)
+
+
+def test_default_codec_is_cache_configs():
+    from ryzlab.config import CacheConfig
+
+    assert RyzlabCache(CFG).cache_config == CacheConfig()
+
+
+def _teacher_forced(m, ids, cache, prefill=8):
+    out = [m(ids[:, :prefill], cache=cache).logits[:, -1]]
+    for t in range(prefill, ids.shape[1]):
+        out.append(m(ids[:, t:t + 1], cache=cache).logits[:, -1])
+    return torch.stack(out, 1)
+
+
+@torch.no_grad()
+def test_rotation_keeps_the_uncompressed_path_and_rotated_attention_is_exact(ids):
+    from ryzlab.kv.hf import _PENDING_ROTATION, use_rotated_attention
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(CFG).eval()  # its own model: use_rotated_attention changes its attention
+    ref = _teacher_forced(m, ids, DynamicCache(config=CFG))
+    rot = dict(rotation="hadamard_signs", rotation_seed=7, block_size=4)
+    fallback = _teacher_forced(m, ids, RyzlabCache(CFG, codec="none", **rot))  # K/V rotated back
+    torch.testing.assert_close(fallback, ref, atol=1e-4, rtol=1e-4)
+    q_fallback = _teacher_forced(m, ids, RyzlabCache(CFG, codec="int4", **rot))
+    use_rotated_attention(m)
+    assert m.config._attn_implementation == "ryzlab_sdpa"
+    torch.testing.assert_close(_teacher_forced(m, ids, DynamicCache(config=CFG)), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_teacher_forced(m, ids, RyzlabCache(CFG, codec="none", **rot)), ref, atol=1e-4, rtol=1e-4)
+    # q and the output rotated instead of every cached vector: the same numbers
+    torch.testing.assert_close(_teacher_forced(m, ids, RyzlabCache(CFG, codec="int4", **rot)), q_fallback,
+                               atol=1e-4, rtol=1e-4)
+    assert _PENDING_ROTATION.get() is None  # every rotation asked for was consumed by its attention call
+    # keys stored before RoPE (the model's RoPE undone, then redone at every read): still the model
+    pre = _teacher_forced(m, ids, RyzlabCache(CFG, codec="none", pre_rope_keys=True, **rot))
+    torch.testing.assert_close(pre, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_peer_byte_counter_walks_tuples_lists_and_dicts():
+    from types import SimpleNamespace
+
+    from ryzlab.kv.peers import hf_cache_bytes
+
+    a, b = torch.zeros(3, 4), torch.zeros(5, dtype=torch.int8)
+    layer = SimpleNamespace(keys=(a, [b]), values={"x": a}, n=7, name="k")
+    assert hf_cache_bytes(SimpleNamespace(layers=[layer, layer])) == 2 * (48 + 5 + 48)
+
+
+def test_load_hf_causal_lm_names_what_it_accepts(tmp_path):
+    from ryzlab.kv.hf import load_hf_causal_lm
+
+    with pytest.raises(ValueError, match="no such .gguf file"):
+        load_hf_causal_lm(tmp_path / "m.gguf")
+    with pytest.raises(ValueError, match="neither a Hugging Face folder nor a .gguf file"):
+        load_hf_causal_lm(tmp_path / "nothing")

@@ -16,6 +16,14 @@ checkpoint :func:`ryzlab.models.load_model` reads (a Hugging Face folder or a ``
 * accuracy (:mod:`ryzlab.kv.accuracy`, teacher-forced decode through the compressed cache vs the
   uncompressed one): ``kl_per_token``, ``ppl``, ``ppl_ref``, ``ppl_delta``, ``top1_agree``,
   ``ppl_dense``, ``rel_logit_err``, ``k_rel_err``, ``v_rel_err``, ``attn_rel_err``.
+
+Real-model evaluation is the ground truth for codec decisions (a random or tiny model has no
+outlier channels): point ``model`` at a checkpoint (e.g. the SmolLM2 GGUF,
+``ryzlab.models.smollm2_gguf_path()``); the demo keeps the reference model for speed. ``peer``
+measures a peer cache instead of ryzlab's (:mod:`ryzlab.kv.peers`: optimum-quanto's
+``QuantizedCache`` on the transformers model of the same checkpoint, teacher-forced against
+``DynamicCache``; bytes from the peer's counter), so a report draws both on the same axes. The
+two paths differ in one documented way: HF attends a step's own token at full precision.
 """
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 
-from ..config import CODECS, GRANULARITIES, CacheConfig, Codec, Granularity, ModelConfig, check_choice
+from ..config import CODECS, GRANULARITIES, CacheConfig, Codec, Granularity, ModelConfig, Rotation, check_choice
 from ..provenance import cpu_model
 
 __all__ = ["Config", "run"]
@@ -38,7 +46,8 @@ __all__ = ["Config", "run"]
 @dataclass(frozen=True, kw_only=True)
 class Config:
     codec: Codec = "int8"
-    key_granularity: Granularity = "token_head"
+    key_granularity: Granularity | Literal["auto"] = "auto"
+    """``auto``: per channel (KIVI) for int4/int3/int2, per token and head otherwise (CacheConfig)."""
     value_granularity: Granularity = "token_head"
     group_size: int = 32
     """head_dim values per scale with ``group`` granularity (reference model: head_dim 32)."""
@@ -73,10 +82,16 @@ class Config:
     """Attention path of the paged cache: ``triton`` reads compressed pages in Triton kernels (CUDA),
     ``torch`` decodes pages then attends; ``auto``: triton on CUDA when installed. Recorded per row."""
     seed: int = 0
+    rotation: Rotation = "none"
+    """Hadamard rotation of K/V head vectors before quantisation (see CacheConfig.rotation)."""
+    layer_codecs: tuple[Codec, ...] = ()
+    """Per-layer codecs (mixed precision); empty = ``codec`` everywhere."""
+    peer: Literal["", "quanto_int4", "quanto_int2"] = ""
+    """Measure this peer cache instead of ryzlab's (needs a Hugging Face folder or .gguf ``model``)."""
 
     def __post_init__(self) -> None:
         check_choice("codec", self.codec, CODECS)
-        check_choice("key_granularity", self.key_granularity, GRANULARITIES)
+        check_choice("key_granularity", self.key_granularity, ("auto", *GRANULARITIES))
         check_choice("value_granularity", self.value_granularity, GRANULARITIES)
         for name in ("context", "batch", "decode_steps", "block_size", "group_size", "eval_len"):
             if getattr(self, name) <= 0:
@@ -102,6 +117,10 @@ class Config:
         if self.text and not Path(self.text).expanduser().is_file():
             raise ValueError(f"text={self.text!r}: no such file (empty = the held-out stdlib text)")
         self.cache_config().check_head_dim(self.model_config().head_dim)  # the cache fields together, and vs the model
+        self.cache_config().check_layers(self.model_config().n_layers)
+        if self.peer and (self.model in ("reference", "random") or not Path(self.model).expanduser().exists()):
+            raise ValueError(f"peer={self.peer!r} runs on a transformers model: model must be a Hugging Face "
+                             f"folder or a .gguf file, got {self.model!r}")
 
     def model_config(self) -> ModelConfig:
         """The model's shape from its metadata alone (raises naming the valid model specs)."""
@@ -112,7 +131,8 @@ class Config:
     def cache_config(self) -> CacheConfig:
         return CacheConfig(codec=self.codec, key_granularity=self.key_granularity,
                            value_granularity=self.value_granularity, group_size=self.group_size,
-                           symmetric=self.symmetric, residual=self.residual, block_size=self.block_size)
+                           symmetric=self.symmetric, residual=self.residual, block_size=self.block_size,
+                           rotation=self.rotation, layer_codecs=self.layer_codecs)
 
 
 TINY = ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
@@ -154,6 +174,8 @@ def run(cfg: Config) -> pd.DataFrame:
         torch.set_num_threads(cfg.threads)
     from ..corpus import token_stream
 
+    if cfg.peer:
+        return _run_peer(cfg, device)
     cache_cfg = cfg.cache_config()
     cache_cfg.check_head_dim(cfg.model_config().head_dim)
     model, tok, ref_ppl, model_name = _model(cfg, device)
@@ -210,4 +232,56 @@ def run(cfg: Config) -> pd.DataFrame:
         "device": device.type,
         "device_name": name,
         "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "text": cfg.text or "heldout-stdlib",
+        "peer": "",
+    })
+
+
+@torch.no_grad()
+def _run_peer(cfg: Config, device: torch.device) -> pd.DataFrame:
+    """The same rows for a peer cache on the transformers model of ``cfg.model``."""
+    from ..corpus import token_stream
+    from ..kv.accuracy import hf_heldout_tokens
+    from ..kv.hf import load_hf_causal_lm
+    from ..kv.peers import evaluate_peer, hf_cache_bytes, peer_cache
+    from ..models import check_model, load_tokenizer
+
+    model = load_hf_causal_lm(cfg.model).to(device)
+    tok = load_tokenizer(cfg.model)
+    timed = cfg.context + cfg.warmup + cfg.decode_steps
+    stream = token_stream(tok, cfg.eval_windows * cfg.eval_len + cfg.batch * timed, text=cfg.text or None)
+    tokens = _tokens(stream, cfg.batch, timed, cfg.eval_windows * cfg.eval_len, device)
+    cache = peer_cache(model.config, cfg.peer)
+    _sync(device)
+    t0 = time.perf_counter()
+    model(tokens[:, :cfg.context], cache=cache, use_cache=True, logits_to_keep=1)
+    _sync(device)
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+    times = []
+    for i in range(cfg.warmup + cfg.decode_steps):
+        t0 = time.perf_counter()
+        model(tokens[:, cfg.context + i:cfg.context + i + 1], cache=cache, use_cache=True)
+        _sync(device)
+        if i >= cfg.warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    total = float(hf_cache_bytes(cache))
+    held = cfg.batch * (timed - 1)
+    acc: dict = {}
+    if cfg.eval_windows:
+        windows = _tokens(stream, cfg.eval_windows, cfg.eval_len, 0, device)
+        acc = evaluate_peer(model, cfg.peer, windows, cfg.eval_prefill)
+        acc = {k: acc[k] for k in ("kl_per_token", "kl_max", "ppl", "ppl_ref", "ppl_delta", "top1_agree",
+                                   "rel_logit_err", "tokens_scored")}
+    mc = cfg.model_config()
+    bf16 = 2.0 * mc.n_layers * mc.n_kv_heads * mc.head_dim * 2
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    return pd.DataFrame({
+        "sample": range(len(times)), "tpot_ms": times, "median_tpot_ms": statistics.median(times),
+        "prefill_ms": prefill_ms, "kv_bytes_per_token": total / held, "ratio_vs_bf16": total / held / bf16,
+        "cache_bytes": total, "tokens_held": float(held),
+        "max_tokens_in_budget": int(cfg.memory_budget_mib * 2**20 // (total / held)), **acc,
+        "model_name": check_model(cfg.model).name, "model_dtype": "float32",
+        "model_params": sum(p.numel() for p in model.parameters()), "device": device.type, "device_name": name,
+        "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "text": cfg.text or "heldout-stdlib", "peer": cfg.peer,
     })

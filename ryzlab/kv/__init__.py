@@ -9,12 +9,16 @@ Public API (see each module's docstring):
   ``ledger`` / ``stats``; :mod:`ryzlab.kv.context` migrates and checks blocks across cp ranks.
   ``kernel=`` picks its attention path: ``torch`` (reference, CPU) or ``triton``
   (:mod:`ryzlab.kv.triton`: reads the compressed pages in registers; the default on CUDA).
+* :class:`HeadRotation` / :func:`fwht` — orthogonal (Walsh-Hadamard) rotation of K/V before quantising.
+* :mod:`ryzlab.kv.plan` — ``plan_kv``: the smallest layout within a KL budget (``ryzlab kv-plan``);
+  :mod:`ryzlab.kv.peers` — optimum-quanto's cache measured the same way.
 """
 from ryzlab.kv.blocks import AppendResult, Block, BlockPool, FreeBlockQueue, hash_block
 from ryzlab.kv.cache import PagedKVCache, Step
 from ryzlab.kv.codecs import Encoded, KVFormat, TokenBytes, bytes_per_token, decode, encode
-from ryzlab.kv.pages import PagedTensor, attention_with_lse
+from ryzlab.kv.pages import LayerPages, PagedTensor, attention_with_lse
+from ryzlab.kv.rotation import HeadRotation, fwht, hadamard
 
 __all__ = ["AppendResult", "Block", "BlockPool", "FreeBlockQueue", "hash_block", "PagedKVCache", "Step",
            "Encoded", "KVFormat", "TokenBytes", "bytes_per_token", "decode", "encode", "PagedTensor",
-           "attention_with_lse"]
+           "LayerPages", "attention_with_lse", "HeadRotation", "fwht", "hadamard"]

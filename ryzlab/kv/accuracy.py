@@ -51,15 +51,16 @@ from .cache import PagedKVCache
 
 log = logging.getLogger(__name__)
 
-__all__ = ["capture_qkv", "reconstruction_error", "decode_logits", "teacher_forced", "evaluate", "evaluate_hf",
+__all__ = ["capture_qkv", "reconstruction_error", "decode_logits", "compare_logits", "teacher_forced", "evaluate", "evaluate_hf",
            "dense_perplexity", "layout_label", "parse_layout", "STANDARD_LAYOUTS", "uncompressed",
            "hf_heldout_tokens", "layout_columns"]
 
 
 def layout_columns(cfg: CacheConfig) -> dict[str, Any]:
     """The swept cache fields as flat columns."""
-    return {k: getattr(cfg, k) for k in ("codec", "key_granularity", "value_granularity", "group_size",
-                                         "residual", "block_size", "symmetric")}
+    cols = {k: getattr(cfg, k) for k in ("codec", "key_granularity", "value_granularity", "group_size",
+                                         "residual", "block_size", "symmetric", "rotation")}
+    return cols | {"layer_codecs": "/".join(cfg.layer_codecs)}
 
 
 # ----------------------------------------------------------------------------- K/V and attention
@@ -133,7 +134,7 @@ def reconstruction_error(model_cfg: Any, cache_cfg: CacheConfig, qkv: Sequence[t
 
 
 # ----------------------------------------------------------------------------- logits
-def _compare_logits(logits: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor, chunk: int = 64
+def compare_logits(logits: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor, chunk: int = 64
                     ) -> dict[str, float]:
     """logits/ref [B, n, V] predicting targets [B, n] -> KL, perplexities, top-1 agreement, relative logit error.
 
@@ -206,7 +207,7 @@ def teacher_forced(model: Transformer, tokens: torch.Tensor, cache_cfg: CacheCon
         raise ValueError(f"prefill={prefill} must be in [1, {L - 1}] for sequences of {L} tokens")
     ref = decode_logits(model, tokens, uncompressed(cache_cfg), prefill)[0] if ref_logits is None else ref_logits
     logits, led = decode_logits(model, tokens, cache_cfg, prefill)
-    return {**_compare_logits(logits, ref, tokens[:, prefill:]), **_ledger_columns(led)}
+    return {**compare_logits(logits, ref, tokens[:, prefill:]), **_ledger_columns(led)}
 
 
 @torch.no_grad()
@@ -221,9 +222,11 @@ def dense_perplexity(model: Transformer, tokens: torch.Tensor, prefill: int) -> 
 
 
 def layout_label(cfg: CacheConfig) -> str:
-    """A short name for a layout: ``int4 k=channel g32 r128`` (defaults left out)."""
+    """A short name for a layout: ``int4 k=channel g32 r128 rot bs32`` (defaults left out).
+
+    ``rot`` / ``rot±``: Hadamard rotation (with random signs); ``mixed 8xint4+22xint2``: per-layer codecs."""
     parts = [cfg.codec]
-    if cfg.codec != "none":
+    if cfg.any_quantized:
         if cfg.key_granularity != "token_head":
             parts.append(f"k={cfg.key_granularity}")
         if cfg.value_granularity != "token_head":
@@ -232,8 +235,17 @@ def layout_label(cfg: CacheConfig) -> str:
             parts.append(f"g{cfg.group_size}")
         if cfg.residual:
             parts.append(f"r{cfg.residual}")
+        if cfg.residual_dtype != "model":
+            parts.append({"float16": "tail16", "bfloat16": "tailbf16"}[cfg.residual_dtype])
         if not cfg.symmetric:
             parts.append("asym")
+        if cfg.rotation != "none":
+            parts.append("rot" if cfg.rotation == "hadamard" else "rot±")
+        if cfg.block_size != 16:
+            parts.append(f"bs{cfg.block_size}")
+        if cfg.layer_codecs:
+            counts = {k: cfg.layer_codecs.count(k) for k in dict.fromkeys(cfg.layer_codecs)}
+            parts[0] = "mixed " + "+".join(f"{n}x{k}" for k, n in counts.items())
     return " ".join(parts)
 
 
@@ -265,7 +277,7 @@ def evaluate(model: Transformer, cache_configs: Sequence[CacheConfig], tokens: t
                "seq_len": tokens.shape[1], "prefill": prefill}
         if qkv is not None:
             row.update(reconstruction_error(model.config, cfg, qkv))
-        row.update(_compare_logits(logits, ref, tokens[:, prefill:]))
+        row.update(compare_logits(logits, ref, tokens[:, prefill:]))
         row.update(_ledger_columns(led), ppl_dense=dense)
         rows.append(row)
         log.info("accuracy %s: ppl %.4f (delta %+.4f) KL %.2e top1 %.4f, %.1f B/token", row["layout"], row["ppl"],
@@ -276,12 +288,13 @@ def evaluate(model: Transformer, cache_configs: Sequence[CacheConfig], tokens: t
 
 
 # ----------------------------------------------------------------------------- any HF checkpoint
-def hf_heldout_tokens(path: str | Path, n: int, length: int) -> torch.Tensor:
-    """``n`` windows of ``length`` tokens of the stdlib held-out text, with the folder's tokenizer.json."""
+def hf_heldout_tokens(path: str | Path, n: int, length: int, text: str | Path | None = None) -> torch.Tensor:
+    """``n`` windows of ``length`` tokens of ``text`` (default: the stdlib held-out text), with the
+    tokenizer of a Hugging Face folder or a ``.gguf`` file."""
     from ..corpus import text_windows
-    from ..models.tokenizer import tokenizer_from_folder
+    from ..models import load_tokenizer
 
-    return text_windows(tokenizer_from_folder(path), n, length)
+    return text_windows(load_tokenizer(str(path)), n, length, text=text)
 
 
 @torch.no_grad()
@@ -293,12 +306,12 @@ def evaluate_hf(model: Any, cache_options: Sequence[dict[str, Any]], tokens: tor
     CacheConfig fields). Same metrics as :func:`evaluate` except ``attn_rel_err`` (NaN: the
     HF attention's queries are not captured); exact K/V come from a ``DynamicCache`` prefill.
     """
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import DynamicCache
 
-    from .hf import RyzlabCache, model_config_from_hf
+    from .hf import RyzlabCache, load_hf_causal_lm, model_config_from_hf
 
     if isinstance(model, (str, Path)):
-        model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+        model = load_hf_causal_lm(model)
     B, L = tokens.shape
     ref = model(tokens).logits.float()
     dyn = DynamicCache(config=model.config)
@@ -314,7 +327,7 @@ def evaluate_hf(model: Any, cache_options: Sequence[dict[str, Any]], tokens: tor
         row = {**layout_columns(cache.cache_config), "model": getattr(model.config, "_name_or_path", "") or
                type(model).__name__, "batch": B, "seq_len": L, "prefill": prefill}
         row.update(reconstruction_error(mcfg, cache.cache_config, qkv))
-        row.update(_compare_logits(torch.cat(steps, 1), ref[:, prefill - 1:L - 1], tokens[:, prefill:]))
+        row.update(compare_logits(torch.cat(steps, 1), ref[:, prefill - 1:L - 1], tokens[:, prefill:]))
         led = cache.ledger()
         row.update(cache_total=led["total"], cache_bytes_per_token=led["bytes_per_token"],
                    cache_ratio_vs_bf16=led["ratio_vs_bf16"])
@@ -324,16 +337,24 @@ def evaluate_hf(model: Any, cache_options: Sequence[dict[str, Any]], tokens: tor
 
 
 STANDARD_LAYOUTS: tuple[dict[str, Any], ...] = (
-    {"codec": "none"}, {"codec": "fp8_e4m3"}, {"codec": "fp8_e5m2"}, {"codec": "int8"}, {"codec": "int4"},
+    {"codec": "none"}, {"codec": "fp8_e4m3"}, {"codec": "fp8_e5m2"}, {"codec": "int8"},
+    {"codec": "int4", "key_granularity": "token_head"},
     {"codec": "int4", "key_granularity": "group", "value_granularity": "group", "group_size": 32},
-    {"codec": "int4", "key_granularity": "channel"}, {"codec": "int4", "residual": 128},
+    {"codec": "int4", "key_granularity": "channel"}, {"codec": "int4", "key_granularity": "channel", "residual": 128},
+    {"codec": "int4", "key_granularity": "token_head", "rotation": "hadamard"},
+    {"codec": "int3", "symmetric": False, "rotation": "hadamard", "residual": 128},
+    {"codec": "int2", "symmetric": False, "rotation": "hadamard", "residual": 128},
 )
-"""``--preset standard``: the uncompressed cache, both fp8s, int8, int4 (per token and head), int4 with
-groups of 32, int4 with per-channel keys (KIVI), int4 with a 128-token full-precision window."""
+"""``--preset standard``: the uncompressed cache, both fp8s, int8, int4 per token and head, int4 with
+groups of 32, int4 with per-channel keys (KIVI, the int4 default) without and with a 128-token
+full-precision window, int4 per token after a Hadamard rotation, int3 and int2 (asymmetric,
+rotated, 128-token window). Rotation needs a power-of-two head_dim."""
 
 
 def parse_layout(text: str, defaults: dict[str, Any]) -> CacheConfig:
-    """``codec[,field=value...]`` (e.g. ``int4,key_granularity=channel,residual=128``) -> CacheConfig."""
+    """``codec[,field=value...]`` (e.g. ``int4,key_granularity=channel,residual=128``) -> CacheConfig.
+
+    ``layer_codecs`` takes one codec per layer separated by ``/`` (``layer_codecs=int8/int4/int4``)."""
     from ..config import field_names, from_dict
 
     codec, *rest = [p.strip() for p in text.split(",") if p.strip()]
@@ -342,6 +363,9 @@ def parse_layout(text: str, defaults: dict[str, Any]) -> CacheConfig:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ValueError(f"layout {text!r}: {item!r} is not field=value; fields: {', '.join(field_names(CacheConfig))}")
+        if key == "layer_codecs":  # one codec per layer, separated by "/": int8/int4/int4/...
+            values[key] = tuple(c for c in raw.split("/") if c)
+            continue
         values[key] = raw.lower() == "true" if raw.lower() in ("true", "false") else (int(raw) if raw.isdigit() else raw)
     return from_dict(CacheConfig, values, where=f"layout {text!r}")
 
@@ -350,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     """``python -m ryzlab.kv.accuracy [--model SPEC] [--text FILE] [--codecs ...|--layout ...|--preset standard]``."""
     import argparse
 
-    from ..config import CODECS
+    from ..config import CODECS, GRANULARITIES, ROTATIONS, from_dict
     from ..corpus import text_windows
     from ..models import MODEL_CHOICES, check_model, load_model
 
@@ -363,9 +387,13 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--layout", action="append", default=[],
                     help="codec[,field=value...], repeatable (e.g. int4,key_granularity=channel); replaces --codecs")
     ap.add_argument("--preset", choices=["standard"], help="the 8 layouts of STANDARD_LAYOUTS; replaces --codecs")
-    ap.add_argument("--key-granularity", default="token_head")
+    ap.add_argument("--key-granularity", default="auto",
+                    help="auto (default: channel for int4/int3/int2, token_head otherwise) | " + ", ".join(GRANULARITIES))
     ap.add_argument("--value-granularity", default="token_head")
     ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--asymmetric", action="store_true",
+                    help="integer codecs store a zero point per scale (symmetric=False) unless a layout says otherwise")
+    ap.add_argument("--rotation", default="none", help=f"{', '.join(ROTATIONS)} (default none)")
     ap.add_argument("--residual", type=int, default=0)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--windows", type=int, default=8)
@@ -378,15 +406,18 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--out", help="also write the table (.parquet or .csv)")
     a = ap.parse_args(argv)
     defaults = dict(key_granularity=a.key_granularity, value_granularity=a.value_granularity,
-                    group_size=a.group_size, residual=a.residual, block_size=a.block_size)
+                    group_size=a.group_size, residual=a.residual, block_size=a.block_size,
+                    symmetric=not a.asymmetric, rotation=a.rotation)
     try:  # every input checked before the model is loaded
         src = check_model(a.model)
         if a.preset:
-            layouts = [CacheConfig(**o, block_size=a.block_size) for o in STANDARD_LAYOUTS]
+            layouts = [from_dict(CacheConfig, {**defaults, **o}, where=f"--preset standard {o}")
+                       for o in STANDARD_LAYOUTS]
         else:
             layouts = [parse_layout(t, defaults) for t in (a.layout or a.codecs.split(","))]
         for cfg in layouts:
             cfg.check_head_dim(src.config.head_dim)
+            cfg.check_layers(src.config.n_layers)
         if not 0 < a.prefill < a.length:
             raise ValueError(f"--prefill {a.prefill} must be in [1, --length - 1 = {a.length - 1}]")
     except ValueError as e:

@@ -34,6 +34,13 @@ the next one; a sequence whose prompt hits cached blocks reads their quantised c
 wrote them, so they are not in its tail). Shortage (bounded ``num_blocks``) returns None from
 ``add_sequence`` / ``extend`` with nothing changed; misuse raises ``ValueError``.
 
+Mixed precision and rotation. ``CacheConfig.layer_codecs`` gives each layer its own codec
+(the pages of layers sharing a format share one allocation: :class:`LayerPages`). With
+``CacheConfig.rotation`` every K/V head vector is rotated (:mod:`ryzlab.kv.rotation`) before it
+is stored — pages and tail alike; :meth:`attend` rotates the queries the same way and its output
+back, so only this step's ``[N, Hq, D]`` queries are touched; :meth:`gather` and
+:meth:`read_kv` return K/V in the model's basis unless asked for the rotated one.
+
 Context parallelism: built with ``cp=`` (the :class:`ryzlab.parallel.comm.Comm` of the cp
 group), the cache's :class:`BlockPool` is sharded (block ``b`` lives on cp rank ``b % cp``) and
 replicated: every rank plans the same steps, stores only its own blocks (``num_blocks / cp``
@@ -57,8 +64,11 @@ from ryzlab.config import CacheConfig, ModelConfig
 from ryzlab.kv import triton as kv_triton
 from ryzlab.kv.blocks import BlockPool, SeqId
 from ryzlab.kv.codecs import KVFormat
+from ryzlab.kv.ledger import codec_bytes_per_token, paged_ledger
 from ryzlab.kv.merge import merge_partials, pack_partial, unpack_partials
-from ryzlab.kv.pages import MATH_SCORES, PagedTensor, attention_with_lse
+from ryzlab.kv.pages import MATH_SCORES, LayerPages, attention_with_lse
+from ryzlab.kv.rotation import HeadRotation
+from ryzlab.model import apply_rope, rope_cos_sin, rope_inv_freq
 from ryzlab.parallel.comm import Comm
 
 __all__ = ["PagedKVCache", "Step"]
@@ -140,15 +150,24 @@ class PagedKVCache:
         if kernel not in KERNELS:
             raise ValueError(f"kernel={kernel!r} is not valid; choose one of {', '.join(KERNELS)}")
         cache.check_head_dim(model.head_dim)
+        cache.check_layers(model.n_layers)
         self.model, self.config = model, cache
         self.dtype, self.device = dtype, torch.device(device)
         self.n_layers, self.n_kv_heads, self.head_dim = model.n_layers, model.n_kv_heads, model.head_dim
         self.block_size = bs = cache.block_size
-        self.key_format = KVFormat(cache.codec, cache.key_granularity, cache.group_size, cache.symmetric, dtype)
-        self.value_format = KVFormat(cache.codec, cache.value_granularity, cache.group_size, cache.symmetric, dtype)
-        quantized = cache.codec != "none"
-        # One commit unit for K and V: a block if either needs block-wide scales, else a token.
-        self.commit_unit = bs if (self.key_format.spans_tokens or self.value_format.spans_tokens) else 1
+        self.key_formats = [KVFormat(cache.codec_of(i), cache.key_granularity, cache.group_size, cache.symmetric,
+                                     dtype) for i in range(model.n_layers)]
+        self.value_formats = [KVFormat(cache.codec_of(i), cache.value_granularity, cache.group_size,
+                                       cache.symmetric, dtype) for i in range(model.n_layers)]
+        self.key_format, self.value_format = self.key_formats[0], self.value_formats[0]  # layer 0's
+        quantized = cache.any_quantized
+        # One commit unit for K and V: a block if any layer needs block-wide scales, else a token.
+        spans = any(f.spans_tokens for f in self.key_formats + self.value_formats)
+        self.commit_unit = bs if spans else 1
+        self.rotation = (HeadRotation(cache.rotation, model.head_dim, cache.rotation_seed, self.device)
+                         if cache.rotation != "none" else None)
+        # keys stored before RoPE: the model's RoPE frequencies (from its config) undo / redo it
+        self._inv_freq = rope_inv_freq(model, self.device) if cache.pre_rope_keys else None
         self.residual = cache.residual if quantized else 0  # full precision == the stored copy
         self.tail_len = max(self.residual, self.commit_unit - 1) if quantized else 0
         self.cp = cp if cp is not None else Comm(local=True)
@@ -156,9 +175,10 @@ class PagedKVCache:
         self.pool = BlockPool(cache.num_blocks, bs, cache.enable_prefix_caching, shards=self.cp_size)
         cap = -(-(cache.num_blocks or _INITIAL_BLOCKS) // self.cp_size)  # this rank's pages
         L, H, D = self.n_layers, self.n_kv_heads, self.head_dim
-        self.k = PagedTensor(self.key_format, L, cap, bs, H, D, self.device)
-        self.v = PagedTensor(self.value_format, L, cap, bs, H, D, self.device)
-        self._tail_k = torch.zeros(L, _INITIAL_SLOTS, self.tail_len, H, D, dtype=dtype, device=self.device)
+        self.k = LayerPages(self.key_formats, cap, bs, H, D, self.device)
+        self.v = LayerPages(self.value_formats, cap, bs, H, D, self.device)
+        tail_dtype = dtype if cache.residual_dtype == "model" else getattr(torch, cache.residual_dtype)
+        self._tail_k = torch.zeros(L, _INITIAL_SLOTS, self.tail_len, H, D, dtype=tail_dtype, device=self.device)
         self._tail_v = torch.zeros_like(self._tail_k)
         self._free_slots = list(range(_INITIAL_SLOTS))
         self._seqs: dict[SeqId, _SeqState] = {}
@@ -481,6 +501,10 @@ class PagedKVCache:
         k, _ = self._flat(k, step, "k", self.n_kv_heads)
         v, _ = self._flat(v, step, "v", self.n_kv_heads)
         k, v = k.to(self.dtype), v.to(self.dtype)
+        if self._inv_freq is not None:  # RoPE undone: the key as the projection made it
+            k = self._rope(k, step.positions, inverse=True)
+        if self.rotation is not None:  # stored rotated, pages and tail alike
+            k, v = self.rotation.apply(k), self.rotation.apply(v)
         for pages, tail, x in ((self.k, self._tail_k, k), (self.v, self._tail_v, v)):
             flat_tail = tail[layer].view(-1, self.n_kv_heads, self.head_dim)
             if self.commit_unit == 1:
@@ -491,34 +515,56 @@ class PagedKVCache:
                 # are indexed after the tail rows (counted now: slots may have grown since)
                 rows = flat_tail.shape[0]
                 idx = torch.where(step._commit_src < 0, rows - 1 - step._commit_src, step._commit_src)
-                src = torch.cat([flat_tail, x])[idx]  # [nc, bs, H, D]
+                src = torch.cat([flat_tail.to(x.dtype), x])[idx]  # [nc, bs, H, D]
                 pages.write_blocks(layer, step._commit_blocks, src)
             if step._tail_dst.numel():
-                flat_tail[step._tail_dst] = x[step._tail_src]
+                flat_tail[step._tail_dst] = x[step._tail_src].to(flat_tail.dtype)
 
-    def _gather(self, layer: int, pages: PagedTensor, tail: torch.Tensor, tables: torch.Tensor,
+    def _gather(self, layer: int, pages: LayerPages, tail: torch.Tensor, tables: torch.Tensor,
                 ov: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x = pages.gather(layer, tables, self.dtype)  # [B, H, S, D]
         if ov[0].numel():
-            x[ov[0], :, ov[1]] = tail[layer].view(-1, self.n_kv_heads, self.head_dim)[ov[2]]
+            x[ov[0], :, ov[1]] = tail[layer].view(-1, self.n_kv_heads, self.head_dim)[ov[2]].to(x.dtype)
         return x
 
     def _gather_heads(self, layer: int, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V ``[B, H, S, D]`` in the stored basis; pre-RoPE keys come back post-RoPE in the model's basis."""
         ov = (step._ov_b, step._ov_idx, step._ov_row)
-        return (self._gather(layer, self.k, self._tail_k, step._tables, ov),
-                self._gather(layer, self.v, self._tail_v, step._tables, ov))
+        k = self._gather(layer, self.k, self._tail_k, step._tables, ov)
+        if self._inv_freq is not None:
+            k = self._keys_at(k, step._kpos)
+        return k, self._gather(layer, self.v, self._tail_v, step._tables, ov)
 
-    def gather(self, layer: int, *, step: Step | None = None,
-               heads_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """RoPE (or its inverse: the angle negated) of ``x [..., T, H, D]`` at ``positions [..., T]``."""
+        assert self._inv_freq is not None
+        cos, sin = rope_cos_sin(positions, self._inv_freq, torch.float32)
+        return apply_rope(x.float(), cos, -sin if inverse else sin).to(x.dtype)
+
+    def _keys_at(self, k: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        """Stored pre-RoPE keys ``[B, H, S, D]`` -> the model's basis with RoPE at ``kpos [B or 1, S]``."""
+        if self.rotation is not None:  # RoPE and the rotation do not commute: rotate back first
+            k = self.rotation.invert(k)
+        return self._rope(k.transpose(1, 2), kpos).transpose(1, 2).contiguous()
+
+    def gather(self, layer: int, *, step: Step | None = None, heads_first: bool = False,
+               rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded keys and values the step attends to, position-aligned, in ``dtype``.
 
         ``[B, S, Hkv, D]`` each, or contiguous ``[B, Hkv, S, D]`` with ``heads_first`` (what a
         Hugging Face attention layer wants back from its cache). ``S`` is the longest context
         rounded up to whole blocks; positions ``>= context_lens[b]`` are padding. One cp rank only
-        (with cp > 1 no rank holds every position).
+        (with cp > 1 no rank holds every position). With a rotation, K/V come back in the model's
+        basis (one ``[D, D]`` product per cached vector) unless ``rotated=True``: then the caller
+        rotates its queries with :meth:`rotate` and its output back with :meth:`unrotate`.
         """
         self._single_rank("gather")
+        if rotated and self._inv_freq is not None:
+            raise ValueError("pre_rope_keys: keys come back post-RoPE in the model's basis; use rotated=False")
         k, v = self._gather_heads(layer, self._current(step))
+        if self.rotation is not None and not rotated:
+            v = self.rotation.invert(v)
+            k = k if self._inv_freq is not None else self.rotation.invert(k)
         return (k, v) if heads_first else (k.transpose(1, 2), v.transpose(1, 2))
 
     def attend(self, layer: int, q: torch.Tensor, *, step: Step | None = None,
@@ -534,6 +580,20 @@ class PagedKVCache:
         q, four_d = self._flat(q, step, "q", self.model.n_heads)
         if not step.num_tokens:
             return q.new_zeros(q.shape)
+        if self.rotation is not None:  # scores need q in the keys' basis; the output is rotated back
+            qk = q if self._inv_freq is not None else self.rotation.apply(q)  # pre-RoPE keys: model basis
+            return self.rotation.invert(self._attend(layer, qk, step, scale, four_d))
+        return self._attend(layer, q, step, scale, four_d)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries ``[..., D]`` into the basis of the stored keys (identity without a rotation)."""
+        return x if self.rotation is None else self.rotation.apply(x)
+
+    def unrotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention output ``[..., D]`` over stored values back to the model's basis."""
+        return x if self.rotation is None else self.rotation.invert(x)
+
+    def _attend(self, layer: int, q: torch.Tensor, step: Step, scale: float | None, four_d: bool) -> torch.Tensor:
         if self.kernel == "triton":
             out = self._attend_triton(layer, q, step, scale)
             return out.view(len(step.seq_ids), -1, *out.shape[1:]) if four_d else out
@@ -558,8 +618,10 @@ class PagedKVCache:
     # ------------------------------------------------------------------ Triton dispatch
     # Everything the Triton path needs from the cache lives here (kernels: ryzlab.kv.triton).
     def _pick_kernel(self, kernel: Kernel) -> str:
-        why = kv_triton.unavailable_reason(self.device) or kv_triton.unreadable_reason(self.key_format) \
-            or kv_triton.unreadable_reason(self.value_format)
+        why = kv_triton.unavailable_reason(self.device) or next(
+            (r for f in (*self.key_formats, *self.value_formats) if (r := kv_triton.unreadable_reason(f))), None)
+        if not why and self._inv_freq is not None:
+            why = "keys stored before RoPE (pre_rope_keys) need RoPE applied on read, which the kernel does not do"
         if kernel == "triton" and why:
             raise ValueError(f"kernel='triton' cannot run here: {why}; choose 'torch' or 'auto'")
         if kernel == "auto":
@@ -576,7 +638,8 @@ class PagedKVCache:
                                     step._ov_b, step._ov_idx, step._ov_row)
             self._kernel_plan = (step, plan)
         tail = lambda t: t[layer].view(-1, self.n_kv_heads, self.head_dim)  # noqa: E731
-        out, lse = paged_attention(q, self.k, self.v, layer, self._kernel_plan[1],
+        (kp, kl), (vp, vl) = self.k.where(layer), self.v.where(layer)  # a layer's pages and index in its group
+        out, lse = paged_attention(q, kp, vp, kl, self._kernel_plan[1],
                                    tail(self._tail_k), tail(self._tail_v), scale=scale)  # [N, Hq, D], [N, Hq]
         if self.cp_size > 1:
             out = merge_partials(*unpack_partials(self.cp.all_gather(pack_partial(out, lse))))[0]
@@ -602,10 +665,17 @@ class PagedKVCache:
         self._single_rank("read_kv")
         st = self._state(seq_id)
         n = st.num_written
-        tables, _, *ov = self._gather_plan([seq_id], [st], [n])
+        tables, kpos, *ov = self._gather_plan([seq_id], [st], [n])
         layers = range(self.n_layers) if layer is None else [layer]
-        ks = [self._gather(i, self.k, self._tail_k, tables, ov)[0, :, :n].transpose(0, 1) for i in layers]
-        vs = [self._gather(i, self.v, self._tail_v, tables, ov)[0, :, :n].transpose(0, 1) for i in layers]
+
+        def keys(i: int) -> torch.Tensor:
+            k = self._gather(i, self.k, self._tail_k, tables, ov)
+            k = self._keys_at(k, kpos) if self._inv_freq is not None else self.unrotate(k)
+            return k[0, :, :n].transpose(0, 1)
+
+        ks = [keys(i) for i in layers]
+        vs = [self.unrotate(self._gather(i, self.v, self._tail_v, tables, ov)[0, :, :n].transpose(0, 1))
+              for i in layers]
         return (torch.stack(ks), torch.stack(vs)) if layer is None else (ks[0], vs[0])
 
     def stats(self) -> dict[str, float]:
@@ -614,67 +684,9 @@ class PagedKVCache:
 
     def bytes_per_token_codec(self) -> float:
         """Asymptotic bytes per token, all layers, K + V: payload + amortised scales only."""
-        kb = self.key_format.bytes_per_token(self.n_kv_heads, self.head_dim, self.block_size)
-        vb = self.value_format.bytes_per_token(self.n_kv_heads, self.head_dim, self.block_size)
-        return self.n_layers * (kb.total + vb.total)
+        return codec_bytes_per_token(self.key_formats, self.value_formats, self.n_kv_heads, self.head_dim,
+                                     self.block_size)
 
     def ledger(self) -> dict[str, float]:
-        """Exact bytes this rank holds for the live sequences, by kind (all layers, K + V).
-
-        Under context parallelism only this rank's blocks count (its share of every sequence);
-        the tail is held by every cp rank and counted on each. Under tensor parallelism the
-        cache holds the rank's own KV heads (a replicated KV head is counted on every copy).
-
-        * ``payload``: quantised (or model-dtype) values of the filled token slots;
-        * ``scales``: scales and zero points (token-local ones per filled slot, block-wide
-          ones per used block);
-        * ``padding``: empty slots of partially filled blocks (payload + token-local scales);
-        * ``residual``: the full-precision tail rows of every live sequence (residual window
-          and, for token-spanning scales, the not-yet-full block);
-        * ``metadata``: what a device would hold to address them: an int32 block-table entry
-          per block per sequence and an int32 length per sequence (host-side Python
-          bookkeeping is not counted);
-        * ``bytes_per_token``: total / tokens of the live sequences (shared prefix blocks are
-          counted once, so sharing lowers it; under cp the tokens are the whole sequences, so
-          this is the rank's share); ``ratio_vs_bf16`` divides it by
-          ``bf16_bytes_per_token`` = ``2 * L * Hkv * D * 2``;
-        * ``allocated``: bytes of every storage tensor (pool capacity, cached free blocks
-          and spare tail slots included).
-        """
-        L, H, D, bs = self.n_layers, self.n_kv_heads, self.head_dim, self.block_size
-        payload_slot = scale_slot = scale_block = 0.0
-        for fmt in (self.key_format, self.value_format):
-            tb = fmt.bytes_per_token(H, D, bs)
-            payload_slot += L * tb.payload
-            if fmt.spans_tokens:
-                scale_block += L * tb.scales * bs
-            else:
-                scale_slot += L * tb.scales
-        fill: dict[int, int] = {}
-        tokens = table_entries = 0
-        cp, me = self.cp_size, self.cp_rank
-        for s in self._seqs:
-            n = self.pool.num_tokens(s)
-            tokens += n
-            for j, b in enumerate(self.pool.block_table(s)):
-                if b % cp == me:
-                    table_entries += 1
-                    fill[b] = max(fill.get(b, 0), min(bs, n - j * bs))
-        filled = sum(fill.values())
-        used = len(fill)
-        payload = filled * payload_slot
-        scales = filled * scale_slot + used * scale_block
-        padding = (used * bs - filled) * (payload_slot + scale_slot)
-        residual = float(len(self._seqs) * self.tail_len * H * D * self.dtype.itemsize * 2 * L)
-        metadata = float(4 * table_entries + 4 * len(self._seqs))
-        total = payload + scales + padding + residual + metadata
-        bf16 = 2.0 * L * H * D * 2
-        bpt = total / tokens if tokens else self.bytes_per_token_codec()
-        allocated = self.k.nbytes() + self.v.nbytes() + 2 * self._tail_k.numel() * self._tail_k.element_size()
-        return {"payload": payload, "scales": scales, "residual": residual, "padding": padding,
-                "metadata": metadata, "total": total, "tokens": float(tokens), "bytes_per_token": bpt,
-                "kv_bytes_per_token": bpt,  # the field's metric name (DESIGN.md)
-                "bytes_per_token_codec": self.bytes_per_token_codec(), "bf16_bytes_per_token": bf16,
-                "ratio_vs_bf16": bpt / bf16, "allocated": float(allocated), "blocks": float(used),
-                "cp": float(cp)}
-
+        """Exact bytes this rank holds for the live sequences, by kind: :func:`ryzlab.kv.ledger.paged_ledger`."""
+        return paged_ledger(self)

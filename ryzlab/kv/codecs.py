@@ -1,8 +1,25 @@
 """KV codecs: encode ``[..., T, H, D]`` tensors into a payload plus scales, decode them back.
 
 Formats (``Codec``): ``none`` keeps the model dtype; ``fp8_e4m3`` / ``fp8_e5m2`` store
-``torch.float8`` values of ``x / scale``; ``int8`` stores round(x / scale) in int8; ``int4``
-stores two 4-bit values per ``uint8`` byte (element ``2i`` in the low nibble, ``2i+1`` high).
+``torch.float8`` values of ``x / scale``; ``int8`` stores round(x / scale) in int8; ``int4``,
+``int3`` and ``int2`` pack unsigned codes ``u`` (below) into ``uint8`` bytes along head_dim.
+
+Packing layouts (what a kernel reading the pages must follow; payload last dim ``Dp``):
+
+=========  ==============  ==========================================================
+codec      Dp              element ``i`` of a head vector
+=========  ==============  ==========================================================
+``int4``   D / 2           byte ``i // 2``, bits ``4 * (i % 2)`` .. +3 (``2i`` low nibble)
+``int2``   D / 4           byte ``i // 4``, bits ``2 * (i % 4)`` .. +1
+``int3``   3 * D / 8       24-bit little-endian word ``w`` in bytes ``3j .. 3j+2``,
+                           ``j = i // 8``; bits ``3 * (i % 8)`` .. +2 of ``w``
+=========  ==============  ==========================================================
+
+Codes: symmetric ``u = q + 2**(bits-1)`` with ``q = round(x / s)`` in ``[-qmax, qmax]``,
+``qmax = 2**(bits-1) - 1`` (int4 [-7, 7], int3 [-3, 3], int2 [-1, 1]: three levels, so int2 is
+meant to be used asymmetric); asymmetric ``u = round((x - min) / s)`` in ``[0, 2**bits - 1]``
+and ``x = u * s + min``. int8 symmetric stores ``q`` as int8, asymmetric ``u`` as uint8.
+head_dim must be a multiple of the packing unit (2, 8, 4 values).
 
 Scale granularity (``Granularity``) decides which elements share one scale:
 
@@ -30,10 +47,9 @@ precision is the mantissa's wherever the value lands, so rounding the scale up t
 two costs no precision, halves the scale bytes and makes fp8 ``token_head`` 0.508 of bf16 at
 head_dim 64 instead of 0.516. Multiplying by a power of two is exact.
 
-Integer codecs are symmetric by default (``q = round(x / s)``, int8 in [-127, 127], int4 in
-[-7, 7], stored as the nibble ``q + 8``); ``symmetric=False`` stores a float16 minimum per
-scale as well (``x = q * s + min``, int8 in [0, 255], int4 in [0, 15]) at 2 more bytes per
-scale. fp8 is always symmetric (a float format gains little from an offset).
+Integer codecs are symmetric by default; ``symmetric=False`` stores a float16 minimum per
+scale as well, at 2 more bytes per scale. fp8 is always symmetric (a float format gains little
+from an offset).
 
 Bytes per token at head_dim 64 vs bf16 (scales included): fp8 ``token_head`` 0.508, int8
 ``token_head`` 0.516, int4 ``token_head`` or ``group`` 64 0.266 (asymmetric: 0.281); the
@@ -46,7 +62,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ryzlab.config import CODECS, GRANULARITIES, Codec, Granularity, check_choice
+from ryzlab.config import CODEC_BITS, CODECS, GRANULARITIES, PACK_UNIT, Codec, Granularity, check_choice
 
 __all__ = ["KVFormat", "Encoded", "TokenBytes", "SCALE_DTYPE", "E8M0_DTYPE", "TOKEN_SPANNING", "bytes_per_token",
            "encode", "decode"]
@@ -65,8 +81,8 @@ TOKEN_SPANNING: frozenset[str] = frozenset({"tensor", "head", "channel"})
 _MIN_SCALE = 2.0 ** -14
 _MAX_SCALE = 65504.0
 _FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-_INT_MAX = {"int8": 127, "int4": 7}  # symmetric range [-qmax, qmax]
-_UINT_MAX = {"int8": 255, "int4": 15}  # asymmetric range [0, umax]
+_INT_MAX = {c: 2 ** (b - 1) - 1 for c, b in CODEC_BITS.items()}  # symmetric range [-qmax, qmax]
+_UINT_MAX = {c: 2 ** b - 1 for c, b in CODEC_BITS.items()}  # asymmetric range [0, umax]
 
 
 @dataclass(frozen=True)
@@ -149,12 +165,18 @@ class KVFormat:
             divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
             raise ValueError(f"group_size={self.group_size} does not divide head_dim={head_dim}; "
                              f"valid group sizes: {divisors}")
-        if self.codec == "int4" and head_dim % 2:
-            raise ValueError(f"int4 packs two values per byte: head_dim={head_dim} must be even")
+        if self.packed and head_dim % PACK_UNIT[self.codec]:
+            raise ValueError(f"{self.codec} packs {PACK_UNIT[self.codec]} values per unit: head_dim={head_dim} "
+                             f"must be a multiple of {PACK_UNIT[self.codec]}")
+
+    @property
+    def packed(self) -> bool:
+        """Sub-byte codec: several values per byte (see the packing table in the module doc)."""
+        return self.codec in PACK_UNIT
 
     def packed_dim(self, head_dim: int) -> int:
-        """Last payload dim: head_dim, halved for int4."""
-        return head_dim // 2 if self.codec == "int4" else head_dim
+        """Last payload dim: head_dim bytes, or head_dim * bits / 8 for the sub-byte codecs."""
+        return head_dim * CODEC_BITS[self.codec] // 8 if self.packed else head_dim
 
     def groups(self, head_dim: int) -> int:
         """``nG``: how many scales along head_dim."""
@@ -210,8 +232,8 @@ class KVFormat:
             y = xg / scale.float()
             q = y.round().clamp(-qmax, qmax).reshape(*lead, t, h, d)
             zero = None
-            if self.codec == "int4":
-                q = q + 8  # nibble 1..15
+            if self.packed:
+                q = q + (qmax + 1)  # unsigned code 1 .. 2 * qmax + 1
         else:
             umax = _UINT_MAX[self.codec]
             lo = xg.amin(dim=red, keepdim=True)
@@ -220,27 +242,30 @@ class KVFormat:
             scale = ((hi - zero.float()) / umax).clamp(_MIN_SCALE, _MAX_SCALE).to(SCALE_DTYPE)
             q = ((xg - zero.float()) / scale.float()).round().clamp(0, umax).reshape(*lead, t, h, d)
             zero = zero.squeeze(-1)
-        if self.codec == "int4":
-            q = q.to(torch.uint8)
-            q = q[..., 0::2] | (q[..., 1::2] << 4)
-        else:
-            q = q.to(self.storage_dtype)
+        q = _pack(q.to(torch.uint8), self.codec) if self.packed else q.to(self.storage_dtype)
         return Encoded(q, scale.squeeze(-1), zero)
 
     def unpack(self, payload: torch.Tensor) -> torch.Tensor:
-        """int4 only: ``[..., D/2]`` bytes -> ``[..., D]`` integers (int8 ``q`` when symmetric,
-        uint8 ``q`` otherwise), element ``2i`` from the low nibble. Layout-preserving per element,
-        and fastest on a contiguous payload (do it before any permute, then decode with
-        ``unpacked=True``)."""
-        if self.codec != "int4":
-            raise ValueError(f"unpack is for int4 payloads, not codec {self.codec!r}")
-        # Both nibbles in one int16 pass: x | x << 4 puts the low nibble in byte 0 and the high
-        # nibble in byte 1 (little-endian), so viewing the int16s as bytes interleaves them in
-        # order. About 1.8x faster on CPU than masking, shifting and stacking two tensors.
+        """Sub-byte codecs only: ``[..., Dp]`` bytes -> ``[..., D]`` integers (int8 ``q`` when
+        symmetric, uint8 codes ``u`` otherwise), in the packing layout of the module doc.
+        Layout-preserving per element, and fastest on a contiguous payload (do it before any
+        permute, then decode with ``unpacked=True``)."""
+        if not self.packed:
+            raise ValueError(f"unpack is for {', '.join(PACK_UNIT)} payloads, not codec {self.codec!r}")
         x = payload.to(torch.int16, memory_format=torch.contiguous_format)
-        v = ((x | (x << 4)) & 0x0F0F).view(torch.uint8)
-        if self.symmetric:  # stored q + 8: subtract in uint8 (wraps) and read back as int8,
-            return (v - 8).view(torch.int8)  # which saves a float pass (measured ~15% on CPU)
+        if self.codec == "int4":
+            # Both nibbles in one int16 pass: x | x << 4 puts the low nibble in byte 0 and the high
+            # nibble in byte 1 (little-endian), so viewing the int16s as bytes interleaves them in
+            # order. About 1.8x faster on CPU than masking, shifting and stacking two tensors.
+            v = ((x | (x << 4)) & 0x0F0F).view(torch.uint8)
+        elif self.codec == "int2":
+            v = ((x.unsqueeze(-1) >> _SHIFTS2.to(x.device)) & 3).to(torch.uint8).flatten(-2)
+        else:  # int3: three bytes -> one 24-bit word -> eight 3-bit fields
+            b = x.to(torch.int32).unflatten(-1, (-1, 3))
+            w = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+            v = ((w.unsqueeze(-1) >> _SHIFTS3.to(x.device)) & 7).to(torch.uint8).flatten(-2)
+        if self.symmetric:  # stored q + 2**(bits-1): subtract in uint8 (wraps) and read back as
+            return (v - (_INT_MAX[self.codec] + 1)).view(torch.int8)  # int8, saving a float pass (~15% on CPU)
         return v
 
     def decode(self, enc: Encoded, dtype: torch.dtype | None = None, *, unpacked: bool = False) -> torch.Tensor:
@@ -263,8 +288,8 @@ class KVFormat:
         # contiguous tensor, then scale in place), never a Python loop. float32 work: fp16/bf16
         # products would round twice; cast once at the end.
         work = torch.float32
-        if self.codec == "int4":
-            # low nibble = even element, high nibble = odd element (measured faster than a
+        if self.packed:
+            # int4: low nibble = even element, high nibble = odd element (measured faster than a
             # 256-entry lookup table on CPU)
             v = (p if unpacked else self.unpack(p)).to(work, memory_format=contiguous)
         elif self.codec in _FP8:
@@ -280,6 +305,23 @@ class KVFormat:
         if enc.zero is not None:
             v = v.add_(enc.zero.to(work).unsqueeze(-1))
         return v.view(*v.shape[:-2], d).to(dtype)
+
+
+_SHIFTS2 = torch.arange(0, 8, 2, dtype=torch.int16)
+_SHIFTS3 = torch.arange(0, 24, 3, dtype=torch.int32)
+
+
+def _pack(u: torch.Tensor, codec: str) -> torch.Tensor:
+    """Unsigned codes ``u [..., D]`` (uint8, < 2**bits) -> bytes ``[..., Dp]`` (module-doc layout)."""
+    if codec == "int4":
+        return u[..., 0::2] | (u[..., 1::2] << 4)
+    if codec == "int2":
+        g = u.unflatten(-1, (-1, 4))
+        return g[..., 0] | (g[..., 1] << 2) | (g[..., 2] << 4) | (g[..., 3] << 6)
+    assert codec == "int3", f"no packing for {codec}"
+    g = u.to(torch.int32).unflatten(-1, (-1, 8))
+    w = (g << _SHIFTS3.to(u.device)).sum(-1)  # disjoint bit fields: sum == or
+    return torch.stack([w & 0xFF, (w >> 8) & 0xFF, w >> 16], -1).flatten(-2).to(torch.uint8)
 
 
 # fp8 -> fp16 by moving bits, because torch's float8 -> float32 cast is ~3x slower on CPU than

@@ -2,7 +2,7 @@
 
     from ryzlab.kv.hf import RyzlabCache
     cache = RyzlabCache(model.config, codec="int4", key_granularity="channel", residual=128)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=32)
+    out = model.generate(ids, cache=cache, max_new_tokens=32)
     cache.ledger()   # {"payload": ..., "scales": ..., "residual": ..., "padding": ..., "metadata": ..., "total": ...}
 
 :class:`RyzlabCache` is a ``transformers.Cache`` whose layers (:class:`RyzlabLayer`, one per
@@ -20,11 +20,22 @@ Rows of a batch always have the same length here (HF pads; the attention mask hi
 padding), so the paged cache's ragged machinery is not needed on this path. Beam search and
 ``num_return_sequences`` reorder/duplicate rows with the paged cache's copy-on-write
 ``fork``, without a lossy decode/re-encode round trip.
+
+Rotation (``rotation="hadamard"``): the pages hold rotated K/V. HF attention computes
+``q k^T`` itself, so either the cache rotates every cached vector back on each step (exact,
+one ``[D, D]`` product per cached vector: the fallback, logged once) or the model uses the
+``ryzlab_sdpa`` attention (:func:`use_rotated_attention`), which rotates this step's queries
+and its output instead (``sdpa`` otherwise), so the cost does not grow with the context::
+
+    use_rotated_attention(model)
+    cache = RyzlabCache(model.config, codec="int4", rotation="hadamard")
 """
 from __future__ import annotations
 
+import contextvars
 import itertools
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,9 +46,42 @@ from .cache import PagedKVCache
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RyzlabCache", "RyzlabLayer", "LEDGER_KEYS", "model_config_from_hf", "valid_options"]
+__all__ = ["RyzlabCache", "RyzlabLayer", "LEDGER_KEYS", "model_config_from_hf", "valid_options",
+           "ROTATED_ATTENTION", "use_rotated_attention", "load_hf_causal_lm"]
 
 LEDGER_KEYS = ("payload", "scales", "residual", "padding", "metadata", "total")
+ROTATED_ATTENTION = "ryzlab_sdpa"
+"""``attn_implementation`` that lets a rotated :class:`RyzlabCache` hand back rotated K/V."""
+# The rotation the next attention call must apply: set by RyzlabCache.update, which HF calls
+# right before the same layer's attention function (one thread runs both).
+_PENDING_ROTATION: contextvars.ContextVar[Any] = contextvars.ContextVar("ryzlab_pending_rotation", default=None)
+
+
+def _rotated_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """``sdpa`` with the query rotated into the cache's basis and the output rotated back."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rot = _PENDING_ROTATION.get()
+    if rot is None:  # no rotated cache in this call (or another cache): plain sdpa
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    _PENDING_ROTATION.set(None)
+    out, weights = sdpa_attention_forward(module, rot.apply(query), key, value, attention_mask, **kwargs)
+    return rot.invert(out), weights  # out [B, T, Hq, D]: the rotation acts on the last dim
+
+
+def use_rotated_attention(model: Any) -> None:
+    """Register ``ryzlab_sdpa`` (sdpa + its mask) and make ``model`` use it.
+
+    Identical to sdpa for every cache; with a rotated :class:`RyzlabCache` it avoids rotating
+    the whole cache back on every step (see the module doc).
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ROTATED_ATTENTION, _rotated_sdpa)
+    AttentionMaskInterface.register(ROTATED_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ROTATED_ATTENTION)
 
 
 def model_config_from_hf(config: Any) -> ModelConfig:
@@ -46,8 +90,13 @@ def model_config_from_hf(config: Any) -> ModelConfig:
     n_heads = text.num_attention_heads
     n_kv = getattr(text, "num_key_value_heads", None) or n_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_heads
+    from ..models.hf import _rope
+
+    # RoPE too: a cache that stores keys before RoPE (pre_rope_keys) redoes the model's rotation
+    rope = _rope(text.to_dict() if hasattr(text, "to_dict") else vars(text), "Hugging Face config")
     return ModelConfig(vocab_size=text.vocab_size, dim=n_heads * head_dim, n_layers=text.num_hidden_layers,
-                       n_heads=n_heads, n_kv_heads=n_kv, ffn_dim=getattr(text, "intermediate_size", 0) or 0)
+                       n_heads=n_heads, n_kv_heads=n_kv, ffn_dim=getattr(text, "intermediate_size", 0) or 0,
+                       max_seq_len=getattr(text, "max_position_embeddings", 4096) or 4096, **rope)
 
 
 class RyzlabLayer(CacheLayerMixin):
@@ -106,18 +155,19 @@ class RyzlabLayer(CacheLayerMixin):
 class RyzlabCache(Cache):
     """A ``transformers`` Cache backed by a ryzlab :class:`PagedKVCache` (any codec).
 
-    ``config`` is the HF model config; ``codec`` and ``cache_options`` are
-    :class:`ryzlab.config.CacheConfig` fields (``key_granularity``, ``value_granularity``,
-    ``group_size``, ``residual``, ``block_size``, ``num_blocks``, ``symmetric``, ...). Invalid
-    names or values raise :class:`ryzlab.config.ConfigError` listing the valid ones. The paged
-    storage is created on the first ``update`` (when the dtype and device are known).
+    ``config`` is the HF model config; ``cache_options`` are :class:`ryzlab.config.CacheConfig`
+    fields (``codec``, ``key_granularity``, ``value_granularity``, ``group_size``, ``residual``,
+    ``block_size``, ``num_blocks``, ``symmetric``, ``rotation``, ``layer_codecs``, ...) with
+    CacheConfig's defaults (codec ``none``). Invalid names or values raise
+    :class:`ryzlab.config.ConfigError` listing the valid ones. The paged storage is created on
+    the first ``update`` (when the dtype and device are known).
     """
 
-    def __init__(self, config: Any, codec: str = "fp8_e4m3", **cache_options: Any):
-        self.cache_config: CacheConfig = from_dict(CacheConfig, {"codec": codec, **cache_options},
-                                                   where="RyzlabCache")
+    def __init__(self, config: Any, **cache_options: Any):
+        self.cache_config: CacheConfig = from_dict(CacheConfig, cache_options, where="RyzlabCache")
         self.model_config = model_config_from_hf(config)
         self.cache_config.check_head_dim(self.model_config.head_dim)
+        self.cache_config.check_layers(self.model_config.n_layers)
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         layer_types, _ = get_layer_types_and_kwargs(text)
         if set(layer_types) - {"full_attention"}:
@@ -128,6 +178,8 @@ class RyzlabCache(Cache):
         self._ids = itertools.count()
         self._written: set[int] = set()     # layers already written in the current step
         self._step: Any = None
+        self._hf_config = text
+        self._warned_unrotate = False
         super().__init__(layers=[RyzlabLayer(self, i) for i in range(self.model_config.n_layers)])
 
     # ------------------------------------------------------------------ the hot path
@@ -152,13 +204,30 @@ class RyzlabCache(Cache):
         self._written.add(layer)
         # [B, Hkv, T, D] -> [B, T, Hkv, D]: the pages' token-major layout
         self.paged.write(layer, k.transpose(1, 2), v.transpose(1, 2), step=self._step)
-        keys, values = self.paged.gather(layer, step=self._step, heads_first=True)  # [B, Hkv, S_pad, D]
+        # pre-RoPE keys come back in the model's basis, so only the values would stay rotated: the
+        # rotated attention (q and output) does not apply there
+        rotated = self.paged.rotation is not None and not self.cache_config.pre_rope_keys and self._rotated_attention()
+        keys, values = self.paged.gather(layer, step=self._step, heads_first=True,
+                                         rotated=rotated)  # [B, Hkv, S_pad, D]
         S = self._step.context_lens[0]
         # This step's own tokens are attended at full precision (their K/V are at hand), as in
         # vLLM's prefill and HF's QuantizedCache; everything cached before is read back decoded.
-        keys[:, :, S - T:S] = k
-        values[:, :, S - T:S] = v
+        keys[:, :, S - T:S] = self.paged.rotate(k) if rotated else k
+        values[:, :, S - T:S] = self.paged.rotate(v) if rotated else v
+        if rotated:  # the layer's attention call, next, rotates q and the output
+            _PENDING_ROTATION.set(self.paged.rotation)
         return keys[:, :, :S], values[:, :, :S]
+
+    def _rotated_attention(self) -> bool:
+        if getattr(self._hf_config, "_attn_implementation", None) == ROTATED_ATTENTION:
+            return True
+        if not self._warned_unrotate:
+            log.warning("RyzlabCache(rotation=%r): the model's attention is %r, so every cached K/V vector is "
+                        "rotated back on each step (fallback, exact but slower); use_rotated_attention(model) "
+                        "avoids it", self.cache_config.rotation,
+                        getattr(self._hf_config, "_attn_implementation", None))
+            self._warned_unrotate = True
+        return False
 
     # ------------------------------------------------------------------ row bookkeeping
     def _remap(self, rows: list[int]) -> None:
@@ -210,6 +279,21 @@ class RyzlabCache(Cache):
 
     def __repr__(self) -> str:
         return f"RyzlabCache({self.cache_config}, layers={len(self.layers)})"
+
+
+def load_hf_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> Any:
+    """A transformers causal LM from a local folder or a ``.gguf`` file (``gguf_file=``: transformers
+    dequantises the weights to ``dtype``), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ValueError(f"{str(path)!r}: no such .gguf file")
+        return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype).eval()
+    if not p.is_dir():
+        raise ValueError(f"{str(path)!r} is neither a Hugging Face folder nor a .gguf file")
+    return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype).eval()
 
 
 def valid_options() -> list[str]:

@@ -14,7 +14,7 @@ import torch
 from ryzlab.kv import triton as kv_triton
 from ryzlab.kv.codecs import Encoded, KVFormat
 
-__all__ = ["PagedTensor", "attention_with_lse", "MATH_SCORES"]
+__all__ = ["PagedTensor", "LayerPages", "attention_with_lse", "MATH_SCORES"]
 
 MATH_SCORES = 1 << 24
 """Score elements per query chunk of :func:`attention_with_lse` (64 MB in float32)."""
@@ -100,12 +100,12 @@ class PagedTensor:
         index_select copies whole blocks (~10x faster than advanced indexing on CPU); the
         permute to heads-first is free because decoding writes a fresh tensor anyway.
 
-        int4 nibbles are unpacked before the permute: byte ops on contiguous memory measured
-        ~25% faster than on the permuted view.
+        Sub-byte codes (int4/int3/int2) are unpacked before the permute: byte ops on contiguous
+        memory measured ~25% faster than on the permuted view (int4).
         """
         b, nb = tables.shape
         flat = tables.reshape(-1)
-        unpack = self.fmt.codec == "int4"
+        unpack = self.fmt.packed
 
         def pick(t: torch.Tensor | None, payload: bool = False) -> torch.Tensor | None:
             if t is None:
@@ -117,6 +117,82 @@ class PagedTensor:
 
         enc = Encoded(pick(self.payload, True), pick(self.scale), pick(self.zero))
         return self.fmt.decode(enc, dtype, unpacked=unpack).view(b, self.heads, nb * self.bs, self.head_dim)
+
+
+class LayerPages:
+    """K or V pages of every layer when layers may store different formats (mixed precision).
+
+    Layers sharing a format share one :class:`PagedTensor` (one allocation, as before); the
+    methods take the global ``layer`` index and route it. Block-level operations (grow, copy,
+    transfer) apply to every group, in a fixed order.
+    """
+
+    def __init__(self, formats: list[KVFormat], cap: int, bs: int, heads: int, head_dim: int,
+                 device: torch.device):
+        self.formats = formats
+        groups: dict[KVFormat, list[int]] = {}
+        for i, f in enumerate(formats):
+            groups.setdefault(f, []).append(i)
+        self.groups = [PagedTensor(f, len(ls), cap, bs, heads, head_dim, device) for f, ls in groups.items()]
+        self._where: list[tuple[PagedTensor, int]] = [None] * len(formats)  # type: ignore[list-item]
+        for pt, ls in zip(self.groups, groups.values()):
+            for j, i in enumerate(ls):
+                self._where[i] = (pt, j)
+
+    @property
+    def capacity(self) -> int:
+        return self.groups[0].capacity
+
+    def nbytes(self) -> int:
+        return sum(g.nbytes() for g in self.groups)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every storage tensor of every group (block index on dim 1)."""
+        return [t for g in self.groups for t in g.tensors()]
+
+    def grow(self, cap: int) -> None:
+        for g in self.groups:
+            g.grow(cap)
+
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        for g in self.groups:
+            g.copy_blocks(src, dst)
+
+    def block_tensors(self, block: int) -> list[torch.Tensor]:
+        return [t for g in self.groups for t in g.block_tensors(block)]
+
+    def load_block(self, block: int, tensors: list[torch.Tensor]) -> None:
+        i = 0
+        for g in self.groups:
+            n = len(g.tensors())
+            g.load_block(block, tensors[i:i + n])
+            i += n
+        assert i == len(tensors), f"load_block got {len(tensors)} tensors, the groups hold {i}"
+
+    def where(self, layer: int) -> tuple[PagedTensor, int]:
+        """The group holding ``layer`` and the layer's index inside it."""
+        return self._where[layer]
+
+    @property
+    def kernel(self) -> str:
+        return self.groups[0].kernel
+
+    @kernel.setter
+    def kernel(self, kernel: str) -> None:  # the write path of every group (torch or the Triton write kernel)
+        for g in self.groups:
+            g.kernel = kernel
+
+    def write_slots(self, layer: int, slots: torch.Tensor, x: torch.Tensor) -> None:
+        pt, j = self._where[layer]
+        pt.write_slots(j, slots, x)
+
+    def write_blocks(self, layer: int, blocks: torch.Tensor, x: torch.Tensor) -> None:
+        pt, j = self._where[layer]
+        pt.write_blocks(j, blocks, x)
+
+    def gather(self, layer: int, tables: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        pt, j = self._where[layer]
+        return pt.gather(j, tables, dtype)
 
 
 def attention_with_lse(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

@@ -1,25 +1,41 @@
-"""Report section for kv_compression: memory vs accuracy (Pareto) and decode time vs context."""
+"""Report section for kv_compression: memory vs accuracy (Pareto, ryzlab layouts and peer caches on the
+same axes, model and text named) and decode time vs context; the kv-plan figure."""
 from __future__ import annotations
+
+from typing import Any
 
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from ..kv.plan import pareto_front
 from . import from_zero, plot_series, show_figure, show_table, sig3, wide_range
 
-LAYOUT = ["codec", "key_granularity", "value_granularity", "group_size", "symmetric", "residual", "block_size"]
+LAYOUT = ["codec", "key_granularity", "value_granularity", "group_size", "symmetric", "residual", "block_size",
+          "rotation", "layer_codecs", "peer", "model_name", "text"]
 
 
 def _label(r: pd.Series) -> str:
-    if r["codec"] == "none":
+    if r.get("peer") or "":
+        return f"HF {str(r['peer']).replace('_', ' ')} (peer)"
+    if r["codec"] == "none" and not (r.get("layer_codecs") or ""):
         return "none"
     k, v = r["key_granularity"], r["value_granularity"]
     gran = k if k == v else f"K:{k}/V:{v}"
     extra = "" if r.get("symmetric", True) in (True, "True") else " asym"
-    return f"{r['codec']} {gran}{extra}, residual {r['residual']}, block {r['block_size']}"
+    rot = {"hadamard": " rot", "hadamard_signs": " rot±"}.get(r.get("rotation") or "none", "")
+    codec = r["codec"]
+    if r.get("layer_codecs") or "":
+        lc = str(r["layer_codecs"]).split("/")  # summarize() joined the tuple with "/"
+        codec = "mixed " + "+".join(f"{lc.count(c)}x{c}" for c in dict.fromkeys(lc))
+    return f"{codec} {gran}{extra}{rot}, residual {r['residual']}, block {r['block_size']}"
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """One row per point: medians over the timed decode steps, the point's memory/accuracy."""
+    df = df.copy()
+    for c in ("layer_codecs", "peer"):  # tuples are not groupable keys; "" = not set
+        if c in df.columns:
+            df[c] = df[c].map(lambda x: "/".join(x) if isinstance(x, (tuple, list)) else ("" if pd.isna(x) else x))
     keys = [c for c in ("device", *LAYOUT, "context", "batch") if c in df.columns]
     firsts = [c for c in ("prefill_ms", "kv_bytes_per_token", "ratio_vs_bf16", "cache_bytes",
                           "max_tokens_in_budget", "kl_per_token", "ppl", "ppl_ref", "ppl_delta", "rel_logit_err",
@@ -32,14 +48,17 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def pareto(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
-    """Points not dominated in (lower x, lower y)."""
-    pts = points.sort_values([x, y])
-    best, keep = float("inf"), []
-    for i, r in pts.iterrows():
-        if r[y] < best:
-            keep.append(i)
-            best = r[y]
-    return pts.loc[keep]
+    """Points not dominated in (lower x, lower y), sorted by x."""
+    return points[pareto_front(points, x, y)].sort_values(x)
+
+
+def _where(s: pd.DataFrame) -> str:
+    """Which model(s) and text the points come from, for titles."""
+    parts = []
+    for col, name in (("model_name", "model"), ("text", "text")):
+        if col in s.columns:
+            parts.append(f"{name}={', '.join(sorted(map(str, s[col].dropna().unique())))}")
+    return "; ".join(parts)
 
 
 def report(df: pd.DataFrame) -> None:
@@ -51,21 +70,25 @@ def report(df: pd.DataFrame) -> None:
         pts = s.groupby("layout", as_index=False).agg(ratio_vs_bf16=("ratio_vs_bf16", "median"),
                                                       kl_per_token=("kl_per_token", "first"),
                                                       ppl_delta=("ppl_delta", "first"))
+        pts["is_peer"] = pts.layout.str.endswith("(peer)")
         ax = axes[0]
         # codec none differs from the dense reference by float rounding only (~1e-9): draw it
         # (and any exact zero) one decade under the best compressed layout instead
         comp = pts.loc[(pts.layout != "none") & (pts.kl_per_token > 0), "kl_per_token"]
         floor = comp.min() / 10 if len(comp) else 1e-9
         yv = pts.kl_per_token.where(pts.layout != "none", 0.0).clip(lower=floor)
-        ax.scatter(pts.ratio_vs_bf16, yv)
+        own, peers = ~pts.is_peer, pts.is_peer
+        ax.scatter(pts.ratio_vs_bf16[own], yv[own], label="ryzlab layouts")
+        if peers.any():
+            ax.scatter(pts.ratio_vs_bf16[peers], yv[peers], marker="s", color="tab:orange", label="peer caches")
         for _, r in pts.assign(y=yv).iterrows():
             ax.annotate(r["layout"], (r["ratio_vs_bf16"], r["y"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
-        front = pareto(pts.assign(kl_per_token=yv), "ratio_vs_bf16", "kl_per_token")
-        ax.plot(front.ratio_vs_bf16, front.kl_per_token, "r--", lw=1, label="Pareto front")
+        front = pareto(pts.assign(kl_per_token=yv)[own], "ratio_vs_bf16", "kl_per_token")
+        ax.plot(front.ratio_vs_bf16, front.kl_per_token, "r--", lw=1, label="ryzlab Pareto front")
         ax.set(yscale="log", xlabel="KV bytes per token / bf16 (scales, residual, padding included)",
                ylabel="KL per token vs uncompressed (teacher forcing)",
-               title=f"Memory vs accuracy (device={', '.join(sorted(s.device.unique()))}, measured)")
+               title=f"Memory vs accuracy (device={', '.join(sorted(s.device.unique()))}, measured)\n{_where(s)}")
         ax.set_xlim(left=0)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -93,4 +116,28 @@ def report(df: pd.DataFrame) -> None:
     fig.tight_layout()
     show_figure(fig)
     show_table(s, "KV compression per point (device=" + ", ".join(sorted(s.device.unique())) + "; medians over "
-               "timed decode steps; accuracy on held-out stdlib text, teacher forcing)")
+               f"timed decode steps; accuracy under teacher forcing; {_where(s) or 'held-out stdlib text'})")
+
+
+def plan_figure(result: Any) -> Any:
+    """The kv-plan Pareto plot: bytes/token vs KL of every measured layout, the front, the budget, the pick."""
+    t = result.table
+    fig, ax = plt.subplots(figsize=(8, 5))
+    floor = t.kl_per_token[t.kl_per_token > 0].min() / 10 if (t.kl_per_token > 0).any() else 1e-9
+    y = t.kl_per_token.clip(lower=floor)
+    ax.scatter(t.bytes_vs_fp32, y, c=["tab:green" if w else "tab:gray" for w in t.within_budget])
+    for x_, y_, name in zip(t.bytes_vs_fp32, y, t.layout):
+        ax.annotate(name, (x_, y_), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = t.assign(y=y)[t.pareto].sort_values("bytes_vs_fp32")
+    ax.plot(front.bytes_vs_fp32, front.y, "r--", lw=1, label="Pareto front")
+    ax.axhline(result.max_kl, color="k", lw=0.8, ls=":", label=f"budget KL {result.max_kl:g}")
+    if result.best is not None:
+        ax.scatter([result.best.bytes_vs_fp32], [max(result.best.kl_per_token, floor)], s=160, facecolors="none",
+                   edgecolors="r", label=f"pick: {result.best.layout}")
+    ax.set(yscale="log", xlabel="KV bytes per token / fp32 (ledger: scales, residual, padding included)",
+           ylabel="KL per token vs uncompressed (teacher forcing)",
+           title=f"kv-plan ({t.device.iloc[0]}, measured)\nmodel={result.model}; text={result.text}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

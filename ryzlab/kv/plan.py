@@ -1,0 +1,190 @@
+"""KV budget planner: the smallest cache within an accuracy budget, measured on the model itself.
+
+``plan_kv(model, text, max_kl)`` measures candidate layouts (:data:`CANDIDATES`, plus a
+per-layer mixed-precision layout built from a sensitivity scan) with the accuracy harness
+(:func:`ryzlab.kv.accuracy.evaluate`: teacher-forced decode through each compressed cache vs the
+uncompressed one, bytes from the cache's ledger) and returns the table, its Pareto front
+(bytes vs KL) and the layout with the fewest bytes per token whose KL per token is within
+``max_kl``. ``ryzlab kv-plan --model PATH --text FILE --max-kl X`` prints the same.
+
+Mixed precision: :func:`layer_sensitivity` compresses one layer at a time (every other layer
+uncompressed) and records the KL that layer alone causes; :func:`mixed_layout` then gives the
+``n_high`` most sensitive layers the higher-precision codec and the rest the lower one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from ..config import CODECS, CacheConfig, check_choice
+from .accuracy import evaluate, layout_label
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CANDIDATES", "PlanResult", "layer_sensitivity", "mixed_layout", "pareto_front", "plan_kv",
+           "plan_candidates"]
+
+# Candidates span the bytes axis: int8 and fp8 (near lossless), int4 in the outlier-aware
+# layouts (Hadamard rotation; KIVI keys per channel within a block, values per token; groups of
+# 32 after rotation with a float16 window), int3, and int2 (asymmetric: four levels) with a
+# full-precision window of recent tokens. On SmolLM2-135M (benchmarks/kv_vs_hf.py) the rotated
+# layouts are the Pareto front below int8.
+CANDIDATES: tuple[dict[str, Any], ...] = (
+    {"codec": "int8"},
+    {"codec": "fp8_e4m3"},
+    {"codec": "int4", "key_granularity": "token_head"},
+    {"codec": "int4", "key_granularity": "token_head", "rotation": "hadamard"},
+    {"codec": "int4", "key_granularity": "channel", "block_size": 32},
+    {"codec": "int4", "key_granularity": "channel", "block_size": 32, "rotation": "hadamard"},
+    {"codec": "int4", "key_granularity": "token_head", "rotation": "hadamard", "residual": 64},
+    {"codec": "int4", "key_granularity": "group", "value_granularity": "group", "group_size": 32, "rotation": "hadamard",
+     "residual": 128, "residual_dtype": "float16"},
+    {"codec": "int3", "key_granularity": "token_head", "symmetric": False, "rotation": "hadamard"},
+    {"codec": "int3", "key_granularity": "token_head", "symmetric": False, "rotation": "hadamard", "residual": 64},
+    {"codec": "int2", "key_granularity": "token_head", "symmetric": False, "rotation": "hadamard", "residual": 64},
+    {"codec": "int2", "symmetric": False, "key_granularity": "channel", "block_size": 32, "residual": 48,
+     "rotation": "hadamard"},
+)
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """What :func:`plan_kv` found. ``table``: one row per measured layout (``layout``, ``codec``...,
+    ``kv_bytes_per_token``, ``bytes_vs_fp32``, ``kl_per_token``, ``ppl_delta``, ``top1_agree``,
+    ``within_budget``, ``pareto``), sorted by bytes. ``best``: the chosen row (None when no
+    layout is within the budget). ``sensitivity``: per-layer KL (empty without mixed precision)."""
+
+    table: pd.DataFrame
+    best: pd.Series | None
+    max_kl: float
+    sensitivity: pd.DataFrame
+    model: str
+    text: str
+
+    def best_config(self) -> CacheConfig | None:
+        return None if self.best is None else self.best["cache_config"]
+
+    def summary(self) -> str:
+        head = (f"model={self.model} text={self.text} max_kl={self.max_kl:g}: ")
+        if self.best is None:
+            return head + "no measured layout is within the budget; the most accurate compressed one is " + \
+                str(self.table.sort_values("kl_per_token").iloc[0]["layout"])
+        b = self.best
+        return head + (f"{b['layout']} at {b['kv_bytes_per_token']:.1f} B/token ({b['bytes_vs_fp32']:.3f}x fp32), "
+                       f"KL/token {b['kl_per_token']:.4g}, ppl delta {b['ppl_delta']:+.3f}")
+
+
+def pareto_front(df: pd.DataFrame, x: str = "kv_bytes_per_token", y: str = "kl_per_token") -> pd.Series:
+    """Boolean mask of the rows not dominated in (lower ``x``, lower ``y``)."""
+    order = df.sort_values([x, y]).index
+    best, keep = float("inf"), set()
+    for i in order:
+        if df.at[i, y] < best:
+            keep.add(i)
+            best = df.at[i, y]
+    return df.index.isin(list(keep))
+
+
+def layer_sensitivity(model: Any, tokens: torch.Tensor, prefill: int, layout: CacheConfig) -> pd.DataFrame:
+    """KL per token when only layer ``i`` stores ``layout.codec`` (every other layer uncompressed).
+
+    One row per layer: ``layer``, ``kl_per_token``, ``ppl_delta``. The sum over layers
+    approximates the KL of compressing them all (errors add to first order).
+    """
+    n = model.config.n_layers
+    cfgs = [dataclasses.replace(layout, layer_codecs=tuple(layout.codec if j == i else "none" for j in range(n)))
+            for i in range(n)]
+    df = evaluate(model, cfgs, tokens, prefill, reconstruction=False)
+    return pd.DataFrame({"layer": range(n), "kl_per_token": df["kl_per_token"].to_numpy(),
+                         "ppl_delta": df["ppl_delta"].to_numpy()})
+
+
+def mixed_layout(layout: CacheConfig, sensitivity: pd.DataFrame, high: str, n_high: int) -> CacheConfig:
+    """``layout`` with its ``n_high`` most sensitive layers stored in codec ``high`` instead."""
+    check_choice("high", high, CODECS)
+    n = len(sensitivity)
+    if not 0 <= n_high <= n:
+        raise ValueError(f"n_high={n_high} must be in [0, {n}] (layers)")
+    top = set(sensitivity.sort_values("kl_per_token", ascending=False)["layer"].head(n_high))
+    return dataclasses.replace(layout, layer_codecs=tuple(high if i in top else layout.codec for i in range(n)))
+
+
+def plan_candidates(options: Sequence[dict[str, Any]] | None = None) -> list[CacheConfig]:
+    """CacheConfigs of ``options`` (default :data:`CANDIDATES`); every problem reported at once."""
+    from ..config import ConfigError, from_dict
+
+    cfgs, problems = [], []
+    for o in (CANDIDATES if options is None else options):
+        try:
+            cfgs.append(from_dict(CacheConfig, dict(o), where=f"candidate {o}"))
+        except ConfigError as e:
+            problems += e.problems
+    if problems:
+        raise ConfigError(problems, "kv-plan candidates")
+    return cfgs
+
+
+def plan_kv(model: str | Path, text: str | Path | None, max_kl: float, *, candidates: Sequence[CacheConfig] | None = None,
+            windows: int = 4, length: int = 512, prefill: int = 256, mixed: tuple[str, str, int] | None = ("int4", "int2", 8),
+            device: str = "cpu", threads: int = 1) -> PlanResult:
+    """Measure ``candidates`` on ``model`` over ``windows`` x ``length`` tokens of ``text``; pick the smallest within ``max_kl``.
+
+    ``mixed = (high, low, n_high)``: also scan per-layer sensitivity with codec ``low`` (the
+    layout of the first candidate using it) and measure the layout that stores the ``n_high``
+    most sensitive layers in ``high``. None skips it. Every input is checked before the model
+    loads.
+    """
+    from ..corpus import text_windows
+    from ..models import check_model, load_model
+
+    if not max_kl > 0:
+        raise ValueError(f"max_kl must be > 0 (KL per token vs the uncompressed cache), got {max_kl}")
+    if text and not Path(text).expanduser().is_file():
+        raise ValueError(f"text={str(text)!r}: no such file (empty = the held-out stdlib text)")
+    if not 0 < prefill < length:
+        raise ValueError(f"prefill={prefill} must be in [1, length - 1 = {length - 1}]")
+    if windows <= 0:
+        raise ValueError(f"windows must be > 0, got {windows}")
+    src = check_model(str(model))
+    cands = list(plan_candidates() if candidates is None else candidates)
+    if not cands:
+        raise ValueError("no candidate layouts to measure")
+    for c in cands:
+        c.check_head_dim(src.config.head_dim)
+        c.check_layers(src.config.n_layers)
+    base = None
+    if mixed is not None:
+        high, low, n_high = mixed
+        check_choice("mixed high codec", high, CODECS)
+        check_choice("mixed low codec", low, CODECS)
+        if not 0 < n_high < src.config.n_layers:
+            raise ValueError(f"mixed n_high={n_high} must be in [1, {src.config.n_layers - 1}] (layers)")
+        base = next((c for c in cands if c.codec == low and not c.layer_codecs), CacheConfig(codec=low))
+    if threads:
+        torch.set_num_threads(threads)
+    net, tok = load_model(str(model), device=device)
+    tokens = text_windows(tok, windows, length, text=text or None).to(device)
+    sens = pd.DataFrame(columns=["layer", "kl_per_token", "ppl_delta"])
+    if base is not None:
+        sens = layer_sensitivity(net, tokens, prefill, base)
+        cands.append(mixed_layout(base, sens, high, n_high))
+    df = evaluate(net, cands, tokens, prefill, model_name=src.name, reconstruction=False)
+    df["cache_config"] = cands
+    fp32 = 2.0 * src.config.n_layers * src.config.n_kv_heads * src.config.head_dim * 4
+    df["bytes_vs_fp32"] = df["kv_bytes_per_token"] / fp32
+    df["within_budget"] = df["kl_per_token"] <= max_kl
+    df["pareto"] = pareto_front(df)
+    df["text"] = str(text) if text else "heldout-stdlib"
+    df["device"] = torch.device(device).type
+    df = df.sort_values("kv_bytes_per_token").reset_index(drop=True)
+    ok = df[df["within_budget"]]
+    best = ok.iloc[0] if len(ok) else None
+    return PlanResult(df, best, max_kl, sens, src.name, df["text"].iloc[0])
+
