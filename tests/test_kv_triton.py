@@ -336,3 +336,33 @@ def test_a_format_without_a_reader_falls_back_or_fails_clearly(monkeypatch):
     assert PagedKVCache(model, CacheConfig(codec="int4"), device=DEV, kernel="triton").kernel == "triton"
     if CUDA:
         assert PagedKVCache(model, CacheConfig(codec="int8"), device=DEV).kernel == "torch"
+
+
+def test_rotation_mixed_layers_and_half_window_through_the_kernel():
+    """The low-bit layouts (issue 15) on the Triton path: Hadamard-rotated K/V with random signs,
+    one codec per layer (int8 / asymmetric int4 with KIVI keys), a float16 residual window; each
+    layer's pages come from its own group. Pre-RoPE keys are refused (the kernel applies no RoPE)."""
+    hq, hkv, n_layers = 4, 2, 2
+    model = ModelConfig(dim=hq * D, n_heads=hq, n_kv_heads=hkv, n_layers=n_layers, head_dim=D)
+    cfg = CacheConfig(codec="int4", layer_codecs=("int8", "int4"), symmetric=False, rotation="hadamard_signs",
+                      residual=8, residual_dtype="float16", block_size=16)
+    caches = [PagedKVCache(model, cfg, dtype=torch.float32, device=DEV, kernel=k) for k in ("torch", "triton")]
+    assert caches[1].k.where(0)[0] is not caches[1].k.where(1)[0]  # two formats, two page groups
+    gen = torch.Generator().manual_seed(3)
+    for i, n in enumerate(LENS):
+        for c in caches:
+            c.add_sequence(i, n)
+    ids = list(range(len(LENS)))
+    for s in range(3):
+        steps = [c.extend(ids, None if s == 0 else [1] * len(ids)) for c in caches]
+        n = steps[0].num_tokens
+        for layer in range(n_layers):
+            k, v, q = (torch.randn(n, h, D, generator=gen).to(DEV) for h in (hkv, hkv, hq))
+            for c in caches:
+                c.write(layer, k, v)
+            if s:
+                ref, out = (c.attend(layer, q) for c in caches)
+                assert rel_err(out, ref) <= 1e-5, (s, layer)
+    with pytest.raises(ValueError, match="RoPE"):
+        PagedKVCache(model, CacheConfig(codec="int8", pre_rope_keys=True), dtype=torch.float32, device=DEV,
+                     kernel="triton")
