@@ -3,8 +3,8 @@
 Process tree of a running point, and who kills what::
 
     ryzlab sweep (S)
-     └─ worker W     own session; PR_SET_PDEATHSIG; a thread reads W's stdin from S: EOF (S died,
-        │            even by kill -9) -> W SIGKILLs the kernel's process group, then its own
+     └─ worker W     own session; PR_SET_PDEATHSIG(SIGTERM) and a thread reading W's stdin from S
+        │            (EOF): when S dies, even by kill -9, W SIGKILLs the kernel's group, then its own
         └─ kernel K  own process group (jupyter_client starts it with setsid); PR_SET_PDEATHSIG
            └─ ...    whatever the notebook starts (ranks, servers) stays in K's group
     --timeout: S SIGKILLs both groups. A finished point: W kills K's group (stragglers included).
@@ -169,24 +169,31 @@ def _label_repeat(path: Path, repeat: int) -> None:
 def _worker_main(parent_pid: int, result_fd: int, kernel_name: str, threads: int) -> None:
     """``python -m ryzlab.point``: the worker. Messages to the sweep are JSON lines on ``result_fd``."""
     os.setsid()  # W's own session and group; S kills it (and K's group) on timeout
-    die_with_parent()
-    if os.getppid() != parent_pid:  # the sweep died before the death signal was armed
-        return
-    out = os.fdopen(result_fd, "w", buffering=1)
-    for var in THREAD_VARS:  # the kernel and whatever it starts inherit these
-        os.environ[var] = str(threads)
     kernel_pgid: list[int] = []
 
     def kill_point() -> None:
         for pgid in kernel_pgid:
             killpg(pgid)
 
-    def watch_sweep() -> None:
-        """S holds the only write end of our stdin: EOF means S is gone -> the point dies."""
-        while sys.stdin.buffer.read(1 << 16):
-            pass
+    def die(*_: Any) -> None:
+        """The sweep is gone: the kernel's group (the notebook's subprocesses in it), then ours."""
         kill_point()
         os.killpg(0, signal.SIGKILL)
+
+    def watch_sweep() -> None:
+        """S holds the only write end of our stdin: EOF means S is gone (a second way to notice)."""
+        while sys.stdin.buffer.read(1 << 16):
+            pass
+        die()
+
+    # SIGTERM, not SIGKILL: W must live long enough to kill the kernel's group first
+    signal.signal(signal.SIGTERM, die)
+    die_with_parent(signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the sweep died before the death signal was armed
+        return
+    out = os.fdopen(result_fd, "w", buffering=1)
+    for var in THREAD_VARS:  # the kernel and whatever it starts inherit these
+        os.environ[var] = str(threads)
 
     ipc_dir = tempfile.mkdtemp(prefix="ryzlab-k-")
     km, start_error = None, None

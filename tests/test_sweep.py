@@ -10,16 +10,18 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 import yaml
 
 from ryzlab.config import ConfigError
 from ryzlab.io import read_jsonl
 from ryzlab.report import build_report, load_sweep
-from ryzlab.sweep import expand, load_spec, run_sweep
+from ryzlab.sweep import SweepLocked, expand, load_spec, run_sweep
 
 FIXTURES = Path(__file__).parent / "fixtures"
 POINTS = str(FIXTURES / "points.ipynb")
+PROBE = str(FIXTURES / "probe.ipynb")
 TINY_ATTN = {"iters": 2, "warmup": 0, "copy_mib": 1, "batch": 1, "threads": 1}
 
 
@@ -129,14 +131,150 @@ def test_spec_structure_errors(tmp_path):
                   progress=False)
 
 
-def test_timeout_kills_point_and_records_it(tmp_path):
-    spec = write_spec(tmp_path, {"notebook": POINTS, "grid": {"x": [1]}, "fixed": {"sleep_s": 120.0}})
-    t0 = time.monotonic()
-    summary = run_sweep(spec, out=tmp_path / "r", timeout=8, progress=False)
-    assert summary.timeout == 1 and time.monotonic() - t0 < 60
+def test_timeout_kills_point_with_its_subprocesses_and_keeps_its_notebook(tmp_path):
+    pids = tmp_path / "pids.json"
+    spec = write_spec(tmp_path, {"notebook": PROBE, "fixed": {"sleep_s": 600.0, "child": True,
+                                                             "pid_file": str(pids)}})
+    summary = run_sweep(spec, out=tmp_path / "r", timeout=20, progress=False)
+    assert summary.timeout == 1
     (row,) = read_jsonl(tmp_path / "r" / "manifest.jsonl")
     assert row["status"] == "timeout" and row["error"] == "Timeout"
     assert not list((tmp_path / "r").glob(".tmp-*"))
+    run = tmp_path / "r" / row["run_id"]
+    assert (run / "run.ipynb").is_file() and (run / "params.json").is_file(), "a timed-out point keeps its notebook"
+    assert not (run / "metrics.parquet").exists()
+    # the kernel and the subprocess its notebook started are gone (killed with their group)
+    got = json.loads(pids.read_text())
+    gone, alive = psutil.wait_procs(_procs([got["kernel"], got["child"]]), timeout=30)
+    assert alive == []
+
+
+def _procs(pids) -> list[psutil.Process]:
+    out = []
+    for pid in pids:
+        try:
+            out.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _start_sweep(spec: Path, out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ryzlab.cli", "sweep", str(spec), "--out", str(out), "--no-progress", *extra]
+    return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, limit: float = 300) -> None:
+    deadline = time.monotonic() + limit
+    while not path.is_file():
+        assert proc.poll() is None, f"sweep exited early: {proc.stderr.read().decode()[-2000:]}"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+def test_kill_9_of_the_sweep_kills_the_running_point_and_everything_it_started(tmp_path):
+    pids = tmp_path / "pids.json"
+    spec = write_spec(tmp_path, {"notebook": PROBE, "fixed": {"sleep_s": 600.0, "child": True,
+                                                             "pid_file": str(pids)}})
+    proc = _start_sweep(spec, tmp_path / "r")
+    try:
+        _wait_for(pids, proc)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        got = json.loads(pids.read_text())
+        assert {got["kernel"], got["child"]} <= {p.pid for p in tree}, "the point is a descendant of the sweep"
+        os.kill(proc.pid, signal.SIGKILL)  # the sweep alone, not its group
+        proc.wait()
+        gone, alive = psutil.wait_procs(tree, timeout=60)
+        assert alive == [], f"orphans survived the sweep: {[p.cmdline() for p in alive]}"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def test_second_sweep_on_the_same_folder_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+    pids = tmp_path / "pids.json"
+    out = tmp_path / "r"
+    slow = write_spec(tmp_path, {"notebook": PROBE, "fixed": {"sleep_s": 600.0, "pid_file": str(pids)}}, "slow.yaml")
+    fast = write_spec(tmp_path, {"notebook": POINTS, "grid": {"x": [1]}}, "fast.yaml")
+    proc = _start_sweep(slow, out)
+    try:
+        _wait_for(pids, proc)
+        before = (out / "manifest.jsonl").read_bytes() if (out / "manifest.jsonl").exists() else b""
+        tmps = sorted(p.name for p in out.glob(".tmp-*"))
+        with pytest.raises(SweepLocked, match=f"in use by another sweep \\(pid {proc.pid} "):
+            run_sweep(fast, out=out, progress=False)
+        assert sorted(p.name for p in out.glob(".tmp-*")) == tmps, "the live sweep's files are untouched"
+        after = (out / "manifest.jsonl").read_bytes() if (out / "manifest.jsonl").exists() else b""
+        assert after == before
+        r = subprocess.run([sys.executable, "-m", "ryzlab.cli", "sweep", str(fast), "--out", str(out)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "in use by another sweep" in r.stderr and "Traceback" not in r.stderr
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    summary = run_sweep(fast, out=out, progress=False)  # the dead sweep's lock is stale: taken over
+    assert summary.ok == 1
+    assert (out / ".lock").read_text() == "", "released when the sweep ends"
+
+
+def test_threads_default_to_cores_over_jobs_and_are_recorded(tmp_path):
+    from ryzlab.point import cores
+
+    spec = write_spec(tmp_path, {"notebook": PROBE, "zip": {"sleep_s": [0.0, 0.01]}})
+    out = tmp_path / "r"
+    summary = run_sweep(spec, jobs=2, out=out, progress=False)
+    assert summary.ok == 2
+    want = max(1, cores() // 2)
+    for p in expand(load_spec(spec)):
+        df = pd.read_parquet(out / p.run_id / "metrics.parquet")
+        assert df["torch_threads"].tolist() == [want] and df["omp"].tolist() == [str(want)]
+        assert df["cwd"].tolist() == [str(FIXTURES.resolve())], "the kernel runs beside its notebook"
+        env = json.loads((out / p.run_id / "env.json").read_text())
+        assert (env["threads"], env["jobs"], env["cores"]) == (want, 2, cores())
+
+
+def test_oversubscribed_threads_warn(tmp_path, caplog):
+    from ryzlab.point import cores
+    from ryzlab.sweep import resolve_threads
+
+    with caplog.at_level("WARNING", logger="ryzlab.sweep"):
+        assert resolve_threads(2, cores()) == cores()
+    assert f"--jobs 2 x --threads {cores()} = {2 * cores()} threads on {cores()} cores" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ryzlab.sweep"):
+        assert resolve_threads(1, None) == cores()
+        assert resolve_threads(cores() + 3, None) == 1
+    assert caplog.text == ""
+    with pytest.raises(ConfigError, match="--threads must be >= 1"):
+        resolve_threads(1, 0)
+
+
+def test_repeat_runs_each_point_n_times_with_a_repeat_parameter(tmp_path):
+    spec = write_spec(tmp_path, {"notebook": POINTS, "grid": {"x": [1, 2]}, "repeat": 3})
+    pts = expand(load_spec(spec))
+    assert sorted((p.params["x"], p.params["repeat"]) for p in pts) == [(x, r) for x in (1, 2) for r in range(3)]
+    assert len({p.run_id for p in pts}) == 6
+    assert all("repeat" not in p.notebook_params for p in pts)
+    out = tmp_path / "r"
+    summary = run_sweep(load_spec(spec), jobs=2, out=out, progress=False)
+    assert summary.ok == 6
+    for p in pts:
+        df = pd.read_parquet(out / p.run_id / "metrics.parquet")
+        assert df["repeat"].tolist() == [p.params["repeat"]] * 3 and df["x"].tolist() == [p.params["x"]] * 3
+    # a block may override the spec's repeat; once (the default) adds no parameter
+    spec2 = write_spec(tmp_path, {"repeat": 2, "experiments": [{"notebook": POINTS, "grid": {"x": [1]}},
+                                                                {"notebook": POINTS, "grid": {"x": [5]}, "repeat": 1}]},
+                       "two.yaml")
+    assert sorted(str(p.params) for p in expand(load_spec(spec2))) == [
+        "{'x': 1, 'repeat': 0}", "{'x': 1, 'repeat': 1}", "{'x': 5}"]
 
 
 def test_resume_after_kill_runs_only_missing_points(tmp_path):
