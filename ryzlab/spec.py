@@ -251,6 +251,8 @@ def count_points(spec: Spec) -> int:
 
 def expand(spec: Spec, *, max_points: int = MAX_POINTS) -> list[Point]:
     """Every point of ``spec``; refused (before anything is built) past ``max_points``."""
+    if max_points < 1:
+        raise ConfigError([f"--max-points must be >= 1, got {max_points}"])
     n = count_points(spec)
     if n > max_points:
         sizes = ", ".join(f"{b.notebook.stem}: {b.size}" for b in spec.blocks)

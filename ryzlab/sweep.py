@@ -110,10 +110,13 @@ class SweepSummary:
     timeout: int = 0
     wall_s: float = 0.0
     overheads_s: list[float] = field(default_factory=list)
+    jobs: int = 1
+    threads: int = 1
 
     def lines(self) -> list[str]:
         out = [f"sweep {self.name}: {self.total} points, {self.skipped} already done, {self.ok} ok, "
-               f"{self.failed} failed, {self.timeout} timed out in {self.wall_s:.1f} s -> {self.out_dir}"]
+               f"{self.failed} failed, {self.timeout} timed out in {self.wall_s:.1f} s -> {self.out_dir}",
+               f"{self.jobs} point(s) at a time, {self.threads} torch thread(s) each on {cores()} core(s)"]
         if self.overheads_s:
             o = sorted(self.overheads_s)
             out.append(f"per-point overhead (kernel start, parameter injection, imports, saving): "
@@ -247,7 +250,7 @@ def _run_locked(spec: Spec, points: list[Point], sweep_dir: Path, *, jobs: int, 
     latest = manifest_status(sweep_dir)
     todo = deque(p for p in points if not is_done(sweep_dir, p.run_id, latest))
     summary = SweepSummary(name=spec.name, out_dir=sweep_dir, total=len(points),
-                           skipped=len(points) - len(todo))
+                           skipped=len(points) - len(todo), jobs=jobs, threads=threads)
     if spec.path:
         shutil.copyfile(spec.path, sweep_dir / ".spec.yaml.tmp")
         os.replace(sweep_dir / ".spec.yaml.tmp", sweep_dir / "spec.yaml")
