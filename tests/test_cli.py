@@ -101,3 +101,21 @@ def test_serve_bad_port_and_missing_model_are_clean_errors():
     assert r.returncode == 2 and "--port must be in 1..65535, got 99999" in r.stderr and "Traceback" not in r.stderr
     r = ryzlab("serve", "--model", "/nonexistent")
     assert r.returncode == 2 and "'/nonexistent': no such file or folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_wheel_ships_the_notebooks(tmp_path):
+    """A non-editable install finds the notebooks: they are package data (ryzlab/notebooks)."""
+    import zipfile
+    from pathlib import Path
+
+    from ryzlab.spec import NOTEBOOK_DIR, PACKAGE_DIR
+
+    root = Path(__file__).resolve().parent.parent
+    assert NOTEBOOK_DIR == PACKAGE_DIR / "notebooks"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path), str(root)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = tmp_path.glob("ryzlab-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = sorted(n.split("/")[-1] for n in names if n.startswith("ryzlab/notebooks/"))
+    assert shipped == sorted(p.name for p in (root / "notebooks").glob("*.ipynb"))
