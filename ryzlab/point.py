@@ -120,7 +120,7 @@ def execute_point(point: Point, run_dir: Path, *, km: Any, kernel_name: str, env
     """
     import papermill as pm
 
-    if point.notebook.parent != NOTEBOOK_DIR:  # the kernel started in NOTEBOOK_DIR, before its point was known
+    if point.notebook.parent != NOTEBOOK_DIR.resolve():  # the kernel started there, before its point was known
         _run_silent(km, f"import os as _ryz_os; _ryz_os.chdir({str(point.notebook.parent)!r}); del _ryz_os")
     started = datetime.now(timezone.utc).isoformat()
     write_json(run_dir / "params.json", {"experiment": point.experiment, "notebook": str(point.notebook),

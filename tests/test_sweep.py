@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -308,3 +309,29 @@ def test_bad_jobs_and_timeout_values(tmp_path):
     with pytest.raises(ConfigError, match="--timeout must be > 0"):
         run_sweep(spec, timeout=-1, out=tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_run_point_returns_the_run_files_and_store_point_writes_them(tmp_path):
+    """The one-point API an executor (a Ray task) calls: files back as bytes, stored by the caller."""
+    from ryzlab.point import run_point, store_point
+    from ryzlab.sweep import is_done, manifest_status, sweep_env
+
+    ok, bad = expand(load_spec(write_spec(tmp_path, {"notebook": POINTS, "grid": {"x": [1, 2]},
+                                                     "fixed": {"fail_at": 2}})))
+    env = sweep_env(jobs=1, threads=1)
+    res = run_point(ok, env=env, threads=1)
+    assert res.entry["status"] == "ok" and res.entry["run_id"] == ok.run_id
+    assert {"params.json", "run.ipynb", "metrics.parquet", "env.json", "kernel.log"} <= set(res.files)
+    out = tmp_path / "r"
+    store_point(out, res)
+    assert is_done(out, ok.run_id, manifest_status(out))
+    assert pd.read_parquet(out / ok.run_id / "metrics.parquet")["y"].tolist() == [0, 1, 2]
+    failed = run_point(bad, env=env, threads=1)
+    assert failed.entry["status"] == "failed" and "boom at x=2" in failed.entry["message"]
+    assert "metrics.parquet" not in failed.files and "run.ipynb" in failed.files
+    slow = expand(load_spec(write_spec(tmp_path, {"notebook": POINTS, "fixed": {"sleep_s": 600.0}}, "slow.yaml")))[0]
+    timed = run_point(slow, env=env, threads=1, timeout=15)
+    # the clock starts when the point is handed out: under load the kernel may still be warming up
+    assert timed.entry["status"] == "timeout" and timed.entry["error"] == "Timeout"
+    assert "kernel.log" in timed.files and set(timed.files) <= {"kernel.log", "params.json", "run.ipynb"}
+    assert not list(Path(tempfile.gettempdir()).glob(f"ryzlab-point-*/.tmp-{slow.run_id}-*")), "nothing left on disk"
