@@ -18,7 +18,6 @@ How a point's processes are started and killed: :mod:`ryzlab.point`.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import multiprocessing.connection
 import os
@@ -30,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from .config import ConfigError
 from .io import read_jsonl
@@ -39,8 +38,6 @@ from .spec import (MAX_POINTS, NOTEBOOK_DIR, Block, Point, Spec, count_points, e
                    run_id_for)
 
 log = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------------- validation
@@ -122,20 +119,6 @@ class SweepSummary:
             out.append(f"per-point overhead (kernel start, parameter injection, imports, saving): "
                        f"mean {sum(o) / len(o):.2f} s, max {o[-1]:.2f} s over {len(o)} points")
         return out
-
-
-def manifest_status(sweep_dir: Path) -> dict[str, dict]:
-    """The last manifest entry for every run_id (later lines win: a retry replaces a failure)."""
-    latest: dict[str, dict] = {}
-    for row in read_jsonl(sweep_dir / "manifest.jsonl"):
-        if "run_id" in row:
-            latest[row["run_id"]] = row
-    return latest
-
-
-def is_done(sweep_dir: Path, run_id: str, latest: dict[str, dict]) -> bool:
-    row = latest.get(run_id)
-    return bool(row and row.get("status") == "ok" and (sweep_dir / run_id / "metrics.parquet").is_file())
 
 
 def manifest_status(sweep_dir: Path) -> dict[str, dict]:

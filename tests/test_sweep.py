@@ -58,6 +58,7 @@ def test_two_point_grid_end_to_end(mixed_sweep):
         env = json.loads((run / "env.json").read_text())
         assert {"git_sha", "git_dirty", "python", "torch", "cuda", "device_names", "host", "start", "end"} <= set(env)
         assert json.loads((run / "params.json").read_text())["params"] == p.params
+        assert "over TCP" not in (run / "kernel.log").read_text(), "kernels talk over ipc sockets, not TCP"
     assert not list(out.glob(".tmp-*")), "no temporary run directory may survive a finished sweep"
     assert summary.overheads_s and all(o > 0 for o in summary.overheads_s)
 
@@ -188,14 +189,18 @@ def test_kill_9_of_the_sweep_kills_the_running_point_and_everything_it_started(t
         gone, alive = psutil.wait_procs(tree, timeout=60)
         assert alive == [], f"orphans survived the sweep: {[p.cmdline() for p in alive]}"
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        _kill_session(proc)
 
 
-def test_second_sweep_on_the_same_folder_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+def _kill_session(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def test_second_sweep_on_the_same_folder_is_refused_and_a_stale_lock_is_taken_over(tmp_path, caplog):
     pids = tmp_path / "pids.json"
     out = tmp_path / "r"
     slow = write_spec(tmp_path, {"notebook": PROBE, "fixed": {"sleep_s": 600.0, "pid_file": str(pids)}}, "slow.yaml")
@@ -216,13 +221,11 @@ def test_second_sweep_on_the_same_folder_is_refused_and_a_stale_lock_is_taken_ov
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    summary = run_sweep(fast, out=out, progress=False)  # the dead sweep's lock is stale: taken over
+        _kill_session(proc)
+    with caplog.at_level("WARNING", logger="ryzlab.sweep"):
+        summary = run_sweep(fast, out=out, progress=False)  # the dead sweep's lock is stale: taken over
     assert summary.ok == 1
+    assert f"taking over a stale lock (pid {proc.pid} on " in caplog.text
     assert (out / ".lock").read_text() == "", "released when the sweep ends"
 
 
