@@ -357,7 +357,8 @@ def run_point(point: Point, *, env: dict, kernel_name: str = KERNEL_NAME, thread
 
     Callable anywhere the notebook and kernel exist (e.g. inside a Ray task); nothing is left on
     disk or running afterwards. ``env`` is the provenance written to env.json (see
-    :func:`ryzlab.sweep.sweep_env`).
+    :func:`ryzlab.sweep.sweep_env`). Call it from a thread that lives until it returns: the
+    worker's death signal (PR_SET_PDEATHSIG) fires when the thread that started it exits.
     """
     from multiprocessing.connection import wait
 
