@@ -12,7 +12,8 @@ A point is *done* when the manifest's last line for its ``run_id`` says ``ok`` a
 directory holds ``metrics.parquet``. Each point is executed in a temporary directory which is
 renamed into place when it is finished, so a killed sweep never leaves a half-written run that
 counts as done; re-running the same spec runs only what is missing. One sweep at a time per
-results folder (a lock); points run with ``cores // jobs`` torch threads unless told otherwise.
+results folder (a lock); points run with ``cores // jobs`` torch threads unless told otherwise,
+and points of different experiments never run side by side.
 How a point's processes are started and killed: :mod:`ryzlab.point`.
 """
 from __future__ import annotations
@@ -271,7 +272,10 @@ def _run_locked(spec: Spec, points: list[Point], sweep_dir: Path, *, jobs: int, 
             # `jobs` points run; one more worker warms its kernel for the next point
             while len(spares) + len(running) < jobs + 1 and len(spares) < len(todo):
                 spares.append(PointProcess(sweep_dir, kernel_name=kernel_name, threads=threads))
-            while todo and spares and len(running) < jobs:
+            # one experiment at a time: a timing is never taken beside another experiment's points
+            # (a serving point alone runs several processes); the cost is an idle slot at each switch
+            while todo and spares and len(running) < jobs and \
+                    all(r.point.experiment == todo[0].experiment for r in running):
                 pp = spares.popleft()
                 pp.assign(todo.popleft(), env)
                 running.append(pp)

@@ -63,6 +63,15 @@ def test_two_point_grid_end_to_end(mixed_sweep):
     assert summary.overheads_s and all(o > 0 for o in summary.overheads_s)
 
 
+def test_points_of_different_experiments_never_run_side_by_side(mixed_sweep):
+    _, out, _ = mixed_sweep
+    rows = read_jsonl(out / "manifest.jsonl")
+    attn = [r for r in rows if r["experiment"] == "attention_bench"]
+    pts = [r for r in rows if r["experiment"] == "points"]
+    assert len(attn) == 2 and len(pts) == 3
+    assert max(r["end"] for r in attn) < min(r["start"] for r in pts), "the spec's blocks run one after another"
+
+
 def test_failing_point_is_recorded_and_others_finish(mixed_sweep):
     _, out, _ = mixed_sweep
     rows = {json.dumps(r["params"], sort_keys=True): r for r in read_jsonl(out / "manifest.jsonl")}
