@@ -28,8 +28,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 NOTEBOOK_DIR = PACKAGE_DIR / "notebooks"
 """The experiment notebooks, shipped inside the package (``ryzlab/notebooks`` is a link to the
 repository's ``notebooks/`` in a checkout, and a copy in an installed wheel)."""
-SPEC_KEYS = ("name", "notebook", "grid", "zip", "fixed", "repeat", "description")
-BLOCK_KEYS = ("notebook", "grid", "zip", "fixed", "repeat", "description")
+SPEC_KEYS = ("name", "notebook", "grid", "zip", "fixed", "repeat", "jobs", "description")
+BLOCK_KEYS = ("notebook", "grid", "zip", "fixed", "repeat", "jobs", "description")
 SWEEP_PARAMS = ("repeat",)
 """Point parameters the sweep adds itself (never passed to the notebook)."""
 MAX_POINTS = 10_000
@@ -51,6 +51,9 @@ class Block:
     fixed: dict[str, Any] = field(default_factory=dict)
     repeat: int = 1
     """Runs per point; with ``repeat > 1`` every point gets a ``repeat`` parameter 0..N-1."""
+    jobs: int | None = None
+    """At most this many of the block's points at once (``jobs: 1``: timings taken alone, even
+    under ``--jobs 2``); None: the sweep's ``--jobs``."""
 
     @property
     def size(self) -> int:
@@ -73,6 +76,8 @@ class Point:
     params: dict[str, Any]
     """The notebook's parameters, plus ``repeat`` when the spec repeats points."""
     run_id: str
+    jobs: int | None = None
+    """Its block's cap on points at once (None: the sweep's --jobs)."""
 
     @property
     def label(self) -> str:
@@ -85,11 +90,12 @@ class Point:
 
     def to_json(self) -> dict[str, Any]:
         return {"notebook": str(self.notebook), "experiment": self.experiment, "params": self.params,
-                "run_id": self.run_id}
+                "run_id": self.run_id, "jobs": self.jobs}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Point":
-        return cls(notebook=Path(d["notebook"]), experiment=d["experiment"], params=d["params"], run_id=d["run_id"])
+        return cls(notebook=Path(d["notebook"]), experiment=d["experiment"], params=d["params"], run_id=d["run_id"],
+                   jobs=d.get("jobs"))
 
 
 # ----------------------------------------------------------------------------- YAML
@@ -154,13 +160,17 @@ def _resolve_notebook(name: str, base: Path) -> Path:
     raise ConfigError([f"notebook {name!r} not found; notebooks in {NOTEBOOK_DIR}: {', '.join(have)}"])
 
 
-def _repeat(raw: Any, where: str) -> int:
-    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= MAX_REPEAT:
-        raise ConfigError([f"{where}: repeat must be an integer in 1..{MAX_REPEAT}, got {raw!r}"])
+def _count(raw: Any, key: str, where: str, top: int) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= top:
+        raise ConfigError([f"{where}: {key} must be an integer in 1..{top}, got {raw!r}"])
     return raw
 
 
-def _block(raw: Any, base: Path, where: str, repeat: int) -> Block:
+def _repeat(raw: Any, where: str) -> int:
+    return _count(raw, "repeat", where, MAX_REPEAT)
+
+
+def _block(raw: Any, base: Path, where: str, repeat: int, jobs: int | None = None) -> Block:
     problems = []
     if not isinstance(raw, dict):
         raise ConfigError([f"{where}: expected a mapping with keys {', '.join(BLOCK_KEYS)}"])
@@ -179,6 +189,8 @@ def _block(raw: Any, base: Path, where: str, repeat: int) -> Block:
         raise ConfigError(problems)
     if "repeat" in raw:
         repeat = _repeat(raw["repeat"], where)
+    if "jobs" in raw:
+        jobs = _count(raw["jobs"], "jobs", where, 1024)
     for key, values in list(grid.items()) + list(zp.items()):
         if not isinstance(values, list) or not values:
             problems.append(f"{where}: {key!r} must be a non-empty list of values, got {values!r}")
@@ -196,7 +208,7 @@ def _block(raw: Any, base: Path, where: str, repeat: int) -> Block:
     if problems:
         raise ConfigError(problems)
     return Block(notebook=_resolve_notebook(raw["notebook"], base), grid=dict(grid), zip=dict(zp),
-                 fixed=dict(fixed), repeat=repeat)
+                 fixed=dict(fixed), repeat=repeat, jobs=jobs)
 
 
 def check_name(name: Any, where: str = "") -> str:
@@ -223,6 +235,7 @@ def load_spec(path: str | os.PathLike) -> Spec:
         raise ConfigError(unknown, str(path))
     name = check_name(raw["name"] if "name" in raw else path.stem, str(path))
     repeat = _repeat(raw["repeat"], "spec") if "repeat" in raw else 1
+    jobs = _count(raw["jobs"], "jobs", "spec", 1024) if "jobs" in raw else None
     try:
         if "experiments" in raw:
             if "notebook" in raw:
@@ -230,9 +243,14 @@ def load_spec(path: str | os.PathLike) -> Spec:
             items = raw["experiments"]
             if not isinstance(items, list) or not items:
                 raise ConfigError(["'experiments' must be a non-empty list of {notebook, grid, zip, fixed}"])
-            blocks = tuple(_block(b, path.parent, f"experiments[{i}]", repeat) for i, b in enumerate(items))
+            stray = [k for k in ("grid", "zip", "fixed") if k in raw]
+            if stray:
+                raise ConfigError([f"{', '.join(stray)} at the top of a spec with 'experiments' would be "
+                                   "ignored; put them in the blocks"])
+            blocks = tuple(_block(b, path.parent, f"experiments[{i}]", repeat, jobs) for i, b in enumerate(items))
         else:
-            blocks = (_block({k: v for k, v in raw.items() if k in BLOCK_KEYS}, path.parent, "spec", repeat),)
+            blocks = (_block({k: v for k, v in raw.items() if k in BLOCK_KEYS and k not in ("repeat", "jobs")},
+                             path.parent, "spec", repeat, jobs),)
     except ConfigError as e:
         raise ConfigError(e.problems, str(path)) from None
     return Spec(name=name, blocks=blocks, path=path.resolve())
@@ -270,7 +288,7 @@ def expand(spec: Spec, *, max_points: int = MAX_POINTS) -> list[Point]:
                 for r in range(b.repeat):
                     p = {**params, "repeat": r} if b.repeat > 1 else params
                     points.append(Point(notebook=b.notebook, experiment=b.notebook.stem, params=p,
-                                        run_id=run_id_for(b.notebook, p, content)))
+                                        run_id=run_id_for(b.notebook, p, content), jobs=b.jobs))
     seen: dict[str, Point] = {}
     for p in points:
         if p.run_id in seen:

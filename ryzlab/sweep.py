@@ -274,10 +274,11 @@ def _run_locked(spec: Spec, points: list[Point], sweep_dir: Path, *, jobs: int, 
                 spares.append(PointProcess(sweep_dir, kernel_name=kernel_name, threads=threads))
             # one experiment at a time: a timing is never taken beside another experiment's points
             # (a serving point alone runs several processes); the cost is an idle slot at each switch
-            while todo and spares and len(running) < jobs and \
+            while todo and spares and len(running) < min(jobs, todo[0].jobs or jobs) and \
                     all(r.point.experiment == todo[0].experiment for r in running):
                 pp = spares.popleft()
-                pp.assign(todo.popleft(), env)
+                point = todo.popleft()
+                pp.assign(point, {**env, "jobs": min(jobs, point.jobs or jobs)})  # as this point ran
                 running.append(pp)
             multiprocessing.connection.wait(running, timeout=0.5)
             for pp in list(running):

@@ -120,3 +120,16 @@ def test_repeat_values_and_the_reserved_parameter(tmp_path):
             load_spec(spec_file(tmp_path, yaml.safe_dump({"notebook": POINTS, "repeat": bad})))
     with pytest.raises(ConfigError, match="'repeat' is set by the sweep"):
         load_spec(spec_file(tmp_path, yaml.safe_dump({"notebook": POINTS, "grid": {"repeat": [1, 2]}})))
+
+
+def test_block_jobs_caps_points_at_once(tmp_path):
+    spec = load_spec(spec_file(tmp_path, yaml.safe_dump({"jobs": 3, "experiments": [
+        {"notebook": POINTS, "grid": {"x": [1, 2]}, "jobs": 1},
+        {"notebook": POINTS, "grid": {"x": [3]}}]})))
+    assert [p.jobs for p in expand(spec)] == [1, 1, 3]
+    assert [b.jobs for b in load_spec(spec_file(tmp_path, yaml.safe_dump({"notebook": POINTS}))).blocks] == [None]
+    for bad in (0, 1.5, True, "1"):
+        with pytest.raises(ConfigError, match=r"jobs must be an integer in 1..1024"):
+            load_spec(spec_file(tmp_path, yaml.safe_dump({"notebook": POINTS, "jobs": bad})))
+    with pytest.raises(ConfigError, match="grid at the top of a spec with 'experiments' would be ignored"):
+        load_spec(spec_file(tmp_path, yaml.safe_dump({"grid": {"x": [1]}, "experiments": [{"notebook": POINTS}]})))

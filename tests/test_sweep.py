@@ -72,6 +72,15 @@ def test_points_of_different_experiments_never_run_side_by_side(mixed_sweep):
     assert max(r["end"] for r in attn) < min(r["start"] for r in pts), "the spec's blocks run one after another"
 
 
+def test_a_block_with_jobs_1_runs_its_points_one_at_a_time(tmp_path):
+    spec = write_spec(tmp_path, {"notebook": POINTS, "grid": {"x": [1, 2, 3]}, "fixed": {"sleep_s": 0.5}, "jobs": 1})
+    summary = run_sweep(spec, jobs=2, out=tmp_path / "r", progress=False)
+    assert summary.ok == 3
+    rows = sorted(read_jsonl(tmp_path / "r" / "manifest.jsonl"), key=lambda r: r["start"])
+    assert all(a["end"] < b["start"] for a, b in zip(rows, rows[1:])), "never two at once"
+    assert json.loads((tmp_path / "r" / rows[0]["run_id"] / "env.json").read_text())["jobs"] == 1, "as it ran"
+
+
 def test_failing_point_is_recorded_and_others_finish(mixed_sweep):
     _, out, _ = mixed_sweep
     rows = {json.dumps(r["params"], sort_keys=True): r for r in read_jsonl(out / "manifest.jsonl")}
@@ -301,15 +310,19 @@ def test_resume_after_kill_runs_only_missing_points(tmp_path):
         if sum(r["status"] == "ok" for r in read_jsonl(out / "manifest.jsonl")) >= 1:
             break
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # kill -9 the sweep and everything it started
+    os.kill(proc.pid, signal.SIGKILL)  # kill -9 of the sweep alone, as a user would; rerun at once
     proc.wait()
     first = {r["run_id"] for r in read_jsonl(out / "manifest.jsonl") if r["status"] == "ok"}
     assert 1 <= len(first) < 4
-    summary = run_sweep(spec, out=out, progress=False)
+    try:
+        summary = run_sweep(spec, out=out, progress=False)
+    finally:
+        _kill_session(proc)
     assert summary.skipped == len(first) and summary.ok == 4 - len(first)
     rows = read_jsonl(out / "manifest.jsonl")
     for run_id in first:
         assert sum(r["run_id"] == run_id for r in rows) == 1, "a finished point must not run again"
+    assert [r["status"] for r in rows] == ["ok"] * 4, "no point ran twice, no bogus failure from an orphan"
     assert not list(out.glob(".tmp-*")) and not list(out.glob(".old-*"))
     assert len(load_sweep(out).metrics) == 4 * 3
 
