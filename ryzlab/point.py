@@ -274,8 +274,11 @@ class PointProcess:
         except OSError:  # a file system without hard links: the log stays beside the run
             pass
         msg = {"point": point.to_json(), "run_dir": str(self.run_dir), "env": env, "assigned_at": self.assigned_at}
-        self.proc.stdin.write((json.dumps(msg, default=str) + "\n").encode())
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write((json.dumps(msg, default=str) + "\n").encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:  # the worker died while warming up: poll() sees it exit, the point is failed
+            log.warning("sweep worker %d exited before its point %s arrived", self.proc.pid, point.run_id)
 
     def poll(self) -> bool:
         """Read what the worker reported; True once its entry is in or it has exited."""
