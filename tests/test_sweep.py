@@ -360,3 +360,18 @@ def test_run_point_returns_the_run_files_and_store_point_writes_them(tmp_path):
     assert timed.entry["status"] == "timeout" and timed.entry["error"] == "Timeout"
     assert "kernel.log" in timed.files and set(timed.files) <= {"kernel.log", "params.json", "run.ipynb"}
     assert not list(Path(tempfile.gettempdir()).glob(f"ryzlab-point-*/.tmp-{slow.run_id}-*")), "nothing left on disk"
+
+
+def test_a_worker_that_died_before_its_point_fails_that_point_only(tmp_path):
+    from ryzlab.point import PointProcess
+
+    (point,) = expand(load_spec(write_spec(tmp_path, {"notebook": POINTS})))
+    pp = PointProcess(tmp_path)
+    pp.proc.kill()
+    pp.proc.wait()
+    pp.assign(point, {})  # no BrokenPipeError out of here
+    assert pp.poll() and pp.entry is None
+    entry = pp.lost_entry("failed", None)
+    assert entry["error"] == "WorkerDied" and f"exited with code {-signal.SIGKILL}" in entry["message"]
+    pp.close()
+    assert not pp.log_path.exists()
