@@ -245,12 +245,16 @@ class PointProcess:
         self.work_dir = Path(work_dir)
         self.log_path = self.work_dir / f".tmp-worker-{uuid.uuid4().hex[:12]}.log"
         r, w = os.pipe()
+        env = dict(os.environ)
+        if env.get("PYTHONPATH"):  # relative entries meant the sweep's folder; the worker and kernel run elsewhere
+            env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) if p else p
+                                                for p in env["PYTHONPATH"].split(os.pathsep))
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "ryzlab.point", str(os.getpid()), str(w), kernel_name, str(threads)],
                 stdin=subprocess.PIPE, stdout=logf, stderr=logf, pass_fds=(w,), close_fds=True,
                 # imports the same ryzlab as the sweep, never a package in the user's folder
-                cwd=str(PACKAGE_DIR.parent))
+                cwd=str(PACKAGE_DIR.parent), env=env)
         os.close(w)
         os.set_blocking(r, False)
         self._results = os.fdopen(r, "rb", buffering=0)

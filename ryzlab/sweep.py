@@ -266,15 +266,20 @@ def _run_locked(spec: Spec, points: list[Point], sweep_dir: Path, *, jobs: int, 
                             left=len(todo) + len(running))
             bar.update(1)
 
+    def cap() -> int:
+        """Points at once for the next point's block."""
+        return min(jobs, todo[0].jobs or jobs) if todo else jobs
+
     t_start = time.perf_counter()
     try:
         while todo or running:
-            # `jobs` points run; one more worker warms its kernel for the next point
-            while len(spares) + len(running) < jobs + 1 and len(spares) < len(todo):
+            # cap() points run (--jobs, or fewer if their block says so); one more worker warms its
+            # kernel for the next point. Never more: a warming kernel takes a core from a timing.
+            while len(spares) + len(running) < cap() + 1 and len(spares) < len(todo):
                 spares.append(PointProcess(sweep_dir, kernel_name=kernel_name, threads=threads))
             # one experiment at a time: a timing is never taken beside another experiment's points
             # (a serving point alone runs several processes); the cost is an idle slot at each switch
-            while todo and spares and len(running) < min(jobs, todo[0].jobs or jobs) and \
+            while todo and spares and len(running) < cap() and \
                     all(r.point.experiment == todo[0].experiment for r in running):
                 pp = spares.popleft()
                 point = todo.popleft()

@@ -15,6 +15,7 @@ import psutil
 import pytest
 import yaml
 
+import ryzlab
 from ryzlab.config import ConfigError
 from ryzlab.io import read_jsonl
 from ryzlab.report import build_report, load_sweep
@@ -259,6 +260,7 @@ def test_threads_default_to_cores_over_jobs_and_are_recorded(tmp_path):
         df = pd.read_parquet(out / p.run_id / "metrics.parquet")
         assert df["torch_threads"].tolist() == [want] and df["omp"].tolist() == [str(want)]
         assert df["cwd"].tolist() == [str(FIXTURES.resolve())], "the kernel runs beside its notebook"
+        assert df["ryzlab"].tolist() == [str(Path(ryzlab.__file__).resolve())], "the sweep's own ryzlab"
         env = json.loads((out / p.run_id / "env.json").read_text())
         assert (env["threads"], env["jobs"], env["cores"]) == (want, 2, cores())
 
