@@ -267,8 +267,9 @@ def _run_locked(spec: Spec, points: list[Point], sweep_dir: Path, *, jobs: int, 
             bar.update(1)
 
     def cap() -> int:
-        """Points at once for the next point's block."""
-        return min(jobs, todo[0].jobs or jobs) if todo else jobs
+        """Points at once: the running block's (the next block waits for it), else the next point's."""
+        p = running[0].point if running else (todo[0] if todo else None)
+        return min(jobs, p.jobs or jobs) if p is not None else jobs
 
     t_start = time.perf_counter()
     try:

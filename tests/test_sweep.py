@@ -73,10 +73,26 @@ def test_points_of_different_experiments_never_run_side_by_side(mixed_sweep):
     assert max(r["end"] for r in attn) < min(r["start"] for r in pts), "the spec's blocks run one after another"
 
 
-def test_a_block_with_jobs_1_runs_its_points_one_at_a_time(tmp_path):
+def test_a_block_with_jobs_1_runs_its_points_one_at_a_time(tmp_path, monkeypatch):
+    import ryzlab.sweep as sweep_mod
+
+    live, most = set(), []
+
+    class Counted(sweep_mod.PointProcess):  # how many workers (running + warming) exist at once
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            live.add(self)
+            most.append(len(live))
+
+        def close(self):
+            live.discard(self)
+            super().close()
+
+    monkeypatch.setattr(sweep_mod, "PointProcess", Counted)
     spec = write_spec(tmp_path, {"notebook": POINTS, "grid": {"x": [1, 2, 3]}, "fixed": {"sleep_s": 0.5}, "jobs": 1})
     summary = run_sweep(spec, jobs=2, out=tmp_path / "r", progress=False)
     assert summary.ok == 3
+    assert max(most) == 2, "one point runs, one spare warms: a second warming kernel would take a core from it"
     rows = sorted(read_jsonl(tmp_path / "r" / "manifest.jsonl"), key=lambda r: r["start"])
     assert all(a["end"] < b["start"] for a, b in zip(rows, rows[1:])), "never two at once"
     assert json.loads((tmp_path / "r" / rows[0]["run_id"] / "env.json").read_text())["jobs"] == 1, "as it ran"
