@@ -214,12 +214,21 @@ def build_report(sweep_dir: str | Path, *, kernel_name: str = KERNEL_NAME,
     write_parquet(sweep_dir / "aggregate.parquet", data.metrics)
     executed = sweep_dir / "report.ipynb"
     # the kernel's working directory is on its sys.path: an empty folder, never the results
+    from jupyter_client.manager import AsyncKernelManager
+
     work = Path(tempfile.mkdtemp(prefix="ryzlab-report-"))
+    km = None
     try:
         with _kernel_imports_this_ryzlab():
+            # ipc transport (unix sockets in the private folder): no TCP port, no "without encryption" warning
+            km = AsyncKernelManager(kernel_name=kernel_name, transport="ipc", ip=str(work / "kernel"))
             pm.execute_notebook(str(notebook), str(executed), parameters={"sweep_dir": str(sweep_dir)},
-                                kernel_name=kernel_name, progress_bar=False, cwd=str(work))
+                                kernel_name=kernel_name, progress_bar=False, cwd=str(work), km=km)
     finally:
+        if km is not None and km.has_kernel:  # nbclient leaves a kernel it was handed running
+            from jupyter_core.utils import run_sync
+
+            run_sync(km.shutdown_kernel)(now=True)
         shutil.rmtree(work, ignore_errors=True)
     nb = nbformat.read(executed, as_version=4)
     title = f"ryzlab report: {sweep_dir.name}"

@@ -39,6 +39,9 @@ from .spec import (MAX_POINTS, NOTEBOOK_DIR, Block, Point, Spec, count_points, e
                    run_id_for)
 
 log = logging.getLogger(__name__)
+REPO_ROOT = NOTEBOOK_DIR.resolve().parent
+"""The checkout holding notebooks/ in a development install (notebooks run from there resolve a
+relative ``results/`` against it); site-packages' ryzlab/ in a wheel install."""
 
 
 # ----------------------------------------------------------------------------- validation
