@@ -43,7 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 KERNEL_NAME = "ryzlab"
 SPEC_KEYS = ("name", "notebook", "grid", "zip", "fixed", "description")
-BLOCK_KEYS = ("notebook", "grid", "zip", "fixed", "description")
+BLOCK_KEYS = ("notebook", "grid", "zip", "fixed", "description", "resources")
 
 
 # ----------------------------------------------------------------------------- spec
@@ -56,6 +56,8 @@ class Block:
     grid: dict[str, list[Any]] = field(default_factory=dict)
     zip: dict[str, list[Any]] = field(default_factory=dict)
     fixed: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, Any] = field(default_factory=dict)
+    """Ray resources of each point (``--executor ray``), overriding the defaults; see sweep_ray."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +73,7 @@ class Point:
     experiment: str
     params: dict[str, Any]
     run_id: str
+    resources: dict[str, Any] = field(default_factory=dict)  # the block's `resources:`; not in run_id
 
     @property
     def label(self) -> str:
@@ -110,13 +113,16 @@ def _block(raw: Any, base: Path, where: str) -> Block:
     if len({len(v) for v in zp.values() if isinstance(v, list)}) > 1:
         problems.append(f"{where}: zip axes must have equal lengths, got "
                         + ", ".join(f"{k}={len(v)}" for k, v in zp.items()))
+    from .sweep_ray import check_resources  # --- ray executor: `resources:` per block (no ray import)
+
+    problems.extend(check_resources(raw.get("resources"), where))
     names = list(grid) + list(zp) + list(fixed)
     for dup in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"{where}: parameter {dup!r} appears in more than one of grid/zip/fixed")
     if problems:
         raise ConfigError(problems)
     return Block(notebook=_resolve_notebook(str(raw["notebook"]), base), grid=dict(grid), zip=dict(zp),
-                 fixed=dict(fixed))
+                 fixed=dict(fixed), resources=dict(raw.get("resources") or {}))
 
 
 def load_spec(path: str | os.PathLike) -> Spec:
@@ -167,7 +173,8 @@ def expand(spec: Spec) -> list[Point]:
             for zvals in zrows:
                 params = {**b.fixed, **dict(zip(gkeys, gvals)), **dict(zip(zkeys, zvals))}
                 points.append(Point(notebook=b.notebook, experiment=_experiment_name(b.notebook),
-                                    params=params, run_id=run_id_for(b.notebook, params)))
+                                    params=params, run_id=run_id_for(b.notebook, params),
+                                    resources=b.resources))
     seen: dict[str, Point] = {}
     for p in points:
         if p.run_id in seen:
@@ -410,16 +417,23 @@ def _static_env(world_size: int | None = None) -> dict:
 
 
 def run_sweep(spec: Spec | str | os.PathLike, *, jobs: int = 1, out: str | os.PathLike | None = None,
-              timeout: float | None = None, kernel_name: str = KERNEL_NAME, progress: bool = True) -> SweepSummary:
-    """Validate every point, then run the missing ones, ``jobs`` processes at a time."""
+              timeout: float | None = None, kernel_name: str = KERNEL_NAME, progress: bool = True,
+              executor: str = "local", address: str | None = None, retries: int | None = None) -> SweepSummary:
+    """Validate every point, then run the missing ones, ``jobs`` processes at a time (``executor="local"``)
+    or as Ray tasks on the cluster at ``address`` (``executor="ray"``, see :mod:`ryzlab.sweep_ray`)."""
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
     if jobs < 1:
         raise ConfigError([f"--jobs must be >= 1, got {jobs}"])
     if timeout is not None and timeout <= 0:
         raise ConfigError([f"--timeout must be > 0 seconds, got {timeout}"])
+    # --- executor choice (ray: ryzlab/sweep_ray.py) ---
+    from .sweep_ray import check_executor_args, plan_ray
+
+    check_executor_args(executor, address=address, retries=retries, jobs=jobs)
     points = expand(spec)
     validate(points, kernel_name=kernel_name)
+    ray_plan = plan_ray(points, address=address, retries=retries) if executor == "ray" else None
 
     sweep_dir = Path(out) if out else REPO_ROOT / "results" / spec.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -435,6 +449,8 @@ def run_sweep(spec: Spec | str | os.PathLike, *, jobs: int = 1, out: str | os.Pa
     if spec.path:
         shutil.copyfile(spec.path, sweep_dir / ".spec.yaml.tmp")
         os.replace(sweep_dir / ".spec.yaml.tmp", sweep_dir / "spec.yaml")
+    if ray_plan is not None:  # --- ray executor hook: every missing point becomes one Ray task ---
+        return ray_plan.run(todo, sweep_dir, summary, timeout=timeout, kernel_name=kernel_name, progress=progress)
     env = _static_env()
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["papermill", "jupyter_client", "ryzlab.sweep"])

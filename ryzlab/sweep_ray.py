@@ -1,0 +1,361 @@
+"""Sweeps on a Ray cluster: ``ryzlab sweep SPEC --executor ray [--address auto|ray://HOST:PORT]``.
+
+Every missing point of a sweep becomes one Ray task that asks for the resources the point needs,
+so a cluster runs as many points at once as it has room for. The semantics are the local
+executor's (:mod:`ryzlab.sweep`):
+
+* everything is checked before the first task is submitted: the spec, every point's parameters,
+  the address, and that every point fits on at least one node of the cluster;
+* a task runs its point in a fresh process with a fresh notebook kernel (the local executor's
+  point worker, started on the Ray worker's node, see :mod:`ryzlab.sweep_ray_task`) and returns
+  the run's files as bytes; the driver writes the run directory into a temporary folder and
+  renames it into place, then appends the manifest line. No shared file system is assumed, and
+  a point whose worker or node dies has written nothing in the results folder;
+* a point that outlives ``--timeout`` (counted from when its task started) has its kernel's
+  process tree killed by its task and is recorded as ``timeout``;
+* a Ray worker or node dying mid-point, or the point's process dying before it recorded an
+  outcome, is a fault: the point is submitted again, up to ``--retries`` times, then recorded as
+  ``failed`` with the reason. A notebook that raises is not a fault (it would raise again).
+
+Resources per point (Ray task options): on a cluster with GPUs, a point whose ``device`` is not
+``cpu`` is a GPU point and asks for ``num_gpus`` = its world size (tp x cp x workers of its
+config) and one CPU; every other point asks for ``num_cpus`` = its world size. An experiment
+block's ``resources:`` (``num_cpus``, ``num_gpus``, ``memory`` in bytes, ``custom``: {name: amount})
+replaces those defaults key by key. Ray itself sets ``OMP_NUM_THREADS`` to a task's ``num_cpus``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from .config import ConfigError
+from .io import append_jsonl, write_bytes, write_json
+
+if TYPE_CHECKING:
+    from .sweep import Point, SweepSummary
+
+log = logging.getLogger(__name__)
+
+EXECUTORS = ("local", "ray")
+RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "custom")
+DEFAULT_RETRIES = 2  # a dead worker or node is usually transient; a third death says it is the point
+WORLD_FIELDS = ("tp", "cp", "workers")  # config fields whose product is the processes a point starts
+ADDRESS_FORMS = "'auto', 'local', 'HOST:PORT' or 'ray://HOST:PORT'"
+_ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d+$")
+
+
+# ----------------------------------------------------------------------------- checks (no ray import)
+def check_resources(raw: Any, where: str) -> list[str]:
+    """Problems with an experiment block's ``resources:`` mapping (empty list: fine)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, dict):
+        return [f"{where}: 'resources' must be a mapping with keys {', '.join(RESOURCE_KEYS)}"]
+    problems = [f"{where}: unknown resources key {k!r}; valid keys: {', '.join(RESOURCE_KEYS)}"
+                for k in raw if k not in RESOURCE_KEYS]
+    amounts = [(k, raw[k]) for k in ("num_cpus", "num_gpus", "memory") if k in raw]
+    custom = raw.get("custom", {})
+    if not isinstance(custom, dict):
+        problems.append(f"{where}: resources.custom must be a mapping of Ray resource name -> amount")
+    else:
+        amounts += [(f"custom.{k}", v) for k, v in custom.items()]
+    for k, v in amounts:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            problems.append(f"{where}: resources.{k} must be a number >= 0, got {v!r}"
+                            + (" (memory is in bytes)" if k == "memory" else ""))
+    return problems
+
+
+def check_executor_args(executor: str, *, address: str | None, retries: int | None, jobs: int) -> None:
+    """Executor flags that make no sense together fail before anything is expanded or run."""
+    problems = []
+    if executor not in EXECUTORS:
+        problems.append(f"--executor {executor!r} is not valid; choose one of {', '.join(EXECUTORS)}")
+    elif executor == "local":
+        if address is not None:
+            problems.append("--address needs --executor ray")
+        if retries is not None:
+            problems.append("--retries applies to --executor ray (the local executor records a dead worker "
+                            "as failed)")
+    else:
+        if jobs != 1:
+            problems.append("--jobs applies to the local executor; with --executor ray the cluster runs as "
+                            "many points at once as their resources allow")
+        if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
+            problems.append(f"--retries must be an integer >= 0, got {retries!r}")
+        if address is not None and address not in ("auto", "local") and not _ADDRESS.match(address):
+            problems.append(f"--address {address!r} is not valid; use {ADDRESS_FORMS}")
+    if problems:
+        raise ConfigError(problems, "sweep")
+
+
+def point_world_size(point: Point) -> int:
+    """Processes (devices, on GPU points) a point starts: tp x cp x workers of its typed config."""
+    from .experiments import EXPERIMENTS, RESERVED, make_config
+
+    if point.experiment not in EXPERIMENTS:
+        return 1
+    cfg = make_config(point.experiment, {k: v for k, v in point.params.items() if k not in RESERVED})
+    size = 1
+    for name in WORLD_FIELDS:
+        value = getattr(cfg, name, 1)
+        size *= value if isinstance(value, int) and value > 0 else 1
+    return size
+
+
+def point_resources(point: Point, *, cluster_has_gpus: bool) -> dict[str, Any]:
+    """Ray task options for ``point``: defaults from its world size, then its block's ``resources:``."""
+    world = point_world_size(point)
+    gpu_point = cluster_has_gpus and point.params.get("device") != "cpu"
+    opts: dict[str, Any] = {"num_cpus": 1, "num_gpus": world} if gpu_point else {"num_cpus": world, "num_gpus": 0}
+    for key in ("num_cpus", "num_gpus", "memory"):
+        if key in point.resources:
+            opts[key] = point.resources[key]
+    if point.resources.get("custom"):
+        opts["resources"] = dict(point.resources["custom"])
+    return opts
+
+
+def _needs(opts: dict[str, Any]) -> dict[str, float]:
+    """Ray task options -> the node resources they consume (Ray's names: CPU, GPU, memory, custom)."""
+    need = {"CPU": opts.get("num_cpus", 0), "GPU": opts.get("num_gpus", 0), "memory": opts.get("memory", 0),
+            **opts.get("resources", {})}
+    return {k: float(v) for k, v in need.items() if v}
+
+
+def fit_problems(points: list[Point], resources: dict[str, dict], nodes: list[dict[str, float]]) -> list[str]:
+    """A task runs on one node: every point must fit on at least one node of the cluster."""
+    problems = []
+    for p in points:
+        need = _needs(resources[p.run_id])
+        if any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in nodes):
+            continue
+        largest = ", ".join(f"{k}={max((n.get(k, 0.0) for n in nodes), default=0.0):g}" for k in need)
+        problems.append(f"{p.label}: needs {', '.join(f'{k}={v:g}' for k, v in need.items())} on one node, but "
+                        f"no node of the Ray cluster has that (largest: {largest}); set `resources:` in its "
+                        "experiment block or add nodes")
+    return problems
+
+
+# ----------------------------------------------------------------------------- connect and plan
+def _ray():
+    try:
+        import ray
+    except ImportError as e:
+        raise ConfigError(["--executor ray needs Ray: pip install 'ryzlab[cluster]'"], "sweep") from e
+    return ray
+
+
+def _connect(ray: Any, address: str | None) -> bool:
+    """Connect to (or start) Ray; True when this call started the connection (and so ends it)."""
+    if ray.is_initialized():
+        if address is not None:
+            log.info("Ray is already initialized in this process; --address %s is not used", address)
+        return False
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
+    if address in (None, "local"):
+        kwargs["include_dashboard"] = False  # a sweep needs no dashboard; it costs a process and a port
+    try:
+        ray.init(address=address, **kwargs)
+    except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError...: all mean "no cluster"
+        raise ConfigError([f"cannot connect to Ray at {address or 'a new local instance'}: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"], "sweep") from e
+    return True
+
+
+def plan_ray(points: list[Point], *, address: str | None, retries: int | None) -> RayPlan:
+    """Connect to the cluster and size every point's task; any point that fits no node is an error.
+
+    Runs after the spec and the points were validated and before anything is written or submitted.
+    """
+    ray = _ray()
+    owns = _connect(ray, address)
+    try:
+        nodes = [{k: float(v) for k, v in n.get("Resources", {}).items()} for n in ray.nodes() if n.get("Alive")]
+        has_gpus = any(n.get("GPU", 0) > 0 for n in nodes)
+        resources = {p.run_id: point_resources(p, cluster_has_gpus=has_gpus) for p in points}
+        problems = fit_problems(points, resources, nodes)
+        if problems:
+            raise ConfigError(problems, "sweep")
+    except BaseException:
+        if owns:
+            ray.shutdown()
+        raise
+    return RayPlan(resources=resources, retries=DEFAULT_RETRIES if retries is None else retries, owns_ray=owns)
+
+
+# ----------------------------------------------------------------------------- run
+def _fault_types(ray: Any) -> tuple[type, ...]:
+    """Ray errors that mean the machinery failed (worker, node, raylet, object), not the point."""
+    names = ("WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError", "ObjectLostError", "OutOfMemoryError",
+             "RaySystemError")
+    return tuple(getattr(ray.exceptions, n) for n in names if hasattr(ray.exceptions, n))
+
+
+def _first_line(e: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _safe_relpath(name: Any) -> Path:
+    """A file name returned by a task, as a relative path that stays inside the run directory."""
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
+        raise ValueError(f"task returned an invalid file name {name!r}")
+    p = PurePosixPath(name)
+    if p.is_absolute() or any(part in ("", ".", "..") for part in p.parts):
+        raise ValueError(f"task returned a file name outside its run directory: {name!r}")
+    return Path(*p.parts)
+
+
+@dataclass
+class RayPlan:
+    """Per-point Ray task options, the retry budget, and whether the sweep owns the Ray connection."""
+
+    resources: dict[str, dict[str, Any]]
+    retries: int = DEFAULT_RETRIES
+    owns_ray: bool = False
+    inflight: dict[Any, tuple[Point, int]] = field(default_factory=dict)
+
+    def run(self, todo: Any, sweep_dir: Path, summary: SweepSummary, *, timeout: float | None, kernel_name: str,
+            progress: bool) -> SweepSummary:
+        """Submit every point in ``todo``, write each result as it arrives, retry faults."""
+        import ray
+
+        from .sweep_ray_task import run_point_task
+
+        task = ray.remote(max_retries=0, retry_exceptions=False)(run_point_task)  # retries are ours: counted
+        faults = _fault_types(ray)
+        notebooks: dict[Path, Any] = {}
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc=summary.name, unit="pt", dynamic_ncols=True)
+
+        def submit(point: Point, attempt: int) -> None:
+            if point.notebook not in notebooks:  # one copy per notebook in the object store, not per point
+                data = point.notebook.read_bytes()
+                notebooks[point.notebook] = (ray.put(data), hashlib.sha256(data).hexdigest())
+            nb_ref, sha = notebooks[point.notebook]
+            job = {"notebook": str(point.notebook), "notebook_sha256": sha, "experiment": point.experiment,
+                   "params": point.params, "run_id": point.run_id, "kernel_name": kernel_name, "timeout": timeout,
+                   "attempt": attempt}
+            ref = task.options(**self.resources[point.run_id], name=f"ryzlab-point:{point.run_id}").remote(job, nb_ref)
+            self.inflight[ref] = (point, attempt)
+
+        t_start = time.perf_counter()
+        try:
+            for point in todo:
+                submit(point, 1)
+            while self.inflight:
+                refs = list(self.inflight)
+                ready, rest = ray.wait(refs, num_returns=1, timeout=1.0)
+                if ready and rest:
+                    ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+                for ref in ready:
+                    point, attempt = self.inflight.pop(ref)
+                    entry = self._collect(ray, ref, point, attempt, sweep_dir, faults, timeout)
+                    if entry is None:  # a fault with retries left
+                        submit(point, attempt + 1)
+                        continue
+                    summary.ok += entry["status"] == "ok"
+                    summary.failed += entry["status"] == "failed"
+                    summary.timeout += entry["status"] == "timeout"
+                    if entry["status"] == "ok" and entry.get("overhead_s") is not None:
+                        summary.overheads_s.append(entry["overhead_s"])
+                    if entry["status"] != "ok":
+                        log.warning("%s %s: %s: %s", point.label, entry["status"], entry.get("error"),
+                                    str(entry.get("message", ""))[:300])
+                    if bar is not None:
+                        bar.set_postfix(ok=summary.ok, failed=summary.failed + summary.timeout,
+                                        left=len(self.inflight))
+                        bar.update(1)
+        except BaseException:
+            # Ctrl-C or a driver error: stop every task (each kills its point's process tree)
+            for ref in self.inflight:
+                ray.cancel(ref)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.owns_ray:
+                ray.shutdown()
+        summary.wall_s = time.perf_counter() - t_start
+        return summary
+
+    def _collect(self, ray: Any, ref: Any, point: Point, attempt: int, sweep_dir: Path, faults: tuple,
+                 timeout: float | None) -> dict | None:
+        """The manifest entry of a finished task (run directory written first), or None to retry."""
+        base = {"run_id": point.run_id, "experiment": point.experiment, "params": point.params,
+                "executor": "ray", "attempts": attempt}
+        try:
+            out = ray.get(ref)
+            fault = out.get("lost")
+        except faults as e:
+            out, fault = None, _first_line(e)
+        except ray.exceptions.RayTaskError as e:  # the task's own code failed: not a fault, no retry
+            entry = {**base, "status": "failed", "error": type(e.cause).__name__ if e.cause else "RayTaskError",
+                     "message": _first_line(e.cause or e)[:2000], "cell": None}
+            append_jsonl(sweep_dir / "manifest.jsonl", entry)
+            return entry
+        if fault is not None:
+            if attempt <= self.retries:
+                log.warning("%s: attempt %d of %d lost (%s); submitting it again", point.label, attempt,
+                            self.retries + 1, fault)
+                return None
+            entry = {**base, "status": "failed", "error": "WorkerDied", "cell": None,
+                     "message": f"the point's Ray worker, node or process died in each of {attempt} attempts "
+                                f"(--retries {self.retries}); last: {fault}"[:2000]}
+            append_jsonl(sweep_dir / "manifest.jsonl", entry)
+            return entry
+        where = {"ray_node": out.get("node"), "ray_worker_pid": out.get("worker_pid")}
+        if out.get("timeout"):
+            entry = {**base, **where, "status": "timeout", "error": "Timeout", "cell": None,
+                     "message": f"point exceeded --timeout {timeout} s; its task killed the kernel's process tree",
+                     "wall_s": out.get("wall_s")}
+            append_jsonl(sweep_dir / "manifest.jsonl", entry)
+            return entry
+        entry = {**out["entry"], **base, **where}
+        try:
+            self._write_run(point, out["files"], entry, sweep_dir)
+        except ValueError as e:  # a task result that would write outside its run folder: refuse it, record why
+            entry = {**base, **where, "status": "failed", "error": "BadTaskResult", "message": str(e)[:2000],
+                     "cell": None}
+        append_jsonl(sweep_dir / "manifest.jsonl", entry)  # after the rename: ok means files are there
+        return entry
+
+    @staticmethod
+    def _write_run(point: Point, files: dict[str, bytes], entry: dict, sweep_dir: Path) -> None:
+        """The task's files -> a temporary folder on the driver -> renamed into place."""
+        from .sweep import _place
+
+        tmp = sweep_dir / f".tmp-{point.run_id}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            env: dict[str, Any] = {}
+            for name, data in files.items():
+                rel = _safe_relpath(name)
+                if not isinstance(data, bytes):
+                    raise ValueError(f"task returned {type(data).__name__} for {name!r}, not bytes")
+                if str(rel) == "env.json":  # JSON written by the point's process on the worker
+                    env = json.loads(data)
+                elif str(rel) != "params.json":  # rewritten below with the driver's notebook path
+                    write_bytes(tmp / rel, data)
+            write_json(tmp / "params.json", {"experiment": point.experiment, "notebook": str(point.notebook),
+                                             "run_id": point.run_id, "params": point.params})
+            write_json(tmp / "env.json", {**env, "executor": "ray", "ray_node": entry.get("ray_node"),
+                                          "ray_worker_pid": entry.get("ray_worker_pid"),
+                                          "attempts": entry["attempts"]})
+            _place(tmp, sweep_dir / point.run_id)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
