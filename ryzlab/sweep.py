@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 KERNEL_NAME = "ryzlab"
-SPEC_KEYS = ("name", "notebook", "grid", "zip", "fixed", "description")
+SPEC_KEYS = ("name", "notebook", "grid", "zip", "fixed", "description", "resources")
 BLOCK_KEYS = ("notebook", "grid", "zip", "fixed", "description", "resources")
 
 

@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -154,6 +155,50 @@ def _ray():
     return ray
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_local_ray(**init_kwargs: Any) -> Any:
+    """``ray.init(**init_kwargs)`` for a new local instance that also starts on a loaded machine.
+
+    Ray 2.60's raylet waits a fixed 15 s for the dashboard agent to write its port files and
+    aborts the whole start-up after that; on a busy 2-core machine the agent's imports alone take
+    longer. Handing every agent port to both sides up front (chosen by the OS) removes those waits.
+    This reaches into two Ray internals; where they are missing (another Ray version) it falls
+    back to a plain ``ray.init`` and logs that it did.
+    """
+    import ray
+
+    try:
+        from ray._private import parameter, services
+
+        orig_init, orig_start = parameter.RayParams.__init__, services.start_ray_process
+    except (ImportError, AttributeError):
+        log.warning("fallback: plain ray.init (this Ray has no RayParams/start_ray_process to pass agent ports)")
+        return ray.init(**init_kwargs)
+    ports = {k: _free_port() for k in ("metrics_agent_port", "metrics_export_port", "dashboard_agent_listen_port",
+                                       "runtime_env_agent_port")}
+
+    def params_init(self: Any, *a: Any, **kw: Any) -> None:
+        orig_init(self, *a, **kw)
+        for k, v in ports.items():
+            setattr(self, k, getattr(self, k, None) or v)
+
+    def start(command: list[str], process_type: str, *a: Any, **kw: Any) -> Any:
+        if process_type == "raylet":  # the one port the raylet is not told by Ray's own launcher
+            command = [*command, f"--dashboard_agent_listen_port={ports['dashboard_agent_listen_port']}"]
+        return orig_start(command, process_type, *a, **kw)
+
+    parameter.RayParams.__init__, services.start_ray_process = params_init, start
+    try:
+        return ray.init(**init_kwargs)
+    finally:
+        parameter.RayParams.__init__, services.start_ray_process = orig_init, orig_start
+
+
 def _connect(ray: Any, address: str | None) -> bool:
     """Connect to (or start) Ray; True when this call started the connection (and so ends it)."""
     if ray.is_initialized():
@@ -161,10 +206,12 @@ def _connect(ray: Any, address: str | None) -> bool:
             log.info("Ray is already initialized in this process; --address %s is not used", address)
         return False
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
-    if address in (None, "local"):
-        kwargs["include_dashboard"] = False  # a sweep needs no dashboard; it costs a process and a port
     try:
-        ray.init(address=address, **kwargs)
+        if address == "local" or (address is None and not os.environ.get("RAY_ADDRESS")):
+            # a new instance on this machine; a sweep needs no dashboard (a process and a port)
+            start_local_ray(address=address, include_dashboard=False, **kwargs)
+        else:
+            ray.init(address=address, **kwargs)
     except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError...: all mean "no cluster"
         raise ConfigError([f"cannot connect to Ray at {address or 'a new local instance'}: "
                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"], "sweep") from e
@@ -209,10 +256,10 @@ def _safe_relpath(name: Any) -> Path:
     """A file name returned by a task, as a relative path that stays inside the run directory."""
     if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
         raise ValueError(f"task returned an invalid file name {name!r}")
-    p = PurePosixPath(name)
-    if p.is_absolute() or any(part in ("", ".", "..") for part in p.parts):
+    parts = name.split("/")  # the raw parts: PurePosixPath would quietly drop "." and "//"
+    if PurePosixPath(name).is_absolute() or any(part in ("", ".", "..") for part in parts):
         raise ValueError(f"task returned a file name outside its run directory: {name!r}")
-    return Path(*p.parts)
+    return Path(*parts)
 
 
 @dataclass

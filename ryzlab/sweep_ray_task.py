@@ -74,13 +74,20 @@ def _root() -> Path:
     return root
 
 
-def _clean_dead_roots() -> None:
-    """Remove the temporary folders of Ray workers on this node that died mid-point."""
+def _alive(pid: int) -> bool:
     import psutil
 
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _clean_dead_roots() -> None:
+    """Remove the temporary folders of Ray workers on this node that died (mid-point or idle)."""
     for d in Path(tempfile.gettempdir()).glob(f"{ROOT_PREFIX}*"):
         pid = d.name[len(ROOT_PREFIX):]
-        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+        if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
 
 
