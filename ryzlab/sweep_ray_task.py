@@ -74,7 +74,8 @@ def _root() -> Path:
     return root
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
     import psutil
 
     try:
@@ -87,7 +88,7 @@ def _clean_dead_roots() -> None:
     """Remove the temporary folders of Ray workers on this node that died (mid-point or idle)."""
     for d in Path(tempfile.gettempdir()).glob(f"{ROOT_PREFIX}*"):
         pid = d.name[len(ROOT_PREFIX):]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -144,13 +145,7 @@ def _close(r: _Runner, *, kill: bool) -> None:
             r.conn.send(None)  # "no point for you": the worker shuts its kernel down and exits
         except OSError:
             kill_tree(r.proc.pid)
-        try:
-            r.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            kill_tree(r.proc.pid)
-    r.proc.wait()
-    r.conn.close()
-    shutil.rmtree(r.folder, ignore_errors=True)
+    _finish(r)
 
 
 def _finish(r: _Runner) -> None:

@@ -24,6 +24,7 @@ from ryzlab.sweep import Point, expand, load_spec, run_sweep
 ray = pytest.importorskip("ray")
 from ryzlab import sweep_ray  # noqa: E402
 from ryzlab.sweep_ray import _safe_relpath, check_resources, fit_problems, point_resources  # noqa: E402
+from ryzlab.sweep_ray_task import alive  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 WAITS = str(FIXTURES / "waits.ipynb")
@@ -41,13 +42,6 @@ def wait_until(cond, what: str, poll: float = 0.1):
     while not (value := cond()):
         time.sleep(poll)
     return value
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def running_pids(signal_dir: Path, x: int) -> list[int]:
