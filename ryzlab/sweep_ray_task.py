@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -269,12 +270,49 @@ def run_point_task(job: dict, notebook: bytes) -> dict[str, Any]:
         threading.Thread(target=_finish, args=(runner,), name="ryzlab-point-finish", daemon=True).start()
 
 
+class _BackgroundEnv(Mapping):
+    """This node's provenance (:func:`ryzlab.sweep._static_env`: imports torch, runs git), computed
+    in a thread while the kernel warms up; reading it waits for that thread.
+
+    The local executor computes it once in the sweep process; here every point worker computes
+    its own, because what it reports (devices visible to this task) can differ per task.
+    """
+
+    def __init__(self) -> None:
+        self._env: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._collect, daemon=True)
+        self._thread.start()
+
+    def _collect(self) -> None:
+        from .sweep import _static_env
+
+        try:
+            self._env.update(_static_env())
+        except Exception as e:  # noqa: BLE001 - a run without provenance says why instead of failing the point
+            self._env["provenance_error"] = f"{type(e).__name__}: {e}"
+
+    def _ready(self) -> dict[str, Any]:
+        self._thread.join()
+        return self._env
+
+    def __getitem__(self, key: str) -> Any:
+        return self._ready()[key]
+
+    def __iter__(self):
+        return iter(self._ready())
+
+    def __len__(self) -> int:
+        return len(self._ready())
+
+
 def _point_worker_main(argv: list[str]) -> None:
     """``python -m ryzlab.sweep_ray_task FD FOLDER KERNEL``: the local executor's point worker on a pipe."""
-    from .sweep import _point_worker, _static_env
+    import papermill  # noqa: F401 - imported now, while nothing waits; the local executor's forkserver preloads it
+
+    from .sweep import _point_worker
 
     fd, folder, kernel_name = int(argv[0]), Path(argv[1]), argv[2]
-    _point_worker(folder, _static_env(), kernel_name, Connection(fd))
+    _point_worker(folder, _BackgroundEnv(), kernel_name, Connection(fd))
 
 
 if __name__ == "__main__":
