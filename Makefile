@@ -2,7 +2,7 @@
 # environment (idempotent: a stamp file skips the install when nothing changed).
 PYTHON ?= python3
 VENV   ?= .venv
-# torch goes first so the package's loose `torch>=2.3` never pulls a multi-GB CUDA build on
+# torch goes first so the package's loose `torch>=2.5` never pulls a multi-GB CUDA build on
 # CPU machines. On a CUDA box: make demo TORCH=torch  (or TORCH="torch==2.5.1 --index-url ...")
 TORCH  ?= torch==2.13.0
 PY      = $(VENV)/bin/python

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from .config import CODECS, ConfigError
+from .spec import MAX_POINTS
 
 EPILOG = """examples:
   ryzlab info                                  what this machine offers (python, torch, devices, health)
   ryzlab sweep specs/demo.yaml --jobs 2        run every point of a spec (resumes: ok points are skipped)
+  ryzlab sweep specs/demo.yaml --dry-run       list the points it would run
   ryzlab sweep specs/demo.yaml --executor ray --address auto   the same points as tasks on a Ray cluster
   ryzlab report results/demo                   aggregate ok runs into results/demo/report.html
   ryzlab generate --prompt "def f(" --tp 2     complete a prompt with the model split over 2 ranks
@@ -24,12 +26,33 @@ EPILOG = """examples:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import run_sweep
 
+    if args.dry_run:
+        return _dry_run(args)
     summary = run_sweep(args.spec, jobs=args.jobs, out=args.out, timeout=args.timeout,
-                        kernel_name=args.kernel, progress=not args.no_progress,
-                        executor=args.executor, address=args.address, retries=args.retries)
+                        kernel_name=args.kernel, progress=not args.no_progress, threads=args.threads,
+                        max_points=args.max_points, executor=args.executor, address=args.address,
+                        retries=args.retries)
     for line in summary.lines():
         print(line)
     return 0 if summary.failed + summary.timeout == 0 else 1
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """Validate and list every point (done / to run) without running or writing anything."""
+    from .sweep import default_out, is_done, manifest_status, plan, resolve_threads
+
+    threads = resolve_threads(args.jobs, args.threads)
+    spec, points = plan(args.spec, max_points=args.max_points, kernel_name=args.kernel)
+    out = Path(args.out) if args.out else default_out(spec)
+    latest = manifest_status(out)
+    todo = 0
+    for p in points:
+        done = is_done(out, p.run_id, latest)
+        todo += not done
+        print(f"{'done' if done else 'todo'}  {p.run_id}  {p.label}")
+    print(f"sweep {spec.name}: {len(points)} points, {len(points) - todo} done, {todo} to run -> {out} "
+          f"(--jobs {args.jobs}, {threads} torch thread(s) per point; dry run: nothing ran)")
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -100,12 +123,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def version() -> str:
+    """The installed distribution's version, or the package's own in a bare checkout."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    from . import __version__
+
+    try:
+        return dist_version("ryzlab")
+    except PackageNotFoundError:
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ryzlab", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Research and benchmarking workbench for distributed LLM inference: "
                     "KV-cache compression, paging, sharding, scaling and serving, measured.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    p.add_argument("--version", action="version", version=f"ryzlab {version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     s = sub.add_parser("sweep", help="run a parameter grid of notebooks (papermill), one process + kernel per point",
@@ -113,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "missing points and record each in results/<sweep>/manifest.jsonl.")
     s.add_argument("spec", help="sweep spec (YAML), e.g. specs/demo.yaml")
     s.add_argument("--jobs", "-j", type=int, default=1, help="points run at once, each in its own process (default 1)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="torch threads per point (default: cores // jobs, so points do not slow each other down)")
+    s.add_argument("--dry-run", action="store_true", help="validate and list the expanded points; run nothing")
+    s.add_argument("--max-points", type=int, default=MAX_POINTS, metavar="N",
+                   help=f"refuse specs that expand to more than N points (default {MAX_POINTS})")
     s.add_argument("--out", help="sweep directory (default results/<spec name>)")
     s.add_argument("--timeout", type=float, help="seconds a point may run before it is killed and marked timeout")
     s.add_argument("--kernel", default="ryzlab", help="Jupyter kernel to run notebooks in (default ryzlab)")
@@ -149,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, ValueError) as e:  # bad input: one clear message, no traceback
+        print(f"ryzlab {args.command}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a folder that cannot be written, a port in use...: the OS's words, no traceback
         print(f"ryzlab {args.command}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

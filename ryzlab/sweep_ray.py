@@ -2,26 +2,29 @@
 
 Every missing point of a sweep becomes one Ray task that asks for the resources the point needs,
 so a cluster runs as many points at once as it has room for. The semantics are the local
-executor's (:mod:`ryzlab.sweep`):
+executor's (:mod:`ryzlab.sweep`), which also holds the results folder's lock and resumes:
 
 * everything is checked before the first task is submitted: the spec, every point's parameters,
   the address, and that every point fits on at least one node of the cluster;
-* a task runs its point in a fresh process with a fresh notebook kernel (the local executor's
-  point worker, started on the Ray worker's node, see :mod:`ryzlab.sweep_ray_task`) and returns
-  the run's files as bytes; the driver writes the run directory into a temporary folder and
-  renames it into place, then appends the manifest line. No shared file system is assumed, and
-  a point whose worker or node dies has written nothing in the results folder;
-* a point that outlives ``--timeout`` (counted from when its task started) has its kernel's
-  process tree killed by its task and is recorded as ``timeout``;
-* a Ray worker or node dying mid-point, or the point's process dying before it recorded an
-  outcome, is a fault: the point is submitted again, up to ``--retries`` times, then recorded as
+* a task runs its point with :func:`ryzlab.point.run_point` (a fresh worker process and kernel,
+  in their own process groups, on the task's node; see :mod:`ryzlab.sweep_ray_task`) and returns
+  the run's files as bytes; the driver writes them with :func:`ryzlab.point.store_point` (a
+  temporary folder renamed into place, then the manifest line). No shared file system is
+  assumed, and a point whose worker or node dies has written nothing in the results folder;
+* ``--timeout`` is enforced by ``run_point`` on the node (counted from the point's start there):
+  it kills the point's process groups and the point is recorded ``timeout``, like locally;
+* as locally, points of different experiments never run side by side and a block's ``jobs:``
+  caps its points at once; within that, the cluster runs as many as its resources allow;
+* a Ray worker or node dying mid-point, or the point's worker process dying before it recorded
+  an outcome, is a fault: the point is submitted again, up to ``--retries`` times, then recorded
   ``failed`` with the reason. A notebook that raises is not a fault (it would raise again).
 
 Resources per point (Ray task options): on a cluster with GPUs, a point whose ``device`` is not
 ``cpu`` is a GPU point and asks for ``num_gpus`` = its world size (tp x cp x workers of its
 config) and one CPU; every other point asks for ``num_cpus`` = its world size. An experiment
-block's ``resources:`` (``num_cpus``, ``num_gpus``, ``memory`` in bytes, ``custom``: {name: amount})
-replaces those defaults key by key. Ray itself sets ``OMP_NUM_THREADS`` to a task's ``num_cpus``.
+block's ``resources:`` (``num_cpus``, ``num_gpus``, ``memory`` in bytes, ``custom``: {name: amount};
+parsed and checked in :mod:`ryzlab.spec`) replaces those defaults key by key. A point runs with
+``--threads`` torch threads, else its task's ``num_cpus`` (at least 1).
 """
 from __future__ import annotations
 
@@ -30,23 +33,22 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError
-from .io import append_jsonl, write_bytes, write_json
 
 if TYPE_CHECKING:
-    from .sweep import Point, SweepSummary
+    from .spec import Point
+    from .sweep import SweepSummary
 
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "ray")
-RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "custom")
 DEFAULT_RETRIES = 2  # a dead worker or node is usually transient; a third death says it is the point
 WORLD_FIELDS = ("tp", "cp", "workers")  # config fields whose product is the processes a point starts
 ADDRESS_FORMS = "'auto', 'local', 'HOST:PORT' or 'ray://HOST:PORT'"
@@ -54,28 +56,8 @@ _ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d+$")
 
 
 # ----------------------------------------------------------------------------- checks (no ray import)
-def check_resources(raw: Any, where: str) -> list[str]:
-    """Problems with an experiment block's ``resources:`` mapping (empty list: fine)."""
-    if raw is None:
-        return []
-    if not isinstance(raw, dict):
-        return [f"{where}: 'resources' must be a mapping with keys {', '.join(RESOURCE_KEYS)}"]
-    problems = [f"{where}: unknown resources key {k!r}; valid keys: {', '.join(RESOURCE_KEYS)}"
-                for k in raw if k not in RESOURCE_KEYS]
-    amounts = [(k, raw[k]) for k in ("num_cpus", "num_gpus", "memory") if k in raw]
-    custom = raw.get("custom", {})
-    if not isinstance(custom, dict):
-        problems.append(f"{where}: resources.custom must be a mapping of Ray resource name -> amount")
-    else:
-        amounts += [(f"custom.{k}", v) for k, v in custom.items()]
-    for k, v in amounts:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            problems.append(f"{where}: resources.{k} must be a number >= 0, got {v!r}"
-                            + (" (memory is in bytes)" if k == "memory" else ""))
-    return problems
-
-
-def check_executor_args(executor: str, *, address: str | None, retries: int | None, jobs: int) -> None:
+def check_executor_args(executor: str, *, address: str | None, retries: int | None, jobs: int,
+                        threads: int | None = None) -> None:
     """Executor flags that make no sense together fail before anything is expanded or run."""
     problems = []
     if executor not in EXECUTORS:
@@ -92,6 +74,8 @@ def check_executor_args(executor: str, *, address: str | None, retries: int | No
                             "many points at once as their resources allow")
         if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
             problems.append(f"--retries must be an integer >= 0, got {retries!r}")
+        if threads is not None and threads < 1:
+            problems.append(f"--threads must be >= 1, got {threads}")
         if address is not None and address not in ("auto", "local") and not _ADDRESS.match(address):
             problems.append(f"--address {address!r} is not valid; use {ADDRESS_FORMS}")
     if problems:
@@ -104,7 +88,7 @@ def point_world_size(point: Point) -> int:
 
     if point.experiment not in EXPERIMENTS:
         return 1
-    cfg = make_config(point.experiment, {k: v for k, v in point.params.items() if k not in RESERVED})
+    cfg = make_config(point.experiment, {k: v for k, v in point.notebook_params.items() if k not in RESERVED})
     size = 1
     for name in WORLD_FIELDS:
         value = getattr(cfg, name, 1)
@@ -218,7 +202,7 @@ def _connect(ray: Any, address: str | None) -> bool:
     return True
 
 
-def plan_ray(points: list[Point], *, address: str | None, retries: int | None) -> RayPlan:
+def plan_ray(points: list[Point], *, address: str | None, retries: int | None, threads: int | None) -> RayPlan:
     """Connect to the cluster and size every point's task; any point that fits no node is an error.
 
     Runs after the spec and the points were validated and before anything is written or submitted.
@@ -236,7 +220,8 @@ def plan_ray(points: list[Point], *, address: str | None, retries: int | None) -
         if owns:
             ray.shutdown()
         raise
-    return RayPlan(resources=resources, retries=DEFAULT_RETRIES if retries is None else retries, owns_ray=owns)
+    return RayPlan(resources=resources, retries=DEFAULT_RETRIES if retries is None else retries, owns_ray=owns,
+                   threads=threads)
 
 
 # ----------------------------------------------------------------------------- run
@@ -252,16 +237,6 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def _safe_relpath(name: Any) -> Path:
-    """A file name returned by a task, as a relative path that stays inside the run directory."""
-    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
-        raise ValueError(f"task returned an invalid file name {name!r}")
-    parts = name.split("/")  # the raw parts: PurePosixPath would quietly drop "." and "//"
-    if PurePosixPath(name).is_absolute() or any(part in ("", ".", "..") for part in parts):
-        raise ValueError(f"task returned a file name outside its run directory: {name!r}")
-    return Path(*parts)
-
-
 @dataclass
 class RayPlan:
     """Per-point Ray task options, the retry budget, and whether the sweep owns the Ray connection."""
@@ -269,11 +244,20 @@ class RayPlan:
     resources: dict[str, dict[str, Any]]
     retries: int = DEFAULT_RETRIES
     owns_ray: bool = False
+    threads: int | None = None
     inflight: dict[Any, tuple[Point, int]] = field(default_factory=dict)
+
+    def close(self) -> None:
+        """End the Ray connection this sweep started (a local instance stops with it)."""
+        if self.owns_ray:
+            import ray
+
+            ray.shutdown()
+            self.owns_ray = False
 
     def run(self, todo: Any, sweep_dir: Path, summary: SweepSummary, *, timeout: float | None, kernel_name: str,
             progress: bool) -> SweepSummary:
-        """Submit every point in ``todo``, write each result as it arrives, retry faults."""
+        """Submit every point in ``todo``, store each result as it arrives, retry faults."""
         import ray
 
         from .sweep_ray_task import run_point_task
@@ -292,62 +276,55 @@ class RayPlan:
                 data = point.notebook.read_bytes()
                 notebooks[point.notebook] = (ray.put(data), hashlib.sha256(data).hexdigest())
             nb_ref, sha = notebooks[point.notebook]
-            job = {"notebook": str(point.notebook), "notebook_sha256": sha, "experiment": point.experiment,
-                   "params": point.params, "run_id": point.run_id, "kernel_name": kernel_name, "timeout": timeout,
-                   "attempt": attempt}
-            ref = task.options(**self.resources[point.run_id], name=f"ryzlab-point:{point.run_id}").remote(job, nb_ref)
+            opts = self.resources[point.run_id]
+            job = {"point": point.to_json(), "notebook_sha256": sha, "kernel_name": kernel_name, "timeout": timeout,
+                   "threads": self.threads or max(1, int(opts.get("num_cpus", 1))), "attempt": attempt}
+            ref = task.options(**opts, name=f"ryzlab-point:{point.run_id}").remote(job, nb_ref)
             self.inflight[ref] = (point, attempt)
 
+        queue = deque((p, 1) for p in todo)
         t_start = time.perf_counter()
         try:
-            for point in todo:
-                submit(point, 1)
-            while self.inflight:
-                refs = list(self.inflight)
-                ready, rest = ray.wait(refs, num_returns=1, timeout=1.0)
-                if ready and rest:
-                    ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+            while queue or self.inflight:
+                # as locally: experiments never run side by side, and a block's `jobs:` caps its points
+                # at once (`jobs: 1` timings taken alone); otherwise the cluster's resources decide
+                while queue and all(p.experiment == queue[0][0].experiment for p, _ in self.inflight.values()) \
+                        and len(self.inflight) < (queue[0][0].jobs or len(queue) + len(self.inflight)):
+                    submit(*queue.popleft())
+                ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
                 for ref in ready:
                     point, attempt = self.inflight.pop(ref)
-                    entry = self._collect(ray, ref, point, attempt, sweep_dir, faults, timeout)
-                    if entry is None:  # a fault with retries left
-                        submit(point, attempt + 1)
-                        continue
-                    summary.ok += entry["status"] == "ok"
-                    summary.failed += entry["status"] == "failed"
-                    summary.timeout += entry["status"] == "timeout"
-                    if entry["status"] == "ok" and entry.get("overhead_s") is not None:
-                        summary.overheads_s.append(entry["overhead_s"])
-                    if entry["status"] != "ok":
-                        log.warning("%s %s: %s: %s", point.label, entry["status"], entry.get("error"),
-                                    str(entry.get("message", ""))[:300])
-                    if bar is not None:
-                        bar.set_postfix(ok=summary.ok, failed=summary.failed + summary.timeout,
-                                        left=len(self.inflight))
-                        bar.update(1)
+                    entry = self._collect(ray, ref, point, attempt, sweep_dir, faults)
+                    if entry is None:  # a fault with retries left: next in line
+                        queue.appendleft((point, attempt + 1))
+                    else:
+                        summary.add(entry, point.label, bar, left=len(queue) + len(self.inflight))
         except BaseException:
-            # Ctrl-C or a driver error: stop every task (each kills its point's process tree)
+            # Ctrl-C or a driver error: stop every task (run_point kills its point's process groups)
             for ref in self.inflight:
                 ray.cancel(ref)
             raise
         finally:
             if bar is not None:
                 bar.close()
-            if self.owns_ray:
-                ray.shutdown()
         summary.wall_s = time.perf_counter() - t_start
         return summary
 
-    def _collect(self, ray: Any, ref: Any, point: Point, attempt: int, sweep_dir: Path, faults: tuple,
-                 timeout: float | None) -> dict | None:
-        """The manifest entry of a finished task (run directory written first), or None to retry."""
+    def _collect(self, ray: Any, ref: Any, point: Point, attempt: int, sweep_dir: Path, faults: tuple) -> dict | None:
+        """The manifest entry of a finished task (its run folder stored first), or None to retry."""
+        from .io import append_jsonl
+        from .point import PointResult, store_point
+
         base = {"run_id": point.run_id, "experiment": point.experiment, "params": point.params,
-                "executor": "ray", "attempts": attempt}
+                "run_dir": point.run_id, "executor": "ray", "attempts": attempt}
         try:
             out = ray.get(ref)
-            fault = out.get("lost")
+            entry = {**out["entry"], **base, "ray_node": out["node"], "ray_worker_pid": out["worker_pid"]}
+            fault = None
+            if entry.get("error") == "WorkerDied":  # the point's worker process died before it reported
+                fault = entry.get("message")
         except faults as e:
-            out, fault = None, _first_line(e)
+            out, entry, fault = None, None, _first_line(e)
         except ray.exceptions.RayTaskError as e:  # the task's own code failed: not a fault, no retry
             entry = {**base, "status": "failed", "error": type(e.cause).__name__ if e.cause else "RayTaskError",
                      "message": _first_line(e.cause or e)[:2000], "cell": None}
@@ -358,51 +335,19 @@ class RayPlan:
                 log.warning("%s: attempt %d of %d lost (%s); submitting it again", point.label, attempt,
                             self.retries + 1, fault)
                 return None
-            entry = {**base, "status": "failed", "error": "WorkerDied", "cell": None,
+            entry = {**(entry or base), "status": "failed", "error": "WorkerDied", "cell": None,
                      "message": f"the point's Ray worker, node or process died in each of {attempt} attempts "
                                 f"(--retries {self.retries}); last: {fault}"[:2000]}
-            append_jsonl(sweep_dir / "manifest.jsonl", entry)
-            return entry
-        where = {"ray_node": out.get("node"), "ray_worker_pid": out.get("worker_pid")}
-        if out.get("timeout"):
-            entry = {**base, **where, "status": "timeout", "error": "Timeout", "cell": None,
-                     "message": f"point exceeded --timeout {timeout} s; its task killed the kernel's process tree",
-                     "wall_s": out.get("wall_s")}
-            append_jsonl(sweep_dir / "manifest.jsonl", entry)
-            return entry
-        entry = {**out["entry"], **base, **where}
+            if out is None:
+                append_jsonl(sweep_dir / "manifest.jsonl", entry)
+                return entry
+        # params.json as the driver knows the point (the task may have run a private copy of the notebook)
+        files = {**out["files"], "params.json": json.dumps(
+            {"experiment": point.experiment, "notebook": str(point.notebook), "run_id": point.run_id,
+             "params": point.params}, indent=1, sort_keys=True, default=str).encode()}
         try:
-            self._write_run(point, out["files"], entry, sweep_dir)
+            store_point(sweep_dir, PointResult(entry=entry, files=files))
         except ValueError as e:  # a task result that would write outside its run folder: refuse it, record why
-            entry = {**base, **where, "status": "failed", "error": "BadTaskResult", "message": str(e)[:2000],
-                     "cell": None}
-        append_jsonl(sweep_dir / "manifest.jsonl", entry)  # after the rename: ok means files are there
+            entry = {**base, "status": "failed", "error": "BadTaskResult", "message": str(e)[:2000], "cell": None}
+            append_jsonl(sweep_dir / "manifest.jsonl", entry)
         return entry
-
-    @staticmethod
-    def _write_run(point: Point, files: dict[str, bytes], entry: dict, sweep_dir: Path) -> None:
-        """The task's files -> a temporary folder on the driver -> renamed into place."""
-        from .sweep import _place
-
-        tmp = sweep_dir / f".tmp-{point.run_id}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            env: dict[str, Any] = {}
-            for name, data in files.items():
-                rel = _safe_relpath(name)
-                if not isinstance(data, bytes):
-                    raise ValueError(f"task returned {type(data).__name__} for {name!r}, not bytes")
-                if str(rel) == "env.json":  # JSON written by the point's process on the worker
-                    env = json.loads(data)
-                elif str(rel) != "params.json":  # rewritten below with the driver's notebook path
-                    write_bytes(tmp / rel, data)
-            write_json(tmp / "params.json", {"experiment": point.experiment, "notebook": str(point.notebook),
-                                             "run_id": point.run_id, "params": point.params})
-            write_json(tmp / "env.json", {**env, "executor": "ray", "ray_node": entry.get("ray_node"),
-                                          "ray_worker_pid": entry.get("ray_worker_pid"),
-                                          "attempts": entry["attempts"]})
-            _place(tmp, sweep_dir / point.run_id)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 
@@ -44,3 +45,77 @@ def test_report_on_a_folder_that_is_not_a_sweep(tmp_path):
     r = ryzlab("report", str(tmp_path))
     assert r.returncode == 2 and "no manifest.jsonl" in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_version():
+    from ryzlab import __version__
+
+    r = ryzlab("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"ryzlab {__version__}"
+
+
+def test_dry_run_lists_points_and_writes_nothing(tmp_path):
+    from pathlib import Path
+
+    from ryzlab.spec import expand, load_spec
+
+    points = str(Path(__file__).parent / "fixtures" / "points.ipynb")
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"name": "dry", "notebook": points, "grid": {"x": [1, 2, 3]}, "repeat": 2}))
+    out = tmp_path / "out"
+    r = ryzlab("sweep", str(spec), "--out", str(out), "--dry-run", "--jobs", "2")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    want = expand(load_spec(spec))
+    assert [ln.split()[:2] for ln in lines[:-1]] == [["todo", p.run_id] for p in want]
+    assert "x=2" in lines[2] and "repeat=0" in lines[2]
+    assert lines[-1].startswith("sweep dry: 6 points, 0 done, 6 to run") and "dry run: nothing ran" in lines[-1]
+    assert not out.exists()
+    r = ryzlab("sweep", str(spec), "--out", str(out), "--dry-run", "--max-points", "5")
+    assert r.returncode == 2 and "more than the limit of 5" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("text", [
+    b"notebook: [unclosed\n",
+    b"\xff\xfe\x00garbage",
+    b'a: &a ["x","x"]\nb: [*a, *a]\n',
+    b"notebook: attention_bench\ngrid: {context: [16]}\ngrid: {context: [32]}\n",
+    b"name: ..\nnotebook: attention_bench\n",
+    b"notebook: README.md\n",
+])
+def test_hostile_specs_exit_2_without_traceback(tmp_path, text):
+    import shutil
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).parent.parent / "README.md", tmp_path / "README.md")
+    spec = tmp_path / "s.yaml"
+    spec.write_bytes(text)
+    r = ryzlab("sweep", str(spec), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.startswith("ryzlab sweep: invalid config")
+    assert not (tmp_path / "out").exists()
+
+
+def test_serve_bad_port_and_missing_model_are_clean_errors():
+    r = ryzlab("serve", "--port", "99999")
+    assert r.returncode == 2 and "--port must be in 1..65535, got 99999" in r.stderr and "Traceback" not in r.stderr
+    r = ryzlab("serve", "--model", "/nonexistent")
+    assert r.returncode == 2 and "'/nonexistent': no such file or folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_wheel_ships_the_notebooks(tmp_path):
+    """A non-editable install finds the notebooks: they are package data (ryzlab/notebooks)."""
+    import zipfile
+    from pathlib import Path
+
+    from ryzlab.spec import NOTEBOOK_DIR, PACKAGE_DIR
+
+    root = Path(__file__).resolve().parent.parent
+    assert NOTEBOOK_DIR == PACKAGE_DIR / "notebooks"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path), str(root)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = tmp_path.glob("ryzlab-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = sorted(n.split("/")[-1] for n in names if n.startswith("ryzlab/notebooks/"))
+    assert shipped == sorted(p.name for p in (root / "notebooks").glob("*.ipynb"))

@@ -1,4 +1,4 @@
-"""Every notebook, experiment and spec in the repo fits the contract (docs/contracts.md)."""
+"""Every notebook, experiment and spec in the repo fits the contract (docs/internal/contracts.md)."""
 from __future__ import annotations
 
 import importlib

@@ -6,20 +6,24 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 import yaml
 
+import ryzlab
 from ryzlab.config import ConfigError
 from ryzlab.io import read_jsonl
 from ryzlab.report import build_report, load_sweep
-from ryzlab.sweep import expand, load_spec, run_sweep
+from ryzlab.sweep import SweepLocked, expand, load_spec, run_sweep
 
 FIXTURES = Path(__file__).parent / "fixtures"
 POINTS = str(FIXTURES / "points.ipynb")
+PROBE = str(FIXTURES / "probe.ipynb")
 TINY_ATTN = {"iters": 2, "warmup": 0, "copy_mib": 1, "batch": 1, "threads": 1}
 
 
@@ -55,8 +59,43 @@ def test_two_point_grid_end_to_end(mixed_sweep):
         env = json.loads((run / "env.json").read_text())
         assert {"git_sha", "git_dirty", "python", "torch", "cuda", "device_names", "host", "start", "end"} <= set(env)
         assert json.loads((run / "params.json").read_text())["params"] == p.params
+        assert "over TCP" not in (run / "kernel.log").read_text(), "kernels talk over ipc sockets, not TCP"
     assert not list(out.glob(".tmp-*")), "no temporary run directory may survive a finished sweep"
     assert summary.overheads_s and all(o > 0 for o in summary.overheads_s)
+
+
+def test_points_of_different_experiments_never_run_side_by_side(mixed_sweep):
+    _, out, _ = mixed_sweep
+    rows = read_jsonl(out / "manifest.jsonl")
+    attn = [r for r in rows if r["experiment"] == "attention_bench"]
+    pts = [r for r in rows if r["experiment"] == "points"]
+    assert len(attn) == 2 and len(pts) == 3
+    assert max(r["end"] for r in attn) < min(r["start"] for r in pts), "the spec's blocks run one after another"
+
+
+def test_a_block_with_jobs_1_runs_its_points_one_at_a_time(tmp_path, monkeypatch):
+    import ryzlab.sweep as sweep_mod
+
+    live, most = set(), []
+
+    class Counted(sweep_mod.PointProcess):  # how many workers (running + warming) exist at once
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            live.add(self)
+            most.append(len(live))
+
+        def close(self):
+            live.discard(self)
+            super().close()
+
+    monkeypatch.setattr(sweep_mod, "PointProcess", Counted)
+    spec = write_spec(tmp_path, {"notebook": POINTS, "grid": {"x": [1, 2, 3]}, "fixed": {"sleep_s": 0.5}, "jobs": 1})
+    summary = run_sweep(spec, jobs=2, out=tmp_path / "r", progress=False)
+    assert summary.ok == 3
+    assert max(most) == 2, "one point runs, one spare warms: a second warming kernel would take a core from it"
+    rows = sorted(read_jsonl(tmp_path / "r" / "manifest.jsonl"), key=lambda r: r["start"])
+    assert all(a["end"] < b["start"] for a, b in zip(rows, rows[1:])), "never two at once"
+    assert json.loads((tmp_path / "r" / rows[0]["run_id"] / "env.json").read_text())["jobs"] == 1, "as it ran"
 
 
 def test_failing_point_is_recorded_and_others_finish(mixed_sweep):
@@ -129,14 +168,153 @@ def test_spec_structure_errors(tmp_path):
                   progress=False)
 
 
-def test_timeout_kills_point_and_records_it(tmp_path):
-    spec = write_spec(tmp_path, {"notebook": POINTS, "grid": {"x": [1]}, "fixed": {"sleep_s": 120.0}})
-    t0 = time.monotonic()
-    summary = run_sweep(spec, out=tmp_path / "r", timeout=8, progress=False)
-    assert summary.timeout == 1 and time.monotonic() - t0 < 60
+def test_timeout_kills_point_with_its_subprocesses_and_keeps_its_notebook(tmp_path):
+    pids = tmp_path / "pids.json"
+    spec = write_spec(tmp_path, {"notebook": PROBE, "fixed": {"sleep_s": 600.0, "child": True,
+                                                             "pid_file": str(pids)}})
+    summary = run_sweep(spec, out=tmp_path / "r", timeout=20, progress=False)
+    assert summary.timeout == 1
     (row,) = read_jsonl(tmp_path / "r" / "manifest.jsonl")
     assert row["status"] == "timeout" and row["error"] == "Timeout"
     assert not list((tmp_path / "r").glob(".tmp-*"))
+    run = tmp_path / "r" / row["run_id"]
+    assert (run / "run.ipynb").is_file() and (run / "params.json").is_file(), "a timed-out point keeps its notebook"
+    assert not (run / "metrics.parquet").exists()
+    # the kernel and the subprocess its notebook started are gone (killed with their group)
+    got = json.loads(pids.read_text())
+    gone, alive = psutil.wait_procs(_procs([got["kernel"], got["child"]]), timeout=30)
+    assert alive == []
+
+
+def _procs(pids) -> list[psutil.Process]:
+    out = []
+    for pid in pids:
+        try:
+            out.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _start_sweep(spec: Path, out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ryzlab.cli", "sweep", str(spec), "--out", str(out), "--no-progress", *extra]
+    return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, limit: float = 300) -> None:
+    deadline = time.monotonic() + limit
+    while not path.is_file():
+        assert proc.poll() is None, f"sweep exited early: {proc.stderr.read().decode()[-2000:]}"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+def test_kill_9_of_the_sweep_kills_the_running_point_and_everything_it_started(tmp_path):
+    pids = tmp_path / "pids.json"
+    spec = write_spec(tmp_path, {"notebook": PROBE, "fixed": {"sleep_s": 600.0, "child": True,
+                                                             "pid_file": str(pids)}})
+    proc = _start_sweep(spec, tmp_path / "r")
+    try:
+        _wait_for(pids, proc)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        got = json.loads(pids.read_text())
+        assert {got["kernel"], got["child"]} <= {p.pid for p in tree}, "the point is a descendant of the sweep"
+        os.kill(proc.pid, signal.SIGKILL)  # the sweep alone, not its group
+        proc.wait()
+        gone, alive = psutil.wait_procs(tree, timeout=60)
+        assert alive == [], f"orphans survived the sweep: {[p.cmdline() for p in alive]}"
+    finally:
+        _kill_session(proc)
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def test_second_sweep_on_the_same_folder_is_refused_and_a_stale_lock_is_taken_over(tmp_path, caplog):
+    pids = tmp_path / "pids.json"
+    out = tmp_path / "r"
+    slow = write_spec(tmp_path, {"notebook": PROBE, "fixed": {"sleep_s": 600.0, "pid_file": str(pids)}}, "slow.yaml")
+    fast = write_spec(tmp_path, {"notebook": POINTS, "grid": {"x": [1]}}, "fast.yaml")
+    proc = _start_sweep(slow, out)
+    try:
+        _wait_for(pids, proc)
+        before = (out / "manifest.jsonl").read_bytes() if (out / "manifest.jsonl").exists() else b""
+        tmps = sorted(p.name for p in out.glob(".tmp-*"))
+        with pytest.raises(SweepLocked, match=f"in use by another sweep \\(pid {proc.pid} "):
+            run_sweep(fast, out=out, progress=False)
+        assert sorted(p.name for p in out.glob(".tmp-*")) == tmps, "the live sweep's files are untouched"
+        after = (out / "manifest.jsonl").read_bytes() if (out / "manifest.jsonl").exists() else b""
+        assert after == before
+        r = subprocess.run([sys.executable, "-m", "ryzlab.cli", "sweep", str(fast), "--out", str(out)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "in use by another sweep" in r.stderr and "Traceback" not in r.stderr
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        _kill_session(proc)
+    with caplog.at_level("WARNING", logger="ryzlab.sweep"):
+        summary = run_sweep(fast, out=out, progress=False)  # the dead sweep's lock is stale: taken over
+    assert summary.ok == 1
+    assert f"taking over a stale lock (pid {proc.pid} on " in caplog.text
+    assert (out / ".lock").read_text() == "", "released when the sweep ends"
+
+
+def test_threads_default_to_cores_over_jobs_and_are_recorded(tmp_path):
+    from ryzlab.point import cores
+
+    spec = write_spec(tmp_path, {"notebook": PROBE, "zip": {"sleep_s": [0.0, 0.01]}})
+    out = tmp_path / "r"
+    summary = run_sweep(spec, jobs=2, out=out, progress=False)
+    assert summary.ok == 2
+    want = max(1, cores() // 2)
+    for p in expand(load_spec(spec)):
+        df = pd.read_parquet(out / p.run_id / "metrics.parquet")
+        assert df["torch_threads"].tolist() == [want] and df["omp"].tolist() == [str(want)]
+        assert df["cwd"].tolist() == [str(FIXTURES.resolve())], "the kernel runs beside its notebook"
+        assert df["ryzlab"].tolist() == [str(Path(ryzlab.__file__).resolve())], "the sweep's own ryzlab"
+        env = json.loads((out / p.run_id / "env.json").read_text())
+        assert (env["threads"], env["jobs"], env["cores"]) == (want, 2, cores())
+
+
+def test_oversubscribed_threads_warn(tmp_path, caplog):
+    from ryzlab.point import cores
+    from ryzlab.sweep import resolve_threads
+
+    with caplog.at_level("WARNING", logger="ryzlab.sweep"):
+        assert resolve_threads(2, cores()) == cores()
+    assert f"--jobs 2 x --threads {cores()} = {2 * cores()} threads on {cores()} cores" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ryzlab.sweep"):
+        assert resolve_threads(1, None) == cores()
+        assert resolve_threads(cores() + 3, None) == 1
+    assert caplog.text == ""
+    with pytest.raises(ConfigError, match="--threads must be >= 1"):
+        resolve_threads(1, 0)
+
+
+def test_repeat_runs_each_point_n_times_with_a_repeat_parameter(tmp_path):
+    spec = write_spec(tmp_path, {"notebook": POINTS, "grid": {"x": [1, 2]}, "repeat": 3})
+    pts = expand(load_spec(spec))
+    assert sorted((p.params["x"], p.params["repeat"]) for p in pts) == [(x, r) for x in (1, 2) for r in range(3)]
+    assert len({p.run_id for p in pts}) == 6
+    assert all("repeat" not in p.notebook_params for p in pts)
+    out = tmp_path / "r"
+    summary = run_sweep(load_spec(spec), jobs=2, out=out, progress=False)
+    assert summary.ok == 6
+    for p in pts:
+        df = pd.read_parquet(out / p.run_id / "metrics.parquet")
+        assert df["repeat"].tolist() == [p.params["repeat"]] * 3 and df["x"].tolist() == [p.params["x"]] * 3
+    # a block may override the spec's repeat; once (the default) adds no parameter
+    spec2 = write_spec(tmp_path, {"repeat": 2, "experiments": [{"notebook": POINTS, "grid": {"x": [1]}},
+                                                                {"notebook": POINTS, "grid": {"x": [5]}, "repeat": 1}]},
+                       "two.yaml")
+    assert sorted(str(p.params) for p in expand(load_spec(spec2))) == [
+        "{'x': 1, 'repeat': 0}", "{'x': 1, 'repeat': 1}", "{'x': 5}"]
 
 
 def test_resume_after_kill_runs_only_missing_points(tmp_path):
@@ -150,15 +328,19 @@ def test_resume_after_kill_runs_only_missing_points(tmp_path):
         if sum(r["status"] == "ok" for r in read_jsonl(out / "manifest.jsonl")) >= 1:
             break
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # kill -9 the sweep and everything it started
+    os.kill(proc.pid, signal.SIGKILL)  # kill -9 of the sweep alone, as a user would; rerun at once
     proc.wait()
     first = {r["run_id"] for r in read_jsonl(out / "manifest.jsonl") if r["status"] == "ok"}
     assert 1 <= len(first) < 4
-    summary = run_sweep(spec, out=out, progress=False)
+    try:
+        summary = run_sweep(spec, out=out, progress=False)
+    finally:
+        _kill_session(proc)
     assert summary.skipped == len(first) and summary.ok == 4 - len(first)
     rows = read_jsonl(out / "manifest.jsonl")
     for run_id in first:
         assert sum(r["run_id"] == run_id for r in rows) == 1, "a finished point must not run again"
+    assert [r["status"] for r in rows] == ["ok"] * 4, "no point ran twice, no bogus failure from an orphan"
     assert not list(out.glob(".tmp-*")) and not list(out.glob(".old-*"))
     assert len(load_sweep(out).metrics) == 4 * 3
 
@@ -170,3 +352,44 @@ def test_bad_jobs_and_timeout_values(tmp_path):
     with pytest.raises(ConfigError, match="--timeout must be > 0"):
         run_sweep(spec, timeout=-1, out=tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_run_point_returns_the_run_files_and_store_point_writes_them(tmp_path):
+    """The one-point API an executor (a Ray task) calls: files back as bytes, stored by the caller."""
+    from ryzlab.point import run_point, store_point
+    from ryzlab.sweep import is_done, manifest_status, sweep_env
+
+    ok, bad = expand(load_spec(write_spec(tmp_path, {"notebook": POINTS, "grid": {"x": [1, 2]},
+                                                     "fixed": {"fail_at": 2}})))
+    env = sweep_env(jobs=1, threads=1)
+    res = run_point(ok, env=env, threads=1)
+    assert res.entry["status"] == "ok" and res.entry["run_id"] == ok.run_id
+    assert {"params.json", "run.ipynb", "metrics.parquet", "env.json", "kernel.log"} <= set(res.files)
+    out = tmp_path / "r"
+    store_point(out, res)
+    assert is_done(out, ok.run_id, manifest_status(out))
+    assert pd.read_parquet(out / ok.run_id / "metrics.parquet")["y"].tolist() == [0, 1, 2]
+    failed = run_point(bad, env=env, threads=1)
+    assert failed.entry["status"] == "failed" and "boom at x=2" in failed.entry["message"]
+    assert "metrics.parquet" not in failed.files and "run.ipynb" in failed.files
+    slow = expand(load_spec(write_spec(tmp_path, {"notebook": POINTS, "fixed": {"sleep_s": 600.0}}, "slow.yaml")))[0]
+    timed = run_point(slow, env=env, threads=1, timeout=15)
+    # the clock starts when the point is handed out: under load the kernel may still be warming up
+    assert timed.entry["status"] == "timeout" and timed.entry["error"] == "Timeout"
+    assert "kernel.log" in timed.files and set(timed.files) <= {"kernel.log", "params.json", "run.ipynb"}
+    assert not list(Path(tempfile.gettempdir()).glob(f"ryzlab-point-*/.tmp-{slow.run_id}-*")), "nothing left on disk"
+
+
+def test_a_worker_that_died_before_its_point_fails_that_point_only(tmp_path):
+    from ryzlab.point import PointProcess
+
+    (point,) = expand(load_spec(write_spec(tmp_path, {"notebook": POINTS})))
+    pp = PointProcess(tmp_path)
+    pp.proc.kill()
+    pp.proc.wait()
+    pp.assign(point, {})  # no BrokenPipeError out of here
+    assert pp.poll() and pp.entry is None
+    entry = pp.lost_entry("failed", None)
+    assert entry["error"] == "WorkerDied" and f"exited with code {-signal.SIGKILL}" in entry["message"]
+    pp.close()
+    assert not pp.log_path.exists()

@@ -19,11 +19,12 @@ import yaml
 
 from ryzlab.config import ConfigError
 from ryzlab.io import read_jsonl
-from ryzlab.sweep import Point, expand, load_spec, run_sweep
+from ryzlab.spec import Point, check_resources, expand, load_spec
+from ryzlab.sweep import run_sweep
 
 ray = pytest.importorskip("ray")
 from ryzlab import sweep_ray  # noqa: E402
-from ryzlab.sweep_ray import _safe_relpath, check_resources, fit_problems, point_resources  # noqa: E402
+from ryzlab.sweep_ray import fit_problems, point_resources  # noqa: E402
 from ryzlab.sweep_ray_task import alive  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -60,15 +61,22 @@ def ray_instance():
 # ----------------------------------------------------------------------------- no Ray needed
 def test_resources_block_is_checked_with_the_spec(tmp_path):
     assert check_resources({"num_cpus": 2, "num_gpus": 1, "memory": 2**30, "custom": {"TPU": 4}}, "b") == []
-    problems = check_resources({"num_gpu": 1, "num_cpus": -1, "memory": "8GiB", "custom": {"x": True}}, "b")
+    problems = check_resources({"num_gpu": 1, "num_cpus": -1, "memory": "8GiB", "custom": {"x": True, "y": ".nan"},
+                                "num_gpus": float("inf")}, "b")
     assert problems == [
         "b: unknown resources key 'num_gpu'; valid keys: num_cpus, num_gpus, memory, custom",
-        "b: resources.num_cpus must be a number >= 0, got -1",
-        "b: resources.memory must be a number >= 0, got '8GiB' (memory is in bytes)",
-        "b: resources.custom.x must be a number >= 0, got True",
+        "b: resources.num_cpus must be a finite number >= 0, got -1",
+        "b: resources.num_gpus must be a finite number >= 0, got inf",
+        "b: resources.memory must be a finite number >= 0, got '8GiB' (memory is in bytes)",
+        "b: resources.custom.x must be a finite number >= 0, got True",
+        "b: resources.custom.y must be a finite number >= 0, got '.nan'",
     ]
+    assert check_resources({"num_cpus": float("nan")}, "b") == ["b: resources.num_cpus must be a finite number >= 0, "
+                                                                "got nan"]
     with pytest.raises(ConfigError, match="unknown resources key 'gpus'"):
         load_spec(write_spec(tmp_path, {"notebook": WAITS, "grid": {"x": [1]}, "resources": {"gpus": 1}}))
+    with pytest.raises(ConfigError, match="resources at the top of a spec with 'experiments' would be ignored"):
+        load_spec(write_spec(tmp_path, {"experiments": [{"notebook": WAITS}], "resources": {"num_cpus": 1}}))
 
 
 def test_point_resources_follow_world_size_device_and_overrides(tmp_path):
@@ -96,11 +104,19 @@ def test_point_resources_follow_world_size_device_and_overrides(tmp_path):
     assert fit_problems([waits], res, [{"CPU": 2.0}, {"slot": 1.0}])[0].startswith(f"{waits.label}: needs CPU=0.5, slot=1")
 
 
-@pytest.mark.parametrize("name", ["/etc/passwd", "../x", "a/../../x", "", "a\\b", "./x"])
-def test_task_file_names_cannot_leave_the_run_folder(name):
-    with pytest.raises(ValueError):
-        _safe_relpath(name)
-    assert _safe_relpath("plots/a.png") == Path("plots", "a.png")
+@pytest.mark.parametrize("name", ["/etc/passwd", "../x", "a/../../x", "", "..", "."])
+def test_task_file_names_cannot_leave_the_run_folder(tmp_path, name):
+    """A task's result naming a file outside its run folder is refused and recorded; nothing is written."""
+    (point,) = expand(load_spec(write_spec(tmp_path, {"notebook": WAITS, "grid": {"x": [1]}})))
+    fake_ray = type("FakeRay", (), {"get": staticmethod(lambda ref: ref),
+                                    "exceptions": type("E", (), {"RayTaskError": type("RTE", (Exception,), {})})})
+    out = {"entry": {"run_id": point.run_id, "status": "ok"}, "files": {name: b"x"}, "node": "n", "worker_pid": 1}
+    sweep_dir = tmp_path / "out"
+    sweep_dir.mkdir()
+    entry = sweep_ray.RayPlan(resources={})._collect(fake_ray, out, point, 1, sweep_dir, ())
+    assert entry["status"] == "failed" and entry["error"] == "BadTaskResult" and repr(name) in entry["message"]
+    assert read_jsonl(sweep_dir / "manifest.jsonl") == [entry]
+    assert [p.name for p in sweep_dir.iterdir()] == ["manifest.jsonl"]
 
 
 def test_executor_flags_are_checked_before_anything_runs(tmp_path):
@@ -111,6 +127,7 @@ def test_executor_flags_are_checked_before_anything_runs(tmp_path):
              ({"retries": 1}, "--retries applies to --executor ray"),
              ({"executor": "ray", "jobs": 2}, "--jobs applies to the local executor"),
              ({"executor": "ray", "retries": -1}, "--retries must be an integer >= 0, got -1"),
+             ({"executor": "ray", "threads": 0}, "--threads must be >= 1, got 0"),
              ({"executor": "ray", "address": "not an address"}, "--address 'not an address' is not valid")]
     for kwargs, msg in cases:
         with pytest.raises(ConfigError) as e:
@@ -160,6 +177,7 @@ def test_same_run_ids_files_and_metric_columns_as_local(tmp_path, ray_instance):
         assert json.loads((a / "params.json").read_text()) == json.loads((b / "params.json").read_text())
         env = json.loads((b / "env.json").read_text())
         assert env["executor"] == "ray" and env["attempts"] == 1 and env["run_id"] == run_id
+        assert env["ray_worker_pid"] > 0 and env["ray_node"] and env["threads"] == 1  # num_cpus 1 -> 1 thread
         assert {"git_sha", "python", "torch", "device_names", "host", "start", "end"} <= set(env)
     waits = [r for r in read_jsonl(tmp_path / "ray" / "manifest.jsonl") if r["experiment"] == "waits"]
     for r in waits:
@@ -196,7 +214,7 @@ def test_killed_ray_worker_point_is_retried_and_nothing_half_written(tmp_path, r
     run = out / rows[0]["run_id"]
     assert pd.read_parquet(run / "metrics.parquet")["x"].tolist() == [5, 5]
     assert json.loads((run / "env.json").read_text())["attempts"] == 2
-    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.jsonl", "spec.yaml", rows[0]["run_id"]])
+    assert sorted(p.name for p in out.iterdir()) == sorted([".lock", "manifest.jsonl", "spec.yaml", rows[0]["run_id"]])
     assert not worker_tmp.exists(), "the dead worker's temporary folder is removed by the next task on its node"
 
 
@@ -209,8 +227,9 @@ def test_timeout_kills_the_points_kernel(tmp_path, ray_instance):
     assert (s.ok, s.failed, s.timeout) == (0, 0, 1)
     (row,) = read_jsonl(tmp_path / "out" / "manifest.jsonl")
     assert row["status"] == "timeout" and row["error"] == "Timeout" and "--timeout 45" in row["message"]
-    assert row["wall_s"] >= 45
-    assert not (tmp_path / "out" / row["run_id"]).exists()
+    assert row["wall_s"] >= 45 and row["executor"] == "ray" and row["attempts"] == 1
+    run = tmp_path / "out" / row["run_id"]  # as locally: the partial notebook is kept, no metrics
+    assert (run / "run.ipynb").is_file() and not (run / "metrics.parquet").exists()
     # the point was running (a warm kernel starts well within 45 s) and its kernel is gone
     (kernel,) = running_pids(sig, 7)
     assert not alive(kernel)
@@ -237,7 +256,7 @@ def test_resume_after_the_driver_is_killed_with_kill_9(tmp_path, ray_instance):
     kernels = running_pids(sig, 2) + running_pids(sig, 3)
     (done,) = read_jsonl(out / "manifest.jsonl")
     assert done["params"]["x"] == 1
-    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.jsonl", "spec.yaml", done["run_id"]])
+    assert sorted(p.name for p in out.iterdir()) == sorted([".lock", "manifest.jsonl", "spec.yaml", done["run_id"]])
     # Ray ends the dead driver's tasks; their points' kernels go with them
     wait_until(lambda: not any(alive(k) for k in kernels), "the dead driver's points stop")
     go.touch()
@@ -265,3 +284,12 @@ def test_point_dataclass_keeps_resources_out_of_the_run_id(tmp_path):
     (pa,), (pb,) = expand(a), expand(b)
     assert isinstance(pb, Point) and pb.resources == {"num_cpus": 2} and pa.resources == {}
     assert pa.run_id == pb.run_id, "resources say where a point runs, not what it computes"
+
+
+def test_a_blocks_jobs_cap_holds_on_ray(tmp_path, ray_instance):
+    """`jobs: 1` (timings taken alone) means one point at a time on Ray too, though 2 CPUs are free."""
+    spec = write_spec(tmp_path, {"name": "alone", "jobs": 1, "notebook": WAITS, "grid": {"x": [1, 2]}})
+    s = run_sweep(spec, out=tmp_path / "out", progress=False, executor="ray")
+    assert (s.ok, s.failed) == (2, 0)
+    a, b = sorted(read_jsonl(tmp_path / "out" / "manifest.jsonl"), key=lambda r: r["start"])
+    assert a["end"] <= b["start"], "the second point started before the first ended"
