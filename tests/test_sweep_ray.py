@@ -157,6 +157,19 @@ def test_bad_spec_rejected_before_any_task_is_submitted(tmp_path, ray_instance, 
     assert submitted == [] and not out.exists(), "nothing may be submitted or written for a bad spec"
 
 
+def test_ray_sweep_holds_the_results_folders_lock(tmp_path, ray_instance, monkeypatch):
+    from ryzlab.sweep import SweepLocked, sweep_lock
+
+    submitted = []
+    monkeypatch.setattr(sweep_ray.RayPlan, "run", lambda self, *a, **k: submitted.append(a))
+    spec = write_spec(tmp_path, {"notebook": WAITS, "grid": {"x": [1]}})
+    out = tmp_path / "out"
+    out.mkdir()
+    with sweep_lock(out), pytest.raises(SweepLocked, match="in use by another sweep"):
+        run_sweep(spec, out=out, progress=False, executor="ray")
+    assert submitted == [] and sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
 def test_same_run_ids_files_and_metric_columns_as_local(tmp_path, ray_instance):
     spec = write_spec(tmp_path, {"name": "same", "experiments": [
         {"notebook": "attention_bench", "grid": {"context": [16]},
@@ -186,6 +199,7 @@ def test_same_run_ids_files_and_metric_columns_as_local(tmp_path, ray_instance):
     attn = [r for r in read_jsonl(tmp_path / "ray" / "manifest.jsonl") if r["experiment"] == "attention_bench"][0]
     assert attn["compute_s"] > 0 and attn["overhead_s"] == pytest.approx(attn["wall_s"] - attn["compute_s"], abs=2e-3)
     assert remote.overheads_s == [attn["overhead_s"]]
+    assert remote.lines()[1].startswith("one Ray task per point") and local.lines()[1].startswith("1 point(s) at a time")
 
 
 def test_killed_ray_worker_point_is_retried_and_nothing_half_written(tmp_path, ray_instance):
