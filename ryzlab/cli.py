@@ -16,6 +16,7 @@ EPILOG = """examples:
   ryzlab info                                  what this machine offers (python, torch, devices, health)
   ryzlab sweep specs/demo.yaml --jobs 2        run every point of a spec (resumes: ok points are skipped)
   ryzlab sweep specs/demo.yaml --dry-run       list the points it would run
+  ryzlab sweep specs/demo.yaml --executor ray --address auto   the same points as tasks on a Ray cluster
   ryzlab report results/demo                   aggregate ok runs into results/demo/report.html
   ryzlab compare results/A results/B           B/A per metric with bootstrap intervals (--fail-on-regression for CI)
   ryzlab generate --prompt "def f(" --tp 2     complete a prompt with the model split over 2 ranks
@@ -32,7 +33,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         return _dry_run(args)
     summary = run_sweep(args.spec, jobs=args.jobs, out=args.out, timeout=args.timeout,
                         kernel_name=args.kernel, progress=not args.no_progress, threads=args.threads,
-                        max_points=args.max_points)
+                        max_points=args.max_points, executor=args.executor, address=args.address,
+                        retries=args.retries)
     for line in summary.lines():
         print(line)
     return 0 if summary.failed + summary.timeout == 0 else 1
@@ -242,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, help="seconds a point may run before it is killed and marked timeout")
     s.add_argument("--kernel", default="ryzlab", help="Jupyter kernel to run notebooks in (default ryzlab)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--executor", default="local", choices=("local", "ray"),
+                   help="local: --jobs processes on this machine (default); ray: one Ray task per point")
+    s.add_argument("--address", help="--executor ray: the cluster, 'auto' (RAY_ADDRESS or a running `ray start`), "
+                                     "HOST:PORT or ray://HOST:PORT (default: start a local Ray instance)")
+    s.add_argument("--retries", type=int, help="--executor ray: times a point is submitted again after its worker, "
+                                               "node or process died (default 2)")
     s.set_defaults(fn=_cmd_sweep)
 
     r = sub.add_parser("report", help="aggregate a sweep's ok runs into an offline report.html",

@@ -396,11 +396,12 @@ def run_point(point: Point, *, env: dict, kernel_name: str = KERNEL_NAME, thread
 def store_point(sweep_dir: str | os.PathLike, result: PointResult) -> None:
     """Write a :func:`run_point` result into ``sweep_dir`` (run folder + manifest line), atomically."""
     sweep_dir = Path(sweep_dir)
+    for name in result.files:  # all checked before anything is written
+        if "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"run file name {name!r} is not a plain file name")
     tmp = sweep_dir / f".tmp-{result.entry['run_id']}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     tmp.mkdir(parents=True)
     for name, data in result.files.items():
-        if "/" in name or name in ("", ".", ".."):
-            raise ValueError(f"run file name {name!r} is not a plain file name")
         write_bytes(tmp / name, data)
     record(sweep_dir, tmp, result.entry)
 

@@ -28,8 +28,10 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 NOTEBOOK_DIR = PACKAGE_DIR / "notebooks"
 """The experiment notebooks, shipped inside the package (``ryzlab/notebooks`` is a link to the
 repository's ``notebooks/`` in a checkout, and a copy in an installed wheel)."""
-SPEC_KEYS = ("name", "notebook", "grid", "zip", "fixed", "repeat", "jobs", "description")
-BLOCK_KEYS = ("notebook", "grid", "zip", "fixed", "repeat", "jobs", "description")
+SPEC_KEYS = ("name", "notebook", "grid", "zip", "fixed", "repeat", "jobs", "resources", "description")
+BLOCK_KEYS = ("notebook", "grid", "zip", "fixed", "repeat", "jobs", "resources", "description")
+RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "custom")
+"""A block's ``resources:`` (``--executor ray`` task options, see :mod:`ryzlab.sweep_ray`)."""
 SWEEP_PARAMS = ("repeat",)
 """Point parameters the sweep adds itself (never passed to the notebook)."""
 MAX_POINTS = 10_000
@@ -54,6 +56,8 @@ class Block:
     jobs: int | None = None
     """At most this many of the block's points at once (``jobs: 1``: timings taken alone, even
     under ``--jobs 2``); None: the sweep's ``--jobs``."""
+    resources: dict[str, Any] = field(default_factory=dict)
+    """Ray task options of each point (``--executor ray``), replacing its defaults key by key."""
 
     @property
     def size(self) -> int:
@@ -78,6 +82,8 @@ class Point:
     run_id: str
     jobs: int | None = None
     """Its block's cap on points at once (None: the sweep's --jobs)."""
+    resources: dict[str, Any] = field(default_factory=dict)
+    """Its block's ``resources:`` (``--executor ray``); where a point runs, so not in its run_id."""
 
     @property
     def label(self) -> str:
@@ -170,6 +176,27 @@ def _repeat(raw: Any, where: str) -> int:
     return _count(raw, "repeat", where, MAX_REPEAT)
 
 
+def check_resources(raw: Any, where: str) -> list[str]:
+    """Problems with a block's ``resources:`` mapping (empty list: fine)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, dict):
+        return [f"{where}: 'resources' must be a mapping with keys {', '.join(RESOURCE_KEYS)}"]
+    problems = [f"{where}: unknown resources key {k!r}; valid keys: {', '.join(RESOURCE_KEYS)}"
+                for k in raw if k not in RESOURCE_KEYS]
+    amounts = [(k, raw[k]) for k in ("num_cpus", "num_gpus", "memory") if k in raw]
+    custom = raw.get("custom", {})
+    if not isinstance(custom, dict):
+        problems.append(f"{where}: resources.custom must be a mapping of Ray resource name -> amount")
+    else:
+        amounts += [(f"custom.{k}", v) for k, v in custom.items()]
+    for k, v in amounts:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+            problems.append(f"{where}: resources.{k} must be a finite number >= 0, got {v!r}"
+                            + (" (memory is in bytes)" if k == "memory" else ""))
+    return problems
+
+
 def _block(raw: Any, base: Path, where: str, repeat: int, jobs: int | None = None) -> Block:
     problems = []
     if not isinstance(raw, dict):
@@ -197,6 +224,7 @@ def _block(raw: Any, base: Path, where: str, repeat: int, jobs: int | None = Non
     if len({len(v) for v in zp.values() if isinstance(v, list)}) > 1:
         problems.append(f"{where}: zip axes must have equal lengths, got "
                         + ", ".join(f"{k}={len(v)}" for k, v in zp.items()))
+    problems.extend(check_resources(raw.get("resources"), where))
     names = list(grid) + list(zp) + list(fixed)
     for dup in sorted({str(n) for n in names if names.count(n) > 1}):
         problems.append(f"{where}: parameter {dup!r} appears in more than one of grid/zip/fixed")
@@ -208,7 +236,7 @@ def _block(raw: Any, base: Path, where: str, repeat: int, jobs: int | None = Non
     if problems:
         raise ConfigError(problems)
     return Block(notebook=_resolve_notebook(raw["notebook"], base), grid=dict(grid), zip=dict(zp),
-                 fixed=dict(fixed), repeat=repeat, jobs=jobs)
+                 fixed=dict(fixed), repeat=repeat, jobs=jobs, resources=dict(raw.get("resources") or {}))
 
 
 def check_name(name: Any, where: str = "") -> str:
@@ -243,7 +271,7 @@ def load_spec(path: str | os.PathLike) -> Spec:
             items = raw["experiments"]
             if not isinstance(items, list) or not items:
                 raise ConfigError(["'experiments' must be a non-empty list of {notebook, grid, zip, fixed}"])
-            stray = [k for k in ("grid", "zip", "fixed") if k in raw]
+            stray = [k for k in ("grid", "zip", "fixed", "resources") if k in raw]
             if stray:
                 raise ConfigError([f"{', '.join(stray)} at the top of a spec with 'experiments' would be "
                                    "ignored; put them in the blocks"])
@@ -288,7 +316,8 @@ def expand(spec: Spec, *, max_points: int = MAX_POINTS) -> list[Point]:
                 for r in range(b.repeat):
                     p = {**params, "repeat": r} if b.repeat > 1 else params
                     points.append(Point(notebook=b.notebook, experiment=b.notebook.stem, params=p,
-                                        run_id=run_id_for(b.notebook, p, content), jobs=b.jobs))
+                                        run_id=run_id_for(b.notebook, p, content), jobs=b.jobs,
+                                        resources=b.resources))
     seen: dict[str, Point] = {}
     for p in points:
         if p.run_id in seen:

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from .config import ConfigError
 from .io import read_jsonl
@@ -113,11 +113,27 @@ class SweepSummary:
     overheads_s: list[float] = field(default_factory=list)
     jobs: int = 1
     threads: int = 1
+    executor: str = "local"
+
+    def add(self, entry: dict, label: str, bar: Any = None, left: int = 0) -> None:
+        """Count one recorded point (and tick the progress bar, if any)."""
+        self.ok += entry["status"] == "ok"
+        self.failed += entry["status"] == "failed"
+        self.timeout += entry["status"] == "timeout"
+        if entry["status"] == "ok" and entry.get("overhead_s") is not None:
+            self.overheads_s.append(entry["overhead_s"])
+        if entry["status"] != "ok":
+            log.warning("%s %s: %s: %s", label, entry["status"], entry.get("error"), str(entry.get("message", ""))[:300])
+        if bar is not None:
+            bar.set_postfix(ok=self.ok, failed=self.failed + self.timeout, left=left)
+            bar.update(1)
 
     def lines(self) -> list[str]:
         out = [f"sweep {self.name}: {self.total} points, {self.skipped} already done, {self.ok} ok, "
                f"{self.failed} failed, {self.timeout} timed out in {self.wall_s:.1f} s -> {self.out_dir}",
-               f"{self.jobs} point(s) at a time, {self.threads} torch thread(s) each on {cores()} core(s)"]
+               f"{self.jobs} point(s) at a time, {self.threads} torch thread(s) each on {cores()} core(s)"
+               if self.executor == "local" else
+               "one Ray task per point (threads per point: --threads, else its task's num_cpus)"]
         if self.overheads_s:
             o = sorted(self.overheads_s)
             out.append(f"per-point overhead (kernel start, parameter injection, imports, saving): "
@@ -211,24 +227,41 @@ def default_out(spec: Spec) -> Path:
 
 def run_sweep(spec: Spec | str | os.PathLike, *, jobs: int = 1, out: str | os.PathLike | None = None,
               timeout: float | None = None, kernel_name: str = KERNEL_NAME, progress: bool = True,
-              threads: int | None = None, max_points: int = MAX_POINTS) -> SweepSummary:
+              threads: int | None = None, max_points: int = MAX_POINTS, executor: str = "local",
+              address: str | None = None, retries: int | None = None) -> SweepSummary:
     """Validate every point, then run the missing ones, ``jobs`` processes at a time, each with
-    ``threads`` torch threads (default ``cores // jobs``)."""
+    ``threads`` torch threads (default ``cores // jobs``); or, with ``executor="ray"``, as Ray
+    tasks on the cluster at ``address`` (:mod:`ryzlab.sweep_ray`)."""
     if jobs < 1:
         raise ConfigError([f"--jobs must be >= 1, got {jobs}"])
     if timeout is not None and timeout <= 0:
         raise ConfigError([f"--timeout must be > 0 seconds, got {timeout}"])
-    threads = resolve_threads(jobs, threads)
+    # --- ray executor: its flags, then (after validation) the cluster, before anything is written
+    from .sweep_ray import check_executor_args, plan_ray
+
+    check_executor_args(executor, address=address, retries=retries, jobs=jobs, threads=threads)
     spec, points = plan(spec, max_points=max_points, kernel_name=kernel_name)
+    ray_plan = plan_ray(points, address=address, retries=retries, threads=threads) if executor == "ray" else None
+    threads = resolve_threads(jobs, threads) if ray_plan is None else threads
     sweep_dir = (Path(out) if out else default_out(spec)).resolve()
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    with sweep_lock(sweep_dir):
-        return _run_locked(spec, points, sweep_dir, jobs=jobs, timeout=timeout, kernel_name=kernel_name,
-                           progress=progress, threads=threads)
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        with sweep_lock(sweep_dir):
+            todo, summary = _resume(spec, points, sweep_dir, jobs=jobs, threads=threads)
+            if ray_plan is not None:
+                summary.executor = "ray"
+                return ray_plan.run(todo, sweep_dir, summary, timeout=timeout, kernel_name=kernel_name,
+                                    progress=progress)
+            return _run_locked(todo, summary, sweep_dir, jobs=jobs, timeout=timeout, kernel_name=kernel_name,
+                               progress=progress, threads=threads)
+    finally:
+        if ray_plan is not None:
+            ray_plan.close()
 
 
-def _run_locked(spec: Spec, points: list[Point], sweep_dir: Path, *, jobs: int, timeout: float | None,
-                kernel_name: str, progress: bool, threads: int) -> SweepSummary:
+def _resume(spec: Spec, points: list[Point], sweep_dir: Path, *, jobs: int,
+            threads: int | None) -> tuple[deque[Point], SweepSummary]:
+    """Under the lock: clear a killed sweep's leftovers, keep the spec, list the points not done."""
     for stale in sweep_dir.glob(".tmp-*"):  # leftovers of a killed sweep: never counted as done
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
@@ -237,16 +270,21 @@ def _run_locked(spec: Spec, points: list[Point], sweep_dir: Path, *, jobs: int, 
     latest = manifest_status(sweep_dir)
     todo = deque(p for p in points if not is_done(sweep_dir, p.run_id, latest))
     summary = SweepSummary(name=spec.name, out_dir=sweep_dir, total=len(points),
-                           skipped=len(points) - len(todo), jobs=jobs, threads=threads)
+                           skipped=len(points) - len(todo), jobs=jobs, threads=threads or 0)
     if spec.path:
         shutil.copyfile(spec.path, sweep_dir / ".spec.yaml.tmp")
         os.replace(sweep_dir / ".spec.yaml.tmp", sweep_dir / "spec.yaml")
+    return todo, summary
+
+
+def _run_locked(todo: deque[Point], summary: SweepSummary, sweep_dir: Path, *, jobs: int, timeout: float | None,
+                kernel_name: str, progress: bool, threads: int) -> SweepSummary:
     env = sweep_env(jobs=jobs, threads=threads)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc=spec.name, unit="pt", dynamic_ncols=True)
+        bar = tqdm(total=len(todo), desc=summary.name, unit="pt", dynamic_ncols=True)
 
     running: list[PointProcess] = []
     spares: deque[PointProcess] = deque()  # warming workers without a point
@@ -256,18 +294,7 @@ def _run_locked(spec: Spec, points: list[Point], sweep_dir: Path, *, jobs: int, 
         entry = pp.entry if status is None and pp.entry is not None else pp.lost_entry(status or "failed", timeout)
         record(sweep_dir, pp.run_dir, entry)
         pp.close()
-        summary.ok += entry["status"] == "ok"
-        summary.failed += entry["status"] == "failed"
-        summary.timeout += entry["status"] == "timeout"
-        if entry["status"] == "ok" and entry.get("overhead_s") is not None:
-            summary.overheads_s.append(entry["overhead_s"])
-        if entry["status"] != "ok":
-            log.warning("%s %s: %s: %s", pp.point.label, entry["status"], entry.get("error"),
-                        str(entry.get("message", ""))[:300])
-        if bar is not None:
-            bar.set_postfix(ok=summary.ok, failed=summary.failed + summary.timeout,
-                            left=len(todo) + len(running))
-            bar.update(1)
+        summary.add(entry, pp.point.label, bar, left=len(todo) + len(running))
 
     def cap() -> int:
         """Points at once: the running block's (the next block waits for it), else the next point's."""
