@@ -72,8 +72,10 @@ def serving(df: pd.DataFrame) -> list[dict]:
     t = max_rate_under_slo(df)
     rows = []
     for r in t.to_dict("records"):
-        who = f"{r['workers']} worker{'s' if r['workers'] != 1 else ''}, policy {str(r['policy']).replace('_', ' ')}, " \
-              f"codec {r['codec']}" + (f", fault {r['fault']}" if "fault" in r else "")
+        n = int(r["workers"])
+        who = (f"engine {r['engine']}, " if "engine" in r else "") + \
+            f"{n} worker{'s' if n != 1 else ''}, policy {str(r['policy']).replace('_', ' ')}, " \
+            f"codec {r['codec']}" + (f", fault {r['fault']}" if "fault" in r else "")
         best = r["max_rate_under_slo"]
         value = (f"{sig3(best)} req/s" if not pd.isna(best) else "none of the rates tried") + \
                 f" (highest tried {sig3(r['max_rate_tried'])} req/s)"
