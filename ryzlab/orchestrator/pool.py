@@ -31,6 +31,7 @@ Parent -> worker: the subclass's messages on the task queue, ``None`` to stop.
 """
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import signal
@@ -166,7 +167,7 @@ class Slot:
         return len(self.held)
 
 
-class ProcessPool:
+class ProcessPool(abc.ABC):
     """Live worker processes + policy + collector + watchdog. Subclasses give the worker process
     (:meth:`_worker_process`) and handle their messages, readiness and stranded units."""
 
@@ -202,22 +203,24 @@ class ProcessPool:
         self._threads: list[threading.Thread] = []
 
     # -- subclass hooks (caller holds the lock, except _worker_process) -------------------------
+    @abc.abstractmethod
     def _worker_process(self, slot: Slot, tasks: Any, results: Any) -> Any:
-        raise NotImplementedError
+        """An unstarted process running the worker loop for ``slot``."""
 
     def _worker_env(self, slot: Slot) -> dict[str, str]:
         """Environment the worker is started with (copied at ``start()``)."""
         return {}
 
+    @abc.abstractmethod
     def _on_message(self, slot: Slot, msg: tuple) -> None:
-        raise NotImplementedError
+        """A worker message other than ready / heartbeat / fatal."""
 
     def _on_ready(self, slot: Slot, info: Any) -> None:
         pass
 
+    @abc.abstractmethod
     def _stranded(self, slot: Slot, uids: list, why: str) -> None:
         """Re-route the units ``slot`` held (with :func:`reroute`)."""
-        raise NotImplementedError
 
     def _after_watch(self) -> None:
         pass
