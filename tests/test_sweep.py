@@ -354,10 +354,15 @@ def test_bad_jobs_and_timeout_values(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_run_point_returns_the_run_files_and_store_point_writes_them(tmp_path):
+def test_run_point_returns_the_run_files_and_store_point_writes_them(tmp_path, monkeypatch):
     """The one-point API an executor (a Ray task) calls: files back as bytes, stored by the caller."""
     from ryzlab.point import run_point, store_point
     from ryzlab.sweep import is_done, manifest_status, sweep_env
+
+    # run_point's work folders go to a temp dir of this test alone: another test run on the same
+    # machine runs the same points (same run ids) under the shared /tmp
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
 
     ok, bad = expand(load_spec(write_spec(tmp_path, {"notebook": POINTS, "grid": {"x": [1, 2]},
                                                      "fixed": {"fail_at": 2}})))
@@ -377,7 +382,7 @@ def test_run_point_returns_the_run_files_and_store_point_writes_them(tmp_path):
     # the clock starts when the point is handed out: under load the kernel may still be warming up
     assert timed.entry["status"] == "timeout" and timed.entry["error"] == "Timeout"
     assert "kernel.log" in timed.files and set(timed.files) <= {"kernel.log", "params.json", "run.ipynb"}
-    assert not list(Path(tempfile.gettempdir()).glob(f"ryzlab-point-*/.tmp-{slow.run_id}-*")), "nothing left on disk"
+    assert not list((tmp_path / "tmp").iterdir()), "nothing left on disk"
 
 
 def test_a_worker_that_died_before_its_point_fails_that_point_only(tmp_path):
