@@ -21,8 +21,8 @@ import pandas as pd
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ryzlab.compare import compare, terminal_table  # noqa: E402
-from ryzlab.sweep import run_sweep  # noqa: E402
+from ryzlab.workbench.compare import compare, terminal_table  # noqa: E402
+from ryzlab.workbench.sweep import run_sweep  # noqa: E402
 
 SPEC = {"name": "cmp", "notebook": "attention_bench",
         "grid": {"context": [64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096], "dtype": ["float32", "bfloat16"]},

@@ -39,7 +39,7 @@ CODECS = [dict(codec="fp8_e4m3"), dict(codec="fp8_e5m2"), dict(codec="int8"), di
 
 
 def _prompts(n: int, length: int) -> torch.Tensor:
-    from ryzlab.corpus import stdlib_corpus
+    from ryzlab.models.corpus import stdlib_corpus
 
     data = stdlib_corpus().heldout
     starts = torch.arange(n) * 4099 % (data.numel() - length)
@@ -119,7 +119,7 @@ def _comm(rank, world, context, batch, steps):
 
 
 def communication(contexts: list[int], batch: int, steps: int, cp: int = 2) -> list[dict]:
-    from ryzlab.model import load_reference_model
+    from ryzlab.models.transformer import load_reference_model
 
     shape = load_reference_model()[0].config
     rows = []

@@ -23,8 +23,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from ryzlab.report import load_sweep  # noqa: E402
-from ryzlab.sweep import run_sweep  # noqa: E402
+from ryzlab.workbench.report import load_sweep  # noqa: E402
+from ryzlab.workbench.sweep import run_sweep  # noqa: E402
 
 
 def attention_stats(sweep_dir: Path) -> pd.DataFrame:

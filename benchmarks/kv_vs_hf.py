@@ -35,7 +35,7 @@ vs the same tokens in bf16/fp16 (``bytes_vs_bf16`` = bytes / (fp32 bytes / 2)).
 
 The real-model table of issue 15 (SmolLM2-135M GGUF, 2 windows of held-out text, 1024-token
 prefill, 64 teacher-forced decode steps, 126 scored tokens), with the per-layer ranking from
-``ryzlab.kv.plan.layer_sensitivity`` (1 window of 192 tokens, prefill 128, int2 rotated KIVI
+``ryzlab.evaluation.plan.layer_sensitivity`` (1 window of 192 tokens, prefill 128, int2 rotated KIVI
 asymmetric, block 32) saved as JSON (``sens.to_json("sens.json")``)::
 
     .venv/bin/python benchmarks/kv_vs_hf.py --model $GGUF --context 1024 --batch 2 --steps 64 \
@@ -55,9 +55,9 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ryzlab.kv.accuracy import hf_heldout_tokens  # noqa: E402
+from ryzlab.evaluation.accuracy import hf_heldout_tokens  # noqa: E402
 from ryzlab.kv.hf import RyzlabCache, load_hf_causal_lm, use_rotated_attention  # noqa: E402
-from ryzlab.kv.peers import hf_cache_bytes, peer_cache  # noqa: E402
+from ryzlab.evaluation.peers import hf_cache_bytes, peer_cache  # noqa: E402
 from ryzlab.provenance import cpu_model  # noqa: E402
 
 # Same as the peer's REFERENCE (checked against the peer file when it is present).
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="run the model's prefill for every cache (default: prefill once with DynamicCache "
                          "and store its K/V into the others: the same cache contents, see fill_from)")
     ap.add_argument("--json", help="write the rows here")
-    ap.add_argument("--sensitivity", help="per-layer KL JSON (ryzlab.kv.plan.layer_sensitivity, columns layer and "
+    ap.add_argument("--sensitivity", help="per-layer KL JSON (ryzlab.evaluation.plan.layer_sensitivity, columns layer and "
                                           "kl_per_token): adds ryzlab_int2_mixed, the int2 KIVI layout with the "
                                           "--mixed-layers most sensitive layers in int4, and ryzlab_int4_rot_r64_mixed "
                                           "(the 3 most sensitive layers in int8)")
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         import pandas as pd
 
         from ryzlab.config import CacheConfig
-        from ryzlab.kv.plan import mixed_layout
+        from ryzlab.evaluation.plan import mixed_layout
 
         base = CacheConfig(codec="int2", symmetric=False, key_granularity="channel", block_size=32,
                            rotation="hadamard", residual=a.mixed_residual)

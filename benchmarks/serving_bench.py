@@ -41,13 +41,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ryzlab.io import write_json, write_parquet  # noqa: E402
-from ryzlab.model import REFERENCE_CHECKPOINT  # noqa: E402
+from ryzlab.models.transformer import REFERENCE_CHECKPOINT  # noqa: E402
 from ryzlab.provenance import collect_env  # noqa: E402
-from ryzlab.serve.client import backend_client  # noqa: E402
+from ryzlab.loadgen.client import backend_client  # noqa: E402
 from ryzlab.serve.engine import EngineConfig, SamplingParams  # noqa: E402
 from ryzlab.serve.replica import build_engine  # noqa: E402
-from ryzlab.serve.metrics import median_range as spread  # noqa: E402
-from ryzlab.serve.loadgen import LoadSpec, max_rate_search, run_load  # noqa: E402
+from ryzlab.loadgen.metrics import median_range as spread  # noqa: E402
+from ryzlab.loadgen.load import LoadSpec, max_rate_search, run_load  # noqa: E402
 from ryzlab.serve.router import Router  # noqa: E402
 
 PARTS = ("batching", "maxrate", "fault")

@@ -13,7 +13,7 @@ machine's load hits both alike.
 
 Per side and repeat: the highest offered Poisson rate with p99 TPOT < ``--tpot-ms`` (50) and
 p99 TTFT < ``--ttft-ms`` (1000) and no failed request (doubling, then bisection:
-:func:`ryzlab.serve.loadgen.max_rate_search`), and the output-token throughput measured at that
+:func:`ryzlab.loadgen.load.max_rate_search`), and the output-token throughput measured at that
 rate. Printed: median and [min, max] per side over repeats, and the ratios ryzlab/peer (of the
 medians, and the spread of the per-repeat ratios). Everything is measured on the device named in
 the header; nothing is projected.
@@ -36,10 +36,10 @@ import pandas as pd  # noqa: E402
 
 from ryzlab.io import write_json, write_parquet  # noqa: E402
 from ryzlab.provenance import collect_env  # noqa: E402
-from ryzlab.serve.client import (ENGINES, free_port, openai_client, probe_endpoint, serve_subprocess,  # noqa: E402
+from ryzlab.loadgen.client import (ENGINES, free_port, openai_client, probe_endpoint, serve_subprocess,  # noqa: E402
                                  served_models, server_argv)
-from ryzlab.serve.metrics import median_range as spread  # noqa: E402
-from ryzlab.serve.loadgen import LoadSpec, max_rate_search, run_load  # noqa: E402
+from ryzlab.loadgen.metrics import median_range as spread  # noqa: E402
+from ryzlab.loadgen.load import LoadSpec, max_rate_search, run_load  # noqa: E402
 
 
 def trial(client, rate: float, args: argparse.Namespace, seed: int) -> dict:

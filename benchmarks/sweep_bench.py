@@ -25,7 +25,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ryzlab.experiments.attention_bench import Config, run  # noqa: E402
-from ryzlab.sweep import run_sweep  # noqa: E402
+from ryzlab.workbench.sweep import run_sweep  # noqa: E402
 
 
 def spec_file(tmp: Path, name: str, grid: dict, fixed: dict) -> Path:

@@ -6,7 +6,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
 def explore(results_dir="results", **kwargs):
-    """Interactive explorer of sweep results (ipywidgets): see :func:`ryzlab.explorer.explore`."""
-    from .explorer import explore as _explore
+    """Interactive explorer of sweep results (ipywidgets): see :func:`ryzlab.workbench.explorer.explore`."""
+    from ryzlab.workbench.explorer import explore as _explore
 
     return _explore(results_dir, **kwargs)

@@ -1,7 +1,7 @@
 """``python -m ryzlab``: the same CLI as ``ryzlab`` (what ``torchrun -m ryzlab generate ...`` runs)."""
 import sys
 
-from .cli import main
+from ryzlab.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import CODECS, ConfigError
-from .spec import MAX_POINTS
+from ryzlab.config import CODECS, ConfigError
+from ryzlab.workbench.spec import MAX_POINTS
 
 EPILOG = """examples:
   ryzlab info                                  what this machine offers (python, torch, devices, health)
@@ -27,7 +27,7 @@ EPILOG = """examples:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import run_sweep
+    from ryzlab.workbench.sweep import run_sweep
 
     if args.dry_run:
         return _dry_run(args)
@@ -42,7 +42,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _dry_run(args: argparse.Namespace) -> int:
     """Validate and list every point (done / to run) without running or writing anything."""
-    from .sweep import default_out, is_done, manifest_status, plan, resolve_threads
+    from ryzlab.workbench.sweep import default_out, is_done, manifest_status, plan, resolve_threads
 
     threads = resolve_threads(args.jobs, args.threads)
     spec, points = plan(args.spec, max_points=args.max_points, kernel_name=args.kernel)
@@ -59,7 +59,7 @@ def _dry_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import build_report
+    from ryzlab.workbench.report import build_report
 
     out = build_report(args.sweep_dir, kernel_name=args.kernel)
     print(f"report: {out}")
@@ -67,8 +67,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare, html_page, terminal_table
-    from .io import write_bytes
+    from ryzlab.workbench.compare import compare, html_page, terminal_table
+    from ryzlab.io import write_bytes
 
     c = compare(args.a, args.b, min_change=args.min_change, confidence=args.confidence)
     print(terminal_table(c, args.confidence))
@@ -82,7 +82,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .provenance import collect_env, nvidia_devices
+    from ryzlab.provenance import collect_env, nvidia_devices
 
     env = collect_env()
     print(f"ryzlab      {Path(__file__).resolve().parent}")
@@ -95,7 +95,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     else:
         print("devices     no NVIDIA device: CPU ranks (gloo)")
     try:
-        from .orchestrator.health import describe_health
+        from ryzlab.orchestrator.health import describe_health
     except ImportError:
         return 0
     for line in describe_health():
@@ -126,7 +126,7 @@ def _add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import GenerateRequest, generate
+    from ryzlab.serve.generate import GenerateRequest, generate
 
     req = GenerateRequest(prompt=args.prompt, max_tokens=args.max_tokens, tp=args.tp, cp=args.cp, codec=args.codec,
                           temperature=args.temperature, seed=args.seed, model=args.model, threads=args.threads,
@@ -169,8 +169,8 @@ def _add_kv_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_kv_plan(args: argparse.Namespace) -> int:
-    from .kv.accuracy import parse_layout
-    from .kv.plan import plan_candidates, plan_kv
+    from ryzlab.evaluation.accuracy import parse_layout
+    from ryzlab.evaluation.plan import plan_candidates, plan_kv
 
     cands = [parse_layout(t, {}) for t in args.layout] if args.layout else plan_candidates()
     mixed = None
@@ -201,7 +201,7 @@ def cmd_kv_plan(args: argparse.Namespace) -> int:
         out = t.drop(columns=["cache_config"])
         out.to_parquet(args.out) if args.out.endswith(".parquet") else out.to_csv(args.out, index=False)
     if args.plot:
-        from .plots.kv_compression import plan_figure
+        from ryzlab.plots.kv_compression import plan_figure
 
         plan_figure(res).savefig(args.plot, dpi=120, bbox_inches="tight")
         print(f"plot: {args.plot}")
@@ -213,7 +213,7 @@ def version() -> str:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as dist_version
 
-    from . import __version__
+    from ryzlab import __version__
 
     try:
         return dist_version("ryzlab")
@@ -275,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="python/torch versions, devices and their health readings")
     i.set_defaults(fn=_cmd_info)
 
-    from .serve.cli import add_parser as add_serve_parser
-    from .serve.loadgen_cli import add_parser as add_loadgen_parser
+    from ryzlab.serve.cli import add_parser as add_serve_parser
+    from ryzlab.loadgen.cli import add_parser as add_loadgen_parser
 
     add_serve_parser(sub)
     add_loadgen_parser(sub)

@@ -11,7 +11,7 @@ import torch
 
 from ryzlab.config import ModelConfig
 from ryzlab.serve.api import ServeLimits, create_app
-from ryzlab.serve.client import serve_in_thread
+from ryzlab.loadgen.client import serve_in_thread
 from ryzlab.serve.engine import AsyncEngine, EngineConfig
 from ryzlab.serve.replica import build_engine
 

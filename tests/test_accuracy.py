@@ -9,8 +9,8 @@ import torch
 torch.set_num_threads(1)
 
 from ryzlab.config import CacheConfig, ModelConfig
-from ryzlab.kv.accuracy import capture_qkv, evaluate, evaluate_hf, reconstruction_error
-from ryzlab.model import Transformer
+from ryzlab.evaluation.accuracy import capture_qkv, evaluate, evaluate_hf, reconstruction_error
+from ryzlab.models.transformer import Transformer
 
 TINY = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
 
@@ -27,7 +27,7 @@ def tokens():
 
 
 def test_capture_qkv_matches_dense_cache(model, tokens):
-    from ryzlab.model import DenseKVCache
+    from ryzlab.models.transformer import DenseKVCache
 
     qkv = capture_qkv(model, tokens)
     cache = DenseKVCache(TINY.n_layers)
@@ -71,7 +71,7 @@ def test_residual_window_is_exact(model, tokens):
 
 
 def test_prefill_out_of_range(model, tokens):
-    from ryzlab.kv.accuracy import teacher_forced
+    from ryzlab.evaluation.accuracy import teacher_forced
 
     with pytest.raises(ValueError, match="prefill"):
         teacher_forced(model, tokens, CacheConfig(codec="int8"), prefill=24)
@@ -95,11 +95,11 @@ def test_hf_model(tmp_path):
 
 
 def test_cli_any_model_on_a_text_file(tmp_path, capsys):
-    """``python -m ryzlab.kv.accuracy --model FOLDER --text FILE``: ryzlab's Transformer + paged cache on
+    """``python -m ryzlab.evaluation.accuracy --model FOLDER --text FILE``: ryzlab's Transformer + paged cache on
     a loaded checkpoint, windows tokenized with its own tokenizer; ``--hf`` still works."""
     import tiny_checkpoints as tc
 
-    from ryzlab.kv.accuracy import main
+    from ryzlab.evaluation.accuracy import main
 
     tc.save_hf(tmp_path / "m", "qwen2")
     text = tmp_path / "t.txt"
@@ -120,7 +120,7 @@ def test_cli_any_model_on_a_text_file(tmp_path, capsys):
 
 
 def test_cli_rejects_bad_input_before_loading(capsys):
-    from ryzlab.kv.accuracy import main
+    from ryzlab.evaluation.accuracy import main
 
     for argv, msg in ((["--model", "/no/such/model"], "no such file"), (["--layout", "int5"], "choose one of"),
                       (["--layout", "int4,layer_codecs=int4"], "layer_codecs has 1 entries"),
@@ -137,7 +137,7 @@ def test_hf_path_takes_a_gguf_file(tmp_path):
     """evaluate_hf(path.gguf): transformers loads it with gguf_file= (it used to call from_pretrained(path))."""
     import tiny_checkpoints as tc
 
-    from ryzlab.kv.accuracy import hf_heldout_tokens
+    from ryzlab.evaluation.accuracy import hf_heldout_tokens
 
     hf = tc.hf_model("llama")
     path = tc.write_gguf(tmp_path / "tiny.gguf", hf, tc.bpe_tokenizer(), {"": "F32"})

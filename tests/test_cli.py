@@ -57,7 +57,7 @@ def test_version():
 def test_dry_run_lists_points_and_writes_nothing(tmp_path):
     from pathlib import Path
 
-    from ryzlab.spec import expand, load_spec
+    from ryzlab.workbench.spec import expand, load_spec
 
     points = str(Path(__file__).parent / "fixtures" / "points.ipynb")
     spec = tmp_path / "s.yaml"
@@ -108,7 +108,7 @@ def test_a_wheel_ships_the_notebooks(tmp_path):
     import zipfile
     from pathlib import Path
 
-    from ryzlab.spec import NOTEBOOK_DIR, PACKAGE_DIR
+    from ryzlab.workbench.spec import NOTEBOOK_DIR, PACKAGE_DIR
 
     root = Path(__file__).resolve().parent.parent
     assert NOTEBOOK_DIR == PACKAGE_DIR / "notebooks"
@@ -118,4 +118,4 @@ def test_a_wheel_ships_the_notebooks(tmp_path):
     (wheel,) = tmp_path.glob("ryzlab-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = sorted(n.split("/")[-1] for n in names if n.startswith("ryzlab/notebooks/"))
-    assert shipped == sorted(p.name for p in (root / "notebooks").glob("*.ipynb"))
+    assert shipped == sorted(p.name for p in (root / "ryzlab" / "notebooks").glob("*.ipynb"))

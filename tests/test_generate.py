@@ -13,7 +13,7 @@ from procs import live_descendants, run_in_own_session
 
 from ryzlab.cli import main
 from ryzlab.config import ModelConfig
-from ryzlab.generate import GenerateRequest, generate
+from ryzlab.serve.generate import GenerateRequest, generate
 from ryzlab.orchestrator.launch import free_port
 from ryzlab.serve.engine import EngineConfig, SamplingParams
 from ryzlab.serve.replica import build_engine

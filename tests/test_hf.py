@@ -160,7 +160,7 @@ def test_rotation_keeps_the_uncompressed_path_and_rotated_attention_is_exact(ids
 def test_peer_byte_counter_walks_tuples_lists_and_dicts():
     from types import SimpleNamespace
 
-    from ryzlab.kv.peers import hf_cache_bytes
+    from ryzlab.evaluation.peers import hf_cache_bytes
 
     a, b = torch.zeros(3, 4), torch.zeros(5, dtype=torch.int8)
     layer = SimpleNamespace(keys=(a, [b]), values={"x": a}, n=7, name="k")

@@ -7,7 +7,7 @@ import torch
 
 from ryzlab.cli import main
 from ryzlab.config import CacheConfig
-from ryzlab.kv.plan import layer_sensitivity, mixed_layout, pareto_front, plan_kv
+from ryzlab.evaluation.plan import layer_sensitivity, mixed_layout, pareto_front, plan_kv
 
 SMALL = ["--windows", "2", "--length", "40", "--prefill", "24"]
 
@@ -58,7 +58,7 @@ def test_layer_sensitivity_compresses_one_layer_at_a_time():
     from ryzlab.models import load_model
 
     model, tok = load_model("reference")
-    from ryzlab.corpus import text_windows
+    from ryzlab.models.corpus import text_windows
 
     tokens = text_windows(tok, 2, 40)
     sens = layer_sensitivity(model, tokens, 24, CacheConfig(codec="int2", symmetric=False))

@@ -9,7 +9,7 @@ import torch
 torch.set_num_threads(1)
 
 from ryzlab.config import CacheConfig, ModelConfig
-from ryzlab.model import DenseKVCache, Transformer, load_checkpoint, save_checkpoint
+from ryzlab.models.transformer import DenseKVCache, Transformer, load_checkpoint, save_checkpoint
 
 TINY = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
 
@@ -113,9 +113,9 @@ def test_seq_ids_without_cache_is_an_error(model):
 
 def test_shipped_reference_checkpoint():
     """The checkpoint in the package loads, is small, and reproduces its recorded held-out perplexity."""
-    from ryzlab.corpus import stdlib_corpus
-    from ryzlab.model import REFERENCE_CHECKPOINT, load_reference_model
-    from ryzlab.train import evaluate_perplexity
+    from ryzlab.models.corpus import stdlib_corpus
+    from ryzlab.models.transformer import REFERENCE_CHECKPOINT, load_reference_model
+    from ryzlab.models.train import evaluate_perplexity
 
     assert REFERENCE_CHECKPOINT.stat().st_size < 10 * 2**20
     model, meta = load_reference_model()

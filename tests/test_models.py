@@ -174,7 +174,7 @@ def test_gguf_weights_unpermuted_independently(gguf_file):
 
 def test_gguf_llama3_rope_freqs(tmp_path):
     """llama.cpp writes Llama 3.1 RoPE scaling as a rope_freqs tensor: recovered as llama3 parameters."""
-    from ryzlab.model import rope_inv_freq
+    from ryzlab.models.transformer import rope_inv_freq
 
     hf = tc.hf_model("llama", rope_scaling=None, rope_theta=500000.0, tie_word_embeddings=False)
     scaled = ModelConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, rope_theta=500000.0,
@@ -220,9 +220,9 @@ def test_missing_paths_name_the_choices(tmp_path, no_weight_reads):
 
 
 def test_a_ryzlab_checkpoint_loads_with_the_byte_tokenizer(tmp_path):
-    """What `python -m ryzlab.train --out` writes stays a valid --model."""
+    """What `python -m ryzlab.models.train --out` writes stays a valid --model."""
     from ryzlab.config import ModelConfig
-    from ryzlab.model import Transformer, save_checkpoint
+    from ryzlab.models.transformer import Transformer, save_checkpoint
 
     torch.manual_seed(0)
     m = Transformer(ModelConfig(vocab_size=256, dim=32, n_layers=1, n_heads=2, n_kv_heads=1)).eval()
@@ -326,7 +326,7 @@ def test_bad_tp_size_rejected_before_reading(folders, no_weight_reads):
 # ----------------------------------------------------------------------------- builtin kinds
 @torch.no_grad()
 def test_reference_and_random():
-    from ryzlab.model import Transformer, load_reference_model
+    from ryzlab.models.transformer import Transformer, load_reference_model
 
     ref, tok = load_model("reference")
     assert isinstance(tok, ByteTokenizer) and check_model("reference").name == "ryzlab-reference"

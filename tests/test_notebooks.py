@@ -9,10 +9,10 @@ import papermill as pm
 import pytest
 
 from ryzlab.experiments import EXPERIMENTS, experiment_module
-from ryzlab.sweep import expand, load_spec, validate
+from ryzlab.workbench.sweep import expand, load_spec, validate
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted((ROOT / "ryzlab" / "notebooks").glob("*.ipynb"))
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))
 
 
@@ -27,7 +27,7 @@ def test_notebooks_are_committed_without_outputs(path):
 
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
 def test_every_experiment_has_notebook_plots_and_matching_parameters(name):
-    nb = ROOT / "notebooks" / f"{name}.ipynb"
+    nb = ROOT / "ryzlab" / "notebooks" / f"{name}.ipynb"
     assert nb.is_file(), f"experiment {name} has no notebook"
     params = set(pm.inspect_notebook(str(nb)))
     mod = experiment_module(name)

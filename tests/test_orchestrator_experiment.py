@@ -37,7 +37,7 @@ def test_bad_parameters_rejected_before_work():
 
 
 def test_notebook_parameters_are_the_config_fields():
-    nb = nbformat.read(ROOT / "notebooks" / "orchestrator.ipynb", as_version=4)
+    nb = nbformat.read(ROOT / "ryzlab" / "notebooks" / "orchestrator.ipynb", as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     names = [t.id for node in ast.parse(cell.source).body for t in node.targets]
     assert names == field_names(Config) + ["run_dir"]

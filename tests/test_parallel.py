@@ -15,7 +15,7 @@ import torch
 from ryzlab.config import CacheConfig, ConfigError, ModelConfig, ParallelConfig
 from ryzlab.kv import context as kvcp
 from ryzlab.kv.cache import PagedKVCache
-from ryzlab.model import Transformer
+from ryzlab.models.transformer import Transformer
 from ryzlab.orchestrator import launch
 from ryzlab.parallel import (apply_tp, cp_comm_bytes_formula, init_parallel, tp_comm_bytes_formula, tp_layout,
                              validate_parallel, weight_bytes)
@@ -300,7 +300,7 @@ def test_bad_layouts_fail_before_any_process(tp, cp, cache, needle):
 
 def test_unknown_codec_and_bad_layout_in_generate_fail_before_any_rank(monkeypatch):
     import ryzlab.orchestrator as orch
-    from ryzlab.generate import GenerateRequest, generate
+    from ryzlab.serve.generate import GenerateRequest, generate
 
     def must_not_run(*a, **k):
         raise AssertionError("a process started for invalid input")

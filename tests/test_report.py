@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 
 from ryzlab.cli import main
-from ryzlab.compare import bootstrap_ratio, compare, direction
+from ryzlab.workbench.compare import bootstrap_ratio, compare, direction
 from ryzlab.io import append_jsonl, write_json, write_parquet
 from ryzlab.plots import human, human_bytes, sig3
-from ryzlab.report import build_report, failures_html, load_sweep
+from ryzlab.workbench.report import build_report, failures_html, load_sweep
 from ryzlab.samples import samples_from_metrics
 
 SPEC = "name: hand\nnotebook: attention_bench\ngrid:\n  context: [64, 128]\n"
@@ -133,7 +133,7 @@ def repeated_grid(seed: int, repeats: int = 3) -> dict[str, pd.DataFrame]:
 
 
 def test_compare_resamples_repeats_so_drift_between_processes_is_not_flagged(tmp_path, monkeypatch):
-    import ryzlab.compare as cmp
+    import ryzlab.workbench.compare as cmp
 
     a = make_sweep(tmp_path / "A", repeated_grid(1, repeats=5))
     b = make_sweep(tmp_path / "B", repeated_grid(2, repeats=5))
@@ -266,7 +266,7 @@ def test_real_sweep_with_failed_and_timed_out_points_reports(tmp_path):
     the report is built, lists both, and links the timed-out point's partial notebook."""
     import yaml
 
-    from ryzlab.sweep import run_sweep
+    from ryzlab.workbench.sweep import run_sweep
 
     fixtures = Path(__file__).parent / "fixtures"
     spec = tmp_path / "spec.yaml"
@@ -292,7 +292,7 @@ def test_real_sweep_with_failed_and_timed_out_points_reports(tmp_path):
 
 
 def test_repeat_spread_per_point():
-    from ryzlab.report_page import repeat_spread
+    from ryzlab.workbench.report_page import repeat_spread
 
     df = pd.DataFrame({"run_id": ["a"] * 3 + ["a2"] * 3 + ["b"] * 3 + ["b2"] * 3, "context": [64] * 6 + [128] * 6,
                        "repeat": [0] * 3 + [1] * 3 + [0] * 3 + [1] * 3, "sample": [0, 1, 2] * 4,
@@ -313,7 +313,7 @@ def test_explore_notebook_opens_the_explorer(tmp_path):
     import papermill as pm
 
     make_sweep(tmp_path / "results" / "A", grid(1, n_points=2))
-    nb_path = Path(__file__).resolve().parent.parent / "notebooks" / "explore.ipynb"
+    nb_path = Path(__file__).resolve().parent.parent / "ryzlab" / "notebooks" / "explore.ipynb"
     out = tmp_path / "explore.ipynb"
     pm.execute_notebook(str(nb_path), str(out), parameters={"results_dir": str(tmp_path / "results")},
                         kernel_name="ryzlab", progress_bar=False, cwd=str(tmp_path))
@@ -323,7 +323,7 @@ def test_explore_notebook_opens_the_explorer(tmp_path):
 
 
 def test_page_of_a_sweep_where_every_point_failed(tmp_path, monkeypatch):
-    import ryzlab.report_page as page
+    import ryzlab.workbench.report_page as page
 
     root = tmp_path / "allbad"
     root.mkdir()
@@ -340,8 +340,8 @@ def test_page_of_a_sweep_where_every_point_failed(tmp_path, monkeypatch):
 
 def test_default_paths_resolve_from_the_repository_when_run_from_notebooks(tmp_path, monkeypatch):
     """report.ipynb's sweep_dir="results/demo" and explore.ipynb's "results" work from notebooks/."""
-    import ryzlab.explorer as explorer
-    import ryzlab.report as report
+    import ryzlab.workbench.explorer as explorer
+    import ryzlab.workbench.report as report
 
     repo = tmp_path / "repo"
     make_sweep(repo / "results" / "demo", grid(1, n_points=1))

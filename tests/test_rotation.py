@@ -117,7 +117,7 @@ def test_mixed_precision_ledger_sums_each_layers_format():
 
 
 def test_pre_rope_keys_leave_the_uncompressed_path_unchanged_and_quantise_before_rope():
-    from ryzlab.model import apply_rope, rope_cos_sin, rope_inv_freq
+    from ryzlab.models.transformer import apply_rope, rope_cos_sin, rope_inv_freq
 
     plain, c0 = _run(CacheConfig(block_size=4))
     for kind in ("none", "hadamard"):

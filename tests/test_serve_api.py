@@ -192,8 +192,8 @@ def test_tiny_temperature_poisons_nobody(served):
 def test_load_generator_over_http(served):
     import asyncio
 
-    from ryzlab.serve.client import http_client
-    from ryzlab.serve.loadgen import LoadSpec, run_load
+    from ryzlab.loadgen.client import http_client
+    from ryzlab.loadgen.load import LoadSpec, run_load
 
     url, backend, _ = served
     spec = LoadSpec(arrival="poisson", rate=20.0, num_requests=8, prompt_len=6, output_len=5, seed=2)

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from ryzlab.serve.loadgen import LoadSpec, load_trace, make_requests, run_load, write_trace
-from ryzlab.serve.metrics import RequestRecord, parse_slo, summarize
+from ryzlab.loadgen.load import LoadSpec, load_trace, make_requests, run_load, write_trace
+from ryzlab.loadgen.metrics import RequestRecord, parse_slo, summarize
 
 
 @pytest.mark.parametrize("arrival,burst", [("poisson", 1.0), ("gamma", 0.25), ("gamma", 4.0)])
@@ -124,7 +124,7 @@ def test_unanswered_requests_are_reported_lost():
 
 
 def test_max_rate_search_doubles_then_bisects():
-    from ryzlab.serve.loadgen import max_rate_search
+    from ryzlab.loadgen.load import max_rate_search
 
     seen = []
 

@@ -24,9 +24,9 @@ pytest.importorskip("httpx")
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 
-from ryzlab.serve.client import openai_client, probe_endpoint, prompt_text, serve_in_thread  # noqa: E402
-from ryzlab.serve.loadgen import LoadSpec, run_load  # noqa: E402
-from ryzlab.serve.metrics import REQUEST_COLUMNS  # noqa: E402
+from ryzlab.loadgen.client import openai_client, probe_endpoint, prompt_text, serve_in_thread  # noqa: E402
+from ryzlab.loadgen.load import LoadSpec, run_load  # noqa: E402
+from ryzlab.loadgen.metrics import REQUEST_COLUMNS  # noqa: E402
 
 
 def fake_app(*, ttft_s: float, tpot_s: float, chunk: int = 1, usage: bool = True, token_ids: bool = False,
@@ -143,7 +143,7 @@ def test_chunked_stream_counts_tokens_from_usage_and_says_itl_is_unmeasurable():
 
 def test_no_usage_falls_back_to_chunks_and_says_so(caplog):
     app, _ = fake_app(ttft_s=0.05, tpot_s=0.02, usage=False)
-    with caplog.at_level(logging.WARNING, logger="ryzlab.serve.client"), serve_in_thread(app) as root:
+    with caplog.at_level(logging.WARNING, logger="ryzlab.loadgen.client"), serve_in_thread(app) as root:
         profile, res = _run(root + "/v1", SPEC)
     assert profile.prompt_count == "assumed" and not profile.stream_usage
     df = res.frame()

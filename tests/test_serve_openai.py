@@ -145,7 +145,7 @@ def test_prometheus_metrics_count_exactly():
 def test_chat_with_smollm2_uses_its_template_and_stops_at_end_of_turn():
     from ryzlab.models import smollm2_gguf_path
     from ryzlab.serve.api import create_app
-    from ryzlab.serve.client import serve_in_thread
+    from ryzlab.loadgen.client import serve_in_thread
     from ryzlab.serve.engine import AsyncEngine, EngineConfig
     from ryzlab.serve.replica import build_engine
 

@@ -7,8 +7,8 @@ import torch
 pytest.importorskip("transformers")
 
 from ryzlab.models import load_model  # noqa: E402
-from ryzlab.serve.client import openai_client, probe_endpoint, serve_in_thread  # noqa: E402
-from ryzlab.serve.loadgen import LoadSpec, run_load  # noqa: E402
+from ryzlab.loadgen.client import openai_client, probe_endpoint, serve_in_thread  # noqa: E402
+from ryzlab.loadgen.load import LoadSpec, run_load  # noqa: E402
 from ryzlab.serve.peer import PeerEngine, create_peer_app, hf_model  # noqa: E402
 
 PROMPT = list(b"def main(argv):\n    ")
@@ -105,7 +105,7 @@ def _children(ppid: int) -> list[str]:
 def test_a_server_that_dies_at_start_is_reported_with_its_output():
     import sys
 
-    from ryzlab.serve.client import free_port, serve_subprocess
+    from ryzlab.loadgen.client import free_port, serve_subprocess
 
     argv = [sys.executable, "-c", "import sys; print('no such model: boom'); sys.exit(3)"]
     with pytest.raises(RuntimeError, match="exited with 3(.|\n)*no such model: boom"):

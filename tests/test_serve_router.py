@@ -9,9 +9,9 @@ import pytest
 
 from ryzlab.config import ModelConfig
 from ryzlab.serve.api import json_safe
-from ryzlab.serve.client import backend_client
+from ryzlab.loadgen.client import backend_client
 from ryzlab.serve.engine import SamplingParams
-from ryzlab.serve.loadgen import LoadSpec, run_load
+from ryzlab.loadgen.load import LoadSpec, run_load
 from ryzlab.serve.router import Router
 
 MC = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=512)
@@ -108,7 +108,7 @@ def test_openai_client_through_two_workers_keeps_every_sampling_field():
     import openai
 
     from ryzlab.serve.api import create_app
-    from ryzlab.serve.client import serve_in_thread
+    from ryzlab.loadgen.client import serve_in_thread
 
     with Router(workers=2, engine_kwargs=KW) as router, serve_in_thread(create_app(router)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)

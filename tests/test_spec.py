@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from ryzlab.config import ConfigError
-from ryzlab.spec import MAX_POINTS, count_points, expand, load_spec
+from ryzlab.workbench.spec import MAX_POINTS, count_points, expand, load_spec
 
 FIXTURES = Path(__file__).parent / "fixtures"
 POINTS = str(FIXTURES / "points.ipynb")
@@ -88,7 +88,7 @@ def test_non_notebook_file_is_refused(tmp_path):
 
 
 def test_a_file_named_ipynb_that_is_not_a_notebook_fails_validation(tmp_path):
-    from ryzlab.sweep import plan
+    from ryzlab.workbench.sweep import plan
 
     (tmp_path / "fake.ipynb").write_text("this is not json")
     with pytest.raises(ConfigError, match="fake.ipynb: not a readable Jupyter notebook"):

@@ -18,8 +18,8 @@ import yaml
 import ryzlab
 from ryzlab.config import ConfigError
 from ryzlab.io import read_jsonl
-from ryzlab.report import build_report, load_sweep
-from ryzlab.sweep import SweepLocked, expand, load_spec, run_sweep
+from ryzlab.workbench.report import build_report, load_sweep
+from ryzlab.workbench.sweep import SweepLocked, expand, load_spec, run_sweep
 
 FIXTURES = Path(__file__).parent / "fixtures"
 POINTS = str(FIXTURES / "points.ipynb")
@@ -74,7 +74,7 @@ def test_points_of_different_experiments_never_run_side_by_side(mixed_sweep):
 
 
 def test_a_block_with_jobs_1_runs_its_points_one_at_a_time(tmp_path, monkeypatch):
-    import ryzlab.sweep as sweep_mod
+    import ryzlab.workbench.sweep as sweep_mod
 
     live, most = set(), []
 
@@ -257,7 +257,7 @@ def test_second_sweep_on_the_same_folder_is_refused_and_a_stale_lock_is_taken_ov
         proc.wait()
     finally:
         _kill_session(proc)
-    with caplog.at_level("WARNING", logger="ryzlab.sweep"):
+    with caplog.at_level("WARNING", logger="ryzlab.workbench.sweep"):
         summary = run_sweep(fast, out=out, progress=False)  # the dead sweep's lock is stale: taken over
     assert summary.ok == 1
     assert f"taking over a stale lock (pid {proc.pid} on " in caplog.text
@@ -265,7 +265,7 @@ def test_second_sweep_on_the_same_folder_is_refused_and_a_stale_lock_is_taken_ov
 
 
 def test_threads_default_to_cores_over_jobs_and_are_recorded(tmp_path):
-    from ryzlab.point import cores
+    from ryzlab.workbench.point import cores
 
     spec = write_spec(tmp_path, {"notebook": PROBE, "zip": {"sleep_s": [0.0, 0.01]}})
     out = tmp_path / "r"
@@ -282,14 +282,14 @@ def test_threads_default_to_cores_over_jobs_and_are_recorded(tmp_path):
 
 
 def test_oversubscribed_threads_warn(tmp_path, caplog):
-    from ryzlab.point import cores
-    from ryzlab.sweep import resolve_threads
+    from ryzlab.workbench.point import cores
+    from ryzlab.workbench.sweep import resolve_threads
 
-    with caplog.at_level("WARNING", logger="ryzlab.sweep"):
+    with caplog.at_level("WARNING", logger="ryzlab.workbench.sweep"):
         assert resolve_threads(2, cores()) == cores()
     assert f"--jobs 2 x --threads {cores()} = {2 * cores()} threads on {cores()} cores" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="ryzlab.sweep"):
+    with caplog.at_level("WARNING", logger="ryzlab.workbench.sweep"):
         assert resolve_threads(1, None) == cores()
         assert resolve_threads(cores() + 3, None) == 1
     assert caplog.text == ""
@@ -356,8 +356,8 @@ def test_bad_jobs_and_timeout_values(tmp_path):
 
 def test_run_point_returns_the_run_files_and_store_point_writes_them(tmp_path, monkeypatch):
     """The one-point API an executor (a Ray task) calls: files back as bytes, stored by the caller."""
-    from ryzlab.point import run_point, store_point
-    from ryzlab.sweep import is_done, manifest_status, sweep_env
+    from ryzlab.workbench.point import run_point, store_point
+    from ryzlab.workbench.sweep import is_done, manifest_status, sweep_env
 
     # run_point's work folders go to a temp dir of this test alone: another test run on the same
     # machine runs the same points (same run ids) under the shared /tmp
@@ -386,7 +386,7 @@ def test_run_point_returns_the_run_files_and_store_point_writes_them(tmp_path, m
 
 
 def test_a_worker_that_died_before_its_point_fails_that_point_only(tmp_path):
-    from ryzlab.point import PointProcess
+    from ryzlab.workbench.point import PointProcess
 
     (point,) = expand(load_spec(write_spec(tmp_path, {"notebook": POINTS})))
     pp = PointProcess(tmp_path)

@@ -19,13 +19,13 @@ import yaml
 
 from ryzlab.config import ConfigError
 from ryzlab.io import read_jsonl
-from ryzlab.spec import Point, check_resources, expand, load_spec
-from ryzlab.sweep import run_sweep
+from ryzlab.workbench.spec import Point, check_resources, expand, load_spec
+from ryzlab.workbench.sweep import run_sweep
 
 ray = pytest.importorskip("ray")
-from ryzlab import sweep_ray  # noqa: E402
-from ryzlab.sweep_ray import fit_problems, point_resources  # noqa: E402
-from ryzlab.sweep_ray_task import alive  # noqa: E402
+from ryzlab.workbench import sweep_ray  # noqa: E402
+from ryzlab.workbench.sweep_ray import fit_problems, point_resources  # noqa: E402
+from ryzlab.workbench.sweep_ray_task import alive  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 WAITS = str(FIXTURES / "waits.ipynb")
@@ -158,7 +158,7 @@ def test_bad_spec_rejected_before_any_task_is_submitted(tmp_path, ray_instance, 
 
 
 def test_ray_sweep_holds_the_results_folders_lock(tmp_path, ray_instance, monkeypatch):
-    from ryzlab.sweep import SweepLocked, sweep_lock
+    from ryzlab.workbench.sweep import SweepLocked, sweep_lock
 
     submitted = []
     monkeypatch.setattr(sweep_ray.RayPlan, "run", lambda self, *a, **k: submitted.append(a))

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..config import ConfigError, field_names, from_dict
+from ryzlab.config import ConfigError, field_names, from_dict
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ def run_experiment(name: str, params: dict[str, Any], run_dir: str | Path | None
     """
     import time
 
-    from ..io import write_json, write_parquet
-    from ..samples import samples_from_metrics
+    from ryzlab.io import write_json, write_parquet
+    from ryzlab.samples import samples_from_metrics
 
     config = make_config(name, params)
     t0 = time.perf_counter()

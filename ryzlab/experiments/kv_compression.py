@@ -13,14 +13,14 @@ checkpoint :func:`ryzlab.models.load_model` reads (a Hugging Face folder or a ``
 * speed (attention path in ``kernel``: ``torch`` or ``triton``): ``prefill_ms`` (``batch``
   sequences of ``context`` tokens) and, one row per timed
   step, ``tpot_ms`` = one decode step of the whole batch (time per output token);
-* accuracy (:mod:`ryzlab.kv.accuracy`, teacher-forced decode through the compressed cache vs the
+* accuracy (:mod:`ryzlab.evaluation.accuracy`, teacher-forced decode through the compressed cache vs the
   uncompressed one): ``kl_per_token``, ``ppl``, ``ppl_ref``, ``ppl_delta``, ``top1_agree``,
   ``ppl_dense``, ``rel_logit_err``, ``k_rel_err``, ``v_rel_err``, ``attn_rel_err``.
 
 Real-model evaluation is the ground truth for codec decisions (a random or tiny model has no
 outlier channels): point ``model`` at a checkpoint (e.g. the SmolLM2 GGUF,
 ``ryzlab.models.smollm2_gguf_path()``); the demo keeps the reference model for speed. ``peer``
-measures a peer cache instead of ryzlab's (:mod:`ryzlab.kv.peers`: optimum-quanto's
+measures a peer cache instead of ryzlab's (:mod:`ryzlab.evaluation.peers`: optimum-quanto's
 ``QuantizedCache`` on the transformers model of the same checkpoint, teacher-forced against
 ``DynamicCache``; bytes from the peer's counter), so a report draws both on the same axes. The
 two paths differ in one documented way: HF attends a step's own token at full precision.
@@ -37,8 +37,8 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 
-from ..config import CODECS, GRANULARITIES, CacheConfig, Codec, Granularity, ModelConfig, Rotation, check_choice
-from ..provenance import cpu_model
+from ryzlab.config import CODECS, GRANULARITIES, CacheConfig, Codec, Granularity, ModelConfig, Rotation, check_choice
+from ryzlab.provenance import cpu_model
 
 __all__ = ["Config", "run"]
 
@@ -108,7 +108,7 @@ class Config:
         check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         check_choice("kernel", self.kernel, ("auto", "torch", "triton"))
         if self.kernel == "triton":
-            from ..kv.triton import unavailable_reason
+            from ryzlab.kv.triton import unavailable_reason
 
             cuda = self.device != "cpu" and torch.cuda.is_available()
             why = unavailable_reason(torch.device("cuda" if cuda else "cpu"))
@@ -124,7 +124,7 @@ class Config:
 
     def model_config(self) -> ModelConfig:
         """The model's shape from its metadata alone (raises naming the valid model specs)."""
-        from ..models import check_model
+        from ryzlab.models import check_model
 
         return TINY if self.model == "random" else check_model(self.model).config
 
@@ -140,7 +140,7 @@ TINY = ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
 
 def _model(cfg: Config, device: torch.device) -> tuple[Any, Any, float | None, str]:
     """(model, tokenizer, recorded held-out perplexity or None, model name)."""
-    from ..models import check_model, load_model
+    from ryzlab.models import check_model, load_model
 
     src = check_model(cfg.model)
     model, tok = load_model(cfg.model, dtype=None if cfg.dtype == "auto" else cfg.dtype, device=device,
@@ -165,14 +165,14 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def run(cfg: Config) -> pd.DataFrame:
     """One row per timed decode step; memory and accuracy columns repeated on every row."""
-    from ..kv.accuracy import evaluate
-    from ..kv.cache import PagedKVCache
+    from ryzlab.evaluation.accuracy import evaluate
+    from ryzlab.kv.cache import PagedKVCache
 
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     if cfg.threads and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
-    from ..corpus import token_stream
+    from ryzlab.models.corpus import token_stream
 
     if cfg.peer:
         return _run_peer(cfg, device)
@@ -240,11 +240,11 @@ def run(cfg: Config) -> pd.DataFrame:
 @torch.no_grad()
 def _run_peer(cfg: Config, device: torch.device) -> pd.DataFrame:
     """The same rows for a peer cache on the transformers model of ``cfg.model``."""
-    from ..corpus import token_stream
-    from ..kv.accuracy import hf_heldout_tokens
-    from ..kv.hf import load_hf_causal_lm
-    from ..kv.peers import evaluate_peer, hf_cache_bytes, peer_cache
-    from ..models import check_model, load_tokenizer
+    from ryzlab.models.corpus import token_stream
+    from ryzlab.evaluation.accuracy import hf_heldout_tokens
+    from ryzlab.kv.hf import load_hf_causal_lm
+    from ryzlab.evaluation.peers import evaluate_peer, hf_cache_bytes, peer_cache
+    from ryzlab.models import check_model, load_tokenizer
 
     model = load_hf_causal_lm(cfg.model).to(device)
     tok = load_tokenizer(cfg.model)

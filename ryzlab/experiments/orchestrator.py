@@ -15,11 +15,11 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from ..orchestrator.balance import PolicyName
-from ..orchestrator.live import LiveConfig, run_live
-from ..orchestrator.sim import Fault, SimConfig, simulate
-from ..orchestrator.stats import percentile_columns
-from ..orchestrator.workload import SizeDist
+from ryzlab.orchestrator.balance import PolicyName
+from ryzlab.orchestrator.live import LiveConfig, run_live
+from ryzlab.orchestrator.sim import Fault, SimConfig, simulate
+from ryzlab.orchestrator.stats import percentile_columns
+from ryzlab.orchestrator.workload import SizeDist
 
 __all__ = ["Config", "run", "summarize"]
 
@@ -85,8 +85,8 @@ def summarize(df: pd.DataFrame, info: dict) -> dict:
 
 def run(config: Config) -> pd.DataFrame:
     """One row per (policy, load, workers, fault): latency percentiles, rates, fault timings."""
-    from ..orchestrator import WorkerPool, make_policy
-    from ..provenance import device_summary
+    from ryzlab.orchestrator import WorkerPool, make_policy
+    from ryzlab.provenance import device_summary
 
     device = device_summary()["device"]
     rows = []

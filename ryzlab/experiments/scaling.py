@@ -36,11 +36,11 @@ from typing import Iterator, Literal
 import pandas as pd
 import torch
 
-from ..config import Backend, CacheConfig, Codec, Granularity, ParallelConfig, from_dict
-from ..orchestrator import launch
-from ..parallel.layout import cp_comm_bytes_formula, tp_comm_bytes_formula, tp_layout, validate_parallel, \
+from ryzlab.config import Backend, CacheConfig, Codec, Granularity, ParallelConfig, from_dict
+from ryzlab.orchestrator import launch
+from ryzlab.parallel.layout import cp_comm_bytes_formula, tp_comm_bytes_formula, tp_layout, validate_parallel, \
     wire_bytes_formula
-from ..provenance import cpu_model
+from ryzlab.provenance import cpu_model
 
 __all__ = ["Config", "run", "make_config", "scaling_efficiency"]
 
@@ -107,21 +107,21 @@ def make_config(values: dict) -> Config:
 def _tokens(model: str, n: int, length: int) -> torch.Tensor:
     """``n`` rows of ``length`` held-out stdlib tokens of ``model``'s tokenizer (wrapping): the
     same inputs at every layout."""
-    from ..corpus import token_stream
-    from ..serve.replica import tokenizer_for
+    from ryzlab.models.corpus import token_stream
+    from ryzlab.serve.replica import tokenizer_for
 
     ids = token_stream(tokenizer_for(model), n * length)
     return ids[torch.arange(n * length) % ids.numel()].view(n, length)
 
 
 def _net(cfg: Config, groups) -> torch.nn.Module:
-    from ..serve.replica import load_net
+    from ryzlab.serve.replica import load_net
 
     return load_net(cfg.model, device=groups.device, seed=cfg.seed, tp=groups.tp, dtype=cfg.dtype)[0]
 
 
 def _cache(cfg: Config, net: torch.nn.Module, groups, num_blocks: int | None = None):
-    from ..kv.cache import PagedKVCache
+    from ryzlab.kv.cache import PagedKVCache
 
     return PagedKVCache(net.local_config, cfg.cache(num_blocks), dtype=getattr(torch, cfg.dtype),
                         device=groups.device, cp=groups.cp)
@@ -186,7 +186,7 @@ def _largest_context(cfg: Config, net: torch.nn.Module, groups) -> tuple[int, fl
     The pool gets as many pages per rank as ``budget_mib`` holds (a page weighed on a real one-page
     cache); then prefill chunks run until ``allocate_slots`` says no room, halving the chunk down to
     one token. Returns (tokens held, bytes of this rank's pages)."""
-    from ..serve.runner import ModelRunner
+    from ryzlab.serve.runner import ModelRunner
 
     probe = _cache(cfg, net, groups, num_blocks=cfg.cp)   # one page per rank
     page = (probe.k.nbytes() + probe.v.nbytes()) / probe.k.capacity
@@ -208,8 +208,8 @@ def _largest_context(cfg: Config, net: torch.nn.Module, groups) -> tuple[int, fl
 
 
 def _rank_main(rank: int, world_size: int, cfg: Config, tokens: torch.Tensor) -> dict:
-    from ..parallel.mesh import init_parallel
-    from ..parallel.tp import weight_bytes
+    from ryzlab.parallel.mesh import init_parallel
+    from ryzlab.parallel.tp import weight_bytes
 
     groups = init_parallel(cfg.parallel())
     net = _net(cfg, groups)
@@ -231,7 +231,7 @@ def _rank_main(rank: int, world_size: int, cfg: Config, tokens: torch.Tensor) ->
 
 def _reference_logits(cfg: Config, tokens: torch.Tensor) -> torch.Tensor:
     """The same decode at one rank, in this process (no process group: every collective a no-op)."""
-    from ..parallel.mesh import init_parallel
+    from ryzlab.parallel.mesh import init_parallel
 
     one = Config(**{**cfg.__dict__, "tp": 1, "cp": 1})
     groups = init_parallel(ParallelConfig())
@@ -246,7 +246,7 @@ def _reference_logits(cfg: Config, tokens: torch.Tensor) -> torch.Tensor:
 
 def run(cfg: Config) -> pd.DataFrame:
     """Launch the ranks, measure prefill, decode, memory and communication; one row per decode step."""
-    from ..serve.replica import check_engine_args
+    from ryzlab.serve.replica import check_engine_args
 
     shape = check_engine_args(model=cfg.model, codec=cfg.codec, tp=cfg.tp, cp=cfg.cp, dtype=cfg.dtype)
     validate_parallel(shape, cfg.parallel(), cfg.cache())  # a bad layout fails here, before any process

@@ -22,7 +22,7 @@ What is measured (the ``engine`` and ``via`` columns say which):
   SGLang, llama.cpp, ``ryzlab serve``); nothing is started, ``device='remote'``.
 
 Over HTTP, prompts are text sized from the server's own token counts and TPOT uses the
-server's ``usage`` (see :mod:`ryzlab.serve.client`); the probe's findings are columns too.
+server's ``usage`` (see :mod:`ryzlab.loadgen.client`); the probe's findings are columns too.
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from ..config import Codec, check_choice
-from ..orchestrator.balance import PolicyName
+from ryzlab.config import Codec, check_choice
+from ryzlab.orchestrator.balance import PolicyName
 
 __all__ = ["Config", "run"]
 
@@ -99,11 +99,11 @@ class Config:
     """``completions`` or ``chat`` (over HTTP only)."""
 
     def __post_init__(self) -> None:
-        from ..config import CODECS
-        from ..orchestrator.balance import POLICY_NAMES
-        from ..serve.engine import PREEMPTIONS
-        from ..serve.loadgen import ARRIVALS
-        from ..serve.metrics import parse_slo
+        from ryzlab.config import CODECS
+        from ryzlab.orchestrator.balance import POLICY_NAMES
+        from ryzlab.serve.engine import PREEMPTIONS
+        from ryzlab.loadgen.load import ARRIVALS
+        from ryzlab.loadgen.metrics import parse_slo
 
         check_choice("policy", self.policy, POLICY_NAMES)
         check_choice("codec", self.codec, CODECS)
@@ -111,12 +111,12 @@ class Config:
         check_choice("preemption", self.preemption, PREEMPTIONS)
         check_choice("fault", self.fault, ("none", "kill"))
         check_choice("engine", self.engine, ("ryzlab", "transformers"))
-        from ..serve.client import APIS
+        from ryzlab.loadgen.client import APIS
 
         check_choice("api", self.api, APIS)
         parse_slo(self.slo)
         if self.endpoint:
-            from ..serve.loadgen_cli import check_url
+            from ryzlab.loadgen.cli import check_url
 
             check_url(self.endpoint)
         if self.endpoint or self.engine == "transformers":
@@ -138,7 +138,7 @@ class Config:
 
 
 def _load_spec(c: Config):
-    from ..serve.loadgen import LoadSpec
+    from ryzlab.loadgen.load import LoadSpec
 
     return LoadSpec(arrival=c.arrival, rate=c.rate, burstiness=c.burstiness, concurrency=c.concurrency,
                     num_requests=c.num_requests, prompt_len=c.prompt_len, output_len=c.output_len,
@@ -159,8 +159,8 @@ def _run_http(c: Config) -> pd.DataFrame:
     """Measure an endpoint (or the transformers peer, started here) over HTTP."""
     import contextlib
 
-    from ..serve.client import free_port, openai_client, probe_endpoint, serve_subprocess, served_models, server_argv
-    from ..serve.loadgen import run_load, run_sync
+    from ryzlab.loadgen.client import free_port, openai_client, probe_endpoint, serve_subprocess, served_models, server_argv
+    from ryzlab.loadgen.load import run_load, run_sync
 
     if c.endpoint:
         server = contextlib.nullcontext(c.endpoint.rstrip("/"))
@@ -188,10 +188,10 @@ def _run_http(c: Config) -> pd.DataFrame:
 def run(config: Config) -> pd.DataFrame:
     if config.endpoint or config.engine == "transformers":
         return _run_http(config)
-    from ..serve.loadgen import run_load, run_sync
-    from ..serve.client import backend_client
-    from ..serve.metrics import parse_slo
-    from ..serve.router import Router
+    from ryzlab.loadgen.load import run_load, run_sync
+    from ryzlab.loadgen.client import backend_client
+    from ryzlab.loadgen.metrics import parse_slo
+    from ryzlab.serve.router import Router
 
     c = config
     device = _device()

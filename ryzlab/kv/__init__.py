@@ -10,8 +10,8 @@ Public API (see each module's docstring):
   ``kernel=`` picks its attention path: ``torch`` (reference, CPU) or ``triton``
   (:mod:`ryzlab.kv.triton`: reads the compressed pages in registers; the default on CUDA).
 * :class:`HeadRotation` / :func:`fwht` — orthogonal (Walsh-Hadamard) rotation of K/V before quantising.
-* :mod:`ryzlab.kv.plan` — ``plan_kv``: the smallest layout within a KL budget (``ryzlab kv-plan``);
-  :mod:`ryzlab.kv.peers` — optimum-quanto's cache measured the same way.
+* :mod:`ryzlab.evaluation.plan` — ``plan_kv``: the smallest layout within a KL budget (``ryzlab kv-plan``);
+  :mod:`ryzlab.evaluation.peers` — optimum-quanto's cache measured the same way.
 """
 from ryzlab.kv.blocks import AppendResult, Block, BlockPool, FreeBlockQueue, hash_block
 from ryzlab.kv.cache import PagedKVCache, Step

@@ -68,7 +68,7 @@ from ryzlab.kv.ledger import codec_bytes_per_token, paged_ledger
 from ryzlab.kv.merge import merge_partials, pack_partial, unpack_partials
 from ryzlab.kv.pages import MATH_SCORES, LayerPages, attention_with_lse
 from ryzlab.kv.rotation import HeadRotation
-from ryzlab.model import apply_rope, rope_cos_sin, rope_inv_freq
+from ryzlab.models.transformer import apply_rope, rope_cos_sin, rope_inv_freq
 from ryzlab.parallel.comm import Comm
 
 __all__ = ["PagedKVCache", "Step"]

@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from .cache import PagedKVCache
+from ryzlab.kv.cache import PagedKVCache
 
 __all__ = ["CoherencyError", "migrate", "rebalance", "check", "blocks_per_rank"]
 

@@ -41,8 +41,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
-from ..config import CacheConfig, ModelConfig, field_names, from_dict
-from .cache import PagedKVCache
+from ryzlab.config import CacheConfig, ModelConfig, field_names, from_dict
+from ryzlab.kv.cache import PagedKVCache
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def model_config_from_hf(config: Any) -> ModelConfig:
     n_heads = text.num_attention_heads
     n_kv = getattr(text, "num_key_value_heads", None) or n_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_heads
-    from ..models.hf import _rope
+    from ryzlab.models.hf import _rope
 
     # RoPE too: a cache that stores keys before RoPE (pre_rope_keys) redoes the model's rotation
     rope = _rope(text.to_dict() if hasattr(text, "to_dict") else vars(text), "Hugging Face config")

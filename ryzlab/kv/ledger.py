@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .codecs import KVFormat
+from ryzlab.kv.codecs import KVFormat
 
 if TYPE_CHECKING:
-    from .cache import PagedKVCache
+    from ryzlab.kv.cache import PagedKVCache
 
 __all__ = ["codec_bytes_per_token", "paged_ledger"]
 

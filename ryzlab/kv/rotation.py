@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ROTATIONS, check_choice
+from ryzlab.config import ROTATIONS, check_choice
 
 __all__ = ["fwht", "hadamard", "HeadRotation"]
 

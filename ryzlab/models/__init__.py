@@ -5,7 +5,7 @@
     model, tok = load_model("~/models/SmolLM2-135M-Instruct", dtype="bfloat16", device="cuda")
     ids = tok.apply_chat_template([{"role": "user", "content": "hi"}])
 
-Every checkpoint lands in ryzlab's own :class:`ryzlab.model.Transformer`, so the paged and
+Every checkpoint lands in ryzlab's own :class:`ryzlab.models.transformer.Transformer`, so the paged and
 compressed KV cache, tensor parallelism (``load_model(..., tp=comm)`` reads only the rank's
 shard) and the serving engine apply unchanged.
 
@@ -15,11 +15,11 @@ shard) and the serving engine apply unchanged.
 * :mod:`.tokenizer` — byte, ``tokenizer.json`` and GGUF tokenizers, chat templates;
 * :mod:`.loader` — :func:`load_model`.
 """
-from .gguf import GGUF_ARCHITECTURES
-from .hf import HF_ARCHITECTURES
-from .loader import load_model, load_tokenizer
-from .source import DTYPES, MODEL_CHOICES, ModelSource, check_model, resolve_dtype, smollm2_gguf_path
-from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, render_chat_template
+from ryzlab.models.gguf import GGUF_ARCHITECTURES
+from ryzlab.models.hf import HF_ARCHITECTURES
+from ryzlab.models.loader import load_model, load_tokenizer
+from ryzlab.models.source import DTYPES, MODEL_CHOICES, ModelSource, check_model, resolve_dtype, smollm2_gguf_path
+from ryzlab.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, render_chat_template
 
 __all__ = ["MODEL_CHOICES", "ModelSource", "check_model", "load_model", "load_tokenizer", "resolve_dtype", "DTYPES",
            "Tokenizer", "ByteTokenizer", "HFTokenizer", "render_chat_template", "smollm2_gguf_path",

@@ -24,8 +24,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ..config import ModelConfig
-from .source import ModelSource, check_shapes, expected_shapes
+from ryzlab.config import ModelConfig
+from ryzlab.models.source import ModelSource, check_shapes, expected_shapes
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _llama3_from_rope_freqs(cfg: ModelConfig, factors: np.ndarray, meta: dict[st
     3.1's 1 / 4 / 8192 (metadata wins where present). No match -> error, never a guess."""
     import dataclasses
 
-    from ..model import rope_inv_freq
+    from ryzlab.models.transformer import rope_inv_freq
 
     a = f"{meta.get('general.architecture')}."
     cand = dataclasses.replace(
@@ -197,7 +197,7 @@ class GGUFCheckpoint:
         if spec is None or spec[0] == 1:
             runs, cols = [(0, n_rows)], None if spec is None else spec[1]
         else:
-            from .hf import _runs
+            from ryzlab.models.hf import _runs
 
             runs, cols = _runs(spec[1]), None
         pos = 0
@@ -223,7 +223,7 @@ def _unpermute(w: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=4)
 def _check(path: Path, key: tuple[str, int, int]) -> tuple[ModelSource, GGUFCheckpoint]:
-    from .tokenizer import GGUF_TOKENIZER_MODELS
+    from ryzlab.models.tokenizer import GGUF_TOKENIZER_MODELS
 
     where = str(path)
     ckpt = GGUFCheckpoint(path)

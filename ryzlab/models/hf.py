@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from ..config import ModelConfig
-from .source import ModelSource, check_shapes, expected_shapes
+from ryzlab.config import ModelConfig
+from ryzlab.models.source import ModelSource, check_shapes, expected_shapes
 
 log = logging.getLogger(__name__)
 

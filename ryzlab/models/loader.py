@@ -1,4 +1,4 @@
-"""``load_model(spec)``: any supported checkpoint -> ryzlab's own :class:`~ryzlab.model.Transformer` + tokenizer.
+"""``load_model(spec)``: any supported checkpoint -> ryzlab's own :class:`~ryzlab.models.transformer.Transformer` + tokenizer.
 
 One path for every checkpoint format and every tensor-parallel size:
 
@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..config import ModelConfig, ParallelConfig
-from ..model import Transformer, rope_inv_freq
-from .source import ModelSource, check_model, meta_skeleton, resolve_dtype
-from .tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_folder, tokenizer_from_gguf
+from ryzlab.config import ModelConfig, ParallelConfig
+from ryzlab.models.transformer import Transformer, rope_inv_freq
+from ryzlab.models.source import ModelSource, check_model, meta_skeleton, resolve_dtype
+from ryzlab.models.tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_folder, tokenizer_from_gguf
 
 if TYPE_CHECKING:
-    from ..parallel import Comm
+    from ryzlab.parallel import Comm
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ def load_tokenizer(spec: str | ModelSource) -> Tokenizer:
         return ByteTokenizer()
     if src.kind == "hf":
         return tokenizer_from_folder(src.path)
-    from .gguf import open_gguf_file
-    from .source import _file_key
+    from ryzlab.models.gguf import open_gguf_file
+    from ryzlab.models.source import _file_key
 
     _, ckpt = open_gguf_file(src.path, _file_key(src.path))
     return tokenizer_from_gguf(ckpt.meta, name=src.name)
@@ -72,14 +72,14 @@ def load_model(spec: str, *, dtype: str | torch.dtype | None = None, device: str
     torch_dtype = resolve_dtype(dtype, src, device)
     ws = 1 if tp is None else tp.world_size
     if ws > 1:
-        from ..parallel import validate_parallel
+        from ryzlab.parallel import validate_parallel
 
         validate_parallel(cfg, ParallelConfig(tp=ws))
     t0 = time.perf_counter()
     if src.kind in ("reference", "random", "checkpoint"):
         model = _builtin(src, cfg, torch_dtype, device, seed)
         if tp is not None:
-            from ..parallel import apply_tp
+            from ryzlab.parallel import apply_tp
 
             apply_tp(model, tp)
         tok: Tokenizer = ByteTokenizer()
@@ -97,7 +97,7 @@ def load_model(spec: str, *, dtype: str | torch.dtype | None = None, device: str
 
 def _builtin(src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int) -> Transformer:
     if src.kind in ("reference", "checkpoint"):  # a few MB: loaded whole, then sliced by apply_tp
-        from ..model import load_checkpoint
+        from ryzlab.models.transformer import load_checkpoint
 
         return load_checkpoint(src.path, dtype=dtype, device=device)[0]
     devices = [device] if device.type == "cuda" else []
@@ -108,18 +108,18 @@ def _builtin(src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device: tor
 
 
 def _from_checkpoint(src: ModelSource, dtype: torch.dtype, device: torch.device, tp: Comm | None) -> Transformer:
-    from ..parallel import apply_tp, shard_spec
-    from ..parallel.layout import tp_layout
-    from .source import _file_key
+    from ryzlab.parallel import apply_tp, shard_spec
+    from ryzlab.parallel.layout import tp_layout
+    from ryzlab.models.source import _file_key
 
     cfg = src.config
     if src.kind == "hf":
-        from .hf import hf_name, open_hf_folder
+        from ryzlab.models.hf import hf_name, open_hf_folder
 
         _, ckpt = open_hf_folder(src.path, _file_key(src.path / "config.json"))
         to_file, read = hf_name, ckpt.read_into
     else:
-        from .gguf import gguf_name, open_gguf_file
+        from ryzlab.models.gguf import gguf_name, open_gguf_file
 
         _, ckpt = open_gguf_file(src.path, _file_key(src.path))
         to_file = gguf_name

@@ -1,7 +1,7 @@
 """What a ``--model`` string names, checked before any weight is read: :func:`check_model`.
 
 ``reference`` (the shipped byte-level checkpoint), ``random`` (a seeded random
-:class:`ryzlab.model.Transformer`), a Hugging Face folder (``config.json`` + ``*.safetensors``)
+:class:`ryzlab.models.transformer.Transformer`), a Hugging Face folder (``config.json`` + ``*.safetensors``)
 or a ``.gguf`` file. :func:`check_model` reads only metadata — ``config.json``, safetensors
 headers (the JSON at the start of each file) or a GGUF header — and raises one ``ValueError``
 naming what is supported, so a sweep rejects a bad point before any process starts.
@@ -20,7 +20,7 @@ from typing import Any, Iterator, Literal, get_args
 
 import torch
 
-from ..config import ModelConfig
+from ryzlab.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ __all__ = ["MODEL_CHOICES", "ModelKind", "ModelSource", "check_model", "DTYPES",
            "expected_shapes", "check_shapes", "meta_skeleton", "smollm2_gguf_path", "SMOLLM2_GGUF"]
 
 MODEL_CHOICES = ("'reference', 'random', a Hugging Face folder (config.json + *.safetensors), a .gguf file "
-                 "or a ryzlab checkpoint (.safetensors + .json, as `python -m ryzlab.train --out` writes)")
+                 "or a ryzlab checkpoint (.safetensors + .json, as `python -m ryzlab.models.train --out` writes)")
 ModelKind = Literal["reference", "random", "checkpoint", "hf", "gguf"]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,7 +77,7 @@ def _no_init() -> Iterator[None]:
     nothing to do with the weights. Both are skipped while the skeleton is built; the loader sets
     the real RoPE frequencies afterwards.
     """
-    from .. import model as model_module
+    from ryzlab.models import transformer as model_module
 
     names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_")
     saved = {n: getattr(torch.nn.init, n) for n in names}
@@ -94,15 +94,15 @@ def _no_init() -> Iterator[None]:
 
 
 def meta_skeleton(cfg: ModelConfig) -> Any:
-    """A :class:`~ryzlab.model.Transformer` of ``cfg`` on the meta device: shapes, no memory, no init."""
-    from ..model import Transformer
+    """A :class:`~ryzlab.models.transformer.Transformer` of ``cfg`` on the meta device: shapes, no memory, no init."""
+    from ryzlab.models.transformer import Transformer
 
     with _no_init(), torch.device("meta"):
         return Transformer(cfg)
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Parameter name -> shape of a :class:`~ryzlab.model.Transformer` of ``cfg`` (tied output omitted)."""
+    """Parameter name -> shape of a :class:`~ryzlab.models.transformer.Transformer` of ``cfg`` (tied output omitted)."""
     return {n: tuple(p.shape) for n, p in meta_skeleton(cfg).named_parameters()}
 
 
@@ -153,11 +153,11 @@ def check_model(spec: str) -> ModelSource:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise _bad(spec, f"folder {path} has no config.json")
-        from .hf import check_hf_folder
+        from ryzlab.models.hf import check_hf_folder
 
         return check_hf_folder(path, _file_key(path / "config.json"))
     if path.suffix.lower() == ".gguf":
-        from .gguf import check_gguf_file
+        from ryzlab.models.gguf import check_gguf_file
 
         return check_gguf_file(path, _file_key(path))
     if path.suffix == ".safetensors":
@@ -166,8 +166,8 @@ def check_model(spec: str) -> ModelSource:
 
 
 def _ryzlab_checkpoint(spec: object, path: Path, kind: ModelKind = "checkpoint", name: str | None = None) -> ModelSource:
-    """A checkpoint written by :func:`ryzlab.model.save_checkpoint` (its config in ``<stem>.json``)."""
-    from ..config import ConfigError, from_dict
+    """A checkpoint written by :func:`ryzlab.models.transformer.save_checkpoint` (its config in ``<stem>.json``)."""
+    from ryzlab.config import ConfigError, from_dict
 
     meta_path = path.with_suffix(".json")
     try:
@@ -185,7 +185,7 @@ def _ryzlab_checkpoint(spec: object, path: Path, kind: ModelKind = "checkpoint",
 
 @functools.lru_cache(maxsize=2)
 def _keyword(spec: str) -> ModelSource:
-    from ..model import REFERENCE_CHECKPOINT
+    from ryzlab.models.transformer import REFERENCE_CHECKPOINT
 
     if spec == "random":
         cfg = ModelConfig()

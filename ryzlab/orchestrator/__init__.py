@@ -5,18 +5,18 @@ Public names (the seed's included): ``launch``, ``init_from_env``, ``Distributed
 workers on ``ProcessPool``, the one worker pool the serving router runs on too),
 ``simulate``/``SimConfig`` and ``run_live``/``LiveConfig`` (same policy code, ``mode`` says which).
 """
-from .balance import (POLICY_NAMES, LeastOutstanding, PolicyName, PowerOfTwo, PrefixAffinity, Request,
+from ryzlab.orchestrator.balance import (POLICY_NAMES, LeastOutstanding, PolicyName, PowerOfTwo, PrefixAffinity, Request,
                       RoundRobin, WorkerView, make_policy)
-from .faults import FaultRecord, WorkerPool
-from .health import DeviceHealth, GPUHealthMonitor, GPUStats, Thresholds, classify
-from .launch import (DistContext, LaunchError, LaunchTimeoutError, RankFailedError, choose_backend,
+from ryzlab.orchestrator.faults import FaultRecord, WorkerPool
+from ryzlab.orchestrator.health import DeviceHealth, GPUHealthMonitor, GPUStats, Thresholds, classify
+from ryzlab.orchestrator.launch import (DistContext, LaunchError, LaunchTimeoutError, RankFailedError, choose_backend,
                      init_from_env, launch)
-from .live import LiveConfig, run_live
-from .orchestrator import DistributedOrchestrator
-from .pool import ProcessPool, reroute
-from .placement import device_for_rank, device_score, optimal_device
-from .sim import FAULTS, SimConfig, simulate
-from .stats import LatencyStats, StatsCollector
+from ryzlab.orchestrator.live import LiveConfig, run_live
+from ryzlab.orchestrator.orchestrator import DistributedOrchestrator
+from ryzlab.orchestrator.pool import ProcessPool, reroute
+from ryzlab.orchestrator.placement import device_for_rank, device_score, optimal_device
+from ryzlab.orchestrator.sim import FAULTS, SimConfig, simulate
+from ryzlab.orchestrator.stats import LatencyStats, StatsCollector
 
 __all__ = [
     "launch", "init_from_env", "choose_backend", "DistContext", "LaunchError", "RankFailedError",

@@ -19,9 +19,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .balance import Request
-from .pool import INJECT_KINDS, FaultRecord, InjectKind, ProcessPool, Slot, reroute
-from .stats import StatsCollector
+from ryzlab.orchestrator.balance import Request
+from ryzlab.orchestrator.pool import INJECT_KINDS, FaultRecord, InjectKind, ProcessPool, Slot, reroute
+from ryzlab.orchestrator.stats import StatsCollector
 
 __all__ = ["WorkerPool", "FaultRecord", "UnitRecord", "InjectKind", "INJECT_KINDS"]
 
@@ -56,7 +56,7 @@ class WorkerPool(ProcessPool):
                              f"{heartbeat_interval_s}, {heartbeat_timeout_s}")
         if mean_work_ms <= 0 or max_attempts < 1:
             raise ValueError(f"need mean_work_ms > 0 and max_attempts >= 1, got {mean_work_ms}, {max_attempts}")
-        from .launch import mp_context
+        from ryzlab.orchestrator.launch import mp_context
 
         super().__init__(n_workers, policy, ctx=mp_context("forkserver"),  # a restart forks in ms
                          heartbeat_interval_s=heartbeat_interval_s, heartbeat_timeout_s=heartbeat_timeout_s,
@@ -84,7 +84,7 @@ class WorkerPool(ProcessPool):
         self.close()
 
     def _worker_process(self, slot: Slot, tasks: Any, results: Any) -> Any:
-        from .worker import worker_main
+        from ryzlab.orchestrator.worker import worker_main
 
         return self._ctx.Process(target=worker_main, daemon=True, name=f"ryzlab-worker{slot.index}",
                                  args=(slot.index, self.mean_work_ms, self.hb_interval, tasks, results, os.getpid()))

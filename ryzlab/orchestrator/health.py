@@ -182,7 +182,7 @@ def read_host(device_id: int = 0) -> GPUStats:
     """Host CPU/RAM readings through psutil, labelled ``source="host"`` (there is no GPU)."""
     import psutil
 
-    from ..provenance import cpu_model
+    from ryzlab.provenance import cpu_model
 
     vm = psutil.virtual_memory()
     temp = None
@@ -275,7 +275,7 @@ class GPUHealthMonitor:
 
     def get_least_loaded_device(self) -> int | None:
         """Healthy device with the lowest utilization (then memory use); None if none is fit."""
-        from .placement import device_score
+        from ryzlab.orchestrator.placement import device_score
 
         cands = self.get_healthy_devices(include_degraded=False) or self.get_healthy_devices()
         if not cands:

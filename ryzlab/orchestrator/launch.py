@@ -33,7 +33,7 @@ from datetime import timedelta
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterator, Literal, get_args
 
-from ..config import BACKENDS, check_choice
+from ryzlab.config import BACKENDS, check_choice
 
 log = logging.getLogger(__name__)
 

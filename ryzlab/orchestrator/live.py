@@ -13,10 +13,10 @@ import os
 import time
 from dataclasses import dataclass
 
-from .balance import make_policy
-from .faults import WorkerPool
-from .sim import Fault, check_run_choices
-from .workload import make_requests
+from ryzlab.orchestrator.balance import make_policy
+from ryzlab.orchestrator.faults import WorkerPool
+from ryzlab.orchestrator.sim import Fault, check_run_choices
+from ryzlab.orchestrator.workload import make_requests
 
 __all__ = ["LiveConfig", "run_live", "nominal_capacity_rps"]
 

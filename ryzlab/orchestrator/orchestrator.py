@@ -16,11 +16,11 @@ import logging
 import os
 from typing import Any
 
-from ..config import BACKENDS, check_choice
-from .health import GPUHealthMonitor
-from .launch import DistContext, init_from_env
-from .placement import device_for_rank, device_name, optimal_device
-from .stats import StatsCollector
+from ryzlab.config import BACKENDS, check_choice
+from ryzlab.orchestrator.health import GPUHealthMonitor
+from ryzlab.orchestrator.launch import DistContext, init_from_env
+from ryzlab.orchestrator.placement import device_for_rank, device_name, optimal_device
+from ryzlab.orchestrator.stats import StatsCollector
 
 __all__ = ["DistributedOrchestrator"]
 

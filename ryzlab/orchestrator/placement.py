@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .health import DeviceHealth, GPUStats
+from ryzlab.orchestrator.health import DeviceHealth, GPUStats
 
 if TYPE_CHECKING:
-    from .health import GPUHealthMonitor
+    from ryzlab.orchestrator.health import GPUHealthMonitor
 
 __all__ = ["device_for_rank", "device_score", "optimal_device", "device_name"]
 

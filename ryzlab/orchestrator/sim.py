@@ -28,10 +28,10 @@ if TYPE_CHECKING:
 
 import numpy as np
 
-from ..config import check_choice
-from .balance import POLICY_NAMES, Request, make_policy
-from .pool import reroute
-from .workload import PREFIX_CACHE_SIZE, PREFIX_HIT_COST, SIZE_DISTS, make_requests
+from ryzlab.config import check_choice
+from ryzlab.orchestrator.balance import POLICY_NAMES, Request, make_policy
+from ryzlab.orchestrator.pool import reroute
+from ryzlab.orchestrator.workload import PREFIX_CACHE_SIZE, PREFIX_HIT_COST, SIZE_DISTS, make_requests
 
 __all__ = ["SimConfig", "simulate", "Fault", "FAULTS"]
 

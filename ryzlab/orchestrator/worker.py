@@ -65,8 +65,8 @@ def worker_main(index: int, mean_work_ms: float, heartbeat_interval_s: float, ta
     """
     import numpy as np
 
-    from .launch import exit_with_parent
-    from .workload import PREFIX_CACHE_SIZE, PREFIX_HIT_COST
+    from ryzlab.orchestrator.launch import exit_with_parent
+    from ryzlab.orchestrator.workload import PREFIX_CACHE_SIZE, PREFIX_HIT_COST
 
     exit_with_parent(pool_pid)
     rng = np.random.default_rng(index)

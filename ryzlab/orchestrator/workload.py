@@ -12,7 +12,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from .balance import Request
+from ryzlab.orchestrator.balance import Request
 
 __all__ = ["SizeDist", "SIZE_DISTS", "sample_sizes", "make_requests", "Arrival", "PREFIX_HIT_COST", "PREFIX_CACHE_SIZE"]
 

@@ -11,11 +11,11 @@ Context parallelism itself lives in the one KV stack: :class:`ryzlab.kv.cache.Pa
 built with ``cp=`` stores its rank's share of every sequence's blocks and merges attention
 partials exactly.
 """
-from .comm import Comm, CommLedger, CommRecord
-from .layout import (TPLayout, cp_comm_bytes_formula, tp_comm_bytes_formula, tp_layout, valid_tp_sizes,
+from ryzlab.parallel.comm import Comm, CommLedger, CommRecord
+from ryzlab.parallel.layout import (TPLayout, cp_comm_bytes_formula, tp_comm_bytes_formula, tp_layout, valid_tp_sizes,
                      validate_parallel, wire_bytes_formula)
-from .mesh import ParallelGroups, init_parallel
-from .tp import apply_tp, local_config, shard_spec, weight_bytes
+from ryzlab.parallel.mesh import ParallelGroups, init_parallel
+from ryzlab.parallel.tp import apply_tp, local_config, shard_spec, weight_bytes
 
 __all__ = ["Comm", "CommLedger", "CommRecord", "TPLayout", "tp_layout", "valid_tp_sizes", "validate_parallel",
            "tp_comm_bytes_formula", "cp_comm_bytes_formula", "wire_bytes_formula", "ParallelGroups",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import CacheConfig, ConfigError, ModelConfig, ParallelConfig
+from ryzlab.config import CacheConfig, ConfigError, ModelConfig, ParallelConfig
 
 __all__ = ["TPLayout", "tp_layout", "valid_tp_sizes", "validate_parallel", "tp_comm_bytes_formula",
            "cp_comm_bytes_formula", "wire_bytes_formula"]

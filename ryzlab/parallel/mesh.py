@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..config import ParallelConfig
-from .comm import Comm
+from ryzlab.config import ParallelConfig
+from ryzlab.parallel.comm import Comm
 
 __all__ = ["ParallelGroups", "init_parallel", "CONTROL_TIMEOUT_S"]
 

@@ -1,6 +1,6 @@
 """Tensor parallelism applied to a built model, gpt-fast style: ``apply_tp(model, comm)``.
 
-The model (:mod:`ryzlab.model`) knows nothing about ranks. Afterwards, on tp rank ``r``:
+The model (:mod:`ryzlab.models.transformer`) knows nothing about ranks. Afterwards, on tp rank ``r``:
 
 * ``wq``, ``wk``, ``wv``, ``w1``, ``w3`` are column-parallel: they keep the output rows of the
   rank's query heads, KV heads (a replicated KV head is kept whole by each of its ranks) and MLP
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
-from .comm import Comm
-from .layout import TPLayout, tp_layout
+from ryzlab.config import ModelConfig
+from ryzlab.parallel.comm import Comm
+from ryzlab.parallel.layout import TPLayout, tp_layout
 
 __all__ = ["apply_tp", "shard_spec", "local_config", "weight_bytes"]
 
@@ -47,7 +47,7 @@ def _head_rows(heads: tuple[int, ...], head_dim: int) -> torch.Tensor:
 def shard_spec(name: str, model: ModelConfig, layout: TPLayout) -> tuple[int, torch.Tensor] | None:
     """``(dim, indices)`` of parameter ``name`` that ``layout``'s rank keeps, or None (whole).
 
-    ``name`` is a :class:`ryzlab.model.Transformer` parameter name. Row-parallel biases are
+    ``name`` is a :class:`ryzlab.models.transformer.Transformer` parameter name. Row-parallel biases are
     whole (added once after the all-reduce).
     """
     m = _NAME.search(name)
@@ -86,7 +86,7 @@ def _row_parallel_forward(mod: nn.Linear, comm: Comm) -> Any:
 
 
 def apply_tp(model: nn.Module, comm: Comm) -> nn.Module:
-    """Shard ``model`` (a :class:`ryzlab.model.Transformer`) in place over ``comm``'s ranks.
+    """Shard ``model`` (a :class:`ryzlab.models.transformer.Transformer`) in place over ``comm``'s ranks.
 
     ``comm`` is the tensor-parallel group (:class:`ryzlab.parallel.comm.Comm`; its rank is the tp
     rank). Works on a meta-device skeleton too (shapes only: a loader then fills the shards).

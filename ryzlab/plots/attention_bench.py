@@ -5,7 +5,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import NullLocator
 import pandas as pd
 
-from . import from_zero, plot_series, show_figure, show_table, show_text, wide_range
+from ryzlab.plots import from_zero, plot_series, show_figure, show_table, show_text, wide_range
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:

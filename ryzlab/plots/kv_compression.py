@@ -7,8 +7,8 @@ from typing import Any
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from ..kv.plan import pareto_front
-from . import from_zero, plot_series, show_figure, show_table, sig3, wide_range
+from ryzlab.evaluation.plan import pareto_front
+from ryzlab.plots import from_zero, plot_series, show_figure, show_table, sig3, wide_range
 
 LAYOUT = ["codec", "key_granularity", "value_granularity", "group_size", "symmetric", "residual", "block_size",
           "rotation", "layer_codecs", "peer", "model_name", "text"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from . import from_zero, plot_series, show_figure, show_table, show_text, sig3, wide_range
+from ryzlab.plots import from_zero, plot_series, show_figure, show_table, show_text, sig3, wide_range
 
 KEYS = ["mode", "device", "workers", "fault", "policy", "load"]
 FAULT_COLS = ["time_to_detect_s", "time_to_recover_s", "rerouted", "work_lost", "error_rate"]

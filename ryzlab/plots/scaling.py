@@ -4,8 +4,8 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from ..experiments.scaling import scaling_efficiency
-from . import bytes_axis, human_bytes, plot_series, show_figure, show_table, show_text, sig3
+from ryzlab.experiments.scaling import scaling_efficiency
+from ryzlab.plots import bytes_axis, human_bytes, plot_series, show_figure, show_table, show_text, sig3
 
 
 def report(df: pd.DataFrame) -> None:

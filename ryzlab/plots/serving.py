@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from . import from_zero, plot_series, show_figure, show_table, show_text, sig3, wide_range
+from ryzlab.plots import from_zero, plot_series, show_figure, show_table, show_text, sig3, wide_range
 
 CONFIG = ["device", "engine", "workers", "policy", "codec", "rate"]
 TTFT_BOUND_MS = 1000.0
@@ -61,7 +61,7 @@ def slo_table(df: pd.DataFrame) -> pd.DataFrame:
 def slo_limits(slo: str | None) -> dict[str, float]:
     """p99 limits in ms from a run's ``slo`` string ("ttft:2000,tpot:250"); the seed's
     P99 TPOT < 50 ms when the run set none."""
-    from ..serve.metrics import parse_slo
+    from ryzlab.loadgen.metrics import parse_slo
 
     parsed = parse_slo(slo if isinstance(slo, str) else None)
     limits = {k: v for k, v in (("ttft", parsed.ttft), ("tpot", parsed.tpot)) if v is not None}

@@ -10,7 +10,7 @@ from typing import Callable
 
 import pandas as pd
 
-from . import human_bytes, sig3
+from ryzlab.plots import human_bytes, sig3
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def _row(result: str, value: str, basis: str) -> dict:
 
 
 def attention_bench(df: pd.DataFrame) -> list[dict]:
-    from .attention_bench import summarize
+    from ryzlab.plots.attention_bench import summarize
 
     s = summarize(df)
     rows = []
@@ -42,7 +42,7 @@ def attention_bench(df: pd.DataFrame) -> list[dict]:
 
 
 def kv_compression(df: pd.DataFrame) -> list[dict]:
-    from .kv_compression import summarize
+    from ryzlab.plots.kv_compression import summarize
 
     s = summarize(df)
     dev = _devices(df)
@@ -67,7 +67,7 @@ def kv_compression(df: pd.DataFrame) -> list[dict]:
 
 
 def serving(df: pd.DataFrame) -> list[dict]:
-    from .serving import max_rate_under_slo
+    from ryzlab.plots.serving import max_rate_under_slo
 
     t = max_rate_under_slo(df)
     rows = []
@@ -85,7 +85,7 @@ def serving(df: pd.DataFrame) -> list[dict]:
 
 
 def scaling(df: pd.DataFrame) -> list[dict]:
-    from ..experiments.scaling import scaling_efficiency
+    from ryzlab.experiments.scaling import scaling_efficiency
 
     s = scaling_efficiency(df)
     top = s[s["world_size"] == s["world_size"].max()]

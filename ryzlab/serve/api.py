@@ -33,10 +33,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .guard import Guard, allowed_hosts_for, error_body
-from .output import ChoiceText, Delta, Formatter, usage
-from .prom import CONTENT_TYPE, ServeMetrics
-from .protocol import CompletionParams, GenerationRequest, ModelInfo, RequestError, parse_chat, parse_completion, \
+from ryzlab.serve.guard import Guard, allowed_hosts_for, error_body
+from ryzlab.serve.output import ChoiceText, Delta, Formatter, usage
+from ryzlab.serve.prom import CONTENT_TYPE, ServeMetrics
+from ryzlab.serve.protocol import CompletionParams, GenerationRequest, ModelInfo, RequestError, parse_chat, parse_completion, \
     parse_json
 
 __all__ = ["create_app", "Backend", "CompletionParams", "RequestError", "json_safe", "ServeLimits"]

@@ -6,8 +6,8 @@ import logging
 import os
 from typing import Any
 
-from ..config import CODECS
-from .engine import PREEMPTIONS
+from ryzlab.config import CODECS
+from ryzlab.serve.engine import PREEMPTIONS
 
 __all__ = ["add_parser", "cmd_serve", "make_backend", "serve_limits", "check_exposure"]
 
@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``serve`` subcommand to ``ryzlab``'s subparsers."""
-    from ..orchestrator.balance import POLICY_NAMES
+    from ryzlab.orchestrator.balance import POLICY_NAMES
 
     s = subparsers.add_parser(
         "serve", help="serve a model over HTTP (OpenAI-compatible /v1/completions, /v1/chat/completions, "
@@ -79,9 +79,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def make_backend(args: argparse.Namespace) -> Any:
     """An :class:`AsyncEngine` (``--workers 1``) or a started :class:`Router`; validated first."""
-    from .engine import AsyncEngine, EngineConfig
-    from .replica import build_engine, check_engine_args
-    from .router import Router
+    from ryzlab.serve.engine import AsyncEngine, EngineConfig
+    from ryzlab.serve.replica import build_engine, check_engine_args
+    from ryzlab.serve.router import Router
 
     for name in ("workers", "tp", "cp"):
         if getattr(args, name) < 1:
@@ -105,7 +105,7 @@ def make_backend(args: argparse.Namespace) -> Any:
 
 def check_exposure(args: argparse.Namespace) -> None:
     """Binding beyond loopback needs ``--api-key`` or an explicit ``--no-auth`` (raises otherwise)."""
-    from .guard import is_loopback
+    from ryzlab.serve.guard import is_loopback
 
     if getattr(args, "api_key", None) is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty")
@@ -116,7 +116,7 @@ def check_exposure(args: argparse.Namespace) -> None:
 
 def serve_limits(args: argparse.Namespace) -> Any:
     """The API's :class:`ServeLimits` from the flags (raises ``ValueError`` for bad values)."""
-    from .api import ServeLimits
+    from ryzlab.serve.api import ServeLimits
 
     pending = args.max_pending if args.max_pending is not None else 4 * args.max_num_seqs * args.workers
     return ServeLimits(max_pending=pending, request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
@@ -133,7 +133,7 @@ def model_name(model: str) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .api import create_app
+    from ryzlab.serve.api import create_app
 
     backend = make_backend(args)
     app = create_app(backend, host=args.host, allowed_hosts=tuple(args.allowed_host), api_key=args.api_key,

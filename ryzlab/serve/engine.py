@@ -42,8 +42,8 @@ from typing import Any, AsyncIterator, Literal, get_args
 
 import torch
 
-from ..config import check_choice
-from .sampling import INT64, MAX_LOGPROBS, Logprob, SamplingParams, TokenChunk, sample
+from ryzlab.config import check_choice
+from ryzlab.serve.sampling import INT64, MAX_LOGPROBS, Logprob, SamplingParams, TokenChunk, sample
 
 __all__ = ["EngineConfig", "Engine", "AsyncEngine", "Preemption", "PREEMPTIONS", "SamplingParams",
            "StepOutput", "EngineError", "RequestRejected", "TokenChunk", "MAX_LOGPROBS", "INT64"]
@@ -154,7 +154,7 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, cache: Any, config: EngineConfig = EngineConfig(), *,
                  control: Any = None):
-        from .runner import ModelRunner
+        from ryzlab.serve.runner import ModelRunner
 
         self.model = model
         self.cache = cache

@@ -50,8 +50,8 @@ def hf_model(spec: str, *, dtype: torch.dtype = torch.float32) -> Any:
 
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from ..models import check_model, load_model
-    from ..models.hf import hf_name
+    from ryzlab.models import check_model, load_model
+    from ryzlab.models.hf import hf_name
 
     src = check_model(spec)
     if src.kind in ("reference", "random", "checkpoint"):
@@ -221,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--host {a.host!r}: the peer has no authentication; it binds loopback only (127.0.0.1, ::1)")
     import uvicorn
 
-    from ..models import load_tokenizer
-    from .cli import model_name
+    from ryzlab.models import load_tokenizer
+    from ryzlab.serve.cli import model_name
 
     if a.threads:
         torch.set_num_threads(a.threads)

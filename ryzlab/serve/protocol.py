@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from .sampling import INT64, MAX_LOGPROBS, SamplingParams
+from ryzlab.serve.sampling import INT64, MAX_LOGPROBS, SamplingParams
 
 __all__ = ["RequestError", "CompletionParams", "GenerationRequest", "ModelInfo", "parse_json", "parse_completion",
            "parse_chat", "MAX_CHOICES", "MAX_STOP"]
@@ -65,7 +65,7 @@ class ModelInfo:
 
     @classmethod
     def of(cls, backend: Any) -> "ModelInfo":
-        from ..models.tokenizer import ByteTokenizer
+        from ryzlab.models.tokenizer import ByteTokenizer
 
         tok = getattr(backend, "tokenizer", None)
         if tok is None and backend.vocab_size == 256:

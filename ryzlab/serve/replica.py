@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from ..config import CODECS, CacheConfig, ConfigError, ModelConfig, ParallelConfig, check_choice
-from .engine import Engine, EngineConfig
+from ryzlab.config import CODECS, CacheConfig, ConfigError, ModelConfig, ParallelConfig, check_choice
+from ryzlab.serve.engine import Engine, EngineConfig
 
 __all__ = ["check_engine_args", "build_engine", "start_replica", "replica_rank_main", "load_net", "tokenizer_for"]
 
@@ -32,8 +32,8 @@ def check_engine_args(*, model: str = "reference", codec: str = "none", device: 
 
     Reads no weights (a checkpoint's metadata only); returns the model's shape.
     """
-    from ..models import DTYPES, check_model
-    from ..parallel.layout import validate_parallel
+    from ryzlab.models import DTYPES, check_model
+    from ryzlab.parallel.layout import validate_parallel
 
     check_choice("codec", codec, CODECS)
     if not (device == "cpu" or str(device).startswith("cuda")):
@@ -51,7 +51,7 @@ def check_engine_args(*, model: str = "reference", codec: str = "none", device: 
 
 def tokenizer_for(model: str) -> Any:
     """The tokenizer of ``model`` (tokenizer files or GGUF metadata only; the reference model's bytes)."""
-    from ..models import load_tokenizer
+    from ryzlab.models import load_tokenizer
 
     return load_tokenizer(model)
 
@@ -61,7 +61,7 @@ def load_net(model: str, *, device: str | torch.device = "cpu", seed: int = 0,
              ) -> tuple[torch.nn.Module, Any]:
     """The model of one rank and its tokenizer: loaded (only this rank's shard under ``tp``, a
     Comm) or random. See :func:`ryzlab.models.load_model`."""
-    from ..models import load_model
+    from ryzlab.models import load_model
 
     return load_model(model, dtype=dtype, device=device, tp=tp, model_config=model_config, seed=seed)
 
@@ -79,7 +79,7 @@ def build_engine(*, model: str = "reference", codec: str = "none", block_size: i
                       model_config=model_config, dtype=dtype)
     if groups is None and tp * cp != 1:
         raise ValueError(f"tp={tp} x cp={cp} needs the replica's process groups (start_replica / launch)")
-    from ..kv.cache import PagedKVCache
+    from ryzlab.kv.cache import PagedKVCache
 
     cache_config = CacheConfig(codec=codec, block_size=block_size, num_blocks=num_blocks,
                                enable_prefix_caching=config.enable_prefix_caching)
@@ -105,7 +105,7 @@ def _engine_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
 
 def replica_rank_main(rank: int, world_size: int, engine_kwargs: dict[str, Any]) -> int:
     """A non-driver rank of a replica: build its shard and engine, follow the driver's plans."""
-    from ..parallel.mesh import init_parallel
+    from ryzlab.parallel.mesh import init_parallel
 
     kw = _engine_kwargs(engine_kwargs)
     groups = init_parallel(ParallelConfig(tp=kw.get("tp", 1), cp=kw.get("cp", 1)))
@@ -124,8 +124,8 @@ def start_replica(engine_kwargs: dict[str, Any], *, threads: int | None = None,
     check_engine_args(**kw)
     if tp * cp == 1:
         return build_engine(threads=threads, **kw)
-    from ..orchestrator.launch import join_group, start_ranks
-    from ..parallel.mesh import init_parallel
+    from ryzlab.orchestrator.launch import join_group, start_ranks
+    from ryzlab.parallel.mesh import init_parallel
 
     world = tp * cp
     ranks = start_ranks(replica_rank_main, world, range(1, world), args=(engine_kwargs,),

@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from ..orchestrator.pool import ProcessPool, Slot, reroute
-from .engine import EngineError
-from .worker import HEARTBEAT_S, worker_main
+from ryzlab.orchestrator.pool import ProcessPool, Slot, reroute
+from ryzlab.serve.engine import EngineError
+from ryzlab.serve.worker import HEARTBEAT_S, worker_main
 
 __all__ = ["Router", "RouteRequest"]
 
@@ -61,11 +61,11 @@ class Router(ProcessPool):
                  heartbeat_timeout_s: float = 2.0, restart: bool = True, max_reroutes: int = 2,
                  affinity_tokens: int = 32, model_name: str = "ryzlab-reference", seed: int = 0,
                  start_timeout_s: float = 120.0, progress_timeout_s: float | None = 120.0):
-        from ..orchestrator.balance import make_policy
-        from ..orchestrator.launch import mp_context
-        from ..orchestrator.stats import StatsCollector
-        from .engine import EngineConfig
-        from .replica import check_engine_args, tokenizer_for
+        from ryzlab.orchestrator.balance import make_policy
+        from ryzlab.orchestrator.launch import mp_context
+        from ryzlab.orchestrator.stats import StatsCollector
+        from ryzlab.serve.engine import EngineConfig
+        from ryzlab.serve.replica import check_engine_args, tokenizer_for
 
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")

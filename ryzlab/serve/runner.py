@@ -31,7 +31,7 @@ class _StepContext:
 
 
 class ModelRunner:
-    """Runs ``model`` (a :class:`ryzlab.model.Transformer`) over a :class:`PagedKVCache`."""
+    """Runs ``model`` (a :class:`ryzlab.models.transformer.Transformer`) over a :class:`PagedKVCache`."""
 
     def __init__(self, model: torch.nn.Module, cache: Any):
         self.model, self.cache = model, cache

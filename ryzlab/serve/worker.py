@@ -34,7 +34,7 @@ HEARTBEAT_S = 0.2
 def sampling_params(params: Any, done: int = 0) -> Any:
     """The engine's ``SamplingParams`` from any params object with the same field names (the API's
     ``CompletionParams`` included), ``max_tokens`` lowered by ``done`` tokens already streamed."""
-    from .engine import SamplingParams
+    from ryzlab.serve.engine import SamplingParams
 
     if not isinstance(params, SamplingParams):
         params = SamplingParams(**{f.name: getattr(params, f.name) for f in fields(SamplingParams)
@@ -47,9 +47,9 @@ def worker_main(index: int, engine_kwargs: dict[str, Any], tasks: Any, results: 
     """Process entry point: build the engine, then loop (receive commands, step, send outputs)."""
     import torch
 
-    from ..orchestrator.launch import exit_with_parent
-    from ..orchestrator.worker import start_heartbeat
-    from .replica import start_replica
+    from ryzlab.orchestrator.launch import exit_with_parent
+    from ryzlab.orchestrator.worker import start_heartbeat
+    from ryzlab.serve.replica import start_replica
 
     exit_with_parent(parent_pid or os.getppid())  # no orphaned replica if the router is killed
     torch.set_num_threads(threads)

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import ConfigError
-from .report import resolve_sweep_dir, safe_run_dir
-from .samples import load_samples
-from .sweep import manifest_status
+from ryzlab.config import ConfigError
+from ryzlab.workbench.report import resolve_sweep_dir, safe_run_dir
+from ryzlab.samples import load_samples
+from ryzlab.workbench.sweep import manifest_status
 
 NOT_KEYS = ("run_id", "device_name", "repeat", "metric", "sample", "value")
 """Columns that never identify a point: provenance (the CPU/GPU model may differ on purpose)
@@ -175,7 +175,7 @@ def compare(a: str | Path, b: str | Path, *, min_change: float = 0.05, confidenc
 
 def terminal_table(c: Comparison, confidence: float = 0.99) -> str:
     """Fixed-width text for the terminal: one line per metric, flagged ones marked."""
-    from .plots import sig3
+    from ryzlab.plots import sig3
 
     head = ["verdict", "B/A", f"{confidence:.0%} CI", "A median", "B median", "metric", "point"]
     lines = []
@@ -198,7 +198,7 @@ def terminal_table(c: Comparison, confidence: float = 0.99) -> str:
 
 def html_page(c: Comparison, *, min_change: float, confidence: float) -> str:
     """One offline page: the table, flagged rows coloured, the method stated."""
-    from .plots import table_html
+    from ryzlab.plots import table_html
 
     esc = html.escape
     flagged = c.table.sort_values("verdict", key=lambda s: s.map({"regression": 0, "improvement": 1}).fillna(2))

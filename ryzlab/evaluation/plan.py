@@ -2,7 +2,7 @@
 
 ``plan_kv(model, text, max_kl)`` measures candidate layouts (:data:`CANDIDATES`, plus a
 per-layer mixed-precision layout built from a sensitivity scan) with the accuracy harness
-(:func:`ryzlab.kv.accuracy.evaluate`: teacher-forced decode through each compressed cache vs the
+(:func:`ryzlab.evaluation.accuracy.evaluate`: teacher-forced decode through each compressed cache vs the
 uncompressed one, bytes from the cache's ledger) and returns the table, its Pareto front
 (bytes vs KL) and the layout with the fewest bytes per token whose KL per token is within
 ``max_kl``. ``ryzlab kv-plan --model PATH --text FILE --max-kl X`` prints the same.
@@ -23,8 +23,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ..config import CODECS, CacheConfig, check_choice
-from .accuracy import evaluate, layout_label
+from ryzlab.config import CODECS, CacheConfig, check_choice
+from ryzlab.evaluation.accuracy import evaluate, layout_label
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def mixed_layout(layout: CacheConfig, sensitivity: pd.DataFrame, high: str, n_hi
 
 def plan_candidates(options: Sequence[dict[str, Any]] | None = None) -> list[CacheConfig]:
     """CacheConfigs of ``options`` (default :data:`CANDIDATES`); every problem reported at once."""
-    from ..config import ConfigError, from_dict
+    from ryzlab.config import ConfigError, from_dict
 
     cfgs, problems = [], []
     for o in (CANDIDATES if options is None else options):
@@ -141,8 +141,8 @@ def plan_kv(model: str | Path, text: str | Path | None, max_kl: float, *, candid
     most sensitive layers in ``high``. None skips it. Every input is checked before the model
     loads.
     """
-    from ..corpus import text_windows
-    from ..models import check_model, load_model
+    from ryzlab.models.corpus import text_windows
+    from ryzlab.models import check_model, load_model
 
     if not max_kl > 0:
         raise ValueError(f"max_kl must be > 0 (KL per token vs the uncompressed cache), got {max_kl}")

@@ -5,7 +5,7 @@
 
 Every flag is checked before the first request. The endpoint is probed first (tokens per
 prompt word, stream usage, accepted length controls: see
-:func:`ryzlab.serve.client.probe_endpoint`), then the load runs and ``--out DIR`` gets
+:func:`ryzlab.loadgen.client.probe_endpoint`), then the load runs and ``--out DIR`` gets
 ``requests.parquet`` (one row per request), ``metrics.parquet`` (the serving experiment's tidy
 rows: summary + timeline), ``slo.parquet`` and ``summary.json``.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .loadgen import ARRIVALS, LENGTH_DISTS
+from ryzlab.loadgen.load import ARRIVALS, LENGTH_DISTS
 
 __all__ = ["add_parser", "cmd_loadgen"]
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``loadgen`` subcommand to ``ryzlab``'s subparsers."""
-    from .client import APIS
+    from ryzlab.loadgen.client import APIS
 
     g = subparsers.add_parser(
         "loadgen", help="benchmark any OpenAI-compatible endpoint: TTFT/TPOT/ITL/E2EL, throughput, goodput",
@@ -77,10 +77,10 @@ def _plain(v: Any) -> Any:
 
 
 def cmd_loadgen(args: argparse.Namespace) -> int:
-    from ..io import write_json, write_parquet
-    from .client import openai_client, probe_endpoint, served_models
-    from .loadgen import LoadSpec, make_requests, run_load, run_sync
-    from .metrics import parse_slo, slo_table
+    from ryzlab.io import write_json, write_parquet
+    from ryzlab.loadgen.client import openai_client, probe_endpoint, served_models
+    from ryzlab.loadgen.load import LoadSpec, make_requests, run_load, run_sync
+    from ryzlab.loadgen.metrics import parse_slo, slo_table
 
     # every check before the first request
     url = check_url(args.url)

@@ -35,8 +35,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .io import append_jsonl, write_bytes, write_json
-from .spec import NOTEBOOK_DIR, PACKAGE_DIR, Point
+from ryzlab.io import append_jsonl, write_bytes, write_json
+from ryzlab.workbench.spec import NOTEBOOK_DIR, PACKAGE_DIR, Point
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def _label_repeat(path: Path, repeat: int) -> None:
     """Rows of a repeated point say which repeat they are (the notebook does not know)."""
     import pandas as pd
 
-    from .io import write_parquet
+    from ryzlab.io import write_parquet
 
     df = pd.read_parquet(path)
     if "repeat" not in df.columns:
@@ -167,7 +167,7 @@ def _label_repeat(path: Path, repeat: int) -> None:
 
 
 def _worker_main(parent_pid: int, result_fd: int, kernel_name: str, threads: int) -> None:
-    """``python -m ryzlab.point``: the worker. Messages to the sweep are JSON lines on ``result_fd``."""
+    """``python -m ryzlab.workbench.point``: the worker. Messages to the sweep are JSON lines on ``result_fd``."""
     os.setsid()  # W's own session and group; S kills it (and K's group) on timeout
     kernel_pgid: list[int] = []
 
@@ -251,7 +251,7 @@ class PointProcess:
                                                 for p in env["PYTHONPATH"].split(os.pathsep))
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ryzlab.point", str(os.getpid()), str(w), kernel_name, str(threads)],
+                [sys.executable, "-m", "ryzlab.workbench.point", str(os.getpid()), str(w), kernel_name, str(threads)],
                 stdin=subprocess.PIPE, stdout=logf, stderr=logf, pass_fds=(w,), close_fds=True,
                 # imports the same ryzlab as the sweep, never a package in the user's folder
                 cwd=str(PACKAGE_DIR.parent), env=env)
@@ -364,7 +364,7 @@ def run_point(point: Point, *, env: dict, kernel_name: str = KERNEL_NAME, thread
 
     Callable anywhere the notebook and kernel exist (e.g. inside a Ray task); nothing is left on
     disk or running afterwards. ``env`` is the provenance written to env.json (see
-    :func:`ryzlab.sweep.sweep_env`). Call it from a thread that lives until it returns: the
+    :func:`ryzlab.workbench.sweep.sweep_env`). Call it from a thread that lives until it returns: the
     worker's death signal (PR_SET_PDEATHSIG) fires when the thread that started it exits.
     """
     from multiprocessing.connection import wait

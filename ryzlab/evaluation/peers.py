@@ -5,7 +5,7 @@ scale and shift per group of 64 values along head_dim (axis 0: per token), the 1
 recent tokens in full precision. Bytes come from the peer's own counter (packed data + scales
 + shifts + the residual window); accuracy from teacher forcing on a transformers model (a
 folder or a ``.gguf`` file) against the same model with ``DynamicCache``, with the same metric
-code as ryzlab's layouts (:func:`ryzlab.kv.accuracy.compare_logits`).
+code as ryzlab's layouts (:func:`ryzlab.evaluation.accuracy.compare_logits`).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def peer_cache(config: Any, peer: str) -> Any:
     """A fresh ``QuantizedCache`` for ``peer`` (the peer script's settings)."""
     from transformers.cache_utils import QuantizedCache
 
-    from ..config import check_choice
+    from ryzlab.config import check_choice
 
     check_choice("peer", peer, PEERS)
     return QuantizedCache(backend="quanto", config=config, nbits=int(peer[-1]), axis_key=0, axis_value=0,
@@ -70,7 +70,7 @@ def evaluate_peer(model: Any, peer: str, tokens: torch.Tensor, prefill: int) -> 
     """KL / perplexity / top-1 of ``peer`` vs ``DynamicCache`` on the same model, plus its bytes."""
     from transformers import DynamicCache
 
-    from .accuracy import compare_logits
+    from ryzlab.evaluation.accuracy import compare_logits
 
     ref, _ = teacher_forced_hf(model, tokens, prefill, lambda: DynamicCache(config=model.config))
     logits, cache = teacher_forced_hf(model, tokens, prefill, lambda: peer_cache(model.config, peer))

@@ -14,7 +14,7 @@ renamed into place when it is finished, so a killed sweep never leaves a half-wr
 counts as done; re-running the same spec runs only what is missing. One sweep at a time per
 results folder (a lock); points run with ``cores // jobs`` torch threads unless told otherwise,
 and points of different experiments never run side by side.
-How a point's processes are started and killed: :mod:`ryzlab.point`.
+How a point's processes are started and killed: :mod:`ryzlab.workbench.point`.
 """
 from __future__ import annotations
 
@@ -32,15 +32,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import ConfigError
-from .io import read_jsonl
-from .point import KERNEL_NAME, PointProcess, cores, record, run_point, store_point  # noqa: F401 - API
-from .spec import (MAX_POINTS, NOTEBOOK_DIR, Block, Point, Spec, count_points, expand, load_spec,  # noqa: F401
+from ryzlab.config import ConfigError
+from ryzlab.io import read_jsonl
+from ryzlab.workbench.point import KERNEL_NAME, PointProcess, cores, record, run_point, store_point  # noqa: F401 - API
+from ryzlab.workbench.spec import (MAX_POINTS, NOTEBOOK_DIR, PACKAGE_DIR, Block, Point, Spec, count_points, expand, load_spec,  # noqa: F401
                    run_id_for)
 
 log = logging.getLogger(__name__)
-REPO_ROOT = NOTEBOOK_DIR.resolve().parent
-"""The checkout holding notebooks/ in a development install (notebooks run from there resolve a
+REPO_ROOT = PACKAGE_DIR.parent
+"""The checkout holding ryzlab/ in a development install (notebooks run from there resolve a
 relative ``results/`` against it); site-packages' ryzlab/ in a wheel install."""
 
 
@@ -53,7 +53,7 @@ def validate(points: list[Point], *, kernel_name: str = KERNEL_NAME) -> None:
     """
     import papermill as pm
 
-    from .experiments import EXPERIMENTS, RESERVED, make_config
+    from ryzlab.experiments import EXPERIMENTS, RESERVED, make_config
 
     problems: list[str] = []
     nb_params: dict[Path, dict] = {}
@@ -190,7 +190,7 @@ def sweep_lock(sweep_dir: Path) -> Iterator[None]:
 
 def sweep_env(*, jobs: int, threads: int) -> dict:
     """Provenance shared by every point of this sweep (each run adds its start/end)."""
-    from .provenance import collect_env
+    from ryzlab.provenance import collect_env
 
     env = collect_env()
     env.pop("time_utc", None)
@@ -231,13 +231,13 @@ def run_sweep(spec: Spec | str | os.PathLike, *, jobs: int = 1, out: str | os.Pa
               address: str | None = None, retries: int | None = None) -> SweepSummary:
     """Validate every point, then run the missing ones, ``jobs`` processes at a time, each with
     ``threads`` torch threads (default ``cores // jobs``); or, with ``executor="ray"``, as Ray
-    tasks on the cluster at ``address`` (:mod:`ryzlab.sweep_ray`)."""
+    tasks on the cluster at ``address`` (:mod:`ryzlab.workbench.sweep_ray`)."""
     if jobs < 1:
         raise ConfigError([f"--jobs must be >= 1, got {jobs}"])
     if timeout is not None and timeout <= 0:
         raise ConfigError([f"--timeout must be > 0 seconds, got {timeout}"])
     # --- ray executor: its flags, then (after validation) the cluster, before anything is written
-    from .sweep_ray import check_executor_args, plan_ray
+    from ryzlab.workbench.sweep_ray import check_executor_args, plan_ray
 
     check_executor_args(executor, address=address, retries=retries, jobs=jobs, threads=threads)
     spec, points = plan(spec, max_points=max_points, kernel_name=kernel_name)

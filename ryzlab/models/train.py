@@ -1,7 +1,7 @@
 """Train the byte-level reference model on the Python standard library's source.
 
-    python -m ryzlab.train                      # writes ryzlab/checkpoints/reference.{safetensors,json}
-    python -m ryzlab.train --steps 50 --out /tmp/x.safetensors   # a quick smoke run
+    python -m ryzlab.models.train                      # writes ryzlab/checkpoints/reference.{safetensors,json}
+    python -m ryzlab.models.train --steps 50 --out /tmp/x.safetensors   # a quick smoke run
 
 Reproducible from ``--seed``: the corpus is a fixed sorted file list, batches are drawn from
 a seeded generator, the model is initialised from the same seed, and training runs on one
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .corpus import Corpus, stdlib_corpus
-from .model import REFERENCE_CHECKPOINT, Transformer, load_checkpoint, save_checkpoint
+from ryzlab.config import ModelConfig
+from ryzlab.models.corpus import Corpus, stdlib_corpus
+from ryzlab.models.transformer import REFERENCE_CHECKPOINT, Transformer, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 

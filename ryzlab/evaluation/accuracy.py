@@ -23,8 +23,8 @@ Per cache layout (codec x granularity x residual x block size), on held-out text
 
 Any model ryzlab loads (:func:`ryzlab.models.load_model`: the reference model, a Hugging Face
 folder, a GGUF file) runs through ryzlab's own Transformer and :class:`PagedKVCache`; windows
-come from the model's tokenizer on a text file (:func:`ryzlab.corpus.text_windows`; default the
-held-out stdlib text). ``python -m ryzlab.kv.accuracy --model PATH --preset standard`` prints
+come from the model's tokenizer on a text file (:func:`ryzlab.models.corpus.text_windows`; default the
+held-out stdlib text). ``python -m ryzlab.evaluation.accuracy --model PATH --preset standard`` prints
 the table.
 
 Semantics differ only where the two code paths differ, and are documented there: ryzlab's
@@ -45,9 +45,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..config import CacheConfig
-from ..model import Transformer, apply_rope
-from .cache import PagedKVCache
+from ryzlab.config import CacheConfig
+from ryzlab.models.transformer import Transformer, apply_rope
+from ryzlab.kv.cache import PagedKVCache
 
 log = logging.getLogger(__name__)
 
@@ -291,8 +291,8 @@ def evaluate(model: Transformer, cache_configs: Sequence[CacheConfig], tokens: t
 def hf_heldout_tokens(path: str | Path, n: int, length: int, text: str | Path | None = None) -> torch.Tensor:
     """``n`` windows of ``length`` tokens of ``text`` (default: the stdlib held-out text), with the
     tokenizer of a Hugging Face folder or a ``.gguf`` file."""
-    from ..corpus import text_windows
-    from ..models import load_tokenizer
+    from ryzlab.models.corpus import text_windows
+    from ryzlab.models import load_tokenizer
 
     return text_windows(load_tokenizer(str(path)), n, length, text=text)
 
@@ -308,7 +308,7 @@ def evaluate_hf(model: Any, cache_options: Sequence[dict[str, Any]], tokens: tor
     """
     from transformers import DynamicCache
 
-    from .hf import RyzlabCache, load_hf_causal_lm, model_config_from_hf
+    from ryzlab.kv.hf import RyzlabCache, load_hf_causal_lm, model_config_from_hf
 
     if isinstance(model, (str, Path)):
         model = load_hf_causal_lm(model)
@@ -355,7 +355,7 @@ def parse_layout(text: str, defaults: dict[str, Any]) -> CacheConfig:
     """``codec[,field=value...]`` (e.g. ``int4,key_granularity=channel,residual=128``) -> CacheConfig.
 
     ``layer_codecs`` takes one codec per layer separated by ``/`` (``layer_codecs=int8/int4/int4``)."""
-    from ..config import field_names, from_dict
+    from ryzlab.config import field_names, from_dict
 
     codec, *rest = [p.strip() for p in text.split(",") if p.strip()]
     values: dict[str, Any] = {**defaults, "codec": codec}
@@ -371,12 +371,12 @@ def parse_layout(text: str, defaults: dict[str, Any]) -> CacheConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
-    """``python -m ryzlab.kv.accuracy [--model SPEC] [--text FILE] [--codecs ...|--layout ...|--preset standard]``."""
+    """``python -m ryzlab.evaluation.accuracy [--model SPEC] [--text FILE] [--codecs ...|--layout ...|--preset standard]``."""
     import argparse
 
-    from ..config import CODECS, GRANULARITIES, ROTATIONS, from_dict
-    from ..corpus import text_windows
-    from ..models import MODEL_CHOICES, check_model, load_model
+    from ryzlab.config import CODECS, GRANULARITIES, ROTATIONS, from_dict
+    from ryzlab.models.corpus import text_windows
+    from ryzlab.models import MODEL_CHOICES, check_model, load_model
 
     ap = argparse.ArgumentParser(description="KV-cache accuracy vs the uncompressed cache (teacher-forced decode "
                                              "through ryzlab's paged cache) on held-out text")

@@ -107,7 +107,7 @@ def token_stream(tokenizer: Any, n_tokens: int, *, text: str | Path | None = Non
     :func:`heldout_windows`); any other tokenizer encodes the text without special tokens (no BOS
     in the middle of a document), growing the encoded prefix until it has enough tokens.
     """
-    from .models.tokenizer import ByteTokenizer
+    from ryzlab.models.tokenizer import ByteTokenizer
 
     if not text:
         if isinstance(tokenizer, ByteTokenizer):

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .plots import report_section, section_id, show_html, table_html
-from .plots.summary import key_results
-from .report import SweepData, failures_html, load_sweep, missing
+from ryzlab.plots import report_section, section_id, show_html, table_html
+from ryzlab.plots.summary import key_results
+from ryzlab.workbench.report import SweepData, failures_html, load_sweep, missing
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def repeat_spread(df: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """Points run ``repeat: N`` times: per point (its parameters without ``repeat``) and timing
     metric, the median of each repeat's median, the lowest and highest of them, and
     (highest - lowest) / median."""
-    from .samples import TIMING
+    from ryzlab.samples import TIMING
 
     if "repeat" not in df.columns or df["repeat"].nunique() < 2:
         return pd.DataFrame()

@@ -22,16 +22,16 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError
+from ryzlab.config import ConfigError
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = PACKAGE_DIR / "notebooks"
-"""The experiment notebooks, shipped inside the package (``ryzlab/notebooks`` is a link to the
-repository's ``notebooks/`` in a checkout, and a copy in an installed wheel)."""
+"""The experiment notebooks: a plain folder inside the package (``ryzlab/notebooks``), so a checkout
+without symlinks and an installed wheel find them the same way."""
 SPEC_KEYS = ("name", "notebook", "grid", "zip", "fixed", "repeat", "jobs", "resources", "description")
 BLOCK_KEYS = ("notebook", "grid", "zip", "fixed", "repeat", "jobs", "resources", "description")
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "custom")
-"""A block's ``resources:`` (``--executor ray`` task options, see :mod:`ryzlab.sweep_ray`)."""
+"""A block's ``resources:`` (``--executor ray`` task options, see :mod:`ryzlab.workbench.sweep_ray`)."""
 SWEEP_PARAMS = ("repeat",)
 """Point parameters the sweep adds itself (never passed to the notebook)."""
 MAX_POINTS = 10_000

@@ -49,17 +49,17 @@ class GenerateRequest:
 
 
 def _tokenizer(model: str) -> Any:
-    from .serve.replica import tokenizer_for
+    from ryzlab.serve.replica import tokenizer_for
 
     return tokenizer_for(model)
 
 
 def generate_rank(rank: int, world_size: int, req: GenerateRequest) -> dict[str, Any] | None:
     """One rank's part: rank 0 returns ``{"text", "token_ids", ...}``, the others None."""
-    from .config import ParallelConfig
-    from .parallel.mesh import init_parallel
-    from .serve.engine import EngineConfig, SamplingParams
-    from .serve.replica import build_engine
+    from ryzlab.config import ParallelConfig
+    from ryzlab.parallel.mesh import init_parallel
+    from ryzlab.serve.engine import EngineConfig, SamplingParams
+    from ryzlab.serve.replica import build_engine
 
     groups = init_parallel(ParallelConfig(tp=req.tp, cp=req.cp))
     tok = _tokenizer(req.model)
@@ -82,7 +82,7 @@ def generate_rank(rank: int, world_size: int, req: GenerateRequest) -> dict[str,
 
 def generate(req: GenerateRequest) -> dict[str, Any]:
     """Validate, then run on ``tp * cp`` ranks (in this process at one rank, or under torchrun)."""
-    from .serve.replica import check_engine_args
+    from ryzlab.serve.replica import check_engine_args
 
     shape = check_engine_args(model=req.model, codec=req.codec, tp=req.tp, cp=req.cp, dtype=req.dtype)
     n_prompt = len(_tokenizer(req.model).encode(req.prompt))
@@ -91,7 +91,7 @@ def generate(req: GenerateRequest) -> dict[str, Any]:
                          f"length {shape.max_seq_len}; lower --max-tokens to at most {max(0, shape.max_seq_len - n_prompt)}")
     world = req.tp * req.cp
     if _under_torchrun():
-        from .orchestrator.launch import init_from_env
+        from ryzlab.orchestrator.launch import init_from_env
 
         import torch.distributed as dist
 
@@ -106,7 +106,7 @@ def generate(req: GenerateRequest) -> dict[str, Any]:
             dist.destroy_process_group()
     if world == 1:
         return generate_rank(0, 1, req) or {}
-    from .orchestrator import launch
+    from ryzlab.orchestrator import launch
 
     return launch(generate_rank, world, args=(req,), backend=req.backend,
                   threads_per_rank=req.threads)[0]

@@ -2,13 +2,13 @@
 
 Every missing point of a sweep becomes one Ray task that asks for the resources the point needs,
 so a cluster runs as many points at once as it has room for. The semantics are the local
-executor's (:mod:`ryzlab.sweep`), which also holds the results folder's lock and resumes:
+executor's (:mod:`ryzlab.workbench.sweep`), which also holds the results folder's lock and resumes:
 
 * everything is checked before the first task is submitted: the spec, every point's parameters,
   the address, and that every point fits on at least one node of the cluster;
-* a task runs its point with :func:`ryzlab.point.run_point` (a fresh worker process and kernel,
-  in their own process groups, on the task's node; see :mod:`ryzlab.sweep_ray_task`) and returns
-  the run's files as bytes; the driver writes them with :func:`ryzlab.point.store_point` (a
+* a task runs its point with :func:`ryzlab.workbench.point.run_point` (a fresh worker process and kernel,
+  in their own process groups, on the task's node; see :mod:`ryzlab.workbench.sweep_ray_task`) and returns
+  the run's files as bytes; the driver writes them with :func:`ryzlab.workbench.point.store_point` (a
   temporary folder renamed into place, then the manifest line). No shared file system is
   assumed, and a point whose worker or node dies has written nothing in the results folder;
 * ``--timeout`` is enforced by ``run_point`` on the node (counted from the point's start there):
@@ -23,7 +23,7 @@ Resources per point (Ray task options): on a cluster with GPUs, a point whose ``
 ``cpu`` is a GPU point and asks for ``num_gpus`` = its world size (tp x cp x workers of its
 config) and one CPU; every other point asks for ``num_cpus`` = its world size. An experiment
 block's ``resources:`` (``num_cpus``, ``num_gpus``, ``memory`` in bytes, ``custom``: {name: amount};
-parsed and checked in :mod:`ryzlab.spec`) replaces those defaults key by key. A point runs with
+parsed and checked in :mod:`ryzlab.workbench.spec`) replaces those defaults key by key. A point runs with
 ``--threads`` torch threads, else its task's ``num_cpus`` (at least 1).
 """
 from __future__ import annotations
@@ -40,11 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError
+from ryzlab.config import ConfigError
 
 if TYPE_CHECKING:
-    from .spec import Point
-    from .sweep import SweepSummary
+    from ryzlab.workbench.spec import Point
+    from ryzlab.workbench.sweep import SweepSummary
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def check_executor_args(executor: str, *, address: str | None, retries: int | No
 
 def point_world_size(point: Point) -> int:
     """Processes (devices, on GPU points) a point starts: tp x cp x workers of its typed config."""
-    from .experiments import EXPERIMENTS, RESERVED, make_config
+    from ryzlab.experiments import EXPERIMENTS, RESERVED, make_config
 
     if point.experiment not in EXPERIMENTS:
         return 1
@@ -260,7 +260,7 @@ class RayPlan:
         """Submit every point in ``todo``, store each result as it arrives, retry faults."""
         import ray
 
-        from .sweep_ray_task import run_point_task
+        from ryzlab.workbench.sweep_ray_task import run_point_task
 
         task = ray.remote(max_retries=0, retry_exceptions=False)(run_point_task)  # retries are ours: counted
         faults = _fault_types(ray)
@@ -312,8 +312,8 @@ class RayPlan:
 
     def _collect(self, ray: Any, ref: Any, point: Point, attempt: int, sweep_dir: Path, faults: tuple) -> dict | None:
         """The manifest entry of a finished task (its run folder stored first), or None to retry."""
-        from .io import append_jsonl
-        from .point import PointResult, store_point
+        from ryzlab.io import append_jsonl
+        from ryzlab.workbench.point import PointResult, store_point
 
         base = {"run_id": point.run_id, "experiment": point.experiment, "params": point.params,
                 "run_dir": point.run_id, "executor": "ray", "attempts": attempt}

@@ -1,6 +1,6 @@
 """The worker side of ``--executor ray``: one Ray task runs one sweep point and returns its files.
 
-The task calls :func:`ryzlab.point.run_point`, which starts a fresh worker process and kernel in
+The task calls :func:`ryzlab.workbench.point.run_point`, which starts a fresh worker process and kernel in
 their own process groups on this node, enforces ``--timeout`` (killing both groups) and returns
 the run's files as bytes. A cancelled task (Ctrl-C on the driver) gets ``KeyboardInterrupt``
 inside ``run_point``, which kills both groups on its way out. A Ray worker that dies takes its
@@ -72,7 +72,7 @@ def _notebook(root: Path, path: str, sha256: str, data: bytes) -> Path:
 @functools.lru_cache(maxsize=8)
 def _node_env(threads: int, visible: tuple) -> dict:
     """This node's provenance (imports torch, runs git): once per Ray worker and device set."""
-    from .sweep import sweep_env
+    from ryzlab.workbench.sweep import sweep_env
 
     return {**sweep_env(jobs=1, threads=threads), "jobs": None}  # points at once: the cluster's, unknown here
 
@@ -80,11 +80,11 @@ def _node_env(threads: int, visible: tuple) -> dict:
 def run_point_task(job: dict, notebook: bytes) -> dict[str, Any]:
     """Body of the Ray task (the driver wraps it in ``ray.remote``): run one point, return its files.
 
-    Returns ``{"entry", "files", "node", "worker_pid"}``: the :class:`ryzlab.point.PointResult`
+    Returns ``{"entry", "files", "node", "worker_pid"}``: the :class:`ryzlab.workbench.point.PointResult`
     (files: name -> bytes) and where it ran.
     """
-    from .point import run_point
-    from .spec import Point
+    from ryzlab.workbench.point import run_point
+    from ryzlab.workbench.spec import Point
 
     node = socket.gethostname()
     try:

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import ConfigError
-from .io import write_bytes, write_parquet
-from .sweep import KERNEL_NAME, NOTEBOOK_DIR, REPO_ROOT, manifest_status
+from ryzlab.config import ConfigError
+from ryzlab.io import write_bytes, write_parquet
+from ryzlab.workbench.sweep import KERNEL_NAME, NOTEBOOK_DIR, REPO_ROOT, manifest_status
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def _kernel_imports_this_ryzlab():
     """The kernel imports the ryzlab this process runs (and PYTHONPATH entries as absolute
     paths): relative entries would otherwise resolve against the kernel's working directory."""
     old = os.environ.get("PYTHONPATH")
-    here = str(Path(__file__).resolve().parent.parent)
+    here = str(Path(__file__).resolve().parents[2])
     entries = [str(Path(e).resolve()) for e in (old or "").split(os.pathsep) if e]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([here, *entries]))
     try:

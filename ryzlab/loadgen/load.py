@@ -23,8 +23,8 @@ from typing import Any, AsyncIterator, Callable, Literal, get_args
 
 import numpy as np
 
-from ..config import check_choice
-from .metrics import COUNT_SOURCES, RequestRecord, SLO, Usage, records_frame, summarize
+from ryzlab.config import check_choice
+from ryzlab.loadgen.metrics import COUNT_SOURCES, RequestRecord, SLO, Usage, records_frame, summarize
 
 __all__ = ["Arrival", "ARRIVALS", "LengthDist", "LENGTH_DISTS", "LoadSpec", "RequestSpec",
            "make_requests", "load_trace", "write_trace", "run_load", "LoadResult", "Client", "run_sync",
@@ -97,7 +97,7 @@ class RequestSpec:
 
 Client = Callable[[RequestSpec], AsyncIterator["int | Usage"]]
 """Sends one request and yields the number of output tokens in each chunk as they arrive (1 per
-chunk when the stream carries text only), then optionally one :class:`~ryzlab.serve.metrics.Usage`
+chunk when the stream carries text only), then optionally one :class:`~ryzlab.loadgen.metrics.Usage`
 with the server's counts; raises to report a failed request (the error is recorded, the run goes on)."""
 
 
@@ -182,7 +182,7 @@ def load_trace(path: str | Path, *, vocab_size: int = 256, seed: int = 0,
 
 def write_trace(path: str | Path, requests: list[RequestSpec]) -> Path:
     """Write requests as a replayable JSONL trace (lengths and arrival times)."""
-    from ..io import write_bytes
+    from ryzlab.io import write_bytes
 
     lines = [json.dumps({"arrival_s": r.arrival_s or 0.0, "prompt_len": len(r.prompt),
                          "output_len": r.max_tokens}) for r in requests]
@@ -212,7 +212,7 @@ class LoadResult:
         return out
 
     def frame(self) -> Any:
-        """One row per request (:func:`~ryzlab.serve.metrics.records_frame`)."""
+        """One row per request (:func:`~ryzlab.loadgen.metrics.records_frame`)."""
         return records_frame(self.records, self.t0)
 
     def tidy(self, slo: SLO | str | None, *, bin_s: float = 0.5, fault_t: float | None = None,
@@ -222,7 +222,7 @@ class LoadResult:
         since the load started; ``fault_at_s`` marks ``fault_t``, a monotonic time, when given)."""
         import pandas as pd
 
-        from .metrics import parse_slo
+        from ryzlab.loadgen.metrics import parse_slo
 
         slo = parse_slo(slo) if isinstance(slo, str) or slo is None else slo
         s = {**self.summary(slo), "kind": "summary", **columns}

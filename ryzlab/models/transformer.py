@@ -30,14 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from ryzlab.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Transformer", "DenseKVCache", "paged_step", "load_reference_model", "save_checkpoint", "load_checkpoint",
            "REFERENCE_CHECKPOINT", "rope_inv_freq", "rope_cos_sin", "apply_rope"]
 
-REFERENCE_CHECKPOINT = Path(__file__).parent / "checkpoints" / "reference.safetensors"
+REFERENCE_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "reference.safetensors"
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -339,11 +339,11 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
     """Load a checkpoint written by :func:`save_checkpoint` -> (model in eval mode, metadata)."""
     from safetensors.torch import load_file
 
-    from .config import from_dict
+    from ryzlab.config import from_dict
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}; train one with `python -m ryzlab.train`")
+        raise FileNotFoundError(f"no checkpoint at {path}; train one with `python -m ryzlab.models.train`")
     meta = json.loads(path.with_suffix(".json").read_text())
     model = Transformer(from_dict(ModelConfig, meta["config"], where=str(path)))
     state = {k: v.to(dtype) for k, v in load_file(str(path), device=str(device)).items()}
@@ -353,5 +353,5 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
 
 def load_reference_model(dtype: torch.dtype = torch.float32,
                          device: str | torch.device = "cpu") -> tuple[Transformer, dict[str, Any]]:
-    """The shipped byte-level reference model (trained by ``python -m ryzlab.train``) + its metadata."""
+    """The shipped byte-level reference model (trained by ``python -m ryzlab.models.train``) + its metadata."""
     return load_checkpoint(REFERENCE_CHECKPOINT, dtype=dtype, device=device)

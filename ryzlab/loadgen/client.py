@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator, Literal, get_args
 
-from ..config import check_choice
-from .loadgen import Client, RequestSpec
-from .metrics import Usage
+from ryzlab.config import check_choice
+from ryzlab.loadgen.load import Client, RequestSpec
+from ryzlab.loadgen.metrics import Usage
 
 __all__ = ["backend_client", "openai_client", "http_client", "probe_endpoint", "served_models", "EndpointProfile",
            "prompt_text", "APIS", "serve_in_thread", "serve_subprocess", "free_port", "server_argv",
@@ -54,7 +54,7 @@ def backend_client(backend: Any, *, temperature: float = 0.0) -> Client:
     ids = itertools.count()
 
     async def client(req: RequestSpec) -> AsyncIterator[int]:
-        from .engine import SamplingParams
+        from ryzlab.serve.engine import SamplingParams
 
         rid = f"load-{req.index}-{next(ids)}"
         async for toks in backend.generate(rid, list(req.prompt),
@@ -222,7 +222,7 @@ def openai_client(profile: EndpointProfile, *, timeout_s: float = 300.0, api_key
     """Stream each request from an OpenAI-compatible endpoint (``profile`` from :func:`probe_endpoint`).
 
     Yields 1 (or ``len(token_ids)``) per chunk that carries output, then a
-    :class:`~ryzlab.serve.metrics.Usage` naming where the counts came from.
+    :class:`~ryzlab.loadgen.metrics.Usage` naming where the counts came from.
     """
     import httpx
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import pandas as pd
 
-from .config import ConfigError
-from .plots import figure_alt, plot_series, sig3, table_html, wide_range
-from .report import load_sweep
-from .sweep import REPO_ROOT
+from ryzlab.config import ConfigError
+from ryzlab.plots import figure_alt, plot_series, sig3, table_html, wide_range
+from ryzlab.workbench.report import load_sweep
+from ryzlab.workbench.sweep import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class Explorer:
     def _draw(self) -> str:
         import matplotlib.pyplot as plt
 
-        from .plots import show_figure
+        from ryzlab.plots import show_figure
 
         d, c = self.data, self.controls
         metric, x, hue, facet = c["metric"].value, c["x"].value, c["hue"].value, c["facet"].value

@@ -1,0 +1,11 @@
+"""The workbench: grid sweeps over notebooks, their results folders, reports and comparisons.
+
+* :mod:`.spec` — sweep specs (strict YAML) expanded into points;
+* :mod:`.point` — one point: its own process and Jupyter kernel (papermill), its run folder;
+* :mod:`.sweep` — ``run_sweep``: validate every point, run them (local processes or Ray);
+* :mod:`.report` / :mod:`.report_page` — aggregate ok runs into an offline HTML report;
+* :mod:`.compare` — ``ryzlab compare A B``: ratios with bootstrap intervals;
+* :mod:`.explorer` — the ipywidgets explorer.
+
+Nothing below this layer imports it: experiments return DataFrames, the workbench runs and stores them.
+"""
