@@ -18,7 +18,8 @@ shard) and the serving engine apply unchanged.
 from ryzlab.models.gguf import GGUF_ARCHITECTURES
 from ryzlab.models.hf import HF_ARCHITECTURES
 from ryzlab.models.loader import load_model, load_tokenizer
-from ryzlab.models.source import DTYPES, MODEL_CHOICES, ModelSource, check_model, resolve_dtype, smollm2_gguf_path
+from ryzlab.models.check import check_model
+from ryzlab.models.source import DTYPES, MODEL_CHOICES, ModelSource, resolve_dtype, smollm2_gguf_path
 from ryzlab.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, render_chat_template
 
 __all__ = ["MODEL_CHOICES", "ModelSource", "check_model", "load_model", "load_tokenizer", "resolve_dtype", "DTYPES",

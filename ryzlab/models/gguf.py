@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from ryzlab.config import ModelConfig
+from ryzlab.names import param_renamer
 from ryzlab.models.source import ModelSource, check_shapes, expected_shapes
 
 log = logging.getLogger(__name__)
@@ -37,20 +37,13 @@ _LAYER = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "a
           "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
 _TOP = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
         "output.weight": "output.weight"}
-_LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)\.(weight|bias)$")
 _CHUNK_FLOATS = 1 << 22
 """Rows are dequantized in blocks of about 4 M values (16 MiB of float32): the float32 copy of a
 whole embedding matrix never exists next to the weights."""
 
 
-def gguf_name(name: str) -> str:
-    """ryzlab parameter name -> llama.cpp tensor name (``layers.0.attention.wq.weight`` -> ``blk.0.attn_q.weight``)."""
-    if name in _TOP:
-        return _TOP[name]
-    m = _LAYER_RE.match(name)
-    if m is None or m.group(2) not in _LAYER:
-        raise AssertionError(f"no GGUF name for ryzlab parameter {name!r} (mapping table incomplete)")
-    return f"blk.{m.group(1)}.{_LAYER[m.group(2)]}.{m.group(3)}"
+gguf_name = param_renamer(_TOP, _LAYER, "blk.{layer}.{module}.{kind}", "GGUF")
+"""ryzlab parameter name -> llama.cpp tensor name (``layers.0.attention.wq.weight`` -> ``blk.0.attn_q.weight``)."""
 
 
 class _Tensor(NamedTuple):

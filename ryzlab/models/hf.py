@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ryzlab.config import ModelConfig
+from ryzlab.names import param_renamer
 from ryzlab.models.source import ModelSource, check_shapes, expected_shapes
 
 log = logging.getLogger(__name__)
@@ -49,18 +50,9 @@ _LAYER = {
 }
 _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}
-_LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)\.(weight|bias)$")
-
-
-def hf_name(name: str) -> str:
-    """ryzlab parameter name -> the Hugging Face Llama-family name (``layers.0.attention.wq.weight``
-    -> ``model.layers.0.self_attn.q_proj.weight``)."""
-    if name in _TOP:
-        return _TOP[name]
-    m = _LAYER_RE.match(name)
-    if m is None or m.group(2) not in _LAYER:
-        raise AssertionError(f"no Hugging Face name for ryzlab parameter {name!r} (mapping table incomplete)")
-    return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}.{m.group(3)}"
+hf_name = param_renamer(_TOP, _LAYER, "model.layers.{layer}.{module}.{kind}", "Hugging Face")
+"""ryzlab parameter name -> the Hugging Face Llama-family name (``layers.0.attention.wq.weight``
+-> ``model.layers.0.self_attn.q_proj.weight``)."""
 
 
 # ----------------------------------------------------------------------------- config

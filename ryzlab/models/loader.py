@@ -2,7 +2,7 @@
 
 One path for every checkpoint format and every tensor-parallel size:
 
-1. :func:`~ryzlab.models.source.check_model` validates the spec from metadata alone;
+1. :func:`~ryzlab.models.check.check_model` validates the spec from metadata alone;
 2. the model is built as a skeleton on the ``meta`` device (shapes, no memory);
 3. with a tensor-parallel group, :func:`ryzlab.parallel.apply_tp` shards the skeleton (slices the
    meta tensors, sets the rank's head counts);
@@ -23,7 +23,8 @@ from torch import nn
 
 from ryzlab.config import ModelConfig, ParallelConfig
 from ryzlab.models.transformer import Transformer, rope_inv_freq
-from ryzlab.models.source import ModelSource, check_model, meta_skeleton, resolve_dtype
+from ryzlab.models.check import check_model
+from ryzlab.models.source import ModelSource, meta_skeleton, resolve_dtype
 from ryzlab.models.tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_folder, tokenizer_from_gguf
 
 if TYPE_CHECKING:
@@ -42,9 +43,9 @@ def load_tokenizer(spec: str | ModelSource) -> Tokenizer:
     if src.kind == "hf":
         return tokenizer_from_folder(src.path)
     from ryzlab.models.gguf import open_gguf_file
-    from ryzlab.models.source import _file_key
+    from ryzlab.models.source import file_key
 
-    _, ckpt = open_gguf_file(src.path, _file_key(src.path))
+    _, ckpt = open_gguf_file(src.path, file_key(src.path))
     return tokenizer_from_gguf(ckpt.meta, name=src.name)
 
 
@@ -110,18 +111,18 @@ def _builtin(src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device: tor
 def _from_checkpoint(src: ModelSource, dtype: torch.dtype, device: torch.device, tp: Comm | None) -> Transformer:
     from ryzlab.parallel import apply_tp, shard_spec
     from ryzlab.parallel.layout import tp_layout
-    from ryzlab.models.source import _file_key
+    from ryzlab.models.source import file_key
 
     cfg = src.config
     if src.kind == "hf":
         from ryzlab.models.hf import hf_name, open_hf_folder
 
-        _, ckpt = open_hf_folder(src.path, _file_key(src.path / "config.json"))
+        _, ckpt = open_hf_folder(src.path, file_key(src.path / "config.json"))
         to_file, read = hf_name, ckpt.read_into
     else:
         from ryzlab.models.gguf import gguf_name, open_gguf_file
 
-        _, ckpt = open_gguf_file(src.path, _file_key(src.path))
+        _, ckpt = open_gguf_file(src.path, file_key(src.path))
         to_file = gguf_name
 
         def read(name: str, out: torch.Tensor, spec: Any) -> None:

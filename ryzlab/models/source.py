@@ -1,4 +1,4 @@
-"""What a ``--model`` string names, checked before any weight is read: :func:`check_model`.
+"""What a ``--model`` string names: :class:`ModelSource`, shapes and dtypes (:func:`ryzlab.models.check.check_model` reads them).
 
 ``reference`` (the shipped byte-level checkpoint), ``random`` (a seeded random
 :class:`ryzlab.models.transformer.Transformer`), a Hugging Face folder (``config.json`` + ``*.safetensors``)
@@ -9,9 +9,7 @@ naming what is supported, so a sweep rejects a bad point before any process star
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -24,8 +22,8 @@ from ryzlab.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MODEL_CHOICES", "ModelKind", "ModelSource", "check_model", "DTYPES", "resolve_dtype",
-           "expected_shapes", "check_shapes", "meta_skeleton", "smollm2_gguf_path", "SMOLLM2_GGUF"]
+__all__ = ["MODEL_CHOICES", "ModelKind", "ModelSource", "DTYPES", "resolve_dtype", "bad_model_spec", "file_key",
+           "expected_shapes", "check_shapes", "meta_skeleton", "num_params", "smollm2_gguf_path", "SMOLLM2_GGUF"]
 
 MODEL_CHOICES = ("'reference', 'random', a Hugging Face folder (config.json + *.safetensors), a .gguf file "
                  "or a ryzlab checkpoint (.safetensors + .json, as `python -m ryzlab.models.train --out` writes)")
@@ -63,7 +61,8 @@ class ModelSource:
     files: tuple[str, ...] = field(default=(), repr=False)
 
 
-def _bad(spec: object, why: str) -> ValueError:
+def bad_model_spec(spec: object, why: str) -> ValueError:
+    """The one error for a spec that names no model (it lists :data:`MODEL_CHOICES`)."""
     return ValueError(f"model {spec!r}: {why}; expected {MODEL_CHOICES}")
 
 
@@ -127,78 +126,20 @@ def check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[in
                          f"loaded):\n" + "\n".join(f"  - {p}" for p in problems[:20]))
 
 
-def _file_key(path: Path) -> tuple[str, int, int]:
+def file_key(path: Path) -> tuple[str, int, int]:
     st = path.stat()
     return str(path.resolve()), st.st_mtime_ns, st.st_size
 
 
-def check_model(spec: str) -> ModelSource:
-    """Validate a model spec and describe it, reading only metadata (never a weight).
-
-    Raises ``ValueError`` (message names :data:`MODEL_CHOICES`, and the supported architectures
-    when the architecture is the problem) for: a spec that is neither a keyword nor an existing
-    path, a folder without ``config.json`` or safetensors, an unsupported architecture or
-    feature, weights whose names/shapes do not match the config, a missing tokenizer.
-    """
-    if not isinstance(spec, (str, os.PathLike)):
-        raise _bad(spec, f"got a {type(spec).__name__}")
-    if isinstance(spec, str) and spec in ("reference", "random"):
-        return _keyword(spec)
-    text = os.fspath(spec)
-    if not text:
-        raise _bad(spec, "empty")
-    path = Path(text).expanduser()
-    if not path.exists():
-        raise _bad(spec, f"no such file or folder ({path.resolve()})")
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise _bad(spec, f"folder {path} has no config.json")
-        from ryzlab.models.hf import check_hf_folder
-
-        return check_hf_folder(path, _file_key(path / "config.json"))
-    if path.suffix.lower() == ".gguf":
-        from ryzlab.models.gguf import check_gguf_file
-
-        return check_gguf_file(path, _file_key(path))
-    if path.suffix == ".safetensors":
-        return _ryzlab_checkpoint(spec, path)
-    raise _bad(spec, f"{path.name} is a file but neither a .gguf file nor a ryzlab .safetensors checkpoint")
-
-
-def _ryzlab_checkpoint(spec: object, path: Path, kind: ModelKind = "checkpoint", name: str | None = None) -> ModelSource:
-    """A checkpoint written by :func:`ryzlab.models.transformer.save_checkpoint` (its config in ``<stem>.json``)."""
-    from ryzlab.config import ConfigError, from_dict
-
-    meta_path = path.with_suffix(".json")
-    try:
-        meta = json.loads(meta_path.read_text())
-        cfg = from_dict(ModelConfig, meta["config"], where=str(path))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        detail = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
-        raise _bad(spec, f"{path.name} is a .safetensors file without a readable ryzlab {meta_path.name} "
-                         f"beside it ({detail}); a Hugging Face checkpoint is the folder") from None
-    return ModelSource(kind=kind, path=path, config=cfg, name=name or path.stem,
-                       torch_dtype=meta.get("weights_dtype", "bfloat16"), weight_formats=(meta.get("weights_dtype", ""),),
-                       file_bytes=path.stat().st_size, files=(path.name,),
-                       n_params=sum(_numel(s) for s in expected_shapes(cfg).values()))
-
-
-@functools.lru_cache(maxsize=2)
-def _keyword(spec: str) -> ModelSource:
-    from ryzlab.models.transformer import REFERENCE_CHECKPOINT
-
-    if spec == "random":
-        cfg = ModelConfig()
-        return ModelSource(kind="random", path=None, config=cfg, name="random", torch_dtype="float32",
-                           n_params=sum(_numel(s) for s in expected_shapes(cfg).values()))
-    return _ryzlab_checkpoint(spec, REFERENCE_CHECKPOINT, "reference", "ryzlab-reference")
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+def num_params(cfg: ModelConfig) -> int:
+    """Parameters of a Transformer of ``cfg`` (tied output counted once), from shapes alone."""
+    n_total = 0
+    for shape in expected_shapes(cfg).values():
+        n = 1
+        for s in shape:
+            n *= s
+        n_total += n
+    return n_total
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, source: ModelSource, device: torch.device) -> torch.dtype:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ryzlab.config import ModelConfig
+from ryzlab.names import ParamName, parse_param_name
 from ryzlab.parallel.comm import Comm
 from ryzlab.parallel.layout import TPLayout, tp_layout
 
@@ -37,7 +38,13 @@ log = logging.getLogger(__name__)
 
 _COLUMN = ("wq", "wk", "wv", "w1", "w3")
 _ROW = ("wo", "w2")
-_NAME = re.compile(r"layers\.\d+\.(attention|feed_forward)\.(w[qkvo123])\.(weight|bias)$")
+_SHARDED = frozenset(f"attention.{w}" for w in ("wq", "wk", "wv", "wo")) | frozenset(f"feed_forward.{w}" for w in ("w1", "w2", "w3"))
+
+
+def _sharded(name: str) -> ParamName | None:
+    """The parsed name of a parameter tp splits (attention and MLP projections), else None."""
+    p = parse_param_name(name)
+    return p if p is not None and p.module in _SHARDED else None
 
 
 def _head_rows(heads: tuple[int, ...], head_dim: int) -> torch.Tensor:
@@ -50,10 +57,10 @@ def shard_spec(name: str, model: ModelConfig, layout: TPLayout) -> tuple[int, to
     ``name`` is a :class:`ryzlab.models.transformer.Transformer` parameter name. Row-parallel biases are
     whole (added once after the all-reduce).
     """
-    m = _NAME.search(name)
-    if m is None or layout.tp == 1:
+    p = _sharded(name)
+    if p is None or layout.tp == 1:
         return None
-    _, proj, kind = m.groups()
+    proj, kind = p.proj, p.kind
     hd = model.head_dim
     if proj == "wq":
         return 0, _head_rows(layout.q_heads, hd)
@@ -131,7 +138,8 @@ def weight_bytes(model: nn.Module) -> dict[str, float]:
             continue
         seen.add(id(p))
         nbytes = p.numel() * p.element_size()
-        if _NAME.search(name) and not (name.endswith("bias") and (".wo." in name or ".w2." in name)):
+        p = _sharded(name)
+        if p is not None and not (p.kind == "bias" and p.proj in _ROW):
             sharded += nbytes
         else:
             replicated += nbytes
