@@ -33,16 +33,14 @@ def migrate(cache: PagedKVCache, block_id: int, dst: int) -> tuple[int, int] | N
     """Move a used block to cp rank ``dst`` (pages sent by its owner). None if ``dst`` is full."""
     move = cache.pool.migrate(block_id, dst)
     if move is not None:
-        cache._ensure_capacity()
-        cache._copy_blocks([move])
+        cache.store.apply([move], cache.manager.num_allocated_blocks)
     return move
 
 
 def rebalance(cache: PagedKVCache, max_moves: int | None = None) -> list[tuple[int, int]]:
     """Even out used blocks per cp rank (to within one) by migrations; same plan on every rank."""
     moves = cache.pool.rebalance(max_moves)
-    cache._ensure_capacity()
-    cache._copy_blocks(moves)
+    cache.store.apply(moves, cache.manager.num_allocated_blocks)
     if moves:
         log.debug("rebalanced %d block(s) across %d cp ranks", len(moves), cache.cp_size)
     return moves
