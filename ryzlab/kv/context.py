@@ -1,6 +1,8 @@
 """Context parallelism on top of the per-rank caches: which rank holds which blocks, migration,
 rebalancing and coherency checks. Never a second store: the bytes live in each rank's
-:class:`ryzlab.kv.cache.PagedKVCache`, the placement in its (replicated) :class:`BlockPool`.
+:class:`ryzlab.kv.store.PageStore` (inside its :class:`ryzlab.kv.cache.PagedKVCache`), the placement
+in its (replicated) :class:`BlockPool`. The attention merge across ranks is
+:func:`ryzlab.kv.merge.merge_over_ranks`.
 
 Every cp rank holds an identical replica of the block pool and makes the same calls in the same
 order (SPMD), so "where does block ``b`` live" has one answer everywhere (``b % cp``) without a
