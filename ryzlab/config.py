@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 __all__ = [
-    "ConfigError", "from_dict", "check_choice", "field_names",
+    "ConfigError", "from_dict", "check_choice", "check_head_dim", "field_names",
     "Codec", "Granularity", "CODECS", "GRANULARITIES", "CODEC_BITS", "PACK_UNIT", "Rotation", "ROTATIONS",
     "ModelConfig", "RopeScaling", "ROPE_SCALINGS", "CacheConfig", "ParallelConfig", "Backend", "BACKENDS",
 ]
@@ -202,6 +202,28 @@ class ModelConfig:
             object.__setattr__(self, "ffn_dim", -(-int(8 * self.dim / 3) // 64) * 64)
 
 
+def check_head_dim(head_dim: int, codecs: typing.Iterable[str], group_size: int | None,
+                   rotation: str = "none") -> None:
+    """Raise ``ValueError`` if vectors of ``head_dim`` values cannot be stored this way.
+
+    ``group_size`` (None: no group scales) must divide ``head_dim``; a packed codec of ``codecs``
+    needs a multiple of its pack unit; a rotation needs a power of two. The one check behind
+    :meth:`CacheConfig.check_head_dim` (a whole layout) and ``KVFormat.check_head_dim`` (one
+    format, in :mod:`ryzlab.kv.codecs`), so they cannot drift apart.
+    """
+    if group_size is not None and head_dim % group_size:
+        divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
+        raise ValueError(f"group_size={group_size} does not divide head_dim={head_dim}; "
+                         f"valid group sizes: {divisors}")
+    for codec in sorted(set(codecs) & set(PACK_UNIT)):
+        if head_dim % PACK_UNIT[codec]:
+            raise ValueError(f"{codec} packs {PACK_UNIT[codec]} values per unit: head_dim={head_dim} must be "
+                             f"a multiple of {PACK_UNIT[codec]}")
+    if rotation != "none" and head_dim & (head_dim - 1):
+        raise ValueError(f"rotation={rotation!r} needs a power-of-two head_dim (Walsh-Hadamard), got "
+                         f"{head_dim}; use rotation='none'")
+
+
 @dataclass(frozen=True, kw_only=True)
 class CacheConfig:
     """How the paged KV cache stores keys and values."""
@@ -269,17 +291,8 @@ class CacheConfig:
     def check_head_dim(self, head_dim: int) -> None:
         """Raise if the scale layout does not fit ``head_dim`` (called once the model is known)."""
         uses_group = "group" in (self.key_granularity, self.value_granularity)
-        if uses_group and head_dim % self.group_size:
-            divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
-            raise ValueError(f"group_size={self.group_size} does not divide head_dim={head_dim}; "
-                             f"valid group sizes: {divisors}")
-        for codec in sorted({self.codec, *self.layer_codecs} & set(PACK_UNIT)):
-            if head_dim % PACK_UNIT[codec]:
-                raise ValueError(f"{codec} packs {PACK_UNIT[codec]} values per unit: head_dim={head_dim} must be "
-                                 f"a multiple of {PACK_UNIT[codec]}")
-        if self.rotation != "none" and head_dim & (head_dim - 1):
-            raise ValueError(f"rotation={self.rotation!r} needs a power-of-two head_dim (Walsh-Hadamard), got "
-                             f"{head_dim}; use rotation='none'")
+        check_head_dim(head_dim, {self.codec, *self.layer_codecs}, self.group_size if uses_group else None,
+                       self.rotation)
 
     def check_layers(self, n_layers: int) -> None:
         """Raise if ``layer_codecs`` does not name one codec per layer of the model."""

@@ -6,11 +6,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from ryzlab.kv.blocks import BlockPool, FreeBlockQueue, Block
+from ryzlab.kv.blocks import BlockPool
+from ryzlab.kv.free_queue import FreeBlockQueue, KVBlock
 
 
 def test_free_queue_removes_from_middle_in_order():
-    blocks = [Block(i) for i in range(5)]
+    blocks = [KVBlock(i) for i in range(5)]
     q = FreeBlockQueue(blocks)
     q.remove(blocks[2])
     assert [b.block_id for b in q] == [0, 1, 3, 4]

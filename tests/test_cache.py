@@ -208,7 +208,7 @@ def test_fork_copy_on_write_keeps_both_histories():
 
 def test_lse_merge_of_disjoint_key_sets_equals_full_attention():
     """What each cp rank computes (attention over its keys, with log-sum-exp) merges exactly."""
-    from ryzlab.kv.pages import attention_with_lse
+    from ryzlab.kv.attention import attention_with_lse
 
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(2, 3, HQ, D, generator=g), torch.randn(2, HKV, 20, D, generator=g), torch.randn(2, HKV, 20, D, generator=g)
@@ -466,3 +466,73 @@ def test_adding_sequences_between_extend_and_write_is_safe():
     drv.step(step)
     ek, _ = drv.expected_kv("a", 0, 0, 4, cache.key_format, cache.value_format, 4)
     torch.testing.assert_close(cache.read_kv("a", 0)[0], ek, atol=1e-6, rtol=0)
+
+
+def _fill(cache: PagedKVCache, seq, ids: list[int], gen: torch.Generator) -> None:
+    """Register ``ids`` and write random K/V for them in every layer."""
+    cache.add_sequence(seq, ids)
+    step = cache.extend([seq])
+    for layer in range(MODEL.n_layers):
+        cache.write(layer, torch.randn(step.num_tokens, HKV, D, generator=gen),
+                    torch.randn(step.num_tokens, HKV, D, generator=gen))
+
+
+@pytest.mark.parametrize("codec", ["none", "int8"])
+def test_restore_writes_back_what_read_kv_read(codec):
+    """Swap-out / swap-in through the cache's own calls: read_kv, free, allocate_slots, restore.
+    With prefix caching the first full blocks come back as hits and only the rest is rewritten;
+    the next decode step then attends exactly as in a cache that never swapped."""
+    cfg = CacheConfig(codec=codec, block_size=4, num_blocks=8)
+    ids = list(range(10))
+    caches = [PagedKVCache(MODEL, cfg), PagedKVCache(MODEL, cfg)]
+    for c in caches:
+        _fill(c, "a", ids, torch.Generator().manual_seed(0))
+    swapped = caches[1]
+    k, v = swapped.read_kv("a")  # [L, 10, Hkv, D]
+    swapped.free("a")
+    assert swapped.allocate_slots("a", ids) is not None
+    assert swapped.num_cached_tokens("a") == 8 and swapped.num_written("a") == 8  # two full blocks hit
+    with pytest.raises(ValueError, match="restore"):
+        swapped.restore("a", k[:, :5], v[:, :5])
+    step = swapped.restore("a", k, v)
+    assert step.query_lens == (2,) and swapped.num_written("a") == 10
+    for x, y in zip(swapped.read_kv("a"), caches[0].read_kv("a")):
+        assert torch.equal(x, y)
+    gen = torch.Generator().manual_seed(1)
+    k1, v1 = torch.randn(1, HKV, D, generator=gen), torch.randn(1, HKV, D, generator=gen)
+    q = torch.randn(1, HQ, D, generator=gen)
+    outs = []
+    for c in caches:
+        c.extend(["a"], [[99]])
+        c.write(0, k1, v1)
+        outs.append(c.attend(0, q))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_evict_cached_forgets_the_prefix_cache_and_capacity_is_a_property():
+    cache = PagedKVCache(MODEL, CacheConfig(block_size=4, num_blocks=6))
+    assert (cache.num_blocks, cache.capacity_tokens) == (6, 24)
+    assert PagedKVCache(MODEL, CacheConfig(block_size=4)).capacity_tokens is None  # unbounded
+    gen = torch.Generator().manual_seed(0)
+    _fill(cache, "a", list(range(12)), gen)
+    cache.free("a")
+    assert cache.add_sequence("b", list(range(12))) == 8  # a's first two blocks, still cached
+    cache.free("b")
+    assert cache.evict_cached(1) == 1  # LRU first: a/b's last block (freed first) goes
+    assert cache.evict_cached() == 2 and cache.evict_cached() == 0
+    assert cache.add_sequence("c", list(range(12))) == 0
+    cache.pool.check_invariants()
+
+
+def test_manager_holds_no_tensors_and_answers_none_on_shortage():
+    from ryzlab.kv.manager import KVCacheManager
+
+    m = KVCacheManager(4, 2)
+    assert m.allocate_slots("a", list(range(6))) == ([0, 1, 2], [])
+    assert m.allocate_slots("a", [7, 8, 9]) is None  # needs 2 blocks, 1 free: nothing changed
+    assert m.num_tokens("a") == 6 and m.pending("a") == 6
+    m.commit("a", 6)
+    assert m.pending("a") == 0 and m.stats()["num_cached_blocks"] == 3
+    assert not [n for n, x in vars(m).items() if isinstance(x, torch.Tensor)]
+    with pytest.raises(ValueError, match="unknown sequence"):
+        m.commit("zz", 1)

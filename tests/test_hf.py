@@ -1,6 +1,8 @@
 """RyzlabCache on a tiny random HF Llama: equality with DynamicCache (codec none), generate, ledger."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from ryzlab.config import ConfigError  # noqa: E402
-from ryzlab.kv.hf import LEDGER_KEYS, RyzlabCache  # noqa: E402
+from ryzlab.kv.hf import LEDGER_KEYS, RyzlabCache, model_config_from_hf  # noqa: E402
 
 CFG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -153,7 +155,15 @@ def test_rotation_keeps_the_uncompressed_path_and_rotated_attention_is_exact(ids
                                atol=1e-4, rtol=1e-4)
     assert _PENDING_ROTATION.get() is None  # every rotation asked for was consumed by its attention call
     # keys stored before RoPE (the model's RoPE undone, then redone at every read): still the model
-    pre = _teacher_forced(m, ids, RyzlabCache(CFG, codec="none", pre_rope_keys=True, **rot))
+    from ryzlab.kv.store import KeyRope
+    from ryzlab.models.hf import rope_fields
+    from ryzlab.models.transformer import apply_rope, rope_cos_sin, rope_inv_freq
+
+    with pytest.raises(ValueError, match="pass rope=KeyRope"):  # the cache cannot know the model's RoPE
+        RyzlabCache(CFG, codec="none", pre_rope_keys=True, **rot)
+    mcfg = dataclasses.replace(model_config_from_hf(CFG), **rope_fields(CFG.to_dict(), "test"))
+    rope = KeyRope(rope_inv_freq(mcfg), rope_cos_sin, apply_rope)
+    pre = _teacher_forced(m, ids, RyzlabCache(CFG, codec="none", pre_rope_keys=True, rope=rope, **rot))
     torch.testing.assert_close(pre, ref, atol=1e-4, rtol=1e-4)
 
 

@@ -26,7 +26,9 @@ from ryzlab.config import CacheConfig, ModelConfig  # noqa: E402
 from ryzlab.kv import triton as kv_triton  # noqa: E402
 from ryzlab.kv.cache import PagedKVCache  # noqa: E402
 from ryzlab.kv.codecs import KVFormat  # noqa: E402
-from ryzlab.kv.pages import PagedTensor, attention_with_lse  # noqa: E402
+from ryzlab.kv.attention import attention_with_lse  # noqa: E402
+from ryzlab.kv.pages import PagedTensor  # noqa: E402
+from ryzlab.kv.store import KeyRope  # noqa: E402
 from ryzlab.kv.triton.decode import paged_attention, plan_from_gather  # noqa: E402
 
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -130,9 +132,8 @@ def test_write_kernel_stores_the_codec_bytes():
                 fmt = KVFormat(codec, gran, 8, sym)
                 assert kv_triton.supports_write(fmt, D)
                 pages = [PagedTensor(fmt, 1, 4, 4, 2, D, DEV) for _ in range(2)]
-                pages[1].kernel = "triton"
-                for p in pages:
-                    p.write_slots(0, slots.to(DEV), x.to(DEV))
+                pages[0].write_slots(0, slots.to(DEV), x.to(DEV))  # torch: KVFormat.encode
+                kv_triton.write_slots(pages[1], 0, slots.to(DEV), x.to(DEV))
                 for a, b in zip(pages[0].tensors(), pages[1].tensors()):
                     assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (codec, gran, sym)
                 n_checked += 1
@@ -363,6 +364,9 @@ def test_rotation_mixed_layers_and_half_window_through_the_kernel():
             if s:
                 ref, out = (c.attend(layer, q) for c in caches)
                 assert rel_err(out, ref) <= 1e-5, (s, layer)
-    with pytest.raises(ValueError, match="RoPE"):
+    from ryzlab.models.transformer import apply_rope, rope_cos_sin, rope_inv_freq
+
+    rope = KeyRope(rope_inv_freq(model, DEV), rope_cos_sin, apply_rope)
+    with pytest.raises(ValueError, match="kernel='triton' cannot run here: keys stored before RoPE"):
         PagedKVCache(model, CacheConfig(codec="int8", pre_rope_keys=True), dtype=torch.float32, device=DEV,
-                     kernel="triton")
+                     kernel="triton", rope=rope)

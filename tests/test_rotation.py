@@ -9,6 +9,7 @@ from ryzlab.config import CacheConfig, ModelConfig
 from ryzlab.kv.cache import PagedKVCache
 from ryzlab.kv.codecs import KVFormat
 from ryzlab.kv.rotation import HeadRotation, fwht, hadamard
+from ryzlab.kv.store import KeyRope
 
 MODEL = ModelConfig(vocab_size=32, dim=64, n_layers=2, n_heads=4, n_kv_heads=2)  # head_dim 16
 
@@ -48,10 +49,17 @@ def test_head_rotation_inverts_exactly_and_signs_depend_on_seed(kind):
         HeadRotation("none", 16)
 
 
+def _rope() -> KeyRope:
+    """The model's RoPE, as the model side hands it to a pre-RoPE cache."""
+    from ryzlab.models.transformer import apply_rope, rope_cos_sin, rope_inv_freq
+
+    return KeyRope(rope_inv_freq(MODEL), rope_cos_sin, apply_rope)
+
+
 def _run(cfg: CacheConfig, seed: int = 0) -> tuple[list[torch.Tensor], PagedKVCache]:
     """Prefill 2 ragged sequences then 5 decode steps; every layer's attention output."""
     g = torch.Generator().manual_seed(seed)
-    cache = PagedKVCache(MODEL, cfg)
+    cache = PagedKVCache(MODEL, cfg, rope=_rope())
     cache.add_sequence("a", 9)
     cache.add_sequence("b", 4)
     outs = []
@@ -140,6 +148,14 @@ def test_pre_rope_keys_leave_the_uncompressed_path_unchanged_and_quantise_before
     torch.testing.assert_close(q.read_kv("a", 0)[0], apply_rope(exp, cos, sin), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="pre_rope_keys"):
         q.gather(0, rotated=True)
+
+
+def test_pre_rope_keys_need_the_models_rope():
+    """The cache cannot know a model's RoPE (it sits below the models layer): asked to store keys
+    before RoPE without one, it says what to pass; a cache that does not need it ignores it."""
+    with pytest.raises(ValueError, match="pass rope=KeyRope"):
+        PagedKVCache(MODEL, CacheConfig(pre_rope_keys=True))
+    assert PagedKVCache(MODEL, CacheConfig(), rope=_rope()).store.rope is None
 
 
 def test_half_precision_tail_halves_the_residual_bytes():

@@ -35,6 +35,7 @@ Transformer reads every token from the paged cache, its own step included
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -46,8 +47,9 @@ import torch
 import torch.nn.functional as F
 
 from ryzlab.config import CacheConfig
-from ryzlab.models.transformer import Transformer, apply_rope
+from ryzlab.models.transformer import Transformer, apply_rope, rope_cos_sin, rope_inv_freq
 from ryzlab.kv.cache import PagedKVCache
+from ryzlab.kv.store import KeyRope
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,8 @@ def reconstruction_error(model_cfg: Any, cache_cfg: CacheConfig, qkv: Sequence[t
     """
     k0 = qkv[0][1]
     B, T = k0.shape[:2]
-    paged = PagedKVCache(model_cfg, cache_cfg, dtype=k0.dtype, device=k0.device)
+    paged = PagedKVCache(model_cfg, cache_cfg, dtype=k0.dtype, device=k0.device,
+                         rope=KeyRope(rope_inv_freq(model_cfg, k0.device), rope_cos_sin, apply_rope))
     for b in range(B):
         paged.add_sequence(("recon", b), 0)
     step = paged.extend([("recon", b) for b in range(B)], [T] * B)
@@ -172,8 +175,9 @@ def decode_logits(model: Transformer, tokens: torch.Tensor, cache_cfg: CacheConf
     B, L = tokens.shape
     if not 0 < prefill < L:
         raise ValueError(f"prefill={prefill} must be in [1, {L - 1}] for sequences of {L} tokens")
-    paged = PagedKVCache(model.config if not hasattr(model, "local_config") else model.local_config, cache_cfg,
-                         dtype=model.tok_embeddings.weight.dtype, device=tokens.device)
+    cfg = model.config if not hasattr(model, "local_config") else model.local_config
+    paged = PagedKVCache(cfg, cache_cfg, dtype=model.tok_embeddings.weight.dtype, device=tokens.device,
+                         rope=KeyRope(rope_inv_freq(cfg, tokens.device), rope_cos_sin, apply_rope))
     seqs = list(range(B))
     out = torch.empty(B, L - prefill, model.config.vocab_size, dtype=torch.float32, device=tokens.device)
     out[:, 0] = model(tokens[:, :prefill], cache=paged, seq_ids=seqs)[:, -1]
@@ -309,6 +313,7 @@ def evaluate_hf(model: Any, cache_options: Sequence[dict[str, Any]], tokens: tor
     from transformers import DynamicCache
 
     from ryzlab.kv.hf import RyzlabCache, load_hf_causal_lm, model_config_from_hf
+    from ryzlab.models.hf import rope_fields
 
     if isinstance(model, (str, Path)):
         model = load_hf_causal_lm(model)
@@ -317,10 +322,13 @@ def evaluate_hf(model: Any, cache_options: Sequence[dict[str, Any]], tokens: tor
     dyn = DynamicCache(config=model.config)
     model(tokens[:, :prefill], cache=dyn)
     qkv = [(None, layer.keys.transpose(1, 2), layer.values.transpose(1, 2)) for layer in dyn.layers]
-    mcfg = model_config_from_hf(model.config)
+    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    mcfg = dataclasses.replace(model_config_from_hf(model.config), **rope_fields(
+        text.to_dict() if hasattr(text, "to_dict") else vars(text), "Hugging Face config"))
+    rope = KeyRope(rope_inv_freq(mcfg, next(model.parameters()).device), rope_cos_sin, apply_rope)  # for pre_rope_keys
     rows = []
     for opts in cache_options:
-        cache = RyzlabCache(model.config, **opts)
+        cache = RyzlabCache(model.config, rope=rope, **opts)
         steps = [model(tokens[:, :prefill], cache=cache).logits[:, -1:]]
         for t in range(prefill, L - 1):
             steps.append(model(tokens[:, t:t + 1], cache=cache).logits)

@@ -32,15 +32,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Block", "BlockHash", "FreeBlockQueue", "AppendResult", "BlockPool", "SeqId", "hash_block"]
+from ryzlab.kv.free_queue import BlockHash, FreeBlockQueue, KVBlock
+
+__all__ = ["AppendResult", "BlockPool", "SeqId", "hash_block"]
 
 log = logging.getLogger(__name__)
 
 SeqId = Hashable
-BlockHash = bytes
 _UNKNOWN = -1  # placeholder for tokens appended by count only: such blocks are never hashed
 
 
@@ -54,72 +55,6 @@ def hash_block(parent: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
     h = hashlib.blake2b(parent or b"root", digest_size=16)
     h.update(b",".join(str(t).encode() for t in token_ids))
     return h.digest()
-
-
-@dataclass(eq=False)
-class Block:
-    """One page of ``block_size`` token slots. ``ref_cnt`` sequences point at it."""
-
-    block_id: int
-    ref_cnt: int = 0
-    block_hash: BlockHash | None = None
-    """Set while the block is registered in the prefix cache (full blocks only)."""
-    prev_free: Block | None = field(default=None, repr=False)
-    next_free: Block | None = field(default=None, repr=False)
-
-
-class FreeBlockQueue:
-    """Free blocks as a doubly linked list, least recently freed first (eviction order).
-
-    Not a ``collections.deque``: when a new prompt hits a cached block that is free
-    (``ref_cnt == 0``), that block must leave the queue from the *middle*. The links live in
-    the blocks themselves, so ``remove`` is O(1); a deque would need O(n) ``remove``.
-    """
-
-    def __init__(self, blocks: Sequence[Block] = ()):
-        self._head = Block(-1)  # sentinels: no special cases for the ends
-        self._tail = Block(-1)
-        self._head.next_free, self._tail.prev_free = self._tail, self._head
-        self._len = 0
-        for b in blocks:
-            self.append(b)
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __iter__(self) -> Iterator[Block]:
-        b = self._head.next_free
-        while b is not self._tail:
-            assert b is not None, "free queue broken: dangling link"
-            yield b
-            b = b.next_free
-
-    def __contains__(self, block: Block) -> bool:
-        return block.prev_free is not None
-
-    def append(self, block: Block) -> None:
-        assert block.prev_free is None and block.next_free is None, \
-            f"block {block.block_id} appended to the free queue twice"
-        last = self._tail.prev_free
-        assert last is not None
-        last.next_free, block.prev_free = block, last
-        block.next_free, self._tail.prev_free = self._tail, block
-        self._len += 1
-
-    def popleft(self) -> Block:
-        if not self._len:
-            raise IndexError("free queue is empty")
-        b = self._head.next_free
-        assert b is not None
-        self.remove(b)
-        return b
-
-    def remove(self, block: Block) -> None:
-        prev, nxt = block.prev_free, block.next_free
-        assert prev is not None and nxt is not None, f"block {block.block_id} is not in the free queue"
-        prev.next_free, nxt.prev_free = nxt, prev
-        block.prev_free = block.next_free = None
-        self._len -= 1
 
 
 @dataclass(frozen=True)
@@ -136,7 +71,7 @@ class AppendResult:
 class _Seq:
     home: int = 0
     """Shard of this sequence's first block (block j prefers shard ``(home + j) % shards``)."""
-    blocks: list[Block] = field(default_factory=list)
+    blocks: list[KVBlock] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     hashes: list[BlockHash | None] = field(default_factory=list)
     """Chained hash per full block (None once a block holds unknown tokens)."""
@@ -165,9 +100,9 @@ class BlockPool:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.shards = shards
-        self.blocks: list[Block] = [Block(i) for i in range(num_blocks or 0)]
+        self.blocks: list[KVBlock] = [KVBlock(i) for i in range(num_blocks or 0)]
         self.free_queues = [FreeBlockQueue(self.blocks[s::shards]) for s in range(shards)]
-        self.cached: dict[BlockHash, Block] = {}
+        self.cached: dict[BlockHash, KVBlock] = {}
         self._seqs: dict[SeqId, _Seq] = {}
         self._next_home = 0
         self._queried_tokens = 0
@@ -203,11 +138,11 @@ class BlockPool:
         """Unbounded pools: one new block per shard (ids stay dense, shards stay equal)."""
         n = len(self.blocks)
         for i in range(n, n + self.shards):
-            b = Block(i)
+            b = KVBlock(i)
             self.blocks.append(b)
             self.free_queues[i % self.shards].append(b)
 
-    def _take(self, prefer: int = 0) -> Block:
+    def _take(self, prefer: int = 0) -> KVBlock:
         """Pop the least recently used free block of shard ``prefer`` (evicting its cached hash);
         a full shard spills to the one with most free blocks; an unbounded pool grows instead."""
         q = self.free_queues[prefer]
@@ -225,13 +160,13 @@ class BlockPool:
         b.ref_cnt = 1
         return b
 
-    def _release(self, b: Block) -> None:
+    def _release(self, b: KVBlock) -> None:
         assert b.ref_cnt > 0, f"block {b.block_id} released with ref_cnt {b.ref_cnt}"
         b.ref_cnt -= 1
         if b.ref_cnt == 0:
             self.free_queues[self.shard_of(b.block_id)].append(b)
 
-    def _uncache(self, b: Block) -> None:
+    def _uncache(self, b: KVBlock) -> None:
         assert b.block_hash is not None and self.cached.get(b.block_hash) is b, \
             f"block {b.block_id} has hash but is not the cached block for it"
         del self.cached[b.block_hash]
@@ -279,7 +214,7 @@ class BlockPool:
         toks = self._tokens(token_ids)
         bs = self.block_size
         hashes = self._chain(None, toks, 0)
-        hits: list[Block] = []
+        hits: list[KVBlock] = []
         if self.enable_prefix_caching:
             for h in hashes:
                 b = self.cached.get(h) if h is not None else None

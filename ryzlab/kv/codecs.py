@@ -62,7 +62,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ryzlab.config import CODEC_BITS, CODECS, GRANULARITIES, PACK_UNIT, Codec, Granularity, check_choice
+from ryzlab.config import (CODEC_BITS, CODECS, GRANULARITIES, PACK_UNIT, Codec, Granularity, check_choice,
+                           check_head_dim)
 
 __all__ = ["KVFormat", "Encoded", "TokenBytes", "SCALE_DTYPE", "E8M0_DTYPE", "TOKEN_SPANNING", "bytes_per_token",
            "encode", "decode"]
@@ -161,13 +162,8 @@ class KVFormat:
 
     def check_head_dim(self, head_dim: int) -> None:
         """Raise ``ValueError`` if this format cannot store vectors of ``head_dim`` values."""
-        if self.quantized and self.granularity == "group" and head_dim % self.group_size:
-            divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
-            raise ValueError(f"group_size={self.group_size} does not divide head_dim={head_dim}; "
-                             f"valid group sizes: {divisors}")
-        if self.packed and head_dim % PACK_UNIT[self.codec]:
-            raise ValueError(f"{self.codec} packs {PACK_UNIT[self.codec]} values per unit: head_dim={head_dim} "
-                             f"must be a multiple of {PACK_UNIT[self.codec]}")
+        check_head_dim(head_dim, [self.codec], self.group_size if self.quantized and self.granularity == "group"
+                       else None)
 
     @property
     def packed(self) -> bool:

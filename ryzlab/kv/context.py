@@ -1,6 +1,8 @@
 """Context parallelism on top of the per-rank caches: which rank holds which blocks, migration,
 rebalancing and coherency checks. Never a second store: the bytes live in each rank's
-:class:`ryzlab.kv.cache.PagedKVCache`, the placement in its (replicated) :class:`BlockPool`.
+:class:`ryzlab.kv.store.PageStore` (inside its :class:`ryzlab.kv.cache.PagedKVCache`), the placement
+in its (replicated) :class:`BlockPool`. The attention merge across ranks is
+:func:`ryzlab.kv.merge.merge_over_ranks`.
 
 Every cp rank holds an identical replica of the block pool and makes the same calls in the same
 order (SPMD), so "where does block ``b`` live" has one answer everywhere (``b % cp``) without a
@@ -33,16 +35,14 @@ def migrate(cache: PagedKVCache, block_id: int, dst: int) -> tuple[int, int] | N
     """Move a used block to cp rank ``dst`` (pages sent by its owner). None if ``dst`` is full."""
     move = cache.pool.migrate(block_id, dst)
     if move is not None:
-        cache._ensure_capacity()
-        cache._copy_blocks([move])
+        cache.store.apply([move], cache.manager.num_allocated_blocks)
     return move
 
 
 def rebalance(cache: PagedKVCache, max_moves: int | None = None) -> list[tuple[int, int]]:
     """Even out used blocks per cp rank (to within one) by migrations; same plan on every rank."""
     moves = cache.pool.rebalance(max_moves)
-    cache._ensure_capacity()
-    cache._copy_blocks(moves)
+    cache.store.apply(moves, cache.manager.num_allocated_blocks)
     if moves:
         log.debug("rebalanced %d block(s) across %d cp ranks", len(moves), cache.cp_size)
     return moves

@@ -43,6 +43,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and
 
 from ryzlab.config import CacheConfig, ModelConfig, field_names, from_dict
 from ryzlab.kv.cache import PagedKVCache
+from ryzlab.kv.store import KeyRope
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +86,18 @@ def use_rotated_attention(model: Any) -> None:
 
 
 def model_config_from_hf(config: Any) -> ModelConfig:
-    """The shape a :class:`PagedKVCache` needs (layers, KV heads, head_dim) from an HF config."""
+    """The shape a :class:`PagedKVCache` needs (layers, KV heads, head_dim) from an HF config.
+
+    Shape only: the RoPE fields keep ModelConfig's defaults. A cache that stores keys before RoPE
+    gets the model's RoPE as ``rope=`` instead (the model side parses it, see :class:`RyzlabCache`).
+    """
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     n_heads = text.num_attention_heads
     n_kv = getattr(text, "num_key_value_heads", None) or n_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_heads
-    from ryzlab.models.hf import _rope
-
-    # RoPE too: a cache that stores keys before RoPE (pre_rope_keys) redoes the model's rotation
-    rope = _rope(text.to_dict() if hasattr(text, "to_dict") else vars(text), "Hugging Face config")
     return ModelConfig(vocab_size=text.vocab_size, dim=n_heads * head_dim, n_layers=text.num_hidden_layers,
                        n_heads=n_heads, n_kv_heads=n_kv, ffn_dim=getattr(text, "intermediate_size", 0) or 0,
-                       max_seq_len=getattr(text, "max_position_embeddings", 4096) or 4096, **rope)
+                       max_seq_len=getattr(text, "max_position_embeddings", 4096) or 4096)
 
 
 class RyzlabLayer(CacheLayerMixin):
@@ -160,11 +161,16 @@ class RyzlabCache(Cache):
     ``block_size``, ``num_blocks``, ``symmetric``, ``rotation``, ``layer_codecs``, ...) with
     CacheConfig's defaults (codec ``none``). Invalid names or values raise
     :class:`ryzlab.config.ConfigError` listing the valid ones. The paged storage is created on
-    the first ``update`` (when the dtype and device are known).
+    the first ``update`` (when the dtype and device are known). ``rope`` is the model's RoPE
+    (:class:`ryzlab.kv.store.KeyRope`, on the model's device), required with ``pre_rope_keys=True``.
     """
 
-    def __init__(self, config: Any, **cache_options: Any):
+    def __init__(self, config: Any, *, rope: KeyRope | None = None, **cache_options: Any):
         self.cache_config: CacheConfig = from_dict(CacheConfig, cache_options, where="RyzlabCache")
+        if self.cache_config.pre_rope_keys and rope is None:
+            raise ValueError("RyzlabCache(pre_rope_keys=True) redoes the model's RoPE at every read: pass "
+                             "rope=KeyRope(...) built from the model's RoPE config")
+        self.rope = rope
         self.model_config = model_config_from_hf(config)
         self.cache_config.check_head_dim(self.model_config.head_dim)
         self.cache_config.check_layers(self.model_config.n_layers)
@@ -186,7 +192,8 @@ class RyzlabCache(Cache):
     def _update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, H, T, D = k.shape
         if self.paged is None:
-            self.paged = PagedKVCache(self.model_config, self.cache_config, dtype=k.dtype, device=k.device)
+            self.paged = PagedKVCache(self.model_config, self.cache_config, dtype=k.dtype, device=k.device,
+                                      rope=self.rope)
         if not self._rows:
             self._rows = [next(self._ids) for _ in range(B)]
             for s in self._rows:

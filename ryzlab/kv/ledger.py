@@ -60,7 +60,8 @@ def paged_ledger(cache: "PagedKVCache") -> dict[str, float]:
     fill: dict[int, int] = {}
     tokens = table_entries = 0
     cp, me = c.cp_size, c.cp_rank
-    for s in c._seqs:
+    seqs = c.seq_ids()
+    for s in seqs:
         n = c.pool.num_tokens(s)
         tokens += n
         for j, b in enumerate(c.pool.block_table(s)):
@@ -72,12 +73,12 @@ def paged_ledger(cache: "PagedKVCache") -> dict[str, float]:
     payload = filled * payload_slot
     scales = filled * scale_slot + used * scale_block
     padding = (used * bs - filled) * (payload_slot + scale_slot)
-    residual = float(len(c._seqs) * c.tail_len * H * D * c._tail_k.element_size() * 2 * L)
-    metadata = float(4 * table_entries + 4 * len(c._seqs))
+    residual = float(len(seqs) * c.tail_len * H * D * c.store.tail_k.element_size() * 2 * L)
+    metadata = float(4 * table_entries + 4 * len(seqs))
     total = payload + scales + padding + residual + metadata
     bf16 = 2.0 * L * H * D * 2
     bpt = total / tokens if tokens else c.bytes_per_token_codec()
-    allocated = c.k.nbytes() + c.v.nbytes() + 2 * c._tail_k.numel() * c._tail_k.element_size()
+    allocated = c.store.nbytes()
     return {"payload": payload, "scales": scales, "residual": residual, "padding": padding,
             "metadata": metadata, "total": total, "tokens": float(tokens), "bytes_per_token": bpt,
             "kv_bytes_per_token": bpt,  # the field's metric name (DESIGN.md)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["merge_partials", "pack_partial", "unpack_partials"]
+from ryzlab.parallel.comm import Comm
+
+__all__ = ["merge_partials", "pack_partial", "unpack_partials", "merge_over_ranks"]
 
 
 def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,3 +39,10 @@ def pack_partial(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 def unpack_partials(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`pack_partial` on a stacked ``[P, ..., D + 1]`` tensor."""
     return packed[..., :-1], packed[..., -1]
+
+
+def merge_over_ranks(cp: Comm, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Context parallelism around any attention backend: each rank's ``out [N, Hq, D]`` and
+    ``lse [N, Hq]`` over its own blocks -> attention over all of them (one all-gather of
+    ``[N, Hq, D + 1]``, collective over ``cp``), in float32."""
+    return merge_partials(*unpack_partials(cp.all_gather(pack_partial(out, lse))))[0]

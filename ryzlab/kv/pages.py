@@ -1,23 +1,18 @@
-"""Paged K or V storage for all layers (payload + scales per block) and the attention math.
+"""Paged K or V storage for all layers: payload + scales per block, in the codec's format.
 
 :class:`PagedTensor` knows blocks but not sequences: it writes encoded tokens into slots or
 whole blocks, copies blocks (copy-on-write) and decodes a gather of block tables into the
-heads-first layout attention wants. :func:`attention_with_lse` is masked GQA attention that
-also returns the log-sum-exp, so partial results over disjoint key sets merge exactly.
+heads-first layout attention wants. :class:`LayerPages` routes layers to one PagedTensor per
+format (mixed precision). The Triton write kernel (:mod:`ryzlab.kv.triton.write`) writes the same
+tensors; which writer runs is the attention backend's choice (:mod:`ryzlab.kv.attention`).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ryzlab.kv import triton as kv_triton
 from ryzlab.kv.codecs import Encoded, KVFormat
 
-__all__ = ["PagedTensor", "LayerPages", "attention_with_lse", "MATH_SCORES"]
-
-MATH_SCORES = 1 << 24
-"""Score elements per query chunk of :func:`attention_with_lse` (64 MB in float32)."""
+__all__ = ["PagedTensor", "LayerPages"]
 
 
 class PagedTensor:
@@ -26,9 +21,6 @@ class PagedTensor:
     def __init__(self, fmt: KVFormat, layers: int, cap: int, bs: int, heads: int, head_dim: int,
                  device: torch.device):
         self.fmt, self.bs, self.heads, self.head_dim = fmt, bs, heads, head_dim
-        self.kernel = "torch"
-        """``triton``: :meth:`write_slots` quantizes with :func:`ryzlab.kv.triton.write_slots` where it
-        supports the format (set by the cache that owns these pages)."""
         self.dp = fmt.packed_dim(head_dim)
         self.scale_shape = fmt.scale_shape(bs, heads, head_dim)
         self.payload = torch.zeros(layers, cap, bs, heads, self.dp, dtype=fmt.storage_dtype, device=device)
@@ -71,9 +63,6 @@ class PagedTensor:
 
     def write_slots(self, layer: int, slots: torch.Tensor, x: torch.Tensor) -> None:
         """Encode ``x [N, H, D]`` token by token (token-local scales) into ``slots``."""
-        if self.kernel == "triton" and kv_triton.supports_write(self.fmt, self.head_dim):
-            kv_triton.write_slots(self, layer, slots, x)
-            return
         enc = self.fmt.encode(x)
         self.payload[layer].view(-1, self.heads, self.dp)[slots] = enc.payload
         if enc.scale is not None:
@@ -173,19 +162,6 @@ class LayerPages:
         """The group holding ``layer`` and the layer's index inside it."""
         return self._where[layer]
 
-    @property
-    def kernel(self) -> str:
-        return self.groups[0].kernel
-
-    @kernel.setter
-    def kernel(self, kernel: str) -> None:  # the write path of every group (torch or the Triton write kernel)
-        for g in self.groups:
-            g.kernel = kernel
-
-    def write_slots(self, layer: int, slots: torch.Tensor, x: torch.Tensor) -> None:
-        pt, j = self._where[layer]
-        pt.write_slots(j, slots, x)
-
     def write_blocks(self, layer: int, blocks: torch.Tensor, x: torch.Tensor) -> None:
         pt, j = self._where[layer]
         pt.write_blocks(j, blocks, x)
@@ -194,32 +170,3 @@ class LayerPages:
         pt, j = self._where[layer]
         return pt.gather(j, tables, dtype)
 
-
-def attention_with_lse(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                    scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked GQA attention with log-sum-exp, in float32, chunked over queries.
-
-    ``qp [B, Tq, Hq, D]``, ``k, v [B, H, S, D]``, ``mask [B, Tq, S]`` (True = attend) ->
-    ``out [B, Tq, Hq, D]`` (0 where a query sees no key) and ``lse [B, Tq, Hq]`` (-inf there).
-    Query heads are grouped onto their KV head by a reshape, so K/V are never repeated.
-    """
-    B, tq, hq, D = qp.shape
-    H, S = k.shape[1], k.shape[2]
-    g = hq // H
-    scale = scale if scale is not None else 1.0 / math.sqrt(D)
-    kt = k.to(torch.float32).transpose(-1, -2)  # [B, H, D, S]
-    vf = v.to(torch.float32)
-    outs, lses = [], []
-    chunk = max(1, MATH_SCORES // max(1, B * hq * S))  # bound the score tensor (~64 MB)
-    for c0 in range(0, tq, chunk):
-        qc = qp[:, c0:c0 + chunk].to(torch.float32)  # [B, c, Hq, D]
-        c = qc.shape[1]
-        qg = qc.view(B, c, H, g, D).permute(0, 2, 3, 1, 4).reshape(B, H, g * c, D)
-        sc = (qg @ kt).view(B, H, g, c, S).mul_(scale)
-        sc = sc.masked_fill_(~mask[:, None, None, c0:c0 + c], float("-inf"))
-        lse = torch.logsumexp(sc, dim=-1)  # [B, H, g, c]
-        p = sc.sub_(torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None]).exp_()
-        o = (p.view(B, H, g * c, S) @ vf).view(B, H, g, c, D)
-        outs.append(o.permute(0, 3, 1, 2, 4).reshape(B, c, hq, D))
-        lses.append(lse.permute(0, 3, 1, 2).reshape(B, c, hq))
-    return torch.cat(outs, 1), torch.cat(lses, 1)

@@ -31,7 +31,7 @@ from ryzlab.models.source import ModelSource, check_shapes, expected_shapes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HF_ARCHITECTURES", "hf_model_config", "HFCheckpoint", "check_hf_folder", "hf_name"]
+__all__ = ["HF_ARCHITECTURES", "hf_model_config", "rope_fields", "HFCheckpoint", "check_hf_folder", "hf_name"]
 
 HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -56,7 +56,7 @@ hf_name = param_renamer(_TOP, _LAYER, "model.layers.{layer}.{module}.{kind}", "H
 
 
 # ----------------------------------------------------------------------------- config
-def _rope(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+def rope_fields(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """RoPE fields of ModelConfig from ``rope_parameters`` (transformers 5) or ``rope_theta`` +
     ``rope_scaling`` (transformers 4)."""
     params = dict(cfg.get("rope_parameters") or {})
@@ -99,7 +99,7 @@ def hf_model_config(cfg: dict[str, Any], where: str = "config.json") -> tuple[Mo
     try:
         n_heads = int(cfg["num_attention_heads"])
         dim = int(cfg["hidden_size"])
-        rope = _rope(cfg, where)
+        rope = rope_fields(cfg, where)
         sliding = None
         if arch == "MistralForCausalLM":
             sliding = cfg.get("sliding_window")
