@@ -74,7 +74,7 @@ def test_points_of_different_experiments_never_run_side_by_side(mixed_sweep):
 
 
 def test_a_block_with_jobs_1_runs_its_points_one_at_a_time(tmp_path, monkeypatch):
-    import ryzlab.workbench.sweep as sweep_mod
+    import ryzlab.workbench.executors.local as sweep_mod  # the local executor starts the points
 
     live, most = set(), []
 
