@@ -115,6 +115,53 @@ def is_done(sweep_dir: Path, run_id: str, latest: dict[str, dict]) -> bool:
     return bool(row and row.get("status") == "ok" and (sweep_dir / run_id / "metrics.parquet").is_file())
 
 
+def estimate_line(todo: list[Point], latest: dict[str, dict], *, jobs: int) -> str | None:
+    """A time estimate for ``todo`` from the earlier ok points of the same notebook in this results
+    folder (their manifest ``wall_s``); None when the folder holds no such point.
+
+    Each point is taken to last the median wall time of its notebook's earlier ok points. Points
+    of one notebook run ``min(jobs, block jobs)`` at a time and notebooks one after another (as
+    :func:`run_sweep` runs them), so the estimate is the sum over notebooks of their points' time
+    divided by that parallelism. An estimate, not a promise: a point's parameters (context, rate)
+    change its time, and the medians do not know which ones."""
+    import statistics
+
+    past: dict[str, list[float]] = {}
+    for row in latest.values():
+        if row.get("status") == "ok" and isinstance(row.get("wall_s"), (int, float)):
+            past.setdefault(str(row.get("experiment")), []).append(float(row["wall_s"]))
+    if not past:
+        return None
+    total, parts, unknown = 0.0, [], {}
+    by_exp: dict[str, list[Point]] = {}
+    for p in todo:
+        by_exp.setdefault(p.experiment, []).append(p)
+    for exp, pts in by_exp.items():
+        if exp not in past:
+            unknown[exp] = len(pts)
+            continue
+        med = statistics.median(past[exp])
+        at_once = max(1, min(jobs, *(p.jobs or jobs for p in pts)))
+        total += med * len(pts) / at_once
+        parts.append(f"{exp} {len(pts)} x {med:.1f} s / {at_once} at a time "
+                     f"(median of {len(past[exp])} earlier ok point{'s' if len(past[exp]) != 1 else ''})")
+    if not parts:
+        return (f"no time estimate: no earlier ok point of {', '.join(sorted(unknown))} in this results folder")
+    line = f"estimate from past runs: ~{_duration(total)} for {sum(len(v) for k, v in by_exp.items() if k in past)} " \
+           f"point(s): " + "; ".join(parts)
+    if unknown:
+        line += "; not estimated (no earlier ok point): " + ", ".join(f"{k} x {n}" for k, n in sorted(unknown.items()))
+    return line
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 class SweepLocked(ConfigError):
     """Another live sweep holds this results folder."""
 
