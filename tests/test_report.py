@@ -351,3 +351,37 @@ def test_default_paths_resolve_from_the_repository_when_run_from_notebooks(tmp_p
     monkeypatch.setattr(explorer, "REPO_ROOT", repo)
     assert load_sweep("results/demo").sweep_dir == repo / "results" / "demo"
     assert explorer.find_sweeps("results") == {"demo": repo / "results" / "demo"}
+
+
+def test_explorer_filters_only_swept_parameters_readably_and_in_numeric_order(tmp_path):
+    """Issue 23.5: no filter on measured metrics, numbers sort as numbers, the plot names what it pools."""
+    pytest.importorskip("ipywidgets")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import ryzlab
+    from ryzlab.workbench.explorer import readable
+
+    results = tmp_path / "results"
+    make_sweep(results / "A", grid(1, n_points=3))  # context 64, 128, 192 x dtype float32, bfloat16
+    ex = ryzlab.explore(results).explorer
+    assert set(ex.filters) == {"context", "dtype"}, "kv_bytes, achieved_gbps...: measured, not swept"
+    assert [label for label, _ in ex.filters["context"].options] == ["64", "128", "192"]
+    assert ex.controls["x"].value == "context" and ex.controls["hue"].value == "(none)"
+    assert ex.pooled_now == {"dtype": ["bfloat16", "float32"]}
+    assert "median pooled over dtype (bfloat16, float32)" in ex.alt
+    ex.controls["hue"].value = "dtype"
+    assert ex.pooled_now == {} and "pooled" not in ex.alt
+    assert readable(0.1 + 0.2) == "0.3" and readable(4096.0) == "4096" and readable(("int4", "int2")) == "[int4, int2]"
+
+
+def test_report_shows_progress_bars(tmp_path, capsys):
+    """Issue 23.3: `ryzlab report` shows tqdm bars while it reads runs (and executes the notebook)."""
+    from ryzlab.workbench.report import load_sweep
+
+    sweep = make_sweep(tmp_path / "s", grid(1, n_points=2))
+    load_sweep(sweep, progress=True)
+    err = capsys.readouterr().err
+    assert "s: reading runs" in err and "4/4" in err
+    load_sweep(sweep)
+    assert capsys.readouterr().err == ""
