@@ -457,3 +457,24 @@ def test_serving_section_draws_the_specs_slo_only(monkeypatch):
     line = [ln for ln in ax_workers.lines if "fault" not in ln.get_label()]
     assert all(list(ln.get_xdata()) == [1] for ln in line), "the killed 2-worker point is on no line"
     assert "p99 TPOT ≤ 250 ms" in texts[-1] and " 50 ms" not in texts[-1]
+
+
+def test_compare_page_draws_b_over_a_and_lists_the_environment_difference(tmp_path):
+    """Issue 23.9: the page plots B/A with intervals per metric and says how A's and B's environments differ."""
+    from ryzlab.workbench.compare import html_page
+
+    a = make_sweep(tmp_path / "A", grid(1, n_points=2))
+    b = make_sweep(tmp_path / "B", grid(2, {"attention_bench-01fl": 1.5}, n_points=2))
+    for run_dir in b.iterdir():  # B ran with more threads, another torch and under load
+        if (run_dir / "env.json").is_file():
+            env = json.loads((run_dir / "env.json").read_text())
+            write_json(run_dir / "env.json", {**env, "threads": 4, "torch": "<b>9.9</b>", "load_avg_1m": 3.5})
+    c = compare(a, b)
+    diff = c.env_diff.set_index("item")
+    assert diff.loc["threads", ["A", "B", "differs"]].tolist() == ["1", "4", "yes"]
+    assert diff.loc["load_avg_1m", ["A", "B"]].tolist() == ["not recorded", "3.5"]
+    assert diff.loc["device", "differs"] == "" and list(c.env_diff["differs"][:3]) == ["yes"] * 3
+    page = html_page(c, min_change=0.05, confidence=0.99)
+    assert '<img src="data:image/png;base64,' in page and "B/A per metric" in page
+    assert "Environment: A vs B" in page and "3 item(s) differ" in page
+    assert "<b>9.9</b>" not in page and "&lt;b&gt;9.9&lt;/b&gt;" in page, "values from the results are escaped"

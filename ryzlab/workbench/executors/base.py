@@ -4,6 +4,7 @@ a warm spare kernel) and :mod:`.ray` (one Ray task per point)."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -66,6 +67,10 @@ def sweep_env(*, jobs: int, threads: int) -> dict:
     env = collect_env()
     env.pop("time_utc", None)
     env.update(jobs=jobs, threads=threads, cores=cores())
+    try:  # what else the machine was doing when the sweep started (timings on a busy box are slower)
+        env["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    except OSError:  # not available on this platform
+        pass
     return env
 
 
