@@ -32,7 +32,7 @@ from typing import Iterator
 
 from ryzlab.config import ConfigError
 from ryzlab.io import read_jsonl
-from ryzlab.workbench.executors.base import EXECUTORS, SweepSummary, resolve_threads, sweep_env  # noqa: F401 - API
+from ryzlab.workbench.executors.base import EXECUTORS, Executor, SweepSummary, resolve_threads, sweep_env  # noqa: F401 - API
 from ryzlab.workbench.executors.local import run_local
 from ryzlab.workbench.executors.ray import check_executor_args, plan_ray
 from ryzlab.workbench.point import KERNEL_NAME, cores, run_point, store_point  # noqa: F401 - API
@@ -211,7 +211,7 @@ def default_out(spec: Spec) -> Path:
 
 def run_sweep(spec: Spec | str | os.PathLike, *, jobs: int = 1, out: str | os.PathLike | None = None,
               timeout: float | None = None, kernel_name: str = KERNEL_NAME, progress: bool = True,
-              threads: int | None = None, max_points: int = MAX_POINTS, executor: str = "local",
+              threads: int | None = None, max_points: int = MAX_POINTS, executor: Executor = "local",
               address: str | None = None, retries: int | None = None) -> SweepSummary:
     """Validate every point, then run the missing ones, ``jobs`` processes at a time, each with
     ``threads`` torch threads (default ``cores // jobs``); or, with ``executor="ray"``, as Ray
