@@ -36,7 +36,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ryzlab.io import read_jsonl  # noqa: E402
 from ryzlab.workbench.sweep import run_sweep  # noqa: E402
-from ryzlab.workbench.sweep_ray import start_local_ray  # noqa: E402
+from ryzlab.workbench.executors.ray import start_local_ray  # noqa: E402
 
 WAITS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "waits.ipynb"
 

@@ -42,26 +42,29 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _dry_run(args: argparse.Namespace) -> int:
     """Validate and list every point (done / to run) without running or writing anything."""
-    from ryzlab.workbench.sweep import default_out, is_done, manifest_status, plan, resolve_threads
+    from ryzlab.workbench.sweep import default_out, estimate_line, is_done, manifest_status, plan, resolve_threads
 
     threads = resolve_threads(args.jobs, args.threads)
     spec, points = plan(args.spec, max_points=args.max_points, kernel_name=args.kernel)
     out = Path(args.out) if args.out else default_out(spec)
     latest = manifest_status(out)
-    todo = 0
+    todo = []
     for p in points:
         done = is_done(out, p.run_id, latest)
-        todo += not done
+        todo += [] if done else [p]
         print(f"{'done' if done else 'todo'}  {p.run_id}  {p.label}")
-    print(f"sweep {spec.name}: {len(points)} points, {len(points) - todo} done, {todo} to run -> {out} "
+    print(f"sweep {spec.name}: {len(points)} points, {len(points) - len(todo)} done, {len(todo)} to run -> {out} "
           f"(--jobs {args.jobs}, {threads} torch thread(s) per point; dry run: nothing ran)")
+    estimate = estimate_line(todo, latest, jobs=args.jobs) if todo else None
+    if estimate:
+        print(estimate)
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from ryzlab.workbench.report import build_report
 
-    out = build_report(args.sweep_dir, kernel_name=args.kernel)
+    out = build_report(args.sweep_dir, kernel_name=args.kernel, progress=not args.no_progress)
     print(f"report: {out}")
     return 0
 
@@ -256,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Aggregate every ok run of SWEEP_DIR, execute notebooks/report.ipynb on it "
                                    "and export SWEEP_DIR/report.html (no code, images embedded, no network).")
     r.add_argument("sweep_dir", help="a folder written by `ryzlab sweep`, e.g. results/demo")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--kernel", default="ryzlab", help="Jupyter kernel (default ryzlab)")
     r.set_defaults(fn=_cmd_report)
 

@@ -37,7 +37,24 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def write_parquet(path: str | os.PathLike, df: pd.DataFrame) -> Path:
+    """Tuple cells (sequence parameters such as ``layer_codecs``) are stored as parquet list columns."""
     return _atomic(Path(path), lambda f: df.to_parquet(f, index=False))
+
+
+def read_parquet(path: str | os.PathLike) -> pd.DataFrame:
+    """``pd.read_parquet`` with list columns back as tuples, as :func:`write_parquet` was given them."""
+    return tuples_from_lists(pd.read_parquet(path))
+
+
+def tuples_from_lists(df: pd.DataFrame) -> pd.DataFrame:
+    """Parquet list cells (numpy arrays after reading) -> tuples, in place: a sequence parameter is a
+    tuple in every DataFrame ryzlab hands out, the type its config holds (hashable, so it groups)."""
+    import numpy as np
+
+    for c in df.columns:
+        if df[c].dtype == object and df[c].map(lambda v: isinstance(v, np.ndarray)).any():
+            df[c] = df[c].map(lambda v: tuple(v.tolist()) if isinstance(v, np.ndarray) else v)
+    return df
 
 
 def append_jsonl(path: str | os.PathLike, obj: Any) -> None:

@@ -138,3 +138,53 @@ def test_peer_point_on_a_checkpoint(tmp_path):
     assert r.kl_per_token > 0 and 0 < r.top1_agree <= 1 and r.tokens_scored == 2 * 8
     # the prefill is quantised (4-bit + scale/shift per 64 values), the decoded tokens stay float32 (2x bf16)
     assert 0.3 < r.ratio_vs_bf16 < 1.0
+
+
+# ----------------------------------------------------------------------------- layout labels (issue 23.1)
+LAYOUTS = [  # every layout the kv_compression experiment accepts, as a row would hold it -> its label
+    (dict(codec="none"), "none"),
+    (dict(codec="fp8_e4m3"), "fp8_e4m3"),
+    (dict(codec="fp8_e5m2"), "fp8_e5m2"),
+    (dict(codec="int8"), "int8"),
+    (dict(codec="int4"), "int4 k=channel"),  # KIVI: keys per channel (key_granularity auto)
+    (dict(codec="int4", key_granularity="token_head", rotation="hadamard"), "int4 rot"),
+    (dict(codec="int2", key_granularity="token_head", rotation="hadamard", symmetric=False, residual=64),
+     "int2 r64 asym rot"),
+    (dict(codec="int4", layer_codecs=("int4", "int2")), "mixed 1xint4+1xint2 k=channel"),
+    (dict(codec="int8", peer="quanto_int4"), "HF quanto int4 (peer)"),
+]
+ROW = dict(key_granularity="auto", value_granularity="token_head", group_size=32, symmetric=True, residual=0,
+           block_size=16, rotation="none", layer_codecs=(), peer="")
+
+
+@pytest.mark.parametrize("fields,label", LAYOUTS, ids=[x[1] for x in LAYOUTS])
+def test_every_layout_gets_its_own_label_from_one_function(fields, label):
+    from ryzlab.plots.kv_compression import layout_name
+
+    assert layout_name({**ROW, **fields}) == label
+
+
+@pytest.mark.parametrize("stored", [(), [], "", "()", "[]", float("nan"), None])
+def test_an_empty_layer_codecs_in_any_stored_form_is_not_mixed_precision(stored):
+    """Old runs wrote str(()) == "()": the label said `mixed 1x() ...` for every layout."""
+    from ryzlab.plots.kv_compression import layout_name
+
+    assert layout_name({**ROW, "codec": "int8", "layer_codecs": stored}) == "int8"
+    assert layout_name({**ROW, "codec": "int4", "layer_codecs": "('int4', 'int2')"}).startswith("mixed 1xint4+1xint2")
+
+
+def test_parameters_keep_their_types_from_config_to_parquet(tmp_path):
+    """A tuple parameter is a tuple in the DataFrame and after metrics.parquet is read back (was its str())."""
+    from ryzlab.io import read_parquet
+    from ryzlab.plots.kv_compression import summarize
+
+    df = run_experiment("kv_compression", {**TINY, "codec": "int8", "eval_windows": 0, "decode_steps": 1,
+                                           "layer_codecs": ["int8", "int4"]}, tmp_path)
+    assert df["layer_codecs"].iloc[0] == ("int8", "int4") and df["residual"].dtype.kind == "i"
+    back = read_parquet(tmp_path / "metrics.parquet")
+    assert back["layer_codecs"].iloc[0] == ("int8", "int4") and back["residual"].dtype.kind == "i"
+    assert summarize(back)["layout"].iloc[0].startswith("mixed 1xint8+1xint4")
+    empty = run_experiment("kv_compression", {**TINY, "codec": "int8", "eval_windows": 0, "decode_steps": 1},
+                           tmp_path / "e")
+    assert empty["layer_codecs"].iloc[0] == () == read_parquet(tmp_path / "e" / "metrics.parquet")["layer_codecs"].iloc[0]
+    assert summarize(empty)["layout"].iloc[0] == "int8 bs8"  # TINY pages hold 8 tokens

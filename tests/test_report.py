@@ -351,3 +351,130 @@ def test_default_paths_resolve_from_the_repository_when_run_from_notebooks(tmp_p
     monkeypatch.setattr(explorer, "REPO_ROOT", repo)
     assert load_sweep("results/demo").sweep_dir == repo / "results" / "demo"
     assert explorer.find_sweeps("results") == {"demo": repo / "results" / "demo"}
+
+
+def test_explorer_filters_only_swept_parameters_readably_and_in_numeric_order(tmp_path):
+    """Issue 23.5: no filter on measured metrics, numbers sort as numbers, the plot names what it pools."""
+    pytest.importorskip("ipywidgets")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import ryzlab
+    from ryzlab.workbench.explorer import readable
+
+    results = tmp_path / "results"
+    make_sweep(results / "A", grid(1, n_points=3))  # context 64, 128, 192 x dtype float32, bfloat16
+    ex = ryzlab.explore(results).explorer
+    assert set(ex.filters) == {"context", "dtype"}, "kv_bytes, achieved_gbps...: measured, not swept"
+    assert [label for label, _ in ex.filters["context"].options] == ["64", "128", "192"]
+    assert ex.controls["x"].value == "context" and ex.controls["hue"].value == "(none)"
+    assert ex.pooled_now == {"dtype": ["bfloat16", "float32"]}
+    assert "median pooled over dtype (bfloat16, float32)" in ex.alt
+    ex.controls["hue"].value = "dtype"
+    assert ex.pooled_now == {} and "pooled" not in ex.alt
+    assert readable(0.1 + 0.2) == "0.3" and readable(4096.0) == "4096" and readable(("int4", "int2")) == "[int4, int2]"
+
+
+def test_report_shows_progress_bars(tmp_path, capsys):
+    """Issue 23.3: `ryzlab report` shows tqdm bars while it reads runs (and executes the notebook)."""
+    from ryzlab.workbench.report import load_sweep
+
+    sweep = make_sweep(tmp_path / "s", grid(1, n_points=2))
+    load_sweep(sweep, progress=True)
+    err = capsys.readouterr().err
+    assert "s: reading runs" in err and "4/4" in err
+    load_sweep(sweep)
+    assert capsys.readouterr().err == ""
+
+
+# ----------------------------------------------------------------------------- key results: one rule per row
+def _scaling_rows(points):
+    return pd.DataFrame([{"device": "cpu", "model": "reference", "codec": "int8", "context": 512, "batch": 4,
+                          "layout": layout, "tp": tp, "cp": cp, "world_size": tp * cp, "threads": threads,
+                          "tokens_per_s": tps, "sample": i} for layout, tp, cp, threads, tps in points for i in range(3)])
+
+
+def test_key_results_scaling_compares_at_equal_threads_or_says_it_does_not():
+    from ryzlab.plots.summary import key_results
+
+    unequal = key_results("scaling", _scaling_rows([("1", 1, 1, 1, 100.0), ("cp2", 1, 2, 1, 201.0)]))
+    (row,) = unequal
+    assert "2.01× the tokens/s of 1 rank x 1 thread" in row["value"] and "NOT at equal cores (2 threads vs 1)" in row["value"]
+    assert "efficiency" not in row["value"].replace("not parallel efficiency", "")
+    equal = key_results("scaling", _scaling_rows([("1", 1, 1, 1, 100.0), ("1", 1, 1, 2, 160.0),
+                                                  ("cp2", 1, 2, 1, 200.0)]))
+    (row,) = equal
+    assert row["value"].startswith("1.25× the tokens/s of 1 rank with the same 2 threads"), row["value"]
+    assert "2 ranks x 1 thread = 2 threads" in row["result"]
+    (alone,) = key_results("scaling", _scaling_rows([("tp2", 2, 1, 1, 100.0)]))
+    assert alone["value"] == "no world size 1 point to compare with"
+
+
+def _serving_rows(points, slo="ttft:2000,tpot:250"):
+    return pd.DataFrame([{"kind": "summary", "device": "cpu", "engine": "ryzlab", "workers": w, "policy": "least_outstanding",
+                          "codec": "none", "fault": fault, "rate": rate, "tpot_ms_p99": tpot, "ttft_ms_p99": 100.0,
+                          "request_throughput": rps, "output_token_throughput": 16 * rps, "slo": slo}
+                         for w, fault, rate, tpot, rps in points])
+
+
+def test_key_results_serving_rates_are_bounds_and_faults_stand_apart():
+    from ryzlab.plots.summary import key_results
+
+    rows = key_results("serving", _serving_rows([(1, "none", 6.0, 100.0, 5.0), (2, "kill", 6.0, 120.0, 4.0)]))
+    one, killed, tput = rows
+    assert "SLO (p99 TTFT ≤ 2000 ms and p99 TPOT ≤ 250 ms)" in one["result"]
+    assert one["value"].startswith("met at the offered rate 6 req/s") and "≥ 6" in one["value"]
+    assert "FAULT POINT: kill" in killed["result"] and "FAULT" not in one["result"]
+    assert tput["result"] == "request throughput vs workers" and tput["value"].startswith("not compared")
+    rows = key_results("serving", _serving_rows([(1, "none", 4.0, 100.0, 4.0), (1, "none", 8.0, 300.0, 6.0),
+                                                 (2, "none", 4.0, 90.0, 7.0), (2, "none", 8.0, 200.0, 11.0),
+                                                 (2, "kill", 8.0, 900.0, 3.0)]))
+    by = {r["result"]: r["value"] for r in rows}
+    one = next(v for k, v in by.items() if k.startswith("highest") and "1 worker," in k)
+    two = next(v for k, v in by.items() if k.startswith("highest") and "2 workers" in k and "FAULT" not in k)
+    assert one == "4 req/s (the next rate tried, 8 req/s, missed it)"
+    assert two == "≥ 8 req/s (met at the highest rate tried; no higher rate was tried)"
+    ratios = {k: v for k, v in by.items() if k.startswith("request throughput, 2 workers vs 1")}
+    assert sorted(ratios.values()) == ["1.75× (7 vs 4 req/s)", "1.83× (11 vs 6 req/s)"], "the killed point is no side"
+
+
+def test_serving_section_draws_the_specs_slo_only(monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from ryzlab.plots import serving as plots
+
+    figs, texts = [], []
+    monkeypatch.setattr(plots, "show_figure", lambda fig, alt=None: figs.append(fig))
+    monkeypatch.setattr(plots, "show_table", lambda df, caption=None: None)
+    monkeypatch.setattr(plots, "show_text", texts.append)
+    plots.report(_serving_rows([(1, "none", 6.0, 100.0, 5.0), (2, "kill", 6.0, 120.0, 4.0)]))
+    ax_tpot, ax_ttft, ax_workers = figs[0].axes
+    flat = lambda ax: {float(ln.get_ydata()[0]) for ln in ax.lines if ln.get_label().startswith("SLO")}
+    assert flat(ax_tpot) == {250.0} and flat(ax_ttft) == {2000.0}, "no lines at 50 / 1000 ms"
+    labels = [ln.get_label() for ln in ax_workers.lines]
+    assert any("fault kill (not comparable)" in x for x in labels)
+    line = [ln for ln in ax_workers.lines if "fault" not in ln.get_label()]
+    assert all(list(ln.get_xdata()) == [1] for ln in line), "the killed 2-worker point is on no line"
+    assert "p99 TPOT ≤ 250 ms" in texts[-1] and " 50 ms" not in texts[-1]
+
+
+def test_compare_page_draws_b_over_a_and_lists_the_environment_difference(tmp_path):
+    """Issue 23.9: the page plots B/A with intervals per metric and says how A's and B's environments differ."""
+    from ryzlab.workbench.compare import html_page
+
+    a = make_sweep(tmp_path / "A", grid(1, n_points=2))
+    b = make_sweep(tmp_path / "B", grid(2, {"attention_bench-01fl": 1.5}, n_points=2))
+    for run_dir in b.iterdir():  # B ran with more threads, another torch and under load
+        if (run_dir / "env.json").is_file():
+            env = json.loads((run_dir / "env.json").read_text())
+            write_json(run_dir / "env.json", {**env, "threads": 4, "torch": "<b>9.9</b>", "load_avg_1m": 3.5})
+    c = compare(a, b)
+    diff = c.env_diff.set_index("item")
+    assert diff.loc["threads", ["A", "B", "differs"]].tolist() == ["1", "4", "yes"]
+    assert diff.loc["load_avg_1m", ["A", "B"]].tolist() == ["not recorded", "3.5"]
+    assert diff.loc["device", "differs"] == "" and list(c.env_diff["differs"][:3]) == ["yes"] * 3
+    page = html_page(c, min_change=0.05, confidence=0.99)
+    assert '<img src="data:image/png;base64,' in page and "B/A per metric" in page
+    assert "Environment: A vs B" in page and "3 item(s) differ" in page
+    assert "<b>9.9</b>" not in page and "&lt;b&gt;9.9&lt;/b&gt;" in page, "values from the results are escaped"

@@ -133,3 +133,16 @@ def test_block_jobs_caps_points_at_once(tmp_path):
             load_spec(spec_file(tmp_path, yaml.safe_dump({"notebook": POINTS, "jobs": bad})))
     with pytest.raises(ConfigError, match="grid at the top of a spec with 'experiments' would be ignored"):
         load_spec(spec_file(tmp_path, yaml.safe_dump({"grid": {"x": [1]}, "experiments": [{"notebook": POINTS}]})))
+
+
+def test_a_spec_is_made_of_spec_blocks(tmp_path):
+    """One name per concept: the spec's block is `SpecBlock` (kv.blocks.Block and the model's Block are others)."""
+    import ryzlab.workbench.spec as spec_mod
+    from ryzlab.workbench.spec import SpecBlock
+
+    p = tmp_path / "s.yaml"
+    p.write_text("name: s\nexperiments:\n  - notebook: attention_bench\n    grid: {context: [64]}\n"
+                 "  - notebook: attention_bench\n    grid: {context: [128]}\n")
+    spec = load_spec(p)
+    assert len(spec.blocks) == 2 and all(type(b) is SpecBlock for b in spec.blocks)
+    assert not hasattr(spec_mod, "Block")

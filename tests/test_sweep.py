@@ -74,7 +74,7 @@ def test_points_of_different_experiments_never_run_side_by_side(mixed_sweep):
 
 
 def test_a_block_with_jobs_1_runs_its_points_one_at_a_time(tmp_path, monkeypatch):
-    import ryzlab.workbench.sweep as sweep_mod
+    import ryzlab.workbench.executors.local as sweep_mod  # the local executor starts the points
 
     live, most = set(), []
 
@@ -398,3 +398,24 @@ def test_a_worker_that_died_before_its_point_fails_that_point_only(tmp_path):
     assert entry["error"] == "WorkerDied" and f"exited with code {-signal.SIGKILL}" in entry["message"]
     pp.close()
     assert not pp.log_path.exists()
+
+
+def test_dry_run_estimates_time_from_earlier_ok_points_of_the_same_notebook(tmp_path, capsys):
+    """Issue 23.3: `--dry-run` on a results folder with past runs prints how long the rest will take."""
+    from ryzlab.cli import main
+    from ryzlab.io import append_jsonl
+
+    spec = write_spec(tmp_path, {"name": "est", "notebook": POINTS, "grid": {"x": [1, 2, 3, 4]}})
+    out = tmp_path / "est"
+    assert main(["sweep", str(spec), "--out", str(out), "--dry-run", "--jobs", "2"]) == 0
+    assert "estimate from past runs" not in capsys.readouterr().out, "no past runs: nothing to estimate from"
+    out.mkdir()
+    for i, (status, wall) in enumerate([("ok", 10.0), ("ok", 20.0), ("ok", 30.0), ("failed", 500.0)]):
+        append_jsonl(out / "manifest.jsonl", {"run_id": f"points-old{i}", "experiment": "points", "status": status,
+                                              "wall_s": wall, "params": {"x": 100 + i}})
+    append_jsonl(out / "manifest.jsonl", {"run_id": "other-1", "experiment": "other", "status": "ok", "wall_s": 900.0})
+    assert main(["sweep", str(spec), "--out", str(out), "--dry-run", "--jobs", "2"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    # 4 points x the median ok wall time (20 s; the failed point and the other notebook do not count) / 2 at once
+    assert last.startswith("estimate from past runs: ~40 s for 4 point(s)"), last
+    assert "points 4 x 20.0 s / 2 at a time (median of 3 earlier ok points)" in last

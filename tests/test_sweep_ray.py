@@ -23,9 +23,9 @@ from ryzlab.workbench.spec import Point, check_resources, expand, load_spec
 from ryzlab.workbench.sweep import run_sweep
 
 ray = pytest.importorskip("ray")
-from ryzlab.workbench import sweep_ray  # noqa: E402
-from ryzlab.workbench.sweep_ray import fit_problems, point_resources  # noqa: E402
-from ryzlab.workbench.sweep_ray_task import alive  # noqa: E402
+from ryzlab.workbench.executors import ray as sweep_ray  # noqa: E402
+from ryzlab.workbench.executors.ray import fit_problems, point_resources  # noqa: E402
+from ryzlab.workbench.executors.ray_task import alive  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 WAITS = str(FIXTURES / "waits.ipynb")

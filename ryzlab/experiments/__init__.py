@@ -49,11 +49,25 @@ def notebook_params(name: str, namespace: dict[str, Any]) -> dict[str, Any]:
     return {k: namespace[k] for k in field_names(cfg_cls) if k in namespace}
 
 
+def param_column(value: Any, index: pd.Index) -> Any:
+    """One parameter as a column over ``index``: tuples and lists as a tuple in every row (an object
+    column; pandas would spread a bare sequence over the rows), a dict as its sorted JSON text."""
+    import json
+
+    if isinstance(value, (tuple, list)):
+        return pd.Series([tuple(value)] * len(index), index=index, dtype=object)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, default=str)
+    return value
+
+
 def run_experiment(name: str, params: dict[str, Any], run_dir: str | Path | None = None) -> pd.DataFrame:
     """Validate, run, label the rows with the parameters, and save ``metrics.parquet`` if asked.
 
     Every row gets the experiment's parameters as columns (tidy: filter/group by them in the
-    report) unless the experiment already set a column of that name.
+    report) unless the experiment already set a column of that name. A parameter keeps its type:
+    a sequence (``layer_codecs``, ``policies``) is a tuple in every row and a list column in
+    ``metrics.parquet`` (:func:`ryzlab.io.read_parquet` gives the tuples back), never its ``str()``.
     """
     import time
 
@@ -68,8 +82,7 @@ def run_experiment(name: str, params: dict[str, Any], run_dir: str | Path | None
         raise TypeError(f"experiment {name!r} returned {type(df).__name__}, not a DataFrame")
     for key in field_names(type(config)):
         if key not in df.columns:
-            value = getattr(config, key)
-            df[key] = str(value) if isinstance(value, (tuple, list, dict)) else value
+            df[key] = param_column(getattr(config, key), df.index)
     if "experiment" not in df.columns:
         df.insert(0, "experiment", name)
     if run_dir is not None:

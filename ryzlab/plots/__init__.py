@@ -120,8 +120,8 @@ def figure_alt(fig: Any) -> str:
     return ". ".join(parts) or "figure"
 
 
-def show_figure(fig: Any, alt: str | None = None) -> None:
-    """Embed ``fig`` as a PNG ``<img>`` with alt text (default :func:`figure_alt`) and close it."""
+def figure_html(fig: Any, alt: str | None = None) -> str:
+    """``fig`` as an embedded PNG ``<img>`` with escaped alt text (default :func:`figure_alt`); closes it."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -129,7 +129,12 @@ def show_figure(fig: Any, alt: str | None = None) -> None:
     plt.close(fig)
     data = base64.b64encode(buf.getvalue()).decode()
     alt = html.escape(alt or figure_alt(fig), quote=True)
-    show_html(f'<img src="data:image/png;base64,{data}" alt="{alt}" style="max-width:100%">')
+    return f'<img src="data:image/png;base64,{data}" alt="{alt}" style="max-width:100%">'
+
+
+def show_figure(fig: Any, alt: str | None = None) -> None:
+    """Display ``fig`` as a PNG ``<img>`` with alt text (default :func:`figure_alt`) and close it."""
+    show_html(figure_html(fig, alt))
 
 
 # ----------------------------------------------------------------------------- plotting

@@ -2,11 +2,14 @@
 same axes, model and text named) and decode time vs context; the kv-plan figure."""
 from __future__ import annotations
 
-from typing import Any
+import ast
+from typing import Any, Mapping
 
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from ryzlab.config import CacheConfig
+from ryzlab.evaluation.accuracy import layout_label
 from ryzlab.evaluation.plan import pareto_front
 from ryzlab.plots import from_zero, plot_series, show_figure, show_table, sig3, wide_range
 
@@ -14,20 +17,45 @@ LAYOUT = ["codec", "key_granularity", "value_granularity", "group_size", "symmet
           "rotation", "layer_codecs", "peer", "model_name", "text"]
 
 
-def _label(r: pd.Series) -> str:
-    if r.get("peer") or "":
-        return f"HF {str(r['peer']).replace('_', ' ')} (peer)"
-    if r["codec"] == "none" and not (r.get("layer_codecs") or ""):
-        return "none"
-    k, v = r["key_granularity"], r["value_granularity"]
-    gran = k if k == v else f"K:{k}/V:{v}"
-    extra = "" if r.get("symmetric", True) in (True, "True") else " asym"
-    rot = {"hadamard": " rot", "hadamard_signs": " rot±"}.get(r.get("rotation") or "none", "")
-    codec = r["codec"]
-    if r.get("layer_codecs") or "":
-        lc = str(r["layer_codecs"]).split("/")  # summarize() joined the tuple with "/"
-        codec = "mixed " + "+".join(f"{lc.count(c)}x{c}" for c in dict.fromkeys(lc))
-    return f"{codec} {gran}{extra}{rot}, residual {r['residual']}, block {r['block_size']}"
+def layer_codecs_of(value: Any) -> tuple[str, ...]:
+    """A row's ``layer_codecs`` as the tuple the config held, whatever form it was stored in: a tuple
+    or list (this version), a parquet list (numpy array), ``"int4/int2"`` (:func:`summarize`,
+    ``layout_columns``), or the ``"()"`` / ``"('int4', 'int2')"`` text that older runs wrote."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ()
+    if isinstance(value, str):
+        text = value.strip()
+        if text[:1] in ("(", "["):
+            parsed = ast.literal_eval(text)  # literals only: never code
+            return tuple(map(str, parsed))
+        return tuple(c for c in text.split("/") if c)
+    return tuple(map(str, value))
+
+
+def cache_config_of(r: Mapping[str, Any]) -> CacheConfig:
+    """The cache layout a kv_compression row was measured with (its swept CacheConfig fields)."""
+    fields = {k: r[k] for k in ("codec", "key_granularity", "value_granularity", "group_size", "residual",
+                                "block_size", "rotation") if k in r and not _missing(r[k])}
+    for k in ("group_size", "residual", "block_size"):
+        if k in fields:
+            fields[k] = int(fields[k])
+    sym = r.get("symmetric", True)
+    fields["symmetric"] = sym if isinstance(sym, bool) else str(sym) != "False"
+    return CacheConfig(**fields, layer_codecs=layer_codecs_of(r.get("layer_codecs")))
+
+
+def layout_name(r: Mapping[str, Any]) -> str:
+    """THE label of a kv_compression layout in plots, tables and key results: a peer cache by its
+    name, else :func:`ryzlab.evaluation.accuracy.layout_label` of the row's cache config (the same
+    names ``ryzlab kv-plan`` prints: ``int4 k=channel``, ``int2 r64 asym rot``, ``mixed 2xint4+2xint2``)."""
+    peer = r.get("peer")
+    if isinstance(peer, str) and peer:
+        return f"HF {peer.replace('_', ' ')} (peer)"
+    return layout_label(cache_config_of(r))
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and v != v)
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
@@ -35,7 +63,8 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     for c in ("layer_codecs", "peer"):  # tuples are not groupable keys; "" = not set
         if c in df.columns:
-            df[c] = df[c].map(lambda x: "/".join(x) if isinstance(x, (tuple, list)) else ("" if pd.isna(x) else x))
+            df[c] = df[c].map(lambda x: "/".join(layer_codecs_of(x)) if c == "layer_codecs" else
+                              ("" if _missing(x) else str(x)))
     keys = [c for c in ("device", *LAYOUT, "context", "batch") if c in df.columns]
     firsts = [c for c in ("prefill_ms", "kv_bytes_per_token", "ratio_vs_bf16", "cache_bytes",
                           "max_tokens_in_budget", "kl_per_token", "ppl", "ppl_ref", "ppl_delta", "rel_logit_err",
@@ -43,7 +72,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     g = df.groupby(keys, dropna=False)
     out = g.agg(tpot_ms_p50=("tpot_ms", "median"), tpot_ms_p90=("tpot_ms", lambda s: s.quantile(0.9)),
                 **{c: (c, "first") for c in firsts}).reset_index()
-    out.insert(0, "layout", out.apply(_label, axis=1))
+    out.insert(0, "layout", [layout_name(r) for r in out.to_dict("records")])
     return out.sort_values(["context", "batch", "kv_bytes_per_token"] if "batch" in out else keys)
 
 

@@ -19,7 +19,11 @@ def report(df: pd.DataFrame) -> None:
         "anything up there (every rank still waits for two all-reduces per layer, and ranks beyond the "
         "core count oversubscribe it), so the step times below are not a projection of GPU scaling; "
         "memory per rank, communication bytes and exactness are device-independent." if cpu else
-        "Speedup and efficiency are against the world size 1 point of the same sweep."))
+        "Speedup and efficiency are against the world size 1 point of the same sweep.")
+        + (" Threads per rank: " + ", ".join(map(str, sorted(df["threads"].dropna().astype(int).unique())))
+           + "; a world size N point with T threads per rank uses N x T threads, so its speedup over a 1-rank point "
+             "with fewer threads mixes the added cores with the layout: the key results compare at equal total "
+             "threads where the sweep has such a point." if "threads" in df.columns else ""))
     s = s.sort_values(["world_size", "tp", "context"])
     layouts = list(dict.fromkeys(s["layout"]))
     series = list(s.groupby(["codec", "context", "batch"]))

@@ -1,7 +1,11 @@
 """Key results of each experiment, one short row each, for the table on top of the report.
 
 Every row says what was judged, the value, and its basis (measured on which device, simulated,
-or computed from bookkeeping), so a reader can quote it without reading the sections.
+or computed from bookkeeping), so a reader can quote it without reading the sections. The rule
+each row follows is written in its function's docstring, and ``tests/test_report.py`` checks each
+rule on constructed rows. Rules shared by all rows: compare like with like (same device, equal
+total threads, fault-free against fault-free) or say plainly that the two sides differ; a value
+that only bounds the truth is written as a bound (``≥``).
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ def _row(result: str, value: str, basis: str) -> dict:
 
 
 def attention_bench(df: pd.DataFrame) -> list[dict]:
+    """Rule: per dtype, the point at the largest context: its median attention time, the KV bytes it
+    read per second, and that as a fraction of the copy bandwidth measured in the same run."""
     from ryzlab.plots.attention_bench import summarize
 
     s = summarize(df)
@@ -42,6 +48,10 @@ def attention_bench(df: pd.DataFrame) -> list[dict]:
 
 
 def kv_compression(df: pd.DataFrame) -> list[dict]:
+    """Rule: among the layouts whose perplexity is at most ``PPL_BUDGET`` above the uncompressed
+    cache's, the one with the fewest KV bytes per token (bytes from the ledger, accuracy measured);
+    when none is within the budget, the closest one, named as outside it. Without accuracy
+    columns: the bytes ratio of every layout, as bookkeeping."""
     from ryzlab.plots.kv_compression import summarize
 
     s = summarize(df)
@@ -66,41 +76,115 @@ def kv_compression(df: pd.DataFrame) -> list[dict]:
                  f"bytes computed from the ledger; accuracy measured, device={dev}")]
 
 
+def _rate_value(r: dict) -> str:
+    """The highest offered rate meeting the SLO, worded as what the rates tried can show."""
+    best, top, n = r["max_rate_under_slo"], r["max_rate_tried"], int(r.get("rates_tried", 2))
+    if pd.isna(best):
+        return (f"not met at the offered rate {sig3(top)} req/s" if n == 1 else
+                f"none of the {n} offered rates tried ({sig3(r.get('min_rate_tried', top))}-{sig3(top)} req/s) met it")
+    if n == 1:
+        return f"met at the offered rate {sig3(best)} req/s (the only rate tried: the highest rate is ≥ {sig3(best)})"
+    if best >= top:
+        return f"≥ {sig3(best)} req/s (met at the highest rate tried; no higher rate was tried)"
+    return f"{sig3(best)} req/s (the next rate tried, {sig3(r['next_rate_missed'])} req/s, missed it)"
+
+
 def serving(df: pd.DataFrame) -> list[dict]:
-    from ryzlab.plots.serving import max_rate_under_slo
+    """Rules:
+
+    * "highest offered rate meeting the SLO", one row per config (engine, workers, policy, codec,
+      fault): the SLO is the points' own (the spec's), named in the row. The value is exact only when
+      a higher rate was tried and missed; when the highest rate tried met it, the row says ``≥``; with
+      one rate tried, "met at the offered rate". A point with a fault says so in its result.
+    * "request throughput, N workers vs 1": only fault-free points, same engine, policy, codec and
+      offered rate; a point with a killed worker is never the N-worker side (a row says it was
+      left out when it is the only multi-worker point).
+    """
+    from ryzlab.plots.serving import _summary, fault_free, max_rate_under_slo
 
     t = max_rate_under_slo(df)
     rows = []
     for r in t.to_dict("records"):
         n = int(r["workers"])
+        fault = str(r.get("fault", "none"))
         who = (f"engine {r['engine']}, " if "engine" in r else "") + \
-            f"{n} worker{'s' if n != 1 else ''}, policy {str(r['policy']).replace('_', ' ')}, " \
-            f"codec {r['codec']}" + (f", fault {r['fault']}" if "fault" in r else "")
-        best = r["max_rate_under_slo"]
-        value = (f"{sig3(best)} req/s" if not pd.isna(best) else "none of the rates tried") + \
-                f" (highest tried {sig3(r['max_rate_tried'])} req/s)"
-        rows.append(_row(f"highest offered rate meeting the SLO ({r['slo']}), {who}", value,
+            f"{n} worker{'s' if n != 1 else ''}, policy {str(r['policy']).replace('_', ' ')}, codec {r['codec']}" + \
+            (f"; FAULT POINT: {fault} (a worker killed under load)" if fault not in ("none", "nan") else "")
+        rows.append(_row(f"highest offered rate meeting the SLO ({r['slo']}), {who}", _rate_value(r),
                          f"measured, device={r['device']}"))
+    s = _summary(df)
+    clean = s[fault_free(s)]
+    same = [k for k in ("device", "engine", "policy", "codec", "rate") if k in s.columns]
+    for key, g in clean.groupby(same, dropna=False):
+        base, multi = g[g["workers"] == 1], g[g["workers"] > 1]
+        ctx = dict(zip(same, key if isinstance(key, tuple) else (key,)))
+        for _, m in multi.iterrows():
+            if len(base) and base["request_throughput"].iloc[0] > 0:
+                rows.append(_row(f"request throughput, {int(m['workers'])} workers vs 1 (fault-free points, "
+                                 f"{_ctx_words(ctx)})",
+                                 f"{sig3(m['request_throughput'] / base['request_throughput'].iloc[0])}× "
+                                 f"({sig3(m['request_throughput'])} vs {sig3(base['request_throughput'].iloc[0])} req/s)",
+                                 f"measured, device={ctx.get('device', 'unknown')}"))
+    faulted = s[~fault_free(s) & (s["workers"] > 1)]
+    if len(faulted) and not (clean["workers"] > 1).any():
+        rows.append(_row("request throughput vs workers", "not compared: the only multi-worker point(s) had a "
+                         "worker killed; a fault point is not compared with a fault-free 1-worker point",
+                         f"measured, device={_devices(df)}"))
     return rows
 
 
-def scaling(df: pd.DataFrame) -> list[dict]:
-    from ryzlab.experiments.scaling import scaling_efficiency
+def _ctx_words(ctx: dict) -> str:
+    return ", ".join(f"{k} {str(v).replace('_', ' ')}" + (" req/s" if k == "rate" else "")
+                     for k, v in ctx.items() if k != "device")
 
-    s = scaling_efficiency(df)
-    top = s[s["world_size"] == s["world_size"].max()]
+
+def scaling(df: pd.DataFrame) -> list[dict]:
+    """Rule: each point at the largest world size against a world size 1 point of the same model,
+    codec, context and batch, by median tokens/s. Preferred baseline: one rank with the same total
+    threads (world size x threads per rank): that speedup is the layout's own effect. Without one,
+    the row says plainly that the two sides ran on different thread counts and gives the speedup
+    under those words; it never calls a thread-count effect parallel efficiency."""
+    keys = [c for c in ("device", "model", "codec", "key_granularity", "context", "batch", "budget_mib")
+            if c in df.columns]
+    thr = "threads" if "threads" in df.columns else "torch_threads" if "torch_threads" in df.columns else None
+    d = df.assign(_threads=df[thr].fillna(1).astype(int) if thr else 1)
+    med = d.groupby(keys + ["layout", "world_size", "_threads"], dropna=False)["tokens_per_s"].median().reset_index()
+    med["_total"] = med["world_size"] * med["_threads"]
     rows = []
-    for r in top.to_dict("records"):
-        eff = r["scaling_efficiency"]
-        value = ("no world size 1 point to compare with" if pd.isna(eff) else
-                 f"efficiency {sig3(eff)} (speedup {sig3(r['speedup'])}× on {int(r['world_size'])} ranks); "
-                 f"{sig3(r['tokens_per_s'])} tokens/s")
-        rows.append(_row(f"scaling at the largest world size: layout {r['layout']}, context {int(r['context'])}, "
-                         f"batch {int(r['batch'])}", value, f"measured, device={r.get('device', 'unknown')}"))
+    for r in med[med["world_size"] == med["world_size"].max()].to_dict("records"):
+        ws, t = int(r["world_size"]), int(r["_threads"])
+        same = pd.Series(True, index=med.index)
+        for k in keys:  # NaN matches NaN: a column a point did not record still pairs it
+            same &= med[k].eq(r[k]) | (med[k].isna() & pd.isna(r[k]))
+        base = med[(med["world_size"] == 1) & same]
+        equal = base[base["_threads"] == r["_total"]]
+        what = (f"layout {r['layout']} ({ws} ranks x {t} thread{'s' if t != 1 else ''} = {ws * t} threads)"
+                + "".join(f", {k} {int(r[k]) if isinstance(r[k], float) and r[k].is_integer() else r[k]}"
+                          for k in ("context", "batch") if k in r))
+        if ws == 1:
+            value = "no larger world size in this sweep"
+        elif len(equal):
+            b = equal.iloc[0]
+            value = (f"{sig3(r['tokens_per_s'] / b['tokens_per_s'])}× the tokens/s of 1 rank with the same "
+                     f"{int(b['_threads'])} threads ({sig3(r['tokens_per_s'])} vs {sig3(b['tokens_per_s'])} tokens/s)")
+        elif len(base):
+            b = base.sort_values("_threads").iloc[-1]
+            bt = int(b["_threads"])
+            value = (f"{sig3(r['tokens_per_s'] / b['tokens_per_s'])}× the tokens/s of 1 rank x {bt} thread"
+                     f"{'s' if bt != 1 else ''} — NOT at equal cores ({ws * t} threads vs {bt}): more threads and "
+                     f"the layout together, not parallel efficiency ({sig3(r['tokens_per_s'])} vs "
+                     f"{sig3(b['tokens_per_s'])} tokens/s)")
+        else:
+            value = "no world size 1 point to compare with"
+        rows.append(_row(f"scaling at the largest world size: {what}", value,
+                         f"measured, device={r.get('device', 'unknown')}"))
     return rows
 
 
 def orchestrator(df: pd.DataFrame) -> list[dict]:
+    """Rule: per (mode, device, workers, fault), at the highest load: the policy with the lowest mean
+    p99 end-to-end latency, and that as a multiple of round robin's at the same load; simulated rows
+    are labelled simulated, never measured."""
     rows = []
     keys = [k for k in ("mode", "device", "workers", "fault") if k in df.columns]
     mean = df.groupby(keys + ["policy", "load"], dropna=False)["e2el_p99_ms"].mean().reset_index()

@@ -2,7 +2,8 @@
 
 * :mod:`.spec` — sweep specs (strict YAML) expanded into points;
 * :mod:`.point` — one point: its own process and Jupyter kernel (papermill), its run folder;
-* :mod:`.sweep` — ``run_sweep``: validate every point, run them (local processes or Ray);
+* :mod:`.sweep` — ``run_sweep``: validate every point, hold the results folder, resume;
+* :mod:`.executors` — how the points run: local processes or Ray tasks, over one small base;
 * :mod:`.report` / :mod:`.report_page` — aggregate ok runs into an offline HTML report;
 * :mod:`.compare` — ``ryzlab compare A B``: ratios with bootstrap intervals;
 * :mod:`.explorer` — the ipywidgets explorer.

@@ -13,6 +13,11 @@ bootstrap, as pyperf and asv do). A metric is flagged when the whole interval li
 metric's direction (times and errors: lower is better; rates and throughput: higher is better);
 a metric whose direction is unknown counts as a regression when flagged, so CI never misses it.
 
+The page (``html_page``) also draws B/A with its interval per metric (one row each, on a log axis,
+the ``min_change`` band shaded) and lists how the two sweeps' environments differ (versions,
+threads, cores, device, machine load when recorded): a difference there is a reason for a change
+that is not the code's.
+
 Only metrics with stored samples are compared (``samples.parquet`` or, for older runs, the
 per-step rows of ``metrics.parquet``); single-value metrics have no noise estimate to judge by.
 """
@@ -21,14 +26,16 @@ from __future__ import annotations
 import html
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ryzlab.config import ConfigError
 from ryzlab.workbench.report import resolve_sweep_dir, safe_run_dir
+from ryzlab.io import tuples_from_lists
 from ryzlab.samples import load_samples
 from ryzlab.workbench.sweep import manifest_status
 
@@ -60,7 +67,7 @@ def sweep_samples(sweep_dir: str | Path) -> pd.DataFrame:
         if row.get("status") != "ok" or run_dir is None or not (run_dir / "metrics.parquet").is_file():
             continue
         params = {k: v for k, v in (row.get("params") or {}).items() if k != "repeat"}
-        s = load_samples(run_dir, list(params))
+        s = tuples_from_lists(load_samples(run_dir, list(params)))
         if s.empty:
             continue
         labels = [c for c in s.columns if c not in NOT_KEYS and c not in params and c != "experiment"]
@@ -119,6 +126,14 @@ class Comparison:
     """One row per (experiment, point, metric) in both sweeps: medians, ratio, interval, verdict."""
     only_a: list[str]
     only_b: list[str]
+    env_a: dict[str, str] = field(default_factory=dict)
+    """Provenance item -> every distinct value the ok runs of A recorded (:func:`sweep_env_values`)."""
+    env_b: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def env_diff(self) -> pd.DataFrame:
+        """One row per provenance item: A's value(s), B's, and whether they differ (differing first)."""
+        return env_diff(self.env_a, self.env_b)
 
     @property
     def regressions(self) -> pd.DataFrame:
@@ -169,8 +184,76 @@ def compare(a: str | Path, b: str | Path, *, min_change: float = 0.05, confidenc
         parts = [lab.split(", ") for lab in table.loc[idx, "point"]]
         common = set.intersection(*map(set, parts)) if len(parts) > 1 else set()
         table.loc[idx, "point"] = [", ".join(p for p in ps if p not in common) or "(one point)" for ps in parts]
-    return Comparison(a=Path(a), b=Path(b), table=table,
-                      only_a=only(ga, gb), only_b=only(gb, ga))
+    return Comparison(a=Path(a), b=Path(b), table=table, only_a=only(ga, gb), only_b=only(gb, ga),
+                      env_a=sweep_env_values(a), env_b=sweep_env_values(b))
+
+
+ENV_ITEMS = ("device", "device_names", "gpu_count", "gpu_driver", "cuda", "cpu_model", "cpu_count", "cores", "threads",
+             "torch_threads", "jobs", "executor", "load_avg_1m", "python", "torch", "platform", "host", "git_sha",
+             "git_dirty")
+"""Provenance that can change a timing, in the order the page lists them; packages follow."""
+
+
+def sweep_env_values(sweep_dir: str | Path) -> dict[str, str]:
+    """Provenance item -> every distinct value recorded in the env.json of the sweep's ok runs
+    (joined with "; "); ``package NAME`` for each package version. Empty when none was recorded."""
+    sweep_dir = resolve_sweep_dir(sweep_dir)
+    seen: dict[str, dict[str, None]] = {}
+    for run_id, row in manifest_status(sweep_dir).items():
+        run_dir = safe_run_dir(sweep_dir, run_id)
+        if row.get("status") != "ok" or run_dir is None or not (run_dir / "env.json").is_file():
+            continue
+        try:
+            env = json.loads((run_dir / "env.json").read_text())
+        except (ValueError, OSError):  # a torn or unreadable env.json: that run recorded nothing
+            continue
+        if not isinstance(env, dict):
+            continue
+        items: dict[str, Any] = {k: env[k] for k in ENV_ITEMS if k in env}
+        items.update({f"package {k}": v for k, v in (env.get("packages") or {}).items()})
+        for k, v in items.items():
+            text = ", ".join(map(str, v)) if isinstance(v, list) else "none" if v is None else str(v)
+            seen.setdefault(k, {})[text] = None
+    return {k: "; ".join(v) for k, v in seen.items()}
+
+
+def env_diff(a: dict[str, str], b: dict[str, str]) -> pd.DataFrame:
+    """A's and B's provenance side by side; ``differs`` first, then the rest in :data:`ENV_ITEMS` order."""
+    order = [k for k in ENV_ITEMS if k in a or k in b] + sorted((set(a) | set(b)) - set(ENV_ITEMS))
+    rows = [{"item": k, "A": a.get(k, "not recorded"), "B": b.get(k, "not recorded"),
+             "differs": "yes" if a.get(k) != b.get(k) else ""} for k in order]
+    df = pd.DataFrame(rows, columns=["item", "A", "B", "differs"])
+    return df.sort_values("differs", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def ratio_figure(c: Comparison, *, min_change: float, confidence: float, max_rows: int = 80) -> Any:
+    """B/A per metric with its interval, one row each (flagged ones first when there are more than
+    ``max_rows``), on a log axis: 1 = unchanged, the ``min_change`` band shaded."""
+    from matplotlib.figure import Figure  # no pyplot: the CLI draws with no GUI backend and no global state
+
+    t = c.table.sort_values("verdict", key=lambda s: s.map({"regression": 0, "improvement": 1}).fillna(2),
+                            kind="stable").head(max_rows).iloc[::-1]
+    fig = Figure(figsize=(9, 1.2 + 0.28 * max(1, len(t))))
+    ax = fig.subplots()
+    colours = {"regression": "tab:red", "improvement": "tab:green", "within noise": "tab:gray"}
+    ax.axvspan(1 / (1 + min_change), 1 + min_change, color="0.9", label=f"within ±{min_change:.0%}")
+    ax.axvline(1.0, color="k", lw=0.8)
+    for i, r in enumerate(t.itertuples()):
+        lo, hi = min(r.ci_low, r.b_over_a), max(r.ci_high, r.b_over_a)
+        ax.errorbar([r.b_over_a], [i], xerr=[[r.b_over_a - lo], [hi - r.b_over_a]], fmt="o", capsize=3,
+                    color=colours.get(r.verdict, "tab:gray"))
+    ax.set_yticks(range(len(t)), [f"{r.experiment}.{r.metric} | {r.point}"[:70] for r in t.itertuples()], fontsize=7)
+    for verdict, colour in colours.items():  # legend entries for the verdicts present
+        if (t["verdict"] == verdict).any():
+            ax.plot([], [], "o", color=colour, label=verdict)
+    ax.set_xscale("log")
+    ax.set(xlabel=f"B/A (median ratio, {confidence:.0%} bootstrap interval; log scale)",
+           title=f"B/A per metric: {c.b.name} vs {c.a.name}" + (f" ({max_rows} of {len(c.table)} shown)"
+                                                                 if len(c.table) > max_rows else ""))
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
 
 
 def terminal_table(c: Comparison, confidence: float = 0.99) -> str:
@@ -197,8 +280,10 @@ def terminal_table(c: Comparison, confidence: float = 0.99) -> str:
 
 
 def html_page(c: Comparison, *, min_change: float, confidence: float) -> str:
-    """One offline page: the table, flagged rows coloured, the method stated."""
-    from ryzlab.plots import table_html
+    """One offline page: B/A per metric drawn with its interval, the table (flagged rows coloured),
+    how the environments of A and B differ, and the method stated. Every string from the results
+    is escaped."""
+    from ryzlab.plots import figure_html, table_html
 
     esc = html.escape
     flagged = c.table.sort_values("verdict", key=lambda s: s.map({"regression": 0, "improvement": 1}).fillna(2))
@@ -206,6 +291,14 @@ def html_page(c: Comparison, *, min_change: float, confidence: float) -> str:
     body = body.replace("<td>regression</td>", "<td style='background:#fdd'>regression</td>") \
                .replace("<td>improvement</td>", "<td style='background:#dfd'>improvement</td>")
     extra = "".join(f"<p>Only in {s}: {esc('; '.join(p))}</p>" for s, p in (("A", c.only_a), ("B", c.only_b)) if p)
+    plot = figure_html(ratio_figure(c, min_change=min_change, confidence=confidence)) if len(c.table) else ""
+    diff = c.env_diff
+    n_diff = int((diff["differs"] == "yes").sum())
+    env = ("<h2>Environment: A vs B</h2>"
+           + (f"<p><b>{n_diff} item(s) differ</b> (listed first): a change below may come from them, not from "
+              "the code.</p>" if n_diff else "<p>Same recorded environment in A and B.</p>")
+           + table_html(diff, left=True) if len(diff) else "<h2>Environment: A vs B</h2><p>neither sweep recorded "
+           "an env.json</p>")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>ryzlab compare: {esc(c.b.name)} vs "
             f"{esc(c.a.name)}</title><style>body{{font-family:sans-serif;margin:24px}}"
             ".ryz-table{border-collapse:collapse;font-size:13px}.ryz-table td,.ryz-table th{padding:3px 8px;"
@@ -214,4 +307,4 @@ def html_page(c: Comparison, *, min_change: float, confidence: float) -> str:
             f"<h1>ryzlab compare</h1><p>A = {esc(str(c.a))}<br>B = {esc(str(c.b))}</p>"
             f"<p>{len(c.table)} metrics with samples in both; {len(c.regressions)} regressions. A metric is "
             f"flagged when its {confidence:.0%} percentile-bootstrap interval of median(B)/median(A) lies wholly "
-            f"beyond a {min_change:.0%} change.</p>{body}{extra}</body></html>")
+            f"beyond a {min_change:.0%} change.</p>{plot}{body}{extra}{env}</body></html>")

@@ -1,8 +1,11 @@
 """An interactive explorer of sweep results: ``ryzlab.explore("results")`` in a notebook.
 
 Pick one or more sweeps, an experiment, a metric, what goes on the x axis, what colours the
-series (hue) and what splits the panels (facet), and narrow any parameter with a filter; the
-plot and the table below it follow every change. Several sweeps are overlaid: each sweep gets
+series (hue) and what splits the panels (facet), and narrow any swept parameter with a filter
+(only the parameters the sweeps varied: a measured metric is not a filter); values read as
+written (``0.1``, not ``0.1000000000000001``) and numbers sort as numbers. The plot and the table
+below it follow every change, and the plot says which swept parameters it pools (aggregates over)
+because they are on no axis, hue or facet. Several sweeps are overlaid: each sweep gets
 its own line style, so "same config, two runs" reads at a glance. Built on ipywidgets 8 (works in
 JupyterLab and classic Notebook); every value from the results is escaped in the table.
 """
@@ -18,7 +21,7 @@ import pandas as pd
 from ryzlab.config import ConfigError
 from ryzlab.plots import figure_alt, plot_series, sig3, table_html, wide_range
 from ryzlab.workbench.report import load_sweep
-from ryzlab.workbench.sweep import REPO_ROOT
+from ryzlab.workbench.sweep import REPO_ROOT, manifest_status
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,36 @@ def load_frames(sweeps: dict[str, Path]) -> dict[str, dict[str, pd.DataFrame]]:
     return out
 
 
+def swept_parameters(sweeps: dict[str, Path]) -> dict[str, list[str]]:
+    """experiment -> the parameters its ok points set to more than one value (the manifest's
+    ``params``, over all ``sweeps``): the only columns worth a filter."""
+    seen: dict[str, dict[str, set[str]]] = {}
+    for path in sweeps.values():
+        for row in manifest_status(Path(path)).values():
+            if row.get("status") != "ok":
+                continue
+            for k, v in (row.get("params") or {}).items():
+                seen.setdefault(str(row.get("experiment")), {}).setdefault(k, set()).add(repr(v))
+    return {e: [k for k, vals in by.items() if len(vals) > 1] for e, by in seen.items()}
+
+
+def readable(value: Any) -> str:
+    """A parameter value as a person writes it: ``0.1`` not ``0.1000000000000001``, ``4`` for 4.0,
+    ``[int4, int2]`` for a tuple."""
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(map(readable, value)) + "]"
+    if isinstance(value, float) and value == value and abs(value) != float("inf"):
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.6g}"
+    return str(value)
+
+
+def value_order(value: Any) -> tuple:
+    """Sort key: numbers by value (256 < 1024 < 4096), then everything else by its text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
+
+
 class Explorer:
     """The widgets and the state behind them; ``.ui`` is what a notebook displays.
 
@@ -63,6 +96,7 @@ class Explorer:
 
         self.sweeps = find_sweeps(results_dir)
         self.frames = load_frames(self.sweeps)
+        self.swept = swept_parameters(self.sweeps)
         if not self.frames:
             raise ConfigError([f"no ok rows in any sweep of {results_dir}: nothing to explore"])
         names = list(self.sweeps)
@@ -81,6 +115,7 @@ class Explorer:
         self.table = w.HTML()
         self.status = w.HTML()
         self.data = pd.DataFrame()
+        self.pooled_now: dict[str, list[str]] = {}
         self.alt = ""
         self._busy = 0  # nesting depth of _hold(): no redraw while > 0
         c = self.controls
@@ -135,17 +170,33 @@ class Explorer:
             c["hue"].value = "sweep" if len(self.controls["sweeps"].value) > 1 else NONE
             c["facet"].value = NONE
             self.filters = {}
-            for col in df.columns:
-                vals = sorted(df[col].dropna().astype(str).unique())
-                if col in ("run_id", "sweep") or not 1 < len(vals) <= MAX_FILTER_VALUES or col in numeric and col not in varying:
+            for col in self.swept.get(c["experiment"].value, []):
+                if col not in df.columns:
                     continue
-                if col in numeric and df[col].nunique() > 12:  # a measurement, not a parameter
+                raw = sorted(dict.fromkeys(df[col].dropna()), key=value_order)
+                if not 1 < len(raw) <= MAX_FILTER_VALUES:
                     continue
-                sel = w.SelectMultiple(options=vals, value=tuple(vals), description=col, rows=min(4, len(vals)))
+                # the value behind each label is its str(): what frame() matches rows by
+                opts = [(readable(v), str(v)) for v in raw]
+                sel = w.SelectMultiple(options=opts, value=tuple(o[1] for o in opts), description=col,
+                                       rows=min(4, len(opts)))
                 sel.observe(lambda _change: self.refresh(), names="value")
                 self.filters[col] = sel
             self.filter_box.children = list(self.filters.values())
         self.refresh()
+
+    def pooled(self, df: pd.DataFrame) -> dict[str, list[str]]:
+        """Swept parameters with several values in ``df`` that are on no axis, hue or facet: the plot
+        aggregates over them (``{"dtype": ["float32", "bfloat16"]}``)."""
+        c = self.controls
+        shown = {c["x"].value, c["hue"].value, c["facet"].value, "sweep"}
+        out = {}
+        for col in self.swept.get(c["experiment"].value, []):
+            if col in df.columns and col not in shown:
+                vals = sorted(dict.fromkeys(df[col].dropna()), key=value_order)
+                if len(vals) > 1:
+                    out[col] = [readable(v) for v in vals]
+        return out
 
     def frame_unfiltered(self) -> pd.DataFrame:
         saved, self.filters = self.filters, {}
@@ -189,6 +240,7 @@ class Explorer:
 
         df = self.frame()
         self.data = self.aggregate(df)
+        self.pooled_now = self.pooled(df)
         c = self.controls
         self.status.value = (f"<small>{len(df)} rows from {df['run_id'].nunique() if 'run_id' in df else 0} points"
                              f" in {html.escape(', '.join(c['sweeps'].value))}</small>")
@@ -207,6 +259,8 @@ class Explorer:
         if d.empty or x == NONE or x not in d.columns:
             return ""
         panels = list(d.groupby(facet, dropna=False)) if facet != NONE else [(None, d)]
+        pooled = "; ".join(f"{k} ({', '.join(v[:4])}{' ...' if len(v) > 4 else ''})"
+                           for k, v in self.pooled_now.items())
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
         multi = len(c["sweeps"].value) > 1
         for ax, (fval, part) in zip(axes[0], panels):
@@ -219,7 +273,8 @@ class Explorer:
                 label = ", ".join(f"{k} {v}" if k != "sweep" else f"sweep {v}" for k, v in names.items()) or metric
                 plot_series(ax, g[x], g[metric], label, ls=style)
             ax.set(xlabel=x, ylabel=f"{metric} ({c['agg'].value})",
-                   title=f"{c['experiment'].value}" + (f", {facet} {fval}" if facet != NONE else ""))
+                   title=f"{c['experiment'].value}" + (f", {facet} {readable(fval)}" if facet != NONE else "")
+                   + (f"\n{c['agg'].value} pooled over {pooled}" if pooled else ""))
             if pd.api.types.is_numeric_dtype(part[metric]) and wide_range(part[metric]):
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
@@ -241,4 +296,4 @@ def explore(results_dir: str | Path = "results", *, agg: str = "median") -> Any:
     return Explorer(results_dir, agg=agg).ui
 
 
-__all__ = ["Explorer", "explore", "find_sweeps", "sig3"]
+__all__ = ["Explorer", "explore", "find_sweeps", "readable", "sig3", "swept_parameters"]

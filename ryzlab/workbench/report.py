@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from ryzlab.config import ConfigError
-from ryzlab.io import write_bytes, write_parquet
+from ryzlab.io import read_parquet, write_bytes, write_parquet
 from ryzlab.workbench.sweep import KERNEL_NAME, NOTEBOOK_DIR, REPO_ROOT, manifest_status
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,10 @@ def resolve_sweep_dir(sweep_dir: str | Path) -> Path:
     return p
 
 
-def load_sweep(sweep_dir: str | Path) -> SweepData:
-    """Read the manifest and every ok run of a sweep directory."""
+def load_sweep(sweep_dir: str | Path, *, progress: bool = False) -> SweepData:
+    """Read the manifest and every ok run of a sweep directory (a tqdm bar over the runs if ``progress``).
+
+    Parameters keep their types: a sequence parameter comes back as a tuple (:func:`ryzlab.io.read_parquet`)."""
     sweep_dir = resolve_sweep_dir(sweep_dir)
     if not (sweep_dir / "manifest.jsonl").is_file():
         have = sorted(p.parent.name for p in sweep_dir.parent.glob("*/manifest.jsonl"))
@@ -98,7 +100,12 @@ def load_sweep(sweep_dir: str | Path) -> SweepData:
                            f"sweeps in {sweep_dir.parent}: {', '.join(have) or 'none'}"])
     latest = manifest_status(sweep_dir)
     frames, runs, env, envs = [], [], {}, []
-    for run_id, row in latest.items():
+    items = latest.items()
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, total=len(latest), desc=f"{sweep_dir.name}: reading runs", unit="run", dynamic_ncols=True)
+    for run_id, row in items:
         run_dir = safe_run_dir(sweep_dir, run_id)
         status = row.get("status")
         if run_dir is None:
@@ -124,7 +131,7 @@ def load_sweep(sweep_dir: str | Path) -> SweepData:
                     env = e
         if status != "ok":
             continue
-        df = pd.read_parquet(run_dir / "metrics.parquet")
+        df = read_parquet(run_dir / "metrics.parquet")
         df.insert(0, "run_id", run_id)
         if "experiment" not in df.columns:  # a notebook that is not a registered experiment
             df.insert(1, "experiment", row.get("experiment"))
@@ -203,14 +210,17 @@ def _kernel_imports_this_ryzlab():
 
 
 def build_report(sweep_dir: str | Path, *, kernel_name: str = KERNEL_NAME,
-                 notebook: str | Path = NOTEBOOK_DIR / "report.ipynb") -> Path:
-    """Aggregate, execute the report notebook, export offline HTML; returns the HTML path."""
+                 notebook: str | Path = NOTEBOOK_DIR / "report.ipynb", progress: bool = False) -> Path:
+    """Aggregate, execute the report notebook, export offline HTML; returns the HTML path.
+
+    ``progress``: tqdm bars (as ``ryzlab sweep`` shows) over the runs read, then over the report
+    notebook's cells as they execute."""
     import nbformat
     import papermill as pm
     from nbconvert import HTMLExporter
 
     sweep_dir = resolve_sweep_dir(sweep_dir).resolve()
-    data = load_sweep(sweep_dir)  # raises before anything is written if this is not a sweep
+    data = load_sweep(sweep_dir, progress=progress)  # raises before anything is written if this is not a sweep
     write_parquet(sweep_dir / "aggregate.parquet", data.metrics)
     executed = sweep_dir / "report.ipynb"
     # the kernel's working directory is on its sys.path: an empty folder, never the results
@@ -223,7 +233,9 @@ def build_report(sweep_dir: str | Path, *, kernel_name: str = KERNEL_NAME,
             # ipc transport (unix sockets in the private folder): no TCP port, no "without encryption" warning
             km = AsyncKernelManager(kernel_name=kernel_name, transport="ipc", ip=str(work / "kernel"))
             pm.execute_notebook(str(notebook), str(executed), parameters={"sweep_dir": str(sweep_dir)},
-                                kernel_name=kernel_name, progress_bar=False, cwd=str(work), km=km)
+                                kernel_name=kernel_name, cwd=str(work), km=km,
+                                progress_bar={"desc": f"{sweep_dir.name}: report cells", "dynamic_ncols": True}
+                                if progress else False)
     finally:
         if km is not None and km.has_kernel:  # nbclient leaves a kernel it was handed running
             from jupyter_core.utils import run_sync

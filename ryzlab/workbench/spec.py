@@ -31,7 +31,7 @@ without symlinks and an installed wheel find them the same way."""
 SPEC_KEYS = ("name", "notebook", "grid", "zip", "fixed", "repeat", "jobs", "resources", "description")
 BLOCK_KEYS = ("notebook", "grid", "zip", "fixed", "repeat", "jobs", "resources", "description")
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "custom")
-"""A block's ``resources:`` (``--executor ray`` task options, see :mod:`ryzlab.workbench.sweep_ray`)."""
+"""A block's ``resources:`` (``--executor ray`` task options, see :mod:`ryzlab.workbench.executors.ray`)."""
 SWEEP_PARAMS = ("repeat",)
 """Point parameters the sweep adds itself (never passed to the notebook)."""
 MAX_POINTS = 10_000
@@ -43,7 +43,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 # ----------------------------------------------------------------------------- data
 @dataclass(frozen=True, kw_only=True)
-class Block:
+class SpecBlock:
     """One notebook with its grid: the cartesian product of ``grid``, times ``zip`` (axes that
     vary together), each point completed by ``fixed``, each run ``repeat`` times."""
 
@@ -69,7 +69,7 @@ class Block:
 @dataclass(frozen=True, kw_only=True)
 class Spec:
     name: str
-    blocks: tuple[Block, ...]
+    blocks: tuple[SpecBlock, ...]
     path: Path | None = None
 
 
@@ -197,7 +197,7 @@ def check_resources(raw: Any, where: str) -> list[str]:
     return problems
 
 
-def _block(raw: Any, base: Path, where: str, repeat: int, jobs: int | None = None) -> Block:
+def _block(raw: Any, base: Path, where: str, repeat: int, jobs: int | None = None) -> SpecBlock:
     problems = []
     if not isinstance(raw, dict):
         raise ConfigError([f"{where}: expected a mapping with keys {', '.join(BLOCK_KEYS)}"])
@@ -235,7 +235,7 @@ def _block(raw: Any, base: Path, where: str, repeat: int, jobs: int | None = Non
             problems.append(f"{where}: {n!r} is set by the sweep (use the spec key `repeat: N`)")
     if problems:
         raise ConfigError(problems)
-    return Block(notebook=_resolve_notebook(raw["notebook"], base), grid=dict(grid), zip=dict(zp),
+    return SpecBlock(notebook=_resolve_notebook(raw["notebook"], base), grid=dict(grid), zip=dict(zp),
                  fixed=dict(fixed), repeat=repeat, jobs=jobs, resources=dict(raw.get("resources") or {}))
 
 

@@ -14,29 +14,30 @@ renamed into place when it is finished, so a killed sweep never leaves a half-wr
 counts as done; re-running the same spec runs only what is missing. One sweep at a time per
 results folder (a lock); points run with ``cores // jobs`` torch threads unless told otherwise,
 and points of different experiments never run side by side.
-How a point's processes are started and killed: :mod:`ryzlab.workbench.point`.
+How a point's processes are started and killed: :mod:`ryzlab.workbench.point`; the executors that
+run the points (local processes, Ray tasks): :mod:`ryzlab.workbench.executors`.
 """
 from __future__ import annotations
 
 import fcntl
 import logging
-import multiprocessing.connection
 import os
 import shutil
 import socket
-import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from ryzlab.config import ConfigError
 from ryzlab.io import read_jsonl
-from ryzlab.workbench.point import KERNEL_NAME, PointProcess, cores, record, run_point, store_point  # noqa: F401 - API
-from ryzlab.workbench.spec import (MAX_POINTS, NOTEBOOK_DIR, PACKAGE_DIR, Block, Point, Spec, count_points, expand, load_spec,  # noqa: F401
-                   run_id_for)
+from ryzlab.workbench.executors.base import EXECUTORS, Executor, SweepSummary, resolve_threads, sweep_env  # noqa: F401 - API
+from ryzlab.workbench.executors.local import run_local
+from ryzlab.workbench.executors.ray import check_executor_args, plan_ray
+from ryzlab.workbench.point import KERNEL_NAME, cores, run_point, store_point  # noqa: F401 - API
+from ryzlab.workbench.spec import (MAX_POINTS, NOTEBOOK_DIR, PACKAGE_DIR, Point, Spec, SpecBlock,  # noqa: F401 - API
+                                   count_points, expand, load_spec, run_id_for)
 
 log = logging.getLogger(__name__)
 REPO_ROOT = PACKAGE_DIR.parent
@@ -100,47 +101,6 @@ def validate(points: list[Point], *, kernel_name: str = KERNEL_NAME) -> None:
 
 
 # ----------------------------------------------------------------------------- execution
-@dataclass
-class SweepSummary:
-    name: str
-    out_dir: Path
-    total: int
-    skipped: int = 0
-    ok: int = 0
-    failed: int = 0
-    timeout: int = 0
-    wall_s: float = 0.0
-    overheads_s: list[float] = field(default_factory=list)
-    jobs: int = 1
-    threads: int = 1
-    executor: str = "local"
-
-    def add(self, entry: dict, label: str, bar: Any = None, left: int = 0) -> None:
-        """Count one recorded point (and tick the progress bar, if any)."""
-        self.ok += entry["status"] == "ok"
-        self.failed += entry["status"] == "failed"
-        self.timeout += entry["status"] == "timeout"
-        if entry["status"] == "ok" and entry.get("overhead_s") is not None:
-            self.overheads_s.append(entry["overhead_s"])
-        if entry["status"] != "ok":
-            log.warning("%s %s: %s: %s", label, entry["status"], entry.get("error"), str(entry.get("message", ""))[:300])
-        if bar is not None:
-            bar.set_postfix(ok=self.ok, failed=self.failed + self.timeout, left=left)
-            bar.update(1)
-
-    def lines(self) -> list[str]:
-        out = [f"sweep {self.name}: {self.total} points, {self.skipped} already done, {self.ok} ok, "
-               f"{self.failed} failed, {self.timeout} timed out in {self.wall_s:.1f} s -> {self.out_dir}",
-               f"{self.jobs} point(s) at a time, {self.threads} torch thread(s) each on {cores()} core(s)"
-               if self.executor == "local" else
-               "one Ray task per point (threads per point: --threads, else its task's num_cpus)"]
-        if self.overheads_s:
-            o = sorted(self.overheads_s)
-            out.append(f"per-point overhead (kernel start, parameter injection, imports, saving): "
-                       f"mean {sum(o) / len(o):.2f} s, max {o[-1]:.2f} s over {len(o)} points")
-        return out
-
-
 def manifest_status(sweep_dir: Path) -> dict[str, dict]:
     """The last manifest entry for every run_id (later lines win: a retry replaces a failure)."""
     latest: dict[str, dict] = {}
@@ -153,6 +113,53 @@ def manifest_status(sweep_dir: Path) -> dict[str, dict]:
 def is_done(sweep_dir: Path, run_id: str, latest: dict[str, dict]) -> bool:
     row = latest.get(run_id)
     return bool(row and row.get("status") == "ok" and (sweep_dir / run_id / "metrics.parquet").is_file())
+
+
+def estimate_line(todo: list[Point], latest: dict[str, dict], *, jobs: int) -> str | None:
+    """A time estimate for ``todo`` from the earlier ok points of the same notebook in this results
+    folder (their manifest ``wall_s``); None when the folder holds no such point.
+
+    Each point is taken to last the median wall time of its notebook's earlier ok points. Points
+    of one notebook run ``min(jobs, block jobs)`` at a time and notebooks one after another (as
+    :func:`run_sweep` runs them), so the estimate is the sum over notebooks of their points' time
+    divided by that parallelism. An estimate, not a promise: a point's parameters (context, rate)
+    change its time, and the medians do not know which ones."""
+    import statistics
+
+    past: dict[str, list[float]] = {}
+    for row in latest.values():
+        if row.get("status") == "ok" and isinstance(row.get("wall_s"), (int, float)):
+            past.setdefault(str(row.get("experiment")), []).append(float(row["wall_s"]))
+    if not past:
+        return None
+    total, parts, unknown = 0.0, [], {}
+    by_exp: dict[str, list[Point]] = {}
+    for p in todo:
+        by_exp.setdefault(p.experiment, []).append(p)
+    for exp, pts in by_exp.items():
+        if exp not in past:
+            unknown[exp] = len(pts)
+            continue
+        med = statistics.median(past[exp])
+        at_once = max(1, min(jobs, *(p.jobs or jobs for p in pts)))
+        total += med * len(pts) / at_once
+        parts.append(f"{exp} {len(pts)} x {med:.1f} s / {at_once} at a time "
+                     f"(median of {len(past[exp])} earlier ok point{'s' if len(past[exp]) != 1 else ''})")
+    if not parts:
+        return (f"no time estimate: no earlier ok point of {', '.join(sorted(unknown))} in this results folder")
+    line = f"estimate from past runs: ~{_duration(total)} for {sum(len(v) for k, v in by_exp.items() if k in past)} " \
+           f"point(s): " + "; ".join(parts)
+    if unknown:
+        line += "; not estimated (no earlier ok point): " + ", ".join(f"{k} x {n}" for k, n in sorted(unknown.items()))
+    return line
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 class SweepLocked(ConfigError):
@@ -188,29 +195,6 @@ def sweep_lock(sweep_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def sweep_env(*, jobs: int, threads: int) -> dict:
-    """Provenance shared by every point of this sweep (each run adds its start/end)."""
-    from ryzlab.provenance import collect_env
-
-    env = collect_env()
-    env.pop("time_utc", None)
-    env.update(jobs=jobs, threads=threads, cores=cores())
-    return env
-
-
-def resolve_threads(jobs: int, threads: int | None) -> int:
-    """torch threads per point: ``cores // jobs`` by default; a warning when points oversubscribe."""
-    n = cores()
-    if threads is None:
-        return max(1, n // jobs)
-    if threads < 1:
-        raise ConfigError([f"--threads must be >= 1, got {threads}"])
-    if jobs * threads > n:
-        log.warning("--jobs %d x --threads %d = %d threads on %d cores: points slow each other down and "
-                    "their timings are not comparable with points run alone", jobs, threads, jobs * threads, n)
-    return threads
-
-
 def plan(spec: Spec | str | os.PathLike, *, max_points: int = MAX_POINTS,
          kernel_name: str = KERNEL_NAME) -> tuple[Spec, list[Point]]:
     """Load, expand and validate: every point, or a :class:`ConfigError` listing every problem."""
@@ -227,18 +211,16 @@ def default_out(spec: Spec) -> Path:
 
 def run_sweep(spec: Spec | str | os.PathLike, *, jobs: int = 1, out: str | os.PathLike | None = None,
               timeout: float | None = None, kernel_name: str = KERNEL_NAME, progress: bool = True,
-              threads: int | None = None, max_points: int = MAX_POINTS, executor: str = "local",
+              threads: int | None = None, max_points: int = MAX_POINTS, executor: Executor = "local",
               address: str | None = None, retries: int | None = None) -> SweepSummary:
     """Validate every point, then run the missing ones, ``jobs`` processes at a time, each with
     ``threads`` torch threads (default ``cores // jobs``); or, with ``executor="ray"``, as Ray
-    tasks on the cluster at ``address`` (:mod:`ryzlab.workbench.sweep_ray`)."""
+    tasks on the cluster at ``address`` (:mod:`ryzlab.workbench.executors.ray`)."""
     if jobs < 1:
         raise ConfigError([f"--jobs must be >= 1, got {jobs}"])
     if timeout is not None and timeout <= 0:
         raise ConfigError([f"--timeout must be > 0 seconds, got {timeout}"])
     # --- ray executor: its flags, then (after validation) the cluster, before anything is written
-    from ryzlab.workbench.sweep_ray import check_executor_args, plan_ray
-
     check_executor_args(executor, address=address, retries=retries, jobs=jobs, threads=threads)
     spec, points = plan(spec, max_points=max_points, kernel_name=kernel_name)
     ray_plan = plan_ray(points, address=address, retries=retries, threads=threads) if executor == "ray" else None
@@ -252,7 +234,7 @@ def run_sweep(spec: Spec | str | os.PathLike, *, jobs: int = 1, out: str | os.Pa
                 summary.executor = "ray"
                 return ray_plan.run(todo, sweep_dir, summary, timeout=timeout, kernel_name=kernel_name,
                                     progress=progress)
-            return _run_locked(todo, summary, sweep_dir, jobs=jobs, timeout=timeout, kernel_name=kernel_name,
+            return run_local(todo, summary, sweep_dir, jobs=jobs, timeout=timeout, kernel_name=kernel_name,
                                progress=progress, threads=threads)
     finally:
         if ray_plan is not None:
@@ -275,68 +257,3 @@ def _resume(spec: Spec, points: list[Point], sweep_dir: Path, *, jobs: int,
         shutil.copyfile(spec.path, sweep_dir / ".spec.yaml.tmp")
         os.replace(sweep_dir / ".spec.yaml.tmp", sweep_dir / "spec.yaml")
     return todo, summary
-
-
-def _run_locked(todo: deque[Point], summary: SweepSummary, sweep_dir: Path, *, jobs: int, timeout: float | None,
-                kernel_name: str, progress: bool, threads: int) -> SweepSummary:
-    env = sweep_env(jobs=jobs, threads=threads)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc=summary.name, unit="pt", dynamic_ncols=True)
-
-    running: list[PointProcess] = []
-    spares: deque[PointProcess] = deque()  # warming workers without a point
-
-    def finish(pp: PointProcess, status: str | None) -> None:
-        """Record a finished (status None) or killed (status given) point."""
-        entry = pp.entry if status is None and pp.entry is not None else pp.lost_entry(status or "failed", timeout)
-        record(sweep_dir, pp.run_dir, entry)
-        pp.close()
-        summary.add(entry, pp.point.label, bar, left=len(todo) + len(running))
-
-    def cap() -> int:
-        """Points at once: the running block's (the next block waits for it), else the next point's."""
-        p = running[0].point if running else (todo[0] if todo else None)
-        return min(jobs, p.jobs or jobs) if p is not None else jobs
-
-    t_start = time.perf_counter()
-    try:
-        while todo or running:
-            # cap() points run (--jobs, or fewer if their block says so); one more worker warms its
-            # kernel for the next point. Never more: a warming kernel takes a core from a timing.
-            while len(spares) + len(running) < cap() + 1 and len(spares) < len(todo):
-                spares.append(PointProcess(sweep_dir, kernel_name=kernel_name, threads=threads))
-            # one experiment at a time: a timing is never taken beside another experiment's points
-            # (a serving point alone runs several processes); the cost is an idle slot at each switch
-            while todo and spares and len(running) < cap() and \
-                    all(r.point.experiment == todo[0].experiment for r in running):
-                pp = spares.popleft()
-                point = todo.popleft()
-                pp.assign(point, {**env, "jobs": min(jobs, point.jobs or jobs)})  # as this point ran
-                running.append(pp)
-            multiprocessing.connection.wait(running, timeout=0.5)
-            for pp in list(running):
-                if pp.poll():
-                    running.remove(pp)
-                    finish(pp, None)
-                elif timeout is not None and time.time() - pp.assigned_at > timeout:
-                    running.remove(pp)
-                    pp.kill()
-                    finish(pp, "timeout")
-    except BaseException:
-        for pp in list(spares) + running:
-            pp.kill()
-            pp.close()
-            if pp.run_dir is not None:
-                shutil.rmtree(pp.run_dir, ignore_errors=True)
-        raise
-    finally:
-        for pp in spares:  # normally none are left: spares never outnumber the points to do
-            pp.kill()
-            pp.close()
-        if bar is not None:
-            bar.close()
-    summary.wall_s = time.perf_counter() - t_start
-    return summary

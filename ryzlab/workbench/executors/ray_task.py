@@ -1,4 +1,4 @@
-"""The worker side of ``--executor ray``: one Ray task runs one sweep point and returns its files.
+"""The Ray executor, worker side (``--executor ray``): one Ray task runs one sweep point and returns its files.
 
 The task calls :func:`ryzlab.workbench.point.run_point`, which starts a fresh worker process and kernel in
 their own process groups on this node, enforces ``--timeout`` (killing both groups) and returns
@@ -72,7 +72,7 @@ def _notebook(root: Path, path: str, sha256: str, data: bytes) -> Path:
 @functools.lru_cache(maxsize=8)
 def _node_env(threads: int, visible: tuple) -> dict:
     """This node's provenance (imports torch, runs git): once per Ray worker and device set."""
-    from ryzlab.workbench.sweep import sweep_env
+    from ryzlab.workbench.executors.base import sweep_env
 
     return {**sweep_env(jobs=1, threads=threads), "jobs": None}  # points at once: the cluster's, unknown here
 

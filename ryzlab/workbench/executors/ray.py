@@ -1,13 +1,13 @@
-"""Sweeps on a Ray cluster: ``ryzlab sweep SPEC --executor ray [--address auto|ray://HOST:PORT]``.
+"""The Ray executor, driver side: ``ryzlab sweep SPEC --executor ray [--address auto|ray://HOST:PORT]``.
 
 Every missing point of a sweep becomes one Ray task that asks for the resources the point needs,
 so a cluster runs as many points at once as it has room for. The semantics are the local
-executor's (:mod:`ryzlab.workbench.sweep`), which also holds the results folder's lock and resumes:
+executor's (:mod:`.local`); :mod:`ryzlab.workbench.sweep` holds the results folder's lock and resumes:
 
 * everything is checked before the first task is submitted: the spec, every point's parameters,
   the address, and that every point fits on at least one node of the cluster;
 * a task runs its point with :func:`ryzlab.workbench.point.run_point` (a fresh worker process and kernel,
-  in their own process groups, on the task's node; see :mod:`ryzlab.workbench.sweep_ray_task`) and returns
+  in their own process groups, on the task's node; see :mod:`.ray_task`) and returns
   the run's files as bytes; the driver writes them with :func:`ryzlab.workbench.point.store_point` (a
   temporary folder renamed into place, then the manifest line). No shared file system is
   assumed, and a point whose worker or node dies has written nothing in the results folder;
@@ -42,13 +42,13 @@ from typing import TYPE_CHECKING, Any
 
 from ryzlab.config import ConfigError
 
+from ryzlab.workbench.executors.base import EXECUTORS, SweepSummary
+
 if TYPE_CHECKING:
     from ryzlab.workbench.spec import Point
-    from ryzlab.workbench.sweep import SweepSummary
 
 log = logging.getLogger(__name__)
 
-EXECUTORS = ("local", "ray")
 DEFAULT_RETRIES = 2  # a dead worker or node is usually transient; a third death says it is the point
 WORLD_FIELDS = ("tp", "cp", "workers")  # config fields whose product is the processes a point starts
 ADDRESS_FORMS = "'auto', 'local', 'HOST:PORT' or 'ray://HOST:PORT'"
@@ -260,7 +260,7 @@ class RayPlan:
         """Submit every point in ``todo``, store each result as it arrives, retry faults."""
         import ray
 
-        from ryzlab.workbench.sweep_ray_task import run_point_task
+        from ryzlab.workbench.executors.ray_task import run_point_task
 
         task = ray.remote(max_retries=0, retry_exceptions=False)(run_point_task)  # retries are ours: counted
         faults = _fault_types(ray)
