@@ -2,7 +2,7 @@
 throughput, errors, time-to-detect, time-to-recover and work lost.
 
 ``mode="live"`` runs real CPU worker processes (matrix products sized by each request) with
-heartbeats and the watchdog of :mod:`ryzlab.orchestrator.faults`; ``mode="simulated"`` runs
+heartbeats and the watchdog of :mod:`ryzlab.orchestrator.workers`; ``mode="simulated"`` runs
 the same policy objects in the discrete-event simulator, to reach worker counts and loads this
 machine cannot. Every row says which (``mode``) and where it ran (``device``).
 """

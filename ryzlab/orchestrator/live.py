@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from ryzlab.orchestrator.balance import make_policy
-from ryzlab.orchestrator.faults import WorkerPool
+from ryzlab.orchestrator.workers import WorkerPool
 from ryzlab.orchestrator.sim import Fault, check_run_choices
 from ryzlab.orchestrator.workload import make_requests
 

@@ -11,7 +11,7 @@ prefix in a small LRU cache). Fault injection mirrors the live pool: at ``fault_
 of the arrival horizon) worker 0 stops (``kill`` or ``pause``); the router keeps sending to
 it until detection (``kill``: the supervisor's poll interval; ``pause``: the heartbeat
 timeout), then its queued and in-service requests are re-routed with the live pool's
-:func:`~ryzlab.orchestrator.pool.reroute` (at most ``max_attempts`` tries each) and a replacement
+:func:`~ryzlab.orchestrator.faults.reroute` (at most ``max_attempts`` tries each) and a replacement
 starts after ``restart_s``. Nothing is dropped: every request completes or is counted failed;
 re-routed ones keep their original arrival time, so their latency includes the outage.
 """
@@ -30,7 +30,7 @@ import numpy as np
 
 from ryzlab.config import check_choice
 from ryzlab.orchestrator.balance import POLICY_NAMES, Request, make_policy
-from ryzlab.orchestrator.pool import reroute
+from ryzlab.orchestrator.faults import reroute
 from ryzlab.orchestrator.workload import PREFIX_CACHE_SIZE, PREFIX_HIT_COST, SIZE_DISTS, make_requests
 
 __all__ = ["SimConfig", "simulate", "Fault", "FAULTS"]
