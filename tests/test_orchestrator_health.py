@@ -183,7 +183,7 @@ def test_seed_api_names_work():
         orch.update_performance_stats(latency=lat, success=ok)
     s = orch.get_performance_summary()
     assert s["requests"] == 3 and s["avg_latency"] == 20.0 and s["error_rate"] == pytest.approx(1 / 3)
-    assert s["healthy_devices"] == [0, 1] and s["p50_ms"] == 20.0
+    assert s["healthy_devices"] == [0, 1] and s["latency_ms_p50"] == 20.0
     with pytest.raises(ValueError, match="0..3"):
         orch.get_device_for_rank(4)
     with pytest.raises(ValueError, match="gloo"):

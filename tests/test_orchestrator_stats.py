@@ -12,7 +12,7 @@ def test_exact_percentiles_match_numpy():
     for x in xs:
         s.record(float(x))
     got = s.percentiles()
-    for key, q in (("p50_ms", 50), ("p90_ms", 90), ("p99_ms", 99), ("p99_9_ms", 99.9)):
+    for key, q in (("latency_ms_p50", 50), ("latency_ms_p90", 90), ("latency_ms_p99", 99), ("latency_ms_p99_9", 99.9)):
         assert got[key] == pytest.approx(np.percentile(xs, q), rel=1e-12)
     assert s.exact and s.mean_ms == pytest.approx(xs.mean())
 
@@ -25,10 +25,10 @@ def test_reservoir_is_bounded_and_unbiased():
         s.record(float(x))
     assert len(s._samples) == 4000 and not s.exact
     got = s.percentiles()
-    assert got["p50_ms"] == pytest.approx(np.percentile(xs, 50), rel=0.06)
-    assert got["p90_ms"] == pytest.approx(np.percentile(xs, 90), rel=0.06)
+    assert got["latency_ms_p50"] == pytest.approx(np.percentile(xs, 50), rel=0.06)
+    assert got["latency_ms_p90"] == pytest.approx(np.percentile(xs, 90), rel=0.06)
     # the reservoir must hold samples from the whole stream, not just the first 4000
-    assert got["p99_ms"] == pytest.approx(np.percentile(xs, 99), rel=0.15)
+    assert got["latency_ms_p99"] == pytest.approx(np.percentile(xs, 99), rel=0.15)
 
 
 def test_collector_errors_in_flight_and_frame():
@@ -42,8 +42,8 @@ def test_collector_errors_in_flight_and_frame():
     row = df.set_index("scope").loc["all"]
     assert row["requests"] == 4 and row["errors"] == 1 and row["error_rate"] == 0.25
     assert row["in_flight"] == 1 and row["throughput_rps"] == 2.0
-    assert row["p50_ms"] == pytest.approx(np.percentile([10, 20, 40], 50))
-    assert df.set_index("scope").loc["1", "p50_ms"] == 40.0
+    assert row["latency_ms_p50"] == pytest.approx(np.percentile([10, 20, 40], 50))
+    assert df.set_index("scope").loc["1", "latency_ms_p50"] == 40.0
     with pytest.raises(ValueError, match="start"):
         c.finish(7, 1.0)
     with pytest.raises(ValueError, match=">= 1"):
