@@ -28,9 +28,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config(RunKnobs):
-    """The grid of runs: every policy x load x worker count x fault, the shared knobs
-    (:class:`~ryzlab.orchestrator.run_config.RunKnobs`: request stream, fault timing, seed) fixed."""
+class Axes:
+    """What the experiment sweeps: every policy x load x worker count x fault, live or simulated."""
 
     mode: Literal["live", "simulated"] = "simulated"
     policies: tuple[PolicyName, ...] = ("round_robin", "least_outstanding", "power_of_two", "prefix_affinity")
@@ -39,6 +38,13 @@ class Config(RunKnobs):
     worker_counts: tuple[int, ...] = (4,)
     faults: tuple[Fault, ...] = ("none", "kill", "pause")
     """Worker 0 is killed (SIGKILL) or paused (SIGSTOP) at ``fault_at`` of the arrival horizon."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(RunKnobs, Axes):
+    """The grid (:class:`Axes`, first in the notebook) with the knobs every run of it shares
+    (:class:`~ryzlab.orchestrator.run_config.RunKnobs`: request stream, fault timing, seed)."""
+
     sim_restart_s: float = 1.0
     """Simulated restart time (live runs measure theirs)."""
 
