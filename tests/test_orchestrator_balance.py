@@ -98,3 +98,22 @@ def test_sim_rejects_bad_input():
         SimConfig(policy="jsq")
     with pytest.raises(ValueError, match="pause"):
         SimConfig(fault="crash")
+
+
+def test_sim_and_live_configs_share_one_declaration_of_their_knobs():
+    """Every knob a simulated and a live run share is declared once (RunConfig) under one name;
+    the old names are gone."""
+    import dataclasses
+
+    from ryzlab.orchestrator import LiveConfig
+    from ryzlab.orchestrator.run_config import RunConfig
+
+    shared = {f.name for f in dataclasses.fields(SimConfig)} & {f.name for f in dataclasses.fields(LiveConfig)}
+    assert shared == {f.name for f in dataclasses.fields(RunConfig)}
+    assert {"num_requests", "mean_work_ms", "heartbeat_timeout_s", "fault_at"} <= shared
+    assert issubclass(SimConfig, RunConfig) and issubclass(LiveConfig, RunConfig)
+    for old in ("n_requests", "mean_service_ms"):
+        with pytest.raises(TypeError, match=old):
+            SimConfig(**{old: 10})
+    with pytest.raises(ValueError, match="num_requests"):
+        LiveConfig(num_requests=0)

@@ -48,3 +48,26 @@ def test_collector_errors_in_flight_and_frame():
         c.finish(7, 1.0)
     with pytest.raises(ValueError, match=">= 1"):
         LatencyStats(reservoir=0)
+
+
+def test_one_percentile_helper_names_and_numbers():
+    """ryzlab.analysis is the one helper: names p50/p90/p99 (p99_9), NaN when empty, numpy's values;
+    the orchestrator's statistics and the load generator's serving metrics agree on the same samples."""
+    from ryzlab.analysis import PERCENTILES, TAIL_PERCENTILES, percentile_name, percentiles, summary_columns
+    from ryzlab.loadgen.metrics import _stats
+
+    assert PERCENTILES == (50.0, 90.0, 99.0) and TAIL_PERCENTILES[:3] == PERCENTILES
+    assert [percentile_name(q) for q in TAIL_PERCENTILES] == ["p50", "p90", "p99", "p99_9"]
+    with pytest.raises(ValueError, match="percentile"):
+        percentile_name(101)
+    assert all(v != v for v in percentiles([]).values()) and list(percentiles([])) == ["p50", "p90", "p99"]
+    xs = np.random.default_rng(4).lognormal(1, 1, 777)
+    got = summary_columns("e2el_ms", xs, mean=True)
+    assert list(got) == ["e2el_ms_mean", "e2el_ms_p50", "e2el_ms_p90", "e2el_ms_p99"]
+    assert [got[f"e2el_ms_p{q}"] for q in (50, 90, 99)] == [np.percentile(xs, q) for q in (50, 90, 99)]
+    s = LatencyStats()
+    for x in xs:
+        s.record(float(x))
+    served = _stats("e2el", list(xs / 1000.0))
+    for k in ("p50", "p90", "p99"):
+        assert s.percentiles()[f"latency_ms_{k}"] == pytest.approx(served[f"e2el_ms_{k}"], rel=1e-12)

@@ -133,3 +133,19 @@ def test_block_jobs_caps_points_at_once(tmp_path):
             load_spec(spec_file(tmp_path, yaml.safe_dump({"notebook": POINTS, "jobs": bad})))
     with pytest.raises(ConfigError, match="grid at the top of a spec with 'experiments' would be ignored"):
         load_spec(spec_file(tmp_path, yaml.safe_dump({"grid": {"x": [1]}, "experiments": [{"notebook": POINTS}]})))
+
+
+def test_serving_load_fields_are_loadspecs():
+    """The serving experiment's load knobs are the load generator's (LoadFields), declared once;
+    the experiment keeps its own shorter defaults."""
+    import typing
+
+    from ryzlab.config import LoadFields, ParallelFields, field_names
+    from ryzlab.experiments.serving import Config
+    from ryzlab.loadgen.load import LoadSpec
+
+    assert issubclass(Config, LoadFields) and issubclass(LoadSpec, LoadFields) and issubclass(Config, ParallelFields)
+    for name in field_names(LoadFields):
+        assert typing.get_type_hints(Config)[name] == typing.get_type_hints(LoadSpec)[name]
+    assert (LoadSpec().rate, LoadSpec().concurrency, LoadSpec().num_requests) == (10.0, 4, 64)
+    assert (Config().rate, Config().concurrency, Config().num_requests) == (8.0, 16, 48)
