@@ -19,7 +19,7 @@ import pandas as pd
 from ryzlab.analysis import TAIL_PERCENTILES, summary_columns
 from ryzlab.orchestrator.balance import PolicyName
 from ryzlab.orchestrator.live import LiveConfig, run_live
-from ryzlab.orchestrator.run_config import Fault, RunKnobs
+from ryzlab.orchestrator.run_config import Fault, RunFields
 from ryzlab.orchestrator.sim import SimConfig, simulate
 
 __all__ = ["Config", "run", "summarize"]
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class Axes:
+class PolicyGrid:
     """What the experiment sweeps: every policy x load x worker count x fault, live or simulated."""
 
     mode: Literal["live", "simulated"] = "simulated"
@@ -41,9 +41,9 @@ class Axes:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config(RunKnobs, Axes):
-    """The grid (:class:`Axes`, first in the notebook) with the knobs every run of it shares
-    (:class:`~ryzlab.orchestrator.run_config.RunKnobs`: request stream, fault timing, seed)."""
+class Config(RunFields, PolicyGrid):
+    """The grid (:class:`PolicyGrid`, first in the notebook) with the knobs every run of it shares
+    (:class:`~ryzlab.orchestrator.run_config.RunFields`: request stream, fault timing, seed)."""
 
     sim_restart_s: float = 1.0
     """Simulated restart time (live runs measure theirs)."""
@@ -99,7 +99,7 @@ def run(config: Config) -> pd.DataFrame:
             for fault in config.faults:
                 for load in config.loads:
                     for policy in config.policies:
-                        knobs = {f.name: getattr(config, f.name) for f in dataclasses.fields(RunKnobs)}
+                        knobs = {f.name: getattr(config, f.name) for f in dataclasses.fields(RunFields)}
                         common = dict(policy=policy, workers=workers, load=load, fault=fault, **knobs)
                         if config.mode == "live":
                             df, info = run_live(LiveConfig(**common), pool=pool)

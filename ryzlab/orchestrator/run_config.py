@@ -1,7 +1,7 @@
 """What one orchestrator run is: the knobs a simulated run (:mod:`.sim`), a live run (:mod:`.live`)
 and the orchestrator experiment share, each declared once under one name.
 
-:class:`RunKnobs` is the request stream and the fault timing (what the experiment holds fixed
+:class:`RunFields` is the request stream and the fault timing (what the experiment holds fixed
 across its grid); :class:`RunConfig` adds the four axes the experiment sweeps (policy, workers,
 load, fault). ``SimConfig`` and ``LiveConfig`` extend :class:`RunConfig` with what only they have.
 """
@@ -14,14 +14,14 @@ from ryzlab.config import check_choice
 from ryzlab.orchestrator.balance import POLICY_NAMES, PolicyName
 from ryzlab.orchestrator.workload import SIZE_DISTS, SizeDist
 
-__all__ = ["RunKnobs", "RunConfig", "Fault", "FAULTS"]
+__all__ = ["RunFields", "RunConfig", "Fault", "FAULTS"]
 
 Fault = Literal["none", "kill", "pause"]
 FAULTS: tuple[str, ...] = get_args(Fault)
 
 
 @dataclass(frozen=True, kw_only=True)
-class RunKnobs:
+class RunFields:
     """The request stream and the fault timing of a run."""
 
     num_requests: int = 2000
@@ -45,7 +45,7 @@ class RunKnobs:
 
 
 @dataclass(frozen=True, kw_only=True)
-class RunConfig(RunKnobs):
+class RunConfig(RunFields):
     """One run: a policy on ``workers`` workers at an offered ``load``, with or without a fault."""
 
     policy: PolicyName = "least_outstanding"

@@ -26,14 +26,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pandas as pd
 
-import numpy as np
-
 from ryzlab.orchestrator.balance import Request, make_policy
 from ryzlab.orchestrator.faults import reroute
 from ryzlab.orchestrator.run_config import FAULTS, Fault, RunConfig
 from ryzlab.orchestrator.workload import PREFIX_CACHE_SIZE, PREFIX_HIT_COST, make_requests
 
 __all__ = ["SimConfig", "simulate", "Fault", "FAULTS"]
+
 
 @dataclass(frozen=True, kw_only=True)
 class SimConfig(RunConfig):
