@@ -93,7 +93,7 @@ def bench_launch(reps: int = 3) -> dict:
 def bench_sim(n: int) -> dict:
     p99 = {}
     for policy in ("round_robin", "least_outstanding", "power_of_two"):
-        df, _ = simulate(SimConfig(policy=policy, workers=8, load=0.9, n_requests=n, size_dist="bimodal"))
+        df, _ = simulate(SimConfig(policy=policy, workers=8, load=0.9, num_requests=n, size_dist="bimodal"))
         p99[policy] = float(np.percentile(df["e2el_ms"], 99))
     return p99
 

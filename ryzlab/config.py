@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 __all__ = [
     "ConfigError", "from_dict", "check_choice", "check_head_dim", "field_names",
     "Codec", "Granularity", "CODECS", "GRANULARITIES", "CODEC_BITS", "PACK_UNIT", "Rotation", "ROTATIONS",
     "ModelConfig", "RopeScaling", "ROPE_SCALINGS", "CacheConfig", "ParallelConfig", "Backend", "BACKENDS",
+    "CodecFields", "QuantFields", "LoadFields", "ParallelFields", "group_values",
 ]
 
 T = TypeVar("T")
@@ -224,9 +225,16 @@ def check_head_dim(head_dim: int, codecs: typing.Iterable[str], group_size: int 
                          f"{head_dim}; use rotation='none'")
 
 
+# ----------------------------------------------------------------------------- shared field groups
+# A group of fields several configs carry (the cache's layout in an experiment's grid, a load in the
+# serving experiment) is declared once here and inherited, so its names, types, defaults and
+# docstrings cannot drift apart. A subclass may restate a field only to change its default. The
+# groups hold no validation: the config that uses the fields validates them (CacheConfig, LoadSpec).
+
+
 @dataclass(frozen=True, kw_only=True)
-class CacheConfig:
-    """How the paged KV cache stores keys and values."""
+class CodecFields:
+    """The KV page format an experiment sweeps: codec, scale layouts, tokens per page."""
 
     codec: Codec = "none"
     """Storage format; ``none`` keeps the model dtype."""
@@ -237,37 +245,90 @@ class CacheConfig:
     token-head vs 0.04 per channel, issue 15); ``token_head`` for the 8-bit formats."""
     value_granularity: Granularity = "token_head"
     """Scale layout for values (KIVI: ``token_head``)."""
+    block_size: int = 16
+    """Tokens per page."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantFields(CodecFields):
+    """The rest of the quantiser's knobs: groups, residual window, symmetry, rotation, per-layer codecs."""
+
     group_size: int = 32
     """head_dim values sharing a scale when a granularity is ``group``; must divide head_dim."""
     residual: int = 0
     """Most recent tokens kept in full precision (0 = none)."""
-    residual_dtype: Literal["model", "float16", "bfloat16"] = "model"
-    """Storage of the full-precision tail (residual window, not-yet-full block): the model's dtype,
-    or a 2-byte float that halves its bytes under a float32 model (rounding ~1e-3 relative, far
-    below any quantiser's step)."""
-    block_size: int = 16
-    """Tokens per page."""
-    num_blocks: int | None = None
-    """Pool capacity in blocks; None = grow as needed (no capacity limit)."""
     symmetric: bool = True
     """Integer codecs: True = scale only (q = round(x / s)); False = scale + fp16 minimum per scale
     (asymmetric, one more 2-byte value per scale, and 2**bits levels instead of 2**bits - 1:
     int2 gets 4 levels instead of 3). fp8 is always symmetric."""
-    enable_prefix_caching: bool = True
-    """Share full blocks between sequences with the same prefix (chained block hashes)."""
     rotation: Rotation = "none"
     """Rotate every K/V head vector by an orthogonal (Walsh-Hadamard) matrix before quantising,
     which spreads outlier channels over the whole head; attention rotates q the same way and the
     output back, so scores and outputs are unchanged up to float rounding."""
+    layer_codecs: tuple[Codec, ...] = ()
+    """Per-layer codec (mixed precision), one per decoder layer; empty = ``codec`` for every
+    layer. Granularities, symmetry and rotation are shared."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadFields:
+    """An offered load: rate or concurrency, how many requests, how long (LoadSpec, the serving
+    experiment)."""
+
+    rate: float = 10.0
+    """Target requests per second (open loop). Ignored by ``closed`` and ``trace``."""
+    burstiness: float = 1.0
+    """Gamma shape: 1 = Poisson; < 1 burstier, > 1 smoother, same mean rate."""
+    concurrency: int = 4
+    """Requests kept in flight by ``closed``."""
+    num_requests: int = 64
+    prompt_len: int = 32
+    """Mean prompt length in tokens."""
+    output_len: int = 16
+    """Mean output length (max_tokens) in tokens."""
+    shared_prefix_len: int = 0
+    """Tokens every prompt starts with (a system prompt): what prefix caching can reuse."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelFields:
+    """The two parallel degrees of a layout (ParallelConfig, the scaling and serving experiments)."""
+
+    tp: int = 1
+    """Tensor-parallel ranks: attention heads and MLP columns split, two all-reduces per layer."""
+    cp: int = 1
+    """Context-parallel ranks: each sequence's KV blocks spread over them, one all-gather of
+    attention partials per layer."""
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.cp
+
+
+def group_values(group: type, config: Any) -> dict[str, Any]:
+    """The values ``config`` holds for the fields of ``group`` (one of the groups above): what
+    builds the real config from an experiment's (``CacheConfig(**group_values(QuantFields, cfg))``)."""
+    return {name: getattr(config, name) for name in field_names(group)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig(QuantFields):
+    """How the paged KV cache stores keys and values (the layout fields: :class:`QuantFields`)."""
+
+    residual_dtype: Literal["model", "float16", "bfloat16"] = "model"
+    """Storage of the full-precision tail (residual window, not-yet-full block): the model's dtype,
+    or a 2-byte float that halves its bytes under a float32 model (rounding ~1e-3 relative, far
+    below any quantiser's step)."""
+    num_blocks: int | None = None
+    """Pool capacity in blocks; None = grow as needed (no capacity limit)."""
+    enable_prefix_caching: bool = True
+    """Share full blocks between sequences with the same prefix (chained block hashes)."""
     rotation_seed: int = 0
     """Seed of the random signs of ``hadamard_signs``."""
     pre_rope_keys: bool = False
     """Store keys before RoPE (KVQuant): each key is rotated back by its position's RoPE angle
     before quantising and RoPE is re-applied to the decoded keys at every read. Pre-RoPE, an
     outlier channel stays in the same channel at every position, which per-channel scales fit."""
-    layer_codecs: tuple[Codec, ...] = ()
-    """Per-layer codec (mixed precision), one per decoder layer; empty = ``codec`` for every
-    layer. Granularities, symmetry and rotation are shared."""
 
     def __post_init__(self) -> None:
         check_choice("codec", self.codec, CODECS)
@@ -310,15 +371,10 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ParallelConfig:
-    """A tp x cp layout of ranks; validated against a model by
-    :func:`ryzlab.parallel.layout.validate_parallel` before any process group exists."""
+class ParallelConfig(ParallelFields):
+    """A tp x cp layout of ranks (:class:`ParallelFields`) and its backend; validated against a model
+    by :func:`ryzlab.parallel.layout.validate_parallel` before any process group exists."""
 
-    tp: int = 1
-    """Tensor-parallel ranks: attention heads and MLP columns split, two all-reduces per layer."""
-    cp: int = 1
-    """Context-parallel ranks: each sequence's KV blocks spread over them, one all-gather of
-    attention partials per layer."""
     backend: Backend = "auto"
     """``auto``: nccl when every rank has a CUDA device, gloo otherwise."""
 
@@ -327,7 +383,3 @@ class ParallelConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_choice("backend", self.backend, BACKENDS)
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.cp

@@ -188,3 +188,26 @@ def test_parameters_keep_their_types_from_config_to_parquet(tmp_path):
                            tmp_path / "e")
     assert empty["layer_codecs"].iloc[0] == () == read_parquet(tmp_path / "e" / "metrics.parquet")["layer_codecs"].iloc[0]
     assert summarize(empty)["layout"].iloc[0] == "int8 bs8"  # TINY pages hold 8 tokens
+
+
+def test_cache_fields_are_declared_once():
+    """The experiment's cache layout is CacheConfig's own group of fields (QuantFields), not a copy:
+    same names, types and defaults, and every one reaches the cache it builds."""
+    import dataclasses
+    import typing
+
+    from ryzlab.config import CacheConfig, QuantFields, field_names
+    from ryzlab.experiments.kv_compression import Config
+
+    assert issubclass(Config, QuantFields) and issubclass(CacheConfig, QuantFields)
+    group = field_names(QuantFields)
+    assert set(group) <= set(field_names(Config)) and set(group) <= set(field_names(CacheConfig))
+    hints = typing.get_type_hints(Config)
+    assert all(hints[n] == typing.get_type_hints(CacheConfig)[n] for n in group)
+    cfg = make_config("kv_compression", {**TINY, "codec": "int4", "residual": 16, "symmetric": False,
+                                         "rotation": "hadamard", "layer_codecs": ["int4", "int8"]})
+    cache = cfg.cache_config()
+    assert {n: getattr(cache, n) for n in group if n != "key_granularity"} == \
+        {n: getattr(cfg, n) for n in group if n != "key_granularity"}
+    assert cache.key_granularity == "channel" and cfg.key_granularity == "auto"  # resolved by the cache only
+    assert Config().codec == "int8" and dataclasses.fields(Config)[0].name == "codec"

@@ -69,3 +69,18 @@ def test_invalid_points_fail_before_any_process(values, needle, monkeypatch):
         run_experiment("scaling", values)
     assert needle in str(e.value)
     assert not torch.distributed.is_initialized()
+
+
+def test_layout_and_page_fields_are_the_configs_own():
+    """tp / cp / backend are ParallelConfig's fields (with its validation), the page format is
+    CodecFields: declared once in ryzlab/config.py."""
+    from ryzlab.config import CodecFields, ParallelConfig, field_names
+    from ryzlab.experiments.scaling import Config
+
+    assert issubclass(Config, ParallelConfig) and issubclass(Config, CodecFields)
+    assert {"tp", "cp", "backend", "codec", "value_granularity", "block_size"} <= set(field_names(Config))
+    cfg = Config(tp=2, cp=2, backend="gloo")
+    assert cfg.world_size == 4 and cfg.parallel() == ParallelConfig(tp=2, cp=2, backend="gloo")
+    assert Config().key_granularity == "token_head"  # no "auto" here: every codec on the same scales
+    with pytest.raises(ValueError, match="backend"):
+        Config(backend="mpi")

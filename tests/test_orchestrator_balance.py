@@ -65,7 +65,7 @@ def test_prefix_affinity_sticks_then_falls_back_past_threshold():
 def test_prefix_affinity_beats_least_outstanding_on_cache_hits_in_sim():
     rates = {}
     for name in ("least_outstanding", "prefix_affinity"):
-        df, _ = simulate(SimConfig(policy=name, workers=4, load=0.7, n_requests=3000, prefixes=24,
+        df, _ = simulate(SimConfig(policy=name, workers=4, load=0.7, num_requests=3000, prefixes=24,
                                    size_dist="exponential", prefix_cache_size=8))
         rates[name] = df["prefix_hit"].mean()
     assert rates["prefix_affinity"] > rates["least_outstanding"] + 0.2
@@ -74,7 +74,7 @@ def test_prefix_affinity_beats_least_outstanding_on_cache_hits_in_sim():
 def test_sim_known_result_jsq_and_p2_beat_round_robin_at_high_load():
     p99 = {}
     for name in ("round_robin", "least_outstanding", "power_of_two"):
-        df, info = simulate(SimConfig(policy=name, workers=8, load=0.9, n_requests=8000, size_dist="bimodal"))
+        df, info = simulate(SimConfig(policy=name, workers=8, load=0.9, num_requests=8000, size_dist="bimodal"))
         assert info["completed"] == info["submitted"] == 8000
         assert info["mode"] == "simulated" and set(df["mode"]) == {"simulated"}
         p99[name] = np.percentile(df["e2el_ms"], 99)
@@ -84,7 +84,7 @@ def test_sim_known_result_jsq_and_p2_beat_round_robin_at_high_load():
 
 @pytest.mark.parametrize("fault", ["kill", "pause"])
 def test_sim_fault_reroutes_and_loses_nothing(fault):
-    df, info = simulate(SimConfig(policy="least_outstanding", workers=4, load=0.6, n_requests=2000,
+    df, info = simulate(SimConfig(policy="least_outstanding", workers=4, load=0.6, num_requests=2000,
                                   fault=fault, heartbeat_timeout_s=0.5, restart_s=0.3))
     assert info["completed"] == 2000 and df["request_id"].is_unique
     assert info["rerouted"] > 0 and (df["attempts"] > 1).sum() == info["rerouted"]
@@ -98,3 +98,22 @@ def test_sim_rejects_bad_input():
         SimConfig(policy="jsq")
     with pytest.raises(ValueError, match="pause"):
         SimConfig(fault="crash")
+
+
+def test_sim_and_live_configs_share_one_declaration_of_their_knobs():
+    """Every knob a simulated and a live run share is declared once (RunConfig) under one name;
+    the old names are gone."""
+    import dataclasses
+
+    from ryzlab.orchestrator import LiveConfig
+    from ryzlab.orchestrator.run_config import RunConfig
+
+    shared = {f.name for f in dataclasses.fields(SimConfig)} & {f.name for f in dataclasses.fields(LiveConfig)}
+    assert shared == {f.name for f in dataclasses.fields(RunConfig)}
+    assert {"num_requests", "mean_work_ms", "heartbeat_timeout_s", "fault_at"} <= shared
+    assert issubclass(SimConfig, RunConfig) and issubclass(LiveConfig, RunConfig)
+    for old in ("n_requests", "mean_service_ms"):
+        with pytest.raises(TypeError, match=old):
+            SimConfig(**{old: 10})
+    with pytest.raises(ValueError, match="num_requests"):
+        LiveConfig(num_requests=0)

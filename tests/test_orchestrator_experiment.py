@@ -15,15 +15,15 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_simulated_run_rows():
     df = run_experiment("orchestrator", {"mode": "simulated", "policies": ["round_robin", "least_outstanding"],
                                          "loads": [0.9], "worker_counts": [4], "faults": ["none", "pause"],
-                                         "n_requests": 1500})
+                                         "num_requests": 1500})
     assert len(df) == 4 and set(df["mode"]) == {"simulated"} and set(df["device"]) <= {"cpu", "cuda"}
     assert (df["work_lost"] == 0).all() and (df["error_rate"] == 0).all()
     pause = df[df["fault"] == "pause"]
     assert ((pause["time_to_detect_s"] - 1.0).abs() < 1e-9).all() and (pause["rerouted"] > 0).all()
     assert df[df["fault"] == "none"]["time_to_detect_s"].isna().all()
-    by = df[df["fault"] == "none"].set_index("policy")["e2el_p99_ms"]
+    by = df[df["fault"] == "none"].set_index("policy")["e2el_ms_p99"]
     assert by["least_outstanding"] < by["round_robin"]
-    for col in ("e2el_p50_ms", "e2el_p90_ms", "e2el_p99_ms", "e2el_p99_9_ms", "throughput_rps", "time_to_recover_s"):
+    for col in ("e2el_ms_p50", "e2el_ms_p90", "e2el_ms_p99", "e2el_ms_p99_9", "throughput_rps", "time_to_recover_s"):
         assert col in df.columns
 
 

@@ -59,7 +59,7 @@ def test_unit_failing_every_attempt_is_reported_not_lost():
 
 
 def test_live_run_with_kill_loses_nothing():
-    df, info = run_live(LiveConfig(policy="prefix_affinity", workers=3, load=0.3, n_requests=150,
+    df, info = run_live(LiveConfig(policy="prefix_affinity", workers=3, load=0.3, num_requests=150,
                                    mean_work_ms=4.0, fault="kill", fault_at=0.3, prefixes=6))
     assert info["completed"] + info["failed"] == info["submitted"] == 150
     assert info["failed"] == 0 and df["request_id"].is_unique
@@ -232,7 +232,7 @@ def test_watchdog_survives_a_failing_tick_and_fails_loudly_when_it_keeps_failing
 def test_simulator_reroutes_with_the_pools_function_and_cap():
     """The simulator's failover is the pool's reroute(): with one attempt per request, every request
     stranded on the failed worker is reported failed (not lost); with three, all complete."""
-    common = dict(policy="round_robin", workers=2, load=0.5, n_requests=400, fault="kill", mean_service_ms=10.0)
+    common = dict(policy="round_robin", workers=2, load=0.5, num_requests=400, fault="kill", mean_work_ms=10.0)
     _, one = simulate(SimConfig(max_attempts=1, **common))
     assert one["rerouted"] > 0 and one["failed"] == one["rerouted"]
     assert one["completed"] + one["failed"] == one["submitted"] == 400

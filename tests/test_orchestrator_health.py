@@ -183,7 +183,7 @@ def test_seed_api_names_work():
         orch.update_performance_stats(latency=lat, success=ok)
     s = orch.get_performance_summary()
     assert s["requests"] == 3 and s["avg_latency"] == 20.0 and s["error_rate"] == pytest.approx(1 / 3)
-    assert s["healthy_devices"] == [0, 1] and s["p50_ms"] == 20.0
+    assert s["healthy_devices"] == [0, 1] and s["latency_ms_p50"] == 20.0
     with pytest.raises(ValueError, match="0..3"):
         orch.get_device_for_rank(4)
     with pytest.raises(ValueError, match="gloo"):
@@ -195,3 +195,17 @@ def test_describe_health_lines():
     lines = describe_health(GPUHealthMonitor(nvml=nvml))
     assert len(lines) == 2 and lines[0].startswith("cuda:0 Fake H100: healthy; util 30%")
     assert "unhealthy (3 uncorrected ECC error(s))" in lines[1]
+
+
+def test_the_score_lives_with_the_readings_and_placement_uses_it():
+    """health does not import placement (the cycle's cause): the score of a reading is health's,
+    placement decides with that same function."""
+    import ast
+    from pathlib import Path
+
+    from ryzlab.orchestrator import health, placement
+
+    assert placement.device_score is health.device_score is device_score
+    tree = ast.parse(Path(health.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "ryzlab.orchestrator.placement" not in imported

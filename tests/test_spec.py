@@ -146,3 +146,19 @@ def test_a_spec_is_made_of_spec_blocks(tmp_path):
     spec = load_spec(p)
     assert len(spec.blocks) == 2 and all(type(b) is SpecBlock for b in spec.blocks)
     assert not hasattr(spec_mod, "Block")
+
+
+def test_serving_load_fields_are_loadspecs():
+    """The serving experiment's load knobs are the load generator's (LoadFields), declared once;
+    the experiment keeps its own shorter defaults."""
+    import typing
+
+    from ryzlab.config import LoadFields, ParallelFields, field_names
+    from ryzlab.experiments.serving import Config
+    from ryzlab.loadgen.load import LoadSpec
+
+    assert issubclass(Config, LoadFields) and issubclass(LoadSpec, LoadFields) and issubclass(Config, ParallelFields)
+    for name in field_names(LoadFields):
+        assert typing.get_type_hints(Config)[name] == typing.get_type_hints(LoadSpec)[name]
+    assert (LoadSpec().rate, LoadSpec().concurrency, LoadSpec().num_requests) == (10.0, 4, 64)
+    assert (Config().rate, Config().concurrency, Config().num_requests) == (8.0, 16, 48)

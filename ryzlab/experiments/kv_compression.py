@@ -37,24 +37,20 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 
-from ryzlab.config import CODECS, GRANULARITIES, CacheConfig, Codec, Granularity, ModelConfig, Rotation, check_choice
+from ryzlab.config import (CODECS, GRANULARITIES, CacheConfig, Codec, ModelConfig, QuantFields, check_choice,
+                           group_values)
 from ryzlab.provenance import cpu_model
 
 __all__ = ["Config", "run"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config:
+class Config(QuantFields):
+    """One cache layout (:class:`~ryzlab.config.QuantFields`, as :class:`~ryzlab.config.CacheConfig`
+    declares it) on one model, context and batch."""
+
     codec: Codec = "int8"
-    key_granularity: Granularity | Literal["auto"] = "auto"
-    """``auto``: per channel (KIVI) for int4/int3/int2, per token and head otherwise (CacheConfig)."""
-    value_granularity: Granularity = "token_head"
-    group_size: int = 32
-    """head_dim values per scale with ``group`` granularity (reference model: head_dim 32)."""
-    symmetric: bool = True
-    residual: int = 0
-    """Most recent tokens also kept in full precision."""
-    block_size: int = 16
+    """The experiment's default: the 8-bit format every other codec is compared with."""
     context: int = 256
     """Prompt tokens per sequence before the timed decode steps."""
     batch: int = 1
@@ -82,10 +78,6 @@ class Config:
     """Attention path of the paged cache: ``triton`` reads compressed pages in Triton kernels (CUDA),
     ``torch`` decodes pages then attends; ``auto``: triton on CUDA when installed. Recorded per row."""
     seed: int = 0
-    rotation: Rotation = "none"
-    """Hadamard rotation of K/V head vectors before quantisation (see CacheConfig.rotation)."""
-    layer_codecs: tuple[Codec, ...] = ()
-    """Per-layer codecs (mixed precision); empty = ``codec`` everywhere."""
     peer: Literal["", "quanto_int4", "quanto_int2"] = ""
     """Measure this peer cache instead of ryzlab's (needs a Hugging Face folder or .gguf ``model``)."""
 
@@ -129,10 +121,7 @@ class Config:
         return TINY if self.model == "random" else check_model(self.model).config
 
     def cache_config(self) -> CacheConfig:
-        return CacheConfig(codec=self.codec, key_granularity=self.key_granularity,
-                           value_granularity=self.value_granularity, group_size=self.group_size,
-                           symmetric=self.symmetric, residual=self.residual, block_size=self.block_size,
-                           rotation=self.rotation, layer_codecs=self.layer_codecs)
+        return CacheConfig(**group_values(QuantFields, self))
 
 
 TINY = ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2)

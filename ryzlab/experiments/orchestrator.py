@@ -2,12 +2,13 @@
 throughput, errors, time-to-detect, time-to-recover and work lost.
 
 ``mode="live"`` runs real CPU worker processes (matrix products sized by each request) with
-heartbeats and the watchdog of :mod:`ryzlab.orchestrator.faults`; ``mode="simulated"`` runs
+heartbeats and the watchdog of :mod:`ryzlab.orchestrator.workers`; ``mode="simulated"`` runs
 the same policy objects in the discrete-event simulator, to reach worker counts and loads this
 machine cannot. Every row says which (``mode``) and where it ran (``device``).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -15,11 +16,11 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from ryzlab.analysis import TAIL_PERCENTILES, summary_columns
 from ryzlab.orchestrator.balance import PolicyName
 from ryzlab.orchestrator.live import LiveConfig, run_live
-from ryzlab.orchestrator.sim import Fault, SimConfig, simulate
-from ryzlab.orchestrator.stats import percentile_columns
-from ryzlab.orchestrator.workload import SizeDist
+from ryzlab.orchestrator.run_config import Fault, RunFields
+from ryzlab.orchestrator.sim import SimConfig, simulate
 
 __all__ = ["Config", "run", "summarize"]
 
@@ -27,7 +28,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config:
+class PolicyGrid:
+    """What the experiment sweeps: every policy x load x worker count x fault, live or simulated."""
+
     mode: Literal["live", "simulated"] = "simulated"
     policies: tuple[PolicyName, ...] = ("round_robin", "least_outstanding", "power_of_two", "prefix_affinity")
     loads: tuple[float, ...] = (0.5, 0.9)
@@ -35,21 +38,18 @@ class Config:
     worker_counts: tuple[int, ...] = (4,)
     faults: tuple[Fault, ...] = ("none", "kill", "pause")
     """Worker 0 is killed (SIGKILL) or paused (SIGSTOP) at ``fault_at`` of the arrival horizon."""
-    n_requests: int = 2000
-    size_dist: SizeDist = "bimodal"
-    mean_work_ms: float = 5.0
-    """Mean request cost: live, compute on one core; simulated, service time."""
-    prefixes: int = 0
-    """Distinct prefix keys carried by requests (0: none); prefix_affinity uses them."""
-    fault_at: float = 0.4
-    heartbeat_timeout_s: float = 1.0
-    """Live: the floor of the missed-beat timeout (the pool raises it with the measured beat gaps);
-    simulated: the time a pause takes to detect."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(RunFields, PolicyGrid):
+    """The grid (:class:`PolicyGrid`, first in the notebook) with the knobs every run of it shares
+    (:class:`~ryzlab.orchestrator.run_config.RunFields`: request stream, fault timing, seed)."""
+
     sim_restart_s: float = 1.0
     """Simulated restart time (live runs measure theirs)."""
-    seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("policies", "loads", "worker_counts", "faults"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must list at least one value")
@@ -57,9 +57,8 @@ class Config:
             raise ValueError(f"loads must be > 0 and worker_counts >= 1, got {self.loads}, {self.worker_counts}")
         if any(f != "none" for f in self.faults) and min(self.worker_counts) < 2:
             raise ValueError("kill/pause faults need worker_counts >= 2 (someone must take the re-routed work)")
-        if self.n_requests < 10 or self.mean_work_ms <= 0 or not 0 < self.fault_at < 1:
-            raise ValueError(f"need n_requests >= 10, mean_work_ms > 0, 0 < fault_at < 1; got "
-                             f"{self.n_requests}, {self.mean_work_ms}, {self.fault_at}")
+        if self.num_requests < 10 or not 0 < self.fault_at < 1:
+            raise ValueError(f"need num_requests >= 10, 0 < fault_at < 1; got {self.num_requests}, {self.fault_at}")
 
 
 def summarize(df: pd.DataFrame, info: dict) -> dict:
@@ -69,8 +68,8 @@ def summarize(df: pd.DataFrame, info: dict) -> dict:
     span = info["duration_s"] - float(df["arrival_s"].min())
     fault_t = info.get("fault_t")
     return {
-        **percentile_columns(lat, prefix="e2el_"),
-        "e2el_mean_ms": float(lat.mean()) if lat.size else np.nan,
+        **summary_columns("e2el_ms", lat, TAIL_PERCENTILES),
+        "e2el_ms_mean": float(lat.mean()) if lat.size else np.nan,
         "throughput_rps": len(ok) / span if span > 0 else np.nan,
         "offered_rps": info["offered_rps"], "capacity_rps": info["capacity_rps"],
         "submitted": info["submitted"], "completed": info["completed"], "failed": info["failed"],
@@ -100,22 +99,19 @@ def run(config: Config) -> pd.DataFrame:
             for fault in config.faults:
                 for load in config.loads:
                     for policy in config.policies:
-                        common = dict(policy=policy, workers=workers, load=load, n_requests=config.n_requests,
-                                      size_dist=config.size_dist, prefixes=config.prefixes, fault=fault,
-                                      fault_at=config.fault_at, heartbeat_timeout_s=config.heartbeat_timeout_s,
-                                      seed=config.seed)
+                        knobs = {f.name: getattr(config, f.name) for f in dataclasses.fields(RunFields)}
+                        common = dict(policy=policy, workers=workers, load=load, fault=fault, **knobs)
                         if config.mode == "live":
-                            df, info = run_live(LiveConfig(mean_work_ms=config.mean_work_ms, **common), pool=pool)
+                            df, info = run_live(LiveConfig(**common), pool=pool)
                         else:
-                            df, info = simulate(SimConfig(mean_service_ms=config.mean_work_ms,
-                                                          restart_s=config.sim_restart_s, **common))
+                            df, info = simulate(SimConfig(restart_s=config.sim_restart_s, **common))
                         assert info["mode"] == config.mode, "a run must say what it was"
                         row = {"mode": info["mode"], "device": device, "policy": policy, "load": load,
                                "workers": workers, "fault": fault, **summarize(df, info)}
                         if not config.prefixes:
                             row["prefix_cache_hit_rate"] = np.nan  # requests carried no prefix
                         log.info("%s %s load=%.2f workers=%d fault=%s: p99 %.1f ms, lost %d", config.mode, policy,
-                                 load, workers, fault, row["e2el_p99_ms"], row["work_lost"])
+                                 load, workers, fault, row["e2el_ms_p99"], row["work_lost"])
                         rows.append(row)
         finally:
             if pool is not None:

@@ -36,7 +36,7 @@ from typing import Iterator, Literal
 import pandas as pd
 import torch
 
-from ryzlab.config import Backend, CacheConfig, Codec, Granularity, ParallelConfig, from_dict
+from ryzlab.config import CacheConfig, CodecFields, Granularity, ParallelConfig, from_dict
 from ryzlab.orchestrator import launch
 from ryzlab.parallel.layout import cp_comm_bytes_formula, tp_comm_bytes_formula, tp_layout, validate_parallel, \
     wire_bytes_formula
@@ -48,20 +48,17 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config:
-    tp: int = 1
-    """Tensor-parallel ranks (heads and MLP columns split; two all-reduces per layer)."""
-    cp: int = 1
-    """Context-parallel ranks (KV blocks spread; one all-gather of attention partials per layer)."""
+class Config(CodecFields, ParallelConfig):
+    """One layout (:class:`~ryzlab.config.ParallelConfig`: tp, cp, backend) and one page format
+    (:class:`~ryzlab.config.CodecFields`) on one model, context and batch."""
+
+    key_granularity: Granularity = "token_head"
+    """No ``auto`` here: one layout for every codec, so layouts compare on the same scales."""
     model: str = "reference"
     """'reference' (the shipped checkpoint), 'random' or a checkpoint path."""
-    codec: Codec = "none"
-    key_granularity: Granularity = "token_head"
-    value_granularity: Granularity = "token_head"
     context: int = 1024
     """Prompt tokens per sequence prefilled before the timed decode steps."""
     batch: int = 1
-    block_size: int = 16
     prefill_chunk: int = 512
     """Tokens per prefill forward (bounds the activations of a long prompt)."""
     decode_steps: int = 8
@@ -72,8 +69,6 @@ class Config:
     check_error: bool = True
     """Compare the decode logits with one rank (computed in the launching process)."""
     seed: int = 0
-    backend: Backend = "auto"
-    """auto: nccl when every rank has a CUDA device, else gloo."""
     threads: int = 1
     """torch threads per rank: 1 keeps points comparable across layouts on a shared CPU (ranks
     beyond the core count still oversubscribe it: the report says so)."""
@@ -85,10 +80,7 @@ class Config:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.warmup < 0 or self.budget_mib < 0 or self.timeout_s <= 0:
             raise ValueError("warmup and budget_mib must be >= 0, timeout_s > 0")
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.cp
+        super().__post_init__()  # ParallelConfig: the backend is one of its choices
 
     def cache(self, num_blocks: int | None = None) -> CacheConfig:
         return CacheConfig(codec=self.codec, key_granularity=self.key_granularity,

@@ -37,7 +37,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from ryzlab.config import Codec, check_choice
+from ryzlab.config import Codec, LoadFields, ParallelFields, check_choice
 from ryzlab.orchestrator.balance import PolicyName
 
 __all__ = ["Config", "run"]
@@ -51,26 +51,21 @@ Preemption = Literal["recompute", "swap"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config:
+class Config(LoadFields, ParallelFields):
+    """``workers`` replicas of one tp x cp layout (:class:`~ryzlab.config.ParallelFields`, per replica)
+    under one offered load (:class:`~ryzlab.config.LoadFields`, as the load generator's ``LoadSpec``)."""
+
+    rate: float = 8.0
+    concurrency: int = 16
+    num_requests: int = 48
+    """The experiment's own defaults for these three (a short run on the 2-core machine)."""
     workers: int = 1
     """Engine replicas (data parallelism; processes, one per GPU or per tp x cp GPUs where there are GPUs)."""
-    tp: int = 1
-    """Tensor-parallel ranks per replica."""
-    cp: int = 1
-    """Context-parallel ranks per replica."""
     policy: PolicyName = "least_outstanding"
     """round_robin, least_outstanding, power_of_two or prefix_affinity."""
-    rate: float = 8.0
-    """Offered load, requests/s (open loop)."""
     codec: Codec = "none"
     arrival: OpenArrival = "poisson"
     """poisson, gamma (with ``burstiness``) or closed (``concurrency`` users)."""
-    burstiness: float = 1.0
-    concurrency: int = 16
-    num_requests: int = 48
-    prompt_len: int = 32
-    output_len: int = 16
-    shared_prefix_len: int = 0
     model: str = "reference"
     block_size: int = 16
     num_blocks: int = 256

@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Callable, Literal, get_args
 
 import numpy as np
 
-from ryzlab.config import check_choice
+from ryzlab.config import LoadFields, check_choice
 from ryzlab.loadgen.metrics import COUNT_SOURCES, RequestRecord, SLO, Usage, records_frame, summarize
 
 __all__ = ["Arrival", "ARRIVALS", "LengthDist", "LENGTH_DISTS", "LoadSpec", "RequestSpec",
@@ -39,25 +39,13 @@ LENGTH_DISTS: tuple[str, ...] = get_args(LengthDist)
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoadSpec:
-    """What load to offer; validated on construction."""
+class LoadSpec(LoadFields):
+    """What load to offer (rate, counts, lengths: :class:`ryzlab.config.LoadFields`); validated on
+    construction."""
 
     arrival: Arrival = "poisson"
-    rate: float = 10.0
-    """Target requests per second (open loop). Ignored by ``closed`` and ``trace``."""
-    burstiness: float = 1.0
-    """Gamma shape: 1 = Poisson; < 1 burstier, > 1 smoother, same mean rate."""
-    concurrency: int = 4
-    """Requests kept in flight by ``closed``."""
-    num_requests: int = 64
-    prompt_len: int = 32
-    """Mean prompt length in tokens."""
     prompt_dist: LengthDist = "fixed"
-    output_len: int = 16
-    """Mean output length (max_tokens) in tokens."""
     output_dist: LengthDist = "fixed"
-    shared_prefix_len: int = 0
-    """Tokens every prompt starts with (a system prompt): what prefix caching can reuse."""
     vocab_size: int = 256
     trace: str | None = None
     """JSONL path for ``arrival='trace'``: one object per line with arrival_s, prompt_len, output_len."""

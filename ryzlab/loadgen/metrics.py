@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from ryzlab.analysis import PERCENTILES, percentiles, summary_columns
+
 __all__ = ["RequestRecord", "Usage", "COUNT_SOURCES", "SLO", "parse_slo", "summarize", "slo_table", "median_range",
            "records_frame", "REQUEST_COLUMNS", "PERCENTILES", "LATENCY_METRICS"]
 
-PERCENTILES = (50, 90, 99)
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
 SLO_KEYS = ("ttft", "tpot", "itl", "e2el")
 COUNT_SOURCES = ("token_ids", "usage", "chunks")
@@ -175,12 +176,8 @@ def median_range(xs: list[float]) -> str:
 
 
 def _stats(name: str, values_s: list[float]) -> dict[str, float]:
-    """mean / p50 / p90 / p99 in milliseconds (NaN when there is no sample)."""
-    arr = np.asarray(values_s, dtype=float) * 1000.0
-    out = {f"{name}_ms_mean": float(arr.mean()) if arr.size else math.nan}
-    for p in PERCENTILES:
-        out[f"{name}_ms_p{p}"] = float(np.percentile(arr, p)) if arr.size else math.nan
-    return out
+    """``<name>_ms_mean`` / ``_p50`` / ``_p90`` / ``_p99`` in milliseconds (NaN when there is no sample)."""
+    return summary_columns(f"{name}_ms", np.asarray(values_s, dtype=float) * 1000.0, PERCENTILES, mean=True)
 
 
 def summarize(records: list[RequestRecord], *, duration_s: float | None = None,
@@ -224,9 +221,8 @@ def summarize(records: list[RequestRecord], *, duration_s: float | None = None,
                                     if targeted else math.nan)
     sources = sorted({r.count_source for r in ok})
     out["count_source"] = "+".join(sources) if sources else ""
-    sent = [r.sent_s for r in records if r.sent_s is not None]
-    out["client_lag_ms_p99"] = (float(np.percentile([(r.sent_s - r.scheduled_s) * 1000 for r in records
-                                                     if r.sent_s is not None], 99)) if sent else math.nan)
+    lag_ms = [(r.sent_s - r.scheduled_s) * 1000 for r in records if r.sent_s is not None]
+    out["client_lag_ms_p99"] = percentiles(lag_ms, (99,))["p99"]
     return out
 
 

@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["GPUStats", "Thresholds", "DeviceHealth", "HealthStatus", "GPUHealthMonitor", "classify",
+__all__ = ["GPUStats", "Thresholds", "DeviceHealth", "HealthStatus", "GPUHealthMonitor", "classify", "device_score",
            "read_nvml_device", "read_host", "drain_xid_events", "describe_health", "THROTTLE_REASONS"]
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,33 @@ def classify(s: GPUStats, th: Thresholds = Thresholds(), now: float | None = Non
     if bad:
         return DeviceHealth("unhealthy", tuple(bad + warn))
     return DeviceHealth("degraded", tuple(warn)) if warn else DeviceHealth("healthy", ())
+
+
+W_UTIL, W_MEM, W_TEMP, DEGRADED_PENALTY, TEMP_SCALE_C = 0.5, 0.3, 0.2, 1.0, 90.0
+
+
+def device_score(stats: GPUStats | None, health: DeviceHealth | None = None) -> float:
+    """How loaded a device is, from one reading and its classification; lower is better, ``inf``
+    for an unhealthy device::
+
+        score = 0.5 * utilization + 0.3 * memory_used_fraction + 0.2 * temperature / 90 C
+                + 1.0 if degraded
+
+    Utilization weighs most because it is what a new request waits behind; memory next because a
+    full device cannot take new KV blocks; temperature last, as an early sign of throttling.
+    Missing readings count as 0 (a device with no reading yet is not penalised), and a degraded
+    device always loses to a healthy one. Placement (:mod:`.placement`) decides with it.
+    """
+    if health is not None and health.status == "unhealthy":
+        return float("inf")
+    score = 0.0
+    if stats is not None:
+        score += W_UTIL * (stats.utilization_pct or 0.0) / 100.0
+        score += W_MEM * (stats.memory_frac or 0.0)
+        score += W_TEMP * (stats.temperature_c or 0.0) / TEMP_SCALE_C
+    if health is not None and health.status == "degraded":
+        score += DEGRADED_PENALTY
+    return score
 
 
 def _maybe(fn, *args) -> Any:
@@ -275,8 +302,6 @@ class GPUHealthMonitor:
 
     def get_least_loaded_device(self) -> int | None:
         """Healthy device with the lowest utilization (then memory use); None if none is fit."""
-        from ryzlab.orchestrator.placement import device_score
-
         cands = self.get_healthy_devices(include_degraded=False) or self.get_healthy_devices()
         if not cands:
             return None

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 
 from ryzlab.orchestrator.balance import make_policy
-from ryzlab.orchestrator.faults import WorkerPool
-from ryzlab.orchestrator.sim import Fault, check_run_choices
+from ryzlab.orchestrator.run_config import RunConfig
+from ryzlab.orchestrator.workers import WorkerPool
 from ryzlab.orchestrator.workload import make_requests
 
 __all__ = ["LiveConfig", "run_live", "nominal_capacity_rps"]
@@ -24,31 +24,13 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class LiveConfig:
-    policy: str = "least_outstanding"
-    workers: int = 4
-    load: float = 0.5
-    n_requests: int = 400
-    size_dist: str = "bimodal"
-    mean_work_ms: float = 5.0
-    prefixes: int = 0
-    fault: Fault = "none"
-    fault_at: float = 0.4
-    """Fraction of the arrival horizon at which worker 0 is killed / paused."""
-    heartbeat_interval_s: float = 0.1
-    heartbeat_timeout_s: float = 1.0
-    """Floor of the missed-beat timeout (raised by the pool from the measured beat gaps)."""
-    restart: bool = True
-    seed: int = 0
-    timeout_s: float = 120.0
+class LiveConfig(RunConfig):
+    """A live run: the shared knobs (:class:`~ryzlab.orchestrator.run_config.RunConfig`) plus the
+    live pool's heartbeat, restart and deadline."""
 
-    def __post_init__(self) -> None:
-        check_run_choices(self.policy, self.size_dist, self.fault)
-        if self.workers < 1 or self.n_requests < 1 or self.load <= 0 or self.mean_work_ms <= 0:
-            raise ValueError(f"need workers >= 1, n_requests >= 1, load > 0, mean_work_ms > 0; got "
-                             f"{self.workers}, {self.n_requests}, {self.load}, {self.mean_work_ms}")
-        if self.fault != "none" and self.workers < 2:
-            raise ValueError("fault injection needs workers >= 2 (someone must take the re-routed work)")
+    heartbeat_interval_s: float = 0.1
+    restart: bool = True
+    timeout_s: float = 120.0
 
 
 def nominal_capacity_rps(workers: int, mean_work_ms: float) -> float:
@@ -65,7 +47,7 @@ def run_live(cfg: LiveConfig, pool: WorkerPool | None = None) -> tuple["object",
 
     capacity = nominal_capacity_rps(cfg.workers, cfg.mean_work_ms)
     rate = cfg.load * capacity
-    arrivals = make_requests(cfg.n_requests, rate, cfg.size_dist, prefixes=cfg.prefixes, seed=cfg.seed)
+    arrivals = make_requests(cfg.num_requests, rate, cfg.size_dist, prefixes=cfg.prefixes, seed=cfg.seed)
     policy = make_policy(cfg.policy, seed=cfg.seed)
     own = pool is None
     if own:

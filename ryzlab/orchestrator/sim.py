@@ -6,12 +6,12 @@ router uses, with the same request streams (:mod:`~ryzlab.orchestrator.workload`
 every result ``mode="simulated"``.
 
 Model: each worker serves one request at a time, first come first served; a request of size
-``s`` takes ``s * mean_service_ms`` (times ``prefix_hit_cost`` when the worker still holds its
+``s`` takes ``s * mean_work_ms`` (times ``prefix_hit_cost`` when the worker still holds its
 prefix in a small LRU cache). Fault injection mirrors the live pool: at ``fault_at`` (fraction
 of the arrival horizon) worker 0 stops (``kill`` or ``pause``); the router keeps sending to
 it until detection (``kill``: the supervisor's poll interval; ``pause``: the heartbeat
 timeout), then its queued and in-service requests are re-routed with the live pool's
-:func:`~ryzlab.orchestrator.pool.reroute` (at most ``max_attempts`` tries each) and a replacement
+:func:`~ryzlab.orchestrator.faults.reroute` (at most ``max_attempts`` tries each) and a replacement
 starts after ``restart_s``. Nothing is dropped: every request completes or is counted failed;
 re-routed ones keep their original arrival time, so their latency includes the outage.
 """
@@ -21,64 +21,39 @@ import heapq
 import itertools
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import pandas as pd
 
-import numpy as np
-
-from ryzlab.config import check_choice
-from ryzlab.orchestrator.balance import POLICY_NAMES, Request, make_policy
-from ryzlab.orchestrator.pool import reroute
-from ryzlab.orchestrator.workload import PREFIX_CACHE_SIZE, PREFIX_HIT_COST, SIZE_DISTS, make_requests
+from ryzlab.orchestrator.balance import Request, make_policy
+from ryzlab.orchestrator.faults import reroute
+from ryzlab.orchestrator.run_config import FAULTS, Fault, RunConfig
+from ryzlab.orchestrator.workload import PREFIX_CACHE_SIZE, PREFIX_HIT_COST, make_requests
 
 __all__ = ["SimConfig", "simulate", "Fault", "FAULTS"]
 
-Fault = Literal["none", "kill", "pause"]
-FAULTS: tuple[str, ...] = get_args(Fault)
-
-
-def check_run_choices(policy: str, size_dist: str, fault: str) -> None:
-    """The choices a simulated and a live run share; each error names the valid values."""
-    check_choice("policy", policy, POLICY_NAMES)
-    check_choice("size_dist", size_dist, SIZE_DISTS)
-    check_choice("fault", fault, FAULTS)
-
 
 @dataclass(frozen=True, kw_only=True)
-class SimConfig:
-    policy: str = "round_robin"
-    workers: int = 8
-    load: float = 0.9
-    """Offered load as a fraction of total capacity (workers / mean service time)."""
-    n_requests: int = 20000
-    size_dist: str = "bimodal"
-    mean_service_ms: float = 10.0
-    prefixes: int = 0
-    """Distinct prefix keys (0: requests carry none)."""
+class SimConfig(RunConfig):
+    """A simulated run: the shared knobs (:class:`~ryzlab.orchestrator.run_config.RunConfig`) plus
+    the simulator's model of detection, restart and prefix caching."""
+
+    mean_work_ms: float = 10.0
+    fault_at: float = 0.5
+    """The simulator's own defaults for these two (its tests are calibrated on them)."""
     prefix_hit_cost: float = PREFIX_HIT_COST
     """Service-time factor when the worker still caches the request's prefix (skipped prefill)."""
     prefix_cache_size: int = PREFIX_CACHE_SIZE
-    fault: Fault = "none"
-    fault_at: float = 0.5
     watch_interval_s: float = 0.05
-    heartbeat_timeout_s: float = 1.0
-    """Time to detect a pause (the live pool's timeout is at least this, more when beats come late)."""
     restart_s: float = 1.0
     max_attempts: int = 3
     """Tries per request, as in the live pool (a request still held at its last try's fault fails)."""
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        check_run_choices(self.policy, self.size_dist, self.fault)
-        if (self.workers < 1 or self.n_requests < 1 or not 0 < self.load or self.mean_service_ms <= 0
-                or self.max_attempts < 1):
-            raise ValueError(f"need workers >= 1, n_requests >= 1, load > 0, mean_service_ms > 0, max_attempts >= 1; "
-                             f"got {self.workers}, {self.n_requests}, {self.load}, {self.mean_service_ms}, "
-                             f"{self.max_attempts}")
-        if self.fault != "none" and self.workers < 2:
-            raise ValueError("fault injection needs workers >= 2 (someone must take the re-routed work)")
+        super().__post_init__()
+        if self.max_attempts < 1:
+            raise ValueError(f"need max_attempts >= 1, got {self.max_attempts}")
 
 
 class _Server:
@@ -99,9 +74,9 @@ def simulate(cfg: SimConfig) -> tuple["pd.DataFrame", dict]:
     """Run one simulation; returns (one row per request, run-level events and counters)."""
     import pandas as pd
 
-    mean_s = cfg.mean_service_ms / 1000.0
+    mean_s = cfg.mean_work_ms / 1000.0
     rate = cfg.load * cfg.workers / mean_s
-    arrivals = make_requests(cfg.n_requests, rate, cfg.size_dist, prefixes=cfg.prefixes, seed=cfg.seed)
+    arrivals = make_requests(cfg.num_requests, rate, cfg.size_dist, prefixes=cfg.prefixes, seed=cfg.seed)
     policy = make_policy(cfg.policy, seed=cfg.seed)
     servers = [_Server() for _ in range(cfg.workers)]
     arrived: dict[int, float] = {}

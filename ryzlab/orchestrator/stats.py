@@ -3,8 +3,9 @@
 Percentiles come from every sample (``reservoir=None``: exact, memory grows with the run) or
 from a uniform reservoir of fixed size (Vitter's algorithm R: every sample seen so far has
 the same chance ``k/n`` of being kept, so the kept set is an unbiased sample of the run and
-memory stays ``O(k)``). Percentiles use numpy's default (linear interpolation), so exact mode
-matches ``numpy.percentile`` on the same samples.
+memory stays ``O(k)``). Percentiles come from :func:`ryzlab.analysis.percentiles` (numpy's
+default, linear interpolation), so exact mode matches ``numpy.percentile`` on the same samples;
+columns are named ``latency_ms_p50`` ... ``latency_ms_p99_9`` (docs/architecture.md, "Naming").
 """
 from __future__ import annotations
 
@@ -17,20 +18,9 @@ from typing import TYPE_CHECKING, Hashable
 if TYPE_CHECKING:
     import pandas as pd
 
-import numpy as np
+from ryzlab.analysis import TAIL_PERCENTILES, summary_columns
 
-__all__ = ["LatencyStats", "StatsCollector", "PERCENTILES", "percentile_columns"]
-
-PERCENTILES: dict[str, float] = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99_9": 99.9}
-
-
-def percentile_columns(latencies_ms: np.ndarray, prefix: str = "") -> dict[str, float]:
-    """``{"p50_ms": ..., "p90_ms": ..., "p99_ms": ..., "p99_9_ms": ...}`` (NaN when empty)."""
-    arr = np.asarray(latencies_ms, dtype=float)
-    if arr.size == 0:
-        return {f"{prefix}{k}_ms": float("nan") for k in PERCENTILES}
-    values = np.percentile(arr, list(PERCENTILES.values()))
-    return {f"{prefix}{k}_ms": float(v) for k, v in zip(PERCENTILES, values)}
+__all__ = ["LatencyStats", "StatsCollector"]
 
 
 @dataclass
@@ -87,7 +77,8 @@ class LatencyStats:
         return self.latency_sum_ms / ok if ok else float("nan")
 
     def percentiles(self) -> dict[str, float]:
-        return percentile_columns(np.asarray(self._samples))
+        """``{"latency_ms_p50": ..., "latency_ms_p90": ..., "latency_ms_p99": ..., "latency_ms_p99_9": ...}``."""
+        return summary_columns("latency_ms", self._samples, TAIL_PERCENTILES)
 
     def throughput(self, window_s: float | None = None) -> float:
         """Requests per second over ``window_s`` (default: first to last completion)."""
@@ -159,6 +150,6 @@ class StatsCollector:
                              else self._in_flight.get(scope, 0))
                 rows.append({"scope": str(scope), "requests": s.requests, "errors": s.errors,
                              "error_rate": s.error_rate, "in_flight": in_flight,
-                             "throughput_rps": s.throughput(window), "mean_ms": s.mean_ms,
+                             "throughput_rps": s.throughput(window), "latency_ms_mean": s.mean_ms,
                              **s.percentiles(), "samples_kept": len(s._samples), "exact": s.exact})
         return pd.DataFrame(rows)

@@ -31,17 +31,17 @@ def p99_vs_load(df: pd.DataFrame) -> None:
             if g["load"].nunique() == 1:
                 g = g.sort_values("policy")
                 names = [str(p).replace("_", " ") for p in g["policy"]]
-                bars = ax.bar(names, g["e2el_p99_ms"], color="none" if sim else "C0", edgecolor="C0",
+                bars = ax.bar(names, g["e2el_ms_p99"], color="none" if sim else "C0", edgecolor="C0",
                               hatch="//" if sim else None, label="simulated" if sim else "measured")
-                ax.bar_label(bars, labels=[sig3(v) for v in g["e2el_p99_ms"]], fontsize=8)
+                ax.bar_label(bars, labels=[sig3(v) for v in g["e2el_ms_p99"]], fontsize=8)
                 ax.set_xlabel(f"policy (offered load {sig3(g['load'].iloc[0])} of capacity)")
                 from_zero(ax)
             else:
                 for policy, line in g.groupby("policy"):
                     line = line.sort_values("load")
-                    plot_series(ax, line["load"], line["e2el_p99_ms"], str(policy).replace("_", " "), simulated=sim)
+                    plot_series(ax, line["load"], line["e2el_ms_p99"], str(policy).replace("_", " "), simulated=sim)
                 ax.set_xlabel("offered load (fraction of capacity)")
-                if wide_range(g["e2el_p99_ms"]):
+                if wide_range(g["e2el_ms_p99"]):
                     ax.set_yscale("log")
                 else:
                     from_zero(ax)
@@ -58,10 +58,10 @@ def p99_vs_load(df: pd.DataFrame) -> None:
 def policy_ratio(df: pd.DataFrame) -> pd.DataFrame:
     """p99 of each policy divided by round-robin's at the same (mode, device, workers, fault, load)."""
     s = _mean(df)
-    base = s[s["policy"] == "round_robin"].set_index(["mode", "device", "workers", "fault", "load"])["e2el_p99_ms"]
-    out = s.join(base.rename("rr_p99_ms"), on=["mode", "device", "workers", "fault", "load"])
-    out["p99_vs_round_robin"] = out["e2el_p99_ms"] / out["rr_p99_ms"]
-    return out[["mode", "device", "workers", "fault", "load", "policy", "e2el_p50_ms", "e2el_p99_ms",
+    base = s[s["policy"] == "round_robin"].set_index(["mode", "device", "workers", "fault", "load"])["e2el_ms_p99"]
+    out = s.join(base.rename("e2el_ms_p99_round_robin"), on=["mode", "device", "workers", "fault", "load"])
+    out["p99_vs_round_robin"] = out["e2el_ms_p99"] / out["e2el_ms_p99_round_robin"]
+    return out[["mode", "device", "workers", "fault", "load", "policy", "e2el_ms_p50", "e2el_ms_p99",
                 "p99_vs_round_robin", "throughput_rps"]]
 
 
@@ -75,7 +75,7 @@ def report(df: pd.DataFrame) -> None:
     show_table(policy_ratio(df), "p99 relative to round-robin (same mode, workers, fault, load)")
     faulty = _mean(df[df["fault"] != "none"])
     if not faulty.empty:
-        cols = [c for c in KEYS + ["e2el_p99_ms"] + FAULT_COLS if c in faulty.columns]
+        cols = [c for c in KEYS + ["e2el_ms_p99"] + FAULT_COLS if c in faulty.columns]
         show_table(faulty[cols], "Faults: detection, recovery (replacement serving and re-routed work "
                                  "finished), work lost (must be 0)")
         lost = int(faulty["work_lost"].sum())

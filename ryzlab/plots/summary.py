@@ -187,17 +187,17 @@ def orchestrator(df: pd.DataFrame) -> list[dict]:
     are labelled simulated, never measured."""
     rows = []
     keys = [k for k in ("mode", "device", "workers", "fault") if k in df.columns]
-    mean = df.groupby(keys + ["policy", "load"], dropna=False)["e2el_p99_ms"].mean().reset_index()
+    mean = df.groupby(keys + ["policy", "load"], dropna=False)["e2el_ms_p99"].mean().reset_index()
     for key, g in mean.groupby(keys, dropna=False):
         ctx = dict(zip(keys, key))
         g = g[g["load"] == g["load"].max()]
-        best = g.sort_values("e2el_p99_ms").iloc[0]
-        rr = g.loc[g["policy"] == "round_robin", "e2el_p99_ms"]
-        vs = f" ({sig3(best['e2el_p99_ms'] / rr.iloc[0])}× round robin)" if len(rr) and rr.iloc[0] > 0 else ""
+        best = g.sort_values("e2el_ms_p99").iloc[0]
+        rr = g.loc[g["policy"] == "round_robin", "e2el_ms_p99"]
+        vs = f" ({sig3(best['e2el_ms_p99'] / rr.iloc[0])}× round robin)" if len(rr) and rr.iloc[0] > 0 else ""
         mode = str(ctx.get("mode", "live"))
         rows.append(_row(f"lowest p99 latency at load {sig3(best['load'])}: {int(ctx.get('workers', 0))} workers, "
                          f"fault {ctx.get('fault', 'none')} ({mode})",
-                         f"{str(best['policy']).replace('_', ' ')}: {sig3(best['e2el_p99_ms'])} ms{vs}",
+                         f"{str(best['policy']).replace('_', ' ')}: {sig3(best['e2el_ms_p99'])} ms{vs}",
                          "simulated (a model of workers, not a measurement)" if mode == "simulated"
                          else f"measured, device={ctx.get('device', 'unknown')}"))
     return rows
