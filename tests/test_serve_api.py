@@ -159,19 +159,19 @@ def test_health_turns_unhealthy_when_engine_stalls_and_new_requests_get_503():
 def test_failing_request_does_not_take_the_server_down(served):
     url, backend, _ = served
     eng = backend.engine
-    real = eng.runner.forward
+    real = eng.execute
 
     def boom(*a, **k):
         raise RuntimeError("injected failure")
 
-    eng.runner.forward = boom
+    eng.execute = boom
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
     assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"]
     with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3, "stream": True},
                       timeout=60) as resp:
         events = [line for line in resp.iter_lines() if line.startswith("data: ")]
     assert "injected failure" in json.loads(events[-2][6:])["error"]["message"] and events[-1] == "data: [DONE]"
-    eng.runner.forward = real
+    eng.execute = real
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
     assert r.status_code == 200 and eng.cache.pool.num_free_blocks == NUM_BLOCKS
     s = httpx.get(f"{url}/stats").json()

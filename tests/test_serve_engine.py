@@ -3,9 +3,9 @@ preemption (recompute and swap) resumes to the same tokens, prefix caching reuse
 import pytest
 import torch
 
-from ryzlab.config import ModelConfig
+from ryzlab.config import CacheConfig, ModelConfig
 from ryzlab.serve.engine import EngineConfig, SamplingParams
-from ryzlab.serve.replica import build_engine
+from ryzlab.serve.replica import ReplicaSpec, build_engine
 
 MC = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256)
 
@@ -26,8 +26,9 @@ def _prompts(lengths, seed=0):
 def _engine(num_blocks=200, codec="none", **kw):
     cfg = dict(prefill_chunk=8, max_model_len=128)
     cfg.update(kw)
-    return build_engine(model="random", model_config=MC, codec=codec, block_size=4, num_blocks=num_blocks,
-                        config=EngineConfig(**cfg))
+    return build_engine(ReplicaSpec(model="random", model_config=MC,
+                                    cache=CacheConfig(codec=codec, block_size=4, num_blocks=num_blocks),
+                                    engine=EngineConfig(**cfg)))
 
 
 def test_batch_equals_one_request_at_a_time_greedy():
@@ -159,14 +160,14 @@ def test_a_failing_sequence_fails_alone():
     ref = _engine().generate(prompts, SamplingParams(max_tokens=8))
     eng = _engine()
     poison = 63
-    real = eng.runner.forward
+    real = eng.execute
 
     def forward(seq_ids, inputs):
         if any(poison in x for x in inputs):
             raise RuntimeError("injected failure")
         return real(seq_ids, inputs)
 
-    eng.runner.forward = forward
+    eng.execute = forward
     for i, p in enumerate(prompts):
         eng.add_request(f"ok{i}", p, SamplingParams(max_tokens=8))
     eng.add_request("bad", [1, 2, poison], SamplingParams(max_tokens=8))
