@@ -49,6 +49,28 @@ def test_completion_and_stream_agree(served):
     assert backend.engine.cache.pool.num_free_blocks == NUM_BLOCKS
 
 
+def _first_seen(ids):
+    """The longest prefix of ``ids`` whose last token appears nowhere before it."""
+    return next(k for k in range(len(ids), 0, -1) if ids[k - 1] not in ids[:k - 1])
+
+
+def test_finish_reason_is_the_engines_a_stop_token_at_max_tokens_is_a_stop(served):
+    """The engine says why a sequence ended: when the max_tokens-th token is a stop token the
+    engine stopped on it, so the reason is 'stop' (vLLM's order), not 'length' counted from the
+    number of tokens; without the stop token the same request ends on 'length'."""
+    url, _, _ = served
+    ids = httpx.post(f"{url}/v1/completions", json={"prompt": "def f(x):", "max_tokens": 8},
+                     timeout=60).json()["choices"][0]["token_ids"]
+    k = _first_seen(ids)
+    body = {"prompt": "def f(x):", "max_tokens": k, "stop_token_ids": [ids[k - 1]]}
+    ch = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    assert ch["token_ids"] == ids[:k] and ch["finish_reason"] == "stop"
+    streamed, done, finish = _stream_tokens(url, body)
+    assert streamed == ids[:k] and done and finish == "stop"
+    ch = httpx.post(f"{url}/v1/completions", json={**body, "stop_token_ids": []}, timeout=60).json()["choices"][0]
+    assert ch["token_ids"] == ids[:k] and ch["finish_reason"] == "length"
+
+
 def test_list_prompts_and_n_give_one_choice_each(served):
     url, _, _ = served
     single = [httpx.post(f"{url}/v1/completions", json={"prompt": p, "max_tokens": 4}, timeout=60).json()

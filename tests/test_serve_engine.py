@@ -207,3 +207,20 @@ def test_a_failing_sampler_fails_its_request_alone():
             else:
                 out[o.request_id] += o.new_tokens
     assert errors == ["bad"] and [out["a"], out["b"]] == ref
+
+
+def test_step_outputs_carry_the_finish_reason():
+    """Every output but the last of a request has no reason; the last one (and its TokenChunk)
+    says ``stop`` for a stop token -- also when it is the max_tokens-th token -- else ``length``."""
+    prompt = _prompts([7], seed=3)[0]
+    ids = _engine().generate([prompt], SamplingParams(max_tokens=8))[0]
+    k = next(k for k in range(len(ids), 0, -1) if ids[k - 1] not in ids[:k - 1])
+    for stop, want in (((ids[k - 1],), "stop"), ((), "length")):
+        eng = _engine()
+        eng.add_request("r", prompt, SamplingParams(max_tokens=k, stop_token_ids=stop))
+        outs = [o for _ in range(100) if eng.has_work() for o in eng.step()]
+        assert [t for o in outs for t in o.new_tokens] == ids[:k]
+        assert [o.finish_reason for o in outs] == [None] * (k - 1) + [want]
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+        assert [o.new_tokens.finish_reason for o in outs][-1] == want
+

@@ -106,6 +106,7 @@ def test_worker_that_dies_while_restarting_is_restarted_again():
 def test_openai_client_through_two_workers_keeps_every_sampling_field():
     """top_p / top_k / seed / logprobs reach the worker processes and logprobs come back (the
     router forwards the params object and each step's TokenChunk unchanged)."""
+    import httpx
     import openai
 
     from ryzlab.serve.api import create_app
@@ -114,6 +115,15 @@ def test_openai_client_through_two_workers_keeps_every_sampling_field():
     with Router(workers=2, spec=SPEC) as router, serve_in_thread(create_app(router)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
         greedy = client.completions.create(model=router.model_name, prompt=[5, 6, 7], max_tokens=5, logprobs=2)
+        assert greedy.choices[0].finish_reason == "length"
+        # the worker's finish_reason crosses the process boundary: a stop token that is also the
+        # max_tokens-th token ends the request with 'stop', not a 'length' counted from the tokens
+        ids = httpx.post(f"{url}/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 5},
+                         timeout=120).json()["choices"][0]["token_ids"]
+        k = next(k for k in range(len(ids), 0, -1) if ids[k - 1] not in ids[:k - 1])
+        ch = httpx.post(f"{url}/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": k,
+                                                       "stop_token_ids": [ids[k - 1]]}, timeout=120).json()["choices"][0]
+        assert ch["token_ids"] == ids[:k] and ch["finish_reason"] == "stop"
         lp = greedy.choices[0].logprobs
         assert len(lp.token_logprobs) == 5 and all(1 <= len(t) <= 2 for t in lp.top_logprobs)  # keyed by text
         assert all(v <= 0.0 for v in lp.token_logprobs)
