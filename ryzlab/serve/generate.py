@@ -75,7 +75,8 @@ def generate_rank(rank: int, world_size: int, req: GenerateRequest) -> dict[str,
     tok = _tokenizer(req.model)
     ids = tok.encode(req.prompt)  # special tokens as the tokenizer adds them (a BOS for Llama models)
     spec = req.spec(max_model_len=len(ids) + req.max_tokens)
-    engine = build_engine(spec, groups=init_parallel(spec.parallel), threads=req.threads)
+    groups = init_parallel(spec.parallel)
+    engine = build_engine(spec, groups=groups, threads=req.threads)
     if not groups.is_driver:
         engine.follow()
         return None
