@@ -224,3 +224,30 @@ def test_step_outputs_carry_the_finish_reason():
         assert outs[-1].finished and not any(o.finished for o in outs[:-1])
         assert [o.new_tokens.finish_reason for o in outs][-1] == want
 
+
+
+def test_replica_spec_is_validated_once_with_every_problem_and_the_valid_choices():
+    import dataclasses
+    from types import SimpleNamespace
+
+    from ryzlab.config import ParallelConfig
+
+    with pytest.raises(ValueError) as e:
+        ReplicaSpec(model="random", model_config=MC, device="tpu", dtype="float64")
+    msg = str(e.value)
+    assert "2 problem(s)" in msg and "'cuda:N'" in msg and "'bfloat16'" in msg
+    with pytest.raises(ValueError, match="MODEL_CHOICES|reference"):
+        ReplicaSpec(model="no/such/model")
+    with pytest.raises(ValueError, match="random"):  # a shape for a checkpoint that has its own
+        ReplicaSpec(model="reference", model_config=MC)
+    with pytest.raises(ValueError, match="tp"):  # 3 ranks cannot split 4 heads
+        ReplicaSpec(model="random", model_config=MC, parallel=ParallelConfig(tp=3))
+    spec = ReplicaSpec(model="random", model_config=MC, parallel=ParallelConfig(tp=2))
+    assert spec.shape == MC and spec.world_size == 2
+    with pytest.raises(ValueError, match="process groups"):  # a tp=2 replica needs its groups
+        build_engine(spec)
+    one = SimpleNamespace(world_size=1)
+    with pytest.raises(ValueError, match="tp=1 x cp=1 but the spec says tp=2"):  # tp given twice must agree
+        build_engine(spec, groups=SimpleNamespace(tp=one, cp=one, control=one, device="cpu"))
+    with pytest.raises(TypeError, match="ReplicaSpec"):
+        build_engine(dataclasses.asdict(spec))
