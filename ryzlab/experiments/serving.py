@@ -32,7 +32,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,9 @@ from ryzlab.config import Codec, check_choice
 from ryzlab.orchestrator.balance import PolicyName
 
 __all__ = ["Config", "run"]
+
+if TYPE_CHECKING:
+    from ryzlab.serve.spec import ReplicaSpec
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +188,7 @@ def _run_http(c: Config) -> pd.DataFrame:
     return df
 
 
-def replica_spec(c: Config, device: str = "cpu"):
+def replica_spec(c: Config, device: str = "cpu") -> ReplicaSpec:
     """The :class:`~ryzlab.serve.spec.ReplicaSpec` of each worker of this point."""
     from ryzlab.config import CacheConfig, ParallelConfig
     from ryzlab.serve.scheduler import EngineConfig

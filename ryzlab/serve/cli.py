@@ -4,12 +4,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ryzlab.config import CODECS
 from ryzlab.serve.scheduler import PREEMPTIONS
 
 __all__ = ["add_parser", "cmd_serve", "make_backend", "serve_limits", "check_exposure", "replica_spec"]
+
+if TYPE_CHECKING:
+    from ryzlab.serve.spec import ReplicaSpec
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return s
 
 
-def replica_spec(args: argparse.Namespace) -> Any:
+def replica_spec(args: argparse.Namespace) -> ReplicaSpec:
     """The :class:`~ryzlab.serve.spec.ReplicaSpec` of the flags (raises ``ValueError`` naming the
     valid choices for a bad model / dtype / codec / tp x cp layout / scheduler knob)."""
     import torch

@@ -12,9 +12,12 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["GenerateRequest", "generate", "generate_rank"]
+
+if TYPE_CHECKING:
+    from ryzlab.serve.spec import ReplicaSpec
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ class GenerateRequest:
     threads: int | None = None
     backend: str = "auto"
 
-    def spec(self, max_model_len: int = 1024) -> Any:
+    def spec(self, max_model_len: int = 1024) -> ReplicaSpec:
         """The :class:`~ryzlab.serve.spec.ReplicaSpec` that runs this request (validates model, dtype,
         codec and the tp x cp layout): an unbounded cache, one sequence."""
         from ryzlab.config import CacheConfig, ParallelConfig

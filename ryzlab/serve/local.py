@@ -24,7 +24,8 @@ def backend_client(backend: Any, *, temperature: float = 0.0) -> Client:
         rid = f"load-{req.index}-{next(ids)}"
         async for toks in backend.generate(rid, list(req.prompt),
                                            SamplingParams(max_tokens=req.max_tokens, temperature=temperature)):
-            yield len(toks)
+            if toks:  # an empty chunk only carries the finish_reason
+                yield len(toks)
 
     return client
 

@@ -69,7 +69,7 @@ class ChoiceText:
         self.ids += new
         self.engine_reason = getattr(chunk, "finish_reason", None) or self.engine_reason
         lps = getattr(chunk, "logprobs", None)
-        if self.want_logprobs:
+        if self.want_logprobs and new:  # an empty chunk only ends the sequence (a router's re-route)
             if lps is None or len(lps) != len(new):  # never answer logprobs that do not match the tokens
                 raise RuntimeError("the backend returned no logprobs for these tokens (it must pass "
                                    "SamplingParams.logprobs to the engine and its TokenChunk back)")
