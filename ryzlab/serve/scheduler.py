@@ -37,9 +37,10 @@ log = logging.getLogger(__name__)
 
 Preemption = Literal["recompute", "swap"]
 PREEMPTIONS: tuple[str, ...] = get_args(Preemption)
-FinishReason = Literal["stop", "length", "abort", "error"]
-"""Why a sequence ended: a stop token (or, in the API, a stop string), ``max_tokens`` reached,
-aborted by the client, or failed (OpenAI's ``finish_reason`` for the first two)."""
+FinishReason = Literal["stop", "length", "error"]
+"""Why the engine ended a sequence: a stop token, ``max_tokens`` reached, or a failure (the first
+two are OpenAI's ``finish_reason``; a stop string is the API's ``stop``; an aborted sequence
+produces no output at all)."""
 FINISH_REASONS: tuple[str, ...] = get_args(FinishReason)
 
 
