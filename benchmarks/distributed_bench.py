@@ -92,19 +92,18 @@ def exactness(n_prompts: int, prompt_len: int, new: int) -> list[dict]:
 def _comm(rank, world, context, batch, steps):
     from ryzlab.kv.cache import PagedKVCache
     from ryzlab.parallel import init_parallel
-    from ryzlab.serve.runner import ModelRunner
+    from ryzlab.serve.engine import ragged_forward
     from ryzlab.serve.replica import load_net
 
     g = init_parallel(ParallelConfig(cp=world))
     net = load_net("reference", tp=g.tp)[0]
     cache = PagedKVCache(net.local_config, CacheConfig(codec="none", block_size=16), cp=g.cp)
-    runner = ModelRunner(net, cache)
     prompt = _prompts(1, context)[0].tolist()
     for s in range(batch):  # sequence 0 prefills; the others find its full blocks in the prefix cache
         cache.allocate_slots(s, prompt)
         todo = prompt[cache.num_cached_tokens(s):]
         for a in range(0, len(todo), 1024):
-            runner.forward([s], [todo[a:a + 1024]])
+            ragged_forward(net, cache, [s], [todo[a:a + 1024]])
     g.reset_ledgers()
     seqs = list(range(batch))
     for i in range(steps):
@@ -112,7 +111,7 @@ def _comm(rank, world, context, batch, steps):
         for s, t in zip(seqs, toks):
             cache.allocate_slots(s, t)
         with g.cp.step("decode"):
-            runner.forward(seqs, toks)
+            ragged_forward(net, cache, seqs, toks)
     per = g.cp.ledger.per_step("decode")
     return {"bytes": per["bytes_sent"], "wire": per["wire_bytes_sent"], "collectives": per["collectives"],
             "kv": cache.ledger()["total"], "context": cache.num_tokens(0)}

@@ -24,13 +24,15 @@ import time
 
 import numpy as np
 
-from ryzlab.config import ModelConfig
+from ryzlab.config import CacheConfig, ModelConfig
 from ryzlab.provenance import device_summary
-from ryzlab.serve.engine import EngineError, SamplingParams
+from ryzlab.serve.engine import EngineConfig, EngineError, SamplingParams
 from ryzlab.serve.router import Router
+from ryzlab.serve.spec import ReplicaSpec
 
 MC = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=512)
-KW = {"model": "random", "model_config": MC, "block_size": 8, "num_blocks": 256, "config": {"max_model_len": 256}}
+SPEC = ReplicaSpec(model="random", model_config=MC, cache=CacheConfig(block_size=8, num_blocks=256),
+                   engine=EngineConfig(max_model_len=256))
 PROMPTS = [[1 + (7 * i + j) % 60 for j in range(8 + i % 5)] for i in range(16)]
 
 
@@ -110,7 +112,7 @@ def main() -> None:
     kinds = [k for pair in itertools.zip_longest(kinds[: args.kills], kinds[args.kills:]) for k in pair if k]
     plan = [(k, i % 2) for i, k in enumerate(kinds)]
     t0 = time.monotonic()
-    with Router(workers=2, policy="least_outstanding", engine_kwargs=KW,
+    with Router(workers=2, policy="least_outstanding", spec=SPEC,
                 heartbeat_timeout_s=args.heartbeat_timeout) as router:
         startup = time.monotonic() - t0
 

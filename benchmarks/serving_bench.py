@@ -43,9 +43,10 @@ sys.path.insert(0, str(ROOT))
 from ryzlab.io import write_json, write_parquet  # noqa: E402
 from ryzlab.models.transformer import REFERENCE_CHECKPOINT  # noqa: E402
 from ryzlab.provenance import collect_env  # noqa: E402
-from ryzlab.loadgen.client import backend_client  # noqa: E402
+from ryzlab.config import CacheConfig  # noqa: E402
 from ryzlab.serve.engine import EngineConfig, SamplingParams  # noqa: E402
-from ryzlab.serve.replica import build_engine  # noqa: E402
+from ryzlab.serve.local import backend_client  # noqa: E402
+from ryzlab.serve.replica import ReplicaSpec, build_engine  # noqa: E402
 from ryzlab.loadgen.metrics import median_range as spread  # noqa: E402
 from ryzlab.loadgen.load import LoadSpec, max_rate_search, run_load  # noqa: E402
 from ryzlab.serve.router import Router  # noqa: E402
@@ -65,8 +66,8 @@ def pick_model(name: str) -> str:
 
 def _batching_side(model: str, prompts: list[list[int]], sp: SamplingParams, batched: bool) -> tuple[float, list]:
     """A fresh engine, prefix caching off, warmed up on other prompts; seconds and outputs of one side."""
-    eng = build_engine(model=model, block_size=16, num_blocks=1024,
-                       config=EngineConfig(max_num_seqs=16, max_model_len=1024, enable_prefix_caching=False))
+    eng = build_engine(ReplicaSpec(model=model, cache=CacheConfig(block_size=16, num_blocks=1024),
+                                   engine=EngineConfig(max_num_seqs=16, max_model_len=1024, enable_prefix_caching=False)))
     eng.generate([[1, 2, 3, 4], [5, 6, 7, 8]], SamplingParams(max_tokens=4))  # warm-up (kernels, allocator)
     t = time.perf_counter()
     out = eng.generate(prompts, sp) if batched else [eng.generate([p], sp)[0] for p in prompts]
@@ -75,7 +76,7 @@ def _batching_side(model: str, prompts: list[list[int]], sp: SamplingParams, bat
 
 def part_batching(args: argparse.Namespace, model: str) -> dict:
     torch.set_num_threads(args.threads)
-    vocab = build_engine(model=model, block_size=16, num_blocks=8).vocab_size
+    vocab = build_engine(ReplicaSpec(model=model, cache=CacheConfig(block_size=16, num_blocks=8))).vocab_size
     sp = SamplingParams(max_tokens=args.output_len)
     reps = []
     for rep in range(args.repeats):
@@ -121,11 +122,11 @@ def part_maxrate(args: argparse.Namespace, model: str) -> list[dict]:
     rows = []
     for workers in args.workers:
         for codec in args.codecs:
-            kw = {"model": model, "codec": codec, "block_size": 16, "num_blocks": 512,
-                  "config": {"max_num_seqs": 16, "max_model_len": 1024}}
+            spec = ReplicaSpec(model=model, cache=CacheConfig(codec=codec, block_size=16, num_blocks=512),
+                               engine=EngineConfig(max_num_seqs=16, max_model_len=1024))
             per_repeat = []
             for rep in range(args.repeats):  # fresh workers each repeat
-                with Router(workers=workers, policy=args.policy, engine_kwargs=kw,
+                with Router(workers=workers, policy=args.policy, spec=spec,
                             threads_per_worker=args.threads) as router:
                     asyncio.run(_trial(router, 2.0, argparse.Namespace(**{**vars(args), "trial_requests": 4}), 99))
                     seeds = iter(range(rep * 1000, rep * 1000 + 1000))

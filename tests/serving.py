@@ -9,11 +9,12 @@ from typing import Any, Iterator
 
 import torch
 
-from ryzlab.config import ModelConfig
+from ryzlab.config import CacheConfig, ModelConfig
 from ryzlab.serve.api import ServeLimits, create_app
-from ryzlab.loadgen.client import serve_in_thread
-from ryzlab.serve.engine import AsyncEngine, EngineConfig
-from ryzlab.serve.replica import build_engine
+from ryzlab.serve.async_engine import AsyncEngine
+from ryzlab.serve.engine import EngineConfig
+from ryzlab.serve.local import serve_in_thread
+from ryzlab.serve.replica import ReplicaSpec, build_engine
 
 MC = ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=1024)
 NUM_BLOCKS = 64
@@ -25,8 +26,8 @@ def serve_app(*, stall_timeout_s: float = 10.0, api_key: str | None = None, **li
               ) -> Iterator[tuple[str, AsyncEngine, Any]]:
     """(base URL, backend, app) of a served random byte-level model (vocab 256)."""
     torch.set_num_threads(1)
-    eng = build_engine(model="random", model_config=MC, block_size=8, num_blocks=NUM_BLOCKS,
-                       config=EngineConfig(max_model_len=MAX_MODEL_LEN, stall_timeout_s=stall_timeout_s))
+    eng = build_engine(ReplicaSpec(model="random", model_config=MC, cache=CacheConfig(block_size=8, num_blocks=NUM_BLOCKS),
+                                   engine=EngineConfig(max_model_len=MAX_MODEL_LEN, stall_timeout_s=stall_timeout_s)))
     backend = AsyncEngine(eng, model_name="ryzlab-random")
     app = create_app(backend, api_key=api_key, limits=ServeLimits(**limits))
     try:
@@ -41,7 +42,7 @@ class PausedForward:
     stay in flight, deterministically, until the test lets them go."""
 
     def __init__(self, engine: Any):
-        self.engine, self.real = engine, engine.runner.forward
+        self.engine, self.real = engine, engine.execute
         self.release = threading.Event()
         self.entered = threading.Event()
 
@@ -51,12 +52,12 @@ class PausedForward:
         return self.real(*a, **k)
 
     def __enter__(self) -> "PausedForward":
-        self.engine.runner.forward = self
+        self.engine.execute = self
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.release.set()
-        self.engine.runner.forward = self.real
+        self.engine.execute = self.real
 
 
 def wait_for(cond: Any, timeout: float = 30.0) -> bool:

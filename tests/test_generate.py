@@ -3,6 +3,7 @@ tp x cp ranks behind the router give the tokens one rank gives; a dead rank rest
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -12,11 +13,11 @@ import pytest
 from procs import live_descendants, run_in_own_session
 
 from ryzlab.cli import main
-from ryzlab.config import ModelConfig
+from ryzlab.config import CacheConfig, ModelConfig, ParallelConfig
 from ryzlab.serve.generate import GenerateRequest, generate
 from ryzlab.orchestrator.launch import free_port
 from ryzlab.serve.engine import EngineConfig, SamplingParams
-from ryzlab.serve.replica import build_engine
+from ryzlab.serve.replica import ReplicaSpec, build_engine
 from ryzlab.serve.router import Router
 
 PROMPT = "def parse(path):\n    with open("
@@ -54,7 +55,8 @@ def test_torchrun_ranks_give_the_one_rank_tokens(one_rank, tmp_path):
 
 
 MC = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=512)
-KW = {"model": "random", "model_config": MC, "block_size": 8, "num_blocks": 128, "config": {"max_model_len": 256}}
+SPEC = ReplicaSpec(model="random", model_config=MC, cache=CacheConfig(block_size=8, num_blocks=128),
+                   engine=EngineConfig(max_model_len=256))
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [10] * 20]
 
 
@@ -77,8 +79,8 @@ def _rank_processes(worker_pid):
 
 
 def test_replica_of_two_tp_ranks_serves_one_rank_tokens_and_restarts_whole_when_a_rank_dies():
-    ref = build_engine(**{**KW, "config": EngineConfig(max_model_len=256)}).generate(PROMPTS, SamplingParams(max_tokens=12))
-    router = Router(workers=1, engine_kwargs={**KW, "tp": 2}, heartbeat_timeout_s=30.0)
+    ref = build_engine(SPEC).generate(PROMPTS, SamplingParams(max_tokens=12))
+    router = Router(workers=1, spec=dataclasses.replace(SPEC, parallel=ParallelConfig(tp=2)), heartbeat_timeout_s=30.0)
     with router:
         assert _router_tokens(router, "a") == ref
         driver = router.workers[0].pid
@@ -104,5 +106,5 @@ def test_swap_preemption_is_refused_for_a_group_before_any_process():
                 super().__init__(local=True)
                 self.world_size = 2
 
-        eng = build_engine(**{**KW, "config": EngineConfig(max_model_len=256)})
+        eng = build_engine(SPEC)
         Engine(eng.model, eng.cache, EngineConfig(preemption="swap"), control=TwoRanks())

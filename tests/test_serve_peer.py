@@ -7,7 +7,8 @@ import torch
 pytest.importorskip("transformers")
 
 from ryzlab.models import load_model  # noqa: E402
-from ryzlab.loadgen.client import openai_client, probe_endpoint, serve_in_thread  # noqa: E402
+from ryzlab.loadgen.client import openai_client, probe_endpoint  # noqa: E402
+from ryzlab.serve.local import serve_in_thread  # noqa: E402
 from ryzlab.loadgen.load import LoadSpec, run_load  # noqa: E402
 from ryzlab.serve.peer import PeerEngine, create_peer_app, hf_model  # noqa: E402
 
@@ -31,10 +32,11 @@ def test_converted_model_has_the_same_logits(models):
 
 def test_peer_engine_greedy_tokens_match_ryzlab(models):
     from ryzlab.serve.engine import SamplingParams
-    from ryzlab.serve.replica import build_engine
+    from ryzlab.config import CacheConfig
+    from ryzlab.serve.replica import ReplicaSpec, build_engine
 
     ours, _, hf = models
-    eng = build_engine(model="random", block_size=16, num_blocks=64)
+    eng = build_engine(ReplicaSpec(model="random", cache=CacheConfig(block_size=16, num_blocks=64)))
     want = eng.generate([PROMPT], SamplingParams(max_tokens=8))[0]
     peer = PeerEngine(hf, num_blocks=64)
     try:

@@ -7,25 +7,26 @@ import signal
 
 import pytest
 
-from ryzlab.config import ModelConfig
-from ryzlab.serve.api import json_safe
-from ryzlab.loadgen.client import backend_client
-from ryzlab.serve.engine import SamplingParams
+from ryzlab.config import CacheConfig, ModelConfig
 from ryzlab.loadgen.load import LoadSpec, run_load
+from ryzlab.serve.api import json_safe
+from ryzlab.serve.engine import EngineConfig, SamplingParams
+from ryzlab.serve.local import backend_client
 from ryzlab.serve.router import Router
+from ryzlab.serve.spec import ReplicaSpec
 
 MC = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=512)
-KW = {"model": "random", "model_config": MC, "block_size": 8, "num_blocks": 128,
-      "config": {"max_model_len": 256}}
+SPEC = ReplicaSpec(model="random", model_config=MC, cache=CacheConfig(block_size=8, num_blocks=128),
+                   engine=EngineConfig(max_model_len=256))
 
 
 def test_unknown_policy_names_valid_ones():
     with pytest.raises(ValueError, match="least_outstanding"):
-        Router(workers=2, policy="fastest", engine_kwargs=KW)
+        Router(workers=2, policy="fastest", spec=SPEC)
     with pytest.raises(ValueError, match="a .gguf file"):  # names what is supported, before any process starts
-        Router(workers=2, engine_kwargs={**KW, "model": "no/such/file.safetensors"})
+        Router(workers=2, spec=ReplicaSpec(model="no/such/file.safetensors"))
     with pytest.raises(ValueError, match="int8"):
-        Router(workers=2, engine_kwargs={**KW, "codec": "int9"})
+        Router(workers=2, spec=ReplicaSpec(model="random", model_config=MC, cache=CacheConfig(codec="int9")))
 
 
 def _probe(router, rid):
@@ -42,7 +43,7 @@ def _probe(router, rid):
 def test_kill_one_of_two_workers_under_load_loses_nothing(kind):
     """A worker killed (SIGKILL) or paused (SIGSTOP) mid-stream: its streams continue on the other
     worker, complete; the worker is restarted. Exactly one fault: no heartbeat false positive."""
-    router = Router(workers=2, policy="round_robin", engine_kwargs=KW, heartbeat_timeout_s=1.0)
+    router = Router(workers=2, policy="round_robin", spec=SPEC, heartbeat_timeout_s=1.0)
     with router:
         probe = _probe(router, "probe")  # same greedy tokens from either worker: both built from the same seed
 
@@ -82,7 +83,7 @@ def test_kill_one_of_two_workers_under_load_loses_nothing(kind):
 def test_worker_that_dies_while_restarting_is_restarted_again():
     """The replacement's "ready" is held back (the router sees it restarting) and it is killed:
     the router must restart it again, not lose it for good."""
-    router = Router(workers=1, engine_kwargs=KW)
+    router = Router(workers=1, spec=SPEC)
     with router:
         probe = _probe(router, "a")
         handle, w0 = router._handle, router.workers[0]
@@ -105,14 +106,24 @@ def test_worker_that_dies_while_restarting_is_restarted_again():
 def test_openai_client_through_two_workers_keeps_every_sampling_field():
     """top_p / top_k / seed / logprobs reach the worker processes and logprobs come back (the
     router forwards the params object and each step's TokenChunk unchanged)."""
+    import httpx
     import openai
 
     from ryzlab.serve.api import create_app
-    from ryzlab.loadgen.client import serve_in_thread
+    from ryzlab.serve.local import serve_in_thread
 
-    with Router(workers=2, engine_kwargs=KW) as router, serve_in_thread(create_app(router)) as url:
+    with Router(workers=2, spec=SPEC) as router, serve_in_thread(create_app(router)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
         greedy = client.completions.create(model=router.model_name, prompt=[5, 6, 7], max_tokens=5, logprobs=2)
+        assert greedy.choices[0].finish_reason == "length"
+        # the worker's finish_reason crosses the process boundary: a stop token that is also the
+        # max_tokens-th token ends the request with 'stop', not a 'length' counted from the tokens
+        ids = httpx.post(f"{url}/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 5},
+                         timeout=120).json()["choices"][0]["token_ids"]
+        k = next(k for k in range(len(ids), 0, -1) if ids[k - 1] not in ids[:k - 1])
+        ch = httpx.post(f"{url}/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": k,
+                                                       "stop_token_ids": [ids[k - 1]]}, timeout=120).json()["choices"][0]
+        assert ch["token_ids"] == ids[:k] and ch["finish_reason"] == "stop"
         lp = greedy.choices[0].logprobs
         assert len(lp.token_logprobs) == 5 and all(1 <= len(t) <= 2 for t in lp.top_logprobs)  # keyed by text
         assert all(v <= 0.0 for v in lp.token_logprobs)

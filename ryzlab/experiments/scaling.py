@@ -38,8 +38,7 @@ import torch
 
 from ryzlab.config import CacheConfig, CodecFields, Granularity, ParallelConfig, from_dict
 from ryzlab.orchestrator import launch
-from ryzlab.parallel.layout import cp_comm_bytes_formula, tp_comm_bytes_formula, tp_layout, validate_parallel, \
-    wire_bytes_formula
+from ryzlab.parallel.layout import cp_comm_bytes_formula, tp_comm_bytes_formula, tp_layout, wire_bytes_formula
 from ryzlab.provenance import cpu_model
 
 __all__ = ["Config", "run", "make_config", "scaling_efficiency"]
@@ -178,7 +177,7 @@ def _largest_context(cfg: Config, net: torch.nn.Module, groups) -> tuple[int, fl
     The pool gets as many pages per rank as ``budget_mib`` holds (a page weighed on a real one-page
     cache); then prefill chunks run until ``allocate_slots`` says no room, halving the chunk down to
     one token. Returns (tokens held, bytes of this rank's pages)."""
-    from ryzlab.serve.runner import ModelRunner
+    from ryzlab.serve.engine import ragged_forward
 
     probe = _cache(cfg, net, groups, num_blocks=cfg.cp)   # one page per rank
     page = (probe.k.nbytes() + probe.v.nbytes()) / probe.k.capacity
@@ -186,7 +185,6 @@ def _largest_context(cfg: Config, net: torch.nn.Module, groups) -> tuple[int, fl
     if per_rank < 1:
         return 0, 0.0
     cache = _cache(cfg, net, groups, num_blocks=per_rank * cfg.cp)
-    runner = ModelRunner(net, cache)
     src = _tokens(cfg.model, 1, per_rank * cfg.cp * cfg.block_size + 1)[0].tolist()
     held, chunk = 0, cfg.prefill_chunk
     while chunk:
@@ -194,7 +192,7 @@ def _largest_context(cfg: Config, net: torch.nn.Module, groups) -> tuple[int, fl
         if cache.allocate_slots(0, toks) is None:   # no room for this chunk: try a smaller one
             chunk //= 2
             continue
-        runner.forward([0], [toks])
+        ragged_forward(net, cache, [0], [toks])
         held += len(toks)
     return held, float(cache.k.nbytes() + cache.v.nbytes())
 
@@ -238,10 +236,10 @@ def _reference_logits(cfg: Config, tokens: torch.Tensor) -> torch.Tensor:
 
 def run(cfg: Config) -> pd.DataFrame:
     """Launch the ranks, measure prefill, decode, memory and communication; one row per decode step."""
-    from ryzlab.serve.replica import check_engine_args
+    from ryzlab.serve.spec import ReplicaSpec
 
-    shape = check_engine_args(model=cfg.model, codec=cfg.codec, tp=cfg.tp, cp=cfg.cp, dtype=cfg.dtype)
-    validate_parallel(shape, cfg.parallel(), cfg.cache())  # a bad layout fails here, before any process
+    # a bad model, dtype, codec or layout fails here, before any process starts
+    shape = ReplicaSpec(model=cfg.model, dtype=cfg.dtype, cache=cfg.cache(), parallel=cfg.parallel()).shape
     tokens = _tokens(cfg.model, cfg.batch, cfg.context + cfg.warmup + cfg.decode_steps)
     t0 = time.perf_counter()
     # world size 1 too: one launched rank, the same code path and thread count as every layout

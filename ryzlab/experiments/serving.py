@@ -32,7 +32,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,9 @@ from ryzlab.config import Codec, LoadFields, ParallelFields, check_choice
 from ryzlab.orchestrator.balance import PolicyName
 
 __all__ = ["Config", "run"]
+
+if TYPE_CHECKING:
+    from ryzlab.serve.spec import ReplicaSpec
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,7 @@ class Config(LoadFields, ParallelFields):
     def __post_init__(self) -> None:
         from ryzlab.config import CODECS
         from ryzlab.orchestrator.balance import POLICY_NAMES
-        from ryzlab.serve.engine import PREEMPTIONS
+        from ryzlab.serve.scheduler import PREEMPTIONS
         from ryzlab.loadgen.load import ARRIVALS
         from ryzlab.loadgen.metrics import parse_slo
 
@@ -180,22 +183,31 @@ def _run_http(c: Config) -> pd.DataFrame:
     return df
 
 
+def replica_spec(c: Config, device: str = "cpu") -> ReplicaSpec:
+    """The :class:`~ryzlab.serve.spec.ReplicaSpec` of each worker of this point."""
+    from ryzlab.config import CacheConfig, ParallelConfig
+    from ryzlab.serve.scheduler import EngineConfig
+    from ryzlab.serve.spec import ReplicaSpec
+
+    return ReplicaSpec(model=c.model, device=device,
+                       cache=CacheConfig(codec=c.codec, block_size=c.block_size, num_blocks=c.num_blocks),
+                       parallel=ParallelConfig(tp=c.tp, cp=c.cp),
+                       engine=EngineConfig(max_num_seqs=c.max_num_seqs, preemption=c.preemption,
+                                           max_model_len=_max_model_len(c),
+                                           max_num_batched_tokens=max(256, c.max_num_seqs)))
+
+
 def run(config: Config) -> pd.DataFrame:
     if config.endpoint or config.engine == "transformers":
         return _run_http(config)
     from ryzlab.loadgen.load import run_load, run_sync
-    from ryzlab.loadgen.client import backend_client
     from ryzlab.loadgen.metrics import parse_slo
+    from ryzlab.serve.local import backend_client
     from ryzlab.serve.router import Router
 
     c = config
     device = _device()
-    engine_kwargs = {"model": c.model, "codec": c.codec, "block_size": c.block_size, "num_blocks": c.num_blocks,
-                     "device": device, "tp": c.tp, "cp": c.cp,
-                     "config": {"max_num_seqs": c.max_num_seqs, "preemption": c.preemption,
-                                "max_model_len": _max_model_len(c),
-                                "max_num_batched_tokens": max(256, c.max_num_seqs)}}
-    router = Router(workers=c.workers, policy=c.policy, engine_kwargs=engine_kwargs,
+    router = Router(workers=c.workers, policy=c.policy, spec=replica_spec(c, device),
                     affinity_tokens=max(1, min(c.shared_prefix_len, 4 * c.block_size)) if c.shared_prefix_len
                     else 10 ** 9, seed=c.seed, heartbeat_timeout_s=2.0)
     peak = {"kv_cache_usage_perc": 0.0}

@@ -1,12 +1,14 @@
-"""Clients the load generator drives: a backend called in-process, or any OpenAI-compatible endpoint.
+"""Clients the load generator drives over HTTP: any OpenAI-compatible endpoint.
 
-* :func:`backend_client` — an :class:`AsyncEngine` or a Router, in-process (token ids);
+(The in-process client of an engine or router, ``backend_client``, and ``serve_in_thread`` are
+server-side: :mod:`ryzlab.serve.local`.)
+
 * :func:`openai_client` — any OpenAI-compatible ``/v1`` endpoint (vLLM, SGLang, llama.cpp,
   ``ryzlab serve``, the transformers peer) over HTTP with *text* prompts, after
   :func:`probe_endpoint` has learnt how many of the server's tokens a prompt word is, whether
   streams report ``usage``, and which output-length controls (``ignore_eos``, ``min_tokens``)
   the server accepts;
-* :func:`serve_in_thread` — run an app on 127.0.0.1 on a free port for a ``with`` block.
+* :func:`serve_subprocess` — run a server command (:func:`server_argv`) for a ``with`` block.
 
 Token counting is the server's, never a guess from chunks when the server says: ``usage``
 (asked for with ``stream_options.include_usage``), else ``token_ids`` in the chunks (ryzlab,
@@ -16,10 +18,8 @@ recorded in every row (``count_source='chunks'``).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator, Literal, get_args
@@ -28,9 +28,8 @@ from ryzlab.config import check_choice
 from ryzlab.loadgen.load import Client, RequestSpec
 from ryzlab.loadgen.metrics import Usage
 
-__all__ = ["backend_client", "openai_client", "http_client", "probe_endpoint", "served_models", "EndpointProfile",
-           "prompt_text", "APIS", "serve_in_thread", "serve_subprocess", "free_port", "server_argv",
-           "ENGINES"]
+__all__ = ["openai_client", "http_client", "probe_endpoint", "served_models", "EndpointProfile",
+           "prompt_text", "APIS", "serve_subprocess", "free_port", "server_argv", "ENGINES"]
 
 Api = Literal["completions", "chat"]
 APIS: tuple[str, ...] = get_args(Api)
@@ -47,21 +46,6 @@ red cat dog car box sea air art bad bed job law war age act arm eye leg map oil 
 try own why win men buy cut lot low hot""".split())
 
 log = logging.getLogger(__name__)
-
-
-def backend_client(backend: Any, *, temperature: float = 0.0) -> Client:
-    """Send each request straight to ``backend.generate`` (an AsyncEngine or a Router)."""
-    ids = itertools.count()
-
-    async def client(req: RequestSpec) -> AsyncIterator[int]:
-        from ryzlab.serve.engine import SamplingParams
-
-        rid = f"load-{req.index}-{next(ids)}"
-        async for toks in backend.generate(rid, list(req.prompt),
-                                           SamplingParams(max_tokens=req.max_tokens, temperature=temperature)):
-            yield len(toks)
-
-    return client
 
 
 @dataclass(frozen=True)
@@ -300,29 +284,6 @@ def http_client(base_url: str, *, model: str | None = None, timeout_s: float = 1
     url = base_url.rstrip("/") + "/v1"
     return openai_client(probe_endpoint(url, model or served_models(url)[0], timeout_s=timeout_s),
                          timeout_s=timeout_s)
-
-
-@contextlib.contextmanager
-def serve_in_thread(app: Any, *, host: str = "127.0.0.1", startup_timeout_s: float = 30.0) -> Iterator[str]:
-    """Run ``app`` with uvicorn in a background thread on a free port; yield its base URL."""
-    import uvicorn
-
-    config = uvicorn.Config(app, host=host, port=0, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="ryzlab-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + startup_timeout_s
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            server.should_exit = True
-            raise RuntimeError("the HTTP server did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def server_argv(engine: str, *, model: str, port: int, threads: int | None = None, block_size: int = 16,

@@ -1,6 +1,10 @@
 """Reference Llama-style decoder (GQA, RoPE, RMSNorm, SwiGLU), gpt-fast style.
 
-The model knows nothing about processes or parallelism. One entry point::
+The model knows nothing about processes or parallelism. One forward,
+``model(tokens, positions, ctx)``: embed, RoPE at ``positions``, the layers (each attends through
+the attention context ``ctx``), norm, output head. The serving engine calls it with a
+:class:`PagedContext` over a ragged step and asks for the last token's logits only
+(``logits_at``). Convenience forms plan ``positions`` and ``ctx`` from a cache::
 
     logits = model(tokens)                                  # [B, T] -> [B, T, V], dense causal
     logits = model(tokens, cache=DenseKVCache(...))         # [B, T] incremental, contiguous KV
@@ -15,8 +19,9 @@ The model knows nothing about processes or parallelism. One entry point::
   them back from the pages. Unknown ``seq_ids`` are registered on first use
   (``cache.add_sequence``); the caller frees them (``cache.free``).
 
-Positions come from the cache (tokens already stored for that sequence), so RoPE is
-computed on the fly from integer positions: no ``max_seq_len`` buffer limits the context.
+Positions come from the cache (tokens already stored for that sequence), so RoPE
+(:mod:`ryzlab.models.rope`) is computed on the fly from integer positions: no ``max_seq_len``
+buffer limits the context.
 """
 from __future__ import annotations
 
@@ -31,11 +36,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ryzlab.config import ModelConfig
+# rope_inv_freq is called through this module's global (models.source swaps it while it builds
+# a meta-device skeleton); the three names stay importable from here for existing callers
+from ryzlab.models.rope import RopeFn, apply_rope, rope_cos_sin, rope_inv_freq
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Transformer", "DenseKVCache", "paged_step", "load_reference_model", "save_checkpoint", "load_checkpoint",
-           "REFERENCE_CHECKPOINT", "rope_inv_freq", "rope_cos_sin", "apply_rope"]
+__all__ = ["Transformer", "TransformerBlock", "AttentionContext", "CausalContext", "DenseKVCache", "PagedContext",
+           "paged_context", "load_reference_model", "save_checkpoint", "load_checkpoint", "REFERENCE_CHECKPOINT",
+           "rope_inv_freq", "rope_cos_sin", "apply_rope"]
 
 REFERENCE_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "reference.safetensors"
 
@@ -50,49 +59,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
-
-
-def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
-    """RoPE inverse frequencies ``[head_dim / 2]`` (float32), with the config's frequency scaling.
-
-    ``llama3``: wavelengths longer than ``original_max / low_freq_factor`` are divided by
-    ``factor``, shorter than ``original_max / high_freq_factor`` kept, and the band between
-    interpolated smoothly (Llama 3.1's rule, as transformers' ``_compute_llama3_parameters``).
-    ``linear``: every frequency divided by ``factor`` (position interpolation).
-    """
-    d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.int64).float() / d))
-    if cfg.rope_scaling == "linear":
-        return inv / cfg.rope_factor
-    if cfg.rope_scaling == "llama3":
-        low_wavelen = cfg.rope_original_max_seq_len / cfg.rope_low_freq_factor
-        high_wavelen = cfg.rope_original_max_seq_len / cfg.rope_high_freq_factor
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > low_wavelen, inv / cfg.rope_factor, inv)
-        smooth = (cfg.rope_original_max_seq_len / wavelen - cfg.rope_low_freq_factor) / (
-            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
-        smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
-        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        return torch.where(medium, smoothed, scaled)
-    return inv
-
-
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for integer ``positions`` [...] -> two tensors [..., head_dim] (HF "rotate_half" layout).
-
-    ``inv_freq`` [head_dim / 2] from :func:`rope_inv_freq` (the model keeps it as a buffer).
-    """
-    freqs = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)  # [..., D/2]
-    emb = torch.cat([freqs, freqs], dim=-1)                                           # [..., D]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, D]; cos/sin [B, T, D] (or broadcastable)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
 
 
 class FeedForward(nn.Module):
@@ -120,7 +86,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: "_Context") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: "AttentionContext") -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)      # [B, T, H, D]
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)   # [B, T, Hkv, D]
@@ -130,7 +96,9 @@ class Attention(nn.Module):
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
 
 
-class Block(nn.Module):
+class TransformerBlock(nn.Module):
+    """One decoder layer: pre-norm attention, then pre-norm SwiGLU, each added to the residual."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.attention = Attention(cfg, layer_idx)
@@ -138,7 +106,8 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, ctx):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: "AttentionContext"
+                ) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, ctx)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -161,14 +130,17 @@ def _sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal_offse
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
 
 
-class _Context(Protocol):
-    """Per-forward attention backend: where K/V go and what attention reads."""
+class AttentionContext(Protocol):
+    """Per-forward attention backend: where this step's K/V go and what attention reads."""
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [B, T, H, D], k/v [B, T, Hkv, D] (RoPE applied) -> attention output [B, T, H, D]."""
 
 
-class _Causal(_Context):
-    def attend(self, layer, q, k, v):
+class CausalContext:
+    """No cache: causal attention over the forward's own tokens (training, full recompute)."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return _sdpa_gqa(q, k, v, causal_offset=0)
 
 
@@ -187,36 +159,43 @@ class DenseKVCache:
     def positions(self, B: int, T: int, device: torch.device) -> torch.Tensor:
         return (self.length + torch.arange(T, device=device)).expand(B, T)
 
-    def _context(self) -> _Context:
-        return _DenseContext(self)
+    def step(self, B: int, T: int, device: torch.device) -> tuple[torch.Tensor, AttentionContext]:
+        """Plan ``T`` new tokens per row -> (positions [B, T], the context that stores and reads them)."""
+        positions, ctx = self.positions(B, T, device), _DenseContext(self, self.length)
+        self.length += T
+        return positions, ctx
 
 
-class _DenseContext(_Context):
-    def __init__(self, cache: DenseKVCache):
-        self.cache = cache
+class _DenseContext:
+    def __init__(self, cache: DenseKVCache, past: int):
+        self.cache, self.past = cache, past
 
-    def attend(self, layer, q, k, v):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         c = self.cache
-        past = c.length
         c.keys[layer] = k if c.keys[layer] is None else torch.cat([c.keys[layer], k], dim=1)
         c.values[layer] = v if c.values[layer] is None else torch.cat([c.values[layer], v], dim=1)
-        return _sdpa_gqa(q, c.keys[layer], c.values[layer], causal_offset=past)
+        return _sdpa_gqa(q, c.keys[layer], c.values[layer], causal_offset=self.past)
 
 
-class _PagedContext(_Context):
-    """Writes each layer's new K/V into a ryzlab ``PagedKVCache`` and attends over its pages."""
+class PagedContext:
+    """Writes each layer's new K/V into a ryzlab ``PagedKVCache`` step and attends over its pages.
+
+    The rows are flattened to the cache's ``[N, H, D]`` token list, so a rectangular batch
+    (``[B, T]``, every row writing T tokens) and a ragged serving step (``[1, N]``: prefill chunks
+    and decodes of many sequences in one row) go through the same calls.
+    """
 
     def __init__(self, cache: Any, step: Any):
         self.cache, self.step = cache, step
 
-    def attend(self, layer, q, k, v):
-        # q [B, T, Hq, D], k/v [B, T, Hkv, D]: the cache accepts [B, T, H, D] when every row writes T
-        self.cache.write(layer, k, v, step=self.step)
-        return self.cache.attend(layer, q, step=self.step)
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.cache.write(layer, k.flatten(0, 1), v.flatten(0, 1), step=self.step)  # [N, Hkv, D]
+        return self.cache.attend(layer, q.flatten(0, 1), step=self.step).view(q.shape)  # [B, T, H, D]
 
 
-def paged_step(cache: Any, tokens: torch.Tensor, seq_ids: Sequence[Any] | None) -> tuple[torch.Tensor, Any]:
-    """Plan one forward step of ``tokens [B, T]`` on a ``PagedKVCache`` -> (positions [B, T], step).
+def paged_context(cache: Any, tokens: torch.Tensor, seq_ids: Sequence[Any] | None
+                  ) -> tuple[torch.Tensor, PagedContext]:
+    """Plan one forward step of ``tokens [B, T]`` on a ``PagedKVCache`` -> (positions [B, T], context).
 
     Unknown ``seq_ids`` are registered first. Token ids are passed to the cache, so full blocks
     get prefix hashes (another sequence added later with the same prompt can share them).
@@ -233,7 +212,7 @@ def paged_step(cache: Any, tokens: torch.Tensor, seq_ids: Sequence[Any] | None) 
     if step is None:
         raise RuntimeError(f"paged KV cache is out of blocks for {B} x {T} new tokens "
                            f"(stats: {cache.stats()}); free or evict sequences, or raise num_blocks")
-    return step.positions.view(B, T), step
+    return step.positions.view(B, T), PagedContext(cache, step)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -242,12 +221,12 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        # A plain float32 attribute, not a buffer: model.to(bfloat16) must not round the
-        # frequencies (transformers keeps them in float32 too); moved lazily by rope().
-        self.inv_freq = rope_inv_freq(cfg)
+        # frequencies in float32, not a buffer: model.to(bfloat16) must not round them
+        self.rope = RopeFn(cfg, rope_inv_freq(cfg))
+        """``rope(positions, dtype) -> (cos, sin)`` ``[..., head_dim]`` (:class:`ryzlab.models.rope.RopeFn`)."""
         if self.inv_freq.device.type != "meta":  # a meta-device skeleton is filled by a loader
             self.apply(self._init_weights)
             for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
@@ -256,6 +235,15 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """RoPE inverse frequencies ``[head_dim / 2]`` (float32; a loader sets them on its device)."""
+        return self.rope.inv_freq
+
+    @inv_freq.setter
+    def inv_freq(self, value: torch.Tensor) -> None:
+        self.rope.inv_freq = value
+
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -263,39 +251,46 @@ class Transformer(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, tokens: torch.Tensor, cache: Any = None, seq_ids: Sequence[int] | None = None
-                ) -> torch.Tensor:
-        """tokens [B, T] (or [T], treated as B=1) -> logits [B, T, vocab] (float32).
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                ctx: AttentionContext | None = None, *, cache: Any = None, seq_ids: Sequence[Any] | None = None,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's one forward: tokens [B, T] (or [T], treated as B=1) at integer ``positions``
+        [B, T] through the attention context ``ctx`` -> logits [B, T, vocab] (float32).
 
-        ``cache``: None (dense causal), a :class:`DenseKVCache`, or a ryzlab ``PagedKVCache``
-        (then ``seq_ids`` [B] names the sequence each row extends; default ``range(B)``).
+        Without ``ctx``, ``cache`` plans it (the convenience forms): None (dense causal, positions
+        0..T-1), a :class:`DenseKVCache`, or a ryzlab ``PagedKVCache`` (then ``seq_ids`` [B] names
+        the sequence each row extends; default ``range(B)``).
+        ``logits_at``: indices into the flattened ``B * T`` tokens; only those rows go through the
+        norm and the output head -> logits [len(logits_at), vocab] (a serving step needs the
+        last token of each sequence only).
         """
         if tokens.dim() == 1:
             tokens = tokens[None]
-        B, T = tokens.shape
-        if cache is None:
-            if seq_ids is not None:
-                raise ValueError("seq_ids is only meaningful with a paged cache (cache=PagedKVCache)")
-            positions = torch.arange(T, device=tokens.device).expand(B, T)
-            ctx: _Context = _Causal()
-        elif isinstance(cache, DenseKVCache):
-            positions, ctx = cache.positions(B, T, tokens.device), cache._context()
-        else:
-            positions, step = paged_step(cache, tokens, seq_ids)
-            ctx = _PagedContext(cache, step)
+        if ctx is None:
+            if positions is not None:
+                raise ValueError("positions without ctx: pass both, or neither (cache= plans them)")
+            positions, ctx = self.context(tokens, cache, seq_ids)
+        elif positions is None or cache is not None or seq_ids is not None:
+            raise ValueError("ctx needs positions, and replaces cache= / seq_ids=")
         x = self.tok_embeddings(tokens)                                   # [B, T, dim]
         cos, sin = self.rope(positions, x.dtype)                          # [B, T, D]
         for layer in self.layers:
             x = layer(x, cos, sin, ctx)
-        if isinstance(cache, DenseKVCache):
-            cache.length += T
-        return self.output(self.norm(x)).float()                          # [B, T, V]
+        if logits_at is not None:
+            x = x.flatten(0, 1)[logits_at]                                # [n, dim]
+        return self.output(self.norm(x)).float()                          # [B, T, V] or [n, V]
 
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin ``[..., head_dim]`` for integer ``positions`` (frequencies kept in float32)."""
-        if self.inv_freq.device != positions.device:
-            self.inv_freq = rope_inv_freq(self.config, positions.device)
-        return rope_cos_sin(positions, self.inv_freq, dtype)
+    def context(self, tokens: torch.Tensor, cache: Any = None, seq_ids: Sequence[Any] | None = None
+                ) -> tuple[torch.Tensor, AttentionContext]:
+        """(positions [B, T], attention context) of ``tokens [B, T]`` over ``cache`` (see :meth:`forward`)."""
+        B, T = tokens.shape
+        if cache is None:
+            if seq_ids is not None:
+                raise ValueError("seq_ids is only meaningful with a paged cache (cache=PagedKVCache)")
+            return torch.arange(T, device=tokens.device).expand(B, T), CausalContext()
+        if isinstance(cache, DenseKVCache):
+            return cache.step(B, T, tokens.device)
+        return paged_context(cache, tokens, seq_ids)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -2,27 +2,28 @@
 
 Modules (import what you need; nothing heavy is imported here):
 
-* :mod:`.engine`   ``Engine`` (scheduler: admission while blocks are free, chunked prefill,
-  batched decode, recompute/swap preemption, prefix reuse), ``AsyncEngine`` (background
-  thread, async token streams, progress-based health), ``build_engine``, ``EngineConfig``.
+* :mod:`.engine`   ``Engine`` (one ragged forward of the model per step over the paged cache,
+  sampling, tp x cp plans for the other ranks), ``ragged_forward``, ``StepOutput`` (with its
+  ``finish_reason``).
+* :mod:`.scheduler` ``Scheduler`` (admission while blocks are free, chunked prefill, recompute/swap
+  preemption, prefix reuse), ``EngineConfig``, ``EngineSequence``.
+* :mod:`.async_engine` ``AsyncEngine`` (background thread, async token streams, progress-based
+  health); :mod:`.stream` ``TokenStream``, the one token-stream queue of the engine and the router.
+* :mod:`.spec`     ``ReplicaSpec``: model, dtype, device, cache, tp x cp, engine config of one replica,
+  validated once; :mod:`.replica` ``build_engine(spec)``, ``start_replica``.
 * :mod:`.sampling` ``SamplingParams`` (temperature, top-k, top-p, seed, logprobs), ``sample``,
-  ``TokenChunk`` (token ids + their logprobs).
-* :mod:`.runner`   ``ModelRunner``: one ragged forward of the reference model over a paged step.
+  ``TokenChunk`` (token ids + their logprobs, and the ``finish_reason`` on the last chunk).
 * :mod:`.worker` / :mod:`.router`  one engine per process (per GPU where present) behind the
   orchestrator's load-balancing policies; heartbeats, re-routing of a dead worker's requests,
   restart. ``Router`` has the same ``generate/abort/health/metrics`` interface as ``AsyncEngine``.
-* :mod:`.loadgen`  ``LoadSpec`` (Poisson / gamma / closed loop / JSONL trace, length
-  distributions), ``run_load`` (latency from each request's scheduled time), ``run_sync``.
-* :mod:`.metrics`  ``summarize`` -> TTFT/TPOT/ITL/E2EL mean/p50/p90/p99, throughput, goodput
-  under ``parse_slo("ttft:200,tpot:50")``.
 * :mod:`.api`      ``create_app(backend)``: OpenAI-compatible ``/v1/completions``,
   ``/v1/chat/completions``, ``/v1/models`` (SSE streaming), bounded admission, ``/health``,
   ``/metrics`` (Prometheus), ``/stats`` (JSON).
 * :mod:`.protocol` OpenAI request bodies checked -> ``GenerationRequest``; :mod:`.output` text,
   stop strings, logprobs and OpenAI's response shapes; :mod:`.guard` Host / API key / content
   type / body size and time; :mod:`.prom` the Prometheus registry (vLLM's names, ``ryzlab:``).
-* :mod:`.client`   ``backend_client``, ``openai_client`` + ``probe_endpoint`` (any OpenAI-compatible
-  endpoint, text prompts, server-counted tokens), ``serve_in_thread``.
+* :mod:`.local`    ``serve_in_thread`` (an app on a free local port), ``backend_client`` (the load
+  generator's client of an in-process engine or router; the load generator is :mod:`ryzlab.loadgen`).
 * :mod:`.peer`     transformers' continuous batching behind the same OpenAI surface (the peer engine).
 * :mod:`.cli`      ``ryzlab serve``.
 """

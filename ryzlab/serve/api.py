@@ -2,7 +2,7 @@
 ``/v1/models``; ``/health``, Prometheus ``/metrics``, the backend's numbers as JSON at ``/stats``.
 
 The app serves any *backend* with the small interface below: an in-process
-:class:`~ryzlab.serve.engine.AsyncEngine` (one worker) or a :class:`~ryzlab.serve.router.Router`
+:class:`~ryzlab.serve.async_engine.AsyncEngine` (one worker) or a :class:`~ryzlab.serve.router.Router`
 over worker processes. The official ``openai`` client works against it (tests run it).
 
 Hostile input is answered with a 4xx and OpenAI's error body before any work starts
@@ -56,8 +56,9 @@ class Backend(Protocol):
     tokenizer: Any
 
     def generate(self, request_id: str, prompt: list[int], params: CompletionParams) -> AsyncIterator[list[int]]:
-        """Yield lists of new token ids as they are produced (a :class:`TokenChunk` carries
-        logprobs); raise on failure."""
+        """Yield lists of new token ids as they are produced; raise on failure. Each is a
+        :class:`TokenChunk` (its logprobs when asked for), and the last one carries the
+        ``finish_reason`` (``stop`` or ``length``): the API reports the engine's reason."""
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks (idempotent)."""
@@ -146,8 +147,7 @@ class _Job:
                  timeout_s: float):
         self.backend, self.rid, self.req, self.metrics = backend, rid, req, metrics
         k = req.num_choices
-        self.choices = [ChoiceText(i, tokenizer, req.stop, req.params.logprobs is not None,
-                                   req.choice(i)[1].max_tokens) for i in range(k)]
+        self.choices = [ChoiceText(i, tokenizer, req.stop, req.params.logprobs is not None) for i in range(k)]
         self.queue: asyncio.Queue = asyncio.Queue()
         self.tasks: dict[int, asyncio.Task] = {}
         self.t0 = time.monotonic()

@@ -4,12 +4,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ryzlab.config import CODECS
-from ryzlab.serve.engine import PREEMPTIONS
+from ryzlab.serve.scheduler import PREEMPTIONS
 
-__all__ = ["add_parser", "cmd_serve", "make_backend", "serve_limits", "check_exposure"]
+__all__ = ["add_parser", "cmd_serve", "make_backend", "serve_limits", "check_exposure", "replica_spec"]
+
+if TYPE_CHECKING:
+    from ryzlab.serve.spec import ReplicaSpec
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +69,27 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return s
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+def replica_spec(args: argparse.Namespace) -> ReplicaSpec:
+    """The :class:`~ryzlab.serve.spec.ReplicaSpec` of the flags (raises ``ValueError`` naming the
+    valid choices for a bad model / dtype / codec / tp x cp layout / scheduler knob)."""
     import torch
 
+    from ryzlab.config import CacheConfig, ParallelConfig
+    from ryzlab.serve.scheduler import EngineConfig
+    from ryzlab.serve.spec import ReplicaSpec
+
+    engine = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                          preemption=args.preemption, max_num_batched_tokens=max(256, args.max_num_seqs))
     # GPUs where present (one worker per GPU), CPU otherwise
-    return {"model": args.model, "device": "cuda" if torch.cuda.is_available() else "cpu", "codec": args.codec,
-            "block_size": args.block_size, "num_blocks": args.num_blocks, "tp": args.tp, "cp": args.cp,
-            "dtype": args.dtype,
-            "config": {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
-                       "preemption": args.preemption, "max_num_batched_tokens": max(256, args.max_num_seqs)}}
+    return ReplicaSpec(model=args.model, dtype=args.dtype, device="cuda" if torch.cuda.is_available() else "cpu",
+                       cache=CacheConfig(codec=args.codec, block_size=args.block_size, num_blocks=args.num_blocks),
+                       parallel=ParallelConfig(tp=args.tp, cp=args.cp), engine=engine)
 
 
 def make_backend(args: argparse.Namespace) -> Any:
     """An :class:`AsyncEngine` (``--workers 1``) or a started :class:`Router`; validated first."""
-    from ryzlab.serve.engine import AsyncEngine, EngineConfig
-    from ryzlab.serve.replica import build_engine, check_engine_args
+    from ryzlab.serve.async_engine import AsyncEngine
+    from ryzlab.serve.replica import build_engine
     from ryzlab.serve.router import Router
 
     for name in ("workers", "tp", "cp"):
@@ -90,16 +99,12 @@ def make_backend(args: argparse.Namespace) -> Any:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     check_exposure(args)
     serve_limits(args)
-    kw = engine_kwargs(args)
-    EngineConfig(**kw["config"])  # bad knobs fail here, before any process starts
-    check_engine_args(**kw)       # and a bad model / codec / tp x cp layout
-    if args.workers == 1 and args.tp * args.cp == 1:
-        k = dict(kw)
-        k["config"] = EngineConfig(**k["config"])
-        if k["device"] == "cuda":
-            k["device"] = "cuda:0"
-        return AsyncEngine(build_engine(threads=args.threads, **k), model_name=model_name(args.model))
-    return Router(workers=args.workers, policy=args.policy, engine_kwargs=kw, model_name=model_name(args.model),
+    spec = replica_spec(args)  # bad knobs, model, codec or layout fail here, before any process starts
+    if args.workers == 1 and spec.world_size == 1:
+        if spec.device == "cuda":
+            spec = spec.on_device("cuda:0")
+        return AsyncEngine(build_engine(spec, threads=args.threads), model_name=model_name(args.model))
+    return Router(workers=args.workers, policy=args.policy, spec=spec, model_name=model_name(args.model),
                   threads_per_worker=args.threads or 1).start()
 
 

@@ -12,9 +12,12 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["GenerateRequest", "generate", "generate_rank"]
+
+if TYPE_CHECKING:
+    from ryzlab.serve.spec import ReplicaSpec
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,18 @@ class GenerateRequest:
     threads: int | None = None
     backend: str = "auto"
 
+    def spec(self, max_model_len: int = 1024) -> ReplicaSpec:
+        """The :class:`~ryzlab.serve.spec.ReplicaSpec` that runs this request (validates model, dtype,
+        codec and the tp x cp layout): an unbounded cache, one sequence."""
+        from ryzlab.config import CacheConfig, ParallelConfig
+        from ryzlab.serve.scheduler import EngineConfig
+        from ryzlab.serve.spec import ReplicaSpec
+
+        return ReplicaSpec(model=self.model, dtype=self.dtype,
+                           cache=CacheConfig(codec=self.codec, block_size=self.block_size, num_blocks=None),
+                           parallel=ParallelConfig(tp=self.tp, cp=self.cp),
+                           engine=EngineConfig(max_model_len=max_model_len, max_num_seqs=1))
+
     def __post_init__(self) -> None:
         if not self.prompt:
             raise ValueError("prompt must not be empty")
@@ -56,17 +71,15 @@ def _tokenizer(model: str) -> Any:
 
 def generate_rank(rank: int, world_size: int, req: GenerateRequest) -> dict[str, Any] | None:
     """One rank's part: rank 0 returns ``{"text", "token_ids", ...}``, the others None."""
-    from ryzlab.config import ParallelConfig
     from ryzlab.parallel.mesh import init_parallel
-    from ryzlab.serve.engine import EngineConfig, SamplingParams
     from ryzlab.serve.replica import build_engine
+    from ryzlab.serve.sampling import SamplingParams
 
-    groups = init_parallel(ParallelConfig(tp=req.tp, cp=req.cp))
     tok = _tokenizer(req.model)
     ids = tok.encode(req.prompt)  # special tokens as the tokenizer adds them (a BOS for Llama models)
-    cfg = EngineConfig(max_model_len=len(ids) + req.max_tokens, max_num_seqs=1)
-    engine = build_engine(model=req.model, codec=req.codec, block_size=req.block_size, num_blocks=None,
-                          config=cfg, groups=groups, tp=req.tp, cp=req.cp, threads=req.threads, dtype=req.dtype)
+    spec = req.spec(max_model_len=len(ids) + req.max_tokens)
+    groups = init_parallel(spec.parallel)
+    engine = build_engine(spec, groups=groups, threads=req.threads)
     if not groups.is_driver:
         engine.follow()
         return None
@@ -82,9 +95,7 @@ def generate_rank(rank: int, world_size: int, req: GenerateRequest) -> dict[str,
 
 def generate(req: GenerateRequest) -> dict[str, Any]:
     """Validate, then run on ``tp * cp`` ranks (in this process at one rank, or under torchrun)."""
-    from ryzlab.serve.replica import check_engine_args
-
-    shape = check_engine_args(model=req.model, codec=req.codec, tp=req.tp, cp=req.cp, dtype=req.dtype)
+    shape = req.spec().shape
     n_prompt = len(_tokenizer(req.model).encode(req.prompt))
     if n_prompt + req.max_tokens > shape.max_seq_len:  # before any process starts
         raise ValueError(f"prompt ({n_prompt} tokens) + max_tokens ({req.max_tokens}) exceeds the model's maximum "

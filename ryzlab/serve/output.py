@@ -35,12 +35,13 @@ class ChoiceText:
     tokenizer: Any
     stop: tuple[str, ...] = ()
     want_logprobs: bool = False
-    max_tokens: int = 0
     ids: list[int] = field(default_factory=list)
     logprobs: list[Logprob] = field(default_factory=list)
     text: str = ""
     """Text emitted so far."""
     finish_reason: str | None = None
+    engine_reason: str | None = None
+    """Why the backend ended the sequence (``stop``/``length``), from the last chunk it sent."""
 
     def _decode(self) -> str:
         if self.tokenizer is None:
@@ -66,8 +67,9 @@ class ChoiceText:
         """Feed one chunk of new token ids (a :class:`~ryzlab.serve.engine.TokenChunk`)."""
         new = list(chunk)
         self.ids += new
+        self.engine_reason = getattr(chunk, "finish_reason", None) or self.engine_reason
         lps = getattr(chunk, "logprobs", None)
-        if self.want_logprobs:
+        if self.want_logprobs and new:  # an empty chunk only ends the sequence (a router's re-route)
             if lps is None or len(lps) != len(new):  # never answer logprobs that do not match the tokens
                 raise RuntimeError("the backend returned no logprobs for these tokens (it must pass "
                                    "SamplingParams.logprobs to the engine and its TokenChunk back)")
@@ -75,10 +77,14 @@ class ChoiceText:
         return self._advance(new, lps, final=False)
 
     def finish(self) -> Delta:
-        """The engine ended the sequence (length, stop token or end of sequence): flush the text."""
+        """The engine ended the sequence (stop token or length): flush the text. The reason is the
+        engine's (its last chunk's ``finish_reason``), unless a stop string ended the text first."""
         delta = self._advance([], None, final=True)
         if self.finish_reason is None:
-            self.finish_reason = "length" if len(self.ids) >= self.max_tokens else "stop"
+            if self.engine_reason is None:
+                raise RuntimeError("the backend ended the stream without a finish_reason (its last TokenChunk "
+                                   "must carry it)")
+            self.finish_reason = self.engine_reason
         delta.finish_reason = self.finish_reason
         return delta
 

@@ -15,7 +15,6 @@ already re-routed ``max_reroutes`` times, answering it with an error. Nothing is
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
@@ -24,6 +23,9 @@ from typing import Any, AsyncIterator
 
 from ryzlab.orchestrator.pool import ProcessPool, Slot, reroute
 from ryzlab.serve.engine import EngineError
+from ryzlab.serve.sampling import TokenChunk
+from ryzlab.serve.spec import ReplicaSpec
+from ryzlab.serve.stream import TokenStream
 from ryzlab.serve.worker import HEARTBEAT_S, worker_main
 
 __all__ = ["Router", "RouteRequest"]
@@ -45,8 +47,7 @@ class _Req:
     rid: str
     prompt: list[int]
     params: Any
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    stream: TokenStream
     worker: int = -1
     emitted: list[int] = field(default_factory=list)
     reroutes: int = 0
@@ -54,18 +55,18 @@ class _Req:
 
 
 class Router(ProcessPool):
-    """``workers`` engine processes behind a load-balancing policy (see module docstring)."""
+    """``workers`` engine processes behind a load-balancing policy (see module docstring), each
+    one replica of ``spec`` (default: the reference model, one rank)."""
 
     def __init__(self, *, workers: int = 2, policy: str = "least_outstanding",
-                 engine_kwargs: dict[str, Any] | None = None, threads_per_worker: int = 1,
+                 spec: ReplicaSpec | None = None, threads_per_worker: int = 1,
                  heartbeat_timeout_s: float = 2.0, restart: bool = True, max_reroutes: int = 2,
                  affinity_tokens: int = 32, model_name: str = "ryzlab-reference", seed: int = 0,
                  start_timeout_s: float = 120.0, progress_timeout_s: float | None = 120.0):
         from ryzlab.orchestrator.balance import make_policy
         from ryzlab.orchestrator.launch import mp_context
         from ryzlab.orchestrator.stats import StatsCollector
-        from ryzlab.serve.engine import EngineConfig
-        from ryzlab.serve.replica import check_engine_args, tokenizer_for
+        from ryzlab.serve.replica import tokenizer_for
 
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -74,10 +75,10 @@ class Router(ProcessPool):
         if max_reroutes < 0:
             raise ValueError(f"max_reroutes must be >= 0, got {max_reroutes}")
         pol = make_policy(policy, seed=seed)
-        check_engine_args(**(engine_kwargs or {}))  # bad model/codec fails here, before any process
-        EngineConfig(**(engine_kwargs or {}).get("config", {}))
-        kw = engine_kwargs or {}
-        simple = not str(kw.get("device", "cpu")).startswith("cuda") and kw.get("tp", 1) * kw.get("cp", 1) == 1
+        spec = ReplicaSpec() if spec is None else spec
+        if not isinstance(spec, ReplicaSpec):  # a bad model / codec / layout failed when the spec was made
+            raise TypeError(f"spec must be a ReplicaSpec, got {type(spec).__name__}")
+        simple = not spec.device.startswith("cuda") and spec.world_size == 1
         # one-rank CPU workers fork from the fork server (torch imported once: a restart takes far
         # less); CUDA workers get their devices through the environment, which only a spawned child
         # copies, and a replica's driver starts its own fork server for its ranks
@@ -86,13 +87,13 @@ class Router(ProcessPool):
                          progress_timeout_s=progress_timeout_s, max_attempts=max_reroutes + 1,
                          restart=restart, start_timeout_s=start_timeout_s)
         self.policy_name = policy
-        self.engine_kwargs = dict(engine_kwargs or {})
+        self.spec = spec
         self.threads_per_worker = threads_per_worker
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.max_reroutes = max_reroutes
         self.affinity_tokens = affinity_tokens
         self.model_name = model_name
-        self.tokenizer = tokenizer_for(self.engine_kwargs.get("model", "reference"))
+        self.tokenizer = tokenizer_for(spec.model)
         """The model's tokenizer, for the API's string prompts (files / metadata only, no weights)."""
         self.vocab_size = 0
         self.max_model_len = 0
@@ -120,21 +121,21 @@ class Router(ProcessPool):
         self.shutdown()
 
     def _ranks(self) -> int:
-        return self.engine_kwargs.get("tp", 1) * self.engine_kwargs.get("cp", 1)
+        return self.spec.world_size
 
     def _worker_process(self, slot: Slot, tasks: Any, results: Any) -> Any:
-        kwargs = dict(self.engine_kwargs)
-        if kwargs.get("device") == "cuda" and self._ranks() == 1:
+        spec = self.spec
+        if spec.device == "cuda" and self._ranks() == 1:
             import torch
 
-            kwargs["device"] = f"cuda:{slot.index % max(1, torch.cuda.device_count())}"  # one replica per GPU
+            spec = spec.on_device(f"cuda:{slot.index % max(1, torch.cuda.device_count())}")  # one replica per GPU
         # a replica's driver starts its other ranks itself: daemonic processes may not have children
         return self._ctx.Process(target=worker_main, name=f"ryzlab-worker-{slot.index}", daemon=self._ranks() == 1,
-                                 args=(slot.index, kwargs, tasks, results, self.threads_per_worker, os.getpid()))
+                                 args=(slot.index, spec, tasks, results, self.threads_per_worker, os.getpid()))
 
     def _worker_env(self, slot: Slot) -> dict[str, str]:
         ranks = self._ranks()
-        if self.engine_kwargs.get("device") != "cuda" or ranks == 1:
+        if self.spec.device != "cuda" or ranks == 1:
             return {}
         import torch
 
@@ -151,13 +152,13 @@ class Router(ProcessPool):
         if kind == "stats":
             slot.stats = msg[1]
         elif kind == "step":
-            for rid, toks, finished, err in msg[1]:
+            for rid, toks, finish_reason, err in msg[1]:
                 if err:
                     self._on_output(slot, rid, "err", err)
                     continue
-                if toks:
+                if toks:  # the last chunk carries the finish_reason (the client reads it there)
                     self._on_output(slot, rid, "tok", toks)
-                if finished:
+                if finish_reason is not None:
                     self._on_output(slot, rid, "done", None)
         elif kind == "err":
             self._on_output(slot, msg[1], "err", msg[2])
@@ -179,10 +180,7 @@ class Router(ProcessPool):
 
     @staticmethod
     def _put(req: _Req, item: Any) -> None:
-        try:
-            req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
-        except RuntimeError:
-            pass  # the client's event loop is gone
+        req.stream.put(item)  # False: the client's event loop is gone, nobody to tell
 
     def _release(self, req: _Req) -> None:
         self._reqs.pop(req.rid, None)
@@ -208,6 +206,10 @@ class Router(ProcessPool):
         if self._remaining(req) <= 0:  # it had streamed everything: nothing to redo
             self._release(req)
             self.counters["completed"] += 1
+            # a stop token would have come with its finish in the same step message: max_tokens it was
+            end = TokenChunk()
+            end.finish_reason = "length"
+            self._put(req, end)
             self._put(req, None)
             return
         req.reroutes += 1
@@ -238,7 +240,7 @@ class Router(ProcessPool):
     async def generate(self, request_id: str, prompt: list[int], params: Any) -> AsyncIterator[list[int]]:
         """Stream new token ids; raises :class:`EngineError` when the request fails. ``params``
         (anything with the engine's sampling field names) goes to the worker unchanged."""
-        req = _Req(request_id, list(prompt), params, asyncio.get_running_loop(), asyncio.Queue())
+        req = _Req(request_id, list(prompt), params, TokenStream())
         with self._lock:
             if request_id in self._reqs:
                 raise ValueError(f"request id {request_id!r} is already in use")
@@ -249,13 +251,8 @@ class Router(ProcessPool):
             elif not self._dispatch(req):
                 self._fail_req(req, "no healthy worker")
         try:
-            while True:
-                item = await req.queue.get()
-                if item is None:
-                    return
-                if isinstance(item, Exception):
-                    raise item
-                yield item
+            async for chunk in req.stream.drain():
+                yield chunk
         finally:
             self.abort(request_id)
 

@@ -60,9 +60,11 @@ class TokenChunk(list):
     chosen token's log-probability under the model and its most likely alternatives.
 
     A list subclass so the Backend interface (``generate`` yields lists of ids) is unchanged;
-    it pickles with its attribute (worker -> router)."""
+    it pickles with its attributes (worker -> router)."""
 
     logprobs: list[Logprob] | None = None
+    finish_reason: str | None = None
+    """On the last chunk of a sequence: why it ended (``stop`` or ``length``, from the engine)."""
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None

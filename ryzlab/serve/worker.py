@@ -10,8 +10,8 @@ streamed by a worker that died, so ``max_tokens`` shrinks by that much), ``("abo
 ``None`` (stop).
 worker -> parent (pipe): ``("ready", info)``, ``("hb", monotonic_t)`` (side thread: a paused or dead
 process stops beating, a long step does not), ``("stats", engine_stats)`` (from the main loop,
-at most every ``HEARTBEAT_S``), ``("step", [(rid, [ids], finished, error), ...])`` (all outputs of
-one engine step), ``("err", rid, message)``, ``("fatal", traceback)``.
+at most every ``HEARTBEAT_S``), ``("step", [(rid, [ids], finish_reason, error), ...])`` (all outputs of
+one engine step; ``finish_reason`` None while the request runs), ``("err", rid, message)``, ``("fatal", traceback)``.
 """
 from __future__ import annotations
 
@@ -42,9 +42,10 @@ def sampling_params(params: Any, done: int = 0) -> Any:
     return replace(params, max_tokens=params.max_tokens - done, stop_token_ids=tuple(params.stop_token_ids))
 
 
-def worker_main(index: int, engine_kwargs: dict[str, Any], tasks: Any, results: Any, threads: int = 1,
+def worker_main(index: int, spec: Any, tasks: Any, results: Any, threads: int = 1,
                 parent_pid: int | None = None) -> None:
-    """Process entry point: build the engine, then loop (receive commands, step, send outputs)."""
+    """Process entry point: build the engine of ``spec`` (a :class:`~ryzlab.serve.spec.ReplicaSpec`,
+    validated by the router), then loop (receive commands, step, send outputs)."""
     import torch
 
     from ryzlab.orchestrator.launch import exit_with_parent
@@ -54,7 +55,7 @@ def worker_main(index: int, engine_kwargs: dict[str, Any], tasks: Any, results: 
     exit_with_parent(parent_pid or os.getppid())  # no orphaned replica if the router is killed
     torch.set_num_threads(threads)
     try:
-        engine = start_replica(engine_kwargs, threads=threads)
+        engine = start_replica(spec, threads=threads)
     except Exception:  # noqa: BLE001 - report why we cannot start, then exit
         results.send(("fatal", traceback.format_exc()))
         return
@@ -102,7 +103,7 @@ def worker_main(index: int, engine_kwargs: dict[str, Any], tasks: Any, results: 
                 continue
             # one message per step (not per request): fewer pickles and syscalls per token
             if outputs:
-                send(("step", [(o.request_id, o.new_tokens, o.finished, o.error) for o in outputs]))
+                send(("step", [(o.request_id, o.new_tokens, o.finish_reason, o.error) for o in outputs]))
     except (EOFError, OSError):  # the router went away, or gave up on this incarnation
         pass
     finally:
