@@ -119,3 +119,32 @@ def test_a_wheel_ships_the_notebooks(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = sorted(n.split("/")[-1] for n in names if n.startswith("ryzlab/notebooks/"))
     assert shipped == sorted(p.name for p in (root / "ryzlab" / "notebooks").glob("*.ipynb"))
+
+
+HEAVY = ("torch", "pandas", "transformers", "papermill")
+
+
+def test_help_version_and_argument_errors_import_nothing_heavy():
+    """--help, --version, every COMMAND --help and an argparse error answer without torch & co. (issue 22:
+    `ryzlab --help` took 1.6 s importing torch for a choices list). Checked in sys.modules, not in seconds."""
+    code = f"""
+import json, sys
+from ryzlab.cli import build_parser, main
+commands = sorted(build_parser()._subparsers._group_actions[0].choices)
+seen = {{}}
+for argv in [["--help"], ["--version"], ["kv-plan"], ["serve", "--codec", "int9"], ["loadgen", "--url"],
+             *[[c, "--help"] for c in commands]]:
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+    seen[" ".join(argv)] = [m for m in {HEAVY!r} if m in sys.modules]
+print(json.dumps({{"commands": commands, "seen": seen}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert {"sweep", "report", "compare", "info", "serve", "loadgen", "generate", "kv-plan", "bench"} <= set(out["commands"])
+    assert {argv: mods for argv, mods in out["seen"].items() if mods} == {}

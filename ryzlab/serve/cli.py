@@ -6,8 +6,7 @@ import logging
 import os
 from typing import Any
 
-from ryzlab.config import CODECS
-from ryzlab.serve.engine import PREEMPTIONS
+from ryzlab.config import CODECS, PREEMPTIONS
 
 __all__ = ["add_parser", "cmd_serve", "make_backend", "serve_limits", "check_exposure"]
 

@@ -38,20 +38,17 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal, get_args
+from typing import Any, AsyncIterator
 
 import torch
 
-from ryzlab.config import check_choice
+from ryzlab.config import PREEMPTIONS, Preemption, check_choice
 from ryzlab.serve.sampling import INT64, MAX_LOGPROBS, Logprob, SamplingParams, TokenChunk, sample
 
 __all__ = ["EngineConfig", "Engine", "AsyncEngine", "Preemption", "PREEMPTIONS", "SamplingParams",
            "StepOutput", "EngineError", "RequestRejected", "TokenChunk", "MAX_LOGPROBS", "INT64"]
 
 log = logging.getLogger(__name__)
-
-Preemption = Literal["recompute", "swap"]
-PREEMPTIONS: tuple[str, ...] = get_args(Preemption)
 
 
 class EngineError(RuntimeError):
