@@ -148,3 +148,20 @@ print(json.dumps({{"commands": commands, "seen": seen}}))
     out = json.loads(r.stdout.splitlines()[-1])
     assert {"sweep", "report", "compare", "info", "serve", "loadgen", "generate", "kv-plan", "bench"} <= set(out["commands"])
     assert {argv: mods for argv, mods in out["seen"].items() if mods} == {}
+
+
+def test_serve_context_defaults_to_the_models_and_the_served_name_is_settable():
+    """Issue 23: --max-model-len was fixed at 1024 (SmolLM2 holds 8k); it now defaults to the model's context."""
+    from ryzlab.cli import build_parser
+    from ryzlab.serve.cli import engine_kwargs, make_backend
+
+    p = build_parser()
+    assert engine_kwargs(p.parse_args(["serve"]))["config"]["max_model_len"] == 4096  # reference.json's max_seq_len
+    assert engine_kwargs(p.parse_args(["serve", "--max-model-len", "512"]))["config"]["max_model_len"] == 512
+    backend = make_backend(p.parse_args(["serve", "--served-model-name", "smol", "--num-blocks", "64"]))
+    try:
+        assert backend.model_name == "smol" and backend.max_model_len == 4096
+    finally:
+        backend.shutdown()
+    r = ryzlab("serve", "--served-model-name", " ")
+    assert r.returncode == 2 and "--served-model-name is empty" in r.stderr
