@@ -165,3 +165,12 @@ def test_serve_context_defaults_to_the_models_and_the_served_name_is_settable():
         backend.shutdown()
     r = ryzlab("serve", "--served-model-name", " ")
     assert r.returncode == 2 and "--served-model-name is empty" in r.stderr
+
+
+def test_generate_says_what_it_loads_on_stderr_and_prints_only_the_completion():
+    r = ryzlab("generate", "--prompt", "def f(", "--max-tokens", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    assert len(json.loads(r.stdout)["token_ids"]) == 3  # stdout stays one JSON line
+    assert "ryzlab generate: loading reference on 1 rank(s)" in r.stderr and "3 tokens in" in r.stderr

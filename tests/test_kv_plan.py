@@ -131,3 +131,4 @@ def test_kv_plan_cli_runs_on_its_defaults_for_the_reference_model(capsys):
     cap = capsys.readouterr()
     assert rc in (0, 1), cap.err
     assert "1 windows x 32 tokens, prefill 16" in cap.out and "mixed 2xint4+2xint2" in cap.out, cap.out
+    assert "kv-plan: layouts" in cap.err and "kv-plan:" not in cap.out  # progress on stderr, results on stdout
