@@ -154,6 +154,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from ryzlab.serve.api import create_app
 
+    import sys
+
+    print(f"ryzlab serve: loading {args.model} ({args.workers} worker(s), tp {args.tp} x cp {args.cp}) ...",
+          file=sys.stderr, flush=True)  # a checkpoint and worker processes take seconds to minutes
     backend = make_backend(args)
     app = create_app(backend, host=args.host, allowed_hosts=tuple(args.allowed_host), api_key=args.api_key,
                      limits=serve_limits(args))
