@@ -1,4 +1,4 @@
-"""``ryzlab``: run sweeps of notebooks, build reports, describe this machine, serve a model."""
+"""``ryzlab``: run sweeps of notebooks, build reports, describe this machine, serve and benchmark a model."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,7 @@ EPILOG = """examples:
   ryzlab serve --tp 2 --workers 2              2 replicas of 2 tensor-parallel ranks behind the router
   ryzlab loadgen --url http://127.0.0.1:8000/v1 --rate 4 --out results/lg   benchmark any OpenAI endpoint
   ryzlab kv-plan --model M.gguf --text t.txt --max-kl 0.02   smallest KV layout within an accuracy budget
+  ryzlab bench --model M.gguf -p 512 -n 128    prefill and decode tokens/s, median [min, max] of 5 repeats
 """
 
 
@@ -129,14 +130,27 @@ def _add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import os
+    import time
+
     from ryzlab.serve.generate import GenerateRequest, generate
 
     req = GenerateRequest(prompt=args.prompt, max_tokens=args.max_tokens, tp=args.tp, cp=args.cp, codec=args.codec,
                           temperature=args.temperature, seed=args.seed, model=args.model, threads=args.threads,
                           dtype=args.dtype)
+    # progress on stderr (stdout stays the completion, or the JSON line): loading a checkpoint
+    # and starting ranks takes seconds to minutes; one rank of a torchrun job says it
+    talk = os.environ.get("RANK", "0") == "0"
+    t0 = time.perf_counter()
+    if talk:
+        print(f"ryzlab generate: loading {args.model} on {req.tp * req.cp} rank(s) (tp {req.tp} x cp {req.cp}), "
+              f"then up to {req.max_tokens} tokens ...", file=sys.stderr, flush=True)
     out = generate(req)
     if not out:  # a torchrun rank other than 0
         return 0
+    if talk:
+        print(f"ryzlab generate: {len(out['token_ids'])} tokens in {time.perf_counter() - t0:.1f} s (model load "
+              f"included) on {out.get('device', '?')}", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps({"text": out["text"], "token_ids": out["token_ids"], "request": dataclasses.asdict(req)}))
     else:
@@ -157,12 +171,15 @@ def _add_kv_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     k.add_argument("--layout", action="append", default=[],
                    help="codec[,field=value...], repeatable; replaces the built-in candidates "
                         "(e.g. int4,rotation=hadamard or int2,symmetric=false,residual=64)")
-    k.add_argument("--mixed", default="int4,int2,8",
+    k.add_argument("--mixed", default=None,
                    help="HIGH,LOW,N: scan per-layer sensitivity with LOW and measure the layout that keeps the N "
-                        "most sensitive layers in HIGH; 'none' skips it (default int4,int2,8)")
+                        "most sensitive layers in HIGH; 'none' skips it (default int4,int2,N with N half the "
+                        "model's layers, at most 8)")
     k.add_argument("--windows", type=int, default=4, help="text windows (default 4)")
-    k.add_argument("--length", type=int, default=512, help="tokens per window (default 512)")
-    k.add_argument("--prefill", type=int, default=256, help="tokens prefilled per window; the rest is scored")
+    k.add_argument("--length", type=int, default=None,
+                   help="tokens per window (default 512, or the model's context if shorter)")
+    k.add_argument("--prefill", type=int, default=None,
+                   help="tokens prefilled per window; the rest is scored (default half of --length)")
     k.add_argument("--plot", help="write the Pareto plot here (.png)")
     k.add_argument("--out", help="write the table here (.parquet or .csv)")
     k.add_argument("--device", default="cpu")
@@ -176,8 +193,10 @@ def cmd_kv_plan(args: argparse.Namespace) -> int:
     from ryzlab.evaluation.plan import plan_candidates, plan_kv
 
     cands = [parse_layout(t, {}) for t in args.layout] if args.layout else plan_candidates()
-    mixed = None
-    if args.mixed != "none":
+    mixed: tuple[str, str, int | None] | None = ("int4", "int2", None)  # N from the model
+    if args.mixed == "none":
+        mixed = None
+    elif args.mixed is not None:
         parts = args.mixed.split(",")
         if len(parts) != 3 or not parts[2].isdigit():
             raise ValueError(f"--mixed {args.mixed!r}: expected HIGH,LOW,N (e.g. int4,int2,8) or 'none'")
@@ -188,12 +207,14 @@ def cmd_kv_plan(args: argparse.Namespace) -> int:
     if args.out and not args.out.endswith((".parquet", ".csv")):
         raise ValueError(f"--out {args.out}: use a .parquet or .csv file")
     res = plan_kv(args.model, args.text or None, args.max_kl, candidates=cands, windows=args.windows,
-                  length=args.length, prefill=args.prefill, mixed=mixed, device=args.device, threads=args.threads)
+                  length=args.length, prefill=args.prefill, mixed=mixed, device=args.device, threads=args.threads,
+                  progress=True)
     t = res.table
     cols = ["layout", "kv_bytes_per_token", "bytes_vs_fp32", "kl_per_token", "ppl_delta", "top1_agree",
             "within_budget", "pareto"]
-    print(f"model={res.model} text={res.text} device={t['device'].iloc[0]}: {args.windows} windows x {args.length} "
-          f"tokens, prefill {args.prefill}, {int(t['tokens_scored'].iloc[0])} positions scored")
+    print(f"model={res.model} text={res.text} device={t['device'].iloc[0]}: {args.windows} windows x "
+          f"{int(t['seq_len'].iloc[0])} tokens, prefill {int(t['prefill'].iloc[0])}, "
+          f"{int(t['tokens_scored'].iloc[0])} positions scored")
     print(t[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if len(res.sensitivity):
         s = res.sensitivity.sort_values("kl_per_token", ascending=False)
@@ -209,6 +230,54 @@ def cmd_kv_plan(args: argparse.Namespace) -> int:
         plan_figure(res).savefig(args.plot, dpi=120, bbox_inches="tight")
         print(f"plot: {args.plot}")
     return 0 if res.best is not None else 1
+
+
+def _add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
+    b = subparsers.add_parser(
+        "bench", help="prefill and decode tokens/s of a model (like llama-bench): one number before a sweep",
+        description="Prefill BATCH rows of --prompt-tokens into a fresh paged KV cache, then decode --output-tokens "
+                    "greedy steps; --repeats times after one untimed warm-up. Prints tokens/s per test: median "
+                    "and [min, max] over the repeats. The model and its cache only: no scheduler, no HTTP.")
+    b.add_argument("--model", default="reference",
+                   help="'reference' (default), 'random', a Hugging Face folder or a .gguf file")
+    b.add_argument("--prompt-tokens", "-p", type=int, default=512, help="prefill tokens per row (default 512)")
+    b.add_argument("--output-tokens", "-n", type=int, default=128, help="decode steps (default 128)")
+    b.add_argument("--batch", "-b", type=int, default=1, help="rows prefilled and decoded together (default 1)")
+    b.add_argument("--repeats", "-r", type=int, default=5, help="timed repeats (default 5)")
+    b.add_argument("--codec", default="none", choices=CODECS, help="KV-cache storage format (default none)")
+    b.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="weights' dtype (default float32 on CPU, the checkpoint's on a GPU)")
+    b.add_argument("--device", default="auto", help="auto (cuda when present; default), cpu, cuda, cuda:1 ...")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    b.add_argument("--json", action="store_true", help="print one JSON line with every repeat's seconds")
+    b.set_defaults(fn=cmd_bench)
+    return b
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from ryzlab.serve.bench import BenchConfig, check_bench, run_bench
+
+    cfg = BenchConfig(model=args.model, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
+                      batch=args.batch, repeats=args.repeats, codec=args.codec, dtype=args.dtype, device=args.device,
+                      threads=args.threads)
+    check_bench(cfg)  # a bad size or model fails before the progress bar
+    with tqdm(total=cfg.repeats, desc="bench: loading model, warm-up", unit="repeat", leave=False) as bar:
+        def advance(i: int) -> None:
+            bar.set_description("bench")
+            bar.update(1)
+
+        res = run_bench(cfg, on_repeat=advance)
+    if args.json:
+        print(json.dumps({"config": dataclasses.asdict(cfg), "model": res.model_name, "device": res.device,
+                          "dtype": res.dtype, "threads": res.threads, "prefill_s": res.prefill_s,
+                          "decode_s": res.decode_s, "prefill_tok_s": res.tokens_per_s("prefill"),
+                          "decode_tok_s": res.tokens_per_s("decode")}))
+    else:
+        for line in res.lines():
+            print(line)
+    return 0
 
 
 def version() -> str:
@@ -286,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_loadgen_parser(sub)
     _add_generate_parser(sub)
     _add_kv_plan_parser(sub)
+    _add_bench_parser(sub)
     return p
 
 

@@ -140,6 +140,10 @@ GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 Backend = Literal["auto", "gloo", "nccl"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 DType = Literal["float32", "bfloat16", "float16"]
+# What a full KV cache does to a victim sequence (the serving engine's choice; here so that
+# `ryzlab serve --help` can list it without importing torch).
+Preemption = Literal["recompute", "swap"]
+PREEMPTIONS: tuple[str, ...] = get_args(Preemption)
 
 
 RopeScaling = Literal["none", "llama3", "linear"]

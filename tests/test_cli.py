@@ -119,3 +119,58 @@ def test_a_wheel_ships_the_notebooks(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = sorted(n.split("/")[-1] for n in names if n.startswith("ryzlab/notebooks/"))
     assert shipped == sorted(p.name for p in (root / "ryzlab" / "notebooks").glob("*.ipynb"))
+
+
+HEAVY = ("torch", "pandas", "transformers", "papermill")
+
+
+def test_help_version_and_argument_errors_import_nothing_heavy():
+    """--help, --version, every COMMAND --help and an argparse error answer without torch & co. (issue 22:
+    `ryzlab --help` took 1.6 s importing torch for a choices list). Checked in sys.modules, not in seconds."""
+    code = f"""
+import json, sys
+from ryzlab.cli import build_parser, main
+commands = sorted(build_parser()._subparsers._group_actions[0].choices)
+seen = {{}}
+for argv in [["--help"], ["--version"], ["kv-plan"], ["serve", "--codec", "int9"], ["loadgen", "--url"],
+             *[[c, "--help"] for c in commands]]:
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+    seen[" ".join(argv)] = [m for m in {HEAVY!r} if m in sys.modules]
+print(json.dumps({{"commands": commands, "seen": seen}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert {"sweep", "report", "compare", "info", "serve", "loadgen", "generate", "kv-plan", "bench"} <= set(out["commands"])
+    assert {argv: mods for argv, mods in out["seen"].items() if mods} == {}
+
+
+def test_serve_context_defaults_to_the_models_and_the_served_name_is_settable():
+    """Issue 23: --max-model-len was fixed at 1024 (SmolLM2 holds 8k); it now defaults to the model's context."""
+    from ryzlab.cli import build_parser
+    from ryzlab.serve.cli import engine_kwargs, make_backend
+
+    p = build_parser()
+    assert engine_kwargs(p.parse_args(["serve"]))["config"]["max_model_len"] == 4096  # reference.json's max_seq_len
+    assert engine_kwargs(p.parse_args(["serve", "--max-model-len", "512"]))["config"]["max_model_len"] == 512
+    backend = make_backend(p.parse_args(["serve", "--served-model-name", "smol", "--num-blocks", "64"]))
+    try:
+        assert backend.model_name == "smol" and backend.max_model_len == 4096
+    finally:
+        backend.shutdown()
+    r = ryzlab("serve", "--served-model-name", " ")
+    assert r.returncode == 2 and "--served-model-name is empty" in r.stderr
+
+
+def test_generate_says_what_it_loads_on_stderr_and_prints_only_the_completion():
+    r = ryzlab("generate", "--prompt", "def f(", "--max-tokens", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    assert len(json.loads(r.stdout)["token_ids"]) == 3  # stdout stays one JSON line
+    assert "ryzlab generate: loading reference on 1 rank(s)" in r.stderr and "3 tokens in" in r.stderr

@@ -96,3 +96,39 @@ def test_real_model_rotation_beats_plain_int4():
                   windows=1, length=192, prefill=128, mixed=None)
     kl = dict(zip(res.table.layout, res.table.kl_per_token))
     assert kl["int4 rot"] < 0.5 * kl["int4"], kl
+
+
+def test_defaults_derive_from_the_model(monkeypatch):
+    """Issue 23: `ryzlab kv-plan --model reference` failed on its own defaults (8 high layers of a 4-layer model;
+    a prefill not below the window). Length, prefill and N now come from the model."""
+    from ryzlab.evaluation import plan as plan_mod
+
+    assert plan_mod.default_length(4096) == 512 and plan_mod.default_length(300) == 300
+    assert [plan_mod.default_n_high(n) for n in (1, 4, 30)] == [0, 2, 8]  # SmolLM2's 30 layers keep the old 8
+    seen = {}
+
+    def fake_evaluate(net, cands, tokens, prefill, **kw):  # record what would be measured, measure nothing
+        seen.setdefault("calls", []).append((len(cands), tuple(tokens.shape), prefill))
+        return pd.DataFrame({"kl_per_token": [0.0] * len(cands), "ppl_delta": [0.0] * len(cands),
+                             "kv_bytes_per_token": [1.0] * len(cands)})
+
+    monkeypatch.setattr(plan_mod, "evaluate", fake_evaluate)
+    res = plan_kv("reference", None, 0.1, candidates=[CacheConfig(codec="int2", symmetric=False)], windows=1)
+    # sensitivity: one layout per layer of the 4; then the candidate + the mixed layout (2 of 4 layers high)
+    assert seen["calls"] == [(4, (1, 512), 256), (2, (1, 512), 256)]
+    assert res.table.cache_config.iloc[-1].layer_codecs.count("int4") == 2
+    seen.clear()
+    plan_kv("reference", None, 0.1, candidates=[CacheConfig(codec="int8")], windows=1, length=40, mixed=None)
+    assert seen["calls"] == [(1, (1, 40), 20)]
+    with pytest.raises(ValueError, match="length=5000 exceeds ryzlab-reference's context of 4096"):
+        plan_kv("reference", None, 0.1, length=5000)
+
+
+def test_kv_plan_cli_runs_on_its_defaults_for_the_reference_model(capsys):
+    """No --mixed, no --prefill: the old defaults (int4,int2,8; prefill 256) exited 2 on the 4-layer model."""
+    rc = main(["kv-plan", "--model", "reference", "--max-kl", "0.5", "--layout", "int2,symmetric=false",
+               "--windows", "1", "--length", "32"])
+    cap = capsys.readouterr()
+    assert rc in (0, 1), cap.err
+    assert "1 windows x 32 tokens, prefill 16" in cap.out and "mixed 2xint4+2xint2" in cap.out, cap.out
+    assert "kv-plan: layouts" in cap.err and "kv-plan:" not in cap.out  # progress on stderr, results on stdout

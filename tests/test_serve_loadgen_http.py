@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 
 from ryzlab.loadgen.client import openai_client, probe_endpoint, prompt_text  # noqa: E402
 from ryzlab.serve.local import serve_in_thread  # noqa: E402
-from ryzlab.loadgen.load import LoadSpec, run_load  # noqa: E402
+from ryzlab.loadgen.load import LoadSpec, run_load, run_sync  # noqa: E402
 from ryzlab.loadgen.metrics import REQUEST_COLUMNS  # noqa: E402
 
 
@@ -220,6 +220,63 @@ def test_loadgen_cli_writes_requests_parquet_and_tidy_metrics(tmp_path):
     assert list(slo["metric"]) == ["ttft_ms", "tpot_ms"] and slo["p99_met"].all()
     data = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert data["summary"]["requests"] == 6 and data["summary"]["tokens_per_word"] == 2.0
+    # the flags as data: no "<function cmd_loadgen ...>" (issue 23), no API key
+    assert "fn" not in data["spec"] and data["spec"]["rate"] == 20 and data["spec"]["api_key"] is None
+    assert "<function" not in (out / "summary.json").read_text()
+
+
+def test_progress_counts_every_request_answered_failed_or_cancelled():
+    from ryzlab.loadgen.cli import counted
+
+    async def client(req):
+        if req == "fail":
+            raise RuntimeError("boom")
+        for i in range(3):
+            yield 1
+            if req == "slow":
+                await asyncio.sleep(10)
+
+    done = []
+    wrapped = counted(client, lambda: done.append(1))
+
+    async def drain(req):
+        try:
+            return [x async for x in wrapped(req)]
+        except RuntimeError:
+            return "failed"
+
+    async def main():
+        slow = asyncio.create_task(drain("slow"))
+        got = [await drain("ok"), await drain("fail")]
+        await asyncio.sleep(0.05)
+        slow.cancel()
+        await asyncio.gather(slow, return_exceptions=True)
+        return got
+
+    assert asyncio.run(main()) == [[1, 1, 1], "failed"] and len(done) == 3
+
+
+def test_probe_and_ryzlab_serve_agree_on_length_controls(caplog):
+    """The probe reported min_tokens accepted while `ryzlab serve` logged 'ignoring unknown field(s)
+    ['min_tokens']' on every request (issue 23). The server now honours it, so both say the same."""
+    import httpx
+
+    from serving import serve_app
+
+    with caplog.at_level(logging.WARNING, logger="ryzlab.serve.protocol"), serve_app() as (url, _, _):
+        profile = probe_endpoint(url + "/v1", "ryzlab-random")
+        client = openai_client(profile, timeout_s=60)
+        load = run_sync(lambda: run_load(LoadSpec(arrival="closed", concurrency=2, num_requests=3, prompt_len=6,
+                                                  output_len=5, vocab_size=256), client))
+        body = {"model": "ryzlab-random", "prompt": "def f(", "max_tokens": 5}
+        exact = httpx.post(url + "/v1/completions", json={**body, "min_tokens": 5}, timeout=60)
+        between = httpx.post(url + "/v1/completions", json={**body, "min_tokens": 2}, timeout=60)
+    assert profile.length_fields == ("ignore_eos", "min_tokens") and profile.length_controlled
+    frame = load.frame()
+    assert frame["ok"].all() and (frame["output_tokens"] == 5).all(), frame
+    assert exact.status_code == 200 and exact.json()["usage"]["completion_tokens"] == 5
+    assert between.status_code == 400 and between.json()["error"]["param"] == "min_tokens"
+    assert "unknown field" not in caplog.text, caplog.text
 
 
 @pytest.mark.parametrize("flags,needle", [

@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -255,12 +255,14 @@ def layout_label(cfg: CacheConfig) -> str:
 
 @torch.no_grad()
 def evaluate(model: Transformer, cache_configs: Sequence[CacheConfig], tokens: torch.Tensor, prefill: int, *,
-             model_name: str = "reference", reconstruction: bool = True) -> pd.DataFrame:
+             model_name: str = "reference", reconstruction: bool = True,
+             on_row: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Accuracy and bytes per token of each cache layout on ``model``: one row per layout.
 
     ``tokens`` [B, L] (windows of the model's tokens). The uncompressed reference run is made
     once per block size; a layout equal to it reuses it. ``reconstruction``: also the K/V and
     attention reconstruction errors (holds every layer's q/k/v of the windows in memory).
+    ``on_row(layout label)``: called after each layout is measured (progress).
     """
     for cfg in cache_configs:
         cfg.check_head_dim(model.config.head_dim)
@@ -286,6 +288,8 @@ def evaluate(model: Transformer, cache_configs: Sequence[CacheConfig], tokens: t
         rows.append(row)
         log.info("accuracy %s: ppl %.4f (delta %+.4f) KL %.2e top1 %.4f, %.1f B/token", row["layout"], row["ppl"],
                  row["ppl_delta"], row["kl_per_token"], row["top1_agree"], row["kv_bytes_per_token"])
+        if on_row is not None:
+            on_row(row["layout"])
         for key in [k for k in runs if k not in (uncompressed(c) for c in cache_configs)]:
             del runs[key]  # keep only the references (their logits are [B, L - prefill, V])
     return pd.DataFrame(rows)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from ryzlab.evaluation.accuracy import evaluate, layout_label
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CANDIDATES", "PlanResult", "layer_sensitivity", "mixed_layout", "pareto_front", "plan_kv",
+__all__ = ["CANDIDATES", "DEFAULT_LENGTH", "DEFAULT_N_HIGH", "PlanResult", "default_length", "default_n_high", "layer_sensitivity", "mixed_layout", "pareto_front", "plan_kv",
            "plan_candidates"]
 
 # Candidates span the bytes axis: int8 and fp8 (near lossless), int4 in the outlier-aware
@@ -52,6 +52,24 @@ CANDIDATES: tuple[dict[str, Any], ...] = (
     {"codec": "int2", "symmetric": False, "key_granularity": "channel", "block_size": 32, "residual": 48,
      "rotation": "hadamard"},
 )
+
+# Defaults that depend on the model are derived from it (a fixed 512-token window and 8 high layers
+# fail on the 4-layer reference model): windows of 512 tokens, or the model's context if shorter;
+# half of each window prefilled, half scored; the 8 most sensitive layers kept in the high codec
+# (what SmolLM2-135M's 30 layers got), at most half the layers.
+DEFAULT_LENGTH = 512
+DEFAULT_N_HIGH = 8
+
+
+def default_length(max_seq_len: int) -> int:
+    """Tokens per window when none is asked for: :data:`DEFAULT_LENGTH`, capped by the model's context."""
+    return min(DEFAULT_LENGTH, max_seq_len)
+
+
+def default_n_high(n_layers: int) -> int:
+    """Layers in the high codec when none is asked for: :data:`DEFAULT_N_HIGH`, at most half the layers
+    (0 for a one-layer model: there is nothing to mix)."""
+    return min(DEFAULT_N_HIGH, n_layers // 2)
 
 
 @dataclass(frozen=True)
@@ -92,7 +110,8 @@ def pareto_front(df: pd.DataFrame, x: str = "kv_bytes_per_token", y: str = "kl_p
     return df.index.isin(list(keep))
 
 
-def layer_sensitivity(model: Any, tokens: torch.Tensor, prefill: int, layout: CacheConfig) -> pd.DataFrame:
+def layer_sensitivity(model: Any, tokens: torch.Tensor, prefill: int, layout: CacheConfig, *,
+                      on_row: Callable[[str], None] | None = None) -> pd.DataFrame:
     """KL per token when only layer ``i`` stores ``layout.codec`` (every other layer uncompressed).
 
     One row per layer: ``layer``, ``kl_per_token``, ``ppl_delta``. The sum over layers
@@ -101,7 +120,7 @@ def layer_sensitivity(model: Any, tokens: torch.Tensor, prefill: int, layout: Ca
     n = model.config.n_layers
     cfgs = [dataclasses.replace(layout, layer_codecs=tuple(layout.codec if j == i else "none" for j in range(n)))
             for i in range(n)]
-    df = evaluate(model, cfgs, tokens, prefill, reconstruction=False)
+    df = evaluate(model, cfgs, tokens, prefill, reconstruction=False, on_row=on_row)
     return pd.DataFrame({"layer": range(n), "kl_per_token": df["kl_per_token"].to_numpy(),
                          "ppl_delta": df["ppl_delta"].to_numpy()})
 
@@ -132,15 +151,20 @@ def plan_candidates(options: Sequence[dict[str, Any]] | None = None) -> list[Cac
 
 
 def plan_kv(model: str | Path, text: str | Path | None, max_kl: float, *, candidates: Sequence[CacheConfig] | None = None,
-            windows: int = 4, length: int = 512, prefill: int = 256, mixed: tuple[str, str, int] | None = ("int4", "int2", 8),
-            device: str = "cpu", threads: int = 1) -> PlanResult:
+            windows: int = 4, length: int | None = None, prefill: int | None = None,
+            mixed: tuple[str, str, int | None] | None = ("int4", "int2", None), device: str = "cpu", threads: int = 1,
+            progress: bool = False) -> PlanResult:
     """Measure ``candidates`` on ``model`` over ``windows`` x ``length`` tokens of ``text``; pick the smallest within ``max_kl``.
 
     ``mixed = (high, low, n_high)``: also scan per-layer sensitivity with codec ``low`` (the
     layout of the first candidate using it) and measure the layout that stores the ``n_high``
     most sensitive layers in ``high``. None skips it. Every input is checked before the model
-    loads.
+    loads. From the model when None: ``length`` (:func:`default_length`), ``prefill`` (half of
+    ``length``), ``n_high`` (:func:`default_n_high`; mixed precision is skipped on a one-layer
+    model). ``progress``: a progress bar on stderr (model load, then one step per layout measured).
     """
+    from tqdm.auto import tqdm
+
     from ryzlab.models.corpus import text_windows
     from ryzlab.models import check_model, load_model
 
@@ -148,11 +172,15 @@ def plan_kv(model: str | Path, text: str | Path | None, max_kl: float, *, candid
         raise ValueError(f"max_kl must be > 0 (KL per token vs the uncompressed cache), got {max_kl}")
     if text and not Path(text).expanduser().is_file():
         raise ValueError(f"text={str(text)!r}: no such file (empty = the held-out stdlib text)")
+    src = check_model(str(model))
+    length = default_length(src.config.max_seq_len) if length is None else length
+    prefill = length // 2 if prefill is None else prefill
+    if length > src.config.max_seq_len:
+        raise ValueError(f"length={length} exceeds {src.name}'s context of {src.config.max_seq_len} tokens")
     if not 0 < prefill < length:
         raise ValueError(f"prefill={prefill} must be in [1, length - 1 = {length - 1}]")
     if windows <= 0:
         raise ValueError(f"windows must be > 0, got {windows}")
-    src = check_model(str(model))
     cands = list(plan_candidates() if candidates is None else candidates)
     if not cands:
         raise ValueError("no candidate layouts to measure")
@@ -162,20 +190,33 @@ def plan_kv(model: str | Path, text: str | Path | None, max_kl: float, *, candid
     base = None
     if mixed is not None:
         high, low, n_high = mixed
+        if n_high is None:
+            n_high = default_n_high(src.config.n_layers)
         check_choice("mixed high codec", high, CODECS)
         check_choice("mixed low codec", low, CODECS)
-        if not 0 < n_high < src.config.n_layers:
+        if n_high == 0 and mixed[2] is None:
+            log.warning("%s has %d layer(s): no per-layer mixed precision to measure", src.name, src.config.n_layers)
+        elif not 0 < n_high < src.config.n_layers:
             raise ValueError(f"mixed n_high={n_high} must be in [1, {src.config.n_layers - 1}] (layers)")
-        base = next((c for c in cands if c.codec == low and not c.layer_codecs), CacheConfig(codec=low))
+        else:
+            base = next((c for c in cands if c.codec == low and not c.layer_codecs), CacheConfig(codec=low))
     if threads:
         torch.set_num_threads(threads)
-    net, tok = load_model(str(model), device=device)
-    tokens = text_windows(tok, windows, length, text=text or None).to(device)
-    sens = pd.DataFrame(columns=["layer", "kl_per_token", "ppl_delta"])
-    if base is not None:
-        sens = layer_sensitivity(net, tokens, prefill, base)
-        cands.append(mixed_layout(base, sens, high, n_high))
-    df = evaluate(net, cands, tokens, prefill, model_name=src.name, reconstruction=False)
+    steps = len(cands) + (src.config.n_layers + 1 if base is not None else 0)
+    with tqdm(total=steps, desc="kv-plan: loading model", unit="layout", disable=not progress, leave=False) as bar:
+        def advance(label: str) -> None:
+            bar.set_postfix_str(label, refresh=False)
+            bar.update(1)
+
+        net, tok = load_model(str(model), device=device)
+        tokens = text_windows(tok, windows, length, text=text or None).to(device)
+        sens = pd.DataFrame(columns=["layer", "kl_per_token", "ppl_delta"])
+        if base is not None:
+            bar.set_description(f"kv-plan: {low} sensitivity per layer")
+            sens = layer_sensitivity(net, tokens, prefill, base, on_row=advance)
+            cands.append(mixed_layout(base, sens, high, n_high))
+        bar.set_description("kv-plan: layouts")
+        df = evaluate(net, cands, tokens, prefill, model_name=src.name, reconstruction=False, on_row=advance)
     df["cache_config"] = cands
     fp32 = 2.0 * src.config.n_layers * src.config.n_kv_heads * src.config.head_dim * 4
     df["bytes_vs_fp32"] = df["kv_bytes_per_token"] / fp32

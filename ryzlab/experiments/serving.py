@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 Fault = Literal["none", "kill"]
 EngineName = Literal["ryzlab", "transformers"]
 OpenArrival = Literal["poisson", "gamma", "closed"]
-Preemption = Literal["recompute", "swap"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,7 +98,7 @@ class Config(LoadFields, ParallelFields):
     def __post_init__(self) -> None:
         from ryzlab.config import CODECS
         from ryzlab.orchestrator.balance import POLICY_NAMES
-        from ryzlab.serve.scheduler import PREEMPTIONS
+        from ryzlab.config import PREEMPTIONS
         from ryzlab.loadgen.load import ARRIVALS
         from ryzlab.loadgen.metrics import parse_slo
 

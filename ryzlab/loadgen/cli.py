@@ -16,6 +16,7 @@ import logging
 import math
 import os
 from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlparse
 
@@ -76,7 +77,26 @@ def _plain(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
+def flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The command's flags as data for ``summary.json``: no handler function, no API key."""
+    return {k: v for k, v in vars(args).items() if not callable(v)} | {"api_key": None}
+
+
+def counted(client: Any, done: Callable[[], None]) -> Any:
+    """``client`` that calls ``done()`` when each request ends (answered, failed or cancelled): progress."""
+    async def stream(req: Any) -> AsyncIterator[Any]:
+        try:
+            async for item in client(req):
+                yield item
+        finally:
+            done()
+
+    return stream
+
+
 def cmd_loadgen(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     from ryzlab.io import write_json, write_parquet
     from ryzlab.loadgen.client import openai_client, probe_endpoint, served_models
     from ryzlab.loadgen.load import LoadSpec, make_requests, run_load, run_sync
@@ -105,7 +125,9 @@ def cmd_loadgen(args: argparse.Namespace) -> int:
           f"length controls: {', '.join(profile.length_fields) or 'none'} "
           f"({'exact' if profile.length_controlled else 'NOT exact: see output_len_match_frac'})")
     client = openai_client(profile, timeout_s=args.request_timeout, api_key=key)
-    result = run_sync(lambda: run_load(spec, client, requests=requests, timeout_s=args.timeout))
+    with tqdm(total=len(requests), desc="loadgen", unit="req", leave=False) as bar:
+        result = run_sync(lambda: run_load(spec, counted(client, lambda: bar.update(1)), requests=requests,
+                                           timeout_s=args.timeout))
     result.extra.update(profile.as_dict())
     tidy = result.tidy(slo, engine=f"endpoint:{model}", device="remote", via="http")
     summary = {k: _plain(v) for k, v in tidy[tidy["kind"] == "summary"].iloc[0].to_dict().items()}
@@ -132,6 +154,6 @@ def cmd_loadgen(args: argparse.Namespace) -> int:
         write_parquet(out / "requests.parquet", result.frame())
         write_parquet(out / "metrics.parquet", tidy)
         write_parquet(out / "slo.parquet", table)
-        write_json(out / "summary.json", {"summary": summary, "spec": vars(args) | {"api_key": None}})
+        write_json(out / "summary.json", {"summary": summary, "spec": flags(args)})
         print(f"results: {out}")
     return 0 if summary["requests_failed"] == 0 else 1

@@ -6,10 +6,10 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from ryzlab.config import CODECS
-from ryzlab.serve.scheduler import PREEMPTIONS
+from ryzlab.config import CODECS, PREEMPTIONS
 
-__all__ = ["add_parser", "cmd_serve", "make_backend", "serve_limits", "check_exposure", "replica_spec"]
+__all__ = ["add_parser", "cmd_serve", "make_backend", "serve_limits", "check_exposure", "replica_spec", "max_model_len",
+           "served_name"]
 
 if TYPE_CHECKING:
     from ryzlab.serve.spec import ReplicaSpec
@@ -44,7 +44,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--block-size", type=int, default=16, help="tokens per KV page (default 16)")
     s.add_argument("--num-blocks", type=int, default=1024, help="KV pages per engine (default 1024)")
     s.add_argument("--max-num-seqs", type=int, default=16, help="sequences batched together (default 16)")
-    s.add_argument("--max-model-len", type=int, default=1024, help="prompt + output tokens at most (default 1024)")
+    s.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + output tokens at most (default: the model's context, e.g. 8192 for SmolLM2)")
+    s.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model id clients send and /v1/models lists (default ryzlab-reference, ryzlab-random "
+                        "or the checkpoint's folder / file name)")
     s.add_argument("--preemption", default="recompute", choices=PREEMPTIONS,
                    help="what a full cache does to a victim sequence (default recompute)")
     s.add_argument("--threads", type=int, default=None, help="torch threads per engine (default: torch's)")
@@ -78,7 +82,7 @@ def replica_spec(args: argparse.Namespace) -> ReplicaSpec:
     from ryzlab.serve.scheduler import EngineConfig
     from ryzlab.serve.spec import ReplicaSpec
 
-    engine = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+    engine = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=max_model_len(args),
                           preemption=args.preemption, max_num_batched_tokens=max(256, args.max_num_seqs))
     # GPUs where present (one worker per GPU), CPU otherwise
     return ReplicaSpec(model=args.model, dtype=args.dtype, device="cuda" if torch.cuda.is_available() else "cpu",
@@ -99,12 +103,13 @@ def make_backend(args: argparse.Namespace) -> Any:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     check_exposure(args)
     serve_limits(args)
+    name = served_name(args)
     spec = replica_spec(args)  # bad knobs, model, codec or layout fail here, before any process starts
     if args.workers == 1 and spec.world_size == 1:
         if spec.device == "cuda":
             spec = spec.on_device("cuda:0")
-        return AsyncEngine(build_engine(spec, threads=args.threads), model_name=model_name(args.model))
-    return Router(workers=args.workers, policy=args.policy, spec=spec, model_name=model_name(args.model),
+        return AsyncEngine(build_engine(spec, threads=args.threads), model_name=name)
+    return Router(workers=args.workers, policy=args.policy, spec=spec, model_name=name,
                   threads_per_worker=args.threads or 1).start()
 
 
@@ -128,6 +133,21 @@ def serve_limits(args: argparse.Namespace) -> Any:
                        body_timeout_s=args.body_timeout)
 
 
+def max_model_len(args: argparse.Namespace) -> int:
+    """``--max-model-len``, else the model's context (read from its metadata: no weight is loaded)."""
+    from ryzlab.models import check_model
+
+    return args.max_model_len if args.max_model_len is not None else check_model(args.model).config.max_seq_len
+
+
+def served_name(args: argparse.Namespace) -> str:
+    """``--served-model-name``, else :func:`model_name` of ``--model``."""
+    name = getattr(args, "served_model_name", None)
+    if name is not None and not name.strip():
+        raise ValueError("--served-model-name is empty")
+    return name or model_name(args.model)
+
+
 def model_name(model: str) -> str:
     """The ``model`` id the API reports: ryzlab-reference, ryzlab-random, or the checkpoint's name."""
     from pathlib import Path
@@ -140,10 +160,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from ryzlab.serve.api import create_app
 
+    import sys
+
+    print(f"ryzlab serve: loading {args.model} ({args.workers} worker(s), tp {args.tp} x cp {args.cp}) ...",
+          file=sys.stderr, flush=True)  # a checkpoint and worker processes take seconds to minutes
     backend = make_backend(args)
     app = create_app(backend, host=args.host, allowed_hosts=tuple(args.allowed_host), api_key=args.api_key,
                      limits=serve_limits(args))
-    print(f"ryzlab serve: http://{args.host}:{args.port}/v1  model={model_name(args.model)} codec={args.codec} "
+    print(f"ryzlab serve: http://{args.host}:{args.port}/v1  model={served_name(args)} codec={args.codec} "
           f"workers={args.workers} tp={args.tp} cp={args.cp}" + (f" policy={args.policy}" if args.workers > 1 else "")
           + (" auth=api-key" if args.api_key else " auth=none"))
     try:

@@ -34,7 +34,7 @@ MAX_MESSAGES = 1024
 
 COMMON_FIELDS = ("model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "stop",
                  "seed", "user", "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty",
-                 "logit_bias", "logprobs")
+                 "logit_bias", "logprobs", "min_tokens")
 COMPLETION_FIELDS = COMMON_FIELDS + ("prompt", "echo", "suffix", "best_of")
 CHAT_FIELDS = COMMON_FIELDS + ("messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
                                "response_format", "parallel_tool_calls")
@@ -334,7 +334,15 @@ def _common(body: dict[str, Any], info: ModelInfo, prompts: list[list[int]], *, 
             _is_int(t) and 0 <= t < info.vocab_size for t in stop_ids):
         raise RequestError(f"'stop_token_ids' must be a list of token ids in [0, {info.vocab_size})",
                            param="stop_token_ids")
-    if not _bool(body, "ignore_eos", False) and info.tokenizer is not None:  # stop at end-of-sequence too
+    # min_tokens (vLLM's): no EOS / stop_token_ids before that many tokens. Exact when it covers max_tokens
+    # (what load generators send: then no stop token at all); in between would need the engine's step loop
+    min_tokens, ignore_eos = _int(body, "min_tokens", 0, 0), _bool(body, "ignore_eos", False)
+    if 0 < min_tokens < max_tokens:
+        raise RequestError(f"'min_tokens' must be 0 or >= max_tokens ({max_tokens}) in ryzlab serve, got "
+                           f"{min_tokens} (use ignore_eos to run to max_tokens)", param="min_tokens")
+    if min_tokens:
+        stop_ids = []
+    elif not ignore_eos and info.tokenizer is not None:  # stop at end-of-sequence too
         stop_ids = stop_ids + [t for t in getattr(info.tokenizer, "eos_token_ids", ()) if t not in stop_ids
                                and t < info.vocab_size]
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(0, top_k),

@@ -27,7 +27,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from ryzlab.config import check_choice
+from ryzlab.config import PREEMPTIONS, Preemption, check_choice
 from ryzlab.serve.sampling import SamplingParams
 
 __all__ = ["EngineConfig", "EngineSequence", "Scheduler", "Status", "Preemption", "PREEMPTIONS", "FinishReason",
@@ -35,8 +35,6 @@ __all__ = ["EngineConfig", "EngineSequence", "Scheduler", "Status", "Preemption"
 
 log = logging.getLogger(__name__)
 
-Preemption = Literal["recompute", "swap"]
-PREEMPTIONS: tuple[str, ...] = get_args(Preemption)
 FinishReason = Literal["stop", "length", "error"]
 """Why the engine ended a sequence: a stop token, ``max_tokens`` reached, or a failure (the first
 two are OpenAI's ``finish_reason``; a stop string is the API's ``stop``; an aborted sequence

@@ -23,6 +23,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -226,17 +227,29 @@ def build_report(sweep_dir: str | Path, *, kernel_name: str = KERNEL_NAME,
     # the kernel's working directory is on its sys.path: an empty folder, never the results
     from jupyter_client.manager import AsyncKernelManager
 
+    class KernelManager(AsyncKernelManager):
+        """Keeps the clients it makes: nbclient stops a client's zmq channels only when it created the
+        manager itself, so with ours they ran on until garbage collection printed "WARNING traitlets:
+        Could not destroy zmq context" after every report."""
+
+        def client(self, **kwargs: Any) -> Any:
+            kc = super().client(**kwargs)
+            clients.append(kc)
+            return kc
+
     work = Path(tempfile.mkdtemp(prefix="ryzlab-report-"))
-    km = None
+    km, clients = None, []
     try:
         with _kernel_imports_this_ryzlab():
             # ipc transport (unix sockets in the private folder): no TCP port, no "without encryption" warning
-            km = AsyncKernelManager(kernel_name=kernel_name, transport="ipc", ip=str(work / "kernel"))
+            km = KernelManager(kernel_name=kernel_name, transport="ipc", ip=str(work / "kernel"))
             pm.execute_notebook(str(notebook), str(executed), parameters={"sweep_dir": str(sweep_dir)},
                                 kernel_name=kernel_name, cwd=str(work), km=km,
                                 progress_bar={"desc": f"{sweep_dir.name}: report cells", "dynamic_ncols": True}
                                 if progress else False)
     finally:
+        for kc in clients:
+            kc.stop_channels()  # joins the channel threads and destroys the client's zmq context
         if km is not None and km.has_kernel:  # nbclient leaves a kernel it was handed running
             from jupyter_core.utils import run_sync
 
