@@ -21,9 +21,10 @@ def report(df: pd.DataFrame) -> None:
         "memory per rank, communication bytes and exactness are device-independent." if cpu else
         "Speedup and efficiency are against the world size 1 point of the same sweep.")
         + (" Threads per rank: " + ", ".join(map(str, sorted(df["threads"].dropna().astype(int).unique())))
-           + "; a world size N point with T threads per rank uses N x T threads, so its speedup over a 1-rank point "
-             "with fewer threads mixes the added cores with the layout: the key results compare at equal total "
-             "threads where the sweep has such a point." if "threads" in df.columns else ""))
+           + "; a world size N point with T threads per rank uses N x T threads, so speedup and efficiency are "
+             "only computed against a 1-rank point with N x T threads (empty otherwise, the note says why): "
+             "against fewer threads they would mix the added cores with the layout." if "threads" in df.columns
+           else ""))
     s = s.sort_values(["world_size", "tp", "context"])
     layouts = list(dict.fromkeys(s["layout"]))
     series = list(s.groupby(["codec", "context", "batch"]))
@@ -74,8 +75,10 @@ def report(df: pd.DataFrame) -> None:
     fig.tight_layout()
     show_figure(fig)
     cols = [c for c in ("device", "model", "layout", "codec", "context", "batch", "step_ms", "tokens_per_s",
-                        "speedup", "scaling_efficiency", "prefill_ms", "weight_bytes_per_rank", "kv_bytes_per_rank",
+                        "threads_per_rank", "speedup", "scaling_efficiency", "prefill_ms",
+                        "weight_bytes_per_rank", "kv_bytes_per_rank",
                         "comm_bytes_per_step", "comm_formula_per_step", "largest_context", "context_gain",
-                        "logits_rel_err_vs_ws1") if c in s.columns]
-    show_table(s[cols], "Per point: medians over timed decode steps (slowest rank); speedup, efficiency and "
-                        "context gain against the world size 1 point of the same sweep (NaN without one)")
+                        "logits_rel_err_vs_ws1", "speedup_note") if c in s.columns]
+    show_table(s[cols], "Per point: medians over timed decode steps (slowest rank); speedup and efficiency against "
+                        "the world size 1 point with the same total threads, context gain against the world size 1 "
+                        "point (empty without one)")
