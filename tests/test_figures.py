@@ -74,3 +74,11 @@ def test_single_rate_serving_draws_a_bar_per_config_named_by_what_differs(monkey
     assert "least outstanding" in ax_tpot.get_xlabel() and "only rate swept" in ax_tpot.get_title()
     engines = figs[-1].axes[2]  # throughput per engine: from zero, not a zoomed 80.55..80.85 axis
     assert engines.get_ylim()[0] == 0
+
+
+def test_explorer_reads_list_values_stored_as_text_alike():
+    from ryzlab.workbench.explorer import readable
+
+    assert readable("(0.5,)") == readable("[0.5]") == "[0.5]"
+    assert readable("('round_robin', 'least_outstanding')") == "[round_robin, least_outstanding]"
+    assert readable("(not a literal") == "(not a literal"

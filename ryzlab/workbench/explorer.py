@@ -11,7 +11,9 @@ JupyterLab and classic Notebook); every value from the results is escaped in the
 """
 from __future__ import annotations
 
+import ast
 import html
+import textwrap
 import logging
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,13 @@ def readable(value: Any) -> str:
     ``[int4, int2]`` for a tuple."""
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(map(readable, value)) + "]"
+    if isinstance(value, str) and value[:1] in "([" and value[-1:] in ")]":
+        # a list stored as its text: '(0.5,)' by one sweep, '[0.5]' by another, the same value
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):  # reason: not a Python literal, keep the text as it is
+            return value
+        return readable(parsed) if isinstance(parsed, (tuple, list)) else value
     if isinstance(value, float) and value == value and abs(value) != float("inf"):
         return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.6g}"
     return str(value)
@@ -137,7 +146,7 @@ class Explorer:
         df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
         for col, sel in self.filters.items():
             if col in df.columns and len(sel.value) < len(sel.options):
-                df = df[df[col].astype(str).isin(sel.value)]
+                df = df[df[col].map(readable).isin(sel.value)]
         return df
 
     def _on_sweeps(self, _change: Any = None) -> None:
@@ -163,7 +172,10 @@ class Explorer:
                          (df.groupby("run_id")[m].nunique() > 1).any()]
             c["metric"].value = (per_point or [m for m in numeric if m in varying and m != "sample"] or numeric or [None])[0]
             c["x"].options = varying or [NONE]
-            prefer = [v for v in ("context", "rate", "load", "workers", "world_size", "sample") if v in varying]
+            # a swept parameter before "sample" (a step index: tpot against it pools every codec into noise)
+            swept = [v for v in self.swept.get(c["experiment"].value, []) if v in varying]
+            prefer = ([v for v in ("context", "rate", "load", "workers", "world_size") if v in varying] + swept
+                      + [v for v in ("sample",) if v in varying])
             c["x"].value = (prefer or varying or [NONE])[0]
             hues = [NONE, "sweep"] + [v for v in varying if v != "sweep"]
             c["hue"].options, c["facet"].options = hues, hues
@@ -176,8 +188,10 @@ class Explorer:
                 raw = sorted(dict.fromkeys(df[col].dropna()), key=value_order)
                 if not 1 < len(raw) <= MAX_FILTER_VALUES:
                     continue
-                # the value behind each label is its str(): what frame() matches rows by
-                opts = [(readable(v), str(v)) for v in raw]
+                # one option per readable value ('(0.5,)' and '[0.5]' are one): what frame() matches rows by
+                opts = [(v, v) for v in dict.fromkeys(readable(v) for v in raw)]
+                if len(opts) < 2:
+                    continue
                 sel = w.SelectMultiple(options=opts, value=tuple(o[1] for o in opts), description=col,
                                        rows=min(4, len(opts)))
                 sel.observe(lambda _change: self.refresh(), names="value")
@@ -193,9 +207,10 @@ class Explorer:
         out = {}
         for col in self.swept.get(c["experiment"].value, []):
             if col in df.columns and col not in shown:
-                vals = sorted(dict.fromkeys(df[col].dropna()), key=value_order)
+                vals = list(dict.fromkeys(readable(v) for v in sorted(dict.fromkeys(df[col].dropna()),
+                                                                       key=value_order)))
                 if len(vals) > 1:
-                    out[col] = [readable(v) for v in vals]
+                    out[col] = vals
         return out
 
     def frame_unfiltered(self) -> pd.DataFrame:
@@ -274,7 +289,9 @@ class Explorer:
                 plot_series(ax, g[x], g[metric], label, ls=style)
             ax.set(xlabel=x, ylabel=f"{metric} ({c['agg'].value})",
                    title=f"{c['experiment'].value}" + (f", {facet} {readable(fval)}" if facet != NONE else "")
-                   + (f"\n{c['agg'].value} pooled over {pooled}" if pooled else ""))
+                   # wrapped to the 5-inch panel (~55 title characters a line): a long list ran off both sides
+                   + ("\n" + textwrap.fill(f"{c['agg'].value} pooled over {pooled}", 55,
+                                            break_long_words=False) if pooled else ""))
             if pd.api.types.is_numeric_dtype(part[metric]) and wide_range(part[metric]):
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
