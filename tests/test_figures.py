@@ -82,3 +82,27 @@ def test_explorer_reads_list_values_stored_as_text_alike():
     assert readable("(0.5,)") == readable("[0.5]") == "[0.5]"
     assert readable("('round_robin', 'least_outstanding')") == "[round_robin, least_outstanding]"
     assert readable("(not a literal") == "(not a literal"
+
+
+def test_explorer_keeps_simulated_apart_and_ticks_at_swept_values(tmp_path, monkeypatch):
+    from ryzlab.io import append_jsonl, write_parquet
+    from ryzlab.workbench.explorer import Explorer
+
+    sweep = tmp_path / "results" / "S"
+    for i, (mode, workers) in enumerate((("live", 1), ("live", 2), ("simulated", 1), ("simulated", 2))):
+        rid = f"orchestrator-{i:02d}"
+        params = {"mode": mode, "workers": workers}
+        write_parquet(sweep / rid / "metrics.parquet",
+                      pd.DataFrame([{**params, "e2el_ms": 10.0 * workers + k, "step": k} for k in range(3)]))
+        append_jsonl(sweep / "manifest.jsonl", {"run_id": rid, "experiment": "orchestrator", "status": "ok",
+                                                "params": params})
+    (sweep / "spec.yaml").write_text("name: S\n")
+    import ryzlab.plots
+
+    figs = []
+    monkeypatch.setattr(ryzlab.plots, "show_figure", lambda fig, alt=None: figs.append(fig))
+    ex = Explorer(tmp_path / "results")
+    assert ex.controls["x"].value == "workers" and ex.controls["facet"].value == "mode"
+    assert [t.get_text() for t in figs[-1].axes[0].get_xticklabels()] == ["1", "2"], "no 1.2 workers"
+    assert "pooled" not in ex.alt
+    assert sorted(ex.data["mode"].unique()) == ["live", "simulated"]

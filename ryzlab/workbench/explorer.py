@@ -180,7 +180,8 @@ class Explorer:
             hues = [NONE, "sweep"] + [v for v in varying if v != "sweep"]
             c["hue"].options, c["facet"].options = hues, hues
             c["hue"].value = "sweep" if len(self.controls["sweeps"].value) > 1 else NONE
-            c["facet"].value = NONE
+            # simulated and measured rows never share a line: one panel each by default
+            c["facet"].value = "mode" if "mode" in varying else NONE
             self.filters = {}
             for col in self.swept.get(c["experiment"].value, []):
                 if col not in df.columns:
@@ -278,6 +279,8 @@ class Explorer:
                            for k, v in self.pooled_now.items())
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
         multi = len(c["sweeps"].value) > 1
+        numeric_x = pd.api.types.is_numeric_dtype(d[x])
+        xs = sorted(d[x].dropna().unique()) if numeric_x else []
         for ax, (fval, part) in zip(axes[0], panels):
             series = [k for k in dict.fromkeys(["sweep" if multi else None, hue if hue != NONE else None]) if k]
             groups = part.groupby(series, dropna=False) if series else [((), part)]
@@ -286,14 +289,17 @@ class Explorer:
                 names = dict(zip(series, key))
                 style = LINESTYLES[list(c["sweeps"].value).index(names["sweep"]) % 4] if "sweep" in names else "-"
                 label = ", ".join(f"{k} {v}" if k != "sweep" else f"sweep {v}" for k, v in names.items()) or metric
-                plot_series(ax, g[x], g[metric], label, ls=style)
+                # categories (codec names) joined by a line would read as a trend between them
+                plot_series(ax, g[x], g[metric], label, ls=style if numeric_x else "none")
             ax.set(xlabel=x, ylabel=f"{metric} ({c['agg'].value})",
                    title=f"{c['experiment'].value}" + (f", {facet} {readable(fval)}" if facet != NONE else "")
-                   # wrapped to the 5-inch panel (~55 title characters a line): a long list ran off both sides
-                   + ("\n" + textwrap.fill(f"{c['agg'].value} pooled over {pooled}", 55,
+                   # wrapped to the 5-inch panel (~42 title characters a line): a long list ran off both sides
+                   + ("\n" + textwrap.fill(f"{c['agg'].value} pooled over {pooled}", 42,
                                             break_long_words=False) if pooled else ""))
             if pd.api.types.is_numeric_dtype(part[metric]) and wide_range(part[metric]):
                 ax.set_yscale("log")
+            if 0 < len(xs) <= 10:  # ticks at the swept values: no 1.2 workers, no 2500-token context
+                ax.set_xticks(xs, [readable(v) for v in xs])
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
