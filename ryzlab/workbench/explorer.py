@@ -291,11 +291,11 @@ class Explorer:
                 label = ", ".join(f"{k} {v}" if k != "sweep" else f"sweep {v}" for k, v in names.items()) or metric
                 # categories (codec names) joined by a line would read as a trend between them
                 plot_series(ax, g[x], g[metric], label, ls=style if numeric_x else "none")
-            ax.set(xlabel=x, ylabel=f"{metric} ({c['agg'].value})",
-                   title=f"{c['experiment'].value}" + (f", {facet} {readable(fval)}" if facet != NONE else "")
-                   # wrapped to the 5-inch panel (~42 title characters a line): a long list ran off both sides
-                   + ("\n" + textwrap.fill(f"{c['agg'].value} pooled over {pooled}", 42,
-                                            break_long_words=False) if pooled else ""))
+            ax.set(xlabel=x, ylabel=f"{metric} ({c['agg'].value})")
+            # wrapped to the 5-inch panel at 9 pt (~55 characters a line): a long list ran off both sides
+            ax.set_title(f"{c['experiment'].value}" + (f", {facet} {readable(fval)}" if facet != NONE else "")
+                         + ("\n" + textwrap.fill(f"{c['agg'].value} pooled over {pooled}", 55,
+                                                  break_long_words=False) if pooled else ""), fontsize=9)
             if pd.api.types.is_numeric_dtype(part[metric]) and wide_range(part[metric]):
                 ax.set_yscale("log")
             if 0 < len(xs) <= 10:  # ticks at the swept values: no 1.2 workers, no 2500-token context
