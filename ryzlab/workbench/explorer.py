@@ -275,13 +275,16 @@ class Explorer:
         if d.empty or x == NONE or x not in d.columns:
             return ""
         panels = list(d.groupby(facet, dropna=False)) if facet != NONE else [(None, d)]
-        pooled = "; ".join(f"{k} ({', '.join(v[:4])}{' ...' if len(v) > 4 else ''})"
-                           for k, v in self.pooled_now.items())
+        words = lambda by: "; ".join(f"{k} ({', '.join(v[:4])}{' ...' if len(v) > 4 else ''})" for k, v in by.items())
+        raw = self.frame() if facet != NONE else None
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
         multi = len(c["sweeps"].value) > 1
         numeric_x = pd.api.types.is_numeric_dtype(d[x])
         xs = sorted(d[x].dropna().unique()) if numeric_x else []
         for ax, (fval, part) in zip(axes[0], panels):
+            # what this panel pools: a parameter constant within a facet value is not pooled there
+            pooled = words(self.pooled(raw[raw[facet].map(readable) == readable(fval)]) if raw is not None
+                           else self.pooled_now)
             series = [k for k in dict.fromkeys(["sweep" if multi else None, hue if hue != NONE else None]) if k]
             groups = part.groupby(series, dropna=False) if series else [((), part)]
             for key, g in groups:
