@@ -93,7 +93,8 @@ def test_explorer_keeps_simulated_apart_and_ticks_at_swept_values(tmp_path, monk
         rid = f"orchestrator-{i:02d}"
         params = {"mode": mode, "workers": workers, "n_requests": 100 if mode == "live" else 3000}
         write_parquet(sweep / rid / "metrics.parquet",
-                      pd.DataFrame([{**params, "e2el_ms": 10.0 * workers + k, "step": k} for k in range(3)]))
+                      pd.DataFrame([{**params, "policy": pol, "e2el_ms": 10.0 * workers + k, "step": k}
+                                    for k in range(3) for pol in ("round_robin", "least_outstanding")]))
         append_jsonl(sweep / "manifest.jsonl", {"run_id": rid, "experiment": "orchestrator", "status": "ok",
                                                 "params": params})
     (sweep / "spec.yaml").write_text("name: S\n")
@@ -104,5 +105,8 @@ def test_explorer_keeps_simulated_apart_and_ticks_at_swept_values(tmp_path, monk
     ex = Explorer(tmp_path / "results")
     assert ex.controls["x"].value == "workers" and ex.controls["facet"].value == "mode"
     assert [t.get_text() for t in figs[-1].axes[0].get_xticklabels()] == ["1", "2"], "no 1.2 workers"
-    assert "pooled" not in ex.alt, "n_requests differs between the panels, not within one"
+    assert "n_requests" not in ex.alt, "n_requests differs between the panels, not within one"
+    assert "pooled over policy (least_outstanding, round_robin)" in ex.alt.replace(",\n", ", "), "policies named"
+    ex.filters["policy"].value = ("round_robin",)
+    assert "pooled" not in ex.alt and len(ex.data) == 4
     assert sorted(ex.data["mode"].unique()) == ["live", "simulated"]

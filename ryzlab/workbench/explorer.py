@@ -183,9 +183,7 @@ class Explorer:
             # simulated and measured rows never share a line: one panel each by default
             c["facet"].value = "mode" if "mode" in varying else NONE
             self.filters = {}
-            for col in self.swept.get(c["experiment"].value, []):
-                if col not in df.columns:
-                    continue
+            for col in self.dimensions(df):
                 raw = sorted(dict.fromkeys(df[col].dropna()), key=value_order)
                 if not 1 < len(raw) <= MAX_FILTER_VALUES:
                     continue
@@ -206,13 +204,23 @@ class Explorer:
         c = self.controls
         shown = {c["x"].value, c["hue"].value, c["facet"].value, "sweep"}
         out = {}
-        for col in self.swept.get(c["experiment"].value, []):
-            if col in df.columns and col not in shown:
+        for col in self.dimensions(df):
+            if col not in shown:
                 vals = list(dict.fromkeys(readable(v) for v in sorted(dict.fromkeys(df[col].dropna()),
                                                                        key=value_order)))
                 if len(vals) > 1:
                     out[col] = vals
         return out
+
+    def dimensions(self, df: pd.DataFrame) -> list[str]:
+        """Columns that name a case rather than measure one: the swept parameters, then text columns
+        with a few values (an orchestrator point holds every policy and fault; a serving point holds
+        summary and timeline rows). A plot that pools them says so; each gets a filter."""
+        swept = [c for c in self.swept.get(self.controls["experiment"].value, []) if c in df.columns]
+        text = [c for c in df.columns if c not in swept and c not in ("run_id", "sweep", "experiment")
+                and not pd.api.types.is_numeric_dtype(df[c])
+                and 1 < df[c].dropna().astype(str).nunique() <= MAX_FILTER_VALUES]
+        return swept + text
 
     def frame_unfiltered(self) -> pd.DataFrame:
         saved, self.filters = self.filters, {}
