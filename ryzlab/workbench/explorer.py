@@ -214,12 +214,18 @@ class Explorer:
 
     def dimensions(self, df: pd.DataFrame) -> list[str]:
         """Columns that name a case rather than measure one: the swept parameters, then text columns
-        with a few values (an orchestrator point holds every policy and fault; a serving point holds
-        summary and timeline rows). A plot that pools them says so; each gets a filter."""
+        with a few values that differ inside a point (an orchestrator point holds every policy and
+        fault; a serving point holds summary and timeline rows). A plot that pools them says so; each
+        gets a filter."""
         swept = [c for c in self.swept.get(self.controls["experiment"].value, []) if c in df.columns]
         text = [c for c in df.columns if c not in swept and c not in ("run_id", "sweep", "experiment")
                 and not pd.api.types.is_numeric_dtype(df[c])
                 and 1 < df[c].dropna().astype(str).nunique() <= MAX_FILTER_VALUES]
+        if "run_id" in df.columns and len(df):
+            # only those that differ inside a point: a point's endpoint or layout echoes its parameters
+            as_text = pd.DataFrame({c: df[c].astype(str).where(df[c].notna()) for c in text})
+            within = as_text.groupby(df["run_id"]).nunique().gt(1).any()
+            text = [c for c in text if within[c]]
         return swept + text
 
     def frame_unfiltered(self) -> pd.DataFrame:
