@@ -203,6 +203,8 @@ class Explorer:
         aggregates over them (``{"dtype": ["float32", "bfloat16"]}``)."""
         c = self.controls
         shown = {c["x"].value, c["hue"].value, c["facet"].value, "sweep"}
+        if c["metric"].value in df.columns:  # only rows that hold the metric are pooled into it
+            df = df[df[c["metric"].value].notna()]
         out = {}
         for col in self.dimensions(df):
             if col not in shown:
@@ -223,7 +225,8 @@ class Explorer:
                 and 1 < df[c].dropna().astype(str).nunique() <= MAX_FILTER_VALUES]
         if "run_id" in df.columns and len(df):
             # only those that differ inside a point: a point's endpoint or layout echoes its parameters
-            as_text = pd.DataFrame({c: df[c].astype(str).where(df[c].notna()) for c in text})
+            as_text = pd.DataFrame({c: df[c].astype(str).where(df[c].notna() & df[c].astype(str).ne(""))
+                                    for c in text})
             within = as_text.groupby(df["run_id"]).nunique().gt(1).any()
             text = [c for c in text if within[c]]
         return swept + text
