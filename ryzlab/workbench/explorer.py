@@ -208,8 +208,8 @@ class Explorer:
         out = {}
         for col in self.dimensions(df):
             if col not in shown:
-                vals = list(dict.fromkeys(readable(v) for v in sorted(dict.fromkeys(df[col].dropna()),
-                                                                       key=value_order)))
+                vals = [v for v in dict.fromkeys(readable(v) for v in sorted(dict.fromkeys(df[col].dropna()),
+                                                                          key=value_order)) if v != ""]
                 if len(vals) > 1:
                     out[col] = vals
         return out
@@ -227,7 +227,8 @@ class Explorer:
             # only those that differ inside a point: a point's endpoint or layout echoes its parameters
             as_text = pd.DataFrame({c: df[c].astype(str).where(df[c].notna() & df[c].astype(str).ne(""))
                                     for c in text})
-            within = as_text.groupby(df["run_id"]).nunique().gt(1).any()
+            point = [df["sweep"], df["run_id"]] if "sweep" in df.columns else [df["run_id"]]  # ids repeat across sweeps
+            within = as_text.groupby(point).nunique().gt(1).any()
             text = [c for c in text if within[c]]
         return swept + text
 
