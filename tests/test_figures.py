@@ -110,3 +110,21 @@ def test_explorer_keeps_simulated_apart_and_ticks_at_swept_values(tmp_path, monk
     ex.filters["policy"].value = ("round_robin",)
     assert "pooled" not in ex.alt and len(ex.data) == 4
     assert sorted(ex.data["mode"].unique()) == ["live", "simulated"]
+
+
+def test_explorer_defaults_to_the_sections_headline_metric(tmp_path):
+    from ryzlab.io import append_jsonl, write_parquet
+    from ryzlab.workbench.explorer import Explorer
+
+    sweep = tmp_path / "S"
+    for i, workers in enumerate((1, 2)):
+        rid = f"serving-{i:02d}"
+        rows = [{"kind": "summary", "workers": workers, "duration_s": 6.0 + i, "ttft_ms_p99": 20.0 * workers}]
+        rows += [{"kind": "timeline", "workers": workers, "t_s": t, "goodput": 5.0 + t} for t in range(3)]
+        write_parquet(sweep / rid / "metrics.parquet", pd.DataFrame(rows))
+        append_jsonl(sweep / "manifest.jsonl", {"run_id": rid, "experiment": "serving", "status": "ok",
+                                                "params": {"workers": workers}})
+    (sweep / "spec.yaml").write_text("name: S\n")
+    ex = Explorer(sweep)
+    assert ex.controls["metric"].value == "ttft_ms_p99" and ex.controls["x"].value == "workers"
+    assert "pooled" not in ex.alt, "timeline rows hold no ttft_ms_p99: nothing pooled into it"

@@ -31,6 +31,9 @@ NONE = "(none)"
 AGGS = ("median", "mean", "min", "max", "count")
 LINESTYLES = ("-", "--", ":", "-.")
 MAX_FILTER_VALUES = 30
+HEADLINE = ("attn_us", "step_ms", "tpot_ms", "e2el_p99_ms", "ttft_ms_p99")
+"""Default metric, the first the rows hold: attention time, scaling decode step, KV decode step,
+orchestrator p99 latency, serving p99 TTFT (what the report's first plot of each section shows)."""
 
 
 def find_sweeps(results_dir: str | Path) -> dict[str, Path]:
@@ -170,7 +173,10 @@ class Explorer:
             # a measurement by default: a column that varies within a point, else any varying one
             per_point = [m for m in numeric if m != "sample" and "run_id" in df and
                          (df.groupby("run_id")[m].nunique() > 1).any()]
-            c["metric"].value = (per_point or [m for m in numeric if m in varying and m != "sample"] or numeric or [None])[0]
+            # the metric each report section leads with, where the rows hold it (serving: p99 TTFT, not duration_s)
+            headline = [m for m in HEADLINE if m in numeric]
+            c["metric"].value = (headline or per_point or [m for m in numeric if m in varying and m != "sample"]
+                                 or numeric or [None])[0]
             c["x"].options = varying or [NONE]
             # a swept parameter before "sample" (a step index: tpot against it pools every codec into noise)
             swept = [v for v in self.swept.get(c["experiment"].value, []) if v in varying]
