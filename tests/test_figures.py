@@ -128,3 +128,12 @@ def test_explorer_defaults_to_the_sections_headline_metric(tmp_path):
     ex = Explorer(sweep)
     assert ex.controls["metric"].value == "ttft_ms_p99" and ex.controls["x"].value == "workers"
     assert "pooled" not in ex.alt, "timeline rows hold no ttft_ms_p99: nothing pooled into it"
+
+
+def test_key_result_never_compares_round_robin_with_itself():
+    from ryzlab.plots.summary import orchestrator
+
+    rows = pd.DataFrame([{"mode": "live", "device": "cpu", "workers": 2, "fault": "none", "policy": p, "load": 0.5,
+                          "e2el_p99_ms": ms} for p, ms in (("round_robin", 119.0), ("least_outstanding", 155.0))])
+    text = " ".join(str(v) for r in orchestrator(rows) for v in r.values())
+    assert "1× round robin" not in text and "next: least outstanding, 155 ms" in text

@@ -194,6 +194,9 @@ def orchestrator(df: pd.DataFrame) -> list[dict]:
         best = g.sort_values("e2el_p99_ms").iloc[0]
         rr = g.loc[g["policy"] == "round_robin", "e2el_p99_ms"]
         vs = f" ({sig3(best['e2el_p99_ms'] / rr.iloc[0])}× round robin)" if len(rr) and rr.iloc[0] > 0 else ""
+        if best["policy"] == "round_robin" and len(g) > 1:  # "1× round robin" compares it with itself
+            nxt = g.sort_values("e2el_p99_ms").iloc[1]
+            vs = f" (next: {str(nxt['policy']).replace('_', ' ')}, {sig3(nxt['e2el_p99_ms'])} ms)"
         mode = str(ctx.get("mode", "live"))
         rows.append(_row(f"lowest p99 latency at load {sig3(best['load'])}: {int(ctx.get('workers', 0))} workers, "
                          f"fault {ctx.get('fault', 'none')} ({mode})",
