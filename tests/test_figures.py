@@ -137,3 +137,4 @@ def test_key_result_never_compares_round_robin_with_itself():
                           "e2el_p99_ms": ms} for p, ms in (("round_robin", 119.0), ("least_outstanding", 155.0))])
     text = " ".join(str(v) for r in orchestrator(rows) for v in r.values())
     assert "1× round robin" not in text and "next: least outstanding, 155 ms" in text
+    assert "offered load 0.5 of capacity" in text

@@ -198,8 +198,8 @@ def orchestrator(df: pd.DataFrame) -> list[dict]:
             nxt = g.sort_values("e2el_p99_ms").iloc[1]
             vs = f" (next: {str(nxt['policy']).replace('_', ' ')}, {sig3(nxt['e2el_p99_ms'])} ms)"
         mode = str(ctx.get("mode", "live"))
-        rows.append(_row(f"lowest p99 latency at load {sig3(best['load'])}: {int(ctx.get('workers', 0))} workers, "
-                         f"fault {ctx.get('fault', 'none')} ({mode})",
+        rows.append(_row(f"lowest p99 latency at offered load {sig3(best['load'])} of capacity: "
+                         f"{int(ctx.get('workers', 0))} workers, fault {ctx.get('fault', 'none')} ({mode})",
                          f"{str(best['policy']).replace('_', ' ')}: {sig3(best['e2el_p99_ms'])} ms{vs}",
                          "simulated (a model of workers, not a measurement)" if mode == "simulated"
                          else f"measured, device={ctx.get('device', 'unknown')}"))
