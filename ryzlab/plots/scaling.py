@@ -5,7 +5,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from ryzlab.experiments.scaling import scaling_efficiency
-from ryzlab.plots import bytes_axis, human_bytes, plot_series, show_figure, show_table, show_text, sig3
+from ryzlab.plots import bytes_axis, from_zero, human_bytes, plot_series, show_figure, show_table, show_text, sig3
 
 
 def report(df: pd.DataFrame) -> None:
@@ -65,13 +65,14 @@ def report(df: pd.DataFrame) -> None:
         axes[2].bar_label(bf, labels=[human_bytes(v) for v in g["comm_formula_per_step"]], fontsize=7)
         axes[2].set_xticks(list(xs), list(g.index))
         axes[2].set(xlabel="layout (tp x cp)")
-    axes[2].set_ylim(bottom=0)
+    for ax in axes:  # from zero, with headroom: the value labels on the tallest bars met the legend and title
+        from_zero(ax)
     bytes_axis(axes[2])
     axes[2].set(ylabel="bytes sent per decode step per rank", title=f"Communication per decode step ({devices})")
     for ax in axes:
         ax.grid(alpha=0.3, axis="y")
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left" if ax is axes[2] else "best")  # comm: the tall bars are right
     fig.tight_layout()
     show_figure(fig)
     cols = [c for c in ("device", "model", "layout", "codec", "context", "batch", "step_ms", "tokens_per_s",
