@@ -84,3 +84,32 @@ def test_layout_and_page_fields_are_the_configs_own():
     assert Config().key_granularity == "token_head"  # no "auto" here: every codec on the same scales
     with pytest.raises(ValueError, match="backend"):
         Config(backend="mpi")
+
+
+def _point(layout: str, tp: int, cp: int, threads: int, tokens_per_s: float, largest_context: int = 100) -> dict:
+    return {"device": "cpu", "model": "reference", "codec": "int8", "key_granularity": "auto", "context": 512,
+            "batch": 4, "budget_mib": 0.25, "layout": layout, "tp": tp, "cp": cp, "world_size": tp * cp,
+            "threads": threads, "tokens_per_s": tokens_per_s, "step_ms": 1.0, "prefill_ms": 1.0,
+            "largest_context": largest_context, "kv_bytes_per_rank": 1, "weight_bytes_per_rank": 1,
+            "comm_bytes_per_step": 0, "comm_formula_per_step": 0, "logits_rel_err_vs_ws1": 0.0}
+
+
+def test_speedup_only_at_equal_total_threads():
+    """2 ranks x 1 thread is compared with 1 rank x 2 threads, never with 1 rank x 1 thread; without
+    such a point the speedup is NaN and the note says why (constructed rows)."""
+    import pandas as pd
+
+    from ryzlab.experiments.scaling import scaling_efficiency
+
+    rows = [_point("tp1xcp1", 1, 1, 1, 100.0), _point("tp1xcp1", 1, 1, 2, 160.0),
+            _point("tp2xcp1", 2, 1, 1, 180.0, 200)]
+    s = scaling_efficiency(pd.DataFrame(rows))
+    tp2 = s[s["layout"] == "tp2xcp1"].iloc[0]
+    assert tp2["tokens_per_s_ws1"] == 160.0 and tp2["speedup"] == 180.0 / 160.0
+    assert tp2["scaling_efficiency"] == 180.0 / 160.0 / 2 and tp2["speedup_note"] == ""
+    assert len(s[s["layout"] == "tp1xcp1"]) == 2  # thread counts are not pooled into one median
+    only_one_thread = scaling_efficiency(pd.DataFrame([rows[0], rows[2]]))
+    tp2 = only_one_thread[only_one_thread["layout"] == "tp2xcp1"].iloc[0]
+    assert pd.isna(tp2["speedup"]) and pd.isna(tp2["scaling_efficiency"])
+    assert "no 1-rank point with 2 threads" in tp2["speedup_note"]
+    assert tp2["context_gain"] == 2.0  # capacity does not depend on threads

@@ -303,12 +303,17 @@ def run(cfg: Config) -> pd.DataFrame:
 
 
 def scaling_efficiency(df: pd.DataFrame) -> pd.DataFrame:
-    """Per point (layout, codec, context, batch, model): median tokens/s, speedup and efficiency
-    against the world size 1 point of the same sweep (NaN without one), and ``context_gain``
-    (largest context over world size 1's, same budget)."""
+    """Per point (layout, codec, context, batch, model, threads per rank): median tokens/s, and
+    speedup and efficiency against the world size 1 point of the same sweep that ran on the same
+    total threads (world size x threads per rank). Why equal threads: a 2-rank point with 1 thread
+    each against a 1-rank point with 1 thread measures the added core as much as the layout. NaN,
+    with ``speedup_note`` saying why, where no such point exists. ``context_gain`` (largest context
+    over world size 1's, same budget) does not depend on threads and uses any world size 1 point."""
     keys = [c for c in ("device", "model", "codec", "key_granularity", "context", "batch", "budget_mib")
             if c in df.columns]
-    med = (df.groupby(keys + ["layout", "tp", "cp", "world_size"], dropna=False)
+    thr = "threads" if "threads" in df.columns else "torch_threads" if "torch_threads" in df.columns else None
+    d = df.assign(threads_per_rank=df[thr].astype(float) if thr else float("nan"))
+    med = (d.groupby(keys + ["layout", "tp", "cp", "world_size", "threads_per_rank"], dropna=False)
            .agg(tokens_per_s=("tokens_per_s", "median"), step_ms=("step_ms", "median"),
                 prefill_ms=("prefill_ms", "first"), largest_context=("largest_context", "first"),
                 kv_bytes_per_rank=("kv_bytes_per_rank", "first"),
@@ -317,11 +322,33 @@ def scaling_efficiency(df: pd.DataFrame) -> pd.DataFrame:
                 comm_formula_per_step=("comm_formula_per_step", "first"),
                 logits_rel_err_vs_ws1=("logits_rel_err_vs_ws1", "first"))
            .reset_index())
-    base = med[med["world_size"] == 1].set_index(keys)
-    look = lambda col: [base[col].get(tuple(r[k] for k in keys) if len(keys) > 1 else r[keys[0]], float("nan"))
-                        for _, r in med.iterrows()]
-    med["tokens_per_s_ws1"] = look("tokens_per_s")
+    med["total_threads"] = med["world_size"] * med["threads_per_rank"]
+    # NaN never equals NaN: a column a point did not record is None in the key, so it still pairs
+    key = lambda r, extra=(): tuple(None if pd.isna(r[k]) else r[k] for k in keys + list(extra))
+    ws1 = med[med["world_size"] == 1]
+    by_threads = {key(r, ["threads_per_rank"]): r["tokens_per_s"] for _, r in ws1.iterrows()}
+    any_ws1 = {key(r): r for _, r in ws1.iterrows()}
+    base, notes = [], []
+    for _, r in med.iterrows():
+        b = by_threads.get(key(r) + (r["total_threads"],), float("nan"))
+        base.append(b)
+        if b == b:  # not NaN
+            notes.append("")
+        elif key(r) in any_ws1:
+            t = any_ws1[key(r)]["threads_per_rank"]
+            notes.append(f"no 1-rank point with {_threads_word(r['total_threads'])} threads (the 1-rank point "
+                         f"ran {_threads_word(t)}): not compared at unequal threads")
+        else:
+            notes.append("no 1-rank point in this sweep")
+    med["tokens_per_s_ws1"] = base
     med["speedup"] = med["tokens_per_s"] / med["tokens_per_s_ws1"]
     med["scaling_efficiency"] = med["speedup"] / med["world_size"]
-    med["context_gain"] = med["largest_context"] / pd.Series(look("largest_context"), index=med.index)
+    med["speedup_note"] = notes
+    gain = [any_ws1[key(r)]["largest_context"] if key(r) in any_ws1 else float("nan") for _, r in med.iterrows()]
+    med["context_gain"] = med["largest_context"] / pd.Series(gain, index=med.index, dtype=float)
     return med
+
+
+def _threads_word(x: float) -> str:
+    """A thread count for a sentence: an integer, or 'unknown' when it was not recorded."""
+    return "unknown" if pd.isna(x) else str(int(x))

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
-from ryzlab.config import Codec, LoadFields, ParallelFields, check_choice
+from ryzlab.config import Codec, LoadFields, ParallelFields, Preemption, check_choice
 from ryzlab.orchestrator.balance import PolicyName
 
 __all__ = ["Config", "run"]

@@ -139,9 +139,10 @@ def show_figure(fig: Any, alt: str | None = None) -> None:
 
 # ----------------------------------------------------------------------------- plotting
 def plot_series(ax: Any, x: Any, y: Any, label: str, *, simulated: bool = False, value_fmt=sig3,
-                **kw: Any) -> None:
+                note_dy: float = 5, **kw: Any) -> None:
     """A line with markers; a single point is a marker labelled with its value (a line through one
-    point reads as a trend). Simulated series are dashed, hollow, and say so in the legend."""
+    point reads as a trend), ``note_dy`` points above it (stagger it where single points share an x).
+    Simulated series are dashed, hollow, and say so in the legend."""
     xs, ys = list(x), list(y)
     style = {**(SIMULATED if simulated else MEASURED), **kw}
     label = f"{label} (simulated)" if simulated and "simulated" not in label else label
@@ -149,7 +150,7 @@ def plot_series(ax: Any, x: Any, y: Any, label: str, *, simulated: bool = False,
         style.pop("ls", None)
         ax.plot(xs, ys, ls="none", label=label, **style)
         if ys[0] is not None and not (isinstance(ys[0], float) and math.isnan(ys[0])):
-            ax.annotate(value_fmt(float(ys[0])), (xs[0], ys[0]), xytext=(5, 5), textcoords="offset points",
+            ax.annotate(value_fmt(float(ys[0])), (xs[0], ys[0]), xytext=(5, note_dy), textcoords="offset points",
                         fontsize=8)
     else:
         ax.plot(xs, ys, label=label, **style)
@@ -161,11 +162,25 @@ def from_zero(ax: Any) -> None:
     ax.set_ylim(0, top * 1.12 if top > 0 else 1)  # headroom for value labels and the legend
 
 
-def bytes_axis(ax: Any, axis: str = "y") -> None:
-    """Tick labels in B/KiB/MiB instead of raw byte counts."""
-    from matplotlib.ticker import FuncFormatter
+def binary_ticks(vmin: float, vmax: float, most: int = 8) -> list[float]:
+    """Tick values a power of two bytes apart (0, 8 KiB, 16 KiB): decimal steps read as 4.88 KiB."""
+    step = 2.0 ** math.ceil(math.log2(max(vmax - vmin, 1.0) / most))
+    first = math.ceil(vmin / step) * step
+    return [first + i * step for i in range(int((vmax - first) // step) + 1)]
 
-    getattr(ax, f"{axis}axis").set_major_formatter(FuncFormatter(lambda v, _pos: human_bytes(v)))
+
+def bytes_axis(ax: Any, axis: str = "y") -> None:
+    """Tick labels in B/KiB/MiB instead of raw byte counts, at power-of-two steps (linear axes)."""
+    from matplotlib.ticker import FuncFormatter, Locator
+
+    class BinaryLocator(Locator):
+        def __call__(self) -> list[float]:
+            return binary_ticks(*sorted(self.axis.get_view_interval()))
+
+    target = getattr(ax, f"{axis}axis")
+    if target.get_scale() == "linear":
+        target.set_major_locator(BinaryLocator())
+    target.set_major_formatter(FuncFormatter(lambda v, _pos: human_bytes(v)))
 
 
 def wide_range(values: Any, factor: float = 20.0) -> bool:

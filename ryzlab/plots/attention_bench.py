@@ -46,5 +46,12 @@ def report(df: pd.DataFrame) -> None:
     fig.tight_layout()
     show_figure(fig)
     show_table(s, "Decode attention (sdpa) per point: medians over timed steps")
-    show_text("Copy bandwidth is measured on a buffer of copy_mib MiB (main memory); KV that fits in the "
-              "CPU caches can be read faster than that, so a fraction above 1 means cache-resident KV.")
+    show_text(copy_note(df))
+
+
+def copy_note(df: pd.DataFrame) -> str:
+    """How the copy bandwidth was measured, with the buffer size the runs recorded (not the parameter's name)."""
+    sizes = sorted({int(v) for v in df["copy_mib"].dropna()}) if "copy_mib" in df.columns else []
+    size = " / ".join(map(str, sizes)) + " MiB" if sizes else "a main-memory-sized"
+    return (f"Copy bandwidth is measured by copying a {size} buffer (larger than the CPU caches: main memory); "
+            "KV that fits in the caches can be read faster than that, so a fraction above 1 means cache-resident KV.")

@@ -5,6 +5,8 @@ gets its own figure, titled with the mode and device.
 """
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib.pyplot as plt
 import pandas as pd
 
@@ -30,7 +32,8 @@ def p99_vs_load(df: pd.DataFrame) -> None:
         for ax, ((workers, fault), g) in zip(axes[0], panels):
             if g["load"].nunique() == 1:
                 g = g.sort_values("policy")
-                names = [str(p).replace("_", " ") for p in g["policy"]]
+                # wrapped at 11 characters: three names side by side fit a 4-inch panel
+                names = [textwrap.fill(str(p).replace("_", " "), 11) for p in g["policy"]]
                 bars = ax.bar(names, g["e2el_ms_p99"], color="none" if sim else "C0", edgecolor="C0",
                               hatch="//" if sim else None, label="simulated" if sim else "measured")
                 ax.bar_label(bars, labels=[sig3(v) for v in g["e2el_ms_p99"]], fontsize=8)

@@ -5,7 +5,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from ryzlab.experiments.scaling import scaling_efficiency
-from ryzlab.plots import bytes_axis, human_bytes, plot_series, show_figure, show_table, show_text, sig3
+from ryzlab.plots import bytes_axis, from_zero, human_bytes, plot_series, show_figure, show_table, show_text, sig3
 
 
 def report(df: pd.DataFrame) -> None:
@@ -21,9 +21,10 @@ def report(df: pd.DataFrame) -> None:
         "memory per rank, communication bytes and exactness are device-independent." if cpu else
         "Speedup and efficiency are against the world size 1 point of the same sweep.")
         + (" Threads per rank: " + ", ".join(map(str, sorted(df["threads"].dropna().astype(int).unique())))
-           + "; a world size N point with T threads per rank uses N x T threads, so its speedup over a 1-rank point "
-             "with fewer threads mixes the added cores with the layout: the key results compare at equal total "
-             "threads where the sweep has such a point." if "threads" in df.columns else ""))
+           + "; a world size N point with T threads per rank uses N x T threads, so speedup and efficiency are "
+             "only computed against a 1-rank point with N x T threads (empty otherwise, the note says why): "
+             "against fewer threads they would mix the added cores with the layout." if "threads" in df.columns
+           else ""))
     s = s.sort_values(["world_size", "tp", "context"])
     layouts = list(dict.fromkeys(s["layout"]))
     series = list(s.groupby(["codec", "context", "batch"]))
@@ -64,18 +65,21 @@ def report(df: pd.DataFrame) -> None:
         axes[2].bar_label(bf, labels=[human_bytes(v) for v in g["comm_formula_per_step"]], fontsize=7)
         axes[2].set_xticks(list(xs), list(g.index))
         axes[2].set(xlabel="layout (tp x cp)")
-    axes[2].set_ylim(bottom=0)
+    for ax in axes:  # from zero, with headroom: the value labels on the tallest bars met the legend and title
+        from_zero(ax)
     bytes_axis(axes[2])
     axes[2].set(ylabel="bytes sent per decode step per rank", title=f"Communication per decode step ({devices})")
     for ax in axes:
         ax.grid(alpha=0.3, axis="y")
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left" if ax is axes[2] else "best")  # comm: the tall bars are right
     fig.tight_layout()
     show_figure(fig)
     cols = [c for c in ("device", "model", "layout", "codec", "context", "batch", "step_ms", "tokens_per_s",
-                        "speedup", "scaling_efficiency", "prefill_ms", "weight_bytes_per_rank", "kv_bytes_per_rank",
+                        "threads_per_rank", "speedup", "scaling_efficiency", "prefill_ms",
+                        "weight_bytes_per_rank", "kv_bytes_per_rank",
                         "comm_bytes_per_step", "comm_formula_per_step", "largest_context", "context_gain",
-                        "logits_rel_err_vs_ws1") if c in s.columns]
-    show_table(s[cols], "Per point: medians over timed decode steps (slowest rank); speedup, efficiency and "
-                        "context gain against the world size 1 point of the same sweep (NaN without one)")
+                        "logits_rel_err_vs_ws1", "speedup_note") if c in s.columns]
+    show_table(s[cols], "Per point: medians over timed decode steps (slowest rank); speedup and efficiency against "
+                        "the world size 1 point with the same total threads, context gain against the world size 1 "
+                        "point (empty without one)")

@@ -184,21 +184,32 @@ def engines_side_by_side(df: pd.DataFrame) -> pd.DataFrame:
 
 def _plot_engines(s: pd.DataFrame, dev: str, limits: dict[str, float]) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for eng, g in s.groupby("engine"):
-        g = g.groupby("rate")[["tpot_ms_p99", "ttft_ms_p99", "output_token_throughput"]].mean().reset_index()
-        axes[0].plot(g["rate"], g["tpot_ms_p99"], marker="o", label=eng)
-        axes[1].plot(g["rate"], g["ttft_ms_p99"], marker="o", label=eng)
-        axes[2].plot(g["rate"], g["output_token_throughput"], marker="o", label=eng)
-    for ax, k in ((axes[0], "tpot"), (axes[1], "ttft")):
-        if k in limits:
-            ax.axhline(limits[k], color="red", ls="--", lw=1, label=f"SLO p99 {k.upper()} {limits[k]:g} ms")
-    axes[0].set(xlabel="offered rate (req/s)", ylabel="p99 TPOT (ms)", title=f"p99 TPOT per engine ({dev})")
-    axes[1].set(xlabel="offered rate (req/s)", ylabel="p99 TTFT (ms)", yscale="log",
-                title=f"p99 TTFT per engine ({dev})")
-    axes[2].set(xlabel="offered rate (req/s)", ylabel="output tokens/s", title=f"Throughput per engine ({dev})")
+    if s["rate"].nunique() == 1:  # one offered rate: a bar per engine, on axes from zero
+        rate = f"{sig3(float(s['rate'].iloc[0]))} req/s"
+        e = s.groupby("engine")[["tpot_ms_p99", "ttft_ms_p99", "output_token_throughput"]].mean().reset_index()
+        for ax, col, k, unit in ((axes[0], "tpot_ms_p99", "tpot", "p99 TPOT (ms)"),
+                                 (axes[1], "ttft_ms_p99", "ttft", "p99 TTFT (ms)"),
+                                 (axes[2], "output_token_throughput", None, "output tokens/s")):
+            config_bars(ax, e, ["engine"], col, limits.get(k) if k else None, unit)
+            ax.set(title=f"{unit.split(' (')[0]} per engine\nat {rate}, the only rate swept ({dev})")
+    else:
+        for eng, g in s.groupby("engine"):
+            g = g.groupby("rate")[["tpot_ms_p99", "ttft_ms_p99", "output_token_throughput"]].mean().reset_index()
+            axes[0].plot(g["rate"], g["tpot_ms_p99"], marker="o", label=eng)
+            axes[1].plot(g["rate"], g["ttft_ms_p99"], marker="o", label=eng)
+            axes[2].plot(g["rate"], g["output_token_throughput"], marker="o", label=eng)
+        for ax, k in ((axes[0], "tpot"), (axes[1], "ttft")):
+            if k in limits:
+                ax.axhline(limits[k], color="red", ls="--", lw=1, label=f"SLO p99 {k.upper()} {limits[k]:g} ms")
+        axes[0].set(xlabel="offered rate (req/s)", ylabel="p99 TPOT (ms)", title=f"p99 TPOT per engine ({dev})")
+        axes[1].set(xlabel="offered rate (req/s)", ylabel="p99 TTFT (ms)", yscale="log",
+                    title=f"p99 TTFT per engine ({dev})")
+        axes[2].set(xlabel="offered rate (req/s)", ylabel="output tokens/s", title=f"Throughput per engine ({dev})")
+        from_zero(axes[2])  # a 0.4% difference drawn on a zoomed axis looks like a factor
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     show_figure(fig)
 
@@ -209,26 +220,35 @@ def report(df: pd.DataFrame) -> None:
     dev = ", ".join(sorted(map(str, s["device"].unique())))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     group = [k for k in ("engine", "workers", "policy", "codec", "fault") if k in s.columns]
-    for key, g in s.groupby(group):
-        g = g.sort_values("rate")
-        label = _config_words(dict(zip(group, key)))
-        plot_series(axes[0], g["rate"], g["tpot_ms_p99"], label)
-        plot_series(axes[1], g["rate"], g["ttft_ms_p99"], label)
-    # one SLO per section: the spec's, on both latency plots
-    for ax, k in ((axes[0], "tpot"), (axes[1], "ttft")):
-        if k in limits:
-            ax.axhline(limits[k], color="red", ls=":", lw=1.5, label=f"SLO p99 {k.upper()} {limits[k]:g} ms")
-    axes[0].set(xlabel="offered rate (req/s)", ylabel="p99 TPOT (ms)", title=f"p99 TPOT vs rate (measured, device={dev})")
-    axes[1].set(xlabel="offered rate (req/s)", ylabel="p99 TTFT (ms)", title=f"p99 TTFT vs rate (measured, device={dev})")
-    for ax, col in ((axes[0], "tpot_ms_p99"), (axes[1], "ttft_ms_p99")):
-        if wide_range(s[col]):
-            ax.set_yscale("log")
-        else:
-            from_zero(ax)
+    if s["rate"].nunique() == 1:  # one offered rate: a bar per config (a "vs rate" axis of one value reads as nothing)
+        rate = f"{sig3(float(s['rate'].iloc[0]))} req/s"
+        for ax, col, k in ((axes[0], "tpot_ms_p99", "TPOT"), (axes[1], "ttft_ms_p99", "TTFT")):
+            config_bars(ax, s, group, col, limits.get(k.lower()), f"p99 {k} (ms)")
+            ax.set(title=f"p99 {k} per config at {rate}, the only rate swept\n(measured, device={dev})")
+    else:
+        for key, g in s.groupby(group):
+            g = g.sort_values("rate")
+            label = _config_words(dict(zip(group, key)))
+            plot_series(axes[0], g["rate"], g["tpot_ms_p99"], label)
+            plot_series(axes[1], g["rate"], g["ttft_ms_p99"], label)
+        # one SLO per section: the spec's, on both latency plots
+        for ax, k in ((axes[0], "tpot"), (axes[1], "ttft")):
+            if k in limits:
+                ax.axhline(limits[k], color="red", ls=":", lw=1.5, label=f"SLO p99 {k.upper()} {limits[k]:g} ms")
+        axes[0].set(xlabel="offered rate (req/s)", ylabel="p99 TPOT (ms)",
+                    title=f"p99 TPOT vs rate (measured, device={dev})")
+        axes[1].set(xlabel="offered rate (req/s)", ylabel="p99 TTFT (ms)",
+                    title=f"p99 TTFT vs rate (measured, device={dev})")
+        for ax, col in ((axes[0], "tpot_ms_p99"), (axes[1], "ttft_ms_p99")):
+            if wide_range(s[col]):
+                ax.set_yscale("log")
+            else:
+                from_zero(ax)
     throughput_vs_workers(axes[2], s, dev)
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     show_figure(fig)
 
@@ -265,6 +285,31 @@ def report(df: pd.DataFrame) -> None:
               "what this device did.")
 
 
+def config_bars(ax: Any, s: pd.DataFrame, group: list[str], col: str, slo_ms: float | None, ylabel: str) -> None:
+    """One bar per config, named by the keys that differ between configs (the others are the same for
+    every bar and said once, under the axis); a killed-worker point is hatched and says 'fault'; the
+    SLO, when given, is a red dotted line."""
+    varying = [k for k in group if s[k].nunique() > 1] or group[:1]
+    same = {k: s[k].iloc[0] for k in group if k not in varying}
+    names = [_config_words({k: r[k] for k in varying}).replace(", ", "\n") for _, r in s.iterrows()]
+    clean = fault_free(s)
+    bars = ax.bar(range(len(s)), s[col], color=["tab:blue" if c else "none" for c in clean],
+                  edgecolor=["tab:blue" if c else "tab:red" for c in clean],
+                  hatch=None, label=None)
+    for b, c in zip(bars, clean):
+        if not c:
+            b.set_hatch("//")
+    ax.bar_label(bars, labels=[sig3(v) for v in s[col]], fontsize=7)
+    if slo_ms is not None:
+        ax.axhline(slo_ms, color="red", ls=":", lw=1.5, label=f"SLO {ylabel.split(' (')[0]} {slo_ms:g} ms")
+    ax.set_xticks(range(len(s)), names, fontsize=7)
+    ax.set(ylabel=ylabel, xlabel=_config_words(same) + " (all bars)" if same else "")
+    if slo_ms is not None and s[col].max() < slo_ms / 20:  # the SLO line far above the bars squashes them
+        ax.set_yscale("log")
+    else:
+        from_zero(ax)
+
+
 def throughput_vs_workers(ax: Any, s: pd.DataFrame, dev: str) -> None:
     """Output tokens/s at the highest offered rate against workers: one line per config through the
     fault-free points only; a point with a killed worker is a separate hollow marker, labelled, never
@@ -273,15 +318,16 @@ def throughput_vs_workers(ax: Any, s: pd.DataFrame, dev: str) -> None:
     top = s.sort_values("rate").groupby(group).tail(1)
     clean = fault_free(top)
     series = [k for k in group if k not in ("workers", "fault")]
-    for key, g in top[clean].groupby(series):
+    for i, (key, g) in enumerate(top[clean].groupby(series)):
         g = g.sort_values("workers")
         plot_series(ax, g["workers"], g["output_token_throughput"],
-                    _config_words(dict(zip(series, key if isinstance(key, tuple) else (key,)))))
+                    _config_words(dict(zip(series, key if isinstance(key, tuple) else (key,)))),
+                    note_dy=5 - 12 * i)  # single points at one worker count: their value labels stacked, not overlaid
     for _, r in top[~clean].iterrows():
         ax.plot([r["workers"]], [r["output_token_throughput"]], ls="none", marker="X", ms=10, mfc="none",
                 color="tab:red", label=f"{_config_words({k: r[k] for k in series + ['workers']})}: "
                                        f"fault {r['fault']} (not comparable)")
     ax.set(xlabel="workers", ylabel="output tokens/s (highest offered rate)",
-           title=f"Throughput vs workers, fault-free points (measured, device={dev})")
+           title=f"Throughput vs workers, fault-free points\n(measured, device={dev})")
     ax.set_xticks(sorted(s["workers"].unique()))
     from_zero(ax)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,7 +234,11 @@ def ratio_figure(c: Comparison, *, min_change: float, confidence: float, max_row
 
     t = c.table.sort_values("verdict", key=lambda s: s.map({"regression": 0, "improvement": 1}).fillna(2),
                             kind="stable").head(max_rows).iloc[::-1]
-    fig = Figure(figsize=(9, 1.2 + 0.28 * max(1, len(t))))
+    # the whole point on the label, wrapped (a cut label hides which codec or layout a row is)
+    names = [textwrap.fill(f"{r.experiment}.{r.metric} | {r.point}", 60, break_long_words=False)
+             for r in t.itertuples()]
+    lines = sum(n.count("\n") + 1 for n in names)
+    fig = Figure(figsize=(11, 1.4 + 0.16 * lines + 0.08 * len(t)))
     ax = fig.subplots()
     colours = {"regression": "tab:red", "improvement": "tab:green", "within noise": "tab:gray"}
     ax.axvspan(1 / (1 + min_change), 1 + min_change, color="0.9", label=f"within ±{min_change:.0%}")
@@ -242,11 +247,13 @@ def ratio_figure(c: Comparison, *, min_change: float, confidence: float, max_row
         lo, hi = min(r.ci_low, r.b_over_a), max(r.ci_high, r.b_over_a)
         ax.errorbar([r.b_over_a], [i], xerr=[[r.b_over_a - lo], [hi - r.b_over_a]], fmt="o", capsize=3,
                     color=colours.get(r.verdict, "tab:gray"))
-    ax.set_yticks(range(len(t)), [f"{r.experiment}.{r.metric} | {r.point}"[:70] for r in t.itertuples()], fontsize=7)
+    ax.set_yticks(range(len(t)), names, fontsize=7)
+    ax.set_ylim(-0.6, len(t) - 0.4)
     for verdict, colour in colours.items():  # legend entries for the verdicts present
         if (t["verdict"] == verdict).any():
             ax.plot([], [], "o", color=colour, label=verdict)
     ax.set_xscale("log")
+    _ratio_ticks(ax)
     ax.set(xlabel=f"B/A (median ratio, {confidence:.0%} bootstrap interval; log scale)",
            title=f"B/A per metric: {c.b.name} vs {c.a.name}" + (f" ({max_rows} of {len(c.table)} shown)"
                                                                  if len(c.table) > max_rows else ""))
@@ -254,6 +261,22 @@ def ratio_figure(c: Comparison, *, min_change: float, confidence: float, max_row
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig
+
+
+def _ratio_ticks(ax: Any) -> None:
+    """Plain ratio ticks (0.5, 1, 2) on a log x axis: the default 3×10⁻¹ labels are hard to read and
+    collide where the axis spans less than a decade."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    from ryzlab.plots import sig3
+
+    lo, hi = ax.get_xlim()
+    fine = [0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0]
+    coarse = [m * 10.0 ** e for e in range(-3, 4) for m in (1, 2, 5)]
+    ticks = [x for x in (fine if hi / lo <= 3 else coarse) if lo <= x <= hi] or [1.0]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: sig3(v)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def terminal_table(c: Comparison, confidence: float = 0.99) -> str:
@@ -287,6 +310,9 @@ def html_page(c: Comparison, *, min_change: float, confidence: float) -> str:
 
     esc = html.escape
     flagged = c.table.sort_values("verdict", key=lambda s: s.map({"regression": 0, "improvement": 1}).fillna(2))
+    # the verdict first: the table is wider than a screen and the last column is the one scrolled off
+    order = ["verdict", "experiment", "metric", "point"]
+    flagged = flagged[order + [x for x in flagged.columns if x not in order]]
     body = table_html(flagged, f"B/A per metric with its {confidence:.0%} bootstrap interval")
     body = body.replace("<td>regression</td>", "<td style='background:#fdd'>regression</td>") \
                .replace("<td>improvement</td>", "<td style='background:#dfd'>improvement</td>")
@@ -302,8 +328,8 @@ def html_page(c: Comparison, *, min_change: float, confidence: float) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>ryzlab compare: {esc(c.b.name)} vs "
             f"{esc(c.a.name)}</title><style>body{{font-family:sans-serif;margin:24px}}"
             ".ryz-table{border-collapse:collapse;font-size:13px}.ryz-table td,.ryz-table th{padding:3px 8px;"
-            "border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}.ryz-table td:nth-child(-n+3),"
-            ".ryz-table th:nth-child(-n+3){text-align:left}</style></head><body>"
+            "border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}.ryz-table td:nth-child(-n+4),"
+            ".ryz-table th:nth-child(-n+4){text-align:left}</style></head><body>"
             f"<h1>ryzlab compare</h1><p>A = {esc(str(c.a))}<br>B = {esc(str(c.b))}</p>"
             f"<p>{len(c.table)} metrics with samples in both; {len(c.regressions)} regressions. A metric is "
             f"flagged when its {confidence:.0%} percentile-bootstrap interval of median(B)/median(A) lies wholly "

@@ -11,7 +11,9 @@ JupyterLab and classic Notebook); every value from the results is escaped in the
 """
 from __future__ import annotations
 
+import ast
 import html
+import textwrap
 import logging
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,9 @@ NONE = "(none)"
 AGGS = ("median", "mean", "min", "max", "count")
 LINESTYLES = ("-", "--", ":", "-.")
 MAX_FILTER_VALUES = 30
+HEADLINE = ("attn_us", "step_ms", "tpot_ms", "e2el_p99_ms", "ttft_ms_p99")
+"""Default metric, the first the rows hold: attention time, scaling decode step, KV decode step,
+orchestrator p99 latency, serving p99 TTFT (what the report's first plot of each section shows)."""
 
 
 def find_sweeps(results_dir: str | Path) -> dict[str, Path]:
@@ -73,6 +78,13 @@ def readable(value: Any) -> str:
     ``[int4, int2]`` for a tuple."""
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(map(readable, value)) + "]"
+    if isinstance(value, str) and value[:1] in "([" and value[-1:] in ")]":
+        # a list stored as its text: '(0.5,)' by one sweep, '[0.5]' by another, the same value
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):  # reason: not a Python literal, keep the text as it is
+            return value
+        return readable(parsed) if isinstance(parsed, (tuple, list)) else value
     if isinstance(value, float) and value == value and abs(value) != float("inf"):
         return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.6g}"
     return str(value)
@@ -137,7 +149,7 @@ class Explorer:
         df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
         for col, sel in self.filters.items():
             if col in df.columns and len(sel.value) < len(sel.options):
-                df = df[df[col].astype(str).isin(sel.value)]
+                df = df[df[col].map(readable).isin(sel.value)]
         return df
 
     def _on_sweeps(self, _change: Any = None) -> None:
@@ -161,23 +173,30 @@ class Explorer:
             # a measurement by default: a column that varies within a point, else any varying one
             per_point = [m for m in numeric if m != "sample" and "run_id" in df and
                          (df.groupby("run_id")[m].nunique() > 1).any()]
-            c["metric"].value = (per_point or [m for m in numeric if m in varying and m != "sample"] or numeric or [None])[0]
+            # the metric each report section leads with, where the rows hold it (serving: p99 TTFT, not duration_s)
+            headline = [m for m in HEADLINE if m in numeric]
+            c["metric"].value = (headline or per_point or [m for m in numeric if m in varying and m != "sample"]
+                                 or numeric or [None])[0]
             c["x"].options = varying or [NONE]
-            prefer = [v for v in ("context", "rate", "load", "workers", "world_size", "sample") if v in varying]
+            # a swept parameter before "sample" (a step index: tpot against it pools every codec into noise)
+            swept = [v for v in self.swept.get(c["experiment"].value, []) if v in varying]
+            prefer = ([v for v in ("context", "rate", "load", "workers", "world_size") if v in varying] + swept
+                      + [v for v in ("sample",) if v in varying])
             c["x"].value = (prefer or varying or [NONE])[0]
             hues = [NONE, "sweep"] + [v for v in varying if v != "sweep"]
             c["hue"].options, c["facet"].options = hues, hues
             c["hue"].value = "sweep" if len(self.controls["sweeps"].value) > 1 else NONE
-            c["facet"].value = NONE
+            # simulated and measured rows never share a line: one panel each by default
+            c["facet"].value = "mode" if "mode" in varying else NONE
             self.filters = {}
-            for col in self.swept.get(c["experiment"].value, []):
-                if col not in df.columns:
-                    continue
+            for col in self.dimensions(df):
                 raw = sorted(dict.fromkeys(df[col].dropna()), key=value_order)
                 if not 1 < len(raw) <= MAX_FILTER_VALUES:
                     continue
-                # the value behind each label is its str(): what frame() matches rows by
-                opts = [(readable(v), str(v)) for v in raw]
+                # one option per readable value ('(0.5,)' and '[0.5]' are one): what frame() matches rows by
+                opts = [(v, v) for v in dict.fromkeys(readable(v) for v in raw)]
+                if len(opts) < 2:
+                    continue
                 sel = w.SelectMultiple(options=opts, value=tuple(o[1] for o in opts), description=col,
                                        rows=min(4, len(opts)))
                 sel.observe(lambda _change: self.refresh(), names="value")
@@ -190,13 +209,34 @@ class Explorer:
         aggregates over them (``{"dtype": ["float32", "bfloat16"]}``)."""
         c = self.controls
         shown = {c["x"].value, c["hue"].value, c["facet"].value, "sweep"}
+        if c["metric"].value in df.columns:  # only rows that hold the metric are pooled into it
+            df = df[df[c["metric"].value].notna()]
         out = {}
-        for col in self.swept.get(c["experiment"].value, []):
-            if col in df.columns and col not in shown:
-                vals = sorted(dict.fromkeys(df[col].dropna()), key=value_order)
+        for col in self.dimensions(df):
+            if col not in shown:
+                vals = [v for v in dict.fromkeys(readable(v) for v in sorted(dict.fromkeys(df[col].dropna()),
+                                                                          key=value_order)) if v != ""]
                 if len(vals) > 1:
-                    out[col] = [readable(v) for v in vals]
+                    out[col] = vals
         return out
+
+    def dimensions(self, df: pd.DataFrame) -> list[str]:
+        """Columns that name a case rather than measure one: the swept parameters, then text columns
+        with a few values that differ inside a point (an orchestrator point holds every policy and
+        fault; a serving point holds summary and timeline rows). A plot that pools them says so; each
+        gets a filter."""
+        swept = [c for c in self.swept.get(self.controls["experiment"].value, []) if c in df.columns]
+        text = [c for c in df.columns if c not in swept and c not in ("run_id", "sweep", "experiment")
+                and not pd.api.types.is_numeric_dtype(df[c])
+                and 1 < df[c].dropna().astype(str).nunique() <= MAX_FILTER_VALUES]
+        if "run_id" in df.columns and len(df):
+            # only those that differ inside a point: a point's endpoint or layout echoes its parameters
+            as_text = pd.DataFrame({c: df[c].astype(str).where(df[c].notna() & df[c].astype(str).ne(""))
+                                    for c in text})
+            point = [df["sweep"], df["run_id"]] if "sweep" in df.columns else [df["run_id"]]  # ids repeat across sweeps
+            within = as_text.groupby(point).nunique().gt(1).any()
+            text = [c for c in text if within[c]]
+        return swept + text
 
     def frame_unfiltered(self) -> pd.DataFrame:
         saved, self.filters = self.filters, {}
@@ -259,11 +299,16 @@ class Explorer:
         if d.empty or x == NONE or x not in d.columns:
             return ""
         panels = list(d.groupby(facet, dropna=False)) if facet != NONE else [(None, d)]
-        pooled = "; ".join(f"{k} ({', '.join(v[:4])}{' ...' if len(v) > 4 else ''})"
-                           for k, v in self.pooled_now.items())
+        words = lambda by: "; ".join(f"{k} ({', '.join(v[:4])}{' ...' if len(v) > 4 else ''})" for k, v in by.items())
+        raw = self.frame() if facet != NONE else None
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
         multi = len(c["sweeps"].value) > 1
+        numeric_x = pd.api.types.is_numeric_dtype(d[x])
+        xs = sorted(d[x].dropna().unique()) if numeric_x else []
         for ax, (fval, part) in zip(axes[0], panels):
+            # what this panel pools: a parameter constant within a facet value is not pooled there
+            pooled = words(self.pooled(raw[raw[facet].map(readable) == readable(fval)]) if raw is not None
+                           else self.pooled_now)
             series = [k for k in dict.fromkeys(["sweep" if multi else None, hue if hue != NONE else None]) if k]
             groups = part.groupby(series, dropna=False) if series else [((), part)]
             for key, g in groups:
@@ -271,12 +316,17 @@ class Explorer:
                 names = dict(zip(series, key))
                 style = LINESTYLES[list(c["sweeps"].value).index(names["sweep"]) % 4] if "sweep" in names else "-"
                 label = ", ".join(f"{k} {v}" if k != "sweep" else f"sweep {v}" for k, v in names.items()) or metric
-                plot_series(ax, g[x], g[metric], label, ls=style)
-            ax.set(xlabel=x, ylabel=f"{metric} ({c['agg'].value})",
-                   title=f"{c['experiment'].value}" + (f", {facet} {readable(fval)}" if facet != NONE else "")
-                   + (f"\n{c['agg'].value} pooled over {pooled}" if pooled else ""))
+                # categories (codec names) joined by a line would read as a trend between them
+                plot_series(ax, g[x], g[metric], label, ls=style if numeric_x else "none")
+            ax.set(xlabel=x, ylabel=f"{metric} ({c['agg'].value})")
+            # wrapped to the 5-inch panel at 9 pt (~55 characters a line): a long list ran off both sides
+            ax.set_title(f"{c['experiment'].value}" + (f", {facet} {readable(fval)}" if facet != NONE else "")
+                         + ("\n" + textwrap.fill(f"{c['agg'].value} pooled over {pooled}", 55,
+                                                  break_long_words=False) if pooled else ""), fontsize=9)
             if pd.api.types.is_numeric_dtype(part[metric]) and wide_range(part[metric]):
                 ax.set_yscale("log")
+            if 0 < len(xs) <= 10:  # ticks at the swept values: no 1.2 workers, no 2500-token context
+                ax.set_xticks(xs, [readable(v) for v in xs])
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
