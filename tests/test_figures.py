@@ -91,7 +91,7 @@ def test_explorer_keeps_simulated_apart_and_ticks_at_swept_values(tmp_path, monk
     sweep = tmp_path / "results" / "S"
     for i, (mode, workers) in enumerate((("live", 1), ("live", 2), ("simulated", 1), ("simulated", 2))):
         rid = f"orchestrator-{i:02d}"
-        params = {"mode": mode, "workers": workers, "n_requests": 100 if mode == "live" else 3000}
+        params = {"mode": mode, "workers": workers, "num_requests": 100 if mode == "live" else 3000}
         write_parquet(sweep / rid / "metrics.parquet",
                       pd.DataFrame([{**params, "policy": pol, "e2el_ms": 10.0 * workers + k, "step": k}
                                     for k in range(3) for pol in ("round_robin", "least_outstanding")]))
@@ -105,7 +105,7 @@ def test_explorer_keeps_simulated_apart_and_ticks_at_swept_values(tmp_path, monk
     ex = Explorer(tmp_path / "results")
     assert ex.controls["x"].value == "workers" and ex.controls["facet"].value == "mode"
     assert [t.get_text() for t in figs[-1].axes[0].get_xticklabels()] == ["1", "2"], "no 1.2 workers"
-    assert "n_requests" not in ex.alt, "n_requests differs between the panels, not within one"
+    assert "num_requests" not in ex.alt, "n_requests differs between the panels, not within one"
     assert "pooled over policy (least_outstanding, round_robin)" in ex.alt.replace(",\n", ", "), "policies named"
     ex.filters["policy"].value = ("round_robin",)
     assert "pooled" not in ex.alt and len(ex.data) == 4
@@ -134,7 +134,7 @@ def test_key_result_never_compares_round_robin_with_itself():
     from ryzlab.plots.summary import orchestrator
 
     rows = pd.DataFrame([{"mode": "live", "device": "cpu", "workers": 2, "fault": "none", "policy": p, "load": 0.5,
-                          "e2el_p99_ms": ms} for p, ms in (("round_robin", 119.0), ("least_outstanding", 155.0))])
+                          "e2el_ms_p99": ms} for p, ms in (("round_robin", 119.0), ("least_outstanding", 155.0))])
     text = " ".join(str(v) for r in orchestrator(rows) for v in r.values())
     assert "1× round robin" not in text and "next: least outstanding, 155 ms" in text
     assert "offered load 0.5 of capacity" in text

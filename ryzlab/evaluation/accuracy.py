@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from ryzlab.config import CacheConfig
-from ryzlab.models.transformer import Transformer, apply_rope, rope_cos_sin, rope_inv_freq
+from ryzlab.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from ryzlab.models.transformer import Transformer
 from ryzlab.kv.cache import PagedKVCache
 from ryzlab.kv.store import KeyRope
 

@@ -126,8 +126,7 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def capacity_tokens(self) -> int | None:
         """Tokens the whole cache holds (None = unbounded)."""
-        n = self.cache.config.num_blocks
-        return None if n is None else n * self.cache.block_size
+        return self.cache.capacity_tokens
 
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         """Queue a request; raises ``ValueError`` for bad input (nothing is queued then)."""
@@ -198,7 +197,7 @@ class Engine:
                     self.counters["failed"] += 1
                     outputs.append(StepOutput(seqs[0].request_id, TokenChunk(), "error", f"{type(e).__name__}: {e}"))
                 # extend() registered the prefix hashes of blocks this forward never wrote
-                self.cache.pool.evict()
+                self.cache.evict_cached()
                 self.last_step_s = time.monotonic()
                 return outputs
             for i, (s, n) in enumerate(plan):

@@ -198,12 +198,8 @@ class Scheduler:
             return self._admit(seq)
         if not self._alloc(seq, seq.tokens[:n]):
             return False
-        cached = self.cache.num_cached_tokens(seq.seq_id)
         k, v = seq.swapped
-        self.cache.extend([seq.seq_id], None, num_write=[n - cached])
-        dev = self.cache.device
-        for layer in range(self.cache.n_layers):
-            self.cache.write(layer, k[layer, cached:n].to(dev), v[layer, cached:n].to(dev))
+        self.cache.restore(seq.seq_id, k, v)  # the cache plans and writes the tokens not already cached
         seq.swapped = None
         self.counters["swapped_in_tokens"] += n
         return True

@@ -31,7 +31,7 @@ NONE = "(none)"
 AGGS = ("median", "mean", "min", "max", "count")
 LINESTYLES = ("-", "--", ":", "-.")
 MAX_FILTER_VALUES = 30
-HEADLINE = ("attn_us", "step_ms", "tpot_ms", "e2el_p99_ms", "ttft_ms_p99")
+HEADLINE = ("attn_us", "step_ms", "tpot_ms", "e2el_ms_p99", "ttft_ms_p99")
 """Default metric, the first the rows hold: attention time, scaling decode step, KV decode step,
 orchestrator p99 latency, serving p99 TTFT (what the report's first plot of each section shows)."""
 
