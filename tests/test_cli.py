@@ -153,11 +153,11 @@ print(json.dumps({{"commands": commands, "seen": seen}}))
 def test_serve_context_defaults_to_the_models_and_the_served_name_is_settable():
     """Issue 23: --max-model-len was fixed at 1024 (SmolLM2 holds 8k); it now defaults to the model's context."""
     from ryzlab.cli import build_parser
-    from ryzlab.serve.cli import engine_kwargs, make_backend
+    from ryzlab.serve.cli import make_backend, replica_spec
 
     p = build_parser()
-    assert engine_kwargs(p.parse_args(["serve"]))["config"]["max_model_len"] == 4096  # reference.json's max_seq_len
-    assert engine_kwargs(p.parse_args(["serve", "--max-model-len", "512"]))["config"]["max_model_len"] == 512
+    assert replica_spec(p.parse_args(["serve"])).engine.max_model_len == 4096  # reference.json's max_seq_len
+    assert replica_spec(p.parse_args(["serve", "--max-model-len", "512"])).engine.max_model_len == 512
     backend = make_backend(p.parse_args(["serve", "--served-model-name", "smol", "--num-blocks", "64"]))
     try:
         assert backend.model_name == "smol" and backend.max_model_len == 4096

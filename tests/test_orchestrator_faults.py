@@ -1,6 +1,8 @@
 """Fault tolerance with real worker processes: kill and pause are detected, work re-routed,
 nothing lost, the worker restarted; units that keep failing are reported, not dropped."""
 import logging
+
+import psutil
 import os
 import signal
 import threading
@@ -126,9 +128,17 @@ def test_unit_dispatched_while_the_watchdog_reads_the_clock_gets_no_negative_lat
 
         pool.clock = clock
         with caplog.at_level(logging.ERROR, logger="ryzlab.orchestrator.pool"):
+            pool.inject(0, "pause")
+            s0 = pool.workers[0]
+            # Worker 0 certainly stopped, and every beat it sent before that already read by the
+            # collector: a beat still in the pipe would refresh last_beat when the watchdog drains it
+            # (arrival time), and the unit would be dispatched to worker 0 first (a load-dependent race).
+            proc = psutil.Process(s0.pid)
+            while proc.status() != psutil.STATUS_STOPPED:
+                time.sleep(0.01)
+            while s0.conn.poll(0):
+                time.sleep(0.01)
             with pool._lock:  # the watchdog cannot judge until worker 0 is certainly stale
-                pool.inject(0, "pause")
-                s0 = pool.workers[0]
                 while real() - s0.last_beat <= pool.beats.timeout():
                     time.sleep(0.01)  # polling a condition while holding the lock (a cv wait would release it)
                 armed.set()
