@@ -353,3 +353,33 @@ def test_report_puts_engines_side_by_side_with_ratios():
     assert engines_side_by_side(df[df.engine == "ryzlab"]).empty
     t = slo_table(df)  # scaling baselines do not mix engines
     assert set(t["engine"]) == {"ryzlab", "transformers"} and (t["scaling_vs_1_worker"] == 1.0).all()
+
+
+def test_engines_are_compared_only_as_they_were_measured_alike():
+    """ryzlab driven in-process is never set against the peer measured over HTTP; its own
+    one-thread server over HTTP is (constructed rows)."""
+    from ryzlab.plots.serving import engines_side_by_side
+
+    def row(engine, via, rate, tput):
+        return {"kind": "summary", "device": "cpu", "engine": engine, "via": via, "workers": 1, "policy": "-",
+                "codec": "none", "rate": rate, "tpot_ms_p99": 10, "ttft_ms_p99": 100,
+                "output_token_throughput": tput, "request_throughput": tput / 10, "requests_failed": 0}
+
+    mixed = pd.DataFrame([row("ryzlab", "in-process", 8, 400), row("transformers", "http", 8, 200)])
+    assert engines_side_by_side(mixed).empty  # in-process vs HTTP: not compared
+    alike = pd.concat([mixed, pd.DataFrame([row("ryzlab", "http", 8, 250)])])
+    side = engines_side_by_side(alike).set_index("engine")
+    assert side.loc["ryzlab", "output_token_throughput_there"] == 250  # the HTTP point, not the in-process one
+    assert side.loc["transformers", "output_token_throughput_there_vs_ryzlab"] == pytest.approx(200 / 250)
+
+
+def test_via_names_how_the_engine_is_driven():
+    from ryzlab.experiments.serving import Config
+
+    assert not Config().over_http and Config(via="http").over_http and Config(engine="transformers").over_http
+    with pytest.raises(ValueError, match="via='in-process' drives ryzlab's own engine only"):
+        Config(engine="transformers", via="in-process")
+    with pytest.raises(ValueError, match="via='http'.*workers=2"):
+        Config(via="http", workers=2)
+    with pytest.raises(ValueError, match="via"):
+        Config(via="grpc")

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Fault = Literal["none", "kill"]
+Via = Literal["auto", "in-process", "http"]
 EngineName = Literal["ryzlab", "transformers"]
 OpenArrival = Literal["poisson", "gamma", "closed"]
 
@@ -87,6 +88,10 @@ class Config(LoadFields, ParallelFields):
     engine: EngineName = "ryzlab"
     """Which engine to start: ryzlab's (router, in-process load) or ``transformers`` (the peer:
     its continuous batching on the same checkpoint, a server process measured over HTTP)."""
+    via: Via = "auto"
+    """How the engine is driven: ``auto`` (ryzlab in-process; the peer and an endpoint over HTTP),
+    ``in-process`` (router + engines, load generator in this process) or ``http`` (``ryzlab serve`` started as a server process, one thread, measured over
+    HTTP by the same client as the transformers peer: the like-for-like comparison with the peer)."""
     endpoint: str = ""
     """An OpenAI-compatible base URL (``http://host:port/v1``) to measure instead of starting an
     engine; empty = start one (``engine``)."""
@@ -94,6 +99,11 @@ class Config(LoadFields, ParallelFields):
     """Model name at ``endpoint`` (empty: the first of its ``GET /models``)."""
     api: str = "completions"
     """``completions`` or ``chat`` (over HTTP only)."""
+
+    @property
+    def over_http(self) -> bool:
+        """Whether this point is measured over HTTP (a server process or an endpoint)."""
+        return bool(self.endpoint) or self.engine == "transformers" or self.via == "http"
 
     def __post_init__(self) -> None:
         from ryzlab.config import CODECS
@@ -116,8 +126,13 @@ class Config(LoadFields, ParallelFields):
             from ryzlab.loadgen.cli import check_url
 
             check_url(self.endpoint)
-        if self.endpoint or self.engine == "transformers":
-            what = f"endpoint={self.endpoint!r}" if self.endpoint else "engine='transformers'"
+        check_choice("via", self.via, ("auto", "in-process", "http"))
+        if (self.endpoint or self.engine == "transformers") and self.via == "in-process":
+            raise ValueError("via='in-process' drives ryzlab's own engine only: the transformers peer and an "
+                             "endpoint are measured over HTTP (leave via='auto' or set via='http')")
+        if self.over_http:
+            what = (f"endpoint={self.endpoint!r}" if self.endpoint
+                    else "engine='transformers'" if self.engine == "transformers" else "via='http'")
             bad = [f"{k}={getattr(self, k)!r}" for k, ok in (("workers", 1), ("tp", 1), ("cp", 1), ("codec", "none"),
                                                               ("fault", "none")) if getattr(self, k) != ok]
             if self.endpoint and self.engine != "ryzlab":
@@ -153,7 +168,7 @@ def _device() -> str:
 
 
 def _run_http(c: Config) -> pd.DataFrame:
-    """Measure an endpoint (or the transformers peer, started here) over HTTP."""
+    """Measure an endpoint, or a one-thread server of ``c.engine`` started here, over HTTP."""
     import contextlib
 
     from ryzlab.loadgen.client import free_port, openai_client, probe_endpoint, serve_subprocess, served_models, server_argv
@@ -165,7 +180,7 @@ def _run_http(c: Config) -> pd.DataFrame:
     else:
         port = free_port()
         server = serve_subprocess(server_argv(
-            "transformers", model=c.model, port=port, block_size=c.block_size, num_blocks=c.num_blocks,
+            c.engine, model=c.model, port=port, block_size=c.block_size, num_blocks=c.num_blocks,
             max_num_seqs=c.max_num_seqs, max_model_len=_max_model_len(c), threads=1), port=port)
         device = _device()
     t_start = time.monotonic()
@@ -174,7 +189,7 @@ def _run_http(c: Config) -> pd.DataFrame:
         model = c.served_model or served_models(url)[0]
         profile = probe_endpoint(url, model, api=c.api)
         result = run_sync(lambda: run_load(_load_spec(c), openai_client(profile), timeout_s=c.timeout_s))
-    engine = "transformers" if not c.endpoint else f"endpoint:{model}"
+    engine = c.engine if not c.endpoint else f"endpoint:{model}"
     df = result.tidy(c.slo, bin_s=c.bin_s, device=device, engine=engine, via="http")
     for k, v in profile.as_dict().items():
         df.loc[df["kind"] == "summary", k] = v
@@ -197,7 +212,7 @@ def replica_spec(c: Config, device: str = "cpu") -> ReplicaSpec:
 
 
 def run(config: Config) -> pd.DataFrame:
-    if config.endpoint or config.engine == "transformers":
+    if config.over_http:
         return _run_http(config)
     from ryzlab.loadgen.load import run_load, run_sync
     from ryzlab.loadgen.metrics import parse_slo

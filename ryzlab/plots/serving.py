@@ -25,7 +25,7 @@ from ryzlab.plots import from_zero, plot_series, show_figure, show_table, show_t
 
 log = logging.getLogger(__name__)
 
-CONFIG = ["device", "engine", "workers", "policy", "codec", "fault", "rate"]
+CONFIG = ["device", "engine", "via", "workers", "policy", "codec", "fault", "rate"]
 RPS_TARGET = 1000.0
 SCALING_TARGET = 4.0
 
@@ -115,7 +115,7 @@ def max_rate_under_slo(df: pd.DataFrame) -> pd.DataFrame:
     ``min_rate_tried`` and ``next_rate_missed`` (the lowest rate tried above it, which missed; NaN
     when none was tried: then the rate found is only a floor of the true highest rate)."""
     s = df[df["kind"] == "summary"] if "kind" in df.columns else df
-    keys = [k for k in ("device", "engine", "workers", "policy", "codec", "fault", "slo") if k in s.columns]
+    keys = [k for k in ("device", "engine", "via", "workers", "policy", "codec", "fault", "slo") if k in s.columns]
     cols = [c for c in ("ttft_ms_p99", "tpot_ms_p99") if c in s.columns]
     s = s.groupby(keys + ["rate"], dropna=False)[cols].mean().reset_index()
     rows = []
@@ -153,9 +153,13 @@ def _config_words(cfg: dict) -> str:
 def engines_side_by_side(df: pd.DataFrame) -> pd.DataFrame:
     """Per (device, engine): the highest offered rate within the section's SLO (:func:`section_slo`)
     with no failed request, the output throughput at that rate, and both as ratios to ryzlab's
-    (same device). Fault-free points only. Empty unless the rows hold more than one engine."""
+    (same device). Fault-free points measured over HTTP only (each engine a server process driven
+    by the same client): ryzlab driven in-process is never set against the peer. Empty unless
+    such points hold more than one engine."""
     s = _summary(df)
     s = s[fault_free(s)]
+    if "via" in s.columns:  # like for like: engines are compared only as they were measured alike (over HTTP)
+        s = s[s["via"] == "http"]
     if "engine" not in s.columns or s["engine"].nunique() < 2:
         return pd.DataFrame()
     held = pd.Series(True, index=s.index)
@@ -167,9 +171,7 @@ def engines_side_by_side(df: pd.DataFrame) -> pd.DataFrame:
     for (dev, eng), g in s.groupby(["device", "engine"]):
         ok = g[held.loc[g.index]]
         best = ok.loc[ok["rate"].idxmax()] if len(ok) else None
-        via = ",".join(sorted(map(str, df.loc[df.get("engine") == eng, "via"].dropna().unique()))) \
-            if "via" in df.columns else ""
-        rows.append({"device": dev, "engine": eng, "via": via, "rates_tried": len(g),
+        rows.append({"device": dev, "engine": eng, "via": "http", "rates_tried": len(g),
                      "max_rate_under_slo": best["rate"] if best is not None else np.nan,
                      "output_token_throughput_there": best["output_token_throughput"] if best is not None else np.nan,
                      "tpot_ms_p99_there": best["tpot_ms_p99"] if best is not None else np.nan,

@@ -107,14 +107,14 @@ def serving(df: pd.DataFrame) -> list[dict]:
     for r in t.to_dict("records"):
         n = int(r["workers"])
         fault = str(r.get("fault", "none"))
-        who = (f"engine {r['engine']}, " if "engine" in r else "") + \
+        who = (f"engine {r['engine']}" + (f" ({r['via']})" if r.get("via") else "") + ", " if "engine" in r else "") + \
             f"{n} worker{'s' if n != 1 else ''}, policy {str(r['policy']).replace('_', ' ')}, codec {r['codec']}" + \
             (f"; FAULT POINT: {fault} (a worker killed under load)" if fault not in ("none", "nan") else "")
         rows.append(_row(f"highest offered rate meeting the SLO ({r['slo']}), {who}", _rate_value(r),
                          f"measured, device={r['device']}"))
     s = _summary(df)
     clean = s[fault_free(s)]
-    same = [k for k in ("device", "engine", "policy", "codec", "rate") if k in s.columns]
+    same = [k for k in ("device", "engine", "via", "policy", "codec", "rate") if k in s.columns]
     for key, g in clean.groupby(same, dropna=False):
         base, multi = g[g["workers"] == 1], g[g["workers"] > 1]
         ctx = dict(zip(same, key if isinstance(key, tuple) else (key,)))
