@@ -69,8 +69,8 @@ def test_single_rate_serving_draws_a_bar_per_config_named_by_what_differs(monkey
     plots.report(pd.DataFrame(rows))
     ax_tpot = figs[0].axes[0]
     names = [t.get_text() for t in ax_tpot.get_xticklabels()]
-    assert names == ["engine ryzlab\n1 worker\nfault none", "engine ryzlab\n2 workers\nfault kill",
-                     "engine transformers\n1 worker\nfault none"]
+    assert names == ["ryzlab\n1 worker\nfault none", "ryzlab\n2 workers\nfault kill",
+                     "transformers\n1 worker\nfault none"]
     assert "least outstanding" in ax_tpot.get_xlabel() and "only rate swept" in ax_tpot.get_title()
     engines = figs[-1].axes[2]  # throughput per engine: from zero, not a zoomed 80.55..80.85 axis
     assert engines.get_ylim()[0] == 0

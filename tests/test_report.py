@@ -410,6 +410,29 @@ def test_key_results_scaling_compares_at_equal_threads_or_says_it_does_not():
     assert alone["value"] == "no world size 1 point to compare with"
 
 
+def test_scaling_section_draws_one_layout_at_two_thread_counts(monkeypatch):
+    """The demo runs tp1xcp1 at 1 and 2 threads: the section crashed on duplicate bar labels and
+    left an empty figure that showed, unlabelled, at the end of the report."""
+    import matplotlib.pyplot as plt
+    import ryzlab.plots.scaling as S
+
+    shown = []
+    monkeypatch.setattr(S, "show_figure", lambda fig, alt=None: (shown.append(fig), plt.close(fig)))
+    monkeypatch.setattr(S, "show_table", lambda *a, **k: None)
+    monkeypatch.setattr(S, "show_text", lambda *a, **k: None)
+    rows = _scaling_rows([("tp1xcp1", 1, 1, 1, 100.0), ("tp1xcp1", 1, 1, 2, 160.0), ("tp2xcp1", 2, 1, 1, 150.0),
+                          ("tp1xcp2", 1, 2, 1, 170.0)])
+    rows = rows.assign(step_ms=10.0, prefill_ms=50.0, largest_context=1024, kv_bytes_per_rank=1e6,
+                       weight_bytes_per_rank=1e6, comm_bytes_per_step=1e3, comm_formula_per_step=1e3,
+                       logits_rel_err_vs_ws1=0.0)
+    before = set(plt.get_fignums())
+    S.report(rows)
+    (fig,) = shown
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert ticks == ["tp1xcp1, 1 thr", "tp1xcp1, 2 thr", "tp1xcp2", "tp2xcp1"], ticks
+    assert set(plt.get_fignums()) <= before  # nothing left open to show, unlabelled, at the end of the cell
+
+
 def _serving_rows(points, slo="ttft:2000,tpot:250"):
     return pd.DataFrame([{"kind": "summary", "device": "cpu", "engine": "ryzlab", "workers": w, "policy": "least_outstanding",
                           "codec": "none", "fault": fault, "rate": rate, "tpot_ms_p99": tpot, "ttft_ms_p99": 100.0,
@@ -478,3 +501,34 @@ def test_compare_page_draws_b_over_a_and_lists_the_environment_difference(tmp_pa
     assert '<img src="data:image/png;base64,' in page and "B/A per metric" in page
     assert "Environment: A vs B" in page and "3 item(s) differ" in page
     assert "<b>9.9</b>" not in page and "&lt;b&gt;9.9&lt;/b&gt;" in page, "values from the results are escaped"
+
+
+def test_failed_sections_are_named_from_the_executed_notebook():
+    import nbformat
+
+    from ryzlab.workbench.report import failed_sections
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("")
+    cell.outputs = [nbformat.v4.new_output("display_data", data={"text/html": "<h2>ok</h2>"}),
+                    nbformat.v4.new_output("display_data", data={"text/html": (
+                        "<p class='ryz-section-failed' data-section='scaling'><b>This section could not be drawn</b>")})]
+    nb.cells = [cell]
+    assert failed_sections(nb) == ["scaling"]
+    cell.outputs = cell.outputs[:1]
+    assert failed_sections(nb) == []
+
+
+def test_slo_table_scales_each_way_of_driving_against_its_own_one_worker_point():
+    """The demo has a 1-worker point in-process and another over HTTP: the table raised on the
+    duplicate baseline and the whole serving section was lost."""
+    from ryzlab.plots.serving import slo_table
+
+    rows = _serving_rows([(1, "none", 6.0, 50.0, 5.0), (2, "none", 6.0, 50.0, 9.0), (2, "kill", 6.0, 50.0, 8.0),
+                          (1, "none", 6.0, 50.0, 4.0)])
+    rows["via"] = ["in-process", "in-process", "in-process", "http"]
+    t = slo_table(rows).set_index(["via", "workers", "fault"])["scaling_vs_1_worker"]
+    assert len(t) == 4
+    assert t["in-process", 2, "none"] == pytest.approx(9.0 / 5.0)
+    assert t["http", 1, "none"] == pytest.approx(1.0)
+    assert np.isnan(t["in-process", 2, "kill"])  # the kill point is not a scaling figure

@@ -8,6 +8,15 @@ from ryzlab.experiments.scaling import scaling_efficiency
 from ryzlab.plots import bytes_axis, from_zero, human_bytes, plot_series, show_figure, show_table, show_text, sig3
 
 
+def layout_labels(s: pd.DataFrame) -> pd.Series:
+    """``tp1xcp1`` per point, with ``, N threads`` added where one layout ran at more than one thread
+    count per rank (the demo's 1-rank point at 1 and 2 threads): two bars must not share one label."""
+    varies = s.groupby("layout")["threads_per_rank"].transform("nunique") > 1
+    words = [f"{lay}, {int(t)} thr" if v and t == t else lay
+             for lay, t, v in zip(s["layout"], s["threads_per_rank"], varies)]
+    return pd.Series(words, index=s.index)
+
+
 def report(df: pd.DataFrame) -> None:
     """Decode step and prefill per layout, largest context per layout, communication measured vs
     formula, and one table row per point."""
@@ -25,7 +34,8 @@ def report(df: pd.DataFrame) -> None:
              "only computed against a 1-rank point with N x T threads (empty otherwise, the note says why): "
              "against fewer threads they would mix the added cores with the layout." if "threads" in df.columns
            else ""))
-    s = s.sort_values(["world_size", "tp", "context"])
+    s = s.sort_values(["world_size", "tp", "threads_per_rank", "context"])
+    s["layout"] = layout_labels(s)
     layouts = list(dict.fromkeys(s["layout"]))
     series = list(s.groupby(["codec", "context", "batch"]))
     width = 0.8 / max(1, len(series))

@@ -72,7 +72,8 @@ def slo_table(df: pd.DataFrame) -> pd.DataFrame:
     device. Scaling compares fault-free points only (a point with a killed worker gets n/a)."""
     s = _summary(df)
     limits = section_slo(df)
-    idx = [k for k in ("device", "engine", "policy", "codec", "rate") if k in s.columns]
+    # via too: a 2-worker in-process point scales against the 1-worker in-process point, not the HTTP one
+    idx = [k for k in ("device", "engine", "via", "policy", "codec", "rate") if k in s.columns]
     clean = fault_free(s)
     base = s[(s["workers"] == 1) & clean].set_index(idx)["request_throughput"]
     rows = []
@@ -83,6 +84,7 @@ def slo_table(df: pd.DataFrame) -> pd.DataFrame:
         met = all(r.get(f"{k}_ms_p99", np.nan) <= ms for k, ms in limits.items())
         rows.append({
             "device": r["device"], **({"engine": r["engine"]} if "engine" in s.columns else {}),
+            **({"via": r["via"]} if "via" in s.columns else {}),
             "workers": int(r["workers"]), "policy": r["policy"], "codec": r["codec"],
             **({"fault": r["fault"]} if "fault" in s.columns else {}),
             "rate": r["rate"], "tpot_ms_p99": p99,
@@ -221,7 +223,7 @@ def report(df: pd.DataFrame) -> None:
     limits = section_slo(df)
     dev = ", ".join(sorted(map(str, s["device"].unique())))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    group = [k for k in ("engine", "workers", "policy", "codec", "fault") if k in s.columns]
+    group = [k for k in ("engine", "via", "workers", "policy", "codec", "fault") if k in s.columns]
     if s["rate"].nunique() == 1:  # one offered rate: a bar per config (a "vs rate" axis of one value reads as nothing)
         rate = f"{sig3(float(s['rate'].iloc[0]))} req/s"
         for ax, col, k in ((axes[0], "tpot_ms_p99", "TPOT"), (axes[1], "ttft_ms_p99", "TTFT")):
@@ -293,7 +295,9 @@ def config_bars(ax: Any, s: pd.DataFrame, group: list[str], col: str, slo_ms: fl
     SLO, when given, is a red dotted line."""
     varying = [k for k in group if s[k].nunique() > 1] or group[:1]
     same = {k: s[k].iloc[0] for k in group if k not in varying}
-    names = [_config_words({k: r[k] for k in varying}).replace(", ", "\n") for _, r in s.iterrows()]
+    # bare values for engine and via under a narrow bar ("ryzlab", "in-process"): the key words overlapped
+    names = [_config_words({k: r[k] for k in varying}).replace("engine ", "").replace("via ", "").replace(", ", "\n")
+             for _, r in s.iterrows()]
     clean = fault_free(s)
     bars = ax.bar(range(len(s)), s[col], color=["tab:blue" if c else "none" for c in clean],
                   edgecolor=["tab:blue" if c else "tab:red" for c in clean],
@@ -316,7 +320,7 @@ def throughput_vs_workers(ax: Any, s: pd.DataFrame, dev: str) -> None:
     """Output tokens/s at the highest offered rate against workers: one line per config through the
     fault-free points only; a point with a killed worker is a separate hollow marker, labelled, never
     on a line with fault-free points (1 worker against 2 with one killed compares nothing)."""
-    group = [k for k in ("engine", "workers", "policy", "codec", "fault") if k in s.columns]
+    group = [k for k in ("engine", "via", "workers", "policy", "codec", "fault") if k in s.columns]
     top = s.sort_values("rate").groupby(group).tail(1)
     clean = fault_free(top)
     series = [k for k in group if k not in ("workers", "fault")]

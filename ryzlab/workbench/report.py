@@ -210,6 +210,12 @@ def _kernel_imports_this_ryzlab():
             os.environ["PYTHONPATH"] = old
 
 
+def failed_sections(nb: Any) -> list[str]:
+    """Experiments whose report section raised (report_page marks them), from an executed notebook."""
+    text = "".join(str(o.get("data", {}).get("text/html", "")) for c in nb.cells for o in c.get("outputs", []))
+    return re.findall(r"class='ryz-section-failed' data-section='([^']*)'", text)
+
+
 def build_report(sweep_dir: str | Path, *, kernel_name: str = KERNEL_NAME,
                  notebook: str | Path = NOTEBOOK_DIR / "report.ipynb", progress: bool = False) -> Path:
     """Aggregate, execute the report notebook, export offline HTML; returns the HTML path.
@@ -256,6 +262,9 @@ def build_report(sweep_dir: str | Path, *, kernel_name: str = KERNEL_NAME,
             run_sync(km.shutdown_kernel)(now=True)
         shutil.rmtree(work, ignore_errors=True)
     nb = nbformat.read(executed, as_version=4)
+    failed = failed_sections(nb)
+    if failed:  # said where the user looks (the command's output), not only inside the page
+        log.warning("report: %d section(s) could not be drawn: %s (the page says why)", len(failed), ", ".join(failed))
     title = f"ryzlab report: {sweep_dir.name}"
     nb.metadata["title"] = title
     exporter = HTMLExporter(template_name="lab", exclude_input=True, exclude_input_prompt=True,

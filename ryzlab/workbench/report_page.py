@@ -183,7 +183,11 @@ def render(sweep_dir: str | Path) -> SweepData:
                                              "highest and (highest - lowest) / median"))
         except Exception as e:  # noqa: BLE001 - one section's plot bug must not cost the whole report
             log.exception("section %s failed", experiment)
-            show_html(f"<p><b>This section could not be drawn</b>: {_esc(type(e).__name__)}: {_esc(e)}. "
+            import matplotlib.pyplot as plt
+
+            plt.close("all")  # a half-drawn figure would otherwise show, unlabelled, at the end of the cell
+            show_html(f"<p class='ryz-section-failed' data-section='{_esc(experiment)}'>"
+                      f"<b>This section could not be drawn</b>: {_esc(type(e).__name__)}: {_esc(e)}. "
                       "Its rows are in aggregate.parquet.</p>")
     show_html("<h2 id='failed'>Failed and timed-out points</h2>" + failures_html(data))
     show_html(appendix_html(data))
