@@ -160,6 +160,17 @@ def test_compare_reads_old_runs_without_samples_and_matches_by_parameters(tmp_pa
     assert all("context=192" in p for p in c.only_b)
 
 
+def test_compare_matches_points_whose_versions_wrote_columns_in_another_order(tmp_path):
+    """The kv_compression points of the demo before and after the consolidation did not match:
+    the same identifying columns came in another order."""
+    pts_a = grid(1, n_points=2)
+    pts_b = {k: v.assign(zeta="x", alpha=1)[list(reversed(v.assign(zeta="x", alpha=1).columns))]
+             for k, v in grid(2, n_points=2).items()}
+    pts_a = {k: v.assign(zeta="x", alpha=1) for k, v in pts_a.items()}
+    c = compare(make_sweep(tmp_path / "A", pts_a), make_sweep(tmp_path / "B", pts_b))
+    assert len(c.table) == 4 and not c.only_a and not c.only_b
+
+
 def test_bootstrap_interval_and_direction():
     rng = np.random.default_rng(0)
     a = rng.normal(100, 5, 50)

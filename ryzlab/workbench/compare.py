@@ -71,7 +71,8 @@ def sweep_samples(sweep_dir: str | Path) -> pd.DataFrame:
         s = tuples_from_lists(load_samples(run_dir, list(params)))
         if s.empty:
             continue
-        labels = [c for c in s.columns if c not in NOT_KEYS and c not in params and c != "experiment"]
+        # sorted: the key must not depend on the order a version of the experiment wrote its columns in
+        labels = sorted(c for c in s.columns if c not in NOT_KEYS and c not in params and c != "experiment")
         ident = [json.dumps(list(map(str, vals))) for vals in s[labels].itertuples(index=False)] if labels \
             else [""] * len(s)
         base = json.dumps(params, sort_keys=True, default=str)
