@@ -80,18 +80,27 @@ class Int8Linear(PackedLinear):
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None, *,
                  reduce: Any = None):
-        n, k = qweight.shape
+        """``qweight`` int8 ``[N, K]`` with ``scales [N, G]``, or already grouped: ``[G, N, g]`` with ``[G, N]``."""
+        if qweight.dim() == 3:  # grouped layout given (GGUF reader: no transposed copy of a large table)
+            groups, n, g = qweight.shape
+            k = groups * g
+        else:
+            n, k = qweight.shape
+            groups = scales.shape[1]
         super().__init__(n, k, bias, scales.dtype, reduce)
-        groups = scales.shape[1]
         self.group_size = 0 if groups == 1 else k // groups
         if groups == 1:
-            self.register_buffer("qweight", qweight.contiguous())                    # [N, K]
+            self.register_buffer("qweight", qweight.reshape(n, k).contiguous())      # [N, K]
             self.register_buffer("scales", scales.reshape(n).contiguous())           # [N]
             self.kernel = "aten._weight_int8pack_mm"
+        elif qweight.dim() == 3:
+            self.register_buffer("qweight", qweight.contiguous())                    # [G, N, g]
+            self.register_buffer("scales", scales.contiguous())                      # [G, N]
         else:  # one [N, g] slab per group: each is a per-row-scaled int8 matmul of its g inputs
             g = self.group_size
             self.register_buffer("qweight", qweight.reshape(n, groups, g).transpose(0, 1).contiguous())  # [G, N, g]
             self.register_buffer("scales", scales.t().contiguous())                 # [G, N]
+        if groups > 1:
             self.kernel = f"aten._weight_int8pack_mm x{groups} groups"
 
     @classmethod
