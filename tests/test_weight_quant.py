@@ -16,7 +16,7 @@ from ryzlab.models.transformer import Transformer
 torch.set_num_threads(1)
 
 M = ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, qkv_bias=True)
-FORMATS = ["bf16", "int8", "int8-f32", "int4-g32", "int4-g64", "int4-g32-f32", "ternary", "ternary-f32"]
+FORMATS = ["bf16", "int8", "int8-f32", "int8-g32", "int4-g32", "int4-g64", "int4-g32-f32", "ternary", "ternary-f32"]
 
 
 def _weight(n: int = 96, k: int = 128, seed: int = 0) -> torch.Tensor:
@@ -39,9 +39,10 @@ def _model(cfg: ModelConfig = M, seed: int = 0) -> Transformer:
 def test_parse_names_and_refuses_with_the_choices():
     assert parse_weight_format("int4-g64").group_size == 64
     assert parse_weight_format("INT8-f32").compute == "float32"
+    assert parse_weight_format("int8-g64").group_size == 64 and parse_weight_format("int8-g64").name == "int8-g64"
     for name in WEIGHT_FORMAT_CHOICES:
         assert parse_weight_format(name).name == name
-    for bad in ("int4", "int4-g48", "int3", "bf16-f32"):
+    for bad in ("int4", "int4-g48", "int3", "bf16-f32", "int8-g20"):
         with pytest.raises(ValueError) as e:
             parse_weight_format(bad)
         assert "int4-g32" in str(e.value) or "-f32" in str(e.value)

@@ -3,6 +3,7 @@
     float32       the model as built (nothing quantized)
     bf16          every linear layer and the embeddings stored in bfloat16
     int8          per-output-row symmetric int8 (absmax / 127), one scale per row
+    int8-g<N>     the same with one scale per N input values (N a multiple of 16; GGUF Q8_0 is int8-g32)
     int4-g<N>     group-wise asymmetric int4 along the input dimension, a scale and a zero per
                   group of N in {32, 64, 128, 256} (gpt-fast / torchao's int4 weight-only layout)
     ternary       BitNet b1.58 ternary {-1, 0, +1}, packed 4 values per byte (2 bits), one absmean
@@ -47,13 +48,13 @@ class WeightFormat:
 
     kind: WeightKind = "float32"
     group_size: int = 0
-    """int4: input values sharing a scale and zero (0 for the other kinds: int8 and ternary scale whole rows)."""
+    """int4 / int8: input values sharing a scale (and int4's zero); 0 = a scale per row (int8, ternary)."""
     compute: Literal["bfloat16", "float32"] = "bfloat16"
     """dtype of scales / zeros and of the activations handed to the kernel."""
 
     @property
     def name(self) -> str:
-        base = f"int4-g{self.group_size}" if self.kind == "int4" else self.kind
+        base = f"{self.kind}-g{self.group_size}" if self.group_size else self.kind
         return base + ("-f32" if self.compute == "float32" and self.kind not in ("float32", "bf16") else "")
 
     @property
@@ -81,12 +82,16 @@ def parse_weight_format(spec: str | WeightFormat | None) -> WeightFormat:
     m = re.fullmatch(r"int4-g(\d+)", s)
     if m and int(m.group(1)) in INT4_GROUP_SIZES:
         return WeightFormat(kind="int4", group_size=int(m.group(1)), compute=compute)
+    m = re.fullmatch(r"int8-g(\d+)", s)
+    if m and int(m.group(1)) >= 16 and int(m.group(1)) % 16 == 0:
+        return WeightFormat(kind="int8", group_size=int(m.group(1)), compute=compute)
     if s in ("float32", "bf16", "int8", "ternary", "gguf"):
         if compute == "float32" and s in ("float32", "bf16"):
             raise ValueError(f"weights={spec!r}: the -f32 suffix applies to int8 / int4 / ternary / gguf only")
         return WeightFormat(kind=s, compute=compute)  # type: ignore[arg-type]
     raise ValueError(f"weights={spec!r} is not a weight format; choose one of {', '.join(WEIGHT_FORMAT_CHOICES)} "
-                     f"(int4 group sizes {INT4_GROUP_SIZES}; add -f32 for float32 scales and activations)")
+                     f"(int4 group sizes {INT4_GROUP_SIZES}; int8-g<N>, N a multiple of 16, for a scale per N values "
+                     f"instead of per row; add -f32 for float32 scales and activations)")
 
 
 def _linears(cfg: ModelConfig, tp: int, rank: int) -> list[tuple[str, int, int, int]]:
@@ -110,8 +115,8 @@ def weight_format_problems(cfg: ModelConfig, fmt: WeightFormat, tp: int = 1) -> 
     otherwise two ranks would each hold part of one group or byte.
     """
     problems: list[str] = []
-    if fmt.kind in ("int4", "gguf"):
-        g = fmt.group_size if fmt.kind == "int4" else 32  # Q4_0 / Q4_1 / Q8_0 blocks are 32 values
+    if fmt.kind in ("int4", "gguf") or fmt.group_size:
+        g = fmt.group_size if fmt.kind != "gguf" else 32  # Q4_0 / Q4_1 / Q8_0 blocks are 32 values
         unit, what = g, f"group size {g}"
     elif fmt.kind == "ternary":
         unit, what = TERNARY_PER_BYTE, f"a packed byte ({TERNARY_PER_BYTE} ternary values)"
@@ -127,7 +132,7 @@ def weight_format_problems(cfg: ModelConfig, fmt: WeightFormat, tp: int = 1) -> 
                 if proj not in seen:
                     problems.append(msg)
                     seen.add(proj)
-    if fmt.kind in ("int4", "gguf") and cfg.dim % unit:
+    if (fmt.kind in ("int4", "gguf") or fmt.group_size) and cfg.dim % unit:
         problems.append(f"embeddings / output head: rows of dim={cfg.dim} values are not whole groups of {unit}")
     return problems
 

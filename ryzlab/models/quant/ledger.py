@@ -40,6 +40,7 @@ def linear_weight_parts(rows: int, cols: int, fmt: WeightFormat | str, group_siz
     if kind == "bf16":
         return {"payload": rows * cols * 2, "scales": 0, "padding": 0}
     if kind == "int8":
+        group_size = group_size or fmt.group_size
         groups = cols // group_size if group_size else 1
         return {"payload": rows * cols, "scales": rows * groups * c, "padding": 0}
     if kind == "ternary":

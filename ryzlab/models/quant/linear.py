@@ -232,7 +232,7 @@ class PackedEmbedding(nn.Module):
 
 def _pack(w: torch.Tensor, bias: torch.Tensor | None, fmt: WeightFormat, reduce: Any) -> PackedLinear:
     if fmt.kind == "int8":
-        return Int8Linear.from_float(w, bias, fmt, reduce=reduce)
+        return Int8Linear.from_float(w, bias, fmt, fmt.group_size, reduce=reduce)
     if fmt.kind == "int4":
         return Int4Linear.from_float(w, bias, fmt, reduce=reduce)
     if fmt.kind == "ternary":
