@@ -71,6 +71,9 @@ class PackedLinear(nn.Module):
             y = self.reduce(y.contiguous())
         return y if self.bias is None else y + self.bias
 
+    def scales_device(self) -> torch.device:
+        return next(iter(self.buffers())).device
+
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, kernel={self.kernel}"
 
@@ -225,6 +228,12 @@ class PackedEmbedding(nn.Module):
     @property
     def kernel(self) -> str:
         return f"row gather + dequantize ({type(self.table).__name__})"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """An empty tensor of the activation dtype: callers read ``model.tok_embeddings.weight.dtype``
+        (KV caches, reports) to learn the model's dtype; the packed rows live in ``table``."""
+        return torch.empty(0, dtype=self.dtype, device=self.table.scales_device())
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.table.rows(tokens).to(self.dtype).reshape(*tokens.shape, -1)
