@@ -45,3 +45,11 @@ def test_bad_points_are_refused_before_running():
         make_config("weight_compression", {**SMALL, "weights": "gguf"})
     with pytest.raises(ValueError, match="is not a weight format"):
         make_config("weight_compression", {**SMALL, "weights": "int5"})
+
+
+def test_kv_compression_runs_on_packed_weights_and_refuses_a_misfit():
+    with pytest.raises(ValueError, match="int4-g128 does not fit"):
+        make_config("kv_compression", {"model": "random", "weights": "int4-g128"})
+    df = run_experiment("kv_compression", {"model": "random", "weights": "int8", "codec": "int4", "context": 32,
+                                           "decode_steps": 2, "eval_windows": 1, "eval_len": 64, "eval_prefill": 32})
+    assert (df.weights == "int8").all() and 0 < df.kl_per_token.iloc[0] < 0.5
