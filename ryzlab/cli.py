@@ -123,6 +123,9 @@ def _add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="'reference' (default), 'random', a Hugging Face folder or a .gguf file")
     g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="weights' dtype (default float32 on CPU, the checkpoint's on a GPU)")
+    g.add_argument("--weights", default="float32", metavar="FORMAT",
+                   help="weight format: float32 (default), bf16, int8, int8-g<N>, int4-g32/g64/g128/g256, ternary, "
+                        "gguf (a GGUF file's own Q8_0/Q4_x blocks); add -f32 for float32 scales")
     g.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)")
     g.add_argument("--json", action="store_true", help="print one JSON line with text and token_ids")
     g.set_defaults(fn=cmd_generate)
@@ -133,11 +136,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import os
     import time
 
+    from ryzlab.models.quant import parse_weight_format
     from ryzlab.serve.generate import GenerateRequest, generate
 
     req = GenerateRequest(prompt=args.prompt, max_tokens=args.max_tokens, tp=args.tp, cp=args.cp, codec=args.codec,
                           temperature=args.temperature, seed=args.seed, model=args.model, threads=args.threads,
-                          dtype=args.dtype)
+                          dtype=args.dtype, weights=parse_weight_format(args.weights).name)
     # progress on stderr (stdout stays the completion, or the JSON line): loading a checkpoint
     # and starting ranks takes seconds to minutes; one rank of a torchrun job says it
     talk = os.environ.get("RANK", "0") == "0"

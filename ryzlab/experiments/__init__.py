@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 EXPERIMENTS: dict[str, str] = {
     "attention_bench": "ryzlab.experiments.attention_bench",
     "kv_compression": "ryzlab.experiments.kv_compression",
+    "weight_compression": "ryzlab.experiments.weight_compression",
     "serving": "ryzlab.experiments.serving",
     "scaling": "ryzlab.experiments.scaling",
     "orchestrator": "ryzlab.experiments.orchestrator",

@@ -78,6 +78,10 @@ class Config(QuantFields):
     """Attention path of the paged cache: ``triton`` reads compressed pages in Triton kernels (CUDA),
     ``torch`` decodes pages then attends; ``auto``: triton on CUDA when installed. Recorded per row."""
     seed: int = 0
+    weights: str = "float32"
+    """Weight format of the model (:data:`ryzlab.models.quant.WEIGHT_FORMAT_CHOICES`); the accuracy
+    reference is the same weights with an uncompressed cache (the weight_compression experiment
+    measures weights against float32)."""
     peer: Literal["", "quanto_int4", "quanto_int2"] = ""
     """Measure this peer cache instead of ryzlab's (needs a Hugging Face folder or .gguf ``model``)."""
 
@@ -110,6 +114,11 @@ class Config(QuantFields):
             raise ValueError(f"text={self.text!r}: no such file (empty = the held-out stdlib text)")
         self.cache_config().check_head_dim(self.model_config().head_dim)  # the cache fields together, and vs the model
         self.cache_config().check_layers(self.model_config().n_layers)
+        from ryzlab.models.quant import check_weight_format
+
+        check_weight_format(self.model_config(), self.weights)
+        if self.peer and self.weights != "float32":
+            raise ValueError(f"weights={self.weights!r} applies to ryzlab's model; a peer cache runs float32 weights")
         if self.peer and (self.model in ("reference", "random") or not Path(self.model).expanduser().exists()):
             raise ValueError(f"peer={self.peer!r} runs on a transformers model: model must be a Hugging Face "
                              f"folder or a .gguf file, got {self.model!r}")
@@ -133,7 +142,7 @@ def _model(cfg: Config, device: torch.device) -> tuple[Any, Any, float | None, s
 
     src = check_model(cfg.model)
     model, tok = load_model(cfg.model, dtype=None if cfg.dtype == "auto" else cfg.dtype, device=device,
-                            model_config=TINY if cfg.model == "random" else None, seed=cfg.seed)
+                            model_config=TINY if cfg.model == "random" else None, seed=cfg.seed, weights=cfg.weights)
     ref_ppl = None
     if src.kind == "reference":
         ref_ppl = json.loads(src.path.with_suffix(".json").read_text()).get("heldout_perplexity")

@@ -14,6 +14,7 @@ shard) and the serving engine apply unchanged.
 * :mod:`.gguf` — llama-architecture GGUF files, dequantized on load;
 * :mod:`.tokenizer` — byte, ``tokenizer.json`` and GGUF tokenizers, chat templates;
 * :mod:`.loader` — :func:`load_model`.
+* :mod:`.quant` — weight formats (bf16 / int8 / int4 / ternary, GGUF blocks kept packed): ``load_model(..., weights=)``.
 """
 from ryzlab.models.gguf import GGUF_ARCHITECTURES
 from ryzlab.models.hf import HF_ARCHITECTURES

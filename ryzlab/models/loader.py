@@ -24,6 +24,7 @@ from torch import nn
 from ryzlab.config import ModelConfig, ParallelConfig
 from ryzlab.models.transformer import Transformer, rope_inv_freq
 from ryzlab.models.check import check_model
+from ryzlab.models.quant import WEIGHT_FORMAT_CHOICES, WeightFormat, check_weight_format, quantize_weights
 from ryzlab.models.source import ModelSource, meta_skeleton, resolve_dtype
 from ryzlab.models.tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_folder, tokenizer_from_gguf
 
@@ -50,8 +51,8 @@ def load_tokenizer(spec: str | ModelSource) -> Tokenizer:
 
 
 def load_model(spec: str, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-               tp: Comm | None = None, model_config: ModelConfig | None = None, seed: int = 0
-               ) -> tuple[Transformer, Tokenizer]:
+               tp: Comm | None = None, model_config: ModelConfig | None = None, seed: int = 0,
+               weights: str | WeightFormat | None = None) -> tuple[Transformer, Tokenizer]:
     """Load ``spec`` (see :data:`~ryzlab.models.MODEL_CHOICES`) as a ryzlab Transformer in eval mode.
 
     * ``reference``: the shipped byte-level checkpoint; ``random``: ``Transformer(model_config or
@@ -62,6 +63,9 @@ def load_model(spec: str, *, dtype: str | torch.dtype | None = None, device: str
     * ``tp``: the tensor-parallel :class:`ryzlab.parallel.Comm` (None = tp 1). Each rank
       materializes only its shard; ``model.tp_layout`` / ``model.local_config`` are set whenever
       ``tp`` is given.
+    * ``weights``: a weight format (:data:`ryzlab.models.quant.WEIGHT_FORMAT_CHOICES`; None = float32):
+      projections, embeddings and head packed after loading (each rank its shard);
+      ``'gguf'`` keeps a GGUF file's Q8_0 / Q4_0 / Q4_1 tensors packed as they are read.
 
     Every check (spec, dtype, tp size against the heads) runs before any weight is read.
     """
@@ -76,6 +80,10 @@ def load_model(spec: str, *, dtype: str | torch.dtype | None = None, device: str
         from ryzlab.parallel import validate_parallel
 
         validate_parallel(cfg, ParallelConfig(tp=ws))
+    fmt = check_weight_format(cfg, weights, ws)
+    if fmt.kind == "gguf" and src.kind != "gguf":
+        raise ValueError(f"weights=gguf keeps a GGUF file's own blocks; {spec!r} is a {src.kind} model: choose a "
+                         f"post-training format ({', '.join(c for c in WEIGHT_FORMAT_CHOICES if c != 'gguf')})")
     t0 = time.perf_counter()
     if src.kind in ("reference", "random", "checkpoint"):
         model = _builtin(src, cfg, torch_dtype, device, seed)
@@ -85,8 +93,10 @@ def load_model(spec: str, *, dtype: str | torch.dtype | None = None, device: str
             apply_tp(model, tp)
         tok: Tokenizer = ByteTokenizer()
     else:
-        model = _from_checkpoint(src, torch_dtype, device, tp)
+        model = _from_checkpoint(src, torch_dtype, device, tp, fmt)
         tok = load_tokenizer(src)
+    if fmt.kind != "gguf":
+        quantize_weights(model, fmt)
     if tok.vocab_size > cfg.vocab_size:
         log.warning("%s: tokenizer has %d ids but the model only %d rows of embeddings", src.name, tok.vocab_size,
                     cfg.vocab_size)
@@ -108,7 +118,8 @@ def _builtin(src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device: tor
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _from_checkpoint(src: ModelSource, dtype: torch.dtype, device: torch.device, tp: Comm | None) -> Transformer:
+def _from_checkpoint(src: ModelSource, dtype: torch.dtype, device: torch.device, tp: Comm | None,
+                     fmt: WeightFormat | None = None) -> Transformer:
     from ryzlab.parallel import apply_tp, shard_spec
     from ryzlab.parallel.layout import tp_layout
     from ryzlab.models.source import file_key
@@ -134,6 +145,10 @@ def _from_checkpoint(src: ModelSource, dtype: torch.dtype, device: torch.device,
     if tp is not None:
         apply_tp(model, tp)
     layout = getattr(model, "tp_layout", None) or tp_layout(cfg, 1, 0)
+    if fmt is not None and fmt.kind == "gguf":  # Q8_0 / Q4_x tensors go straight into packed layers
+        from ryzlab.models.quant.gguf_native import load_native
+
+        load_native(model, ckpt, to_file, shard_spec, layout, fmt, dtype)
     for name, p in list(model.named_parameters()):  # tied output.weight is the embedding: listed once
         spec = shard_spec(name, cfg, layout)
         out = torch.empty(p.shape, dtype=dtype, device=device)
@@ -141,7 +156,7 @@ def _from_checkpoint(src: ModelSource, dtype: torch.dtype, device: torch.device,
             read(to_file(name), out, spec)
         mod_name, attr = name.rsplit(".", 1)
         setattr(model.get_submodule(mod_name), attr, nn.Parameter(out, requires_grad=False))
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and isinstance(model.output, nn.Linear) and isinstance(model.tok_embeddings, nn.Embedding):
         model.output.weight = model.tok_embeddings.weight
     model.inv_freq = rope_inv_freq(cfg, device)
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]

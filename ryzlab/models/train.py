@@ -2,6 +2,7 @@
 
     python -m ryzlab.models.train                      # writes ryzlab/checkpoints/reference.{safetensors,json}
     python -m ryzlab.models.train --steps 50 --out /tmp/x.safetensors   # a quick smoke run
+    python -m ryzlab.models.train --weights ternary    # BitNet b1.58 QAT -> ryzlab/checkpoints/bitnet.{safetensors,json}
 
 Reproducible from ``--seed``: the corpus is a fixed sorted file list, batches are drawn from
 a seeded generator, the model is initialised from the same seed, and training runs on one
@@ -25,6 +26,9 @@ import torch.nn.functional as F
 from ryzlab.config import ModelConfig
 from ryzlab.models.corpus import Corpus, stdlib_corpus
 from ryzlab.models.transformer import REFERENCE_CHECKPOINT, Transformer, load_checkpoint, save_checkpoint
+
+BITNET_CHECKPOINT = REFERENCE_CHECKPOINT.with_name("bitnet.safetensors")
+"""The BitNet b1.58 variant of the reference (``python -m ryzlab.models.train --weights ternary``)."""
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,9 @@ class TrainConfig:
     """Held-out perplexity over this many non-overlapping windows of ``eval_len`` bytes."""
     eval_len: int = 512
     threads: int = 1
+    weights: str = "float32"
+    """``ternary``: BitNet b1.58 quantization-aware training (:mod:`ryzlab.models.quant.qat`); the
+    checkpoint holds the latent weights, evaluated (and used) packed as ``weights='ternary'``."""
 
 
 def _lr(step: int, cfg: TrainConfig) -> float:
@@ -92,6 +99,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, corpus: Corpus | None = None
     torch.manual_seed(cfg.seed)
     corpus = corpus or stdlib_corpus()
     model = Transformer(model_cfg)
+    if cfg.weights not in ("float32", "ternary"):
+        raise ValueError(f"weights={cfg.weights!r}: training supports 'float32' or 'ternary' (BitNet QAT)")
+    if cfg.weights == "ternary":
+        from ryzlab.models.quant.qat import ternary_qat
+
+        ternary_qat(model)
     log.info("model: %.2f M params, %s", model.num_params() / 1e6, model_cfg)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -124,14 +137,32 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, corpus: Corpus | None = None
         "final_train_loss_avg50": sum(losses[-50:]) / len(losses[-50:]),
         "data": corpus.description, "git_sha": _git_sha(), "torch": torch.__version__,
     }
+    if cfg.weights == "ternary":  # the training forward itself (ternary weights, 8-bit activations)
+        meta["heldout_perplexity_qat_forward"] = evaluate_perplexity(model, corpus.heldout, cfg.eval_windows,
+                                                                     cfg.eval_len)
     if out is not None:
         save_checkpoint(model, out, meta)
         # Perplexities of the weights as shipped (bf16-rounded), not of the float32 training copy.
         model, _ = load_checkpoint(out)
+    if cfg.weights == "ternary":  # ... and as used: packed 2-bit layers, bf16 activations at the kernel
+        from ryzlab.models.quant import quantize_weights, weight_ledger
+
+        quantize_weights(model, "ternary")
+        led = weight_ledger(model)
+        meta.update(weights="ternary", weight_bytes=led["total"], weight_bytes_linears=led["linears"],
+                    weight_bytes_linears_float32=4 * sum(m.out_features * m.in_features for b in model.layers
+                                                         for m in (b.attention.wq, b.attention.wk, b.attention.wv,
+                                                                   b.attention.wo, b.feed_forward.w1,
+                                                                   b.feed_forward.w2, b.feed_forward.w3)))
     meta["heldout_perplexity"] = evaluate_perplexity(model, corpus.heldout, cfg.eval_windows, cfg.eval_len)
     meta["train_perplexity"] = evaluate_perplexity(model, corpus.train, cfg.eval_windows, cfg.eval_len)
     meta["perplexity_eval"] = f"{cfg.eval_windows} consecutive windows x {cfg.eval_len} bytes from the start of each split"
-    if out is not None:
+    if out is not None and cfg.weights == "ternary":  # the packed model has no float weights to save
+        import json
+
+        meta_path = Path(out).with_suffix(".json")
+        meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), **meta}, indent=1, sort_keys=True) + "\n")
+    elif out is not None:
         save_checkpoint(model, out, meta)
     log.info("held-out perplexity %.3f, train perplexity %.3f (%.0f s)", meta["heldout_perplexity"],
              meta["train_perplexity"], train_s)
@@ -147,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
             ap.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default)
     ap.add_argument("--out", default=str(REFERENCE_CHECKPOINT))
     a = vars(ap.parse_args(argv))
+    if a["weights"] == "ternary" and a["out"] == str(REFERENCE_CHECKPOINT):
+        a["out"] = str(BITNET_CHECKPOINT)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model_cfg = ModelConfig(dim=a.pop("dim"), n_layers=a.pop("n_layers"), n_heads=a.pop("n_heads"),
                             n_kv_heads=a.pop("n_kv_heads"))

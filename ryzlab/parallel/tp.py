@@ -118,6 +118,7 @@ def apply_tp(model: nn.Module, comm: Comm) -> nn.Module:
         attn.n_heads, attn.n_kv_heads = len(layout.q_heads), len(layout.kv_heads)
         for mod in (attn.wo, ffn.w2):
             mod.forward = _row_parallel_forward(mod, comm)
+            mod.tp_reduce = comm.all_reduce  # a packed replacement (models.quant) reduces its partial product too
         for mod in (attn.wq, attn.wk, attn.wv, attn.wo, ffn.w1, ffn.w3, ffn.w2):
             mod.out_features, mod.in_features = mod.weight.shape
     log.debug("apply_tp: rank %d/%d holds q heads %s, kv heads %s (x%d), ffn %s", layout.rank, layout.tp,

@@ -76,6 +76,20 @@ def kv_compression(df: pd.DataFrame) -> list[dict]:
                  f"bytes computed from the ledger; accuracy measured, device={dev}")]
 
 
+def weight_compression(df: pd.DataFrame) -> list[dict]:
+    """Rule: among the weight format x KV codec points whose perplexity is at most ``PPL_BUDGET`` above
+    the float32-weights, uncompressed-cache reference, the one with the fewest weight bytes (ledger);
+    none within the budget: the closest, named as outside it."""
+    from ryzlab.plots.weight_compression import describe, key_result
+
+    best, s = key_result(df, PPL_BUDGET)
+    basis = f"bytes computed from the weight ledger; accuracy and time measured, device={_devices(df)}"
+    if best is None:
+        return [_row(f"fewest weight bytes within perplexity +{PPL_BUDGET:.0%}",
+                     "none; closest: " + describe(s.sort_values("rel_ppl").iloc[0]), basis)]
+    return [_row(f"fewest weight bytes within perplexity +{PPL_BUDGET:.0%}", describe(best), basis)]
+
+
 def _rate_value(r: dict) -> str:
     """The highest offered rate meeting the SLO, worded as what the rates tried can show."""
     best, top, n = r["max_rate_under_slo"], r["max_rate_tried"], int(r.get("rates_tried", 2))
@@ -208,7 +222,7 @@ def orchestrator(df: pd.DataFrame) -> list[dict]:
 
 KEY_RESULTS: dict[str, Callable[[pd.DataFrame], list[dict]]] = {
     "attention_bench": attention_bench, "kv_compression": kv_compression, "serving": serving,
-    "scaling": scaling, "orchestrator": orchestrator,
+    "scaling": scaling, "orchestrator": orchestrator, "weight_compression": weight_compression,
 }
 
 

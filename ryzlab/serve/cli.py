@@ -36,6 +36,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="weights' dtype (default float32 on CPU, the checkpoint's on a GPU)")
     s.add_argument("--codec", default="none", choices=CODECS, help="KV-cache storage format (default none)")
+    s.add_argument("--weights", default="float32", metavar="FORMAT",
+                   help="weight format: float32 (default), bf16, int8, int8-g<N>, int4-g32/g64/g128/g256, ternary, "
+                        "gguf (a GGUF file's own Q8_0/Q4_x blocks); add -f32 for float32 scales")
     s.add_argument("--workers", type=int, default=1, help="engine replicas (default 1: in-process when tp x cp = 1)")
     s.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica (default 1)")
     s.add_argument("--cp", type=int, default=1, help="context-parallel ranks per replica (default 1)")
@@ -73,6 +76,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return s
 
 
+def parse_weights_flag(value: str) -> str:
+    """``--weights``: a valid weight format name (``ValueError`` naming the choices otherwise)."""
+    from ryzlab.models.quant import parse_weight_format
+
+    return parse_weight_format(value).name
+
+
 def replica_spec(args: argparse.Namespace) -> ReplicaSpec:
     """The :class:`~ryzlab.serve.spec.ReplicaSpec` of the flags (raises ``ValueError`` naming the
     valid choices for a bad model / dtype / codec / tp x cp layout / scheduler knob)."""
@@ -86,6 +96,7 @@ def replica_spec(args: argparse.Namespace) -> ReplicaSpec:
                           preemption=args.preemption, max_num_batched_tokens=max(256, args.max_num_seqs))
     # GPUs where present (one worker per GPU), CPU otherwise
     return ReplicaSpec(model=args.model, dtype=args.dtype, device="cuda" if torch.cuda.is_available() else "cpu",
+                       weights=parse_weights_flag(args.weights),
                        cache=CacheConfig(codec=args.codec, block_size=args.block_size, num_blocks=args.num_blocks),
                        parallel=ParallelConfig(tp=args.tp, cp=args.cp), engine=engine)
 

@@ -36,6 +36,8 @@ class GenerateRequest:
     """'reference', 'random', a Hugging Face folder or a .gguf file (:data:`ryzlab.models.MODEL_CHOICES`)."""
     dtype: str | None = None
     """float32 / bfloat16 / float16 (default: float32 on CPU, the checkpoint's on a GPU)."""
+    weights: str = "float32"
+    """Weight format (:data:`ryzlab.models.quant.WEIGHT_FORMAT_CHOICES`)."""
     block_size: int = 16
     threads: int | None = None
     backend: str = "auto"
@@ -47,7 +49,7 @@ class GenerateRequest:
         from ryzlab.serve.scheduler import EngineConfig
         from ryzlab.serve.spec import ReplicaSpec
 
-        return ReplicaSpec(model=self.model, dtype=self.dtype,
+        return ReplicaSpec(model=self.model, dtype=self.dtype, weights=self.weights,
                            cache=CacheConfig(codec=self.codec, block_size=self.block_size, num_blocks=None),
                            parallel=ParallelConfig(tp=self.tp, cp=self.cp),
                            engine=EngineConfig(max_model_len=max_model_len, max_num_seqs=1))

@@ -37,13 +37,13 @@ def tokenizer_for(model: str) -> Any:
 
 
 def load_net(model: str, *, device: str | torch.device = "cpu", seed: int = 0,
-             model_config: ModelConfig | None = None, tp: Any = None, dtype: str | None = None
-             ) -> tuple[torch.nn.Module, Any]:
+             model_config: ModelConfig | None = None, tp: Any = None, dtype: str | None = None,
+             weights: str | None = None) -> tuple[torch.nn.Module, Any]:
     """The model of one rank and its tokenizer: loaded (only this rank's shard under ``tp``, a
     Comm) or random. See :func:`ryzlab.models.load_model`."""
     from ryzlab.models import load_model
 
-    return load_model(model, dtype=dtype, device=device, tp=tp, model_config=model_config, seed=seed)
+    return load_model(model, dtype=dtype, device=device, tp=tp, model_config=model_config, seed=seed, weights=weights)
 
 
 def build_engine(spec: ReplicaSpec, *, groups: Any = None, threads: int | None = None) -> Engine:
@@ -64,7 +64,7 @@ def build_engine(spec: ReplicaSpec, *, groups: Any = None, threads: int | None =
         torch.set_num_threads(threads)
     device = str(groups.device) if groups is not None else spec.device
     net, tok = load_net(spec.model, device=device, seed=spec.seed, model_config=spec.model_config,
-                        tp=groups.tp if groups is not None else None, dtype=spec.dtype)
+                        tp=groups.tp if groups is not None else None, dtype=spec.dtype, weights=spec.weights)
     local = getattr(net, "local_config", net.config)
     cache = PagedKVCache(local, spec.cache_config(), dtype=next(net.parameters()).dtype, device=device,
                          cp=groups.cp if groups is not None else None)

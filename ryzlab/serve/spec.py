@@ -37,6 +37,8 @@ class ReplicaSpec:
     """The scheduler's knobs."""
     seed: int = 0
     """Seed of a 'random' model's weights (every rank draws the same)."""
+    weights: str = "float32"
+    """Weight format (:data:`ryzlab.models.quant.WEIGHT_FORMAT_CHOICES`): packed after loading, each rank its shard."""
     shape: ModelConfig = field(init=False, repr=False, compare=False)
     """The model's full shape, read from its metadata at validation (no weights)."""
 
@@ -65,6 +67,12 @@ class ReplicaSpec:
         if problems:
             raise ConfigError(problems, where="ReplicaSpec")
         validate_parallel(shape, self.parallel, self.cache)  # ConfigError listing every layout problem
+        from ryzlab.models.quant import check_weight_format
+
+        try:  # the format against the shapes each rank will hold, before anything loads
+            check_weight_format(shape, self.weights, self.parallel.tp)
+        except ValueError as e:
+            raise ConfigError([str(e)], where="ReplicaSpec") from None
         object.__setattr__(self, "shape", shape)
 
     @property
