@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -292,6 +293,55 @@ class LoadFields:
     """Mean output length (max_tokens) in tokens."""
     shared_prefix_len: int = 0
     """Tokens every prompt starts with (a system prompt): what prefix caching can reuse."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeFields:
+    """One model, a prompt, then timed decode steps (the kv_compression and weight_compression
+    experiments)."""
+
+    model: str = "reference"
+    """``reference`` (the shipped checkpoint), ``random`` (a tiny random model, for tests), a Hugging Face
+    folder or a ``.gguf`` file (:data:`ryzlab.models.MODEL_CHOICES`)."""
+    context: int = 256
+    """Prompt tokens per sequence before the timed decode steps."""
+    decode_steps: int = 16
+    """Timed decode steps (one output row each)."""
+    warmup: int = 2
+    threads: int = 1
+    """CPU threads (0 = torch default); 1 keeps points fair when run side by side."""
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalFields:
+    """Teacher-forced accuracy on held-out text (KL, perplexity, top-1 against a reference)."""
+
+    eval_windows: int = 4
+    """Held-out windows for the accuracy metrics (0 = skip accuracy)."""
+    eval_len: int = 256
+    eval_prefill: int = 128
+    """Tokens prefilled per window; the rest is decoded teacher-forced and scored."""
+    text: str = ""
+    """UTF-8 text file for accuracy and timing tokens; empty = the held-out stdlib text."""
+
+
+def check_counts(cfg: Any, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """Raise ``ValueError`` naming the first field of ``cfg`` that is not > 0 (``positive``) or >= 0."""
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+
+
+def check_eval(cfg: EvalFields) -> None:
+    """The accuracy window fits (prefill inside it) and the text file, when named, exists."""
+    if cfg.eval_windows and not 0 < cfg.eval_prefill < cfg.eval_len:
+        raise ValueError(f"eval_prefill={cfg.eval_prefill} must be in [1, eval_len - 1 = {cfg.eval_len - 1}]")
+    if cfg.text and not Path(cfg.text).expanduser().is_file():
+        raise ValueError(f"text={cfg.text!r}: no such file (empty = the held-out stdlib text)")
 
 
 @dataclass(frozen=True, kw_only=True)

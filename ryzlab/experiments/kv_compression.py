@@ -37,47 +37,30 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 
-from ryzlab.config import (CODECS, GRANULARITIES, CacheConfig, Codec, ModelConfig, QuantFields, check_choice,
-                           group_values)
+from ryzlab.config import (CODECS, GRANULARITIES, CacheConfig, Codec, DecodeFields, EvalFields, ModelConfig,
+                           QuantFields, check_choice, check_counts, check_eval, group_values)
 from ryzlab.provenance import cpu_model
 
 __all__ = ["Config", "run"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config(QuantFields):
+class Config(EvalFields, DecodeFields, QuantFields):
     """One cache layout (:class:`~ryzlab.config.QuantFields`, as :class:`~ryzlab.config.CacheConfig`
-    declares it) on one model, context and batch."""
+    declares it) on one model, context and batch (:class:`~ryzlab.config.DecodeFields`), scored on
+    held-out text (:class:`~ryzlab.config.EvalFields`)."""
 
     codec: Codec = "int8"
     """The experiment's default: the 8-bit format every other codec is compared with."""
-    context: int = 256
-    """Prompt tokens per sequence before the timed decode steps."""
     batch: int = 1
-    decode_steps: int = 16
-    """Timed decode steps (one output row each)."""
-    warmup: int = 2
     memory_budget_mib: float = 1024.0
     """KV memory budget for ``max_tokens_in_budget`` (a GPU's free memory after weights, say)."""
-    eval_windows: int = 4
-    """Held-out windows for the accuracy metrics (0 = skip accuracy)."""
-    eval_len: int = 256
-    eval_prefill: int = 128
-    """Tokens prefilled per window; the rest is decoded teacher-forced and scored."""
-    model: str = "reference"
-    """``reference`` (the shipped checkpoint), ``random`` (a tiny random model, for tests), a Hugging Face
-    folder or a ``.gguf`` file (:data:`ryzlab.models.MODEL_CHOICES`)."""
-    text: str = ""
-    """UTF-8 text file for accuracy and timing tokens; empty = the held-out stdlib text."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights and uncompressed-cache dtype; ``auto``: float32 on CPU, the checkpoint's dtype on CUDA."""
-    threads: int = 1
-    """CPU threads (0 = torch default); 1 keeps points fair when run side by side."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     kernel: Literal["auto", "torch", "triton"] = "auto"
     """Attention path of the paged cache: ``triton`` reads compressed pages in Triton kernels (CUDA),
     ``torch`` decodes pages then attends; ``auto``: triton on CUDA when installed. Recorded per row."""
-    seed: int = 0
     weights: str = "float32"
     """Weight format of the model (:data:`ryzlab.models.quant.WEIGHT_FORMAT_CHOICES`); the accuracy
     reference is the same weights with an uncompressed cache (the weight_compression experiment
@@ -89,16 +72,10 @@ class Config(QuantFields):
         check_choice("codec", self.codec, CODECS)
         check_choice("key_granularity", self.key_granularity, ("auto", *GRANULARITIES))
         check_choice("value_granularity", self.value_granularity, GRANULARITIES)
-        for name in ("context", "batch", "decode_steps", "block_size", "group_size", "eval_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("warmup", "residual", "eval_windows", "threads"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.memory_budget_mib <= 0:
-            raise ValueError(f"memory_budget_mib must be > 0, got {self.memory_budget_mib}")
-        if self.eval_windows and not 0 < self.eval_prefill < self.eval_len:
-            raise ValueError(f"eval_prefill={self.eval_prefill} must be in [1, eval_len - 1 = {self.eval_len - 1}]")
+        check_counts(self, positive=("context", "batch", "decode_steps", "block_size", "group_size", "eval_len",
+                                     "memory_budget_mib"),
+                     non_negative=("warmup", "residual", "eval_windows", "threads"))
+        check_eval(self)
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA device is available; choose 'auto' or 'cpu'")
         check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
@@ -110,8 +87,6 @@ class Config(QuantFields):
             why = unavailable_reason(torch.device("cuda" if cuda else "cpu"))
             if why:
                 raise ValueError(f"kernel='triton' cannot run here: {why}; choose 'auto' or 'torch'")
-        if self.text and not Path(self.text).expanduser().is_file():
-            raise ValueError(f"text={self.text!r}: no such file (empty = the held-out stdlib text)")
         self.cache_config().check_head_dim(self.model_config().head_dim)  # the cache fields together, and vs the model
         self.cache_config().check_layers(self.model_config().n_layers)
         from ryzlab.models.quant import check_weight_format

@@ -17,12 +17,12 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import torch
 
-from ryzlab.config import CODECS, GRANULARITIES, CacheConfig, Codec, ModelConfig, QuantFields, check_choice, group_values
+from ryzlab.config import (CODECS, GRANULARITIES, CacheConfig, Codec, DecodeFields, EvalFields, ModelConfig,
+                           QuantFields, check_choice, check_counts, check_eval, group_values)
 from ryzlab.provenance import cpu_model
 
 __all__ = ["Config", "run"]
@@ -32,7 +32,7 @@ TINY = ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, 
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config(QuantFields):
+class Config(EvalFields, DecodeFields, QuantFields):
     """One weight format and one cache layout on one model (batch 1)."""
 
     weights: str = "int8"
@@ -40,21 +40,7 @@ class Config(QuantFields):
     model's own blocks); ``-f32`` suffix: float32 scales and activations."""
     codec: Codec = "none"
     """KV codec; ``none`` isolates the weights' effect."""
-    model: str = "reference"
-    """``reference``, ``random`` (tiny, for tests), a Hugging Face folder or a ``.gguf`` file."""
-    context: int = 256
-    """Prompt tokens before the timed decode steps."""
-    decode_steps: int = 16
-    warmup: int = 2
     eval_windows: int = 2
-    """Held-out windows for the accuracy metrics (0 = skip accuracy)."""
-    eval_len: int = 256
-    eval_prefill: int = 128
-    text: str = ""
-    """UTF-8 text file for accuracy and timing tokens; empty = the held-out stdlib text."""
-    threads: int = 1
-    """CPU threads (0 = torch default); 1 keeps points fair when run side by side."""
-    seed: int = 0
 
     def __post_init__(self) -> None:
         from ryzlab.models.quant import check_weight_format
@@ -62,16 +48,9 @@ class Config(QuantFields):
         check_choice("codec", self.codec, CODECS)
         check_choice("key_granularity", self.key_granularity, ("auto", *GRANULARITIES))
         check_choice("value_granularity", self.value_granularity, GRANULARITIES)
-        for name in ("context", "decode_steps", "block_size", "group_size", "eval_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("warmup", "residual", "eval_windows", "threads"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.eval_windows and not 0 < self.eval_prefill < self.eval_len:
-            raise ValueError(f"eval_prefill={self.eval_prefill} must be in [1, eval_len - 1 = {self.eval_len - 1}]")
-        if self.text and not Path(self.text).expanduser().is_file():
-            raise ValueError(f"text={self.text!r}: no such file (empty = the held-out stdlib text)")
+        check_counts(self, positive=("context", "decode_steps", "block_size", "group_size", "eval_len"),
+                     non_negative=("warmup", "residual", "eval_windows", "threads"))
+        check_eval(self)
         mc = self.model_config()
         check_weight_format(mc, self.weights)
         if self.weights.startswith("gguf") and not str(self.model).endswith(".gguf"):
