@@ -73,10 +73,20 @@ def attention_with_lse(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
 
 def pad_queries(q: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ragged ``q [N, Hq, D]`` -> padded ``[B, Tq, Hq, D]`` and the causal mask ``[B, Tq, S]``."""
+    """Ragged ``q [N, Hq, D]`` -> padded ``[B, Tq, Hq, D]`` and the causal mask ``[B, Tq, S]``.
+
+    A decode step (one token per sequence) is already that layout: a view, no copy. The mask is
+    built once per step (:attr:`Step.causal_mask`), not once per layer."""
+    if step.is_decode:
+        return q[:, None], step.causal_mask
     qp = q.new_zeros(len(step.seq_ids), step._q_pos.shape[1], *q.shape[1:])  # [B, Tq, Hq, D]
     qp[step._q_b, step._q_t] = q
-    return qp, step._kpos[:, None, :] <= step._q_pos[:, :, None]  # [B, Tq, S] causal = in-context
+    return qp, step.causal_mask  # [B, Tq, S] causal = in-context
+
+
+def unpad(x: torch.Tensor, step: Step) -> torch.Tensor:
+    """Padded ``[B, Tq, ...]`` -> the ragged token list ``[N, ...]`` (inverse of :func:`pad_queries`)."""
+    return x[:, 0] if step.is_decode else x[step._q_b, step._q_t]
 
 
 class TorchAttention:
@@ -95,7 +105,7 @@ class TorchAttention:
         b, tq, hq, d = qp.shape
         if with_lse:
             out, lse = attention_with_lse(qp, k, v, mask, scale)
-            return out[step._q_b, step._q_t], lse[step._q_b, step._q_t]
+            return unpad(out, step), unpad(lse, step)
         if b * hq * tq * k.shape[2] <= MATH_SCORES:
             # decode and short chunks: two batched matmuls beat SDPA's CPU kernel here
             out = attention_with_lse(qp, k, v, mask, scale)[0]
@@ -103,7 +113,7 @@ class TorchAttention:
             out = F.scaled_dot_product_attention(qp.transpose(1, 2), k.to(q.dtype), v.to(q.dtype),
                                                  attn_mask=mask[:, None], scale=scale,
                                                  enable_gqa=True).transpose(1, 2)  # [B, Tq, Hq, D]
-        return out[step._q_b, step._q_t], None
+        return unpad(out, step), None
 
 
 class TritonAttention:

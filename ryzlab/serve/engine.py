@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ryzlab.models.transformer import PagedContext
-from ryzlab.serve.sampling import INT64, MAX_LOGPROBS, Logprob, SamplingParams, TokenChunk, sample
+from ryzlab.serve.sampling import INT64, MAX_LOGPROBS, Logprob, SamplingParams, TokenChunk, fused_greedy, sample
 from ryzlab.serve.scheduler import (FINISH_REASONS, PREEMPTIONS, EngineConfig, EngineSequence, FinishReason,
                                     Preemption, Scheduler)
 
@@ -170,6 +170,24 @@ class Engine:
         """logits [V] -> (next token id, its logprob and top alternatives or None): :func:`sample`."""
         return sample(logits, seq.params, seq.generator)
 
+    def _sample_batch(self, seqs: list[EngineSequence], logits: torch.Tensor
+                      ) -> list[tuple[int, Logprob | None] | Exception]:
+        """logits [B, V] -> per sequence (token, logprob) or the exception its sampling raised.
+
+        Greedy rows share one argmax (:func:`fused_greedy`); the others go through :meth:`_sample`
+        one by one, and a failure there is returned for that sequence alone."""
+        fused = fused_greedy(logits, [s.params for s in seqs])
+        out: list[tuple[int, Logprob | None] | Exception] = []
+        for i, s in enumerate(seqs):
+            if i in fused:
+                out.append((fused[i], None))
+                continue
+            try:
+                out.append(self._sample(s, logits[i]))
+            except Exception as e:  # noqa: BLE001 - this request's sampling failed: it fails alone
+                out.append(e)
+        return out
+
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         """One scheduling round + one ragged forward; returns new tokens and finished requests.
@@ -200,23 +218,27 @@ class Engine:
                 self.cache.evict_cached()
                 self.last_step_s = time.monotonic()
                 return outputs
+            ready: list[int] = []  # rows of the plan that sample a token in this step
             for i, (s, n) in enumerate(plan):
                 s.num_computed += n
                 if n > 1 or s.pending > 0:
                     self.counters["prefill_tokens"] += n
                 else:
                     self.counters["decode_tokens"] += 1
-                if s.pending > 0:  # mid-prefill chunk: no token yet
-                    continue
-                try:
-                    tok, lp = self._sample(s, logits[i])
-                except Exception as e:  # noqa: BLE001 - this request's sampling failed: it fails alone
-                    log.exception("sampling failed for %s", s.request_id)
+                if s.pending == 0:  # a mid-prefill chunk (pending > 0) has no token yet
+                    ready.append(i)
+            rows = logits if len(ready) == len(plan) else logits[torch.tensor(ready, dtype=torch.long, device=logits.device)]
+            picks = self._sample_batch([plan[i][0] for i in ready], rows)
+            for i, pick in zip(ready, picks):
+                s = plan[i][0]
+                if isinstance(pick, Exception):  # this request's sampling failed: it fails alone
+                    log.error("sampling failed for %s", s.request_id, exc_info=pick)
                     sched.finish(s)
                     self.counters["failed"] += 1
                     outputs.append(StepOutput(s.request_id, TokenChunk(), "error",
-                                              f"sampling failed: {type(e).__name__}: {e}"))
+                                              f"sampling failed: {type(pick).__name__}: {pick}"))
                     continue
+                tok, lp = pick
                 s.suspect = False
                 s.output.append(tok)
                 self.counters["generated_tokens"] += 1
