@@ -102,6 +102,11 @@ class Engine:
             raise ValueError("preemption='swap' copies a sequence's K/V through one rank; a tp x cp group "
                              "holds it spread over ranks: use preemption='recompute'")
         self.scheduler = Scheduler(cache, config, grouped=self.grouped)
+        self.net: torch.nn.Module = model
+        """What a step runs: ``model``, or its ``torch.compile`` d forward (``config.compile``)."""
+        if config.compile:
+            # dynamic: the number of tokens per step changes every step; one graph serves them
+            self.net = torch.compile(model, dynamic=True)
         self.vocab_size: int = model.config.vocab_size
         self._seq_ids = itertools.count()
         self.last_step_s = time.monotonic()
@@ -265,7 +270,7 @@ class Engine:
 
     def execute(self, seq_ids: list[int], inputs: list[list[int]]) -> torch.Tensor:
         """This rank's forward of one step: :func:`ragged_forward` -> logits ``[B, vocab]``."""
-        return ragged_forward(self.model, self.cache, seq_ids, inputs)
+        return ragged_forward(self.net, self.cache, seq_ids, inputs)
 
     @torch.inference_mode()
     def follow(self) -> int:

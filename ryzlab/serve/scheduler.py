@@ -30,7 +30,7 @@ import torch
 from ryzlab.config import PREEMPTIONS, Preemption, check_choice
 from ryzlab.serve.sampling import SamplingParams
 
-__all__ = ["EngineConfig", "EngineSequence", "Scheduler", "Status", "Preemption", "PREEMPTIONS", "FinishReason",
+__all__ = ["EngineConfig", "EngineSequence", "max_num_seqs_for", "Scheduler", "Status", "Preemption", "PREEMPTIONS", "FinishReason",
            "FINISH_REASONS"]
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,10 @@ class EngineConfig:
     """Prompt + output tokens of one request at most."""
     stall_timeout_s: float = 10.0
     """/health turns unhealthy when work is pending and no step finished for this long."""
+    compile: bool = False
+    """Run the model's forward through ``torch.compile`` (the attention over pages stays eager).
+    Off by default: on the 2-core CPU it compiled in ~40 s and gained 3-7% at batch 1 but lost
+    ~5% at batch 16 (reference model, ``benchmarks/step_profile.py --compile``)."""
 
     def __post_init__(self) -> None:
         check_choice("preemption", self.preemption, PREEMPTIONS)
@@ -70,6 +74,22 @@ class EngineConfig:
                              f"max_num_seqs ({self.max_num_seqs}): every running sequence needs a token per step")
         if not self.stall_timeout_s > 0:
             raise ValueError(f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
+
+
+def max_num_seqs_for(num_blocks: int | None, max_num_batched_tokens: int = 256) -> int:
+    """The default cap on running sequences, derived from the KV capacity (not a constant).
+
+    Every running sequence holds at least one KV block and one token of each step's budget, so at
+    most ``num_blocks`` sequences can be resident and at most ``max_num_batched_tokens`` decode in
+    one step: the cap is the smaller of the two (an unbounded cache: the token budget). Admission
+    stops earlier when the blocks run out (longer sequences hold more), as in vLLM, and the
+    transformers peer gets the same cap (``--max-num-seqs``) so batch sizes compare.
+    """
+    if num_blocks is not None and num_blocks < 1:
+        raise ValueError(f"num_blocks must be >= 1 or None, got {num_blocks}")
+    if max_num_batched_tokens < 1:
+        raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+    return max(1, min(max_num_batched_tokens, num_blocks if num_blocks is not None else max_num_batched_tokens))
 
 
 class Status(enum.Enum):
