@@ -16,6 +16,11 @@ change; nested ranges are subtracted from their parent):
   timed after the step: it runs on the API's event loop, not inside ``Engine.step``
 * ``ipc``         - pickling + unpickling the step's outputs as a worker sends them to the router
 
+``torch ops/step`` counts the ATen operators one decode step dispatches (a
+:class:`~torch.utils._python_dispatch.TorchDispatchMode` over two more steps, after the timed
+ones): unlike the times it does not move with the machine's load, so it shows the fixed cost
+of a change on a shared machine.
+
 Each figure is the median over ``--repeats`` runs (fresh engine each) of the mean per step,
 with the min-max spread. ``--compile`` / ``--no-compile`` choose the engine's compiled step when
 the engine has that option. Printed as a table; ``--json`` writes the numbers.
@@ -102,7 +107,7 @@ def one_run(model: str, batch: int, steps: int, prompt_len: int, threads: int, c
     for i in range(batch):
         prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
         # max_tokens covers the warm-up + timed steps; no stop token so every sequence runs on
-        eng.add_request(f"r{i}", prompt, SamplingParams(max_tokens=steps + 4))
+        eng.add_request(f"r{i}", prompt, SamplingParams(max_tokens=steps + 6))
     while any(s.pending > 1 or s.num_computed == 0 for s in eng.running) or eng.waiting:
         eng.step()                                      # prefill (not timed)
     for _ in range(2):
@@ -132,7 +137,26 @@ def one_run(model: str, batch: int, steps: int, prompt_len: int, threads: int, c
         t2 = time.perf_counter()
         t.acc["detokenize"] += t1 - t0
         t.acc["ipc"] += t2 - t1
-    return {k: t.acc.get(k, 0.0) / steps for k in PARTS}
+    res = {k: t.acc.get(k, 0.0) / steps for k in PARTS}
+    res["ops"] = count_ops(eng, 2) / 2
+    return res
+
+
+def count_ops(eng, steps: int) -> int:
+    """ATen operators dispatched by ``steps`` engine steps."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        for _ in range(steps):
+            eng.step()
+    return Count.n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for b in [int(x) for x in a.batches.split(",")]:
         runs = [one_run(model, b, a.steps, a.prompt_len, a.threads, a.compile_step, seed=r) for r in range(a.repeats)]
-        total = [sum(r.values()) for r in runs]
+        total = [sum(r[k] for k in PARTS) for r in runs]
         print(f"\nmodel={a.model} batch={b} threads={a.threads} steps={a.steps} repeats={a.repeats} "
               f"device=cpu torch={torch.__version__}")
         print(f"{'part':<12} {'ms/step':>9} {'min':>8} {'max':>8} {'share':>7}")
@@ -163,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * statistics.median(v) / (med_total * 1e3):>6.1f}%")
         print(f"{'total':<12} {med_total * 1e3:>9.3f} {min(total) * 1e3:>8.3f} {max(total) * 1e3:>8.3f}  "
               f"-> {b / med_total:.1f} tok/s")
+        print(f"{'torch ops/step':<14} {statistics.median(r['ops'] for r in runs):.0f}")
         rows.append({"model": a.model, "batch": b, "threads": a.threads, "device": "cpu",
                      **{k + "_ms": statistics.median([r[k] * 1e3 for r in runs]) for k in PARTS},
-                     "total_ms": med_total * 1e3})
+                     "total_ms": med_total * 1e3, "ops_per_step": statistics.median(r["ops"] for r in runs)})
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0

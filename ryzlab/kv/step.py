@@ -68,6 +68,11 @@ class Step:
         """``[B, Tq, S]`` True where a padded query may see a gathered key (same for every layer)."""
         return self._kpos[:, None, :] <= self._q_pos[:, :, None]
 
+    @cached_property
+    def blocked(self) -> torch.Tensor:
+        """``~causal_mask``: the keys each padded query must not see (built once per step)."""
+        return ~self.causal_mask
+
 
 @dataclass(frozen=True)
 class PageLayout:
