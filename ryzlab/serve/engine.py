@@ -67,18 +67,21 @@ class StepOutput:
 
 
 def ragged_forward(model: torch.nn.Module, cache: Any, seq_ids: Sequence[Hashable],
-                   inputs: Sequence[Sequence[int]]) -> torch.Tensor:
+                   inputs: Sequence[Sequence[int]], *, graphs: Any = None) -> torch.Tensor:
     """One ragged forward of ``model`` over ``cache`` -> logits ``[B, vocab]`` (float32) at the
     last input token of each sequence.
 
     ``inputs[b]``: the ids whose K/V this step writes for ``seq_ids[b]``, in order, ending at the
     newest one; they already hold slots (:meth:`PagedKVCache.allocate_slots`), so planning the step
     cannot fail. The B sequences go through the model's forward as one row ``[1, N]``.
+    ``graphs``: a :class:`ryzlab.serve.graphs.DecodeGraphs` that may replay the step instead.
     """
     device = next(model.parameters()).device
     step = cache.extend(list(seq_ids), None, num_write=[len(x) for x in inputs])
     assert step is not None, "extend() of tokens that already hold slots allocates nothing"
     flat = torch.tensor([t for x in inputs for t in x], dtype=torch.long, device=device)  # [N]
+    if graphs is not None and (logits := graphs.forward(step, flat)) is not None:
+        return logits
     last = torch.tensor([len(t) for t in inputs], device=device).cumsum(0) - 1             # [B]
     return model(flat[None], step.positions[None].to(device), PagedContext(cache, step), logits_at=last)
 
@@ -107,6 +110,17 @@ class Engine:
         if config.compile:
             # dynamic: the number of tokens per step changes every step; one graph serves them
             self.net = torch.compile(model, dynamic=True)
+        self.graphs: Any = None
+        """A :class:`ryzlab.serve.graphs.DecodeGraphs` when ``config.cuda_graphs`` can hold here."""
+        if config.cuda_graphs:
+            from ryzlab.serve.graphs import DecodeGraphs, graphs_unavailable_reason
+
+            why = graphs_unavailable_reason(cache, grouped=self.grouped)
+            if why:
+                log.warning("cuda_graphs=True but decode steps run eagerly: %s", why)
+            else:
+                self.graphs = DecodeGraphs(model, cache, max_batch=config.max_num_seqs,
+                                           max_model_len=config.max_model_len)
         self.vocab_size: int = model.config.vocab_size
         self._seq_ids = itertools.count()
         self.last_step_s = time.monotonic()
@@ -270,7 +284,7 @@ class Engine:
 
     def execute(self, seq_ids: list[int], inputs: list[list[int]]) -> torch.Tensor:
         """This rank's forward of one step: :func:`ragged_forward` -> logits ``[B, vocab]``."""
-        return ragged_forward(self.net, self.cache, seq_ids, inputs)
+        return ragged_forward(self.net, self.cache, seq_ids, inputs, graphs=self.graphs)
 
     @torch.inference_mode()
     def follow(self) -> int:

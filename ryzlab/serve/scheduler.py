@@ -59,6 +59,9 @@ class EngineConfig:
     """Prompt + output tokens of one request at most."""
     stall_timeout_s: float = 10.0
     """/health turns unhealthy when work is pending and no step finished for this long."""
+    cuda_graphs: bool = False
+    """Replay decode steps as CUDA graphs per batch-size bucket (:mod:`ryzlab.serve.graphs`); on a
+    CUDA device only, else ignored with the reason logged. Off by default: not yet run on a GPU."""
     compile: bool = False
     """Run the model's forward through ``torch.compile`` (the attention over pages stays eager).
     Off by default: on the 2-core CPU it compiled in ~40 s and gained 3-7% at batch 1 but lost
