@@ -129,7 +129,7 @@ class DecodeGraphs:
             bucket.graph.replay()
             out = bucket.logits
         else:
-            out = self._run(bucket, fresh=True)
+            out = self._run(bucket)
         self.counters["replayed" if bucket.graph is not None else "fixed_shape_eager"] += 1
         return out[:n].clone()
 
@@ -232,12 +232,13 @@ class DecodeGraphs:
                 b.plan.tail_pos[:m].copy_(p.tail_pos)
 
     # ------------------------------------------------------------------ running
-    def _run(self, b: _Bucket, *, fresh: bool) -> torch.Tensor:
+    def _run(self, b: _Bucket) -> torch.Tensor:
         """The fixed-shape forward over the bucket's buffers -> logits ``[rows, vocab]``.
 
-        ``fresh``: a new Step object (its per-step cached mask is recomputed from the buffers);
-        a captured graph records one and replays its operators on the buffers' new contents."""
-        step = dataclasses.replace(b.step) if fresh else b.step
+        Always over a new Step object: what a step caches for its layers (the causal mask) is
+        then computed from the buffers in this run -- inside the graph when capturing, so that a
+        replay recomputes it from the buffers' new contents."""
+        step = dataclasses.replace(b.step)
         if b.plan is not None:  # the Triton backend reads the plan we keep, not one built per step
             self.cache.backend._plan = (step, b.plan)
         return self.model(b.tokens[None], b.positions[None], PagedContext(self.cache, step), logits_at=b.logits_at)
@@ -248,10 +249,10 @@ class DecodeGraphs:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._run(b, fresh=False)
+                self._run(b)
         torch.cuda.current_stream(self.device).wait_stream(side)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._pool):
-            b.logits = self._run(b, fresh=False)
+            b.logits = self._run(b)
         b.graph = g
         log.info("captured the decode step for %d sequence(s) (%d rows) as a CUDA graph", b.rows - 1, b.rows)
