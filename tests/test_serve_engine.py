@@ -360,3 +360,12 @@ def test_default_max_num_seqs_derives_from_the_kv_capacity():
     assert max_num_seqs_for(None, 128) == 128     # unbounded cache: the token budget
     with pytest.raises(ValueError, match="num_blocks"):
         max_num_seqs_for(0)
+
+
+def test_token_range_is_a_slice_of_prompt_plus_output():
+    from ryzlab.serve.scheduler import EngineSequence
+
+    s = EngineSequence("r", 0, [1, 2, 3, 4], SamplingParams(), 0.0, output=[5, 6, 7])
+    for a in range(8):
+        for b in range(a, 9):
+            assert s.token_range(a, b) == s.tokens[a:b], (a, b)

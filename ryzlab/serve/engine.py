@@ -220,7 +220,7 @@ class Engine:
         outputs: list[StepOutput] = []
         if plan:
             seqs = [s for s, _ in plan]
-            inputs = [s.tokens[s.num_computed:s.num_computed + n] for s, n in plan]
+            inputs = [s.token_range(s.num_computed, s.num_computed + n) for s, n in plan]
             try:
                 logits = self._forward([s.seq_id for s in seqs], inputs)  # [B, V]
             except Exception as e:  # noqa: BLE001 - fail the culprit alone, keep the engine alive

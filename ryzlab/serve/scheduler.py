@@ -129,6 +129,16 @@ class EngineSequence:
     def tokens(self) -> list[int]:
         return self.prompt + self.output
 
+    def token_range(self, start: int, stop: int) -> list[int]:
+        """``tokens[start:stop]`` without building ``tokens``: a decode step reads one id, and
+        copying prompt + output per sequence per step grows with the sequence."""
+        p = len(self.prompt)
+        if stop <= p:
+            return self.prompt[start:stop]
+        if start >= p:
+            return self.output[start - p:stop - p]
+        return self.prompt[start:] + self.output[:stop - p]
+
     @property
     def pending(self) -> int:
         return len(self.prompt) + len(self.output) - self.num_computed
@@ -270,7 +280,7 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
         n = min(seq.pending, self.config.prefill_chunk, self.config.max_num_batched_tokens)
-        new = seq.tokens[seq.in_pool:seq.num_computed + n]
+        new = seq.token_range(seq.in_pool, seq.num_computed + n)
         while new and not self._alloc(seq, new):
             victims = [s for s in self.running if s is not seq]
             if not victims:
@@ -303,7 +313,7 @@ class Scheduler:
             n = min(seq.pending, self.config.prefill_chunk, budget)
             if n <= 0:
                 continue
-            new = seq.tokens[seq.in_pool:seq.num_computed + n]  # decode: the token sampled last step
+            new = seq.token_range(seq.in_pool, seq.num_computed + n)  # decode: the token sampled last step
             while new and not self._alloc(seq, new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -322,7 +332,7 @@ class Scheduler:
             if not ok:
                 break
             n = min(seq.pending, self.config.prefill_chunk, budget)
-            new = seq.tokens[seq.in_pool:seq.num_computed + n]  # a restored swap: its last sampled token
+            new = seq.token_range(seq.in_pool, seq.num_computed + n)  # a restored swap: its last sampled token
             if new and not self._alloc(seq, new):
                 self._swap_out(seq) if seq.status is Status.SWAPPED else self._release(seq)
                 break
