@@ -82,8 +82,11 @@ def ragged_forward(model: torch.nn.Module, cache: Any, seq_ids: Sequence[Hashabl
     flat = torch.tensor([t for x in inputs for t in x], dtype=torch.long, device=device)  # [N]
     if graphs is not None and (logits := graphs.forward(step, flat)) is not None:
         return logits
+    ctx = PagedContext(cache, step)
+    if step.is_decode:  # one token per sequence: every position is a last one, no gather of rows
+        return model(flat[None], step.positions[None].to(device), ctx)[0]                  # [B, V]
     last = torch.tensor([len(t) for t in inputs], device=device).cumsum(0) - 1             # [B]
-    return model(flat[None], step.positions[None].to(device), PagedContext(cache, step), logits_at=last)
+    return model(flat[None], step.positions[None].to(device), ctx, logits_at=last)
 
 
 class Engine:
