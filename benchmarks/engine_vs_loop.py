@@ -14,6 +14,10 @@ the two sides (loop, engine, loop, engine, ...) so drift in the machine's load h
 ratio engine / loop is reported per pair, median and min-max. The greedy tokens of the two
 sides are compared: they must be identical (the script fails otherwise).
 
+``torch ops/token`` counts the ATen operators each side dispatches per decoded token (a
+:class:`~torch.utils._python_dispatch.TorchDispatchMode` over a separate short run): it does not
+move with the load of a shared machine, where the timed ratio swings by +-10%.
+
 Target (issue 20): engine >= 0.95x the loop.
 
     python benchmarks/engine_vs_loop.py --tokens 128 --repeats 7
@@ -68,6 +72,26 @@ def engine_side(model: torch.nn.Module, cache_cfg, engine_cfg, prompt: list[int]
     return time.perf_counter() - t0, out
 
 
+def ops_per_token(side, n: int = 9) -> float:
+    """ATen operators per decoded token of ``side(n)`` (prefill excluded: a run of 1 is subtracted)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for tokens in (1, n):
+        Count.n = 0
+        with Count():
+            side(tokens)
+        counts.append(Count.n)
+    return (counts[1] - counts[0]) / (n - 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     from ryzlab.config import CacheConfig
     from ryzlab.models import load_model
@@ -115,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         loops.append(rl)
         engines.append(re_)
         ratios.append(re_ / rl)
+    ops_l = ops_per_token(lambda k: loop_side(model, cache_cfg, prompt, k))
+    ops_e = ops_per_token(lambda k: engine_side(model, cache_cfg, engine_cfg, prompt, k))
     med = statistics.median
     print(f"model={a.model} threads={a.threads} device=cpu torch={torch.__version__} codec={a.codec} "
           f"prompt={a.prompt_len} tokens={a.tokens} repeats={a.repeats} engine_config={engine_cfg}")
@@ -123,9 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<8} {med(v):>13.1f} {min(v):>9.1f} {max(v):>9.1f}")
     print(f"ratio engine/loop: median {med(ratios):.3f}  [min {min(ratios):.3f}, max {max(ratios):.3f}]  "
           f"(target >= 0.95: {'met' if med(ratios) >= 0.95 else 'NOT met'})")
+    print(f"torch ops/token: loop {ops_l:.0f}, engine {ops_e:.0f} (engine/loop {ops_e / ops_l:.3f})")
     if a.json:
         a.json.write_text(json.dumps({"model": a.model, "threads": a.threads, "device": "cpu",
-                                      "loop_tok_s": loops, "engine_tok_s": engines, "ratio": ratios}, indent=1) + "\n")
+                                      "loop_tok_s": loops, "engine_tok_s": engines, "ratio": ratios,
+                                      "ops_per_token": {"loop": ops_l, "engine": ops_e}}, indent=1) + "\n")
     return 0
 
 
