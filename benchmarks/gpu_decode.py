@@ -19,6 +19,15 @@ check the script itself: those times are not GPU figures and are labelled so).
 
     python benchmarks/gpu_decode.py --json gpu_decode.json
     python benchmarks/gpu_decode.py --contexts 32768 --batches 1,16 --codecs none,fp8_e4m3,int4
+
+``--engine-step`` measures the whole engine decode step instead (issue 20): for each batch, the
+serving engine (:func:`ryzlab.serve.replica.build_engine`, Triton attention) decodes with its
+step eager and replayed as a CUDA graph (``EngineConfig.cuda_graphs``); printed per step: CUDA
+API launches (kernel launches, graph launches, async copies, from the torch profiler), GPU
+kernels executed, and milliseconds (median of ``--iters`` steps, CUDA-synchronised), with the
+greedy tokens of both modes compared.
+
+    python benchmarks/gpu_decode.py --engine-step --batches 1,16 --engine-model reference
 """
 from __future__ import annotations
 
@@ -61,6 +70,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch-max-gib", type=float, default=4.0, help="run the torch path below this bf16 size")
     p.add_argument("--copy-mib", type=int, default=1024)
     p.add_argument("--json", type=Path, default=None, help="write every row here")
+    p.add_argument("--engine-step", action="store_true",
+                   help="launches and ms per engine decode step, eager vs CUDA graphs (see the module doc)")
+    p.add_argument("--engine-model", default="reference", help="model of --engine-step (a ryzlab model spec)")
+    p.add_argument("--engine-prompt", type=int, default=128, help="prompt tokens per sequence in --engine-step")
     p.add_argument("--interpreter", action="store_true",
                    help="no GPU: run tiny points on CPU in Triton's interpreter (checks the script, not speed)")
     a = p.parse_args(argv)
@@ -170,10 +183,88 @@ def run_flashinfer(name: str, k, v, tables, q, ctx: int):
     return lambda: w.run(q, cache)
 
 
+_API_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch",
+                 "cudaMemcpyAsync", "cudaMemsetAsync")
+
+
+def engine_step(a: argparse.Namespace) -> list[dict]:
+    """Launches and time per decode step of the engine, eager vs CUDA graphs (``--engine-step``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ryzlab.config import CacheConfig
+    from ryzlab.serve.engine import EngineConfig, SamplingParams
+    from ryzlab.serve.replica import build_engine
+    from ryzlab.serve.spec import ReplicaSpec
+
+    rows, tokens = [], {}
+    steps = a.warmup + a.iters + 4
+    for batch in a.batches:
+        for graphs in (False, True):
+            max_len = a.engine_prompt + steps + 8
+            spec = ReplicaSpec(model=a.engine_model, device="cuda",
+                               cache=CacheConfig(block_size=a.block_size,
+                                                 num_blocks=batch * -(-max_len // a.block_size) + 8),
+                               engine=EngineConfig(max_num_seqs=batch, max_num_batched_tokens=max(256, batch),
+                                                   max_model_len=max_len, cuda_graphs=graphs))
+            eng = build_engine(spec)
+            gen = torch.Generator().manual_seed(0)
+            for i in range(batch):
+                prompt = torch.randint(0, eng.vocab_size, (a.engine_prompt,), generator=gen).tolist()
+                eng.add_request(f"r{i}", prompt, SamplingParams(max_tokens=steps))
+            out: dict[str, list[int]] = {}
+            while eng.waiting or any(s.pending > 1 for s in eng.running):  # prefill
+                for o in eng.step():
+                    out.setdefault(o.request_id, []).extend(o.new_tokens)
+            for _ in range(a.warmup):   # the first decode steps capture the graphs
+                for o in eng.step():
+                    out.setdefault(o.request_id, []).extend(o.new_tokens)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for o in eng.step():
+                    out.setdefault(o.request_id, []).extend(o.new_tokens)
+                torch.cuda.synchronize()
+            ev = prof.events()
+            api = sum(1 for e in ev if e.name in _API_LAUNCHES)
+            kernels = sum(1 for e in ev if e.device_type == torch.autograd.DeviceType.CUDA)
+            times = []
+            for _ in range(a.iters):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for o in eng.step():
+                    out.setdefault(o.request_id, []).extend(o.new_tokens)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            replayed = eng.graphs.counters["replayed"] if eng.graphs is not None else 0
+            tokens[(batch, graphs)] = out
+            rows.append(dict(batch=batch, cuda_graphs=graphs, api_launches_per_step=api, gpu_kernels_per_step=kernels,
+                             step_ms=statistics.median(times) * 1e3, step_ms_min=min(times) * 1e3,
+                             step_ms_max=max(times) * 1e3, replayed_steps=replayed, model=a.engine_model,
+                             kernel=eng.cache.kernel, device_name=torch.cuda.get_device_name()))
+            del eng
+            torch.cuda.empty_cache()
+    print(f"engine decode step, {a.engine_model}, prompt {a.engine_prompt}, {torch.cuda.get_device_name()}")
+    print(f"{'B':>4} {'graphs':>6} {'API launches':>12} {'GPU kernels':>11} {'ms/step':>8} {'min-max':>15} {'replayed':>8}")
+    for r in rows:
+        print(f"{r['batch']:4d} {str(r['cuda_graphs']):>6} {r['api_launches_per_step']:12d} "
+              f"{r['gpu_kernels_per_step']:11d} {r['step_ms']:8.3f} {r['step_ms_min']:7.3f}-{r['step_ms_max']:<7.3f} "
+              f"{r['replayed_steps']:8d}")
+    for batch in a.batches:
+        same = tokens[(batch, False)] == tokens[(batch, True)]
+        print(f"B={batch}: greedy tokens eager vs graphs {'identical' if same else 'DIFFER'}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     if not torch.cuda.is_available() and not a.interpreter:
         print("no GPU: the GPU decode figures are not measured on this machine")
+        return 0
+    if a.engine_step:
+        if not torch.cuda.is_available():
+            print("--engine-step needs a GPU (CUDA graphs): not measured on this machine")
+            return 0
+        rows = engine_step(a)
+        if a.json:
+            a.json.write_text(json.dumps(rows, indent=1))
         return 0
     if a.interpreter:
         os.environ["TRITON_INTERPRET"] = "1"

@@ -98,7 +98,8 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--num-blocks", type=int, default=512)
-    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="batch cap of BOTH servers (default: from the KV capacity, min(--num-blocks, 256))")
     p.add_argument("--tpot-ms", type=float, default=50.0)
     p.add_argument("--ttft-ms", type=float, default=1000.0)
     p.add_argument("--start-rate", type=float, default=4.0)
@@ -111,12 +112,16 @@ def main() -> int:
     args = p.parse_args()
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.max_num_seqs is None:
+        from ryzlab.serve.scheduler import max_num_seqs_for
+
+        args.max_num_seqs = max_num_seqs_for(args.num_blocks)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     env = collect_env()
     load = os.getloadavg()
     print(f"device={env['device']} ({', '.join(env['device_names'])}, {env['cpu_count']} cores, load average "
           f"{load[0]:.1f} at start: shared machine), torch {env['torch']}, model={args.model}, "
-          f"threads/server={args.threads}")
+          f"threads/server={args.threads}, max batch {args.max_num_seqs} sequences on both servers")
     print(f"SLO: p99 TPOT < {args.tpot_ms:g} ms and p99 TTFT < {args.ttft_ms:g} ms; prompt {args.prompt_len}, "
           f"output {args.output_len} tokens (ignore_eos), Poisson arrivals, {args.repeats} repeats, fresh server each")
     rows, trials = [], []

@@ -174,3 +174,26 @@ def test_generate_says_what_it_loads_on_stderr_and_prints_only_the_completion():
 
     assert len(json.loads(r.stdout)["token_ids"]) == 3  # stdout stays one JSON line
     assert "ryzlab generate: loading reference on 1 rank(s)" in r.stderr and "3 tokens in" in r.stderr
+
+
+def test_serve_max_num_seqs_defaults_to_the_kv_capacity():
+    """Issue 20: the default --max-num-seqs derives from the KV capacity (it was a constant 16)."""
+    from ryzlab.cli import build_parser
+    from ryzlab.serve.cli import replica_spec
+
+    p = build_parser()
+    assert replica_spec(p.parse_args(["serve"])).engine.max_num_seqs == 256            # 1024 blocks: the token budget
+    assert replica_spec(p.parse_args(["serve", "--num-blocks", "40"])).engine.max_num_seqs == 40
+    spec = replica_spec(p.parse_args(["serve", "--num-blocks", "40", "--max-num-seqs", "7"]))
+    assert spec.engine.max_num_seqs == 7 and not spec.engine.compile
+    assert replica_spec(p.parse_args(["serve", "--compile"])).engine.compile
+    r = ryzlab("serve", "--max-num-seqs", "0")
+    assert r.returncode == 2 and "--max-num-seqs must be >= 1" in r.stderr
+
+
+def test_the_peer_gets_the_same_batch_cap_as_ryzlab():
+    from ryzlab.loadgen.client import server_argv
+
+    for engine in ("ryzlab", "transformers"):
+        argv = server_argv(engine, model="reference", port=1, num_blocks=64, max_num_seqs=12)
+        assert argv[argv.index("--max-num-seqs") + 1] == "12"

@@ -251,3 +251,121 @@ def test_replica_spec_is_validated_once_with_every_problem_and_the_valid_choices
         build_engine(spec, groups=SimpleNamespace(tp=one, cp=one, control=one, device="cpu"))
     with pytest.raises(TypeError, match="ReplicaSpec"):
         build_engine(dataclasses.asdict(spec))
+
+
+# ------------------------------------------------------------------ issue 20: the batched step
+def test_batched_step_logits_equal_each_sequence_alone():
+    """One ragged forward over many sequences (prefill chunks and decodes mixed) gives each
+    sequence the logits it gets alone in its own cache, within float rounding, and the same tokens."""
+    from ryzlab.kv.cache import PagedKVCache
+    from ryzlab.serve.engine import ragged_forward
+
+    eng = _engine()
+    model = eng.model
+    prompts = _prompts([5, 13, 1, 9], seed=11)
+
+    def fresh():
+        return PagedKVCache(MC, CacheConfig(block_size=4, num_blocks=None))
+
+    with torch.inference_mode():
+        batch = fresh()
+        for i, p in enumerate(prompts):
+            batch.allocate_slots(i, p)
+        # step 1: every prompt in one ragged forward; steps 2..4: decodes of every sequence
+        logits = ragged_forward(model, batch, range(len(prompts)), prompts)
+        alone_caches = [fresh() for _ in prompts]
+        for c, p in zip(alone_caches, prompts):
+            c.allocate_slots(0, p)
+        alone = torch.cat([ragged_forward(model, c, [0], [p]) for c, p in zip(alone_caches, prompts)])
+        torch.testing.assert_close(logits, alone, rtol=1e-5, atol=1e-5)
+        for _ in range(3):
+            nxt = logits.argmax(-1).tolist()
+            assert nxt == alone.argmax(-1).tolist()
+            for i, t in enumerate(nxt):
+                batch.allocate_slots(i, [t])
+                alone_caches[i].allocate_slots(0, [t])
+            logits = ragged_forward(model, batch, range(len(prompts)), [[t] for t in nxt])
+            alone = torch.cat([ragged_forward(model, c, [0], [[t]]) for c, t in zip(alone_caches, nxt)])
+            torch.testing.assert_close(logits, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_greedy_sampling_equals_per_row_sampling():
+    from ryzlab.serve.sampling import fused_greedy, sample
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 50, generator=g)
+    logits[2, 7] = logits[2, 9] = logits[2].max() + 1  # a tie: both pick the first maximum
+    params = [SamplingParams(), SamplingParams(logprobs=2), SamplingParams(), SamplingParams(temperature=0.7, seed=1),
+              SamplingParams(), SamplingParams(top_k=3)]
+    fused = fused_greedy(logits, params)
+    assert sorted(fused) == [0, 2, 4, 5]  # greedy rows without logprobs only
+    assert fused[2] == 7
+    for i, tok in fused.items():
+        assert tok == sample(logits[i], params[i], None)[0]
+    assert fused_greedy(logits[:0], []) == {}
+
+
+def test_engine_mixed_greedy_and_sampled_requests_match_each_alone():
+    """A batch mixing greedy, logprobs and seeded sampling gives every request what it gets alone."""
+    prompts = _prompts([6, 3, 9], seed=12)
+    kinds = [SamplingParams(max_tokens=5), SamplingParams(max_tokens=5, logprobs=1),
+             SamplingParams(max_tokens=5, temperature=0.9, seed=4)]
+    alone = []
+    for p, sp in zip(prompts, kinds):
+        e = _engine()
+        e.add_request("x", p, sp)
+        got = []
+        while e.has_work():
+            for o in e.step():
+                got.append((list(o.new_tokens), o.new_tokens.logprobs))
+        alone.append(got)
+    eng = _engine()
+    for i, (p, sp) in enumerate(zip(prompts, kinds)):
+        eng.add_request(f"r{i}", p, sp)
+    together = {f"r{i}": [] for i in range(3)}
+    while eng.has_work():
+        for o in eng.step():
+            together[o.request_id].append((list(o.new_tokens), o.new_tokens.logprobs))
+    for i in range(3):
+        got, want = together[f"r{i}"], alone[i]
+        assert [t for t, _ in got] == [t for t, _ in want]
+        for (_, a), (_, b) in zip(got, want):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a[0][0] == pytest.approx(b[0][0], abs=1e-4)
+
+
+@pytest.mark.slow  # torch.compile's first compile: ~35 s on the loaded 2-core machine
+def test_compile_flag_gives_the_same_greedy_tokens():
+    """EngineConfig.compile runs the forward through torch.compile (attention over pages eager):
+    the same greedy tokens as eager, batched."""
+    pytest.importorskip("torch._inductor")
+    mc = ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=64)
+
+    def run(compile_):
+        eng = build_engine(ReplicaSpec(model="random", model_config=mc,
+                                       cache=CacheConfig(block_size=4, num_blocks=64),
+                                       engine=EngineConfig(prefill_chunk=8, max_model_len=32, compile=compile_)))
+        assert (eng.net is not eng.model) == compile_
+        return eng.generate(_prompts([5, 3], seed=13), SamplingParams(max_tokens=6))
+
+    assert run(True) == run(False)
+
+
+def test_default_max_num_seqs_derives_from_the_kv_capacity():
+    from ryzlab.serve.scheduler import max_num_seqs_for
+
+    assert max_num_seqs_for(1024) == 256          # the step's token budget binds
+    assert max_num_seqs_for(64) == 64             # the blocks bind: each running sequence holds one at least
+    assert max_num_seqs_for(None, 128) == 128     # unbounded cache: the token budget
+    with pytest.raises(ValueError, match="num_blocks"):
+        max_num_seqs_for(0)
+
+
+def test_token_range_is_a_slice_of_prompt_plus_output():
+    from ryzlab.serve.scheduler import EngineSequence
+
+    s = EngineSequence("r", 0, [1, 2, 3, 4], SamplingParams(), 0.0, output=[5, 6, 7])
+    for a in range(8):
+        for b in range(a, 9):
+            assert s.token_range(a, b) == s.tokens[a:b], (a, b)

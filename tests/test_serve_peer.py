@@ -51,6 +51,16 @@ def test_peer_engine_greedy_tokens_match_ryzlab(models):
     assert got == want
 
 
+def test_peer_engine_caps_its_batch_like_ryzlab(models):
+    """--max-num-seqs reaches transformers' scheduler as max_requests_per_batch (equal caps, issue 20)."""
+    _, _, hf = models
+    peer = PeerEngine(hf, num_blocks=64, max_num_seqs=3)
+    try:
+        assert peer.manager.continuous_batching_config.max_requests_per_batch == 3
+    finally:
+        peer.shutdown()
+
+
 def test_peer_app_speaks_openai_to_the_load_generator(models):
     _, tok, hf = models
     peer = PeerEngine(hf, num_blocks=128)

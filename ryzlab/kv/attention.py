@@ -43,19 +43,29 @@ MATH_SCORES = 1 << 24
 
 
 def attention_with_lse(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                       scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+                       scale: float | None, *, blocked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked GQA attention with log-sum-exp, in float32, chunked over queries.
 
     ``qp [B, Tq, Hq, D]``, ``k, v [B, H, S, D]``, ``mask [B, Tq, S]`` (True = attend) ->
     ``out [B, Tq, Hq, D]`` (0 where a query sees no key) and ``lse [B, Tq, Hq]`` (-inf there).
     Query heads are grouped onto their KV head by a reshape, so K/V are never repeated.
+    ``blocked``: ``~mask`` when the caller has it already (a step builds it once for every layer).
     """
     B, tq, hq, D = qp.shape
+    blocked = ~mask if blocked is None else blocked
     H, S = k.shape[1], k.shape[2]
     g = hq // H
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
     kt = k.to(torch.float32).transpose(-1, -2)  # [B, H, D, S]
     vf = v.to(torch.float32)
+    if tq == 1:
+        # decode: the chunk loop below with c = 1, its reshapes being views -- the same
+        # products in the same order, half the operators (each costs microseconds on a CPU)
+        qg = qp.to(torch.float32).view(B, H, g, D)
+        sc = (qg @ kt).mul_(scale).masked_fill_(blocked[:, None], float("-inf"))     # [B, H, g, S]
+        lse = torch.logsumexp(sc, dim=-1)                                             # [B, H, g]
+        p = sc.sub_(lse.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)[..., None]).exp_()
+        return (p @ vf).view(B, 1, hq, D), lse.view(B, 1, hq)
     outs, lses = [], []
     chunk = max(1, MATH_SCORES // max(1, B * hq * S))  # bound the score tensor (~64 MB)
     for c0 in range(0, tq, chunk):
@@ -63,20 +73,33 @@ def attention_with_lse(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
         c = qc.shape[1]
         qg = qc.view(B, c, H, g, D).permute(0, 2, 3, 1, 4).reshape(B, H, g * c, D)
         sc = (qg @ kt).view(B, H, g, c, S).mul_(scale)
-        sc = sc.masked_fill_(~mask[:, None, None, c0:c0 + c], float("-inf"))
+        sc = sc.masked_fill_(blocked[:, None, None, c0:c0 + c], float("-inf"))
         lse = torch.logsumexp(sc, dim=-1)  # [B, H, g, c]
-        p = sc.sub_(torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None]).exp_()
+        # a query that sees no key has lse -inf: subtract 0 there instead (its row stays -inf -> 0)
+        p = sc.sub_(lse.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)[..., None]).exp_()
         o = (p.view(B, H, g * c, S) @ vf).view(B, H, g, c, D)
         outs.append(o.permute(0, 3, 1, 2, 4).reshape(B, c, hq, D))
         lses.append(lse.permute(0, 3, 1, 2).reshape(B, c, hq))
+    if len(outs) == 1:  # decode and short chunks: no copy through cat
+        return outs[0], lses[0]
     return torch.cat(outs, 1), torch.cat(lses, 1)
 
 
 def pad_queries(q: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ragged ``q [N, Hq, D]`` -> padded ``[B, Tq, Hq, D]`` and the causal mask ``[B, Tq, S]``."""
+    """Ragged ``q [N, Hq, D]`` -> padded ``[B, Tq, Hq, D]`` and the causal mask ``[B, Tq, S]``.
+
+    A decode step (one token per sequence) is already that layout: a view, no copy. The mask is
+    built once per step (:attr:`Step.causal_mask`), not once per layer."""
+    if step.is_decode:
+        return q[:, None], step.causal_mask
     qp = q.new_zeros(len(step.seq_ids), step._q_pos.shape[1], *q.shape[1:])  # [B, Tq, Hq, D]
     qp[step._q_b, step._q_t] = q
-    return qp, step._kpos[:, None, :] <= step._q_pos[:, :, None]  # [B, Tq, S] causal = in-context
+    return qp, step.causal_mask  # [B, Tq, S] causal = in-context
+
+
+def unpad(x: torch.Tensor, step: Step) -> torch.Tensor:
+    """Padded ``[B, Tq, ...]`` -> the ragged token list ``[N, ...]`` (inverse of :func:`pad_queries`)."""
+    return x[:, 0] if step.is_decode else x[step._q_b, step._q_t]
 
 
 class TorchAttention:
@@ -94,16 +117,16 @@ class TorchAttention:
         qp, mask = pad_queries(q, step)
         b, tq, hq, d = qp.shape
         if with_lse:
-            out, lse = attention_with_lse(qp, k, v, mask, scale)
-            return out[step._q_b, step._q_t], lse[step._q_b, step._q_t]
+            out, lse = attention_with_lse(qp, k, v, mask, scale, blocked=step.blocked)
+            return unpad(out, step), unpad(lse, step)
         if b * hq * tq * k.shape[2] <= MATH_SCORES:
             # decode and short chunks: two batched matmuls beat SDPA's CPU kernel here
-            out = attention_with_lse(qp, k, v, mask, scale)[0]
+            out = attention_with_lse(qp, k, v, mask, scale, blocked=step.blocked)[0]
         else:
             out = F.scaled_dot_product_attention(qp.transpose(1, 2), k.to(q.dtype), v.to(q.dtype),
                                                  attn_mask=mask[:, None], scale=scale,
                                                  enable_gqa=True).transpose(1, 2)  # [B, Tq, Hq, D]
-        return out[step._q_b, step._q_t], None
+        return unpad(out, step), None
 
 
 class TritonAttention:

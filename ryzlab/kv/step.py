@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -55,6 +56,23 @@ class Step:
     def num_tokens(self) -> int:
         return int(self.positions.numel())
 
+    # derived once per step on first use, then shared by every layer (a frozen dataclass without
+    # slots: cached_property writes the instance dict directly)
+    @cached_property
+    def is_decode(self) -> bool:
+        """Every sequence writes exactly one token (the padded query layout is the token list itself)."""
+        return all(w == 1 for w in self.query_lens)
+
+    @cached_property
+    def causal_mask(self) -> torch.Tensor:
+        """``[B, Tq, S]`` True where a padded query may see a gathered key (same for every layer)."""
+        return self._kpos[:, None, :] <= self._q_pos[:, :, None]
+
+    @cached_property
+    def blocked(self) -> torch.Tensor:
+        """``~causal_mask``: the keys each padded query must not see (built once per step)."""
+        return ~self.causal_mask
+
 
 @dataclass(frozen=True)
 class PageLayout:
@@ -78,9 +96,24 @@ class PageLayout:
 
 GatherPlan = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
+_LONG0 = torch.zeros(0, dtype=torch.long)
+
+
+def _padded(tables: Sequence[list[int]]) -> torch.Tensor:
+    """Block tables ``[B, max len]`` (padded with 0): one tensor, so what follows is tensor ops."""
+    width = max([len(t) for t in tables] + [1])
+    return torch.tensor([list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.long).view(len(tables), width)
+
+
+def _ragged(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``counts [B]`` -> (row of each element ``[sum]``, its index within the row ``[sum]``)."""
+    row = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    first = counts.cumsum(0) - counts
+    return row, torch.arange(row.numel()) - first[row]
+
 
 def gather_plan(lay: PageLayout, tables: Sequence[list[int]], tail_starts: Sequence[int], slots: Sequence[int],
-                ends: Sequence[int]) -> GatherPlan:
+                ends: Sequence[int], *, padded: torch.Tensor | None = None) -> GatherPlan:
     """What attention gathers for sequences attending to their first ``ends[b]`` tokens.
 
     ``tables[b]`` is sequence b's block table (global ids), ``tail_starts[b]`` its first position
@@ -90,39 +123,46 @@ def gather_plan(lay: PageLayout, tables: Sequence[list[int]], tail_starts: Seque
     no query reaches), and the tail overlay ``(row b, gathered index, tail row)`` of the positions
     read in full precision (residual window, block not yet committed). With one cp rank every
     block is local and ``kpos`` is simply ``arange``.
+
+    Tensor ops over all sequences at once (no Python loop per sequence); ``padded`` is
+    ``tables`` as one padded tensor when the caller has it already.
     """
     bs, cp, me, tl = lay.block_size, lay.cp_size, lay.cp_rank, lay.tail_len
-    rows, starts, ov_b, ov_idx, ov_row = [], [], [], [], []
-    for b, (full, t0, slot, n) in enumerate(zip(tables, tail_starts, slots, ends)):
-        table = full[:-(-n // bs)]
-        own = list(range(len(table))) if cp == 1 else [j for j, blk in enumerate(table) if blk % cp == me]
-        rows.append([table[j] // cp for j in own])
-        starts.append([j * bs for j in own])
-        if tl:
-            lo = max(lay.written_end(n), t0)
-            assert n - lo <= tl, f"tail window {n - lo} exceeds {tl} rows"
-            p = torch.arange(lo, n)
-            if cp == 1:
-                idx = p
-            else:  # keep the tail positions whose block is ours; index = our block's rank * bs
-                where = {j: i for i, j in enumerate(own)}
-                keep = torch.tensor([int(x) // bs in where for x in p], dtype=torch.bool)
-                p = p[keep]
-                idx = torch.tensor([where[int(x) // bs] * bs + int(x) % bs for x in p], dtype=torch.long)
-            ov_b.append(torch.full_like(p, b))
-            ov_idx.append(idx)
-            ov_row.append(slot * tl + p % tl)
     dev = lay.device
-    nb = max([len(r) for r in rows] + [1])
-    out = torch.tensor([r + [0] * (nb - len(r)) for r in rows], dtype=torch.long).view(len(rows), nb)
+    B = len(ends)
+    full = _padded(tables) if padded is None else padded            # [B, W] global block ids
+    n = torch.tensor(list(ends), dtype=torch.long)                     # [B]
+    col = torch.arange(full.shape[1])
+    own = col < (n + bs - 1).div(bs, rounding_mode="floor")[:, None]  # [B, W] blocks attended ...
+    if cp > 1:
+        own &= full % cp == me                                         # ... that this rank stores
+    counts = own.sum(1)                                                # [B]
+    nb = max(int(counts.max()) if B else 0, 1)
+    # this rank's blocks of each row first, in table order (a stable sort keeps their order)
+    order = torch.sort((~own).to(torch.int8), dim=1, stable=True).indices[:, :nb]   # [B, nb]
+    keep = torch.arange(nb) < counts[:, None]                                        # [B, nb]
+    out = torch.where(keep, full.gather(1, order) // cp, 0)
     if cp == 1:
         kpos = torch.arange(nb * bs).view(1, -1)
     else:
         big = 1 << 62  # beyond every query: padding is masked by causality alone
-        kst = torch.tensor([x + [big] * (nb - len(x)) for x in starts], dtype=torch.long).view(len(rows), nb)
-        kpos = (kst[:, :, None] + torch.arange(bs)).view(len(rows), nb * bs)
-    cat = lambda xs: torch.cat(xs).to(dev) if xs else torch.zeros(0, dtype=torch.long, device=dev)  # noqa: E731
-    return out.to(dev), kpos.to(dev), cat(ov_b), cat(ov_idx), cat(ov_row)
+        kst = torch.where(keep, order * bs, big)
+        kpos = (kst[:, :, None] + torch.arange(bs)).view(B, nb * bs)
+    if tl and B:
+        lo = torch.tensor([max(lay.written_end(e), t0) for e, t0 in zip(ends, tail_starts)], dtype=torch.long)
+        width = (n - lo).clamp(min=0)
+        assert int(width.max()) <= tl, f"tail window {int(width.max())} exceeds {tl} rows"
+        ov_b, k = _ragged(width)
+        p = lo[ov_b] + k                                               # positions read from the tail
+        j = p // bs
+        rank_of = own.cumsum(1) - 1                                    # block j's index among this rank's
+        mine = own[ov_b, j]
+        ov_b, p, j = ov_b[mine], p[mine], j[mine]
+        ov_idx = rank_of[ov_b, j] * bs + p % bs
+        ov_row = torch.tensor(list(slots), dtype=torch.long)[ov_b] * tl + p % tl
+    else:
+        ov_b = ov_idx = ov_row = _LONG0
+    return out.to(dev), kpos.to(dev), ov_b.to(dev), ov_idx.to(dev), ov_row.to(dev)
 
 
 def plan_step(lay: PageLayout, seq_ids: Sequence[SeqId], tables: Sequence[list[int]], tail_starts: Sequence[int],
@@ -130,59 +170,67 @@ def plan_step(lay: PageLayout, seq_ids: Sequence[SeqId], tables: Sequence[list[i
     """The :class:`Step` writing tokens ``[starts[b], starts[b] + writes[b])`` of each sequence.
 
     Per sequence: its block table, first self-written position and tail row (as in
-    :func:`gather_plan`).
+    :func:`gather_plan`). Built with tensor ops over the step's ``N`` tokens at once; only the
+    sequences that fill a block in this step under token-spanning scales (one in ``block_size``
+    decode steps) take a Python loop.
     """
     bs, tl, dev, cp, me = lay.block_size, lay.tail_len, lay.device, lay.cp_size, lay.cp_rank
     ends = [a + w for a, w in zip(starts, writes)]
     B, tq = len(seq_ids), max(writes, default=0)
-    positions, slot_map, q_t, own_tok, own_slots = [], [], [], [], []
-    commit_blocks, commit_src, tail_src, tail_dst = [], [], [], []
-    off = 0
-    for s, full, t0, slot, a, w, n in zip(seq_ids, tables, tail_starts, slots, starts, writes, ends):
-        table = torch.tensor(full, dtype=torch.long)
-        p = torch.arange(a, n)
-        positions.append(p)
-        blk = table[p // bs]
-        slot_map.append(blk * bs + p % bs)
+    if not B:
+        return Step(seq_ids=(), query_lens=(), context_lens=(), positions=_LONG0.to(dev), slot_mapping=_LONG0.to(dev),
+                    _q_b=_LONG0.to(dev), _q_t=_LONG0.to(dev), _q_pos=torch.zeros(0, 1, dtype=torch.long, device=dev),
+                    _tables=torch.zeros(0, 1, dtype=torch.long, device=dev),
+                    _kpos=torch.zeros(1, bs, dtype=torch.long, device=dev),
+                    _own_tok=None if cp == 1 else _LONG0.to(dev), _own_slots=_LONG0.to(dev),
+                    _ov_b=_LONG0.to(dev), _ov_idx=_LONG0.to(dev), _ov_row=_LONG0.to(dev),
+                    _commit_blocks=_LONG0.to(dev), _commit_src=torch.zeros(0, bs, dtype=torch.long, device=dev),
+                    _tail_src=_LONG0.to(dev), _tail_dst=_LONG0.to(dev))
+    full = _padded(tables)                                             # [B, W]
+    w_t = torch.tensor(list(writes), dtype=torch.long)                 # [B]
+    a_t = torch.tensor(list(starts), dtype=torch.long)                 # [B]
+    slot_t = torch.tensor(list(slots), dtype=torch.long)               # [B]
+    q_b, q_t = _ragged(w_t)                                            # [N], [N]
+    pos = a_t[q_b] + q_t                                               # [N] absolute positions
+    blk = full[q_b, pos // bs]                                         # [N] global block of each token
+    slot_map = blk * bs + pos % bs
+    if cp == 1:
+        own_tok, own_slots = None, slot_map
+    else:
         mine = blk % cp == me
-        own_tok.append(off + torch.nonzero(mine).flatten())
-        own_slots.append((blk[mine] // cp) * bs + p[mine] % bs)
-        q_t.append(torch.arange(w))
+        own_tok = torch.nonzero(mine).flatten()
+        own_slots = (blk[mine] // cp) * bs + pos[mine] % bs
+    q_pos = torch.zeros(B, max(tq, 1), dtype=torch.long)
+    q_pos[q_b, q_t] = pos
+    if tl:
+        # the last tl tokens of each sequence (those of this step) are copied into its tail ring
+        into = pos >= (a_t + w_t - tl)[q_b]
+        tail_src = torch.nonzero(into).flatten()
+        tail_dst = slot_t[q_b[into]] * tl + pos[into] % tl
+    else:
+        tail_src = tail_dst = _LONG0
+    commit_blocks, commit_src = [], []
+    off = 0
+    for b, (s, t0, slot, a, w, n) in enumerate(zip(seq_ids, tail_starts, slots, starts, writes, ends)):
         if lay.commit_unit > 1 and n // bs > a // bs:
             # blocks that become full in this step: their older tokens come from the tail
             i0, i1 = a // bs, n // bs
             assert i0 * bs >= t0, f"seq {s!r}: block {i0} would be re-quantised from a prefix hit"
             bp = torch.arange(i0 * bs, i1 * bs).view(-1, bs)
             src = torch.where(bp >= a, -1 - (off + bp - a), slot * tl + bp % tl)
-            cb = table[i0:i1]
+            cb = full[b, i0:i1]
             keep = cb % cp == me
             commit_src.append(src[keep])
             commit_blocks.append(cb[keep] // cp)
-        if tl:
-            tp = torch.arange(max(a, n - tl), n)
-            tail_src.append(off + tp - a)
-            tail_dst.append(slot * tl + tp % tl)
         off += w
-    long0 = torch.zeros(0, dtype=torch.long)
-    cat = lambda xs: torch.cat(xs) if xs else long0  # noqa: E731
-    pos = cat(positions)
-    q_b = torch.repeat_interleave(torch.arange(B), torch.tensor(writes, dtype=torch.long)) if B else long0
-    q_t_ = cat(q_t)
-    q_pos = torch.zeros(B, max(tq, 1), dtype=torch.long)
-    q_pos[q_b, q_t_] = pos
-    if B:
-        gtables, kpos, ov_b, ov_idx, ov_row = gather_plan(lay, tables, tail_starts, slots, ends)
-    else:
-        gtables = torch.zeros(0, 1, dtype=torch.long, device=dev)
-        kpos = torch.zeros(1, bs, dtype=torch.long, device=dev)
-        ov_b = ov_idx = ov_row = long0.to(dev)
+    gtables, kpos, ov_b, ov_idx, ov_row = gather_plan(lay, tables, tail_starts, slots, ends, padded=full)
     return Step(
         seq_ids=tuple(seq_ids), query_lens=tuple(writes), context_lens=tuple(ends),
-        positions=pos.to(dev), slot_mapping=cat(slot_map).to(dev),
-        _q_b=q_b.to(dev), _q_t=q_t_.to(dev), _q_pos=q_pos.to(dev),
+        positions=pos.to(dev), slot_mapping=slot_map.to(dev),
+        _q_b=q_b.to(dev), _q_t=q_t.to(dev), _q_pos=q_pos.to(dev),
         _tables=gtables, _kpos=kpos,
-        _own_tok=None if cp == 1 else cat(own_tok).to(dev), _own_slots=cat(own_slots).to(dev),
+        _own_tok=None if own_tok is None else own_tok.to(dev), _own_slots=own_slots.to(dev),
         _ov_b=ov_b, _ov_idx=ov_idx, _ov_row=ov_row,
-        _commit_blocks=cat(commit_blocks).to(dev),
+        _commit_blocks=(torch.cat(commit_blocks) if commit_blocks else _LONG0).to(dev),
         _commit_src=(torch.cat(commit_src) if commit_src else torch.zeros(0, bs, dtype=torch.long)).to(dev),
-        _tail_src=cat(tail_src).to(dev), _tail_dst=cat(tail_dst).to(dev))
+        _tail_src=tail_src.to(dev), _tail_dst=tail_dst.to(dev))

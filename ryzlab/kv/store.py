@@ -93,6 +93,7 @@ class PageStore:
         self.tail_v = torch.zeros_like(self.tail_k)
         self._free_slots = list(range(_INITIAL_SLOTS))
         self._slots: dict[SeqId, int] = {}
+        self._scratch: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ capacity and tail rows
     def ensure_capacity(self, num_blocks: int) -> None:
@@ -118,6 +119,24 @@ class PageStore:
         p, c = self._slots[parent], self._slots[child]
         self.tail_k[:, c] = self.tail_k[:, p]
         self.tail_v[:, c] = self.tail_v[:, p]
+
+    def scratch(self, num_blocks: int) -> tuple[int, int]:
+        """``(page slot, tail slot)`` that no sequence ever uses: where the padding rows of a
+        fixed-shape step (a captured CUDA graph, :mod:`ryzlab.serve.graphs`) write their K/V.
+
+        The page is one past this rank's share of ``num_blocks`` (the most the block pool hands
+        out: the cache must be bounded), added once with exactly one page of growth; the tail
+        slot is held for good and counted in no sequence.
+        """
+        if self._scratch is None:
+            page = -(-num_blocks // self.cp.world_size)
+            if self.k.capacity < page + 1:
+                self.k.grow(page + 1)
+                self.v.grow(page + 1)
+            marker = ("ryzlab.kv.store", "scratch")
+            self.add(marker)
+            self._scratch = (page, self._slots.pop(marker))
+        return self._scratch
 
     def drop(self, seq_id: SeqId) -> None:
         self._free_slots.append(self._slots.pop(seq_id))

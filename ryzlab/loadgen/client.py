@@ -289,7 +289,8 @@ def http_client(base_url: str, *, model: str | None = None, timeout_s: float = 1
 def server_argv(engine: str, *, model: str, port: int, threads: int | None = None, block_size: int = 16,
                 num_blocks: int = 1024, max_num_seqs: int = 16, max_model_len: int = 1024) -> list[str]:
     """Command line of a one-engine server on ``port``: ``ryzlab`` (``ryzlab serve``) or
-    ``transformers`` (:mod:`ryzlab.serve.peer`), with the same model and cache geometry."""
+    ``transformers`` (:mod:`ryzlab.serve.peer`), with the same model, cache geometry and batch cap
+    (``max_num_seqs``: ryzlab's scheduler cap, the peer's ``max_requests_per_batch``)."""
     import sys
 
     check_choice("engine", engine, ENGINES)
@@ -300,7 +301,8 @@ def server_argv(engine: str, *, model: str, port: int, threads: int | None = Non
     else:
         argv = [sys.executable, "-m", "ryzlab.serve.peer", "--model", model, "--port", str(port),
                 "--block-size", str(block_size), "--num-blocks", str(num_blocks),
-                "--max-batch-tokens", str(max(256, max_num_seqs)), "--max-model-len", str(max_model_len)]
+                "--max-batch-tokens", str(max(256, max_num_seqs)), "--max-num-seqs", str(max_num_seqs),
+                "--max-model-len", str(max_model_len)]
     return argv + (["--threads", str(threads)] if threads else [])
 
 

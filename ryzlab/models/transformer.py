@@ -188,6 +188,9 @@ class PagedContext:
     def __init__(self, cache: Any, step: Any):
         self.cache, self.step = cache, step
 
+    # the cache's bookkeeping is Python with data-dependent shapes: a compiled forward
+    # (EngineConfig.compile) runs the layers' math compiled and this call eagerly
+    @torch.compiler.disable
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.cache.write(layer, k.flatten(0, 1), v.flatten(0, 1), step=self.step)  # [N, Hkv, D]
         return self.cache.attend(layer, q.flatten(0, 1), step=self.step).view(q.shape)  # [B, T, H, D]

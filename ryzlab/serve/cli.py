@@ -46,7 +46,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="load-balancing policy across workers (default least_outstanding)")
     s.add_argument("--block-size", type=int, default=16, help="tokens per KV page (default 16)")
     s.add_argument("--num-blocks", type=int, default=1024, help="KV pages per engine (default 1024)")
-    s.add_argument("--max-num-seqs", type=int, default=16, help="sequences batched together (default 16)")
+    s.add_argument("--max-num-seqs", type=int, default=None,
+                   help="sequences batched together (default: from the KV capacity, min(--num-blocks, 256))")
     s.add_argument("--max-model-len", type=int, default=None,
                    help="prompt + output tokens at most (default: the model's context, e.g. 8192 for SmolLM2)")
     s.add_argument("--served-model-name", default=None, metavar="NAME",
@@ -55,6 +56,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--preemption", default="recompute", choices=PREEMPTIONS,
                    help="what a full cache does to a victim sequence (default recompute)")
     s.add_argument("--threads", type=int, default=None, help="torch threads per engine (default: torch's)")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's forward (off by default: it did not pay on the CPU measured)")
     s.add_argument("--api-key", default=os.environ.get("RYZLAB_API_KEY"),
                    help="clients of /v1/* must send 'Authorization: Bearer KEY' (default: $RYZLAB_API_KEY); "
                         "required to bind beyond loopback unless --no-auth")
@@ -92,8 +95,10 @@ def replica_spec(args: argparse.Namespace) -> ReplicaSpec:
     from ryzlab.serve.scheduler import EngineConfig
     from ryzlab.serve.spec import ReplicaSpec
 
-    engine = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=max_model_len(args),
-                          preemption=args.preemption, max_num_batched_tokens=max(256, args.max_num_seqs))
+    seqs = num_seqs(args)
+    engine = EngineConfig(max_num_seqs=seqs, max_model_len=max_model_len(args),
+                          preemption=args.preemption, max_num_batched_tokens=max(256, seqs),
+                          compile=getattr(args, "compile", False))
     # GPUs where present (one worker per GPU), CPU otherwise
     return ReplicaSpec(model=args.model, dtype=args.dtype, device="cuda" if torch.cuda.is_available() else "cpu",
                        weights=parse_weights_flag(args.weights),
@@ -139,9 +144,22 @@ def serve_limits(args: argparse.Namespace) -> Any:
     """The API's :class:`ServeLimits` from the flags (raises ``ValueError`` for bad values)."""
     from ryzlab.serve.api import ServeLimits
 
-    pending = args.max_pending if args.max_pending is not None else 4 * args.max_num_seqs * args.workers
+    pending = args.max_pending if args.max_pending is not None else 4 * num_seqs(args) * args.workers
     return ServeLimits(max_pending=pending, request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
                        body_timeout_s=args.body_timeout)
+
+
+def num_seqs(args: argparse.Namespace) -> int:
+    """``--max-num-seqs``, else derived from the KV capacity (:func:`ryzlab.serve.scheduler.max_num_seqs_for`)."""
+    from ryzlab.serve.scheduler import max_num_seqs_for
+
+    if getattr(args, "max_num_seqs", None) is not None:
+        if args.max_num_seqs < 1:
+            raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
+        return args.max_num_seqs
+    if args.num_blocks < 1:
+        raise ValueError(f"--num-blocks must be >= 1, got {args.num_blocks}")
+    return max_num_seqs_for(args.num_blocks)
 
 
 def max_model_len(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ryzlab.models.transformer import PagedContext
-from ryzlab.serve.sampling import INT64, MAX_LOGPROBS, Logprob, SamplingParams, TokenChunk, sample
+from ryzlab.serve.sampling import INT64, MAX_LOGPROBS, Logprob, SamplingParams, TokenChunk, fused_greedy, sample
 from ryzlab.serve.scheduler import (FINISH_REASONS, PREEMPTIONS, EngineConfig, EngineSequence, FinishReason,
                                     Preemption, Scheduler)
 
@@ -67,20 +67,26 @@ class StepOutput:
 
 
 def ragged_forward(model: torch.nn.Module, cache: Any, seq_ids: Sequence[Hashable],
-                   inputs: Sequence[Sequence[int]]) -> torch.Tensor:
+                   inputs: Sequence[Sequence[int]], *, graphs: Any = None) -> torch.Tensor:
     """One ragged forward of ``model`` over ``cache`` -> logits ``[B, vocab]`` (float32) at the
     last input token of each sequence.
 
     ``inputs[b]``: the ids whose K/V this step writes for ``seq_ids[b]``, in order, ending at the
     newest one; they already hold slots (:meth:`PagedKVCache.allocate_slots`), so planning the step
     cannot fail. The B sequences go through the model's forward as one row ``[1, N]``.
+    ``graphs``: a :class:`ryzlab.serve.graphs.DecodeGraphs` that may replay the step instead.
     """
     device = next(model.parameters()).device
     step = cache.extend(list(seq_ids), None, num_write=[len(x) for x in inputs])
     assert step is not None, "extend() of tokens that already hold slots allocates nothing"
     flat = torch.tensor([t for x in inputs for t in x], dtype=torch.long, device=device)  # [N]
+    if graphs is not None and (logits := graphs.forward(step, flat)) is not None:
+        return logits
+    ctx = PagedContext(cache, step)
+    if step.is_decode:  # one token per sequence: every position is a last one, no gather of rows
+        return model(flat[None], step.positions[None].to(device), ctx)[0]                  # [B, V]
     last = torch.tensor([len(t) for t in inputs], device=device).cumsum(0) - 1             # [B]
-    return model(flat[None], step.positions[None].to(device), PagedContext(cache, step), logits_at=last)
+    return model(flat[None], step.positions[None].to(device), ctx, logits_at=last)
 
 
 class Engine:
@@ -102,6 +108,22 @@ class Engine:
             raise ValueError("preemption='swap' copies a sequence's K/V through one rank; a tp x cp group "
                              "holds it spread over ranks: use preemption='recompute'")
         self.scheduler = Scheduler(cache, config, grouped=self.grouped)
+        self.net: torch.nn.Module = model
+        """What a step runs: ``model``, or its ``torch.compile`` d forward (``config.compile``)."""
+        if config.compile:
+            # dynamic: the number of tokens per step changes every step; one graph serves them
+            self.net = torch.compile(model, dynamic=True)
+        self.graphs: Any = None
+        """A :class:`ryzlab.serve.graphs.DecodeGraphs` when ``config.cuda_graphs`` can hold here."""
+        if config.cuda_graphs:
+            from ryzlab.serve.graphs import DecodeGraphs, graphs_unavailable_reason
+
+            why = graphs_unavailable_reason(cache, grouped=self.grouped)
+            if why:
+                log.warning("cuda_graphs=True but decode steps run eagerly: %s", why)
+            else:
+                self.graphs = DecodeGraphs(model, cache, max_batch=config.max_num_seqs,
+                                           max_model_len=config.max_model_len)
         self.vocab_size: int = model.config.vocab_size
         self._seq_ids = itertools.count()
         self.last_step_s = time.monotonic()
@@ -170,6 +192,24 @@ class Engine:
         """logits [V] -> (next token id, its logprob and top alternatives or None): :func:`sample`."""
         return sample(logits, seq.params, seq.generator)
 
+    def _sample_batch(self, seqs: list[EngineSequence], logits: torch.Tensor
+                      ) -> list[tuple[int, Logprob | None] | Exception]:
+        """logits [B, V] -> per sequence (token, logprob) or the exception its sampling raised.
+
+        Greedy rows share one argmax (:func:`fused_greedy`); the others go through :meth:`_sample`
+        one by one, and a failure there is returned for that sequence alone."""
+        fused = fused_greedy(logits, [s.params for s in seqs])
+        out: list[tuple[int, Logprob | None] | Exception] = []
+        for i, s in enumerate(seqs):
+            if i in fused:
+                out.append((fused[i], None))
+                continue
+            try:
+                out.append(self._sample(s, logits[i]))
+            except Exception as e:  # noqa: BLE001 - this request's sampling failed: it fails alone
+                out.append(e)
+        return out
+
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         """One scheduling round + one ragged forward; returns new tokens and finished requests.
@@ -183,7 +223,7 @@ class Engine:
         outputs: list[StepOutput] = []
         if plan:
             seqs = [s for s, _ in plan]
-            inputs = [s.tokens[s.num_computed:s.num_computed + n] for s, n in plan]
+            inputs = [s.token_range(s.num_computed, s.num_computed + n) for s, n in plan]
             try:
                 logits = self._forward([s.seq_id for s in seqs], inputs)  # [B, V]
             except Exception as e:  # noqa: BLE001 - fail the culprit alone, keep the engine alive
@@ -200,23 +240,27 @@ class Engine:
                 self.cache.evict_cached()
                 self.last_step_s = time.monotonic()
                 return outputs
+            ready: list[int] = []  # rows of the plan that sample a token in this step
             for i, (s, n) in enumerate(plan):
                 s.num_computed += n
                 if n > 1 or s.pending > 0:
                     self.counters["prefill_tokens"] += n
                 else:
                     self.counters["decode_tokens"] += 1
-                if s.pending > 0:  # mid-prefill chunk: no token yet
-                    continue
-                try:
-                    tok, lp = self._sample(s, logits[i])
-                except Exception as e:  # noqa: BLE001 - this request's sampling failed: it fails alone
-                    log.exception("sampling failed for %s", s.request_id)
+                if s.pending == 0:  # a mid-prefill chunk (pending > 0) has no token yet
+                    ready.append(i)
+            rows = logits if len(ready) == len(plan) else logits[torch.tensor(ready, dtype=torch.long, device=logits.device)]
+            picks = self._sample_batch([plan[i][0] for i in ready], rows)
+            for i, pick in zip(ready, picks):
+                s = plan[i][0]
+                if isinstance(pick, Exception):  # this request's sampling failed: it fails alone
+                    log.error("sampling failed for %s", s.request_id, exc_info=pick)
                     sched.finish(s)
                     self.counters["failed"] += 1
                     outputs.append(StepOutput(s.request_id, TokenChunk(), "error",
-                                              f"sampling failed: {type(e).__name__}: {e}"))
+                                              f"sampling failed: {type(pick).__name__}: {pick}"))
                     continue
+                tok, lp = pick
                 s.suspect = False
                 s.output.append(tok)
                 self.counters["generated_tokens"] += 1
@@ -243,7 +287,7 @@ class Engine:
 
     def execute(self, seq_ids: list[int], inputs: list[list[int]]) -> torch.Tensor:
         """This rank's forward of one step: :func:`ragged_forward` -> logits ``[B, vocab]``."""
-        return ragged_forward(self.model, self.cache, seq_ids, inputs)
+        return ragged_forward(self.net, self.cache, seq_ids, inputs, graphs=self.graphs)
 
     @torch.inference_mode()
     def follow(self) -> int:

@@ -80,12 +80,14 @@ class PeerEngine:
     """transformers' ``ContinuousBatchingManager`` with an asyncio face: ``generate`` yields token-id lists."""
 
     def __init__(self, model: Any, *, block_size: int = 16, num_blocks: int = 1024, max_batch_tokens: int = 256,
-                 eos_token_ids: tuple[int, ...] = ()):
+                 max_num_seqs: int | None = None, eos_token_ids: tuple[int, ...] = ()):
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
         self.eos_token_ids = tuple(eos_token_ids)
         gen = GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=-1, pad_token_id=0)
-        cb = ContinuousBatchingConfig(page_size=block_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens)
+        # max_num_seqs -> max_requests_per_batch: the same cap on the batch as ryzlab's scheduler
+        cb = ContinuousBatchingConfig(page_size=block_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
+                                      max_requests_per_batch=max_num_seqs)
         self.manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
         self.manager.start()
         self._ids = itertools.count()
@@ -216,7 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-blocks", type=int, default=1024)
     p.add_argument("--max-batch-tokens", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="requests batched together (transformers' max_requests_per_batch; default: its own)")
     a = p.parse_args(argv)
+    if a.max_num_seqs is not None and a.max_num_seqs < 1:
+        p.error(f"--max-num-seqs must be >= 1, got {a.max_num_seqs}")
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         p.error(f"--host {a.host!r}: the peer has no authentication; it binds loopback only (127.0.0.1, ::1)")
     import uvicorn
@@ -228,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     tok = load_tokenizer(a.model)
     engine = PeerEngine(hf_model(a.model), block_size=a.block_size, num_blocks=a.num_blocks,
-                        max_batch_tokens=a.max_batch_tokens, eos_token_ids=tuple(getattr(tok, "eos_token_ids", ())))
+                        max_batch_tokens=a.max_batch_tokens, max_num_seqs=a.max_num_seqs, eos_token_ids=tuple(getattr(tok, "eos_token_ids", ())))
     name = model_name(a.model)
     print(f"transformers peer: http://{a.host}:{a.port}  model={name}", flush=True)
     try:

@@ -30,7 +30,7 @@ import torch
 from ryzlab.config import PREEMPTIONS, Preemption, check_choice
 from ryzlab.serve.sampling import SamplingParams
 
-__all__ = ["EngineConfig", "EngineSequence", "Scheduler", "Status", "Preemption", "PREEMPTIONS", "FinishReason",
+__all__ = ["EngineConfig", "EngineSequence", "max_num_seqs_for", "Scheduler", "Status", "Preemption", "PREEMPTIONS", "FinishReason",
            "FINISH_REASONS"]
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,13 @@ class EngineConfig:
     """Prompt + output tokens of one request at most."""
     stall_timeout_s: float = 10.0
     """/health turns unhealthy when work is pending and no step finished for this long."""
+    cuda_graphs: bool = False
+    """Replay decode steps as CUDA graphs per batch-size bucket (:mod:`ryzlab.serve.graphs`); on a
+    CUDA device only, else ignored with the reason logged. Off by default: not yet run on a GPU."""
+    compile: bool = False
+    """Run the model's forward through ``torch.compile`` (the attention over pages stays eager).
+    Off by default: on the 2-core CPU it compiled in ~40 s and gained 3-7% at batch 1 but lost
+    ~5% at batch 16 (reference model, ``benchmarks/step_profile.py --compile``)."""
 
     def __post_init__(self) -> None:
         check_choice("preemption", self.preemption, PREEMPTIONS)
@@ -70,6 +77,22 @@ class EngineConfig:
                              f"max_num_seqs ({self.max_num_seqs}): every running sequence needs a token per step")
         if not self.stall_timeout_s > 0:
             raise ValueError(f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
+
+
+def max_num_seqs_for(num_blocks: int | None, max_num_batched_tokens: int = 256) -> int:
+    """The default cap on running sequences, derived from the KV capacity (not a constant).
+
+    Every running sequence holds at least one KV block and one token of each step's budget, so at
+    most ``num_blocks`` sequences can be resident and at most ``max_num_batched_tokens`` decode in
+    one step: the cap is the smaller of the two (an unbounded cache: the token budget). Admission
+    stops earlier when the blocks run out (longer sequences hold more), as in vLLM, and the
+    transformers peer gets the same cap (``--max-num-seqs``) so batch sizes compare.
+    """
+    if num_blocks is not None and num_blocks < 1:
+        raise ValueError(f"num_blocks must be >= 1 or None, got {num_blocks}")
+    if max_num_batched_tokens < 1:
+        raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+    return max(1, min(max_num_batched_tokens, num_blocks if num_blocks is not None else max_num_batched_tokens))
 
 
 class Status(enum.Enum):
@@ -105,6 +128,16 @@ class EngineSequence:
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+    def token_range(self, start: int, stop: int) -> list[int]:
+        """``tokens[start:stop]`` without building ``tokens``: a decode step reads one id, and
+        copying prompt + output per sequence per step grows with the sequence."""
+        p = len(self.prompt)
+        if stop <= p:
+            return self.prompt[start:stop]
+        if start >= p:
+            return self.output[start - p:stop - p]
+        return self.prompt[start:] + self.output[:stop - p]
 
     @property
     def pending(self) -> int:
@@ -247,7 +280,7 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
         n = min(seq.pending, self.config.prefill_chunk, self.config.max_num_batched_tokens)
-        new = seq.tokens[seq.in_pool:seq.num_computed + n]
+        new = seq.token_range(seq.in_pool, seq.num_computed + n)
         while new and not self._alloc(seq, new):
             victims = [s for s in self.running if s is not seq]
             if not victims:
@@ -280,7 +313,7 @@ class Scheduler:
             n = min(seq.pending, self.config.prefill_chunk, budget)
             if n <= 0:
                 continue
-            new = seq.tokens[seq.in_pool:seq.num_computed + n]  # decode: the token sampled last step
+            new = seq.token_range(seq.in_pool, seq.num_computed + n)  # decode: the token sampled last step
             while new and not self._alloc(seq, new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -299,7 +332,7 @@ class Scheduler:
             if not ok:
                 break
             n = min(seq.pending, self.config.prefill_chunk, budget)
-            new = seq.tokens[seq.in_pool:seq.num_computed + n]  # a restored swap: its last sampled token
+            new = seq.token_range(seq.in_pool, seq.num_computed + n)  # a restored swap: its last sampled token
             if new and not self._alloc(seq, new):
                 self._swap_out(seq) if seq.status is Status.SWAPPED else self._release(seq)
                 break
