@@ -169,7 +169,9 @@ class Explorer:
         varying = [c for c in df.columns if c != "run_id" and df[c].astype(str).nunique() > 1]
         with self._hold():
             c = self.controls
-            c["metric"].options = numeric
+            # measurements only: not the swept parameters (context, batch...) nor the step index
+            params = set(self.swept.get(c["experiment"].value, [])) | {"sample", "step"}
+            c["metric"].options = [m for m in numeric if m not in params] or numeric
             # a measurement by default: a column that varies within a point, else any varying one
             per_point = [m for m in numeric if m != "sample" and "run_id" in df and
                          (df.groupby("run_id")[m].nunique() > 1).any()]
