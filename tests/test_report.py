@@ -379,6 +379,7 @@ def test_explorer_filters_only_swept_parameters_readably_and_in_numeric_order(tm
     assert set(ex.filters) == {"context", "dtype"}, "kv_bytes, achieved_gbps...: measured, not swept"
     metrics = set(ex.controls["metric"].options)
     assert "attn_us" in metrics and not metrics & {"context", "sample"}, "parameters and the step index are not metrics"
+    assert ex.controls["hue"].options == ("(none)", "sweep", "context", "dtype"), "hue and facet: cases, not metrics"
     assert [label for label, _ in ex.filters["context"].options] == ["64", "128", "192"]
     assert ex.controls["x"].value == "context" and ex.controls["hue"].value == "(none)"
     assert ex.pooled_now == {"dtype": ["bfloat16", "float32"]}

@@ -185,7 +185,8 @@ class Explorer:
             prefer = ([v for v in ("context", "rate", "load", "workers", "world_size") if v in varying] + swept
                       + [v for v in ("sample",) if v in varying])
             c["x"].value = (prefer or varying or [NONE])[0]
-            hues = [NONE, "sweep"] + [v for v in varying if v != "sweep"]
+            # cases, not measurements: colouring by a measured float would draw one series per value
+            hues = [NONE, "sweep"] + [v for v in self.dimensions(df) if v != "sweep" and v in varying]
             c["hue"].options, c["facet"].options = hues, hues
             c["hue"].value = "sweep" if len(self.controls["sweeps"].value) > 1 else NONE
             # simulated and measured rows never share a line: one panel each by default
