@@ -184,6 +184,14 @@ def _add_kv_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="tokens per window (default 512, or the model's context if shorter)")
     k.add_argument("--prefill", type=int, default=None,
                    help="tokens prefilled per window; the rest is scored (default half of --length)")
+    k.add_argument("--weights", default="",
+                   help="comma-separated weight formats to plan with the KV layouts (e.g. float32,int8,int4-g32): "
+                        "every pair measured against float32 weights + uncompressed KV, weight bytes from the "
+                        "weight ledger added to the budget; the pick is the fewest weights + KV bytes within --max-kl")
+    k.add_argument("--tokens", type=int, default=None,
+                   help="with --weights: KV tokens the budget holds (default: the model's context)")
+    k.add_argument("--memory-mib", type=float, default=None,
+                   help="with --weights: memory for weights + KV; the pick is the pair holding the most tokens")
     k.add_argument("--plot", help="write the Pareto plot here (.png)")
     k.add_argument("--out", help="write the table here (.parquet or .csv)")
     k.add_argument("--device", default="cpu")
@@ -212,10 +220,14 @@ def cmd_kv_plan(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: use a .parquet or .csv file")
     res = plan_kv(args.model, args.text or None, args.max_kl, candidates=cands, windows=args.windows,
                   length=args.length, prefill=args.prefill, mixed=mixed, device=args.device, threads=args.threads,
-                  progress=True)
+                  progress=True, weights=[w for w in args.weights.split(",") if w.strip()] or None,
+                  tokens=args.tokens, memory_mib=args.memory_mib)
     t = res.table
     cols = ["layout", "kv_bytes_per_token", "bytes_vs_fp32", "kl_per_token", "ppl_delta", "top1_agree",
             "within_budget", "pareto"]
+    if "weights" in t.columns:
+        cols = ["weights", "weight_bytes", *cols[:3], "total_bytes",
+                *(["tokens_in_budget"] if "tokens_in_budget" in t.columns else []), *cols[3:]]
     print(f"model={res.model} text={res.text} device={t['device'].iloc[0]}: {args.windows} windows x "
           f"{int(t['seq_len'].iloc[0])} tokens, prefill {int(t['prefill'].iloc[0])}, "
           f"{int(t['tokens_scored'].iloc[0])} positions scored")

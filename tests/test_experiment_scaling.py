@@ -113,3 +113,39 @@ def test_speedup_only_at_equal_total_threads():
     assert pd.isna(tp2["speedup"]) and pd.isna(tp2["scaling_efficiency"])
     assert "no 1-rank point with 2 threads" in tp2["speedup_note"]
     assert tp2["context_gain"] == 2.0  # capacity does not depend on threads
+
+
+@pytest.mark.parametrize("weights", ["int4-g32", "ternary"])
+def test_packed_weights_each_rank_packs_its_shard_bytes_from_the_ledger(weights):
+    """tp=2 on gloo ranks with packed weights: every byte column is the weight ledger's, measured on the
+    rank's packed shard and equal to the ledger's formula from shapes; not parameters x dtype size."""
+    from ryzlab.models.loader import check_model
+    from ryzlab.models.quant import model_weight_bytes
+
+    small = {**SMALL, "codec": "none", "budget_mib": 0.0, "context": 32, "prefill_chunk": 32}
+    r = run_experiment("scaling", {**small, "tp": 2, "weights": weights}).iloc[0]
+    cfg = check_model("reference").config
+    per_rank = [model_weight_bytes(cfg, weights, tp=2, rank=k) for k in range(2)]
+    assert r["weights"] == weights and r["weight_kernels"]
+    assert r["weight_bytes_per_rank"] == r["weight_bytes_formula_per_rank"] == max(x["total"] for x in per_rank)
+    assert r["weight_bytes_total"] == sum(x["total"] for x in per_rank)
+    assert r["weight_bytes_sharded_per_rank"] + r["weight_bytes_replicated_per_rank"] == r["weight_bytes_per_rank"]
+    assert r["weight_bytes_replicated_per_rank"] == per_rank[0]["tables"] + (2 * 4 + 1) * 256 * 4  # + norms
+    assert r["weight_bytes_per_rank"] < 0.35 * model_weight_bytes(cfg, "float32", tp=2)["total"]
+    assert 0 < r["logits_rel_err_vs_ws1"] < 0.1   # the one-rank reference packs whole rows: scales differ a little
+
+
+@pytest.mark.parametrize("values, needle", [
+    ({"tp": 2, "weights": "int4-g64"}, "int4 group sizes that fit this model at tp=2: int4-g32"),
+    ({"weights": "int5"}, "not a weight format"),
+    ({"weights": "gguf"}, "not a .gguf file"),
+    ({"weights": "int8", "backend": "nccl"}, "packed weight kernels run on CPU"),
+])
+def test_bad_weight_formats_fail_before_any_process(values, needle, monkeypatch):
+    import ryzlab.experiments.scaling as scaling
+
+    monkeypatch.setattr(scaling, "launch", _must_not_run)
+    with pytest.raises((ConfigError, ValueError)) as e:
+        run_experiment("scaling", values)
+    assert needle in str(e.value)
+    assert not torch.distributed.is_initialized()

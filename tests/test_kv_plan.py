@@ -132,3 +132,47 @@ def test_kv_plan_cli_runs_on_its_defaults_for_the_reference_model(capsys):
     assert rc in (0, 1), cap.err
     assert "1 windows x 32 tokens, prefill 16" in cap.out and "mixed 2xint4+2xint2" in cap.out, cap.out
     assert "kv-plan: layouts" in cap.err and "kv-plan:" not in cap.out  # progress on stderr, results on stdout
+
+
+def test_kv_plan_trades_weight_formats_and_kv_layouts_together(tmp_path, capsys):
+    """--weights: every weight format x (uncompressed + each layout) against float32 weights + uncompressed KV;
+    weight bytes are the weight ledger's; the pick is the fewest weights + KV bytes within the KL budget."""
+    from ryzlab.models import check_model
+    from ryzlab.models.quant import model_weight_bytes
+
+    out = tmp_path / "plan.csv"
+    rc = main(["kv-plan", "--model", "reference", "--max-kl", "0.05", "--layout", "int8", "--mixed", "none", *SMALL,
+               "--weights", "float32,int8,int4-g32", "--tokens", "4096", "--out", str(out)])
+    text = capsys.readouterr().out
+    t = pd.read_csv(out)
+    cfg = check_model("reference").config
+    assert len(t) == 6 and set(t.weights) == {"float32", "int8", "int4-g32"} and set(t.codec) == {"none", "int8"}
+    for w, g in t.groupby("weights"):
+        assert (g.weight_bytes == model_weight_bytes(cfg, w)["total"]).all()
+    assert (t.total_bytes == t.weight_bytes + t.kv_bytes_per_token * 4096).all()
+    assert list(t.total_bytes) == sorted(t.total_bytes)
+    ref = t[(t.weights == "float32") & (t.codec == "none")].iloc[0]
+    assert ref.kl_per_token == 0 and (t.drop(ref.name).kl_per_token > 0).all()   # one reference for every pair
+    ok = t[t.kl_per_token <= 0.05]
+    assert rc == 0 and f"weights {ok.iloc[0].weights} (" in text and ok.iloc[0].weights != "float32"
+    # a memory budget that float32 weights alone exceed: the pick holds the most tokens in it
+    res = plan_kv("reference", None, 0.05, candidates=[CacheConfig(codec="int8")], windows=2, length=40, prefill=24,
+                  mixed=None, weights=["float32", "int8"], memory_mib=8.0)
+    f32 = res.table[res.table.weights == "float32"]
+    assert (f32.tokens_in_budget == 0).all() and not f32.within_budget.any()
+    fit = res.table[res.table.within_budget]
+    assert res.best["tokens_in_budget"] == fit.tokens_in_budget.max() > 0
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--weights", "int4-g128"], "int4 group sizes that fit this model at tp=1: int4-g32, int4-g64"),
+    (["--weights", "int8,int5"], "not a weight format"),
+    (["--tokens", "100"], "give weights too"),
+    (["--weights", "int8", "--memory-mib", "0"], "memory_mib must be > 0"),
+])
+def test_kv_plan_bad_weight_args_fail_before_any_work(args, match, capsys, monkeypatch):
+    import ryzlab.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    assert main(["kv-plan", "--model", "reference", "--max-kl", "0.1", *SMALL, *args]) == 2
+    assert match in capsys.readouterr().err

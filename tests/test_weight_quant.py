@@ -220,3 +220,49 @@ def test_tp2_each_rank_quantizes_its_shard():
                 else:  # row-parallel shards get their own per-row scales: as close to float as tp 1 is
                     e1, e2 = ((one - ref).norm() / ref.norm()).item(), ((got - ref).norm() / ref.norm()).item()
                     assert e2 <= 1.5 * e1 + 1e-6, (fmt, e1, e2)
+
+
+# ----------------------------------------------------------------------------- W1.58A8
+def test_ternary_a8_is_integer_ternary_times_absmax_int8_activations():
+    """ternary-a8: each token's input rounded to int8 (absmax / 127), integer matmul with the ternary codes,
+    then both scales; same bytes as ternary; the -a8 suffix belongs to ternary only."""
+    fmt = parse_weight_format("ternary-a8-f32")
+    assert fmt.act_bits == 8 and fmt.name == "ternary-a8-f32" and parse_weight_format("ternary").act_bits == 0
+    with pytest.raises(ValueError, match="not a weight format"):
+        parse_weight_format("int8-a8")
+    assert model_weight_bytes(M, "ternary-a8")["total"] == model_weight_bytes(M, "ternary")["total"]
+    w, x = _weight(), torch.randn(5, 128) * 3
+    lin = TernaryLinear.from_float(w, None, fmt)
+    assert "_int_mm" in lin.kernel
+    q, s = quantize_ternary(w, torch.float32)
+    a = x.abs().amax(-1, keepdim=True)
+    xq = torch.round(x * 127 / a).clamp(-128, 127) * a / 127
+    want = F.linear(xq, q.float() * s[:, None])
+    torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-5)
+    plain = TernaryLinear.from_float(w, None, parse_weight_format("ternary-f32"))(x)
+    assert (plain - want).abs().max() > 1e-3   # the activation rounding is there
+
+
+def test_ternary_a8_computes_what_the_bitnet_checkpoint_was_trained_with():
+    """On the shipped BitNet checkpoint: the hidden states a packed ternary-a8 model hands its output head
+    match the QAT forward's (BitLinear: ternary weights x 8-bit activations) far closer than packed ternary
+    with float activations does (the head itself is bf16 in both packed formats: compared before it)."""
+    from ryzlab.models import load_model
+    from ryzlab.models.corpus import text_windows
+    from ryzlab.models.quant.qat import ternary_qat
+
+    def hidden(m: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        got = []
+        h = m.output.register_forward_pre_hook(lambda mod, args: got.append(args[0].float()))
+        with torch.no_grad():
+            m(ids)
+        h.remove()
+        return got[0]
+
+    ck = "ryzlab/checkpoints/bitnet.safetensors"
+    qat, tok = load_model(ck)
+    ids = text_windows(tok, 2, 64)
+    ref = hidden(ternary_qat(qat), ids)
+    err = {w: ((hidden(load_model(ck, weights=w)[0], ids) - ref).norm() / ref.norm()).item()
+           for w in ("ternary-a8-f32", "ternary-f32")}
+    assert err["ternary-a8-f32"] < 1e-3 and err["ternary-a8-f32"] * 5 < err["ternary-f32"], err

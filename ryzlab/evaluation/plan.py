@@ -7,6 +7,14 @@ uncompressed one, bytes from the cache's ledger) and returns the table, its Pare
 (bytes vs KL) and the layout with the fewest bytes per token whose KL per token is within
 ``max_kl``. ``ryzlab kv-plan --model PATH --text FILE --max-kl X`` prints the same.
 
+Weights and KV together (``weights=["bf16", "int8", "int4-g32"]``, ``--weights``): every weight
+format x every KV layout (plus the uncompressed cache) is measured against ONE reference, float32
+weights with an uncompressed cache, so the KL is the pair's. Each row adds ``weight_bytes`` (the
+weight ledger of the loaded, packed model: :func:`ryzlab.models.quant.weight_ledger`) and
+``total_bytes`` = weights + KV bytes per token x ``tokens``; the pick is the fewest total bytes
+within ``max_kl``. With ``memory_mib`` the pick is instead the pair holding the most tokens in
+that memory (``tokens_in_budget`` = (budget - weights) / KV bytes per token), fewer bytes breaking ties.
+
 Mixed precision: :func:`layer_sensitivity` compresses one layer at a time (every other layer
 uncompressed) and records the KL that layer alone causes; :func:`mixed_layout` then gives the
 ``n_high`` most sensitive layers the higher-precision codec and the rest the lower one.
@@ -91,6 +99,14 @@ class PlanResult:
 
     def summary(self) -> str:
         head = (f"model={self.model} text={self.text} max_kl={self.max_kl:g}: ")
+        if self.best is not None and "weights" in self.table.columns:
+            b = self.best
+            fit = (f", {int(b['tokens_in_budget'])} tokens in {b['memory_mib']:g} MiB"
+                   if "tokens_in_budget" in b.index else "")
+            return head + (f"weights {b['weights']} ({b['weight_bytes'] / 2**20:.2f} MiB) + KV {b['layout']} at "
+                           f"{b['kv_bytes_per_token']:.1f} B/token: {b['total_bytes'] / 2**20:.2f} MiB at "
+                           f"{int(b['tokens'])} tokens{fit}, KL/token {b['kl_per_token']:.4g} vs float32 weights + "
+                           f"uncompressed KV, ppl delta {b['ppl_delta']:+.3f}")
         if self.best is None:
             return head + "no measured layout is within the budget; the most accurate compressed one is " + \
                 str(self.table.sort_values("kl_per_token").iloc[0]["layout"])
@@ -153,7 +169,8 @@ def plan_candidates(options: Sequence[dict[str, Any]] | None = None) -> list[Cac
 def plan_kv(model: str | Path, text: str | Path | None, max_kl: float, *, candidates: Sequence[CacheConfig] | None = None,
             windows: int = 4, length: int | None = None, prefill: int | None = None,
             mixed: tuple[str, str, int | None] | None = ("int4", "int2", None), device: str = "cpu", threads: int = 1,
-            progress: bool = False) -> PlanResult:
+            progress: bool = False, weights: Sequence[str] | None = None, tokens: int | None = None,
+            memory_mib: float | None = None) -> PlanResult:
     """Measure ``candidates`` on ``model`` over ``windows`` x ``length`` tokens of ``text``; pick the smallest within ``max_kl``.
 
     ``mixed = (high, low, n_high)``: also scan per-layer sensitivity with codec ``low`` (the
@@ -162,6 +179,9 @@ def plan_kv(model: str | Path, text: str | Path | None, max_kl: float, *, candid
     loads. From the model when None: ``length`` (:func:`default_length`), ``prefill`` (half of
     ``length``), ``n_high`` (:func:`default_n_high`; mixed precision is skipped on a one-layer
     model). ``progress``: a progress bar on stderr (model load, then one step per layout measured).
+    ``weights``: weight formats to plan jointly with the KV layouts (module docstring); ``tokens``
+    (default the model's context) and ``memory_mib`` then size the budget. Mixed precision is
+    scanned on the first weight format and its layout measured under every format.
     """
     from tqdm.auto import tqdm
 
@@ -200,8 +220,12 @@ def plan_kv(model: str | Path, text: str | Path | None, max_kl: float, *, candid
             raise ValueError(f"mixed n_high={n_high} must be in [1, {src.config.n_layers - 1}] (layers)")
         else:
             base = next((c for c in cands if c.codec == low and not c.layer_codecs), CacheConfig(codec=low))
+    fmts = _check_weights(src, weights, tokens, memory_mib)
     if threads:
         torch.set_num_threads(threads)
+    if fmts:
+        return _plan_with_weights(src, str(model), text, max_kl, cands, fmts, windows, length, prefill, base,
+                                  mixed, device, tokens or src.config.max_seq_len, memory_mib, progress)
     steps = len(cands) + (src.config.n_layers + 1 if base is not None else 0)
     with tqdm(total=steps, desc="kv-plan: loading model", unit="layout", disable=not progress, leave=False) as bar:
         def advance(label: str) -> None:
@@ -229,3 +253,88 @@ def plan_kv(model: str | Path, text: str | Path | None, max_kl: float, *, candid
     best = ok.iloc[0] if len(ok) else None
     return PlanResult(df, best, max_kl, sens, src.name, df["text"].iloc[0])
 
+
+
+def _check_weights(src: Any, weights: Sequence[str] | None, tokens: int | None, memory_mib: float | None
+                   ) -> list[str]:
+    """The weight formats asked for, each checked against the model's shapes before anything loads."""
+    from ryzlab.models.quant import WEIGHT_FORMAT_CHOICES, check_weight_format
+
+    if not weights:
+        if tokens is not None or memory_mib is not None:
+            raise ValueError("tokens / memory_mib size a joint weights + KV budget: give weights too "
+                             f"(e.g. --weights float32,int8,int4-g32; choices {', '.join(WEIGHT_FORMAT_CHOICES)})")
+        return []
+    if tokens is not None and tokens <= 0:
+        raise ValueError(f"tokens must be > 0 (KV tokens the budget holds), got {tokens}")
+    if memory_mib is not None and not memory_mib > 0:
+        raise ValueError(f"memory_mib must be > 0, got {memory_mib}")
+    problems, out = [], []
+    for w in weights:
+        try:
+            fmt = check_weight_format(src.config, w)
+            if fmt.kind == "gguf" and src.kind != "gguf":
+                raise ValueError(f"weights=gguf keeps a GGUF file's own blocks; {src.name} is a {src.kind} model")
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        if fmt.name not in out:
+            out.append(fmt.name)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return out
+
+
+def _plan_with_weights(src: Any, model: str, text: Any, max_kl: float, cands: list[CacheConfig], fmts: list[str],
+                       windows: int, length: int, prefill: int, base: CacheConfig | None, mixed: Any, device: str,
+                       tokens: int, memory_mib: float | None, progress: bool) -> PlanResult:
+    """Every weight format x (uncompressed cache + every layout) vs float32 weights + uncompressed KV."""
+    from tqdm.auto import tqdm
+
+    from ryzlab.evaluation.accuracy import compare_logits, decode_logits, layout_columns
+    from ryzlab.models import load_model
+    from ryzlab.models.corpus import text_windows
+    from ryzlab.models.quant import weight_ledger
+
+    ref_net, tok = load_model(model, device=device)
+    ids = text_windows(tok, windows, length, text=text or None).to(device)
+    ref = decode_logits(ref_net, ids, CacheConfig(codec="none"), prefill)[0]
+    sens = pd.DataFrame(columns=["layer", "kl_per_token", "ppl_delta"])
+    layouts = [CacheConfig(codec="none")] + [c for c in cands if c.codec != "none"]
+    rows = []
+    with tqdm(total=len(fmts) * (len(layouts) + (base is not None)), desc="kv-plan: weights x layouts",
+              unit="pair", disable=not progress, leave=False) as bar:
+        for i, w in enumerate(fmts):
+            net = ref_net if w == "float32" else load_model(model, device=device, weights=w)[0]
+            wbytes = weight_ledger(net)["total"]
+            if i == 0 and base is not None:   # the sensitivity scan once, on the first format
+                sens = layer_sensitivity(net, ids, prefill, base)
+                layouts.append(mixed_layout(base, sens, mixed[0], mixed[2] or default_n_high(src.config.n_layers)))
+            for c in layouts:
+                logits, led = decode_logits(net, ids, c, prefill)
+                kv = led["bytes_per_token"]
+                rows.append({**layout_columns(c), "layout": layout_label(c), "weights": w, "weight_bytes": wbytes,
+                             "kv_bytes_per_token": kv, "tokens": tokens, "total_bytes": wbytes + kv * tokens,
+                             "model": src.name, "batch": ids.shape[0], "seq_len": ids.shape[1], "prefill": prefill,
+                             **compare_logits(logits, ref, ids[:, prefill:]), "cache_config": c})
+                bar.update(1)
+            del net
+    df = pd.DataFrame(rows)
+    fp32 = 2.0 * src.config.n_layers * src.config.n_kv_heads * src.config.head_dim * 4
+    df["bytes_vs_fp32"] = df["kv_bytes_per_token"] / fp32
+    df["within_budget"] = df["kl_per_token"] <= max_kl
+    key = "total_bytes"
+    if memory_mib is not None:
+        df["memory_mib"] = memory_mib
+        room = memory_mib * 2**20 - df["weight_bytes"]
+        df["tokens_in_budget"] = (room.clip(lower=0) // df["kv_bytes_per_token"]).astype(int)
+        df["within_budget"] &= df["tokens_in_budget"] > 0
+    df["pareto"] = pareto_front(df, x=key)
+    df["text"] = str(text) if text else "heldout-stdlib"
+    df["device"] = torch.device(device).type
+    df = df.sort_values(key).reset_index(drop=True)
+    ok = df[df["within_budget"]]
+    if memory_mib is not None and len(ok):
+        ok = ok.sort_values(["tokens_in_budget", "total_bytes"], ascending=[False, True])
+    best = ok.iloc[0] if len(ok) else None
+    return PlanResult(df, best, max_kl, sens, src.name, df["text"].iloc[0])

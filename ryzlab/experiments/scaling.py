@@ -18,7 +18,11 @@ and on the wire (bytes the rank wrote to its sockets), beside the formulas
 (:mod:`ryzlab.parallel.layout`): tp = two all-reduces of ``batch x dim`` per layer, cp = one
 all-gather of ``[batch, heads / tp, head_dim + 1]`` per layer. Weights and KV bytes are read off
 each rank (``weight_bytes_per_rank`` = 1/tp of the sharded weights + the replicated ones, named
-in ``weights_replicated``). ``logits_rel_err_vs_ws1``: the decode logits against the same codec
+in ``weights_replicated``). ``weights`` (a format of :mod:`ryzlab.models.quant`): every rank packs
+only its own shard after ``apply_tp``; with a packed format the byte columns are read off the weight
+ledger (:func:`~ryzlab.models.quant.weight_ledger`: codes, scales, zeros and padding), and
+``weight_bytes_formula_per_rank`` is the same ledger from shapes alone
+(:func:`~ryzlab.models.quant.model_weight_bytes`). ``logits_rel_err_vs_ws1``: the decode logits against the same codec
 on one rank, computed in this process. Prefill under cp: every cp rank computes the chunk's
 q/k/v (the linear layers are replicated across cp, as in vLLM's decode context parallelism),
 stores its own blocks, and the attention partials of the chunk's queries are all-gathered and
@@ -37,6 +41,7 @@ import pandas as pd
 import torch
 
 from ryzlab.config import CacheConfig, CodecFields, Granularity, ParallelConfig, from_dict
+from ryzlab.models.quant import WEIGHT_FORMAT_CHOICES, model_weight_bytes, parse_weight_format
 from ryzlab.orchestrator import launch
 from ryzlab.parallel.layout import cp_comm_bytes_formula, tp_comm_bytes_formula, tp_layout, wire_bytes_formula
 from ryzlab.provenance import cpu_model
@@ -65,6 +70,9 @@ class Config(CodecFields, ParallelConfig):
     budget_mib: float = 1.0
     """Per-rank KV page budget for ``largest_context`` (0 = skip that phase)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    weights: str = "float32"
+    """Weight format (:data:`ryzlab.models.quant.WEIGHT_FORMAT_CHOICES`): each rank packs its own
+    shard; checked against the shard shapes at this tp before any process starts."""
     check_error: bool = True
     """Compare the decode logits with one rank (computed in the launching process)."""
     seed: int = 0
@@ -108,7 +116,27 @@ def _tokens(model: str, n: int, length: int) -> torch.Tensor:
 def _net(cfg: Config, groups) -> torch.nn.Module:
     from ryzlab.serve.replica import load_net
 
-    return load_net(cfg.model, device=groups.device, seed=cfg.seed, tp=groups.tp, dtype=cfg.dtype)[0]
+    return load_net(cfg.model, device=groups.device, seed=cfg.seed, tp=groups.tp, dtype=cfg.dtype,
+                    weights=cfg.weights)[0]
+
+
+def _weight_bytes(net: torch.nn.Module) -> dict:
+    """This rank's weight bytes. Float weights: parameters x element size (:func:`weight_bytes`); packed
+    weights: the weight ledger's total (codes + scales + zeros + padding), sharded = the packed
+    projections + the sharded biases, replicated = the packed tables + norms + replicated biases."""
+    from ryzlab.models.quant import weight_ledger
+    from ryzlab.parallel.tp import weight_bytes
+
+    wb = weight_bytes(net)   # float parameters only once the projections and tables are packed
+    fmt = getattr(net, "weight_format", None)
+    if fmt is None or not fmt.quantized:
+        return wb
+    led = weight_ledger(net)
+    sharded, replicated = led["linears"] + wb["sharded"], led["tables"] + wb["replicated"]
+    assert sharded + replicated == led["total"], (led, wb)   # the ledger's float part is these parameters
+    names = ", ".join(x for x in ([f"tok_embeddings/output ({fmt.name} tables)"] + [wb["replicated_names"]]) if x)
+    return {**wb, "sharded": float(sharded), "replicated": float(replicated), "total": float(led["total"]),
+            "replicated_names": names, "kernels": ", ".join(led["kernels"])}
 
 
 def _cache(cfg: Config, net: torch.nn.Module, groups, num_blocks: int | None = None):
@@ -199,7 +227,6 @@ def _largest_context(cfg: Config, net: torch.nn.Module, groups) -> tuple[int, fl
 
 def _rank_main(rank: int, world_size: int, cfg: Config, tokens: torch.Tensor) -> dict:
     from ryzlab.parallel.mesh import init_parallel
-    from ryzlab.parallel.tp import weight_bytes
 
     groups = init_parallel(cfg.parallel())
     net = _net(cfg, groups)
@@ -213,7 +240,7 @@ def _rank_main(rank: int, world_size: int, cfg: Config, tokens: torch.Tensor) ->
     fits, fit_bytes = _largest_context(cfg, net, groups) if cfg.budget_mib > 0 else (0, 0.0)
     dev = groups.device
     return {"times": times, "prefill_s": prefill_s, "logits": logits if rank == 0 else None,
-            "kv": led["total"], "weights": weight_bytes(net), "comm": per, "prefill_comm": pre,
+            "kv": led["total"], "weights": _weight_bytes(net), "comm": per, "prefill_comm": pre,
             "largest_context": fits, "largest_context_page_bytes": fit_bytes,
             "threads": torch.get_num_threads(), "kernel": kernel, "backend": torch.distributed.get_backend(),
             "device": dev.type, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()}
@@ -238,8 +265,17 @@ def run(cfg: Config) -> pd.DataFrame:
     """Launch the ranks, measure prefill, decode, memory and communication; one row per decode step."""
     from ryzlab.serve.spec import ReplicaSpec
 
-    # a bad model, dtype, codec or layout fails here, before any process starts
-    shape = ReplicaSpec(model=cfg.model, dtype=cfg.dtype, cache=cfg.cache(), parallel=cfg.parallel()).shape
+    # a bad model, dtype, codec, layout or weight format (a group or a packed ternary byte split by tp)
+    # fails here, before any process starts
+    shape = ReplicaSpec(model=cfg.model, dtype=cfg.dtype, cache=cfg.cache(), parallel=cfg.parallel(),
+                        weights=cfg.weights).shape
+    fmt = parse_weight_format(cfg.weights)
+    if fmt.kind == "gguf" and not cfg.model.endswith(".gguf"):
+        raise ValueError(f"weights='gguf' keeps a GGUF file's own blocks; model={cfg.model!r} is not a .gguf file: "
+                         f"choose one of {', '.join(c for c in WEIGHT_FORMAT_CHOICES if c != 'gguf')}")
+    if fmt.quantized and cfg.backend == "nccl":
+        raise ValueError(f"weights={cfg.weights!r}: packed weight kernels run on CPU ranks in this version; "
+                         f"use backend='gloo' (or 'auto' on a CPU machine) or weights='float32'")
     tokens = _tokens(cfg.model, cfg.batch, cfg.context + cfg.warmup + cfg.decode_steps)
     t0 = time.perf_counter()
     # world size 1 too: one launched rank, the same code path and thread count as every layout
@@ -277,6 +313,9 @@ def run(cfg: Config) -> pd.DataFrame:
         "weight_bytes_replicated_per_rank": max(x["replicated"] for x in w),
         "weight_bytes_total": sum(x["total"] for x in w),
         "weights_replicated": w[0]["replicated_names"],
+        "weights": fmt.name,
+        "weight_kernels": w[0].get("kernels", ""),
+        "weight_bytes_formula_per_rank": _formula(shape, fmt, cfg),
         "kv_bytes_per_rank": max(r["kv"] for r in res),
         "kv_bytes_total": sum(r["kv"] for r in res),
         "kv_replication": tp_layout(shape, cfg.tp, 0).kv_replication,
@@ -300,6 +339,17 @@ def run(cfg: Config) -> pd.DataFrame:
         "backend": res[0]["backend"],
         "torch_threads": res[0]["threads"],
     })
+
+
+def _formula(shape, fmt, cfg: Config) -> float:
+    """The largest rank's weight bytes from shapes alone (the weight ledger's formula); NaN for gguf
+    (its bytes depend on the file's tensor types)."""
+    if fmt.kind == "gguf":
+        return float("nan")
+    esz = torch.tensor([], dtype=getattr(torch, cfg.dtype)).element_size()
+    f = fmt if fmt.quantized else ("bf16" if esz == 2 else "float32")   # unpacked: the model dtype throughout
+    return float(max(model_weight_bytes(shape, f, tp=cfg.tp, rank=r, dtype_bytes=esz)["total"]
+                     for r in range(cfg.tp)))
 
 
 def scaling_efficiency(df: pd.DataFrame) -> pd.DataFrame:

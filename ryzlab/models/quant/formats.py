@@ -8,6 +8,8 @@
                   group of N in {32, 64, 128, 256} (gpt-fast / torchao's int4 weight-only layout)
     ternary       BitNet b1.58 ternary {-1, 0, +1}, packed 4 values per byte (2 bits), one absmean
                   scale per output row; embeddings / output head stay bf16 (as in BitNet)
+    ternary-a8    the same weights with BitNet b1.58's 8-bit activations (W1.58A8): each token's
+                  input to a projection rounded to int8 with its absmax scale, the matmul in integers
     gguf          a GGUF file's own blocks: Q8_0 -> int8 with a scale per 32, Q4_0 / Q4_1 -> int4
                   with a scale (and offset) per 32, without a float round trip
 
@@ -35,7 +37,7 @@ WeightKind = Literal["float32", "bf16", "int8", "int4", "ternary", "gguf"]
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 """Group sizes torch's int4 kernels take (``_weight_int4pack_mm_for_cpu``'s ``qGroupSize``)."""
 WEIGHT_FORMAT_CHOICES = ("float32", "bf16", "int8", "int4-g32", "int4-g64", "int4-g128", "int4-g256", "ternary",
-                         "gguf")
+                         "ternary-a8", "gguf")
 TERNARY_PER_BYTE = 4
 """Ternary values per packed byte (2 bits each: codes 0, 1, 2 for -1, 0, +1)."""
 INT4_ROW_BLOCK = 64
@@ -51,10 +53,17 @@ class WeightFormat:
     """int4 / int8: input values sharing a scale (and int4's zero); 0 = a scale per row (int8, ternary)."""
     compute: Literal["bfloat16", "float32"] = "bfloat16"
     """dtype of scales / zeros and of the activations handed to the kernel."""
+    act_bits: int = 0
+    """ternary only: 8 = per-token absmax int8 activations (BitNet b1.58's W1.58A8); 0 = none."""
+
+    def __post_init__(self) -> None:
+        if self.act_bits not in (0, 8) or (self.act_bits and self.kind != "ternary"):
+            raise ValueError(f"act_bits={self.act_bits}: 8-bit activations (-a8) apply to ternary weights only")
 
     @property
     def name(self) -> str:
         base = f"{self.kind}-g{self.group_size}" if self.group_size else self.kind
+        base += "-a8" if self.act_bits else ""
         return base + ("-f32" if self.compute == "float32" and self.kind not in ("float32", "bf16") else "")
 
     @property
@@ -85,6 +94,8 @@ def parse_weight_format(spec: str | WeightFormat | None) -> WeightFormat:
     m = re.fullmatch(r"int8-g(\d+)", s)
     if m and int(m.group(1)) >= 16 and int(m.group(1)) % 16 == 0:
         return WeightFormat(kind="int8", group_size=int(m.group(1)), compute=compute)
+    if s == "ternary-a8":
+        return WeightFormat(kind="ternary", compute=compute, act_bits=8)
     if s in ("float32", "bf16", "int8", "ternary", "gguf"):
         if compute == "float32" and s in ("float32", "bf16"):
             raise ValueError(f"weights={spec!r}: the -f32 suffix applies to int8 / int4 / ternary / gguf only")

@@ -8,7 +8,9 @@ says which in ``kernel``:
 * int4: ``aten._weight_int4pack_mm_for_cpu`` (torch's tinygemm layout, scale and zero per group);
 * ternary: the 2-bit codes are unpacked to int8 on every call, then ``aten._weight_int8pack_mm``
   with the per-row absmean scale (no packed-ternary kernel exists in torch; the weight at rest is
-  2 bits per value, the transient int8 copy is one layer at a time);
+  2 bits per value, the transient int8 copy is one layer at a time); ``ternary-a8`` (W1.58A8)
+  first rounds each token's input to int8 (absmax / 127, computed in float32 as in training) and
+  multiplies integers exactly with ``aten._int_mm`` (int32 sums), then applies both scales;
 * bf16: ``aten.linear`` in bfloat16.
 
 The int8 / int4 kernels are vectorised for bfloat16 activations on CPU (measured: float32
@@ -63,9 +65,13 @@ class PackedLinear(nn.Module):
         """Rows ``idx`` of the weight, float32 ``[len(idx), K]`` (embedding lookups)."""
         return self.dequantize()[idx.reshape(-1)]
 
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The kernel's input from ``x`` [M, K] (default: rounded to the compute dtype)."""
+        return x.to(self.compute).contiguous()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = self.matmul(x.reshape(-1, shape[-1]).to(self.compute).contiguous())
+        y = self.matmul(self.prepare(x.reshape(-1, shape[-1])))
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         if self.reduce is not None:
             y = self.reduce(y.contiguous())
@@ -181,8 +187,14 @@ class TernaryLinear(PackedLinear):
     kernel = "unpack 2-bit + aten._weight_int8pack_mm"
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 reduce: Any = None):
+                 reduce: Any = None, act_bits: int = 0):
+        """``act_bits=8``: BitNet b1.58's 8-bit absmax activations (W1.58A8), integer matmul."""
         super().__init__(packed.shape[0], packed.shape[1] * 4, bias, scales.dtype, reduce)
+        if act_bits not in (0, 8):
+            raise ValueError(f"act_bits={act_bits}: 0 (activations in {scales.dtype}) or 8 (absmax int8)")
+        self.act_bits = act_bits
+        if act_bits:
+            self.kernel = "absmax int8 activations + unpack 2-bit + aten._int_mm"
         self.register_buffer("packed", packed.contiguous())                          # [N, K/4] uint8
         self.register_buffer("scales", scales.contiguous())                          # [N]
 
@@ -190,9 +202,19 @@ class TernaryLinear(PackedLinear):
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None, fmt: WeightFormat, reduce: Any = None
                    ) -> "TernaryLinear":
         q, s = quantize_ternary(w, fmt.compute_dtype)
-        return cls(pack_ternary(q), s, bias, reduce=reduce)
+        return cls(pack_ternary(q), s, bias, reduce=reduce, act_bits=fmt.act_bits)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.act_bits:
+            return super().prepare(x)
+        return x.float().contiguous()   # quantized in float32 in matmul, as the QAT forward (BitLinear) does
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_bits:
+            a = x.abs().amax(-1, keepdim=True).clamp_min(1e-5)                       # [M, 1] absmax per token
+            xq = torch.round(x * (127 / a)).clamp(-128, 127).to(torch.int8)
+            acc = torch._int_mm(xq, unpack_ternary(self.packed).t().contiguous())    # [M, N] int32, exact
+            return acc.float() * (a / 127) * self.scales.float()
         return torch.ops.aten._weight_int8pack_mm(x, unpack_ternary(self.packed), self.scales)
 
     def dequantize(self) -> torch.Tensor:
