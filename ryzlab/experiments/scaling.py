@@ -40,7 +40,7 @@ from typing import Iterator, Literal
 import pandas as pd
 import torch
 
-from ryzlab.config import CacheConfig, CodecFields, Granularity, ParallelConfig, from_dict
+from ryzlab.config import CacheConfig, CodecFields, DecodeFields, Granularity, ParallelConfig, check_counts, from_dict
 from ryzlab.models.quant import WEIGHT_FORMAT_CHOICES, model_weight_bytes, parse_weight_format
 from ryzlab.orchestrator import launch
 from ryzlab.parallel.layout import cp_comm_bytes_formula, tp_comm_bytes_formula, tp_layout, wire_bytes_formula
@@ -52,21 +52,18 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config(CodecFields, ParallelConfig):
+class Config(DecodeFields, CodecFields, ParallelConfig):
     """One layout (:class:`~ryzlab.config.ParallelConfig`: tp, cp, backend) and one page format
-    (:class:`~ryzlab.config.CodecFields`) on one model, context and batch."""
+    (:class:`~ryzlab.config.CodecFields`) on one model, context and batch
+    (:class:`~ryzlab.config.DecodeFields`)."""
 
     key_granularity: Granularity = "token_head"
     """No ``auto`` here: one layout for every codec, so layouts compare on the same scales."""
-    model: str = "reference"
-    """'reference' (the shipped checkpoint), 'random' or a checkpoint path."""
     context: int = 1024
-    """Prompt tokens per sequence prefilled before the timed decode steps."""
     batch: int = 1
     prefill_chunk: int = 512
     """Tokens per prefill forward (bounds the activations of a long prompt)."""
     decode_steps: int = 8
-    warmup: int = 2
     budget_mib: float = 1.0
     """Per-rank KV page budget for ``largest_context`` (0 = skip that phase)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -75,18 +72,13 @@ class Config(CodecFields, ParallelConfig):
     shard; checked against the shard shapes at this tp before any process starts."""
     check_error: bool = True
     """Compare the decode logits with one rank (computed in the launching process)."""
-    seed: int = 0
-    threads: int = 1
-    """torch threads per rank: 1 keeps points comparable across layouts on a shared CPU (ranks
-    beyond the core count still oversubscribe it: the report says so)."""
     timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        for name in ("tp", "cp", "context", "batch", "block_size", "prefill_chunk", "decode_steps", "threads"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.warmup < 0 or self.budget_mib < 0 or self.timeout_s <= 0:
-            raise ValueError("warmup and budget_mib must be >= 0, timeout_s > 0")
+        # threads per rank: > 0 here (1 keeps layouts comparable on a shared CPU; the report says when
+        # ranks beyond the core count oversubscribe it)
+        check_counts(self, positive=("tp", "cp", "context", "batch", "block_size", "prefill_chunk", "decode_steps",
+                                     "threads", "timeout_s"), non_negative=("warmup", "budget_mib"))
         super().__post_init__()  # ParallelConfig: the backend is one of its choices
 
     def cache(self, num_blocks: int | None = None) -> CacheConfig:
