@@ -106,37 +106,52 @@ FIT_FIELDS = ("bw_frac", "flops_frac", "kernel_us", "host_ms")
 
 
 def fit(start: Calibration, predict: Callable[[Calibration, Any], float], rows: list[tuple[Any, float]], *,
-        fields: tuple[str, ...] = FIT_FIELDS, name: str, fitted_from: str, rounds: int = 40) -> Calibration:
+        fields: tuple[str, ...] = FIT_FIELDS, name: str, fitted_from: str, rounds: int = 600) -> Calibration:
     """Fit ``fields`` of ``start`` so ``predict(cal, x)`` matches measured ``y`` (ms) over ``rows``.
 
-    Minimises the sum of squared log ratios (relative error, symmetric in over/under) by a
-    coordinate search in log space (no scipy in the core dependencies; four parameters and a
-    handful of rows need nothing better). Fractions stay in (0, 1].
+    Minimises the sum of squared log ratios (relative error, symmetric in over/under) by
+    Nelder-Mead in log space (no scipy in the core dependencies; a few parameters and a handful
+    of rows need nothing better). Fractions are capped at 1.
     """
     if not rows:
         raise ValueError("fit needs at least one (shape, measured ms) row")
 
-    def loss(c: Calibration) -> float:
-        return sum(math.log(max(predict(c, x), 1e-9) / y) ** 2 for x, y in rows)
+    def make(x: list[float]) -> Calibration:
+        vals = {f: math.exp(v) for f, v in zip(fields, x)}
+        return start.replace(**{f: min(v, 1.0) if f.endswith(("_frac", "_eff")) else v for f, v in vals.items()})
 
-    cal, best = start, loss(start)
-    step = 1.0  # log step: factors of e, halved when no move helps
+    def loss(x: list[float]) -> float:
+        c = make(x)
+        return sum(math.log(max(predict(c, r), 1e-9) / y) ** 2 for r, y in rows)
+
+    x0 = [math.log(max(getattr(start, f), 1e-4)) for f in fields]
+    simplex = [x0] + [[v + (0.7 if i == j else 0.0) for j, v in enumerate(x0)] for i in range(len(x0))]
+    scores = [loss(x) for x in simplex]
     for _ in range(rounds):
-        moved = False
-        for f in fields:
-            for sign in (1, -1):
-                v = getattr(cal, f)
-                nv = (v if v > 0 else 1e-3) * math.exp(sign * step)
-                if f.endswith(("_frac", "_eff")):
-                    nv = min(nv, 1.0)
-                trial = cal.replace(**{f: nv})
-                tl = loss(trial)
-                if tl < best - 1e-12:
-                    cal, best, moved = trial, tl, True
-        if not moved:
-            step /= 2
-            if step < 1e-3:
-                break
+        order = sorted(range(len(simplex)), key=scores.__getitem__)
+        simplex, scores = [simplex[i] for i in order], [scores[i] for i in order]
+        if scores[-1] - scores[0] < 1e-12:
+            break
+        centroid = [sum(p[j] for p in simplex[:-1]) / (len(simplex) - 1) for j in range(len(x0))]
+        worst = simplex[-1]
+        refl = [c + (c - w) for c, w in zip(centroid, worst)]
+        fr = loss(refl)
+        if fr < scores[0]:
+            exp_ = [c + 2 * (c - w) for c, w in zip(centroid, worst)]
+            fe = loss(exp_)
+            simplex[-1], scores[-1] = (exp_, fe) if fe < fr else (refl, fr)
+        elif fr < scores[-2]:
+            simplex[-1], scores[-1] = refl, fr
+        else:
+            con = [c + 0.5 * (w - c) for c, w in zip(centroid, worst)]
+            fc = loss(con)
+            if fc < scores[-1]:
+                simplex[-1], scores[-1] = con, fc
+            else:   # shrink towards the best
+                simplex = [simplex[0]] + [[b + 0.5 * (v - b) for b, v in zip(simplex[0], p)] for p in simplex[1:]]
+                scores = [scores[0]] + [loss(p) for p in simplex[1:]]
+    i = min(range(len(simplex)), key=scores.__getitem__)
+    cal, best = make(simplex[i]), scores[i]
     rms = math.sqrt(best / len(rows))
     srcs = {**start.sources, **{f: f"fitted: {fitted_from}" for f in fields}}
     return cal.replace(name=name, fitted_from=f"{fitted_from} ({len(rows)} rows, rms log error {rms:.3f})",

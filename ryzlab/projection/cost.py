@@ -234,8 +234,9 @@ def step_cost(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment
 
     ar_bytes = tp_comm_bytes_formula(model, tp=dep.tp, tokens=T, element_size=act) / 2   # per all-reduce
     ag_bytes = cp_comm_bytes_formula(model, cp=dep.cp, tp=dep.tp, tokens=T)            # float32 partials
-    comm = 2 * collective_ms("all_reduce", ar_bytes, dep.tp, dev, cal) + collective_ms("all_gather", ag_bytes,
-                                                                                      dep.cp, dev, cal)
+    # on a shared host a collective waits for every rank to get a core: it slows like compute does
+    comm = share * (2 * collective_ms("all_reduce", ar_bytes, dep.tp, dev, cal)
+                    + collective_ms("all_gather", ag_bytes, dep.cp, dev, cal))
     n_out = shape.decode_seqs + shape.prefill_seqs
     wb = weight_bytes(model, dep)
     head_eff = eff if not model.tie_embeddings else 1.0

@@ -158,7 +158,7 @@ def max_rate_under_slo(model: ModelConfig, dev: Device, cal: Calibration, dep: D
         return (r[f"ttft_ms_{percentile}"] <= slo_ttft_ms and r[f"tpot_ms_{percentile}"] <= slo_tpot_ms), r
 
     # the upper bound: the closed-loop throughput at full batch (no rate above it is sustainable)
-    sat = simulate(model, dev, cal, dep, ServingLoad(concurrency=256, num_requests=max(num_requests, 256),
+    sat = simulate(model, dev, cal, dep, ServingLoad(concurrency=min(256, num_requests), num_requests=num_requests,
                                                      prompt_tokens=prompt_tokens, output_tokens=output_tokens),
                    host_overhead_ms=host_overhead_ms)
     hi = sat["request_throughput_rps"]

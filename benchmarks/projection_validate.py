@@ -1,0 +1,145 @@
+"""How wrong are ryzlab's projections? Validation against figures the calibration never saw.
+
+1. **This CPU** (``--cpu``): calibrate the ``cpu`` device from ONE-rank decode step times only
+   (the scaling experiment's own ``run``, several batch x context points, 1 thread per rank),
+   then project tp 2, cp 2 and tp 2 x cp 2 step times and MEASURE them in the same run (same
+   experiment code, gloo ranks). Error per row, median and worst |error|. The collective latency
+   is the catalog's documented assumption for loopback gloo, not fitted (one rank has no
+   collective to fit it to).
+2. **Published GPU tables** (``--published``): every row of ``ryzlab/projection/published.yaml``
+   (gpt-fast README A100 tokens/s with tp and quantisation; TensorRT-LLM A100 FP16 throughput
+   and first-token latency), one calibration per device (``gpu-default``, fitted to the three rows
+   marked ``calibrate``), error per row; the summary is over held-out rows only.
+
+Every projected figure is labelled projected; measured ones measured. No GPU was used.
+
+    python benchmarks/projection_validate.py                 # both
+    python benchmarks/projection_validate.py --published     # seconds
+    python benchmarks/projection_validate.py --cpu --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ryzlab.projection.calibration import default_calibration, fit, save_calibration  # noqa: E402
+from ryzlab.projection.cost import Deployment, StepShape, step_cost  # noqa: E402
+from ryzlab.projection.hardware import get_device  # noqa: E402
+from ryzlab.projection.validation import error_summary, fit_gpu_default, validate_published  # noqa: E402
+
+CAL_POINTS = [(1, 128), (1, 1024), (4, 256), (8, 1024), (16, 128), (16, 512)]
+"""One-rank (batch, context) points the CPU calibration is fitted to."""
+CHECK_POINTS = [(4, 512), (16, 1024)]
+"""(batch, context) of the multi-rank points measured against the projection."""
+LAYOUTS = [(2, 1), (1, 2), (2, 2)]
+
+
+def _measure(tp: int, cp: int, batch: int, context: int, steps: int) -> dict:
+    """Median decode step (ms) of the scaling experiment at one point, with its spread."""
+    from ryzlab.experiments.scaling import Config, run
+
+    cfg = Config(tp=tp, cp=cp, batch=batch, context=context, decode_steps=steps, warmup=2, budget_mib=0,
+                 check_error=False, threads=1, prefill_chunk=512)
+    df = run(cfg)
+    s = sorted(df["step_ms"])
+    return {"step_ms": statistics.median(s), "step_ms_min": s[0], "step_ms_max": s[-1], "warmup": cfg.warmup}
+
+
+def cpu_validation(steps: int, out_cal: Path | None) -> list[dict]:
+    from ryzlab.projection.shapes import load_shape
+
+    model, _ = load_shape("reference")
+    dev = get_device("cpu")
+    print(f"cpu device (measured now): {dev.spec()}")
+    rows = []
+    for b, c in CAL_POINTS:
+        m = _measure(1, 1, b, c, steps)
+        rows.append({"tp": 1, "cp": 1, "batch": b, "context": c, **m})
+        print(f"  measured 1-rank b={b:3d} ctx={c:5d}: {m['step_ms']:.3f} ms [{m['step_ms_min']:.3f}, "
+              f"{m['step_ms_max']:.3f}]", flush=True)
+
+    def shape(r: dict) -> StepShape:
+        return StepShape.decode(r["batch"], r["context"] + r["warmup"] + steps // 2 + 1)
+
+    def predict(cal, r: dict) -> float:
+        dep = Deployment(tp=r["tp"], cp=r["cp"], weights="fp32")
+        return step_cost(model, dev, cal, dep, shape(r)).total_ms
+
+    cal = fit(default_calibration("cpu"), predict, [(r, r["step_ms"]) for r in rows], name="cpu-fitted",
+              fitted_from="benchmarks/projection_validate.py: one-rank scaling points, reference model, float32, "
+                          "1 thread")
+    print(f"calibration {cal.name}: bw_frac={cal.bw_frac:.3g} flops_frac={cal.flops_frac:.3g} "
+          f"kernel_us={cal.kernel_us:.3g} host_ms={cal.host_ms:.3g} ({cal.fitted_from})")
+    if out_cal:
+        print(f"  written to {save_calibration(cal, out_cal)}")
+    out = []
+    for r in rows:
+        p = predict(cal, r)
+        out.append({**r, "projected_ms": p, "error": p / r["step_ms"] - 1, "calibrate": True})
+    for tp, cp in LAYOUTS:
+        for b, c in CHECK_POINTS:
+            m = _measure(tp, cp, b, c, steps)
+            r = {"tp": tp, "cp": cp, "batch": b, "context": c, **m}
+            p = predict(cal, r)
+            out.append({**r, "projected_ms": p, "error": p / m["step_ms"] - 1, "calibrate": False})
+            print(f"  tp{tp} x cp{cp} b={b:3d} ctx={c:5d}: measured {m['step_ms']:.3f} ms [{m['step_ms_min']:.3f}, "
+                  f"{m['step_ms_max']:.3f}], projected {p:.3f} ms, error {p / m['step_ms'] - 1:+.1%}", flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu", action="store_true", help="only the CPU validation")
+    ap.add_argument("--published", action="store_true", help="only the published-table validation")
+    ap.add_argument("--steps", type=int, default=8, help="timed decode steps per CPU point (default 8)")
+    ap.add_argument("--calibration-out", type=Path, default=None, help="write the fitted CPU calibration here")
+    ap.add_argument("--fit-gpu-default", action="store_true", help="print the gpu-default refit and exit")
+    ap.add_argument("--json", type=Path, default=None, help="write every row here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.fit_gpu_default:
+        c = fit_gpu_default()
+        print(json.dumps({k: getattr(c, k) for k in ("bw_frac", "int8_weight_eff", "int4_weight_eff")}),
+              c.fitted_from)
+        return 0
+    both = not (args.cpu or args.published)
+    result: dict[str, list] = {}
+    if args.published or both:
+        rows = validate_published()
+        print("PUBLISHED GPU TABLES vs PROJECTED (calibration gpu-default; * = one of the 3 rows it was fitted to)")
+        print(f"{'table':26s} {'model':11s} {'tp':>2s} {'w':5s} {'batch':>5s} {'in':>5s} {'out':>5s} "
+              f"{'published':>10s} {'projected':>10s} {'error':>8s}")
+        for r in rows:
+            print(f"{r['table']:26s} {r['model']:11s} {r['tp']:2d} {r['weights']:5s} {r['batch'] or '':>5} "
+                  f"{r['prompt'] or '':>5} {r['output'] or '':>5} {r['published']:10.2f} {r['projected']:10.2f} "
+                  f"{r['error']:+8.1%}{' *' if r['calibrate'] else ''}")
+        for name in sorted({r["table"] for r in rows}):
+            s = error_summary([r for r in rows if r["table"] == name])
+            print(f"  {name}: {int(s['rows'])} held-out rows, median |error| {s['median_abs_error']:.1%}, "
+                  f"worst {s['worst_abs_error']:.1%}")
+        s = error_summary(rows)
+        print(f"  ALL held-out rows: {int(s['rows'])}, median |error| {s['median_abs_error']:.1%}, worst "
+              f"{s['worst_abs_error']:.1%} (target median <= 20%)")
+        result["published"] = rows
+    if args.cpu or both:
+        rows = cpu_validation(args.steps, args.calibration_out)
+        s = error_summary(rows)
+        print(f"CPU: {int(s['rows'])} multi-rank rows projected from 1-rank calibration: median |error| "
+              f"{s['median_abs_error']:.1%}, worst {s['worst_abs_error']:.1%} (targets 15% / 30%)")
+        fit_s = error_summary(rows, key=lambda r: r["calibrate"])
+        print(f"     (fit quality on the {int(fit_s['rows'])} one-rank rows: median |error| "
+              f"{fit_s['median_abs_error']:.1%}, worst {fit_s['worst_abs_error']:.1%})")
+        result["cpu"] = rows
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
