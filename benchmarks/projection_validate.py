@@ -3,9 +3,9 @@
 1. **This CPU** (``--cpu``): calibrate the ``cpu`` device from ONE-rank decode step times only
    (the scaling experiment's own ``run``, several batch x context points, 1 thread per rank),
    then project tp 2, cp 2 and tp 2 x cp 2 step times and MEASURE them in the same run (same
-   experiment code, gloo ranks). Error per row, median and worst |error|. The collective latency
-   is the catalog's documented assumption for loopback gloo, not fitted (one rank has no
-   collective to fit it to).
+   experiment code, gloo ranks). Error per row, median and worst |error|. The link's latency
+   comes from a 2-rank gloo all-reduce / all-gather microbenchmark (as nccl-tests measures a GPU
+   link): no multi-rank model step is used to calibrate.
 2. **Published GPU tables** (``--published``): every row of ``ryzlab/projection/published.yaml``
    (gpt-fast README A100 tokens/s with tp and quantisation; TensorRT-LLM A100 FP16 throughput
    and first-token latency), one calibration per device (``gpu-default``, fitted to the three rows
@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ryzlab.projection.calibration import default_calibration, fit, save_calibration  # noqa: E402
 from ryzlab.projection.cost import Deployment, StepShape, step_cost  # noqa: E402
 from ryzlab.projection.hardware import get_device  # noqa: E402
-from ryzlab.projection.validation import error_summary, fit_gpu_default, validate_published  # noqa: E402
+from ryzlab.projection.validation import (error_summary, fit_gpu_default, probe_gloo_link,  # noqa: E402
+                                         validate_published)
 
 CAL_POINTS = [(1, 128), (1, 1024), (4, 256), (8, 1024), (16, 128), (16, 512)]
 """One-rank (batch, context) points the CPU calibration is fitted to."""
@@ -55,8 +56,12 @@ def cpu_validation(steps: int, out_cal: Path | None) -> list[dict]:
     from ryzlab.projection.shapes import load_shape
 
     model, _ = load_shape("reference")
-    dev = get_device("cpu")
+    link = probe_gloo_link(numel=16 * model.dim)   # the tp all-reduce of batch 16: [16, dim] floats
+    dev = get_device("cpu", {"link_latency_us": link["link_latency_us"]})
     print(f"cpu device (measured now): {dev.spec()}")
+    print(f"gloo link (2-rank microbenchmark, no model step): all_reduce {link['all_reduce_us']:.0f} us, "
+          f"all_gather {link['all_gather_us']:.0f} us -> hop {link['link_latency_us']:.0f} us, "
+          f"base {link['coll_base_us']:.0f} us")
     rows = []
     for b, c in CAL_POINTS:
         m = _measure(1, 1, b, c, steps)
@@ -71,7 +76,7 @@ def cpu_validation(steps: int, out_cal: Path | None) -> list[dict]:
         dep = Deployment(tp=r["tp"], cp=r["cp"], weights="fp32")
         return step_cost(model, dev, cal, dep, shape(r)).total_ms
 
-    cal = fit(default_calibration("cpu"), predict, [(r, r["step_ms"]) for r in rows], name="cpu-fitted",
+    cal = fit(default_calibration("cpu").replace(coll_base_us=link["coll_base_us"]), predict, [(r, r["step_ms"]) for r in rows], name="cpu-fitted",
               fitted_from="benchmarks/projection_validate.py: one-rank scaling points, reference model, float32, "
                           "1 thread")
     print(f"calibration {cal.name}: bw_frac={cal.bw_frac:.3g} flops_frac={cal.flops_frac:.3g} "

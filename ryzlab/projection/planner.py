@@ -65,7 +65,7 @@ def plan(model: ModelConfig, model_label: str, devices: list[Device], cals: dict
             for codec in codecs:
                 for cp in cps:
                     for tp in tps:
-                        if tp * cp > dev.devices_per_node:
+                        if tp * cp > dev.devices_per_node or (max_devices is not None and tp * cp > max_devices):
                             continue
                         dep = Deployment(tp=tp, cp=cp, weights=w, codec=codec)   # type: ignore[arg-type]
                         if kv_capacity_tokens(model, dev, cal, dep) < need:

@@ -94,3 +94,52 @@ def error_summary(rows: list[dict[str, Any]], key: Callable[[dict], bool] = lamb
     if not errs:
         return {"rows": 0.0, "median_abs_error": math.nan, "worst_abs_error": math.nan}
     return {"rows": float(len(errs)), "median_abs_error": statistics.median(errs), "worst_abs_error": max(errs)}
+
+
+def _link_rank(rank: int, world_size: int, tp: int, cp: int, numel: int, iters: int) -> dict[str, float]:
+    """On each rank: median seconds of one tp all-reduce and one cp all-gather of ``numel`` floats."""
+    import time
+
+    import torch
+
+    from ryzlab.config import ParallelConfig
+    from ryzlab.parallel.mesh import init_parallel
+
+    g = init_parallel(ParallelConfig(tp=tp, cp=cp))
+    x = torch.ones(numel)
+    out: dict[str, float] = {}
+    for name, comm, call in (("all_reduce", g.tp, lambda c: c.all_reduce(x)),
+                             ("all_gather", g.cp, lambda c: c.all_gather(x))):
+        if comm.world_size == 1:
+            continue
+        times = []
+        for i in range(iters + 5):
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+            call(comm)
+            if i >= 5:
+                times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times)
+    return out
+
+
+def probe_gloo_link(numel: int = 1024, iters: int = 50) -> dict[str, float]:
+    """Measure this host's gloo link the way nccl-tests measures a GPU link: a 2-rank all-reduce
+    and a 2-rank all-gather of ``numel`` floats, median over ``iters`` (no model step runs).
+
+    Returns ``coll_base_us`` and ``link_latency_us`` solving the cost model's alpha terms
+    (all-reduce of 2 = base + 2 hops, all-gather of 2 = base + 1 hop; bytes at the catalog's
+    link bandwidth are subtracted first).
+    """
+    from ryzlab.orchestrator import launch
+
+    ar = max(r["all_reduce"] for r in launch(_link_rank, 2, args=(2, 1, numel, iters), backend="gloo",
+                                              threads_per_rank=1))
+    ag = max(r["all_gather"] for r in launch(_link_rank, 2, args=(1, 2, numel, iters), backend="gloo",
+                                              threads_per_rank=1))
+    dev = get_device("cpu")
+    wire = numel * 4 / (dev.link_gbps * 1e9)       # one chunk over the link, seconds
+    ar_us, ag_us = (ar - wire) * 1e6, (ag - wire) * 1e6
+    hop = max(ar_us - ag_us, 0.0)
+    return {"all_reduce_us": ar * 1e6, "all_gather_us": ag * 1e6, "link_latency_us": hop,
+            "coll_base_us": max(ag_us - hop, 0.0)}
