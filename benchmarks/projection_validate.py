@@ -98,12 +98,61 @@ def cpu_validation(steps: int, out_cal: Path | None) -> list[dict]:
     return out
 
 
+SERVING_CAL_RATE = 2.0
+SERVING_CHECK_RATES = (5.0, 8.0)
+
+
+def _measure_serving(rate: float, num_requests: int) -> dict:
+    """One in-process ryzlab engine (the serving experiment, 1 worker) at a Poisson ``rate``."""
+    from ryzlab.experiments.serving import Config, run
+
+    cfg = Config(rate=rate, num_requests=num_requests, workers=1, via="in-process", prompt_len=32, output_len=16,
+                 num_blocks=256, max_num_seqs=16, seed=0)
+    df = run(cfg)
+    return df[df["kind"] == "summary"].iloc[0].to_dict()
+
+
+def serving_validation(cpu_cal, num_requests: int) -> list[dict]:
+    """A serving curve: host overhead fitted at one low rate (one worker, one rank), then the
+    projection at higher rates against the measurement in the same run."""
+    from ryzlab.projection.serving import ServingLoad, simulate
+    from ryzlab.projection.shapes import load_shape
+    from ryzlab.serve.scheduler import EngineConfig
+
+    model, _ = load_shape("reference")
+    dev = get_device("cpu")
+    eng = EngineConfig(max_num_seqs=16, max_num_batched_tokens=256, prefill_chunk=64, max_model_len=1024)
+
+    def sim(cal, rate: float) -> dict:
+        return simulate(model, dev, cal, Deployment(weights="fp32"),
+                        ServingLoad(rate=rate, num_requests=num_requests, prompt_tokens=32, output_tokens=16),
+                        eng, num_blocks=256)
+
+    base = _measure_serving(SERVING_CAL_RATE, num_requests)
+    cal = fit(cpu_cal, lambda c, k: sim(c, SERVING_CAL_RATE)[k], [("tpot_ms_p50", base["tpot_ms_p50"]),
+                                                                  ("ttft_ms_p50", base["ttft_ms_p50"])],
+              fields=("host_ms",), name="cpu-serving", fitted_from=f"one in-process worker at {SERVING_CAL_RATE} req/s")
+    print(f"serving calibration {cal.name}: host_ms={cal.host_ms:.3g} (fitted at {SERVING_CAL_RATE} req/s)")
+    out = []
+    for rate in SERVING_CHECK_RATES:
+        m = _measure_serving(rate, num_requests)
+        p = sim(cal, rate)
+        for k in ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99"):
+            out.append({"rate": rate, "metric": k, "measured": m[k], "projected": p[k],
+                        "error": p[k] / m[k] - 1, "calibrate": False})
+            print(f"  serving {rate:4.1f} req/s {k:12s}: measured {m[k]:8.2f} ms, projected {p[k]:8.2f} ms, "
+                  f"error {p[k] / m[k] - 1:+.1%}", flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="only the CPU validation")
     ap.add_argument("--published", action="store_true", help="only the published-table validation")
     ap.add_argument("--steps", type=int, default=8, help="timed decode steps per CPU point (default 8)")
     ap.add_argument("--calibration-out", type=Path, default=None, help="write the fitted CPU calibration here")
+    ap.add_argument("--serving-requests", type=int, default=30,
+                    help="requests per point of the CPU serving curve (0 = skip it; default 30)")
     ap.add_argument("--fit-gpu-default", action="store_true", help="print the gpu-default refit and exit")
     ap.add_argument("--json", type=Path, default=None, help="write every row here")
     args = ap.parse_args()
@@ -141,6 +190,15 @@ def main() -> int:
         print(f"     (fit quality on the {int(fit_s['rows'])} one-rank rows: median |error| "
               f"{fit_s['median_abs_error']:.1%}, worst {fit_s['worst_abs_error']:.1%})")
         result["cpu"] = rows
+        if args.serving_requests:
+            from ryzlab.projection.calibration import load_calibration
+
+            cal = load_calibration(args.calibration_out) if args.calibration_out else default_calibration("cpu")
+            srows = serving_validation(cal, args.serving_requests)
+            s = error_summary(srows)
+            print(f"CPU serving curve: {int(s['rows'])} held-out figures, median |error| {s['median_abs_error']:.1%}, "
+                  f"worst {s['worst_abs_error']:.1%}")
+            result["serving"] = srows
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
     return 0

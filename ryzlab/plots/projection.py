@@ -15,9 +15,10 @@ def _err(df: pd.DataFrame) -> str:
     r = df.iloc[0]
     if not isinstance(r.get("validation_median_abs_error"), float) or math.isnan(r["validation_median_abs_error"]):
         return f"validation: none for this device ({r.get('validation_note') or 'no published table'})"
-    return (f"validation error of calibration {r['calibration']} on {int(r['validation_rows'])} held-out published "
-            f"rows for {r['device']}: median |error| {r['validation_median_abs_error']:.0%}, worst "
-            f"{r['validation_worst_abs_error']:.0%}")
+    where = r.get("validation_note") or f"tables of {r['device']}"
+    return (f"{r['device']}: validation error of calibration {r['calibration']} on {int(r['validation_rows'])} "
+            f"held-out published rows: median |error| {r['validation_median_abs_error']:.0%}, worst "
+            f"{r['validation_worst_abs_error']:.0%} ({where}).")
 
 
 def report(df: pd.DataFrame) -> None:

@@ -53,9 +53,14 @@ def plan(model: ModelConfig, model_label: str, devices: list[Device], cals: dict
          slo_ttft_ms: float, slo_tpot_ms: float, rate: float, prompt_tokens: int = 512, output_tokens: int = 128,
          max_devices: int | None = None, weights: tuple[str, ...] = ("bf16", "int8", "int4"),
          codecs: tuple[str, ...] = ("none",), cps: tuple[int, ...] = (1,), prices: dict[str, float] | None = None,
-         num_requests: int = 100, host_overhead_ms: float | None = None) -> list[dict[str, Any]]:
-    """Every configuration that meets the SLO at ``rate``, fewest devices first (then cost, then
-    the most headroom). Each row is projected (``basis``, ``device_spec``, ``calibration``)."""
+         num_requests: int = 100, host_overhead_ms: float | None = None, slack: int = 4
+         ) -> list[dict[str, Any]]:
+    """Configurations that meet the SLO at ``rate``, fewest devices first (then cost, then the most
+    headroom). Each row is projected (``basis``, ``device_spec``, ``calibration``).
+
+    A replica of more than ``slack`` times the devices of the best plan found so far is not
+    simulated (it cannot rank near the top; ``slack=0`` simulates everything).
+    """
     need = prompt_tokens + output_tokens
     rows: list[dict[str, Any]] = []
     for dev in devices:
@@ -66,6 +71,9 @@ def plan(model: ModelConfig, model_label: str, devices: list[Device], cals: dict
                 for cp in cps:
                     for tp in tps:
                         if tp * cp > dev.devices_per_node or (max_devices is not None and tp * cp > max_devices):
+                            continue
+                        best = min((r["devices"] for r in rows), default=None)
+                        if slack and best is not None and tp * cp > slack * best:
                             continue
                         dep = Deployment(tp=tp, cp=cp, weights=w, codec=codec)   # type: ignore[arg-type]
                         if kv_capacity_tokens(model, dev, cal, dep) < need:

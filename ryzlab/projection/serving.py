@@ -64,18 +64,22 @@ def _plan_shape(plan: list[tuple[EngineSequence, int]]) -> StepShape:
 
 
 def simulate(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment, load: ServingLoad,
-             engine: EngineConfig | None = None, *, host_overhead_ms: float | None = None) -> dict[str, float]:
+             engine: EngineConfig | None = None, *, host_overhead_ms: float | None = None,
+             num_blocks: int | None = None) -> dict[str, float]:
     """Run ``load`` through the real scheduler on a virtual clock; per-request TTFT / TPOT / E2EL
     percentiles (ms), throughput, preemptions. Every number is a projection (``basis`` says so).
 
     ``engine``: the scheduler's knobs (default: vLLM-like, 256 sequences, 8192 batched tokens,
-    2048-token prefill chunks, max_model_len fitted to the load).
+    2048-token prefill chunks, max_model_len fitted to the load); ``num_blocks``: the pool size
+    (default: the projected KV capacity).
     """
     need = load.prompt_tokens + load.output_tokens
     engine = engine or EngineConfig(max_num_seqs=256, max_num_batched_tokens=8192, prefill_chunk=2048,
                                     max_model_len=need)
-    cap = kv_capacity_tokens(model, dev, cal, dep)
-    num_blocks = cap // dep.block_size // dep.cp * dep.cp
+    if num_blocks is None:   # the projected capacity; a measured engine's own pool size when given
+        cap = kv_capacity_tokens(model, dev, cal, dep)
+        num_blocks = cap // dep.block_size // dep.cp * dep.cp
+    cap = num_blocks * dep.block_size
     if num_blocks * dep.block_size < need:
         raise ValueError(f"one request ({need} tokens) does not fit the projected KV capacity ({cap} tokens) of "
                          f"{dev.key} at tp={dep.tp} cp={dep.cp} weights={dep.weights}")
@@ -162,11 +166,15 @@ def max_rate_under_slo(model: ModelConfig, dev: Device, cal: Calibration, dep: D
                                                      prompt_tokens=prompt_tokens, output_tokens=output_tokens),
                    host_overhead_ms=host_overhead_ms)
     hi = sat["request_throughput_rps"]
-    lo, best = 0.0, None
     ok, r = meets(hi * 0.02)
     if not ok:
         return 0.0, None
     lo, best = hi * 0.02, r
+    for _ in range(3):   # the closed loop held at most num_requests in flight: the capacity may be higher
+        ok, r = meets(hi)
+        if not ok:
+            break
+        lo, best, hi = hi, r, hi * 2
     for _ in range(iters):
         mid = (lo + hi) / 2
         ok, r = meets(mid)
