@@ -226,9 +226,9 @@ def test_planner_ranks_by_devices_and_reads_measured_kl(tmp_path):
     devs = [hardware.get_device("h100-sxm"), hardware.get_device("l4")]
     cals = {d.key: default_calibration(d.key) for d in devs}
     rows = plan(m, "llama-3-8b", devs, cals, slo_ttft_ms=1000, slo_tpot_ms=60, rate=4.0, prompt_tokens=256,
-                output_tokens=32, weights=("int4",), num_requests=20, max_devices=4)
+                output_tokens=32, weights=("int4",), num_requests=10, max_devices=2)
     assert rows and [r["devices"] for r in rows] == sorted(r["devices"] for r in rows)
-    assert all(r["basis"] == "projected" and r["devices"] <= 4 and r["tpot_ms_p99"] <= 60 for r in rows)
+    assert all(r["basis"] == "projected" and r["devices"] <= 2 and r["tpot_ms_p99"] <= 60 for r in rows)
     assert {r["device"] for r in rows} == {"h100-sxm", "l4"}
     run = tmp_path / "kv_compression-abc"
     run.mkdir()
@@ -250,3 +250,24 @@ def test_published_tables_name_their_setup_and_hold_out_most_rows():
     assert sum(r["calibrate"] for r in rows) == 3 and len(rows) >= 20
     assert all(r["basis"] == "projected" and math.isfinite(r["error"]) for r in rows)
     assert error_summary(rows)["rows"] == len(rows) - 3
+
+
+def test_sensitivity_of_a_bandwidth_bound_decode():
+    from ryzlab.projection.sensitivity import sensitivity
+
+    m, _ = load_shape("llama-2-7b")
+    e = sensitivity(m, hardware.get_device("a100-80gb"), ZERO, Deployment(), StepShape.decode(1, 8))
+    assert e["hbm_gbps"] == pytest.approx(-1.0, abs=0.03) and e["bw_frac"] == pytest.approx(-1.0, abs=0.03)
+    assert abs(e["bf16_tflops"]) < 0.01 and e["host_ms"] == 0.0 and e["link_gbps"] == 0.0
+
+
+def test_projection_experiment_rows_are_labelled_projected_with_validation():
+    from ryzlab.experiments import run_experiment
+
+    df = run_experiment("projection", {"model": "llama-2-7b", "device": "a100-80gb", "tp": 2, "rates": [2.0],
+                                       "num_requests": 10, "prompt_tokens": 128, "output_tokens": 16})
+    assert set(df["series"]) == {"static", "serving", "sensitivity"}
+    assert (df["basis"] == "projected").all() and (df["calibration"] == "gpu-default").all()
+    assert df["validation_rows"].iloc[0] >= 20 and 0 < df["validation_median_abs_error"].iloc[0] < 1
+    cpu = run_experiment("projection", {"model": "reference", "device": "cpu", "weights": "fp32", "batch": 2})
+    assert cpu["validation_median_abs_error"].isna().all() and "--cpu" in cpu["validation_note"].iloc[0]

@@ -139,6 +139,7 @@ def simulate(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment,
     tpot = [(e - t) / (outs[k] - 1) for k, e, t in zip(done, e2el, ttft) if outs[k] > 1]
     span = max(done.values()) - min(arrived.values())
     out = {"num_requests": float(len(done)), "duration_s": span,
+           "arrival_span_s": max(arrived.values()) - min(arrived.values()),
            "throughput_tokens_per_s": sum(outs.values()) / span if span > 0 else math.nan,
            "request_throughput_rps": len(done) / span if span > 0 else math.nan,
            "preemptions": float(sched.counters["preemptions"]), "steps": float(steps),
@@ -161,20 +162,21 @@ def max_rate_under_slo(model: ModelConfig, dev: Device, cal: Calibration, dep: D
                      host_overhead_ms=host_overhead_ms)
         return (r[f"ttft_ms_{percentile}"] <= slo_ttft_ms and r[f"tpot_ms_{percentile}"] <= slo_tpot_ms), r
 
-    # the upper bound: the closed-loop throughput at full batch (no rate above it is sustainable)
-    sat = simulate(model, dev, cal, dep, ServingLoad(concurrency=min(256, num_requests), num_requests=num_requests,
+    # The upper bound: the steady closed-loop throughput with the engine's batch full. A finite
+    # open-loop run above it still ends (its backlog drains) and can pass a percentile SLO, so no
+    # rate above what the replica sustains is ever tried.
+    conc = min(256, 4 * num_requests)
+    sat = simulate(model, dev, cal, dep, ServingLoad(concurrency=conc, num_requests=2 * conc,
                                                      prompt_tokens=prompt_tokens, output_tokens=output_tokens),
                    host_overhead_ms=host_overhead_ms)
-    hi = sat["request_throughput_rps"]
+    hi = 0.95 * sat["request_throughput_rps"]
     ok, r = meets(hi * 0.02)
     if not ok:
         return 0.0, None
     lo, best = hi * 0.02, r
-    for _ in range(3):   # the closed loop held at most num_requests in flight: the capacity may be higher
-        ok, r = meets(hi)
-        if not ok:
-            break
-        lo, best, hi = hi, r, hi * 2
+    ok, r = meets(hi)
+    if ok:
+        return hi, r
     for _ in range(iters):
         mid = (lo + hi) / 2
         ok, r = meets(mid)
