@@ -24,6 +24,8 @@ EPILOG = """examples:
   ryzlab loadgen --url http://127.0.0.1:8000/v1 --rate 4 --out results/lg   benchmark any OpenAI endpoint
   ryzlab kv-plan --model M.gguf --text t.txt --max-kl 0.02   smallest KV layout within an accuracy budget
   ryzlab bench --model M.gguf -p 512 -n 128    prefill and decode tokens/s, median [min, max] of 5 repeats
+  ryzlab project --model llama-3-8b --device h100-sxm --tp 1,2,4 --json   PROJECTED step time, latency, memory
+  ryzlab plan --model llama-3-8b --slo-ttft-ms 500 --slo-tpot-ms 50 --rate 100 --devices h100-sxm,l4   PROJECTED plans
 """
 
 
@@ -369,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     add_loadgen_parser(sub)
+    from ryzlab.projection.cli import add_parser as add_projection_parsers
+
+    add_projection_parsers(sub)
     _add_generate_parser(sub)
     _add_kv_plan_parser(sub)
     _add_bench_parser(sub)

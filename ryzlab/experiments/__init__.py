@@ -28,6 +28,7 @@ EXPERIMENTS: dict[str, str] = {
     "serving": "ryzlab.experiments.serving",
     "scaling": "ryzlab.experiments.scaling",
     "orchestrator": "ryzlab.experiments.orchestrator",
+    "projection": "ryzlab.experiments.projection",
 }
 RESERVED = ("run_dir",)
 """Notebook parameters that belong to the sweep machinery, not to the experiment config."""

@@ -1,0 +1,208 @@
+"""How wrong are ryzlab's projections? Validation against figures the calibration never saw.
+
+1. **This CPU** (``--cpu``): calibrate the ``cpu`` device from ONE-rank decode step times only
+   (the scaling experiment's own ``run``, several batch x context points, 1 thread per rank),
+   then project tp 2, cp 2 and tp 2 x cp 2 step times and MEASURE them in the same run (same
+   experiment code, gloo ranks). Error per row, median and worst |error|. The link's latency
+   comes from a 2-rank gloo all-reduce / all-gather microbenchmark (as nccl-tests measures a GPU
+   link): no multi-rank model step is used to calibrate.
+2. **Published GPU tables** (``--published``): every row of ``ryzlab/projection/published.yaml``
+   (gpt-fast README A100 tokens/s with tp and quantisation; TensorRT-LLM A100 FP16 throughput
+   and first-token latency), one calibration per device (``gpu-default``, fitted to the three rows
+   marked ``calibrate``), error per row; the summary is over held-out rows only.
+
+Every projected figure is labelled projected; measured ones measured. No GPU was used.
+
+    python benchmarks/projection_validate.py                 # both
+    python benchmarks/projection_validate.py --published     # seconds
+    python benchmarks/projection_validate.py --cpu --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ryzlab.projection.calibration import default_calibration, fit, save_calibration  # noqa: E402
+from ryzlab.projection.cost import Deployment, StepShape, step_cost  # noqa: E402
+from ryzlab.projection.hardware import get_device  # noqa: E402
+from ryzlab.projection.validation import (error_summary, fit_gpu_default, probe_gloo_link,  # noqa: E402
+                                         validate_published)
+
+CAL_POINTS = [(1, 128), (1, 1024), (4, 256), (8, 1024), (16, 128), (16, 512)]
+"""One-rank (batch, context) points the CPU calibration is fitted to."""
+CHECK_POINTS = [(4, 512), (16, 1024)]
+"""(batch, context) of the multi-rank points measured against the projection."""
+LAYOUTS = [(2, 1), (1, 2), (2, 2)]
+
+
+def _measure(tp: int, cp: int, batch: int, context: int, steps: int) -> dict:
+    """Median decode step (ms) of the scaling experiment at one point, with its spread."""
+    from ryzlab.experiments.scaling import Config, run
+
+    cfg = Config(tp=tp, cp=cp, batch=batch, context=context, decode_steps=steps, warmup=2, budget_mib=0,
+                 check_error=False, threads=1, prefill_chunk=512)
+    df = run(cfg)
+    s = sorted(df["step_ms"])
+    return {"step_ms": statistics.median(s), "step_ms_min": s[0], "step_ms_max": s[-1], "warmup": cfg.warmup}
+
+
+def cpu_validation(steps: int, out_cal: Path | None) -> list[dict]:
+    from ryzlab.projection.shapes import load_shape
+
+    model, _ = load_shape("reference")
+    link = probe_gloo_link(numel=16 * model.dim)   # the tp all-reduce of batch 16: [16, dim] floats
+    dev = get_device("cpu", {"link_latency_us": link["link_latency_us"]})
+    print(f"cpu device (measured now): {dev.spec()}")
+    print(f"gloo link (2-rank microbenchmark, no model step): all_reduce {link['all_reduce_us']:.0f} us, "
+          f"all_gather {link['all_gather_us']:.0f} us -> hop {link['link_latency_us']:.0f} us, "
+          f"base {link['coll_base_us']:.0f} us")
+    rows = []
+    for b, c in CAL_POINTS:
+        m = _measure(1, 1, b, c, steps)
+        rows.append({"tp": 1, "cp": 1, "batch": b, "context": c, **m})
+        print(f"  measured 1-rank b={b:3d} ctx={c:5d}: {m['step_ms']:.3f} ms [{m['step_ms_min']:.3f}, "
+              f"{m['step_ms_max']:.3f}]", flush=True)
+
+    def shape(r: dict) -> StepShape:
+        return StepShape.decode(r["batch"], r["context"] + r["warmup"] + steps // 2 + 1)
+
+    def predict(cal, r: dict) -> float:
+        dep = Deployment(tp=r["tp"], cp=r["cp"], weights="fp32")
+        return step_cost(model, dev, cal, dep, shape(r)).total_ms
+
+    cal = fit(default_calibration("cpu").replace(coll_base_us=link["coll_base_us"]), predict, [(r, r["step_ms"]) for r in rows], name="cpu-fitted",
+              fitted_from="benchmarks/projection_validate.py: one-rank scaling points, reference model, float32, "
+                          "1 thread")
+    print(f"calibration {cal.name}: bw_frac={cal.bw_frac:.3g} flops_frac={cal.flops_frac:.3g} "
+          f"kernel_us={cal.kernel_us:.3g} host_ms={cal.host_ms:.3g} ({cal.fitted_from})")
+    if out_cal:
+        print(f"  written to {save_calibration(cal, out_cal)}")
+    out = []
+    for r in rows:
+        p = predict(cal, r)
+        out.append({**r, "projected_ms": p, "error": p / r["step_ms"] - 1, "calibrate": True})
+    for tp, cp in LAYOUTS:
+        for b, c in CHECK_POINTS:
+            m = _measure(tp, cp, b, c, steps)
+            r = {"tp": tp, "cp": cp, "batch": b, "context": c, **m}
+            p = predict(cal, r)
+            out.append({**r, "projected_ms": p, "error": p / m["step_ms"] - 1, "calibrate": False})
+            print(f"  tp{tp} x cp{cp} b={b:3d} ctx={c:5d}: measured {m['step_ms']:.3f} ms [{m['step_ms_min']:.3f}, "
+                  f"{m['step_ms_max']:.3f}], projected {p:.3f} ms, error {p / m['step_ms'] - 1:+.1%}", flush=True)
+    return out
+
+
+SERVING_CAL_RATE = 2.0
+SERVING_CHECK_RATES = (5.0, 8.0)
+
+
+def _measure_serving(rate: float, num_requests: int) -> dict:
+    """One in-process ryzlab engine (the serving experiment, 1 worker) at a Poisson ``rate``."""
+    from ryzlab.experiments.serving import Config, run
+
+    cfg = Config(rate=rate, num_requests=num_requests, workers=1, via="in-process", prompt_len=32, output_len=16,
+                 num_blocks=256, max_num_seqs=16, seed=0)
+    df = run(cfg)
+    return df[df["kind"] == "summary"].iloc[0].to_dict()
+
+
+def serving_validation(cpu_cal, num_requests: int) -> list[dict]:
+    """A serving curve: host overhead fitted at one low rate (one worker, one rank), then the
+    projection at higher rates against the measurement in the same run."""
+    from ryzlab.projection.serving import ServingLoad, simulate
+    from ryzlab.projection.shapes import load_shape
+    from ryzlab.serve.scheduler import EngineConfig
+
+    model, _ = load_shape("reference")
+    dev = get_device("cpu")
+    eng = EngineConfig(max_num_seqs=16, max_num_batched_tokens=256, prefill_chunk=64, max_model_len=1024)
+
+    def sim(cal, rate: float) -> dict:
+        return simulate(model, dev, cal, Deployment(weights="fp32"),
+                        ServingLoad(rate=rate, num_requests=num_requests, prompt_tokens=32, output_tokens=16),
+                        eng, num_blocks=256)
+
+    base = _measure_serving(SERVING_CAL_RATE, num_requests)
+    cal = fit(cpu_cal, lambda c, k: sim(c, SERVING_CAL_RATE)[k], [("tpot_ms_p50", base["tpot_ms_p50"]),
+                                                                  ("ttft_ms_p50", base["ttft_ms_p50"])],
+              fields=("host_ms",), name="cpu-serving", fitted_from=f"one in-process worker at {SERVING_CAL_RATE} req/s")
+    print(f"serving calibration {cal.name}: host_ms={cal.host_ms:.3g} (fitted at {SERVING_CAL_RATE} req/s)")
+    out = []
+    for rate in SERVING_CHECK_RATES:
+        m = _measure_serving(rate, num_requests)
+        p = sim(cal, rate)
+        for k in ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99"):
+            out.append({"rate": rate, "metric": k, "measured": m[k], "projected": p[k],
+                        "error": p[k] / m[k] - 1, "calibrate": False})
+            print(f"  serving {rate:4.1f} req/s {k:12s}: measured {m[k]:8.2f} ms, projected {p[k]:8.2f} ms, "
+                  f"error {p[k] / m[k] - 1:+.1%}", flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu", action="store_true", help="only the CPU validation")
+    ap.add_argument("--published", action="store_true", help="only the published-table validation")
+    ap.add_argument("--steps", type=int, default=8, help="timed decode steps per CPU point (default 8)")
+    ap.add_argument("--calibration-out", type=Path, default=None, help="write the fitted CPU calibration here")
+    ap.add_argument("--serving-requests", type=int, default=30,
+                    help="requests per point of the CPU serving curve (0 = skip it; default 30)")
+    ap.add_argument("--fit-gpu-default", action="store_true", help="print the gpu-default refit and exit")
+    ap.add_argument("--json", type=Path, default=None, help="write every row here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.fit_gpu_default:
+        c = fit_gpu_default()
+        print(json.dumps({k: getattr(c, k) for k in ("bw_frac", "int8_weight_eff", "int4_weight_eff")}),
+              c.fitted_from)
+        return 0
+    both = not (args.cpu or args.published)
+    result: dict[str, list] = {}
+    if args.published or both:
+        rows = validate_published()
+        print("PUBLISHED GPU TABLES vs PROJECTED (calibration gpu-default; * = one of the 3 rows it was fitted to)")
+        print(f"{'table':26s} {'model':11s} {'tp':>2s} {'w':5s} {'batch':>5s} {'in':>5s} {'out':>5s} "
+              f"{'published':>10s} {'projected':>10s} {'error':>8s}")
+        for r in rows:
+            print(f"{r['table']:26s} {r['model']:11s} {r['tp']:2d} {r['weights']:5s} {r['batch'] or '':>5} "
+                  f"{r['prompt'] or '':>5} {r['output'] or '':>5} {r['published']:10.2f} {r['projected']:10.2f} "
+                  f"{r['error']:+8.1%}{' *' if r['calibrate'] else ''}")
+        for name in sorted({r["table"] for r in rows}):
+            s = error_summary([r for r in rows if r["table"] == name])
+            print(f"  {name}: {int(s['rows'])} held-out rows, median |error| {s['median_abs_error']:.1%}, "
+                  f"worst {s['worst_abs_error']:.1%}")
+        s = error_summary(rows)
+        print(f"  ALL held-out rows: {int(s['rows'])}, median |error| {s['median_abs_error']:.1%}, worst "
+              f"{s['worst_abs_error']:.1%} (target median <= 20%)")
+        result["published"] = rows
+    if args.cpu or both:
+        rows = cpu_validation(args.steps, args.calibration_out)
+        s = error_summary(rows)
+        print(f"CPU: {int(s['rows'])} multi-rank rows projected from 1-rank calibration: median |error| "
+              f"{s['median_abs_error']:.1%}, worst {s['worst_abs_error']:.1%} (targets 15% / 30%)")
+        fit_s = error_summary(rows, key=lambda r: r["calibrate"])
+        print(f"     (fit quality on the {int(fit_s['rows'])} one-rank rows: median |error| "
+              f"{fit_s['median_abs_error']:.1%}, worst {fit_s['worst_abs_error']:.1%})")
+        result["cpu"] = rows
+        if args.serving_requests:
+            from ryzlab.projection.calibration import load_calibration
+
+            cal = load_calibration(args.calibration_out) if args.calibration_out else default_calibration("cpu")
+            srows = serving_validation(cal, args.serving_requests)
+            s = error_summary(srows)
+            print(f"CPU serving curve: {int(s['rows'])} held-out figures, median |error| {s['median_abs_error']:.1%}, "
+                  f"worst {s['worst_abs_error']:.1%}")
+            result["serving"] = srows
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Calibrations: what fraction of a device's datasheet ryzlab's graph achieves, and the overheads.
+
+A :class:`Calibration` is a small JSON file the user can read, edit and reuse (``--calibration
+FILE``). Shipped defaults (``calibrations.yaml``) name where every number came from. On this CPU
+:func:`fit` derives one from one-rank step-time measurements (the scaling experiment's rows); on
+a GPU the same function takes ``benchmarks/gpu_decode.py`` / scaling rows from that device.
+
+No torch here (the fit is a few hundred evaluations of the closed-form step cost).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from ryzlab.config import ConfigError
+
+__all__ = ["Calibration", "CALIBRATIONS_FILE", "default_calibration", "load_calibration", "save_calibration", "fit",
+           "FIT_FIELDS"]
+
+CALIBRATIONS_FILE = Path(__file__).with_name("calibrations.yaml")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """Achieved fractions and overheads of one engine on one device (kind)."""
+
+    name: str
+    """Goes in every projected row (``calibration``)."""
+    bw_frac: float = 0.7
+    """Fraction of ``hbm_gbps`` that weight, KV and activation streams achieve."""
+    flops_frac: float = 0.6
+    """Fraction of the dense matmul peak that GEMMs and attention achieve when compute-bound."""
+    int8_weight_eff: float = 1.0
+    """Bandwidth of an int8 weight-only GEMM relative to a bf16 one (dequantisation in the kernel)."""
+    int4_weight_eff: float = 1.0
+    """The same for int4 weight-only GEMMs."""
+    kernel_us: float = 1.5
+    """Cost of one kernel boundary inside a step (a captured graph still pays a gap per kernel)."""
+    host_ms: float = 0.05
+    """Per-step host time: scheduling + launching the step (one captured graph by default)."""
+    coll_base_us: float = 8.0
+    """Fixed cost of one collective call, on top of the per-hop latency of the device's link."""
+    link_frac: float = 0.8
+    """Fraction of the link bandwidth a collective achieves (bus bandwidth)."""
+    mem_util: float = 0.9
+    """Fraction of device memory the engine may use (vLLM's ``gpu_memory_utilization`` default)."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """Where each number came from (a measurement, a published table, an assumption)."""
+    fitted_from: str = ""
+    """The measurements a fitted calibration came from; empty for a default."""
+
+    def __post_init__(self) -> None:
+        for f in ("bw_frac", "flops_frac", "int8_weight_eff", "int4_weight_eff", "link_frac", "mem_util"):
+            v = getattr(self, f)
+            if not 0 < v <= 1.0:
+                raise ValueError(f"calibration {self.name}: {f} must be in (0, 1], got {v}")
+        for f in ("kernel_us", "host_ms", "coll_base_us"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"calibration {self.name}: {f} must be >= 0, got {getattr(self, f)}")
+
+    def replace(self, **kw: Any) -> "Calibration":
+        return dataclasses.replace(self, **kw)
+
+
+def _defaults() -> dict[str, dict[str, Any]]:
+    return yaml.safe_load(CALIBRATIONS_FILE.read_text())
+
+
+def default_calibration(device_key: str) -> Calibration:
+    """The shipped calibration for ``device_key`` (``cpu`` has its own; every GPU shares the
+    ``gpu-default`` one, whose numbers and sources are in ``calibrations.yaml``)."""
+    d = _defaults()
+    key = device_key if device_key in d else "gpu-default"
+    return Calibration(**{"name": key, **d[key]})
+
+
+def load_calibration(path: str | os.PathLike) -> Calibration:
+    """A calibration JSON written by :func:`save_calibration` (unknown keys are an error)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"calibration file {p} does not exist")
+    data = json.loads(p.read_text())
+    valid = {f.name for f in dataclasses.fields(Calibration)}
+    bad = sorted(set(data) - valid)
+    if bad:
+        raise ConfigError([f"unknown keys {bad}; valid: {sorted(valid)}"], where=str(p))
+    return Calibration(**data)
+
+
+def save_calibration(cal: Calibration, path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(dataclasses.asdict(cal), indent=2, sort_keys=True) + "\n")
+    return p
+
+
+FIT_FIELDS = ("bw_frac", "flops_frac", "kernel_us", "host_ms")
+"""What :func:`fit` adjusts by default; the rest stay at the starting calibration's values."""
+
+
+def fit(start: Calibration, predict: Callable[[Calibration, Any], float], rows: list[tuple[Any, float]], *,
+        fields: tuple[str, ...] = FIT_FIELDS, name: str, fitted_from: str, rounds: int = 600) -> Calibration:
+    """Fit ``fields`` of ``start`` so ``predict(cal, x)`` matches measured ``y`` (ms) over ``rows``.
+
+    Minimises the sum of squared log ratios (relative error, symmetric in over/under) by
+    Nelder-Mead in log space (no scipy in the core dependencies; a few parameters and a handful
+    of rows need nothing better). Fractions are capped at 1.
+    """
+    if not rows:
+        raise ValueError("fit needs at least one (shape, measured ms) row")
+
+    def make(x: list[float]) -> Calibration:
+        vals = {f: math.exp(v) for f, v in zip(fields, x)}
+        return start.replace(**{f: min(v, 1.0) if f.endswith(("_frac", "_eff")) else v for f, v in vals.items()})
+
+    def loss(x: list[float]) -> float:
+        c = make(x)
+        return sum(math.log(max(predict(c, r), 1e-9) / y) ** 2 for r, y in rows)
+
+    x0 = [math.log(max(getattr(start, f), 1e-4)) for f in fields]
+    simplex = [x0] + [[v + (0.7 if i == j else 0.0) for j, v in enumerate(x0)] for i in range(len(x0))]
+    scores = [loss(x) for x in simplex]
+    for _ in range(rounds):
+        order = sorted(range(len(simplex)), key=scores.__getitem__)
+        simplex, scores = [simplex[i] for i in order], [scores[i] for i in order]
+        if scores[-1] - scores[0] < 1e-12:
+            break
+        centroid = [sum(p[j] for p in simplex[:-1]) / (len(simplex) - 1) for j in range(len(x0))]
+        worst = simplex[-1]
+        refl = [c + (c - w) for c, w in zip(centroid, worst)]
+        fr = loss(refl)
+        if fr < scores[0]:
+            exp_ = [c + 2 * (c - w) for c, w in zip(centroid, worst)]
+            fe = loss(exp_)
+            simplex[-1], scores[-1] = (exp_, fe) if fe < fr else (refl, fr)
+        elif fr < scores[-2]:
+            simplex[-1], scores[-1] = refl, fr
+        else:
+            con = [c + 0.5 * (w - c) for c, w in zip(centroid, worst)]
+            fc = loss(con)
+            if fc < scores[-1]:
+                simplex[-1], scores[-1] = con, fc
+            else:   # shrink towards the best
+                simplex = [simplex[0]] + [[b + 0.5 * (v - b) for b, v in zip(simplex[0], p)] for p in simplex[1:]]
+                scores = [scores[0]] + [loss(p) for p in simplex[1:]]
+    i = min(range(len(simplex)), key=scores.__getitem__)
+    cal, best = make(simplex[i]), scores[i]
+    rms = math.sqrt(best / len(rows))
+    srcs = {**start.sources, **{f: f"fitted: {fitted_from}" for f in fields}}
+    return cal.replace(name=name, fitted_from=f"{fitted_from} ({len(rows)} rows, rms log error {rms:.3f})",
+                       sources=srcs)

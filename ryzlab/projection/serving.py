@@ -1,0 +1,187 @@
+"""Serving projection: the engine's real :class:`~ryzlab.serve.scheduler.Scheduler` on a virtual clock.
+
+Continuous batching, chunked prefill, the token budget, KV capacity per codec and preemption
+are the scheduler's own code, over the cache's own bookkeeping
+(:class:`~ryzlab.kv.manager.KVCacheManager`, the same block pool the engine's cache uses, here
+without tensors, sized to the replica's projected KV capacity). Only the forward is replaced:
+each planned step advances the clock by :func:`ryzlab.projection.cost.step_cost` of that step.
+After the step the bookkeeping the engine does follows it (``num_computed``, a token appended
+when a sequence finished its prompt or decoded, ``finish``). There is no second scheduler.
+
+Requests come from :func:`ryzlab.loadgen.load.make_requests` (the load generator's own draws:
+Poisson / gamma arrivals at ``rate``, or ``closed`` with ``concurrency`` in flight).
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+from ryzlab.analysis import summary_columns
+from ryzlab.config import ModelConfig
+from ryzlab.kv.manager import KVCacheManager
+from ryzlab.loadgen.load import LoadSpec, make_requests
+from ryzlab.projection.calibration import Calibration
+from ryzlab.projection.cost import Deployment, StepShape, kv_capacity_tokens, step_cost
+from ryzlab.projection.hardware import Device
+from ryzlab.serve.sampling import SamplingParams
+from ryzlab.serve.scheduler import EngineConfig, EngineSequence, Scheduler
+
+__all__ = ["ServingLoad", "simulate", "max_rate_under_slo"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServingLoad:
+    """The offered load of a serving projection."""
+
+    rate: float | None = None
+    """Requests per second (Poisson); None with ``concurrency`` = closed loop."""
+    concurrency: int | None = None
+    num_requests: int = 200
+    prompt_tokens: int = 512
+    output_tokens: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.rate is None) == (self.concurrency is None):
+            raise ValueError("give exactly one of rate (requests/s) or concurrency (requests in flight)")
+        if self.rate is not None and not self.rate > 0:
+            raise ValueError(f"rate must be > 0 requests/s, got {self.rate}")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+
+
+def _plan_shape(plan: list[tuple[EngineSequence, int]]) -> StepShape:
+    """The step's shape: a sequence writing one token after its prompt decodes, others prefill."""
+    shape = StepShape()
+    for s, n in plan:
+        past = s.num_computed
+        if n == 1 and past >= len(s.prompt):
+            shape = shape + StepShape.decode(1, past + 1)
+        else:
+            shape = shape + StepShape.prefill(n, past)
+    return shape
+
+
+def simulate(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment, load: ServingLoad,
+             engine: EngineConfig | None = None, *, host_overhead_ms: float | None = None,
+             num_blocks: int | None = None) -> dict[str, float]:
+    """Run ``load`` through the real scheduler on a virtual clock; per-request TTFT / TPOT / E2EL
+    percentiles (ms), throughput, preemptions. Every number is a projection (``basis`` says so).
+
+    ``engine``: the scheduler's knobs (default: vLLM-like, 256 sequences, 8192 batched tokens,
+    2048-token prefill chunks, max_model_len fitted to the load); ``num_blocks``: the pool size
+    (default: the projected KV capacity).
+    """
+    need = load.prompt_tokens + load.output_tokens
+    engine = engine or EngineConfig(max_num_seqs=256, max_num_batched_tokens=8192, prefill_chunk=2048,
+                                    max_model_len=need)
+    if num_blocks is None:   # the projected capacity; a measured engine's own pool size when given
+        cap = kv_capacity_tokens(model, dev, cal, dep)
+        num_blocks = cap // dep.block_size // dep.cp * dep.cp
+    cap = num_blocks * dep.block_size
+    if num_blocks * dep.block_size < need:
+        raise ValueError(f"one request ({need} tokens) does not fit the projected KV capacity ({cap} tokens) of "
+                         f"{dev.key} at tp={dep.tp} cp={dep.cp} weights={dep.weights}")
+    cache = KVCacheManager(num_blocks, dep.block_size, engine.enable_prefix_caching, shards=dep.cp)
+    sched = Scheduler(cache, engine)
+    closed = load.rate is None
+    spec = LoadSpec(arrival="closed" if closed else "poisson", rate=load.rate or 1.0,
+                    concurrency=load.concurrency or 1, num_requests=load.num_requests, prompt_len=load.prompt_tokens,
+                    output_len=load.output_tokens, vocab_size=model.vocab_size, seed=load.seed)
+    reqs = make_requests(spec)
+    arrivals: list[tuple[float, int]] = []   # heap of (arrival s, request index)
+    if closed:
+        arrivals = [(0.0, i) for i in range(min(load.concurrency or 1, len(reqs)))]
+        nxt = len(arrivals)
+    else:
+        arrivals = [(r.arrival_s or 0.0, r.index) for r in reqs]
+        nxt = len(reqs)
+    heapq.heapify(arrivals)
+    first: dict[str, float] = {}
+    done: dict[str, float] = {}
+    arrived: dict[str, float] = {}
+    now, steps, busy = 0.0, 0, 0.0
+    while len(done) < len(reqs):
+        while arrivals and arrivals[0][0] <= now + 1e-12:
+            t, i = heapq.heappop(arrivals)
+            r = reqs[i]
+            rid = str(i)
+            arrived[rid] = t
+            sched.add(EngineSequence(rid, i, list(r.prompt), SamplingParams(max_tokens=r.max_tokens), t))
+        if not sched.has_work():
+            now = arrivals[0][0]
+            continue
+        plan = sched.schedule()
+        if not plan:   # nothing fits and nothing runs: the scheduler cannot make progress
+            raise RuntimeError(f"the scheduler planned an empty step with {len(sched.waiting)} waiting requests "
+                               f"(KV capacity {cap} tokens)")
+        dt = step_cost(model, dev, cal, dep, _plan_shape(plan), host_overhead_ms=host_overhead_ms).total_ms / 1e3
+        now += dt
+        busy += dt
+        steps += 1
+        for s, n in plan:
+            s.num_computed += n
+            cache.commit(s.seq_id, n)
+            if s.pending > 0:
+                continue
+            s.output.append(0)   # token id is irrelevant to time; max_tokens ends the request
+            first.setdefault(s.request_id, now)
+            if s.done:
+                sched.finish(s)
+                done[s.request_id] = now
+                if closed and nxt < len(reqs):
+                    heapq.heappush(arrivals, (now, nxt))
+                    nxt += 1
+    ttft = [1e3 * (first[k] - arrived[k]) for k in done]
+    e2el = [1e3 * (done[k] - arrived[k]) for k in done]
+    outs = {str(r.index): r.max_tokens for r in reqs}
+    tpot = [(e - t) / (outs[k] - 1) for k, e, t in zip(done, e2el, ttft) if outs[k] > 1]
+    span = max(done.values()) - min(arrived.values())
+    out = {"num_requests": float(len(done)), "duration_s": span,
+           "arrival_span_s": max(arrived.values()) - min(arrived.values()),
+           "throughput_tokens_per_s": sum(outs.values()) / span if span > 0 else math.nan,
+           "request_throughput_rps": len(done) / span if span > 0 else math.nan,
+           "preemptions": float(sched.counters["preemptions"]), "steps": float(steps),
+           "kv_capacity_tokens": float(cap)}
+    for name, vals in (("ttft_ms", ttft), ("tpot_ms", tpot), ("e2el_ms", e2el)):
+        out.update(summary_columns(name, vals, mean=True))
+    return out
+
+
+def max_rate_under_slo(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment, *, slo_ttft_ms: float,
+                       slo_tpot_ms: float, prompt_tokens: int, output_tokens: int, num_requests: int = 200,
+                       percentile: str = "p99", iters: int = 8, host_overhead_ms: float | None = None
+                       ) -> tuple[float, dict[str, float] | None]:
+    """The highest Poisson rate (req/s) whose projected ``percentile`` TTFT and TPOT meet the SLO,
+    by bisection between 0 and the rate the replica can sustain at all; ``(0, None)`` when even
+    a trickle misses it. Returns the rate and the projection at that rate."""
+    def meets(rate: float) -> tuple[bool, dict[str, float]]:
+        r = simulate(model, dev, cal, dep, ServingLoad(rate=rate, num_requests=num_requests,
+                                                       prompt_tokens=prompt_tokens, output_tokens=output_tokens),
+                     host_overhead_ms=host_overhead_ms)
+        return (r[f"ttft_ms_{percentile}"] <= slo_ttft_ms and r[f"tpot_ms_{percentile}"] <= slo_tpot_ms), r
+
+    # The upper bound: the steady closed-loop throughput with the engine's batch full. A finite
+    # open-loop run above it still ends (its backlog drains) and can pass a percentile SLO, so no
+    # rate above what the replica sustains is ever tried.
+    conc = min(256, 4 * num_requests)
+    sat = simulate(model, dev, cal, dep, ServingLoad(concurrency=conc, num_requests=2 * conc,
+                                                     prompt_tokens=prompt_tokens, output_tokens=output_tokens),
+                   host_overhead_ms=host_overhead_ms)
+    hi = 0.95 * sat["request_throughput_rps"]
+    ok, r = meets(hi * 0.02)
+    if not ok:
+        return 0.0, None
+    lo, best = hi * 0.02, r
+    ok, r = meets(hi)
+    if ok:
+        return hi, r
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        ok, r = meets(mid)
+        if ok:
+            lo, best = mid, r
+        else:
+            hi = mid
+    return lo, best

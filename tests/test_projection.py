@@ -1,0 +1,273 @@
+"""ryzlab.projection: hand-computable costs, monotonicity, config-only models, the CLI's rows and refusals."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pandas as pd
+import pytest
+import yaml
+
+from ryzlab.config import ConfigError, ModelConfig
+from ryzlab.projection import hardware
+from ryzlab.projection.calibration import Calibration, default_calibration, fit, load_calibration, save_calibration
+from ryzlab.projection.cost import (Deployment, StepShape, collective_ms, kv_bytes_per_token, kv_capacity_tokens,
+                                   memory_bytes_per_device, step_cost, weight_bytes)
+from ryzlab.projection.formats import matrix_bytes
+from ryzlab.projection.project import ROW_FIELDS, Workload, check_layouts, project_row
+from ryzlab.projection.shapes import CONFIGS_DIR, load_shape, shipped_models
+
+ZERO = Calibration(name="zero-overhead", bw_frac=1.0, flops_frac=1.0, kernel_us=0.0, host_ms=0.0, coll_base_us=0.0,
+                   link_frac=1.0)
+
+
+def _dev(**kw) -> hardware.Device:
+    base = dict(key="toy", name="toy", memory_gb=80.0, hbm_gbps=1000.0, bf16_tflops=100.0, fp8_tflops=None,
+                int8_tops=200.0, interconnect="toy", link_gbps=100.0, link_latency_us=2.0, devices_per_node=8,
+                net_gbps=10.0, net_latency_us=10.0)
+    return hardware.Device(**{**base, **kw})
+
+
+def test_matrix_bytes_per_format_by_hand():
+    assert matrix_bytes("bf16", 4, 64) == 512
+    assert matrix_bytes("fp32", 4, 64) == 1024
+    assert matrix_bytes("int8", 4, 64) == 256 + 4 * 2          # + one bf16 scale per row
+    assert matrix_bytes("int4", 4, 64, group=32) == 128 + 4 * 2 * 4   # + bf16 scale & zero per 32 columns
+    with pytest.raises(ValueError, match="bf16"):
+        matrix_bytes("int3", 4, 64)
+
+
+def test_one_gemm_compute_bound_by_hand():
+    """A 1-layer model on a device with unlimited bandwidth: the GEMM part is 2 T params / peak."""
+    m = ModelConfig(vocab_size=64, dim=128, n_layers=1, n_heads=4, n_kv_heads=4, ffn_dim=256)
+    dev = _dev(hbm_gbps=1e12)
+    T = 1000
+    c = step_cost(m, dev, ZERO, Deployment(), StepShape.prefill(T))
+    params = 128 * 128 * 4 + 128 * 256 * 3          # wq wk wv wo + w1 w3 w2
+    assert c.gemm_ms == pytest.approx(2 * T * params / 100e12 * 1e3, rel=1e-9)
+
+
+def test_bandwidth_bound_decode_is_bytes_over_bandwidth():
+    """Llama-2-7B, batch 1, no overheads: a decode step is the weights read once / bandwidth."""
+    m, _ = load_shape("llama-2-7b")
+    dev = hardware.get_device("a100-80gb")
+    c = step_cost(m, dev, ZERO, Deployment(), StepShape.decode(1, 8))
+    assert c.total_ms == pytest.approx(c.weight_bytes / (dev.hbm_gbps * 1e9) * 1e3, rel=0.02)
+    # 6.74 B params in bf16, less the embedding table (a lookup reads one row, not the table)
+    assert c.weight_bytes == pytest.approx(2 * (6.74e9 - 32000 * 4096), rel=0.01)
+
+
+def test_collective_is_alpha_plus_bytes_over_beta():
+    dev, cal = _dev(link_gbps=100.0, link_latency_us=2.0), ZERO.replace(coll_base_us=5.0, link_frac=0.5)
+    S = 1_000_000
+    # ring all-gather of 2: base + one hop + the other rank's chunk at half the link's 100 GB/s
+    assert collective_ms("all_gather", S, 2, dev, cal) == pytest.approx((5 + 2 + S / 50e9 * 1e6) / 1e3)
+    ring = 2 * 3 * 2 + 2 * 3 * S / 4 / 50e9 * 1e6
+    tree = 2 * 2 * 2 + 2 * S / 50e9 * 1e6
+    assert collective_ms("all_reduce", S, 4, dev, cal) == pytest.approx((5 + min(ring, tree)) / 1e3)
+    assert collective_ms("all_reduce", S, 1, dev, cal) == 0.0
+    # past one node the network's bandwidth and latency apply
+    assert collective_ms("all_gather", S, 16, dev, cal) > collective_ms("all_gather", S, 8, dev, cal) * 5
+
+
+def test_more_devices_never_more_memory_per_device():
+    m, _ = load_shape("llama-3-70b")
+    for w in ("bf16", "int4"):
+        mems = [memory_bytes_per_device(m, Deployment(tp=tp, cp=cp, weights=w), 64 * 4096)
+                for tp, cp in ((1, 1), (2, 1), (4, 1), (8, 1))]
+        assert mems == sorted(mems, reverse=True) and mems[-1] < mems[0] / 4
+        cps = [memory_bytes_per_device(m, Deployment(tp=2, cp=cp, weights=w), 64 * 4096) for cp in (1, 2, 4)]
+        assert cps == sorted(cps, reverse=True)
+    fmts = [weight_bytes(m, Deployment(weights=w))["total"] for w in ("fp32", "bf16", "int8", "int4")]
+    assert fmts == sorted(fmts, reverse=True)
+
+
+def test_kv_bytes_follow_the_ledger_and_capacity_grows_with_compression():
+    m, _ = load_shape("llama-3-8b")
+    assert kv_bytes_per_token(m, Deployment()) == 2 * 8 * 128 * 2               # K+V, 8 KV heads, bf16
+    assert kv_bytes_per_token(m, Deployment(tp=4)) == 2 * 2 * 128 * 2
+    dev = hardware.get_device("h100-sxm")
+    cal = default_calibration("h100-sxm")
+    caps = [kv_capacity_tokens(m, dev, cal, Deployment(codec=c)) for c in ("none", "int8", "int4")]
+    assert caps == sorted(caps) and caps[2] > 3 * caps[0]
+
+
+def test_shipped_config_only_folders(tmp_path):
+    assert shipped_models() == ["llama-2-70b", "llama-2-7b", "llama-3-70b", "llama-3-8b", "mistral-7b", "qwen2-7b"]
+    params = {"llama-2-7b": 6.74e9, "llama-2-70b": 68.98e9, "llama-3-8b": 8.03e9, "llama-3-70b": 70.55e9,
+              "mistral-7b": 7.24e9, "qwen2-7b": 7.62e9}
+    for name, n in params.items():
+        m, _ = load_shape(name)
+        assert weight_bytes(m, Deployment(weights="bf16"))["total"] / 2 == pytest.approx(n, rel=0.01), name
+    # a folder holding nothing but config.json (no weights, no tokenizer)
+    shutil.copy(CONFIGS_DIR / "qwen2-7b" / "config.json", tmp_path / "config.json")
+    m, label = load_shape(str(tmp_path))
+    assert (m.n_layers, m.n_heads, m.n_kv_heads, m.qkv_bias) == (28, 28, 4, True) and label == tmp_path.name
+    with pytest.raises(ValueError, match="llama-3-8b"):
+        load_shape(str(tmp_path / "nope"))
+
+
+def test_catalog_sources_user_yaml_and_overrides(tmp_path):
+    cat = hardware.load_catalog()
+    assert {"h100-sxm", "h100-pcie", "h200", "a100-40gb", "a100-80gb", "l40s", "l4", "mi300x", "cpu"} <= set(cat)
+    for key, d in cat.items():
+        numeric = [f for f in hardware.OVERRIDABLE + ("fp8_tflops",) if f in d]
+        assert set(numeric) <= set(d["sources"]), key
+    f = tmp_path / "mine.yaml"
+    f.write_text(yaml.safe_dump({"h100-sxm": {"hbm_gbps": 1675}, "b-next": {**cat["a100-80gb"], "name": "next"}}))
+    assert hardware.get_device("h100-sxm", extra=f).hbm_gbps == 1675
+    assert hardware.get_device("b-next", extra=f).name == "next"
+    m, _ = load_shape("llama-2-7b")
+    cal = ZERO
+    slow = step_cost(m, hardware.get_device("h100-sxm", {"hbm_gbps": 1675}), cal, Deployment(), StepShape.decode(1, 8))
+    fast = step_cost(m, hardware.get_device("h100-sxm"), cal, Deployment(), StepShape.decode(1, 8))
+    assert slow.total_ms == pytest.approx(2 * fast.total_ms, rel=0.02)
+    with pytest.raises(ConfigError, match="valid devices: h100-sxm"):
+        hardware.get_device("h100")
+    with pytest.raises(ConfigError, match="overridable fields"):
+        hardware.get_device("h100-sxm", {"hbm_tbps": 3.0})
+
+
+def test_calibration_file_round_trip_and_fit_recovers_a_known_fraction(tmp_path):
+    cal = default_calibration("a100-80gb")
+    assert cal.name == "gpu-default" and cal.sources["bw_frac"].startswith("fitted")
+    assert load_calibration(save_calibration(cal, tmp_path / "c.json")) == cal
+    (tmp_path / "bad.json").write_text(json.dumps({"name": "x", "bw_fraction": 0.5}))
+    with pytest.raises(ConfigError, match="bw_fraction"):
+        load_calibration(tmp_path / "bad.json")
+    m, _ = load_shape("llama-2-7b")
+    dev = hardware.get_device("a100-80gb")
+    truth = cal.replace(bw_frac=0.55, host_ms=0.4)
+    pts = [StepShape.decode(b, c) for b, c in ((1, 128), (8, 1024), (32, 512), (1, 4096))]
+    rows = [(s, step_cost(m, dev, truth, Deployment(), s).total_ms) for s in pts]
+    got = fit(cal, lambda c, s: step_cost(m, dev, c, Deployment(), s).total_ms, rows, fields=("bw_frac", "host_ms"),
+              name="t", fitted_from="synthetic")
+    assert got.bw_frac == pytest.approx(0.55, rel=0.03) and got.host_ms == pytest.approx(0.4, rel=0.2)
+
+
+def test_layouts_that_do_not_fit_are_refused_with_the_valid_sizes():
+    m, _ = load_shape("qwen2-7b")
+    with pytest.raises(ConfigError, match=r"valid tp sizes: \[1, 2, 4\]"):
+        check_layouts(m, [1, 8], [1])
+
+
+def test_serving_projection_drives_the_real_scheduler(monkeypatch):
+    from ryzlab.projection.serving import ServingLoad, simulate
+    from ryzlab.serve.scheduler import Scheduler
+
+    calls = []
+    real = Scheduler.schedule
+    monkeypatch.setattr(Scheduler, "schedule", lambda self: calls.append(1) or real(self))
+    m, _ = load_shape("llama-3-8b")
+    dev = hardware.get_device("l4")
+    cal = default_calibration("l4")
+    dep = Deployment(weights="int4")
+    lo = simulate(m, dev, cal, dep, ServingLoad(rate=1.0, num_requests=20, prompt_tokens=256, output_tokens=32))
+    assert len(calls) == lo["steps"] > 0 and lo["num_requests"] == 20
+    hi = simulate(m, dev, cal, dep, ServingLoad(rate=50.0, num_requests=20, prompt_tokens=256, output_tokens=32))
+    assert hi["ttft_ms_p99"] >= lo["ttft_ms_p99"] and hi["e2el_ms_p50"] >= lo["e2el_ms_p50"]
+    # a cache that holds few requests: the real scheduler preempts
+    tight = simulate(m, dev.__class__(**{**dev.__dict__, "memory_gb": 7.2}), cal, dep,
+                     ServingLoad(concurrency=40, num_requests=40, prompt_tokens=1024, output_tokens=256))
+    assert tight["preemptions"] > 0
+
+
+def test_project_row_fields_and_labels():
+    m, _ = load_shape("llama-3-8b")
+    dev = hardware.get_device("h100-sxm")
+    cal = default_calibration("h100-sxm")
+    r = project_row(m, "llama-3-8b", dev, cal, Deployment(tp=2), Workload(batch=8))
+    assert list(r)[:len(ROW_FIELDS)] == list(ROW_FIELDS)
+    assert r["basis"] == "projected" and r["calibration"] == "gpu-default" and "h100-sxm" in r["device_spec"]
+    assert r["throughput_tokens_per_s"] == pytest.approx(8 * r["decode_tokens_per_s"])
+    assert r["max_batch"] == r["kv_capacity_tokens"] // 640
+    with pytest.raises(ValueError, match="not both"):
+        Workload(rate=1.0, concurrency=2)
+
+
+def test_cli_project_json_and_table(capsys):
+    from ryzlab.cli import main
+
+    assert main(["project", "--model", "llama-3-8b", "--device", "h100-sxm", "--tp", "1,2", "--batch", "4",
+                 "--weights", "int8", "--codec", "fp8_e4m3", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["tp"] for r in rows] == [1, 2]
+    for r in rows:
+        assert set(ROW_FIELDS) <= set(r) and r["basis"] == "projected" and r["weights"] == "int8"
+    assert rows[1]["memory_gb_per_device"] < rows[0]["memory_gb_per_device"]
+    assert main(["project", "--model", "llama-2-7b", "--device", "a100-80gb", "--hbm-gbps", "1700"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("PROJECTED (not measured)") and "hbm_gbps=1700" in out
+
+
+def test_cli_refuses_bad_input_with_choices(capsys):
+    from ryzlab.cli import main
+
+    assert main(["project", "--model", "llama-3-8b", "--device", "h100", "--tp", "1"]) == 2
+    assert "valid devices: h100-sxm, h100-pcie, h200" in capsys.readouterr().err
+    assert main(["project", "--model", "qwen2-7b", "--device", "h100-sxm", "--tp", "1,8"]) == 2
+    assert "valid tp sizes: [1, 2, 4]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["project", "--model", "llama-3-8b", "--device", "h100-sxm", "--weights", "int3"])
+    assert "bf16" in capsys.readouterr().err
+    assert main(["plan", "--model", "llama-3-8b", "--devices", "h100-sxm", "--rate", "10", "--slo-ttft-ms", "500",
+                 "--slo-tpot-ms", "50", "--max-kl", "0.01"]) == 2
+    assert "--kl-results" in capsys.readouterr().err
+    assert main(["plan", "--model", "llama-3-8b", "--devices", "h100-sxm", "--rate", "10", "--slo-ttft-ms", "500",
+                 "--slo-tpot-ms", "50", "--weights", "int5"]) == 2
+    assert "choose from fp32, bf16, int8, int4" in capsys.readouterr().err
+
+
+def test_planner_ranks_by_devices_and_reads_measured_kl(tmp_path):
+    from ryzlab.projection.planner import measured_kl, plan
+
+    m, _ = load_shape("llama-3-8b")
+    devs = [hardware.get_device("h100-sxm"), hardware.get_device("l4")]
+    cals = {d.key: default_calibration(d.key) for d in devs}
+    rows = plan(m, "llama-3-8b", devs, cals, slo_ttft_ms=1000, slo_tpot_ms=60, rate=4.0, prompt_tokens=256,
+                output_tokens=32, weights=("int4",), num_requests=10, max_devices=2)
+    assert rows and [r["devices"] for r in rows] == sorted(r["devices"] for r in rows)
+    assert all(r["basis"] == "projected" and r["devices"] <= 2 and r["tpot_ms_p99"] <= 60 for r in rows)
+    assert {r["device"] for r in rows} == {"h100-sxm", "l4"}
+    run = tmp_path / "kv_compression-abc"
+    run.mkdir()
+    pd.DataFrame({"codec": ["int8", "int8", "int4"], "kl_per_token": [0.002, 0.003, 0.05],
+                  "model": ["reference"] * 3, "model_name": ["ryzlab-reference"] * 3}).to_parquet(run / "metrics.parquet")
+    assert measured_kl(tmp_path, "reference") == {"none": 0.0, "int8": 0.002, "int4": 0.05}
+    with pytest.raises(ValueError, match="measured models"):
+        measured_kl(tmp_path, "llama-3-8b")
+
+
+def test_published_tables_name_their_setup_and_hold_out_most_rows():
+    from ryzlab.projection.validation import error_summary, published_tables, validate_published
+
+    tables = published_tables()
+    assert len(tables) >= 3
+    for t in tables.values():
+        assert t["source"] and t["setup"] and t["rows"]
+    rows = validate_published()
+    assert sum(r["calibrate"] for r in rows) == 3 and len(rows) >= 20
+    assert all(r["basis"] == "projected" and math.isfinite(r["error"]) for r in rows)
+    assert error_summary(rows)["rows"] == len(rows) - 3
+
+
+def test_sensitivity_of_a_bandwidth_bound_decode():
+    from ryzlab.projection.sensitivity import sensitivity
+
+    m, _ = load_shape("llama-2-7b")
+    e = sensitivity(m, hardware.get_device("a100-80gb"), ZERO, Deployment(), StepShape.decode(1, 8))
+    assert e["hbm_gbps"] == pytest.approx(-1.0, abs=0.03) and e["bw_frac"] == pytest.approx(-1.0, abs=0.03)
+    assert abs(e["bf16_tflops"]) < 0.01 and e["host_ms"] == 0.0 and e["link_gbps"] == 0.0
+
+
+def test_projection_experiment_rows_are_labelled_projected_with_validation():
+    from ryzlab.experiments import run_experiment
+
+    df = run_experiment("projection", {"model": "llama-2-7b", "device": "a100-80gb", "tp": 2, "rates": [2.0],
+                                       "num_requests": 10, "prompt_tokens": 128, "output_tokens": 16})
+    assert set(df["series"]) == {"static", "serving", "sensitivity"}
+    assert (df["basis"] == "projected").all() and (df["calibration"] == "gpu-default").all()
+    assert df["validation_rows"].iloc[0] >= 20 and 0 < df["validation_median_abs_error"].iloc[0] < 1
+    cpu = run_experiment("projection", {"model": "reference", "device": "cpu", "weights": "fp32", "batch": 2})
+    assert cpu["validation_median_abs_error"].isna().all() and "--cpu" in cpu["validation_note"].iloc[0]
