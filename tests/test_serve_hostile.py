@@ -85,6 +85,21 @@ def test_hostile_chat_bodies_get_4xx(served, body, status, needle):
     _check_error(_post(url, json.dumps(body).encode(), path="/v1/chat/completions"), status, needle)
 
 
+@pytest.mark.parametrize("raw,path,param", [
+    (rb'{"prompt": "\ud800"}', "/v1/completions", "prompt"),
+    (rb'{"prompt": ["ok", "a\udfffb"]}', "/v1/completions", "prompt"),
+    (rb'{"prompt": "hi", "stop": ["\ud83d"]}', "/v1/completions", "stop"),
+    (rb'{"messages": [{"role": "user", "content": "\ud800"}]}', "/v1/chat/completions", "messages"),
+    (rb'{"messages": [{"role": "user", "content": [{"type": "text", "text": "x\udc00"}]}]}',
+     "/v1/chat/completions", "messages"),
+])
+def test_lone_surrogates_get_400_naming_the_field(served, raw, path, param):
+    url, _, app = served
+    err = _check_error(_post(url, raw, path=path), 400, "surrogate")
+    assert err["param"] == param and param in err["message"]
+    assert app.state.metrics.counts["http_errors_5xx"] == 0
+
+
 def test_unknown_fields_are_ignored_with_a_warning(served, caplog):
     url, _, _ = served
     with caplog.at_level(logging.WARNING, logger="ryzlab.serve.protocol"):
