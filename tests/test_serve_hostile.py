@@ -218,3 +218,56 @@ def test_serve_cli_refuses_an_open_bind_before_loading_anything(capsys, monkeypa
     monkeypatch.setattr(replica, "build_engine", lambda **k: pytest.fail("the model was loaded"))
     assert main(["serve", "--host", "0.0.0.0", "--model", "random"]) == 2
     assert "--api-key" in capsys.readouterr().err
+
+
+def _connect(url: str, timeout: float = 60.0) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=timeout)
+
+
+def _read_to_close(s: socket.socket) -> bytes:
+    out = b""
+    while chunk := s.recv(65536):  # returns b"" once the server closes (the socket timeout only bounds a failure)
+        out += chunk
+    return out
+
+
+def test_an_unfinished_request_head_is_answered_408_and_closed():
+    with serve_app(header_timeout_s=0.3) as (url, _, _):
+        with _connect(url) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\n")  # the request line, and never the blank line
+            out = _read_to_close(s)
+        assert out.startswith(b"HTTP/1.1 408") and b"header_timeout" in out
+        with _connect(url) as s:  # a kept-alive connection: the next head is bounded too
+            host = url.removeprefix("http://").encode()
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: " + host + b"\r\n\r\nGET /health HTT")
+            out = _read_to_close(s)
+        assert out.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in out
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_connections_per_client_are_bounded():
+    from serving import wait_for
+
+    def admitted() -> bool:
+        try:
+            with _connect(url) as s:
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: " + url.removeprefix("http://").encode()
+                          + b"\r\nConnection: close\r\n\r\n")
+                return _read_to_close(s).startswith(b"HTTP/1.1 200")
+        except ConnectionError:  # refused: the server closed before reading the request
+            return False
+
+    with serve_app(header_timeout_s=600, max_connections_per_client=3) as (url, _, _):
+        held = [_connect(url) for _ in range(3)]
+        for s in held:
+            s.sendall(b"GET /health HTTP/1.1\r\n")  # unfinished heads: each holds its connection
+        try:
+            with _connect(url) as extra:  # the fourth is refused at once, before it sends anything
+                out = _read_to_close(extra)
+            assert out.startswith(b"HTTP/1.1 429") and b"too_many_connections" in out and b"retry-after" in out
+        finally:
+            held.pop().close()
+        assert wait_for(admitted), "a closed connection frees its place"
+        for s in held:
+            s.close()

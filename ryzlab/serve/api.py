@@ -74,10 +74,12 @@ class ServeLimits:
     """Admission and hygiene limits of one app (the ``ryzlab serve`` flags)."""
 
     def __init__(self, *, max_pending: int = 256, request_timeout_s: float = 600.0, max_body_bytes: int = 1 << 20,
-                 body_timeout_s: float = 30.0, retry_after_s: int = 1):
+                 body_timeout_s: float = 30.0, retry_after_s: int = 1, header_timeout_s: float = 10.0,
+                 max_connections_per_client: int = 256):
         for name, v in (("max_pending", max_pending), ("request_timeout_s", request_timeout_s),
                         ("max_body_bytes", max_body_bytes), ("body_timeout_s", body_timeout_s),
-                        ("retry_after_s", retry_after_s)):
+                        ("retry_after_s", retry_after_s), ("header_timeout_s", header_timeout_s),
+                        ("max_connections_per_client", max_connections_per_client)):
             if not (isinstance(v, (int, float)) and v > 0):
                 raise ValueError(f"{name} must be > 0, got {v!r}")
         self.max_pending = max_pending
@@ -86,6 +88,18 @@ class ServeLimits:
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.retry_after_s = retry_after_s
+        self.header_timeout_s = header_timeout_s
+        """Seconds a request line and headers may take to arrive (408 and close; :mod:`.conn`)."""
+        self.max_connections_per_client = max_connections_per_client
+        """Open connections per client address at most (one more: 429 and close; :mod:`.conn`)."""
+
+    def protocol(self) -> type:
+        """The uvicorn HTTP protocol class that enforces the connection limits (``http=``)."""
+        from ryzlab.serve.conn import guarded_protocol
+
+        return guarded_protocol(header_timeout_s=self.header_timeout_s,
+                                max_connections_per_client=int(self.max_connections_per_client),
+                                retry_after_s=int(self.retry_after_s))
 
 
 def json_safe(x: Any) -> Any:
@@ -241,6 +255,7 @@ def create_app(backend: Backend, *, host: str = "127.0.0.1", allowed_hosts: tupl
     metrics = ServeMetrics(backend, backend.model_name)
     app.state.metrics = metrics
     app.state.pending = 0
+    app.state.limits = limits  # the server that runs the app reads its connection limits here
     counter = itertools.count()
 
     @app.exception_handler(StarletteHTTPException)

@@ -69,6 +69,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="largest request body, checked before reading it (413; default 1 MiB)")
     s.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a request body may take to arrive (408; default 30)")
+    s.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds the request line and headers may take to arrive (408 and close; default 10)")
+    s.add_argument("--max-connections-per-client", type=int, default=256, metavar="N",
+                   help="open connections per client address at most; one more gets 429 and is closed (default 256)")
     s.set_defaults(fn=cmd_serve)
     return s
 
@@ -130,7 +134,8 @@ def serve_limits(args: argparse.Namespace) -> Any:
 
     pending = args.max_pending if args.max_pending is not None else 4 * args.max_num_seqs * args.workers
     return ServeLimits(max_pending=pending, request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
-                       body_timeout_s=args.body_timeout)
+                       body_timeout_s=args.body_timeout, header_timeout_s=getattr(args, "header_timeout", 10.0),
+                       max_connections_per_client=getattr(args, "max_connections_per_client", 256))
 
 
 def max_model_len(args: argparse.Namespace) -> int:
@@ -165,13 +170,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"ryzlab serve: loading {args.model} ({args.workers} worker(s), tp {args.tp} x cp {args.cp}) ...",
           file=sys.stderr, flush=True)  # a checkpoint and worker processes take seconds to minutes
     backend = make_backend(args)
+    limits = serve_limits(args)
     app = create_app(backend, host=args.host, allowed_hosts=tuple(args.allowed_host), api_key=args.api_key,
-                     limits=serve_limits(args))
+                     limits=limits)
     print(f"ryzlab serve: http://{args.host}:{args.port}/v1  model={served_name(args)} codec={args.codec} "
           f"workers={args.workers} tp={args.tp} cp={args.cp}" + (f" policy={args.policy}" if args.workers > 1 else "")
           + (" auth=api-key" if args.api_key else " auth=none"))
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http=limits.protocol())
     finally:
         backend.shutdown()
     return 0
