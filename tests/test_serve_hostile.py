@@ -47,6 +47,7 @@ DEEP = b'{"prompt": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
     (b'{"prompt": "hi", "top_k": -2}', 400, "top_k"),
     (b'{"prompt": "hi", "logprobs": 21}', 400, "logprobs"),
     (b'{"prompt": "hi", "n": 100}', 400, "'n'"),
+    (b'{"prompt": "hi", "n": 8, "logprobs": 20, "max_tokens": 400}', 400, "logprob entries"),  # 67,200: ~3 MB
     (b'{"prompt": "hi", "stream_options": {"include_usage": true}}', 400, "stream: true"),
     (b'{"prompt": "hi", "presence_penalty": 0.5}', 400, "not supported"),
     (b'{"prompt": "hi", "echo": true}', 400, "not supported"),
@@ -271,3 +272,25 @@ def test_connections_per_client_are_bounded():
         assert wait_for(admitted), "a closed connection frees its place"
         for s in held:
             s.close()
+
+
+def test_one_request_or_one_client_cannot_take_the_whole_queue():
+    """max_pending 8: one client address holds at most 6 sequences; a request of 8 can never be
+    admitted (400), and a client at its share gets 429 while another address still gets in."""
+    from serving import PausedForward, wait_for
+
+    other = httpx.HTTPTransport(local_address="127.0.0.2")  # all of 127/8 is this machine: a second client
+    with serve_app(max_pending=8) as (url, backend, app), PausedForward(backend.engine), \
+            httpx.Client(timeout=60) as a, httpx.Client(timeout=60, transport=other) as b:
+        body = {"prompt": "hi", "max_tokens": 2, "stream": True}
+        r = a.post(f"{url}/v1/completions", json={**body, "n": 8})
+        _check_error(r, 400, "at most 6")
+        assert r.json()["error"]["param"] == "n"
+        with a.stream("POST", f"{url}/v1/completions", json={**body, "n": 6}) as held:
+            assert held.status_code == 200 and app.state.pending == 6
+            r = a.post(f"{url}/v1/completions", json={**body, "n": 1})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "client_queue_full"
+            with b.stream("POST", f"{url}/v1/completions", json={**body, "n": 2}) as theirs:
+                assert theirs.status_code == 200 and app.state.pending == 8
+                assert app.state.pending_by_client == {"127.0.0.1": 6, "127.0.0.2": 2}
+        assert wait_for(lambda: app.state.pending == 0 and not app.state.pending_by_client)

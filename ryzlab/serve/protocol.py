@@ -19,7 +19,7 @@ from typing import Any, Literal
 from ryzlab.serve.sampling import INT64, MAX_LOGPROBS, SamplingParams
 
 __all__ = ["RequestError", "CompletionParams", "GenerationRequest", "ModelInfo", "parse_json", "parse_completion",
-           "parse_chat", "MAX_CHOICES", "MAX_STOP"]
+           "parse_chat", "MAX_CHOICES", "MAX_STOP", "MAX_LOGPROB_ENTRIES"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,9 @@ MAX_CHOICES = 64
 MAX_STOP = 16
 """Stop strings per request at most."""
 MAX_MESSAGES = 1024
+MAX_LOGPROB_ENTRIES = 1 << 16
+"""Sequences x max_tokens x (1 + logprobs) of one request at most: each entry costs ~50 bytes of
+response, so a 59-byte body (n 64, logprobs 20, max_tokens 100) no longer asks for 6.4 MB."""
 
 COMMON_FIELDS = ("model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "stop",
                  "seed", "user", "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty",
@@ -334,6 +337,12 @@ def _common(body: dict[str, Any], info: ModelInfo, prompts: list[list[int]], *, 
     if n * len(prompts) > MAX_CHOICES:
         raise RequestError(f"prompts ({len(prompts)}) x n ({n}) = {n * len(prompts)} sequences; at most "
                            f"{MAX_CHOICES} per request", param="n")
+    if logprobs is not None:
+        entries = n * len(prompts) * max_tokens * (1 + logprobs)
+        if entries > MAX_LOGPROB_ENTRIES:
+            raise RequestError(f"sequences ({n * len(prompts)}) x max_tokens ({max_tokens}) x (1 + logprobs "
+                               f"{logprobs}) = {entries} logprob entries; a response holds at most "
+                               f"{MAX_LOGPROB_ENTRIES} (lower n, max_tokens or logprobs)", param="logprobs")
     stream = _bool(body, "stream", False)
     opts = body.get("stream_options")
     include_usage = False
