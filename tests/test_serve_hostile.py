@@ -193,6 +193,26 @@ def test_api_key_is_required_when_set():
         assert httpx.get(f"{url}/health").status_code == 200  # probes need no key (as vLLM)
 
 
+@pytest.mark.parametrize("metrics_auth", [False, True])
+def test_metrics_auth_puts_metrics_and_stats_behind_the_key(metrics_auth):
+    with serve_app(api_key="s3cret", metrics_auth=metrics_auth) as (url, _, _):
+        key = {"authorization": "Bearer s3cret"}
+        for path in ("/metrics", "/stats"):
+            r = httpx.get(f"{url}{path}")
+            assert r.status_code == (401 if metrics_auth else 200), path  # default: open for scrapers
+            assert httpx.get(f"{url}{path}", headers=key).status_code == 200
+        assert httpx.get(f"{url}/health").status_code == 200  # probes never need the key
+
+
+def test_metrics_auth_needs_an_api_key():
+    import argparse
+
+    from ryzlab.serve.cli import check_exposure
+
+    with pytest.raises(ValueError, match="--metrics-auth needs --api-key"):
+        check_exposure(argparse.Namespace(host="127.0.0.1", api_key=None, no_auth=False, metrics_auth=True))
+
+
 @pytest.mark.parametrize("host,key,no_auth,ok", [
     ("127.0.0.1", None, False, True), ("::1", None, False, True), ("localhost", None, False, True),
     ("0.0.0.0", None, False, False), ("192.168.1.5", None, False, False),

@@ -253,12 +253,15 @@ class _Job:
 
 
 def create_app(backend: Backend, *, host: str = "127.0.0.1", allowed_hosts: tuple[str, ...] = (),
-               api_key: str | None = None, limits: ServeLimits | None = None) -> FastAPI:
+               api_key: str | None = None, limits: ServeLimits | None = None, metrics_auth: bool = False) -> FastAPI:
     """A FastAPI app over ``backend``. Run it with uvicorn (see :func:`ryzlab.serve.cli`).
 
     ``host`` is the address the server binds (the Host header must name it; see :mod:`.guard`),
-    ``allowed_hosts`` more names it answers to, ``api_key`` the Bearer key ``/v1/*`` needs.
+    ``allowed_hosts`` more names it answers to, ``api_key`` the Bearer key ``/v1/*`` needs (and
+    ``/metrics``, ``/stats`` with ``metrics_auth``).
     """
+    if metrics_auth and api_key is None:
+        raise ValueError("metrics_auth needs an api_key (the key /metrics and /stats would ask for)")
     limits = limits or ServeLimits()
     app = FastAPI(title="ryzlab serve", version="0.2.0", docs_url=None, redoc_url=None, openapi_url=None)
     info = ModelInfo.of(backend)
@@ -415,5 +418,5 @@ def create_app(backend: Backend, *, host: str = "127.0.0.1", allowed_hosts: tupl
 
     app.add_middleware(Guard, allowed_hosts=allowed_hosts_for(host, allowed_hosts), api_key=api_key,
                        max_body_bytes=limits.max_body_bytes, body_timeout_s=limits.body_timeout_s,
-                       on_answer=metrics.answered)
+                       on_answer=metrics.answered, metrics_auth=metrics_auth)
     return app

@@ -55,6 +55,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=os.environ.get("RYZLAB_API_KEY"),
                    help="clients of /v1/* must send 'Authorization: Bearer KEY' (default: $RYZLAB_API_KEY); "
                         "required to bind beyond loopback unless --no-auth")
+    s.add_argument("--metrics-auth", action="store_true",
+                   help="/metrics and /stats need the --api-key too (default: open, for Prometheus scrapers "
+                        "without a key; /health never needs one)")
     s.add_argument("--no-auth", action="store_true",
                    help="allow binding beyond loopback without an API key (anyone who reaches the port may use it)")
     s.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
@@ -123,6 +126,8 @@ def check_exposure(args: argparse.Namespace) -> None:
 
     if getattr(args, "api_key", None) is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty")
+    if getattr(args, "metrics_auth", False) and not getattr(args, "api_key", None):
+        raise ValueError("--metrics-auth needs --api-key KEY (or RYZLAB_API_KEY): the key /metrics and /stats ask for")
     if not is_loopback(args.host) and not getattr(args, "api_key", None) and not getattr(args, "no_auth", False):
         raise ValueError(f"--host {args.host} makes the server reachable from other machines: give --api-key KEY "
                          f"(or set RYZLAB_API_KEY), or --no-auth to serve without one")
@@ -172,10 +177,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     backend = make_backend(args)
     limits = serve_limits(args)
     app = create_app(backend, host=args.host, allowed_hosts=tuple(args.allowed_host), api_key=args.api_key,
-                     limits=limits)
+                     limits=limits, metrics_auth=args.metrics_auth)
     print(f"ryzlab serve: http://{args.host}:{args.port}/v1  model={served_name(args)} codec={args.codec} "
           f"workers={args.workers} tp={args.tp} cp={args.cp}" + (f" policy={args.policy}" if args.workers > 1 else "")
-          + (" auth=api-key" if args.api_key else " auth=none"))
+          + (" auth=api-key" if args.api_key else " auth=none") + (" metrics-auth" if args.metrics_auth else ""))
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http=limits.protocol())
     finally:
