@@ -168,9 +168,46 @@ def test_spec_structure_errors(tmp_path):
                   progress=False)
 
 
-def test_timeout_kills_point_with_its_subprocesses_and_keeps_its_notebook(tmp_path):
+@pytest.fixture
+def own_tmpdir(tmp_path, monkeypatch):
+    """A TMPDIR of the test's own (other sweeps on this machine write to /tmp at the same time)."""
+    import tempfile
+
+    tmp = tmp_path / "TMPDIR"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    return tmp
+
+
+def test_a_finished_point_leaves_no_process_and_no_temp_file(tmp_path, own_tmpdir):
+    """Issue 24: a setsid child and a double-forked daemon survived a finished point, and each
+    point left a kernel connection file in $TMPDIR."""
     pids = tmp_path / "pids.json"
-    spec = write_spec(tmp_path, {"notebook": PROBE, "fixed": {"sleep_s": 600.0, "child": True,
+    spec = write_spec(tmp_path, {"notebook": PROBE, "fixed": {"child": True, "escape": True, "pid_file": str(pids)}})
+    assert run_sweep(spec, out=tmp_path / "r", progress=False).ok == 1
+    got = json.loads(pids.read_text())
+    gone, alive = psutil.wait_procs(_procs([got["child"], got["setsid"], got["daemon"]]), timeout=30)
+    assert alive == [], f"survived the point: {[p.cmdline() for p in alive]}"
+    assert list(own_tmpdir.iterdir()) == []
+
+
+def test_stale_kernel_folders_of_dead_workers_are_removed(tmp_path):
+    from ryzlab.workbench.reaper import clean_stale_temp
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for pid in (dead.pid, os.getpid()):
+        (tmp_path / f"ryzlab-k-{pid}-abc123").mkdir()
+        (tmp_path / f"ryzlab-k-{pid}-abc123" / "kernel.json").write_text("{}")
+    (tmp_path / "ryzlab-k-notapid").mkdir()
+    assert clean_stale_temp(tmp_path) == 1
+    assert {p.name for p in tmp_path.iterdir()} == {"ryzlab-k-notapid", f"ryzlab-k-{os.getpid()}-abc123"}
+
+
+def test_timeout_kills_point_with_its_subprocesses_and_keeps_its_notebook(tmp_path, own_tmpdir):
+    pids = tmp_path / "pids.json"
+    spec = write_spec(tmp_path, {"notebook": PROBE, "fixed": {"sleep_s": 600.0, "child": True, "escape": True,
                                                              "pid_file": str(pids)}})
     summary = run_sweep(spec, out=tmp_path / "r", timeout=20, progress=False)
     assert summary.timeout == 1
@@ -180,10 +217,12 @@ def test_timeout_kills_point_with_its_subprocesses_and_keeps_its_notebook(tmp_pa
     run = tmp_path / "r" / row["run_id"]
     assert (run / "run.ipynb").is_file() and (run / "params.json").is_file(), "a timed-out point keeps its notebook"
     assert not (run / "metrics.parquet").exists()
-    # the kernel and the subprocess its notebook started are gone (killed with their group)
+    # the kernel and the subprocesses its notebook started are gone (killed with their group, or
+    # found by their tag when they had left it), and so is the worker's kernel folder
     got = json.loads(pids.read_text())
-    gone, alive = psutil.wait_procs(_procs([got["kernel"], got["child"]]), timeout=30)
+    gone, alive = psutil.wait_procs(_procs([got["kernel"], got["child"], got["setsid"], got["daemon"]]), timeout=30)
     assert alive == []
+    assert list(own_tmpdir.iterdir()) == []
 
 
 def _procs(pids) -> list[psutil.Process]:
@@ -209,20 +248,23 @@ def _wait_for(path: Path, proc: subprocess.Popen, limit: float = 300) -> None:
         time.sleep(0.2)
 
 
-def test_kill_9_of_the_sweep_kills_the_running_point_and_everything_it_started(tmp_path):
+def test_kill_9_of_the_sweep_kills_the_running_point_and_everything_it_started(tmp_path, own_tmpdir):
     pids = tmp_path / "pids.json"
-    spec = write_spec(tmp_path, {"notebook": PROBE, "fixed": {"sleep_s": 600.0, "child": True,
+    spec = write_spec(tmp_path, {"notebook": PROBE, "fixed": {"sleep_s": 600.0, "child": True, "escape": True,
                                                              "pid_file": str(pids)}})
     proc = _start_sweep(spec, tmp_path / "r")
     try:
         _wait_for(pids, proc)
-        tree = psutil.Process(proc.pid).children(recursive=True)
         got = json.loads(pids.read_text())
-        assert {got["kernel"], got["child"]} <= {p.pid for p in tree}, "the point is a descendant of the sweep"
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        # the daemon's parent died: it was re-parented to the worker (a subreaper), not to init
+        assert {got["kernel"], got["child"], got["setsid"], got["daemon"]} <= {p.pid for p in tree}, \
+            "the point is a descendant of the sweep"
         os.kill(proc.pid, signal.SIGKILL)  # the sweep alone, not its group
         proc.wait()
         gone, alive = psutil.wait_procs(tree, timeout=60)
         assert alive == [], f"orphans survived the sweep: {[p.cmdline() for p in alive]}"
+        assert [p.name for p in own_tmpdir.iterdir() if p.name.startswith("ryzlab-k-")] == []
     finally:
         _kill_session(proc)
 
