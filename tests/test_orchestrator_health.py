@@ -1,5 +1,6 @@
 """Health: NVML code paths against a fake NVML (only here, in tests/), host fallback, thresholds,
 placement, the bounded sampler and the seed's DistributedOrchestrator API."""
+import threading
 import time
 from types import SimpleNamespace
 
@@ -143,16 +144,49 @@ def test_host_fallback_is_labelled():
     assert r[0].memory_total_mb > 0 and r[0].power_w is None
 
 
+class _RecordingEvent(threading.Event):
+    """The sampler's stop event, recording how long each pause between samples was asked to be."""
+
+    def __init__(self):
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout=None):
+        if timeout is not None:
+            self.waits.append(timeout)
+        return super().wait(timeout)
+
+
 def test_sampler_runs_in_background_with_bounded_cost():
+    """Decided by events and by the pauses the sampler asks for, never by how many samples fit
+    in a wall-clock window (issue 24: that failed on a loaded machine)."""
+    from serving import wait_for
+
     nvml = FakeNVML([_dev(), _dev()])
     mon = GPUHealthMonitor(nvml=nvml)
+    mon._stop = stop = _RecordingEvent()
     mon.start(interval_s=0.02, max_overhead=0.5)
-    time.sleep(0.5)
+    assert wait_for(lambda: mon.samples >= 3), "samples are taken in the background"
+    thread = mon._thread
     mon.stop()
-    assert 3 <= mon.samples <= 30
+    assert not thread.is_alive()
     n = mon.samples
-    time.sleep(0.1)
-    assert mon.samples == n  # stopped means stopped
+    assert stop.waits and all(w >= 0.02 for w in stop.waits), "it pauses at least interval_s between samples"
+    assert mon.samples == n  # stopped means stopped (the thread is joined)
+    # a slow read (100 ms) stretches the pause so sampling takes at most max_overhead of a core
+    real = mon.sample
+
+    def slow_sample():
+        out = real()
+        mon.sample_cost_s = 0.1
+        return out
+
+    mon.sample = slow_sample
+    mon._stop = stop = _RecordingEvent()
+    mon.start(interval_s=0.02, max_overhead=0.5)
+    assert wait_for(lambda: len(stop.waits) >= 2)
+    mon.stop()
+    assert stop.waits[:2] == [pytest.approx(0.2), pytest.approx(0.2)]  # 0.1 s / 0.5
     with pytest.raises(ValueError):
         mon.start(interval_s=0)
 

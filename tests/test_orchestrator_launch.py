@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import psutil
@@ -40,12 +41,12 @@ def _die_on_0(rank, world):
 
 def _hang_in_collective(rank, world):
     if rank == 1:
-        time.sleep(120)  # never joins the barrier
+        threading.Event().wait()  # never joins the barrier: only the collective timeout ends rank 0's wait
     dist.barrier()
 
 
 def _sleep_forever(rank, world):
-    time.sleep(120)
+    threading.Event().wait()  # never returns: only the launch timeout ends it
 
 
 def _children():
@@ -65,12 +66,13 @@ def test_results_in_rank_order_and_allreduce(world, start_method):
 
 
 def test_raising_rank_named_with_traceback_and_ends_fast():
-    t0 = time.monotonic()
+    # rank 0 waits in a barrier rank 1 never joins, and its collective timeout is an hour: launch
+    # returns only because it stops the survivors when rank 1 fails (decided by that event, not a
+    # clock; benchmarks/distributed_bench.py times the stop)
     with pytest.raises(RankFailedError) as e:
-        launch(_raise_on_1, 2, backend="gloo", collective_timeout_s=60)
+        launch(_raise_on_1, 2, backend="gloo", collective_timeout_s=3600)
     assert e.value.rank == 1
     assert "boom from the test" in e.value.remote_traceback and "[rank 1]" in str(e.value)
-    assert time.monotonic() - t0 < 30  # spawn of 3 ranks included; the stop itself is checked in the bench
     assert _children() == []
 
 
@@ -82,20 +84,18 @@ def test_killed_rank_is_reported():
 
 
 def test_collective_timeout_fails_the_waiting_rank():
-    t0 = time.monotonic()
+    # rank 1 never joins: the barrier can end only by the 3 s collective timeout (the event)
     with pytest.raises(RankFailedError) as e:
         launch(_hang_in_collective, 2, backend="gloo", collective_timeout_s=3)
     assert e.value.rank == 0 and "barrier" in e.value.remote_traceback.lower()
-    assert time.monotonic() - t0 < 30
     assert _children() == []
 
 
 def test_timeout_tears_down():
-    t0 = time.monotonic()
+    # the rank never returns: only the launch's own 4 s timeout ends the call (the event)
     with pytest.raises(LaunchTimeoutError) as e:
         launch(_sleep_forever, 1, backend="gloo", timeout_s=4, init_timeout_s=4)
     assert e.value.ranks == [0]
-    assert time.monotonic() - t0 < 15
     assert _children() == []
 
 
@@ -146,10 +146,8 @@ def test_rank_that_cannot_load_its_function_is_named_fast(tmp_path, monkeypatch)
     monkeypatch.delenv("RANK", raising=False)
     import launcher_only
 
-    t0 = time.monotonic()
-    with pytest.raises(RankFailedError) as e:
+    with pytest.raises(RankFailedError) as e:  # benchmarks/distributed_bench.py times the 5 s target
         launch(launcher_only.work, 2, backend="gloo")
-    assert time.monotonic() - t0 < 30  # a hang guard only: benchmarks/distributed_bench.py times the 5 s target
     assert "cannot be imported inside a rank" in e.value.remote_traceback
     assert f"[rank {e.value.rank}]" in str(e.value)
     assert _children() == []

@@ -132,6 +132,9 @@ def repeated_grid(seed: int, repeats: int = 3) -> dict[str, pd.DataFrame]:
     return out
 
 
+# slow (issue 24: 221 s on a loaded machine, a two-level bootstrap of 20 points x 5 runs, four times):
+# `make test-slow`; one-level resampling and flagging stay in the fast compare tests
+@pytest.mark.slow
 def test_compare_resamples_repeats_so_drift_between_processes_is_not_flagged(tmp_path, monkeypatch):
     import ryzlab.workbench.compare as cmp
 
@@ -272,6 +275,9 @@ def test_explorer_builds_and_follows_widget_changes(tmp_path):
 
 # ----------------------------------------------------------------------------- a real sweep
 @pytest.mark.timeout(600)
+# slow (issue 24: ~100 s, a 60 s --timeout waited out): `make test-slow`; the pieces are covered fast by
+# test_report_of_hostile_sweep_with_failed_and_timed_out_points and test_sweep.py's timeout test
+@pytest.mark.slow
 def test_real_sweep_with_failed_and_timed_out_points_reports(tmp_path):
     """ryzlab sweep with a point that raises and one killed by --timeout, then ryzlab report:
     the report is built, lists both, and links the timed-out point's partial notebook."""
@@ -347,6 +353,36 @@ def test_page_of_a_sweep_where_every_point_failed(tmp_path, monkeypatch):
     assert data.metrics.empty and "no ok points" in text and "points-1" in text and "0 ok, 0 failed, 1 timed out" in text
     assert "no spec.yaml" in text and "not recorded by this sweep" in text
     write_parquet(tmp_path / "aggregate.parquet", data.metrics)  # what build_report writes first
+
+
+def test_page_shows_what_is_readable_and_lists_what_is_not(tmp_path, monkeypatch):
+    """Non-numeric manifest fields, a corrupted metrics.parquet and junk manifest lines: the page
+    still renders the readable points and lists (escaped) what it could not read."""
+    import ryzlab.workbench.report_page as page
+
+    root = make_sweep(tmp_path / "junk", grid(1, n_points=2), extra=[
+        {"run_id": "attention_bench-failed", "experiment": "attention_bench", "status": "failed",
+         "error": "ValueError", "message": "boom", "cell": "<b>x</b>", "wall_s": "<i>w</i>", "params": {"context": 3}},
+        {"run_id": "attention_bench-00fl", "experiment": "attention_bench", "status": "ok", "params": {"context": 64},
+         "wall_s": 1.0, "overhead_s": "x"},
+    ])
+    (root / "attention_bench-01bf" / "metrics.parquet").write_bytes(b"PAR1 not a parquet file <script>")
+    with (root / "manifest.jsonl").open("a") as f:
+        f.write('7\n["a"]\n{"run_id": ["not", "a", "name"]}\n')
+    shown: list[str] = []
+    monkeypatch.setattr(page, "show_html", shown.append)
+    data = page.render(root)
+    text = "".join(shown)
+    assert set(data.metrics["run_id"]) == {"attention_bench-00fl", "attention_bench-00bf", "attention_bench-01fl"}
+    runs = data.runs.set_index("run_id")
+    assert runs.loc["attention_bench-01bf", "error"] == "UnreadableMetrics"
+    assert "<b>x</b>" not in text and "&lt;b&gt;x&lt;/b&gt;" in text and "<i>w</i>" not in text
+    assert "<script>" not in text and "id='exp-attention_bench'" in text.replace('"', "'")
+    assert "Could not be read" in text
+    for needle in ("attention_bench-01bf", "metrics.parquet", "overhead_s", "&#x27;x&#x27;", "cell", "wall_s",
+                   "3 manifest line"):
+        assert needle in text.split("Could not be read")[1], needle
+    assert "mean 0.50 s" in text  # the readable overheads still give the figure
 
 
 def test_default_paths_resolve_from_the_repository_when_run_from_notebooks(tmp_path, monkeypatch):

@@ -108,7 +108,8 @@ def test_queue_full_gets_429_with_retry_after_then_recovers():
             assert r.status_code == 429 and r.headers["retry-after"] == "1"
             assert r.json()["error"]["type"] == "rate_limit_error"
             r = httpx.post(f"{url}/v1/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 1}, timeout=60)
-            assert r.status_code == 429  # three sequences do not fit either
+            assert r.status_code == 400  # three sequences never fit: a client error (issue 24: was 429)
+            assert r.json()["error"]["code"] == "too_many_sequences"
             paused.release.set()
             for s, resp in streams:
                 assert sum(1 for line in resp.iter_lines() if line.startswith("data: {")) == 4  # 3 tokens + finish

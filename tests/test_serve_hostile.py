@@ -47,6 +47,7 @@ DEEP = b'{"prompt": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
     (b'{"prompt": "hi", "top_k": -2}', 400, "top_k"),
     (b'{"prompt": "hi", "logprobs": 21}', 400, "logprobs"),
     (b'{"prompt": "hi", "n": 100}', 400, "'n'"),
+    (b'{"prompt": "hi", "n": 8, "logprobs": 20, "max_tokens": 400}', 400, "logprob entries"),  # 67,200: ~3 MB
     (b'{"prompt": "hi", "stream_options": {"include_usage": true}}', 400, "stream: true"),
     (b'{"prompt": "hi", "presence_penalty": 0.5}', 400, "not supported"),
     (b'{"prompt": "hi", "echo": true}', 400, "not supported"),
@@ -83,6 +84,21 @@ def test_hostile_completion_bodies_get_4xx(served, raw, status, needle):
 def test_hostile_chat_bodies_get_4xx(served, body, status, needle):
     url, _, _ = served
     _check_error(_post(url, json.dumps(body).encode(), path="/v1/chat/completions"), status, needle)
+
+
+@pytest.mark.parametrize("raw,path,param", [
+    (rb'{"prompt": "\ud800"}', "/v1/completions", "prompt"),
+    (rb'{"prompt": ["ok", "a\udfffb"]}', "/v1/completions", "prompt"),
+    (rb'{"prompt": "hi", "stop": ["\ud83d"]}', "/v1/completions", "stop"),
+    (rb'{"messages": [{"role": "user", "content": "\ud800"}]}', "/v1/chat/completions", "messages"),
+    (rb'{"messages": [{"role": "user", "content": [{"type": "text", "text": "x\udc00"}]}]}',
+     "/v1/chat/completions", "messages"),
+])
+def test_lone_surrogates_get_400_naming_the_field(served, raw, path, param):
+    url, _, app = served
+    err = _check_error(_post(url, raw, path=path), 400, "surrogate")
+    assert err["param"] == param and param in err["message"]
+    assert app.state.metrics.counts["http_errors_5xx"] == 0
 
 
 def test_unknown_fields_are_ignored_with_a_warning(served, caplog):
@@ -177,6 +193,26 @@ def test_api_key_is_required_when_set():
         assert httpx.get(f"{url}/health").status_code == 200  # probes need no key (as vLLM)
 
 
+@pytest.mark.parametrize("metrics_auth", [False, True])
+def test_metrics_auth_puts_metrics_and_stats_behind_the_key(metrics_auth):
+    with serve_app(api_key="s3cret", metrics_auth=metrics_auth) as (url, _, _):
+        key = {"authorization": "Bearer s3cret"}
+        for path in ("/metrics", "/stats"):
+            r = httpx.get(f"{url}{path}")
+            assert r.status_code == (401 if metrics_auth else 200), path  # default: open for scrapers
+            assert httpx.get(f"{url}{path}", headers=key).status_code == 200
+        assert httpx.get(f"{url}/health").status_code == 200  # probes never need the key
+
+
+def test_metrics_auth_needs_an_api_key():
+    import argparse
+
+    from ryzlab.serve.cli import check_exposure
+
+    with pytest.raises(ValueError, match="--metrics-auth needs --api-key"):
+        check_exposure(argparse.Namespace(host="127.0.0.1", api_key=None, no_auth=False, metrics_auth=True))
+
+
 @pytest.mark.parametrize("host,key,no_auth,ok", [
     ("127.0.0.1", None, False, True), ("::1", None, False, True), ("localhost", None, False, True),
     ("0.0.0.0", None, False, False), ("192.168.1.5", None, False, False),
@@ -203,3 +239,78 @@ def test_serve_cli_refuses_an_open_bind_before_loading_anything(capsys, monkeypa
     monkeypatch.setattr(replica, "build_engine", lambda **k: pytest.fail("the model was loaded"))
     assert main(["serve", "--host", "0.0.0.0", "--model", "random"]) == 2
     assert "--api-key" in capsys.readouterr().err
+
+
+def _connect(url: str, timeout: float = 60.0) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=timeout)
+
+
+def _read_to_close(s: socket.socket) -> bytes:
+    out = b""
+    while chunk := s.recv(65536):  # returns b"" once the server closes (the socket timeout only bounds a failure)
+        out += chunk
+    return out
+
+
+def test_an_unfinished_request_head_is_answered_408_and_closed():
+    with serve_app(header_timeout_s=0.3) as (url, _, _):
+        with _connect(url) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\n")  # the request line, and never the blank line
+            out = _read_to_close(s)
+        assert out.startswith(b"HTTP/1.1 408") and b"header_timeout" in out
+        with _connect(url) as s:  # a kept-alive connection: the next head is bounded too
+            host = url.removeprefix("http://").encode()
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: " + host + b"\r\n\r\nGET /health HTT")
+            out = _read_to_close(s)
+        assert out.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in out
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_connections_per_client_are_bounded():
+    from serving import wait_for
+
+    def admitted() -> bool:
+        try:
+            with _connect(url) as s:
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: " + url.removeprefix("http://").encode()
+                          + b"\r\nConnection: close\r\n\r\n")
+                return _read_to_close(s).startswith(b"HTTP/1.1 200")
+        except ConnectionError:  # refused: the server closed before reading the request
+            return False
+
+    with serve_app(header_timeout_s=600, max_connections_per_client=3) as (url, _, _):
+        held = [_connect(url) for _ in range(3)]
+        for s in held:
+            s.sendall(b"GET /health HTTP/1.1\r\n")  # unfinished heads: each holds its connection
+        try:
+            with _connect(url) as extra:  # the fourth is refused at once, before it sends anything
+                out = _read_to_close(extra)
+            assert out.startswith(b"HTTP/1.1 429") and b"too_many_connections" in out and b"retry-after" in out
+        finally:
+            held.pop().close()
+        assert wait_for(admitted), "a closed connection frees its place"
+        for s in held:
+            s.close()
+
+
+def test_one_request_or_one_client_cannot_take_the_whole_queue():
+    """max_pending 8: one client address holds at most 6 sequences; a request of 8 can never be
+    admitted (400), and a client at its share gets 429 while another address still gets in."""
+    from serving import PausedForward, wait_for
+
+    other = httpx.HTTPTransport(local_address="127.0.0.2")  # all of 127/8 is this machine: a second client
+    with serve_app(max_pending=8) as (url, backend, app), PausedForward(backend.engine), \
+            httpx.Client(timeout=60) as a, httpx.Client(timeout=60, transport=other) as b:
+        body = {"prompt": "hi", "max_tokens": 2, "stream": True}
+        r = a.post(f"{url}/v1/completions", json={**body, "n": 8})
+        _check_error(r, 400, "at most 6")
+        assert r.json()["error"]["param"] == "n"
+        with a.stream("POST", f"{url}/v1/completions", json={**body, "n": 6}) as held:
+            assert held.status_code == 200 and app.state.pending == 6
+            r = a.post(f"{url}/v1/completions", json={**body, "n": 1})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "client_queue_full"
+            with b.stream("POST", f"{url}/v1/completions", json={**body, "n": 2}) as theirs:
+                assert theirs.status_code == 200 and app.state.pending == 8
+                assert app.state.pending_by_client == {"127.0.0.1": 6, "127.0.0.2": 2}
+        assert wait_for(lambda: app.state.pending == 0 and not app.state.pending_by_client)

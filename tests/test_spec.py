@@ -63,6 +63,47 @@ def test_malformed_specs_are_clear_errors(tmp_path, text, message):
         load_spec(spec_file(tmp_path, text))
 
 
+@pytest.mark.parametrize("value, what", [
+    ("!!set {a, b}", "set"), ("!!binary aGVsbG8=", "binary"), ("2024-01-01", "timestamp"),
+    ("2001-12-14t21:59:43.10-05:00", "timestamp"), ("!!omap [a: 1, b: 2]", "omap"), ("!!pairs [a: 1]", "pairs"),
+])
+def test_yaml_values_that_are_not_json_are_refused(tmp_path, value, what):
+    """A set's order follows the hash seed (the same spec re-ran a point into a second folder), a
+    timestamp or bytes would reach the notebook as something no JSON parameter can be."""
+    text = f"notebook: {POINTS}\ngrid:\n  x: [1, 2]\nfixed:\n  y: {value}\n"
+    with pytest.raises(ConfigError, match=rf"line 5: .*{what}.* is not a JSON value"):
+        load_spec(spec_file(tmp_path, text))
+    quoted = load_spec(spec_file(tmp_path, f"notebook: {POINTS}\nfixed:\n  y: '2024-01-01'\n"))
+    assert quoted.blocks[0].fixed == {"y": "2024-01-01"}
+
+
+def test_a_spec_with_too_many_values_is_refused_before_parsing(tmp_path, monkeypatch):
+    import ryzlab.workbench.spec as spec_mod
+
+    big = f"notebook: {POINTS}\ngrid:\n  x: [" + ",".join(["1"] * 500_000) + "]\n"  # 1 MiB, 500k items
+    assert len(big) < spec_mod.MAX_SPEC_BYTES
+    monkeypatch.setattr(spec_mod.yaml, "load", lambda *a, **k: pytest.fail("the YAML parser ran"))
+    with pytest.raises(ConfigError, match=rf"more than the {spec_mod.MAX_SPEC_VALUES} values a spec may hold"):
+        load_spec(spec_file(tmp_path, big))
+    monkeypatch.undo()
+    # the parser counts too (values without separators: nested lists), and stops at the bound
+    monkeypatch.setattr(spec_mod, "MAX_SPEC_VALUES", 50)
+    nested = f"notebook: {POINTS}\nfixed:\n  x: " + "[" * 60 + "]" * 60 + "\n"
+    with pytest.raises(ConfigError, match="more than the 50 values a spec may hold"):
+        load_spec(spec_file(tmp_path, nested))
+    assert load_spec(spec_file(tmp_path, f"notebook: {POINTS}\ngrid:\n  x: [1, 2, 3]\n")).blocks[0].size == 3
+
+
+def test_dry_run_escapes_control_characters_in_parameter_values(tmp_path, capsys):
+    from ryzlab.cli import main
+
+    text = f'name: esc\nnotebook: {POINTS}\ngrid:\n  x: ["\\e[2J\\e[31mred\\a", "ok text", "rtl\\u202eevil\\r"]\n'
+    assert main(["sweep", str(spec_file(tmp_path, text)), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\x07\r\u202e"), repr(out)
+    assert "x=\\x1b[2J\\x1b[31mred\\x07" in out and "x=ok text" in out and "x=rtl\\u202eevil\\r" in out
+
+
 def test_oversized_spec_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"spec is 1048577 bytes; a spec is at most 1048576 bytes"):
         load_spec(spec_file(tmp_path, "#" * (1 << 20) + "\n"))

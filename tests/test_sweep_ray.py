@@ -244,9 +244,10 @@ def test_timeout_kills_the_points_kernel(tmp_path, ray_instance):
     assert row["wall_s"] >= 45 and row["executor"] == "ray" and row["attempts"] == 1
     run = tmp_path / "out" / row["run_id"]  # as locally: the partial notebook is kept, no metrics
     assert (run / "run.ipynb").is_file() and not (run / "metrics.parquet").exists()
-    # the point was running (a warm kernel starts well within 45 s) and its kernel is gone
+    # the point was running (a warm kernel starts well within 45 s) and its kernel goes: polled, as
+    # its siblings do (issue 24: asserted at once, it failed on a loaded machine while the kill landed)
     (kernel,) = running_pids(sig, 7)
-    assert not alive(kernel)
+    wait_until(lambda: not alive(kernel), "the timed-out point's kernel exits")
 
 
 def test_resume_after_the_driver_is_killed_with_kill_9(tmp_path, ray_instance):

@@ -21,7 +21,8 @@ Modules (import what you need; nothing heavy is imported here):
   ``/metrics`` (Prometheus), ``/stats`` (JSON).
 * :mod:`.protocol` OpenAI request bodies checked -> ``GenerationRequest``; :mod:`.output` text,
   stop strings, logprobs and OpenAI's response shapes; :mod:`.guard` Host / API key / content
-  type / body size and time; :mod:`.prom` the Prometheus registry (vLLM's names, ``ryzlab:``).
+  type / body size and time; :mod:`.conn` request-head time and connections per client (below the
+  app, in uvicorn's protocol); :mod:`.prom` the Prometheus registry (vLLM's names, ``ryzlab:``).
 * :mod:`.local`    ``serve_in_thread`` (an app on a free local port), ``backend_client`` (the load
   generator's client of an in-process engine or router; the load generator is :mod:`ryzlab.loadgen`).
 * :mod:`.peer`     transformers' continuous batching behind the same OpenAI surface (the peer engine).

@@ -8,7 +8,9 @@ over worker processes. The official ``openai`` client works against it (tests ru
 Hostile input is answered with a 4xx and OpenAI's error body before any work starts
 (:mod:`.guard`: Host, API key, content type, body size and time; :mod:`.protocol`: JSON and
 every field). Admission is bounded: past ``max_pending`` sequences in flight the answer is 429
-with ``Retry-After`` (503 while the backend is unhealthy), never an unbounded queue. Every
+with ``Retry-After`` (503 while the backend is unhealthy), never an unbounded queue; one client
+address holds at most three quarters of it (:attr:`ServeLimits.client_share`; a request larger
+than that is a 400), so one ``n=64`` request cannot shut everyone else out. Every
 request has a deadline (``request_timeout_s``). A client that disconnects, streaming or not,
 has its sequences aborted at once, which frees their KV blocks. A request that fails inside the
 engine fails alone (500, or an error event on its stream); the server stays up.
@@ -74,18 +76,40 @@ class ServeLimits:
     """Admission and hygiene limits of one app (the ``ryzlab serve`` flags)."""
 
     def __init__(self, *, max_pending: int = 256, request_timeout_s: float = 600.0, max_body_bytes: int = 1 << 20,
-                 body_timeout_s: float = 30.0, retry_after_s: int = 1):
+                 body_timeout_s: float = 30.0, retry_after_s: int = 1, header_timeout_s: float = 10.0,
+                 max_connections_per_client: int = 256):
         for name, v in (("max_pending", max_pending), ("request_timeout_s", request_timeout_s),
                         ("max_body_bytes", max_body_bytes), ("body_timeout_s", body_timeout_s),
-                        ("retry_after_s", retry_after_s)):
+                        ("retry_after_s", retry_after_s), ("header_timeout_s", header_timeout_s),
+                        ("max_connections_per_client", max_connections_per_client)):
             if not (isinstance(v, (int, float)) and v > 0):
                 raise ValueError(f"{name} must be > 0, got {v!r}")
         self.max_pending = max_pending
-        """Sequences (prompts x n) in flight at most; more are refused with 429."""
+        """Sequences (prompts x n) in flight at most; more are refused with 429. One client address
+        holds at most :attr:`client_share` of them, so one request (n=64) or one client cannot shut
+        everyone else out."""
         self.request_timeout_s = request_timeout_s
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.retry_after_s = retry_after_s
+        self.header_timeout_s = header_timeout_s
+        """Seconds a request line and headers may take to arrive (408 and close; :mod:`.conn`)."""
+        self.max_connections_per_client = max_connections_per_client
+        """Open connections per client address at most (one more: 429 and close; :mod:`.conn`)."""
+
+    @property
+    def client_share(self) -> int:
+        """Sequences one client address may have in flight: all but a quarter of ``max_pending``,
+        which is kept for other clients (all of it when ``max_pending`` < 4)."""
+        return self.max_pending - self.max_pending // 4
+
+    def protocol(self) -> type:
+        """The uvicorn HTTP protocol class that enforces the connection limits (``http=``)."""
+        from ryzlab.serve.conn import guarded_protocol
+
+        return guarded_protocol(header_timeout_s=self.header_timeout_s,
+                                max_connections_per_client=int(self.max_connections_per_client),
+                                retry_after_s=int(self.retry_after_s))
 
 
 def json_safe(x: Any) -> Any:
@@ -229,18 +253,23 @@ class _Job:
 
 
 def create_app(backend: Backend, *, host: str = "127.0.0.1", allowed_hosts: tuple[str, ...] = (),
-               api_key: str | None = None, limits: ServeLimits | None = None) -> FastAPI:
+               api_key: str | None = None, limits: ServeLimits | None = None, metrics_auth: bool = False) -> FastAPI:
     """A FastAPI app over ``backend``. Run it with uvicorn (see :func:`ryzlab.serve.cli`).
 
     ``host`` is the address the server binds (the Host header must name it; see :mod:`.guard`),
-    ``allowed_hosts`` more names it answers to, ``api_key`` the Bearer key ``/v1/*`` needs.
+    ``allowed_hosts`` more names it answers to, ``api_key`` the Bearer key ``/v1/*`` needs (and
+    ``/metrics``, ``/stats`` with ``metrics_auth``).
     """
+    if metrics_auth and api_key is None:
+        raise ValueError("metrics_auth needs an api_key (the key /metrics and /stats would ask for)")
     limits = limits or ServeLimits()
     app = FastAPI(title="ryzlab serve", version="0.2.0", docs_url=None, redoc_url=None, openapi_url=None)
     info = ModelInfo.of(backend)
     metrics = ServeMetrics(backend, backend.model_name)
     app.state.metrics = metrics
     app.state.pending = 0
+    app.state.pending_by_client = {}  # client address -> its sequences in flight (fair admission)
+    app.state.limits = limits  # the server that runs the app reads its connection limits here
     counter = itertools.count()
 
     @app.exception_handler(StarletteHTTPException)
@@ -298,10 +327,22 @@ def create_app(backend: Backend, *, host: str = "127.0.0.1", allowed_hosts: tupl
             return _error(503, f"the engine cannot take requests now: {h.get('reason', 'unhealthy')}",
                           "service_unavailable", code="unhealthy", headers=retry)
         k = req.num_choices
+        share = limits.client_share
+        if k > share:  # could never be admitted: a client error, not "retry later"
+            return _error(400, f"this request asks for {k} sequences (prompts x n); this server admits at most {share} "
+                               f"per client (--max-pending {limits.max_pending}, a quarter kept for other clients)",
+                          "invalid_request_error", param="n", code="too_many_sequences")
+        client = request.client.host if request.client else "unknown"
+        mine = app.state.pending_by_client.get(client, 0)
+        if mine + k > share:
+            return _error(429, f"this client has {mine} sequences in flight; one client may hold at most {share} of "
+                               f"the {limits.max_pending} (the rest is kept for others); retry later",
+                          "rate_limit_error", code="client_queue_full", headers=retry)
         if app.state.pending + k > limits.max_pending:
             return _error(429, f"server busy: {app.state.pending} sequences in flight, limit {limits.max_pending}; "
                                f"retry later", "rate_limit_error", code="queue_full", headers=retry)
         app.state.pending += k
+        app.state.pending_by_client[client] = mine + k
         rid = f"{prefix}-{next(counter)}"
         job = _Job(backend, rid, req, info.tokenizer, metrics, limits.request_timeout_s)
         fmt = Formatter(req.kind, rid, int(time.time()), backend.model_name, info.tokenizer)
@@ -313,6 +354,11 @@ def create_app(backend: Backend, *, host: str = "127.0.0.1", allowed_hosts: tupl
             if not released:
                 released = True
                 app.state.pending -= k
+                left = app.state.pending_by_client.get(client, 0) - k
+                if left > 0:
+                    app.state.pending_by_client[client] = left
+                else:
+                    app.state.pending_by_client.pop(client, None)
 
         job.start()
         if req.stream:
@@ -372,5 +418,5 @@ def create_app(backend: Backend, *, host: str = "127.0.0.1", allowed_hosts: tupl
 
     app.add_middleware(Guard, allowed_hosts=allowed_hosts_for(host, allowed_hosts), api_key=api_key,
                        max_body_bytes=limits.max_body_bytes, body_timeout_s=limits.body_timeout_s,
-                       on_answer=metrics.answered)
+                       on_answer=metrics.answered, metrics_auth=metrics_auth)
     return app

@@ -61,6 +61,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=os.environ.get("RYZLAB_API_KEY"),
                    help="clients of /v1/* must send 'Authorization: Bearer KEY' (default: $RYZLAB_API_KEY); "
                         "required to bind beyond loopback unless --no-auth")
+    s.add_argument("--metrics-auth", action="store_true",
+                   help="/metrics and /stats need the --api-key too (default: open, for Prometheus scrapers "
+                        "without a key; /health never needs one)")
     s.add_argument("--no-auth", action="store_true",
                    help="allow binding beyond loopback without an API key (anyone who reaches the port may use it)")
     s.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
@@ -75,6 +78,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="largest request body, checked before reading it (413; default 1 MiB)")
     s.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a request body may take to arrive (408; default 30)")
+    s.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds the request line and headers may take to arrive (408 and close; default 10)")
+    s.add_argument("--max-connections-per-client", type=int, default=256, metavar="N",
+                   help="open connections per client address at most; one more gets 429 and is closed (default 256)")
     s.set_defaults(fn=cmd_serve)
     return s
 
@@ -135,6 +142,8 @@ def check_exposure(args: argparse.Namespace) -> None:
 
     if getattr(args, "api_key", None) is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty")
+    if getattr(args, "metrics_auth", False) and not getattr(args, "api_key", None):
+        raise ValueError("--metrics-auth needs --api-key KEY (or RYZLAB_API_KEY): the key /metrics and /stats ask for")
     if not is_loopback(args.host) and not getattr(args, "api_key", None) and not getattr(args, "no_auth", False):
         raise ValueError(f"--host {args.host} makes the server reachable from other machines: give --api-key KEY "
                          f"(or set RYZLAB_API_KEY), or --no-auth to serve without one")
@@ -146,7 +155,8 @@ def serve_limits(args: argparse.Namespace) -> Any:
 
     pending = args.max_pending if args.max_pending is not None else 4 * num_seqs(args) * args.workers
     return ServeLimits(max_pending=pending, request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
-                       body_timeout_s=args.body_timeout)
+                       body_timeout_s=args.body_timeout, header_timeout_s=getattr(args, "header_timeout", 10.0),
+                       max_connections_per_client=getattr(args, "max_connections_per_client", 256))
 
 
 def num_seqs(args: argparse.Namespace) -> int:
@@ -194,13 +204,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"ryzlab serve: loading {args.model} ({args.workers} worker(s), tp {args.tp} x cp {args.cp}) ...",
           file=sys.stderr, flush=True)  # a checkpoint and worker processes take seconds to minutes
     backend = make_backend(args)
+    limits = serve_limits(args)
     app = create_app(backend, host=args.host, allowed_hosts=tuple(args.allowed_host), api_key=args.api_key,
-                     limits=serve_limits(args))
+                     limits=limits, metrics_auth=args.metrics_auth)
     print(f"ryzlab serve: http://{args.host}:{args.port}/v1  model={served_name(args)} codec={args.codec} "
           f"workers={args.workers} tp={args.tp} cp={args.cp}" + (f" policy={args.policy}" if args.workers > 1 else "")
-          + (" auth=api-key" if args.api_key else " auth=none"))
+          + (" auth=api-key" if args.api_key else " auth=none") + (" metrics-auth" if args.metrics_auth else ""))
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http=limits.protocol())
     finally:
         backend.shutdown()
     return 0

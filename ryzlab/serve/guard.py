@@ -5,7 +5,9 @@ In order, for every request:
 1. **Host** must name the address the server is bound to (loopback names for a loopback bind,
    plus ``--allowed-host`` names): a web page whose domain an attacker re-points at 127.0.0.1
    (DNS rebinding) is refused (400).
-2. **API key**: with ``api_key`` set, ``/v1/*`` needs ``Authorization: Bearer KEY`` (401).
+2. **API key**: with ``api_key`` set, ``/v1/*`` needs ``Authorization: Bearer KEY`` (401); so do
+   ``/metrics`` and ``/stats`` with ``metrics_auth`` (default off: Prometheus scrapers without a
+   key keep working). ``/health`` never needs one (probes).
 3. **Content type**: a body sent to ``/v1/*`` must be ``application/json`` (415). A browser may
    send ``text/plain`` cross-origin without asking (no CORS preflight); JSON it may not.
 4. **Body size**: a ``Content-Length`` over ``max_body_bytes`` is refused before one byte is read
@@ -68,8 +70,10 @@ class Guard:
     """The ASGI middleware (see module docstring)."""
 
     def __init__(self, app: Any, *, allowed_hosts: frozenset[str] | None, api_key: str | None,
-                 max_body_bytes: int, body_timeout_s: float, on_answer: Callable[[int], None]):
+                 max_body_bytes: int, body_timeout_s: float, on_answer: Callable[[int], None],
+                 metrics_auth: bool = False):
         self.app, self.allowed_hosts, self.api_key = app, allowed_hosts, api_key
+        self.keyed = ("/v1", "/metrics", "/stats") if metrics_auth else ("/v1",)
         self.max_body_bytes, self.body_timeout_s, self.on_answer = max_body_bytes, body_timeout_s, on_answer
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -129,7 +133,7 @@ class Guard:
                 return (400, f"Host {host[:100]!r} is not served here; allowed: {', '.join(sorted(self.allowed_hosts))}",
                         "invalid_request_error", "invalid_host")
         api = path.startswith("/v1")
-        if api and self.api_key is not None:
+        if self.api_key is not None and path.startswith(self.keyed):
             auth = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):

@@ -35,7 +35,9 @@ def serve_in_thread(app: Any, *, host: str = "127.0.0.1", startup_timeout_s: flo
     """Run ``app`` with uvicorn in a background thread on a free port; yield its base URL."""
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=0, log_level="warning", lifespan="off")
+    limits = getattr(getattr(app, "state", None), "limits", None)  # ryzlab's app: its connection limits too
+    config = uvicorn.Config(app, host=host, port=0, log_level="warning", lifespan="off",
+                            **({"http": limits.protocol()} if limits is not None else {}))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="ryzlab-uvicorn", daemon=True)
     thread.start()

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from ryzlab.serve.sampling import INT64, MAX_LOGPROBS, SamplingParams
 
 __all__ = ["RequestError", "CompletionParams", "GenerationRequest", "ModelInfo", "parse_json", "parse_completion",
-           "parse_chat", "MAX_CHOICES", "MAX_STOP"]
+           "parse_chat", "MAX_CHOICES", "MAX_STOP", "MAX_LOGPROB_ENTRIES"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,9 @@ MAX_CHOICES = 64
 MAX_STOP = 16
 """Stop strings per request at most."""
 MAX_MESSAGES = 1024
+MAX_LOGPROB_ENTRIES = 1 << 16
+"""Sequences x max_tokens x (1 + logprobs) of one request at most: each entry costs ~50 bytes of
+response, so a 59-byte body (n 64, logprobs 20, max_tokens 100) no longer asks for 6.4 MB."""
 
 COMMON_FIELDS = ("model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "stop",
                  "seed", "user", "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty",
@@ -185,6 +188,18 @@ def _unsupported(body: dict[str, Any], name: str, neutral: tuple[Any, ...]) -> N
                            f"{' or '.join(json.dumps(x) for x in neutral) or 'absent'}), got {_short(v)}", param=name)
 
 
+def _unicode(text: str, where: str, param: str) -> str:
+    """``text`` if it is valid Unicode: JSON's ``\\ud800`` escape decodes to a lone surrogate, which
+    no tokenizer can encode (and no UTF-8 response can carry)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{where} holds a lone surrogate (\\u{ord(text[e.start]):04x} at character {e.start}): "
+                           f"not valid Unicode text; send a paired surrogate or the character itself",
+                           param=param) from None
+    return text
+
+
 def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     stop = body.get("stop")
     if stop is None:
@@ -195,6 +210,8 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
             or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stop)):
         raise RequestError(f"'stop' must be a string or a list of at most {MAX_STOP} non-empty strings "
                            f"(<= 256 characters each)", param="stop")
+    for s in stop:
+        _unicode(s, "'stop'", "stop")
     return tuple(dict.fromkeys(stop))
 
 
@@ -202,6 +219,7 @@ def _text_ids(text: str, info: ModelInfo, param: str, *, special: bool = True) -
     if info.tokenizer is None:
         raise RequestError(f"this model ({info.model_name}) has no tokenizer: send '{param}' as token ids",
                            param=param)
+    _unicode(text, f"'{param}'", param)
     if len(text) > info.max_model_len * info.max_token_chars:
         raise RequestError(f"'{param}' has {len(text)} characters: more than the model's maximum length "
                            f"{info.max_model_len} tokens can hold", param=param)
@@ -251,10 +269,10 @@ def _content(m: dict[str, Any], i: int) -> str:
     if c is None and m.get("role") == "assistant":
         return ""
     if isinstance(c, str):
-        return c
+        return _unicode(c, f"messages[{i}].content", "messages")
     if isinstance(c, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                                    for p in c):
-        return "".join(p["text"] for p in c)
+        return _unicode("".join(p["text"] for p in c), f"messages[{i}].content", "messages")
     raise RequestError(f"messages[{i}].content must be a string or a list of {{'type': 'text', 'text': ...}} parts "
                        f"(ryzlab serves text only)", param="messages")
 
@@ -319,6 +337,12 @@ def _common(body: dict[str, Any], info: ModelInfo, prompts: list[list[int]], *, 
     if n * len(prompts) > MAX_CHOICES:
         raise RequestError(f"prompts ({len(prompts)}) x n ({n}) = {n * len(prompts)} sequences; at most "
                            f"{MAX_CHOICES} per request", param="n")
+    if logprobs is not None:
+        entries = n * len(prompts) * max_tokens * (1 + logprobs)
+        if entries > MAX_LOGPROB_ENTRIES:
+            raise RequestError(f"sequences ({n * len(prompts)}) x max_tokens ({max_tokens}) x (1 + logprobs "
+                               f"{logprobs}) = {entries} logprob entries; a response holds at most "
+                               f"{MAX_LOGPROB_ENTRIES} (lower n, max_tokens or logprobs)", param="logprobs")
     stream = _bool(body, "stream", False)
     opts = body.get("stream_options")
     include_usage = False

@@ -2,6 +2,7 @@
 
 * :mod:`.spec` — sweep specs (strict YAML) expanded into points;
 * :mod:`.point` — one point: its own process and Jupyter kernel (papermill), its run folder;
+  :mod:`.reaper` — every process a point started ends with it, its temp files too;
 * :mod:`.sweep` — ``run_sweep``: validate every point, hold the results folder, resume;
 * :mod:`.executors` — how the points run: local processes or Ray tasks, over one small base;
 * :mod:`.report` / :mod:`.report_page` — aggregate ok runs into an offline HTML report;

@@ -5,9 +5,12 @@ Process tree of a running point, and who kills what::
     ryzlab sweep (S)
      └─ worker W     own session; PR_SET_PDEATHSIG(SIGTERM) and a thread reading W's stdin from S
         │            (EOF): when S dies, even by kill -9, W SIGKILLs the kernel's group, then its own
+        │            child subreaper: orphans below it (a double-forked daemon) come back to it
         └─ kernel K  own process group (jupyter_client starts it with setsid); PR_SET_PDEATHSIG
-           └─ ...    whatever the notebook starts (ranks, servers) stays in K's group
-    --timeout: S SIGKILLs both groups. A finished point: W kills K's group (stragglers included).
+           └─ ...    whatever the notebook starts (ranks, servers) stays in K's group, or, if it
+                     leaves it (setsid), in W's tree and tagged RYZLAB_POINT_TAG in its environment
+    --timeout: S SIGKILLs both groups, then every process with the point's tag. A finished point:
+    W kills K's group and every descendant and tagged process (:mod:`.reaper`).
 
 The worker is started before its point is known, so kernel start-up and imports overlap the
 previous point; every point still gets its own process and its own fresh kernel.
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ryzlab.io import append_jsonl, write_bytes, write_json
+from ryzlab.workbench import reaper
 from ryzlab.workbench.spec import NOTEBOOK_DIR, PACKAGE_DIR, Point
 
 log = logging.getLogger(__name__)
@@ -79,7 +83,9 @@ def _start_kernel(kernel_name: str, ipc_dir: str):
     from jupyter_client.manager import AsyncKernelManager
     from jupyter_core.utils import run_sync
 
-    km = AsyncKernelManager(kernel_name=kernel_name, transport="ipc", ip=os.path.join(ipc_dir, "k"))
+    # the connection file beside the sockets: one folder to remove (it went to $TMPDIR and stayed there)
+    km = AsyncKernelManager(kernel_name=kernel_name, transport="ipc", ip=os.path.join(ipc_dir, "k"),
+                            connection_file=os.path.join(ipc_dir, "kernel.json"))
     run_sync(km.start_kernel)(preexec_fn=die_with_parent, cwd=str(NOTEBOOK_DIR))
     return km
 
@@ -169,15 +175,22 @@ def _label_repeat(path: Path, repeat: int) -> None:
 def _worker_main(parent_pid: int, result_fd: int, kernel_name: str, threads: int) -> None:
     """``python -m ryzlab.workbench.point``: the worker. Messages to the sweep are JSON lines on ``result_fd``."""
     os.setsid()  # W's own session and group; S kills it (and K's group) on timeout
+    reaper.become_subreaper()  # orphans of the notebook's processes come back to W, not init
     kernel_pgid: list[int] = []
+    tag = os.environ.get(reaper.TAG_VAR)
+    ipc_dir: list[str] = []
 
     def kill_point() -> None:
         for pgid in kernel_pgid:
             killpg(pgid)
+        reaper.kill_all(os.getpid(), tag)  # what left the kernel's group (setsid, double fork)
 
     def die(*_: Any) -> None:
-        """The sweep is gone: the kernel's group (the notebook's subprocesses in it), then ours."""
+        """The sweep is gone: the kernel's group (the notebook's subprocesses in it), whatever
+        else the point started, the kernel's folder, then ours."""
         kill_point()
+        for d in ipc_dir:
+            shutil.rmtree(d, ignore_errors=True)
         os.killpg(0, signal.SIGKILL)
 
     def watch_sweep() -> None:
@@ -195,11 +208,11 @@ def _worker_main(parent_pid: int, result_fd: int, kernel_name: str, threads: int
     for var in THREAD_VARS:  # the kernel and whatever it starts inherit these
         os.environ[var] = str(threads)
 
-    ipc_dir = tempfile.mkdtemp(prefix="ryzlab-k-")
+    ipc_dir.append(reaper.kernel_dir())
     km, start_error = None, None
     try:
         try:
-            km = _start_kernel(kernel_name, ipc_dir)
+            km = _start_kernel(kernel_name, ipc_dir[0])
             kernel_pgid.append(km.provisioner.pgid or km.provisioner.pid)
             out.write(json.dumps({"kernel_pgid": kernel_pgid[0]}) + "\n")
         except Exception as e:  # noqa: BLE001 - recorded as the point's failure below
@@ -234,18 +247,25 @@ def _worker_main(parent_pid: int, result_fd: int, kernel_name: str, threads: int
             except Exception:  # noqa: BLE001 - its group is killed next anyway
                 pass
         kill_point()  # anything the notebook started and left running
-        shutil.rmtree(ipc_dir, ignore_errors=True)
+        shutil.rmtree(ipc_dir[0], ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- in the sweep
 class PointProcess:
     """One worker: started at once (its kernel warms up), given one point, then gone."""
 
+    cleaned = False
+    """Whether this process removed the kernel folders earlier sweeps left behind (once is enough)."""
+
     def __init__(self, work_dir: Path, *, kernel_name: str = KERNEL_NAME, threads: int = 1):
+        if not PointProcess.cleaned:
+            PointProcess.cleaned = True
+            reaper.clean_stale_temp()
         self.work_dir = Path(work_dir)
         self.log_path = self.work_dir / f".tmp-worker-{uuid.uuid4().hex[:12]}.log"
         r, w = os.pipe()
-        env = dict(os.environ)
+        self.tag = uuid.uuid4().hex  # in the environment of every process of this point
+        env = {**os.environ, reaper.TAG_VAR: self.tag}
         if env.get("PYTHONPATH"):  # relative entries meant the sweep's folder; the worker and kernel run elsewhere
             env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) if p else p
                                                 for p in env["PYTHONPATH"].split(os.pathsep))
@@ -309,6 +329,9 @@ class PointProcess:
         killpg(self.proc.pid)
         killpg(self.kernel_pgid)
         self.proc.wait()
+        reaper.kill_all(tag=self.tag)  # what had left both groups (W, its subreaper, is gone now)
+        for d in Path(tempfile.gettempdir()).glob(f"{reaper.KERNEL_DIR_PREFIX}{self.proc.pid}-*"):
+            shutil.rmtree(d, ignore_errors=True)  # W could not remove its kernel's folder
 
     def close(self) -> None:
         """After the worker exited (or was killed): release pipes and its log."""

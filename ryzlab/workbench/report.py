@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import pandas as pd
 
 from ryzlab.config import ConfigError
 from ryzlab.io import read_parquet, write_bytes, write_parquet
-from ryzlab.workbench.sweep import KERNEL_NAME, NOTEBOOK_DIR, REPO_ROOT, manifest_status
+from ryzlab.workbench.sweep import KERNEL_NAME, NOTEBOOK_DIR, REPO_ROOT, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,9 @@ class SweepData:
     them (no NaN-filled columns of other experiments, integers stay integers)."""
     envs: list[dict] | None = None
     """env.json of every run that has one (threads and jobs may differ between points)."""
+    unreadable: list[str] = field(default_factory=list)
+    """What of the folder could not be read (a corrupted metrics.parquet, a manifest field that
+    should be a number and is not, junk manifest lines): listed on the page, never raised."""
 
     @property
     def failed(self) -> pd.DataFrame:
@@ -99,8 +102,9 @@ def load_sweep(sweep_dir: str | Path, *, progress: bool = False) -> SweepData:
         have = sorted(p.parent.name for p in sweep_dir.parent.glob("*/manifest.jsonl"))
         raise ConfigError([f"{sweep_dir} holds no manifest.jsonl (not a sweep directory); "
                            f"sweeps in {sweep_dir.parent}: {', '.join(have) or 'none'}"])
-    latest = manifest_status(sweep_dir)
+    latest, bad_lines = read_manifest(sweep_dir)
     frames, runs, env, envs = [], [], {}, []
+    unreadable = [f"{bad_lines} manifest line(s) that are not a JSON object with a run_id"] if bad_lines else []
     items = latest.items()
     if progress:
         from tqdm.auto import tqdm
@@ -115,10 +119,22 @@ def load_sweep(sweep_dir: str | Path, *, progress: bool = False) -> SweepData:
                                                 f"(its status: {row.get('status')}; its message: {row.get('message')})"}
         elif status == "ok" and not (run_dir / "metrics.parquet").is_file():
             status, row = "failed", {**row, "error": "MissingMetrics", "message": "metrics.parquet is missing"}
+        df = None
+        if status == "ok":
+            try:
+                df = read_parquet(run_dir / "metrics.parquet")
+            except Exception as e:  # noqa: BLE001 - a corrupted file (arrow, OS or decode error): listed, not raised
+                status, row = "failed", {**row, "error": "UnreadableMetrics",
+                                         "message": f"metrics.parquet could not be read: {type(e).__name__}: {e}"}
+                unreadable.append(f"{run_id}: metrics.parquet ({type(e).__name__}: {str(e)[:200]})")
         notebook = f"{run_id}/run.ipynb" if run_dir is not None and (run_dir / "run.ipynb").is_file() else None
+        nums = {}
+        for name in ("cell", "wall_s", "overhead_s"):
+            nums[name] = _number(row.get(name))
+            if nums[name] is None and row.get(name) is not None:
+                unreadable.append(f"{run_id}: manifest field {name} = {str(row.get(name))[:80]!r} is not a number")
         runs.append({"run_id": str(run_id), "experiment": row.get("experiment"), "status": status,
-                     "error": row.get("error"), "message": row.get("message"), "cell": row.get("cell"),
-                     "wall_s": row.get("wall_s"), "overhead_s": row.get("overhead_s"),
+                     "error": row.get("error"), "message": row.get("message"), **nums,
                      "params": json.dumps(row.get("params", {}), sort_keys=True, default=str),
                      "notebook": notebook})
         if run_dir is not None and (run_dir / "env.json").is_file():
@@ -130,9 +146,8 @@ def load_sweep(sweep_dir: str | Path, *, progress: bool = False) -> SweepData:
                 envs.append(e)
                 if status == "ok" and str(e.get("end", "")) >= str(env.get("end", "")):
                     env = e
-        if status != "ok":
+        if df is None:
             continue
-        df = read_parquet(run_dir / "metrics.parquet")
         df.insert(0, "run_id", run_id)
         if "experiment" not in df.columns:  # a notebook that is not a registered experiment
             df.insert(1, "experiment", row.get("experiment"))
@@ -144,7 +159,14 @@ def load_sweep(sweep_dir: str | Path, *, progress: bool = False) -> SweepData:
     by_experiment = {k: pd.concat(v, ignore_index=True) for k, v in groups.items()}
     cols = ["run_id", "experiment", "status", "error", "message", "cell", "wall_s", "overhead_s", "params", "notebook"]
     return SweepData(sweep_dir=sweep_dir, metrics=metrics, runs=pd.DataFrame(runs, columns=cols), env=env,
-                     by_experiment=by_experiment, envs=envs)
+                     by_experiment=by_experiment, envs=envs, unreadable=unreadable)
+
+
+def _number(value: object) -> float | int | None:
+    """A manifest number as written (int or finite float), else None (a string, a bool, NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if isinstance(value, int) or math.isfinite(value) else None
 
 
 def _text(value: object, limit: int | None = None) -> str:
@@ -168,13 +190,24 @@ def failures_html(data: SweepData) -> str:
                     f'<br><small>{"partial " if r.status == "timeout" else ""}notebook</small>')
         else:
             link = f"{_text(r.run_id)}<br><small>no notebook saved</small>"
-        cell = "" if missing(r.cell) else int(r.cell) if float(r.cell).is_integer() else r.cell
+        cell = _number(r.cell)
+        cell = "" if cell is None else int(cell) if float(cell).is_integer() else cell
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in (
             link, _text(r.experiment), _text(r.status), _text(r.error), _text(r.message, 500), _text(cell),
             _text(r.params))) + "</tr>")
     head = "".join(f"<th>{h}</th>" for h in ("run", "experiment", "status", "error", "message", "cell", "params"))
     return (f"<div class='ryz-scroll' style='overflow-x:auto;max-width:100%'><table class='ryz-table'>"
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+
+
+def unreadable_html(data: SweepData) -> str:
+    """Escaped list of what the report could not read (empty when everything was readable)."""
+    if not data.unreadable:
+        return ""
+    items = "".join(f"<li>{_text(u, 400)}</li>" for u in data.unreadable[:200])
+    more = f"<p>... and {len(data.unreadable) - 200} more</p>" if len(data.unreadable) > 200 else ""
+    return (f"<h3>Could not be read</h3><p>These parts of the results folder were skipped; everything else is "
+            f"shown.</p><ul>{items}</ul>{more}")
 
 
 def strip_external(page: str) -> str:

@@ -16,7 +16,7 @@ import pandas as pd
 
 from ryzlab.plots import report_section, section_id, show_html, table_html
 from ryzlab.plots.summary import key_results
-from ryzlab.workbench.report import SweepData, failures_html, load_sweep, missing
+from ryzlab.workbench.report import SweepData, failures_html, load_sweep, missing, unreadable_html
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +134,11 @@ def appendix_html(data: SweepData) -> str:
     parts = ["<h2 id='appendix'>Appendix: spec and environment</h2>", "<h3>Spec</h3>",
              f"<pre class='ryz-spec'>{html.escape(spec)}</pre>" if spec else "<p>no spec.yaml in this sweep folder</p>",
              "<h3>Environment (every distinct value recorded by the runs)</h3>", table_html(environment(data), left=True)]
-    o = data.runs.dropna(subset=["overhead_s"]) if len(data.runs) else data.runs
+    # non-numbers were set aside (and listed) by load_sweep; coerce again for a hand-made SweepData
+    o = pd.to_numeric(data.runs["overhead_s"], errors="coerce").dropna() if len(data.runs) else pd.Series([])
     if len(o):
         parts.append(f"<p>Per-point sweep overhead (kernel start, parameter injection, imports, saving): mean "
-                     f"{o.overhead_s.astype(float).mean():.2f} s, max {o.overhead_s.astype(float).max():.2f} s "
-                     f"over {len(o)} points.</p>")
+                     f"{o.mean():.2f} s, max {o.max():.2f} s over {len(o)} points.</p>")
     return "\n".join(parts)
 
 
@@ -189,6 +189,6 @@ def render(sweep_dir: str | Path) -> SweepData:
             show_html(f"<p class='ryz-section-failed' data-section='{_esc(experiment)}'>"
                       f"<b>This section could not be drawn</b>: {_esc(type(e).__name__)}: {_esc(e)}. "
                       "Its rows are in aggregate.parquet.</p>")
-    show_html("<h2 id='failed'>Failed and timed-out points</h2>" + failures_html(data))
+    show_html("<h2 id='failed'>Failed and timed-out points</h2>" + failures_html(data) + unreadable_html(data))
     show_html(appendix_html(data))
     return data

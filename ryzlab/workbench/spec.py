@@ -6,7 +6,9 @@
 
 A spec is data a user may have downloaded: YAML aliases are refused (a 1 KB alias bomb expands
 past gigabytes), duplicate keys are refused (YAML's "last one wins" silently drops a grid), the
-file size is bounded, and the grid is counted *before* it is expanded.
+file size and the number of values are bounded before anything is built, values that JSON
+cannot hold (``!!set``, ``!!binary``, timestamps, ordered maps) are refused, and the grid is
+counted *before* it is expanded.
 """
 from __future__ import annotations
 
@@ -37,6 +39,10 @@ SWEEP_PARAMS = ("repeat",)
 MAX_POINTS = 10_000
 """Default bound on a sweep's size; ``--max-points`` raises it. A point costs a kernel (seconds)."""
 MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_VALUES = 100_000
+"""Values (YAML nodes) a spec may hold. The demo has a few hundred; a 10,000-point zip of a few
+axes fits. Checked before parsing (from the separators) and while composing, so a 1 MiB spec of
+500k list items is refused in milliseconds, not after building half a gigabyte of nodes."""
 MAX_REPEAT = 1000
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
@@ -87,7 +93,7 @@ class Point:
 
     @property
     def label(self) -> str:
-        return f"{self.experiment}({', '.join(f'{k}={v}' for k, v in self.params.items())})"
+        return f"{self.experiment}({', '.join(f'{k}={printable(str(v))}' for k, v in self.params.items())})"
 
     @property
     def notebook_params(self) -> dict[str, Any]:
@@ -104,15 +110,27 @@ class Point:
                    jobs=d.get("jobs"))
 
 
+def printable(text: str) -> str:
+    """``text`` with every non-printable character escaped (``\\x1b``, ``\\r``, ``\\u202e``): a
+    parameter value printed to a terminal must not move its cursor, clear it or reverse the line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 # ----------------------------------------------------------------------------- YAML
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses aliases and duplicate keys."""
+    """SafeLoader that refuses aliases, duplicate keys, values JSON cannot hold and more than
+    :data:`MAX_SPEC_VALUES` nodes."""
 
     def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
         if self.check_event(yaml.AliasEvent):
             mark = self.peek_event().start_mark
             raise ConfigError([f"line {mark.line + 1}: YAML aliases (*name) are not allowed in a spec "
                                "(they can expand without bound); write the values out"])
+        self.nodes = getattr(self, "nodes", 0) + 1
+        if self.nodes > MAX_SPEC_VALUES:
+            mark = self.peek_event().start_mark
+            raise ConfigError([f"line {mark.line + 1}: the spec holds more than the {MAX_SPEC_VALUES} values a "
+                               f"spec may hold"])
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):  # noqa: ANN001
@@ -131,6 +149,27 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+_NOT_JSON = {"timestamp": "a timestamp (quote it to pass the text)", "set": "a set (!!set: its order follows the "
+             "hash seed; write a list)", "binary": "bytes (!!binary)", "omap": "an ordered map (!!omap; write a "
+             "mapping)", "pairs": "a list of pairs (!!pairs; write a mapping)"}
+
+
+def _refuse_not_json(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    what = _NOT_JSON[node.tag.rsplit(":", 1)[-1]]
+    raise ConfigError([f"line {node.start_mark.line + 1}: {what} is not a JSON value; a spec holds strings, numbers, "
+                       f"booleans, null, lists and mappings only"])
+
+
+for _tag in _NOT_JSON:
+    _StrictLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _refuse_not_json)
+
+
+def _count_values(text: str) -> int:
+    """An upper bound on the collection entries of ``text``, read without parsing: each one needs a
+    ',' (flow style) or a line of its own (block style)."""
+    return text.count(",") + text.count("\n") + 1
+
+
 def parse_yaml(path: Path) -> Any:
     """Read ``path`` as strict YAML; every way it can be wrong is a :class:`ConfigError`."""
     size = path.stat().st_size
@@ -140,6 +179,10 @@ def parse_yaml(path: Path) -> Any:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError([f"spec is not UTF-8 text (byte {e.start}); is it a YAML file?"], str(path)) from None
+    values = _count_values(text)
+    if values > MAX_SPEC_VALUES:
+        raise ConfigError([f"spec has {values} lines and ',' separators: more than the {MAX_SPEC_VALUES} values a "
+                           f"spec may hold (checked before parsing)"], str(path))
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except ConfigError as e:

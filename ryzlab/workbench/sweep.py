@@ -20,6 +20,7 @@ run the points (local processes, Ray tasks): :mod:`ryzlab.workbench.executors`.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -31,7 +32,6 @@ from pathlib import Path
 from typing import Iterator
 
 from ryzlab.config import ConfigError
-from ryzlab.io import read_jsonl
 from ryzlab.workbench.executors.base import EXECUTORS, Executor, SweepSummary, resolve_threads, sweep_env  # noqa: F401 - API
 from ryzlab.workbench.executors.local import run_local
 from ryzlab.workbench.executors.ray import check_executor_args, plan_ray
@@ -103,11 +103,30 @@ def validate(points: list[Point], *, kernel_name: str = KERNEL_NAME) -> None:
 # ----------------------------------------------------------------------------- execution
 def manifest_status(sweep_dir: Path) -> dict[str, dict]:
     """The last manifest entry for every run_id (later lines win: a retry replaces a failure)."""
+    return read_manifest(sweep_dir)[0]
+
+
+def read_manifest(sweep_dir: Path) -> tuple[dict[str, dict], int]:
+    """(:func:`manifest_status`, how many non-empty lines were unusable): a results folder is
+    data, so a line that is not JSON, not an object or has no string ``run_id`` is counted and
+    skipped, never raised on."""
     latest: dict[str, dict] = {}
-    for row in read_jsonl(sweep_dir / "manifest.jsonl"):
-        if "run_id" in row:
+    bad = 0
+    path = sweep_dir / "manifest.jsonl"
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:  # a torn last line (a writer killed mid-append) or junk
+            bad += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("run_id"), str):
             latest[row["run_id"]] = row
-    return latest
+        else:
+            bad += 1
+    return latest, bad
 
 
 def is_done(sweep_dir: Path, run_id: str, latest: dict[str, dict]) -> bool:
