@@ -33,7 +33,12 @@ def test_matrix_bytes_per_format_by_hand():
     assert matrix_bytes("bf16", 4, 64) == 512
     assert matrix_bytes("fp32", 4, 64) == 1024
     assert matrix_bytes("int8", 4, 64) == 256 + 4 * 2          # + one bf16 scale per row
-    assert matrix_bytes("int4", 4, 64, group=32) == 128 + 4 * 2 * 4   # + bf16 scale & zero per 32 columns
+    assert matrix_bytes("int4", 64, 64, group=32) == 2048 + 64 * 2 * 4   # + bf16 scale & zero per 32 columns
+    # the same formula as the packed layers' ledger (torch's CPU int4 layout holds whole blocks of 64 rows)
+    from ryzlab.models.quant import linear_weight_bytes
+
+    for fmt, name in (("fp32", "float32"), ("bf16", "bf16"), ("int8", "int8"), ("int4", "int4-g128")):
+        assert matrix_bytes(fmt, 100, 256) == linear_weight_bytes(100, 256, name)
     with pytest.raises(ValueError, match="bf16"):
         matrix_bytes("int3", 4, 64)
 

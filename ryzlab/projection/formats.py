@@ -1,13 +1,15 @@
 """Weight storage formats and THE formula for their bytes (no torch: the CLI lists the choices).
 
 One function, :func:`matrix_bytes`, says what a weight matrix costs in each format; the cost
-model, the memory estimate and the planner all call it. (Issue 21's ``ryzlab.models.quant``
-packs real weights; where both exist, this formula must match its packed sizes.)
+model, the memory estimate and the planner all call it. It reads the
+packed sizes of :mod:`ryzlab.models.quant` from :func:`ryzlab.weights.linear_weight_parts`, so a
+projection and a loaded model count a format's bytes alike.
 """
 from __future__ import annotations
 
-import math
 from typing import Literal, get_args
+
+from ryzlab.weights import linear_weight_parts
 
 __all__ = ["WeightFormat", "WEIGHT_FORMATS", "matrix_bytes"]
 
@@ -16,19 +18,12 @@ WEIGHT_FORMATS: tuple[str, ...] = get_args(WeightFormat)
 
 
 def matrix_bytes(fmt: str, rows: int, cols: int, group: int = 128) -> float:
-    """Bytes of one ``[rows, cols]`` weight matrix stored as ``fmt`` (THE weight-bytes formula).
-
-    fp32 4 / bf16 2 bytes a value; int8 weight-only: 1 byte a value + one bf16 scale per output
-    row (gpt-fast ``WeightOnlyInt8``, torchao); int4: half a byte a value + a bf16 scale and a
-    bf16 zero per ``group`` input columns per row (gpt-fast / tinygemm, GPTQ / AWQ).
-    """
-    n = rows * cols
-    if fmt == "fp32":
-        return 4.0 * n
-    if fmt == "bf16":
-        return 2.0 * n
-    if fmt == "int8":
-        return n + 2.0 * rows
-    if fmt == "int4":
-        return n / 2 + 4.0 * rows * math.ceil(cols / group)
-    raise ValueError(f"weights={fmt!r} is not valid; choose one of {', '.join(WEIGHT_FORMATS)}")
+    """Bytes of one ``[rows, cols]`` weight matrix stored as ``fmt``: the packed sizes of
+    :mod:`ryzlab.models.quant` (:func:`ryzlab.weights.linear_weight_parts`, the one formula),
+    with ``int4`` read as ``int4-g<group>``. fp32 4 / bf16 2 bytes a value; int8 weight-only 1 byte
+    a value + a bf16 scale per output row (gpt-fast ``WeightOnlyInt8``, torchao); int4 half a byte
+    a value + a bf16 scale and zero per ``group`` input columns (gpt-fast / tinygemm)."""
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"weights={fmt!r} is not valid; choose one of {', '.join(WEIGHT_FORMATS)}")
+    name = {"fp32": "float32", "int4": f"int4-g{group}"}.get(fmt, fmt)
+    return float(sum(linear_weight_parts(rows, cols, name).values()))

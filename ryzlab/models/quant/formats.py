@@ -22,88 +22,14 @@ activations only), but exact to float32 rounding (the GGUF equivalence tests use
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from typing import Literal, get_args
-
-import torch
+from typing import get_args
 
 from ryzlab.config import ModelConfig
+from ryzlab.weights import (INT4_GROUP_SIZES, INT4_ROW_BLOCK, TERNARY_PER_BYTE, WEIGHT_FORMAT_CHOICES,  # noqa: F401
+                            WeightFormat, WeightKind, parse_weight_format)
 
 __all__ = ["WeightFormat", "WeightKind", "WEIGHT_FORMAT_CHOICES", "INT4_GROUP_SIZES", "parse_weight_format",
            "check_weight_format", "weight_format_problems"]
-
-WeightKind = Literal["float32", "bf16", "int8", "int4", "ternary", "gguf"]
-INT4_GROUP_SIZES = (32, 64, 128, 256)
-"""Group sizes torch's int4 kernels take (``_weight_int4pack_mm_for_cpu``'s ``qGroupSize``)."""
-WEIGHT_FORMAT_CHOICES = ("float32", "bf16", "int8", "int4-g32", "int4-g64", "int4-g128", "int4-g256", "ternary",
-                         "ternary-a8", "gguf")
-TERNARY_PER_BYTE = 4
-"""Ternary values per packed byte (2 bits each: codes 0, 1, 2 for -1, 0, +1)."""
-INT4_ROW_BLOCK = 64
-"""torch's CPU int4 layout interleaves blocks of 64 output rows; other row counts are padded (and counted)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class WeightFormat:
-    """One weight format (see the module docstring)."""
-
-    kind: WeightKind = "float32"
-    group_size: int = 0
-    """int4 / int8: input values sharing a scale (and int4's zero); 0 = a scale per row (int8, ternary)."""
-    compute: Literal["bfloat16", "float32"] = "bfloat16"
-    """dtype of scales / zeros and of the activations handed to the kernel."""
-    act_bits: int = 0
-    """ternary only: 8 = per-token absmax int8 activations (BitNet b1.58's W1.58A8); 0 = none."""
-
-    def __post_init__(self) -> None:
-        if self.act_bits not in (0, 8) or (self.act_bits and self.kind != "ternary"):
-            raise ValueError(f"act_bits={self.act_bits}: 8-bit activations (-a8) apply to ternary weights only")
-
-    @property
-    def name(self) -> str:
-        base = f"{self.kind}-g{self.group_size}" if self.group_size else self.kind
-        base += "-a8" if self.act_bits else ""
-        return base + ("-f32" if self.compute == "float32" and self.kind not in ("float32", "bf16") else "")
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return torch.float32 if self.compute == "float32" else torch.bfloat16
-
-    @property
-    def quantized(self) -> bool:
-        return self.kind != "float32"
-
-    def __str__(self) -> str:
-        return self.name
-
-
-def parse_weight_format(spec: str | WeightFormat | None) -> WeightFormat:
-    """``'int4-g32'`` (see :data:`WEIGHT_FORMAT_CHOICES`, optional ``-f32`` suffix) -> :class:`WeightFormat`."""
-    if spec is None:
-        return WeightFormat()
-    if isinstance(spec, WeightFormat):
-        return spec
-    s = str(spec).strip().lower()
-    compute = "bfloat16"
-    if s.endswith("-f32") and s not in ("float32",):
-        s, compute = s[:-4], "float32"
-    m = re.fullmatch(r"int4-g(\d+)", s)
-    if m and int(m.group(1)) in INT4_GROUP_SIZES:
-        return WeightFormat(kind="int4", group_size=int(m.group(1)), compute=compute)
-    m = re.fullmatch(r"int8-g(\d+)", s)
-    if m and int(m.group(1)) >= 16 and int(m.group(1)) % 16 == 0:
-        return WeightFormat(kind="int8", group_size=int(m.group(1)), compute=compute)
-    if s == "ternary-a8":
-        return WeightFormat(kind="ternary", compute=compute, act_bits=8)
-    if s in ("float32", "bf16", "int8", "ternary", "gguf"):
-        if compute == "float32" and s in ("float32", "bf16"):
-            raise ValueError(f"weights={spec!r}: the -f32 suffix applies to int8 / int4 / ternary / gguf only")
-        return WeightFormat(kind=s, compute=compute)  # type: ignore[arg-type]
-    raise ValueError(f"weights={spec!r} is not a weight format; choose one of {', '.join(WEIGHT_FORMAT_CHOICES)} "
-                     f"(int4 group sizes {INT4_GROUP_SIZES}; int8-g<N>, N a multiple of 16, for a scale per N values "
-                     f"instead of per row; add -f32 for float32 scales and activations)")
-
 
 def _linears(cfg: ModelConfig, tp: int, rank: int) -> list[tuple[str, int, int, int]]:
     """(projection, local rows, local input columns, offset of the first input column) of one rank."""

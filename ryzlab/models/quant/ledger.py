@@ -19,37 +19,11 @@ import torch
 from torch import nn
 
 from ryzlab.config import ModelConfig
-from ryzlab.models.quant.formats import TERNARY_PER_BYTE, WeightFormat, _linears, parse_weight_format
+from ryzlab.models.quant.formats import WeightFormat, _linears, parse_weight_format
+from ryzlab.weights import linear_weight_parts  # noqa: F401 - the formula, re-exported where it was
 from ryzlab.models.quant.linear import Bf16Linear, Int4Linear, Int8Linear, PackedLinear, TernaryLinear, _table_format
-from ryzlab.models.quant.packing import int4_padded_rows
 
 __all__ = ["linear_weight_bytes", "linear_weight_parts", "model_weight_bytes", "weight_ledger"]
-
-
-def linear_weight_parts(rows: int, cols: int, fmt: WeightFormat | str, group_size: int = 0) -> dict[str, int]:
-    """Bytes of one ``[rows, cols]`` weight in ``fmt``: ``payload``, ``scales``, ``padding`` (no bias).
-
-    ``group_size`` overrides the format's (int4) or makes int8 group-wise (GGUF Q8_0: 32);
-    ``fmt='gguf'`` is read as int4 with groups of 32 (Q4_0 / Q4_1: the kernel stores a zero per group for both).
-    """
-    fmt = parse_weight_format(fmt)
-    c = 2 if fmt.compute == "bfloat16" else 4
-    kind = fmt.kind
-    if kind == "float32":
-        return {"payload": rows * cols * 4, "scales": 0, "padding": 0}
-    if kind == "bf16":
-        return {"payload": rows * cols * 2, "scales": 0, "padding": 0}
-    if kind == "int8":
-        group_size = group_size or fmt.group_size
-        groups = cols // group_size if group_size else 1
-        return {"payload": rows * cols, "scales": rows * groups * c, "padding": 0}
-    if kind == "ternary":
-        return {"payload": rows * cols // TERNARY_PER_BYTE, "scales": rows * c, "padding": 0}
-    g = group_size or fmt.group_size or 32   # int4 / gguf Q4
-    npad = int4_padded_rows(rows)
-    per_row_payload, per_row_scales = cols // 2, (cols // g) * 2 * c
-    return {"payload": rows * per_row_payload, "scales": rows * per_row_scales,
-            "padding": (npad - rows) * (per_row_payload + per_row_scales)}
 
 
 def linear_weight_bytes(rows: int, cols: int, fmt: WeightFormat | str, group_size: int = 0) -> int:

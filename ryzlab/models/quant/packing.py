@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ryzlab.models.quant.formats import INT4_ROW_BLOCK, TERNARY_PER_BYTE
+from ryzlab.weights import INT4_ROW_BLOCK, TERNARY_PER_BYTE, int4_padded_rows
 
 __all__ = ["round_up_to", "quantize_int8", "dequantize_int8", "quantize_int4", "pack_int4", "unpack_int4",
            "dequantize_int4", "quantize_ternary", "pack_ternary", "unpack_ternary", "int4_padded_rows"]
@@ -63,11 +63,6 @@ def quantize_int4(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = t
     z = (lo + 8 * s.float()).to(scale_dtype)                                       # [N, G]
     q = torch.round((wg - z.float()[..., None]) / s.float()[..., None] + 8).clamp_(0, 15).to(torch.int32)
     return q.reshape(w.shape), s, z
-
-
-def int4_padded_rows(rows: int) -> int:
-    """Rows torch's CPU int4 layout holds for ``rows`` output rows (whole blocks of 64)."""
-    return -(-rows // INT4_ROW_BLOCK) * INT4_ROW_BLOCK
 
 
 def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
