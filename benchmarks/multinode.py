@@ -13,7 +13,11 @@ so rendezvous, gloo's connections and failures are real TCP between distinct add
    (SIGKILL). Node a's ranks must exit with a message naming node b (and how many decode tokens
    had run: > 0 proves the kill landed in decode), well before the collective timeout, leaving no
    process behind in node a.
-4. **Ray across two nodes** (``--ray``): see ``benchmarks/multinode_ray.py``.
+4. **node cut off mid-decode** (``partition``): as 3, but node b's link goes down instead (no
+   connection reset reaches node a): node a's ranks must exit naming node b within the
+   collective timeout (120 s) plus the probes.
+
+Ray across two nodes: ``benchmarks/multinode_ray.py``.
 
     sudo PYTHONPATH=$PWD .venv/bin/python benchmarks/multinode.py [--max-tokens 16] [--keep]
 
@@ -166,8 +170,10 @@ def drill_scaling(tmp: Path, port: int) -> dict:
     return {"pass": ok, "rcs": rcs, "table": both.to_string(index=False)}
 
 
-def drill_node_lost(tmp: Path, port: int, kill_after: float) -> dict:
-    procs = torchrun_job(tmp, "lost", port, generate_args(3000))
+def drill_node_lost(tmp: Path, port: int, kill_after: float, partition: bool = False) -> dict:
+    """``partition``: instead of killing node b, cut its link (no reset reaches node a: the
+    survivors only learn of it from the collective timeout)."""
+    procs = torchrun_job(tmp, "cut" if partition else "lost", port, generate_args(3000))
     a = procs[0]
     deadline = time.monotonic() + 300
     while "loading" not in a.text()[1] and time.monotonic() < deadline:  # rank 0 is through rendezvous
@@ -176,7 +182,11 @@ def drill_node_lost(tmp: Path, port: int, kill_after: float) -> dict:
         time.sleep(0.2)
     time.sleep(kill_after)  # into the decode; the message's decode-token count checks it got there
     t_kill = time.monotonic()
-    killed = kill_ns(NODES["b"][0])
+    if partition:
+        subprocess.run(["ip", "link", "set", "ryzhb", "down"], check=True)  # netns.sh's host end of node b
+        killed = 0
+    else:
+        killed = kill_ns(NODES["b"][0])
     try:
         rc = a.proc.wait(timeout=COLLECTIVE_TIMEOUT_S + 60)
     except subprocess.TimeoutExpired:
@@ -186,11 +196,15 @@ def drill_node_lost(tmp: Path, port: int, kill_after: float) -> dict:
     left = ns_pids(NODES["a"][0])
     if rc is None:
         os.killpg(a.proc.pid, signal.SIGKILL)
+    if partition:
+        subprocess.run(["ip", "link", "set", "ryzhb", "up"], check=True)
+        kill_ns(NODES["b"][0])  # node b's side of the partition: not under test here
     wait_all(procs, 10)
     err = a.text()[1]
     lines = sorted({m.strip() for m in re.findall(r"ryzlab generate: (rank \d+ on node [^\n]*lost node[^\n]*)", err)})
     tokens = [int(x) for x in re.findall(r"after (\d+) decode token", err)]
-    ok = (rc not in (0, None) and t_fail < COLLECTIVE_TIMEOUT_S and not left and
+    limit = COLLECTIVE_TIMEOUT_S + 30 if partition else COLLECTIVE_TIMEOUT_S  # + the probes and exit
+    ok = (rc not in (0, None) and t_fail < limit and not left and
           any(NODES["b"][1] in ln for ln in lines) and bool(tokens) and 0 < tokens[0] < 3000)
     if not ok:
         print(f"--- node a stderr (tail)\n{err[-4000:]}", file=sys.stderr)
@@ -204,7 +218,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--kill-after", type=float, default=10.0, help="seconds after rank 0 starts loading (default 10)")
     ap.add_argument("--port", type=int, default=29511, help="first of three rendezvous ports on node a")
-    ap.add_argument("--only", choices=["generate", "scaling", "lost"], action="append",
+    ap.add_argument("--only", choices=["generate", "scaling", "lost", "partition"], action="append",
                     help="run only these drills (repeatable; default all)")
     ap.add_argument("--keep", action="store_true", help="leave the namespaces up")
     ap.add_argument("--logs", type=Path, help="keep every node's stdout/stderr in this folder (default: a temp folder)")
@@ -219,7 +233,7 @@ def main() -> int:
 
     print(netns("up"), end="")
     print(f"device: {device_summary()}")
-    todo = args.only or ["generate", "scaling", "lost"]
+    todo = args.only or ["generate", "scaling", "lost", "partition"]
     results = {}
     with tempfile.TemporaryDirectory(prefix="ryzlab-multinode-") as d:
         tmp = Path(d) if args.logs is None else args.logs
@@ -240,6 +254,14 @@ def main() -> int:
                       f"processes, after {r['decode_tokens_before_loss']} decode tokens): node a exited rc "
                       f"{r['survivor_rc']} {r['fail_after_s']} s later (collective timeout {r['collective_timeout_s']:g} s), "
                       f"orphans in node a: {r['orphans_node_a'] or 'none'}")
+                for m in r["messages"]:
+                    print(f"  {m}")
+            if "partition" in todo:
+                results["partition"] = r = drill_node_lost(tmp, args.port + 3, args.kill_after, partition=True)
+                print(f"[{'PASS' if r['pass'] else 'FAIL'}] node b cut off the network mid-decode (link down, no "
+                      f"reset; after {r['decode_tokens_before_loss']} decode tokens): node a exited rc "
+                      f"{r['survivor_rc']} {r['fail_after_s']} s later (collective timeout "
+                      f"{r['collective_timeout_s']:g} s), orphans in node a: {r['orphans_node_a'] or 'none'}")
                 for m in r["messages"]:
                     print(f"  {m}")
         finally:

@@ -6,7 +6,8 @@ answered: bounded load), for ``--duration`` seconds. Meanwhile a healthy worker 
 (SIGKILL) every ``--kill-every`` seconds and one paused (SIGSTOP, left for the router's
 heartbeat watchdog to find) every ``--stop-every`` seconds, alternating workers. Reported:
 
-* availability = successful requests / all requests, and the time-weighted fraction of the run
+* availability = successful requests / all requests (a client answered 429/503 waits as
+  ``Retry-After`` asks, at most ``--max-backoff``, before its next try), and the time-weighted fraction of the run
   at least one worker was ready (``/health`` polled every 0.25 s; a poll that is not answered
   counts as not ready); seed target 99.9 %;
 * mean (and max) time to recovery: fault injected -> that worker ready again (a new pid);
@@ -90,12 +91,17 @@ def wait_ready(base: str, workers: int, proc: subprocess.Popen, timeout: float =
     raise TimeoutError(f"server not ready after {timeout:g} s")
 
 
-def complete(client: httpx.Client, base: str, prompt: str, max_tokens: int) -> tuple[int, str]:
+def complete(client: httpx.Client, base: str, prompt: str, max_tokens: int) -> tuple[int, str, float]:
+    """(status, text or error, seconds the server asked to wait before the next try)."""
     r = client.post(f"{base}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
                     timeout=120)
     if r.status_code != 200:
-        return r.status_code, r.text[:200]
-    return 200, r.json()["choices"][0]["text"]
+        try:
+            wait = float(r.headers.get("Retry-After", 0))
+        except ValueError:
+            wait = 0.0
+        return r.status_code, r.text[:200], wait
+    return 200, r.json()["choices"][0]["text"], 0.0
 
 
 def soak(tp: int, args: argparse.Namespace) -> dict:
@@ -106,9 +112,9 @@ def soak(tp: int, args: argparse.Namespace) -> dict:
         wait_ready(base, 2, proc)
         with httpx.Client() as c:
             reference = {p: complete(c, base, p, args.max_tokens) for p in PROMPTS}
-        if any(s != 200 for s, _ in reference.values()):
+        if any(s != 200 for s, _, _ in reference.values()):
             raise RuntimeError(f"fault-free reference failed: {reference}")
-        ref = {p: t for p, (_, t) in reference.items()}
+        ref = {p: t for p, (_, t, _) in reference.items()}
         stats0 = httpx.get(f"{base}/stats", timeout=10).json()
         time.sleep(2)  # the reference's allocations settle before the start figures are read
         start = footprint(proc.pid)
@@ -124,12 +130,15 @@ def soak(tp: int, args: argparse.Namespace) -> dict:
                     p = PROMPTS[k % len(PROMPTS)]
                     k += 1
                     t0 = time.monotonic()
+                    wait = 0.0
                     try:
-                        status, text = complete(c, base, p, args.max_tokens)
+                        status, text, wait = complete(c, base, p, args.max_tokens)
                         outcome = ("ok" if text == ref[p] else "wrong") if status == 200 else text
                     except httpx.HTTPError as e:  # refused / reset / timed out: a failed request
                         status, outcome = 0, f"{type(e).__name__}: {e}"
                     run.requests.append((t0, time.monotonic(), status, outcome))
+                    if status in (429, 503):  # a polite client: back off as asked (bounded load)
+                        stop.wait(min(max(wait, 0.1), args.max_backoff))
 
         def monitor() -> None:
             with httpx.Client() as c:
@@ -229,6 +238,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--kill-every", type=float, default=30.0)
     ap.add_argument("--stop-every", type=float, default=45.0)
+    ap.add_argument("--max-backoff", type=float, default=1.0,
+                    help="longest wait after a 429/503 before the next try (default 1 s; Retry-After otherwise)")
     ap.add_argument("--model", default="reference")
     ap.add_argument("--port", type=int, default=8391)
     ap.add_argument("--logs", default="/tmp", help="folder for the server's log (default /tmp)")
