@@ -204,8 +204,11 @@ def drill_node_lost(tmp: Path, port: int, kill_after: float, partition: bool = F
     lines = sorted({m.strip() for m in re.findall(r"ryzlab generate: (rank \d+ on node [^\n]*lost node[^\n]*)", err)})
     tokens = [int(x) for x in re.findall(r"after (\d+) decode token", err)]
     limit = COLLECTIVE_TIMEOUT_S + 30 if partition else COLLECTIVE_TIMEOUT_S  # + the probes and exit
+    # the kill must land in decode (rank 0's decode-token count proves it); under a partition the
+    # first rank to time out may be rank 1, and torchrun's agent then ends rank 0 before it speaks
+    in_decode = bool(tokens) and 0 < tokens[0] < 3000
     ok = (rc not in (0, None) and t_fail < limit and not left and
-          any(NODES["b"][1] in ln for ln in lines) and bool(tokens) and 0 < tokens[0] < 3000)
+          any(NODES["b"][1] in ln for ln in lines) and (in_decode or partition))
     if not ok:
         print(f"--- node a stderr (tail)\n{err[-4000:]}", file=sys.stderr)
     return {"pass": ok, "killed_processes_node_b": killed, "survivor_rc": rc, "fail_after_s": round(t_fail, 2),
