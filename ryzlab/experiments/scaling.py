@@ -265,7 +265,8 @@ def run_torchrun(cfg: Config) -> pd.DataFrame | None:
     watch = NodeWatch()
     try:
         if ctx.world_size != cfg.world_size:
-            raise ValueError(f"torchrun started {ctx.world_size} ranks but tp {cfg.tp} x cp {cfg.cp} = {cfg.world_size}")
+            raise ValueError(f"torchrun started {ctx.world_size} ranks but tp {cfg.tp} x cp {cfg.cp} = "
+                             f"{cfg.world_size}")
         tokens = _tokens(cfg.model, cfg.batch, cfg.context + cfg.warmup + cfg.decode_steps)
         mine = _rank_main(ctx.rank, ctx.world_size, cfg, tokens)
         res: list[dict | None] = [None] * ctx.world_size
