@@ -151,7 +151,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if talk:
         print(f"ryzlab generate: loading {args.model} on {req.tp * req.cp} rank(s) (tp {req.tp} x cp {req.cp}), "
               f"then up to {req.max_tokens} tokens ...", file=sys.stderr, flush=True)
-    out = generate(req)
+    from ryzlab.orchestrator.nodes import NodeLostError
+
+    try:
+        out = generate(req)
+    except NodeLostError as e:  # a whole node of a torchrun job went away: one line naming it, exit 1
+        print(f"ryzlab generate: {e}", file=sys.stderr, flush=True)
+        return 1
     if not out:  # a torchrun rank other than 0
         return 0
     if talk:

@@ -20,6 +20,7 @@ def test_rows_measure_what_the_formulas_say(points):
         assert set(df["kernel"]) == {"torch"}  # the attention path that ran (CPU: torch)
         r = df.iloc[0]
         assert r["layout"] == f"tp{tp}xcp{cp}" and r["world_size"] == tp * cp
+        assert r["nodes"] == 1 and r["interconnect"] == "loopback"  # launch(): one host
         assert r["comm_bytes_per_step_tp"] == r["comm_formula_per_step_tp"] == (4 * 2 * 2 * 256 * 4 if tp > 1 else 0)
         assert r["comm_bytes_per_step_cp"] == r["comm_formula_per_step_cp"] == (4 * 2 * 8 * 33 * 4 if cp > 1 else 0)
         assert r["collectives_per_step"] == 4 * (2 * (tp > 1) + (cp > 1))

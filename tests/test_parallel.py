@@ -312,3 +312,15 @@ def test_unknown_codec_and_bad_layout_in_generate_fail_before_any_rank(monkeypat
         generate(GenerateRequest(prompt="x", tp=2, codec="int9"))
     with pytest.raises(ValueError, match="temperature"):
         GenerateRequest(prompt="x", temperature=float("nan"))
+
+
+def _mesh_timeouts(rank, world_size):
+    groups = init_parallel(ParallelConfig(tp=2, cp=1))
+    return {d: c.group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+            for d, c in (("tp", groups.tp), ("cp", groups.cp))}
+
+
+def test_mesh_groups_keep_the_collective_timeout():
+    """torch gives mesh subgroups 30 min under gloo: a rank cut off from its peer node hung that long."""
+    res = launch(_mesh_timeouts, 2, backend="gloo", collective_timeout_s=17, timeout_s=120)
+    assert res[0] == res[1] == {"tp": 17.0, "cp": 17.0}

@@ -225,6 +225,7 @@ def test_killed_ray_worker_point_is_retried_and_nothing_half_written(tmp_path, r
     rows = read_jsonl(out / "manifest.jsonl")
     assert len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["attempts"] == 2
     assert rows[0]["ray_worker_pid"] != worker.pid
+    assert len(rows[0]["attempt_nodes"]) == 2 and rows[0]["attempt_nodes"][-1] == rows[0]["ray_node"]
     run = out / rows[0]["run_id"]
     assert pd.read_parquet(run / "metrics.parquet")["x"].tolist() == [5, 5]
     assert json.loads((run / "env.json").read_text())["attempts"] == 2
@@ -308,3 +309,9 @@ def test_a_blocks_jobs_cap_holds_on_ray(tmp_path, ray_instance):
     assert (s.ok, s.failed) == (2, 0)
     a, b = sorted(read_jsonl(tmp_path / "out" / "manifest.jsonl"), key=lambda r: r["start"])
     assert a["end"] <= b["start"], "the second point started before the first ended"
+
+
+def test_a_lost_attempts_node_is_read_from_rays_error():
+    msg = ("Task failed because the node it was running on is dead or unavailable. Node IP: 10.77.0.2, node ID: "
+           "a641. This can happen if the node was preempted")
+    assert sweep_ray._NODE_IP.search(msg).group(1) == "10.77.0.2"

@@ -46,7 +46,7 @@ from ryzlab.orchestrator import launch
 from ryzlab.parallel.layout import cp_comm_bytes_formula, tp_comm_bytes_formula, tp_layout, wire_bytes_formula
 from ryzlab.provenance import cpu_model
 
-__all__ = ["Config", "run", "make_config", "scaling_efficiency"]
+__all__ = ["Config", "run", "run_torchrun", "make_config", "scaling_efficiency"]
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,48 @@ def run(cfg: Config) -> pd.DataFrame:
     res = launch(_rank_main, cfg.world_size, args=(cfg, tokens), backend=cfg.backend, timeout_s=cfg.timeout_s,
                  threads_per_rank=cfg.threads)
     log.info("scaling point %s ran in %.1f s", cfg, time.perf_counter() - t0)
+    return _rows(cfg, res, tokens, nodes=1, interconnect="loopback")
+
+
+def run_torchrun(cfg: Config) -> pd.DataFrame | None:
+    """One point as a rank of a ``torchrun`` job (one or several machines): every rank measures,
+    rank 0 gathers and returns the rows (the others None). ``nodes`` counts the distinct node
+    addresses of the ranks, ``interconnect`` names the interface gloo used between them."""
+    import os
+
+    import torch.distributed as dist
+
+    from ryzlab.orchestrator import init_from_env
+    from ryzlab.orchestrator.nodes import NodeWatch
+
+    ctx = init_from_env(cfg.backend)
+    torch.set_num_threads(cfg.threads)
+    watch = NodeWatch()
+    try:
+        if ctx.world_size != cfg.world_size:
+            raise ValueError(f"torchrun started {ctx.world_size} ranks but tp {cfg.tp} x cp {cfg.cp} = "
+                             f"{cfg.world_size}")
+        tokens = _tokens(cfg.model, cfg.batch, cfg.context + cfg.warmup + cfg.decode_steps)
+        mine = _rank_main(ctx.rank, ctx.world_size, cfg, tokens)
+        res: list[dict | None] = [None] * ctx.world_size
+        dist.gather_object(mine, res if ctx.rank == 0 else None, dst=0)
+        nodes = len(watch.nodes)
+    finally:
+        watch.close()
+        dist.destroy_process_group()
+    if ctx.rank != 0:
+        return None
+    # after the group is gone: the one-rank reference logits run without a process group
+    ifname = os.environ.get("GLOO_SOCKET_IFNAME")
+    link = "loopback" if nodes == 1 and not ifname else f"tcp over {ifname or 'default route'}"
+    return _rows(cfg, [r for r in res if r is not None], tokens, nodes=nodes, interconnect=link)
+
+
+def _rows(cfg: Config, res: list[dict], tokens: torch.Tensor, *, nodes: int, interconnect: str) -> pd.DataFrame:
+    """The rows of one point from every rank's measurements (rank order)."""
+    from ryzlab.serve.spec import ReplicaSpec
+
+    shape = ReplicaSpec(model=cfg.model, dtype=cfg.dtype, cache=cfg.cache(), parallel=cfg.parallel()).shape
     err = float("nan")
     if cfg.check_error:
         ref = _reference_logits(cfg, tokens) if cfg.world_size > 1 else res[0]["logits"]
@@ -294,6 +336,8 @@ def run(cfg: Config) -> pd.DataFrame:
         "sample": range(cfg.decode_steps),
         "world_size": cfg.world_size,
         "layout": f"tp{cfg.tp}xcp{cfg.cp}",
+        "nodes": nodes,
+        "interconnect": interconnect,
         "step_ms": [t * 1e3 for t in steps],
         "tpot_ms": [t * 1e3 for t in steps],
         "tokens_per_s": [B / t for t in steps],
@@ -394,3 +438,14 @@ def scaling_efficiency(df: pd.DataFrame) -> pd.DataFrame:
 def _threads_word(x: float) -> str:
     """A thread count for a sentence: an integer, or 'unknown' when it was not recorded."""
     return "unknown" if pd.isna(x) else str(int(x))
+
+
+if __name__ == "__main__":  # torchrun [...] -m ryzlab.experiments.scaling CONFIG_JSON OUT.parquet
+    import json
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: torchrun [...] -m ryzlab.experiments.scaling CONFIG_JSON OUT.parquet")
+    rows = run_torchrun(make_config(json.loads(sys.argv[1])))
+    if rows is not None:
+        rows.to_parquet(sys.argv[2])

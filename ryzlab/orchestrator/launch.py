@@ -128,6 +128,9 @@ def init_from_env(backend: str = "auto", *, collective_timeout_s: float = 120.0)
     local_rank = int(os.environ["LOCAL_RANK"])
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if not dist.is_initialized():
+        from ryzlab.orchestrator.nodes import choose_gloo_interface
+
+        choose_gloo_interface(os.environ["MASTER_ADDR"])  # several hosts: bind gloo where the others can reach
         chosen = choose_backend(backend, local_world)
         if chosen == "nccl":
             torch.cuda.set_device(local_rank)

@@ -88,6 +88,13 @@ def init_parallel(parallel: ParallelConfig, device: str | torch.device | None = 
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(dev.type, (parallel.cp, parallel.tp), mesh_dim_names=("cp", "tp"))
+    # torch gives the mesh's groups its backend default (30 min under gloo), not the process
+    # group's timeout: a rank whose peer node vanished without a connection reset would wait that
+    # long inside a tp/cp collective. They get the default group's timeout instead.
+    timeout = _default_group_timeout(dev)
+    if timeout is not None:
+        for dim in ("tp", "cp"):
+            dist.distributed_c10d._set_pg_timeout(timeout, mesh.get_group(dim))
     # its own gloo group: CPU objects even under nccl, and a long timeout because the other
     # ranks wait in it for the driver's next plan while a server is idle
     control = Comm(dist.new_group(list(range(ws)), backend="gloo", timeout=timedelta(seconds=CONTROL_TIMEOUT_S)))
@@ -96,3 +103,12 @@ def init_parallel(parallel: ParallelConfig, device: str | torch.device | None = 
     log.debug("rank %d: tp rank %d/%d, cp rank %d/%d on %s", groups.rank, groups.tp_rank, parallel.tp,
               groups.cp_rank, parallel.cp, dev)
     return groups
+
+
+def _default_group_timeout(dev: torch.device) -> timedelta | None:
+    """The collective timeout the default process group was created with (None where unreadable)."""
+    try:
+        return dist.distributed_c10d._get_default_group()._get_backend(dev).options._timeout
+    except (AttributeError, RuntimeError) as e:  # a backend without options: keep torch's default
+        log.debug("default group timeout unreadable (%s)", e)
+        return None

@@ -8,6 +8,7 @@ its plans. At tp = cp = 1 the same code runs in this process, every collective a
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -71,8 +72,12 @@ def _tokenizer(model: str) -> Any:
     return tokenizer_for(model)
 
 
-def generate_rank(rank: int, world_size: int, req: GenerateRequest) -> dict[str, Any] | None:
-    """One rank's part: rank 0 returns ``{"text", "token_ids", ...}``, the others None."""
+def generate_rank(rank: int, world_size: int, req: GenerateRequest,
+                  progress: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """One rank's part: rank 0 returns ``{"text", "token_ids", ...}``, the others None.
+
+    ``progress`` (optional) gets ``"counters"``: the driver engine's live counters, read after a
+    failure to tell where it happened (decode tokens so far)."""
     from ryzlab.parallel.mesh import init_parallel
     from ryzlab.serve.replica import build_engine
     from ryzlab.serve.sampling import SamplingParams
@@ -82,6 +87,8 @@ def generate_rank(rank: int, world_size: int, req: GenerateRequest) -> dict[str,
     spec = req.spec(max_model_len=len(ids) + req.max_tokens)
     groups = init_parallel(spec.parallel)
     engine = build_engine(spec, groups=groups, threads=req.threads)
+    if progress is not None:
+        progress["counters"] = engine.counters
     if not groups.is_driver:
         engine.follow()
         return None
@@ -108,15 +115,31 @@ def generate(req: GenerateRequest) -> dict[str, Any]:
 
         import torch.distributed as dist
 
+        from ryzlab.orchestrator.nodes import NodeWatch
+
         ctx = init_from_env(req.backend)
+        progress: dict[str, Any] = {}
+        watch = None
         try:
             if ctx.world_size != world:
                 raise ValueError(f"torchrun started {ctx.world_size} ranks but --tp {req.tp} x --cp {req.cp} = {world}")
-            out = generate_rank(ctx.rank, ctx.world_size, req) or {}
-            dist.barrier()
-            return out
+            watch = NodeWatch()
+            try:
+                out = generate_rank(ctx.rank, ctx.world_size, req, progress) or {}
+                dist.barrier()
+            except Exception as e:  # noqa: BLE001 - a collective broke: say which node went away, if one did
+                where = (f"after {progress['counters']['decode_tokens']} decode token(s)"
+                         if ctx.rank == 0 and "counters" in progress else "during generate")
+                lost = watch.describe(e, where)
+                if lost is None:
+                    raise
+                raise lost from e
+            return {**out, "nodes": len(watch.nodes)} if out else out
         finally:  # tear the groups down before exit: gloo's threads must not outlive the interpreter
-            dist.destroy_process_group()
+            if watch is not None:
+                watch.close()
+            with contextlib.suppress(Exception):  # a broken group may refuse; the process exits anyway
+                dist.destroy_process_group()
     if world == 1:
         return generate_rank(0, 1, req) or {}
     from ryzlab.orchestrator import launch

@@ -17,7 +17,9 @@ executor's (:mod:`.local`); :mod:`ryzlab.workbench.sweep` holds the results fold
   caps its points at once; within that, the cluster runs as many as its resources allow;
 * a Ray worker or node dying mid-point, or the point's worker process dying before it recorded
   an outcome, is a fault: the point is submitted again, up to ``--retries`` times, then recorded
-  ``failed`` with the reason. A notebook that raises is not a fault (it would raise again).
+  ``failed`` with the reason. A notebook that raises is not a fault (it would raise again). The
+  manifest line's ``attempt_nodes`` lists the node of every attempt (a lost one's from Ray's
+  error, None where Ray does not name it); ``ray_node`` is the node of the last.
 
 Resources per point (Ray task options): on a cluster with GPUs, a point whose ``device`` is not
 ``cpu`` is a GPU point and asks for ``num_gpus`` = its world size (tp x cp x workers of its
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 DEFAULT_RETRIES = 2  # a dead worker or node is usually transient; a third death says it is the point
 WORLD_FIELDS = ("tp", "cp", "workers")  # config fields whose product is the processes a point starts
 ADDRESS_FORMS = "'auto', 'local', 'HOST:PORT' or 'ray://HOST:PORT'"
+_NODE_IP = re.compile(r"[Nn]ode IP:? ([0-9A-Fa-f.:]+[0-9A-Fa-f])")
 _ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d+$")
 
 
@@ -246,6 +249,8 @@ class RayPlan:
     owns_ray: bool = False
     threads: int | None = None
     inflight: dict[Any, tuple[Point, int]] = field(default_factory=dict)
+    attempt_nodes: dict[str, list[str | None]] = field(default_factory=dict)
+    """Per run id, the node (IP) of each attempt so far; the manifest's ``attempt_nodes``."""
 
     def close(self) -> None:
         """End the Ray connection this sweep started (a local instance stops with it)."""
@@ -315,16 +320,21 @@ class RayPlan:
         from ryzlab.io import append_jsonl
         from ryzlab.workbench.point import PointResult, store_point
 
+        nodes = self.attempt_nodes.setdefault(point.run_id, [])
         base = {"run_id": point.run_id, "experiment": point.experiment, "params": point.params,
-                "run_dir": point.run_id, "executor": "ray", "attempts": attempt}
+                "run_dir": point.run_id, "executor": "ray", "attempts": attempt, "attempt_nodes": nodes}
         try:
             out = ray.get(ref)
+            nodes.append(out["node"])
             entry = {**out["entry"], **base, "ray_node": out["node"], "ray_worker_pid": out["worker_pid"]}
             fault = None
             if entry.get("error") == "WorkerDied":  # the point's worker process died before it reported
                 fault = entry.get("message")
         except faults as e:
             out, entry, fault = None, None, _first_line(e)
+            # a dead node's task never reported; Ray's error names the node ("Node IP: 10.0.0.2")
+            m = _NODE_IP.search(str(e))
+            nodes.append(m.group(1) if m else None)
         except ray.exceptions.RayTaskError as e:  # the task's own code failed: not a fault, no retry
             entry = {**base, "status": "failed", "error": type(e.cause).__name__ if e.cause else "RayTaskError",
                      "message": _first_line(e.cause or e)[:2000], "cell": None}
