@@ -259,8 +259,7 @@ def run(cfg: Config) -> pd.DataFrame:
 
     # a bad model, dtype, codec, layout or weight format (a group or a packed ternary byte split by tp)
     # fails here, before any process starts
-    shape = ReplicaSpec(model=cfg.model, dtype=cfg.dtype, cache=cfg.cache(), parallel=cfg.parallel(),
-                        weights=cfg.weights).shape
+    ReplicaSpec(model=cfg.model, dtype=cfg.dtype, cache=cfg.cache(), parallel=cfg.parallel(), weights=cfg.weights)
     fmt = parse_weight_format(cfg.weights)
     if fmt.kind == "gguf" and not cfg.model.endswith(".gguf"):
         raise ValueError(f"weights='gguf' keeps a GGUF file's own blocks; model={cfg.model!r} is not a .gguf file: "
@@ -315,7 +314,9 @@ def _rows(cfg: Config, res: list[dict], tokens: torch.Tensor, *, nodes: int, int
     """The rows of one point from every rank's measurements (rank order)."""
     from ryzlab.serve.spec import ReplicaSpec
 
-    shape = ReplicaSpec(model=cfg.model, dtype=cfg.dtype, cache=cfg.cache(), parallel=cfg.parallel()).shape
+    shape = ReplicaSpec(model=cfg.model, dtype=cfg.dtype, cache=cfg.cache(), parallel=cfg.parallel(),
+                        weights=cfg.weights).shape
+    fmt = parse_weight_format(cfg.weights)
     err = float("nan")
     if cfg.check_error:
         ref = _reference_logits(cfg, tokens) if cfg.world_size > 1 else res[0]["logits"]
