@@ -254,3 +254,24 @@ def test_stream_past_its_deadline_ends_with_an_error_event_and_frees_blocks():
         paused.release.set()
         eng = backend.engine
         assert wait_for(lambda: eng.cache.pool.num_free_blocks == NUM_BLOCKS and not eng.has_work())
+
+
+def test_no_worker_left_is_503_with_retry_after_not_500(served, monkeypatch):
+    """The soak found requests in flight when the last worker died answered 500: nothing is broken,
+    the server is briefly unavailable (503 + Retry-After), in a plain answer and in a stream."""
+    from ryzlab.serve.engine import NoWorkerAvailable
+
+    url, backend, _ = served
+
+    async def no_worker(*a, **k):
+        raise NoWorkerAvailable("worker 0 died; no healthy worker left")
+        yield  # an async generator, like the real one
+
+    monkeypatch.setattr(backend, "generate", no_worker)
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
+    assert r.status_code == 503 and r.headers.get("retry-after") and r.json()["error"]["code"] == "no_worker"
+    with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3, "stream": True},
+                      timeout=60) as resp:
+        events = [line for line in resp.iter_lines() if line.startswith("data: ")]
+    err = json.loads(events[-2][6:])["error"]
+    assert err["code"] == 503 and err["type"] == "service_unavailable", err

@@ -35,6 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ryzlab.serve.engine import NoWorkerAvailable
 from ryzlab.serve.guard import Guard, allowed_hosts_for, error_body
 from ryzlab.serve.output import ChoiceText, Delta, Formatter, usage
 from ryzlab.serve.prom import CONTENT_TYPE, ServeMetrics
@@ -394,6 +395,9 @@ def create_app(backend: Backend, *, host: str = "127.0.0.1", allowed_hosts: tupl
             return _error(504, str(err), "timeout_error", code="request_timeout")
         if isinstance(err, ValueError):  # the engine refused the request's input
             return _error(400, str(err), "invalid_request_error")
+        if isinstance(err, NoWorkerAvailable):  # every worker down or restarting: retry, nothing is broken
+            return _error(503, f"no worker can serve the request now: {err}", "service_unavailable",
+                          code="no_worker", headers={"Retry-After": str(limits.retry_after_s)})
         log.warning("request %s failed: %s", job.rid, err)
         return _error(500, f"generation failed: {err}", "server_error")
 
@@ -410,8 +414,9 @@ def create_app(backend: Backend, *, host: str = "127.0.0.1", allowed_hosts: tupl
                 yield _sse(fmt.usage_chunk(job.usage()))
         except Exception as e:  # noqa: BLE001 - the stream ends with an error event; the server stays up
             metrics.stream_failed()
-            status, kind = (504, "timeout_error") if isinstance(e, TimeoutError) else (500, "server_error")
-            msg = str(e) if status == 504 else f"generation failed: {e}"
+            status, kind = ((504, "timeout_error") if isinstance(e, TimeoutError) else
+                            (503, "service_unavailable") if isinstance(e, NoWorkerAvailable) else (500, "server_error"))
+            msg = str(e) if status != 500 else f"generation failed: {e}"
             log.warning("streaming request %s failed: %s", job.rid, msg)
             yield _sse(error_body(msg, kind, status))
         yield b"data: [DONE]\n\n"

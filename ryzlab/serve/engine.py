@@ -45,6 +45,11 @@ class EngineError(RuntimeError):
     """A request could not be served (failed forward, request larger than the whole cache)."""
 
 
+class NoWorkerAvailable(EngineError):
+    """No worker can take the request now (every one is down or restarting): the server is
+    temporarily unavailable (HTTP 503 with Retry-After), not broken (500)."""
+
+
 class RequestRejected(EngineError, ValueError):
     """The engine refused a request's input (checked when it is queued): a client error."""
 

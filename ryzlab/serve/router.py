@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from ryzlab.orchestrator.pool import ProcessPool, Slot, reroute
-from ryzlab.serve.engine import EngineError
+from ryzlab.serve.engine import EngineError, NoWorkerAvailable
 from ryzlab.serve.sampling import TokenChunk
 from ryzlab.serve.spec import ReplicaSpec
 from ryzlab.serve.stream import TokenStream
@@ -187,11 +187,11 @@ class Router(ProcessPool):
         if 0 <= req.worker < len(self.workers):
             self.workers[req.worker].held.discard(req.rid)
 
-    def _fail_req(self, req: _Req, message: str) -> None:
+    def _fail_req(self, req: _Req, message: str, error: type[EngineError] = EngineError) -> None:
         self._release(req)
         self.latency.record("router", (time.monotonic() - req.t0) * 1000.0, False)
         self.counters["failed"] += 1
-        self._put(req, EngineError(message))
+        self._put(req, error(message))
 
     # ------------------------------------------------------------------ faults (lock held)
     def _stranded(self, slot: Slot, uids: list, why: str) -> None:
@@ -216,7 +216,7 @@ class Router(ProcessPool):
         if self._dispatch(req):
             self.counters["rerouted"] += 1
         else:
-            self._fail_req(req, f"{why}; no healthy worker left")
+            self._fail_req(req, f"{why}; no healthy worker left", NoWorkerAvailable)
 
     def kill_worker(self, index: int) -> None:
         """Fault injection: SIGKILL worker ``index`` (the pool detects it like any crash)."""
@@ -249,7 +249,7 @@ class Router(ProcessPool):
             if self.error is not None:
                 self._fail_req(req, f"router cannot serve: {self.error}")
             elif not self._dispatch(req):
-                self._fail_req(req, "no healthy worker")
+                self._fail_req(req, "no healthy worker", NoWorkerAvailable)
         try:
             async for chunk in req.stream.drain():
                 yield chunk
