@@ -196,7 +196,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     rows = plan(model, label, devs, cals, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
                 rate=args.rate, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
                 max_devices=args.max_devices, weights=tuple(weights), codecs=tuple(codecs), cps=tuple(args.cp),
-                prices=prices, host_overhead_ms=args.host_overhead_ms)
+                prices=prices, host_overhead_ms=args.host_overhead_ms, progress=True)
     if args.json:
         for r in rows:
             print(json.dumps(r))

@@ -53,8 +53,8 @@ def plan(model: ModelConfig, model_label: str, devices: list[Device], cals: dict
          slo_ttft_ms: float, slo_tpot_ms: float, rate: float, prompt_tokens: int = 512, output_tokens: int = 128,
          max_devices: int | None = None, weights: tuple[str, ...] = ("bf16", "int8", "int4"),
          codecs: tuple[str, ...] = ("none",), cps: tuple[int, ...] = (1,), prices: dict[str, float] | None = None,
-         num_requests: int = 100, host_overhead_ms: float | None = None, slack: int = 4
-         ) -> list[dict[str, Any]]:
+         num_requests: int = 100, host_overhead_ms: float | None = None, slack: int = 4,
+         progress: bool = False) -> list[dict[str, Any]]:
     """Configurations that meet the SLO at ``rate``, fewest devices first (then cost, then the most
     headroom). Each row is projected (``basis``, ``device_spec``, ``calibration``).
 
@@ -63,46 +63,47 @@ def plan(model: ModelConfig, model_label: str, devices: list[Device], cals: dict
     """
     need = prompt_tokens + output_tokens
     rows: list[dict[str, Any]] = []
-    for dev in devices:
+    cases = [(dev, w, codec, cp, tp) for dev in devices for w in weights for codec in codecs for cp in cps
+             for tp in valid_tp_sizes(model, dev.devices_per_node)]
+    from tqdm.auto import tqdm
+
+    # each case runs the real scheduler on a virtual clock (seconds each): say how far it is
+    for dev, w, codec, cp, tp in tqdm(cases, desc="plan: configurations", unit="cfg", disable=not progress,
+                                      dynamic_ncols=True):
         cal = cals[dev.key]
-        tps = [t for t in valid_tp_sizes(model, dev.devices_per_node)]
-        for w in weights:
-            for codec in codecs:
-                for cp in cps:
-                    for tp in tps:
-                        if tp * cp > dev.devices_per_node or (max_devices is not None and tp * cp > max_devices):
-                            continue
-                        best = min((r["devices"] for r in rows), default=None)
-                        if slack and best is not None and tp * cp > slack * best:
-                            continue
-                        dep = Deployment(tp=tp, cp=cp, weights=w, codec=codec)   # type: ignore[arg-type]
-                        if kv_capacity_tokens(model, dev, cal, dep) < need:
-                            continue
-                        # cheap necessary conditions first: one request alone must meet the SLO
-                        tpot1 = step_cost(model, dev, cal, dep, StepShape.decode(1, need),
-                                          host_overhead_ms=host_overhead_ms).total_ms
-                        ttft1 = _prefill_ms(model, dev, cal, dep, prompt_tokens, 2048, host_overhead_ms=host_overhead_ms)
-                        if tpot1 > slo_tpot_ms or ttft1 > slo_ttft_ms:
-                            continue
-                        per, sim = max_rate_under_slo(model, dev, cal, dep, slo_ttft_ms=slo_ttft_ms,
-                                                      slo_tpot_ms=slo_tpot_ms, prompt_tokens=prompt_tokens,
-                                                      output_tokens=output_tokens, num_requests=num_requests,
-                                                      iters=6, host_overhead_ms=host_overhead_ms)
-                        if per <= 0 or sim is None:
-                            continue
-                        replicas = math.ceil(rate / per)
-                        n = replicas * tp * cp
-                        if max_devices is not None and n > max_devices:
-                            continue
-                        price = (prices or {}).get(dev.key)
-                        rows.append({
-                            "device": dev.key, "devices": n, "replicas": replicas, "tp": tp, "cp": cp, "weights": w,
-                            "codec": codec, "max_rate_per_replica_rps": per, "rate": rate,
-                            "headroom_frac": replicas * per / rate - 1,
-                            "ttft_ms_p99": sim["ttft_ms_p99"], "tpot_ms_p99": sim["tpot_ms_p99"],
-                            "cost_per_hour": n * price if price is not None else math.nan,
-                            "basis": "projected", "calibration": cal.name, "device_spec": dev.spec(),
-                            "model": model_label})
+        if tp * cp > dev.devices_per_node or (max_devices is not None and tp * cp > max_devices):
+            continue
+        best = min((r["devices"] for r in rows), default=None)
+        if slack and best is not None and tp * cp > slack * best:
+            continue
+        dep = Deployment(tp=tp, cp=cp, weights=w, codec=codec)   # type: ignore[arg-type]
+        if kv_capacity_tokens(model, dev, cal, dep) < need:
+            continue
+        # cheap necessary conditions first: one request alone must meet the SLO
+        tpot1 = step_cost(model, dev, cal, dep, StepShape.decode(1, need),
+                          host_overhead_ms=host_overhead_ms).total_ms
+        ttft1 = _prefill_ms(model, dev, cal, dep, prompt_tokens, 2048, host_overhead_ms=host_overhead_ms)
+        if tpot1 > slo_tpot_ms or ttft1 > slo_ttft_ms:
+            continue
+        per, sim = max_rate_under_slo(model, dev, cal, dep, slo_ttft_ms=slo_ttft_ms,
+                                      slo_tpot_ms=slo_tpot_ms, prompt_tokens=prompt_tokens,
+                                      output_tokens=output_tokens, num_requests=num_requests,
+                                      iters=6, host_overhead_ms=host_overhead_ms)
+        if per <= 0 or sim is None:
+            continue
+        replicas = math.ceil(rate / per)
+        n = replicas * tp * cp
+        if max_devices is not None and n > max_devices:
+            continue
+        price = (prices or {}).get(dev.key)
+        rows.append({
+            "device": dev.key, "devices": n, "replicas": replicas, "tp": tp, "cp": cp, "weights": w,
+            "codec": codec, "max_rate_per_replica_rps": per, "rate": rate,
+            "headroom_frac": replicas * per / rate - 1,
+            "ttft_ms_p99": sim["ttft_ms_p99"], "tpot_ms_p99": sim["tpot_ms_p99"],
+            "cost_per_hour": n * price if price is not None else math.nan,
+            "basis": "projected", "calibration": cal.name, "device_spec": dev.spec(),
+            "model": model_label})
     rows.sort(key=lambda r: (r["devices"], r["cost_per_hour"] if r["cost_per_hour"] == r["cost_per_hour"] else 0.0,
                              -r["headroom_frac"]))
     return rows
