@@ -178,6 +178,25 @@ def test_serving_projection_drives_the_real_scheduler(monkeypatch):
     assert tight["preemptions"] > 0
 
 
+def test_serving_projection_builds_no_more_blocks_than_the_load_can_hold(monkeypatch):
+    """An 80 GB pool (26k blocks) was built per simulated rate and changed nothing: the pool is
+    capped at every request resident at once, with the same results."""
+    import ryzlab.projection.serving as S
+    from ryzlab.projection.serving import ServingLoad, simulate
+
+    sizes = []
+    real = S.KVCacheManager
+    monkeypatch.setattr(S, "KVCacheManager", lambda n, *a, **k: sizes.append(n) or real(n, *a, **k))
+    m, _ = load_shape("llama-3-8b")
+    dev, cal, dep = hardware.get_device("h100-sxm"), default_calibration("h100-sxm"), Deployment(weights="int8")
+    load = ServingLoad(rate=20.0, num_requests=10, prompt_tokens=256, output_tokens=32)
+    capped = simulate(m, dev, cal, dep, load)
+    assert sizes == [10 * (288 // 16) + 1]
+    huge = simulate(m, dev, cal, dep, load, num_blocks=30000)
+    same = lambda r: {k: v for k, v in r.items() if k != "kv_capacity_tokens"}  # the pool it was given, reported
+    assert sizes[-1] == sizes[0] and same(capped) == same(huge)
+
+
 def test_project_row_fields_and_labels():
     m, _ = load_shape("llama-3-8b")
     dev = hardware.get_device("h100-sxm")
