@@ -12,6 +12,11 @@ One :meth:`Scheduler.schedule` is one scheduling round (vLLM's v1 scheduler, sim
    token budget, ``max_num_seqs`` and free blocks allow. With prefix caching, the cache
    reports how many leading prompt tokens it already holds; those are not recomputed.
 
+With ``split_prefill`` (the default) one step holds either the decodes (1 and no admission) or
+the prefill chunks and admissions (1 and 2 without the decodes), alternating while both wait:
+the torch attention path pads a step's sequences to its longest query, so a mixed step pays a
+chunk's length for every decode in it.
+
 The scheduler reaches the cache through one call, :meth:`PagedKVCache.allocate_slots`
 (vLLM's ``allocate_slots``): blocks for a sequence's next tokens, or None (then it preempts or
 waits); it never counts the pool itself. In a tp x cp group it records those calls (``ops``) so
