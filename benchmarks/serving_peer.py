@@ -42,6 +42,14 @@ from ryzlab.loadgen.metrics import median_range as spread  # noqa: E402
 from ryzlab.loadgen.load import LoadSpec, max_rate_search, run_load  # noqa: E402
 
 
+def served_cap(url: str) -> int | None:
+    """The batch cap a server reports it runs with (``max_num_seqs`` in ``GET /v1/models``), not
+    the flag it was given: the peer's transformers may resolve its own."""
+    import httpx
+
+    return httpx.get(url.rstrip("/") + "/models", timeout=30).json()["data"][0].get("max_num_seqs")
+
+
 def trial(client, rate: float, args: argparse.Namespace, seed: int) -> dict:
     # about --trial-s seconds of arrivals, at least 8 requests
     n = max(8, int(rate * args.trial_s))
@@ -58,6 +66,10 @@ def one_side(engine: str, repeat: int, args: argparse.Namespace) -> tuple[dict, 
     t = time.monotonic()
     with serve_subprocess(argv, port=port) as url:
         startup = time.monotonic() - t
+        cap = served_cap(url)
+        if cap != args.max_num_seqs:  # unequal caps make the comparison meaningless: stop, do not print a ratio
+            raise SystemExit(f"{engine} server runs with a batch cap of {cap!r} sequences, not the "
+                             f"{args.max_num_seqs} asked of both sides (its GET /v1/models max_num_seqs)")
         profile = probe_endpoint(url, served_models(url)[0])
         client = openai_client(profile)
         trial(client, 2.0, argparse.Namespace(**{**vars(args), "trial_s": 2.0}), 99)  # warm-up, not counted
@@ -75,7 +87,7 @@ def one_side(engine: str, repeat: int, args: argparse.Namespace) -> tuple[dict, 
            "output_token_throughput": at["output_token_throughput"] if at else math.nan,
            "request_throughput": at["request_throughput"] if at else math.nan,
            "tpot_ms_p99": at["tpot_ms_p99"] if at else math.nan, "ttft_ms_p99": at["ttft_ms_p99"] if at else math.nan,
-           "startup_s": startup, "count_source": at["count_source"] if at else "",
+           "startup_s": startup, "max_num_seqs_served": cap, "count_source": at["count_source"] if at else "",
            "output_len_match_frac": at["output_len_match_frac"] if at else math.nan,
            "tokens_per_word": profile.tokens_per_word}
     low_rate, low, _ = min(trials, key=lambda t: t[0])  # latency where load matters least (also when none held)
@@ -83,7 +95,7 @@ def one_side(engine: str, repeat: int, args: argparse.Namespace) -> tuple[dict, 
                ttft_ms_p99_lowest_rate=low["ttft_ms_p99"])
     trail = "  ".join(f"{r:.3g}/s:tpot {s['tpot_ms_p99']:.0f}/ttft {s['ttft_ms_p99']:.0f}{'' if ok else '!'}"
                       for r, s, ok in trials)
-    print(f"  {engine:12s} repeat {repeat}: max rate {row['max_rate']:.3g} req/s, "
+    print(f"  {engine:12s} repeat {repeat} (batch cap {cap} as served): max rate {row['max_rate']:.3g} req/s, "
           f"{row['output_token_throughput']:.1f} output tok/s there   [{trail}]", flush=True)
     rows = [{**s, "kind": "summary", "engine": engine, "repeat": repeat, "rate": r, "held": ok, "via": "http",
              "workers": 1, "policy": "-", "codec": "none"} for r, s, ok in trials]

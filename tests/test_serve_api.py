@@ -232,6 +232,13 @@ def test_max_model_len_is_reported(served):
     assert m["max_model_len"] == MAX_MODEL_LEN and m["id"] == "ryzlab-random"
 
 
+def test_batch_cap_is_reported_as_the_engine_runs_it(served):
+    """The peer benchmark reads each server's cap back (equal caps, issue 20)."""
+    url, backend, _ = served
+    m = httpx.get(f"{url}/v1/models").json()["data"][0]
+    assert m["max_num_seqs"] == backend.engine.config.max_num_seqs == backend.engine.scheduler.config.max_num_seqs
+
+
 def test_an_unexpected_server_error_uses_the_openai_body_and_is_counted(served):
     url, backend, app = served
 

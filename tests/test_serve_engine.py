@@ -68,15 +68,32 @@ def test_prefix_cache_reuse_between_requests():
     assert a + b == ref
 
 
-def test_chunked_prefill_interleaves_with_decode():
-    eng = _engine(prefill_chunk=4, max_num_batched_tokens=8, max_num_seqs=4)
+@pytest.mark.parametrize("split", [False, True])
+def test_chunked_prefill_interleaves_with_decode(split):
+    """Mixed steps (split_prefill=False): a token for "short" every step while "long" prefills.
+    Split steps (the default): decode and prefill steps alternate, and no step holds both."""
+    eng = _engine(prefill_chunk=4, max_num_batched_tokens=8, max_num_seqs=4, split_prefill=split)
     eng.add_request("short", [1, 2], SamplingParams(max_tokens=6))
     eng.step()  # "short" prefilled and decoding
     eng.add_request("long", list(range(40)), SamplingParams(max_tokens=2))
-    got_short = 0
+    got_short, kinds = 0, []
     for _ in range(5):  # while "long" prefills in chunks of 4, "short" keeps getting tokens
+        before = eng.counters["prefill_tokens"], eng.counters["decode_tokens"]
         got_short += sum(len(o.new_tokens) for o in eng.step() if o.request_id == "short")
-    assert got_short == 5
+        kinds.append((eng.counters["prefill_tokens"] > before[0], eng.counters["decode_tokens"] > before[1]))
+    if split:
+        assert got_short == 3 and kinds == [(False, True), (True, False)] * 2 + [(False, True)]
+    else:
+        assert got_short == 5 and all(k == (True, True) for k in kinds)
+
+
+def test_split_steps_give_the_same_tokens_as_mixed_steps():
+    prompts = _prompts([5, 13, 3, 20, 1, 9], seed=3)
+    mixed = _engine(split_prefill=False)
+    split = _engine(split_prefill=True)
+    mixed_out = mixed.generate(prompts, SamplingParams(max_tokens=10))
+    assert split.generate(prompts, SamplingParams(max_tokens=10)) == mixed_out
+    assert split.counters["steps"] > mixed.counters["steps"]  # really split
 
 
 def test_bad_requests_raise_before_any_work():

@@ -1,6 +1,7 @@
 """The transformers peer: same weights as ryzlab's model, same greedy tokens, the same OpenAI surface."""
 import asyncio
 
+import httpx
 import pytest
 import torch
 
@@ -63,15 +64,17 @@ def test_peer_engine_caps_its_batch_like_ryzlab(models):
 
 def test_peer_app_speaks_openai_to_the_load_generator(models):
     _, tok, hf = models
-    peer = PeerEngine(hf, num_blocks=128)
+    peer = PeerEngine(hf, num_blocks=128, max_num_seqs=5)
     try:
         with serve_in_thread(create_peer_app(peer, tok, model_name="peer", max_model_len=512)) as root:
             prof = probe_endpoint(root + "/v1", "peer")
+            cap = httpx.get(root + "/v1/models").json()["data"][0]["max_num_seqs"]
             spec = LoadSpec(arrival="closed", concurrency=3, num_requests=6, prompt_len=31, output_len=5)
             res = asyncio.run(run_load(spec, openai_client(prof), timeout_s=120))
     finally:
         peer.shutdown()
     assert prof.stream_usage and prof.length_controlled and prof.tokens_per_word == 4.0
+    assert cap == 5  # the cap transformers runs with, read back (equal caps in the peer benchmark)
     df = res.frame()
     assert df["ok"].all() and (df["output_tokens"] == 5).all() and (df["prompt_tokens"] == 31).all()
     assert set(df["count_source"]) == {"usage"}

@@ -305,9 +305,13 @@ def create_app(backend: Backend, *, host: str = "127.0.0.1", allowed_hosts: tupl
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
+        # max_num_seqs: the engine's batch cap as it runs (a benchmark checks its peer got the same);
+        # absent where the backend has no single cap (a router over workers)
+        cap = getattr(backend, "max_num_seqs", None)
         return JSONResponse({"object": "list", "data": [{
             "id": backend.model_name, "object": "model", "created": CREATED, "owned_by": "ryzlab",
-            "root": backend.model_name, "max_model_len": backend.max_model_len}]})
+            "root": backend.model_name, "max_model_len": backend.max_model_len,
+            **({"max_num_seqs": cap} if isinstance(cap, int) else {})}]})
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -29,6 +29,8 @@ class AsyncEngine:
         self.tokenizer = getattr(engine, "tokenizer", None)
         self.vocab_size = engine.vocab_size
         self.max_model_len = engine.config.max_model_len
+        self.max_num_seqs = engine.config.max_num_seqs
+        """The scheduler's batch cap, listed in ``/v1/models`` so a benchmark can check both sides got the same."""
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._inbox: list[tuple[str, list[int], SamplingParams]] = []

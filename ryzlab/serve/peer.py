@@ -142,8 +142,10 @@ def create_peer_app(engine: PeerEngine, tokenizer: Any, *, model_name: str, max_
 
     @app.get("/v1/models")
     async def models() -> dict:
+        # max_num_seqs: transformers' batch cap after its own resolution (it may lower the one asked for)
+        cap = engine.manager.continuous_batching_config.max_requests_per_batch
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "transformers"}]}
+                                            "owned_by": "transformers", "max_num_seqs": cap}]}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
