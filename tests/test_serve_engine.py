@@ -96,6 +96,22 @@ def test_split_steps_give_the_same_tokens_as_mixed_steps():
     assert split.counters["steps"] > mixed.counters["steps"]  # really split
 
 
+def test_split_prefill_default_follows_the_attention_path():
+    """Split steps only where attention pads a step to its longest query (the torch path); the
+    Triton kernel does not pad, so there (as on a GPU) steps mix; projections drive a bare
+    scheduler, which mixes."""
+    from ryzlab.serve.scheduler import Scheduler
+
+    assert _engine().config.split_prefill is True  # torch attention on this CPU
+    eng = _engine()
+    eng.cache.kernel = "triton"  # what a cache built with the Triton backend reports
+    from ryzlab.serve.engine import Engine
+
+    again = Engine(eng.model, eng.cache, EngineConfig(prefill_chunk=8, max_model_len=128))
+    assert again.config.split_prefill is False and again.scheduler.config.split_prefill is False
+    assert not Scheduler(eng.cache, EngineConfig()).config.split_prefill
+
+
 def test_bad_requests_raise_before_any_work():
     eng = _engine(num_blocks=8)
     with pytest.raises(ValueError, match="max_model_len"):

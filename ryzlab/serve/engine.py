@@ -20,6 +20,7 @@ runs it in a background thread for the HTTP API.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import time
@@ -112,6 +113,9 @@ class Engine:
         if self.grouped and config.preemption == "swap":
             raise ValueError("preemption='swap' copies a sequence's K/V through one rank; a tp x cp group "
                              "holds it spread over ranks: use preemption='recompute'")
+        if config.split_prefill is None:  # split only where the attention pads a step to its longest query
+            config = dataclasses.replace(config, split_prefill=getattr(cache, "kernel", "torch") != "triton")
+            self.config = config
         self.scheduler = Scheduler(cache, config, grouped=self.grouped)
         self.net: torch.nn.Module = model
         """What a step runs: ``model``, or its ``torch.compile`` d forward (``config.compile``)."""

@@ -12,7 +12,7 @@ One :meth:`Scheduler.schedule` is one scheduling round (vLLM's v1 scheduler, sim
    token budget, ``max_num_seqs`` and free blocks allow. With prefix caching, the cache
    reports how many leading prompt tokens it already holds; those are not recomputed.
 
-With ``split_prefill`` (the default) one step holds either the decodes (1 and no admission) or
+With ``split_prefill`` (the engine's default on the torch attention path) one step holds either the decodes (1 and no admission) or
 the prefill chunks and admissions (1 and 2 without the decodes), alternating while both wait:
 the torch attention path pads a step's sequences to its longest query, so a mixed step pays a
 chunk's length for every decode in it.
@@ -67,9 +67,11 @@ class EngineConfig:
     cuda_graphs: bool = False
     """Replay decode steps as CUDA graphs per batch-size bucket (:mod:`ryzlab.serve.graphs`); on a
     CUDA device only, else ignored with the reason logged. Off by default: not yet run on a GPU."""
-    split_prefill: bool = True
+    split_prefill: bool | None = None
     """A step runs either decodes or prefill chunks, alternating while both wait (False: one step
-    mixes them, as vLLM's ragged kernels do). The torch attention path pads every sequence of a
+    mixes them, as vLLM's ragged kernels do). None (default): the engine decides from its attention
+    path, split on the torch path (it pads), mixed with the Triton kernel (it does not); a scheduler
+    driven without an engine (the projections) mixes. The torch attention path pads every sequence of a
     step to its longest query, so a decode beside a 64-token chunk costs 64 query rows: on the
     2-core CPU a step of 20 decodes + 4 x 64 prefill took 124-164 ms, 20 decodes alone 11 ms
     (reference model, issue 20)."""
