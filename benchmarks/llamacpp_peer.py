@@ -54,11 +54,12 @@ DEFAULT_BIN = Path(os.environ.get("LLAMACPP_DIR", "/tmp/llamacpp")) / "build" / 
 WEIGHTS = ("int4-g32", "gguf", "float32")
 
 
-def llama_argv(binary: str, gguf: Path, *, port: int, threads: int, parallel: int, ctx_per_slot: int) -> list[str]:
+def llama_argv(binary: str, gguf: Path, *, port: int, threads: int, parallel: int, ctx_per_slot: int,
+               extra: tuple[str, ...] = ()) -> list[str]:
     """``llama-server`` on 127.0.0.1 with ``parallel`` slots of ``ctx_per_slot`` tokens each."""
     return [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
             "-tb", str(threads), "--parallel", str(parallel), "-c", str(parallel * ctx_per_slot),
-            "--alias", "smollm2-135m-q4_1", "--no-webui"]
+            "--alias", "smollm2-135m-q4_1", "--no-webui", *extra]
 
 
 def measure(client, args: argparse.Namespace, concurrency: int, n: int, seed: int) -> dict:
@@ -71,7 +72,7 @@ def one_side(side: str, threads: int, repeat: int, gguf: Path, args: argparse.Na
     port = free_port()
     if side == "llama.cpp":
         argv = llama_argv(args.llama_server, gguf, port=port, threads=threads, parallel=args.max_num_seqs,
-                          ctx_per_slot=args.ctx_per_slot)
+                          ctx_per_slot=args.ctx_per_slot, extra=tuple(args.llama_extra.split()))
     else:
         argv = server_argv("ryzlab", model=str(gguf), port=port, threads=threads, block_size=16,
                            num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
@@ -103,7 +104,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--llama-server", default=str(DEFAULT_BIN), help=f"llama-server binary (default {DEFAULT_BIN})")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="threads per server (default 1 2)")
-    p.add_argument("--weights", nargs="+", default=list(WEIGHTS), help=f"ryzlab weight formats (default {WEIGHTS})")
+    p.add_argument("--llama-extra", default="", help="extra llama-server flags, e.g. '--poll 0' (default none)")
+    p.add_argument("--weights", nargs="*", default=list(WEIGHTS), help=f"ryzlab weight formats (default {WEIGHTS})")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
