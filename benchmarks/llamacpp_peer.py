@@ -24,6 +24,11 @@ decode only, no prefill) and the output-token throughput at concurrency 8, as me
 over repeats, and the ratios ryzlab/llama.cpp (of the medians; issue 20's targets: int4 single
 stream >= 0.8x, concurrency 8 >= 1.5x). The machine is shared: load averages at start and end
 are printed and stored.
+
+Caveat seen on the shared 2-core box (load 3-6 from other processes): llama.cpp with 2 threads
+collapses (3-10 tok/s single stream, vs 59-87 with 1 thread, with or without ``--poll 0``): its
+threads meet at a barrier every op, so one preempted thread stalls the step. Its 2-thread ratios
+measure that, not llama.cpp's best; compare at 1 thread, or on an idle machine.
 """
 from __future__ import annotations
 
