@@ -582,3 +582,26 @@ def test_slo_table_scales_each_way_of_driving_against_its_own_one_worker_point()
     assert t["in-process", 2, "none"] == pytest.approx(9.0 / 5.0)
     assert t["http", 1, "none"] == pytest.approx(1.0)
     assert np.isnan(t["in-process", 2, "kill"])  # the kill point is not a scaling figure
+
+
+def test_projected_rows_are_said_projected_in_the_banner_and_key_results():
+    """The demo's projection rows showed as "rows / as written by the notebook" under a banner that
+    said every figure was measured."""
+    from ryzlab.plots.summary import key_results
+    from ryzlab.workbench.report_page import projected_rows
+
+    rows = pd.DataFrame([{"series": "static", "model": "llama-3-8b", "device": "h100-sxm", "tp": 1, "batch": 32,
+                          "step_ms": 7.95, "decode_tokens_per_s": 125.8, "basis": "projected", "calibration": "gpu-default",
+                          "validation_median_abs_error": 0.143, "validation_worst_abs_error": 0.52, "validation_rows": 21},
+                         {"series": "serving", "model": "llama-3-8b", "device": "h100-sxm", "tp": 4, "batch": 1,
+                          "rate": 200.0, "tpot_ms_p99": 8.4, "ttft_ms_p99": 90.0, "basis": "projected",
+                          "calibration": "gpu-default", "validation_median_abs_error": 0.143,
+                          "validation_worst_abs_error": 0.52, "validation_rows": 21}])
+    out = key_results("projection", rows)
+    assert len(out) == 2 and all(r["basis"].startswith("PROJECTED (not measured), calibration gpu-default") for r in out)
+    assert "median |error| 14%" in out[0]["basis"] and "7.95 ms" in out[0]["value"]
+
+    class Data:
+        by_experiment = {"projection": rows, "scaling": pd.DataFrame({"basis": ["measured"]})}
+
+    assert projected_rows(Data()) == {"projection": 2}

@@ -90,6 +90,30 @@ def weight_compression(df: pd.DataFrame) -> list[dict]:
     return [_row(f"fewest weight bytes within perplexity +{PPL_BUDGET:.0%}", describe(best), basis)]
 
 
+def projection(df: pd.DataFrame) -> list[dict]:
+    """Rule: one row per projected decode step (``series == "static"``: model, device, tp, batch) and
+    one for the highest projected serving rate that was run; every row's basis says PROJECTED, names
+    the calibration and carries the validation error on held-out published figures beside it. Never
+    a measurement."""
+    def basis(r: pd.Series) -> str:
+        err = r.get("validation_median_abs_error")
+        val = (f"; validation on {int(r['validation_rows'])} held-out published rows: median |error| "
+               f"{err:.0%}, worst {r['validation_worst_abs_error']:.0%}") if err == err and err is not None else ""
+        return f"PROJECTED (not measured), calibration {r.get('calibration')}{val}"
+
+    rows = []
+    for _, r in df[df["series"] == "static"].iterrows():
+        rows.append(_row(f"decode step of {r['model']} on {r['device']}, tp {int(r['tp'])}, batch {int(r['batch'])}",
+                         f"{sig3(r['step_ms'])} ms ({sig3(r['decode_tokens_per_s'])} tokens/s per sequence)", basis(r)))
+    serve = df[(df["series"] == "serving")].sort_values("rate")
+    if len(serve):
+        r = serve.iloc[-1]
+        rows.append(_row(f"serving {r['model']} on {r['device']}, tp {int(r['tp'])}, at {sig3(r['rate'])} req/s "
+                         f"(the highest rate projected)",
+                         f"p99 TPOT {sig3(r['tpot_ms_p99'])} ms, p99 TTFT {sig3(r['ttft_ms_p99'])} ms", basis(r)))
+    return rows
+
+
 def _rate_value(r: dict) -> str:
     """The highest offered rate meeting the SLO, worded as what the rates tried can show."""
     best, top, n = r["max_rate_under_slo"], r["max_rate_tried"], int(r.get("rates_tried", 2))
@@ -223,6 +247,7 @@ def orchestrator(df: pd.DataFrame) -> list[dict]:
 KEY_RESULTS: dict[str, Callable[[pd.DataFrame], list[dict]]] = {
     "attention_bench": attention_bench, "kv_compression": kv_compression, "serving": serving,
     "scaling": scaling, "orchestrator": orchestrator, "weight_compression": weight_compression,
+    "projection": projection,
 }
 
 

@@ -53,6 +53,17 @@ def simulated_rows(data: SweepData) -> dict[str, int]:
     return out
 
 
+def projected_rows(data: SweepData) -> dict[str, int]:
+    """experiment -> number of rows whose ``basis`` is ``projected`` (never to be read as measurements)."""
+    out = {}
+    for exp, df in data.by_experiment.items():
+        if "basis" in df.columns:
+            n = int((df["basis"] == "projected").sum())
+            if n:
+                out[exp] = n
+    return out
+
+
 def header_html(data: SweepData) -> str:
     env = data.env
     n = len(data.runs)
@@ -67,8 +78,15 @@ def header_html(data: SweepData) -> str:
              f"python {_esc(env.get('python'))}, torch {_esc(env.get('torch'))}; host {_esc(env.get('host'))}"
              + "".join(f"; {k} {_esc(env[k])}" for k in ("jobs", "threads") if k in env) + ".</p>"]
     sims = simulated_rows(data)
+    projected = projected_rows(data)
     measured = (f"Every figure and table is measured on device={_esc(dev)}"
-                + (" (no GPU on this machine: ranks and workers were CPU processes)" if dev == "cpu" else ""))
+                + (" (no GPU on this machine: ranks and workers were CPU processes)" if dev == "cpu" else "")
+                + (" apart from the projected rows above" if projected else ""))
+    if projected:  # a projection on named hardware is never read as this machine's measurement
+        which = "; ".join(f"{_esc(e)}: {k} rows with basis=projected" for e, k in projected.items())
+        lines.append(f"<div class='ryz-banner sim'><b>Projected rows</b> ({which}) are not measurements: they come "
+                     "from ryzlab's cost model of named hardware, calibrated on published or measured figures; "
+                     "their section shows the calibration and its validation error beside them.</div>")
     if sims:
         which = "; ".join(f"{_esc(e)}: {k} rows with mode=simulated" for e, k in sims.items())
         lines.append(f"<div class='ryz-banner sim'>{measured}, <b>except simulated rows</b> ({which}): these "
