@@ -1,24 +1,6 @@
-"""Weight formats: what a ``--weights`` string names, and which model shapes (and tp sizes) it fits.
-
-    float32       the model as built (nothing quantized)
-    bf16          every linear layer and the embeddings stored in bfloat16
-    int8          per-output-row symmetric int8 (absmax / 127), one scale per row
-    int8-g<N>     the same with one scale per N input values (N a multiple of 16; GGUF Q8_0 is int8-g32)
-    int4-g<N>     group-wise asymmetric int4 along the input dimension, a scale and a zero per
-                  group of N in {32, 64, 128, 256} (gpt-fast / torchao's int4 weight-only layout)
-    ternary       BitNet b1.58 ternary {-1, 0, +1}, packed 4 values per byte (2 bits), one absmean
-                  scale per output row; embeddings / output head stay bf16 (as in BitNet)
-    ternary-a8    the same weights with BitNet b1.58's 8-bit activations (W1.58A8): each token's
-                  input to a projection rounded to int8 with its absmax scale, the matmul in integers
-    gguf          a GGUF file's own blocks: Q8_0 -> int8 with a scale per 32, Q4_0 / Q4_1 -> int4
-                  with a scale (and offset) per 32, without a float round trip
-
-What is packed: the attention and MLP projections of every layer and (except ternary) the
-token embeddings / output head. What is not: norms, biases and RoPE tables stay in the model dtype.
-
-A ``-f32`` suffix (``int8-f32``) keeps scales, zeros and the kernel's activations in float32
-instead of bfloat16: slower on CPU (torch's int8 / int4 CPU kernels are vectorised for bfloat16
-activations only), but exact to float32 rounding (the GGUF equivalence tests use it).
+"""Which model shapes (and tp sizes) a weight format fits. The formats themselves (what a
+``--weights`` string names, what is packed and what is not, the ``-f32`` suffix) and their byte
+formula are :mod:`ryzlab.weights`, torch-free, re-exported here.
 """
 from __future__ import annotations
 
