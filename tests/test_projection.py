@@ -295,3 +295,16 @@ def test_projection_experiment_rows_are_labelled_projected_with_validation():
     assert df["validation_rows"].iloc[0] >= 20 and 0 < df["validation_median_abs_error"].iloc[0] < 1
     cpu = run_experiment("projection", {"model": "reference", "device": "cpu", "weights": "fp32", "batch": 2})
     assert cpu["validation_median_abs_error"].isna().all() and "--cpu" in cpu["validation_note"].iloc[0]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--hbm-gbps", "nan"], "finite number > 0"), (["--hbm-gbps", "1e400"], "finite number > 0"),
+    (["--prompt-tokens", "99999999999"], "1 to 1048576 tokens"), (["--host-overhead-ms", "-1"], "finite number >= 0"),
+    (["--rate", "inf"], "finite number > 0")])
+def test_cli_refuses_non_finite_and_huge_numbers_before_any_work(capsys, args, words):
+    """nan bandwidth printed NaN rows (invalid JSON); a 1e11-token prompt ran for minutes."""
+    from ryzlab.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["project", "--model", "llama-3-8b", "--device", "h100-sxm", "--json", *args])
+    assert e.value.code == 2 and words in capsys.readouterr().err

@@ -29,23 +29,60 @@ def _ints(text: str) -> list[int]:
     return vals
 
 
+MAX_TOKENS = 1 << 20
+"""Prompt or output tokens one projected request may ask for (a 2**20-token context is beyond every
+catalog model; larger values only made the step loop run for minutes)."""
+
+
+def _positive(text: str) -> float:
+    """A finite number > 0 (a bandwidth, an SLO, a rate): nan / inf / 1e400 are refused here."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number > 0")
+    return v
+
+
+def _non_negative(text: str) -> float:
+    """A finite number >= 0 (a host overhead, a KL budget)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number >= 0") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number >= 0")
+    return v
+
+
+def _tokens(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer number of tokens") from None
+    if not 1 <= v <= MAX_TOKENS:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 1 to {MAX_TOKENS} tokens")
+    return v
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="a folder holding a Hugging Face config.json (weights optional), a shipped config "
                         "(llama-2-7b, llama-2-70b, llama-3-8b, llama-3-70b, mistral-7b, qwen2-7b), 'reference' "
                         "or a .gguf file")
-    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt tokens per request (default 512)")
-    p.add_argument("--output-tokens", type=int, default=128, help="output tokens per request (default 128)")
-    p.add_argument("--slo-ttft-ms", type=float, default=None, help="time-to-first-token SLO at p99 (ms)")
-    p.add_argument("--slo-tpot-ms", type=float, default=None, help="time-per-output-token SLO at p99 (ms)")
+    p.add_argument("--prompt-tokens", type=_tokens, default=512, help="prompt tokens per request (default 512)")
+    p.add_argument("--output-tokens", type=_tokens, default=128, help="output tokens per request (default 128)")
+    p.add_argument("--slo-ttft-ms", type=_positive, default=None, help="time-to-first-token SLO at p99 (ms)")
+    p.add_argument("--slo-tpot-ms", type=_positive, default=None, help="time-per-output-token SLO at p99 (ms)")
     p.add_argument("--calibration", default=None, metavar="FILE.json",
                    help="a calibration file (default: the shipped one of each device; see calibrations.yaml)")
-    p.add_argument("--host-overhead-ms", type=float, default=None,
+    p.add_argument("--host-overhead-ms", type=_non_negative, default=None,
                    help="per-step host time of the engine modelled (default: the calibration's, a captured graph)")
     p.add_argument("--devices-file", default=None, metavar="FILE.yaml",
                    help="extra or replacement devices, same fields as ryzlab/projection/devices.yaml")
     for f in OVERRIDABLE:
-        p.add_argument("--" + f.replace("_", "-"), type=float, default=None, dest=f,
+        p.add_argument("--" + f.replace("_", "-"), type=_positive, default=None, dest=f,
                        help=f"override the device's {f}" if f != "hbm_gbps" else
                        "override the device's memory bandwidth, GB/s (e.g. --hbm-gbps 1700)")
 
@@ -67,7 +104,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--int4-group", type=int, default=128, help="int4 columns per scale (default 128)")
     p.add_argument("--codec", default="none", choices=CODECS, help="KV-cache codec (default none)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--rate", type=float, default=None, help="Poisson requests/s: serving projection")
+    g.add_argument("--rate", type=_positive, default=None, help="Poisson requests/s: serving projection")
     g.add_argument("--concurrency", type=int, default=None, help="requests in flight: serving projection")
     p.add_argument("--num-requests", type=int, default=200, help="requests in a serving projection (default 200)")
     p.add_argument("--json", action="store_true", help="one JSON object per configuration, one per line")
@@ -79,14 +116,14 @@ def add_parser(subparsers: Any) -> None:
                     "meeting the SLO at p99 sets the replicas needed; configurations are ranked by devices "
                     "(then by cost with --prices). Every row is projected.")
     _common(q)
-    q.add_argument("--rate", type=float, required=True, help="requests/s the deployment must serve")
+    q.add_argument("--rate", type=_positive, required=True, help="requests/s the deployment must serve")
     q.add_argument("--devices", required=True, help="comma-separated catalog devices, e.g. h100-sxm,a100-80gb,l4")
     q.add_argument("--max-devices", type=int, default=None, help="drop configurations needing more devices")
     q.add_argument("--weights", default="bf16,int8,int4", help="weight formats to try (default bf16,int8,int4)")
     q.add_argument("--codecs", default="none,fp8_e4m3,int8,int4",
                    help="KV codecs to try (default none,fp8_e4m3,int8,int4; --max-kl filters them)")
     q.add_argument("--cp", type=_ints, default=[1], help="context-parallel sizes to try (default 1)")
-    q.add_argument("--max-kl", type=float, default=None,
+    q.add_argument("--max-kl", type=_non_negative, default=None,
                    help="keep only codecs whose KL per token was MEASURED <= this on the model (needs --kl-results)")
     q.add_argument("--kl-results", default=None, metavar="DIR",
                    help="a results folder with kv_compression runs of the model (e.g. results/demo)")
