@@ -170,3 +170,19 @@ def test_function_defined_in_a_jupyter_cell_launches():
     NotebookClient(nb, kernel_name="ryzlab", timeout=120).execute()
     text = "".join(o.get("text", "") for o in nb.cells[1].outputs)
     assert "RESULT [11.0, 11.0]" in text, nb.cells[1].outputs
+
+
+def test_first_failure_names_the_rank_whose_traceback_it_shows():
+    """Two ranks fail; the earlier-stamped one comes from a peer's pipe. Its position in the list of
+    the other pipes (0) was taken for its rank, so rank 1's traceback was reported as rank 0's
+    (a make test failure in test_rank_that_cannot_load_its_function_is_named_fast)."""
+    from multiprocessing import Pipe
+    from types import SimpleNamespace
+
+    from ryzlab.orchestrator.launch import _first_failure
+
+    procs = [SimpleNamespace(exitcode=1), SimpleNamespace(exitcode=1)]
+    parent, child = Pipe(duplex=False)
+    child.send(("error", (50.0, "[rank 1] earlier")))
+    err = _first_failure(procs, {parent: 1}, (0, 100.0, "[rank 0] later"))
+    assert err.rank == 1 and err.remote_traceback == "[rank 1] earlier" and "[rank 1]" in str(err)

@@ -362,17 +362,20 @@ FIRST_FAILURE_WINDOW_S = 0.3
 """After a failure arrives, how long to listen for an earlier one still in flight from a peer."""
 
 
-def _first_failure(procs: list, conns: list[Connection], first: tuple[int, float, str]) -> RankFailedError:
-    """The earliest-stamped failure among ``first`` and any others arriving within a short window."""
+def _first_failure(procs: list, conns: dict[Connection, int], first: tuple[int, float, str]) -> RankFailedError:
+    """The earliest-stamped failure among ``first`` and any others arriving within a short window.
+    ``conns``: the other ranks' pipes -> their rank (a position in a filtered list is not a rank: a
+    peer's traceback was once reported under the first failing rank's number)."""
     failures = [first]
+    conns = dict(conns)
     deadline = time.monotonic() + FIRST_FAILURE_WINDOW_S
-    while time.monotonic() < deadline:
-        for conn in wait(conns, timeout=0.05):
-            rank = conns.index(conn)
+    while time.monotonic() < deadline and conns:
+        for conn in wait(list(conns), timeout=0.05):
+            rank = conns[conn]
             try:
                 kind, payload = conn.recv()
             except (EOFError, OSError):
-                conns = [c for c in conns if c is not conn]
+                del conns[conn]
                 continue
             if kind == "error":
                 failures.append((rank, payload[0], payload[1]))
@@ -389,7 +392,7 @@ def _collect(procs: list, conns: list[Connection], t0: float, timeout_s: float,
     sentinels = {p.sentinel: r for r, p in enumerate(procs)}
 
     def fail(rank: int, stamp: float, tb: str) -> RankFailedError:
-        others = [c for c, r in open_conns.items() if r != rank]
+        others = {c: r for c, r in open_conns.items() if r != rank}
         return _first_failure(procs, others, (rank, stamp, tb))
 
     while len(results) < n:
