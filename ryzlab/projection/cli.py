@@ -34,26 +34,26 @@ MAX_TOKENS = 1 << 20
 catalog model; larger values only made the step loop run for minutes)."""
 
 
-def _positive(text: str) -> float:
-    """A finite number > 0 (a bandwidth, an SLO, a rate): nan / inf / 1e400 are refused here."""
+def _finite(text: str, *, zero_ok: bool) -> float:
+    """A finite number > 0 (>= 0 with ``zero_ok``): nan / inf / 1e400 / negatives refused by the parser."""
+    want = "a finite number >= 0" if zero_ok else "a finite number > 0"
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0") from None
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number > 0")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {want}") from None
+    if not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {want}")
     return v
+
+
+def _positive(text: str) -> float:
+    """A bandwidth, an SLO, a rate."""
+    return _finite(text, zero_ok=False)
 
 
 def _non_negative(text: str) -> float:
-    """A finite number >= 0 (a host overhead, a KL budget)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number >= 0") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number >= 0")
-    return v
+    """A host overhead, a KL budget."""
+    return _finite(text, zero_ok=True)
 
 
 def _tokens(text: str) -> int:
