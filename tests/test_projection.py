@@ -308,3 +308,20 @@ def test_cli_refuses_non_finite_and_huge_numbers_before_any_work(capsys, args, w
     with pytest.raises(SystemExit) as e:
         main(["project", "--model", "llama-3-8b", "--device", "h100-sxm", "--json", *args])
     assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_attention_fraction_and_cp_merge_kernels_by_hand():
+    """attn_frac scales only the attention's bandwidth; cp > 1 adds the merge's kernels per layer."""
+    from ryzlab.projection.cost import CP_MERGE_KERNELS, KERNELS_PER_LAYER
+
+    m, _ = load_shape("llama-2-7b")
+    dev = hardware.get_device("a100-80gb")
+    shape = StepShape.decode(8, 4096)
+    full = step_cost(m, dev, ZERO, Deployment(), shape)
+    half = step_cost(m, dev, ZERO.replace(attn_frac=0.5), Deployment(), shape)
+    assert half.attention_ms == pytest.approx(2 * full.attention_ms, rel=1e-9)
+    assert half.gemm_ms == full.gemm_ms and half.other_ms == full.other_ms
+    k = ZERO.replace(kernel_us=10.0)
+    one, two = (step_cost(m, dev, k, Deployment(cp=cp), shape).overhead_ms for cp in (1, 2))
+    assert one == pytest.approx((m.n_layers * KERNELS_PER_LAYER + 4) * 10.0 / 1e3)
+    assert two - one == pytest.approx(m.n_layers * (CP_MERGE_KERNELS + 1) * 10.0 / 1e3)   # merge + its all-gather

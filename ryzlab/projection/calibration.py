@@ -37,6 +37,12 @@ class Calibration:
     """Fraction of ``hbm_gbps`` that weight, KV and activation streams achieve."""
     flops_frac: float = 0.6
     """Fraction of the dense matmul peak that GEMMs and attention achieve when compute-bound."""
+    attn_frac: float = 1.0
+    """Bandwidth attention achieves over the KV pages relative to the weight streams (``bw_frac``):
+    1 for a paged kernel that reads each page once (vLLM / FlashInfer / ryzlab's Triton kernel);
+    below 1 for an engine that gathers pages into a copy, then multiplies and softmaxes it in
+    separate passes (ryzlab's torch path on CPU). Vidur profiles attention apart from GEMMs for
+    the same reason."""
     int8_weight_eff: float = 1.0
     """Bandwidth of an int8 weight-only GEMM relative to a bf16 one (dequantisation in the kernel)."""
     int4_weight_eff: float = 1.0
@@ -45,6 +51,9 @@ class Calibration:
     """Cost of one kernel boundary inside a step (a captured graph still pays a gap per kernel)."""
     host_ms: float = 0.05
     """Per-step host time: scheduling + launching the step (one captured graph by default)."""
+    request_ms: float = 0.0
+    """Latency each request pays outside the steps: handing it to the engine and its first token
+    back (API, router, IPC). Adds to TTFT and end-to-end latency, not to TPOT."""
     coll_base_us: float = 8.0
     """Fixed cost of one collective call, on top of the per-hop latency of the device's link."""
     link_frac: float = 0.8
@@ -57,11 +66,11 @@ class Calibration:
     """The measurements a fitted calibration came from; empty for a default."""
 
     def __post_init__(self) -> None:
-        for f in ("bw_frac", "flops_frac", "int8_weight_eff", "int4_weight_eff", "link_frac", "mem_util"):
+        for f in ("bw_frac", "flops_frac", "attn_frac", "int8_weight_eff", "int4_weight_eff", "link_frac", "mem_util"):
             v = getattr(self, f)
             if not 0 < v <= 1.0:
                 raise ValueError(f"calibration {self.name}: {f} must be in (0, 1], got {v}")
-        for f in ("kernel_us", "host_ms", "coll_base_us"):
+        for f in ("kernel_us", "host_ms", "request_ms", "coll_base_us"):
             if getattr(self, f) < 0:
                 raise ValueError(f"calibration {self.name}: {f} must be >= 0, got {getattr(self, f)}")
 
@@ -101,7 +110,7 @@ def save_calibration(cal: Calibration, path: str | os.PathLike) -> Path:
     return p
 
 
-FIT_FIELDS = ("bw_frac", "flops_frac", "kernel_us", "host_ms")
+FIT_FIELDS = ("bw_frac", "flops_frac", "attn_frac", "kernel_us", "host_ms")
 """What :func:`fit` adjusts by default; the rest stay at the starting calibration's values."""
 
 

@@ -36,11 +36,16 @@ from ryzlab.projection.hardware import Device
 
 __all__ = ["WeightFormat", "WEIGHT_FORMATS", "Deployment", "StepShape", "StepCost", "matrix_bytes", "weight_bytes",
            "kv_bytes_per_token", "collective_ms", "step_cost", "memory_bytes_per_device", "kv_capacity_tokens",
-           "KERNELS_PER_LAYER"]
+           "KERNELS_PER_LAYER", "CP_MERGE_KERNELS"]
 
 KERNELS_PER_LAYER = 12
 """Kernels of one decoder layer of ryzlab's graph after the usual fusions (2 norms, q/k/v, RoPE,
 KV write, attention, wo, 2 residual adds, w1+w3, SwiGLU, w2); collectives are counted apart."""
+CP_MERGE_KERNELS = 2
+"""Kernels a layer adds under context parallelism, besides its all-gather: packing the partial
+(output + log-sum-exp) and the exact merge (:mod:`ryzlab.kv.merge`). A fused engine runs them as
+~2 kernels (FlashInfer's ``merge_state`` is one); ryzlab's eager merge dispatches 24 torch ops
+against ~125 for the rest of a decode layer, the same share of its 12 fused kernels."""
 WORKSPACE_TOKENS = 2048
 """Tokens of activations the memory estimate reserves (vLLM's default chunked-prefill budget)."""
 
@@ -226,9 +231,9 @@ def step_cost(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment
     dec_bytes = shape.decode_context / dep.cp * kvt
     pre_bytes = (shape.prefill_context / dep.cp + shape.prefill_tokens) * kvt   # read the past, write the chunk
     attn = (_roof_ms(4.0 * hq * hd * shape.decode_context / dep.cp, dec_bytes + act * shape.decode_seqs * hq * hd * 2,
-                     peak, bw)
+                     peak, bw * cal.attn_frac)
             + _roof_ms(4.0 * hq * hd * shape.prefill_pairs / dep.cp, pre_bytes + act * shape.prefill_tokens * hq * hd * 2,
-                       peak, bw))
+                       peak, bw * cal.attn_frac))
     elem_bytes = act * T * (8 * model.dim + 3 * model.ffn_dim // dep.tp + 2 * (hq + 2 * hkv) * hd)
     elem = elem_bytes / bw * 1e3
 
@@ -242,7 +247,7 @@ def step_cost(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment
     head_eff = eff if not model.tie_embeddings else 1.0
     logits = _roof_ms(2.0 * n_out * model.vocab_size * model.dim, 0.0, peak, bw) + wb["head"] / (bw * head_eff) * 1e3
     sampling = 2.0 * n_out * model.vocab_size * 4 / bw * 1e3
-    kernels = L * KERNELS_PER_LAYER + 4
+    kernels = L * (KERNELS_PER_LAYER + CP_MERGE_KERNELS * (dep.cp > 1)) + 4
     collectives = L * (2 * (dep.tp > 1) + (dep.cp > 1))
     host = cal.host_ms if host_overhead_ms is None else host_overhead_ms
     overhead = host + (kernels + collectives) * cal.kernel_us / 1e3

@@ -137,8 +137,10 @@ def simulate(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment,
                 if closed and nxt < len(reqs):
                     heapq.heappush(arrivals, (now, nxt))
                     nxt += 1
-    ttft = [1e3 * (first[k] - arrived[k]) for k in done]
-    e2el = [1e3 * (done[k] - arrived[k]) for k in done]
+    # the request's own latency outside the steps (API / IPC; 0 unless calibrated) delays its first
+    # token and its end alike, so TPOT is the steps' alone
+    ttft = [1e3 * (first[k] - arrived[k]) + cal.request_ms for k in done]
+    e2el = [1e3 * (done[k] - arrived[k]) + cal.request_ms for k in done]
     outs = {str(r.index): r.max_tokens for r in reqs}
     tpot = [(e - t) / (outs[k] - 1) for k, e, t in zip(done, e2el, ttft) if outs[k] > 1]
     span = max(done.values()) - min(arrived.values())

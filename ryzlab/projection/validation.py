@@ -96,8 +96,11 @@ def error_summary(rows: list[dict[str, Any]], key: Callable[[dict], bool] = lamb
     return {"rows": float(len(errs)), "median_abs_error": statistics.median(errs), "worst_abs_error": max(errs)}
 
 
-def _link_rank(rank: int, world_size: int, tp: int, cp: int, numel: int, iters: int) -> dict[str, float]:
-    """On each rank: median seconds of one tp all-reduce and one cp all-gather of ``numel`` floats."""
+def _link_rank(rank: int, world_size: int, tp: int, cp: int, numel: int, iters: int, work_rows: int
+               ) -> dict[str, float]:
+    """On each rank: mean seconds of one tp all-reduce and one cp all-gather of ``numel`` floats,
+    each entered after ``work_rows`` rows of one-thread matmul (as a layer's collective follows its
+    GEMMs), with no barrier in between: what a rank pays per collective inside a decode step."""
     import time
 
     import torch
@@ -107,25 +110,34 @@ def _link_rank(rank: int, world_size: int, tp: int, cp: int, numel: int, iters: 
 
     g = init_parallel(ParallelConfig(tp=tp, cp=cp))
     x = torch.ones(numel)
+    a, w = torch.randn(work_rows, 256), torch.randn(256, 256)
     out: dict[str, float] = {}
     for name, comm, call in (("all_reduce", g.tp, lambda c: c.all_reduce(x)),
                              ("all_gather", g.cp, lambda c: c.all_gather(x))):
         if comm.world_size == 1:
             continue
+        torch.distributed.barrier()
         times = []
         for i in range(iters + 5):
-            torch.distributed.barrier()
+            a @ w
             t0 = time.perf_counter()
             call(comm)
             if i >= 5:
                 times.append(time.perf_counter() - t0)
-        out[name] = statistics.median(times)
+        out[name] = statistics.fmean(times)
     return out
 
 
-def probe_gloo_link(numel: int = 1024, iters: int = 50) -> dict[str, float]:
+def probe_gloo_link(numel: int = 1024, iters: int = 200, work_rows: int = 64) -> dict[str, float]:
     """Measure this host's gloo link the way nccl-tests measures a GPU link: a 2-rank all-reduce
-    and a 2-rank all-gather of ``numel`` floats, median over ``iters`` (no model step runs).
+    and a 2-rank all-gather of ``numel`` floats (no model step runs).
+
+    Measured in the pattern a decode step issues them: each rank does a little one-thread work
+    (``work_rows`` x 256 x 256 matmul), then enters the collective, ``iters`` times, no barrier
+    between; the **mean** time per call, because a step pays the sum of its collectives. On a
+    shared-core VM a collective mostly waits for the peer process to be woken, so a collective
+    measured right after a barrier (both ranks already awake) reads low: 523 us against 0.9-1.2 ms
+    per call inside tp 2 steps on this machine.
 
     Returns ``coll_base_us`` and ``link_latency_us`` solving the cost model's alpha terms
     (all-reduce of 2 = base + 2 hops, all-gather of 2 = base + 1 hop; bytes at the catalog's
@@ -133,9 +145,9 @@ def probe_gloo_link(numel: int = 1024, iters: int = 50) -> dict[str, float]:
     """
     from ryzlab.orchestrator import launch
 
-    ar = max(r["all_reduce"] for r in launch(_link_rank, 2, args=(2, 1, numel, iters), backend="gloo",
+    ar = max(r["all_reduce"] for r in launch(_link_rank, 2, args=(2, 1, numel, iters, work_rows), backend="gloo",
                                               threads_per_rank=1))
-    ag = max(r["all_gather"] for r in launch(_link_rank, 2, args=(1, 2, numel, iters), backend="gloo",
+    ag = max(r["all_gather"] for r in launch(_link_rank, 2, args=(1, 2, numel, iters, work_rows), backend="gloo",
                                               threads_per_rank=1))
     dev = get_device("cpu")
     wire = numel * 4 / (dev.link_gbps * 1e9)       # one chunk over the link, seconds
