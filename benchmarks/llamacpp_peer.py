@@ -83,7 +83,8 @@ def one_side(side: str, threads: int, repeat: int, gguf: Path, args: argparse.Na
                            num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
                            max_model_len=args.ctx_per_slot) + ["--weights", side.split(":", 1)[1]]
     t = time.monotonic()
-    with serve_subprocess(argv, port=port) as url:
+    env = dict(kv.split("=", 1) for kv in args.ryzlab_env) if side != "llama.cpp" else None
+    with serve_subprocess(argv, port=port, env=env) as url:
         startup = time.monotonic() - t
         profile = probe_endpoint(url, served_models(url)[0])
         client = openai_client(profile)
@@ -111,6 +112,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="threads per server (default 1 2)")
     p.add_argument("--llama-extra", default="", help="extra llama-server flags, e.g. '--poll 0' (default none)")
     p.add_argument("--weights", nargs="*", default=list(WEIGHTS), help=f"ryzlab weight formats (default {WEIGHTS})")
+    p.add_argument("--ryzlab-env", nargs="*", default=[], metavar="K=V",
+                   help="environment of ryzlab's server only, e.g. OMP_WAIT_POLICY=PASSIVE (default none)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)

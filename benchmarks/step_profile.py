@@ -83,7 +83,7 @@ def _model_path(name: str) -> str:
 
 
 def one_run(model: str, batch: int, steps: int, prompt_len: int, threads: int, compile_step: bool | None,
-            seed: int) -> dict[str, float]:
+            seed: int, weights: str | None = None, dtype: str | None = None) -> dict[str, float]:
     """Seconds per decode step of each part (mean over ``steps``) for one fresh engine."""
     import dataclasses
 
@@ -98,7 +98,7 @@ def one_run(model: str, batch: int, steps: int, prompt_len: int, threads: int, c
            "max_model_len": prompt_len + steps + 8}
     if compile_step is not None and "compile" in {f.name for f in dataclasses.fields(EngineConfig)}:
         ekw["compile"] = compile_step
-    spec = ReplicaSpec(model=model, cache=CacheConfig(num_blocks=max(64, batch * (-(-(prompt_len + steps + 8) // 16)))),
+    spec = ReplicaSpec(model=model, weights=weights, dtype=dtype, cache=CacheConfig(num_blocks=max(64, batch * (-(-(prompt_len + steps + 8) // 16)))),
                        engine=EngineConfig(**ekw))
     eng = build_engine(spec, threads=threads)
     tok = eng.tokenizer
@@ -169,15 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--compile", dest="compile_step", action="store_true", default=None)
     p.add_argument("--no-compile", dest="compile_step", action="store_false")
+    p.add_argument("--weights", default=None, help="weight format (ryzlab serve --weights; default float32)")
+    p.add_argument("--dtype", default=None, help="activation dtype (ryzlab serve --dtype; default the model's)")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     model = _model_path(a.model)
     torch.set_num_threads(a.threads)
     rows = []
     for b in [int(x) for x in a.batches.split(",")]:
-        runs = [one_run(model, b, a.steps, a.prompt_len, a.threads, a.compile_step, seed=r) for r in range(a.repeats)]
+        runs = [one_run(model, b, a.steps, a.prompt_len, a.threads, a.compile_step, seed=r,
+                        weights=a.weights, dtype=a.dtype) for r in range(a.repeats)]
         total = [sum(r[k] for k in PARTS) for r in runs]
-        print(f"\nmodel={a.model} batch={b} threads={a.threads} steps={a.steps} repeats={a.repeats} "
+        print(f"\nmodel={a.model} weights={a.weights or 'float32'} dtype={a.dtype or 'model'} batch={b} threads={a.threads} steps={a.steps} repeats={a.repeats} "
               f"device=cpu torch={torch.__version__}")
         print(f"{'part':<12} {'ms/step':>9} {'min':>8} {'max':>8} {'share':>7}")
         med_total = statistics.median(total)
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'total':<12} {med_total * 1e3:>9.3f} {min(total) * 1e3:>8.3f} {max(total) * 1e3:>8.3f}  "
               f"-> {b / med_total:.1f} tok/s")
         print(f"{'torch ops/step':<14} {statistics.median(r['ops'] for r in runs):.0f}")
-        rows.append({"model": a.model, "batch": b, "threads": a.threads, "device": "cpu",
+        rows.append({"model": a.model, "weights": a.weights or "float32", "dtype": a.dtype or "model", "batch": b, "threads": a.threads, "device": "cpu",
                      **{k + "_ms": statistics.median([r[k] * 1e3 for r in runs]) for k in PARTS},
                      "total_ms": med_total * 1e3, "ops_per_step": statistics.median(r["ops"] for r in runs)})
     if a.json:

@@ -282,3 +282,55 @@ def test_no_worker_left_is_503_with_retry_after_not_500(served, monkeypatch):
         events = [line for line in resp.iter_lines() if line.startswith("data: ")]
     err = json.loads(events[-2][6:])["error"]
     assert err["code"] == 503 and err["type"] == "service_unavailable", err
+
+
+def test_async_engine_build_runs_the_factory_in_the_stepping_thread():
+    """AsyncEngine.build: the engine is built in the thread that steps it (one OpenMP pool), its
+    steps run there, and a factory that fails raises in the caller's thread."""
+    import threading
+
+    import pytest
+    import torch
+
+    from ryzlab.config import CacheConfig
+    from ryzlab.serve.async_engine import AsyncEngine
+    from ryzlab.serve.replica import ReplicaSpec, build_engine
+    from ryzlab.serve.sampling import SamplingParams
+    from ryzlab.serve.scheduler import EngineConfig
+    from tests.serving import MC
+
+    seen: dict[str, str] = {}
+
+    def factory():
+        seen["built"] = threading.current_thread().name
+        eng = build_engine(ReplicaSpec(model="random", model_config=MC, cache=CacheConfig(block_size=8, num_blocks=16),
+                                       engine=EngineConfig(max_model_len=64)))
+        real = eng.step
+
+        def step():
+            seen["stepped"] = threading.current_thread().name
+            return real()
+
+        eng.step = step
+        return eng
+
+    torch.set_num_threads(1)
+    backend = AsyncEngine.build(factory, model_name="m")
+    try:
+        import asyncio
+
+        async def one() -> list:
+            return [c async for c in backend.generate("r0", [1, 2, 3], SamplingParams(max_tokens=3))]
+
+        chunks = asyncio.run(one())
+        assert sum(len(c) for c in chunks) == 3
+        assert seen == {"built": "ryzlab-engine", "stepped": "ryzlab-engine"}
+        assert backend._thread.name == "ryzlab-engine" and backend.vocab_size == MC.vocab_size
+    finally:
+        backend.shutdown()
+
+    def broken():
+        raise ValueError("no such model")
+
+    with pytest.raises(ValueError, match="no such model"):
+        AsyncEngine.build(broken)

@@ -131,7 +131,8 @@ def make_backend(args: argparse.Namespace) -> Any:
     if args.workers == 1 and spec.world_size == 1:
         if spec.device == "cuda":
             spec = spec.on_device("cuda:0")
-        return AsyncEngine(build_engine(spec, threads=args.threads), model_name=name)
+        # built in the thread that steps it: one OpenMP pool (AsyncEngine.build says why)
+        return AsyncEngine.build(lambda: build_engine(spec, threads=args.threads), model_name=name)
     return Router(workers=args.workers, policy=args.policy, spec=spec, model_name=name,
                   threads_per_worker=args.threads or 1).start()
 
