@@ -215,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="reference", help="ryzlab model spec (reference, an HF folder, a .gguf file)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's). Above 1 the peer is handicapped: transformers steps "
+                        "in its own thread after the model was loaded in this one, two OpenMP pools "
+                        "(ryzlab.serve.async_engine.AsyncEngine.build says why that is slow); compare at 1")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=1024)
     p.add_argument("--max-batch-tokens", type=int, default=256)
