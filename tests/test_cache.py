@@ -536,3 +536,19 @@ def test_manager_holds_no_tensors_and_answers_none_on_shortage():
     assert not [n for n, x in vars(m).items() if isinstance(x, torch.Tensor)]
     with pytest.raises(ValueError, match="unknown sequence"):
         m.commit("zz", 1)
+
+
+def test_decode_attention_without_lse_is_the_same_softmax():
+    """need_lse=False (one rank's decode) takes one fused softmax: the output matches the
+    log-sum-exp path within float rounding, and no log-sum-exp comes back."""
+    from ryzlab.kv.attention import attention_with_lse
+
+    g = torch.Generator().manual_seed(0)
+    B, H, g_, D, S = 3, 2, 4, 16, 40
+    q = torch.randn(B, 1, H * g_, D, generator=g)
+    k, v = torch.randn(B, H, S, D, generator=g), torch.randn(B, H, S, D, generator=g)
+    mask = torch.arange(S)[None, None, :] < torch.tensor([5, 17, 40])[:, None, None]   # [B, 1, S]
+    ref, lse = attention_with_lse(q, k, v, mask, None)
+    out, none = attention_with_lse(q, k, v, mask, None, need_lse=False)
+    assert none is None and lse is not None
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

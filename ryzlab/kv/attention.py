@@ -43,13 +43,17 @@ MATH_SCORES = 1 << 24
 
 
 def attention_with_lse(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                       scale: float | None, *, blocked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       scale: float | None, *, blocked: torch.Tensor | None = None, need_lse: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Masked GQA attention with log-sum-exp, in float32, chunked over queries.
 
     ``qp [B, Tq, Hq, D]``, ``k, v [B, H, S, D]``, ``mask [B, Tq, S]`` (True = attend) ->
     ``out [B, Tq, Hq, D]`` (0 where a query sees no key) and ``lse [B, Tq, Hq]`` (-inf there).
     Query heads are grouped onto their KV head by a reshape, so K/V are never repeated.
     ``blocked``: ``~mask`` when the caller has it already (a step builds it once for every layer).
+    ``need_lse=False`` (decode, one rank): one fused softmax instead of log-sum-exp, subtract and
+    exp (the same products up to float rounding, ~20 us less per layer on a CPU core); the
+    log-sum-exp comes back None. Every decode query sees at least its own key, so no row is empty.
     """
     B, tq, hq, D = qp.shape
     blocked = ~mask if blocked is None else blocked
@@ -63,6 +67,8 @@ def attention_with_lse(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
         # products in the same order, half the operators (each costs microseconds on a CPU)
         qg = qp.to(torch.float32).view(B, H, g, D)
         sc = (qg @ kt).mul_(scale).masked_fill_(blocked[:, None], float("-inf"))     # [B, H, g, S]
+        if not need_lse:
+            return (torch.softmax(sc, dim=-1) @ vf).view(B, 1, hq, D), None
         lse = torch.logsumexp(sc, dim=-1)                                             # [B, H, g]
         p = sc.sub_(lse.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)[..., None]).exp_()
         return (p @ vf).view(B, 1, hq, D), lse.view(B, 1, hq)
@@ -121,7 +127,7 @@ class TorchAttention:
             return unpad(out, step), unpad(lse, step)
         if b * hq * tq * k.shape[2] <= MATH_SCORES:
             # decode and short chunks: two batched matmuls beat SDPA's CPU kernel here
-            out = attention_with_lse(qp, k, v, mask, scale, blocked=step.blocked)[0]
+            out = attention_with_lse(qp, k, v, mask, scale, blocked=step.blocked, need_lse=False)[0]
         else:
             out = F.scaled_dot_product_attention(qp.transpose(1, 2), k.to(q.dtype), v.to(q.dtype),
                                                  attn_mask=mask[:, None], scale=scale,
