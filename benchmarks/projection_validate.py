@@ -5,7 +5,8 @@
    then project tp 2, cp 2 and tp 2 x cp 2 step times and MEASURE them in the same run (same
    experiment code, gloo ranks). Error per row, median and worst |error|. The link's latency
    comes from a 2-rank gloo all-reduce / all-gather microbenchmark (as nccl-tests measures a GPU
-   link): no multi-rank model step is used to calibrate.
+   link), probed again just before each multi-rank point is measured (the VM's link moves by
+   +-30 % over minutes): no multi-rank model step is used to calibrate.
 2. **Published GPU tables** (``--published``): every row of ``ryzlab/projection/published.yaml``
    (gpt-fast README A100 tokens/s with tp and quantisation; TensorRT-LLM A100 FP16 throughput
    and first-token latency), one calibration per device (``gpu-default``, fitted to the three rows
@@ -75,9 +76,9 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None) -> list[dict]
     def shape(r: dict) -> StepShape:
         return StepShape.decode(r["batch"], r["context"] + r["warmup"] + steps // 2 + 1)
 
-    def predict(cal, r: dict) -> float:
+    def predict(cal, r: dict, device=None) -> float:
         dep = Deployment(tp=r["tp"], cp=r["cp"], weights="fp32")
-        return step_cost(model, dev, cal, dep, shape(r)).total_ms
+        return step_cost(model, device or dev, cal, dep, shape(r)).total_ms
 
     cal = fit(default_calibration("cpu").replace(coll_base_us=link["coll_base_us"]), predict, [(r, r["step_ms"]) for r in rows], name="cpu-fitted",
               fitted_from="benchmarks/projection_validate.py: one-rank scaling points, reference model, float32, "
@@ -92,12 +93,22 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None) -> list[dict]
         out.append({**r, "projected_ms": p, "error": p / r["step_ms"] - 1, "calibrate": True})
     for tp, cp in LAYOUTS:
         for b, c in CHECK_POINTS:
+            # the link as it is now: on this VM a gloo call mostly waits for the peer process to be
+            # woken, and the mean of that heavy tail moves by +-30 % over minutes (0.9-2.0 ms per
+            # all-reduce in back-to-back probes), so each point gets a fresh probe of the link
+            # (still no model step), taken just before it is measured
+            lk = probe_gloo_link(numel=16 * model.dim)
+            dev_now = get_device("cpu", {"link_latency_us": lk["link_latency_us"]})
+            cal_now = cal.replace(coll_base_us=lk["coll_base_us"])
             m = _measure(tp, cp, b, c, steps, repeats)
-            r = {"tp": tp, "cp": cp, "batch": b, "context": c, **m}
-            p = predict(cal, r)
+            r = {"tp": tp, "cp": cp, "batch": b, "context": c, **m, "link_all_reduce_us": lk["all_reduce_us"],
+                 "link_all_gather_us": lk["all_gather_us"]}
+            p = predict(cal_now, r, dev_now)
             out.append({**r, "projected_ms": p, "error": p / m["step_ms"] - 1, "calibrate": False})
             print(f"  tp{tp} x cp{cp} b={b:3d} ctx={c:5d}: measured {m['step_ms']:.3f} ms [{m['step_ms_min']:.3f}, "
-                  f"{m['step_ms_max']:.3f}], projected {p:.3f} ms, error {p / m['step_ms'] - 1:+.1%}", flush=True)
+                  f"{m['step_ms_max']:.3f}], projected {p:.3f} ms, error {p / m['step_ms'] - 1:+.1%} "
+                  f"(link now: all_reduce {lk['all_reduce_us']:.0f} us, all_gather {lk['all_gather_us']:.0f} us)",
+                  flush=True)
     return out
 
 

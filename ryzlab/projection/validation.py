@@ -128,7 +128,7 @@ def _link_rank(rank: int, world_size: int, tp: int, cp: int, numel: int, iters: 
     return out
 
 
-def probe_gloo_link(numel: int = 1024, iters: int = 200, work_rows: int = 64) -> dict[str, float]:
+def probe_gloo_link(numel: int = 1024, iters: int = 300, work_rows: int = 64) -> dict[str, float]:
     """Measure this host's gloo link the way nccl-tests measures a GPU link: a 2-rank all-reduce
     and a 2-rank all-gather of ``numel`` floats (no model step runs).
 
