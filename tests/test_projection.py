@@ -325,3 +325,21 @@ def test_attention_fraction_and_cp_merge_kernels_by_hand():
     one, two = (step_cost(m, dev, k, Deployment(cp=cp), shape).overhead_ms for cp in (1, 2))
     assert one == pytest.approx((m.n_layers * KERNELS_PER_LAYER + 4) * 10.0 / 1e3)
     assert two - one == pytest.approx(m.n_layers * (CP_MERGE_KERNELS + 1) * 10.0 / 1e3)   # merge + its all-gather
+
+
+def test_max_kl_without_results_measures_the_codecs_on_weights(capsys):
+    """--max-kl with no --kl-results measures each codec's KL on the weights now (none is 0); a
+    config-only model has none, and is refused before any work with the two ways out."""
+    from ryzlab.cli import main
+    from ryzlab.projection.planner import kl_model_problem, measure_kl
+
+    kl = measure_kl("reference", ["none", "int8", "int2", "int8"], windows=2, progress=False)
+    assert set(kl) == {"none", "int8", "int2"} and kl["none"] == 0.0
+    assert 0 < kl["int8"] < kl["int2"]            # fewer bits, more error: measured, not assumed
+    assert kl_model_problem("reference") is None
+    for cfg_only in ("llama-3-8b", str(CONFIGS_DIR / "llama-3-8b")):
+        why = kl_model_problem(cfg_only)
+        assert why and "--kl-results" in why and "--kl-model" in why
+    assert main(["plan", "--model", "llama-3-8b", "--kl-model", "llama-2-7b", "--devices", "h100-sxm", "--rate", "10",
+                 "--slo-ttft-ms", "500", "--slo-tpot-ms", "50", "--max-kl", "0.01"]) == 2
+    assert "'llama-2-7b' ships as config.json only" in capsys.readouterr().err

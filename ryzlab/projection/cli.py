@@ -124,11 +124,13 @@ def add_parser(subparsers: Any) -> None:
                    help="KV codecs to try (default none,fp8_e4m3,int8,int4; --max-kl filters them)")
     q.add_argument("--cp", type=_ints, default=[1], help="context-parallel sizes to try (default 1)")
     q.add_argument("--max-kl", type=_non_negative, default=None,
-                   help="keep only codecs whose KL per token was MEASURED <= this on the model (needs --kl-results)")
+                   help="keep only codecs whose KL per token was MEASURED <= this on the model: read from "
+                        "--kl-results, else measured now on --kl-model / --model (which then needs weights)")
     q.add_argument("--kl-results", default=None, metavar="DIR",
                    help="a results folder with kv_compression runs of the model (e.g. results/demo)")
     q.add_argument("--kl-model", default=None,
-                   help="the model's name in those results (default: --model as given)")
+                   help="the model whose KV accuracy counts: its name in --kl-results, or the weights to "
+                        "measure on (default: --model as given; a config-only model needs one of the two)")
     q.add_argument("--prices", default=None, help="device:$/hour pairs, e.g. h100-sxm:2.5,l4:0.4")
     q.add_argument("--top", type=int, default=10, help="rows to print (default 10)")
     q.add_argument("--json", action="store_true", help="one JSON object per configuration, one per line")
@@ -195,7 +197,7 @@ def cmd_project(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from ryzlab.projection.hardware import get_device
-    from ryzlab.projection.planner import measured_kl, plan
+    from ryzlab.projection.planner import kl_model_problem, measure_kl, measured_kl, plan
     from ryzlab.projection.shapes import load_shape
 
     problems = []
@@ -208,9 +210,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     problems += [f"weights {w!r} is not valid; choose from {', '.join(WEIGHT_FORMATS)}" for w in weights
                  if w not in WEIGHT_FORMATS]
     problems += [f"codec {c!r} is not valid; choose from {', '.join(CODECS)}" for c in codecs if c not in CODECS]
-    if args.max_kl is not None and not args.kl_results:
-        problems.append("--max-kl keeps codecs whose accuracy was measured: give --kl-results DIR (a folder with "
-                        "kv_compression runs of the model, e.g. from `ryzlab sweep` or `ryzlab kv-plan`)")
+    if args.max_kl is not None and not args.kl_results:   # measured now, on weights: there must be some
+        if why := kl_model_problem(args.kl_model or args.model):
+            problems.append(f"--max-kl keeps codecs whose accuracy was measured: {why}")
     prices: dict[str, float] = {}
     for item in (args.prices or "").split(","):
         if item:
@@ -224,10 +226,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     devs = [get_device(d, _overrides(args), args.devices_file) for d in args.devices.split(",") if d]
     model, label = load_shape(args.model)
     if args.max_kl is not None:
-        kl = measured_kl(args.kl_results, args.kl_model or args.model)
+        if args.kl_results:
+            kl, how = measured_kl(args.kl_results, args.kl_model or args.model), f"in {args.kl_results}"
+        else:
+            print(f"--max-kl: measuring the KL of {', '.join(c for c in codecs if c != 'none')} on "
+                  f"{args.kl_model or args.model} (held-out text, teacher forcing)...", file=sys.stderr)
+            kl, how = measure_kl(args.kl_model or args.model, codecs), f"now on {args.kl_model or args.model}"
         kept = [c for c in codecs if kl.get(c, math.inf) <= args.max_kl]
-        print(f"--max-kl {args.max_kl}: measured KL/token {', '.join(f'{k}={v:.3g}' for k, v in sorted(kl.items()))}"
-              f"; kept {kept}", file=sys.stderr)
+        print(f"--max-kl {args.max_kl}: KL/token measured {how}: "
+              f"{', '.join(f'{k}={v:.3g}' for k, v in sorted(kl.items()))}; kept {kept}", file=sys.stderr)
         codecs = kept
     cals = _calibrations(args, [d.key for d in devs])
     rows = plan(model, label, devs, cals, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,

@@ -4,13 +4,15 @@ meet a TTFT / TPOT SLO at a request rate, ranked by devices needed (then by cost
 Each candidate replica is projected by the serving projection (the real scheduler on a virtual
 clock, :mod:`ryzlab.projection.serving`); its highest rate meeting the SLO at p99 sets how many
 replicas the rate needs. ``max_kl`` keeps only KV codecs whose accuracy was *measured* within the
-budget on that model (:func:`measured_kl`, from kv_compression results); nothing is assumed about
+budget on that model (:func:`measured_kl` from kv_compression results, or :func:`measure_kl` on the
+weights now); nothing is assumed about
 a codec no one measured.
 """
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from ryzlab.projection.hardware import Device
 from ryzlab.projection.project import _prefill_ms
 from ryzlab.projection.serving import max_rate_under_slo
 
-__all__ = ["plan", "measured_kl"]
+__all__ = ["plan", "measured_kl", "measure_kl", "kl_model_problem"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,39 @@ def measured_kl(results_dir: str | Path, model_name: str | None = None) -> dict[
             raise ValueError(f"{root}: no kv_compression measurement of model {model_name!r}; measured models: "
                              f"{sorted(set(pd.concat([pd.read_parquet(f, columns=['model']) for f in files])['model']))}")
     return {"none": 0.0, **df.groupby("codec")["kl_per_token"].min().to_dict()}
+
+
+def kl_model_problem(model: str) -> str | None:
+    """Why the KV codecs' accuracy cannot be measured on ``model`` (None when it can): a shipped
+    short name or a folder holding only ``config.json`` has no weights to run."""
+    from ryzlab.models import check_model
+    from ryzlab.projection.shapes import shipped_models
+
+    if model in shipped_models():
+        return (f"{model!r} ships as config.json only: there are no weights to measure KV accuracy on; give "
+                f"--kl-results DIR (kv_compression runs of the model), or --kl-model PATH of the weights")
+    try:
+        check_model(model)
+    except ValueError as e:
+        return (f"cannot measure KV accuracy on {model!r} ({e}); give --kl-results DIR, or --kl-model PATH of "
+                f"a model with weights")
+    return None
+
+
+def measure_kl(model: str, codecs: Sequence[str], *, windows: int = 4, progress: bool = True) -> dict[str, float]:
+    """KL per token of each KV codec (its default layout, what the projection prices) on ``model``,
+    MEASURED now: teacher-forced decode through each compressed cache against the uncompressed one
+    (:func:`ryzlab.evaluation.plan.plan_kv` on the held-out text). ``none`` is 0 by definition."""
+    from ryzlab.config import CacheConfig
+    from ryzlab.evaluation.plan import plan_kv
+
+    todo = [c for c in dict.fromkeys(codecs) if c != "none"]
+    out = {"none": 0.0}
+    if todo:
+        res = plan_kv(model, None, 1.0, candidates=[CacheConfig(codec=c) for c in todo], mixed=None, windows=windows,
+                      progress=progress)
+        out.update(res.table.groupby("codec")["kl_per_token"].min().to_dict())
+    return out
 
 
 def plan(model: ModelConfig, model_label: str, devices: list[Device], cals: dict[str, Calibration], *,
