@@ -266,3 +266,34 @@ def test_ternary_a8_computes_what_the_bitnet_checkpoint_was_trained_with():
     err = {w: ((hidden(load_model(ck, weights=w)[0], ids) - ref).norm() / ref.norm()).item()
            for w in ("ternary-a8-f32", "ternary-f32")}
     assert err["ternary-a8-f32"] < 1e-3 and err["ternary-a8-f32"] * 5 < err["ternary-f32"], err
+
+
+def test_int4_many_rows_take_the_dense_path_within_bf16_rounding_of_the_kernel():
+    """From DENSE_ROWS tokens an int4 layer unpacks its weight (every row at once, exactly the
+    dequantized values) and runs one bf16 GEMM: the same product as torch's int4 kernel within
+    bf16 rounding; fewer rows still go through the kernel."""
+    from ryzlab.models.quant.linear import DENSE_ROWS, _pack
+    from ryzlab.models.quant.packing import dequantize_int4_all
+
+    w = torch.randn(100, 128) * 0.05                   # 100 rows: padded to 128 in the layout
+    lin = _pack(w, None, parse_weight_format("int4-g32"), None)
+    assert torch.equal(dequantize_int4_all(lin.packed, lin.scales_zeros)[:100], lin.dequantize())
+    x = torch.randn(DENSE_ROWS + 3, 128)
+    calls = []
+    real = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+    def kernel(*a):
+        calls.append(a[0].shape[0])
+        return real(*a)
+
+    torch.ops.aten._weight_int4pack_mm_for_cpu = kernel
+    try:
+        dense = lin(x)
+        few = lin(x[:DENSE_ROWS - 1])
+    finally:
+        torch.ops.aten._weight_int4pack_mm_for_cpu = real
+    assert calls == [DENSE_ROWS - 1]                   # only the short input used the kernel
+    ref = real(x.to(torch.bfloat16), lin.packed, 32, lin.scales_zeros)[:, :100].float()
+    assert dense.shape == (DENSE_ROWS + 3, 100)
+    assert ((dense - ref).norm() / ref.norm()).item() < 1e-2
+    assert ((few - dense[:DENSE_ROWS - 1]).norm() / few.norm()).item() < 1e-2

@@ -110,6 +110,21 @@ def dequantize_int4(codes: torch.Tensor, scales_zeros: torch.Tensor, rows: torch
     return deq.reshape(r, k)
 
 
+def dequantize_int4_all(packed: torch.Tensor, scales_zeros: torch.Tensor, dtype: torch.dtype = torch.float32
+                        ) -> torch.Tensor:
+    """Every row of torch's CPU int4 layout at once -> ``[Np, K]`` in ``dtype``: the same values as
+    :func:`dequantize_int4` of :func:`unpack_int4` (computed in float32, rounded once to ``dtype``),
+    in a few whole-tensor passes (no per-row gather): cheap enough to run per call."""
+    npad, half = packed.shape
+    k, groups = half * 2, scales_zeros.shape[0]
+    blocks = packed.view(npad // INT4_ROW_BLOCK, k, INT4_ROW_BLOCK // 2)            # [Np / 64, K, 32]
+    # low nibbles are rows 0..31 of a block, high nibbles rows 32..63
+    q = torch.cat((blocks & 15, blocks >> 4), dim=2).transpose(1, 2).reshape(npad, groups, k // groups)
+    s = scales_zeros[..., 0].t().float().unsqueeze(-1)                                # [Np, G, 1]
+    z = scales_zeros[..., 1].t().float().unsqueeze(-1)
+    return q.float().sub_(8).mul_(s).add_(z).to(dtype).view(npad, k)
+
+
 def quantize_ternary(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """``w [N, K]`` -> (``q`` int8 in {-1, 0, 1} ``[N, K]``, absmean scales ``[N]``)."""
