@@ -297,3 +297,16 @@ def test_int4_many_rows_take_the_dense_path_within_bf16_rounding_of_the_kernel()
     assert dense.shape == (DENSE_ROWS + 3, 100)
     assert ((dense - ref).norm() / ref.norm()).item() < 1e-2
     assert ((few - dense[:DENSE_ROWS - 1]).norm() / few.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int8-g32"])
+def test_int8_many_rows_dense_path_matches_the_kernel_within_bf16_rounding(fmt):
+    from ryzlab.models.quant.linear import DENSE_ROWS, _pack
+
+    fm = parse_weight_format(fmt)
+    lin = _pack(torch.randn(96, 128) * 0.05, None, fm, None)
+    x = torch.randn(DENSE_ROWS + 5, 128)
+    dense, few = lin(x), lin(x[:DENSE_ROWS - 1])       # one bf16 GEMM; the kernel (per group for g32)
+    ref = F.linear(x.to(torch.bfloat16).float(), lin.dequantize())
+    assert ((dense - ref).norm() / ref.norm()).item() < 1e-2
+    assert ((few - dense[:DENSE_ROWS - 1]).norm() / few.norm()).item() < 1e-2
