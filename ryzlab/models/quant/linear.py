@@ -15,7 +15,10 @@ says which in ``kernel``:
 
 The int8 / int4 kernels are vectorised for bfloat16 activations on CPU (measured: float32
 activations are 5-30x slower), so by default activations are rounded to bfloat16 at the kernel's
-input and the output is returned in the model's dtype (``WeightFormat.compute``).
+input and the output is returned in the model's dtype (``WeightFormat.compute``). Both kernels cost
+one GEMV per input row, so from :data:`DENSE_ROWS` rows (a prefill chunk) int8 / int4 layers unpack
+the weight to bfloat16 for that call and run one dense GEMM instead (within bf16 rounding of the
+kernel, whose output is bfloat16 too); the weight at rest stays packed.
 
 Row-parallel layers (tensor parallelism) keep their all-reduce: :func:`ryzlab.parallel.apply_tp`
 leaves ``tp_reduce`` on them, and the packed layer reduces its partial product before the bias.
