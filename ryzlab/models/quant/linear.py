@@ -193,8 +193,7 @@ class Int4Linear(PackedLinear):
         return y if y.shape[1] == self.out_features else y[:, :self.out_features]
 
     def dequantize(self) -> torch.Tensor:
-        rows = torch.arange(self.out_features)
-        return dequantize_int4(unpack_int4(self.packed, rows), self.scales_zeros, rows)
+        return dequantize_int4_all(self.packed, self.scales_zeros)[:self.out_features]
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         return dequantize_int4(unpack_int4(self.packed, idx), self.scales_zeros, idx)
