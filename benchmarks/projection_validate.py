@@ -1,12 +1,17 @@
 """How wrong are ryzlab's projections? Validation against figures the calibration never saw.
 
-1. **This CPU** (``--cpu``): calibrate the ``cpu`` device from ONE-rank decode step times only
-   (the scaling experiment's own ``run``, several batch x context points, 1 thread per rank),
-   then project tp 2, cp 2 and tp 2 x cp 2 step times and MEASURE them in the same run (same
-   experiment code, gloo ranks). Error per row, median and worst |error|. The link's latency
-   comes from a 2-rank gloo all-reduce / all-gather microbenchmark (as nccl-tests measures a GPU
-   link), probed again just before each multi-rank point is measured (the VM's link moves by
-   +-30 % over minutes): no multi-rank model step is used to calibrate.
+1. **This CPU** (``--cpu``): calibrate the ``cpu`` device from ONE rank only, then project tp 2,
+   cp 2 and tp 2 x cp 2 step times and MEASURE them in the same run (same experiment code, gloo
+   ranks). Error per row, median and worst |error|. The calibration comes in three parts, as
+   Vidur profiles operators before it simulates: (a) operator profiles on one rank -- the model's
+   GEMMs (bandwidth and compute fractions) and the torch attention backend with and without the
+   log-sum-exp a cp rank needs (``attn_lse_cost``); (b) one-rank decode steps of the scaling
+   experiment at several batch x context points (attention fraction, cost per op, host time);
+   (c) a 2-rank gloo all-reduce / all-gather microbenchmark (as nccl-tests measures a GPU link)
+   after a little and after a lot of work (latency, and ``coll_skew_frac``: the wait for the
+   slowest rank grows with the work between collectives), probed again just before each
+   multi-rank point is measured (the VM's link moves by +-30 % over minutes). No multi-rank
+   model step is used to calibrate.
 2. **Published GPU tables** (``--published``): every row of ``ryzlab/projection/published.yaml``
    (gpt-fast README A100 tokens/s with tp and quantisation; TensorRT-LLM A100 FP16 throughput
    and first-token latency), one calibration per device (``gpu-default``, fitted to the three rows
@@ -27,13 +32,15 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ryzlab.projection.calibration import default_calibration, fit, save_calibration  # noqa: E402
-from ryzlab.projection.cost import Deployment, StepShape, step_cost  # noqa: E402
+from ryzlab.projection.calibration import Calibration, default_calibration, fit, save_calibration  # noqa: E402
+from ryzlab.projection.cost import Deployment, StepShape, gemm_ms, step_cost  # noqa: E402
 from ryzlab.projection.hardware import get_device  # noqa: E402
 from ryzlab.projection.validation import (error_summary, fit_gpu_default, probe_gloo_link,  # noqa: E402
-                                         validate_published)
+                                         profile_attention_lse, profile_gemms, validate_published)
 
 CAL_POINTS = [(1, 128), (1, 1024), (4, 256), (8, 1024), (16, 128), (16, 512)]
 """One-rank (batch, context) points the CPU calibration is fitted to."""
@@ -56,16 +63,18 @@ def _measure(tp: int, cp: int, batch: int, context: int, steps: int, repeats: in
             "repeats": repeats, "warmup": cfg.warmup}
 
 
-def cpu_validation(steps: int, repeats: int, out_cal: Path | None) -> list[dict]:
+def cpu_validation(steps: int, repeats: int, out_cal: Path | None) -> tuple[list[dict], Calibration]:
+    """-> (one row per point, the calibration fitted from one rank)"""
     from ryzlab.projection.shapes import load_shape
 
     model, _ = load_shape("reference")
     link = probe_gloo_link(numel=16 * model.dim)   # the tp all-reduce of batch 16: [16, dim] floats
     dev = get_device("cpu", {"link_latency_us": link["link_latency_us"]})
     print(f"cpu device (measured now): {dev.spec()}")
-    print(f"gloo link (2-rank microbenchmark, no model step): all_reduce {link['all_reduce_us']:.0f} us, "
-          f"all_gather {link['all_gather_us']:.0f} us -> hop {link['link_latency_us']:.0f} us, "
-          f"base {link['coll_base_us']:.0f} us")
+    print(f"gloo link (2-rank microbenchmark, no model step): after {link['work_us']:.0f} us of work all_reduce "
+          f"{link['all_reduce_us']:.0f} us, all_gather {link['all_gather_us']:.0f} us; after {link['work_busy_us']:.0f} us "
+          f"{link['all_reduce_busy_us']:.0f} / {link['all_gather_busy_us']:.0f} us -> hop {link['link_latency_us']:.0f} us, "
+          f"base {link['coll_base_us']:.0f} us, skew {link['coll_skew_frac']:.3f} of the work")
     rows = []
     for b, c in CAL_POINTS:
         m = _measure(1, 1, b, c, steps, repeats)
@@ -80,11 +89,29 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None) -> list[dict]
         dep = Deployment(tp=r["tp"], cp=r["cp"], weights="fp32")
         return step_cost(model, device or dev, cal, dep, shape(r)).total_ms
 
-    cal = fit(default_calibration("cpu").replace(coll_base_us=link["coll_base_us"]), predict, [(r, r["step_ms"]) for r in rows], name="cpu-fitted",
-              fitted_from="benchmarks/projection_validate.py: one-rank scaling points, reference model, float32, "
-                          "1 thread")
+    # operator profiles on one rank first (as Vidur profiles GEMMs and attention apart): the GEMMs
+    # pin the bandwidth and compute fractions (a whole one-rank step cannot tell a fixed cost per op
+    # from weight streaming: both are the same at every batch and context, and only tp splits one)
+    torch.set_num_threads(1)
+    fp32 = Deployment(weights="fp32")
+    gemms = profile_gemms(model)
+    start = default_calibration("cpu").replace(coll_base_us=link["coll_base_us"], coll_skew_frac=link["coll_skew_frac"])
+    start = fit(start, lambda c, b: gemm_ms(model, dev, c, fp32, b), [(g["batch"], g["ms"]) for g in gemms],
+                fields=("bw_frac", "flops_frac"), name="cpu-gemms",
+                fitted_from="operator profile of the reference model's GEMMs, float32, 1 thread")
+    attn = profile_attention_lse(model)
+    lse_cost = max(1.0, statistics.median(a["ms_lse"] / a["ms"] for a in attn))
+    start = start.replace(attn_lse_cost=lse_cost)
+    print("operator profiles (one rank, 1 thread): GEMMs " + ", ".join(f"b={g['batch']} {g['ms']:.3f} ms" for g in gemms)
+          + "; attention without / with log-sum-exp " + ", ".join(
+              f"b={a['batch']} ctx={a['context']} {a['ms']:.3f} / {a['ms_lse']:.3f} ms" for a in attn))
+    cal = fit(start, predict, [(r, r["step_ms"]) for r in rows], fields=("attn_frac", "kernel_us", "host_ms"),
+              name="cpu-fitted",
+              fitted_from="benchmarks/projection_validate.py: GEMM and attention operator profiles, one-rank scaling "
+                          "points, the gloo link probe; reference model, float32, 1 thread")
     print(f"calibration {cal.name}: bw_frac={cal.bw_frac:.3g} flops_frac={cal.flops_frac:.3g} attn_frac={cal.attn_frac:.3g} "
-          f"kernel_us={cal.kernel_us:.3g} host_ms={cal.host_ms:.3g} ({cal.fitted_from})")
+          f"attn_lse_cost={cal.attn_lse_cost:.3g} kernel_us={cal.kernel_us:.3g} host_ms={cal.host_ms:.3g} "
+          f"coll_skew_frac={cal.coll_skew_frac:.3g} ({cal.fitted_from})")
     if out_cal:
         print(f"  written to {save_calibration(cal, out_cal)}")
     out = []
@@ -99,34 +126,43 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None) -> list[dict]
             # (still no model step), taken just before it is measured
             lk = probe_gloo_link(numel=16 * model.dim)
             dev_now = get_device("cpu", {"link_latency_us": lk["link_latency_us"]})
-            cal_now = cal.replace(coll_base_us=lk["coll_base_us"])
+            cal_now = cal.replace(coll_base_us=lk["coll_base_us"], coll_skew_frac=lk["coll_skew_frac"])
             m = _measure(tp, cp, b, c, steps, repeats)
             r = {"tp": tp, "cp": cp, "batch": b, "context": c, **m, "link_all_reduce_us": lk["all_reduce_us"],
-                 "link_all_gather_us": lk["all_gather_us"]}
+                 "link_all_gather_us": lk["all_gather_us"], "link_skew_frac": lk["coll_skew_frac"]}
             p = predict(cal_now, r, dev_now)
             out.append({**r, "projected_ms": p, "error": p / m["step_ms"] - 1, "calibrate": False})
             print(f"  tp{tp} x cp{cp} b={b:3d} ctx={c:5d}: measured {m['step_ms']:.3f} ms [{m['step_ms_min']:.3f}, "
                   f"{m['step_ms_max']:.3f}], projected {p:.3f} ms, error {p / m['step_ms'] - 1:+.1%} "
-                  f"(link now: all_reduce {lk['all_reduce_us']:.0f} us, all_gather {lk['all_gather_us']:.0f} us)",
+                  f"(link now: all_reduce {lk['all_reduce_us']:.0f} us, all_gather {lk['all_gather_us']:.0f} us, "
+                  f"skew {lk['coll_skew_frac']:.3f})",
                   flush=True)
-    return out
+    return out, cal
 
 
 SERVING_CAL_RATE = 2.0
 SERVING_CHECK_RATES = (5.0, 8.0)
 
 
-def _measure_serving(rate: float, num_requests: int) -> dict:
-    """One in-process ryzlab engine (the serving experiment, 1 worker) at a Poisson ``rate``."""
+SERVING_METRICS = ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99")
+
+
+def _measure_serving(rate: float, num_requests: int, repeats: int) -> dict:
+    """One in-process ryzlab engine (the serving experiment, 1 worker) at a Poisson ``rate``: each
+    metric the median over ``repeats`` fresh runs (one run of 30 requests moves by ~25 % from the
+    next on this VM, the calibration point included)."""
     from ryzlab.experiments.serving import Config, run
 
     cfg = Config(rate=rate, num_requests=num_requests, workers=1, via="in-process", prompt_len=32, output_len=16,
                  num_blocks=256, max_num_seqs=16, seed=0)
-    df = run(cfg)
-    return df[df["kind"] == "summary"].iloc[0].to_dict()
+    runs = []
+    for _ in range(repeats):
+        df = run(cfg)
+        runs.append(df[df["kind"] == "summary"].iloc[0].to_dict())
+    return {k: statistics.median(r[k] for r in runs) for k in SERVING_METRICS}
 
 
-def serving_validation(cpu_cal, num_requests: int) -> list[dict]:
+def serving_validation(cpu_cal, num_requests: int, repeats: int = 3) -> list[dict]:
     """A serving curve: the step's host overhead and the request's own latency (router, IPC) fitted
     at one low rate (one worker, one rank; two numbers to its TTFT and TPOT p50), then the
     projection at higher rates against the measurement in the same run."""
@@ -146,7 +182,7 @@ def serving_validation(cpu_cal, num_requests: int) -> list[dict]:
                         ServingLoad(rate=rate, num_requests=num_requests, prompt_tokens=32, output_tokens=16),
                         eng, num_blocks=256)
 
-    base = _measure_serving(SERVING_CAL_RATE, num_requests)
+    base = _measure_serving(SERVING_CAL_RATE, num_requests, repeats)
     cal = fit(cpu_cal, lambda c, k: sim(c, SERVING_CAL_RATE)[k], [("tpot_ms_p50", base["tpot_ms_p50"]),
                                                                   ("ttft_ms_p50", base["ttft_ms_p50"])],
               fields=("host_ms", "request_ms"), name="cpu-serving",
@@ -155,9 +191,9 @@ def serving_validation(cpu_cal, num_requests: int) -> list[dict]:
           f"to TTFT and TPOT p50 at {SERVING_CAL_RATE} req/s)")
     out = []
     for rate in SERVING_CHECK_RATES:
-        m = _measure_serving(rate, num_requests)
+        m = _measure_serving(rate, num_requests, repeats)
         p = sim(cal, rate)
-        for k in ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99"):
+        for k in SERVING_METRICS:
             out.append({"rate": rate, "metric": k, "measured": m[k], "projected": p[k],
                         "error": p[k] / m[k] - 1, "calibrate": False})
             print(f"  serving {rate:4.1f} req/s {k:12s}: measured {m[k]:8.2f} ms, projected {p[k]:8.2f} ms, "
@@ -171,7 +207,8 @@ def main() -> int:
     ap.add_argument("--published", action="store_true", help="only the published-table validation")
     ap.add_argument("--steps", type=int, default=16, help="timed decode steps per CPU run (default 16)")
     ap.add_argument("--repeats", type=int, default=3,
-                    help="fresh runs per CPU point; the point is their median, the spread their range (default 3)")
+                    help="fresh runs per CPU point and per serving rate; the point is their median, the spread "
+                         "their range (default 3)")
     ap.add_argument("--calibration-out", type=Path, default=None, help="write the fitted CPU calibration here")
     ap.add_argument("--serving-requests", type=int, default=30,
                     help="requests per point of the CPU serving curve (0 = skip it; default 30)")
@@ -204,7 +241,7 @@ def main() -> int:
               f"{s['worst_abs_error']:.1%} (target median <= 20%)")
         result["published"] = rows
     if args.cpu or both:
-        rows = cpu_validation(args.steps, args.repeats, args.calibration_out)
+        rows, cpu_cal = cpu_validation(args.steps, args.repeats, args.calibration_out)
         s = error_summary(rows)
         print(f"CPU: {int(s['rows'])} multi-rank rows projected from 1-rank calibration: median |error| "
               f"{s['median_abs_error']:.1%}, worst {s['worst_abs_error']:.1%} (targets 15% / 30%)")
@@ -213,10 +250,7 @@ def main() -> int:
               f"{fit_s['median_abs_error']:.1%}, worst {fit_s['worst_abs_error']:.1%})")
         result["cpu"] = rows
         if args.serving_requests:
-            from ryzlab.projection.calibration import load_calibration
-
-            cal = load_calibration(args.calibration_out) if args.calibration_out else default_calibration("cpu")
-            srows = serving_validation(cal, args.serving_requests)
+            srows = serving_validation(cpu_cal, args.serving_requests, args.repeats)
             s = error_summary(srows)
             print(f"CPU serving curve: {int(s['rows'])} held-out figures, median |error| {s['median_abs_error']:.1%}, "
                   f"worst {s['worst_abs_error']:.1%}")

@@ -327,6 +327,31 @@ def test_attention_fraction_and_cp_merge_kernels_by_hand():
     assert two - one == pytest.approx(m.n_layers * (CP_MERGE_KERNELS + 1) * 10.0 / 1e3)   # merge + its all-gather
 
 
+def test_rank_skew_and_log_sum_exp_cost_by_hand():
+    """coll_skew_frac adds that share of a layer's work to its collectives (only with collectives);
+    attn_lse_cost multiplies a cp rank's attention (only under cp); gemm_ms is step_cost's GEMM part."""
+    from ryzlab.projection.cost import gemm_ms
+
+    m, _ = load_shape("llama-2-7b")
+    dev = hardware.get_device("a100-80gb")
+    shape = StepShape.decode(8, 4096)
+    for tp, cp in ((1, 1), (2, 1), (1, 2), (2, 2)):
+        dep = Deployment(tp=tp, cp=cp)
+        base = step_cost(m, dev, ZERO, dep, shape)
+        skew = step_cost(m, dev, ZERO.replace(coll_skew_frac=0.25), dep, shape)
+        work = base.gemm_ms + base.attention_ms + base.parts["elementwise_ms"]
+        assert skew.comm_ms - base.comm_ms == pytest.approx(0.25 * work if tp * cp > 1 else 0.0, rel=1e-9)
+        lse = step_cost(m, dev, ZERO.replace(attn_lse_cost=1.5), dep, shape)
+        assert lse.attention_ms == pytest.approx(base.attention_ms * (1.5 if cp > 1 else 1.0), rel=1e-9)
+        assert lse.gemm_ms == base.gemm_ms
+    one = step_cost(m, dev, ZERO, Deployment(), StepShape.decode(4, 16))
+    assert gemm_ms(m, dev, ZERO, Deployment(), 4) == pytest.approx(one.gemm_ms, rel=1e-12)
+    with pytest.raises(ValueError, match="attn_lse_cost"):
+        ZERO.replace(attn_lse_cost=0.9)
+    with pytest.raises(ValueError, match="coll_skew_frac"):
+        ZERO.replace(coll_skew_frac=-0.1)
+
+
 def test_max_kl_without_results_measures_the_codecs_on_weights(capsys):
     """--max-kl with no --kl-results measures each codec's KL on the weights now (none is 0); a
     config-only model has none, and is refused before any work with the two ways out."""
@@ -343,3 +368,20 @@ def test_max_kl_without_results_measures_the_codecs_on_weights(capsys):
     assert main(["plan", "--model", "llama-3-8b", "--kl-model", "llama-2-7b", "--devices", "h100-sxm", "--rate", "10",
                  "--slo-ttft-ms", "500", "--slo-tpot-ms", "50", "--max-kl", "0.01"]) == 2
     assert "'llama-2-7b' ships as config.json only" in capsys.readouterr().err
+
+
+def test_operator_profiles_and_link_probe_return_what_the_fit_reads():
+    """The one-rank operator profiles (GEMMs; attention with / without log-sum-exp on a real paged
+    cache) and the 2-rank link probe at two amounts of work give finite positive figures."""
+    from ryzlab.projection.validation import probe_gloo_link, profile_attention_lse, profile_gemms
+
+    m = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
+    g = profile_gemms(m, batches=(1, 8), iters=3)
+    assert [r["batch"] for r in g] == [1, 8] and all(r["ms"] > 0 for r in g)
+    a = profile_attention_lse(m, points=((2, 32),), iters=3)
+    assert a[0]["batch"] == 2 and a[0]["context"] == 32 and a[0]["ms"] > 0 and a[0]["ms_lse"] > 0
+    link = probe_gloo_link(numel=64, iters=10, work_rows=(4, 64))
+    for k in ("all_reduce_us", "all_gather_us", "link_latency_us", "coll_base_us", "coll_skew_frac", "work_us",
+              "work_busy_us"):
+        assert math.isfinite(link[k]) and link[k] >= 0, k
+    assert link["work_busy_us"] > link["work_us"]

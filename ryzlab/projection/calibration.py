@@ -43,6 +43,12 @@ class Calibration:
     below 1 for an engine that gathers pages into a copy, then multiplies and softmaxes it in
     separate passes (ryzlab's torch path on CPU). Vidur profiles attention apart from GEMMs for
     the same reason."""
+    attn_lse_cost: float = 1.0
+    """Cost of attention that must also return its log-sum-exp (a context-parallel rank's partial,
+    for the exact merge) relative to attention without it: 1 for a kernel that keeps the running
+    log-sum-exp anyway (flash-decoding, ryzlab's Triton kernel); above 1 for ryzlab's torch path,
+    whose one-rank decode takes a fused softmax while a cp rank runs log-sum-exp, subtract and exp
+    (an operator profile of the two on one rank measures it)."""
     int8_weight_eff: float = 1.0
     """Bandwidth of an int8 weight-only GEMM relative to a bf16 one (dequantisation in the kernel)."""
     int4_weight_eff: float = 1.0
@@ -56,6 +62,11 @@ class Calibration:
     back (API, router, IPC). Adds to TTFT and end-to-end latency, not to TPOT."""
     coll_base_us: float = 8.0
     """Fixed cost of one collective call, on top of the per-hop latency of the device's link."""
+    coll_skew_frac: float = 0.0
+    """Share of the work between two collectives that a collective adds by waiting for the slowest
+    rank (ranks drift apart while they compute; on a shared-core VM the rank that arrives first
+    idles and is descheduled, and waking it costs more the longer it slept). 0 for GPUs with NCCL
+    (kernels spin; assumption); on CPU the link probe measures it at two amounts of work."""
     link_frac: float = 0.8
     """Fraction of the link bandwidth a collective achieves (bus bandwidth)."""
     mem_util: float = 0.9
@@ -70,7 +81,9 @@ class Calibration:
             v = getattr(self, f)
             if not 0 < v <= 1.0:
                 raise ValueError(f"calibration {self.name}: {f} must be in (0, 1], got {v}")
-        for f in ("kernel_us", "host_ms", "request_ms", "coll_base_us"):
+        if self.attn_lse_cost < 1.0:
+            raise ValueError(f"calibration {self.name}: attn_lse_cost must be >= 1, got {self.attn_lse_cost}")
+        for f in ("kernel_us", "host_ms", "request_ms", "coll_base_us", "coll_skew_frac"):
             if getattr(self, f) < 0:
                 raise ValueError(f"calibration {self.name}: {f} must be >= 0, got {getattr(self, f)}")
 

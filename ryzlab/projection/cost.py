@@ -15,7 +15,9 @@ layer and rank, as ryzlab's graph runs it (:mod:`ryzlab.models.transformer`, sha
   embeddings replicated on every tp rank, as ryzlab's ``apply_tp`` leaves them.
 * **collectives** from the comm ledger's formulas (:func:`ryzlab.parallel.layout.tp_comm_bytes_formula`,
   ``cp_comm_bytes_formula``, ``wire_bytes_formula``) on an alpha-beta model of the device's link
-  (ring or tree all-reduce, whichever is faster; ring all-gather), the network past one node.
+  (ring or tree all-reduce, whichever is faster; ring all-gather), the network past one node;
+  plus the wait for the slowest rank (``coll_skew_frac`` of the layer's work: ranks drift apart
+  while they compute). A cp rank's attention also returns its log-sum-exp (``attn_lse_cost``).
 * a **host overhead** per step plus a gap per kernel (a captured graph by default; the
   calibration or ``--host-overhead-ms`` models an eager engine).
 
@@ -35,7 +37,7 @@ from ryzlab.projection.formats import WEIGHT_FORMATS, WeightFormat, matrix_bytes
 from ryzlab.projection.hardware import Device
 
 __all__ = ["WeightFormat", "WEIGHT_FORMATS", "Deployment", "StepShape", "StepCost", "matrix_bytes", "weight_bytes",
-           "kv_bytes_per_token", "collective_ms", "step_cost", "memory_bytes_per_device", "kv_capacity_tokens",
+           "kv_bytes_per_token", "collective_ms", "gemm_ms", "step_cost", "memory_bytes_per_device", "kv_capacity_tokens",
            "KERNELS_PER_LAYER", "CP_MERGE_KERNELS"]
 
 KERNELS_PER_LAYER = 12
@@ -204,6 +206,24 @@ def _roof_ms(flops: float, nbytes: float, peak: float, bw: float) -> float:
     return max(flops / peak, nbytes / bw) * 1e3 if (flops or nbytes) else 0.0
 
 
+def _gemm(model: ModelConfig, dep: Deployment, tokens: int, peak: float, bw: float, eff: float
+          ) -> tuple[float, float, float]:
+    """One layer's GEMMs on a rank: (ms, weight bytes, flops) -- roofline per layer."""
+    mats = _layer_matrices(model, dep.tp)
+    w_layer = sum(matrix_bytes(dep.weights, r, c, dep.int4_group) for r, c in mats)
+    flops = 2.0 * tokens * sum(r * c for r, c in mats)
+    act_io = dep.act_bytes * tokens * sum(r + c for r, c in mats)   # each GEMM reads its input, writes its output
+    return max(flops / peak, w_layer / (bw * eff) + act_io / bw) * 1e3, w_layer, flops
+
+
+def gemm_ms(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment, tokens: int) -> float:
+    """Milliseconds of every layer's GEMMs (wq .. w2, all layers; no head) for ``tokens`` rows on one
+    rank running alone: the part of :func:`step_cost` an operator profile of the GEMMs measures."""
+    eff = {"int8": cal.int8_weight_eff, "int4": cal.int4_weight_eff}.get(dep.weights, 1.0)
+    return model.n_layers * _gemm(model, dep, tokens, dev.bf16_tflops * 1e12 * cal.flops_frac,
+                                  dev.hbm_gbps * 1e9 * cal.bw_frac, eff)[0]
+
+
 def step_cost(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment, shape: StepShape,
               *, host_overhead_ms: float | None = None) -> StepCost:
     """Milliseconds of one engine step of ``shape`` on ``dep`` (the slowest rank; all ranks alike).
@@ -221,16 +241,14 @@ def step_cost(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment
     bw = dev.hbm_gbps * 1e9 * cal.bw_frac / share
     eff = {"int8": cal.int8_weight_eff, "int4": cal.int4_weight_eff}.get(dep.weights, 1.0)
 
-    mats = _layer_matrices(model, dep.tp)
-    w_layer = sum(matrix_bytes(dep.weights, r, c, dep.int4_group) for r, c in mats)
-    gemm_flops = 2.0 * T * sum(r * c for r, c in mats)
-    act_io = act * T * sum(r + c for r, c in mats)          # each GEMM reads its input, writes its output
-    gemm = max(gemm_flops / peak, w_layer / (bw * eff) + act_io / bw) * 1e3
+    gemm, w_layer, gemm_flops = _gemm(model, dep, T, peak, bw, eff)
 
     kvt = kv_bytes_per_token(model, dep)
     dec_bytes = shape.decode_context / dep.cp * kvt
     pre_bytes = (shape.prefill_context / dep.cp + shape.prefill_tokens) * kvt   # read the past, write the chunk
-    attn = (_roof_ms(4.0 * hq * hd * shape.decode_context / dep.cp, dec_bytes + act * shape.decode_seqs * hq * hd * 2,
+    # a cp rank's partial needs its log-sum-exp too (for the exact merge)
+    lse = cal.attn_lse_cost if dep.cp > 1 else 1.0
+    attn = lse * (_roof_ms(4.0 * hq * hd * shape.decode_context / dep.cp, dec_bytes + act * shape.decode_seqs * hq * hd * 2,
                      peak, bw * cal.attn_frac)
             + _roof_ms(4.0 * hq * hd * shape.prefill_pairs / dep.cp, pre_bytes + act * shape.prefill_tokens * hq * hd * 2,
                        peak, bw * cal.attn_frac))
@@ -242,6 +260,10 @@ def step_cost(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment
     # on a shared host a collective waits for every rank to get a core: it slows like compute does
     comm = share * (2 * collective_ms("all_reduce", ar_bytes, dep.tp, dev, cal)
                     + collective_ms("all_gather", ag_bytes, dep.cp, dev, cal))
+    if dep.tp * dep.cp > 1:
+        # each collective also waits for the slowest rank: a share of the work since the last one
+        # (the layer's work, however many collectives split it)
+        comm += cal.coll_skew_frac * (gemm + attn + elem)
     n_out = shape.decode_seqs + shape.prefill_seqs
     wb = weight_bytes(model, dep)
     head_eff = eff if not model.tie_embeddings else 1.0

@@ -19,7 +19,7 @@ from ryzlab.projection.hardware import get_device
 from ryzlab.projection.shapes import load_shape
 
 __all__ = ["PUBLISHED_FILE", "published_tables", "predict_published", "validate_published", "fit_gpu_default",
-           "error_summary", "static_batch_ms"]
+           "error_summary", "static_batch_ms", "probe_gloo_link", "profile_gemms", "profile_attention_lse"]
 
 PUBLISHED_FILE = Path(__file__).with_name("published.yaml")
 
@@ -100,7 +100,8 @@ def _link_rank(rank: int, world_size: int, tp: int, cp: int, numel: int, iters: 
                ) -> dict[str, float]:
     """On each rank: mean seconds of one tp all-reduce and one cp all-gather of ``numel`` floats,
     each entered after ``work_rows`` rows of one-thread matmul (as a layer's collective follows its
-    GEMMs), with no barrier in between: what a rank pays per collective inside a decode step."""
+    GEMMs), with no barrier in between: what a rank pays per collective inside a decode step.
+    ``work`` is the mean seconds of that matmul alone (the gap between two collectives)."""
     import time
 
     import torch
@@ -117,41 +118,141 @@ def _link_rank(rank: int, world_size: int, tp: int, cp: int, numel: int, iters: 
         if comm.world_size == 1:
             continue
         torch.distributed.barrier()
-        times = []
+        times, works = [], []
         for i in range(iters + 5):
-            a @ w
             t0 = time.perf_counter()
+            a @ w
+            t1 = time.perf_counter()
             call(comm)
             if i >= 5:
-                times.append(time.perf_counter() - t0)
-        out[name] = statistics.fmean(times)
+                times.append(time.perf_counter() - t1)
+                works.append(t1 - t0)
+        out[name], out["work"] = statistics.fmean(times), statistics.fmean(works)
     return out
 
 
-def probe_gloo_link(numel: int = 1024, iters: int = 300, work_rows: int = 64) -> dict[str, float]:
+LINK_WORK_ROWS = (64, 2048)
+"""Matmul rows a probe rank does before each collective: ~0.1 ms and ~3 ms of one-thread work on this
+CPU (a small layer's GEMMs, a large layer's attention)."""
+
+
+def probe_gloo_link(numel: int = 1024, iters: int = 1000, work_rows: tuple[int, int] = LINK_WORK_ROWS
+                    ) -> dict[str, float]:
     """Measure this host's gloo link the way nccl-tests measures a GPU link: a 2-rank all-reduce
     and a 2-rank all-gather of ``numel`` floats (no model step runs).
 
-    Measured in the pattern a decode step issues them: each rank does a little one-thread work
+    Measured in the pattern a decode step issues them: each rank does some one-thread work
     (``work_rows`` x 256 x 256 matmul), then enters the collective, ``iters`` times, no barrier
-    between; the **mean** time per call, because a step pays the sum of its collectives. On a
+    between; the **mean** time per call, because a step pays the sum of its collectives (a call on
+    this VM either completes in ~0.4 ms or waits ~4 ms, a scheduler tick, for the peer to be woken:
+    median 0.6-0.9 ms, mean 1.4-1.8 ms, p90 ~4 ms; over 1000 calls the mean moves ~10 % between
+    probes, over 300 ~25 %). On a
     shared-core VM a collective mostly waits for the peer process to be woken, so a collective
     measured right after a barrier (both ranks already awake) reads low: 523 us against 0.9-1.2 ms
-    per call inside tp 2 steps on this machine.
+    per call inside tp 2 steps on this machine. It also costs more the longer the ranks worked
+    since the last one (they drift apart, and the one that waits idles longer): 0.8 ms after
+    ~0.1 ms of work, 1.6 ms after ~3 ms (all-gather, this VM). So the probe runs at two amounts of
+    work (``work_rows``) and returns the slope, ``coll_skew_frac`` (extra collective time per unit
+    of work before it, mean of the all-reduce's and the all-gather's), and the alpha terms at no work.
 
     Returns ``coll_base_us`` and ``link_latency_us`` solving the cost model's alpha terms
     (all-reduce of 2 = base + 2 hops, all-gather of 2 = base + 1 hop; bytes at the catalog's
-    link bandwidth are subtracted first).
+    link bandwidth are subtracted first), ``coll_skew_frac``, and the raw means per work size.
     """
     from ryzlab.orchestrator import launch
 
-    ar = max(r["all_reduce"] for r in launch(_link_rank, 2, args=(2, 1, numel, iters, work_rows), backend="gloo",
-                                              threads_per_rank=1))
-    ag = max(r["all_gather"] for r in launch(_link_rank, 2, args=(1, 2, numel, iters, work_rows), backend="gloo",
-                                              threads_per_rank=1))
+    def one(tp: int, cp: int, rows: int) -> tuple[float, float]:
+        res = launch(_link_rank, 2, args=(tp, cp, numel, iters, rows), backend="gloo", threads_per_rank=1)
+        key = "all_reduce" if tp == 2 else "all_gather"
+        return max(r[key] for r in res), statistics.fmean(r["work"] for r in res)
+
+    (ar0, w_ar0), (ag0, w_ag0) = one(2, 1, work_rows[0]), one(1, 2, work_rows[0])
+    (ar1, w_ar1), (ag1, w_ag1) = one(2, 1, work_rows[1]), one(1, 2, work_rows[1])
+    slopes = [(t1 - t0) / (w1 - w0) for t0, t1, w0, w1 in ((ar0, ar1, w_ar0, w_ar1), (ag0, ag1, w_ag0, w_ag1))
+              if w1 > w0]
+    skew = max(0.0, statistics.fmean(slopes)) if slopes else 0.0
+    ar, ag = max(ar0 - skew * w_ar0, 0.0), max(ag0 - skew * w_ag0, 0.0)   # at no work before the call
     dev = get_device("cpu")
     wire = numel * 4 / (dev.link_gbps * 1e9)       # one chunk over the link, seconds
     ar_us, ag_us = (ar - wire) * 1e6, (ag - wire) * 1e6
     hop = max(ar_us - ag_us, 0.0)
-    return {"all_reduce_us": ar * 1e6, "all_gather_us": ag * 1e6, "link_latency_us": hop,
-            "coll_base_us": max(ag_us - hop, 0.0)}
+    return {"all_reduce_us": ar0 * 1e6, "all_gather_us": ag0 * 1e6, "work_us": w_ag0 * 1e6,
+            "all_reduce_busy_us": ar1 * 1e6, "all_gather_busy_us": ag1 * 1e6, "work_busy_us": w_ag1 * 1e6,
+            "link_latency_us": hop, "coll_base_us": max(ag_us - hop, 0.0), "coll_skew_frac": skew}
+
+
+def _median_ms(fn: Callable[[], Any], iters: int, repeats: int = 5) -> float:
+    import time
+
+    for _ in range(3):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        runs.append((time.perf_counter() - t0) / iters * 1e3)
+    return statistics.median(runs)
+
+
+def profile_gemms(model, batches: tuple[int, ...] = (1, 4, 16, 64), dtype: str = "float32", iters: int = 50
+                  ) -> list[dict[str, float]]:
+    """Operator profile (as Vidur profiles GEMMs apart from the rest): milliseconds of every layer's
+    GEMMs of ``model`` (wq, wk, wv, wo, w1, w3, w2 at tp 1, random weights, torch ``F.linear``, the
+    calling thread's torch threads) for each batch of one-token rows. What :func:`ryzlab.projection.cost.gemm_ms`
+    prices, so bandwidth and compute fractions are fitted to GEMMs alone, not to a whole step where
+    a fixed cost per op looks like weight streaming (one rank's steps cannot tell them apart)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ryzlab.projection.cost import _layer_matrices
+
+    dt = getattr(torch, dtype)
+    mats = [torch.randn(r, c, dtype=dt) for _ in range(model.n_layers) for r, c in _layer_matrices(model, 1)]
+    out = []
+    # decode batches and a short prompt's prefill rows: on a CPU small-row GEMMs fall well short of
+    # the roofline (16 rows: ~1/8 of the peak, 256 rows: the peak), so the fit spans the rows a step has
+    for b in batches:
+        xs = {c: torch.randn(b, c, dtype=dt) for c in {m.shape[1] for m in mats}}
+
+        def run() -> None:
+            for m in mats:
+                F.linear(xs[m.shape[1]], m)
+        out.append({"batch": b, "ms": _median_ms(run, iters)})
+    return out
+
+
+def profile_attention_lse(model, points: tuple[tuple[int, int], ...] = ((4, 256), (16, 512)), iters: int = 30
+                          ) -> list[dict[str, float]]:
+    """Operator profile of decode attention on one rank, with and without the log-sum-exp a cp
+    rank's partial needs: ryzlab's torch backend (page gather included) over a real
+    :class:`~ryzlab.kv.cache.PagedKVCache` of ``model``'s shape, ``batch`` sequences of ``context``
+    tokens each (random keys and values), one layer. -> rows with ``ms`` and ``ms_lse``."""
+    import torch
+
+    from ryzlab.config import CacheConfig
+    from ryzlab.kv.cache import PagedKVCache
+
+    out = []
+    hq, hkv, d = model.n_heads, model.n_kv_heads, model.head_dim
+    for b, ctx in points:
+        cache = PagedKVCache(model, CacheConfig(num_blocks=b * (ctx // 16 + 2)))
+        ids = list(range(b))
+        for s in ids:
+            cache.add_sequence(s, [])
+        step = cache.extend(ids, [[1] * ctx for _ in ids])
+        for layer in range(1):
+            cache.write(layer, torch.randn(b * ctx, hkv, d), torch.randn(b * ctx, hkv, d), step=step)
+        step = cache.extend(ids, [[1] for _ in ids])
+        cache.write(0, torch.randn(b, hkv, d), torch.randn(b, hkv, d), step=step)
+        q = torch.randn(b, hq, d)
+        # interleaved repeats (without, with, without, ...): the first large gathers of a process
+        # run slower while the allocator settles, and drift must hit both sides
+        runs: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(5):
+            for lse in (False, True):
+                runs[lse].append(_median_ms(
+                    lambda: cache.backend.attend(cache.store, 0, q, step, None, with_lse=lse), iters, repeats=1))
+        out.append({"batch": b, "context": ctx, "ms": statistics.median(runs[False]),
+                    "ms_lse": statistics.median(runs[True])})
+    return out
