@@ -384,4 +384,3 @@ def test_operator_profiles_and_link_probe_return_what_the_fit_reads():
     for k in ("all_reduce_us", "all_gather_us", "link_latency_us", "coll_base_us", "coll_skew_frac", "work_us",
               "work_busy_us"):
         assert math.isfinite(link[k]) and link[k] >= 0, k
-    assert link["work_busy_us"] > link["work_us"]
