@@ -216,10 +216,15 @@ def _gemm(model: ModelConfig, dep: Deployment, tokens: int, peak: float, bw: flo
     return max(flops / peak, w_layer / (bw * eff) + act_io / bw) * 1e3, w_layer, flops
 
 
+def _weight_eff(cal: Calibration, dep: Deployment) -> float:
+    """Bandwidth of the deployment's weight format's GEMMs relative to bf16 ones."""
+    return {"int8": cal.int8_weight_eff, "int4": cal.int4_weight_eff}.get(dep.weights, 1.0)
+
+
 def gemm_ms(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment, tokens: int) -> float:
     """Milliseconds of every layer's GEMMs (wq .. w2, all layers; no head) for ``tokens`` rows on one
     rank running alone: the part of :func:`step_cost` an operator profile of the GEMMs measures."""
-    eff = {"int8": cal.int8_weight_eff, "int4": cal.int4_weight_eff}.get(dep.weights, 1.0)
+    eff = _weight_eff(cal, dep)
     return model.n_layers * _gemm(model, dep, tokens, dev.bf16_tflops * 1e12 * cal.flops_frac,
                                   dev.hbm_gbps * 1e9 * cal.bw_frac, eff)[0]
 
@@ -239,7 +244,7 @@ def step_cost(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment
     share = max(1.0, dep.tp * dep.cp / dev.devices_per_node) if dev.shared_host else 1.0
     peak = dev.bf16_tflops * 1e12 * cal.flops_frac / share
     bw = dev.hbm_gbps * 1e9 * cal.bw_frac / share
-    eff = {"int8": cal.int8_weight_eff, "int4": cal.int4_weight_eff}.get(dep.weights, 1.0)
+    eff = _weight_eff(cal, dep)
 
     gemm, w_layer, gemm_flops = _gemm(model, dep, T, peak, bw, eff)
 
