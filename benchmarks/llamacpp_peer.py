@@ -31,6 +31,11 @@ the weights), ``llama.cpp:xN`` is N ``llama-server`` processes, each driven by i
 concurrency-8 load (no router: the best case for llama.cpp replicas; throughput summed, the
 single-stream figure from one of them). Ratios are against the one-server ``llama.cpp`` row.
 
+``--compile FORMAT ...`` adds ``ryzlab:FORMAT:compiled``: ``ryzlab serve --compile`` (the forward
+through ``torch.compile``, the paged attention one operator per layer; the server compiles its
+prefill and decode graphs before it answers ``/v1/models``, so its start-up time holds the compile
+and no measured request does).
+
 Caveat seen on the shared 2-core box (load 3-6 from other processes): llama.cpp with 2 threads
 collapses (3-10 tok/s single stream, vs 59-87 with 1 thread, with or without ``--poll 0``): its
 threads meet at a barrier every op, so one preempted thread stalls the step. Its 2-thread ratios
@@ -112,6 +117,8 @@ def one_side(side: str, threads: int, repeat: int, gguf: Path, args: argparse.Na
         argv = server_argv("ryzlab", model=str(gguf), port=ports[0], threads=threads // n, block_size=16,
                            num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs // n,
                            max_model_len=args.ctx_per_slot) + ["--weights", rest[0]]
+        if "compiled" in rest:
+            argv.append("--compile")
         argvs = [argv + (["--workers", str(n)] if n > 1 else [])]
     t = time.monotonic()
     env = dict(kv.split("=", 1) for kv in args.ryzlab_env) if name != "llama.cpp" else None
@@ -134,7 +141,7 @@ def one_side(side: str, threads: int, repeat: int, gguf: Path, args: argparse.Na
            "count_source": c8["count_source"], "output_len_match_frac": c8["output_len_match_frac"],
            "length_fields": ",".join(profile.length_fields), "stream_usage": profile.stream_usage,
            "tokens_per_word": profile.tokens_per_word, "loadavg_1m": os.getloadavg()[0]}
-    print(f"  t={threads} {side:16s} rep {repeat}: c1 decode {row['decode_tok_s_c1']:6.1f} tok/s "
+    print(f"  t={threads} {side:25s} rep {repeat}: c1 decode {row['decode_tok_s_c1']:6.1f} tok/s "
           f"(TPOT p50 {row['tpot_ms_p50_c1']:.1f} ms, TTFT p50 {row['ttft_ms_p50_c1']:.0f} ms)   c8 "
           f"{row['output_tok_s_c8']:6.1f} output tok/s   failed {row['failed']}   counts {row['count_source']}, "
           f"len match {row['output_len_match_frac']:.2f}   load {row['loadavg_1m']:.1f}", flush=True)
@@ -154,6 +161,10 @@ def main() -> int:
                         "llama.cpp as N servers each driven by its own share of the load (no router: its best case); "
                         "each replica gets threads/N threads and max-num-seqs/N sequences, the same totals as one "
                         "server; only where threads is a multiple of N (default 1: not measured)")
+    p.add_argument("--compile", nargs="*", default=[], metavar="FORMAT",
+                   help="also measure ryzlab with these weight formats and `serve --compile` (torch.compile of the "
+                        "forward; the server compiles before it reports ready, so no request pays it; side "
+                        "'ryzlab:FORMAT:compiled'; default none)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
@@ -167,7 +178,7 @@ def main() -> int:
     args = p.parse_args()
     from ryzlab.models.quant import parse_weight_format  # noqa: PLC0415 (only for the check)
 
-    for w in args.weights:
+    for w in [*args.weights, *args.compile]:
         parse_weight_format(w)  # refuses a bad format with the valid choices, before any work
     if args.repeats < 1 or min(args.threads) < 1 or args.max_num_seqs < 8 or args.ryzlab_workers < 1:
         p.error("--repeats, --threads and --ryzlab-workers must be >= 1 and --max-num-seqs >= 8 (concurrency 8 is "
@@ -189,10 +200,10 @@ def main() -> int:
           f"requests, c8 {args.c8_requests}")
     def sides_at(threads: int) -> list[str]:
         n = args.ryzlab_workers
+        ours = [f"ryzlab:{w}" for w in args.weights] + [f"ryzlab:{w}:compiled" for w in args.compile]
         if n < 2 or threads % n:
-            return ["llama.cpp"] + [f"ryzlab:{w}" for w in args.weights]
-        return (["llama.cpp", f"llama.cpp:x{n}"] + [f"ryzlab:{w}" for w in args.weights]
-                + [f"ryzlab:{w}:x{n}" for w in args.weights])
+            return ["llama.cpp"] + ours
+        return ["llama.cpp", f"llama.cpp:x{n}"] + ours + [f"ryzlab:{w}:x{n}" for w in args.weights]
 
     rows = []
     for threads in args.threads:
@@ -203,7 +214,7 @@ def main() -> int:
     df = pd.DataFrame(rows)
     ratios: dict[str, dict] = {}
     print("results (median [min, max] over repeats; ratio = ryzlab / llama.cpp of the medians):")
-    print(f"  {'threads':>7s} {'side':16s} {'c1 decode tok/s':>24s} {'ratio':>6s} {'c8 output tok/s':>24s} {'ratio':>6s}")
+    print(f"  {'threads':>7s} {'side':25s} {'c1 decode tok/s':>24s} {'ratio':>6s} {'c8 output tok/s':>24s} {'ratio':>6s}")
     for threads in args.threads:
         ref = df[(df.threads == threads) & (df.side == "llama.cpp")]
         for side in sides_at(threads):
@@ -211,7 +222,7 @@ def main() -> int:
             r1 = g.decode_tok_s_c1.median() / ref.decode_tok_s_c1.median()
             r8 = g.output_tok_s_c8.median() / ref.output_tok_s_c8.median()
             ratios[f"t{threads}:{side}"] = {"c1": r1, "c8": r8}
-            print(f"  {threads:7d} {side:16s} {spread(list(g.decode_tok_s_c1)):>24s} {r1:6.2f} "
+            print(f"  {threads:7d} {side:25s} {spread(list(g.decode_tok_s_c1)):>24s} {r1:6.2f} "
                   f"{spread(list(g.output_tok_s_c8)):>24s} {r8:6.2f}")
     print("targets (issue 20): int4 c1 ratio >= 0.8, c8 ratio >= 1.5")
     out = Path(args.out)

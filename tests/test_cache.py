@@ -552,3 +552,55 @@ def test_decode_attention_without_lse_is_the_same_softmax():
     out, none = attention_with_lse(q, k, v, mask, None, need_lse=False)
     assert none is None and lse is not None
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_attend_decode_short_path_equals_write_then_attend(dtype):
+    """write_attend's decode path (plain pages) stores the same K/V and returns what write + attend
+    return, within float rounding, over sequences of different lengths (several blocks, a block
+    boundary, one token); a prefill step goes through write + attend unchanged."""
+    def make(plain: bool) -> PagedKVCache:
+        c = PagedKVCache(MODEL, CacheConfig(block_size=4, num_blocks=32), dtype=dtype)
+        assert c._plain
+        c._plain = plain
+        return c
+
+    fast, ref = make(True), make(False)
+    gen = torch.Generator().manual_seed(3)
+    lens = [9, 4, 1]
+    for c in (fast, ref):
+        for i, n in enumerate(lens):
+            c.add_sequence(i, n)
+    steps = [[list(range(3)), lens]] + [[list(range(3)), [1, 1, 1]]] * 3 + [[[0, 2], [1, 1]]]
+    for seqs, writes in steps:
+        if writes is not lens:
+            for c in (fast, ref):
+                for s in seqs:
+                    c.allocate_slots(s, [1])
+        n = sum(writes)
+        sf, sr = fast.extend(seqs, None, num_write=writes), ref.extend(seqs, None, num_write=writes)
+        assert sf.is_decode == (writes is not lens)
+        for layer in range(MODEL.n_layers):
+            q, k, v = (torch.randn(n, h, D, generator=gen).to(dtype) for h in (HQ, HKV, HKV))
+            got = fast.write_attend(layer, q, k, v, step=sf)
+            ref.write(layer, k, v, step=sr)
+            want = ref.attend(layer, q, step=sr)
+            assert got.dtype == want.dtype == dtype and got.shape == want.shape == (n, HQ, D)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5) if dtype == torch.float32 else \
+                torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    for s in (0, 1, 2):
+        for a, b in zip(fast.read_kv(s), ref.read_kv(s)):
+            assert torch.equal(a, b)
+    for s in (0, 2):
+        fast.allocate_slots(s, [1])
+    st_ = fast.extend([0, 2], None, num_write=[1, 1])
+    wrong = torch.zeros(2, HKV, D, dtype=dtype)  # a query with the K/V heads' count
+    with pytest.raises(ValueError, match="q \\[2, 4, 8\\]"):
+        fast.write_attend(0, wrong, wrong, wrong, step=st_)
+
+
+def test_write_attend_short_path_only_where_the_pages_are_plain():
+    """Compressed pages, a rotation or context parallelism keep the general path."""
+    assert PagedKVCache(MODEL, CacheConfig(block_size=4, num_blocks=8))._plain
+    assert not PagedKVCache(MODEL, CacheConfig(block_size=4, num_blocks=8, codec="int8"))._plain
+    assert not PagedKVCache(MODEL, CacheConfig(block_size=4, num_blocks=8, codec="fp8_e4m3"))._plain

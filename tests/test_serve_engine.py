@@ -402,3 +402,32 @@ def test_token_range_is_a_slice_of_prompt_plus_output():
     for a in range(8):
         for b in range(a, 9):
             assert s.token_range(a, b) == s.tokens[a:b], (a, b)
+
+
+def test_compiled_forward_is_one_graph_with_the_paged_attention_operator():
+    """Under torch.compile the paged attention is one opaque operator per layer (no graph break:
+    ``fullgraph=True`` refuses any), and a prefill then decodes give eager's logits. Dynamo's
+    capture with the eager backend: the graph inductor would compile, without compiling it."""
+    from ryzlab.kv.cache import PagedKVCache
+    from ryzlab.models.transformer import Transformer
+    from ryzlab.serve.engine import ragged_forward
+
+    torch.manual_seed(0)
+    mc = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    model = Transformer(mc).eval()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=True)
+    caches = [PagedKVCache(mc, CacheConfig(block_size=4, num_blocks=32)) for _ in range(2)]
+    prompts = {0: [5, 7, 9, 11, 13], 1: [3, 2]}
+    for c in caches:
+        for s, p in prompts.items():
+            c.add_sequence(s, len(p))
+    with torch.inference_mode():
+        inputs = [prompts[0], prompts[1]]
+        for _ in range(4):
+            want = ragged_forward(model, caches[0], [0, 1], inputs)
+            got = ragged_forward(compiled, caches[1], [0, 1], inputs)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            inputs = [[int(t)] for t in want.argmax(-1)]
+            for c in caches:
+                for s, x in zip((0, 1), inputs):
+                    c.allocate_slots(s, x)

@@ -64,6 +64,7 @@ behind the model-facing API above.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
@@ -127,6 +128,11 @@ class PagedKVCache:
                                     pre_rope=st.rope is not None)
         self.kernel = self.backend.name
         self._step: Step | None = None
+        # pages a decode step can write and read with a handful of tensor ops (write_attend): one
+        # rank, the model dtype stored as is, no rotation / pre-RoPE keys / tail, the torch backend
+        self._plain = (self.cp_size == 1 and st.rope is None and self.rotation is None and self.commit_unit == 1
+                       and self.tail_len == 0 and self.kernel == "torch"
+                       and not any(f.quantized for f in (*self.key_formats, *self.value_formats)))
         log.debug("PagedKVCache: %s, commit unit %d, tail %d rows", cache, self.commit_unit, self.tail_len)
 
     # ------------------------------------------------------------------ the parts, for inspection
@@ -351,6 +357,38 @@ class PagedKVCache:
         else:
             out = self._attend(layer, q, step, scale)
         return out.view(len(step.seq_ids), -1, *out.shape[1:]) if four_d else out
+
+    def write_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                     step: Step | None = None, scale: float | None = None) -> torch.Tensor:
+        """:meth:`write` of ``k, v [N, Hkv, D]`` then :meth:`attend` of ``q [N, Hq, D]``: a model's one call per layer.
+
+        A decode step over plain pages (one rank, ``none`` codec, no rotation, pre-RoPE keys or
+        tail) takes a short path: two slot writes, two page gathers and the attention math, with
+        none of the general path's per-call planning (~65 vs ~120 us per layer on a CPU core, which
+        a 30-layer model pays every token); the same result as :meth:`attend` within float rounding.
+        """
+        step = self._current(step)
+        if not (self._plain and step.is_decode and step.num_tokens):
+            self.write(layer, k, v, step=step)
+            return self.attend(layer, q, step=step, scale=scale)
+        b, hkv, d = len(step.seq_ids), self.n_kv_heads, self.head_dim
+        hq = self.model.n_heads
+        if q.shape != (b, hq, d) or k.shape != (b, hkv, d) or v.shape != (b, hkv, d):
+            raise ValueError(f"write_attend of a decode step of {b} sequences needs q [{b}, {hq}, {d}] and k, v "
+                             f"[{b}, {hkv}, {d}]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        (pk, jk), (pv, jv) = self.store.k.where(layer), self.store.v.where(layer)
+        kp, vp = pk.payload[jk], pv.payload[jv]                                     # [cap, bs, Hkv, D]
+        slots, tables = step._own_slots, step._tables                               # [B], [B, nb]
+        kp.view(-1, hkv, d)[slots] = k.to(kp.dtype)
+        vp.view(-1, hkv, d)[slots] = v.to(vp.dtype)
+        flat, s = tables.reshape(-1), tables.shape[1] * self.block_size
+        f32 = torch.float32
+        keys = kp.index_select(0, flat).view(b, s, hkv, d).to(f32).permute(0, 2, 3, 1)  # [B, Hkv, D, S]
+        vals = vp.index_select(0, flat).view(b, s, hkv, d).to(f32).transpose(1, 2)      # [B, Hkv, S, D]
+        scale = scale if scale is not None else 1.0 / math.sqrt(d)
+        sc = (q.to(f32).view(b, hkv, hq // hkv, d) @ keys).mul_(scale)                 # [B, Hkv, g, S]
+        sc = sc.masked_fill_(step.blocked[:, None], float("-inf"))
+        return (torch.softmax(sc, dim=-1) @ vals).view(b, hq, d).to(q.dtype)
 
     def _attend(self, layer: int, q: torch.Tensor, step: Step, scale: float | None) -> torch.Tensor:
         out, lse = self.backend.attend(self.store, layer, q, step, scale, with_lse=self.cp_size > 1)

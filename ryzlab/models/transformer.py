@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import weakref
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -183,17 +184,43 @@ class PagedContext:
     The rows are flattened to the cache's ``[N, H, D]`` token list, so a rectangular batch
     (``[B, T]``, every row writing T tokens) and a ragged serving step (``[1, N]``: prefill chunks
     and decodes of many sequences in one row) go through the same calls.
+
+    Under ``torch.compile`` (``EngineConfig.compile``) a layer's write and attention run as one
+    opaque operator, ``ryzlab::paged_attention``, as vLLM keeps its attention: the cache's
+    bookkeeping is Python with data-dependent shapes, and a graph break at every layer costs more
+    than the compiled layers save. The operator finds the live context by the cache's id.
     """
 
     def __init__(self, cache: Any, step: Any):
         self.cache, self.step = cache, step
+        self.key = id(cache)
+        _LIVE[self.key] = self
 
-    # the cache's bookkeeping is Python with data-dependent shapes: a compiled forward
-    # (EngineConfig.compile) runs the layers' math compiled and this call eagerly
-    @torch.compiler.disable
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.cache.write(layer, k.flatten(0, 1), v.flatten(0, 1), step=self.step)  # [N, Hkv, D]
-        return self.cache.attend(layer, q.flatten(0, 1), step=self.step).view(q.shape)  # [B, T, H, D]
+        if torch.compiler.is_compiling():
+            return torch.ops.ryzlab.paged_attention(q, k, v, layer, self.key)
+        return self.write_attend(layer, q, k, v)
+
+    def write_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = self.cache.write_attend(layer, q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), step=self.step)
+        return out.view(q.shape)  # [B, T, H, D]
+
+
+_LIVE: weakref.WeakValueDictionary[int, PagedContext] = weakref.WeakValueDictionary()
+"""The contexts of the forwards now running, by cache id (what ``ryzlab::paged_attention`` reads)."""
+
+
+# The operator's K/V pages are state it owns, not arguments: it declares no mutation. Its calls
+# cannot be reordered or dropped: each layer's call reads the previous layer's output and its own
+# output feeds the next layer.
+@torch.library.custom_op("ryzlab::paged_attention", mutates_args=())
+def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, key: int) -> torch.Tensor:
+    return _LIVE[key].write_attend(layer, q, k, v)
+
+
+@_paged_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, key: int) -> torch.Tensor:
+    return torch.empty_like(q)
 
 
 def paged_context(cache: Any, tokens: torch.Tensor, seq_ids: Sequence[Any] | None

@@ -120,8 +120,11 @@ class Engine:
         self.net: torch.nn.Module = model
         """What a step runs: ``model``, or its ``torch.compile`` d forward (``config.compile``)."""
         if config.compile:
-            # dynamic: the number of tokens per step changes every step; one graph serves them
-            self.net = torch.compile(model, dynamic=True)
+            # dynamic: the number of tokens per step changes every step; one graph serves them.
+            # No guards on the modules' attributes: they are fixed once the engine holds the model,
+            # and checking them costs ~1 ms a step on a CPU core (SmolLM2's 30 layers)
+            self.net = torch.compile(model, dynamic=True,
+                                     options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         self.graphs: Any = None
         """A :class:`ryzlab.serve.graphs.DecodeGraphs` when ``config.cuda_graphs`` can hold here."""
         if config.cuda_graphs:
@@ -153,6 +156,38 @@ class Engine:
     @property
     def counters(self) -> collections.Counter:
         return self.scheduler.counters
+
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Compile before the first request: the graphs a serving step runs (a prefill of one and
+        of several sequences, a decode of one and of several; a dimension of size 1 gets a graph
+        of its own) on scratch sequences, freed after; seconds taken.
+
+        A no-op (0.0) without ``config.compile``, and in a tp x cp group (the other ranks would
+        have to run the same forwards: there the first steps compile). Counters are untouched.
+        """
+        if self.net is self.model or self.grouped:
+            return 0.0
+        t0, cache = time.monotonic(), self.cache
+        a, b, c = (("__warm_up__", i) for i in range(3))
+        try:
+            for sid, n in ((a, 3), (b, 1), (c, 2)):  # prompts by count: no prefix-cache entry is made
+                if cache.add_sequence(sid, n) is None:
+                    raise RuntimeError("the KV cache has no room for the compile warm-up's 8 tokens")
+            self.execute([a], [[1, 2, 3]])              # prefill of one sequence
+            self.execute([b], [[1]])                    # decode of one
+            cache.allocate_slots(a, [1])
+            self.execute([c, a], [[1, 1], [1]])         # prefill of several (and a decode beside)
+            for sid in (a, b):
+                cache.allocate_slots(sid, [1])
+            self.execute([a, b], [[1], [1]])            # decode of several
+        finally:
+            for sid in (a, b, c):
+                if sid in cache:
+                    cache.free(sid)
+        took = time.monotonic() - t0
+        log.info("torch.compile warm-up: %.1f s (prefill and decode, of one and of several sequences)", took)
+        return took
 
     # ------------------------------------------------------------------ requests
     def capacity_tokens(self) -> int | None:

@@ -70,6 +70,7 @@ def build_engine(spec: ReplicaSpec, *, groups: Any = None, threads: int | None =
                          cp=groups.cp if groups is not None else None)
     engine = Engine(net, cache, spec.engine, control=groups.control if groups is not None else None)
     engine.tokenizer = tok
+    engine.warm_up()  # config.compile: compile now, not in the first requests
     return engine
 
 
