@@ -312,3 +312,30 @@ def test_int8_many_rows_dense_path_matches_the_kernel_within_bf16_rounding(fmt):
     ref = F.linear(x.to(torch.bfloat16).float(), lin.dequantize())
     assert ((dense - ref).norm() / ref.norm()).item() < 1e-2
     assert ((few - dense[:DENSE_ROWS - 1]).norm() / few.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("fmt, fused", [("int4-g32", 4), ("int8", 0), ("float32", 0)])
+def test_fused_projections_give_the_same_logits_and_hold_the_weights_once(fmt, fused):
+    """Model.fuse_projections runs q|k|v and gate|up as one int4 call each (k / v of 32 rows pad to
+    a 64-row block: the offsets skip the padding): bit-identical logits, prefill and decode, and
+    the parts' buffers become views of the fused ones. Other formats are left as they are."""
+    from ryzlab.models.transformer import DenseKVCache
+
+    cfg = ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
+    m = quantize_weights(_model(cfg), fmt) if fmt != "float32" else _model(cfg)
+    tokens = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        c0 = DenseKVCache(cfg.n_layers)
+        want = [m(tokens, cache=c0), m(tokens[:, :1], cache=c0)]
+        assert m.fuse_projections() == fused
+        c1 = DenseKVCache(cfg.n_layers)
+        got = [m(tokens, cache=c1), m(tokens[:, :1], cache=c1)]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    if fused:
+        att, ff = m.layers[0].attention, m.layers[0].feed_forward
+        qkv, starts = att._qkv
+        assert starts == [0, 64, 128] and qkv.packed.shape[0] == 192
+        for part, at in zip((att.wq, att.wk, att.wv), starts):
+            assert part.packed.data_ptr() == qkv.packed[at:].data_ptr()
+        assert ff.w1.packed.untyped_storage().data_ptr() == ff._gate_up[0].packed.untyped_storage().data_ptr()

@@ -64,13 +64,12 @@ behind the model-facing API above.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 
 import torch
 
 from ryzlab.config import CacheConfig, ModelConfig
-from ryzlab.kv.attention import KERNELS, Kernel, pick_backend
+from ryzlab.kv.attention import KERNELS, Kernel, decode_attention, pick_backend
 from ryzlab.kv.blocks import BlockPool, SeqId
 from ryzlab.kv.codecs import KVFormat
 from ryzlab.kv.ledger import codec_bytes_per_token, paged_ledger
@@ -362,33 +361,50 @@ class PagedKVCache:
                      step: Step | None = None, scale: float | None = None) -> torch.Tensor:
         """:meth:`write` of ``k, v [N, Hkv, D]`` then :meth:`attend` of ``q [N, Hq, D]``: a model's one call per layer.
 
-        A decode step over plain pages (one rank, ``none`` codec, no rotation, pre-RoPE keys or
-        tail) takes a short path: two slot writes, two page gathers and the attention math, with
-        none of the general path's per-call planning (~65 vs ~120 us per layer on a CPU core, which
-        a 30-layer model pays every token); the same result as :meth:`attend` within float rounding.
+        A decode step over plain pages (:meth:`plain_decode`) takes a short path: :meth:`write_gather`
+        and :func:`ryzlab.kv.attention.decode_attention`, none of the general path's per-call
+        planning (~65 vs ~120 us per layer on a CPU core, which a 30-layer model pays every token);
+        the same result as :meth:`attend` within float rounding.
         """
         step = self._current(step)
-        if not (self._plain and step.is_decode and step.num_tokens):
+        if not self.plain_decode(step):
             self.write(layer, k, v, step=step)
             return self.attend(layer, q, step=step, scale=scale)
-        b, hkv, d = len(step.seq_ids), self.n_kv_heads, self.head_dim
         hq = self.model.n_heads
-        if q.shape != (b, hq, d) or k.shape != (b, hkv, d) or v.shape != (b, hkv, d):
-            raise ValueError(f"write_attend of a decode step of {b} sequences needs q [{b}, {hq}, {d}] and k, v "
-                             f"[{b}, {hkv}, {d}]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        if q.shape != (len(step.seq_ids), hq, self.head_dim):
+            raise ValueError(f"q has shape {tuple(q.shape)}; expected [{len(step.seq_ids)}, {hq}, {self.head_dim}]")
+        keys, values = self.write_gather(layer, k, v, step=step)
+        return decode_attention(q, keys, values, step.causal_mask[:, 0], scale)
+
+    def plain_decode(self, step: Step | None = None) -> bool:
+        """Whether ``step`` (default: the current one) is a decode step (one new token per sequence)
+        over plain pages: one rank, the model dtype stored as is (``none``), no rotation, pre-RoPE
+        keys or tail, the torch backend -- where :meth:`write_gather` serves."""
+        step = self._current(step)
+        return self._plain and step.is_decode and step.num_tokens > 0
+
+    def write_gather(self, layer: int, k: torch.Tensor, v: torch.Tensor, *, step: Step | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A :meth:`plain_decode` step: store ``k, v [B, Hkv, D]`` in their slots, return every
+        layer-``layer`` key and value the step's sequences attend to, ``[B, S, Hkv, D]`` each in
+        the model dtype (``S``: the longest context rounded up to whole blocks; position ``s`` is
+        key ``s``; which are real: ``step.causal_mask[:, 0]``, ``[B, S]``).
+        Two slot writes and two page gathers."""
+        step = self._current(step)
+        if not self.plain_decode(step):
+            raise ValueError("write_gather serves a decode step over plain pages (one rank, codec 'none', no "
+                             "rotation, tail or pre-RoPE keys, torch kernel); use write() and attend()")
+        b, hkv, d = len(step.seq_ids), self.n_kv_heads, self.head_dim
+        if k.shape != (b, hkv, d) or v.shape != (b, hkv, d):
+            raise ValueError(f"a decode step of {b} sequences writes k, v [{b}, {hkv}, {d}]; got "
+                             f"{tuple(k.shape)}, {tuple(v.shape)}")
         (pk, jk), (pv, jv) = self.store.k.where(layer), self.store.v.where(layer)
         kp, vp = pk.payload[jk], pv.payload[jv]                                     # [cap, bs, Hkv, D]
         slots, tables = step._own_slots, step._tables                               # [B], [B, nb]
         kp.view(-1, hkv, d)[slots] = k.to(kp.dtype)
         vp.view(-1, hkv, d)[slots] = v.to(vp.dtype)
         flat, s = tables.reshape(-1), tables.shape[1] * self.block_size
-        f32 = torch.float32
-        keys = kp.index_select(0, flat).view(b, s, hkv, d).to(f32).permute(0, 2, 3, 1)  # [B, Hkv, D, S]
-        vals = vp.index_select(0, flat).view(b, s, hkv, d).to(f32).transpose(1, 2)      # [B, Hkv, S, D]
-        scale = scale if scale is not None else 1.0 / math.sqrt(d)
-        sc = (q.to(f32).view(b, hkv, hq // hkv, d) @ keys).mul_(scale)                 # [B, Hkv, g, S]
-        sc = sc.masked_fill_(step.blocked[:, None], float("-inf"))
-        return (torch.softmax(sc, dim=-1) @ vals).view(b, hq, d).to(q.dtype)
+        return kp.index_select(0, flat).view(b, s, hkv, d), vp.index_select(0, flat).view(b, s, hkv, d)
 
     def _attend(self, layer: int, q: torch.Tensor, step: Step, scale: float | None) -> torch.Tensor:
         out, lse = self.backend.attend(self.store, layer, q, step, scale, with_lse=self.cp_size > 1)

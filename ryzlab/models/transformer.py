@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ryzlab.config import ModelConfig
+from ryzlab.kv.attention import decode_attention
 # rope_inv_freq is called through this module's global (models.source swaps it while it builds
 # a meta-device skeleton); the three names stay importable from here for existing callers
 from ryzlab.models.rope import RopeFn, apply_rope, rope_cos_sin, rope_inv_freq
@@ -70,8 +71,20 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
+        self._gate_up: tuple[nn.Module, list[int]] | None = None  # fuse(): w1 | w3 in one layer, w3's start
+
+    def fuse(self) -> bool:
+        """Run w1 and w3 (same input) as one packed call where their weights allow (:func:`concat_int4`)."""
+        from ryzlab.models.quant.linear import concat_int4
+
+        self._gate_up = concat_int4([self.w1, self.w3])
+        return self._gate_up is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._gate_up is not None:
+            fused, (_, at) = self._gate_up
+            y = fused(x)
+            return self.w2(F.silu(y[..., :self.w1.out_features]) * y[..., at:at + self.w3.out_features])
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -86,12 +99,27 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        self._qkv: tuple[nn.Module, list[int]] | None = None  # fuse(): wq | wk | wv in one layer, their starts
+
+    def fuse(self) -> bool:
+        """Run wq, wk and wv (same input) as one packed call where their weights allow (:func:`concat_int4`)."""
+        from ryzlab.models.quant.linear import concat_int4
+
+        self._qkv = concat_int4([self.wq, self.wk, self.wv])
+        return self._qkv is not None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: "AttentionContext") -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)      # [B, T, H, D]
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)   # [B, T, Hkv, D]
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)   # [B, T, Hkv, D]
+        nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        if self._qkv is not None:
+            fused, (_, ak, av) = self._qkv
+            y = fused(x)
+            q, k, v = y[..., :nq], y[..., ak:ak + nkv], y[..., av:av + nkv]
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)      # [B, T, H, D]
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)   # [B, T, Hkv, D]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)   # [B, T, Hkv, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = ctx.attend(self.layer_idx, q, k, v)                    # [B, T, H, D]
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
@@ -185,21 +213,31 @@ class PagedContext:
     (``[B, T]``, every row writing T tokens) and a ragged serving step (``[1, N]``: prefill chunks
     and decodes of many sequences in one row) go through the same calls.
 
-    Under ``torch.compile`` (``EngineConfig.compile``) a layer's write and attention run as one
-    opaque operator, ``ryzlab::paged_attention``, as vLLM keeps its attention: the cache's
-    bookkeeping is Python with data-dependent shapes, and a graph break at every layer costs more
-    than the compiled layers save. The operator finds the live context by the cache's id.
+    Under ``torch.compile`` (``EngineConfig.compile``) the cache is reached through opaque
+    operators, as vLLM keeps its attention out of the graph: the cache's bookkeeping is Python with
+    data-dependent shapes, and a graph break at every layer costs more than the compiled layers
+    save. A decode step over plain pages (``cache.plain_decode``) calls ``ryzlab::paged_kv``
+    (write the new K/V, gather the pages) and traces the attention math into the graph
+    (:func:`ryzlab.kv.attention.decode_attention`); any other step calls
+    ``ryzlab::paged_attention`` (write and attend). The operators find the live context by the
+    cache's id.
     """
 
     def __init__(self, cache: Any, step: Any):
         self.cache, self.step = cache, step
         self.key = id(cache)
+        plain = getattr(cache, "plain_decode", None)
+        self.visible: torch.Tensor | None = step.causal_mask[:, 0] if plain is not None and plain(step) else None
+        """``[B, S]`` which gathered keys are real, on a plain decode step (else None)."""
         _LIVE[self.key] = self
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling():
+            return self.write_attend(layer, q, k, v)
+        if self.visible is None:
             return torch.ops.ryzlab.paged_attention(q, k, v, layer, self.key)
-        return self.write_attend(layer, q, k, v)
+        keys, values = torch.ops.ryzlab.paged_kv(k.flatten(0, 1), v.flatten(0, 1), self.visible, layer, self.key)
+        return decode_attention(q.flatten(0, 1), keys, values, self.visible).view(q.shape)
 
     def write_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = self.cache.write_attend(layer, q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), step=self.step)
@@ -207,12 +245,12 @@ class PagedContext:
 
 
 _LIVE: weakref.WeakValueDictionary[int, PagedContext] = weakref.WeakValueDictionary()
-"""The contexts of the forwards now running, by cache id (what ``ryzlab::paged_attention`` reads)."""
+"""The contexts of the forwards now running, by cache id (what the operators below read)."""
 
 
-# The operator's K/V pages are state it owns, not arguments: it declares no mutation. Its calls
-# cannot be reordered or dropped: each layer's call reads the previous layer's output and its own
-# output feeds the next layer.
+# The operators' K/V pages are state they own, not arguments: they declare no mutation. Their
+# calls cannot be reordered or dropped: each layer's call reads the previous layer's output and
+# its own output feeds the next layer.
 @torch.library.custom_op("ryzlab::paged_attention", mutates_args=())
 def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, key: int) -> torch.Tensor:
     return _LIVE[key].write_attend(layer, q, k, v)
@@ -221,6 +259,20 @@ def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: i
 @_paged_attention.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, key: int) -> torch.Tensor:
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("ryzlab::paged_kv", mutates_args=())
+def _paged_kv(k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, layer: int, key: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    ctx = _LIVE[key]
+    return ctx.cache.write_gather(layer, k, v, step=ctx.step)
+
+
+@_paged_kv.register_fake
+def _(k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, layer: int, key: int
+      ) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (visible.shape[0], visible.shape[1], *k.shape[1:])  # [B, S, Hkv, D]
+    return k.new_empty(shape), v.new_empty(shape)
 
 
 def paged_context(cache: Any, tokens: torch.Tensor, seq_ids: Sequence[Any] | None
@@ -321,6 +373,12 @@ class Transformer(nn.Module):
         if isinstance(cache, DenseKVCache):
             return cache.step(B, T, tokens.device)
         return paged_context(cache, tokens, seq_ids)
+
+    def fuse_projections(self) -> int:
+        """Each layer's q / k / v and gate / up projections as one packed call each where the weight
+        format allows (int4 today: :func:`ryzlab.models.quant.linear.concat_int4`); the same outputs,
+        fewer kernel calls per token. How many groups were fused."""
+        return sum(int(layer.attention.fuse()) + int(layer.feed_forward.fuse()) for layer in self.layers)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

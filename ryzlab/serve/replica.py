@@ -65,6 +65,9 @@ def build_engine(spec: ReplicaSpec, *, groups: Any = None, threads: int | None =
     device = str(groups.device) if groups is not None else spec.device
     net, tok = load_net(spec.model, device=device, seed=spec.seed, model_config=spec.model_config,
                         tp=groups.tp if groups is not None else None, dtype=spec.dtype, weights=spec.weights)
+    fuse = getattr(net, "fuse_projections", None)
+    if fuse is not None and fuse():
+        log.info("fused the q/k/v and gate/up projections of the packed weights (one kernel call per group)")
     local = getattr(net, "local_config", net.config)
     cache = PagedKVCache(local, spec.cache_config(), dtype=next(net.parameters()).dtype, device=device,
                          cp=groups.cp if groups is not None else None)
