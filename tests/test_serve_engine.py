@@ -431,3 +431,33 @@ def test_compiled_forward_is_one_graph_with_the_paged_attention_operator():
             for c in caches:
                 for s, x in zip((0, 1), inputs):
                     c.allocate_slots(s, x)
+
+
+def test_compile_warm_up_leaves_nothing_behind_and_serving_compiles_nothing_new():
+    """Engine.warm_up runs every graph a serving step needs (prefills of one and of several
+    sequences, below and above the packed weights' dense-GEMM row count; decodes of one and of
+    several) on scratch sequences: afterwards the cache is empty, the counters untouched, and a
+    mixed workload (a lone decode, batched decodes, long and short prefill chunks side by side)
+    makes Dynamo build no new graph. Dynamo with the eager backend: the graphs, not their compile."""
+    import torch._dynamo
+
+    from ryzlab.models.quant.linear import DENSE_ROWS
+    from ryzlab.serve.engine import compile_forward
+
+    mc = ModelConfig(vocab_size=64, dim=64, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=128, max_seq_len=512)
+    eng = build_engine(ReplicaSpec(model="random", model_config=mc, weights="int4-g32",
+                                   cache=CacheConfig(block_size=16, num_blocks=64),
+                                   engine=EngineConfig(prefill_chunk=DENSE_ROWS + 8, max_model_len=400,
+                                                       max_num_batched_tokens=2 * DENSE_ROWS)))
+    want = eng.generate(_prompts([150, 3, 40, 1], seed=2), SamplingParams(max_tokens=5))
+    torch._dynamo.reset()
+    eng.net = compile_forward(eng.model, backend="aot_eager")
+    free, counters = eng.cache.stats()["num_free_blocks"], dict(eng.counters)
+    assert eng.warm_up() > 0
+    assert eng.cache.seq_ids() == [] and eng.cache.stats()["num_free_blocks"] == free
+    assert dict(eng.counters) == counters
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 5
+    got = eng.generate(_prompts([150, 3, 40, 1], seed=2), SamplingParams(max_tokens=5))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert got == want

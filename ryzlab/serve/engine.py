@@ -95,6 +95,24 @@ def ragged_forward(model: torch.nn.Module, cache: Any, seq_ids: Sequence[Hashabl
     return model(flat[None], step.positions[None].to(device), ctx, logits_at=last)
 
 
+def compile_forward(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
+    """``model`` through ``torch.compile`` as a serving step runs it (``EngineConfig.compile``).
+
+    Dynamic shapes: the tokens per step change every step; a few graphs serve them all
+    (:meth:`Engine.warm_up` builds them). No guards on the modules' attributes: they are fixed once
+    the engine holds the model, and checking them cost ~1 ms a step on a CPU core (SmolLM2's 30
+    layers). No duck shapes (a process-wide switch, read when a graph is traced): sizes equal by
+    chance in the warm-up (a context of 16 keys, RoPE's 16 frequencies) must not become one symbol
+    that the first step where they differ recompiles. ``backend``: tests trace with ``aot_eager``.
+    """
+    import torch.fx.experimental._config as fx_config
+
+    fx_config.use_duck_shape = False
+    return torch.compile(model, dynamic=True, backend=backend,
+                         options=None if backend != "inductor" else
+                         {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+
+
 class Engine:
     """Continuous batching over ``model`` and a paged ``cache`` (see module docstring).
 
@@ -120,11 +138,7 @@ class Engine:
         self.net: torch.nn.Module = model
         """What a step runs: ``model``, or its ``torch.compile`` d forward (``config.compile``)."""
         if config.compile:
-            # dynamic: the number of tokens per step changes every step; one graph serves them.
-            # No guards on the modules' attributes: they are fixed once the engine holds the model,
-            # and checking them costs ~1 ms a step on a CPU core (SmolLM2's 30 layers)
-            self.net = torch.compile(model, dynamic=True,
-                                     options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+            self.net = compile_forward(model)
         self.graphs: Any = None
         """A :class:`ryzlab.serve.graphs.DecodeGraphs` when ``config.cuda_graphs`` can hold here."""
         if config.cuda_graphs:
@@ -159,17 +173,23 @@ class Engine:
 
     @torch.inference_mode()
     def warm_up(self) -> float:
-        """Compile before the first request: the graphs a serving step runs (a prefill of one and
-        of several sequences, a decode of one and of several; a dimension of size 1 gets a graph
-        of its own) on scratch sequences, freed after; seconds taken.
+        """Compile before the first request: the graphs a serving step runs, on scratch sequences
+        freed after; seconds taken. A dimension of size 1 gets a graph of its own, and so does a
+        step of :data:`ryzlab.models.quant.linear.DENSE_ROWS` tokens or more (packed weights unpack
+        to one dense GEMM there): a prefill of one sequence, of several, and of the step's token
+        budget; a decode of one sequence and of several. (A decode of ``DENSE_ROWS`` sequences or
+        more compiles when it first happens.)
 
         A no-op (0.0) without ``config.compile``, and in a tp x cp group (the other ranks would
         have to run the same forwards: there the first steps compile). Counters are untouched.
         """
+        from ryzlab.models.quant.linear import DENSE_ROWS
+
         if self.net is self.model or self.grouped:
             return 0.0
-        t0, cache = time.monotonic(), self.cache
-        a, b, c = (("__warm_up__", i) for i in range(3))
+        t0, cache, cfg = time.monotonic(), self.cache, self.config
+        big = min(cfg.max_num_batched_tokens, cfg.max_model_len - 1)
+        a, b, c, d = (("__warm_up__", i) for i in range(4))
         try:
             for sid, n in ((a, 3), (b, 1), (c, 2)):  # prompts by count: no prefix-cache entry is made
                 if cache.add_sequence(sid, n) is None:
@@ -181,8 +201,17 @@ class Engine:
             for sid in (a, b):
                 cache.allocate_slots(sid, [1])
             self.execute([a, b], [[1], [1]])            # decode of several
+            if big >= DENSE_ROWS:
+                if cache.add_sequence(d, 2 * big) is None:
+                    log.warning("compile warm-up: no room in the KV cache for two %d-token prefills; the first "
+                                "such steps compile", big)
+                else:
+                    self.execute([d], [[1] * big])      # prefills of the whole token budget: one sequence,
+                    cache.free(a)
+                    cache.add_sequence(a, 1)
+                    self.execute([d, a], [[1] * (big - 1), [1]])  # and several
         finally:
-            for sid in (a, b, c):
+            for sid in (a, b, c, d):
                 if sid in cache:
                     cache.free(sid)
         took = time.monotonic() - t0
