@@ -7,8 +7,10 @@ change; nested ranges are subtracted from their parent):
 
 * ``scheduling``  - :meth:`Scheduler.schedule` (the cache's ``allocate_slots`` included)
 * ``step plan``   - :meth:`PagedKVCache.extend` (block tables, positions, gather indices)
-* ``kv write``    - per-layer writes of the new K/V into the pages
-* ``attention``   - per-layer attention over the pages (gather + matmuls / kernel)
+* ``kv write``    - per-layer writes of the new K/V into the pages (a decode step over plain
+  pages: :meth:`PagedKVCache.write_gather`, the write and the page gather)
+* ``attention``   - per-layer attention over the pages (gather + matmuls / kernel; under
+  ``--compile`` a plain decode's attention math is inside the compiled graph: ``model math``)
 * ``model math``  - the rest of the forward (embedding, projections, MLP, norms, head)
 * ``sampling``    - choosing the next token from the logits
 * ``engine rest`` - the rest of :meth:`Engine.step` (bookkeeping, outputs)
@@ -121,6 +123,9 @@ def one_run(model: str, batch: int, steps: int, prompt_len: int, threads: int, c
     t.wrap(cache, "extend", "step plan")
     t.wrap(cache, "write", "kv write")
     t.wrap(cache, "attend", "attention")
+    if hasattr(cache, "write_attend"):  # the model's one call per layer; a decode over plain pages
+        t.wrap(cache, "write_attend", "attention")  # writes and gathers in write_gather ("kv write")
+        t.wrap(cache, "write_gather", "kv write")
     if hasattr(eng, "_sample"):
         t.wrap(eng, "_sample", "sampling")
     if hasattr(eng, "_sample_batch"):

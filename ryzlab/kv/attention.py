@@ -93,21 +93,21 @@ def attention_with_lse(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
                      scale: float | None = None) -> torch.Tensor:
-    """One query per sequence over its keys, GQA: ``q [B, Hq, D]``, ``keys, values [B, S, Hkv, D]``
-    (position-major, as pages are stored), ``visible [B, S]`` -> ``[B, Hq, D]`` in q's dtype.
+    """One query per sequence over its keys, GQA: ``q [B, Hq, D]``, ``keys, values [B, Hkv, S, D]``,
+    ``visible [B, S]`` -> ``[B, Hq, D]`` in q's dtype.
 
-    Float32 math: scores, a masked fused softmax, the weighted sum (:func:`attention_with_lse`'s
-    decode without the log-sum-exp). Pure tensor code: a compiled forward traces it into its
-    graph (:class:`ryzlab.models.transformer.PagedContext`), so the compiler fuses what it can.
-    Every decode query sees its own key at least: no row is empty.
+    :func:`attention_with_lse`'s decode without the log-sum-exp, op for op (float32 scores, a
+    masked fused softmax, the weighted sum): the same bits. Pure tensor code: a compiled forward
+    traces it into its graph (:class:`ryzlab.models.transformer.PagedContext`), where the compiler
+    fuses what it can. Every decode query sees its own key at least: no row is empty.
     """
     b, hq, d = q.shape
-    hkv = keys.shape[2]
+    hkv = keys.shape[1]
     f32 = torch.float32
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    sc = (q.to(f32).view(b, hkv, hq // hkv, d) @ keys.to(f32).permute(0, 2, 3, 1)).mul_(scale)  # [B, Hkv, g, S]
+    sc = (q.to(f32).view(b, hkv, hq // hkv, d) @ keys.to(f32).transpose(-1, -2)).mul_(scale)  # [B, Hkv, g, S]
     sc = sc.masked_fill_(~visible[:, None, None, :], float("-inf"))
-    return (torch.softmax(sc, dim=-1) @ values.to(f32).transpose(1, 2)).view(b, hq, d).to(q.dtype)
+    return (torch.softmax(sc, dim=-1) @ values.to(f32)).view(b, hq, d).to(q.dtype)
 
 
 def pad_queries(q: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor]:

@@ -364,7 +364,7 @@ class PagedKVCache:
         A decode step over plain pages (:meth:`plain_decode`) takes a short path: :meth:`write_gather`
         and :func:`ryzlab.kv.attention.decode_attention`, none of the general path's per-call
         planning (~65 vs ~120 us per layer on a CPU core, which a 30-layer model pays every token);
-        the same result as :meth:`attend` within float rounding.
+        the same bits as :meth:`attend`.
         """
         step = self._current(step)
         if not self.plain_decode(step):
@@ -383,13 +383,16 @@ class PagedKVCache:
         step = self._current(step)
         return self._plain and step.is_decode and step.num_tokens > 0
 
-    def write_gather(self, layer: int, k: torch.Tensor, v: torch.Tensor, *, step: Step | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def write_gather(self, layer: int, k: torch.Tensor, v: torch.Tensor, *, step: Step | None = None,
+                     heads_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """A :meth:`plain_decode` step: store ``k, v [B, Hkv, D]`` in their slots, return every
-        layer-``layer`` key and value the step's sequences attend to, ``[B, S, Hkv, D]`` each in
-        the model dtype (``S``: the longest context rounded up to whole blocks; position ``s`` is
-        key ``s``; which are real: ``step.causal_mask[:, 0]``, ``[B, S]``).
-        Two slot writes and two page gathers."""
+        layer-``layer`` key and value the step's sequences attend to, heads first, ``[B, Hkv, S, D]``
+        each, contiguous, in the model dtype (``S``: the longest context rounded up to whole
+        blocks; position ``s`` is key ``s``; which are real: ``step.causal_mask[:, 0]``, ``[B, S]``).
+        Two slot writes and two page gathers, laid out as the general path decodes pages (so the
+        attention's products, and the greedy tokens, are the same to the bit).
+        ``heads_first=False``: ``[B, S, Hkv, D]`` as the pages hold them, no copy past the gather
+        (a compiled graph lays them out in its own fused kernel)."""
         step = self._current(step)
         if not self.plain_decode(step):
             raise ValueError("write_gather serves a decode step over plain pages (one rank, codec 'none', no "
@@ -403,8 +406,15 @@ class PagedKVCache:
         slots, tables = step._own_slots, step._tables                               # [B], [B, nb]
         kp.view(-1, hkv, d)[slots] = k.to(kp.dtype)
         vp.view(-1, hkv, d)[slots] = v.to(vp.dtype)
-        flat, s = tables.reshape(-1), tables.shape[1] * self.block_size
-        return kp.index_select(0, flat).view(b, s, hkv, d), vp.index_select(0, flat).view(b, s, hkv, d)
+        flat, nb, bs = tables.reshape(-1), tables.shape[1], self.block_size
+
+        def gather(pages: torch.Tensor) -> torch.Tensor:
+            x = pages.index_select(0, flat)                                         # [B * nb, bs, Hkv, D]
+            if not heads_first:
+                return x.view(b, nb * bs, hkv, d)
+            return x.view(b, nb, bs, hkv, d).permute(0, 3, 1, 2, 4).contiguous().view(b, hkv, nb * bs, d)
+
+        return gather(kp), gather(vp)
 
     def _attend(self, layer: int, q: torch.Tensor, step: Step, scale: float | None) -> torch.Tensor:
         out, lse = self.backend.attend(self.store, layer, q, step, scale, with_lse=self.cp_size > 1)

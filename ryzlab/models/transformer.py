@@ -237,7 +237,8 @@ class PagedContext:
         if self.visible is None:
             return torch.ops.ryzlab.paged_attention(q, k, v, layer, self.key)
         keys, values = torch.ops.ryzlab.paged_kv(k.flatten(0, 1), v.flatten(0, 1), self.visible, layer, self.key)
-        return decode_attention(q.flatten(0, 1), keys, values, self.visible).view(q.shape)
+        return decode_attention(q.flatten(0, 1), keys.transpose(1, 2), values.transpose(1, 2),  # [B, Hkv, S, D]
+                                self.visible).view(q.shape)
 
     def write_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = self.cache.write_attend(layer, q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), step=self.step)
@@ -265,7 +266,7 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, key: int) -
 def _paged_kv(k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, layer: int, key: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
     ctx = _LIVE[key]
-    return ctx.cache.write_gather(layer, k, v, step=ctx.step)
+    return ctx.cache.write_gather(layer, k, v, step=ctx.step, heads_first=False)  # [B, S, Hkv, D] each
 
 
 @_paged_kv.register_fake

@@ -76,9 +76,13 @@ class EngineConfig:
     2-core CPU a step of 20 decodes + 4 x 64 prefill took 124-164 ms, 20 decodes alone 11 ms
     (reference model, issue 20)."""
     compile: bool = False
-    """Run the model's forward through ``torch.compile`` (the attention over pages stays eager).
-    Off by default: on the 2-core CPU it compiled in ~40 s and gained 3-7% at batch 1 but lost
-    ~5% at batch 16 (reference model, ``benchmarks/step_profile.py --compile``)."""
+    """Run the model's forward through ``torch.compile`` (:func:`ryzlab.serve.engine.compile_forward`):
+    one graph per kind of step, the paged cache reached through two opaque operators (a decode
+    over plain pages traces its attention math into the graph); the engine builds its graphs before
+    it serves (:meth:`ryzlab.serve.engine.Engine.warm_up`, 1-2 min on the 2-core CPU). Measured
+    there, SmolLM2-135M int4-g32 behind ``ryzlab serve``: single-stream decode 70 tok/s instead of
+    48 at 1 thread (``benchmarks/llamacpp_peer.py --compile``). Off by default: every engine start
+    pays the compile, and tests, the demo and sweeps start many; ``ryzlab serve --compile``."""
 
     def __post_init__(self) -> None:
         check_choice("preemption", self.preemption, PREEMPTIONS)
