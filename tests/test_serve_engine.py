@@ -461,3 +461,25 @@ def test_compile_warm_up_leaves_nothing_behind_and_serving_compiles_nothing_new(
     got = eng.generate(_prompts([150, 3, 40, 1], seed=2), SamplingParams(max_tokens=5))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert got == want
+
+
+def test_compiled_models_in_one_process_each_run_their_own_graph():
+    """compile_forward skips the module guards (their cost per step), so each model gets a forward
+    code object of its own: an int4, a float32 and a bf16 model of one class, compiled in one
+    process, each give their own eager logits (with a shared cache, the second ran the first's
+    graph and failed on a missing packed buffer)."""
+    from ryzlab.models.quant.linear import quantize_weights
+    from ryzlab.models.transformer import Transformer
+    from ryzlab.serve.engine import compile_forward
+
+    mc = ModelConfig(vocab_size=64, dim=64, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=128)
+    torch.manual_seed(0)
+    models = [quantize_weights(Transformer(mc).eval(), "int4-g32"), Transformer(mc).eval(),
+              Transformer(mc).eval().to(torch.bfloat16)]
+    x = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        want = [m(x) for m in models]
+        compiled = [compile_forward(m, backend="aot_eager") for m in models]
+        for _ in range(2):
+            for c, w in zip(compiled, want):
+                torch.testing.assert_close(c(x), w, rtol=0, atol=0)

@@ -100,17 +100,26 @@ def compile_forward(model: torch.nn.Module, backend: str = "inductor") -> torch.
 
     Dynamic shapes: the tokens per step change every step; a few graphs serve them all
     (:meth:`Engine.warm_up` builds them). No guards on the modules' attributes: they are fixed once
-    the engine holds the model, and checking them cost ~1 ms a step on a CPU core (SmolLM2's 30
-    layers). No duck shapes (a process-wide switch, read when a graph is traced): sizes equal by
-    chance in the warm-up (a context of 16 keys, RoPE's 16 frequencies) must not become one symbol
-    that the first step where they differ recompiles. ``backend``: tests trace with ``aot_eager``.
+    the engine holds the model, and checking them cost ~1.3 ms a step on a CPU core (SmolLM2's 30
+    layers). Dynamo keeps its compiled code on the forward's code object, shared by every model
+    of the class, so without those guards another model in the process could run this one's
+    graph: ``model`` gets a forward of its own (a copy of the code object), hence a cache of its
+    own. No duck shapes (a process-wide switch, read when a graph is traced): sizes equal by chance
+    in the warm-up (a context of 16 keys, RoPE's 16 frequencies) must not become one symbol that
+    the first step where they differ recompiles. ``backend``: tests trace with ``aot_eager``.
     """
+    import types
+
     import torch.fx.experimental._config as fx_config
 
     fx_config.use_duck_shape = False
+    shared = type(model).forward
+    own = types.FunctionType(shared.__code__.replace(), shared.__globals__, shared.__name__, shared.__defaults__,
+                             shared.__closure__)
+    own.__kwdefaults__ = shared.__kwdefaults__
+    model.forward = types.MethodType(own, model)  # type: ignore[method-assign]
     return torch.compile(model, dynamic=True, backend=backend,
-                         options=None if backend != "inductor" else
-                         {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+                         options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
 
 class Engine:
