@@ -56,6 +56,8 @@ def attention_with_lse(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     log-sum-exp comes back None. Every decode query sees at least its own key, so no row is empty.
     """
     B, tq, hq, D = qp.shape
+    if tq == 1 and not need_lse:
+        return decode_attention(qp.view(B, hq, D), k, v, mask[:, 0], scale).view(B, 1, hq, D), None
     blocked = ~mask if blocked is None else blocked
     H, S = k.shape[1], k.shape[2]
     g = hq // H
@@ -67,8 +69,6 @@ def attention_with_lse(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
         # products in the same order, half the operators (each costs microseconds on a CPU)
         qg = qp.to(torch.float32).view(B, H, g, D)
         sc = (qg @ kt).mul_(scale).masked_fill_(blocked[:, None], float("-inf"))     # [B, H, g, S]
-        if not need_lse:
-            return (torch.softmax(sc, dim=-1) @ vf).view(B, 1, hq, D), None
         lse = torch.logsumexp(sc, dim=-1)                                             # [B, H, g]
         p = sc.sub_(lse.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)[..., None]).exp_()
         return (p @ vf).view(B, 1, hq, D), lse.view(B, 1, hq)
