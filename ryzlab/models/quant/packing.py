@@ -18,7 +18,7 @@ import torch
 from ryzlab.weights import INT4_ROW_BLOCK, TERNARY_PER_BYTE, int4_padded_rows
 
 __all__ = ["round_up_to", "quantize_int8", "dequantize_int8", "quantize_int4", "pack_int4", "unpack_int4",
-           "dequantize_int4", "quantize_ternary", "pack_ternary", "unpack_ternary", "int4_padded_rows"]
+           "dequantize_int4", "int4_layout_block", "quantize_ternary", "pack_ternary", "unpack_ternary", "int4_padded_rows"]
 
 
 def round_up_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -78,25 +78,53 @@ def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tup
         scales = torch.cat([scales, torch.zeros(npad - n, scales.shape[1], dtype=scales.dtype)])
         zeros = torch.cat([zeros, torch.zeros(npad - n, zeros.shape[1], dtype=zeros.dtype)])
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+    int4_layout_block()   # known before any compiled forward unpacks (it cannot trace the probe)
     sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()       # [G, Np, 2]
     return packed, sz
+
+
+_LAYOUT_BLOCK: list[int] = []
+"""int4_layout_block's answer once found (a plain global: a compiled forward reads it as a constant)."""
+
+
+def int4_layout_block() -> int:
+    """Rows per block of torch's CPU int4 layout on this machine.
+
+    ``_convert_weight_to_int4pack_for_cpu`` packs for the kernel this CPU runs: blocks of 64 rows
+    with AVX-512, of 32 with AVX2 (a block of ``n`` rows stored ``[K, n / 2]``, a byte's low nibble
+    row ``d``, its high nibble row ``n / 2 + d``). Found once by packing a probe and reading it
+    back with each candidate; every block divides :data:`INT4_ROW_BLOCK`, so rows padded to it
+    are whole blocks everywhere. Raises if no candidate reads the probe back (a torch whose layout
+    ryzlab does not know: unpacking would return wrong codes). :func:`pack_int4` finds it first."""
+    if _LAYOUT_BLOCK:
+        return _LAYOUT_BLOCK[0]
+    probe = (torch.arange(INT4_ROW_BLOCK * 64) * 7 % 16).view(INT4_ROW_BLOCK, 64).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    for block in (INT4_ROW_BLOCK, INT4_ROW_BLOCK // 2, INT4_ROW_BLOCK // 4):
+        if torch.equal(_unpack_int4(packed, torch.arange(INT4_ROW_BLOCK), block).to(torch.int32), probe):
+            _LAYOUT_BLOCK.append(block)
+            return block
+    raise RuntimeError(f"torch {torch.__version__}'s CPU int4 layout is none ryzlab reads (blocks of "
+                       f"{INT4_ROW_BLOCK}, {INT4_ROW_BLOCK // 2} or {INT4_ROW_BLOCK // 4} rows); int4 weights cannot be unpacked")
+
+
+def _unpack_int4(packed: torch.Tensor, rows: torch.Tensor, block: int) -> torch.Tensor:
+    npad, half = packed.shape
+    blocks = packed.view(npad // block, half * 2, block // 2)                      # [Np / n, K, n / 2]
+    d = rows % block
+    bytes_ = blocks[rows // block, :, d % (block // 2)]                            # [R, K]
+    return torch.where((d >= block // 2)[:, None], bytes_ >> 4, bytes_ & 15)
 
 
 def unpack_int4(packed: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Codes (uint8, 0..15) of ``rows`` (default: all) from torch's CPU int4 layout ``[Np, K / 2]``.
 
     The layout (checked against ``_convert_weight_to_int4pack_for_cpu`` in the tests): blocks of
-    64 rows stored ``[K, 32]``; a byte's low nibble is row ``d``, its high nibble row ``32 + d``.
+    :func:`int4_layout_block` rows (64 on AVX-512, 32 on AVX2), each stored ``[K, n / 2]``; a
+    byte's low nibble is row ``d``, its high nibble row ``n / 2 + d``.
     """
-    npad, half = packed.shape
-    k = half * 2
-    blocks = packed.view(npad // INT4_ROW_BLOCK, k, INT4_ROW_BLOCK // 2)          # [Np / 64, K, 32]
-    if rows is None:
-        rows = torch.arange(npad)
-    rows = rows.reshape(-1).long()
-    d = rows % INT4_ROW_BLOCK
-    bytes_ = blocks[rows // INT4_ROW_BLOCK, :, d % (INT4_ROW_BLOCK // 2)]          # [R, K]
-    return torch.where((d >= INT4_ROW_BLOCK // 2)[:, None], bytes_ >> 4, bytes_ & 15)
+    rows = torch.arange(packed.shape[0]) if rows is None else rows.reshape(-1).long()
+    return _unpack_int4(packed, rows, int4_layout_block())
 
 
 def dequantize_int4(codes: torch.Tensor, scales_zeros: torch.Tensor, rows: torch.Tensor | None = None
@@ -116,9 +144,9 @@ def dequantize_int4_all(packed: torch.Tensor, scales_zeros: torch.Tensor, dtype:
     :func:`dequantize_int4` of :func:`unpack_int4` (computed in float32, rounded once to ``dtype``),
     in a few whole-tensor passes (no per-row gather): cheap enough to run per call."""
     npad, half = packed.shape
-    k, groups = half * 2, scales_zeros.shape[0]
-    blocks = packed.view(npad // INT4_ROW_BLOCK, k, INT4_ROW_BLOCK // 2)            # [Np / 64, K, 32]
-    # low nibbles are rows 0..31 of a block, high nibbles rows 32..63
+    k, groups, block = half * 2, scales_zeros.shape[0], int4_layout_block()
+    blocks = packed.view(npad // block, k, block // 2)                             # [Np / n, K, n / 2]
+    # low nibbles are rows 0 .. n/2 - 1 of a block, high nibbles the rest
     q = torch.cat((blocks & 15, blocks >> 4), dim=2).transpose(1, 2).reshape(npad, groups, k // groups)
     s = scales_zeros[..., 0].t().float().unsqueeze(-1)                                # [Np, G, 1]
     z = scales_zeros[..., 1].t().float().unsqueeze(-1)
