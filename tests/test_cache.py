@@ -603,3 +603,44 @@ def test_write_attend_short_path_only_where_the_pages_are_plain():
     assert PagedKVCache(MODEL, CacheConfig(block_size=4, num_blocks=8))._plain
     assert not PagedKVCache(MODEL, CacheConfig(block_size=4, num_blocks=8, codec="int8"))._plain
     assert not PagedKVCache(MODEL, CacheConfig(block_size=4, num_blocks=8, codec="fp8_e4m3"))._plain
+
+
+@pytest.mark.parametrize("num_blocks", [32, None], ids=["bounded", "growing"])
+def test_decode_pages_write_read_equals_write_gather(num_blocks):
+    """decode_pages (what a compiled decode indexes inside its graph) writes the same slots and
+    reads the same keys and values as write_gather, to the bit, also after the pages grew (an
+    unbounded cache: the layer's first row moves with the capacity); a prefill step is refused."""
+    def make() -> PagedKVCache:
+        return PagedKVCache(MODEL, CacheConfig(block_size=4, num_blocks=num_blocks))
+
+    tensors, gather = make(), make()
+    gen = torch.Generator().manual_seed(5)
+    lens = [9, 4, 1]
+    for c in (tensors, gather):
+        for i, n in enumerate(lens):
+            c.add_sequence(i, n)
+        st_ = c.extend([0, 1, 2], None, num_write=lens)
+        with pytest.raises(ValueError, match="decode step over plain pages"):
+            c.decode_pages(st_)
+        kv = torch.randn(2, sum(lens), HKV, D, generator=torch.Generator().manual_seed(1))
+        for layer in range(MODEL.n_layers):
+            c.write(layer, kv[0], kv[1], step=st_)
+    cap0 = tensors.k.capacity
+    for i in range(6):
+        seqs = [0, 1, 2] if i % 2 == 0 else [0, 2]
+        for c in (tensors, gather):
+            for s in seqs:
+                c.allocate_slots(s, [1] * (40 if i == 3 and s == 2 else 1))   # seq 2 takes more pages
+        st_t = tensors.extend(seqs, None, num_write=[1] * len(seqs))
+        st_g = gather.extend(seqs, None, num_write=[1] * len(seqs))
+        pages = tensors.decode_pages(st_t)
+        for layer in range(MODEL.n_layers):
+            k, v = (torch.randn(len(seqs), HKV, D, generator=gen) for _ in range(2))
+            got = pages.write_read(layer, k, v)
+            want = gather.write_gather(layer, k, v, step=st_g, heads_first=False)
+            for a, b in zip(got, want):
+                assert a.shape == b.shape and torch.equal(a, b)
+    assert (tensors.k.capacity > cap0) == (num_blocks is None)   # the unbounded one grew mid-way
+    for s in (0, 1, 2):
+        for a, b in zip(tensors.read_kv(s), gather.read_kv(s)):
+            assert torch.equal(a, b)

@@ -405,9 +405,11 @@ def test_token_range_is_a_slice_of_prompt_plus_output():
 
 
 def test_compiled_forward_is_one_graph_with_the_paged_attention_operator():
-    """Under torch.compile the paged attention is one opaque operator per layer (no graph break:
-    ``fullgraph=True`` refuses any), and a prefill then decodes give eager's logits. Dynamo's
-    capture with the eager backend: the graph inductor would compile, without compiling it."""
+    """Under torch.compile a prefill's paged attention is one opaque operator per layer and a plain
+    decode writes and gathers the pages inside the graph (no graph break either way:
+    ``fullgraph=True`` refuses any); a prefill then decodes give eager's logits, and the in-graph
+    writes land in the cache (its K/V read back equal to eager's). Dynamo's capture with the
+    eager backend: the graph inductor would compile, without compiling it."""
     from ryzlab.kv.cache import PagedKVCache
     from ryzlab.models.transformer import Transformer
     from ryzlab.serve.engine import ragged_forward
@@ -431,6 +433,9 @@ def test_compiled_forward_is_one_graph_with_the_paged_attention_operator():
             for c in caches:
                 for s, x in zip((0, 1), inputs):
                     c.allocate_slots(s, x)
+        for s in prompts:
+            for a, b in zip(caches[0].read_kv(s), caches[1].read_kv(s)):
+                assert torch.equal(a, b)
 
 
 def test_compile_warm_up_leaves_nothing_behind_and_serving_compiles_nothing_new():

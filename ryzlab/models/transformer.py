@@ -216,11 +216,11 @@ class PagedContext:
     Under ``torch.compile`` (``EngineConfig.compile``) the cache is reached through opaque
     operators, as vLLM keeps its attention out of the graph: the cache's bookkeeping is Python with
     data-dependent shapes, and a graph break at every layer costs more than the compiled layers
-    save. A decode step over plain pages (``cache.plain_decode``) calls ``ryzlab::paged_kv``
-    (write the new K/V, gather the pages) and traces the attention math into the graph
-    (:func:`ryzlab.kv.attention.decode_attention`); any other step calls
-    ``ryzlab::paged_attention`` (write and attend). The operators find the live context by the
-    cache's id.
+    save. A decode step over plain pages (``cache.plain_decode``) is the exception: its pages come
+    in as plain tensors (:meth:`~ryzlab.kv.cache.PagedKVCache.decode_pages`), so the graph writes
+    the new K/V and gathers the pages itself and traces the attention math
+    (:func:`ryzlab.kv.attention.decode_attention`) after them; any other step calls
+    ``ryzlab::paged_attention`` (write and attend), which finds the live context by the cache's id.
     """
 
     def __init__(self, cache: Any, step: Any):
@@ -229,6 +229,9 @@ class PagedContext:
         plain = getattr(cache, "plain_decode", None)
         self.visible: torch.Tensor | None = step.causal_mask[:, 0] if plain is not None and plain(step) else None
         """``[B, S]`` which gathered keys are real, on a plain decode step (else None)."""
+        self.pages = cache.decode_pages(step) if self.visible is not None else None
+        """The plain decode step's pages as tensors, what a compiled forward writes and reads (a
+        couple of views and one index op per step: an eager forward ignores them)."""
         _LIVE[self.key] = self
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -236,7 +239,7 @@ class PagedContext:
             return self.write_attend(layer, q, k, v)
         if self.visible is None:
             return torch.ops.ryzlab.paged_attention(q, k, v, layer, self.key)
-        keys, values = torch.ops.ryzlab.paged_kv(k.flatten(0, 1), v.flatten(0, 1), self.visible, layer, self.key)
+        keys, values = self.pages.write_read(layer, k.flatten(0, 1), v.flatten(0, 1))   # [B, S, Hkv, D]
         return decode_attention(q.flatten(0, 1), keys.transpose(1, 2), values.transpose(1, 2),  # [B, Hkv, S, D]
                                 self.visible).view(q.shape)
 
@@ -260,20 +263,6 @@ def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: i
 @_paged_attention.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, key: int) -> torch.Tensor:
     return torch.empty_like(q)
-
-
-@torch.library.custom_op("ryzlab::paged_kv", mutates_args=())
-def _paged_kv(k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, layer: int, key: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    ctx = _LIVE[key]
-    return ctx.cache.write_gather(layer, k, v, step=ctx.step, heads_first=False)  # [B, S, Hkv, D] each
-
-
-@_paged_kv.register_fake
-def _(k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, layer: int, key: int
-      ) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (visible.shape[0], visible.shape[1], *k.shape[1:])  # [B, S, Hkv, D]
-    return k.new_empty(shape), v.new_empty(shape)
 
 
 def paged_context(cache: Any, tokens: torch.Tensor, seq_ids: Sequence[Any] | None
