@@ -8,7 +8,8 @@ change; nested ranges are subtracted from their parent):
 * ``scheduling``  - :meth:`Scheduler.schedule` (the cache's ``allocate_slots`` included)
 * ``step plan``   - :meth:`PagedKVCache.extend` (block tables, positions, gather indices)
 * ``kv write``    - per-layer writes of the new K/V into the pages (a decode step over plain
-  pages: :meth:`PagedKVCache.write_gather`, the write and the page gather)
+  pages: :meth:`PagedKVCache.write_gather`, the write and the page gather; under ``--compile``
+  a plain decode writes and gathers inside the compiled graph: ``model math``)
 * ``attention``   - per-layer attention over the pages (gather + matmuls / kernel; under
   ``--compile`` a plain decode's attention math is inside the compiled graph: ``model math``)
 * ``model math``  - the rest of the forward (embedding, projections, MLP, norms, head)
