@@ -144,4 +144,8 @@ def test_hf_path_takes_a_gguf_file(tmp_path):
     toks = hf_heldout_tokens(path, 1, 20)
     assert toks.shape == (1, 20) and int(toks.max()) < hf.config.vocab_size
     df = evaluate_hf(path, [{"codec": "none"}, {"codec": "int8"}], toks, prefill=12).set_index("codec")
-    assert df.loc["none", "kl_per_token"] < 1e-6 and df.loc["int8", "kl_per_token"] > 0
+    # the int8 cache moves the logits, the uncompressed one does not (its KL on this tiny model is
+    # within float32 noise of 0, either sign, on some CPUs: the logits' error is the robust measure)
+    none, int8 = df.loc["none"], df.loc["int8"]
+    assert abs(none["kl_per_token"]) < 1e-6 and none["rel_logit_err"] < 1e-5
+    assert int8["rel_logit_err"] > max(10 * none["rel_logit_err"], 1e-5)

@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -76,45 +76,15 @@ from ryzlab.kv.codecs import KVFormat
 from ryzlab.kv.ledger import codec_bytes_per_token, paged_ledger
 from ryzlab.kv.manager import KVCacheManager
 from ryzlab.kv.merge import merge_over_ranks
+from ryzlab.kv.pagemap import DecodePages, page_map
 from ryzlab.kv.pages import LayerPages
 from ryzlab.kv.step import Step, gather_plan, plan_step
 from ryzlab.kv.store import KeyRope, PageStore
 from ryzlab.parallel.comm import Comm
 
-__all__ = ["PagedKVCache", "Step", "DecodePages"]
+__all__ = ["PagedKVCache", "Step"]
 
 log = logging.getLogger(__name__)
-
-
-class DecodePages(NamedTuple):
-    """A plain decode step's K/V pages as plain tensors (:meth:`PagedKVCache.decode_pages`), for a
-    compiled forward: :meth:`write_read` is pure tensor code, so the compiler traces each layer's
-    slot write and page gather into its graph (an in-place scatter into the pages and an indexed
-    load fused with the layout), where an opaque operator per layer cost ~70 us of dispatch and
-    Python on a CPU core (SmolLM2's 30 layers: ~2 ms a token). vLLM's CPU backend and gpt-fast
-    index their caches inside the graph the same way."""
-
-    pages: tuple[torch.Tensor, ...]
-    """Each page group's payload flattened to token rows ``[layers * cap * bs, H, D]`` (views: a
-    write lands in the cache)."""
-    where: tuple[tuple[int, ...], ...]
-    """Per layer: (K group, K layer index, K group's layers, V group, V layer index, V group's layers)."""
-    slots: torch.Tensor
-    """``[B]`` the new token's row within a layer's ``cap * bs`` rows, per sequence."""
-    tokens: torch.Tensor
-    """``[B, S]`` the rows of every key the step's sequences attend to (whole pages; the step's
-    ``causal_mask[:, 0]`` says which are real)."""
-
-    def write_read(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k, v [B, Hkv, D]`` in the layer's slots, return its keys and values ``[B, S, Hkv, D]``."""
-        gk, jk, lk, gv, jv, lv = self.where[layer]
-        out = []
-        for x, g, j, n in ((k, gk, jk, lk), (v, gv, jv, lv)):
-            rows = self.pages[g]
-            base = j * (rows.shape[0] // n)                 # the layer's first row (capacity may grow)
-            rows.index_put_((self.slots + base,), x.to(rows.dtype))
-            out.append(rows[self.tokens + base])
-        return out[0], out[1]
 
 
 class PagedKVCache:
@@ -164,8 +134,7 @@ class PagedKVCache:
         self._plain = (self.cp_size == 1 and st.rope is None and self.rotation is None and self.commit_unit == 1
                        and self.tail_len == 0 and self.kernel == "torch"
                        and not any(f.quantized for f in (*self.key_formats, *self.value_formats)))
-        self._page_map: tuple[tuple[Any, ...], tuple[tuple[int, ...], ...]] | None = None
-        """decode_pages' groups and per-layer (group, index, layers) of K and V, built once."""
+        self._page_map: tuple[tuple[Any, ...], tuple[tuple[int, ...], ...]] | None = None   # page_map, once
         log.debug("PagedKVCache: %s, commit unit %d, tail %d rows", cache, self.commit_unit, self.tail_len)
 
     # ------------------------------------------------------------------ the parts, for inspection
@@ -450,7 +419,7 @@ class PagedKVCache:
 
         return gather(kp), gather(vp)
 
-    def decode_pages(self, step: Step | None = None) -> "DecodePages":
+    def decode_pages(self, step: Step | None = None) -> DecodePages:
         """A :meth:`plain_decode` step's pages as tensors a compiled forward indexes itself (no
         operator per layer, no Python): see :class:`DecodePages`. The same slots and pages
         :meth:`write_gather` writes and reads."""
@@ -459,20 +428,10 @@ class PagedKVCache:
             raise ValueError("decode_pages serves a decode step over plain pages (one rank, codec 'none', no "
                              "rotation, tail or pre-RoPE keys, torch kernel); use write() and attend()")
         if self._page_map is None:
-            groups: list[Any] = []
-            where = []
-            for layer in range(self.n_layers):
-                row = []
-                for side in (self.store.k, self.store.v):
-                    pt, j = side.where(layer)
-                    if all(g is not pt for g in groups):
-                        groups.append(pt)
-                    row += [next(i for i, g in enumerate(groups) if g is pt), j, pt.payload.shape[0]]
-                where.append(tuple(row))
-            self._page_map = (tuple(groups), tuple(where))
+            self._page_map = page_map(self.store, self.n_layers)
         groups, where = self._page_map
-        bs = self.block_size
         tables = step._tables                                                       # [B, nb]
+        bs = self.block_size
         tokens = (tables[:, :, None] * bs + torch.arange(bs, device=tables.device)).view(tables.shape[0], -1)
         return DecodePages(tuple(g.payload.view(-1, g.heads, g.dp) for g in groups), where, step._own_slots, tokens)
 
