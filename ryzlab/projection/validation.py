@@ -19,8 +19,7 @@ from ryzlab.projection.hardware import get_device
 from ryzlab.projection.shapes import load_shape
 
 __all__ = ["PUBLISHED_FILE", "published_tables", "predict_published", "validate_published", "fit_gpu_default",
-           "error_summary", "static_batch_ms", "probe_gloo_link", "profile_gemms", "profile_gemms_corun",
-           "profile_attention_lse"]
+           "error_summary", "static_batch_ms", "probe_gloo_link", "profile_gemms", "profile_attention_lse"]
 
 PUBLISHED_FILE = Path(__file__).with_name("published.yaml")
 
@@ -196,24 +195,20 @@ def _median_ms(fn: Callable[[], Any], iters: int, repeats: int = 5) -> float:
     return statistics.median(runs)
 
 
-def profile_gemms(model, batches: tuple[int, ...] = (1, 4, 16, 64), dtype: str = "float32", iters: int = 50,
-                  tp: int = 1, start: Callable[[], Any] | None = None) -> list[dict[str, float]]:
+def profile_gemms(model, batches: tuple[int, ...] = (1, 4, 16, 64), dtype: str = "float32", iters: int = 50
+                  ) -> list[dict[str, float]]:
     """Operator profile (as Vidur profiles GEMMs apart from the rest): milliseconds of every layer's
-    GEMMs of ``model`` (wq, wk, wv, wo, w1, w3, w2 of tp rank 0 of ``tp``, random weights, torch
-    ``F.linear``, the calling thread's torch threads) for each batch of one-token rows. What
-    :func:`ryzlab.projection.cost.gemm_ms` prices, so bandwidth and compute fractions are fitted to
-    GEMMs alone, not to a whole step where a fixed cost per op looks like weight streaming (one
-    rank's steps cannot tell them apart). ``start`` is called once the weights are made, before
-    the first timed batch (:func:`profile_gemms_corun` lines its processes up there)."""
+    GEMMs of ``model`` (wq, wk, wv, wo, w1, w3, w2 at tp 1, random weights, torch ``F.linear``, the
+    calling thread's torch threads) for each batch of one-token rows. What :func:`ryzlab.projection.cost.gemm_ms`
+    prices, so bandwidth and compute fractions are fitted to GEMMs alone, not to a whole step where
+    a fixed cost per op looks like weight streaming (one rank's steps cannot tell them apart)."""
     import torch
     import torch.nn.functional as F
 
     from ryzlab.projection.cost import _layer_matrices
 
     dt = getattr(torch, dtype)
-    mats = [torch.randn(r, c, dtype=dt) for _ in range(model.n_layers) for r, c in _layer_matrices(model, tp)]
-    if start is not None:
-        start()
+    mats = [torch.randn(r, c, dtype=dt) for _ in range(model.n_layers) for r, c in _layer_matrices(model, 1)]
     out = []
     # decode batches and a short prompt's prefill rows: on a CPU small-row GEMMs fall well short of
     # the roofline (16 rows: ~1/8 of the peak, 256 rows: the peak), so the fit spans the rows a step has
@@ -225,25 +220,6 @@ def profile_gemms(model, batches: tuple[int, ...] = (1, 4, 16, 64), dtype: str =
                 F.linear(xs[m.shape[1]], m)
         out.append({"batch": b, "ms": _median_ms(run, iters)})
     return out
-
-
-def _corun_rank(rank: int, world_size: int, model, tp: int, batches: tuple[int, ...], iters: int
-                ) -> list[dict[str, float]]:
-    import torch
-
-    return profile_gemms(model, batches, iters=iters, tp=tp, start=torch.distributed.barrier)
-
-
-def profile_gemms_corun(model, ranks: int, tp: int, batches: tuple[int, ...] = (4, 16), iters: int = 50
-                        ) -> list[dict[str, float]]:
-    """:func:`profile_gemms` in ``ranks`` processes at once on this host (one thread each), each with
-    tp rank 0's shard of ``tp``: what one rank's GEMMs cost while its co-located ranks stream their
-    weights through the same caches and memory (no collective, no model step; STREAM's all-cores
-    run, for the GEMMs a layout's ranks run). -> per batch the slowest process's ``ms``."""
-    from ryzlab.orchestrator import launch
-
-    res = launch(_corun_rank, ranks, args=(model, tp, tuple(batches), iters), backend="gloo", threads_per_rank=1)
-    return [{"batch": b, "ms": max(r[i]["ms"] for r in res)} for i, b in enumerate(batches)]
 
 
 def profile_attention_lse(model, points: tuple[tuple[int, int], ...] = ((4, 256), (16, 512)), iters: int = 30
