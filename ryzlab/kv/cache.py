@@ -386,16 +386,14 @@ class PagedKVCache:
         step = self._current(step)
         return self._plain and step.is_decode and step.num_tokens > 0
 
-    def write_gather(self, layer: int, k: torch.Tensor, v: torch.Tensor, *, step: Step | None = None,
-                     heads_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def write_gather(self, layer: int, k: torch.Tensor, v: torch.Tensor, *, step: Step | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A :meth:`plain_decode` step: store ``k, v [B, Hkv, D]`` in their slots, return every
         layer-``layer`` key and value the step's sequences attend to, heads first, ``[B, Hkv, S, D]``
         each, contiguous, in the model dtype (``S``: the longest context rounded up to whole
         blocks; position ``s`` is key ``s``; which are real: ``step.causal_mask[:, 0]``, ``[B, S]``).
         Two slot writes and two page gathers, laid out as the general path decodes pages (so the
-        attention's products, and the greedy tokens, are the same to the bit).
-        ``heads_first=False``: ``[B, S, Hkv, D]`` as the pages hold them, no copy past the gather
-        (a compiled graph lays them out in its own fused kernel)."""
+        attention's products, and the greedy tokens, are the same to the bit)."""
         step = self._current(step)
         if not self.plain_decode(step):
             raise ValueError("write_gather serves a decode step over plain pages (one rank, codec 'none', no "
@@ -413,8 +411,6 @@ class PagedKVCache:
 
         def gather(pages: torch.Tensor) -> torch.Tensor:
             x = pages.index_select(0, flat)                                         # [B * nb, bs, Hkv, D]
-            if not heads_first:
-                return x.view(b, nb * bs, hkv, d)
             return x.view(b, nb, bs, hkv, d).permute(0, 3, 1, 2, 4).contiguous().view(b, hkv, nb * bs, d)
 
         return gather(kp), gather(vp)
