@@ -223,21 +223,21 @@ class PagedContext:
     ``ryzlab::paged_attention`` (write and attend), which finds the live context by the cache's id.
     """
 
-    def __init__(self, cache: Any, step: Any):
+    def __init__(self, cache: Any, step: Any, *, compiled: bool = False):
         self.cache, self.step = cache, step
         self.key = id(cache)
         plain = getattr(cache, "plain_decode", None)
         self.visible: torch.Tensor | None = step.causal_mask[:, 0] if plain is not None and plain(step) else None
         """``[B, S]`` which gathered keys are real, on a plain decode step (else None)."""
-        self.pages = cache.decode_pages(step) if self.visible is not None else None
-        """The plain decode step's pages as tensors, what a compiled forward writes and reads (a
-        couple of views and one index op per step: an eager forward ignores them)."""
+        self.pages = cache.decode_pages(step) if compiled and self.visible is not None else None
+        """A plain decode step's pages as tensors, what a ``compiled`` forward writes and reads
+        (built only for one: ~30 us a step an eager forward would not use)."""
         _LIVE[self.key] = self
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             return self.write_attend(layer, q, k, v)
-        if self.visible is None:
+        if self.pages is None:
             return torch.ops.ryzlab.paged_attention(q, k, v, layer, self.key)
         keys, values = self.pages.write_read(layer, k.flatten(0, 1), v.flatten(0, 1))   # [B, S, Hkv, D]
         return decode_attention(q.flatten(0, 1), keys.transpose(1, 2), values.transpose(1, 2),  # [B, Hkv, S, D]

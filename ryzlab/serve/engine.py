@@ -88,7 +88,7 @@ def ragged_forward(model: torch.nn.Module, cache: Any, seq_ids: Sequence[Hashabl
     flat = torch.tensor([t for x in inputs for t in x], dtype=torch.long, device=device)  # [N]
     if graphs is not None and (logits := graphs.forward(step, flat)) is not None:
         return logits
-    ctx = PagedContext(cache, step)
+    ctx = PagedContext(cache, step, compiled=hasattr(model, "_orig_mod"))   # torch.compile's module
     if step.is_decode:  # one token per sequence: every position is a last one, no gather of rows
         return model(flat[None], step.positions[None].to(device), ctx)[0]                  # [B, V]
     last = torch.tensor([len(t) for t in inputs], device=device).cumsum(0) - 1             # [B]
