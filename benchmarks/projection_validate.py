@@ -4,8 +4,9 @@
    cp 2 and tp 2 x cp 2 step times and MEASURE them in the same run (same experiment code, gloo
    ranks). Error per row, median and worst |error|. The calibration comes in three parts, as
    Vidur profiles operators before it simulates: (a) operator profiles on one rank -- the model's
-   GEMMs (bandwidth and compute fractions) and the torch attention backend with and without the
-   log-sum-exp a cp rank needs (``attn_lse_cost``); (b) one-rank decode steps of the scaling
+   GEMMs (bandwidth and compute fractions) and a layer's decode attention on one rank's path
+   against a cp rank's path over the same keys (write, log-sum-exp, merge: ``attn_lse_cost`` and
+   ``cp_attn_us``); (b) one-rank decode steps of the scaling
    experiment at several batch x context points (attention fraction, cost per op, host time);
    (c) a 2-rank gloo all-reduce / all-gather microbenchmark (as nccl-tests measures a GPU link)
    after a little and after a lot of work (latency, and ``coll_skew_frac``: the wait for the
@@ -40,7 +41,8 @@ from ryzlab.projection.calibration import Calibration, default_calibration, fit,
 from ryzlab.projection.cost import Deployment, StepShape, gemm_ms, step_cost  # noqa: E402
 from ryzlab.projection.hardware import get_device  # noqa: E402
 from ryzlab.projection.validation import (error_summary, fit_gpu_default, probe_gloo_link,  # noqa: E402
-                                         profile_attention_lse, profile_gemms, validate_published)
+                                         fit_cp_attention, profile_cp_attention, profile_gemms,
+                                         validate_published)
 
 CAL_POINTS = [(1, 128), (1, 1024), (4, 256), (8, 1024), (16, 128), (16, 512)]
 """One-rank (batch, context) points the CPU calibration is fitted to."""
@@ -99,18 +101,19 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None) -> tuple[list
     start = fit(start, lambda c, b: gemm_ms(model, dev, c, fp32, b), [(g["batch"], g["ms"]) for g in gemms],
                 fields=("bw_frac", "flops_frac"), name="cpu-gemms",
                 fitted_from="operator profile of the reference model's GEMMs, float32, 1 thread")
-    attn = profile_attention_lse(model)
-    lse_cost = max(1.0, statistics.median(a["ms_lse"] / a["ms"] for a in attn))
-    start = start.replace(attn_lse_cost=lse_cost)
+    attn = profile_cp_attention(model)
+    lse_cost, cp_us = fit_cp_attention(attn)
+    start = start.replace(attn_lse_cost=lse_cost, cp_attn_us=cp_us)
     print("operator profiles (one rank, 1 thread): GEMMs " + ", ".join(f"b={g['batch']} {g['ms']:.3f} ms" for g in gemms)
-          + "; attention without / with log-sum-exp " + ", ".join(
-              f"b={a['batch']} ctx={a['context']} {a['ms']:.3f} / {a['ms_lse']:.3f} ms" for a in attn))
+          + "; a layer's decode attention, one rank's path / a cp rank's (write, log-sum-exp, merge) " + ", ".join(
+              f"b={a['batch']} ctx={a['context']} {a['ms']:.3f} / {a['ms_cp']:.3f} ms" for a in attn)
+          + f" -> attn_lse_cost {lse_cost:.3g}, cp_attn_us {cp_us:.3g}")
     cal = fit(start, predict, [(r, r["step_ms"]) for r in rows], fields=("attn_frac", "kernel_us", "host_ms"),
               name="cpu-fitted",
               fitted_from="benchmarks/projection_validate.py: GEMM and attention operator profiles, one-rank scaling "
                           "points, the gloo link probe; reference model, float32, 1 thread")
     print(f"calibration {cal.name}: bw_frac={cal.bw_frac:.3g} flops_frac={cal.flops_frac:.3g} attn_frac={cal.attn_frac:.3g} "
-          f"attn_lse_cost={cal.attn_lse_cost:.3g} kernel_us={cal.kernel_us:.3g} host_ms={cal.host_ms:.3g} "
+          f"attn_lse_cost={cal.attn_lse_cost:.3g} cp_attn_us={cal.cp_attn_us:.3g} kernel_us={cal.kernel_us:.3g} host_ms={cal.host_ms:.3g} "
           f"coll_skew_frac={cal.coll_skew_frac:.3g} ({cal.fitted_from})")
     if out_cal:
         print(f"  written to {save_calibration(cal, out_cal)}")

@@ -344,12 +344,30 @@ def test_rank_skew_and_log_sum_exp_cost_by_hand():
         lse = step_cost(m, dev, ZERO.replace(attn_lse_cost=1.5), dep, shape)
         assert lse.attention_ms == pytest.approx(base.attention_ms * (1.5 if cp > 1 else 1.0), rel=1e-9)
         assert lse.gemm_ms == base.gemm_ms
+        fixed = step_cost(m, dev, ZERO.replace(cp_attn_us=250.0), dep, shape)   # a GPU: no shared host
+        assert fixed.attention_ms - base.attention_ms == pytest.approx(m.n_layers * 0.25 if cp > 1 else 0.0, rel=1e-9)
     one = step_cost(m, dev, ZERO, Deployment(), StepShape.decode(4, 16))
     assert gemm_ms(m, dev, ZERO, Deployment(), 4) == pytest.approx(one.gemm_ms, rel=1e-12)
     with pytest.raises(ValueError, match="attn_lse_cost"):
         ZERO.replace(attn_lse_cost=0.9)
     with pytest.raises(ValueError, match="coll_skew_frac"):
         ZERO.replace(coll_skew_frac=-0.1)
+    with pytest.raises(ValueError, match="cp_attn_us"):
+        ZERO.replace(cp_attn_us=-1.0)
+
+
+def test_cp_attention_fit_recovers_a_line_and_keeps_its_bounds():
+    """fit_cp_attention: ms_cp = a * ms + b (ms) gives (a, b in us) exactly; a never below 1, b never below 0."""
+    from ryzlab.projection.validation import fit_cp_attention
+
+    rows = [{"ms": x, "ms_cp": 1.4 * x + 0.108} for x in (0.16, 0.76, 0.37, 0.25)]
+    lse, us = fit_cp_attention(rows)
+    assert lse == pytest.approx(1.4, rel=1e-9) and us == pytest.approx(108.0, rel=1e-9)
+    assert fit_cp_attention([{"ms": x, "ms_cp": 0.5 * x + 0.2} for x in (0.1, 0.3)]) == pytest.approx((1.0, 100.0))
+    assert fit_cp_attention([{"ms": x, "ms_cp": 2.0 * x - 0.05} for x in (0.1, 0.3)]) == pytest.approx((2.0, 0.0))
+    assert fit_cp_attention([{"ms": 0.2, "ms_cp": 0.5}]) == pytest.approx((1.0, 300.0))   # one row: a multiple 1
+    with pytest.raises(ValueError, match="at least one"):
+        fit_cp_attention([])
 
 
 def test_max_kl_without_results_measures_the_codecs_on_weights(capsys):
@@ -371,15 +389,16 @@ def test_max_kl_without_results_measures_the_codecs_on_weights(capsys):
 
 
 def test_operator_profiles_and_link_probe_return_what_the_fit_reads():
-    """The one-rank operator profiles (GEMMs; attention with / without log-sum-exp on a real paged
-    cache) and the 2-rank link probe at two amounts of work give finite positive figures."""
-    from ryzlab.projection.validation import probe_gloo_link, profile_attention_lse, profile_gemms
+    """The one-rank operator profiles (GEMMs; one rank's decode attention and a cp rank's path on a
+    real paged cache) and the 2-rank link probe at two amounts of work give finite positive figures."""
+    from ryzlab.projection.validation import probe_gloo_link, profile_cp_attention, profile_gemms
 
     m = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
     g = profile_gemms(m, batches=(1, 8), iters=3)
     assert [r["batch"] for r in g] == [1, 8] and all(r["ms"] > 0 for r in g)
-    a = profile_attention_lse(m, points=((2, 32),), iters=3)
-    assert a[0]["batch"] == 2 and a[0]["context"] == 32 and a[0]["ms"] > 0 and a[0]["ms_lse"] > 0
+    a = profile_cp_attention(m, points=((2, 32), (3, 48)), iters=3)
+    assert [(r["batch"], r["context"]) for r in a] == [(2, 32), (3, 48)]
+    assert all(r["ms"] > 0 and r["ms_cp"] > 0 for r in a)
     link = probe_gloo_link(numel=64, iters=10, work_rows=(4, 64))
     for k in ("all_reduce_us", "all_gather_us", "link_latency_us", "coll_base_us", "coll_skew_frac", "work_us",
               "work_busy_us"):

@@ -49,6 +49,13 @@ class Calibration:
     log-sum-exp anyway (flash-decoding, ryzlab's Triton kernel); above 1 for ryzlab's torch path,
     whose one-rank decode takes a fused softmax while a cp rank runs log-sum-exp, subtract and exp
     (an operator profile of the two on one rank measures it)."""
+    cp_attn_us: float = 0.0
+    """Fixed time per layer and step that a context-parallel rank's attention adds to one rank's,
+    whatever the context: the engine's path for a cp rank (the general write / attend planning,
+    packing the partial with its log-sum-exp and the exact merge's ops; the all-gather is priced
+    apart). 0 for a fused kernel (flash-decoding keeps the log-sum-exp; FlashInfer's
+    ``merge_state`` is one kernel, counted in ``CP_MERGE_KERNELS``); on CPU an operator profile on
+    one rank measures it with ``attn_lse_cost`` (:func:`ryzlab.projection.validation.fit_cp_attention`)."""
     int8_weight_eff: float = 1.0
     """Bandwidth of an int8 weight-only GEMM relative to a bf16 one (dequantisation in the kernel)."""
     int4_weight_eff: float = 1.0
@@ -83,7 +90,7 @@ class Calibration:
                 raise ValueError(f"calibration {self.name}: {f} must be in (0, 1], got {v}")
         if self.attn_lse_cost < 1.0:
             raise ValueError(f"calibration {self.name}: attn_lse_cost must be >= 1, got {self.attn_lse_cost}")
-        for f in ("kernel_us", "host_ms", "request_ms", "coll_base_us", "coll_skew_frac"):
+        for f in ("kernel_us", "host_ms", "request_ms", "coll_base_us", "coll_skew_frac", "cp_attn_us"):
             if getattr(self, f) < 0:
                 raise ValueError(f"calibration {self.name}: {f} must be >= 0, got {getattr(self, f)}")
 

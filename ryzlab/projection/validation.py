@@ -19,7 +19,7 @@ from ryzlab.projection.hardware import get_device
 from ryzlab.projection.shapes import load_shape
 
 __all__ = ["PUBLISHED_FILE", "published_tables", "predict_published", "validate_published", "fit_gpu_default",
-           "error_summary", "static_batch_ms", "probe_gloo_link", "profile_gemms", "profile_attention_lse"]
+           "error_summary", "static_batch_ms", "probe_gloo_link", "profile_gemms", "profile_cp_attention", "fit_cp_attention"]
 
 PUBLISHED_FILE = Path(__file__).with_name("published.yaml")
 
@@ -222,16 +222,24 @@ def profile_gemms(model, batches: tuple[int, ...] = (1, 4, 16, 64), dtype: str =
     return out
 
 
-def profile_attention_lse(model, points: tuple[tuple[int, int], ...] = ((4, 256), (16, 512)), iters: int = 30
-                          ) -> list[dict[str, float]]:
-    """Operator profile of decode attention on one rank, with and without the log-sum-exp a cp
-    rank's partial needs: ryzlab's torch backend (page gather included) over a real
+def profile_cp_attention(model, points: tuple[tuple[int, int], ...] = ((4, 256), (16, 512), (4, 1024), (16, 128)),
+                         iters: int = 30, cp: int = 2) -> list[dict[str, float]]:
+    """Operator profile, on ONE rank, of a layer's decode attention as the engine runs it, against
+    the path a context-parallel rank runs over the same keys: over a real
     :class:`~ryzlab.kv.cache.PagedKVCache` of ``model``'s shape, ``batch`` sequences of ``context``
-    tokens each (random keys and values), one layer. -> rows with ``ms`` and ``ms_lse``."""
+    tokens (random keys and values), one layer.
+
+    * ``ms``: one rank's decode (:meth:`PagedKVCache.write_attend`: the short path over plain pages);
+    * ``ms_cp``: a cp rank's (:meth:`PagedKVCache.write`, the backend's attend with log-sum-exp, the
+      partial packed and merged with ``cp - 1`` others as :func:`ryzlab.kv.merge.merge_over_ranks`
+      does after its all-gather; the all-gather itself is the link's, priced apart).
+
+    No second rank runs: the others' partials are copies of this one's. -> rows with ``ms``, ``ms_cp``."""
     import torch
 
     from ryzlab.config import CacheConfig
     from ryzlab.kv.cache import PagedKVCache
+    from ryzlab.kv.merge import merge_partials, pack_partial, unpack_partials
 
     out = []
     hq, hkv, d = model.n_heads, model.n_kv_heads, model.head_dim
@@ -241,18 +249,39 @@ def profile_attention_lse(model, points: tuple[tuple[int, int], ...] = ((4, 256)
         for s in ids:
             cache.add_sequence(s, [])
         step = cache.extend(ids, [[1] * ctx for _ in ids])
-        for layer in range(1):
-            cache.write(layer, torch.randn(b * ctx, hkv, d), torch.randn(b * ctx, hkv, d), step=step)
+        cache.write(0, torch.randn(b * ctx, hkv, d), torch.randn(b * ctx, hkv, d), step=step)
         step = cache.extend(ids, [[1] for _ in ids])
-        cache.write(0, torch.randn(b, hkv, d), torch.randn(b, hkv, d), step=step)
-        q = torch.randn(b, hq, d)
-        # interleaved repeats (without, with, without, ...): the first large gathers of a process
-        # run slower while the allocator settles, and drift must hit both sides
-        runs: dict[bool, list[float]] = {False: [], True: []}
+        q, k, v = torch.randn(b, hq, d), torch.randn(b, hkv, d), torch.randn(b, hkv, d)
+
+        def one_rank() -> None:
+            cache.write_attend(0, q, k, v, step=step)
+
+        def cp_rank() -> None:
+            cache.write(0, k, v, step=step)
+            o, lse = cache.backend.attend(cache.store, 0, q, step, None, with_lse=True)
+            packed = pack_partial(o, lse)
+            merge_partials(*unpack_partials(torch.stack([packed] * cp)))
+
+        # interleaved repeats (one, cp, one, ...): the first large gathers of a process run slower
+        # while the allocator settles, and drift must hit both sides
+        runs: dict[str, list[float]] = {"ms": [], "ms_cp": []}
         for _ in range(5):
-            for lse in (False, True):
-                runs[lse].append(_median_ms(
-                    lambda: cache.backend.attend(cache.store, 0, q, step, None, with_lse=lse), iters, repeats=1))
-        out.append({"batch": b, "context": ctx, "ms": statistics.median(runs[False]),
-                    "ms_lse": statistics.median(runs[True])})
+            for key, fn in (("ms", one_rank), ("ms_cp", cp_rank)):
+                runs[key].append(_median_ms(fn, iters, repeats=1))
+        out.append({"batch": b, "context": ctx, **{k_: statistics.median(r) for k_, r in runs.items()}})
     return out
+
+
+def fit_cp_attention(rows: list[dict[str, float]]) -> tuple[float, float]:
+    """``(attn_lse_cost, cp_attn_us)`` from :func:`profile_cp_attention` rows: the least-squares line
+    ``ms_cp = attn_lse_cost * ms + cp_attn_us`` (a cp rank's path costs a multiple of the attention
+    over its keys plus a fixed part per layer), held to ``attn_lse_cost >= 1``, ``cp_attn_us >= 0``."""
+    if not rows:
+        raise ValueError("fit_cp_attention needs at least one profile row")
+    xs, ys = [r["ms"] for r in rows], [r["ms_cp"] for r in rows]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var > 0 else 1.0
+    slope = max(slope, 1.0)
+    base = max(my - slope * mx, 0.0)
+    return slope, base * 1e3
