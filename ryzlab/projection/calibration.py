@@ -51,11 +51,11 @@ class Calibration:
     (an operator profile of the two on one rank measures it)."""
     cp_attn_us: float = 0.0
     """Fixed time per layer and step that a context-parallel rank's attention adds to one rank's,
-    whatever the context: the engine's path for a cp rank (the general write / attend planning,
-    packing the partial with its log-sum-exp and the exact merge's ops; the all-gather is priced
-    apart). 0 for a fused kernel (flash-decoding keeps the log-sum-exp; FlashInfer's
-    ``merge_state`` is one kernel, counted in ``CP_MERGE_KERNELS``); on CPU an operator profile on
-    one rank measures it with ``attn_lse_cost`` (:func:`ryzlab.projection.validation.fit_cp_attention`)."""
+    whatever the context: the engine's path for a cp rank (the general write / attend planning and
+    the log-sum-exp; packing and merging the partials are ``CP_MERGE_KERNELS`` kernel boundaries,
+    the all-gather the link's). 0 for a fused kernel (flash-decoding keeps the log-sum-exp anyway);
+    on CPU an operator profile on one rank measures it with ``attn_lse_cost``
+    (:func:`ryzlab.projection.validation.fit_cp_attention`)."""
     int8_weight_eff: float = 1.0
     """Bandwidth of an int8 weight-only GEMM relative to a bf16 one (dequantisation in the kernel)."""
     int4_weight_eff: float = 1.0

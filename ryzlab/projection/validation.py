@@ -223,23 +223,23 @@ def profile_gemms(model, batches: tuple[int, ...] = (1, 4, 16, 64), dtype: str =
 
 
 def profile_cp_attention(model, points: tuple[tuple[int, int], ...] = ((4, 256), (16, 512), (4, 1024), (16, 128)),
-                         iters: int = 30, cp: int = 2) -> list[dict[str, float]]:
+                         iters: int = 30) -> list[dict[str, float]]:
     """Operator profile, on ONE rank, of a layer's decode attention as the engine runs it, against
     the path a context-parallel rank runs over the same keys: over a real
     :class:`~ryzlab.kv.cache.PagedKVCache` of ``model``'s shape, ``batch`` sequences of ``context``
     tokens (random keys and values), one layer.
 
     * ``ms``: one rank's decode (:meth:`PagedKVCache.write_attend`: the short path over plain pages);
-    * ``ms_cp``: a cp rank's (:meth:`PagedKVCache.write`, the backend's attend with log-sum-exp, the
-      partial packed and merged with ``cp - 1`` others as :func:`ryzlab.kv.merge.merge_over_ranks`
-      does after its all-gather; the all-gather itself is the link's, priced apart).
+    * ``ms_cp``: a cp rank's (:meth:`PagedKVCache.write`, then the backend's attend with log-sum-exp:
+      the general path, not the short one). Packing and merging the partials is priced apart
+      (``CP_MERGE_KERNELS`` kernel boundaries, fitted per kernel from one-rank steps), and so is the
+      all-gather (the link's).
 
-    No second rank runs: the others' partials are copies of this one's. -> rows with ``ms``, ``ms_cp``."""
+    -> rows with ``ms``, ``ms_cp``."""
     import torch
 
     from ryzlab.config import CacheConfig
     from ryzlab.kv.cache import PagedKVCache
-    from ryzlab.kv.merge import merge_partials, pack_partial, unpack_partials
 
     out = []
     hq, hkv, d = model.n_heads, model.n_kv_heads, model.head_dim
@@ -258,9 +258,7 @@ def profile_cp_attention(model, points: tuple[tuple[int, int], ...] = ((4, 256),
 
         def cp_rank() -> None:
             cache.write(0, k, v, step=step)
-            o, lse = cache.backend.attend(cache.store, 0, q, step, None, with_lse=True)
-            packed = pack_partial(o, lse)
-            merge_partials(*unpack_partials(torch.stack([packed] * cp)))
+            cache.backend.attend(cache.store, 0, q, step, None, with_lse=True)
 
         # interleaved repeats (one, cp, one, ...): the first large gathers of a process run slower
         # while the allocator settles, and drift must hit both sides
