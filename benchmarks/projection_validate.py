@@ -5,7 +5,7 @@
    ranks). Error per row, median and worst |error|. The calibration comes in three parts, as
    Vidur profiles operators before it simulates: (a) operator profiles on one rank -- the model's
    GEMMs (bandwidth and compute fractions) and a layer's decode attention on one rank's path
-   against a cp rank's path over the same keys (write, log-sum-exp, merge: ``attn_lse_cost`` and
+   against a cp rank's path over the same keys (write, attend with log-sum-exp: ``attn_lse_cost`` and
    ``cp_attn_us``); (b) one-rank decode steps of the scaling
    experiment at several batch x context points (attention fraction, cost per op, host time);
    (c) a 2-rank gloo all-reduce / all-gather microbenchmark (as nccl-tests measures a GPU link)
@@ -105,7 +105,7 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None) -> tuple[list
     lse_cost, cp_us = fit_cp_attention(attn)
     start = start.replace(attn_lse_cost=lse_cost, cp_attn_us=cp_us)
     print("operator profiles (one rank, 1 thread): GEMMs " + ", ".join(f"b={g['batch']} {g['ms']:.3f} ms" for g in gemms)
-          + "; a layer's decode attention, one rank's path / a cp rank's (write, log-sum-exp, merge) " + ", ".join(
+          + "; a layer's decode attention, one rank's path / a cp rank's (write, attend with log-sum-exp) " + ", ".join(
               f"b={a['batch']} ctx={a['context']} {a['ms']:.3f} / {a['ms_cp']:.3f} ms" for a in attn)
           + f" -> attn_lse_cost {lse_cost:.3g}, cp_attn_us {cp_us:.3g}")
     cal = fit(start, predict, [(r, r["step_ms"]) for r in rows], fields=("attn_frac", "kernel_us", "host_ms"),
