@@ -17,8 +17,9 @@ layer and rank, as ryzlab's graph runs it (:mod:`ryzlab.models.transformer`, sha
   ``cp_comm_bytes_formula``, ``wire_bytes_formula``) on an alpha-beta model of the device's link
   (ring or tree all-reduce, whichever is faster; ring all-gather), the network past one node;
   plus the wait for the slowest rank (``coll_skew_frac`` of the layer's work: ranks drift apart
-  while they compute). A cp rank's attention also returns its log-sum-exp and is merged
-  (``attn_lse_cost`` on its attention, plus ``cp_attn_us`` per layer for the path's fixed work).
+  while they compute). A cp rank's attention runs the general path and returns its log-sum-exp
+  (``attn_lse_cost`` on its attention, plus ``cp_attn_us`` per layer for the path's fixed work);
+  packing and merging the partials are ``CP_MERGE_KERNELS`` kernel boundaries.
 * a **host overhead** per step plus a gap per kernel (a captured graph by default; the
   calibration or ``--host-overhead-ms`` models an eager engine).
 
@@ -258,7 +259,7 @@ def step_cost(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment
                      peak, bw * cal.attn_frac)
             + _roof_ms(4.0 * hq * hd * shape.prefill_pairs / dep.cp, pre_bytes + act * shape.prefill_tokens * hq * hd * 2,
                        peak, bw * cal.attn_frac))
-    if dep.cp > 1:   # the cp rank's path: planning, packing the partial, the merge (shares the host's cores too)
+    if dep.cp > 1:   # the cp rank's general write / attend path (shares the host's cores too); the merge is kernels
         attn += share * cal.cp_attn_us / 1e3
     elem_bytes = act * T * (8 * model.dim + 3 * model.ffn_dim // dep.tp + 2 * (hq + 2 * hkv) * hd)
     elem = elem_bytes / bw * 1e3
