@@ -10,6 +10,10 @@ Weight formats: what a ``--weights`` string names, and which model shapes (and t
     int8-g<N>     the same with one scale per N input values (N a multiple of 16; GGUF Q8_0 is int8-g32)
     int4-g<N>     group-wise asymmetric int4 along the input dimension, a scale and a zero per
                   group of N in {32, 64, 128, 256} (gpt-fast / torchao's int4 weight-only layout)
+    int4-g<N>-a8  the same weights (codes, bf16 scales and zeros) with 8-bit activations (W4A8, as
+                  llama.cpp's Q4 x Q8 dot products): each token's input to a projection rounded to
+                  int8 with its absmax scale, the products summed in integers by ryzlab's C++
+                  kernel (:mod:`ryzlab.models.quant.w4a8`); rows padded to tiles of 4
     ternary       BitNet b1.58 ternary {-1, 0, +1}, packed 4 values per byte (2 bits), one absmean
                   scale per output row; embeddings / output head stay bf16 (as in BitNet)
     ternary-a8    the same weights with BitNet b1.58's 8-bit activations (W1.58A8): each token's
@@ -40,8 +44,8 @@ __all__ = ["WeightFormat", "WeightKind", "WEIGHT_FORMAT_CHOICES", "INT4_GROUP_SI
 WeightKind = Literal["float32", "bf16", "int8", "int4", "ternary", "gguf"]
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 """Group sizes torch's int4 kernels take (``_weight_int4pack_mm_for_cpu``'s ``qGroupSize``)."""
-WEIGHT_FORMAT_CHOICES = ("float32", "bf16", "int8", "int4-g32", "int4-g64", "int4-g128", "int4-g256", "ternary",
-                         "ternary-a8", "gguf")
+WEIGHT_FORMAT_CHOICES = ("float32", "bf16", "int8", "int4-g32", "int4-g64", "int4-g128", "int4-g256", "int4-g32-a8",
+                         "ternary", "ternary-a8", "gguf")
 TERNARY_PER_BYTE = 4
 """Ternary values per packed byte (2 bits each: codes 0, 1, 2 for -1, 0, +1)."""
 INT4_ROW_BLOCK = 64
@@ -58,11 +62,13 @@ class WeightFormat:
     compute: Literal["bfloat16", "float32"] = "bfloat16"
     """dtype of scales / zeros and of the activations handed to the kernel."""
     act_bits: int = 0
-    """ternary only: 8 = per-token absmax int8 activations (BitNet b1.58's W1.58A8); 0 = none."""
+    """ternary / int4: 8 = per-token absmax int8 activations (W1.58A8, W4A8); 0 = none."""
 
     def __post_init__(self) -> None:
-        if self.act_bits not in (0, 8) or (self.act_bits and self.kind != "ternary"):
-            raise ValueError(f"act_bits={self.act_bits}: 8-bit activations (-a8) apply to ternary weights only")
+        if self.act_bits not in (0, 8) or (self.act_bits and self.kind not in ("ternary", "int4")):
+            raise ValueError(f"act_bits={self.act_bits}: 8-bit activations (-a8) apply to ternary and int4 weights only")
+        if self.act_bits and self.kind == "int4" and self.compute != "bfloat16":
+            raise ValueError("int4 -a8 keeps bfloat16 scales and zeros (its kernel reads them); there is no -a8-f32")
 
     @property
     def name(self) -> str:
@@ -94,9 +100,9 @@ def parse_weight_format(spec: str | WeightFormat | None) -> WeightFormat:
     compute = "bfloat16"
     if s.endswith("-f32") and s not in ("float32",):
         s, compute = s[:-4], "float32"
-    m = re.fullmatch(r"int4-g(\d+)", s)
+    m = re.fullmatch(r"int4-g(\d+)(-a8)?", s)
     if m and int(m.group(1)) in INT4_GROUP_SIZES:
-        return WeightFormat(kind="int4", group_size=int(m.group(1)), compute=compute)
+        return WeightFormat(kind="int4", group_size=int(m.group(1)), compute=compute, act_bits=8 if m.group(2) else 0)
     m = re.fullmatch(r"int8-g(\d+)", s)
     if m and int(m.group(1)) >= 16 and int(m.group(1)) % 16 == 0:
         return WeightFormat(kind="int8", group_size=int(m.group(1)), compute=compute)
@@ -107,7 +113,7 @@ def parse_weight_format(spec: str | WeightFormat | None) -> WeightFormat:
             raise ValueError(f"weights={spec!r}: the -f32 suffix applies to int8 / int4 / ternary / gguf only")
         return WeightFormat(kind=s, compute=compute)  # type: ignore[arg-type]
     raise ValueError(f"weights={spec!r} is not a weight format; choose one of {', '.join(WEIGHT_FORMAT_CHOICES)} "
-                     f"(int4 group sizes {INT4_GROUP_SIZES}; int8-g<N>, N a multiple of 16, for a scale per N values "
+                     f"(int4 group sizes {INT4_GROUP_SIZES}, -a8 for 8-bit activations; int8-g<N>, N a multiple of 16, for a scale per N values "
                      f"instead of per row; add -f32 for float32 scales and activations)")
 
 
@@ -136,7 +142,7 @@ def linear_weight_parts(rows: int, cols: int, fmt: WeightFormat | str, group_siz
     if kind == "ternary":
         return {"payload": rows * cols // TERNARY_PER_BYTE, "scales": rows * c, "padding": 0}
     g = group_size or fmt.group_size or 32   # int4 / gguf Q4
-    npad = int4_padded_rows(rows)
+    npad = -(-rows // 4) * 4 if fmt.act_bits else int4_padded_rows(rows)   # W4A8: tiles of 4 rows
     per_row_payload, per_row_scales = cols // 2, (cols // g) * 2 * c
     return {"payload": rows * per_row_payload, "scales": rows * per_row_scales,
             "padding": (npad - rows) * (per_row_payload + per_row_scales)}

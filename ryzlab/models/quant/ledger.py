@@ -21,7 +21,9 @@ from torch import nn
 from ryzlab.config import ModelConfig
 from ryzlab.models.quant.formats import WeightFormat, _linears, parse_weight_format
 from ryzlab.weights import linear_weight_parts  # noqa: F401 - the formula, re-exported where it was
-from ryzlab.models.quant.linear import Bf16Linear, Int4Linear, Int8Linear, PackedLinear, TernaryLinear, _table_format
+from ryzlab.models.quant.linear import (Bf16Linear, Int4A8Linear, Int4Linear, Int8Linear, PackedLinear, TernaryLinear,
+                                        _table_format)
+from ryzlab.models.quant.w4a8 import TILE as W4A8_TILE
 
 __all__ = ["linear_weight_bytes", "linear_weight_parts", "model_weight_bytes", "weight_ledger"]
 
@@ -80,8 +82,10 @@ def _bias_values(cfg: ModelConfig, tp: int, rank: int) -> int:
     return n * cfg.n_layers
 
 
-_PAYLOAD = {Int8Linear: ("qweight",), Int4Linear: ("packed",), TernaryLinear: ("packed",), Bf16Linear: ("weight_bf16",)}
-_SCALES = {Int8Linear: ("scales",), Int4Linear: ("scales_zeros",), TernaryLinear: ("scales",), Bf16Linear: ()}
+_PAYLOAD = {Int8Linear: ("qweight",), Int4Linear: ("packed",), Int4A8Linear: ("packed",), TernaryLinear: ("packed",),
+            Bf16Linear: ("weight_bf16",)}
+_SCALES = {Int8Linear: ("scales",), Int4Linear: ("scales_zeros",), Int4A8Linear: ("sz",), TernaryLinear: ("scales",),
+           Bf16Linear: ()}
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -111,8 +115,8 @@ def weight_ledger(model: nn.Module) -> dict[str, Any]:
         payload = sum(_nbytes(getattr(mod, n)) for n in _PAYLOAD[type(mod)])
         scales = sum(_nbytes(getattr(mod, n)) for n in _SCALES[type(mod)])
         pad = 0
-        if isinstance(mod, Int4Linear):  # padded rows hold payload and scales too
-            npad = mod.packed.shape[0]
+        if isinstance(mod, (Int4Linear, Int4A8Linear)):  # padded rows hold payload and scales too
+            npad = mod.packed.shape[0] * (W4A8_TILE if isinstance(mod, Int4A8Linear) else 1)
             pad = (payload + scales) * (npad - mod.out_features) // npad
             payload -= payload * (npad - mod.out_features) // npad
             scales -= scales * (npad - mod.out_features) // npad

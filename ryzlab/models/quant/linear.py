@@ -6,6 +6,8 @@ says which in ``kernel``:
 * int8: ``aten._weight_int8pack_mm`` (per-row scales; a grouped int8 weight, GGUF Q8_0, sums
   one call per group of 32 input values);
 * int4: ``aten._weight_int4pack_mm_for_cpu`` (torch's tinygemm layout, scale and zero per group);
+  ``int4-g<N>-a8`` (W4A8): ryzlab's C++ kernel ``ryzlab::w4a8_linear`` (:mod:`ryzlab.models.quant.w4a8`),
+  each token's input rounded to int8 with its absmax scale, integer dot products per block of 32;
 * ternary: the 2-bit codes are unpacked to int8 on every call, then ``aten._weight_int8pack_mm``
   with the per-row absmean scale (no packed-ternary kernel exists in torch; the weight at rest is
   2 bits per value, the transient int8 copy is one layer at a time); ``ternary-a8`` (W1.58A8)
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ryzlab.models.quant import w4a8
 from ryzlab.models.quant.formats import WeightFormat, check_weight_format, parse_weight_format
 from ryzlab.models.quant.packing import (dequantize_int4, dequantize_int4_all, dequantize_int8, pack_int4, pack_ternary,
                                          quantize_int4,
@@ -39,7 +42,7 @@ from ryzlab.models.quant.packing import (dequantize_int4, dequantize_int4_all, d
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DENSE_ROWS", "PackedLinear", "Int8Linear", "Int4Linear", "concat_int4", "TernaryLinear", "Bf16Linear", "PackedEmbedding",
+__all__ = ["DENSE_ROWS", "PackedLinear", "Int8Linear", "Int4Linear", "Int4A8Linear", "concat_int4", "TernaryLinear", "Bf16Linear", "PackedEmbedding",
            "quantize_weights", "PROJECTIONS"]
 
 DENSE_ROWS = 128
@@ -199,7 +202,62 @@ class Int4Linear(PackedLinear):
         return dequantize_int4(unpack_int4(self.packed, idx), self.scales_zeros, idx)
 
 
-def concat_int4(parts: list[nn.Module]) -> tuple[Int4Linear, list[int]] | None:
+class Int4A8Linear(PackedLinear):
+    """int4 codes with a bf16 scale and zero per group (:func:`~ryzlab.models.quant.w4a8.pack_w4a8`
+    layout: tiles of 4 rows), times 8-bit activations (W4A8): ``y = dequant(W) @ (sx * round(x / sx))``,
+    ``sx = absmax(x) / 127`` per token, through ``ryzlab_w4a8::linear`` (C++; a logged torch
+    fallback where it cannot be built)."""
+
+    def __init__(self, packed: torch.Tensor, sz: torch.Tensor, out_features: int, group_size: int,
+                 bias: torch.Tensor | None = None, *, reduce: Any = None):
+        super().__init__(out_features, packed.shape[1] // 2, bias, torch.bfloat16, reduce)
+        self.group_size = group_size
+        self.register_buffer("packed", packed.contiguous())                           # [Np/4, 2K] uint8
+        self.register_buffer("sz", sz.contiguous())                                   # [Np/4, G, 4, 2] bf16
+        self.native = w4a8.native()   # asked here, not in forward (a compiled graph reads it as a constant)
+
+    @property
+    def kernel(self) -> str:  # type: ignore[override]
+        return w4a8.w4a8_kernel()
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None, fmt: WeightFormat, reduce: Any = None
+                   ) -> "Int4A8Linear":
+        packed, sz = w4a8.quantize_w4a8(w, fmt.group_size)
+        return cls(packed, sz, w.shape[0], fmt.group_size, bias, reduce=reduce)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().contiguous()   # rounded to int8 inside the kernel, from float32
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        y = w4a8.w4a8_linear(x, self.packed, self.sz, self.group_size, self.native)
+        return y if y.shape[1] == self.out_features else y[:, :self.out_features]
+
+    def dequantize(self) -> torch.Tensor:
+        return w4a8.dequantize_w4a8(self.packed, self.sz)[:self.out_features]
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return w4a8.w4a8_rows(self.packed, self.sz, idx)
+
+
+def _concat_a8(parts: list[nn.Module]) -> tuple[Int4A8Linear, list[int]] | None:
+    first: Int4A8Linear = parts[0]  # type: ignore[assignment]
+    if any(m.bias is not None or m.reduce is not None or m.group_size != first.group_size  # type: ignore[union-attr]
+           or m.in_features != first.in_features for m in parts):
+        return None
+    packed = torch.cat([m.packed for m in parts])                                       # type: ignore[union-attr]
+    sz = torch.cat([m.sz for m in parts])                                               # type: ignore[union-attr]
+    fused = Int4A8Linear(packed, sz, packed.shape[0] * w4a8.TILE, first.group_size)
+    starts, tile = [], 0
+    for m in parts:   # each part keeps its rows padded to whole tiles: its outputs start at a tile
+        n = m.packed.shape[0]                                                            # type: ignore[union-attr]
+        m.packed, m.sz = packed[tile:tile + n], sz[tile:tile + n]
+        starts.append(tile * w4a8.TILE)
+        tile += n
+    return fused, starts
+
+
+def concat_int4(parts: list[nn.Module]) -> tuple[PackedLinear, list[int]] | None:
     """One :class:`Int4Linear` computing ``parts``' outputs side by side (the q / k / v or the gate /
     up projections of a layer, which read the same input) -> (it, where each part's outputs start),
     or None where they cannot share a call (not all int4, other group sizes or inputs, a bias, a
@@ -210,6 +268,8 @@ def concat_int4(parts: list[nn.Module]) -> tuple[Int4Linear, list[int]] | None:
     rows padded to whole 64-row blocks (the kernel's layout concatenates block by block), and its
     buffers become views of the fused ones: the weights are held once.
     """
+    if len(parts) >= 2 and all(type(m) is Int4A8Linear for m in parts):
+        return _concat_a8(parts)
     if len(parts) < 2 or not all(type(m) is Int4Linear for m in parts):
         return None
     first: Int4Linear = parts[0]  # type: ignore[assignment]
@@ -313,7 +373,7 @@ def _pack(w: torch.Tensor, bias: torch.Tensor | None, fmt: WeightFormat, reduce:
     if fmt.kind == "int8":
         return Int8Linear.from_float(w, bias, fmt, fmt.group_size, reduce=reduce)
     if fmt.kind == "int4":
-        return Int4Linear.from_float(w, bias, fmt, reduce=reduce)
+        return (Int4A8Linear if fmt.act_bits else Int4Linear).from_float(w, bias, fmt, reduce=reduce)
     if fmt.kind == "ternary":
         return TernaryLinear.from_float(w, bias, fmt, reduce=reduce)
     if fmt.kind == "bf16":

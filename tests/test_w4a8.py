@@ -1,0 +1,135 @@
+"""int4 weights x int8 activations (``int4-g<N>-a8``): the C++ kernel against the torch reference,
+the layout's round trip, the layer in a model, batching and torch.compile."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ryzlab.models.quant import Int4A8Linear, model_weight_bytes, parse_weight_format, quantize_weights, weight_ledger
+from ryzlab.models.quant import w4a8
+from ryzlab.models.quant.linear import concat_int4
+from ryzlab.models.quant.packing import quantize_int4
+
+needs_kernel = pytest.mark.skipif(not w4a8.native(), reason="no C++ compiler here: the W4A8 kernel could not be built")
+
+
+def _layer(n: int, k: int, group: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    return (w, *w4a8.quantize_w4a8(w, group))
+
+
+@pytest.mark.parametrize("n,k,group", [(70, 256, 32), (64, 576, 64), (5, 128, 128)])
+def test_pack_round_trip_and_padding(n, k, group):
+    w = torch.randn(n, k)
+    q, s, z = quantize_int4(w, group, torch.bfloat16)
+    packed, sz = w4a8.pack_w4a8(q, s, z)
+    npad = -(-n // w4a8.TILE) * w4a8.TILE
+    assert packed.shape == (npad // w4a8.TILE, 2 * k) and sz.shape == (npad // w4a8.TILE, k // group, w4a8.TILE, 2)
+    codes = w4a8.unpack_w4a8(packed)
+    assert torch.equal(codes[:n], q.to(torch.uint8)) and not codes[n:].any()
+    deq = w4a8.dequantize_w4a8(packed, sz)
+    ref = ((q.float().reshape(n, -1, group) - 8) * s.float()[..., None] + z.float()[..., None]).reshape(n, k)
+    assert torch.equal(deq[:n], ref) and not deq[n:].any()
+    idx = torch.tensor([n - 1, 0, 3, n - 1])
+    assert torch.equal(w4a8.rows_w4a8(packed, sz, idx), ref[idx])
+
+
+def test_reference_is_dequantized_weight_times_quantized_activations():
+    w, packed, sz = _layer(48, 256, 32)
+    x = torch.randn(3, 256) * torch.tensor([[1.0], [1e-3], [50.0]])
+    xq, sx = w4a8.quantize_activations(x)
+    assert xq.dtype == torch.int8 and xq.abs().max() == 127
+    assert (xq.float() * sx - x).abs().le(sx / 2 + 1e-6).all()      # half a step of each row's scale
+    exact = (xq.double() * sx.double()) @ w4a8.dequantize_w4a8(packed, sz).double().t()
+    torch.testing.assert_close(w4a8.w4a8_reference(x, packed, sz, 32).double(), exact, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 16])
+@pytest.mark.parametrize("n,k,group", [(72, 576, 32), (64, 1536, 64), (8, 256, 128), (4, 64, 32)])
+def test_kernel_matches_reference(m, n, k, group):
+    _, packed, sz = _layer(n, k, group, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k + m))
+    y = w4a8.w4a8_linear(x, packed, sz, group)
+    ref = w4a8.w4a8_reference(x, packed, sz, group)
+    assert y.shape == ref.shape == (m, n)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+
+
+@needs_kernel
+def test_kernel_rows_do_not_depend_on_the_batch():
+    """A row's output is the same alone or beside others (tiles of 4 activation rows and the
+    one-row path sum in different orders: equal within float rounding)."""
+    _, packed, sz = _layer(64, 576, 32)
+    x = torch.randn(7, 576)
+    batch = w4a8.w4a8_linear(x, packed, sz, 32)
+    alone = torch.cat([w4a8.w4a8_linear(x[i:i + 1], packed, sz, 32) for i in range(7)])
+    torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_kernel_refuses_bad_operands():
+    _, packed, sz = _layer(8, 256, 32)
+    with pytest.raises(RuntimeError, match="inputs per row"):
+        w4a8.w4a8_linear(torch.randn(1, 128), packed, sz, 32)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        w4a8.w4a8_linear(torch.randn(1, 256), packed, sz, 48)
+
+
+def test_format_parsing():
+    fmt = parse_weight_format("int4-g64-a8")
+    assert (fmt.kind, fmt.group_size, fmt.act_bits, fmt.name) == ("int4", 64, 8, "int4-g64-a8")
+    assert parse_weight_format("int4-g32").act_bits == 0
+    with pytest.raises(ValueError, match="no -a8-f32"):
+        parse_weight_format("int4-g32-a8-f32")
+    with pytest.raises(ValueError, match="int4-g32-a8"):
+        parse_weight_format("int4-g48-a8")
+
+
+def _reference_model():
+    from ryzlab.models.loader import load_model
+
+    model, _ = load_model("reference")
+    return model
+
+
+def test_model_layers_ledger_and_fallback_agree():
+    ref = _reference_model()
+    model = quantize_weights(copy.deepcopy(ref), "int4-g32-a8")
+    assert isinstance(model.layers[0].attention.wq, Int4A8Linear)
+    led = weight_ledger(model)
+    assert led["total"] == model_weight_bytes(model.config, "int4-g32-a8")["total"]
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(tokens)
+        fallback = copy.deepcopy(model)
+        for mod in fallback.modules():
+            if isinstance(mod, Int4A8Linear):
+                mod.native = False
+        torch.testing.assert_close(fallback(tokens), out, rtol=1e-4, atol=1e-4)
+        # close to the float model (int4 weights and int8 activations are lossy, not wrong)
+        full = ref(tokens)
+    assert ((out - full).norm() / full.norm()).item() < 0.15
+
+
+def test_concat_matches_separate_layers():
+    parts = [Int4A8Linear.from_float(torch.randn(n, 256), None, parse_weight_format("int4-g32-a8")) for n in (64, 6, 6)]
+    x = torch.randn(3, 256)
+    separate = [p(x) for p in parts]
+    fused, starts = concat_int4(parts)
+    y = fused(x)
+    for p, s, want in zip(parts, starts, separate):
+        torch.testing.assert_close(y[:, s:s + p.out_features], want)
+        torch.testing.assert_close(p(x), want)   # the parts now view the fused buffers
+
+
+@needs_kernel
+def test_compiled_layer_is_one_graph_and_same_output():
+    layer = Int4A8Linear.from_float(torch.randn(96, 256), torch.randn(96), parse_weight_format("int4-g32-a8"))
+    x = torch.randn(2, 5, 256)
+    eager = layer(x)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
