@@ -7,7 +7,8 @@ perplexity, for
 
 * ryzlab's post-training formats: bf16, int8 (a scale per row), int8-g192 (a scale per 192
   values: 192 divides both of SmolLM2's row lengths, 576 and 1536), int4-g32 / g64 / g128 (refused where a group does
-  not divide a row: SmolLM2's dim is 576), ternary (BitNet absmean, no training: expected poor);
+  not divide a row: SmolLM2's dim is 576), int4-g32-a8 (the same int4 weights with 8-bit activations, ryzlab's
+  W4A8 C++ kernel), ternary (BitNet absmean, no training: expected poor);
 * ``gguf``: the file's own Q4_1 / Q8_0 blocks kept packed (no float round trip);
 * torchao's int8 / int4 weight-only on the same model in the same run (if torchao is installed).
 
@@ -44,7 +45,7 @@ from ryzlab.models.corpus import text_windows  # noqa: E402
 from ryzlab.models.quant import check_weight_format, weight_ledger  # noqa: E402
 from ryzlab.provenance import cpu_model  # noqa: E402
 
-FORMATS = ["float32", "bf16", "int8", "int8-g192", "int4-g32", "int4-g64", "int4-g128", "ternary", "gguf"]
+FORMATS = ["float32", "bf16", "int8", "int8-g192", "int4-g32", "int4-g32-a8", "int4-g64", "int4-g128", "ternary", "gguf"]
 PEERS = ["torchao-int8", "torchao-int4-g32"]
 
 RSS_CHILD = r"""

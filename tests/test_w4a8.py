@@ -133,3 +133,22 @@ def test_compiled_layer_is_one_graph_and_same_output():
     eager = layer(x)
     compiled = torch.compile(layer, fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_build_falls_back_and_says_so(tmp_path, monkeypatch, caplog):
+    """No compiler, or a build error: the layer still computes (the torch fallback), the log and
+    the ``kernel`` name say it is the fallback."""
+    bad = tmp_path / "w4a8.cpp"
+    bad.write_text("#include <torch/extension.h>\nthis is not C++;\n")
+    monkeypatch.setattr(w4a8, "SOURCE", bad)
+    monkeypatch.setenv("RYZLAB_EXT_DIR", str(tmp_path / "ext"))
+    build = w4a8._extension.__wrapped__
+    with caplog.at_level("WARNING", logger="ryzlab.models.quant.w4a8"):
+        assert build() is None
+    assert "torch fallback" in caplog.text
+    monkeypatch.setattr(w4a8, "_extension", build)   # every later ask sees the failed build
+    assert not w4a8.native() and "fallback" in w4a8.w4a8_kernel()
+    layer = Int4A8Linear.from_float(torch.randn(8, 64), None, parse_weight_format("int4-g32-a8"))
+    assert not layer.native and "fallback" in layer.kernel
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(layer(x), w4a8.w4a8_reference(x, layer.packed, layer.sz, 32))
