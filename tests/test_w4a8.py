@@ -39,10 +39,11 @@ def test_pack_round_trip_and_padding(n, k, group):
 
 def test_reference_is_dequantized_weight_times_quantized_activations():
     w, packed, sz = _layer(48, 256, 32)
-    x = torch.randn(3, 256) * torch.tensor([[1.0], [1e-3], [50.0]])
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(3)) * torch.tensor([[1.0], [1e-3], [50.0]])
     xq, sx = w4a8.quantize_activations(x)
-    assert xq.dtype == torch.int8 and xq.abs().max() == 127
-    assert (xq.float() * sx - x).abs().le(sx / 2 + 1e-6).all()      # half a step of each row's scale
+    assert xq.dtype == torch.int8 and xq.abs().amax(-1).eq(127).all()
+    # half a step of each row's scale, plus float32 rounding of x * (127 / a) and of the product
+    assert (xq.float() * sx - x).abs().le(sx * (0.5 + 1e-4)).all()
     exact = (xq.double() * sx.double()) @ w4a8.dequantize_w4a8(packed, sz).double().t()
     torch.testing.assert_close(w4a8.w4a8_reference(x, packed, sz, 32).double(), exact, rtol=1e-5, atol=1e-5)
 
@@ -64,10 +65,10 @@ def test_kernel_rows_do_not_depend_on_the_batch():
     """A row's output is the same alone or beside others (tiles of 4 activation rows and the
     one-row path sum in different orders: equal within float rounding)."""
     _, packed, sz = _layer(64, 576, 32)
-    x = torch.randn(7, 576)
+    x = torch.randn(7, 576, generator=torch.Generator().manual_seed(7))
     batch = w4a8.w4a8_linear(x, packed, sz, 32)
     alone = torch.cat([w4a8.w4a8_linear(x[i:i + 1], packed, sz, 32) for i in range(7)])
-    torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-5 * batch.abs().max().item())
 
 
 @needs_kernel
@@ -116,8 +117,10 @@ def test_model_layers_ledger_and_fallback_agree():
 
 
 def test_concat_matches_separate_layers():
-    parts = [Int4A8Linear.from_float(torch.randn(n, 256), None, parse_weight_format("int4-g32-a8")) for n in (64, 6, 6)]
-    x = torch.randn(3, 256)
+    g = torch.Generator().manual_seed(5)
+    parts = [Int4A8Linear.from_float(torch.randn(n, 256, generator=g), None, parse_weight_format("int4-g32-a8"))
+             for n in (64, 6, 6)]
+    x = torch.randn(3, 256, generator=g)
     separate = [p(x) for p in parts]
     fused, starts = concat_int4(parts)
     y = fused(x)
@@ -128,8 +131,10 @@ def test_concat_matches_separate_layers():
 
 @needs_kernel
 def test_compiled_layer_is_one_graph_and_same_output():
-    layer = Int4A8Linear.from_float(torch.randn(96, 256), torch.randn(96), parse_weight_format("int4-g32-a8"))
-    x = torch.randn(2, 5, 256)
+    g = torch.Generator().manual_seed(11)
+    layer = Int4A8Linear.from_float(torch.randn(96, 256, generator=g), torch.randn(96, generator=g),
+                                    parse_weight_format("int4-g32-a8"))
+    x = torch.randn(2, 5, 256, generator=g)
     eager = layer(x)
     compiled = torch.compile(layer, fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
@@ -152,3 +157,13 @@ def test_a_failed_build_falls_back_and_says_so(tmp_path, monkeypatch, caplog):
     assert not layer.native and "fallback" in layer.kernel
     x = torch.randn(2, 64)
     torch.testing.assert_close(layer(x), w4a8.w4a8_reference(x, layer.packed, layer.sz, 32))
+
+
+@needs_kernel
+def test_a_nan_input_row_gives_nan_outputs_not_a_silent_number():
+    _, packed, sz = _layer(8, 64, 32)
+    x = torch.randn(3, 64)
+    x[1, 5] = float("nan")
+    y = w4a8.w4a8_linear(x, packed, sz, 32)
+    assert torch.isnan(y[1]).all() and not torch.isnan(y[[0, 2]]).any()
+    assert torch.isnan(w4a8.w4a8_reference(x, packed, sz, 32)[1]).all()

@@ -159,10 +159,13 @@ def native() -> bool:
     return _extension() is not None
 
 
-def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int, use_native: bool = True
-                ) -> torch.Tensor:
-    """float32 ``[M, K]`` -> float32 ``[M, N]``: the W4A8 product through the C++ op (``use_native``:
-    the caller asked :func:`native` beforehand, outside any traced code) or the torch fallback."""
+def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
+                use_native: bool | None = None) -> torch.Tensor:
+    """float32 ``[M, K]`` -> float32 ``[M, N]``: the W4A8 product through the C++ op or the torch
+    fallback. ``use_native``: None asks :func:`native` (building the kernel on first use); layers pass
+    the answer they got when built, so a compiled forward never calls into the build machinery."""
+    if use_native is None:
+        use_native = native()
     if not use_native:
         return w4a8_reference(x, packed, sz, group)
     return torch.ops.ryzlab_w4a8.linear(x, packed, sz, group)

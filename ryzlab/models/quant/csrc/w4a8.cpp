@@ -185,8 +185,9 @@ torch::Tensor w4a8_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor sz, i
   for (int64_t m = 0; m < M; ++m) {
     const float* r = xp + m * K;
     float a = 0.0f;
-    for (int64_t k = 0; k < K; ++k) a = std::max(a, std::fabs(r[k]));
-    a = std::max(a, 1e-5f);
+    // a NaN input makes the row's scale NaN, so the row's outputs are NaN (as in torch), not hidden
+    for (int64_t k = 0; k < K; ++k) a = (std::fabs(r[k]) > a || std::isnan(r[k])) ? std::fabs(r[k]) : a;
+    a = std::isnan(a) ? a : std::max(a, 1e-5f);
     const float inv = 127.0f / a;
     sxp[m] = a / 127.0f;
     for (int64_t g = 0; g < G; ++g) {
