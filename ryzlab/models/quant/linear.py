@@ -240,51 +240,38 @@ class Int4A8Linear(PackedLinear):
         return w4a8.w4a8_rows(self.packed, self.sz, idx)
 
 
-def _concat_a8(parts: list[nn.Module]) -> tuple[Int4A8Linear, list[int]] | None:
-    first: Int4A8Linear = parts[0]  # type: ignore[assignment]
-    if any(m.bias is not None or m.reduce is not None or m.group_size != first.group_size  # type: ignore[union-attr]
-           or m.in_features != first.in_features for m in parts):
-        return None
-    packed = torch.cat([m.packed for m in parts])                                       # type: ignore[union-attr]
-    sz = torch.cat([m.sz for m in parts])                                               # type: ignore[union-attr]
-    fused = Int4A8Linear(packed, sz, packed.shape[0] * w4a8.TILE, first.group_size)
-    starts, tile = [], 0
-    for m in parts:   # each part keeps its rows padded to whole tiles: its outputs start at a tile
-        n = m.packed.shape[0]                                                            # type: ignore[union-attr]
-        m.packed, m.sz = packed[tile:tile + n], sz[tile:tile + n]
-        starts.append(tile * w4a8.TILE)
-        tile += n
-    return fused, starts
-
-
 def concat_int4(parts: list[nn.Module]) -> tuple[PackedLinear, list[int]] | None:
-    """One :class:`Int4Linear` computing ``parts``' outputs side by side (the q / k / v or the gate /
-    up projections of a layer, which read the same input) -> (it, where each part's outputs start),
-    or None where they cannot share a call (not all int4, other group sizes or inputs, a bias, a
-    tp reduce).
+    """One :class:`Int4Linear` (or :class:`Int4A8Linear`) computing ``parts``' outputs side by side
+    (the q / k / v or the gate / up projections of a layer, which read the same input) -> (it, where
+    each part's outputs start), or None where they cannot share a call (not all the same int4 layer,
+    other group sizes or inputs, a bias, a tp reduce).
 
     At batch 1 the kernel's fixed cost per call is ~4 us of a 10-50 us GEMV (SmolLM2 on a CPU
     core), so three calls into one saves that twice per projection group. Each part keeps its
-    rows padded to whole 64-row blocks (the kernel's layout concatenates block by block), and its
-    buffers become views of the fused ones: the weights are held once.
+    rows padded to whole blocks of its layout (64 rows for torch's, tiles of 4 for W4A8: both
+    concatenate block by block), and its buffers become views of the fused ones: the weights are
+    held once.
     """
-    if len(parts) >= 2 and all(type(m) is Int4A8Linear for m in parts):
-        return _concat_a8(parts)
-    if len(parts) < 2 or not all(type(m) is Int4Linear for m in parts):
+    kinds = {type(m) for m in parts}
+    if len(parts) < 2 or len(kinds) != 1 or not kinds <= {Int4Linear, Int4A8Linear}:
         return None
-    first: Int4Linear = parts[0]  # type: ignore[assignment]
-    if any(m.bias is not None or m.reduce is not None or m.group_size != first.group_size  # type: ignore[union-attr]
+    cls = kinds.pop()
+    # where each layout keeps its scales, along which dim they follow the rows, rows per packed row
+    name, dim, unit = ("scales_zeros", 1, 1) if cls is Int4Linear else ("sz", 0, w4a8.TILE)
+    first = parts[0]
+    if any(m.bias is not None or m.reduce is not None or m.group_size != first.group_size
            or m.in_features != first.in_features or m.compute != first.compute
-           or m.scales_zeros.dtype != first.scales_zeros.dtype for m in parts):  # type: ignore[union-attr]
+           or getattr(m, name).dtype != getattr(first, name).dtype for m in parts):
         return None
-    packed = torch.cat([m.packed for m in parts])                                      # type: ignore[union-attr]
-    sz = torch.cat([m.scales_zeros for m in parts], dim=1)                             # type: ignore[union-attr]
-    fused = Int4Linear(packed, sz, packed.shape[0], first.group_size)
+    packed = torch.cat([m.packed for m in parts])
+    sz = torch.cat([getattr(m, name) for m in parts], dim=dim)
+    fused = cls(packed, sz, packed.shape[0] * unit, first.group_size)
     starts, row = [], 0
     for m in parts:
-        n = m.packed.shape[0]                                                           # type: ignore[union-attr]
-        m.packed, m.scales_zeros = packed[row:row + n], sz[:, row:row + n]
-        starts.append(row)
+        n = m.packed.shape[0]
+        m.packed = packed[row:row + n]
+        setattr(m, name, sz.narrow(dim, row, n))
+        starts.append(row * unit)
         row += n
     return fused, starts
 
