@@ -13,7 +13,7 @@ Weight formats: what a ``--weights`` string names, and which model shapes (and t
     int4-g<N>-a8  the same weights (codes, bf16 scales and zeros) with 8-bit activations (W4A8, as
                   llama.cpp's Q4 x Q8 dot products): each token's input to a projection rounded to
                   int8 with its absmax scale, the products summed in integers by ryzlab's C++
-                  kernel (:mod:`ryzlab.models.quant.w4a8`); rows padded to tiles of 4
+                  kernel (:mod:`ryzlab.models.quant.w4a8`); rows padded to tiles of 8
     ternary       BitNet b1.58 ternary {-1, 0, +1}, packed 4 values per byte (2 bits), one absmean
                   scale per output row; embeddings / output head stay bf16 (as in BitNet)
     ternary-a8    the same weights with BitNet b1.58's 8-bit activations (W1.58A8): each token's
@@ -142,7 +142,7 @@ def linear_weight_parts(rows: int, cols: int, fmt: WeightFormat | str, group_siz
     if kind == "ternary":
         return {"payload": rows * cols // TERNARY_PER_BYTE, "scales": rows * c, "padding": 0}
     g = group_size or fmt.group_size or 32   # int4 / gguf Q4
-    npad = -(-rows // 4) * 4 if fmt.act_bits else int4_padded_rows(rows)   # W4A8: tiles of 4 rows
+    npad = -(-rows // 8) * 8 if fmt.act_bits else int4_padded_rows(rows)   # W4A8: tiles of 8 rows (w4a8.TILE)
     per_row_payload, per_row_scales = cols // 2, (cols // g) * 2 * c
     return {"payload": rows * per_row_payload, "scales": rows * per_row_scales,
             "padding": (npad - rows) * (per_row_payload + per_row_scales)}

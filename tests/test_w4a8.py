@@ -27,7 +27,8 @@ def test_pack_round_trip_and_padding(n, k, group):
     q, s, z = quantize_int4(w, group, torch.bfloat16)
     packed, sz = w4a8.pack_w4a8(q, s, z)
     npad = -(-n // w4a8.TILE) * w4a8.TILE
-    assert packed.shape == (npad // w4a8.TILE, 2 * k) and sz.shape == (npad // w4a8.TILE, k // group, w4a8.TILE, 2)
+    assert packed.shape == (npad // w4a8.TILE, w4a8.TILE * k // 2)
+    assert sz.shape == (npad // w4a8.TILE, k // group, 2, w4a8.TILE)
     codes = w4a8.unpack_w4a8(packed)
     assert torch.equal(codes[:n], q.to(torch.uint8)) and not codes[n:].any()
     deq = w4a8.dequantize_w4a8(packed, sz)
@@ -35,6 +36,18 @@ def test_pack_round_trip_and_padding(n, k, group):
     assert torch.equal(deq[:n], ref) and not deq[n:].any()
     idx = torch.tensor([n - 1, 0, 3, n - 1])
     assert torch.equal(w4a8.rows_w4a8(packed, sz, idx), ref[idx])
+
+
+def test_layout_byte_places_match_the_kernels_comment():
+    """Chunk c (32 bytes) of block b of a tile: byte j holds row j // 4's input 32 b + 4 c + j % 4
+    in its low nibble and 32 b + 16 + 4 c + j % 4 in its high one (csrc/w4a8.cpp reads that)."""
+    n, k = 8, 64
+    q = (torch.arange(n * k).reshape(n, k) * 7 % 16).to(torch.uint8)
+    packed, _ = w4a8.pack_w4a8(q, torch.ones(n, 2), torch.zeros(n, 2))
+    for b, c, j in [(0, 0, 0), (0, 1, 5), (1, 3, 31), (1, 2, 14)]:
+        byte = packed[0, b * 128 + c * 32 + j].item()
+        r, kk = j // 4, b * 32 + 4 * c + j % 4
+        assert (byte & 15, byte >> 4) == (q[r, kk].item(), q[r, kk + 16].item())
 
 
 def test_reference_is_dequantized_weight_times_quantized_activations():
@@ -49,26 +62,27 @@ def test_reference_is_dequantized_weight_times_quantized_activations():
 
 
 @needs_kernel
-@pytest.mark.parametrize("m", [1, 3, 4, 5, 16])
-@pytest.mark.parametrize("n,k,group", [(72, 576, 32), (64, 1536, 64), (8, 256, 128), (4, 64, 32)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 16])
+@pytest.mark.parametrize("n,k,group", [(72, 576, 32), (64, 1536, 64), (8, 256, 128), (4, 64, 32), (20, 192, 96)])
 def test_kernel_matches_reference(m, n, k, group):
     _, packed, sz = _layer(n, k, group, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k + m))
     y = w4a8.w4a8_linear(x, packed, sz, group)
     ref = w4a8.w4a8_reference(x, packed, sz, group)
-    assert y.shape == ref.shape == (m, n)
+    npad = -(-n // w4a8.TILE) * w4a8.TILE   # padding rows: zero outputs
+    assert y.shape == ref.shape == (m, npad) and not y[:, n:].any()
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
 
 
 @needs_kernel
 def test_kernel_rows_do_not_depend_on_the_batch():
-    """A row's output is the same alone or beside others (tiles of 4 activation rows and the
-    one-row path sum in different orders: equal within float rounding)."""
+    """A row's output is the same alone or beside others, bit for bit (each row's sums run in the
+    same order whether the kernel takes activation rows 4 at a time or one)."""
     _, packed, sz = _layer(64, 576, 32)
     x = torch.randn(7, 576, generator=torch.Generator().manual_seed(7))
     batch = w4a8.w4a8_linear(x, packed, sz, 32)
     alone = torch.cat([w4a8.w4a8_linear(x[i:i + 1], packed, sz, 32) for i in range(7)])
-    torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-5 * batch.abs().max().item())
+    assert torch.equal(batch, alone)
 
 
 @needs_kernel
@@ -167,3 +181,4 @@ def test_a_nan_input_row_gives_nan_outputs_not_a_silent_number():
     y = w4a8.w4a8_linear(x, packed, sz, 32)
     assert torch.isnan(y[1]).all() and not torch.isnan(y[[0, 2]]).any()
     assert torch.isnan(w4a8.w4a8_reference(x, packed, sz, 32)[1]).all()
+

@@ -204,16 +204,16 @@ class Int4Linear(PackedLinear):
 
 class Int4A8Linear(PackedLinear):
     """int4 codes with a bf16 scale and zero per group (:func:`~ryzlab.models.quant.w4a8.pack_w4a8`
-    layout: tiles of 4 rows), times 8-bit activations (W4A8): ``y = dequant(W) @ (sx * round(x / sx))``,
+    layout: tiles of 8 rows), times 8-bit activations (W4A8): ``y = dequant(W) @ (sx * round(x / sx))``,
     ``sx = absmax(x) / 127`` per token, through ``ryzlab_w4a8::linear`` (C++; a logged torch
     fallback where it cannot be built)."""
 
     def __init__(self, packed: torch.Tensor, sz: torch.Tensor, out_features: int, group_size: int,
                  bias: torch.Tensor | None = None, *, reduce: Any = None):
-        super().__init__(out_features, packed.shape[1] // 2, bias, torch.bfloat16, reduce)
+        super().__init__(out_features, packed.shape[1] * 2 // w4a8.TILE, bias, torch.bfloat16, reduce)
         self.group_size = group_size
-        self.register_buffer("packed", packed.contiguous())                           # [Np/4, 2K] uint8
-        self.register_buffer("sz", sz.contiguous())                                   # [Np/4, G, 4, 2] bf16
+        self.register_buffer("packed", packed.contiguous())                           # [Np/8, 4K] uint8
+        self.register_buffer("sz", sz.contiguous())                                   # [Np/8, G, 2, 8] bf16
         self.native = w4a8.native()   # asked here, not in forward (a compiled graph reads it as a constant)
 
     @property
@@ -248,7 +248,7 @@ def concat_int4(parts: list[nn.Module]) -> tuple[PackedLinear, list[int]] | None
 
     At batch 1 the kernel's fixed cost per call is ~4 us of a 10-50 us GEMV (SmolLM2 on a CPU
     core), so three calls into one saves that twice per projection group. Each part keeps its
-    rows padded to whole blocks of its layout (64 rows for torch's, tiles of 4 for W4A8: both
+    rows padded to whole blocks of its layout (64 rows for torch's, tiles of 8 for W4A8: both
     concatenate block by block), and its buffers become views of the fused ones: the weights are
     held once.
     """

@@ -37,9 +37,11 @@ __all__ = ["native", "pack_w4a8", "unpack_w4a8", "dequantize_w4a8", "rows_w4a8",
            "w4a8_linear", "w4a8_rows", "w4a8_kernel", "BLOCK"]
 
 BLOCK = 32
-"""Inputs per packed block: 16 bytes, byte ``j`` holds input ``j`` (low nibble) and ``j + 16`` (high)."""
-TILE = 4
-"""Output rows stored interleaved block by block (the kernel reads a tile as one stream)."""
+"""Inputs per packed block (``TILE`` x 16 bytes)."""
+TILE = 8
+"""Output rows stored interleaved, one per vector lane of the kernel (``csrc/w4a8.cpp``: a chunk of
+32 bytes holds 4 inputs of each of the 8 rows, the low nibbles inputs ``4c..4c+3`` of the block,
+the high ones ``16+4c..``)."""
 SOURCE = Path(__file__).with_name("csrc") / "w4a8.cpp"
 
 
@@ -51,23 +53,23 @@ def _pad_rows(t: torch.Tensor) -> torch.Tensor:
 
 def pack_w4a8(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int4 codes ``[N, K]`` (0..15), scales and zeros ``[N, G]`` -> the kernel's operands: packed
-    uint8 ``[Np / 4, 2 K]`` and sz bf16 ``[Np / 4, G, 4, 2]`` (rows padded to ``Np``, a multiple of
+    uint8 ``[Np / 8, 4 K]`` and sz bf16 ``[Np / 8, G, 2, 8]`` (rows padded to ``Np``, a multiple of
     :data:`TILE`, with zero codes, scales and zeros: they compute 0)."""
     n, k = q.shape
     if k % BLOCK:
         raise ValueError(f"W4A8 packs blocks of {BLOCK} inputs; a row of {k} is not whole blocks")
-    b = _pad_rows(q.to(torch.uint8)).reshape(-1, TILE, k // BLOCK, 2, BLOCK // 2)     # [T, 4, B, 2, 16]
-    nib = (b[:, :, :, 0] | (b[:, :, :, 1] << 4)).transpose(1, 2)                       # [T, B, 4, 16]
+    b = _pad_rows(q.to(torch.uint8)).reshape(-1, TILE, k // BLOCK, 2, 4, 4)            # [T, r, B, half, c, j]
+    nib = (b[:, :, :, 0] | (b[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)               # [T, B, c, r, j]
     sz = _pad_rows(torch.stack([scales, zeros], dim=-1).to(torch.bfloat16))           # [Np, G, 2]
-    sz = sz.reshape(-1, TILE, *sz.shape[1:]).transpose(1, 2)                          # [T, G, 4, 2]
+    sz = sz.reshape(-1, TILE, *sz.shape[1:]).permute(0, 2, 3, 1)                      # [T, G, 2, r]
     return nib.reshape(nib.shape[0], -1).contiguous(), sz.contiguous()
 
 
 def _codes(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 codes ``[T, 4, K]`` of every tile."""
-    t, k2 = packed.shape
-    b = packed.reshape(t, k2 // (2 * BLOCK), TILE, 1, BLOCK // 2)                      # [T, B, 4, 1, 16]
-    return torch.cat((b & 15, b >> 4), dim=3).transpose(1, 2).reshape(t, TILE, k2 // 2)
+    """uint8 codes ``[T, 8, K]`` of every tile."""
+    t, n = packed.shape
+    b = packed.reshape(t, n // (BLOCK * TILE // 2), 1, 4, TILE, 4)                      # [T, B, 1, c, r, j]
+    return torch.cat((b & 15, b >> 4), dim=2).permute(0, 4, 1, 2, 3, 5).reshape(t, TILE, -1)
 
 
 def unpack_w4a8(packed: torch.Tensor) -> torch.Tensor:
@@ -83,16 +85,21 @@ def _deq(codes: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
     return ((codes.float().reshape(r, g, k // g) - 8) * sz[..., :1].float() + sz[..., 1:].float()).reshape(r, k)
 
 
+def _row_sz(sz: torch.Tensor) -> torch.Tensor:
+    """sz ``[T, G, 2, 8]`` -> per row ``[Np, G, 2]``."""
+    return sz.permute(0, 3, 1, 2).reshape(-1, sz.shape[1], 2)
+
+
 def dequantize_w4a8(packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
     """float32 ``[Np, K]`` (padding rows included: they are 0)."""
-    return _deq(unpack_w4a8(packed), sz.transpose(1, 2).reshape(-1, sz.shape[1], 2))
+    return _deq(unpack_w4a8(packed), _row_sz(sz))
 
 
 def rows_w4a8(packed: torch.Tensor, sz: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """float32 rows ``idx`` of the weight (only their tiles are unpacked)."""
     i = idx.reshape(-1).long()
     codes = _codes(packed[i // TILE])[torch.arange(i.numel()), i % TILE]             # [R, K]
-    return _deq(codes, sz[i // TILE, :, i % TILE] if i.numel() else sz.new_zeros(0, sz.shape[1], 2))
+    return _deq(codes, sz[i // TILE, :, :, i % TILE] if i.numel() else sz.new_zeros(0, sz.shape[1], 2))
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +124,8 @@ def quantize_w4a8(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 
 
 def _march() -> str:
-    return os.environ.get("RYZLAB_W4A8_MARCH", "native")
+    """The compiler's target: ``-march=`` this (``RYZLAB_W4A8_MARCH``, default ``native``)."""
+    return f"-march={os.environ.get('RYZLAB_W4A8_MARCH') or 'native'}"
 
 
 @functools.lru_cache(maxsize=1)
@@ -135,14 +143,14 @@ def _extension() -> Any | None:
     build.mkdir(parents=True, exist_ok=True)
     try:
         mod = cpp_extension.load(name=f"ryzlab_w4a8_{key}", sources=[str(SOURCE)], build_directory=str(build),
-                                 extra_cflags=["-O3", f"-march={march}", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                                 extra_cflags=["-O3", march, "-fopenmp"], extra_ldflags=["-fopenmp"],
                                  verbose=False)
     except Exception as e:  # noqa: BLE001 - any build failure means: fall back, and say so
         log.warning("W4A8: could not build the C++ kernel (%s: %s); using the torch fallback (slow: it "
                     "dequantizes the weight on every call)", type(e).__name__, str(e).splitlines()[-1:] or "")
         return None
     torch.library.register_fake("ryzlab_w4a8::linear")(_fake_linear)   # shapes for torch.compile
-    log.info("W4A8: C++ kernel built for -march=%s (%s inner loop) in %s", march, mod.w4a8_isa(), build)
+    log.info("W4A8: C++ kernel built with %s (%s inner loop) in %s", march, mod.w4a8_isa(), build)
     return mod
 
 
@@ -151,7 +159,7 @@ def w4a8_kernel() -> str:
     ext = _extension()
     if ext is None:
         return "W4A8 torch fallback (dequantize per call; no C++ kernel)"
-    return f"ryzlab_w4a8::linear C++ ({ext.w4a8_isa()}, -march={_march()})"
+    return f"ryzlab_w4a8::linear C++ ({ext.w4a8_isa()}, {_march()})"
 
 
 def native() -> bool:
@@ -185,4 +193,4 @@ def w4a8_rows(packed: torch.Tensor, sz: torch.Tensor, idx: torch.Tensor) -> torc
 
 @w4a8_rows.register_fake
 def _(packed: torch.Tensor, sz: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return packed.new_empty(idx.numel(), packed.shape[1] // 2, dtype=torch.float32)
+    return packed.new_empty(idx.numel(), packed.shape[1] * 2 // TILE, dtype=torch.float32)
