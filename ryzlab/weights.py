@@ -11,8 +11,8 @@ Weight formats: what a ``--weights`` string names, and which model shapes (and t
     int4-g<N>     group-wise asymmetric int4 along the input dimension, a scale and a zero per
                   group of N in {32, 64, 128, 256} (gpt-fast / torchao's int4 weight-only layout)
     int4-g<N>-a8  the same weights (codes, bf16 scales and zeros) with 8-bit activations (W4A8, as
-                  llama.cpp's Q4 x Q8 dot products): each token's input to a projection rounded to
-                  int8 with its absmax scale, the products summed in integers by ryzlab's C++
+                  llama.cpp's Q4 x Q8_0 dot products): each token's input to a projection rounded to
+                  int8 with an absmax scale per 32 values, the products summed in integers by ryzlab's C++
                   kernel (:mod:`ryzlab.models.quant.w4a8`); rows padded to tiles of 8
     ternary       BitNet b1.58 ternary {-1, 0, +1}, packed 4 values per byte (2 bits), one absmean
                   scale per output row; embeddings / output head stay bf16 (as in BitNet)

@@ -53,11 +53,15 @@ def test_layout_byte_places_match_the_kernels_comment():
 def test_reference_is_dequantized_weight_times_quantized_activations():
     w, packed, sz = _layer(48, 256, 32)
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(3)) * torch.tensor([[1.0], [1e-3], [50.0]])
+    x[0, 32:64] *= 1e-3   # a block far smaller than its neighbours keeps its own scale
     xq, sx = w4a8.quantize_activations(x)
-    assert xq.dtype == torch.int8 and xq.abs().amax(-1).eq(127).all()
-    # half a step of each row's scale, plus float32 rounding of x * (127 / a) and of the product
-    assert (xq.float() * sx - x).abs().le(sx * (0.5 + 1e-4)).all()
-    exact = (xq.double() * sx.double()) @ w4a8.dequantize_w4a8(packed, sz).double().t()
+    assert xq.dtype == torch.int8 and sx.shape == (3, 256 // w4a8.BLOCK)
+    assert xq.reshape(3, -1, w4a8.BLOCK).abs().amax(-1).eq(127).all()       # every block uses its full range
+    torch.testing.assert_close(sx, x.reshape(3, -1, w4a8.BLOCK).abs().amax(-1) / 127)
+    # half a step of each block's scale, plus float32 rounding of x * (127 / a) and of the product
+    step = sx.repeat_interleave(w4a8.BLOCK, dim=1)
+    assert (w4a8.activations(xq, sx) - x).abs().le(step * (0.5 + 1e-4)).all()
+    exact = (xq.double() * step.double()) @ w4a8.dequantize_w4a8(packed, sz).double().t()
     torch.testing.assert_close(w4a8.w4a8_reference(x, packed, sz, 32).double(), exact, rtol=1e-5, atol=1e-5)
 
 
@@ -124,7 +128,12 @@ def test_model_layers_ledger_and_fallback_agree():
         for mod in fallback.modules():
             if isinstance(mod, Int4A8Linear):
                 mod.native = False
-        torch.testing.assert_close(fallback(tokens), out, rtol=1e-4, atol=1e-4)
+        fb = fallback(tokens)
+        # each layer agrees to float rounding (test_kernel_matches_reference); through the model, a
+        # rounding difference can move one activation across a rounding boundary in a later layer
+        # (one step of its block's scale), so the logits agree to ~1e-4, far inside the int8 error
+        assert ((fb - out).norm() / out.norm()).item() < 1e-3
+        assert torch.equal(fb.argmax(-1), out.argmax(-1))
         # close to the float model (int4 weights and int8 activations are lossy, not wrong)
         full = ref(tokens)
     assert ((out - full).norm() / full.norm()).item() < 0.15

@@ -7,7 +7,7 @@ says which in ``kernel``:
   one call per group of 32 input values);
 * int4: ``aten._weight_int4pack_mm_for_cpu`` (torch's tinygemm layout, scale and zero per group);
   ``int4-g<N>-a8`` (W4A8): ryzlab's C++ kernel ``ryzlab::w4a8_linear`` (:mod:`ryzlab.models.quant.w4a8`),
-  each token's input rounded to int8 with its absmax scale, integer dot products per block of 32;
+  each token's input rounded to int8 with an absmax scale per block of 32, integer dot products per block;
 * ternary: the 2-bit codes are unpacked to int8 on every call, then ``aten._weight_int8pack_mm``
   with the per-row absmean scale (no packed-ternary kernel exists in torch; the weight at rest is
   2 bits per value, the transient int8 copy is one layer at a time); ``ternary-a8`` (W1.58A8)
@@ -205,7 +205,7 @@ class Int4Linear(PackedLinear):
 class Int4A8Linear(PackedLinear):
     """int4 codes with a bf16 scale and zero per group (:func:`~ryzlab.models.quant.w4a8.pack_w4a8`
     layout: tiles of 8 rows), times 8-bit activations (W4A8): ``y = dequant(W) @ (sx * round(x / sx))``,
-    ``sx = absmax(x) / 127`` per token, through ``ryzlab_w4a8::linear`` (C++; a logged torch
+    ``sx = absmax(x) / 127`` per block of 32 inputs of a token, through ``ryzlab_w4a8::linear`` (C++; a logged torch
     fallback where it cannot be built)."""
 
     def __init__(self, packed: torch.Tensor, sz: torch.Tensor, out_features: int, group_size: int,

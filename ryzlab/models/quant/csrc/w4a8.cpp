@@ -1,13 +1,15 @@
 // W4A8 linear layer for CPUs: int4 weights (a bf16 scale and zero per group of input values)
-// times activations rounded per token to int8 (absmax / 127), multiplied in integers.
+// times activations rounded to int8 per block of 32 (absmax / 127, as llama.cpp's Q8_0),
+// multiplied in integers.
 //
 // What llama.cpp does for Q4 x Q8: unsigned x signed byte products (AVX2 maddubs + madd, or VNNI
 // dpbusd), a float multiply-add by each block's scale. Written for ryzlab, not copied: the
 // weight layout, the zero handling, the tiling and the threading are ours.
 //
-// y[m, n] = sx[m] * sum_g ( s[n, g] * sum_{k in g} q[n, k] xq[m, k]  +  (z[n, g] - 8 s[n, g]) * sum_{k in g} xq[m, k] )
-// which is exactly  dequant(W) @ (sx * xq)  with  w = (q - 8) s + z  (torch's int4 convention),
-// up to float32 rounding of the sums.
+// y[m, n] = sum_g ( s[n, g] * sum_{b in g} sx[m, b] sum_{k in b} q[n, k] xq[m, k]
+//                   + (z[n, g] - 8 s[n, g]) * sum_{b in g} sx[m, b] sum_{k in b} xq[m, k] )
+// which is exactly  dequant(W) @ (sx * xq)  with  w = (q - 8) s + z  (torch's int4 convention) and
+// sx the activation scale of each block, up to float32 rounding of the sums.
 //
 // Layout: output rows in tiles of 8 (rows padded to a multiple of 8), one vector lane per row.
 // qw [N / 8, K / 2 x 8] uint8: per block of 32 inputs, 4 chunks of 32 bytes; chunk c byte j holds
@@ -92,49 +94,57 @@ inline void block_dots(const uint8_t* w, const int8_t* x, int64_t K, __m256i* d)
 }
 
 // one tile (8 output rows) x MT activation rows -> y[m, n .. n + 7]
+// xs [M, B]: each activation block's scale; xz [M, G]: sum over a group's blocks of scale x sum(xq)
 template <int MT>
-inline void tile(const uint8_t* wt, const uint16_t* sz, const int8_t* xq, const float* xsum, const float* sx,
+inline void tile(const uint8_t* wt, const uint16_t* sz, const int8_t* xq, const float* xs, const float* xz,
                  float* y, int64_t N, int64_t K, int64_t G, int64_t bpg) {
+  const int64_t B = G * bpg;
   __m256 acc[MT];
   for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
   const __m256 eight = _mm256_set1_ps(8.0f);
   for (int64_t g = 0; g < G; ++g) {
     const __m256 s = load_bf16x8(sz + g * 16);
     const __m256 mz = _mm256_fnmadd_ps(eight, s, load_bf16x8(sz + g * 16 + 8));  // z - 8 s
-    __m256i dg[MT];
-    for (int64_t bb = 0; bb < bpg; ++bb) {  // a group's blocks sum exactly in int32
+    __m256 dg[MT];
+    for (int64_t bb = 0; bb < bpg; ++bb) {  // a group's blocks, each times its activation scale
       const int64_t b = g * bpg + bb;
       __m256i d[MT];
       block_dots<MT>(wt + b * 128, xq + b * 32, K, d);
-      for (int i = 0; i < MT; ++i) dg[i] = bb ? _mm256_add_epi32(dg[i], d[i]) : d[i];
+      for (int i = 0; i < MT; ++i) {
+        const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(d[i]), _mm256_set1_ps(xs[i * B + b]));
+        dg[i] = bb ? _mm256_add_ps(dg[i], f) : f;
+      }
     }
     for (int i = 0; i < MT; ++i) {
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dg[i]), s, acc[i]);
-      acc[i] = _mm256_fmadd_ps(mz, _mm256_set1_ps(xsum[i * G + g]), acc[i]);
+      acc[i] = _mm256_fmadd_ps(dg[i], s, acc[i]);
+      acc[i] = _mm256_fmadd_ps(mz, _mm256_set1_ps(xz[i * G + g]), acc[i]);
     }
   }
-  for (int i = 0; i < MT; ++i) _mm256_storeu_ps(y + i * N, _mm256_mul_ps(acc[i], _mm256_set1_ps(sx[i])));
+  for (int i = 0; i < MT; ++i) _mm256_storeu_ps(y + i * N, acc[i]);
 }
 #else
 constexpr int kMT = 1;
 
 template <int MT>
-inline void tile(const uint8_t* wt, const uint16_t* sz, const int8_t* xq, const float* xsum, const float* sx,
+inline void tile(const uint8_t* wt, const uint16_t* sz, const int8_t* xq, const float* xs, const float* xz,
                  float* y, int64_t N, int64_t K, int64_t G, int64_t bpg) {
   for (int r = 0; r < kTile; ++r) {
     float acc = 0.0f;
     for (int64_t g = 0; g < G; ++g) {
       const float s = bf16_to_f32(sz[g * 16 + r]), z = bf16_to_f32(sz[g * 16 + 8 + r]);
-      int32_t d = 0;
-      for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b)
+      float dg = 0.0f;
+      for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+        int32_t d = 0;
         for (int c = 0; c < 4; ++c)
           for (int j = 0; j < 4; ++j) {
             const uint8_t q = wt[b * 128 + c * 32 + r * 4 + j];
             d += (q & 15) * xq[b * 32 + 4 * c + j] + (q >> 4) * xq[b * 32 + 16 + 4 * c + j];
           }
-      acc += s * static_cast<float>(d) + (z - 8.0f * s) * xsum[g];
+        dg += static_cast<float>(d) * xs[b];
+      }
+      acc += s * dg + (z - 8.0f * s) * xz[g];
     }
-    y[r] = sx[0] * acc;
+    y[r] = acc;
   }
 }
 #endif
@@ -154,30 +164,35 @@ torch::Tensor w4a8_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor sz, i
   TORCH_CHECK(sz.size(0) * kTile == N && sz.size(1) == G && sz.size(2) == 2 && sz.size(3) == kTile,
               "sz must be [N / 8, G, 2, 8]");
 
+  const int64_t B = K / 32;
   auto xq = torch::empty({M, K}, torch::kInt8);
-  auto xsum = torch::empty({M, G}, torch::kFloat32);  // exact: |sum| <= 127 x group
-  auto sx = torch::empty({M}, torch::kFloat32);
+  auto xs = torch::empty({M, B}, torch::kFloat32);  // each block's scale
+  auto xz = torch::empty({M, G}, torch::kFloat32);  // per group: sum of scale x sum(xq) over its blocks
   const float* xp = x.data_ptr<float>();
   int8_t* qp = xq.data_ptr<int8_t>();
-  float* sp = xsum.data_ptr<float>();
-  float* sxp = sx.data_ptr<float>();
+  float* xsp = xs.data_ptr<float>();
+  float* xzp = xz.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
-    const float* r = xp + m * K;
-    float a = 0.0f;
-    // a NaN input makes the row's scale NaN, so the row's outputs are NaN (as in torch), not hidden
-    for (int64_t k = 0; k < K; ++k) a = (std::fabs(r[k]) > a || std::isnan(r[k])) ? std::fabs(r[k]) : a;
-    a = std::isnan(a) ? a : std::max(a, 1e-5f);
-    const float inv = 127.0f / a;
-    sxp[m] = a / 127.0f;
     for (int64_t g = 0; g < G; ++g) {
-      int32_t s = 0;
-      for (int64_t k = g * group; k < (g + 1) * group; ++k) {
-        // round half to even, as torch.round
-        const float v = std::min(127.0f, std::max(-127.0f, std::nearbyint(r[k] * inv)));
-        qp[m * K + k] = static_cast<int8_t>(v);
-        s += static_cast<int32_t>(v);
+      float zg = 0.0f;
+      for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+        const float* r = xp + m * K + b * 32;
+        float a = 0.0f;
+        // a NaN input makes its block's scale NaN, so the row's outputs are NaN (as in torch), not hidden
+        for (int k = 0; k < 32; ++k) a = (std::fabs(r[k]) > a || std::isnan(r[k])) ? std::fabs(r[k]) : a;
+        a = std::isnan(a) ? a : std::max(a, 1e-5f);
+        const float inv = 127.0f / a, sc = a / 127.0f;
+        int32_t sum = 0;
+        for (int k = 0; k < 32; ++k) {
+          // round half to even, as torch.round
+          const float v = std::min(127.0f, std::max(-127.0f, std::nearbyint(r[k] * inv)));
+          qp[m * K + b * 32 + k] = static_cast<int8_t>(v);
+          sum += static_cast<int32_t>(v);
+        }
+        xsp[m * B + b] = sc;
+        zg += sc * static_cast<float>(sum);
       }
-      sp[m * G + g] = static_cast<float>(s);
+      xzp[m * G + g] = zg;
     }
   }
 
@@ -192,8 +207,8 @@ torch::Tensor w4a8_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor sz, i
       const uint16_t* st = szp + t * G * 2 * kTile;
       int64_t m = 0;
       for (; m + kMT <= M; m += kMT)
-        tile<kMT>(wt, st, qp + m * K, sp + m * G, sxp + m, yp + m * N + t * kTile, N, K, G, bpg);
-      for (; m < M; ++m) tile<1>(wt, st, qp + m * K, sp + m * G, sxp + m, yp + m * N + t * kTile, N, K, G, bpg);
+        tile<kMT>(wt, st, qp + m * K, xsp + m * B, xzp + m * G, yp + m * N + t * kTile, N, K, G, bpg);
+      for (; m < M; ++m) tile<1>(wt, st, qp + m * K, xsp + m * B, xzp + m * G, yp + m * N + t * kTile, N, K, G, bpg);
     }
   });
   return y;
