@@ -36,6 +36,10 @@ def test_pack_round_trip_and_padding(n, k, group):
     assert torch.equal(deq[:n], ref) and not deq[n:].any()
     idx = torch.tensor([n - 1, 0, 3, n - 1])
     assert torch.equal(w4a8.rows_w4a8(packed, sz, idx), ref[idx])
+    if w4a8.native():   # the C++ rows op: the same floats
+        assert torch.equal(w4a8.w4a8_rows(packed, sz, idx.reshape(2, 2)), ref[idx])
+        with pytest.raises(RuntimeError, match="out of range"):
+            w4a8.w4a8_rows(packed, sz, torch.tensor([npad]))
 
 
 def test_layout_byte_places_match_the_kernels_comment():

@@ -237,7 +237,7 @@ class Int4A8Linear(PackedLinear):
         return w4a8.dequantize_w4a8(self.packed, self.sz)[:self.out_features]
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
-        return w4a8.w4a8_rows(self.packed, self.sz, idx)
+        return w4a8.w4a8_rows(self.packed, self.sz, idx, self.native)
 
 
 def concat_int4(parts: list[nn.Module]) -> tuple[PackedLinear, list[int]] | None:

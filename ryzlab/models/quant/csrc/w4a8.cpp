@@ -214,6 +214,40 @@ torch::Tensor w4a8_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor sz, i
   return y;
 }
 
+// rows idx of the weight, float32 [R, K] (embedding lookups: (q - 8) s + z, as the torch reference)
+torch::Tensor w4a8_rows(torch::Tensor qw, torch::Tensor sz, torch::Tensor idx) {
+  TORCH_CHECK(qw.dim() == 2 && qw.scalar_type() == torch::kUInt8 && qw.is_contiguous(), "qw: uint8 [N / 8, K / 2 x 8]");
+  TORCH_CHECK(sz.dim() == 4 && sz.scalar_type() == torch::kBFloat16 && sz.is_contiguous(), "sz: bf16 [N / 8, G, 2, 8]");
+  TORCH_CHECK(idx.scalar_type() == torch::kLong, "idx: int64");
+  const int64_t N = qw.size(0) * kTile, K = qw.size(1) * 2 / kTile, G = sz.size(1);
+  TORCH_CHECK(sz.size(0) == qw.size(0) && G > 0 && K % G == 0 && (K / G) % 32 == 0, "sz does not fit qw");
+  auto ix = idx.reshape({-1}).contiguous();
+  const int64_t R = ix.numel(), group = K / G;
+  const int64_t* ip = ix.data_ptr<int64_t>();
+  for (int64_t i = 0; i < R; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < N, "row ", ip[i], " out of range [0, ", N, ")");
+  auto out = torch::empty({R, K}, torch::kFloat32);
+  float* op = out.data_ptr<float>();
+  const uint8_t* wp = qw.data_ptr<uint8_t>();
+  const uint16_t* szp = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
+  for (int64_t i = 0; i < R; ++i) {
+    const int64_t t = ip[i] / kTile, r = ip[i] % kTile;
+    const uint8_t* wt = wp + t * (K * kTile / 2);
+    const uint16_t* st = szp + t * G * 2 * kTile;
+    float* o = op + i * K;
+    for (int64_t b = 0; b < K / 32; ++b) {
+      const int64_t g = b * 32 / group;
+      const float s = bf16_to_f32(st[g * 16 + r]), z = bf16_to_f32(st[g * 16 + 8 + r]);
+      for (int c = 0; c < 4; ++c)
+        for (int j = 0; j < 4; ++j) {
+          const uint8_t q = wt[b * 128 + c * 32 + r * 4 + j];
+          o[b * 32 + 4 * c + j] = (static_cast<float>(q & 15) - 8.0f) * s + z;
+          o[b * 32 + 16 + 4 * c + j] = (static_cast<float>(q >> 4) - 8.0f) * s + z;
+        }
+    }
+  }
+  return out;
+}
+
 std::string w4a8_isa() {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
   return "avx512-vnni";
@@ -229,9 +263,11 @@ std::string w4a8_isa() {
 // a torch op (dispatched in C++: no Python between a compiled graph and the kernel)
 TORCH_LIBRARY(ryzlab_w4a8, m) {
   m.def("linear(Tensor x, Tensor qw, Tensor sz, int group) -> Tensor");
+  m.def("rows(Tensor qw, Tensor sz, Tensor idx) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(ryzlab_w4a8, CPU, m) {
   m.impl("linear", &w4a8_linear);
+  m.impl("rows", &w4a8_rows);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
