@@ -1,6 +1,8 @@
 """The step plan (:mod:`ryzlab.kv.step`) is built with tensor ops over the whole step: planning
 B sequences together gives each one exactly what planning it alone gives (positions, slots,
 gathered blocks and key positions, tail rows, block commits), for every page layout."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -84,3 +86,28 @@ def test_gather_plan_pads_rows_and_keeps_this_ranks_blocks_in_order():
     assert tables.tolist() == [[1, 2, 3], [4, 0, 0]]            # block // cp, padded with 0
     big = 1 << 62
     assert kpos.tolist() == [[0, 1, 4, 5, 6, 7], [2, 3, big, big + 1, big, big + 1]]
+
+
+@pytest.mark.parametrize("B", [1, 3, 16])
+def test_decode_plan_from_lists_equals_the_tensor_plan(B):
+    """A decode step on one rank without a tail is planned from Python lists (the serving hot
+    path); every field equals what the general tensor-op plan gives, including sequences at a
+    block's first and last slot and tables longer than the context (blocks allocated ahead)."""
+    from ryzlab.kv.step import _plan_general
+
+    lay = PageLayout(4, 1, 0, 0, 0, 1, torch.device("cpu"))
+    g = torch.Generator().manual_seed(B)
+    starts = [int(x) for x in torch.randint(0, 40, (B,), generator=g)]
+    starts[0] = 4 * (starts[0] // 4)            # a block's first slot
+    starts[-1] = 4 * (starts[-1] // 4) + 3      # and its last
+    tables = [torch.randperm(100, generator=g)[:a // 4 + 1 + int(x)].tolist()
+              for a, x in zip(starts, torch.randint(0, 3, (B,), generator=g))]
+    args = (lay, [f"s{b}" for b in range(B)], tables, [0] * B, list(range(B)), starts, [1] * B)
+    fast, general = plan_step(*args), _plan_general(*args)
+    for f in dataclasses.fields(fast):
+        a, b = getattr(fast, f.name), getattr(general, f.name)
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f.name
+        else:
+            assert a == b, f.name
+    assert fast.is_decode and torch.equal(fast.causal_mask, general.causal_mask)

@@ -195,3 +195,16 @@ def test_a_nan_input_row_gives_nan_outputs_not_a_silent_number():
     assert torch.isnan(y[1]).all() and not torch.isnan(y[[0, 2]]).any()
     assert torch.isnan(w4a8.w4a8_reference(x, packed, sz, 32)[1]).all()
 
+
+@needs_kernel
+def test_an_infinite_input_row_gives_no_finite_output():
+    """An infinity takes the scalar rounding (the vector one would turn inf * 0 into INT_MIN codes):
+    its row's outputs are all non-finite, the other rows untouched."""
+    _, packed, sz = _layer(16, 96, 32)
+    x = torch.randn(3, 96)
+    want = w4a8.w4a8_linear(x[[0, 2]], packed, sz, 32)
+    x[1, 40] = float("-inf")
+    y = w4a8.w4a8_linear(x, packed, sz, 32)
+    assert not torch.isfinite(y[1]).any()
+    assert torch.equal(y[[0, 2]], want)
+
