@@ -12,7 +12,9 @@
    after a little and after a lot of work (latency, and ``coll_skew_frac``: the wait for the
    slowest rank grows with the work between collectives), probed again just before each
    multi-rank point is measured (the VM's link moves by +-30 % over minutes). No multi-rank
-   model step is used to calibrate.
+   model step is used to calibrate. The multi-rank points' collectives go through shared memory
+   by default (``--cpu-comm shm``, ryzlab's ``cpu_comm``; the probe measures the same channel);
+   ``--cpu-comm gloo`` measures them over gloo's sockets instead.
 2. **Published GPU tables** (``--published``): every row of ``ryzlab/projection/published.yaml``
    (gpt-fast README A100 tokens/s with tp and quantisation; TensorRT-LLM A100 FP16 throughput
    and first-token latency), one calibration per device (``gpu-default``, fitted to the three rows
@@ -51,7 +53,7 @@ CHECK_POINTS = [(4, 512), (16, 1024)]
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]
 
 
-def _measure(tp: int, cp: int, batch: int, context: int, steps: int, repeats: int) -> dict:
+def _measure(tp: int, cp: int, batch: int, context: int, steps: int, repeats: int, cpu_comm: str = "gloo") -> dict:
     """Decode step (ms) of the scaling experiment at one point: the median over ``repeats`` fresh
     runs (new processes, new cache) of each run's median step, with the runs' spread. One run on
     this shared-core VM moves by 20-30 % from the next (collectives wait for a peer process to be
@@ -59,21 +61,27 @@ def _measure(tp: int, cp: int, batch: int, context: int, steps: int, repeats: in
     from ryzlab.experiments.scaling import Config, run
 
     cfg = Config(tp=tp, cp=cp, batch=batch, context=context, decode_steps=steps, warmup=2, budget_mib=0,
-                 check_error=False, threads=1, prefill_chunk=512)
+                 check_error=False, threads=1, prefill_chunk=512, cpu_comm=cpu_comm)
     runs = sorted(statistics.median(run(cfg)["step_ms"]) for _ in range(repeats))
     return {"step_ms": statistics.median(runs), "step_ms_min": runs[0], "step_ms_max": runs[-1],
             "repeats": repeats, "warmup": cfg.warmup}
 
 
-def cpu_validation(steps: int, repeats: int, out_cal: Path | None) -> tuple[list[dict], Calibration]:
+def _link(model, cpu_comm: str) -> tuple[dict, object]:
+    """A fresh probe of the link between two CPU ranks (no model step), and the cpu device with it."""
+    lk = probe_gloo_link(numel=16 * model.dim, cpu_comm=cpu_comm)   # the tp all-reduce of batch 16: [16, dim] floats
+    return lk, get_device("cpu", {"link_latency_us": lk["link_latency_us"], "link_gbps": lk["link_gbps"]})
+
+
+def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str = "shm"
+                   ) -> tuple[list[dict], Calibration]:
     """-> (one row per point, the calibration fitted from one rank)"""
     from ryzlab.projection.shapes import load_shape
 
     model, _ = load_shape("reference")
-    link = probe_gloo_link(numel=16 * model.dim)   # the tp all-reduce of batch 16: [16, dim] floats
-    dev = get_device("cpu", {"link_latency_us": link["link_latency_us"]})
+    link, dev = _link(model, cpu_comm)
     print(f"cpu device (measured now): {dev.spec()}")
-    print(f"gloo link (2-rank microbenchmark, no model step): after {link['work_us']:.0f} us of work all_reduce "
+    print(f"{cpu_comm} link (2-rank microbenchmark, no model step): after {link['work_us']:.0f} us of work all_reduce "
           f"{link['all_reduce_us']:.0f} us, all_gather {link['all_gather_us']:.0f} us; after {link['work_busy_us']:.0f} us "
           f"{link['all_reduce_busy_us']:.0f} / {link['all_gather_busy_us']:.0f} us -> hop {link['link_latency_us']:.0f} us, "
           f"base {link['coll_base_us']:.0f} us, skew {link['coll_skew_frac']:.3f} of the work")
@@ -103,9 +111,9 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None) -> tuple[list
                 fitted_from="operator profile of the reference model's GEMMs, float32, 1 thread")
     attn = profile_cp_attention(model)
     lse_cost, cp_us = fit_cp_attention(attn)
-    start = start.replace(attn_lse_cost=lse_cost, cp_attn_us=cp_us)
+    start = start.replace(attn_lse_cost=lse_cost, cp_attn_us=cp_us, cp_merge_kernels=0.0)   # the merge is in cp_us
     print("operator profiles (one rank, 1 thread): GEMMs " + ", ".join(f"b={g['batch']} {g['ms']:.3f} ms" for g in gemms)
-          + "; a layer's decode attention, one rank's path / a cp rank's (write, attend with log-sum-exp) " + ", ".join(
+          + "; a layer's decode attention, one rank's path / a cp rank's (write, attend with log-sum-exp, pack, merge) " + ", ".join(
               f"b={a['batch']} ctx={a['context']} {a['ms']:.3f} / {a['ms_cp']:.3f} ms" for a in attn)
           + f" -> attn_lse_cost {lse_cost:.3g}, cp_attn_us {cp_us:.3g}")
     cal = fit(start, predict, [(r, r["step_ms"]) for r in rows], fields=("attn_frac", "kernel_us", "host_ms"),
@@ -137,11 +145,11 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None) -> tuple[list
             # woken, and the mean of that heavy tail moves by +-30 % over minutes (0.9-2.0 ms per
             # all-reduce in back-to-back probes), so each point gets a fresh probe of the link
             # (still no model step), taken just before it is measured
-            lk = probe_gloo_link(numel=16 * model.dim)
-            dev_now = get_device("cpu", {"link_latency_us": lk["link_latency_us"]})
+            lk, dev_now = _link(model, cpu_comm)
             cal_now = cal.replace(coll_base_us=lk["coll_base_us"], coll_skew_frac=lk["coll_skew_frac"])
-            m = _measure(tp, cp, b, c, steps, repeats)
-            r = {"tp": tp, "cp": cp, "batch": b, "context": c, **m, "link_all_reduce_us": lk["all_reduce_us"],
+            m = _measure(tp, cp, b, c, steps, repeats, cpu_comm)
+            r = {"tp": tp, "cp": cp, "batch": b, "context": c, **m, "cpu_comm": cpu_comm,
+                 "link_all_reduce_us": lk["all_reduce_us"],
                  "link_all_gather_us": lk["all_gather_us"], "link_skew_frac": lk["coll_skew_frac"]}
             p = predict(cal_now, r, dev_now)
             out.append({**r, "projected_ms": p, "error": p / m["step_ms"] - 1, "calibrate": False})
@@ -222,6 +230,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3,
                     help="fresh runs per CPU point and per serving rate; the point is their median, the spread "
                          "their range (default 3)")
+    ap.add_argument("--cpu-comm", choices=("shm", "gloo"), default="shm",
+                    help="how the multi-rank CPU points' ranks exchange tensors (ryzlab's ParallelConfig.cpu_comm): "
+                         "shm (shared memory, default) or gloo (sockets; on a 2-core VM its thread wake-ups, "
+                         "~1 ms a collective with 4 ms tails, dominate a small model's step)")
     ap.add_argument("--calibration-out", type=Path, default=None, help="write the fitted CPU calibration here")
     ap.add_argument("--serving-requests", type=int, default=30,
                     help="requests per point of the CPU serving curve (0 = skip it; default 30)")
@@ -254,7 +266,7 @@ def main() -> int:
               f"{s['worst_abs_error']:.1%} (target median <= 20%)")
         result["published"] = rows
     if args.cpu or both:
-        rows, cpu_cal = cpu_validation(args.steps, args.repeats, args.calibration_out)
+        rows, cpu_cal = cpu_validation(args.steps, args.repeats, args.calibration_out, args.cpu_comm)
         s = error_summary(rows, key=lambda r: not r["calibrate"] and not r.get("one_rank_check"))
         print(f"CPU: {int(s['rows'])} multi-rank rows projected from 1-rank calibration: median |error| "
               f"{s['median_abs_error']:.1%}, worst {s['worst_abs_error']:.1%} (targets 15% / 30%)")

@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 __all__ = [
     "ConfigError", "from_dict", "check_choice", "check_head_dim", "field_names",
     "Codec", "Granularity", "CODECS", "GRANULARITIES", "CODEC_BITS", "PACK_UNIT", "Rotation", "ROTATIONS",
-    "ModelConfig", "RopeScaling", "ROPE_SCALINGS", "CacheConfig", "ParallelConfig", "Backend", "BACKENDS",
+    "ModelConfig", "RopeScaling", "ROPE_SCALINGS", "CacheConfig", "ParallelConfig", "Backend", "BACKENDS", "CpuComm", "CPU_COMMS",
     "CodecFields", "QuantFields", "LoadFields", "ParallelFields", "group_values",
 ]
 
@@ -140,6 +140,8 @@ Granularity = Literal["tensor", "head", "token_head", "channel", "group"]
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 Backend = Literal["auto", "gloo", "nccl"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
+CpuComm = Literal["gloo", "shm"]
+CPU_COMMS: tuple[str, ...] = get_args(CpuComm)
 DType = Literal["float32", "bfloat16", "float16"]
 # What a full KV cache does to a victim sequence (the serving engine's choice; here so that
 # `ryzlab serve --help` can list it without importing torch).
@@ -431,9 +433,15 @@ class ParallelConfig(ParallelFields):
 
     backend: Backend = "auto"
     """``auto``: nccl when every rank has a CUDA device, gloo otherwise."""
+    cpu_comm: CpuComm = "gloo"
+    """How CPU ranks' tp / cp all-reduces, all-gathers and barriers travel: ``gloo`` (sockets), or
+    ``shm``: shared memory between ranks on one x86 host, each rank spinning until its peers'
+    parts are there (:mod:`ryzlab.parallel.shm`; as vLLM's and DeepSpeed's CPU backends do).
+    Where a group cannot map it (ranks on different hosts) it keeps gloo and logs the fallback."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "cp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_choice("backend", self.backend, BACKENDS)
+        check_choice("cpu_comm", self.cpu_comm, CPU_COMMS)

@@ -52,6 +52,20 @@ def test_efficiency_uses_the_world_size_one_point(points):
     assert s["context_gain"].notna().all() and s.set_index("layout").loc["tp1xcp2", "context_gain"] >= 1.9
 
 
+def test_shared_memory_collectives_give_the_same_rows(points):
+    """cpu_comm='shm': the same logits as one rank, the same counted bytes and collectives as gloo,
+    nothing on the sockets during decode; the rows name the transport that carried them."""
+    for tp, cp in ((2, 1), (1, 2)):
+        df = run_experiment("scaling", {**SMALL, "tp": tp, "cp": cp, "cpu_comm": "shm"})
+        r, g = df.iloc[0], points[(tp, cp)].iloc[0]
+        assert r["comm_transport"] == "shm" and g["comm_transport"] == "gloo"
+        assert r["logits_rel_err_vs_ws1"] <= 1e-5
+        for k in ("comm_bytes_per_step", "collectives_per_step", "largest_context"):
+            assert r[k] == g[k], k
+        assert r["comm_wire_bytes_per_step"] == 0 < g["comm_wire_bytes_per_step"]
+    assert run_experiment("scaling", {**SMALL, "cpu_comm": "shm"}).iloc[0]["comm_transport"] == "none"
+
+
 def _must_not_run(*a, **k):
     raise AssertionError("a process group started for an invalid layout")
 
@@ -61,6 +75,7 @@ def _must_not_run(*a, **k):
     ({"tp": 2, "codec": "int9"}, "'int8'"),
     ({"cp": 0}, "cp must be > 0"),
     ({"model": "/nonexistent/model.safetensors"}, "'reference'"),
+    ({"tp": 2, "cpu_comm": "tcp"}, "cpu_comm='tcp' is not valid; choose one of 'gloo', 'shm'"),
 ])
 def test_invalid_points_fail_before_any_process(values, needle, monkeypatch):
     import ryzlab.experiments.scaling as scaling

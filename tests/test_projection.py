@@ -325,6 +325,29 @@ def test_attention_fraction_and_cp_merge_kernels_by_hand():
     one, two = (step_cost(m, dev, k, Deployment(cp=cp), shape).overhead_ms for cp in (1, 2))
     assert one == pytest.approx((m.n_layers * KERNELS_PER_LAYER + 4) * 10.0 / 1e3)
     assert two - one == pytest.approx(m.n_layers * (CP_MERGE_KERNELS + 1) * 10.0 / 1e3)   # merge + its all-gather
+    # a calibration whose cp_attn_us holds the measured merge counts no merge kernels
+    none = step_cost(m, dev, k.replace(cp_merge_kernels=0.0), Deployment(cp=2), shape).overhead_ms
+    assert none - one == pytest.approx(m.n_layers * 1 * 10.0 / 1e3)
+    with pytest.raises(ValueError, match="cp_merge_kernels"):
+        ZERO.replace(cp_merge_kernels=-1.0)
+
+
+def test_ranks_sharing_a_host_share_its_host_time_too():
+    """On a shared host (cpu) with more ranks than cores, the per-step host time and kernel gaps
+    stretch like compute does (each rank's Python gets a share of a core); on a GPU they do not."""
+    from ryzlab.projection.cost import CP_MERGE_KERNELS, KERNELS_PER_LAYER
+
+    m, _ = load_shape("reference")
+    cpu = hardware.get_device("cpu", {"devices_per_node": 2})
+    gpu = hardware.get_device("a100-80gb")
+    cal = ZERO.replace(host_ms=1.0, kernel_us=10.0)
+    shape = StepShape.decode(4, 512)
+    for dev, stretched in ((cpu, True), (gpu, False)):
+        two = step_cost(m, dev, cal, Deployment(tp=2), shape).overhead_ms
+        four = step_cost(m, dev, cal, Deployment(tp=2, cp=2), shape).overhead_ms
+        kernels = m.n_layers * (KERNELS_PER_LAYER + CP_MERGE_KERNELS) + 4 + m.n_layers * 3
+        assert four == pytest.approx((2 if stretched else 1) * (1.0 + kernels * 10.0 / 1e3))
+        assert two == pytest.approx(1.0 + (m.n_layers * KERNELS_PER_LAYER + 4 + 2 * m.n_layers) * 10.0 / 1e3)
 
 
 def test_rank_skew_and_log_sum_exp_cost_by_hand():

@@ -87,7 +87,7 @@ class Config(DecodeFields, CodecFields, ParallelConfig):
                            num_blocks=num_blocks, enable_prefix_caching=False)
 
     def parallel(self) -> ParallelConfig:
-        return ParallelConfig(tp=self.tp, cp=self.cp, backend=self.backend)
+        return ParallelConfig(tp=self.tp, cp=self.cp, backend=self.backend, cpu_comm=self.cpu_comm)
 
 
 def make_config(values: dict) -> Config:
@@ -223,7 +223,8 @@ def _rank_main(rank: int, world_size: int, cfg: Config, tokens: torch.Tensor) ->
     groups = init_parallel(cfg.parallel())
     net = _net(cfg, groups)
     cache = _cache(cfg, net, groups)
-    barrier = torch.distributed.barrier if world_size > 1 else None
+    # every rank of the replica starts a step together, through the same transport as its collectives
+    barrier = groups.control.barrier if world_size > 1 else None
     logits, times, prefill_s, pre = _decode(net, cache, tokens, cfg, groups, barrier)
     per = {n: c.ledger.per_step("decode") for n, c in (("tp", groups.tp), ("cp", groups.cp))}
     led = cache.ledger()
@@ -235,6 +236,7 @@ def _rank_main(rank: int, world_size: int, cfg: Config, tokens: torch.Tensor) ->
             "kv": led["total"], "weights": _weight_bytes(net), "comm": per, "prefill_comm": pre,
             "largest_context": fits, "largest_context_page_bytes": fit_bytes,
             "threads": torch.get_num_threads(), "kernel": kernel, "backend": torch.distributed.get_backend(),
+            "transport": {n: c.transport for n, c in (("tp", groups.tp), ("cp", groups.cp))},
             "device": dev.type, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()}
 
 
@@ -374,6 +376,7 @@ def _rows(cfg: Config, res: list[dict], tokens: torch.Tensor, *, nodes: int, int
         "device": res[0]["device"],
         "device_name": res[0]["device_name"],
         "backend": res[0]["backend"],
+        "comm_transport": ",".join(sorted({t for r in res for t in r["transport"].values() if t != "none"})) or "none",
         "torch_threads": res[0]["threads"],
     })
 
@@ -390,7 +393,7 @@ def _formula(shape, fmt, cfg: Config) -> float:
 
 
 def scaling_efficiency(df: pd.DataFrame) -> pd.DataFrame:
-    """Per point (layout, codec, context, batch, model, threads per rank): median tokens/s, and
+    """Per point (layout, codec, context, batch, model, threads per rank, transport): median tokens/s, and
     speedup and efficiency against the world size 1 point of the same sweep that ran on the same
     total threads (world size x threads per rank). Why equal threads: a 2-rank point with 1 thread
     each against a 1-rank point with 1 thread measures the added core as much as the layout. NaN,
@@ -399,8 +402,10 @@ def scaling_efficiency(df: pd.DataFrame) -> pd.DataFrame:
     keys = [c for c in ("device", "model", "codec", "key_granularity", "context", "batch", "budget_mib")
             if c in df.columns]
     thr = "threads" if "threads" in df.columns else "torch_threads" if "torch_threads" in df.columns else None
-    d = df.assign(threads_per_rank=df[thr].astype(float) if thr else float("nan"))
-    med = (d.groupby(keys + ["layout", "tp", "cp", "world_size", "threads_per_rank"], dropna=False)
+    d = df.assign(threads_per_rank=df[thr].astype(float) if thr else float("nan"),
+                  comm_transport=df["comm_transport"].fillna("") if "comm_transport" in df.columns else "")
+    # gloo and shared-memory points of one layout stay apart (the 1-rank baseline is the same for both)
+    med = (d.groupby(keys + ["layout", "tp", "cp", "world_size", "threads_per_rank", "comm_transport"], dropna=False)
            .agg(tokens_per_s=("tokens_per_s", "median"), step_ms=("step_ms", "median"),
                 prefill_ms=("prefill_ms", "first"), largest_context=("largest_context", "first"),
                 kv_bytes_per_rank=("kv_bytes_per_rank", "first"),

@@ -92,6 +92,38 @@ class Comm:
         self.world_size = dist.get_world_size(group) if active else 1
         self.ledger = CommLedger()
         self._label = "untracked"
+        self.shm = None
+        """A :class:`ryzlab.parallel.shm.ShmChannel` carrying all_reduce (sum) / all_gather / barrier
+        (``cpu_comm="shm"``), else None: gloo carries everything."""
+
+    @property
+    def transport(self) -> str:
+        """What carries this group's all-reduces and all-gathers: ``none`` (one rank), ``shm``, or the
+        torch backend."""
+        if self.world_size == 1:
+            return "none"
+        return "shm" if self.shm is not None else dist.get_backend(self.group)
+
+    def use_shm(self, timeout=None) -> bool:
+        """Collective over the group: carry all_reduce / all_gather / barrier through shared memory
+        (ranks on one x86 host); False (gloo kept, logged as a fallback) where any rank cannot."""
+        from ryzlab.parallel.shm import open_channel
+
+        if self.world_size > 1:
+            self._shm_timeout = timeout
+            self.shm = open_channel(self.group, self.rank, self.world_size, timeout=timeout)
+        return self.shm is not None
+
+    def _shm_for(self, nbytes: int):
+        """The channel, regrown (collectively: every rank asks for the same size) when too small."""
+        if self.shm is not None and not self.shm.fits(nbytes):
+            from ryzlab.parallel.shm import open_channel
+
+            old, self.shm = self.shm, None
+            self.shm = open_channel(self.group, self.rank, self.world_size, capacity=max(2 * old.capacity, nbytes),
+                                    timeout=self._shm_timeout)
+            old.close()
+        return self.shm
 
     @contextlib.contextmanager
     def step(self, label: str) -> Iterator[None]:
@@ -122,7 +154,11 @@ class Comm:
         flat = t.contiguous().reshape(-1)
         out = torch.empty(self.world_size * flat.numel(), dtype=t.dtype, device=t.device)
         w0, t0 = _wchar(), time.perf_counter()
-        _all_gather_single(out, flat, group=self.group)
+        shm = self._shm_for(self._nbytes(flat))
+        if shm is not None:
+            shm.all_gather_(flat, out)
+        else:
+            _all_gather_single(out, flat, group=self.group)
         self._record(self._nbytes(t), self._nbytes(t) * (self.world_size - 1), t0, w0)
         return out.view(self.world_size, *t.shape)
 
@@ -131,7 +167,11 @@ class Comm:
         if self.world_size == 1:
             return t
         w0, t0 = _wchar(), time.perf_counter()
-        dist.all_reduce(t, op=op, group=self.group)
+        shm = self._shm_for(self._nbytes(t)) if op == dist.ReduceOp.SUM and t.is_contiguous() else None
+        if shm is not None:
+            shm.all_reduce_(t)
+        else:
+            dist.all_reduce(t, op=op, group=self.group)
         self._record(self._nbytes(t), self._nbytes(t), t0, w0)
         return t
 
@@ -180,4 +220,7 @@ class Comm:
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            dist.barrier(group=self.group)
+            if self.shm is not None:
+                self.shm.barrier()
+            else:
+                dist.barrier(group=self.group)

@@ -100,6 +100,12 @@ def init_parallel(parallel: ParallelConfig, device: str | torch.device | None = 
     control = Comm(dist.new_group(list(range(ws)), backend="gloo", timeout=timedelta(seconds=CONTROL_TIMEOUT_S)))
     groups = ParallelGroups(parallel, dist.get_rank(), Comm(mesh.get_group("tp")), Comm(mesh.get_group("cp")),
                             control, dev, mesh)
+    if parallel.cpu_comm == "shm":
+        if dev.type != "cpu":
+            raise ValueError(f"cpu_comm='shm' is for CPU ranks, but this rank computes on {dev}; choose one of "
+                             f"cpu_comm='gloo' (the backend's own collectives) or CPU ranks")
+        for c in (groups.tp, groups.cp, control):   # the same order on every rank: each call is collective
+            c.use_shm(timeout)
     log.debug("rank %d: tp rank %d/%d, cp rank %d/%d on %s", groups.rank, groups.tp_rank, parallel.tp,
               groups.cp_rank, parallel.cp, dev)
     return groups

@@ -10,10 +10,13 @@ from ryzlab.plots import bytes_axis, from_zero, human_bytes, plot_series, show_f
 
 def layout_labels(s: pd.DataFrame) -> pd.Series:
     """``tp1xcp1`` per point, with ``, N threads`` added where one layout ran at more than one thread
-    count per rank (the demo's 1-rank point at 1 and 2 threads): two bars must not share one label."""
+    count per rank (the demo's 1-rank point at 1 and 2 threads) and ``, shm`` where shared memory
+    carried its collectives (``cpu_comm``): two bars must not share one label."""
     varies = s.groupby("layout")["threads_per_rank"].transform("nunique") > 1
     words = [f"{lay}, {int(t)} thr" if v and t == t else lay
              for lay, t, v in zip(s["layout"], s["threads_per_rank"], varies)]
+    if "comm_transport" in s.columns:   # a layout run through shared memory beside gloo
+        words = [f"{w}, shm" if c == "shm" else w for w, c in zip(words, s["comm_transport"])]
     return pd.Series(words, index=s.index)
 
 

@@ -52,10 +52,15 @@ class Calibration:
     cp_attn_us: float = 0.0
     """Fixed time per layer and step that a context-parallel rank's attention adds to one rank's,
     whatever the context: the engine's path for a cp rank (the general write / attend planning and
-    the log-sum-exp; packing and merging the partials are ``CP_MERGE_KERNELS`` kernel boundaries,
+    the log-sum-exp; packing and merging the partials are ``cp_merge_kernels`` kernel boundaries,
     the all-gather the link's). 0 for a fused kernel (flash-decoding keeps the log-sum-exp anyway);
-    on CPU an operator profile on one rank measures it with ``attn_lse_cost``
+    on CPU an operator profile on one rank measures it with ``attn_lse_cost``, the merge included
     (:func:`ryzlab.projection.validation.fit_cp_attention`)."""
+    cp_merge_kernels: float = 2.0
+    """Kernel boundaries a layer adds under context parallelism to pack the partial and merge the
+    ranks' partials (:data:`ryzlab.projection.cost.CP_MERGE_KERNELS` for a fused engine: FlashInfer's
+    ``merge_state`` is one kernel); 0 where ``cp_attn_us`` was profiled with ryzlab's own merge in it
+    (the CPU calibration: its eager merge is ~24 torch ops, not 2 kernels)."""
     int8_weight_eff: float = 1.0
     """Bandwidth of an int8 weight-only GEMM relative to a bf16 one (dequantisation in the kernel)."""
     int4_weight_eff: float = 1.0
@@ -90,7 +95,8 @@ class Calibration:
                 raise ValueError(f"calibration {self.name}: {f} must be in (0, 1], got {v}")
         if self.attn_lse_cost < 1.0:
             raise ValueError(f"calibration {self.name}: attn_lse_cost must be >= 1, got {self.attn_lse_cost}")
-        for f in ("kernel_us", "host_ms", "request_ms", "coll_base_us", "coll_skew_frac", "cp_attn_us"):
+        for f in ("kernel_us", "host_ms", "request_ms", "coll_base_us", "coll_skew_frac", "cp_attn_us",
+                  "cp_merge_kernels"):
             if getattr(self, f) < 0:
                 raise ValueError(f"calibration {self.name}: {f} must be >= 0, got {getattr(self, f)}")
 

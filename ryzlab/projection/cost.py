@@ -19,9 +19,11 @@ layer and rank, as ryzlab's graph runs it (:mod:`ryzlab.models.transformer`, sha
   plus the wait for the slowest rank (``coll_skew_frac`` of the layer's work: ranks drift apart
   while they compute). A cp rank's attention runs the general path and returns its log-sum-exp
   (``attn_lse_cost`` on its attention, plus ``cp_attn_us`` per layer for the path's fixed work);
-  packing and merging the partials are ``CP_MERGE_KERNELS`` kernel boundaries.
+  packing and merging the partials are the calibration's ``cp_merge_kernels`` kernel boundaries
+  (``CP_MERGE_KERNELS`` for a fused engine; on CPU the profiled ``cp_attn_us`` holds ryzlab's merge).
 * a **host overhead** per step plus a gap per kernel (a captured graph by default; the
-  calibration or ``--host-overhead-ms`` models an eager engine).
+  calibration or ``--host-overhead-ms`` models an eager engine). On a shared host (``cpu``) more
+  ranks than cores share them, host time included.
 
 Nothing here knows about requests or time: the serving projection asks this function for each
 step the real scheduler plans.
@@ -259,7 +261,7 @@ def step_cost(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment
                      peak, bw * cal.attn_frac)
             + _roof_ms(4.0 * hq * hd * shape.prefill_pairs / dep.cp, pre_bytes + act * shape.prefill_tokens * hq * hd * 2,
                        peak, bw * cal.attn_frac))
-    if dep.cp > 1:   # the cp rank's general write / attend path (shares the host's cores too); the merge is kernels
+    if dep.cp > 1:   # the cp rank's general write / attend path (shares the host's cores too)
         attn += share * cal.cp_attn_us / 1e3
     elem_bytes = act * T * (8 * model.dim + 3 * model.ffn_dim // dep.tp + 2 * (hq + 2 * hkv) * hd)
     elem = elem_bytes / bw * 1e3
@@ -278,10 +280,11 @@ def step_cost(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment
     head_eff = eff if not model.tie_embeddings else 1.0
     logits = _roof_ms(2.0 * n_out * model.vocab_size * model.dim, 0.0, peak, bw) + wb["head"] / (bw * head_eff) * 1e3
     sampling = 2.0 * n_out * model.vocab_size * 4 / bw * 1e3
-    kernels = L * (KERNELS_PER_LAYER + CP_MERGE_KERNELS * (dep.cp > 1)) + 4
+    kernels = L * (KERNELS_PER_LAYER + cal.cp_merge_kernels * (dep.cp > 1)) + 4
     collectives = L * (2 * (dep.tp > 1) + (dep.cp > 1))
     host = cal.host_ms if host_overhead_ms is None else host_overhead_ms
-    overhead = host + (kernels + collectives) * cal.kernel_us / 1e3
+    # Python and launches need a core too: ranks sharing a host's cores wait for them in turn
+    overhead = share * (host + (kernels + collectives) * cal.kernel_us / 1e3)
     other = L * elem + logits + sampling
     total = L * (gemm + attn + comm) + other + overhead
     return StepCost(total_ms=total, gemm_ms=L * gemm, attention_ms=L * attn, other_ms=other, comm_ms=L * comm,

@@ -96,8 +96,8 @@ def error_summary(rows: list[dict[str, Any]], key: Callable[[dict], bool] = lamb
     return {"rows": float(len(errs)), "median_abs_error": statistics.median(errs), "worst_abs_error": max(errs)}
 
 
-def _link_rank(rank: int, world_size: int, tp: int, cp: int, numel: int, iters: int, work_rows: int
-               ) -> dict[str, float]:
+def _link_rank(rank: int, world_size: int, tp: int, cp: int, numel: int, iters: int, work_rows: int,
+               cpu_comm: str = "gloo") -> dict[str, float]:
     """On each rank: mean seconds of one tp all-reduce and one cp all-gather of ``numel`` floats,
     each entered after ``work_rows`` rows of one-thread matmul (as a layer's collective follows its
     GEMMs), with no barrier in between: what a rank pays per collective inside a decode step.
@@ -109,7 +109,7 @@ def _link_rank(rank: int, world_size: int, tp: int, cp: int, numel: int, iters: 
     from ryzlab.config import ParallelConfig
     from ryzlab.parallel.mesh import init_parallel
 
-    g = init_parallel(ParallelConfig(tp=tp, cp=cp))
+    g = init_parallel(ParallelConfig(tp=tp, cp=cp, cpu_comm=cpu_comm))
     x = torch.ones(numel)
     a, w = torch.randn(work_rows, 256), torch.randn(256, 256)
     out: dict[str, float] = {}
@@ -136,10 +136,12 @@ LINK_WORK_ROWS = (64, 2048)
 CPU (a small layer's GEMMs, a large layer's attention)."""
 
 
-def probe_gloo_link(numel: int = 1024, iters: int = 1000, work_rows: tuple[int, int] = LINK_WORK_ROWS
-                    ) -> dict[str, float]:
-    """Measure this host's gloo link the way nccl-tests measures a GPU link: a 2-rank all-reduce
-    and a 2-rank all-gather of ``numel`` floats (no model step runs).
+def probe_gloo_link(numel: int = 1024, iters: int = 1000, work_rows: tuple[int, int] = LINK_WORK_ROWS,
+                    cpu_comm: str = "gloo") -> dict[str, float]:
+    """Measure this host's link between CPU ranks the way nccl-tests measures a GPU link: a 2-rank
+    all-reduce and a 2-rank all-gather of ``numel`` floats (no model step runs), through gloo or,
+    with ``cpu_comm="shm"``, ryzlab's shared-memory channel (:mod:`ryzlab.parallel.shm`; then the
+    link's bandwidth is this host's one-thread copy bandwidth).
 
     Measured in the pattern a decode step issues them: each rank does some one-thread work
     (``work_rows`` x 256 x 256 matmul), then enters the collective, ``iters`` times, no barrier
@@ -162,7 +164,8 @@ def probe_gloo_link(numel: int = 1024, iters: int = 1000, work_rows: tuple[int, 
     from ryzlab.orchestrator import launch
 
     def one(tp: int, cp: int, rows: int) -> tuple[float, float]:
-        res = launch(_link_rank, 2, args=(tp, cp, numel, iters, rows), backend="gloo", threads_per_rank=1)
+        res = launch(_link_rank, 2, args=(tp, cp, numel, iters, rows, cpu_comm), backend="gloo",
+                     threads_per_rank=1)
         key = "all_reduce" if tp == 2 else "all_gather"
         return max(r[key] for r in res), statistics.fmean(r["work"] for r in res)
 
@@ -173,12 +176,14 @@ def probe_gloo_link(numel: int = 1024, iters: int = 1000, work_rows: tuple[int, 
     skew = max(0.0, statistics.fmean(slopes)) if slopes else 0.0
     ar, ag = max(ar0 - skew * w_ar0, 0.0), max(ag0 - skew * w_ag0, 0.0)   # at no work before the call
     dev = get_device("cpu")
-    wire = numel * 4 / (dev.link_gbps * 1e9)       # one chunk over the link, seconds
+    gbps = dev.hbm_gbps if cpu_comm == "shm" else dev.link_gbps   # shared memory: a copy in, a copy out
+    wire = numel * 4 / (gbps * 1e9)       # one chunk over the link, seconds
     ar_us, ag_us = (ar - wire) * 1e6, (ag - wire) * 1e6
     hop = max(ar_us - ag_us, 0.0)
     return {"all_reduce_us": ar0 * 1e6, "all_gather_us": ag0 * 1e6, "work_us": w_ag0 * 1e6,
             "all_reduce_busy_us": ar1 * 1e6, "all_gather_busy_us": ag1 * 1e6, "work_busy_us": w_ag1 * 1e6,
-            "link_latency_us": hop, "coll_base_us": max(ag_us - hop, 0.0), "coll_skew_frac": skew}
+            "link_latency_us": hop, "coll_base_us": max(ag_us - hop, 0.0), "coll_skew_frac": skew,
+            "link_gbps": gbps}
 
 
 def _median_ms(fn: Callable[[], Any], iters: int, repeats: int = 5) -> float:
@@ -223,7 +228,7 @@ def profile_gemms(model, batches: tuple[int, ...] = (1, 4, 16, 64), dtype: str =
 
 
 def profile_cp_attention(model, points: tuple[tuple[int, int], ...] = ((4, 256), (16, 512), (4, 1024), (16, 128)),
-                         iters: int = 30) -> list[dict[str, float]]:
+                         iters: int = 30, cp: int = 2) -> list[dict[str, float]]:
     """Operator profile, on ONE rank, of a layer's decode attention as the engine runs it, against
     the path a context-parallel rank runs over the same keys: over a real
     :class:`~ryzlab.kv.cache.PagedKVCache` of ``model``'s shape, ``batch`` sequences of ``context``
@@ -231,15 +236,17 @@ def profile_cp_attention(model, points: tuple[tuple[int, int], ...] = ((4, 256),
 
     * ``ms``: one rank's decode (:meth:`PagedKVCache.write_attend`: the short path over plain pages);
     * ``ms_cp``: a cp rank's (:meth:`PagedKVCache.write`, then the backend's attend with log-sum-exp:
-      the general path, not the short one). Packing and merging the partials is priced apart
-      (``CP_MERGE_KERNELS`` kernel boundaries, fitted per kernel from one-rank steps), and so is the
-      all-gather (the link's).
+      the general path, not the short one), then packing its partial and merging ``cp`` partials
+      (:mod:`ryzlab.kv.merge`; the all-gather between them is the link's, priced apart: here the
+      other ranks' partials are copies of this one's). The calibration then counts no merge kernels
+      (``cp_merge_kernels = 0``): the eager merge's ~24 torch ops are in this profile.
 
     -> rows with ``ms``, ``ms_cp``."""
     import torch
 
     from ryzlab.config import CacheConfig
     from ryzlab.kv.cache import PagedKVCache
+    from ryzlab.kv.merge import merge_partials, pack_partial, unpack_partials
 
     out = []
     hq, hkv, d = model.n_heads, model.n_kv_heads, model.head_dim
@@ -258,7 +265,9 @@ def profile_cp_attention(model, points: tuple[tuple[int, int], ...] = ((4, 256),
 
         def cp_rank() -> None:
             cache.write(0, k, v, step=step)
-            cache.backend.attend(cache.store, 0, q, step, None, with_lse=True)
+            o, lse = cache.backend.attend(cache.store, 0, q, step, None, with_lse=True)
+            part = pack_partial(o, lse)
+            merge_partials(*unpack_partials(torch.stack([part] * cp)))
 
         # interleaved repeats (one, cp, one, ...): the first large gathers of a process run slower
         # while the allocator settles, and drift must hit both sides
