@@ -77,8 +77,9 @@ class ShmChannel:
         size = head + 2 * world_size * capacity
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | ((os.O_CREAT | os.O_EXCL) if create else 0), 0o600)
         try:
-            if create:
+            if create:   # reserve the pages now: a full /dev/shm is an error here, not a SIGBUS mid-step
                 os.ftruncate(fd, size)
+                os.posix_fallocate(fd, 0, size)
             elif os.fstat(fd).st_size != size:
                 raise ShmPeerError(f"{path}: {os.fstat(fd).st_size} bytes, expected {size}")
             self._map = mmap.mmap(fd, size)
