@@ -6,7 +6,8 @@
    Vidur profiles operators before it simulates: (a) operator profiles on one rank -- the model's
    GEMMs (bandwidth and compute fractions) and a layer's decode attention on one rank's path
    against a cp rank's path over the same keys (write, attend with log-sum-exp: ``attn_lse_cost`` and
-   ``cp_attn_us``); (b) one-rank decode steps of the scaling
+   ``cp_attn_us``), and a decode step's planning on one rank's cache against a cp rank's shard
+   (``cp_step_us``); (b) one-rank decode steps of the scaling
    experiment at several batch x context points (attention fraction, cost per op, host time);
    (c) a 2-rank gloo all-reduce / all-gather microbenchmark (as nccl-tests measures a GPU link)
    after a little and after a lot of work (latency, and ``coll_skew_frac``: the wait for the
@@ -42,8 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ryzlab.projection.calibration import Calibration, default_calibration, fit, save_calibration  # noqa: E402
 from ryzlab.projection.cost import Deployment, StepShape, gemm_ms, step_cost  # noqa: E402
 from ryzlab.projection.hardware import get_device  # noqa: E402
-from ryzlab.projection.validation import (error_summary, fit_gpu_default, probe_gloo_link,  # noqa: E402
-                                         fit_cp_attention, profile_cp_attention, profile_gemms,
+from ryzlab.projection.validation import (error_summary, fit_gpu_default, probe_corun, probe_gloo_link,  # noqa: E402
+                                         fit_cp_attention, fit_cp_planning, profile_cp_attention,
+                                         profile_cp_planning, profile_gemms,
                                          validate_published)
 
 CAL_POINTS = [(1, 128), (1, 1024), (4, 256), (8, 1024), (16, 128), (16, 512)]
@@ -53,18 +55,25 @@ CHECK_POINTS = [(4, 512), (16, 1024)]
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]
 
 
-def _measure(tp: int, cp: int, batch: int, context: int, steps: int, repeats: int, cpu_comm: str = "gloo") -> dict:
-    """Decode step (ms) of the scaling experiment at one point: the median over ``repeats`` fresh
-    runs (new processes, new cache) of each run's median step, with the runs' spread. One run on
-    this shared-core VM moves by 20-30 % from the next (collectives wait for a peer process to be
-    woken), so a single run is not a measurement to judge a projection by."""
+def _run_once(tp: int, cp: int, batch: int, context: int, steps: int, cpu_comm: str = "gloo") -> float:
+    """Median decode step (ms) of one fresh run of the scaling experiment (new processes, new cache)."""
     from ryzlab.experiments.scaling import Config, run
 
-    cfg = Config(tp=tp, cp=cp, batch=batch, context=context, decode_steps=steps, warmup=2, budget_mib=0,
+    cfg = Config(tp=tp, cp=cp, batch=batch, context=context, decode_steps=steps, warmup=WARMUP, budget_mib=0,
                  check_error=False, threads=1, prefill_chunk=512, cpu_comm=cpu_comm)
-    runs = sorted(statistics.median(run(cfg)["step_ms"]) for _ in range(repeats))
+    return statistics.median(run(cfg)["step_ms"])
+
+
+WARMUP = 2
+
+
+def _summary(runs: list[float]) -> dict:
+    """A point: the median of its runs' median steps, with the runs' spread (one run on this
+    shared-core VM moves by 20-30 % from the next, so a single run is not a measurement to judge a
+    projection by)."""
+    runs = sorted(runs)
     return {"step_ms": statistics.median(runs), "step_ms_min": runs[0], "step_ms_max": runs[-1],
-            "repeats": repeats, "warmup": cfg.warmup}
+            "repeats": len(runs), "warmup": WARMUP}
 
 
 def _link(model, cpu_comm: str) -> tuple[dict, object]:
@@ -85,11 +94,31 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
           f"{link['all_reduce_us']:.0f} us, all_gather {link['all_gather_us']:.0f} us; after {link['work_busy_us']:.0f} us "
           f"{link['all_reduce_busy_us']:.0f} / {link['all_gather_busy_us']:.0f} us -> hop {link['link_latency_us']:.0f} us, "
           f"base {link['coll_base_us']:.0f} us, skew {link['coll_skew_frac']:.3f} of the work")
+    co = probe_corun(model)
+    print(f"host co-run probe (no model step, not in the calibration): two one-thread processes doing the model's "
+          f"layer GEMMs run {co['corun_ms']:.3f} ms a pass together against {co['alone_ms']:.3f} alone "
+          f"(x{co['corun_factor']:.3f})")
+    # every point once per round, rounds repeated: the VM's speed drifts by more than the targets
+    # over minutes, and interleaving makes the drift hit the one-rank points the calibration is fitted
+    # to and the points it is checked against alike (as the operator profiles interleave their sides)
+    points = ([("cal", 1, 1, b, c) for b, c in CAL_POINTS] + [("one", 1, 1, b, c) for b, c in CHECK_POINTS]
+              + [("multi", tp, cp, b, c) for tp, cp in LAYOUTS for b, c in CHECK_POINTS])
+    runs: dict[tuple, list[float]] = {p: [] for p in points}
+    links: dict[tuple, list[dict]] = {p: [] for p in points if p[0] == "multi"}
+    for i in range(repeats):
+        for p in points:
+            kind, tp, cp, b, c = p
+            if kind == "multi":
+                # the link as it is now, just before the point (still no model step)
+                links[p].append(_link(model, cpu_comm)[0])
+            runs[p].append(_run_once(tp, cp, b, c, steps, cpu_comm if kind == "multi" else "gloo"))
+        print(f"  round {i + 1} / {repeats}: " + ", ".join(f"tp{p[1]}xcp{p[2]} b{p[3]} c{p[4]} {runs[p][-1]:.2f}"
+                                                      for p in points), flush=True)
     rows = []
-    for b, c in CAL_POINTS:
-        m = _measure(1, 1, b, c, steps, repeats)
-        rows.append({"tp": 1, "cp": 1, "batch": b, "context": c, **m})
-        print(f"  measured 1-rank b={b:3d} ctx={c:5d}: {m['step_ms']:.3f} ms [{m['step_ms_min']:.3f}, "
+    for p in points[:len(CAL_POINTS)]:
+        m = _summary(runs[p])
+        rows.append({"tp": 1, "cp": 1, "batch": p[3], "context": p[4], **m})
+        print(f"  measured 1-rank b={p[3]:3d} ctx={p[4]:5d}: {m['step_ms']:.3f} ms [{m['step_ms_min']:.3f}, "
               f"{m['step_ms_max']:.3f}]", flush=True)
 
     def shape(r: dict) -> StepShape:
@@ -116,12 +145,17 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
           + "; a layer's decode attention, one rank's path / a cp rank's (write, attend with log-sum-exp, pack, merge) " + ", ".join(
               f"b={a['batch']} ctx={a['context']} {a['ms']:.3f} / {a['ms_cp']:.3f} ms" for a in attn)
           + f" -> attn_lse_cost {lse_cost:.3g}, cp_attn_us {cp_us:.3g}")
+    plans = profile_cp_planning(model)
+    start = start.replace(cp_step_us=fit_cp_planning(plans))
+    print("operator profile of a decode step's planning (one rank / cp rank 0 of 2, between weight streams): "
+          + ", ".join(f"b={p['batch']} ctx={p['context']} {p['us']:.0f} / {p['us_cp']:.0f} us" for p in plans)
+          + f" -> cp_step_us {start.cp_step_us:.3g}")
     cal = fit(start, predict, [(r, r["step_ms"]) for r in rows], fields=("attn_frac", "kernel_us", "host_ms"),
               name="cpu-fitted",
               fitted_from="benchmarks/projection_validate.py: GEMM and attention operator profiles, one-rank scaling "
                           "points, the gloo link probe; reference model, float32, 1 thread")
     print(f"calibration {cal.name}: bw_frac={cal.bw_frac:.3g} flops_frac={cal.flops_frac:.3g} attn_frac={cal.attn_frac:.3g} "
-          f"attn_lse_cost={cal.attn_lse_cost:.3g} cp_attn_us={cal.cp_attn_us:.3g} kernel_us={cal.kernel_us:.3g} host_ms={cal.host_ms:.3g} "
+          f"attn_lse_cost={cal.attn_lse_cost:.3g} cp_attn_us={cal.cp_attn_us:.3g} cp_step_us={cal.cp_step_us:.3g} kernel_us={cal.kernel_us:.3g} host_ms={cal.host_ms:.3g} "
           f"coll_skew_frac={cal.coll_skew_frac:.3g} ({cal.fitted_from})")
     if out_cal:
         print(f"  written to {save_calibration(cal, out_cal)}")
@@ -132,7 +166,7 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
     # one rank at the check points too (held out, not in the multi-rank summary): how much of a
     # multi-rank row's error is the one-rank model's own at that point
     for b, c in CHECK_POINTS:
-        m = _measure(1, 1, b, c, steps, repeats)
+        m = _summary(runs[("one", 1, 1, b, c)])
         r = {"tp": 1, "cp": 1, "batch": b, "context": c, **m}
         p = predict(cal, r)
         out.append({**r, "projected_ms": p, "error": p / m["step_ms"] - 1, "calibrate": False, "one_rank_check": True})
@@ -141,13 +175,12 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
               flush=True)
     for tp, cp in LAYOUTS:
         for b, c in CHECK_POINTS:
-            # the link as it is now: on this VM a gloo call mostly waits for the peer process to be
-            # woken, and the mean of that heavy tail moves by +-30 % over minutes (0.9-2.0 ms per
-            # all-reduce in back-to-back probes), so each point gets a fresh probe of the link
-            # (still no model step), taken just before it is measured
-            lk, dev_now = _link(model, cpu_comm)
+            key = ("multi", tp, cp, b, c)
+            m = _summary(runs[key])
+            # the link probes taken just before each run of this point, their median per figure
+            lk = {k: statistics.median(x[k] for x in links[key]) for k in links[key][0]}
+            dev_now = get_device("cpu", {"link_latency_us": lk["link_latency_us"], "link_gbps": lk["link_gbps"]})
             cal_now = cal.replace(coll_base_us=lk["coll_base_us"], coll_skew_frac=lk["coll_skew_frac"])
-            m = _measure(tp, cp, b, c, steps, repeats, cpu_comm)
             r = {"tp": tp, "cp": cp, "batch": b, "context": c, **m, "cpu_comm": cpu_comm,
                  "link_all_reduce_us": lk["all_reduce_us"],
                  "link_all_gather_us": lk["all_gather_us"], "link_skew_frac": lk["coll_skew_frac"]}
@@ -155,8 +188,8 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
             out.append({**r, "projected_ms": p, "error": p / m["step_ms"] - 1, "calibrate": False})
             print(f"  tp{tp} x cp{cp} b={b:3d} ctx={c:5d}: measured {m['step_ms']:.3f} ms [{m['step_ms_min']:.3f}, "
                   f"{m['step_ms_max']:.3f}], projected {p:.3f} ms, error {p / m['step_ms'] - 1:+.1%} "
-                  f"(link now: all_reduce {lk['all_reduce_us']:.0f} us, all_gather {lk['all_gather_us']:.0f} us, "
-                  f"skew {lk['coll_skew_frac']:.3f})",
+                  f"(link, median of its probes: all_reduce {lk['all_reduce_us']:.0f} us, all_gather "
+                  f"{lk['all_gather_us']:.0f} us, skew {lk['coll_skew_frac']:.3f})",
                   flush=True)
     return out, cal
 
@@ -168,19 +201,21 @@ SERVING_CHECK_RATES = (5.0, 8.0)
 SERVING_METRICS = ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99")
 
 
-def _measure_serving(rate: float, num_requests: int, repeats: int) -> dict:
-    """One in-process ryzlab engine (the serving experiment, 1 worker) at a Poisson ``rate``: each
+def _measure_serving(rates: tuple[float, ...], num_requests: int, repeats: int) -> dict[float, dict]:
+    """One in-process ryzlab engine (the serving experiment, 1 worker) at each Poisson rate: each
     metric the median over ``repeats`` fresh runs (one run of 30 requests moves by ~25 % from the
-    next on this VM, the calibration point included)."""
+    next on this VM, the calibration point included), the rates interleaved round by round so the
+    VM's drift hits the calibration rate and the checked ones alike."""
     from ryzlab.experiments.serving import Config, run
 
-    cfg = Config(rate=rate, num_requests=num_requests, workers=1, via="in-process", prompt_len=32, output_len=16,
-                 num_blocks=256, max_num_seqs=16, seed=0)
-    runs = []
+    runs: dict[float, list[dict]] = {r: [] for r in rates}
     for _ in range(repeats):
-        df = run(cfg)
-        runs.append(df[df["kind"] == "summary"].iloc[0].to_dict())
-    return {k: statistics.median(r[k] for r in runs) for k in SERVING_METRICS}
+        for rate in rates:
+            cfg = Config(rate=rate, num_requests=num_requests, workers=1, via="in-process", prompt_len=32,
+                         output_len=16, num_blocks=256, max_num_seqs=16, seed=0)
+            df = run(cfg)
+            runs[rate].append(df[df["kind"] == "summary"].iloc[0].to_dict())
+    return {rate: {k: statistics.median(r[k] for r in rs) for k in SERVING_METRICS} for rate, rs in runs.items()}
 
 
 def serving_validation(cpu_cal, num_requests: int, repeats: int = 3) -> list[dict]:
@@ -203,7 +238,8 @@ def serving_validation(cpu_cal, num_requests: int, repeats: int = 3) -> list[dic
                         ServingLoad(rate=rate, num_requests=num_requests, prompt_tokens=32, output_tokens=16),
                         eng, num_blocks=256)
 
-    base = _measure_serving(SERVING_CAL_RATE, num_requests, repeats)
+    measured = _measure_serving((SERVING_CAL_RATE, *SERVING_CHECK_RATES), num_requests, repeats)
+    base = measured[SERVING_CAL_RATE]
     cal = fit(cpu_cal, lambda c, k: sim(c, SERVING_CAL_RATE)[k], [("tpot_ms_p50", base["tpot_ms_p50"]),
                                                                   ("ttft_ms_p50", base["ttft_ms_p50"])],
               fields=("host_ms", "request_ms"), name="cpu-serving",
@@ -212,7 +248,7 @@ def serving_validation(cpu_cal, num_requests: int, repeats: int = 3) -> list[dic
           f"to TTFT and TPOT p50 at {SERVING_CAL_RATE} req/s)")
     out = []
     for rate in SERVING_CHECK_RATES:
-        m = _measure_serving(rate, num_requests, repeats)
+        m = measured[rate]
         p = sim(cal, rate)
         for k in SERVING_METRICS:
             out.append({"rate": rate, "metric": k, "measured": m[k], "projected": p[k],

@@ -393,6 +393,40 @@ def test_cp_attention_fit_recovers_a_line_and_keeps_its_bounds():
         fit_cp_attention([])
 
 
+def test_cp_step_planning_is_host_time_of_cp_steps_only():
+    """cp_step_us adds to a cp step's host time (stretched like it on a shared host), never to tp or one rank."""
+    m, _ = load_shape("reference")
+    cpu = hardware.get_device("cpu", {"devices_per_node": 2})
+    gpu = hardware.get_device("a100-80gb")
+    shape = StepShape.decode(4, 512)
+    for dev in (cpu, gpu):
+        for tp, cp in ((1, 1), (2, 1), (1, 2), (2, 2)):
+            dep = Deployment(tp=tp, cp=cp)
+            base = step_cost(m, dev, ZERO, dep, shape)
+            plan = step_cost(m, dev, ZERO.replace(cp_step_us=200.0), dep, shape)
+            share = 2.0 if dev is cpu and tp * cp > 2 else 1.0
+            assert plan.overhead_ms - base.overhead_ms == pytest.approx(share * 0.2 if cp > 1 else 0.0, rel=1e-9)
+            assert plan.total_ms - base.total_ms == pytest.approx(plan.overhead_ms - base.overhead_ms, rel=1e-9)
+    with pytest.raises(ValueError, match="cp_step_us"):
+        ZERO.replace(cp_step_us=-1.0)
+
+
+def test_cp_planning_fit_and_profile_rows():
+    """fit_cp_planning: the median extra per step, never below 0; the profile plans real steps on
+    one rank's cache and on cp rank 0's shard (rows for every point, both sides positive)."""
+    from ryzlab.projection.validation import fit_cp_planning, profile_cp_planning
+
+    assert fit_cp_planning([{"us": 50.0, "us_cp": 150.0}, {"us": 100.0, "us_cp": 130.0},
+                            {"us": 10.0, "us_cp": 400.0}]) == pytest.approx(100.0)
+    assert fit_cp_planning([{"us": 100.0, "us_cp": 90.0}]) == 0.0
+    with pytest.raises(ValueError, match="at least one"):
+        fit_cp_planning([])
+    m, _ = load_shape("reference")
+    rows = profile_cp_planning(m, points=((2, 40), (1, 17)), iters=2)
+    assert [(r["batch"], r["context"]) for r in rows] == [(2, 40), (1, 17)]
+    assert all(r["us"] > 0 and r["us_cp"] > 0 for r in rows)
+
+
 def test_max_kl_without_results_measures_the_codecs_on_weights(capsys):
     """--max-kl with no --kl-results measures each codec's KL on the weights now (none is 0); a
     config-only model has none, and is refused before any work with the two ways out."""
@@ -413,8 +447,8 @@ def test_max_kl_without_results_measures_the_codecs_on_weights(capsys):
 
 def test_operator_profiles_and_link_probe_return_what_the_fit_reads():
     """The one-rank operator profiles (GEMMs; one rank's decode attention and a cp rank's path on a
-    real paged cache) and the 2-rank link probe at two amounts of work give finite positive figures."""
-    from ryzlab.projection.validation import probe_gloo_link, profile_cp_attention, profile_gemms
+    real paged cache) the 2-rank link probe at two amounts of work and the host co-run probe give finite positive figures."""
+    from ryzlab.projection.validation import probe_corun, probe_gloo_link, profile_cp_attention, profile_gemms
 
     m = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
     g = profile_gemms(m, batches=(1, 8), iters=3)
@@ -426,3 +460,5 @@ def test_operator_profiles_and_link_probe_return_what_the_fit_reads():
     for k in ("all_reduce_us", "all_gather_us", "link_latency_us", "coll_base_us", "coll_skew_frac", "work_us",
               "work_busy_us"):
         assert math.isfinite(link[k]) and link[k] >= 0, k
+    co = probe_corun(m, iters=2, rounds=2)
+    assert co["ranks"] == 2 and co["corun_factor"] >= 1.0 and co["alone_ms"] > 0 and co["corun_ms"] > 0

@@ -61,6 +61,12 @@ class Calibration:
     ranks' partials (:data:`ryzlab.projection.cost.CP_MERGE_KERNELS` for a fused engine: FlashInfer's
     ``merge_state`` is one kernel); 0 where ``cp_attn_us`` was profiled with ryzlab's own merge in it
     (the CPU calibration: its eager merge is ~24 torch ops, not 2 kernels)."""
+    cp_step_us: float = 0.0
+    """Fixed host time per step that planning a context-parallel rank's step adds to one rank's
+    (which of the step's tokens and pages its shard holds, the general path's masks): 0 for an
+    engine whose planning is off the step's critical path (assumption for GPUs); on CPU an
+    operator profile of the model's own per-step planning on a cp rank's cache against one rank's
+    measures it (:func:`ryzlab.projection.validation.profile_cp_planning`)."""
     int8_weight_eff: float = 1.0
     """Bandwidth of an int8 weight-only GEMM relative to a bf16 one (dequantisation in the kernel)."""
     int4_weight_eff: float = 1.0
@@ -96,7 +102,7 @@ class Calibration:
         if self.attn_lse_cost < 1.0:
             raise ValueError(f"calibration {self.name}: attn_lse_cost must be >= 1, got {self.attn_lse_cost}")
         for f in ("kernel_us", "host_ms", "request_ms", "coll_base_us", "coll_skew_frac", "cp_attn_us",
-                  "cp_merge_kernels"):
+                  "cp_merge_kernels", "cp_step_us"):
             if getattr(self, f) < 0:
                 raise ValueError(f"calibration {self.name}: {f} must be >= 0, got {getattr(self, f)}")
 

@@ -19,7 +19,8 @@ from ryzlab.projection.hardware import get_device
 from ryzlab.projection.shapes import load_shape
 
 __all__ = ["PUBLISHED_FILE", "published_tables", "predict_published", "validate_published", "fit_gpu_default",
-           "error_summary", "static_batch_ms", "probe_gloo_link", "profile_gemms", "profile_cp_attention", "fit_cp_attention"]
+           "error_summary", "static_batch_ms", "probe_gloo_link", "probe_corun", "profile_gemms", "profile_cp_attention", "fit_cp_attention",
+           "profile_cp_planning", "fit_cp_planning"]
 
 PUBLISHED_FILE = Path(__file__).with_name("published.yaml")
 
@@ -186,6 +187,70 @@ def probe_gloo_link(numel: int = 1024, iters: int = 1000, work_rows: tuple[int, 
             "link_gbps": gbps}
 
 
+def _corun_rank(rank: int, world_size: int, shapes: list[tuple[int, int]], rows: int, iters: int,
+                rounds: int) -> dict[str, list[float]]:
+    """On each rank: ``rounds`` x (each rank alone in turn while the others wait at a barrier, then
+    all at once) of ``iters`` passes over one-thread ``F.linear`` of ``rows`` rows through ``shapes``
+    (each followed by two small elementwise ops, as a layer's norm and activation follow its GEMMs).
+    -> ms per pass, alone and co-running."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    torch.manual_seed(rank)
+    mats = [torch.randn(r, c) for r, c in shapes]
+    xs = {c: torch.randn(rows, c) for c in {m.shape[1] for m in mats}}
+
+    def work() -> float:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            for m in mats:
+                y = F.linear(xs[m.shape[1]], m)
+                y.mul_(0.5).add_(1.0)
+        return (time.perf_counter() - t0) / iters * 1e3
+
+    work()   # warm: pages touched, allocator settled
+    out: dict[str, list[float]] = {"alone": [], "corun": []}
+    for _ in range(rounds):
+        for turn in range(world_size):   # each rank alone, the others idle at the barrier
+            dist.barrier()
+            if turn == rank:
+                out["alone"].append(work())
+            dist.barrier()
+        dist.barrier()
+        out["corun"].append(work())
+        dist.barrier()
+    return out
+
+
+def probe_corun(model, ranks: int = 2, rows: int = 4, iters: int = 20, rounds: int = 7) -> dict[str, float]:
+    """How much ranks on one host slow each other when each has its own core: ``ranks`` processes
+    (at most the host's cores; beyond that the cost model's core share applies) run the same
+    one-thread work -- ``model``'s layer GEMMs at tp 1 over ``rows`` rows (its working set), each
+    with two elementwise ops -- first each alone while the others wait, then all at once,
+    interleaved ``rounds`` times so drift hits both. No model step runs and no collective is timed.
+
+    On this 2-vCPU VM two such processes run 7-36 % slower each than alone (shared caches, memory
+    bandwidth and the hypervisor's scheduling of the vCPUs), which a decode step of a cp or tp rank
+    pays on every layer. -> ``corun_factor`` (median co-running / median alone, mean over ranks,
+    at least 1), and the raw medians."""
+    import os
+
+    from ryzlab.orchestrator import launch
+    from ryzlab.projection.cost import _layer_matrices
+
+    n = max(2, min(ranks, os.cpu_count() or 1))
+    shapes = [(r, c) for _ in range(model.n_layers) for r, c in _layer_matrices(model, 1)]
+    res = launch(_corun_rank, n, args=(shapes, rows, iters, rounds), backend="gloo", threads_per_rank=1)
+    alone = [statistics.median(r["alone"]) for r in res]
+    corun = [statistics.median(r["corun"]) for r in res]
+    factor = statistics.fmean(c / a for c, a in zip(corun, alone))
+    return {"corun_factor": max(1.0, factor), "alone_ms": statistics.fmean(alone),
+            "corun_ms": statistics.fmean(corun), "ranks": float(n)}
+
+
 def _median_ms(fn: Callable[[], Any], iters: int, repeats: int = 5) -> float:
     import time
 
@@ -292,3 +357,72 @@ def fit_cp_attention(rows: list[dict[str, float]]) -> tuple[float, float]:
     slope = max(slope, 1.0)
     base = max(my - slope * mx, 0.0)
     return slope, base * 1e3
+
+
+def _cp_rank_view(rank: int, cp: int):
+    """A :class:`~ryzlab.parallel.comm.Comm` that tells a cache it is cp rank ``rank`` of ``cp`` with no
+    process group behind it: a profile of one rank's own per-step work (its collectives never run)."""
+    from ryzlab.parallel.comm import Comm
+
+    c = Comm(local=True)
+    c.rank, c.world_size = rank, cp
+    return c
+
+
+def profile_cp_planning(model, points: tuple[tuple[int, int], ...] = ((4, 512), (16, 1024), (1, 128), (16, 128)),
+                        iters: int = 40, cp: int = 2) -> list[dict[str, float]]:
+    """Operator profile, on ONE process, of the model's per-step planning of a decode step
+    (:func:`ryzlab.models.transformer.paged_context`: extend the sequences, plan the pages, build the
+    step's masks the attention reads once per step) on one rank's cache against cp rank 0's cache
+    of a ``cp``-way layout (its own shard of the blocks; no process group: the profile never reaches
+    a collective). ``batch`` sequences of ``context`` tokens, one new token each per step, a fresh
+    step every call, as the engine plans them. -> rows with ``us`` (one rank), ``us_cp``."""
+    import time
+
+    import torch
+
+    import torch.nn.functional as F
+
+    from ryzlab.config import CacheConfig
+    from ryzlab.kv.cache import PagedKVCache
+    from ryzlab.models.transformer import paged_context
+    from ryzlab.projection.cost import _layer_matrices
+
+    # between two plans a real step streams the model's weights and pages: the plan runs with cold
+    # caches, so the profile streams the layers' matrices between its calls too (not timed)
+    mats = [torch.randn(r, c) for _ in range(model.n_layers) for r, c in _layer_matrices(model, 1)]
+    out = []
+    for b, ctx in points:
+        xs = {c: torch.randn(b, c) for c in {m.shape[1] for m in mats}}
+        res: dict[str, list[float]] = {"us": [], "us_cp": []}
+        caches = {key: PagedKVCache(model, CacheConfig(num_blocks=n * b * ((ctx + iters * 6) // 16 + 2)),
+                                    cp=_cp_rank_view(0, n))
+                  for key, n in (("us", 1), ("us_cp", cp))}
+        ids = list(range(b))
+        with torch.inference_mode():
+            for cache in caches.values():
+                paged_context(cache, torch.ones(b, ctx, dtype=torch.long), ids)
+            tok = torch.ones(b, 1, dtype=torch.long)
+            # interleaved (one rank, cp rank, ...) so drift hits both; every step a new token per sequence
+            for _ in range(5):
+                for key, cache in caches.items():
+                    times = []
+                    for _ in range(iters):
+                        for m in mats:
+                            F.linear(xs[m.shape[1]], m)
+                        t0 = time.perf_counter()
+                        _, pc = paged_context(cache, tok, ids)
+                        if pc.visible is None:    # the general path reads these once per step
+                            pc.step.blocked
+                        times.append(time.perf_counter() - t0)
+                    res[key].append(statistics.median(times) * 1e6)
+        out.append({"batch": b, "context": ctx, **{k: statistics.median(v) for k, v in res.items()}})
+    return out
+
+
+def fit_cp_planning(rows: list[dict[str, float]]) -> float:
+    """``cp_step_us`` from :func:`profile_cp_planning` rows: the median of (cp rank - one rank), at
+    least 0 (the planning a cp rank adds per step, whatever the batch and context)."""
+    if not rows:
+        raise ValueError("fit_cp_planning needs at least one profile row")
+    return max(0.0, statistics.median(r["us_cp"] - r["us"] for r in rows))
