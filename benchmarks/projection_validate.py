@@ -7,13 +7,17 @@
    GEMMs (bandwidth and compute fractions) and a layer's decode attention on one rank's path
    against a cp rank's path over the same keys (write, attend with log-sum-exp: ``attn_lse_cost`` and
    ``cp_attn_us``), and a decode step's planning on one rank's cache against a cp rank's shard
-   (``cp_step_us``); (b) one-rank decode steps of the scaling
+   (``cp_step_us``), each call timed after an untimed pass through the layer matrices (cold
+   caches, as in a step); (b) one-rank decode steps of the scaling
    experiment at several batch x context points (attention fraction, cost per op, host time);
    (c) a 2-rank gloo all-reduce / all-gather microbenchmark (as nccl-tests measures a GPU link)
    after a little and after a lot of work (latency, and ``coll_skew_frac``: the wait for the
    slowest rank grows with the work between collectives), probed again just before each
    multi-rank point is measured (the VM's link moves by +-30 % over minutes). No multi-rank
-   model step is used to calibrate. The multi-rank points' collectives go through shared memory
+   model step is used to calibrate. Every point runs once per round, ``--repeats`` rounds
+   (fresh processes each run; the point is the median run): the VM's speed drifts by more than
+   the targets over minutes, and the rounds make the drift hit the calibration's points and the
+   checked ones alike. The multi-rank points' collectives go through shared memory
    by default (``--cpu-comm shm``, ryzlab's ``cpu_comm``; the probe measures the same channel);
    ``--cpu-comm gloo`` measures them over gloo's sockets instead.
 2. **Published GPU tables** (``--published``): every row of ``ryzlab/projection/published.yaml``

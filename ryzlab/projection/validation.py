@@ -251,6 +251,37 @@ def probe_corun(model, ranks: int = 2, rows: int = 4, iters: int = 20, rounds: i
             "corun_ms": statistics.fmean(corun), "ranks": float(n)}
 
 
+def _cold_median_ms(fn: Callable[[], Any], between: Callable[[], Any], iters: int) -> float:
+    """Median ms of ``fn`` over ``iters`` calls, each after an untimed ``between()`` (what runs
+    before it in a real step: the layer's GEMMs stream the weights and evict the caches)."""
+    import time
+
+    fn()
+    times = []
+    for _ in range(iters):
+        between()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _weight_stream(model, batch: int) -> Callable[[], None]:
+    """One pass of ``batch`` rows through ``model``'s layer matrices at tp 1 (random, one thread)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ryzlab.projection.cost import _layer_matrices
+
+    mats = [torch.randn(r, c) for _ in range(model.n_layers) for r, c in _layer_matrices(model, 1)]
+    xs = {c: torch.randn(batch, c) for c in {m.shape[1] for m in mats}}
+
+    def run() -> None:
+        for m in mats:
+            F.linear(xs[m.shape[1]], m)
+    return run
+
+
 def _median_ms(fn: Callable[[], Any], iters: int, repeats: int = 5) -> float:
     import time
 
@@ -306,16 +337,23 @@ def profile_cp_attention(model, points: tuple[tuple[int, int], ...] = ((4, 256),
       other ranks' partials are copies of this one's). The calibration then counts no merge kernels
       (``cp_merge_kernels = 0``): the eager merge's ~24 torch ops are in this profile.
 
+    Each call is timed after an untimed pass through the model's layer matrices (as a layer's
+    attention follows its GEMMs in a step: caches cold), under ``torch.inference_mode`` (as the
+    engine runs a step).
+
     -> rows with ``ms``, ``ms_cp``."""
+    return [_profile_cp_point(model, b, ctx, iters, cp) for b, ctx in points]
+
+
+def _profile_cp_point(model, b: int, ctx: int, iters: int, cp: int) -> dict[str, float]:
     import torch
 
     from ryzlab.config import CacheConfig
     from ryzlab.kv.cache import PagedKVCache
     from ryzlab.kv.merge import merge_partials, pack_partial, unpack_partials
 
-    out = []
     hq, hkv, d = model.n_heads, model.n_kv_heads, model.head_dim
-    for b, ctx in points:
+    with torch.inference_mode():   # as the engine runs a step
         cache = PagedKVCache(model, CacheConfig(num_blocks=b * (ctx // 16 + 2)))
         ids = list(range(b))
         for s in ids:
@@ -335,13 +373,14 @@ def profile_cp_attention(model, points: tuple[tuple[int, int], ...] = ((4, 256),
             merge_partials(*unpack_partials(torch.stack([part] * cp)))
 
         # interleaved repeats (one, cp, one, ...): the first large gathers of a process run slower
-        # while the allocator settles, and drift must hit both sides
+        # while the allocator settles, and drift must hit both sides; every call after the weights
+        # streamed once (cold caches, as a layer's attention follows its GEMMs in a step)
+        stream = _weight_stream(model, b)
         runs: dict[str, list[float]] = {"ms": [], "ms_cp": []}
         for _ in range(5):
             for key, fn in (("ms", one_rank), ("ms_cp", cp_rank)):
-                runs[key].append(_median_ms(fn, iters, repeats=1))
-        out.append({"batch": b, "context": ctx, **{k_: statistics.median(r) for k_, r in runs.items()}})
-    return out
+                runs[key].append(_cold_median_ms(fn, stream, iters))
+    return {"batch": b, "context": ctx, **{k_: statistics.median(r) for k_, r in runs.items()}}
 
 
 def fit_cp_attention(rows: list[dict[str, float]]) -> tuple[float, float]:
@@ -381,19 +420,15 @@ def profile_cp_planning(model, points: tuple[tuple[int, int], ...] = ((4, 512), 
 
     import torch
 
-    import torch.nn.functional as F
-
     from ryzlab.config import CacheConfig
     from ryzlab.kv.cache import PagedKVCache
     from ryzlab.models.transformer import paged_context
-    from ryzlab.projection.cost import _layer_matrices
 
-    # between two plans a real step streams the model's weights and pages: the plan runs with cold
-    # caches, so the profile streams the layers' matrices between its calls too (not timed)
-    mats = [torch.randn(r, c) for _ in range(model.n_layers) for r, c in _layer_matrices(model, 1)]
     out = []
     for b, ctx in points:
-        xs = {c: torch.randn(b, c) for c in {m.shape[1] for m in mats}}
+        # between two plans a real step streams the model's weights and pages: the plan runs with
+        # cold caches, so the profile streams the layers' matrices between its calls too (not timed)
+        stream = _weight_stream(model, b)
         res: dict[str, list[float]] = {"us": [], "us_cp": []}
         caches = {key: PagedKVCache(model, CacheConfig(num_blocks=n * b * ((ctx + iters * 6) // 16 + 2)),
                                     cp=_cp_rank_view(0, n))
@@ -408,8 +443,7 @@ def profile_cp_planning(model, points: tuple[tuple[int, int], ...] = ((4, 512), 
                 for key, cache in caches.items():
                     times = []
                     for _ in range(iters):
-                        for m in mats:
-                            F.linear(xs[m.shape[1]], m)
+                        stream()
                         t0 = time.perf_counter()
                         _, pc = paged_context(cache, tok, ids)
                         if pc.visible is None:    # the general path reads these once per step
