@@ -19,8 +19,8 @@ from ryzlab.projection.hardware import get_device
 from ryzlab.projection.shapes import load_shape
 
 __all__ = ["PUBLISHED_FILE", "published_tables", "predict_published", "validate_published", "fit_gpu_default",
-           "error_summary", "static_batch_ms", "probe_gloo_link", "probe_corun", "profile_gemms", "profile_cp_attention", "fit_cp_attention",
-           "profile_cp_planning", "fit_cp_planning"]
+           "error_summary", "static_batch_ms", "probe_gloo_link", "probe_corun", "profile_gemms",
+           "profile_cp_attention", "fit_cp_attention", "profile_cp_planning", "fit_cp_planning"]
 
 PUBLISHED_FILE = Path(__file__).with_name("published.yaml")
 
@@ -187,28 +187,22 @@ def probe_gloo_link(numel: int = 1024, iters: int = 1000, work_rows: tuple[int, 
             "link_gbps": gbps}
 
 
-def _corun_rank(rank: int, world_size: int, shapes: list[tuple[int, int]], rows: int, iters: int,
-                rounds: int) -> dict[str, list[float]]:
+def _corun_rank(rank: int, world_size: int, model, rows: int, iters: int, rounds: int) -> dict[str, list[float]]:
     """On each rank: ``rounds`` x (each rank alone in turn while the others wait at a barrier, then
-    all at once) of ``iters`` passes over one-thread ``F.linear`` of ``rows`` rows through ``shapes``
-    (each followed by two small elementwise ops, as a layer's norm and activation follow its GEMMs).
+    all at once) of ``iters`` one-thread passes of ``rows`` rows through ``model``'s layer matrices.
     -> ms per pass, alone and co-running."""
     import time
 
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
 
     torch.manual_seed(rank)
-    mats = [torch.randn(r, c) for r, c in shapes]
-    xs = {c: torch.randn(rows, c) for c in {m.shape[1] for m in mats}}
+    stream = _weight_stream(model, rows)
 
     def work() -> float:
         t0 = time.perf_counter()
         for _ in range(iters):
-            for m in mats:
-                y = F.linear(xs[m.shape[1]], m)
-                y.mul_(0.5).add_(1.0)
+            stream()
         return (time.perf_counter() - t0) / iters * 1e3
 
     work()   # warm: pages touched, allocator settled
@@ -228,22 +222,20 @@ def _corun_rank(rank: int, world_size: int, shapes: list[tuple[int, int]], rows:
 def probe_corun(model, ranks: int = 2, rows: int = 4, iters: int = 20, rounds: int = 7) -> dict[str, float]:
     """How much ranks on one host slow each other when each has its own core: ``ranks`` processes
     (at most the host's cores; beyond that the cost model's core share applies) run the same
-    one-thread work -- ``model``'s layer GEMMs at tp 1 over ``rows`` rows (its working set), each
-    with two elementwise ops -- first each alone while the others wait, then all at once,
-    interleaved ``rounds`` times so drift hits both. No model step runs and no collective is timed.
+    one-thread work -- ``model``'s layer GEMMs at tp 1 over ``rows`` rows (its working set) -- first
+    each alone while the others wait, then all at once, interleaved ``rounds`` times so drift hits
+    both. No model step runs and no collective is timed.
 
-    On this 2-vCPU VM two such processes run 7-36 % slower each than alone (shared caches, memory
-    bandwidth and the hypervisor's scheduling of the vCPUs), which a decode step of a cp or tp rank
-    pays on every layer. -> ``corun_factor`` (median co-running / median alone, mean over ranks,
-    at least 1), and the raw medians."""
+    On this 2-vCPU VM the factor moved between x1.00 and x1.90 from one run to the next, minutes
+    apart (shared caches, memory bandwidth, the hypervisor's scheduling of the vCPUs): a figure
+    to read beside a multi-rank measurement, not (yet) a calibration input. -> ``corun_factor``
+    (median co-running / median alone, mean over ranks, at least 1), and the raw medians."""
     import os
 
     from ryzlab.orchestrator import launch
-    from ryzlab.projection.cost import _layer_matrices
 
     n = max(2, min(ranks, os.cpu_count() or 1))
-    shapes = [(r, c) for _ in range(model.n_layers) for r, c in _layer_matrices(model, 1)]
-    res = launch(_corun_rank, n, args=(shapes, rows, iters, rounds), backend="gloo", threads_per_rank=1)
+    res = launch(_corun_rank, n, args=(model, rows, iters, rounds), backend="gloo", threads_per_rank=1)
     alone = [statistics.median(r["alone"]) for r in res]
     corun = [statistics.median(r["corun"]) for r in res]
     factor = statistics.fmean(c / a for c, a in zip(corun, alone))
@@ -266,15 +258,17 @@ def _cold_median_ms(fn: Callable[[], Any], between: Callable[[], Any], iters: in
     return statistics.median(times) * 1e3
 
 
-def _weight_stream(model, batch: int) -> Callable[[], None]:
-    """One pass of ``batch`` rows through ``model``'s layer matrices at tp 1 (random, one thread)."""
+def _weight_stream(model, batch: int, dtype: str = "float32") -> Callable[[], None]:
+    """One pass of ``batch`` one-token rows through every layer's GEMMs of ``model`` (wq, wk, wv, wo,
+    w1, w3, w2 at tp 1, random weights, torch ``F.linear``, the calling thread's torch threads)."""
     import torch
     import torch.nn.functional as F
 
     from ryzlab.projection.cost import _layer_matrices
 
-    mats = [torch.randn(r, c) for _ in range(model.n_layers) for r, c in _layer_matrices(model, 1)]
-    xs = {c: torch.randn(batch, c) for c in {m.shape[1] for m in mats}}
+    dt = getattr(torch, dtype)
+    mats = [torch.randn(r, c, dtype=dt) for _ in range(model.n_layers) for r, c in _layer_matrices(model, 1)]
+    xs = {c: torch.randn(batch, c, dtype=dt) for c in {m.shape[1] for m in mats}}
 
     def run() -> None:
         for m in mats:
@@ -303,24 +297,9 @@ def profile_gemms(model, batches: tuple[int, ...] = (1, 4, 16, 64), dtype: str =
     calling thread's torch threads) for each batch of one-token rows. What :func:`ryzlab.projection.cost.gemm_ms`
     prices, so bandwidth and compute fractions are fitted to GEMMs alone, not to a whole step where
     a fixed cost per op looks like weight streaming (one rank's steps cannot tell them apart)."""
-    import torch
-    import torch.nn.functional as F
-
-    from ryzlab.projection.cost import _layer_matrices
-
-    dt = getattr(torch, dtype)
-    mats = [torch.randn(r, c, dtype=dt) for _ in range(model.n_layers) for r, c in _layer_matrices(model, 1)]
-    out = []
     # decode batches and a short prompt's prefill rows: on a CPU small-row GEMMs fall well short of
     # the roofline (16 rows: ~1/8 of the peak, 256 rows: the peak), so the fit spans the rows a step has
-    for b in batches:
-        xs = {c: torch.randn(b, c, dtype=dt) for c in {m.shape[1] for m in mats}}
-
-        def run() -> None:
-            for m in mats:
-                F.linear(xs[m.shape[1]], m)
-        out.append({"batch": b, "ms": _median_ms(run, iters)})
-    return out
+    return [{"batch": b, "ms": _median_ms(_weight_stream(model, b, dtype), iters)} for b in batches]
 
 
 def profile_cp_attention(model, points: tuple[tuple[int, int], ...] = ((4, 256), (16, 512), (4, 1024), (16, 128)),
