@@ -13,7 +13,10 @@
    (c) a 2-rank gloo all-reduce / all-gather microbenchmark (as nccl-tests measures a GPU link)
    after a little and after a lot of work (latency, and ``coll_skew_frac``: the wait for the
    slowest rank grows with the work between collectives), probed again just before each
-   multi-rank point is measured (the VM's link moves by +-30 % over minutes). No multi-rank
+   multi-rank point is measured (the VM's link moves by +-30 % over minutes); (d) a co-run probe of
+   the point's layout (``probe_corun``: its ranks stream one rank's weights alone in turn, then all
+   at once; ``corun_factor``: on this VM two ranks holding all the weights, a cp rank's, overflow
+   the shared L3 and slow each other ~1.2-1.3x, two tp 2 ranks ~1.0x), also just before each run. No multi-rank
    model step is used to calibrate. Every point runs once per round, ``--repeats`` rounds
    (fresh processes each run; the point is the median run): the VM's speed drifts by more than
    the targets over minutes, and the rounds make the drift hit the calibration's points and the
@@ -98,10 +101,11 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
           f"{link['all_reduce_us']:.0f} us, all_gather {link['all_gather_us']:.0f} us; after {link['work_busy_us']:.0f} us "
           f"{link['all_reduce_busy_us']:.0f} / {link['all_gather_busy_us']:.0f} us -> hop {link['link_latency_us']:.0f} us, "
           f"base {link['coll_base_us']:.0f} us, skew {link['coll_skew_frac']:.3f} of the work")
-    co = probe_corun(model)
-    print(f"host co-run probe (no model step, not in the calibration): two one-thread processes doing the model's "
-          f"layer GEMMs run {co['corun_ms']:.3f} ms a pass together against {co['alone_ms']:.3f} alone "
-          f"(x{co['corun_factor']:.3f})")
+    co = [probe_corun(model, tp=tp) for tp in (1, 2)]
+    print("host co-run probe (no model step): two one-thread processes streaming one rank's layer GEMMs, all the "
+          "weights (a cp rank's) / half (a tp 2 rank's): " + " / ".join(
+              f"{c['corun_ms']:.3f} ms a pass together against {c['alone_ms']:.3f} alone (x{c['corun_factor']:.3f})"
+              for c in co) + "; probed again for each multi-rank point's layout before it runs")
     # every point once per round, rounds repeated: the VM's speed drifts by more than the targets
     # over minutes, and interleaving makes the drift hit the one-rank points the calibration is fitted
     # to and the points it is checked against alike (as the operator profiles interleave their sides)
@@ -114,7 +118,9 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
             kind, tp, cp, b, c = p
             if kind == "multi":
                 # the link as it is now, just before the point (still no model step)
-                links[p].append(_link(model, cpu_comm)[0])
+                # and how much the layout's ranks slow each other's weight streams (still no model step)
+                links[p].append({**_link(model, cpu_comm)[0],
+                                 "corun_factor": probe_corun(model, ranks=tp * cp, rows=b, tp=tp)["corun_factor"]})
             runs[p].append(_run_once(tp, cp, b, c, steps, cpu_comm if kind == "multi" else "gloo"))
         print(f"  round {i + 1} / {repeats}: " + ", ".join(f"tp{p[1]}xcp{p[2]} b{p[3]} c{p[4]} {runs[p][-1]:.2f}"
                                                       for p in points), flush=True)
@@ -184,16 +190,18 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
             # the link probes taken just before each run of this point, their median per figure
             lk = {k: statistics.median(x[k] for x in links[key]) for k in links[key][0]}
             dev_now = get_device("cpu", {"link_latency_us": lk["link_latency_us"], "link_gbps": lk["link_gbps"]})
-            cal_now = cal.replace(coll_base_us=lk["coll_base_us"], coll_skew_frac=lk["coll_skew_frac"])
+            cal_now = cal.replace(coll_base_us=lk["coll_base_us"], coll_skew_frac=lk["coll_skew_frac"],
+                                  corun_factor=lk["corun_factor"])
             r = {"tp": tp, "cp": cp, "batch": b, "context": c, **m, "cpu_comm": cpu_comm,
                  "link_all_reduce_us": lk["all_reduce_us"],
-                 "link_all_gather_us": lk["all_gather_us"], "link_skew_frac": lk["coll_skew_frac"]}
+                 "link_all_gather_us": lk["all_gather_us"], "link_skew_frac": lk["coll_skew_frac"],
+                 "corun_factor": lk["corun_factor"]}
             p = predict(cal_now, r, dev_now)
             out.append({**r, "projected_ms": p, "error": p / m["step_ms"] - 1, "calibrate": False})
             print(f"  tp{tp} x cp{cp} b={b:3d} ctx={c:5d}: measured {m['step_ms']:.3f} ms [{m['step_ms_min']:.3f}, "
                   f"{m['step_ms_max']:.3f}], projected {p:.3f} ms, error {p / m['step_ms'] - 1:+.1%} "
                   f"(link, median of its probes: all_reduce {lk['all_reduce_us']:.0f} us, all_gather "
-                  f"{lk['all_gather_us']:.0f} us, skew {lk['coll_skew_frac']:.3f})",
+                  f"{lk['all_gather_us']:.0f} us, skew {lk['coll_skew_frac']:.3f}; co-run x{lk['corun_factor']:.2f})",
                   flush=True)
     return out, cal
 

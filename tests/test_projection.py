@@ -411,6 +411,29 @@ def test_cp_step_planning_is_host_time_of_cp_steps_only():
         ZERO.replace(cp_step_us=-1.0)
 
 
+def test_corun_factor_slows_a_shared_hosts_multi_rank_compute_only():
+    """corun_factor divides a shared host's bandwidth and peak for replicas of several ranks (GEMMs,
+    attention, elementwise, logits: all the streams); one rank, a GPU and the host time are untouched."""
+    m, _ = load_shape("reference")
+    cpu = hardware.get_device("cpu", {"devices_per_node": 2})
+    gpu = hardware.get_device("a100-80gb")
+    shape = StepShape.decode(4, 512)
+    cal = ZERO.replace(host_ms=1.0, kernel_us=10.0)
+    for dev in (cpu, gpu):
+        for tp, cp in ((1, 1), (2, 1), (1, 2), (2, 2)):
+            dep = Deployment(tp=tp, cp=cp)
+            base = step_cost(m, dev, cal, dep, shape)
+            slow = step_cost(m, dev, cal.replace(corun_factor=1.5), dep, shape)
+            f = 1.5 if dev is cpu and tp * cp > 1 else 1.0
+            assert slow.gemm_ms == pytest.approx(f * base.gemm_ms, rel=1e-9)
+            assert slow.attention_ms == pytest.approx(f * base.attention_ms, rel=1e-9)
+            assert slow.other_ms == pytest.approx(f * base.other_ms, rel=1e-9)
+            assert slow.overhead_ms == pytest.approx(base.overhead_ms, rel=1e-9)
+    for bad in (0.9, math.inf, math.nan):
+        with pytest.raises(ValueError, match="corun_factor"):
+            ZERO.replace(corun_factor=bad)
+
+
 def test_cp_planning_fit_and_profile_rows():
     """fit_cp_planning: the median extra per step, never below 0; the profile plans real steps on
     one rank's cache and on cp rank 0's shard (rows for every point, both sides positive)."""
@@ -460,5 +483,7 @@ def test_operator_profiles_and_link_probe_return_what_the_fit_reads():
     for k in ("all_reduce_us", "all_gather_us", "link_latency_us", "coll_base_us", "coll_skew_frac", "work_us",
               "work_busy_us"):
         assert math.isfinite(link[k]) and link[k] >= 0, k
-    co = probe_corun(m, iters=2, rounds=2)
+    co = probe_corun(m, iters=2, rounds=2, tp=2)
     assert co["ranks"] == 2 and co["corun_factor"] >= 1.0 and co["alone_ms"] > 0 and co["corun_ms"] > 0
+    with pytest.raises(ValueError, match="at least 2 ranks"):
+        probe_corun(m, ranks=1)

@@ -67,6 +67,12 @@ class Calibration:
     engine whose planning is off the step's critical path (assumption for GPUs); on CPU an
     operator profile of the model's own per-step planning on a cp rank's cache against one rank's
     measures it (:func:`ryzlab.projection.validation.profile_cp_planning`)."""
+    corun_factor: float = 1.0
+    """On a shared host (``cpu``), how much slower each rank's compute and memory streams run when
+    the ranks of one replica run at once than one rank alone, beyond sharing the cores (their
+    weights and KV together overflow the last-level cache): 1 for separate devices (GPUs) and one
+    rank. Depends on the layout (a cp rank holds all the weights, a tp rank a share):
+    :func:`ryzlab.projection.validation.probe_corun` measures it for a layout with no model step."""
     int8_weight_eff: float = 1.0
     """Bandwidth of an int8 weight-only GEMM relative to a bf16 one (dequantisation in the kernel)."""
     int4_weight_eff: float = 1.0
@@ -99,6 +105,8 @@ class Calibration:
             v = getattr(self, f)
             if not 0 < v <= 1.0:
                 raise ValueError(f"calibration {self.name}: {f} must be in (0, 1], got {v}")
+        if not 1.0 <= self.corun_factor < math.inf:
+            raise ValueError(f"calibration {self.name}: corun_factor must be a finite number >= 1, got {self.corun_factor}")
         if self.attn_lse_cost < 1.0:
             raise ValueError(f"calibration {self.name}: attn_lse_cost must be >= 1, got {self.attn_lse_cost}")
         for f in ("kernel_us", "host_ms", "request_ms", "coll_base_us", "coll_skew_frac", "cp_attn_us",

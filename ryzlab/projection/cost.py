@@ -23,7 +23,9 @@ layer and rank, as ryzlab's graph runs it (:mod:`ryzlab.models.transformer`, sha
   (``CP_MERGE_KERNELS`` for a fused engine; on CPU the profiled ``cp_attn_us`` holds ryzlab's merge).
 * a **host overhead** per step plus a gap per kernel (a captured graph by default; the
   calibration or ``--host-overhead-ms`` models an eager engine). On a shared host (``cpu``) more
-  ranks than cores share them, host time included.
+  ranks than cores share them, host time included, and the replica's ranks together slow each
+  rank's compute and streams by the calibration's ``corun_factor`` (their working sets share the
+  last-level cache; measured per layout by ``probe_corun``).
 
 Nothing here knows about requests or time: the serving projection asks this function for each
 step the real scheduler plans.
@@ -246,8 +248,10 @@ def step_cost(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment
     hq, hkv = _heads(model, dep.tp)
     # ranks sharing one host's cores (cpu) slow each other down in proportion
     share = max(1.0, dep.tp * dep.cp / dev.devices_per_node) if dev.shared_host else 1.0
-    peak = dev.bf16_tflops * 1e12 * cal.flops_frac / share
-    bw = dev.hbm_gbps * 1e9 * cal.bw_frac / share
+    # ... and beyond the cores, their caches (the calibration's co-run factor for the layout)
+    co = cal.corun_factor if dev.shared_host and dep.tp * dep.cp > 1 else 1.0
+    peak = dev.bf16_tflops * 1e12 * cal.flops_frac / (share * co)
+    bw = dev.hbm_gbps * 1e9 * cal.bw_frac / (share * co)
     eff = _weight_eff(cal, dep)
 
     gemm, w_layer, gemm_flops = _gemm(model, dep, T, peak, bw, eff)

@@ -187,7 +187,8 @@ def probe_gloo_link(numel: int = 1024, iters: int = 1000, work_rows: tuple[int, 
             "link_gbps": gbps}
 
 
-def _corun_rank(rank: int, world_size: int, model, rows: int, iters: int, rounds: int) -> dict[str, list[float]]:
+def _corun_rank(rank: int, world_size: int, model, rows: int, iters: int, rounds: int, tp: int = 1
+                ) -> dict[str, list[float]]:
     """On each rank: ``rounds`` x (each rank alone in turn while the others wait at a barrier, then
     all at once) of ``iters`` one-thread passes of ``rows`` rows through ``model``'s layer matrices.
     -> ms per pass, alone and co-running."""
@@ -197,7 +198,7 @@ def _corun_rank(rank: int, world_size: int, model, rows: int, iters: int, rounds
     import torch.distributed as dist
 
     torch.manual_seed(rank)
-    stream = _weight_stream(model, rows)
+    stream = _weight_stream(model, rows, tp=tp)
 
     def work() -> float:
         t0 = time.perf_counter()
@@ -219,28 +220,33 @@ def _corun_rank(rank: int, world_size: int, model, rows: int, iters: int, rounds
     return out
 
 
-def probe_corun(model, ranks: int = 2, rows: int = 4, iters: int = 20, rounds: int = 7) -> dict[str, float]:
-    """How much ranks on one host slow each other when each has its own core: ``ranks`` processes
-    (at most the host's cores; beyond that the cost model's core share applies) run the same
-    one-thread work -- ``model``'s layer GEMMs at tp 1 over ``rows`` rows (its working set) -- first
-    each alone while the others wait, then all at once, interleaved ``rounds`` times so drift hits
-    both. No model step runs and no collective is timed.
+def probe_corun(model, ranks: int = 2, rows: int = 4, iters: int = 20, rounds: int = 15, tp: int = 1
+                ) -> dict[str, float]:
+    """How much ranks on one host slow each other beyond sharing its cores: ``ranks`` processes run
+    the same one-thread work -- one rank's layer GEMMs of ``model`` at ``tp`` over ``rows`` rows (a
+    rank's weights: its working set) -- first each alone while the others wait, then all at once,
+    interleaved ``rounds`` times so drift hits both. No model step runs and no collective is timed.
 
-    On this 2-vCPU VM the factor moved between x1.00 and x1.90 from one run to the next, minutes
-    apart (shared caches, memory bandwidth, the hypervisor's scheduling of the vCPUs): a figure
-    to read beside a multi-rank measurement, not (yet) a calibration input. -> ``corun_factor``
-    (median co-running / median alone, mean over ranks, at least 1), and the raw medians."""
+    Ranks that together hold more than the host's last-level cache stream their weights from memory
+    instead: on this 2-vCPU VM (32 MiB L3 shared) two ranks of the reference model's full weights
+    (11.8 MB each, a cp rank's) ran x1.16-1.32 slower together than alone, two of half the weights
+    (a tp 2 rank's) x1.00-1.05. ``corun_factor`` = (median co-running / median alone, mean over
+    ranks) / the core share (``ranks`` / cores when more ranks than cores: the cost model's share
+    already prices that), at least 1: the calibration's ``corun_factor`` for that layout. Also
+    returns the raw medians."""
     import os
 
     from ryzlab.orchestrator import launch
 
-    n = max(2, min(ranks, os.cpu_count() or 1))
-    res = launch(_corun_rank, n, args=(model, rows, iters, rounds), backend="gloo", threads_per_rank=1)
+    if ranks < 2:
+        raise ValueError(f"probe_corun needs at least 2 ranks, got {ranks}")
+    res = launch(_corun_rank, ranks, args=(model, rows, iters, rounds, tp), backend="gloo", threads_per_rank=1)
     alone = [statistics.median(r["alone"]) for r in res]
     corun = [statistics.median(r["corun"]) for r in res]
-    factor = statistics.fmean(c / a for c, a in zip(corun, alone))
+    share = max(1.0, ranks / (os.cpu_count() or 1))
+    factor = statistics.fmean(c / a for c, a in zip(corun, alone)) / share
     return {"corun_factor": max(1.0, factor), "alone_ms": statistics.fmean(alone),
-            "corun_ms": statistics.fmean(corun), "ranks": float(n)}
+            "corun_ms": statistics.fmean(corun), "ranks": float(ranks), "share": share}
 
 
 def _cold_median_ms(fn: Callable[[], Any], between: Callable[[], Any], iters: int) -> float:
@@ -258,16 +264,16 @@ def _cold_median_ms(fn: Callable[[], Any], between: Callable[[], Any], iters: in
     return statistics.median(times) * 1e3
 
 
-def _weight_stream(model, batch: int, dtype: str = "float32") -> Callable[[], None]:
+def _weight_stream(model, batch: int, dtype: str = "float32", tp: int = 1) -> Callable[[], None]:
     """One pass of ``batch`` one-token rows through every layer's GEMMs of ``model`` (wq, wk, wv, wo,
-    w1, w3, w2 at tp 1, random weights, torch ``F.linear``, the calling thread's torch threads)."""
+    w1, w3, w2 of one rank at ``tp``, random weights, torch ``F.linear``, the calling thread's torch threads)."""
     import torch
     import torch.nn.functional as F
 
     from ryzlab.projection.cost import _layer_matrices
 
     dt = getattr(torch, dtype)
-    mats = [torch.randn(r, c, dtype=dt) for _ in range(model.n_layers) for r, c in _layer_matrices(model, 1)]
+    mats = [torch.randn(r, c, dtype=dt) for _ in range(model.n_layers) for r, c in _layer_matrices(model, tp)]
     xs = {c: torch.randn(batch, c, dtype=dt) for c in {m.shape[1] for m in mats}}
 
     def run() -> None:
