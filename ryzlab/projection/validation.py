@@ -230,10 +230,10 @@ def probe_corun(model, ranks: int = 2, rows: int = 4, iters: int = 20, rounds: i
     Ranks that together hold more than the host's last-level cache stream their weights from memory
     instead: on this 2-vCPU VM (32 MiB L3 shared) two ranks of the reference model's full weights
     (11.8 MB each, a cp rank's) ran x1.16-1.32 slower together than alone, two of half the weights
-    (a tp 2 rank's) x1.00-1.05. ``corun_factor`` = (median co-running / median alone, mean over
-    ranks) / the core share (``ranks`` / cores when more ranks than cores: the cost model's share
-    already prices that), at least 1: the calibration's ``corun_factor`` for that layout. Also
-    returns the raw medians."""
+    (a tp 2 rank's) x1.00-1.05 (in a noisy minute one probe read x1.56). ``corun_factor`` = (the
+    median over rounds of together / alone, mean over ranks) / the core share (``ranks`` / cores when
+    more ranks than cores: the cost model's share already prices that), at least 1: the
+    calibration's ``corun_factor`` for that layout. Also returns the raw medians."""
     import os
 
     from ryzlab.orchestrator import launch
@@ -244,7 +244,8 @@ def probe_corun(model, ranks: int = 2, rows: int = 4, iters: int = 20, rounds: i
     alone = [statistics.median(r["alone"]) for r in res]
     corun = [statistics.median(r["corun"]) for r in res]
     share = max(1.0, ranks / (os.cpu_count() or 1))
-    factor = statistics.fmean(c / a for c, a in zip(corun, alone)) / share
+    # each round's together / alone (taken seconds apart, so drift cancels), median per rank, mean of ranks
+    factor = statistics.fmean(statistics.median(c / a for c, a in zip(r["corun"], r["alone"])) for r in res) / share
     return {"corun_factor": max(1.0, factor), "alone_ms": statistics.fmean(alone),
             "corun_ms": statistics.fmean(corun), "ranks": float(ranks), "share": share}
 
