@@ -393,20 +393,24 @@ def test_cp_attention_fit_recovers_a_line_and_keeps_its_bounds():
         fit_cp_attention([])
 
 
-def test_cp_step_planning_is_host_time_of_cp_steps_only():
-    """cp_step_us adds to a cp step's host time (stretched like it on a shared host), never to tp or one rank."""
+def _layouts_with_and_without(cal: Calibration, **change):
+    """(on the 2-core cpu?, tp, cp, step cost under ``cal``, under ``cal`` with ``change``) for one
+    reference-model decode step, on a 2-core cpu and on an A100, at tp / cp 1 and 2."""
     m, _ = load_shape("reference")
-    cpu = hardware.get_device("cpu", {"devices_per_node": 2})
-    gpu = hardware.get_device("a100-80gb")
     shape = StepShape.decode(4, 512)
-    for dev in (cpu, gpu):
+    for dev, on_cpu in ((hardware.get_device("cpu", {"devices_per_node": 2}), True),
+                        (hardware.get_device("a100-80gb"), False)):
         for tp, cp in ((1, 1), (2, 1), (1, 2), (2, 2)):
             dep = Deployment(tp=tp, cp=cp)
-            base = step_cost(m, dev, ZERO, dep, shape)
-            plan = step_cost(m, dev, ZERO.replace(cp_step_us=200.0), dep, shape)
-            share = 2.0 if dev is cpu and tp * cp > 2 else 1.0
-            assert plan.overhead_ms - base.overhead_ms == pytest.approx(share * 0.2 if cp > 1 else 0.0, rel=1e-9)
-            assert plan.total_ms - base.total_ms == pytest.approx(plan.overhead_ms - base.overhead_ms, rel=1e-9)
+            yield on_cpu, tp, cp, step_cost(m, dev, cal, dep, shape), step_cost(m, dev, cal.replace(**change), dep, shape)
+
+
+def test_cp_step_planning_is_host_time_of_cp_steps_only():
+    """cp_step_us adds to a cp step's host time (stretched like it on a shared host), never to tp or one rank."""
+    for on_cpu, tp, cp, base, plan in _layouts_with_and_without(ZERO, cp_step_us=200.0):
+        share = 2.0 if on_cpu and tp * cp > 2 else 1.0
+        assert plan.overhead_ms - base.overhead_ms == pytest.approx(share * 0.2 if cp > 1 else 0.0, rel=1e-9)
+        assert plan.total_ms - base.total_ms == pytest.approx(plan.overhead_ms - base.overhead_ms, rel=1e-9)
     with pytest.raises(ValueError, match="cp_step_us"):
         ZERO.replace(cp_step_us=-1.0)
 
@@ -414,21 +418,13 @@ def test_cp_step_planning_is_host_time_of_cp_steps_only():
 def test_corun_factor_slows_a_shared_hosts_multi_rank_compute_only():
     """corun_factor divides a shared host's bandwidth and peak for replicas of several ranks (GEMMs,
     attention, elementwise, logits: all the streams); one rank, a GPU and the host time are untouched."""
-    m, _ = load_shape("reference")
-    cpu = hardware.get_device("cpu", {"devices_per_node": 2})
-    gpu = hardware.get_device("a100-80gb")
-    shape = StepShape.decode(4, 512)
     cal = ZERO.replace(host_ms=1.0, kernel_us=10.0)
-    for dev in (cpu, gpu):
-        for tp, cp in ((1, 1), (2, 1), (1, 2), (2, 2)):
-            dep = Deployment(tp=tp, cp=cp)
-            base = step_cost(m, dev, cal, dep, shape)
-            slow = step_cost(m, dev, cal.replace(corun_factor=1.5), dep, shape)
-            f = 1.5 if dev is cpu and tp * cp > 1 else 1.0
-            assert slow.gemm_ms == pytest.approx(f * base.gemm_ms, rel=1e-9)
-            assert slow.attention_ms == pytest.approx(f * base.attention_ms, rel=1e-9)
-            assert slow.other_ms == pytest.approx(f * base.other_ms, rel=1e-9)
-            assert slow.overhead_ms == pytest.approx(base.overhead_ms, rel=1e-9)
+    for on_cpu, tp, cp, base, slow in _layouts_with_and_without(cal, corun_factor=1.5):
+        f = 1.5 if on_cpu and tp * cp > 1 else 1.0
+        assert slow.gemm_ms == pytest.approx(f * base.gemm_ms, rel=1e-9)
+        assert slow.attention_ms == pytest.approx(f * base.attention_ms, rel=1e-9)
+        assert slow.other_ms == pytest.approx(f * base.other_ms, rel=1e-9)
+        assert slow.overhead_ms == pytest.approx(base.overhead_ms, rel=1e-9)
     for bad in (0.9, math.inf, math.nan):
         with pytest.raises(ValueError, match="corun_factor"):
             ZERO.replace(corun_factor=bad)
