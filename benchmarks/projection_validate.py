@@ -17,7 +17,9 @@
    the point's layout (``probe_corun``: its ranks stream one rank's weights alone in turn, then all
    at once; ``corun_factor``: on this VM two ranks holding all the weights, a cp rank's, overflow
    the shared L3 and slow each other ~1.2-1.3x, two tp 2 ranks ~1.0x), also just before each run. No multi-rank
-   model step is used to calibrate. Every point runs once per round, ``--repeats`` rounds
+   model step is used to calibrate. The one-rank runs' step series also give the host's step-time
+   noise (``host_jitter_cv``, ``host_jitter_corr``), which the serving curve's virtual clock draws
+   its steps with (printed beside the same curve with no noise). Every point runs once per round, ``--repeats`` rounds
    (fresh processes each run; the point is the median run): the VM's speed drifts by more than
    the targets over minutes, and the rounds make the drift hit the calibration's points and the
    checked ones alike. The multi-rank points' collectives go through shared memory
@@ -51,7 +53,8 @@ from ryzlab.projection.calibration import Calibration, default_calibration, fit,
 from ryzlab.projection.cost import Deployment, StepShape, gemm_ms, step_cost  # noqa: E402
 from ryzlab.projection.hardware import get_device  # noqa: E402
 from ryzlab.projection.validation import (error_summary, fit_gpu_default, probe_corun, probe_gloo_link,  # noqa: E402
-                                         fit_cp_attention, fit_cp_planning, profile_cp_attention,
+                                         fit_cp_attention, fit_cp_planning, fit_host_jitter, fit_prefill,
+                                         profile_cp_attention, profile_prefill,
                                          profile_cp_planning, profile_gemms,
                                          validate_published)
 
@@ -62,13 +65,18 @@ CHECK_POINTS = [(4, 512), (16, 1024)]
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]
 
 
-def _run_once(tp: int, cp: int, batch: int, context: int, steps: int, cpu_comm: str = "gloo") -> float:
-    """Median decode step (ms) of one fresh run of the scaling experiment (new processes, new cache)."""
+def _run_once(tp: int, cp: int, batch: int, context: int, steps: int, cpu_comm: str = "gloo",
+              series: list | None = None) -> float:
+    """Median decode step (ms) of one fresh run of the scaling experiment (new processes, new cache);
+    the run's consecutive step times appended to ``series`` when given."""
     from ryzlab.experiments.scaling import Config, run
 
     cfg = Config(tp=tp, cp=cp, batch=batch, context=context, decode_steps=steps, warmup=WARMUP, budget_mib=0,
                  check_error=False, threads=1, prefill_chunk=512, cpu_comm=cpu_comm)
-    return statistics.median(run(cfg)["step_ms"])
+    ms = [float(v) for v in run(cfg)["step_ms"]]
+    if series is not None:
+        series.append(ms)
+    return statistics.median(ms)
 
 
 WARMUP = 2
@@ -83,9 +91,11 @@ def _summary(runs: list[float]) -> dict:
             "repeats": len(runs), "warmup": WARMUP}
 
 
-def _link(model, cpu_comm: str) -> tuple[dict, object]:
-    """A fresh probe of the link between two CPU ranks (no model step), and the cpu device with it."""
-    lk = probe_gloo_link(numel=16 * model.dim, cpu_comm=cpu_comm)   # the tp all-reduce of batch 16: [16, dim] floats
+def _link(model, cpu_comm: str, layout: tuple[int, int] = (1, 1)) -> tuple[dict, object]:
+    """A fresh probe of the link between CPU ranks (no model step), and the cpu device with it: 2-rank
+    pairs, or with ``layout=(2, 2)`` all four ranks of tp 2 x cp 2 at once (more ranks than cores)."""
+    lk = probe_gloo_link(numel=16 * model.dim, cpu_comm=cpu_comm,   # the tp all-reduce of batch 16: [16, dim] floats
+                         layout=layout)
     return lk, get_device("cpu", {"link_latency_us": lk["link_latency_us"], "link_gbps": lk["link_gbps"]})
 
 
@@ -113,15 +123,17 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
               + [("multi", tp, cp, b, c) for tp, cp in LAYOUTS for b, c in CHECK_POINTS])
     runs: dict[tuple, list[float]] = {p: [] for p in points}
     links: dict[tuple, list[dict]] = {p: [] for p in points if p[0] == "multi"}
+    series: list[list[float]] = []   # the one-rank calibration runs' step series (host jitter)
     for i in range(repeats):
         for p in points:
             kind, tp, cp, b, c = p
             if kind == "multi":
                 # the link as it is now, just before the point (still no model step)
                 # and how much the layout's ranks slow each other's weight streams (still no model step)
-                links[p].append({**_link(model, cpu_comm)[0],
+                links[p].append({**_link(model, cpu_comm, (2, 2) if tp > 1 and cp > 1 else (1, 1))[0],
                                  "corun_factor": probe_corun(model, ranks=tp * cp, rows=b, tp=tp)["corun_factor"]})
-            runs[p].append(_run_once(tp, cp, b, c, steps, cpu_comm if kind == "multi" else "gloo"))
+            runs[p].append(_run_once(tp, cp, b, c, steps, cpu_comm if kind == "multi" else "gloo",
+                                     series if kind == "cal" else None))
         print(f"  round {i + 1} / {repeats}: " + ", ".join(f"tp{p[1]}xcp{p[2]} b{p[3]} c{p[4]} {runs[p][-1]:.2f}"
                                                       for p in points), flush=True)
     rows = []
@@ -171,6 +183,19 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
     # the median-based figures, calibration and checks alike on that basis
     fast = fit(start, predict, [(r, r["step_ms_min"]) for r in rows], fields=("attn_frac", "kernel_us", "host_ms"),
                name="cpu-fitted-fastest", fitted_from=cal.fitted_from + ", fastest run per point")
+    # a prompt's step against a decode step on one rank (the serving curve's prefills; step rows are
+    # decode only)
+    pre = profile_prefill(model)
+    cal = cal.replace(prefill_layer_us=fit_prefill(pre, model, dev, cal))
+    print("operator profile of a prefill step against a decode step (one rank, the engine's ragged forward): "
+          + ", ".join(f"{p['batch']} x {p['prompt']} tokens {p['ms']:.2f} / {p['ms_decode']:.2f} ms" for p in pre)
+          + f" -> prefill_layer_us {cal.prefill_layer_us:.3g}")
+    # the host's step-time noise, from the same one-rank runs (for the serving projection's clock;
+    # step medians are unaffected)
+    cv, corr = fit_host_jitter(series)
+    cal = cal.replace(host_jitter_cv=cv, host_jitter_corr=corr)
+    print(f"host step-time noise (one-rank calibration runs, {len(series)} series of {len(series[0])} steps): "
+          f"host_jitter_cv {cv:.3f} (sd of log step time), host_jitter_corr {corr:.2f} (lag-1)")
     if out_cal:
         print(f"  written to {save_calibration(cal, out_cal)}")
 
@@ -196,7 +221,7 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
             key = ("multi", tp, cp, b, c)
             m = _summary(runs[key])
             # the link probes taken just before each run of this point, their median per figure
-            lk = {k: statistics.median(x[k] for x in links[key]) for k in links[key][0]}
+            lk = {k: statistics.median(x[k] for x in links[key]) for k in links[key][0] if k != "layout"}
             dev_now = get_device("cpu", {"link_latency_us": lk["link_latency_us"], "link_gbps": lk["link_gbps"]})
             now = {"coll_base_us": lk["coll_base_us"], "coll_skew_frac": lk["coll_skew_frac"],
                    "corun_factor": lk["corun_factor"]}
@@ -210,7 +235,8 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
                   f"{m['step_ms_max']:.3f}], projected {e['projected_ms']:.3f} ms, error {e['error']:+.1%}; fastest run "
                   f"{e['projected_ms_fastest']:.3f} projected, error {e['error_fastest']:+.1%} "
                   f"(link, median of its probes: all_reduce {lk['all_reduce_us']:.0f} us, all_gather "
-                  f"{lk['all_gather_us']:.0f} us, skew {lk['coll_skew_frac']:.3f}; co-run x{lk['corun_factor']:.2f})",
+                  f"{lk['all_gather_us']:.0f} us, skew {lk['coll_skew_frac']:.3f}, {links[key][0]['layout']}; co-run "
+                  f"x{lk['corun_factor']:.2f})",
                   flush=True)
     return out, cal
 
@@ -255,27 +281,43 @@ def serving_validation(cpu_cal, num_requests: int, repeats: int = 3) -> list[dic
                        split_prefill=True)
 
     def sim(cal, rate: float) -> dict:
-        return simulate(model, dev, cal, Deployment(weights="fp32"),
-                        ServingLoad(rate=rate, num_requests=num_requests, prompt_tokens=32, output_tokens=16),
-                        eng, num_blocks=256)
+        # with the host's step-time noise, each metric the median over as many noise draws as the
+        # measurement has runs (like for like); the arrivals are the measured runs' own (seed 0)
+        load = ServingLoad(rate=rate, num_requests=num_requests, prompt_tokens=32, output_tokens=16)
+        draws = [simulate(model, dev, cal, Deployment(weights="fp32"), load, eng, num_blocks=256, jitter_seed=j)
+                 for j in range(repeats if cal.host_jitter_cv > 0 else 1)]
+        return {k: statistics.median(d[k] for d in draws) for k in SERVING_METRICS}
 
     measured = _measure_serving((SERVING_CAL_RATE, *SERVING_CHECK_RATES), num_requests, repeats)
     base = measured[SERVING_CAL_RATE]
-    cal = fit(cpu_cal, lambda c, k: sim(c, SERVING_CAL_RATE)[k], [("tpot_ms_p50", base["tpot_ms_p50"]),
-                                                                  ("ttft_ms_p50", base["ttft_ms_p50"])],
-              fields=("host_ms", "request_ms"), name="cpu-serving",
-              fitted_from=f"one in-process worker at {SERVING_CAL_RATE} req/s")
+    rows = [("tpot_ms_p50", base["tpot_ms_p50"]), ("ttft_ms_p50", base["ttft_ms_p50"])]
+    # the two numbers fitted with no step-time noise first (the clock is then smooth in them), then
+    # refined with the noise from there: with noise each step's time also depends on how the steps
+    # fell, a rugged surface the fit cannot cross from afar
+    steady = fit(cpu_cal.replace(host_jitter_cv=0.0), lambda c, k: sim(c, SERVING_CAL_RATE)[k], rows,
+                 fields=("host_ms", "request_ms"), name="cpu-serving-steady",
+                 fitted_from=f"one in-process worker at {SERVING_CAL_RATE} req/s, no step-time noise")
+    cal = steady
+    if cpu_cal.host_jitter_cv > 0:
+        cal = fit(steady.replace(host_jitter_cv=cpu_cal.host_jitter_cv, host_jitter_corr=cpu_cal.host_jitter_corr),
+                  lambda c, k: sim(c, SERVING_CAL_RATE)[k], rows, fields=("host_ms", "request_ms"), name="cpu-serving",
+                  fitted_from=f"one in-process worker at {SERVING_CAL_RATE} req/s")
     print(f"serving calibration {cal.name}: host_ms={cal.host_ms:.3g} request_ms={cal.request_ms:.3g} (both fitted "
-          f"to TTFT and TPOT p50 at {SERVING_CAL_RATE} req/s)")
+          f"to TTFT and TPOT p50 at {SERVING_CAL_RATE} req/s: {base['ttft_ms_p50']:.2f} / {base['tpot_ms_p50']:.2f} ms "
+          f"measured; step-time noise from the one-rank runs: host_jitter_cv {cal.host_jitter_cv:.3f}, "
+          f"host_jitter_corr {cal.host_jitter_corr:.2f}); with no noise host_ms={steady.host_ms:.3g} "
+          f"request_ms={steady.request_ms:.3g}")
     out = []
     for rate in SERVING_CHECK_RATES:
         m = measured[rate]
-        p = sim(cal, rate)
+        p, q = sim(cal, rate), sim(steady, rate)
         for k in SERVING_METRICS:
             out.append({"rate": rate, "metric": k, "measured": m[k], "projected": p[k],
-                        "error": p[k] / m[k] - 1, "calibrate": False})
+                        "error": p[k] / m[k] - 1, "projected_steady": q[k], "error_steady": q[k] / m[k] - 1,
+                        "calibrate": False})
             print(f"  serving {rate:4.1f} req/s {k:12s}: measured {m[k]:8.2f} ms, projected {p[k]:8.2f} ms, "
-                  f"error {p[k] / m[k] - 1:+.1%}", flush=True)
+                  f"error {p[k] / m[k] - 1:+.1%} (no step-time noise: {q[k]:8.2f} ms, {q[k] / m[k] - 1:+.1%})",
+                  flush=True)
     return out
 
 
@@ -343,8 +385,10 @@ def main() -> int:
         if args.serving_requests:
             srows = serving_validation(cpu_cal, args.serving_requests, args.repeats)
             s = error_summary(srows)
+            q = error_summary([{**r, "error": r["error_steady"]} for r in srows])
             print(f"CPU serving curve: {int(s['rows'])} held-out figures, median |error| {s['median_abs_error']:.1%}, "
-                  f"worst {s['worst_abs_error']:.1%}")
+                  f"worst {s['worst_abs_error']:.1%} (targets 15% / 30%; with no step-time noise: "
+                  f"{q['median_abs_error']:.1%} / {q['worst_abs_error']:.1%})")
             result["serving"] = srows
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))

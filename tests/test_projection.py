@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import statistics
 
 import pandas as pd
 import pytest
@@ -195,6 +196,86 @@ def test_serving_projection_builds_no_more_blocks_than_the_load_can_hold(monkeyp
     huge = simulate(m, dev, cal, dep, load, num_blocks=30000)
     same = lambda r: {k: v for k, v in r.items() if k != "kv_capacity_tokens"}  # the pool it was given, reported
     assert sizes[-1] == sizes[0] and same(capped) == same(huge)
+
+
+def test_host_jitter_fit_by_hand_and_refused_out_of_range():
+    """fit_host_jitter: per series the sd of log step times and their lag-1 autocorrelation, the
+    median of each; the calibration refuses a negative spread or a correlation outside [0, 1)."""
+    from ryzlab.projection.validation import fit_host_jitter
+
+    e = math.e
+    # logs 0, 0, 1, 1: deviations -.5 -.5 .5 .5 -> sd sqrt(1/3); lag-1 sum .25 - .25 + .25 over 1
+    cv, corr = fit_host_jitter([[1.0, 1.0, e, e]])
+    assert cv == pytest.approx(math.sqrt(1 / 3)) and corr == pytest.approx(0.25)
+    # alternating: negative lag-1 correlation is clipped to 0; too-short, constant or bad series skipped
+    cv, corr = fit_host_jitter([[1.0, e, 1.0, e], [2.0, 2.0], [3.0, 3.0, 3.0], [1.0, 0.0, 2.0]])
+    assert cv == pytest.approx(math.sqrt(1 / 3)) and corr == 0.0
+    with pytest.raises(ValueError, match="at least one series"):
+        fit_host_jitter([[1.0, 1.0, 1.0]])
+    for bad in ({"host_jitter_cv": -0.1}, {"host_jitter_cv": math.inf}, {"host_jitter_corr": 1.0},
+                {"host_jitter_corr": -0.2}, {"host_jitter_corr": math.nan}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            default_calibration("cpu").replace(**bad)
+    assert default_calibration("h100-sxm").host_jitter_cv == 0.0   # no jitter modelled for a GPU
+
+
+def test_prefill_layer_us_by_hand_fit_and_profile():
+    """prefill_layer_us: a step holding prompt tokens pays it once per layer (shared host: times the
+    core share), a decode step never; fit_prefill recovers a known extra per layer from rows whose
+    prefill-minus-decode exceeds the model's own difference by it; the profile times both steps."""
+    from ryzlab.projection.validation import fit_prefill, profile_prefill
+
+    m, _ = load_shape("reference")
+    dev, dep = hardware.get_device("cpu"), Deployment(weights="fp32")
+    cal = default_calibration("cpu")
+    pre, dec = StepShape.prefill(32, 0, seqs=2), StepShape.decode(2, 33)
+    with_us = cal.replace(prefill_layer_us=250.0)
+    assert step_cost(m, dev, with_us, dep, pre).total_ms == pytest.approx(
+        step_cost(m, dev, cal, dep, pre).total_ms + m.n_layers * 0.25, rel=1e-9)
+    assert step_cost(m, dev, with_us, dep, dec).total_ms == step_cost(m, dev, cal, dep, dec).total_ms
+    tp2 = Deployment(weights="fp32", tp=2)
+    assert step_cost(m, dev, with_us, tp2, pre).attention_ms - step_cost(m, dev, cal, tp2, pre).attention_ms == \
+        pytest.approx(m.n_layers * 0.25 * max(1.0, 2 / dev.devices_per_node), rel=1e-9)
+
+    def row(b: int, n: int, extra_ms: float) -> dict:
+        d = step_cost(m, dev, cal, dep, StepShape.decode(b, n + 1)).total_ms
+        p = step_cost(m, dev, cal, dep, StepShape.prefill(n, 0, seqs=b)).total_ms
+        return {"batch": b, "prompt": n, "ms": p + 1.0 + extra_ms, "ms_decode": d + 1.0}   # +1 ms either way cancels
+    rows = [row(1, 32, 0.4), row(2, 32, 0.4), row(1, 64, 3.0)]
+    assert fit_prefill(rows, m, dev, cal) == pytest.approx(400.0 / m.n_layers)
+    assert fit_prefill([row(1, 32, -1.0)], m, dev, cal) == 0.0
+    with pytest.raises(ValueError, match="at least one"):
+        fit_prefill([], m, dev, cal)
+    with pytest.raises(ValueError, match="prefill_layer_us"):
+        cal.replace(prefill_layer_us=-1.0)
+    prof = profile_prefill(m, points=((2, 16), (1, 8)), iters=2, repeats=1)
+    assert [(r["batch"], r["prompt"]) for r in prof] == [(2, 16), (1, 8)]
+    assert all(r["ms"] > 0 and r["ms_decode"] > 0 for r in prof)
+
+
+def test_serving_projection_step_noise():
+    """host_jitter_cv = 0: the clock is the step costs alone, whatever the seed; > 0: each step's
+    time drawn around its cost (mean 1, the given lag-1 correlation of its log), fixed by the seed."""
+    from ryzlab.projection.serving import ServingLoad, _StepNoise, simulate
+
+    m, _ = load_shape("reference")
+    dev, dep = hardware.get_device("cpu"), Deployment(weights="fp32")
+    load = ServingLoad(rate=20.0, num_requests=12, prompt_tokens=32, output_tokens=8)
+    steady = default_calibration("cpu")
+    assert simulate(m, dev, steady, dep, load, jitter_seed=1) == simulate(m, dev, steady, dep, load, jitter_seed=2)
+    noisy = steady.replace(host_jitter_cv=0.3, host_jitter_corr=0.8)
+    a, b = (simulate(m, dev, noisy, dep, load, jitter_seed=j) for j in (1, 2))
+    assert a == simulate(m, dev, noisy, dep, load, jitter_seed=1) and a != b
+    assert a["num_requests"] == b["num_requests"] == 12
+    n = _StepNoise(0.3, 0.8, seed=0)
+    f = [n.next() for _ in range(20000)]
+    assert statistics.fmean(f) == pytest.approx(1.0, abs=0.03)
+    logs = [math.log(v) for v in f]
+    mu = statistics.fmean(logs)
+    d = [v - mu for v in logs]
+    assert statistics.pstdev(logs) == pytest.approx(0.3, rel=0.1)
+    assert sum(x * y for x, y in zip(d, d[1:])) / sum(x * x for x in d) == pytest.approx(0.8, abs=0.03)
+    assert _StepNoise(0.0, 0.5, seed=0).next() == 1.0
 
 
 def test_project_row_fields_and_labels():
@@ -464,6 +545,32 @@ def test_max_kl_without_results_measures_the_codecs_on_weights(capsys):
     assert "'llama-2-7b' ships as config.json only" in capsys.readouterr().err
 
 
+def test_layout_link_probe_by_hand(monkeypatch):
+    """probe_gloo_link(layout=(2, 2)): one launch of four ranks per amount of work; the skew is the
+    slope of collective time over work, the alpha terms at no work are divided by the core share
+    (4 ranks / 2 cores) the cost model multiplies every collective by."""
+    import ryzlab.orchestrator as orch
+    import ryzlab.projection.validation as V
+
+    dev = hardware.get_device("cpu")
+    monkeypatch.setattr(V, "get_device", lambda key: dev.__class__(**{**dev.__dict__, "devices_per_node": 2,
+                                                                      "hbm_gbps": 1e9}))
+    launches = []
+
+    def fake(fn, world_size, *, args, **kw):
+        launches.append(world_size)
+        small = args[4] == 4   # work_rows
+        ar, ag, w = (500e-6, 400e-6, 100e-6) if small else (2500e-6, 2400e-6, 4100e-6)
+        return [{"all_reduce": ar, "all_gather": ag, "work_all_reduce": w, "work_all_gather": w}] * world_size
+    monkeypatch.setattr(orch, "launch", fake)
+    r = V.probe_gloo_link(numel=1, iters=1, work_rows=(4, 64), cpu_comm="shm", layout=(2, 2))
+    assert launches == [4, 4]
+    assert r["coll_skew_frac"] == pytest.approx(0.5)
+    # at no work: all-reduce 450 us, all-gather 350 us, / share 2 -> 225, 175: hop 50, base 125
+    assert r["link_latency_us"] == pytest.approx(50.0, abs=1e-3) and r["coll_base_us"] == pytest.approx(125.0, abs=1e-3)
+    assert r["layout"] == "tp2xcp2" and r["all_reduce_us"] == pytest.approx(500.0)
+
+
 def test_operator_profiles_and_link_probe_return_what_the_fit_reads():
     """The one-rank operator profiles (GEMMs; one rank's decode attention and a cp rank's path on a
     real paged cache) the 2-rank link probe at two amounts of work and the host co-run probe give finite positive figures."""
@@ -475,10 +582,15 @@ def test_operator_profiles_and_link_probe_return_what_the_fit_reads():
     a = profile_cp_attention(m, points=((2, 32), (3, 48)), iters=3)
     assert [(r["batch"], r["context"]) for r in a] == [(2, 32), (3, 48)]
     assert all(r["ms"] > 0 and r["ms_cp"] > 0 for r in a)
-    link = probe_gloo_link(numel=64, iters=10, work_rows=(4, 64))
-    for k in ("all_reduce_us", "all_gather_us", "link_latency_us", "coll_base_us", "coll_skew_frac", "work_us",
-              "work_busy_us"):
-        assert math.isfinite(link[k]) and link[k] >= 0, k
+    for layout in ((1, 1), (2, 2)):   # 2-rank pairs; all four ranks of tp 2 x cp 2 at once
+        link = probe_gloo_link(numel=64, iters=10, work_rows=(4, 64), layout=layout)
+        for k in ("all_reduce_us", "all_gather_us", "link_latency_us", "coll_base_us", "coll_skew_frac", "work_us",
+                  "work_busy_us"):
+            assert math.isfinite(link[k]) and link[k] >= 0, k
+        assert link["layout"] == ("pairs" if layout == (1, 1) else "tp2xcp2")
+    for bad in ((2, 4), (4, 1), (0, 2)):   # refused before any rank starts
+        with pytest.raises(ValueError, match=r"layout must be \(1, 1\).*\(2, 2\)"):
+            probe_gloo_link(layout=bad)
     co = probe_corun(m, iters=2, rounds=2, tp=2)
     assert co["ranks"] == 2 and co["corun_factor"] >= 1.0 and co["alone_ms"] > 0 and co["corun_ms"] > 0
     with pytest.raises(ValueError, match="at least 2 ranks"):

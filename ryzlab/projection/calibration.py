@@ -67,6 +67,13 @@ class Calibration:
     engine whose planning is off the step's critical path (assumption for GPUs); on CPU an
     operator profile of the model's own per-step planning on a cp rank's cache against one rank's
     measures it (:func:`ryzlab.projection.validation.profile_cp_planning`)."""
+    prefill_layer_us: float = 0.0
+    """Fixed time per layer that a step holding prefill tokens adds beyond the roofline of its GEMMs
+    and attention: the engine's general write / attend path (per-call planning of the step's pages,
+    masked attention with log-sum-exp, padding the ragged queries) that a decode step's short path
+    skips. 0 for an engine whose prefill is one fused variable-length kernel (assumption for GPUs);
+    on CPU :func:`ryzlab.projection.validation.profile_prefill` measures a prefill step against a
+    decode step on one rank (:func:`ryzlab.projection.validation.fit_prefill`)."""
     corun_factor: float = 1.0
     """On a shared host (``cpu``), how much slower each rank's compute and memory streams run when
     the ranks of one replica run at once than one rank alone, beyond sharing the cores (their
@@ -91,6 +98,15 @@ class Calibration:
     rank (ranks drift apart while they compute; on a shared-core VM the rank that arrives first
     idles and is descheduled, and waking it costs more the longer it slept). 0 for GPUs with NCCL
     (kernels spin; assumption); on CPU the link probe measures it at two amounts of work."""
+    host_jitter_cv: float = 0.0
+    """Spread of one engine's step times at a fixed shape: the standard deviation of the log of
+    consecutive steps' times (a shared host's preemption, frequency and cache noise). The serving
+    projection draws each step's time around its cost with this spread; 0 for a GPU (assumption:
+    a captured graph's step time barely moves) and until measured on CPU
+    (:func:`ryzlab.projection.validation.fit_host_jitter`, from one rank's step series)."""
+    host_jitter_corr: float = 0.0
+    """Lag-1 autocorrelation of those log step times, in [0, 1): slow steps come in runs on a
+    shared host, so a request's mean TPOT does not average the noise away (its p99 depends on it)."""
     link_frac: float = 0.8
     """Fraction of the link bandwidth a collective achieves (bus bandwidth)."""
     mem_util: float = 0.9
@@ -107,10 +123,15 @@ class Calibration:
                 raise ValueError(f"calibration {self.name}: {f} must be in (0, 1], got {v}")
         if not 1.0 <= self.corun_factor < math.inf:
             raise ValueError(f"calibration {self.name}: corun_factor must be a finite number >= 1, got {self.corun_factor}")
+        if not 0.0 <= self.host_jitter_cv < math.inf:
+            raise ValueError(f"calibration {self.name}: host_jitter_cv must be a finite number >= 0, got "
+                             f"{self.host_jitter_cv}")
+        if not 0.0 <= self.host_jitter_corr < 1.0:
+            raise ValueError(f"calibration {self.name}: host_jitter_corr must be in [0, 1), got {self.host_jitter_corr}")
         if self.attn_lse_cost < 1.0:
             raise ValueError(f"calibration {self.name}: attn_lse_cost must be >= 1, got {self.attn_lse_cost}")
         for f in ("kernel_us", "host_ms", "request_ms", "coll_base_us", "coll_skew_frac", "cp_attn_us",
-                  "cp_merge_kernels", "cp_step_us"):
+                  "cp_merge_kernels", "cp_step_us", "prefill_layer_us"):
             if getattr(self, f) < 0:
                 raise ValueError(f"calibration {self.name}: {f} must be >= 0, got {getattr(self, f)}")
 

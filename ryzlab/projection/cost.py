@@ -267,6 +267,8 @@ def step_cost(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment
                        peak, bw * cal.attn_frac))
     if dep.cp > 1:   # the cp rank's general write / attend path (shares the host's cores too)
         attn += share * cal.cp_attn_us / 1e3
+    if shape.prefill_tokens:   # prompt tokens take the engine's general write / attend path
+        attn += share * cal.prefill_layer_us / 1e3
     elem_bytes = act * T * (8 * model.dim + 3 * model.ffn_dim // dep.tp + 2 * (hq + 2 * hkv) * hd)
     elem = elem_bytes / bw * 1e3
 

@@ -4,7 +4,9 @@ Continuous batching, chunked prefill, the token budget, KV capacity per codec an
 are the scheduler's own code, over the cache's own bookkeeping
 (:class:`~ryzlab.kv.manager.KVCacheManager`, the same block pool the engine's cache uses, here
 without tensors, sized to the replica's projected KV capacity). Only the forward is replaced:
-each planned step advances the clock by :func:`ryzlab.projection.cost.step_cost` of that step.
+each planned step advances the clock by :func:`ryzlab.projection.cost.step_cost` of that step
+(times a draw of the host's step-time noise when the calibration measured it: ``host_jitter_cv``,
+``host_jitter_corr``; none for GPUs).
 After the step the bookkeeping the engine does follows it (``num_computed``, a token appended
 when a sequence finished its prompt or decoded, ``finish``). There is no second scheduler.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import random
 from dataclasses import dataclass
 
 from ryzlab.analysis import summary_columns
@@ -63,15 +66,35 @@ def _plan_shape(plan: list[tuple[EngineSequence, int]]) -> StepShape:
     return shape
 
 
+class _StepNoise:
+    """Multiplicative step-time noise: ``exp(cv * x - cv**2 / 2)`` (mean 1) with ``x`` a stationary
+    AR(1) series of unit variance and lag-1 correlation ``corr`` -- the log step times' spread and
+    persistence a one-rank step series measured (:func:`ryzlab.projection.validation.fit_host_jitter`).
+    ``cv == 0``: always 1, no random draws."""
+
+    def __init__(self, cv: float, corr: float, seed: int) -> None:
+        self.cv, self.corr = cv, corr
+        self.rng = random.Random(seed)
+        self.x = self.rng.gauss(0.0, 1.0) if cv > 0 else 0.0
+
+    def next(self) -> float:
+        if self.cv <= 0:
+            return 1.0
+        f = math.exp(self.cv * self.x - self.cv * self.cv / 2)
+        self.x = self.corr * self.x + math.sqrt(1 - self.corr * self.corr) * self.rng.gauss(0.0, 1.0)
+        return f
+
+
 def simulate(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment, load: ServingLoad,
              engine: EngineConfig | None = None, *, host_overhead_ms: float | None = None,
-             num_blocks: int | None = None) -> dict[str, float]:
+             num_blocks: int | None = None, jitter_seed: int | None = None) -> dict[str, float]:
     """Run ``load`` through the real scheduler on a virtual clock; per-request TTFT / TPOT / E2EL
     percentiles (ms), throughput, preemptions. Every number is a projection (``basis`` says so).
 
     ``engine``: the scheduler's knobs (default: vLLM-like, 256 sequences, 8192 batched tokens,
     2048-token prefill chunks, max_model_len fitted to the load); ``num_blocks``: the pool size
-    (default: the projected KV capacity).
+    (default: the projected KV capacity); ``jitter_seed``: the seed of the step-time noise
+    (default ``load.seed``; only used when ``cal.host_jitter_cv`` > 0).
     """
     need = load.prompt_tokens + load.output_tokens
     engine = engine or EngineConfig(max_num_seqs=256, max_num_batched_tokens=8192, prefill_chunk=2048,
@@ -106,6 +129,7 @@ def simulate(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment,
     done: dict[str, float] = {}
     arrived: dict[str, float] = {}
     now, steps, busy = 0.0, 0, 0.0
+    noise = _StepNoise(cal.host_jitter_cv, cal.host_jitter_corr, load.seed if jitter_seed is None else jitter_seed)
     while len(done) < len(reqs):
         while arrivals and arrivals[0][0] <= now + 1e-12:
             t, i = heapq.heappop(arrivals)
@@ -121,6 +145,7 @@ def simulate(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment,
             raise RuntimeError(f"the scheduler planned an empty step with {len(sched.waiting)} waiting requests "
                                f"(KV capacity {cap} tokens)")
         dt = step_cost(model, dev, cal, dep, _plan_shape(plan), host_overhead_ms=host_overhead_ms).total_ms / 1e3
+        dt *= noise.next()
         now += dt
         busy += dt
         steps += 1

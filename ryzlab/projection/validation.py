@@ -6,6 +6,7 @@ Every row says whether the calibration was fitted to it (``calibrate``); the sum
 """
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from pathlib import Path
@@ -20,7 +21,8 @@ from ryzlab.projection.shapes import load_shape
 
 __all__ = ["PUBLISHED_FILE", "published_tables", "predict_published", "validate_published", "fit_gpu_default",
            "error_summary", "static_batch_ms", "probe_gloo_link", "probe_corun", "profile_gemms",
-           "profile_cp_attention", "fit_cp_attention", "profile_cp_planning", "fit_cp_planning"]
+           "profile_cp_attention", "fit_cp_attention", "profile_cp_planning", "fit_cp_planning",
+           "fit_host_jitter", "profile_prefill", "fit_prefill"]
 
 PUBLISHED_FILE = Path(__file__).with_name("published.yaml")
 
@@ -129,6 +131,7 @@ def _link_rank(rank: int, world_size: int, tp: int, cp: int, numel: int, iters: 
                 times.append(time.perf_counter() - t1)
                 works.append(t1 - t0)
         out[name], out["work"] = statistics.fmean(times), statistics.fmean(works)
+        out[f"work_{name}"] = out["work"]
     return out
 
 
@@ -138,7 +141,7 @@ CPU (a small layer's GEMMs, a large layer's attention)."""
 
 
 def probe_gloo_link(numel: int = 1024, iters: int = 1000, work_rows: tuple[int, int] = LINK_WORK_ROWS,
-                    cpu_comm: str = "gloo") -> dict[str, float]:
+                    cpu_comm: str = "gloo", layout: tuple[int, int] = (1, 1)) -> dict[str, Any]:
     """Measure this host's link between CPU ranks the way nccl-tests measures a GPU link: a 2-rank
     all-reduce and a 2-rank all-gather of ``numel`` floats (no model step runs), through gloo or,
     with ``cpu_comm="shm"``, ryzlab's shared-memory channel (:mod:`ryzlab.parallel.shm`; then the
@@ -158,6 +161,14 @@ def probe_gloo_link(numel: int = 1024, iters: int = 1000, work_rows: tuple[int, 
     work (``work_rows``) and returns the slope, ``coll_skew_frac`` (extra collective time per unit
     of work before it, mean of the all-reduce's and the all-gather's), and the alpha terms at no work.
 
+    ``layout=(2, 2)``: the collectives are measured with every rank of that
+    layout running at once (tp groups all-reduce, cp groups all-gather, ``tp * cp`` processes), as
+    nccl-tests is run at the GPU count it is for: on a host with fewer cores than ranks a collective
+    also waits for its peer to get a core back from another rank. The alpha terms are then divided
+    by the core share the cost model multiplies every collective by (``tp * cp / cores``), so the
+    model's product gives back what was measured; the skew is per unit of work as measured (the
+    work's wall time, shared cores included, as the model's share-scaled work is).
+
     Returns ``coll_base_us`` and ``link_latency_us`` solving the cost model's alpha terms
     (all-reduce of 2 = base + 2 hops, all-gather of 2 = base + 1 hop; bytes at the catalog's
     link bandwidth are subtracted first), ``coll_skew_frac``, and the raw means per work size.
@@ -165,17 +176,31 @@ def probe_gloo_link(numel: int = 1024, iters: int = 1000, work_rows: tuple[int, 
     from ryzlab.orchestrator import launch
 
     def one(tp: int, cp: int, rows: int) -> tuple[float, float]:
-        res = launch(_link_rank, 2, args=(tp, cp, numel, iters, rows, cpu_comm), backend="gloo",
+        res = launch(_link_rank, tp * cp, args=(tp, cp, numel, iters, rows, cpu_comm), backend="gloo",
                      threads_per_rank=1)
         key = "all_reduce" if tp == 2 else "all_gather"
         return max(r[key] for r in res), statistics.fmean(r["work"] for r in res)
 
-    (ar0, w_ar0), (ag0, w_ag0) = one(2, 1, work_rows[0]), one(1, 2, work_rows[0])
-    (ar1, w_ar1), (ag1, w_ag1) = one(2, 1, work_rows[1]), one(1, 2, work_rows[1])
+    def both(rows: int) -> tuple[tuple[float, float], tuple[float, float]]:
+        if layout == (2, 2):   # every rank of the layout at once: one launch measures both collectives
+            res = launch(_link_rank, layout[0] * layout[1], args=(*layout, numel, iters, rows, cpu_comm),
+                         backend="gloo", threads_per_rank=1)
+            return ((max(r["all_reduce"] for r in res), statistics.fmean(r["work_all_reduce"] for r in res)),
+                    (max(r["all_gather"] for r in res), statistics.fmean(r["work_all_gather"] for r in res)))
+        return one(2, 1, rows), one(1, 2, rows)
+
+    if tuple(layout) not in ((1, 1), (2, 2)):
+        raise ValueError(f"layout must be (1, 1) (a 2-rank pair per collective) or (2, 2) (tp 2 x cp 2, all four "
+                         f"ranks at once): the cost model's alpha terms are solved from groups of 2; got {layout}")
+    (ar0, w_ar0), (ag0, w_ag0) = both(work_rows[0])
+    (ar1, w_ar1), (ag1, w_ag1) = both(work_rows[1])
     slopes = [(t1 - t0) / (w1 - w0) for t0, t1, w0, w1 in ((ar0, ar1, w_ar0, w_ar1), (ag0, ag1, w_ag0, w_ag1))
               if w1 > w0]
     skew = max(0.0, statistics.fmean(slopes)) if slopes else 0.0
     ar, ag = max(ar0 - skew * w_ar0, 0.0), max(ag0 - skew * w_ag0, 0.0)   # at no work before the call
+    ranks = 4 if layout == (2, 2) else 2
+    share = max(1.0, ranks / get_device("cpu").devices_per_node)   # what the cost model multiplies them by
+    ar, ag = ar / share, ag / share
     dev = get_device("cpu")
     gbps = dev.hbm_gbps if cpu_comm == "shm" else dev.link_gbps   # shared memory: a copy in, a copy out
     wire = numel * 4 / (gbps * 1e9)       # one chunk over the link, seconds
@@ -184,7 +209,7 @@ def probe_gloo_link(numel: int = 1024, iters: int = 1000, work_rows: tuple[int, 
     return {"all_reduce_us": ar0 * 1e6, "all_gather_us": ag0 * 1e6, "work_us": w_ag0 * 1e6,
             "all_reduce_busy_us": ar1 * 1e6, "all_gather_busy_us": ag1 * 1e6, "work_busy_us": w_ag1 * 1e6,
             "link_latency_us": hop, "coll_base_us": max(ag_us - hop, 0.0), "coll_skew_frac": skew,
-            "link_gbps": gbps}
+            "link_gbps": gbps, "layout": f"tp{layout[0]}xcp{layout[1]}" if layout == (2, 2) else "pairs"}
 
 
 def _corun_rank(rank: int, world_size: int, model, rows: int, iters: int, rounds: int, tp: int = 1
@@ -446,3 +471,98 @@ def fit_cp_planning(rows: list[dict[str, float]]) -> float:
     if not rows:
         raise ValueError("fit_cp_planning needs at least one profile row")
     return max(0.0, statistics.median(r["us_cp"] - r["us"] for r in rows))
+
+
+def fit_host_jitter(series: list[list[float]]) -> tuple[float, float]:
+    """``(host_jitter_cv, host_jitter_corr)`` from step-time series of one engine at fixed shapes
+    (one list of consecutive step times per run, any unit): per series the standard deviation of
+    the log step times and their lag-1 autocorrelation (clipped to [0, 0.99]); the median of each
+    over the series. Series shorter than 3 steps or constant are skipped."""
+    cvs, corrs = [], []
+    for s in series:
+        if len(s) < 3 or any(not (v > 0 and math.isfinite(v)) for v in s):
+            continue
+        logs = [math.log(v) for v in s]
+        mu = statistics.fmean(logs)
+        d = [v - mu for v in logs]
+        var = sum(x * x for x in d)
+        if var <= 0:
+            continue
+        cvs.append(math.sqrt(var / (len(d) - 1)))
+        corrs.append(min(0.99, max(0.0, sum(a * b for a, b in zip(d, d[1:])) / var)))
+    if not cvs:
+        raise ValueError("fit_host_jitter needs at least one series of 3+ positive, finite, not all equal step times")
+    return statistics.median(cvs), statistics.median(corrs)
+
+
+def profile_prefill(model, points: tuple[tuple[int, int], ...] = ((1, 32), (2, 32), (1, 64), (4, 16)),
+                    iters: int = 15, repeats: int = 3) -> list[dict[str, float]]:
+    """Operator profile, on ONE process, of a prefill step against a decode step as the engine runs
+    them (:meth:`PagedKVCache.allocate_slots`, then :func:`ryzlab.serve.engine.ragged_forward` of
+    ``model`` with random weights, float32, under ``torch.inference_mode``): ``batch`` new prompts
+    of ``prompt`` tokens in one step, then the same sequences' next token (the short decode path).
+    Each call after an untimed pass through the layer matrices (cold caches, as after another
+    step); prefill and decode alternate, so drift hits both. -> rows with ``ms`` (prefill) and
+    ``ms_decode``."""
+    import time
+
+    import torch
+
+    from ryzlab.config import CacheConfig
+    from ryzlab.kv.cache import PagedKVCache
+    from ryzlab.models.transformer import Transformer
+    from ryzlab.serve.engine import ragged_forward
+
+    torch.manual_seed(0)
+    net = Transformer(model).eval()
+    ids = itertools.count()
+    out = []
+    for b, n in points:
+        cache = PagedKVCache(model, CacheConfig(num_blocks=2 * b * (n // 16 + 2)))
+        stream = _weight_stream(model, b)
+        gen = torch.Generator().manual_seed(b * 100003 + n)
+        res: dict[str, list[float]] = {"ms": [], "ms_decode": []}
+        with torch.inference_mode():
+            for _ in range(repeats):
+                pre, dec = [], []
+                for i in range(iters + 1):
+                    seqs = [next(ids) for _ in range(b)]
+                    prompts = [torch.randint(0, model.vocab_size, (n,), generator=gen).tolist() for _ in seqs]
+                    stream()
+                    t0 = time.perf_counter()
+                    for s_, p in zip(seqs, prompts):
+                        cache.allocate_slots(s_, p)
+                    ragged_forward(net, cache, seqs, prompts)
+                    t1 = time.perf_counter()
+                    stream()
+                    t2 = time.perf_counter()
+                    for s_ in seqs:
+                        cache.allocate_slots(s_, [1])
+                    ragged_forward(net, cache, seqs, [[1]] * b)
+                    t3 = time.perf_counter()
+                    for s_ in seqs:
+                        cache.free(s_)
+                    if i:   # the first pair warms the allocator and the shapes
+                        pre.append(t1 - t0)
+                        dec.append(t3 - t2)
+                res["ms"].append(statistics.median(pre) * 1e3)
+                res["ms_decode"].append(statistics.median(dec) * 1e3)
+        out.append({"batch": b, "prompt": n, **{k: statistics.median(v) for k, v in res.items()}})
+    return out
+
+
+def fit_prefill(rows: list[dict[str, float]], model, dev, cal: Calibration, dep: Deployment | None = None) -> float:
+    """``prefill_layer_us`` from :func:`profile_prefill` rows under ``cal``: per row, how much more
+    the measured prefill step cost than the decode step, less what the cost model already prices
+    between the two (the prompt's GEMMs and attention); the median over rows, per layer, at least 0.
+    The host time and everything a step pays either way cancel in the difference."""
+    if not rows:
+        raise ValueError("fit_prefill needs at least one profile row")
+    dep = dep or Deployment(weights="fp32")
+    extra = []
+    for r in rows:
+        b, n = int(r["batch"]), int(r["prompt"])
+        pre = step_cost(model, dev, cal.replace(prefill_layer_us=0.0), dep, StepShape.prefill(n, 0, seqs=b)).total_ms
+        dec = step_cost(model, dev, cal, dep, StepShape.decode(b, n + 1)).total_ms
+        extra.append((r["ms"] - r["ms_decode"]) - (pre - dec))
+    return max(0.0, statistics.median(extra)) / model.n_layers * 1e3
