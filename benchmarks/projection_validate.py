@@ -54,7 +54,8 @@ from ryzlab.projection.cost import Deployment, StepShape, gemm_ms, step_cost  # 
 from ryzlab.projection.hardware import get_device  # noqa: E402
 from ryzlab.projection.validation import (error_summary, fit_gpu_default, probe_corun, probe_gloo_link,  # noqa: E402
                                          fit_cp_attention, fit_cp_planning, fit_host_jitter, fit_prefill,
-                                         profile_cp_attention, profile_prefill,
+                                         fit_host_seq, profile_cp_attention, profile_engine_overhead,
+                                         profile_prefill,
                                          profile_cp_planning, profile_gemms,
                                          validate_published)
 
@@ -288,6 +289,13 @@ def serving_validation(cpu_cal, num_requests: int, repeats: int = 3) -> list[dic
                  for j in range(repeats if cal.host_jitter_cv > 0 else 1)]
         return {k: statistics.median(d[k] for d in draws) for k in SERVING_METRICS}
 
+    # the engine's own work around its forward, per sequence (the one-rank step fit is of a bare
+    # forward loop, the scaling experiment's): an operator profile of the engine, no serving run
+    eng_rows = profile_engine_overhead(model)
+    cpu_cal = cpu_cal.replace(host_seq_us=fit_host_seq(eng_rows))
+    print("operator profile of the serving engine around its forward (one rank, decode steps): " + ", ".join(
+        f"batch {r['batch']} step {r['step_ms']:.2f} ms, forward {r['forward_ms']:.2f} ms" for r in eng_rows)
+        + f" -> host_seq_us {cpu_cal.host_seq_us:.3g}")
     measured = _measure_serving((SERVING_CAL_RATE, *SERVING_CHECK_RATES), num_requests, repeats)
     base = measured[SERVING_CAL_RATE]
     rows = [("tpot_ms_p50", base["tpot_ms_p50"]), ("ttft_ms_p50", base["ttft_ms_p50"])]

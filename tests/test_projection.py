@@ -253,6 +253,32 @@ def test_prefill_layer_us_by_hand_fit_and_profile():
     assert all(r["ms"] > 0 and r["ms_decode"] > 0 for r in prof)
 
 
+def test_host_seq_us_by_hand_fit_and_engine_profile():
+    """host_seq_us: the engine's host time per sequence of a step (decode or prefill), core share
+    included; fit_host_seq: the slope of (step - forward) over the batch; the profile times a real
+    engine's decode steps and the forward inside them."""
+    from ryzlab.projection.validation import fit_host_seq, profile_engine_overhead
+
+    m, _ = load_shape("reference")
+    dev, dep = hardware.get_device("cpu"), Deployment(weights="fp32")
+    cal = default_calibration("cpu")
+    per = cal.replace(host_seq_us=100.0)
+    for shape, n in ((StepShape.decode(3, 40), 3), (StepShape.prefill(16, 0, seqs=2) + StepShape.decode(1, 9), 3)):
+        assert step_cost(m, dev, per, dep, shape).overhead_ms == pytest.approx(
+            step_cost(m, dev, cal, dep, shape).overhead_ms + n * 0.1, rel=1e-9)
+    rows = [{"batch": 1, "overhead_ms": 0.10}, {"batch": 4, "overhead_ms": 0.16}, {"batch": 16, "overhead_ms": 0.40}]
+    assert fit_host_seq(rows) == pytest.approx(20.0)   # 0.02 ms a sequence
+    assert fit_host_seq([{"batch": 1, "overhead_ms": 0.3}, {"batch": 8, "overhead_ms": 0.1}]) == 0.0
+    with pytest.raises(ValueError, match="two or more batch"):
+        fit_host_seq(rows[:1])
+    with pytest.raises(ValueError, match="host_seq_us"):
+        cal.replace(host_seq_us=-1.0)
+    small = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
+    prof = profile_engine_overhead(small, batches=(1, 3), prompt=8, steps=4, repeats=1)
+    assert [r["batch"] for r in prof] == [1, 3]
+    assert all(r["step_ms"] >= r["forward_ms"] > 0 for r in prof)
+
+
 def test_serving_projection_step_noise():
     """host_jitter_cv = 0: the clock is the step costs alone, whatever the seed; > 0: each step's
     time drawn around its cost (mean 1, the given lag-1 correlation of its log), fixed by the seed."""

@@ -88,6 +88,12 @@ class Calibration:
     """Cost of one kernel boundary inside a step (a captured graph still pays a gap per kernel)."""
     host_ms: float = 0.05
     """Per-step host time: scheduling + launching the step (one captured graph by default)."""
+    host_seq_us: float = 0.0
+    """Host time per sequence in a step that the engine spends around the forward (sampling one
+    token, stop checks, building its output): a serving engine's, not a bare forward loop's.
+    0 for a GPU engine that samples on the device and overlaps the rest (assumption); on CPU
+    :func:`ryzlab.projection.validation.profile_engine_overhead` measures ryzlab's engine step
+    against its forward at several batches (:func:`ryzlab.projection.validation.fit_host_seq`)."""
     request_ms: float = 0.0
     """Latency each request pays outside the steps: handing it to the engine and its first token
     back (API, router, IPC). Adds to TTFT and end-to-end latency, not to TPOT."""
@@ -131,7 +137,7 @@ class Calibration:
         if self.attn_lse_cost < 1.0:
             raise ValueError(f"calibration {self.name}: attn_lse_cost must be >= 1, got {self.attn_lse_cost}")
         for f in ("kernel_us", "host_ms", "request_ms", "coll_base_us", "coll_skew_frac", "cp_attn_us",
-                  "cp_merge_kernels", "cp_step_us", "prefill_layer_us"):
+                  "cp_merge_kernels", "cp_step_us", "prefill_layer_us", "host_seq_us"):
             if getattr(self, f) < 0:
                 raise ValueError(f"calibration {self.name}: {f} must be >= 0, got {getattr(self, f)}")
 

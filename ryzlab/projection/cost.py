@@ -289,6 +289,7 @@ def step_cost(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment
     kernels = L * (KERNELS_PER_LAYER + cal.cp_merge_kernels * (dep.cp > 1)) + 4
     collectives = L * (2 * (dep.tp > 1) + (dep.cp > 1))
     host = cal.host_ms if host_overhead_ms is None else host_overhead_ms
+    host += (shape.decode_seqs + shape.prefill_seqs) * cal.host_seq_us / 1e3   # the engine's work per sequence
     if dep.cp > 1:   # planning a cp rank's step (its shard's tokens and pages) costs more than one rank's
         host += cal.cp_step_us / 1e3
     # Python and launches need a core too: ranks sharing a host's cores wait for them in turn

@@ -22,7 +22,8 @@ from ryzlab.projection.shapes import load_shape
 __all__ = ["PUBLISHED_FILE", "published_tables", "predict_published", "validate_published", "fit_gpu_default",
            "error_summary", "static_batch_ms", "probe_gloo_link", "probe_corun", "profile_gemms",
            "profile_cp_attention", "fit_cp_attention", "profile_cp_planning", "fit_cp_planning",
-           "fit_host_jitter", "profile_prefill", "fit_prefill"]
+           "fit_host_jitter", "profile_prefill", "fit_prefill",
+           "profile_engine_overhead", "fit_host_seq"]
 
 PUBLISHED_FILE = Path(__file__).with_name("published.yaml")
 
@@ -566,3 +567,77 @@ def fit_prefill(rows: list[dict[str, float]], model, dev, cal: Calibration, dep:
         dec = step_cost(model, dev, cal, dep, StepShape.decode(b, n + 1)).total_ms
         extra.append((r["ms"] - r["ms_decode"]) - (pre - dec))
     return max(0.0, statistics.median(extra)) / model.n_layers * 1e3
+
+
+def profile_engine_overhead(model, batches: tuple[int, ...] = (1, 4, 16), prompt: int = 32, steps: int = 30,
+                            repeats: int = 3) -> list[dict[str, float]]:
+    """Operator profile of ryzlab's serving engine around its forward, on ONE process: an
+    :class:`~ryzlab.serve.engine.Engine` of ``model``'s shape (random weights, float32, the torch
+    path) decodes ``batch`` sequences of a ``prompt``-token prompt; per decode step the engine's
+    whole step and the forward inside it (:meth:`Engine.execute`) are timed. -> rows with
+    ``batch``, ``step_ms``, ``forward_ms`` and ``overhead_ms`` (medians; the step less the forward:
+    scheduling, sampling, stop checks, outputs)."""
+    import time
+
+    import torch
+
+    from ryzlab.config import CacheConfig
+    from ryzlab.serve.replica import build_engine
+    from ryzlab.serve.sampling import SamplingParams
+    from ryzlab.serve.scheduler import EngineConfig
+    from ryzlab.serve.spec import ReplicaSpec
+
+    out = []
+    for b in batches:
+        spec = ReplicaSpec(model="random", model_config=model,
+                           cache=CacheConfig(num_blocks=b * ((prompt + steps + 8) // 16 + 2) + 8),
+                           engine=EngineConfig(max_num_seqs=max(b, 1), max_model_len=prompt + steps + 8,
+                                               max_num_batched_tokens=max(256, b * prompt)))
+        eng = build_engine(spec, threads=torch.get_num_threads())
+        fwd: list[float] = []
+        real = eng.execute
+
+        def timed(seq_ids, inputs, _real=real):
+            t0 = time.perf_counter()
+            r = _real(seq_ids, inputs)
+            fwd.append(time.perf_counter() - t0)
+            return r
+        eng.execute = timed
+        gen = torch.Generator().manual_seed(b)
+        res: dict[str, list[float]] = {"step_ms": [], "forward_ms": [], "overhead_ms": []}
+        try:
+            for r in range(repeats):
+                for i in range(b):
+                    eng.add_request(f"{r}-{i}", torch.randint(0, model.vocab_size, (prompt,), generator=gen).tolist(),
+                                    SamplingParams(max_tokens=steps + 1))
+                while any(s.num_computed < len(s.prompt) for s in eng.running) or eng.waiting:
+                    eng.step()   # the prompts (not timed)
+                step, f = [], []
+                while eng.has_work():
+                    fwd.clear()
+                    t0 = time.perf_counter()
+                    eng.step()
+                    dt = time.perf_counter() - t0
+                    if len(fwd) == 1 and len(eng.running) == b:   # a full decode step (not the last one)
+                        step.append(dt)
+                        f.append(fwd[0])
+                if step:
+                    res["step_ms"].append(statistics.median(step) * 1e3)
+                    res["forward_ms"].append(statistics.median(f) * 1e3)
+                    res["overhead_ms"].append(statistics.median(s_ - f_ for s_, f_ in zip(step, f)) * 1e3)
+        finally:
+            eng.close()
+        out.append({"batch": b, **{k: statistics.median(v) for k, v in res.items()}})
+    return out
+
+
+def fit_host_seq(rows: list[dict[str, float]]) -> float:
+    """``host_seq_us`` from :func:`profile_engine_overhead` rows: the least-squares slope of the
+    engine's time around the forward over the batch (us per sequence), at least 0; the intercept
+    (per step, whatever the batch) is the host time the serving fit prices."""
+    pts = [(r["batch"], r["overhead_ms"]) for r in rows]
+    if len({b for b, _ in pts}) < 2:
+        raise ValueError("fit_host_seq needs profile rows at two or more batch sizes")
+    mx, my = statistics.fmean(b for b, _ in pts), statistics.fmean(y for _, y in pts)
+    slope = sum((b - mx) * (y - my) for b, y in pts) / sum((b - mx) ** 2 for b, _ in pts)
+    return max(0.0, slope) * 1e3
