@@ -4,7 +4,7 @@
    cp 2 and tp 2 x cp 2 step times and MEASURE them in the same run (same experiment code, gloo
    ranks). Error per row, median and worst |error|. The calibration comes in three parts, as
    Vidur profiles operators before it simulates: (a) operator profiles on one rank -- the model's
-   GEMMs (bandwidth and compute fractions) and a layer's decode attention on one rank's path
+   GEMMs (bandwidth and compute fractions; once per round, each batch's median) and a layer's decode attention on one rank's path
    against a cp rank's path over the same keys (write, attend with log-sum-exp: ``attn_lse_cost`` and
    ``cp_attn_us``), and a decode step's planning on one rank's cache against a cp rank's shard
    (``cp_step_us``), each call timed after an untimed pass through the layer matrices (cold
@@ -125,6 +125,7 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
     runs: dict[tuple, list[float]] = {p: [] for p in points}
     links: dict[tuple, list[dict]] = {p: [] for p in points if p[0] == "multi"}
     series: list[list[float]] = []   # the one-rank calibration runs' step series (host jitter)
+    gemm_rounds: list[list[dict]] = []
     for i in range(repeats):
         for p in points:
             kind, tp, cp, b, c = p
@@ -135,6 +136,10 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
                                  "corun_factor": probe_corun(model, ranks=tp * cp, rows=b, tp=tp)["corun_factor"]})
             runs[p].append(_run_once(tp, cp, b, c, steps, cpu_comm if kind == "multi" else "gloo",
                                      series if kind == "cal" else None))
+        # the GEMM operator profile once per round too: one taken in a slow minute skewed the whole
+        # calibration (bw_frac 0.34 against 0.8 in calm ones); the fit takes each batch's median
+        torch.set_num_threads(1)
+        gemm_rounds.append(profile_gemms(model))
         print(f"  round {i + 1} / {repeats}: " + ", ".join(f"tp{p[1]}xcp{p[2]} b{p[3]} c{p[4]} {runs[p][-1]:.2f}"
                                                       for p in points), flush=True)
     rows = []
@@ -156,7 +161,8 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
     # from weight streaming: both are the same at every batch and context, and only tp splits one)
     torch.set_num_threads(1)
     fp32 = Deployment(weights="fp32")
-    gemms = profile_gemms(model)
+    gemms = [{"batch": g["batch"], "ms": statistics.median(r[j]["ms"] for r in gemm_rounds)}
+             for j, g in enumerate(gemm_rounds[0])]
     start = default_calibration("cpu").replace(coll_base_us=link["coll_base_us"], coll_skew_frac=link["coll_skew_frac"])
     start = fit(start, lambda c, b: gemm_ms(model, dev, c, fp32, b), [(g["batch"], g["ms"]) for g in gemms],
                 fields=("bw_frac", "flops_frac"), name="cpu-gemms",
@@ -164,7 +170,8 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
     attn = profile_cp_attention(model)
     lse_cost, cp_us = fit_cp_attention(attn)
     start = start.replace(attn_lse_cost=lse_cost, cp_attn_us=cp_us, cp_merge_kernels=0.0)   # the merge is in cp_us
-    print("operator profiles (one rank, 1 thread): GEMMs " + ", ".join(f"b={g['batch']} {g['ms']:.3f} ms" for g in gemms)
+    print(f"operator profiles (one rank, 1 thread): GEMMs (median of {len(gemm_rounds)} rounds) "
+          + ", ".join(f"b={g['batch']} {g['ms']:.3f} ms" for g in gemms)
           + "; a layer's decode attention, one rank's path / a cp rank's (write, attend with log-sum-exp, pack, merge) " + ", ".join(
               f"b={a['batch']} ctx={a['context']} {a['ms']:.3f} / {a['ms_cp']:.3f} ms" for a in attn)
           + f" -> attn_lse_cost {lse_cost:.3g}, cp_attn_us {cp_us:.3g}")
