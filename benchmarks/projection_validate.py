@@ -52,10 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ryzlab.projection.calibration import Calibration, default_calibration, fit, save_calibration  # noqa: E402
 from ryzlab.projection.cost import Deployment, StepShape, gemm_ms, step_cost  # noqa: E402
 from ryzlab.projection.hardware import get_device  # noqa: E402
+from ryzlab.projection.engine_profiles import (fit_host_jitter, fit_host_seq, fit_prefill,  # noqa: E402
+                                              profile_engine_overhead, profile_prefill)
 from ryzlab.projection.validation import (error_summary, fit_gpu_default, probe_corun, probe_gloo_link,  # noqa: E402
-                                         fit_cp_attention, fit_cp_planning, fit_host_jitter, fit_prefill,
-                                         fit_host_seq, profile_cp_attention, profile_engine_overhead,
-                                         profile_prefill,
+                                         fit_cp_attention, fit_cp_planning, profile_cp_attention,
                                          profile_cp_planning, profile_gemms,
                                          validate_published)
 

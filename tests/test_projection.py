@@ -201,7 +201,7 @@ def test_serving_projection_builds_no_more_blocks_than_the_load_can_hold(monkeyp
 def test_host_jitter_fit_by_hand_and_refused_out_of_range():
     """fit_host_jitter: per series the sd of log step times and their lag-1 autocorrelation, the
     median of each; the calibration refuses a negative spread or a correlation outside [0, 1)."""
-    from ryzlab.projection.validation import fit_host_jitter
+    from ryzlab.projection.engine_profiles import fit_host_jitter
 
     e = math.e
     # logs 0, 0, 1, 1: deviations -.5 -.5 .5 .5 -> sd sqrt(1/3); lag-1 sum .25 - .25 + .25 over 1
@@ -223,7 +223,7 @@ def test_prefill_layer_us_by_hand_fit_and_profile():
     """prefill_layer_us: a step holding prompt tokens pays it once per layer (shared host: times the
     core share), a decode step never; fit_prefill recovers a known extra per layer from rows whose
     prefill-minus-decode exceeds the model's own difference by it; the profile times both steps."""
-    from ryzlab.projection.validation import fit_prefill, profile_prefill
+    from ryzlab.projection.engine_profiles import fit_prefill, profile_prefill
 
     m, _ = load_shape("reference")
     dev, dep = hardware.get_device("cpu"), Deployment(weights="fp32")
@@ -257,7 +257,7 @@ def test_host_seq_us_by_hand_fit_and_engine_profile():
     """host_seq_us: the engine's host time per sequence of a step (decode or prefill), core share
     included; fit_host_seq: the slope of (step - forward) over the batch; the profile times a real
     engine's decode steps and the forward inside them."""
-    from ryzlab.projection.validation import fit_host_seq, profile_engine_overhead
+    from ryzlab.projection.engine_profiles import fit_host_seq, profile_engine_overhead
 
     m, _ = load_shape("reference")
     dev, dep = hardware.get_device("cpu"), Deployment(weights="fp32")

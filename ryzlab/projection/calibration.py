@@ -72,8 +72,8 @@ class Calibration:
     and attention: the engine's general write / attend path (per-call planning of the step's pages,
     masked attention with log-sum-exp, padding the ragged queries) that a decode step's short path
     skips. 0 for an engine whose prefill is one fused variable-length kernel (assumption for GPUs);
-    on CPU :func:`ryzlab.projection.validation.profile_prefill` measures a prefill step against a
-    decode step on one rank (:func:`ryzlab.projection.validation.fit_prefill`)."""
+    on CPU :func:`ryzlab.projection.engine_profiles.profile_prefill` measures a prefill step against a
+    decode step on one rank (:func:`ryzlab.projection.engine_profiles.fit_prefill`)."""
     corun_factor: float = 1.0
     """On a shared host (``cpu``), how much slower each rank's compute and memory streams run when
     the ranks of one replica run at once than one rank alone, beyond sharing the cores (their
@@ -92,8 +92,8 @@ class Calibration:
     """Host time per sequence in a step that the engine spends around the forward (sampling one
     token, stop checks, building its output): a serving engine's, not a bare forward loop's.
     0 for a GPU engine that samples on the device and overlaps the rest (assumption); on CPU
-    :func:`ryzlab.projection.validation.profile_engine_overhead` measures ryzlab's engine step
-    against its forward at several batches (:func:`ryzlab.projection.validation.fit_host_seq`)."""
+    :func:`ryzlab.projection.engine_profiles.profile_engine_overhead` measures ryzlab's engine step
+    against its forward at several batches (:func:`ryzlab.projection.engine_profiles.fit_host_seq`)."""
     request_ms: float = 0.0
     """Latency each request pays outside the steps: handing it to the engine and its first token
     back (API, router, IPC). Adds to TTFT and end-to-end latency, not to TPOT."""
@@ -109,7 +109,7 @@ class Calibration:
     consecutive steps' times (a shared host's preemption, frequency and cache noise). The serving
     projection draws each step's time around its cost with this spread; 0 for a GPU (assumption:
     a captured graph's step time barely moves) and until measured on CPU
-    (:func:`ryzlab.projection.validation.fit_host_jitter`, from one rank's step series)."""
+    (:func:`ryzlab.projection.engine_profiles.fit_host_jitter`, from one rank's step series)."""
     host_jitter_corr: float = 0.0
     """Lag-1 autocorrelation of those log step times, in [0, 1): slow steps come in runs on a
     shared host, so a request's mean TPOT does not average the noise away (its p99 depends on it)."""

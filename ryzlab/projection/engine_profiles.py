@@ -1,0 +1,186 @@
+"""Operator profiles of ryzlab's serving engine on one rank, for the serving projection's calibration:
+a prefill step against a decode step (``prefill_layer_us``), the engine's step against the forward
+inside it (``host_seq_us``), and the spread of consecutive steps' times (``host_jitter_cv`` /
+``host_jitter_corr``). No serving run is used: ``benchmarks/projection_validate.py`` checks the
+serving curve they feed against one.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+
+from ryzlab.projection.calibration import Calibration
+from ryzlab.projection.cost import Deployment, StepShape, step_cost
+from ryzlab.projection.validation import _weight_stream
+
+__all__ = ["fit_host_jitter", "profile_prefill", "fit_prefill", "profile_engine_overhead", "fit_host_seq"]
+
+
+def fit_host_jitter(series: list[list[float]]) -> tuple[float, float]:
+    """``(host_jitter_cv, host_jitter_corr)`` from step-time series of one engine at fixed shapes
+    (one list of consecutive step times per run, any unit): per series the standard deviation of
+    the log step times and their lag-1 autocorrelation (clipped to [0, 0.99]); the median of each
+    over the series. Series shorter than 3 steps or constant are skipped."""
+    cvs, corrs = [], []
+    for s in series:
+        if len(s) < 3 or any(not (v > 0 and math.isfinite(v)) for v in s):
+            continue
+        logs = [math.log(v) for v in s]
+        mu = statistics.fmean(logs)
+        d = [v - mu for v in logs]
+        var = sum(x * x for x in d)
+        if var <= 0:
+            continue
+        cvs.append(math.sqrt(var / (len(d) - 1)))
+        corrs.append(min(0.99, max(0.0, sum(a * b for a, b in zip(d, d[1:])) / var)))
+    if not cvs:
+        raise ValueError("fit_host_jitter needs at least one series of 3+ positive, finite, not all equal step times")
+    return statistics.median(cvs), statistics.median(corrs)
+
+
+def profile_prefill(model, points: tuple[tuple[int, int], ...] = ((1, 32), (2, 32), (1, 64), (4, 16)),
+                    iters: int = 15, repeats: int = 3) -> list[dict[str, float]]:
+    """Operator profile, on ONE process, of a prefill step against a decode step as the engine runs
+    them (:meth:`PagedKVCache.allocate_slots`, then :func:`ryzlab.serve.engine.ragged_forward` of
+    ``model`` with random weights, float32, under ``torch.inference_mode``): ``batch`` new prompts
+    of ``prompt`` tokens in one step, then the same sequences' next token (the short decode path).
+    Each call after an untimed pass through the layer matrices (cold caches, as after another
+    step); prefill and decode alternate, so drift hits both. -> rows with ``ms`` (prefill) and
+    ``ms_decode``."""
+    import time
+
+    import torch
+
+    from ryzlab.config import CacheConfig
+    from ryzlab.kv.cache import PagedKVCache
+    from ryzlab.models.transformer import Transformer
+    from ryzlab.serve.engine import ragged_forward
+
+    torch.manual_seed(0)
+    net = Transformer(model).eval()
+    ids = itertools.count()
+    out = []
+    for b, n in points:
+        cache = PagedKVCache(model, CacheConfig(num_blocks=2 * b * (n // 16 + 2)))
+        stream = _weight_stream(model, b)
+        gen = torch.Generator().manual_seed(b * 100003 + n)
+        res: dict[str, list[float]] = {"ms": [], "ms_decode": []}
+        with torch.inference_mode():
+            for _ in range(repeats):
+                pre, dec = [], []
+                for i in range(iters + 1):
+                    seqs = [next(ids) for _ in range(b)]
+                    prompts = [torch.randint(0, model.vocab_size, (n,), generator=gen).tolist() for _ in seqs]
+                    stream()
+                    t0 = time.perf_counter()
+                    for s_, p in zip(seqs, prompts):
+                        cache.allocate_slots(s_, p)
+                    ragged_forward(net, cache, seqs, prompts)
+                    t1 = time.perf_counter()
+                    stream()
+                    t2 = time.perf_counter()
+                    for s_ in seqs:
+                        cache.allocate_slots(s_, [1])
+                    ragged_forward(net, cache, seqs, [[1]] * b)
+                    t3 = time.perf_counter()
+                    for s_ in seqs:
+                        cache.free(s_)
+                    if i:   # the first pair warms the allocator and the shapes
+                        pre.append(t1 - t0)
+                        dec.append(t3 - t2)
+                res["ms"].append(statistics.median(pre) * 1e3)
+                res["ms_decode"].append(statistics.median(dec) * 1e3)
+        out.append({"batch": b, "prompt": n, **{k: statistics.median(v) for k, v in res.items()}})
+    return out
+
+
+def fit_prefill(rows: list[dict[str, float]], model, dev, cal: Calibration, dep: Deployment | None = None) -> float:
+    """``prefill_layer_us`` from :func:`profile_prefill` rows under ``cal``: per row, how much more
+    the measured prefill step cost than the decode step, less what the cost model already prices
+    between the two (the prompt's GEMMs and attention); the median over rows, per layer, at least 0.
+    The host time and everything a step pays either way cancel in the difference."""
+    if not rows:
+        raise ValueError("fit_prefill needs at least one profile row")
+    dep = dep or Deployment(weights="fp32")
+    extra = []
+    for r in rows:
+        b, n = int(r["batch"]), int(r["prompt"])
+        pre = step_cost(model, dev, cal.replace(prefill_layer_us=0.0), dep, StepShape.prefill(n, 0, seqs=b)).total_ms
+        dec = step_cost(model, dev, cal, dep, StepShape.decode(b, n + 1)).total_ms
+        extra.append((r["ms"] - r["ms_decode"]) - (pre - dec))
+    return max(0.0, statistics.median(extra)) / model.n_layers * 1e3
+
+
+def profile_engine_overhead(model, batches: tuple[int, ...] = (1, 4, 16), prompt: int = 32, steps: int = 30,
+                            repeats: int = 3) -> list[dict[str, float]]:
+    """Operator profile of ryzlab's serving engine around its forward, on ONE process: an
+    :class:`~ryzlab.serve.engine.Engine` of ``model``'s shape (random weights, float32, the torch
+    path) decodes ``batch`` sequences of a ``prompt``-token prompt; per decode step the engine's
+    whole step and the forward inside it (:meth:`Engine.execute`) are timed. -> rows with
+    ``batch``, ``step_ms``, ``forward_ms`` and ``overhead_ms`` (medians; the step less the forward:
+    scheduling, sampling, stop checks, outputs)."""
+    import time
+
+    import torch
+
+    from ryzlab.config import CacheConfig
+    from ryzlab.serve.replica import build_engine
+    from ryzlab.serve.sampling import SamplingParams
+    from ryzlab.serve.scheduler import EngineConfig
+    from ryzlab.serve.spec import ReplicaSpec
+
+    out = []
+    for b in batches:
+        spec = ReplicaSpec(model="random", model_config=model,
+                           cache=CacheConfig(num_blocks=b * ((prompt + steps + 8) // 16 + 2) + 8),
+                           engine=EngineConfig(max_num_seqs=max(b, 1), max_model_len=prompt + steps + 8,
+                                               max_num_batched_tokens=max(256, b * prompt)))
+        eng = build_engine(spec, threads=torch.get_num_threads())
+        fwd: list[float] = []
+        real = eng.execute
+
+        def timed(seq_ids, inputs, _real=real):
+            t0 = time.perf_counter()
+            r = _real(seq_ids, inputs)
+            fwd.append(time.perf_counter() - t0)
+            return r
+        eng.execute = timed
+        gen = torch.Generator().manual_seed(b)
+        res: dict[str, list[float]] = {"step_ms": [], "forward_ms": [], "overhead_ms": []}
+        try:
+            for r in range(repeats):
+                for i in range(b):
+                    eng.add_request(f"{r}-{i}", torch.randint(0, model.vocab_size, (prompt,), generator=gen).tolist(),
+                                    SamplingParams(max_tokens=steps + 1))
+                while any(s.num_computed < len(s.prompt) for s in eng.running) or eng.waiting:
+                    eng.step()   # the prompts (not timed)
+                step, f = [], []
+                while eng.has_work():
+                    fwd.clear()
+                    t0 = time.perf_counter()
+                    eng.step()
+                    dt = time.perf_counter() - t0
+                    if len(fwd) == 1 and len(eng.running) == b:   # a full decode step (not the last one)
+                        step.append(dt)
+                        f.append(fwd[0])
+                if step:
+                    res["step_ms"].append(statistics.median(step) * 1e3)
+                    res["forward_ms"].append(statistics.median(f) * 1e3)
+                    res["overhead_ms"].append(statistics.median(s_ - f_ for s_, f_ in zip(step, f)) * 1e3)
+        finally:
+            eng.close()
+        out.append({"batch": b, **{k: statistics.median(v) for k, v in res.items()}})
+    return out
+
+
+def fit_host_seq(rows: list[dict[str, float]]) -> float:
+    """``host_seq_us`` from :func:`profile_engine_overhead` rows: the least-squares slope of the
+    engine's time around the forward over the batch (us per sequence), at least 0; the intercept
+    (per step, whatever the batch) is the host time the serving fit prices."""
+    pts = [(r["batch"], r["overhead_ms"]) for r in rows]
+    if len({b for b, _ in pts}) < 2:
+        raise ValueError("fit_host_seq needs profile rows at two or more batch sizes")
+    mx, my = statistics.fmean(b for b, _ in pts), statistics.fmean(y for _, y in pts)
+    slope = sum((b - mx) * (y - my) for b, y in pts) / sum((b - mx) ** 2 for b, _ in pts)
+    return max(0.0, slope) * 1e3
