@@ -271,8 +271,11 @@ def test_host_seq_us_by_hand_fit_and_engine_profile():
     assert fit_host_seq([{"batch": 1, "overhead_ms": 0.3}, {"batch": 8, "overhead_ms": 0.1}]) == 0.0
     with pytest.raises(ValueError, match="two or more batch"):
         fit_host_seq(rows[:1])
-    with pytest.raises(ValueError, match="host_seq_us"):
-        cal.replace(host_seq_us=-1.0)
+    for bad in (-1.0, math.nan, math.inf):   # a hostile calibration file: refused, not priced
+        with pytest.raises(ValueError, match="host_seq_us must be a finite number >= 0"):
+            cal.replace(host_seq_us=bad)
+        with pytest.raises(ValueError, match="host_ms must be a finite number >= 0"):
+            cal.replace(host_ms=bad)
     small = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
     prof = profile_engine_overhead(small, batches=(1, 3), prompt=8, steps=4, repeats=1)
     assert [r["batch"] for r in prof] == [1, 3]

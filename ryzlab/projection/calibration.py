@@ -138,8 +138,8 @@ class Calibration:
             raise ValueError(f"calibration {self.name}: attn_lse_cost must be >= 1, got {self.attn_lse_cost}")
         for f in ("kernel_us", "host_ms", "request_ms", "coll_base_us", "coll_skew_frac", "cp_attn_us",
                   "cp_merge_kernels", "cp_step_us", "prefill_layer_us", "host_seq_us"):
-            if getattr(self, f) < 0:
-                raise ValueError(f"calibration {self.name}: {f} must be >= 0, got {getattr(self, f)}")
+            if not 0 <= getattr(self, f) < math.inf:   # NaN and inf too: a hostile calibration file
+                raise ValueError(f"calibration {self.name}: {f} must be a finite number >= 0, got {getattr(self, f)}")
 
     def replace(self, **kw: Any) -> "Calibration":
         return dataclasses.replace(self, **kw)
