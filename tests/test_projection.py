@@ -280,6 +280,9 @@ def test_host_seq_us_by_hand_fit_and_engine_profile():
     prof = profile_engine_overhead(small, batches=(1, 3), prompt=8, steps=4, repeats=1)
     assert [r["batch"] for r in prof] == [1, 3]
     assert all(r["step_ms"] >= r["forward_ms"] > 0 for r in prof)
+    for bad in ({"steps": 1}, {"batches": (0, 2)}):   # refused before an engine is built
+        with pytest.raises(ValueError, match="steps >= 2"):
+            profile_engine_overhead(small, **bad)
 
 
 def test_serving_projection_step_noise():

@@ -130,11 +130,14 @@ def profile_engine_overhead(model, batches: tuple[int, ...] = (1, 4, 16), prompt
     from ryzlab.serve.scheduler import EngineConfig
     from ryzlab.serve.spec import ReplicaSpec
 
+    if steps < 2 or not batches or min(batches) < 1:
+        raise ValueError(f"profile_engine_overhead needs steps >= 2 (a full decode step before the last) and batches "
+                         f">= 1; got steps={steps}, batches={batches}")
     out = []
     for b in batches:
         spec = ReplicaSpec(model="random", model_config=model,
                            cache=CacheConfig(num_blocks=b * ((prompt + steps + 8) // 16 + 2) + 8),
-                           engine=EngineConfig(max_num_seqs=max(b, 1), max_model_len=prompt + steps + 8,
+                           engine=EngineConfig(max_num_seqs=b, max_model_len=prompt + steps + 8,
                                                max_num_batched_tokens=max(256, b * prompt)))
         eng = build_engine(spec, threads=torch.get_num_threads())
         fwd: list[float] = []

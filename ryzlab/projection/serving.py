@@ -69,7 +69,7 @@ def _plan_shape(plan: list[tuple[EngineSequence, int]]) -> StepShape:
 class _StepNoise:
     """Multiplicative step-time noise: ``exp(cv * x - cv**2 / 2)`` (mean 1) with ``x`` a stationary
     AR(1) series of unit variance and lag-1 correlation ``corr`` -- the log step times' spread and
-    persistence a one-rank step series measured (:func:`ryzlab.projection.validation.fit_host_jitter`).
+    persistence a one-rank step series measured (:func:`ryzlab.projection.engine_profiles.fit_host_jitter`).
     ``cv == 0``: always 1, no random draws."""
 
     def __init__(self, cv: float, corr: float, seed: int) -> None:
