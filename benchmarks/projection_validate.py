@@ -41,8 +41,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -54,7 +56,8 @@ from ryzlab.projection.cost import Deployment, StepShape, gemm_ms, step_cost  # 
 from ryzlab.projection.hardware import get_device  # noqa: E402
 from ryzlab.projection.engine_profiles import (fit_host_jitter, fit_host_seq, fit_prefill,  # noqa: E402
                                               profile_engine_overhead, profile_prefill)
-from ryzlab.projection.validation import (error_summary, fit_gpu_default, probe_corun, probe_gloo_link,  # noqa: E402
+from ryzlab.projection.validation import (error_summary, fit_gpu_default, median_rel_se,  # noqa: E402
+                                         probe_corun, probe_gloo_link,
                                          fit_cp_attention, fit_cp_planning, profile_cp_attention,
                                          profile_cp_planning, profile_gemms,
                                          validate_published)
@@ -89,7 +92,7 @@ def _summary(runs: list[float]) -> dict:
     projection by)."""
     runs = sorted(runs)
     return {"step_ms": statistics.median(runs), "step_ms_min": runs[0], "step_ms_max": runs[-1],
-            "repeats": len(runs), "warmup": WARMUP}
+            "step_ms_se": median_rel_se(runs), "repeats": len(runs), "warmup": WARMUP}
 
 
 def _link(model, cpu_comm: str, layout: tuple[int, int] = (1, 1)) -> tuple[dict, object]:
@@ -147,7 +150,7 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
         m = _summary(runs[p])
         rows.append({"tp": 1, "cp": 1, "batch": p[3], "context": p[4], **m})
         print(f"  measured 1-rank b={p[3]:3d} ctx={p[4]:5d}: {m['step_ms']:.3f} ms [{m['step_ms_min']:.3f}, "
-              f"{m['step_ms_max']:.3f}]", flush=True)
+              f"{m['step_ms_max']:.3f}] (+-{m['step_ms_se']:.0%})", flush=True)
 
     def shape(r: dict) -> StepShape:
         return StepShape.decode(r["batch"], r["context"] + r["warmup"] + steps // 2 + 1)
@@ -221,7 +224,7 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
         e = both(r, cal, fast)
         out.append({**r, **e, "calibrate": False, "one_rank_check": True})
         print(f"  tp1 x cp1 b={b:3d} ctx={c:5d}: measured {m['step_ms']:.3f} ms [{m['step_ms_min']:.3f}, "
-              f"{m['step_ms_max']:.3f}], projected {e['projected_ms']:.3f} ms, error {e['error']:+.1%}; fastest run "
+              f"{m['step_ms_max']:.3f}] (+-{m['step_ms_se']:.0%}), projected {e['projected_ms']:.3f} ms, error {e['error']:+.1%}; fastest run "
               f"{e['projected_ms_fastest']:.3f} projected, error {e['error_fastest']:+.1%} (one rank, held out)",
               flush=True)
     for tp, cp in LAYOUTS:
@@ -240,7 +243,7 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
             e = both(r, cal.replace(**now), fast.replace(**now), dev_now)
             out.append({**r, **e, "calibrate": False})
             print(f"  tp{tp} x cp{cp} b={b:3d} ctx={c:5d}: measured {m['step_ms']:.3f} ms [{m['step_ms_min']:.3f}, "
-                  f"{m['step_ms_max']:.3f}], projected {e['projected_ms']:.3f} ms, error {e['error']:+.1%}; fastest run "
+                  f"{m['step_ms_max']:.3f}] (+-{m['step_ms_se']:.0%}), projected {e['projected_ms']:.3f} ms, error {e['error']:+.1%}; fastest run "
                   f"{e['projected_ms_fastest']:.3f} projected, error {e['error_fastest']:+.1%} "
                   f"(link, median of its probes: all_reduce {lk['all_reduce_us']:.0f} us, all_gather "
                   f"{lk['all_gather_us']:.0f} us, skew {lk['coll_skew_frac']:.3f}, {links[key][0]['layout']}; co-run "
@@ -270,7 +273,9 @@ def _measure_serving(rates: tuple[float, ...], num_requests: int, repeats: int) 
                          output_len=16, num_blocks=256, max_num_seqs=16, seed=0)
             df = run(cfg)
             runs[rate].append(df[df["kind"] == "summary"].iloc[0].to_dict())
-    return {rate: {k: statistics.median(r[k] for r in rs) for k in SERVING_METRICS} for rate, rs in runs.items()}
+    return {rate: {**{k: statistics.median(r[k] for r in rs) for k in SERVING_METRICS},
+                   **{k + "_se": median_rel_se([r[k] for r in rs]) for k in SERVING_METRICS}}
+            for rate, rs in runs.items()}
 
 
 def serving_validation(cpu_cal, num_requests: int, repeats: int = 3) -> list[dict]:
@@ -327,13 +332,18 @@ def serving_validation(cpu_cal, num_requests: int, repeats: int = 3) -> list[dic
         m = measured[rate]
         p, q = sim(cal, rate), sim(steady, rate)
         for k in SERVING_METRICS:
-            out.append({"rate": rate, "metric": k, "measured": m[k], "projected": p[k],
+            out.append({"rate": rate, "metric": k, "measured": m[k], "measured_se": m[k + "_se"], "projected": p[k],
                         "error": p[k] / m[k] - 1, "projected_steady": q[k], "error_steady": q[k] / m[k] - 1,
                         "calibrate": False})
-            print(f"  serving {rate:4.1f} req/s {k:12s}: measured {m[k]:8.2f} ms, projected {p[k]:8.2f} ms, "
+            print(f"  serving {rate:4.1f} req/s {k:12s}: measured {m[k]:8.2f} ms (+-{m[k + '_se']:.0%}), projected {p[k]:8.2f} ms, "
                   f"error {p[k] / m[k] - 1:+.1%} (no step-time noise: {q[k]:8.2f} ms, {q[k] / m[k] - 1:+.1%})",
                   flush=True)
     return out
+
+
+def _noise(rows: list[dict], key, field: str) -> str:
+    se = sorted(r[field] for r in rows if key(r) and not math.isnan(r[field]))
+    return f"median +-{statistics.median(se):.1%}, largest +-{se[-1]:.1%}" if se else "n/a (one run each)"
 
 
 def main() -> int:
@@ -341,9 +351,12 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="only the CPU validation")
     ap.add_argument("--published", action="store_true", help="only the published-table validation")
     ap.add_argument("--steps", type=int, default=16, help="timed decode steps per CPU run (default 16)")
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="fresh runs per CPU point and per serving rate; the point is their median, the spread "
-                         "their range (default 3)")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="fresh runs per CPU step point (rounds); the point is their median, the spread their range "
+                         "and the median's standard error (default 5: one run moves by ~15 %% from the next on this VM)")
+    ap.add_argument("--serving-repeats", type=int, default=5,
+                    help="fresh runs per serving rate; each metric their median (default 5: a p99 of 30 requests "
+                         "moves by ~25-35 %% from one run to the next on this VM)")
     ap.add_argument("--cpu-comm", choices=("shm", "gloo"), default="shm",
                     help="how the multi-rank CPU points' ranks exchange tensors (ryzlab's ParallelConfig.cpu_comm): "
                          "shm (shared memory, default) or gloo (sockets; on a 2-core VM its thread wake-ups, "
@@ -380,6 +393,7 @@ def main() -> int:
               f"{s['worst_abs_error']:.1%} (target median <= 20%)")
         result["published"] = rows
     if args.cpu or both:
+        t0 = time.monotonic()
         rows, cpu_cal = cpu_validation(args.steps, args.repeats, args.calibration_out, args.cpu_comm)
         s = error_summary(rows, key=lambda r: not r["calibrate"] and not r.get("one_rank_check"))
         print(f"CPU: {int(s['rows'])} multi-rank rows projected from 1-rank calibration: median |error| "
@@ -394,16 +408,21 @@ def main() -> int:
               f"{f_s['median_abs_error']:.1%}, worst {f_s['worst_abs_error']:.1%}; one rank held out "
               f"{f_one['median_abs_error']:.1%} / {f_one['worst_abs_error']:.1%})")
         fit_s = error_summary(rows, key=lambda r: r["calibrate"])
+        print("     (the measurement's own uncertainty, one standard error of each row's median from its runs' "
+              f"spread: {_noise(rows, lambda r: not r['calibrate'] and not r.get('one_rank_check'), 'step_ms_se')}; "
+              "a perfect projection would still be off by about this much)")
         print(f"     (fit quality on the {int(fit_s['rows'])} one-rank rows: median |error| "
-              f"{fit_s['median_abs_error']:.1%}, worst {fit_s['worst_abs_error']:.1%})")
+              f"{fit_s['median_abs_error']:.1%}, worst {fit_s['worst_abs_error']:.1%}; {time.monotonic() - t0:.0f} s)")
         result["cpu"] = rows
         if args.serving_requests:
-            srows = serving_validation(cpu_cal, args.serving_requests, args.repeats)
+            t0 = time.monotonic()
+            srows = serving_validation(cpu_cal, args.serving_requests, args.serving_repeats)
             s = error_summary(srows)
             q = error_summary([{**r, "error": r["error_steady"]} for r in srows])
             print(f"CPU serving curve: {int(s['rows'])} held-out figures, median |error| {s['median_abs_error']:.1%}, "
                   f"worst {s['worst_abs_error']:.1%} (targets 15% / 30%; with no step-time noise: "
-                  f"{q['median_abs_error']:.1%} / {q['worst_abs_error']:.1%})")
+                  f"{q['median_abs_error']:.1%} / {q['worst_abs_error']:.1%}; the measurement's own uncertainty: "
+                  f"{_noise(srows, lambda r: True, 'measured_se')}; {time.monotonic() - t0:.0f} s)")
             result["serving"] = srows
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))

@@ -389,6 +389,17 @@ def test_published_tables_name_their_setup_and_hold_out_most_rows():
     assert error_summary(rows)["rows"] == len(rows) - 3
 
 
+def test_median_rel_se_by_hand():
+    from ryzlab.projection.validation import median_rel_se
+
+    # logs 0 and 1: sd sqrt(1/2), over sqrt(2) runs -> 1/2, times the median's 1.2533
+    assert median_rel_se([1.0, math.e]) == pytest.approx(0.62665)
+    assert median_rel_se([3.0, 3.0, 3.0]) == 0.0
+    # the standard error falls with more runs of the same spread
+    assert median_rel_se([1.0, math.e] * 4) < median_rel_se([1.0, math.e])
+    for bad in ([], [2.0], [0.0, 1.0], [-1.0, 1.0]):
+        assert math.isnan(median_rel_se(bad))
+
 def test_sensitivity_of_a_bandwidth_bound_decode():
     from ryzlab.projection.sensitivity import sensitivity
 

@@ -97,6 +97,15 @@ def error_summary(rows: list[dict[str, Any]], key: Callable[[dict], bool] = lamb
     return {"rows": float(len(errs)), "median_abs_error": statistics.median(errs), "worst_abs_error": max(errs)}
 
 
+def median_rel_se(runs: list[float]) -> float:
+    """The relative standard error of the median of ``runs`` (1.2533 x the sd of their logs / sqrt(n),
+    the large-sample figure for a median): how far the point itself would move on a rerun -- a perfect
+    projection would still be off by about this much. NaN with fewer than two runs or a run <= 0."""
+    if len(runs) < 2 or min(runs) <= 0:
+        return math.nan
+    return 1.2533 * statistics.stdev(math.log(x) for x in runs) / math.sqrt(len(runs))
+
+
 def _link_rank(rank: int, world_size: int, tp: int, cp: int, numel: int, iters: int, work_rows: int,
                cpu_comm: str = "gloo") -> dict[str, float]:
     """On each rank: mean seconds of one tp all-reduce and one cp all-gather of ``numel`` floats,
