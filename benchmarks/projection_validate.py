@@ -18,8 +18,10 @@
    at once; ``corun_factor``: on this VM two ranks holding all the weights, a cp rank's, overflow
    the shared L3 and slow each other ~1.2-1.3x, two tp 2 ranks ~1.0x), also just before each run. No multi-rank
    model step is used to calibrate. The one-rank runs' step series also give the host's step-time
-   noise (``host_jitter_cv``, ``host_jitter_corr``), which the serving curve's virtual clock draws
-   its steps with (printed beside the same curve with no noise). Every point runs once per round, ``--repeats`` rounds
+   noise (``host_jitter_cv``, ``host_jitter_corr``), and one long one-rank series per serving round
+   its slow drift (``host_drift_cv``, ``host_drift_ms``: the host runs slow or fast for hundreds of
+   steps), which the serving curve's virtual clock draws its steps with (printed beside the same
+   curve with no noise). Every point runs once per round, ``--repeats`` rounds (default 5)
    (fresh processes each run; the point is the median run): the VM's speed drifts by more than
    the targets over minutes, and the rounds make the drift hit the calibration's points and the
    checked ones alike. The multi-rank points' collectives go through shared memory
@@ -54,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ryzlab.projection.calibration import Calibration, default_calibration, fit, save_calibration  # noqa: E402
 from ryzlab.projection.cost import Deployment, StepShape, gemm_ms, step_cost  # noqa: E402
 from ryzlab.projection.hardware import get_device  # noqa: E402
-from ryzlab.projection.engine_profiles import (fit_host_jitter, fit_host_seq, fit_prefill,  # noqa: E402
+from ryzlab.projection.engine_profiles import (fit_host_drift, fit_host_jitter, fit_host_seq, fit_prefill,  # noqa: E402
                                               profile_engine_overhead, profile_prefill)
 from ryzlab.projection.validation import (error_summary, fit_gpu_default, median_rel_se,  # noqa: E402
                                          probe_corun, probe_gloo_link,
@@ -127,7 +129,9 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
               + [("multi", tp, cp, b, c) for tp, cp in LAYOUTS for b, c in CHECK_POINTS])
     runs: dict[tuple, list[float]] = {p: [] for p in points}
     links: dict[tuple, list[dict]] = {p: [] for p in points if p[0] == "multi"}
-    series: list[list[float]] = []   # the one-rank calibration runs' step series (host jitter)
+    # every run's consecutive step times, per point (the one-rank calibration runs' give the host jitter;
+    # all are written to --json as data)
+    series: dict[tuple, list[list[float]]] = {p: [] for p in points}
     gemm_rounds: list[list[dict]] = []
     for i in range(repeats):
         for p in points:
@@ -138,7 +142,7 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
                 links[p].append({**_link(model, cpu_comm, (2, 2) if tp > 1 and cp > 1 else (1, 1))[0],
                                  "corun_factor": probe_corun(model, ranks=tp * cp, rows=b, tp=tp)["corun_factor"]})
             runs[p].append(_run_once(tp, cp, b, c, steps, cpu_comm if kind == "multi" else "gloo",
-                                     series if kind == "cal" else None))
+                                     series[p]))
         # the GEMM operator profile once per round too: one taken in a slow minute skewed the whole
         # calibration (bw_frac 0.34 against 0.8 in calm ones); the fit takes each batch's median
         torch.set_num_threads(1)
@@ -148,7 +152,7 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
     rows = []
     for p in points[:len(CAL_POINTS)]:
         m = _summary(runs[p])
-        rows.append({"tp": 1, "cp": 1, "batch": p[3], "context": p[4], **m})
+        rows.append({"tp": 1, "cp": 1, "batch": p[3], "context": p[4], **m, "step_series": series[p]})
         print(f"  measured 1-rank b={p[3]:3d} ctx={p[4]:5d}: {m['step_ms']:.3f} ms [{m['step_ms_min']:.3f}, "
               f"{m['step_ms_max']:.3f}] (+-{m['step_ms_se']:.0%})", flush=True)
 
@@ -203,9 +207,10 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
           + f" -> prefill_layer_us {cal.prefill_layer_us:.3g}")
     # the host's step-time noise, from the same one-rank runs (for the serving projection's clock;
     # step medians are unaffected)
-    cv, corr = fit_host_jitter(series)
+    cal_series = [x for p in points[:len(CAL_POINTS)] for x in series[p]]
+    cv, corr = fit_host_jitter(cal_series)
     cal = cal.replace(host_jitter_cv=cv, host_jitter_corr=corr)
-    print(f"host step-time noise (one-rank calibration runs, {len(series)} series of {len(series[0])} steps): "
+    print(f"host step-time noise (one-rank calibration runs, {len(cal_series)} series of {len(cal_series[0])} steps): "
           f"host_jitter_cv {cv:.3f} (sd of log step time), host_jitter_corr {corr:.2f} (lag-1)")
     if out_cal:
         print(f"  written to {save_calibration(cal, out_cal)}")
@@ -220,7 +225,7 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
     # multi-rank row's error is the one-rank model's own at that point
     for b, c in CHECK_POINTS:
         m = _summary(runs[("one", 1, 1, b, c)])
-        r = {"tp": 1, "cp": 1, "batch": b, "context": c, **m}
+        r = {"tp": 1, "cp": 1, "batch": b, "context": c, **m, "step_series": series[("one", 1, 1, b, c)]}
         e = both(r, cal, fast)
         out.append({**r, **e, "calibrate": False, "one_rank_check": True})
         print(f"  tp1 x cp1 b={b:3d} ctx={c:5d}: measured {m['step_ms']:.3f} ms [{m['step_ms_min']:.3f}, "
@@ -236,7 +241,7 @@ def cpu_validation(steps: int, repeats: int, out_cal: Path | None, cpu_comm: str
             dev_now = get_device("cpu", {"link_latency_us": lk["link_latency_us"], "link_gbps": lk["link_gbps"]})
             now = {"coll_base_us": lk["coll_base_us"], "coll_skew_frac": lk["coll_skew_frac"],
                    "corun_factor": lk["corun_factor"]}
-            r = {"tp": tp, "cp": cp, "batch": b, "context": c, **m, "cpu_comm": cpu_comm,
+            r = {"tp": tp, "cp": cp, "batch": b, "context": c, **m, "step_series": series[key], "cpu_comm": cpu_comm,
                  "link_all_reduce_us": lk["all_reduce_us"],
                  "link_all_gather_us": lk["all_gather_us"], "link_skew_frac": lk["coll_skew_frac"],
                  "corun_factor": lk["corun_factor"]}
@@ -259,15 +264,25 @@ SERVING_CHECK_RATES = (5.0, 8.0)
 SERVING_METRICS = ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99")
 
 
-def _measure_serving(rates: tuple[float, ...], num_requests: int, repeats: int) -> dict[float, dict]:
+DRIFT_POINT = (1, 128, 1500)
+"""(batch, context, steps) of the long one-rank decode series the host's slow drift is fitted to."""
+
+
+def _measure_serving(rates: tuple[float, ...], num_requests: int, repeats: int,
+                     drift_series: list[list[float]] | None = None) -> dict[float, dict]:
     """One in-process ryzlab engine (the serving experiment, 1 worker) at each Poisson rate: each
     metric the median over ``repeats`` fresh runs (one run of 30 requests moves by ~25 % from the
     next on this VM, the calibration point included), the rates interleaved round by round so the
-    VM's drift hits the calibration rate and the checked ones alike."""
+    VM's drift hits the calibration rate and the checked ones alike. With ``drift_series``, each round
+    also appends one long one-rank decode series (:data:`DRIFT_POINT`, the scaling experiment: no
+    serving run) to it, for the host's slow drift."""
     from ryzlab.experiments.serving import Config, run
 
     runs: dict[float, list[dict]] = {r: [] for r in rates}
     for _ in range(repeats):
+        if drift_series is not None:
+            b, c, n = DRIFT_POINT
+            _run_once(1, 1, b, c, n, "gloo", drift_series)
         for rate in rates:
             cfg = Config(rate=rate, num_requests=num_requests, workers=1, via="in-process", prompt_len=32,
                          output_len=16, num_blocks=256, max_num_seqs=16, seed=0)
@@ -298,7 +313,7 @@ def serving_validation(cpu_cal, num_requests: int, repeats: int = 3) -> list[dic
         # measurement has runs (like for like); the arrivals are the measured runs' own (seed 0)
         load = ServingLoad(rate=rate, num_requests=num_requests, prompt_tokens=32, output_tokens=16)
         draws = [simulate(model, dev, cal, Deployment(weights="fp32"), load, eng, num_blocks=256, jitter_seed=j)
-                 for j in range(repeats if cal.host_jitter_cv > 0 else 1)]
+                 for j in range(repeats if cal.host_jitter_cv > 0 or cal.host_drift_cv > 0 else 1)]
         return {k: statistics.median(d[k] for d in draws) for k in SERVING_METRICS}
 
     # the engine's own work around its forward, per sequence (the one-rank step fit is of a bare
@@ -308,24 +323,36 @@ def serving_validation(cpu_cal, num_requests: int, repeats: int = 3) -> list[dic
     print("operator profile of the serving engine around its forward (one rank, decode steps): " + ", ".join(
         f"batch {r['batch']} step {r['step_ms']:.2f} ms, forward {r['forward_ms']:.2f} ms" for r in eng_rows)
         + f" -> host_seq_us {cpu_cal.host_seq_us:.3g}")
-    measured = _measure_serving((SERVING_CAL_RATE, *SERVING_CHECK_RATES), num_requests, repeats)
+    drift_series: list[list[float]] = []
+    measured = _measure_serving((SERVING_CAL_RATE, *SERVING_CHECK_RATES), num_requests, repeats, drift_series)
+    # the host's slow drift from long one-rank series taken between the serving rounds (each fitted
+    # alone, the median of each figure): the step-to-step noise of 16-step runs cannot see it
+    drifts = [fit_host_drift(x) for x in drift_series]
+    cpu_cal = cpu_cal.replace(host_drift_cv=statistics.median(d[0] for d in drifts),
+                              host_drift_ms=statistics.median(d[1] for d in drifts))
+    print(f"host drift (one rank, {len(drift_series)} series of {DRIFT_POINT[2]} decode steps at batch "
+          f"{DRIFT_POINT[0]} x context {DRIFT_POINT[1]}, between the serving rounds): " + ", ".join(
+              f"{cv:.3f} / {ms:.0f} ms" for cv, ms in drifts) + f" -> host_drift_cv {cpu_cal.host_drift_cv:.3f}, "
+          f"host_drift_ms {cpu_cal.host_drift_ms:.0f}")
     base = measured[SERVING_CAL_RATE]
     rows = [("tpot_ms_p50", base["tpot_ms_p50"]), ("ttft_ms_p50", base["ttft_ms_p50"])]
     # the two numbers fitted with no step-time noise first (the clock is then smooth in them), then
     # refined with the noise from there: with noise each step's time also depends on how the steps
     # fell, a rugged surface the fit cannot cross from afar
-    steady = fit(cpu_cal.replace(host_jitter_cv=0.0), lambda c, k: sim(c, SERVING_CAL_RATE)[k], rows,
+    steady = fit(cpu_cal.replace(host_jitter_cv=0.0, host_drift_cv=0.0), lambda c, k: sim(c, SERVING_CAL_RATE)[k], rows,
                  fields=("host_ms", "request_ms"), name="cpu-serving-steady",
                  fitted_from=f"one in-process worker at {SERVING_CAL_RATE} req/s, no step-time noise")
     cal = steady
-    if cpu_cal.host_jitter_cv > 0:
-        cal = fit(steady.replace(host_jitter_cv=cpu_cal.host_jitter_cv, host_jitter_corr=cpu_cal.host_jitter_corr),
+    if cpu_cal.host_jitter_cv > 0 or cpu_cal.host_drift_cv > 0:
+        cal = fit(steady.replace(host_jitter_cv=cpu_cal.host_jitter_cv, host_jitter_corr=cpu_cal.host_jitter_corr,
+                                 host_drift_cv=cpu_cal.host_drift_cv, host_drift_ms=cpu_cal.host_drift_ms),
                   lambda c, k: sim(c, SERVING_CAL_RATE)[k], rows, fields=("host_ms", "request_ms"), name="cpu-serving",
                   fitted_from=f"one in-process worker at {SERVING_CAL_RATE} req/s")
     print(f"serving calibration {cal.name}: host_ms={cal.host_ms:.3g} request_ms={cal.request_ms:.3g} (both fitted "
           f"to TTFT and TPOT p50 at {SERVING_CAL_RATE} req/s: {base['ttft_ms_p50']:.2f} / {base['tpot_ms_p50']:.2f} ms "
           f"measured; step-time noise from the one-rank runs: host_jitter_cv {cal.host_jitter_cv:.3f}, "
-          f"host_jitter_corr {cal.host_jitter_corr:.2f}); with no noise host_ms={steady.host_ms:.3g} "
+          f"host_jitter_corr {cal.host_jitter_corr:.2f}, host_drift_cv {cal.host_drift_cv:.3f}, host_drift_ms "
+          f"{cal.host_drift_ms:.0f}); with no noise host_ms={steady.host_ms:.3g} "
           f"request_ms={steady.request_ms:.3g}")
     out = []
     for rate in SERVING_CHECK_RATES:

@@ -310,6 +310,64 @@ def test_serving_projection_step_noise():
     assert _StepNoise(0.0, 0.5, seed=0).next() == 1.0
 
 
+
+def test_host_drift_noise_and_fit_by_hand():
+    """host_drift_cv / host_drift_ms: a slow factor in wall time (mean 1, the given spread of its log,
+    autocorrelation exp(-t / host_drift_ms), idle time included); fit_host_drift reads the spread of
+    block means beyond the step-to-step noise and the correlation time from the block means' lag-1
+    autocorrelation; the calibration refuses a drift with no correlation time."""
+    from ryzlab.projection.engine_profiles import fit_host_drift
+    from ryzlab.projection.serving import ServingLoad, _StepNoise, simulate
+
+    n = _StepNoise(0.0, 0.0, seed=0, drift_cv=0.2, drift_ms=50.0)
+    f = [n.next(t * 10.0) for t in range(40000)]   # a step every 10 ms: lag-1 correlation exp(-10 / 50)
+    logs = [math.log(v) for v in f]
+    mu = statistics.fmean(logs)
+    d = [v - mu for v in logs]
+    assert statistics.fmean(f) == pytest.approx(1.0, abs=0.02)
+    assert statistics.pstdev(logs) == pytest.approx(0.2, rel=0.1)
+    assert sum(x * y for x, y in zip(d, d[1:])) / sum(x * x for x in d) == pytest.approx(math.exp(-0.2), abs=0.03)
+    # no time passed: the drift does not move (only the step-to-step part would)
+    n = _StepNoise(0.0, 0.0, seed=1, drift_cv=0.2, drift_ms=50.0)
+    assert len({n.next(5.0) for _ in range(5)}) == 1
+    # a long idle gap decorrelates it
+    a = _StepNoise(0.0, 0.0, seed=2, drift_cv=0.2, drift_ms=50.0)
+    b = _StepNoise(0.0, 0.0, seed=2, drift_cv=0.2, drift_ms=50.0)
+    assert a.next(0.0) == b.next(0.0) and a.next(1.0) != b.next(1e6)
+
+    # by hand: blocks of 2 steps, logs (0, 0), (1, 1), (0, 0), ...: no within-block noise; block means
+    # alternate 0 / 1 over 8 blocks -> variance 2/7, lag-1 autocorrelation -1 (clipped to 0.01);
+    # a block lasts 2 x the median step (median of 1 and e)
+    e = math.e
+    cv, ms = fit_host_drift([1.0, 1.0, e, e] * 4, block=2)
+    assert cv == pytest.approx(math.sqrt(2 / 7))
+    assert ms == pytest.approx(-2 * (1 + e) / 2 / math.log(0.01))
+    # constant: no drift; slow steps in runs of blocks: positive correlation, longer time
+    assert fit_host_drift([2.0] * 128)[0] == 0.0
+    slow = ([1.0] * 32 + [e] * 32) * 2
+    cv, ms = fit_host_drift(slow, block=8)
+    assert cv > 0.4 and ms > 8 * 1.0
+    with pytest.raises(ValueError, match="at least 8 blocks"):
+        fit_host_drift([1.0] * 100)
+    with pytest.raises(ValueError, match="positive and finite"):
+        fit_host_drift([1.0] * 200 + [math.nan])
+    with pytest.raises(ValueError, match="host_drift_ms"):
+        default_calibration("cpu").replace(host_drift_cv=0.1)
+    for bad in ({"host_drift_cv": -0.1, "host_drift_ms": 10.0}, {"host_drift_ms": math.inf}):
+        with pytest.raises(ValueError, match="host_drift"):
+            default_calibration("cpu").replace(**bad)
+    assert default_calibration("h100-sxm").host_drift_cv == 0.0
+    # in the serving clock: fixed by the seed, and a slower tail than the steady clock
+    m, _ = load_shape("reference")
+    dev, dep = hardware.get_device("cpu"), Deployment(weights="fp32")
+    load = ServingLoad(rate=20.0, num_requests=40, prompt_tokens=32, output_tokens=8)
+    steady = default_calibration("cpu")
+    drift = steady.replace(host_drift_cv=0.4, host_drift_ms=200.0)
+    a = simulate(m, dev, drift, dep, load, jitter_seed=3)
+    assert a == simulate(m, dev, drift, dep, load, jitter_seed=3) != simulate(m, dev, drift, dep, load, jitter_seed=4)
+    s = simulate(m, dev, steady, dep, load)
+    assert a["tpot_ms_p99"] / a["tpot_ms_p50"] > s["tpot_ms_p99"] / s["tpot_ms_p50"]
+
 def test_project_row_fields_and_labels():
     m, _ = load_shape("llama-3-8b")
     dev = hardware.get_device("h100-sxm")

@@ -113,6 +113,16 @@ class Calibration:
     host_jitter_corr: float = 0.0
     """Lag-1 autocorrelation of those log step times, in [0, 1): slow steps come in runs on a
     shared host, so a request's mean TPOT does not average the noise away (its p99 depends on it)."""
+    host_drift_cv: float = 0.0
+    """Spread of the host's slow speed drift, on top of the step-to-step noise above: the standard
+    deviation of the log of the mean step time over blocks of consecutive steps, beyond what the
+    step-to-step noise explains. On a shared VM the host runs slow or fast for hundreds of steps at a
+    time (one rank's decode steps: lag-256 autocorrelation ~0.4), so requests that overlap a slow
+    spell are slow throughout -- the TPOT tail. 0 for a GPU (assumption) and until measured
+    (:func:`ryzlab.projection.engine_profiles.fit_host_drift`, from one long one-rank step series)."""
+    host_drift_ms: float = 0.0
+    """Correlation time of that drift in milliseconds of wall time (idle time included): its
+    autocorrelation after ``t`` ms is ``exp(-t / host_drift_ms)``."""
     link_frac: float = 0.8
     """Fraction of the link bandwidth a collective achieves (bus bandwidth)."""
     mem_util: float = 0.9
@@ -137,9 +147,14 @@ class Calibration:
         if self.attn_lse_cost < 1.0:
             raise ValueError(f"calibration {self.name}: attn_lse_cost must be >= 1, got {self.attn_lse_cost}")
         for f in ("kernel_us", "host_ms", "request_ms", "coll_base_us", "coll_skew_frac", "cp_attn_us",
-                  "cp_merge_kernels", "cp_step_us", "prefill_layer_us", "host_seq_us"):
+                  "cp_merge_kernels", "cp_step_us", "prefill_layer_us", "host_seq_us", "host_drift_cv",
+                  "host_drift_ms"):
             if not 0 <= getattr(self, f) < math.inf:   # NaN and inf too: a hostile calibration file
                 raise ValueError(f"calibration {self.name}: {f} must be a finite number >= 0, got {getattr(self, f)}")
+
+        if self.host_drift_cv > 0 and self.host_drift_ms <= 0:
+            raise ValueError(f"calibration {self.name}: host_drift_cv > 0 needs host_drift_ms > 0 (its correlation "
+                             f"time), got {self.host_drift_ms}")
 
     def replace(self, **kw: Any) -> "Calibration":
         return dataclasses.replace(self, **kw)

@@ -1,7 +1,7 @@
 """Operator profiles of ryzlab's serving engine on one rank, for the serving projection's calibration:
 a prefill step against a decode step (``prefill_layer_us``), the engine's step against the forward
-inside it (``host_seq_us``), and the spread of consecutive steps' times (``host_jitter_cv`` /
-``host_jitter_corr``). No serving run is used: ``benchmarks/projection_validate.py`` checks the
+inside it (``host_seq_us``), the spread of consecutive steps' times (``host_jitter_cv`` /
+``host_jitter_corr``) and the host's slow drift over a long series (``host_drift_cv`` / ``host_drift_ms``). No serving run is used: ``benchmarks/projection_validate.py`` checks the
 serving curve they feed against one.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from ryzlab.projection.calibration import Calibration
 from ryzlab.projection.cost import Deployment, StepShape, step_cost
 from ryzlab.projection.validation import _weight_stream
 
-__all__ = ["fit_host_jitter", "profile_prefill", "fit_prefill", "profile_engine_overhead", "fit_host_seq"]
+__all__ = ["fit_host_jitter", "fit_host_drift", "profile_prefill", "fit_prefill", "profile_engine_overhead", "fit_host_seq"]
 
 
 def fit_host_jitter(series: list[list[float]]) -> tuple[float, float]:
@@ -37,6 +37,35 @@ def fit_host_jitter(series: list[list[float]]) -> tuple[float, float]:
     if not cvs:
         raise ValueError("fit_host_jitter needs at least one series of 3+ positive, finite, not all equal step times")
     return statistics.median(cvs), statistics.median(corrs)
+
+
+def fit_host_drift(series: list[float], block: int = 16) -> tuple[float, float]:
+    """``(host_drift_cv, host_drift_ms)`` from one LONG series of one engine's consecutive step times
+    at a fixed shape (ms; hundreds of steps or more): the log step times averaged over blocks of
+    ``block`` steps; the drift's variance is the variance of those block means less what the
+    step-to-step noise leaves in a mean of ``block`` steps (the median within-block variance /
+    ``block``, at least 0); its correlation time is one block's duration (``block`` x the median
+    step) over -ln of the block means' lag-1 autocorrelation (clipped to [0.01, 0.999]).
+    Needs at least 8 blocks of positive, finite times."""
+    if block < 2:
+        raise ValueError(f"fit_host_drift: block must be >= 2 steps, got {block}")
+    if any(not (v > 0 and math.isfinite(v)) for v in series):
+        raise ValueError("fit_host_drift: step times must be positive and finite")
+    n = len(series) // block
+    if n < 8:
+        raise ValueError(f"fit_host_drift needs at least 8 blocks of {block} steps ({8 * block} steps), "
+                         f"got {len(series)}")
+    logs = [math.log(v) for v in series[:n * block]]
+    blocks = [logs[i * block:(i + 1) * block] for i in range(n)]
+    means = [statistics.fmean(b) for b in blocks]
+    within = statistics.median(statistics.variance(b) for b in blocks)
+    var = max(0.0, statistics.variance(means) - within / block)
+    mu = statistics.fmean(means)
+    d = [m - mu for m in means]
+    ss = sum(x * x for x in d)
+    rho = sum(a * b for a, b in zip(d, d[1:])) / ss if ss > 0 else 0.0
+    rho = min(0.999, max(0.01, rho))
+    return math.sqrt(var), -block * statistics.median(series) / math.log(rho)
 
 
 def profile_prefill(model, points: tuple[tuple[int, int], ...] = ((1, 32), (2, 32), (1, 64), (4, 16)),

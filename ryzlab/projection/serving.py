@@ -6,7 +6,7 @@ are the scheduler's own code, over the cache's own bookkeeping
 without tensors, sized to the replica's projected KV capacity). Only the forward is replaced:
 each planned step advances the clock by :func:`ryzlab.projection.cost.step_cost` of that step
 (times a draw of the host's step-time noise when the calibration measured it: ``host_jitter_cv``,
-``host_jitter_corr``; none for GPUs).
+``host_jitter_corr`` step to step, ``host_drift_cv`` / ``host_drift_ms`` over wall time; none for GPUs).
 After the step the bookkeeping the engine does follows it (``num_computed``, a token appended
 when a sequence finished its prompt or decoded, ``finish``). There is no second scheduler.
 
@@ -67,21 +67,33 @@ def _plan_shape(plan: list[tuple[EngineSequence, int]]) -> StepShape:
 
 
 class _StepNoise:
-    """Multiplicative step-time noise: ``exp(cv * x - cv**2 / 2)`` (mean 1) with ``x`` a stationary
-    AR(1) series of unit variance and lag-1 correlation ``corr`` -- the log step times' spread and
-    persistence a one-rank step series measured (:func:`ryzlab.projection.engine_profiles.fit_host_jitter`).
-    ``cv == 0``: always 1, no random draws."""
+    """Multiplicative step-time noise, mean 1: ``exp(cv * x + drift_cv * y - (cv**2 + drift_cv**2) / 2)``.
+    ``x`` is a stationary AR(1) series of unit variance over steps with lag-1 correlation ``corr``
+    (the log step times' spread and persistence within one-rank step series:
+    :func:`ryzlab.projection.engine_profiles.fit_host_jitter`); ``y`` the host's slow drift, unit
+    variance, an Ornstein-Uhlenbeck process in wall time (idle time included) with correlation time
+    ``drift_ms`` (:func:`ryzlab.projection.engine_profiles.fit_host_drift`). Both 0: always 1, no
+    random draws."""
 
-    def __init__(self, cv: float, corr: float, seed: int) -> None:
-        self.cv, self.corr = cv, corr
+    def __init__(self, cv: float, corr: float, seed: int, drift_cv: float = 0.0, drift_ms: float = 0.0) -> None:
+        self.cv, self.corr, self.drift_cv, self.drift_ms = cv, corr, drift_cv, drift_ms
         self.rng = random.Random(seed)
         self.x = self.rng.gauss(0.0, 1.0) if cv > 0 else 0.0
+        self.y = self.rng.gauss(0.0, 1.0) if drift_cv > 0 else 0.0
+        self.t_ms: float | None = None
 
-    def next(self) -> float:
-        if self.cv <= 0:
+    def next(self, now_ms: float = 0.0) -> float:
+        """The factor for a step starting at ``now_ms`` (virtual wall time; non-decreasing)."""
+        if self.cv <= 0 and self.drift_cv <= 0:
             return 1.0
-        f = math.exp(self.cv * self.x - self.cv * self.cv / 2)
-        self.x = self.corr * self.x + math.sqrt(1 - self.corr * self.corr) * self.rng.gauss(0.0, 1.0)
+        if self.drift_cv > 0:
+            if self.t_ms is not None and now_ms > self.t_ms:
+                r = math.exp(-(now_ms - self.t_ms) / self.drift_ms)
+                self.y = r * self.y + math.sqrt(1 - r * r) * self.rng.gauss(0.0, 1.0)
+            self.t_ms = now_ms if self.t_ms is None else max(self.t_ms, now_ms)
+        f = math.exp(self.cv * self.x + self.drift_cv * self.y - (self.cv ** 2 + self.drift_cv ** 2) / 2)
+        if self.cv > 0:
+            self.x = self.corr * self.x + math.sqrt(1 - self.corr * self.corr) * self.rng.gauss(0.0, 1.0)
         return f
 
 
@@ -94,7 +106,7 @@ def simulate(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment,
     ``engine``: the scheduler's knobs (default: vLLM-like, 256 sequences, 8192 batched tokens,
     2048-token prefill chunks, max_model_len fitted to the load); ``num_blocks``: the pool size
     (default: the projected KV capacity); ``jitter_seed``: the seed of the step-time noise
-    (default ``load.seed``; only used when ``cal.host_jitter_cv`` > 0).
+    (default ``load.seed``; only used when ``cal.host_jitter_cv`` or ``cal.host_drift_cv`` > 0).
     """
     need = load.prompt_tokens + load.output_tokens
     engine = engine or EngineConfig(max_num_seqs=256, max_num_batched_tokens=8192, prefill_chunk=2048,
@@ -129,7 +141,8 @@ def simulate(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment,
     done: dict[str, float] = {}
     arrived: dict[str, float] = {}
     now, steps, busy = 0.0, 0, 0.0
-    noise = _StepNoise(cal.host_jitter_cv, cal.host_jitter_corr, load.seed if jitter_seed is None else jitter_seed)
+    noise = _StepNoise(cal.host_jitter_cv, cal.host_jitter_corr, load.seed if jitter_seed is None else jitter_seed,
+                       cal.host_drift_cv, cal.host_drift_ms)
     while len(done) < len(reqs):
         while arrivals and arrivals[0][0] <= now + 1e-12:
             t, i = heapq.heappop(arrivals)
@@ -145,7 +158,7 @@ def simulate(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment,
             raise RuntimeError(f"the scheduler planned an empty step with {len(sched.waiting)} waiting requests "
                                f"(KV capacity {cap} tokens)")
         dt = step_cost(model, dev, cal, dep, _plan_shape(plan), host_overhead_ms=host_overhead_ms).total_ms / 1e3
-        dt *= noise.next()
+        dt *= noise.next(now * 1e3)
         now += dt
         busy += dt
         steps += 1
