@@ -339,7 +339,8 @@ def serving_validation(cpu_cal, num_requests: int, repeats: int = 3) -> list[dic
     # the two numbers fitted with no step-time noise first (the clock is then smooth in them), then
     # refined with the noise from there: with noise each step's time also depends on how the steps
     # fell, a rugged surface the fit cannot cross from afar
-    steady = fit(cpu_cal.replace(host_jitter_cv=0.0, host_drift_cv=0.0), lambda c, k: sim(c, SERVING_CAL_RATE)[k], rows,
+    steady = fit(cpu_cal.replace(host_jitter_cv=0.0, host_drift_cv=0.0),
+                 lambda c, k: sim(c, SERVING_CAL_RATE)[k], rows,
                  fields=("host_ms", "request_ms"), name="cpu-serving-steady",
                  fitted_from=f"one in-process worker at {SERVING_CAL_RATE} req/s, no step-time noise")
     cal = steady
@@ -359,10 +360,12 @@ def serving_validation(cpu_cal, num_requests: int, repeats: int = 3) -> list[dic
         m = measured[rate]
         p, q = sim(cal, rate), sim(steady, rate)
         for k in SERVING_METRICS:
-            out.append({"rate": rate, "metric": k, "measured": m[k], "measured_se": m[k + "_se"], "projected": p[k],
+            out.append({"rate": rate, "metric": k, "measured": m[k], "measured_se": m[k + "_se"],
+                        "projected": p[k],
                         "error": p[k] / m[k] - 1, "projected_steady": q[k], "error_steady": q[k] / m[k] - 1,
                         "calibrate": False})
-            print(f"  serving {rate:4.1f} req/s {k:12s}: measured {m[k]:8.2f} ms (+-{m[k + '_se']:.0%}), projected {p[k]:8.2f} ms, "
+            print(f"  serving {rate:4.1f} req/s {k:12s}: measured {m[k]:8.2f} ms (+-{m[k + '_se']:.0%}), "
+                  f"projected {p[k]:8.2f} ms, "
                   f"error {p[k] / m[k] - 1:+.1%} (no step-time noise: {q[k]:8.2f} ms, {q[k] / m[k] - 1:+.1%})",
                   flush=True)
     return out

@@ -1,7 +1,8 @@
 """Operator profiles of ryzlab's serving engine on one rank, for the serving projection's calibration:
 a prefill step against a decode step (``prefill_layer_us``), the engine's step against the forward
 inside it (``host_seq_us``), the spread of consecutive steps' times (``host_jitter_cv`` /
-``host_jitter_corr``) and the host's slow drift over a long series (``host_drift_cv`` / ``host_drift_ms``). No serving run is used: ``benchmarks/projection_validate.py`` checks the
+``host_jitter_corr``) and the host's slow drift over a long series (``host_drift_cv`` /
+``host_drift_ms``). No serving run is used: ``benchmarks/projection_validate.py`` checks the
 serving curve they feed against one.
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ from ryzlab.projection.calibration import Calibration
 from ryzlab.projection.cost import Deployment, StepShape, step_cost
 from ryzlab.projection.validation import _weight_stream
 
-__all__ = ["fit_host_jitter", "fit_host_drift", "profile_prefill", "fit_prefill", "profile_engine_overhead", "fit_host_seq"]
+__all__ = ["fit_host_jitter", "fit_host_drift", "profile_prefill", "fit_prefill", "profile_engine_overhead",
+           "fit_host_seq"]
 
 
 def fit_host_jitter(series: list[list[float]]) -> tuple[float, float]:
