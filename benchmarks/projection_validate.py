@@ -56,8 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ryzlab.projection.calibration import Calibration, default_calibration, fit, save_calibration  # noqa: E402
 from ryzlab.projection.cost import Deployment, StepShape, gemm_ms, step_cost  # noqa: E402
 from ryzlab.projection.hardware import get_device  # noqa: E402
-from ryzlab.projection.engine_profiles import (fit_host_drift, fit_host_jitter, fit_host_seq, fit_prefill,  # noqa: E402
-                                              profile_engine_overhead, profile_prefill)
+from ryzlab.projection.engine_profiles import (fit_host_drift, fit_host_jitter, fit_host_seq, fit_host_wake,  # noqa: E402
+                                              fit_prefill, profile_engine_overhead, profile_host_wake,
+                                              profile_prefill)
 from ryzlab.projection.validation import (error_summary, fit_gpu_default, median_rel_se,  # noqa: E402
                                          probe_corun, probe_gloo_link,
                                          fit_cp_attention, fit_cp_planning, profile_cp_attention,
@@ -269,13 +270,15 @@ DRIFT_POINT = (1, 128, 1500)
 
 
 def _measure_serving(rates: tuple[float, ...], num_requests: int, repeats: int,
-                     drift_series: list[list[float]] | None = None) -> dict[float, dict]:
+                     drift_series: list[list[float]] | None = None,
+                     wake_rows: list[list[dict]] | None = None, model=None) -> dict[float, dict]:
     """One in-process ryzlab engine (the serving experiment, 1 worker) at each Poisson rate: each
     metric the median over ``repeats`` fresh runs (one run of 30 requests moves by ~25 % from the
     next on this VM, the calibration point included), the rates interleaved round by round so the
     VM's drift hits the calibration rate and the checked ones alike. With ``drift_series``, each round
     also appends one long one-rank decode series (:data:`DRIFT_POINT`, the scaling experiment: no
-    serving run) to it, for the host's slow drift."""
+    serving run) to it, for the host's slow drift; with ``wake_rows``, one profile of the host's
+    wake-up after idle (:func:`profile_host_wake` of ``model``, this process, one thread)."""
     from ryzlab.experiments.serving import Config, run
 
     runs: dict[float, list[dict]] = {r: [] for r in rates}
@@ -283,6 +286,8 @@ def _measure_serving(rates: tuple[float, ...], num_requests: int, repeats: int,
         if drift_series is not None:
             b, c, n = DRIFT_POINT
             _run_once(1, 1, b, c, n, "gloo", drift_series)
+        if wake_rows is not None:
+            wake_rows.append(profile_host_wake(model))
         for rate in rates:
             cfg = Config(rate=rate, num_requests=num_requests, workers=1, via="in-process", prompt_len=32,
                          output_len=16, num_blocks=256, max_num_seqs=16, seed=0)
@@ -324,7 +329,22 @@ def serving_validation(cpu_cal, num_requests: int, repeats: int = 3) -> list[dic
         f"batch {r['batch']} step {r['step_ms']:.2f} ms, forward {r['forward_ms']:.2f} ms" for r in eng_rows)
         + f" -> host_seq_us {cpu_cal.host_seq_us:.3g}")
     drift_series: list[list[float]] = []
-    measured = _measure_serving((SERVING_CAL_RATE, *SERVING_CHECK_RATES), num_requests, repeats, drift_series)
+    wake_rows: list[list[dict]] = []
+    measured = _measure_serving((SERVING_CAL_RATE, *SERVING_CHECK_RATES), num_requests, repeats, drift_series,
+                                wake_rows, model)
+    # the host's wake-up after idle, from one profile per round (one rank, no serving run): each
+    # (gap, step) the median over the rounds
+    wake = [{**rs[0], "ms": statistics.median(r["ms"] for r in rs)} for rs in zip(*wake_rows)]
+    w_ms, w_warm, w_cool = fit_host_wake(wake)
+    cpu_cal = cpu_cal.replace(host_wake_ms=w_ms, host_warm_ms=w_warm, host_cool_ms=w_cool)
+    warm0 = {r["step"]: r["ms"] for r in wake if r["gap_ms"] == 0}
+    print(f"host wake-up after idle (one rank, {len(wake_rows)} profiles; after an idle spell a 32-token prefill, "
+          f"then decode steps): " + ", ".join(
+              f"gap {g:g} ms: prefill {r0:.2f} / first decode {r1:.2f} ms" for g, r0, r1 in
+              ((g, *[r["ms"] for r in wake if r["gap_ms"] == g and r["step"] in (0, 1)]) for g in
+               sorted({r["gap_ms"] for r in wake})))
+          + f" (warm: {warm0[0]:.2f} / {warm0[1]:.2f} ms) -> host_wake_ms {w_ms:.3g}, host_warm_ms {w_warm:.3g}, "
+          f"host_cool_ms {w_cool:.3g}")
     # the host's slow drift from long one-rank series taken between the serving rounds (each fitted
     # alone, the median of each figure): the step-to-step noise of 16-step runs cannot see it
     drifts = [fit_host_drift(x) for x in drift_series]
@@ -349,25 +369,31 @@ def serving_validation(cpu_cal, num_requests: int, repeats: int = 3) -> list[dic
                                  host_drift_cv=cpu_cal.host_drift_cv, host_drift_ms=cpu_cal.host_drift_ms),
                   lambda c, k: sim(c, SERVING_CAL_RATE)[k], rows, fields=("host_ms", "request_ms"), name="cpu-serving",
                   fitted_from=f"one in-process worker at {SERVING_CAL_RATE} req/s")
+    # the same fit without the host's wake-up (the model before it was profiled), for comparison
+    nowake = fit(cal.replace(host_wake_ms=0.0), lambda c, k: sim(c, SERVING_CAL_RATE)[k], rows,
+                 fields=("host_ms", "request_ms"), name="cpu-serving-no-wake",
+                 fitted_from=f"one in-process worker at {SERVING_CAL_RATE} req/s, no wake-up after idle")
     print(f"serving calibration {cal.name}: host_ms={cal.host_ms:.3g} request_ms={cal.request_ms:.3g} (both fitted "
           f"to TTFT and TPOT p50 at {SERVING_CAL_RATE} req/s: {base['ttft_ms_p50']:.2f} / {base['tpot_ms_p50']:.2f} ms "
           f"measured; step-time noise from the one-rank runs: host_jitter_cv {cal.host_jitter_cv:.3f}, "
           f"host_jitter_corr {cal.host_jitter_corr:.2f}, host_drift_cv {cal.host_drift_cv:.3f}, host_drift_ms "
-          f"{cal.host_drift_ms:.0f}); with no noise host_ms={steady.host_ms:.3g} "
-          f"request_ms={steady.request_ms:.3g}")
+          f"{cal.host_drift_ms:.0f}; wake-up after idle from the one-rank profile: host_wake_ms {cal.host_wake_ms:.3g}, "
+          f"host_warm_ms {cal.host_warm_ms:.3g}, host_cool_ms {cal.host_cool_ms:.3g}); with no noise "
+          f"host_ms={steady.host_ms:.3g} request_ms={steady.request_ms:.3g}; with no wake-up "
+          f"host_ms={nowake.host_ms:.3g} request_ms={nowake.request_ms:.3g}")
     out = []
     for rate in SERVING_CHECK_RATES:
         m = measured[rate]
-        p, q = sim(cal, rate), sim(steady, rate)
+        p, q, w = sim(cal, rate), sim(steady, rate), sim(nowake, rate)
         for k in SERVING_METRICS:
             out.append({"rate": rate, "metric": k, "measured": m[k], "measured_se": m[k + "_se"],
                         "projected": p[k],
                         "error": p[k] / m[k] - 1, "projected_steady": q[k], "error_steady": q[k] / m[k] - 1,
-                        "calibrate": False})
+                        "projected_no_wake": w[k], "error_no_wake": w[k] / m[k] - 1, "calibrate": False})
             print(f"  serving {rate:4.1f} req/s {k:12s}: measured {m[k]:8.2f} ms (+-{m[k + '_se']:.0%}), "
                   f"projected {p[k]:8.2f} ms, "
-                  f"error {p[k] / m[k] - 1:+.1%} (no step-time noise: {q[k]:8.2f} ms, {q[k] / m[k] - 1:+.1%})",
-                  flush=True)
+                  f"error {p[k] / m[k] - 1:+.1%} (no step-time noise: {q[k]:8.2f} ms, {q[k] / m[k] - 1:+.1%}; "
+                  f"no wake-up: {w[k]:8.2f} ms, {w[k] / m[k] - 1:+.1%})", flush=True)
     return out
 
 
@@ -449,9 +475,11 @@ def main() -> int:
             srows = serving_validation(cpu_cal, args.serving_requests, args.serving_repeats)
             s = error_summary(srows)
             q = error_summary([{**r, "error": r["error_steady"]} for r in srows])
+            nw = error_summary([{**r, "error": r["error_no_wake"]} for r in srows])
             print(f"CPU serving curve: {int(s['rows'])} held-out figures, median |error| {s['median_abs_error']:.1%}, "
                   f"worst {s['worst_abs_error']:.1%} (targets 15% / 30%; with no step-time noise: "
-                  f"{q['median_abs_error']:.1%} / {q['worst_abs_error']:.1%}; the measurement's own uncertainty: "
+                  f"{q['median_abs_error']:.1%} / {q['worst_abs_error']:.1%}; with no wake-up after idle: "
+                  f"{nw['median_abs_error']:.1%} / {nw['worst_abs_error']:.1%}; the measurement's own uncertainty: "
                   f"{_noise(srows, lambda r: True, 'measured_se')}; {time.monotonic() - t0:.0f} s)")
             result["serving"] = srows
     if args.json:

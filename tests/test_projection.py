@@ -368,6 +368,76 @@ def test_host_drift_noise_and_fit_by_hand():
     s = simulate(m, dev, steady, dep, load)
     assert a["tpot_ms_p99"] / a["tpot_ms_p50"] > s["tpot_ms_p99"] / s["tpot_ms_p50"]
 
+def test_host_wake_clock_and_fit_by_hand():
+    """host_wake_ms / host_warm_ms / host_cool_ms: a step starting cold costs host_wake_ms more, the
+    coldness decays over busy time and comes back over idle time; fit_host_wake recovers the three
+    numbers from profile rows made by that rule; the serving clock charges a trickle of requests
+    more per request than a busy engine."""
+    from ryzlab.projection.engine_profiles import _wake_extra, fit_host_wake, profile_host_wake
+    from ryzlab.projection.serving import ServingLoad, _HostWake, simulate
+
+    w = _HostWake(2.0, 4.0, 0.0)
+    assert w.step(0.0, 1.0) == pytest.approx(3.0)   # cold at the start: the full 2 ms
+    assert w.step(3.0, 1.0) == pytest.approx(1.0 + 2.0 * math.exp(-3.0 / 4.0))   # back to back: warmer
+    assert w.step(100.0, 1.0) == pytest.approx(3.0)   # any idle with host_cool_ms 0: cold again
+    w = _HostWake(2.0, 4.0, 10.0)
+    w.step(0.0, 1.0)
+    h = math.exp(-3.0 / 4.0)
+    assert w.step(13.0, 1.0) == pytest.approx(1.0 + 2.0 * (1 - (1 - h) * math.exp(-1.0)))   # 10 ms idle
+    assert _HostWake(0.0, 0.0, 0.0).step(5.0, 1.25) == 1.25
+    assert _wake_extra(2.0, 4.0, 10.0, 10.0, 3.0) == pytest.approx(2.0 * (1 - math.exp(-1.0)) * math.exp(-0.75))
+    assert _wake_extra(2.0, 4.0, 10.0, 0.0, 0.0) == 0.0
+
+    # profile rows made by the rule (a 6 ms prefill, then 2 ms decode steps, warm) -> the rule back
+    base = [6.0] + [2.0] * 12
+    rows = []
+    for g in (0.0, 2.0, 5.0, 10.0, 30.0, 100.0, 300.0):
+        busy = 0.0
+        for k, b in enumerate(base):
+            ms = b + _wake_extra(1.5, 5.0, 4.0, g, busy)
+            rows.append({"gap_ms": g, "step": k, "ms": ms})
+            busy += ms
+    wake, warm, cool = fit_host_wake(rows)
+    assert (wake, warm, cool) == pytest.approx((1.5, 5.0, 4.0), rel=0.05)
+    with pytest.raises(ValueError, match="gap-0"):
+        fit_host_wake([r for r in rows if r["gap_ms"] > 0])
+    with pytest.raises(ValueError, match="two or more positive gaps"):
+        fit_host_wake([r for r in rows if r["gap_ms"] in (0.0, 10.0)])
+    with pytest.raises(ValueError, match="positive and finite"):
+        fit_host_wake(rows[:-1] + [{**rows[-1], "ms": math.nan}])
+    with pytest.raises(ValueError, match="steps"):
+        fit_host_wake(rows[:-1])
+    with pytest.raises(ValueError, match="host_warm_ms"):
+        default_calibration("cpu").replace(host_wake_ms=1.0)
+    for bad in ({"host_wake_ms": -1.0, "host_warm_ms": 5.0}, {"host_cool_ms": math.inf}):
+        with pytest.raises(ValueError, match="host_"):
+            default_calibration("cpu").replace(**bad)
+    assert default_calibration("h100-sxm").host_wake_ms == 0.0
+
+    # the serving clock: the wake-up costs a request arriving at an idle engine more than one in a busy
+    # engine (a closed loop keeps it warm)
+    m, _ = load_shape("reference")
+    dev, dep = hardware.get_device("cpu"), Deployment(weights="fp32")
+    cal = default_calibration("cpu")
+    waking = cal.replace(host_wake_ms=1.5, host_warm_ms=5.0, host_cool_ms=4.0)
+    trickle = ServingLoad(rate=2.0, num_requests=20, prompt_tokens=32, output_tokens=8)
+    busy = ServingLoad(concurrency=8, num_requests=40, prompt_tokens=32, output_tokens=8)
+
+    def extra(load):
+        a, b = simulate(m, dev, waking, dep, load), simulate(m, dev, cal, dep, load)
+        return a["e2el_ms_mean"] - b["e2el_ms_mean"], a["ttft_ms_p50"] - b["ttft_ms_p50"]
+
+    lone, crowd = extra(trickle), extra(busy)
+    assert lone[1] == pytest.approx(1.5, rel=0.01)   # a lone prompt's step starts fully cold
+    assert lone[0] > 1.5 and crowd[0] < 0.5 * lone[0]
+
+    with pytest.raises(ValueError, match="gaps_ms"):
+        profile_host_wake(m, gaps_ms=(1.0, 2.0))
+    prof = profile_host_wake(m, gaps_ms=(0.0, 1.0), repeats=1, decode_steps=2, prompt=8)
+    assert [(r["gap_ms"], r["step"]) for r in prof] == [(0.0, 0), (0.0, 1), (0.0, 2), (1.0, 0), (1.0, 1), (1.0, 2)]
+    assert all(r["ms"] > 0 for r in prof)
+
+
 def test_project_row_fields_and_labels():
     m, _ = load_shape("llama-3-8b")
     dev = hardware.get_device("h100-sxm")

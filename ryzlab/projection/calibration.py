@@ -123,6 +123,21 @@ class Calibration:
     host_drift_ms: float = 0.0
     """Correlation time of that drift in milliseconds of wall time (idle time included): its
     autocorrelation after ``t`` ms is ``exp(-t / host_drift_ms)``."""
+    host_wake_ms: float = 0.0
+    """Extra time the first step after an idle spell costs on a host whose cores idle between
+    requests: the host's wake-up (a shared VM's idle vCPU descheduled, its clocks and caches cold),
+    paid in full by a step that starts cold and decaying over the busy time that follows
+    (``host_warm_ms``); it comes back over idle time (``host_cool_ms``). On a 2-core VM one rank's
+    decode step costs ~1.2 ms back to back and ~2.5-3 ms right after 10+ ms idle, and recovers over
+    ~8 steps. The serving projection adds ``host_wake_ms x coldness`` to each step; a loaded engine
+    runs warm, a trickle of requests cold. 0 for a GPU (assumption: a captured graph on a busy host
+    thread) and until measured (:func:`ryzlab.projection.engine_profiles.profile_host_wake` /
+    :func:`ryzlab.projection.engine_profiles.fit_host_wake`, one rank, no serving run)."""
+    host_warm_ms: float = 0.0
+    """Busy time (ms) over which the coldness decays: ``exp(-busy / host_warm_ms)``."""
+    host_cool_ms: float = 0.0
+    """Idle time (ms) over which the coldness returns: ``1 - exp(-idle / host_cool_ms)`` of the way
+    back to fully cold (0: any idle makes it fully cold)."""
     link_frac: float = 0.8
     """Fraction of the link bandwidth a collective achieves (bus bandwidth)."""
     mem_util: float = 0.9
@@ -148,13 +163,16 @@ class Calibration:
             raise ValueError(f"calibration {self.name}: attn_lse_cost must be >= 1, got {self.attn_lse_cost}")
         for f in ("kernel_us", "host_ms", "request_ms", "coll_base_us", "coll_skew_frac", "cp_attn_us",
                   "cp_merge_kernels", "cp_step_us", "prefill_layer_us", "host_seq_us", "host_drift_cv",
-                  "host_drift_ms"):
+                  "host_drift_ms", "host_wake_ms", "host_warm_ms", "host_cool_ms"):
             if not 0 <= getattr(self, f) < math.inf:   # NaN and inf too: a hostile calibration file
                 raise ValueError(f"calibration {self.name}: {f} must be a finite number >= 0, got {getattr(self, f)}")
 
         if self.host_drift_cv > 0 and self.host_drift_ms <= 0:
             raise ValueError(f"calibration {self.name}: host_drift_cv > 0 needs host_drift_ms > 0 (its correlation "
                              f"time), got {self.host_drift_ms}")
+        if self.host_wake_ms > 0 and self.host_warm_ms <= 0:
+            raise ValueError(f"calibration {self.name}: host_wake_ms > 0 needs host_warm_ms > 0 (the busy time it "
+                             f"decays over), got {self.host_warm_ms}")
 
     def replace(self, **kw: Any) -> "Calibration":
         return dataclasses.replace(self, **kw)

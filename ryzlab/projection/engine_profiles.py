@@ -2,7 +2,8 @@
 a prefill step against a decode step (``prefill_layer_us``), the engine's step against the forward
 inside it (``host_seq_us``), the spread of consecutive steps' times (``host_jitter_cv`` /
 ``host_jitter_corr``) and the host's slow drift over a long series (``host_drift_cv`` /
-``host_drift_ms``). No serving run is used: ``benchmarks/projection_validate.py`` checks the
+``host_drift_ms``) and the host's wake-up after idle (``host_wake_ms`` / ``host_warm_ms`` /
+``host_cool_ms``). No serving run is used: ``benchmarks/projection_validate.py`` checks the
 serving curve they feed against one.
 """
 from __future__ import annotations
@@ -11,12 +12,12 @@ import itertools
 import math
 import statistics
 
-from ryzlab.projection.calibration import Calibration
+from ryzlab.projection.calibration import Calibration, fit
 from ryzlab.projection.cost import Deployment, StepShape, step_cost
 from ryzlab.projection.validation import _weight_stream
 
 __all__ = ["fit_host_jitter", "fit_host_drift", "profile_prefill", "fit_prefill", "profile_engine_overhead",
-           "fit_host_seq"]
+           "fit_host_seq", "profile_host_wake", "fit_host_wake"]
 
 
 def fit_host_jitter(series: list[list[float]]) -> tuple[float, float]:
@@ -218,3 +219,93 @@ def fit_host_seq(rows: list[dict[str, float]]) -> float:
     mx, my = statistics.fmean(b for b, _ in pts), statistics.fmean(y for _, y in pts)
     slope = sum((b - mx) * (y - my) for b, y in pts) / sum((b - mx) ** 2 for b, _ in pts)
     return max(0.0, slope) * 1e3
+
+
+WAKE_GAPS_MS = (0.0, 2.0, 5.0, 10.0, 30.0, 100.0, 300.0)
+"""Idle spells (ms) :func:`profile_host_wake` leaves before a request's steps."""
+
+
+def profile_host_wake(model, gaps_ms: tuple[float, ...] = WAKE_GAPS_MS, repeats: int = 20, decode_steps: int = 12,
+                      prompt: int = 32, seed: int = 0) -> list[dict[str, float]]:
+    """Operator profile, on ONE process, of the host waking up from idle, as a lone request meets an
+    idle engine: the thread idles for ``gap_ms`` (``time.sleep``: the core halts, as the engine
+    does blocked on its queue), then one sequence's prefill of ``prompt`` tokens and
+    ``decode_steps`` decode steps run back to back (:func:`ryzlab.serve.engine.ragged_forward` of
+    ``model`` with random weights, float32, under ``torch.inference_mode``), each step timed. The
+    gaps are shuffled (seeded) so drift hits them alike; gap 0 is the warm reference (the previous
+    request's steps just ran). -> one row per gap and step (``step`` 0 = the prefill) with the
+    median ``ms`` over ``repeats``."""
+    import random
+    import time
+
+    import torch
+
+    from ryzlab.config import CacheConfig
+    from ryzlab.kv.cache import PagedKVCache
+    from ryzlab.models.transformer import Transformer
+    from ryzlab.serve.engine import ragged_forward
+
+    if repeats < 1 or decode_steps < 1 or prompt < 1 or not gaps_ms or min(gaps_ms) < 0 or 0 not in gaps_ms:
+        raise ValueError(f"profile_host_wake needs repeats, decode_steps and prompt >= 1 and gaps_ms >= 0 including 0 "
+                         f"(the warm reference); got repeats={repeats}, decode_steps={decode_steps}, prompt={prompt}, "
+                         f"gaps_ms={gaps_ms}")
+    torch.manual_seed(seed)
+    net = Transformer(model).eval()
+    cache = PagedKVCache(model, CacheConfig(num_blocks=2 * ((prompt + decode_steps) // 16 + 2)))
+    gen = torch.Generator().manual_seed(seed)
+    order = [g for g in gaps_ms for _ in range(repeats)]
+    random.Random(seed).shuffle(order)
+    times: dict[float, list[list[float]]] = {g: [[] for _ in range(decode_steps + 1)] for g in gaps_ms}
+    ids = itertools.count()
+    with torch.inference_mode():
+        for warm in (True,) * 3 + (False,) * len(order):   # three untimed requests warm the shapes
+            g = 0.0 if warm else order.pop()
+            s_ = next(ids)
+            p = torch.randint(0, model.vocab_size, (prompt,), generator=gen).tolist()
+            if g > 0:
+                time.sleep(g / 1e3)
+            for k in range(decode_steps + 1):
+                toks = p if k == 0 else [1]
+                t0 = time.perf_counter()
+                cache.allocate_slots(s_, toks)
+                ragged_forward(net, cache, [s_], [toks])
+                if not warm:
+                    times[g][k].append((time.perf_counter() - t0) * 1e3)
+            cache.free(s_)
+    return [{"gap_ms": g, "step": k, "ms": statistics.median(v)} for g in gaps_ms for k, v in enumerate(times[g])]
+
+
+def _wake_extra(wake_ms: float, warm_ms: float, cool_ms: float, gap_ms: float, busy_ms: float) -> float:
+    """The wake-up extra of a step that starts ``busy_ms`` into a run of steps after ``gap_ms`` idle
+    from warm (the serving clock's :class:`ryzlab.projection.serving._HostWake`, closed form)."""
+    cold = 1.0 - math.exp(-gap_ms / cool_ms) if cool_ms > 0 else float(gap_ms > 0)
+    return wake_ms * cold * math.exp(-busy_ms / warm_ms)
+
+
+def fit_host_wake(rows: list[dict[str, float]]) -> tuple[float, float, float]:
+    """``(host_wake_ms, host_warm_ms, host_cool_ms)`` from :func:`profile_host_wake` rows: each
+    step after an idle gap costs the same step at gap 0 plus ``host_wake_ms x (1 - exp(-gap /
+    host_cool_ms)) x exp(-busy / host_warm_ms)``, ``busy`` the measured time of the steps before it
+    in that run; the three numbers fitted by relative least squares over every step after a gap.
+    Needs gap-0 rows and at least two positive gaps with the same steps."""
+    base = {int(r["step"]): r["ms"] for r in rows if r["gap_ms"] == 0}
+    gaps = sorted({r["gap_ms"] for r in rows if r["gap_ms"] > 0})
+    if not base or len(gaps) < 2:
+        raise ValueError("fit_host_wake needs the gap-0 (warm) rows and rows at two or more positive gaps")
+    if any(not (r["ms"] > 0 and math.isfinite(r["ms"]) and math.isfinite(r["gap_ms"])) for r in rows):
+        raise ValueError("fit_host_wake: step times must be positive and finite")
+    pts = []
+    for g in gaps:
+        steps = sorted((int(r["step"]), r["ms"]) for r in rows if r["gap_ms"] == g)
+        if [k for k, _ in steps] != sorted(base):
+            raise ValueError(f"fit_host_wake: the rows at gap {g} ms have steps {[k for k, _ in steps]}, the gap-0 "
+                             f"rows {sorted(base)}")
+        busy = 0.0
+        for k, ms in steps:
+            pts.append(((g, k, busy), ms))
+            busy += ms
+    start = Calibration(name="host-wake", host_wake_ms=max(0.1, statistics.median(base.values())), host_warm_ms=5.0,
+                        host_cool_ms=5.0)
+    c = fit(start, lambda c, x: base[x[1]] + _wake_extra(c.host_wake_ms, c.host_warm_ms, c.host_cool_ms, x[0], x[2]),
+            pts, fields=("host_wake_ms", "host_warm_ms", "host_cool_ms"), name="host-wake", fitted_from="wake profile")
+    return c.host_wake_ms, c.host_warm_ms, c.host_cool_ms

@@ -6,7 +6,8 @@ are the scheduler's own code, over the cache's own bookkeeping
 without tensors, sized to the replica's projected KV capacity). Only the forward is replaced:
 each planned step advances the clock by :func:`ryzlab.projection.cost.step_cost` of that step
 (times a draw of the host's step-time noise when the calibration measured it: ``host_jitter_cv``,
-``host_jitter_corr`` step to step, ``host_drift_cv`` / ``host_drift_ms`` over wall time; none for GPUs).
+``host_jitter_corr`` step to step, ``host_drift_cv`` / ``host_drift_ms`` over wall time; none for GPUs)
+plus the host's wake-up after idle (``host_wake_ms``: a trickle of requests meets a cold host).
 After the step the bookkeeping the engine does follows it (``num_computed``, a token appended
 when a sequence finished its prompt or decoded, ``finish``). There is no second scheduler.
 
@@ -97,6 +98,32 @@ class _StepNoise:
         return f
 
 
+class _HostWake:
+    """The host's wake-up after idle (``Calibration.host_wake_ms``): a coldness in [0, 1], 1 at the
+    start (the engine waited for its first request); a step starting at coldness ``h`` costs
+    ``host_wake_ms x h`` more, then ``h`` decays by ``exp(-step / host_warm_ms)``; idle time
+    brings it back towards 1 by ``1 - exp(-idle / host_cool_ms)`` of the way (all of it when
+    ``host_cool_ms`` is 0). ``host_wake_ms`` 0: no change to any step."""
+
+    def __init__(self, wake_ms: float, warm_ms: float, cool_ms: float) -> None:
+        self.wake_ms, self.warm_ms, self.cool_ms = wake_ms, warm_ms, cool_ms
+        self.h = 1.0
+        self.end_ms: float | None = None
+
+    def step(self, start_ms: float, dt_ms: float) -> float:
+        """The time (ms) of a step that starts at ``start_ms`` (virtual wall time, after the last step
+        ended) and costs ``dt_ms`` warm."""
+        if self.wake_ms <= 0:
+            return dt_ms
+        if self.end_ms is not None and start_ms > self.end_ms:
+            back = math.exp(-(start_ms - self.end_ms) / self.cool_ms) if self.cool_ms > 0 else 0.0
+            self.h = 1.0 - (1.0 - self.h) * back
+        dt_ms += self.wake_ms * self.h
+        self.h *= math.exp(-dt_ms / self.warm_ms)
+        self.end_ms = start_ms + dt_ms
+        return dt_ms
+
+
 def simulate(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment, load: ServingLoad,
              engine: EngineConfig | None = None, *, host_overhead_ms: float | None = None,
              num_blocks: int | None = None, jitter_seed: int | None = None) -> dict[str, float]:
@@ -143,6 +170,7 @@ def simulate(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment,
     now, steps, busy = 0.0, 0, 0.0
     noise = _StepNoise(cal.host_jitter_cv, cal.host_jitter_corr, load.seed if jitter_seed is None else jitter_seed,
                        cal.host_drift_cv, cal.host_drift_ms)
+    wake = _HostWake(cal.host_wake_ms, cal.host_warm_ms, cal.host_cool_ms)
     while len(done) < len(reqs):
         while arrivals and arrivals[0][0] <= now + 1e-12:
             t, i = heapq.heappop(arrivals)
@@ -158,7 +186,7 @@ def simulate(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment,
             raise RuntimeError(f"the scheduler planned an empty step with {len(sched.waiting)} waiting requests "
                                f"(KV capacity {cap} tokens)")
         dt = step_cost(model, dev, cal, dep, _plan_shape(plan), host_overhead_ms=host_overhead_ms).total_ms / 1e3
-        dt *= noise.next(now * 1e3)
+        dt = wake.step(now * 1e3, dt * noise.next(now * 1e3) * 1e3) / 1e3
         now += dt
         busy += dt
         steps += 1
