@@ -631,6 +631,39 @@ def test_rank_skew_and_log_sum_exp_cost_by_hand():
         ZERO.replace(cp_attn_us=-1.0)
 
 
+def test_gemm_row_efficiency_table_by_hand(tmp_path):
+    """gemm_row_eff: the roofline's GEMM time over a measured efficiency by rows, linear in
+    log(rows) between points and flat past the ends; fit_gemm_row_eff gives a profile back exactly;
+    a calibration file's lists become the table, and bad tables are refused."""
+    from ryzlab.projection.cost import gemm_ms, row_efficiency
+    from ryzlab.projection.validation import fit_gemm_row_eff
+
+    table = ((1, 0.5), (4, 1.0))
+    assert row_efficiency((), 7) == 1.0
+    assert [row_efficiency(table, r) for r in (1, 2, 4, 64)] == pytest.approx([0.5, 0.75, 1.0, 1.0])
+    m, _ = load_shape("reference")
+    dev = hardware.get_device("a100-80gb")
+    dep = Deployment(weights="fp32")
+    cal = ZERO.replace(gemm_row_eff=table)
+    for rows in (1, 2, 4, 16):
+        assert gemm_ms(m, dev, cal, dep, rows) == pytest.approx(gemm_ms(m, dev, ZERO, dep, rows)
+                                                                / row_efficiency(table, rows), rel=1e-12)
+        assert step_cost(m, dev, cal, dep, StepShape.decode(rows, 64)).gemm_ms == pytest.approx(
+            gemm_ms(m, dev, cal, dep, rows), rel=1e-12)
+    prof = [{"batch": 1, "ms": 0.26}, {"batch": 4, "ms": 0.61}, {"batch": 16, "ms": 1.5}]
+    fitted = ZERO.replace(gemm_row_eff=fit_gemm_row_eff(prof, m, dev, ZERO, dep))
+    assert [gemm_ms(m, dev, fitted, dep, p["batch"]) for p in prof] == pytest.approx([0.26, 0.61, 1.5], rel=1e-9)
+    # a calibration file: JSON lists in any order -> the sorted table, and back
+    c = Calibration(name="t", gemm_row_eff=[[4, 1.0], [1, 0.5]])
+    assert c.gemm_row_eff == table
+    assert load_calibration(save_calibration(c, tmp_path / "c.json")).gemm_row_eff == table
+    for bad in ([[0, 1.0]], [[1, -1.0]], [[1, math.nan]], [[1, 0.5], [1, 0.6]], "abc", [[1, 0.5, 3]]):
+        with pytest.raises(ValueError, match="gemm_row_eff"):
+            Calibration(name="t", gemm_row_eff=bad)
+    with pytest.raises(ValueError, match="positive, finite"):
+        fit_gemm_row_eff([{"batch": 1, "ms": 0.0}], m, dev, ZERO)
+
+
 def test_cp_attention_fit_recovers_a_line_and_keeps_its_bounds():
     """fit_cp_attention: ms_cp = a * ms + b (ms) gives (a, b in us) exactly; a never below 1, b never below 0."""
     from ryzlab.projection.validation import fit_cp_attention

@@ -80,6 +80,14 @@ class Calibration:
     weights and KV together overflow the last-level cache): 1 for separate devices (GPUs) and one
     rank. Depends on the layout (a cp rank holds all the weights, a tp rank a share):
     :func:`ryzlab.projection.validation.probe_corun` measures it for a layout with no model step."""
+    gemm_row_eff: tuple[tuple[int, float], ...] = ()
+    """Measured efficiency of a GEMM by its rows, relative to the roofline of ``bw_frac`` and
+    ``flops_frac``: ``(rows, roofline ms / measured ms)`` pairs, interpolated in log(rows), held
+    flat past the ends. A roofline's two fractions cannot follow a CPU's small-row GEMMs (the
+    reference model's layer GEMMs on one core: 1 row 0.26 ms, 4 rows 0.61, 16 rows 1.5, 64 rows
+    4.4 -- the compute rate rises ~2x from 4 to 64 rows); Vidur interpolates its operator profiles
+    for the same reason. Empty: the roofline alone (every GPU default: not measured, no GPU lent);
+    on CPU :func:`ryzlab.projection.validation.fit_gemm_row_eff` reads it off the GEMM profile."""
     int8_weight_eff: float = 1.0
     """Bandwidth of an int8 weight-only GEMM relative to a bf16 one (dequantisation in the kernel)."""
     int4_weight_eff: float = 1.0
@@ -148,6 +156,17 @@ class Calibration:
     """The measurements a fitted calibration came from; empty for a default."""
 
     def __post_init__(self) -> None:
+        # JSON / YAML give lists; the frozen dataclass keeps a hashable tuple of (int rows, float eff)
+        try:
+            table = tuple((int(r), float(e)) for r, e in self.gemm_row_eff)
+        except (TypeError, ValueError):
+            raise ValueError(f"calibration {self.name}: gemm_row_eff must be (rows, efficiency) pairs, got "
+                             f"{self.gemm_row_eff!r}") from None
+        if len(table) > 64 or any(not (r >= 1 and 0 < e <= 100 and math.isfinite(e)) for r, e in table) or \
+                len({r for r, _ in table}) != len(table):
+            raise ValueError(f"calibration {self.name}: gemm_row_eff needs at most 64 pairs of distinct rows >= 1 and "
+                             f"a finite efficiency in (0, 100], got {self.gemm_row_eff!r}")
+        object.__setattr__(self, "gemm_row_eff", tuple(sorted(table)))
         for f in ("bw_frac", "flops_frac", "attn_frac", "int8_weight_eff", "int4_weight_eff", "link_frac", "mem_util"):
             v = getattr(self, f)
             if not 0 < v <= 1.0:

@@ -212,14 +212,30 @@ def _roof_ms(flops: float, nbytes: float, peak: float, bw: float) -> float:
     return max(flops / peak, nbytes / bw) * 1e3 if (flops or nbytes) else 0.0
 
 
-def _gemm(model: ModelConfig, dep: Deployment, tokens: int, peak: float, bw: float, eff: float
-          ) -> tuple[float, float, float]:
-    """One layer's GEMMs on a rank: (ms, weight bytes, flops) -- roofline per layer."""
+def row_efficiency(table: tuple[tuple[int, float], ...], rows: int) -> float:
+    """``Calibration.gemm_row_eff`` at ``rows``: linear in log(rows) between the measured points,
+    flat past the ends; 1 for an empty table."""
+    if not table:
+        return 1.0
+    if rows <= table[0][0]:
+        return table[0][1]
+    for (r0, e0), (r1, e1) in zip(table, table[1:]):
+        if rows <= r1:
+            w = math.log(rows / r0) / math.log(r1 / r0)
+            return e0 + w * (e1 - e0)
+    return table[-1][1]
+
+
+def _gemm(model: ModelConfig, dep: Deployment, tokens: int, peak: float, bw: float, eff: float,
+          row_eff: tuple[tuple[int, float], ...] = ()) -> tuple[float, float, float]:
+    """One layer's GEMMs on a rank: (ms, weight bytes, flops) -- roofline per layer, over the
+    measured efficiency at ``tokens`` rows (``Calibration.gemm_row_eff``) when there is one."""
     mats = _layer_matrices(model, dep.tp)
     w_layer = sum(matrix_bytes(dep.weights, r, c, dep.int4_group) for r, c in mats)
     flops = 2.0 * tokens * sum(r * c for r, c in mats)
     act_io = dep.act_bytes * tokens * sum(r + c for r, c in mats)   # each GEMM reads its input, writes its output
-    return max(flops / peak, w_layer / (bw * eff) + act_io / bw) * 1e3, w_layer, flops
+    roof = max(flops / peak, w_layer / (bw * eff) + act_io / bw) * 1e3
+    return roof / row_efficiency(row_eff, tokens), w_layer, flops
 
 
 def _weight_eff(cal: Calibration, dep: Deployment) -> float:
@@ -232,7 +248,7 @@ def gemm_ms(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment, 
     rank running alone: the part of :func:`step_cost` an operator profile of the GEMMs measures."""
     eff = _weight_eff(cal, dep)
     return model.n_layers * _gemm(model, dep, tokens, dev.bf16_tflops * 1e12 * cal.flops_frac,
-                                  dev.hbm_gbps * 1e9 * cal.bw_frac, eff)[0]
+                                  dev.hbm_gbps * 1e9 * cal.bw_frac, eff, cal.gemm_row_eff)[0]
 
 
 def step_cost(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment, shape: StepShape,
@@ -254,7 +270,7 @@ def step_cost(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment
     bw = dev.hbm_gbps * 1e9 * cal.bw_frac / (share * co)
     eff = _weight_eff(cal, dep)
 
-    gemm, w_layer, gemm_flops = _gemm(model, dep, T, peak, bw, eff)
+    gemm, w_layer, gemm_flops = _gemm(model, dep, T, peak, bw, eff, cal.gemm_row_eff)
 
     kvt = kv_bytes_per_token(model, dep)
     dec_bytes = shape.decode_context / dep.cp * kvt

@@ -14,12 +14,12 @@ from typing import Any, Callable
 import yaml
 
 from ryzlab.projection.calibration import Calibration, default_calibration, fit
-from ryzlab.projection.cost import Deployment, StepShape, step_cost
+from ryzlab.projection.cost import Deployment, StepShape, gemm_ms, step_cost
 from ryzlab.projection.hardware import get_device
 from ryzlab.projection.shapes import load_shape
 
 __all__ = ["PUBLISHED_FILE", "published_tables", "predict_published", "validate_published", "fit_gpu_default",
-           "error_summary", "static_batch_ms", "probe_gloo_link", "probe_corun", "profile_gemms",
+           "error_summary", "static_batch_ms", "probe_gloo_link", "probe_corun", "profile_gemms", "fit_gemm_row_eff",
            "profile_cp_attention", "fit_cp_attention", "profile_cp_planning", "fit_cp_planning"]
 
 PUBLISHED_FILE = Path(__file__).with_name("published.yaml")
@@ -339,6 +339,20 @@ def profile_gemms(model, batches: tuple[int, ...] = (1, 4, 16, 64), dtype: str =
     # decode batches and a short prompt's prefill rows: on a CPU small-row GEMMs fall well short of
     # the roofline (16 rows: ~1/8 of the peak, 256 rows: the peak), so the fit spans the rows a step has
     return [{"batch": b, "ms": _median_ms(_weight_stream(model, b, dtype), iters)} for b in batches]
+
+
+def fit_gemm_row_eff(rows: list[dict[str, float]], model, dev, cal: Calibration,
+                     dep: Deployment | None = None) -> tuple[tuple[int, float], ...]:
+    """``Calibration.gemm_row_eff`` from :func:`profile_gemms` rows under ``cal``'s roofline
+    (``bw_frac``, ``flops_frac``): per profiled batch, the roofline's milliseconds over the measured
+    ones, so :func:`ryzlab.projection.cost.gemm_ms` then gives the profile back at those rows."""
+    if not rows:
+        raise ValueError("fit_gemm_row_eff needs at least one GEMM profile row")
+    if any(not (r["ms"] > 0 and math.isfinite(r["ms"])) or int(r["batch"]) < 1 for r in rows):
+        raise ValueError("fit_gemm_row_eff: each row needs batch >= 1 and a positive, finite ms")
+    dep = dep or Deployment(weights="fp32")
+    roof = cal.replace(gemm_row_eff=())
+    return tuple((int(r["batch"]), gemm_ms(model, dev, roof, dep, int(r["batch"])) / r["ms"]) for r in rows)
 
 
 def profile_cp_attention(model, points: tuple[tuple[int, int], ...] = ((4, 256), (16, 512), (4, 1024), (16, 128)),
