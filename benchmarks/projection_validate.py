@@ -4,7 +4,8 @@
    cp 2 and tp 2 x cp 2 step times and MEASURE them in the same run (same experiment code, gloo
    ranks). Error per row, median and worst |error|. The calibration comes in three parts, as
    Vidur profiles operators before it simulates: (a) operator profiles on one rank -- the model's
-   GEMMs (bandwidth and compute fractions; once per round, each batch's median) and a layer's decode attention on one rank's path
+   GEMMs (bandwidth and compute fractions, and what that roofline cannot follow, the measured
+   efficiency by rows, ``gemm_row_eff``; once per round, each batch's median) and a layer's decode attention on one rank's path
    against a cp rank's path over the same keys (write, attend with log-sum-exp: ``attn_lse_cost`` and
    ``cp_attn_us``), and a decode step's planning on one rank's cache against a cp rank's shard
    (``cp_step_us``), each call timed after an untimed pass through the layer matrices (cold
@@ -21,8 +22,11 @@
    noise (``host_jitter_cv``, ``host_jitter_corr``), and one long one-rank series per serving round
    its slow drift (``host_drift_cv``, ``host_drift_ms``: the host runs slow or fast for hundreds of
    steps), which the serving curve's virtual clock draws its steps with (printed beside the same
-   curve with no noise). Every point runs once per round, ``--repeats`` rounds (default 5)
-   (fresh processes each run; the point is the median run): the VM's speed drifts by more than
+   curve with no noise); one profile per serving round of the host's wake-up after idle
+   (``profile_host_wake``: a lone request's steps after 0-300 ms idle) gives ``host_wake_ms``,
+   whose curve is printed beside the headline (it did not improve it). Every point runs once per
+   round, ``--repeats`` rounds (default 5) (fresh processes each run; the point is the median
+   run): the VM's speed drifts by more than
    the targets over minutes, and the rounds make the drift hit the calibration's points and the
    checked ones alike. The multi-rank points' collectives go through shared memory
    by default (``--cpu-comm shm``, ryzlab's ``cpu_comm``; the probe measures the same channel);
