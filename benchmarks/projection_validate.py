@@ -386,7 +386,7 @@ def serving_validation(cpu_cal, num_requests: int, repeats: int = 3) -> list[dic
                   fitted_from=f"one in-process worker at {SERVING_CAL_RATE} req/s")
     # the same fit with the host's wake-up after idle drawn on the clock, for comparison: measured on
     # one rank (profile_host_wake), it made the serving curve's worst figure worse in the runs that
-    # tried it as the headline (runs 28-29: TTFT p99 at 8 req/s -13 / -14 % against -2 / +2 %), so it
+    # tried it as the headline (runs 28-29: TTFT p99 at 8 req/s -13 / -14 % against +2 / -3 %), so it
     # is printed beside the headline, not in it
     waking = fit(cal.replace(host_wake_ms=w_ms, host_warm_ms=w_warm, host_cool_ms=w_cool),
                  lambda c, k: sim(c, SERVING_CAL_RATE)[k], rows, fields=("host_ms", "request_ms"),
