@@ -476,18 +476,14 @@ def main() -> int:
         one_s = error_summary(rows, key=lambda r: bool(r.get("one_rank_check")))
         print(f"     (one rank at the same check points, held out: median |error| {one_s['median_abs_error']:.1%}, "
               f"worst {one_s['worst_abs_error']:.1%})")
-        fastest = [{**r, "error": r["error_fastest"]} for r in rows]
-        f_s = error_summary(fastest, key=lambda r: not r["calibrate"] and not r.get("one_rank_check"))
-        f_one = error_summary(fastest, key=lambda r: bool(r.get("one_rank_check")))
-        print(f"     (each point's fastest run, calibration refitted to the fastest one-rank runs: median |error| "
-              f"{f_s['median_abs_error']:.1%}, worst {f_s['worst_abs_error']:.1%}; one rank held out "
-              f"{f_one['median_abs_error']:.1%} / {f_one['worst_abs_error']:.1%})")
-        rl = [{**r, "error": r["error_roofline"]} for r in rows]
-        r_s = error_summary(rl, key=lambda r: not r["calibrate"] and not r.get("one_rank_check"))
-        r_one = error_summary(rl, key=lambda r: bool(r.get("one_rank_check")))
-        print(f"     (with the GEMMs' roofline alone, no measured efficiency by rows: median |error| "
-              f"{r_s['median_abs_error']:.1%}, worst {r_s['worst_abs_error']:.1%}; one rank held out "
-              f"{r_one['median_abs_error']:.1%} / {r_one['worst_abs_error']:.1%})")
+        for field, what in (("error_fastest", "each point's fastest run, calibration refitted to the fastest "
+                                               "one-rank runs"),
+                            ("error_roofline", "with the GEMMs' roofline alone, no measured efficiency by rows")):
+            alt = [{**r, "error": r[field]} for r in rows]
+            a_s = error_summary(alt, key=lambda r: not r["calibrate"] and not r.get("one_rank_check"))
+            a_one = error_summary(alt, key=lambda r: bool(r.get("one_rank_check")))
+            print(f"     ({what}: median |error| {a_s['median_abs_error']:.1%}, worst {a_s['worst_abs_error']:.1%}; "
+                  f"one rank held out {a_one['median_abs_error']:.1%} / {a_one['worst_abs_error']:.1%})")
         fit_s = error_summary(rows, key=lambda r: r["calibrate"])
         print("     (the measurement's own uncertainty, one standard error of each row's median from its runs' "
               f"spread: {_noise(rows, lambda r: not r['calibrate'] and not r.get('one_rank_check'), 'step_ms_se')}; "
