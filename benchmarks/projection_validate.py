@@ -453,10 +453,10 @@ def main() -> int:
     if args.published or both:
         rows = validate_published()
         print("PUBLISHED GPU TABLES vs PROJECTED (calibration gpu-default; * = one of the 3 rows it was fitted to)")
-        print(f"{'table':26s} {'model':11s} {'tp':>2s} {'w':5s} {'batch':>5s} {'in':>5s} {'out':>5s} "
+        print(f"{'table':30s} {'model':11s} {'tp':>2s} {'w':5s} {'batch':>5s} {'in':>5s} {'out':>5s} "
               f"{'published':>10s} {'projected':>10s} {'error':>8s}")
         for r in rows:
-            print(f"{r['table']:26s} {r['model']:11s} {r['tp']:2d} {r['weights']:5s} {r['batch'] or '':>5} "
+            print(f"{r['table']:30s} {r['model']:11s} {r['tp']:2d} {r['weights']:5s} {r['batch'] or '':>5} "
                   f"{r['prompt'] or '':>5} {r['output'] or '':>5} {r['published']:10.2f} {r['projected']:10.2f} "
                   f"{r['error']:+8.1%}{' *' if r['calibrate'] else ''}")
         for name in sorted({r["table"] for r in rows}):

@@ -481,7 +481,44 @@ def test_cli_refuses_bad_input_with_choices(capsys):
     assert "--kl-results" in capsys.readouterr().err
     assert main(["plan", "--model", "llama-3-8b", "--devices", "h100-sxm", "--rate", "10", "--slo-ttft-ms", "500",
                  "--slo-tpot-ms", "50", "--weights", "int5"]) == 2
-    assert "choose from fp32, bf16, int8, int4" in capsys.readouterr().err
+    assert "choose from fp32, bf16, int8, int4, fp8" in capsys.readouterr().err
+
+
+def test_fp8_weights_by_hand_and_refused_without_fp8_tensor_cores(capsys):
+    """fp8 (projection only): 1 byte a value + one float32 scale a tensor, GEMMs at the fp8 peak,
+    the head kept bf16; a device without fp8 tensor cores refuses it before any work."""
+    from ryzlab.cli import main
+    from ryzlab.projection.cost import weights_problem
+
+    assert matrix_bytes("fp8", 4, 64) == 256 + 4
+    m = ModelConfig(vocab_size=64, dim=128, n_layers=1, n_heads=4, n_kv_heads=4, ffn_dim=256)
+    params = 128 * 128 * 4 + 128 * 256 * 3
+    T = 1000
+    # compute-bound: the GEMMs at the fp8 peak (twice the toy's bf16 100 TFLOPS)
+    fast = _dev(hbm_gbps=1e12, fp8_tflops=200.0)
+    c = step_cost(m, fast, ZERO, Deployment(weights="fp8"), StepShape.prefill(T))
+    assert c.gemm_ms == pytest.approx(2 * T * params / 200e12 * 1e3, rel=1e-9)
+    # bandwidth-bound: a layer's weights at 1 byte a value (+ 7 scales), half of bf16's
+    dev = _dev(fp8_tflops=200.0)
+    f8, b16 = (step_cost(m, dev, ZERO, Deployment(weights=w), StepShape.decode(1, 8)) for w in ("fp8", "bf16"))
+    assert f8.weight_bytes - weight_bytes(m, Deployment(weights="fp8"))["head"] == params + 7 * 4
+    assert weight_bytes(m, Deployment(weights="fp8"))["head"] == weight_bytes(m, Deployment())["head"]   # bf16
+    act_io = 2 * (4 * (128 + 128) + 2 * (256 + 128) + (128 + 256))   # bf16 inputs and outputs, 1 token
+    assert f8.gemm_ms == pytest.approx((params + 7 * 4 + act_io) / 1000e9 * 1e3, rel=1e-9)
+    assert b16.gemm_ms == pytest.approx((2 * params + act_io) / 1000e9 * 1e3, rel=1e-9)
+    # refused where there are no fp8 tensor cores: the cost model, project and plan (plan skips a device
+    # that cannot, and refuses when none of its devices can)
+    assert weights_problem(_dev(), "bf16") is None and "fp8_tflops is null" in weights_problem(_dev(), "fp8")
+    with pytest.raises(ValueError, match="no.*fp8|has none"):
+        step_cost(m, _dev(), ZERO, Deployment(weights="fp8"), StepShape.decode(1, 8))
+    assert main(["project", "--model", "llama-2-7b", "--device", "a100-80gb", "--weights", "fp8", "--json"]) == 2
+    assert "a100-80gb has none" in capsys.readouterr().err
+    assert main(["plan", "--model", "llama-2-7b", "--devices", "a100-80gb", "--rate", "1", "--slo-ttft-ms", "500",
+                 "--slo-tpot-ms", "50", "--weights", "fp8"]) == 2
+    assert "a100-80gb has none" in capsys.readouterr().err
+    assert main(["project", "--model", "llama-2-7b", "--device", "h100-sxm", "--weights", "fp8", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert row["weights"] == "fp8" and row["basis"] == "projected"
 
 
 def test_planner_ranks_by_devices_and_reads_measured_kl(tmp_path):
@@ -545,6 +582,12 @@ def test_projection_experiment_rows_are_labelled_projected_with_validation():
     assert set(df["series"]) == {"static", "serving", "sensitivity"}
     assert (df["basis"] == "projected").all() and (df["calibration"] == "gpu-default").all()
     assert df["validation_rows"].iloc[0] >= 20 and 0 < df["validation_median_abs_error"].iloc[0] < 1
+    assert "gpt-fast" in df["validation_note"].iloc[0]
+    # fp8: its own device's tables, named; refused in the spec on a device without fp8 tensor cores
+    h = run_experiment("projection", {"model": "llama-2-7b", "device": "h100-sxm", "weights": "fp8", "batch": 2})
+    assert "tensorrt-llm-h100" in h["validation_note"].iloc[0] and "fp8" in h["validation_note"].iloc[0]
+    with pytest.raises(ValueError, match="a100-80gb has none; devices with them: h100-sxm"):
+        run_experiment("projection", {"model": "llama-2-7b", "device": "a100-80gb", "weights": "fp8"})
     cpu = run_experiment("projection", {"model": "reference", "device": "cpu", "weights": "fp32", "batch": 2})
     assert cpu["validation_median_abs_error"].isna().all() and "--cpu" in cpu["validation_note"].iloc[0]
 

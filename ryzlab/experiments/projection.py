@@ -53,6 +53,13 @@ class Config:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
         if any(not r > 0 for r in self.rates):
             raise ValueError(f"rates must be > 0 requests/s, got {self.rates}")
+        if self.weights == "fp8":   # the catalog's raw fields: no device probe before the run
+            from ryzlab.projection.hardware import load_catalog
+
+            cat = load_catalog()
+            if self.device in cat and not cat[self.device].get("fp8_tflops"):
+                raise ValueError(f"weights fp8 needs fp8 tensor cores and {self.device} has none; devices with them: "
+                                 + ", ".join(k for k, v in cat.items() if v.get("fp8_tflops")))
 
 
 def run(cfg: Config) -> pd.DataFrame:
@@ -94,6 +101,9 @@ def run(cfg: Config) -> pd.DataFrame:
             held = rows_all
             note = (f"no published table for {dev.key}: the error shown is calibration {cal.name}'s on "
                     f"{', '.join(sorted({r['device'] for r in held})) or 'no'} tables (benchmarks/projection_validate.py)")
+        else:   # which tables (and so which weight formats) the figure is over
+            note = (f"held-out rows of {', '.join(sorted({r['table'] for r in held}))} "
+                    f"(weights {', '.join(sorted({r['weights'] for r in held}))}; benchmarks/projection_validate.py)")
         s = error_summary(held)
         med, worst, n = s["median_abs_error"], s["worst_abs_error"], s["rows"]
     df["validation_median_abs_error"] = med

@@ -100,7 +100,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--tp", type=_ints, default=[1], help="tensor-parallel sizes, comma-separated (default 1)")
     p.add_argument("--cp", type=_ints, default=[1], help="context-parallel sizes, comma-separated (default 1)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
-    p.add_argument("--weights", default="bf16", choices=WEIGHT_FORMATS, help="weight format (default bf16)")
+    p.add_argument("--weights", default="bf16", choices=WEIGHT_FORMATS,
+                   help="weight format (default bf16); fp8 is projected only (W8A8 on fp8 tensor cores, as "
+                        "TensorRT-LLM / vLLM run it; ryzlab's engine does not run fp8 weights)")
     p.add_argument("--int4-group", type=int, default=128, help="int4 columns per scale (default 128)")
     p.add_argument("--codec", default="none", choices=CODECS, help="KV-cache codec (default none)")
     g = p.add_mutually_exclusive_group()
@@ -119,7 +121,8 @@ def add_parser(subparsers: Any) -> None:
     q.add_argument("--rate", type=_positive, required=True, help="requests/s the deployment must serve")
     q.add_argument("--devices", required=True, help="comma-separated catalog devices, e.g. h100-sxm,a100-80gb,l4")
     q.add_argument("--max-devices", type=int, default=None, help="drop configurations needing more devices")
-    q.add_argument("--weights", default="bf16,int8,int4", help="weight formats to try (default bf16,int8,int4)")
+    q.add_argument("--weights", default="bf16,int8,int4", help="weight formats to try, from " + ",".join(WEIGHT_FORMATS) + " (default bf16,int8,int4; "
+                        "fp8 only on devices with fp8 tensor cores)")
     q.add_argument("--codecs", default="none,fp8_e4m3,int8,int4",
                    help="KV codecs to try (default none,fp8_e4m3,int8,int4; --max-kl filters them)")
     q.add_argument("--cp", type=_ints, default=[1], help="context-parallel sizes to try (default 1)")
@@ -165,7 +168,7 @@ def _fmt(v: Any) -> str:
 
 
 def cmd_project(args: argparse.Namespace) -> int:
-    from ryzlab.projection.cost import Deployment
+    from ryzlab.projection.cost import Deployment, weights_problem
     from ryzlab.projection.hardware import get_device
     from ryzlab.projection.project import Workload, check_layouts, project_row
     from ryzlab.projection.shapes import load_shape
@@ -175,6 +178,8 @@ def cmd_project(args: argparse.Namespace) -> int:
                   rate=args.rate, concurrency=args.concurrency, slo_ttft_ms=args.slo_ttft_ms,
                   slo_tpot_ms=args.slo_tpot_ms, num_requests=args.num_requests)
     dev = get_device(args.device, _overrides(args), args.devices_file)
+    if problem := weights_problem(dev, args.weights):
+        raise ConfigError([problem], where="ryzlab project")
     model, label = load_shape(args.model)
     check_layouts(model, args.tp, args.cp)
     deps = [Deployment(tp=tp, cp=cp, weights=args.weights, codec=args.codec, int4_group=args.int4_group)
@@ -196,6 +201,7 @@ def cmd_project(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from ryzlab.projection.cost import weights_problem
     from ryzlab.projection.hardware import get_device
     from ryzlab.projection.planner import kl_model_problem, measure_kl, measured_kl, plan
     from ryzlab.projection.shapes import load_shape
@@ -224,6 +230,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError(problems, where="ryzlab plan")
     devs = [get_device(d, _overrides(args), args.devices_file) for d in args.devices.split(",") if d]
+    # a format no listed device can run is an error; one that some cannot run is skipped there (said so)
+    for w in weights:
+        why = [p for d in devs if (p := weights_problem(d, w))]
+        if len(why) == len(devs):
+            raise ConfigError(why, where="ryzlab plan")
+        for p in why:
+            print(f"plan: skipped: {p}", file=sys.stderr)
     model, label = load_shape(args.model)
     if args.max_kl is not None:
         if args.kl_results:

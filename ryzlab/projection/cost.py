@@ -44,7 +44,7 @@ from ryzlab.projection.hardware import Device
 
 __all__ = ["WeightFormat", "WEIGHT_FORMATS", "Deployment", "StepShape", "StepCost", "matrix_bytes", "weight_bytes",
            "kv_bytes_per_token", "collective_ms", "gemm_ms", "step_cost", "memory_bytes_per_device", "kv_capacity_tokens",
-           "KERNELS_PER_LAYER", "CP_MERGE_KERNELS"]
+           "KERNELS_PER_LAYER", "CP_MERGE_KERNELS", "weights_problem"]
 
 KERNELS_PER_LAYER = 12
 """Kernels of one decoder layer of ryzlab's graph after the usual fusions (2 norms, q/k/v, RoPE,
@@ -65,7 +65,9 @@ class Deployment:
     tp: int = 1
     cp: int = 1
     weights: WeightFormat = "bf16"
-    """Weight storage: fp32 (ryzlab on CPU), bf16, or weight-only int8 / int4 (activations bf16)."""
+    """Weight storage: fp32 (ryzlab on CPU), bf16, weight-only int8 / int4 (activations bf16), or
+    fp8 (projection only: e4m3 weights and activations on fp8 tensor cores, as TensorRT-LLM and
+    vLLM run an fp8 checkpoint; the output head stays bf16)."""
     int4_group: int = 128
     """Input columns sharing one int4 scale + zero (GPTQ / AWQ default 128; gpt-fast uses 32)."""
     codec: str = "none"
@@ -136,6 +138,24 @@ class StepCost:
     parts: dict[str, float] = field(default_factory=dict)
 
 
+def weights_problem(dev: Device, weights: str) -> str | None:
+    """Why ``dev`` cannot run ``weights`` (None when it can): fp8 weights need fp8 tensor cores."""
+    if weights == "fp8" and not dev.fp8_tflops:
+        return (f"weights fp8 needs fp8 tensor cores and {dev.key} has none (fp8_tflops is null); "
+                f"use bf16, int8 or int4 there, or a device with fp8 (fp8_tflops set in the catalog)")
+    return None
+
+
+def _gemm_tflops(dev: Device, dep: Deployment) -> float:
+    """The dense peak a layer's GEMMs run at: fp8 tensor cores for fp8 weights (W8A8), else bf16
+    (weight-only int8 / int4 dequantise to bf16; fp32 on CPU is measured as ``bf16_tflops``)."""
+    if dep.weights == "fp8":
+        if problem := weights_problem(dev, dep.weights):
+            raise ValueError(problem)
+        return float(dev.fp8_tflops)   # type: ignore[arg-type]
+    return dev.bf16_tflops
+
+
 @functools.lru_cache(maxsize=512)
 def _layer_matrices(model: ModelConfig, tp: int) -> list[tuple[int, int]]:
     """``[rows, cols]`` (out, in) of one layer's linear weights on tp rank 0."""
@@ -149,12 +169,14 @@ def weight_bytes(model: ModelConfig, dep: Deployment) -> dict[str, float]:
     """Weight bytes one rank holds: ``sharded`` (layers), ``replicated`` (embeddings, head, norms), ``total``.
 
     Embeddings stay in the activation dtype (a lookup reads a row); the head is a GEMM and takes
-    the weight format unless tied to the embeddings.
+    the weight format unless tied to the embeddings (fp8 checkpoints keep it bf16, as TensorRT-LLM's
+    and vLLM's do).
     """
     sharded = model.n_layers * sum(matrix_bytes(dep.weights, r, c, dep.int4_group) for r, c in
                                    _layer_matrices(model, dep.tp))
     emb = float(model.vocab_size * model.dim * dep.act_bytes)
-    head = 0.0 if model.tie_embeddings else matrix_bytes(dep.weights, model.vocab_size, model.dim, dep.int4_group)
+    head_fmt = "bf16" if dep.weights == "fp8" else dep.weights
+    head = 0.0 if model.tie_embeddings else matrix_bytes(head_fmt, model.vocab_size, model.dim, dep.int4_group)
     norms = float((2 * model.n_layers + 1) * model.dim * dep.act_bytes)
     return {"sharded": sharded, "replicated": emb + head + norms, "total": sharded + emb + head + norms,
             "head": head if head else emb}
@@ -239,7 +261,8 @@ def _gemm(model: ModelConfig, dep: Deployment, tokens: int, peak: float, bw: flo
 
 
 def _weight_eff(cal: Calibration, dep: Deployment) -> float:
-    """Bandwidth of the deployment's weight format's GEMMs relative to bf16 ones."""
+    """Bandwidth of the deployment's weight format's GEMMs relative to bf16 ones (fp8: as bf16, an
+    assumption -- both stream dense weights through tensor cores; no published fp8 row calibrates it)."""
     return {"int8": cal.int8_weight_eff, "int4": cal.int4_weight_eff}.get(dep.weights, 1.0)
 
 
@@ -247,7 +270,7 @@ def gemm_ms(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment, 
     """Milliseconds of every layer's GEMMs (wq .. w2, all layers; no head) for ``tokens`` rows on one
     rank running alone: the part of :func:`step_cost` an operator profile of the GEMMs measures."""
     eff = _weight_eff(cal, dep)
-    return model.n_layers * _gemm(model, dep, tokens, dev.bf16_tflops * 1e12 * cal.flops_frac,
+    return model.n_layers * _gemm(model, dep, tokens, _gemm_tflops(dev, dep) * 1e12 * cal.flops_frac,
                                   dev.hbm_gbps * 1e9 * cal.bw_frac, eff, cal.gemm_row_eff)[0]
 
 
@@ -270,7 +293,8 @@ def step_cost(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment
     bw = dev.hbm_gbps * 1e9 * cal.bw_frac / (share * co)
     eff = _weight_eff(cal, dep)
 
-    gemm, w_layer, gemm_flops = _gemm(model, dep, T, peak, bw, eff, cal.gemm_row_eff)
+    gemm, w_layer, gemm_flops = _gemm(model, dep, T, peak * _gemm_tflops(dev, dep) / dev.bf16_tflops, bw, eff,
+                                      cal.gemm_row_eff)
 
     kvt = kv_bytes_per_token(model, dep)
     dec_bytes = shape.decode_context / dep.cp * kvt

@@ -65,7 +65,8 @@ class Device:
         """One line naming the device and what was overridden: goes in every projected row."""
         extra = "".join(f", {k}={v:g}" for k, v in sorted(self.overrides.items()))
         return (f"{self.key} ({self.name}: {self.memory_gb:g} GB, {self.hbm_gbps:g} GB/s, "
-                f"{self.bf16_tflops:g} TFLOPS bf16, {self.interconnect} {self.link_gbps:g} GB/s{extra})")
+                f"{self.bf16_tflops:g} TFLOPS bf16{f' / {self.fp8_tflops:g} fp8' if self.fp8_tflops else ''}, "
+                f"{self.interconnect} {self.link_gbps:g} GB/s{extra})")
 
 
 def _read(path: Path) -> dict[str, dict[str, Any]]:

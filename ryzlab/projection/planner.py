@@ -19,7 +19,7 @@ from typing import Any
 from ryzlab.config import ModelConfig
 from ryzlab.parallel.layout import valid_tp_sizes
 from ryzlab.projection.calibration import Calibration
-from ryzlab.projection.cost import Deployment, StepShape, kv_capacity_tokens, step_cost
+from ryzlab.projection.cost import Deployment, StepShape, kv_capacity_tokens, step_cost, weights_problem
 from ryzlab.projection.hardware import Device
 from ryzlab.projection.project import _prefill_ms
 from ryzlab.projection.serving import max_rate_under_slo
@@ -107,6 +107,8 @@ def plan(model: ModelConfig, model_label: str, devices: list[Device], cals: dict
                                       dynamic_ncols=True):
         cal = cals[dev.key]
         if tp * cp > dev.devices_per_node or (max_devices is not None and tp * cp > max_devices):
+            continue
+        if weights_problem(dev, w):   # fp8 weights on a device without fp8 tensor cores
             continue
         best = min((r["devices"] for r in rows), default=None)
         if slack and best is not None and tp * cp > slack * best:

@@ -16,7 +16,7 @@ from ryzlab.projection.hardware import Device
 
 __all__ = ["DEVICE_PARAMS", "CALIBRATION_PARAMS", "sensitivity"]
 
-DEVICE_PARAMS = ("hbm_gbps", "bf16_tflops", "link_gbps", "link_latency_us")
+DEVICE_PARAMS = ("hbm_gbps", "bf16_tflops", "fp8_tflops", "link_gbps", "link_latency_us")
 CALIBRATION_PARAMS = ("bw_frac", "flops_frac", "attn_frac", "kernel_us", "host_ms", "coll_base_us")
 
 

@@ -42,7 +42,8 @@ def predict_published(table: dict[str, Any], row: dict[str, Any], cal: Calibrati
     """The projected value of one published row, in the table's unit."""
     dev = get_device(table["device"])
     model, _ = load_shape(row["model"])
-    dep = Deployment(tp=row["tp"], weights=row["weights"], int4_group=table.get("int4_group", 128))
+    dep = Deployment(tp=row["tp"], weights=row["weights"], int4_group=table.get("int4_group", 128),
+                     codec=table.get("codec", "none"))
     kind = table["kind"]
     if kind == "decode":
         prompt, output = row.get("prompt", table["prompt"]), row.get("output", table["output"])
