@@ -58,10 +58,12 @@ def report(df: pd.DataFrame) -> None:
         ax.legend(fontsize=7)
     if len(sens):
         ax = axes.pop(0)
-        first = sens[(sens["device"] == sens["device"].iloc[0]) & (sens["tp"] == sens["tp"].iloc[0])]
+        first = sens[(sens["device"] == sens["device"].iloc[0]) & (sens["tp"] == sens["tp"].iloc[0])
+                     & (sens["weights"] == sens["weights"].iloc[0])]
         ax.barh(first["param"], first["elasticity"], color="#999", hatch="//")
         ax.set(xlabel="elasticity of the decode step (d ln t / d ln p)",
-               title=f"Sensitivity (projected, {first['device'].iloc[0]} tp{first['tp'].iloc[0]})")
+               title=f"Sensitivity (projected, {first['device'].iloc[0]} tp{first['tp'].iloc[0]} "
+                     f"{first['weights'].iloc[0]})")
         ax.axvline(0, color="k", lw=0.5)
     fig.tight_layout()
     show_figure(fig)
