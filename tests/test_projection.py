@@ -133,6 +133,17 @@ def test_catalog_sources_user_yaml_and_overrides(tmp_path):
         hardware.get_device("h100")
     with pytest.raises(ConfigError, match="overridable fields"):
         hardware.get_device("h100-sxm", {"hbm_tbps": 3.0})
+    # a user's devices file is input: every number checked, all problems named at once
+    f.write_text("h100-sxm: {hbm_gbps: -1, fp8_tflops: .nan, link_gbps: '1e400', devices_per_node: 2.5, "
+                 "link_latency_us: 0, name: [1]}\n")
+    with pytest.raises(ConfigError) as e:
+        hardware.get_device("h100-sxm", extra=f)
+    for words in ("hbm_gbps=-1: expected a finite number > 0", "fp8_tflops=nan: expected a finite number > 0 or null",
+                  "link_gbps='1e400'", "devices_per_node=2.5: expected a whole number >= 1", "name=[1]"):
+        assert words in str(e.value)
+    assert "link_latency_us" not in str(e.value)   # a zero latency is allowed
+    f.write_text("h100-sxm: {fp8_tflops: null}\n")
+    assert hardware.get_device("h100-sxm", extra=f).fp8_tflops is None
 
 
 def test_calibration_file_round_trip_and_fit_recovers_a_known_fraction(tmp_path):

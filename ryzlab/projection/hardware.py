@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -171,5 +172,36 @@ def get_device(name: str, overrides: dict[str, float | None] | None = None,
     if unknown or missing:
         raise ConfigError([p for p in (f"unknown fields {unknown}; valid: {sorted(fields)}" if unknown else "",
                                        f"missing fields {missing}" if missing else "") if p], where=f"device {name}")
+    if bad := _bad_fields(raw):
+        raise ConfigError(bad, where=f"device {name}")
     raw["devices_per_node"] = int(raw["devices_per_node"])
     return Device(key=name, overrides=ov, **raw)
+
+
+_MAY_BE_NULL = ("fp8_tflops",)
+"""Numeric fields a device may leave null (no fp8 tensor cores)."""
+_MAY_BE_ZERO = ("link_latency_us", "net_latency_us")
+
+
+def _bad_fields(raw: dict[str, Any]) -> list[str]:
+    """What is wrong with a device's numeric fields (a user's YAML is input like any other): each
+    must be a finite number, > 0 (a latency >= 0); ``fp8_tflops`` may be null; ``devices_per_node``
+    a whole number >= 1."""
+    out = []
+    for f in OVERRIDABLE:
+        v = raw.get(f)
+        if v is None and f in _MAY_BE_NULL:
+            continue
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if ok and (v < 0 or (v == 0 and f not in _MAY_BE_ZERO)):
+            ok = False
+        if ok and f == "devices_per_node" and v != int(v):
+            ok = False
+        if not ok:
+            want = "a whole number >= 1" if f == "devices_per_node" else (
+                "a finite number >= 0" if f in _MAY_BE_ZERO else "a finite number > 0")
+            out.append(f"{f}={v!r}: expected {want}" + (" or null" if f in _MAY_BE_NULL else ""))
+    for f in ("name", "interconnect"):
+        if not isinstance(raw.get(f), str):
+            out.append(f"{f}={raw.get(f)!r}: expected text")
+    return out
