@@ -289,12 +289,12 @@ def step_cost(model: ModelConfig, dev: Device, cal: Calibration, dep: Deployment
     share = max(1.0, dep.tp * dep.cp / dev.devices_per_node) if dev.shared_host else 1.0
     # ... and beyond the cores, their caches (the calibration's co-run factor for the layout)
     co = cal.corun_factor if dev.shared_host and dep.tp * dep.cp > 1 else 1.0
-    peak = dev.bf16_tflops * 1e12 * cal.flops_frac / (share * co)
+    peak = dev.bf16_tflops * 1e12 * cal.flops_frac / (share * co)   # attention, logits
+    gemm_peak = _gemm_tflops(dev, dep) * 1e12 * cal.flops_frac / (share * co)
     bw = dev.hbm_gbps * 1e9 * cal.bw_frac / (share * co)
     eff = _weight_eff(cal, dep)
 
-    gemm, w_layer, gemm_flops = _gemm(model, dep, T, peak * _gemm_tflops(dev, dep) / dev.bf16_tflops, bw, eff,
-                                      cal.gemm_row_eff)
+    gemm, w_layer, gemm_flops = _gemm(model, dep, T, gemm_peak, bw, eff, cal.gemm_row_eff)
 
     kvt = kv_bytes_per_token(model, dep)
     dec_bytes = shape.decode_context / dep.cp * kvt
