@@ -54,11 +54,12 @@ class Config:
         if any(not r > 0 for r in self.rates):
             raise ValueError(f"rates must be > 0 requests/s, got {self.rates}")
         if self.weights == "fp8":   # the catalog's raw fields: no device probe before the run
+            from ryzlab.projection.cost import weights_problem
             from ryzlab.projection.hardware import load_catalog
 
             cat = load_catalog()
-            if self.device in cat and not cat[self.device].get("fp8_tflops"):
-                raise ValueError(f"weights fp8 needs fp8 tensor cores and {self.device} has none; devices with them: "
+            if self.device in cat and (why := weights_problem(self.device, "fp8", cat[self.device].get("fp8_tflops"))):
+                raise ValueError(f"{why}; devices with them: "
                                  + ", ".join(k for k, v in cat.items() if v.get("fp8_tflops")))
 
 

@@ -121,7 +121,8 @@ def add_parser(subparsers: Any) -> None:
     q.add_argument("--rate", type=_positive, required=True, help="requests/s the deployment must serve")
     q.add_argument("--devices", required=True, help="comma-separated catalog devices, e.g. h100-sxm,a100-80gb,l4")
     q.add_argument("--max-devices", type=int, default=None, help="drop configurations needing more devices")
-    q.add_argument("--weights", default="bf16,int8,int4", help="weight formats to try, from " + ",".join(WEIGHT_FORMATS) + " (default bf16,int8,int4; "
+    q.add_argument("--weights", default="bf16,int8,int4",
+                   help=f"weight formats to try, from {','.join(WEIGHT_FORMATS)} (default bf16,int8,int4; "
                         "fp8 only on devices with fp8 tensor cores)")
     q.add_argument("--codecs", default="none,fp8_e4m3,int8,int4",
                    help="KV codecs to try (default none,fp8_e4m3,int8,int4; --max-kl filters them)")

@@ -138,10 +138,12 @@ class StepCost:
     parts: dict[str, float] = field(default_factory=dict)
 
 
-def weights_problem(dev: Device, weights: str) -> str | None:
-    """Why ``dev`` cannot run ``weights`` (None when it can): fp8 weights need fp8 tensor cores."""
-    if weights == "fp8" and not dev.fp8_tflops:
-        return (f"weights fp8 needs fp8 tensor cores and {dev.key} has none (fp8_tflops is null); "
+def weights_problem(dev: Device | str, weights: str, fp8_tflops: float | None = None) -> str | None:
+    """Why ``dev`` cannot run ``weights`` (None when it can): fp8 weights need fp8 tensor cores.
+    ``dev`` may be a catalog name with its raw ``fp8_tflops`` (a spec's check, no device probe)."""
+    key, fp8 = (dev, fp8_tflops) if isinstance(dev, str) else (dev.key, dev.fp8_tflops)
+    if weights == "fp8" and not fp8:
+        return (f"weights fp8 needs fp8 tensor cores and {key} has none (fp8_tflops is null); "
                 f"use bf16, int8 or int4 there, or a device with fp8 (fp8_tflops set in the catalog)")
     return None
 
